@@ -1,0 +1,118 @@
+//! Assembles `syncgate central`: opens the op log (reporting intents a crash left
+//! open), binds the proxy and admin listeners, and serves both until shutdown,
+//! draining in-flight requests first.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::audit::{self, Admin};
+use crate::config::CentralConfig;
+use crate::metrics::Metrics;
+use crate::proxy::{self, Proxy};
+use crate::store::Store;
+
+/// A built central gateway: listeners bound, op log open, not yet serving.
+pub struct Central {
+    proxy_listener: TcpListener,
+    admin_listener: TcpListener,
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    store: Store,
+}
+
+impl Central {
+    pub async fn build(config: CentralConfig) -> anyhow::Result<Central> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let store = Store::open(&config.db).await?;
+        let recovered = store
+            .recover_open_intents()
+            .await
+            .context("recovering open intents")?;
+        if !recovered.is_empty() {
+            warn!(
+                count = recovered.len(),
+                seqs = ?recovered,
+                "writes left open by an earlier stop are logged as unknown_outcome; check them in the audit API"
+            );
+        }
+        let metrics = Arc::new(Metrics::default());
+        let proxy = Arc::new(Proxy::new(&config, store.clone(), metrics.clone())?);
+        let admin = Arc::new(Admin {
+            store: store.clone(),
+            proxy: proxy.clone(),
+            metrics,
+            token: config.admin_token.clone(),
+        });
+        let proxy_listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
+            })?;
+        Ok(Central {
+            proxy_listener,
+            admin_listener,
+            proxy,
+            admin,
+            store,
+        })
+    }
+
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests finish and closes the op log.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let proxy_addr = self.proxy_addr();
+        let admin_addr = self.admin_addr();
+        info!(%proxy_addr, %admin_addr, "syncgate central serving");
+
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let proxy_app =
+            proxy::router(self.proxy.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let proxy_server = axum::serve(self.proxy_listener, proxy_app)
+            .with_graceful_shutdown(wait(stop_rx.clone()));
+        let admin_server = axum::serve(self.admin_listener, audit::router(self.admin.clone()))
+            .with_graceful_shutdown(wait(stop_rx));
+        let proxy_task = tokio::spawn(async move { proxy_server.await });
+        let admin_task = tokio::spawn(async move { admin_server.await });
+
+        shutdown.await;
+        info!("shutting down: draining in-flight requests");
+        let _ = stop_tx.send(true);
+        proxy_task
+            .await
+            .context("proxy task")?
+            .context("proxy server")?;
+        admin_task
+            .await
+            .context("admin task")?
+            .context("admin server")?;
+        self.store.close().await;
+        info!("stopped");
+        Ok(())
+    }
+}

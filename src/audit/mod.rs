@@ -1,0 +1,249 @@
+//! The admin listener: health, readiness, metrics and the audit API over the op
+//! log. The audit API needs the admin bearer token when one is configured; bodies
+//! it shows have their secrets redacted.
+
+pub mod redact;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tracing::warn;
+
+use crate::config::Secret;
+use crate::keystone::routes::known_kinds;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::store::{OpFilter, OpRow, OpState, Store};
+
+const DEFAULT_LIMIT: i64 = 100;
+const MAX_LIMIT: i64 = 1000;
+
+pub struct Admin {
+    pub store: Store,
+    pub proxy: Arc<Proxy>,
+    pub metrics: Arc<Metrics>,
+    pub token: Option<Secret>,
+}
+
+/// An audit API error: a status and a message, as JSON.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.0.as_u16(), "message": self.1}});
+        (self.0, Json(body)).into_response()
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    warn!(error = %e, "audit query failed");
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the op log could not be read".into(),
+    )
+}
+
+pub fn router(admin: Arc<Admin>) -> Router {
+    let audit = Router::new()
+        .route("/v1/ops", get(list_ops))
+        .route("/v1/ops/{seq}", get(get_op))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(audit)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(admin)
+}
+
+async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &admin.token {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        if !presented.is_some_and(|p| token.matches(p)) {
+            let mut resp = ApiError(
+                StatusCode::UNAUTHORIZED,
+                "a valid admin bearer token is required".into(),
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
+    let (upstream, oplog) = tokio::join!(
+        admin.proxy.upstream_reachable(),
+        admin.store.check_writable()
+    );
+    let oplog_ok = oplog.is_ok();
+    if let Err(e) = &oplog {
+        warn!(error = %e, "readiness: op log not writable");
+    }
+    let status = if upstream && oplog_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": status == StatusCode::OK,
+        "upstream": if upstream { "reachable" } else { "unreachable" },
+        "oplog": if oplog_ok { "writable" } else { "failing" },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    let last_seq = admin.store.last_seq().await.unwrap_or(-1);
+    let open = admin.store.open_intents().await.unwrap_or(-1);
+    let text = admin.metrics.render(&[
+        (
+            "syncgate_oplog_last_seq",
+            "Highest seq in the op log.",
+            last_seq,
+        ),
+        (
+            "syncgate_oplog_open_intents",
+            "Writes forwarded and not yet answered.",
+            open,
+        ),
+    ]);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn parse_filter(params: &HashMap<String, String>) -> Result<OpFilter, ApiError> {
+    let mut filter = OpFilter {
+        after: 0,
+        limit: DEFAULT_LIMIT,
+        kind: None,
+        state: None,
+    };
+    for (key, value) in params {
+        match key.as_str() {
+            "after" => {
+                filter.after = value
+                    .parse()
+                    .ok()
+                    .filter(|n: &i64| *n >= 0)
+                    .ok_or_else(|| {
+                        bad_request(format!("'after' must be a seq (0 or more), got '{value}'"))
+                    })?;
+            }
+            "limit" => {
+                filter.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        bad_request(format!(
+                            "'limit' must be between 1 and {MAX_LIMIT}, got '{value}'"
+                        ))
+                    })?;
+            }
+            "kind" => {
+                let kinds = known_kinds();
+                if !kinds.contains(&value.as_str()) {
+                    return Err(bad_request(format!(
+                        "unknown kind '{value}' (expected one of: {})",
+                        kinds.join(", ")
+                    )));
+                }
+                filter.kind = Some(value.clone());
+            }
+            "state" => {
+                filter.state = Some(OpState::parse(value).ok_or_else(|| {
+                    let states: Vec<_> = OpState::ALL.iter().map(|s| s.as_str()).collect();
+                    bad_request(format!(
+                        "unknown state '{value}' (expected one of: {})",
+                        states.join(", ")
+                    ))
+                })?);
+            }
+            other => {
+                return Err(bad_request(format!(
+                    "unknown parameter '{other}' (expected after, limit, kind, state)"
+                )))
+            }
+        }
+    }
+    Ok(filter)
+}
+
+async fn list_ops(
+    State(admin): State<Arc<Admin>>,
+    params: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) = params.map_err(|e| bad_request(format!("bad query string: {e}")))?;
+    let filter = parse_filter(&params)?;
+    let ops = admin.store.list_ops(&filter).await.map_err(internal)?;
+    let next = (ops.len() as i64 == filter.limit)
+        .then(|| ops.last().map(|o| o.seq))
+        .flatten();
+    let ops: Vec<Value> = ops.iter().map(op_json).collect();
+    Ok(Json(json!({"ops": ops, "next": next})))
+}
+
+async fn get_op(
+    State(admin): State<Arc<Admin>>,
+    Path(seq): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let seq: i64 = seq
+        .parse()
+        .map_err(|_| bad_request(format!("'{seq}' is not a seq")))?;
+    match admin.store.get_op(seq).await.map_err(internal)? {
+        Some(op) => Ok(Json(op_json(&op))),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no op with seq {seq}"),
+        )),
+    }
+}
+
+/// An op as the audit API shows it, secrets redacted.
+pub fn op_json(op: &OpRow) -> Value {
+    let body = op
+        .body
+        .as_deref()
+        .map(|text| match serde_json::from_str::<Value>(text) {
+            Ok(mut v) => {
+                redact::redact(&mut v);
+                v
+            }
+            Err(_) => Value::String(format!("<{} bytes, not JSON, not shown>", text.len())),
+        });
+    let created_ids: Value = serde_json::from_str(&op.created_ids).unwrap_or(Value::Null);
+    json!({
+        "seq": op.seq,
+        "op_id": op.op_id,
+        "state": op.state,
+        "method": op.method,
+        "path": op.path,
+        "class": op.class,
+        "kind": op.kind,
+        "created_ids": created_ids,
+        "body": body,
+        "upstream_status": op.upstream_status,
+        "request_id": op.request_id,
+        "detail": op.detail,
+        "created_at": op.created_at,
+        "logged_at": op.logged_at,
+    })
+}

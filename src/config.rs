@@ -1,0 +1,236 @@
+//! Typed configuration for each command, validated once at start-up, and the
+//! `Secret` type that keeps tokens out of `Debug` output and logs.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::Url;
+use subtle::ConstantTimeEq;
+
+use crate::keystone::RouteClass;
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in time independent of where the inputs differ.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        self.0.as_bytes().ct_eq(candidate).into()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Everything `syncgate central` needs.
+#[derive(Debug, Clone)]
+pub struct CentralConfig {
+    /// Where the proxy listens.
+    pub listen: SocketAddr,
+    /// The central Keystone's base URL.
+    pub upstream: Url,
+    /// Where the audit API, health and metrics listen.
+    pub admin_listen: SocketAddr,
+    /// Bearer token for the audit API; required off loopback.
+    pub admin_token: Option<Secret>,
+    /// The op log's `sqlite://` URL.
+    pub db: String,
+    /// The gateway's external URL, substituted for the upstream's in JSON bodies.
+    pub public_url: Option<Url>,
+    /// How long to wait for the upstream's response headers.
+    pub upstream_timeout: Duration,
+    /// Largest replicable write body that is buffered and captured.
+    pub max_capture_body: usize,
+    /// The route classes that are replicated.
+    pub replicate: Vec<RouteClass>,
+}
+
+impl CentralConfig {
+    /// A config for tests and embedding: loopback listeners on port 0.
+    pub fn for_upstream(upstream: Url, db: impl Into<String>) -> CentralConfig {
+        CentralConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            upstream,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_token: None,
+            db: db.into(),
+            public_url: None,
+            upstream_timeout: Duration::from_secs(30),
+            max_capture_body: 1024 * 1024,
+            replicate: RouteClass::default_set(),
+        }
+    }
+
+    /// Checks what each option cannot say alone. Errors name the option.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.admin_listen.ip().is_loopback() && self.admin_token.is_none() {
+            return Err(format!(
+                "--admin-token (SYNCGATE_ADMIN_TOKEN) is required when --admin-listen is not a \
+                 loopback address (got {})",
+                self.admin_listen
+            ));
+        }
+        if matches!(&self.admin_token, Some(t) if t.expose().is_empty()) {
+            return Err("--admin-token must not be empty".into());
+        }
+        if self.replicate.is_empty() {
+            return Err("--replicate must name at least one route class".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses a base URL for an upstream or public URL: http(s), a host, no query.
+pub fn parse_base_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("'{s}' is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("'{s}' must start with http:// or https://"));
+    }
+    if url.host_str().is_none() {
+        return Err(format!("'{s}' has no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("'{s}' must not carry a query or fragment"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in the URL are not accepted".into());
+    }
+    Ok(url)
+}
+
+/// Parses a duration such as `30s`, `500ms` or `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration such as 30s or 500ms ({e})"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Parses a size in bytes: `1048576`, `512KiB`, `1MiB`, `1MB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: usize = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size such as 1048576, 512KiB or 1MiB"))?;
+    let mult: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "unknown size unit '{other}' (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes == 0 {
+        return Err("must be greater than zero".into());
+    }
+    Ok(bytes)
+}
+
+/// Parses a comma-separated list of route classes.
+pub fn parse_classes(s: &str) -> Result<Vec<RouteClass>, String> {
+    let mut classes = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part == "all" {
+            classes.extend(RouteClass::ALL);
+        } else {
+            classes.push(part.parse()?);
+        }
+    }
+    classes.sort();
+    classes.dedup();
+    Ok(classes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?} {s}"), "Secret(***) ***");
+        assert!(s.matches(b"hunter2"));
+        assert!(!s.matches(b"hunter3"));
+        assert!(!s.matches(b"hunter"));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("1XB").unwrap_err().contains("XB"));
+        assert!(parse_size("99999999999999999999GiB").is_err());
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn base_urls() {
+        assert!(parse_base_url("http://keystone:5000").is_ok());
+        assert!(parse_base_url("https://id.example.org/identity").is_ok());
+        assert!(parse_base_url("ftp://x").is_err());
+        assert!(parse_base_url("keystone:5000").is_err());
+        assert!(parse_base_url("http://u:p@keystone")
+            .unwrap_err()
+            .contains("credentials"));
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(
+            parse_classes("identity, policy,identity"),
+            Ok(vec![RouteClass::Identity, RouteClass::Policy])
+        );
+        assert_eq!(parse_classes("all").unwrap().len(), 8);
+        assert!(parse_classes("identity,bogus").is_err());
+    }
+
+    #[test]
+    fn admin_token_required_off_loopback() {
+        let url = parse_base_url("http://k:5000").unwrap();
+        let mut c = CentralConfig::for_upstream(url, "sqlite://x.db");
+        assert!(c.validate().is_ok());
+        c.admin_listen = "0.0.0.0:9090".parse().unwrap();
+        assert!(c.validate().unwrap_err().contains("--admin-token"));
+        c.admin_token = Some(Secret::new("t"));
+        assert!(c.validate().is_ok());
+    }
+}

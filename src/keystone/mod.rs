@@ -1,0 +1,149 @@
+//! What syncgate knows about Keystone v3: the route table, where a created
+//! resource's ID is found, and which generated values a replayed create must carry
+//! so that every site ends up with the same ID where Keystone allows it.
+
+pub mod routes;
+
+use serde_json::Value;
+
+pub use routes::{classify, Classification, Creates, Reason, RouteClass, RouteMatch};
+
+/// The central IDs of what a successful write created, read from Keystone's
+/// response (or the URL for resources created by `PUT`).
+pub fn created_ids(route: &RouteMatch, path: &str, response: Option<&Value>) -> Vec<String> {
+    match route.creates {
+        Creates::No => Vec::new(),
+        Creates::FromUrl => path
+            .rsplit('/')
+            .find(|s| !s.is_empty())
+            .map(|s| vec![s.to_string()])
+            .unwrap_or_default(),
+        Creates::InBody => response
+            .map(|body| ids_in_body(route.kind, body))
+            .unwrap_or_default(),
+    }
+}
+
+/// Keystone answers a create with `{"<singular>": {...}}`, or for limits
+/// `{"<plural>": [{...}, ...]}`; `links` may sit beside it.
+fn ids_in_body(kind: &str, body: &Value) -> Vec<String> {
+    // An EC2 credential is named by its access key.
+    let id_field = if kind == "ec2_credential" {
+        "access"
+    } else {
+        "id"
+    };
+    let Some(obj) = body.as_object() else {
+        return Vec::new();
+    };
+    let Some(entity) = obj.iter().find(|(k, _)| *k != "links").map(|(_, v)| v) else {
+        return Vec::new();
+    };
+    let id_of = |v: &Value| v.get(id_field).and_then(Value::as_str).map(str::to_string);
+    match entity {
+        Value::Array(items) => items.iter().filter_map(id_of).collect(),
+        other => id_of(other).into_iter().collect(),
+    }
+}
+
+/// Injects the values Keystone generated at central into a create's request body,
+/// where Keystone honours a client-supplied value (checked on keystone 30.0.0):
+/// a domain takes `explicit_domain_id`, a region its `id`. Keystone ignores `id`
+/// on most other creates and rejects it on limits and endpoint groups, so nothing
+/// else is touched. Returns whether the body changed.
+pub fn inject_generated(route: &RouteMatch, request: &mut Value, created: &[String]) -> bool {
+    if route.creates != Creates::InBody {
+        return false;
+    }
+    let [id] = created else { return false };
+    let (wrapper, field) = match route.kind {
+        "domain" => ("domain", "explicit_domain_id"),
+        "region" => ("region", "id"),
+        _ => return false,
+    };
+    match request.get_mut(wrapper).and_then(Value::as_object_mut) {
+        Some(entity) => {
+            entity.insert(field.to_string(), Value::String(id.clone()));
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn route(method: &str, path: &str) -> RouteMatch {
+        match classify(method, path) {
+            Classification::Replicable(m) => m,
+            other => panic!("{method} {path}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn created_id_comes_from_the_response_body() {
+        let r = route("POST", "/v3/projects");
+        let resp = json!({"project": {"id": "abc", "name": "p"}});
+        assert_eq!(created_ids(&r, "/v3/projects", Some(&resp)), vec!["abc"]);
+    }
+
+    #[test]
+    fn limits_create_many_ids() {
+        let r = route("POST", "/v3/limits");
+        let resp = json!({"limits": [{"id": "a"}, {"id": "b"}], "links": {}});
+        assert_eq!(created_ids(&r, "/v3/limits", Some(&resp)), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn ec2_credentials_are_named_by_access_key() {
+        let r = route("POST", "/v3/users/u/credentials/OS-EC2");
+        let resp = json!({"credential": {"access": "ak", "secret": "s"}});
+        assert_eq!(created_ids(&r, "", Some(&resp)), vec!["ak"]);
+    }
+
+    #[test]
+    fn federation_ids_come_from_the_url() {
+        let path = "/v3/OS-FEDERATION/identity_providers/idp1";
+        let r = route("PUT", path);
+        assert_eq!(created_ids(&r, path, None), vec!["idp1"]);
+    }
+
+    #[test]
+    fn updates_create_nothing() {
+        let r = route("PATCH", "/v3/users/u1");
+        assert!(created_ids(&r, "/v3/users/u1", Some(&json!({"user": {"id": "u1"}}))).is_empty());
+    }
+
+    #[test]
+    fn domain_create_carries_explicit_domain_id() {
+        let r = route("POST", "/v3/domains");
+        let mut body = json!({"domain": {"name": "d"}});
+        assert!(inject_generated(&r, &mut body, &["d1".into()]));
+        assert_eq!(
+            body,
+            json!({"domain": {"name": "d", "explicit_domain_id": "d1"}})
+        );
+    }
+
+    #[test]
+    fn region_create_keeps_its_id_and_other_bodies_are_untouched() {
+        let r = route("POST", "/v3/regions");
+        let mut body = json!({"region": {"description": "x"}});
+        assert!(inject_generated(&r, &mut body, &["RegionTwo".into()]));
+        assert_eq!(body["region"]["id"], "RegionTwo");
+
+        for path in [
+            "/v3/projects",
+            "/v3/limits",
+            "/v3/OS-EP-FILTER/endpoint_groups",
+        ] {
+            let r = route("POST", path);
+            let mut body = json!({"x": {"name": "n"}});
+            let before = body.clone();
+            assert!(!inject_generated(&r, &mut body, &["id1".into()]));
+            assert_eq!(body, before);
+        }
+    }
+}

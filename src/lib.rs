@@ -1,0 +1,16 @@
+//! syncgate keeps OpenStack Keystone identity data in sync across a central site
+//! and many edge sites. This library is what the `syncgate` binary runs and what
+//! the tests drive: `app::Central` is the central gateway.
+
+pub mod app;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod keystone;
+pub mod metrics;
+pub mod proxy;
+pub mod store;
+pub mod telemetry;
+
+pub use app::Central;
+pub use config::CentralConfig;

@@ -1,0 +1,71 @@
+//! The `syncgate` binary: parses the command line, starts logging and runs the
+//! chosen command from the library.
+
+use std::process::ExitCode;
+
+use syncgate::cli::{Cli, Command, Parsed};
+
+fn main() -> ExitCode {
+    let cli = match Cli::parse_args(std::env::args_os()) {
+        Parsed::Run(cli) => *cli,
+        Parsed::Exit { text, code: 0 } => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Parsed::Exit { text, code } => {
+            eprintln!("{text}");
+            return ExitCode::from(code as u8);
+        }
+    };
+    let config = match cli.command {
+        Command::Central(args) => match args.into_config() {
+            Ok(config) => config,
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    syncgate::telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let central = syncgate::Central::build(config).await?;
+        central.run(shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

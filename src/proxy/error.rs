@@ -1,0 +1,88 @@
+//! Errors the gateway answers itself, in Keystone's shape
+//! (`{"error": {"code", "title", "message"}}`) so that clients such as the
+//! openstack CLI show them like any Keystone error. Each says where the fault lies
+//! and whether a retry may help; none carries request bodies or tokens.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream could not be reached; nothing was forwarded.
+    #[error("the upstream identity service could not be reached; the request was not applied and may be retried")]
+    UpstreamUnreachable,
+    /// The upstream took the request but the exchange broke before an answer.
+    #[error("the connection to the upstream identity service failed before it answered{}", unknown_suffix(*.0))]
+    UpstreamBroken(Option<i64>),
+    /// The upstream did not answer within the configured timeout.
+    #[error("the upstream identity service did not answer within {}s{}", .secs, unknown_suffix(*.seq))]
+    UpstreamTimeout { secs: u64, seq: Option<i64> },
+    /// A replicable write larger than `--max-capture-body`.
+    #[error("the request body exceeds the gateway's limit of {0} bytes for replicated writes; nothing was forwarded")]
+    BodyTooLarge(usize),
+    /// The request target cannot be joined to the upstream URL.
+    #[error("the request path is not valid")]
+    BadRequestTarget,
+    /// The client's body could not be read.
+    #[error("the request body could not be read")]
+    BadRequestBody,
+    /// The op log cannot take the write, so it is not forwarded.
+    #[error("the gateway cannot record this write for replication right now; nothing was forwarded, retry later")]
+    OpLogUnavailable,
+    /// The upstream applied the write but the gateway could not log it.
+    #[error("the write was applied by the upstream identity service but the gateway could not record it for replication; it is kept as an open intent and will be reported as unknown outcome")]
+    OpLogCommitFailed,
+    /// A bug in the gateway.
+    #[error("internal error in the gateway")]
+    Internal,
+}
+
+fn unknown_suffix(seq: Option<i64>) -> String {
+    match seq {
+        Some(seq) => format!(
+            "; the write may or may not have been applied and is recorded as op {seq} with an unknown outcome"
+        ),
+        None => "; the request may be retried".to_string(),
+    }
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::UpstreamUnreachable | ProxyError::UpstreamBroken(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequestBody | ProxyError::BadRequestTarget => StatusCode::BAD_REQUEST,
+            ProxyError::OpLogUnavailable | ProxyError::OpLogCommitFailed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// A Keystone-shaped JSON error response.
+pub fn keystone_error(status: StatusCode, message: &str) -> Response {
+    let body = json!({
+        "error": {
+            "code": status.as_u16(),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "message": message,
+        }
+    });
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        keystone_error(self.status(), &self.to_string())
+    }
+}

@@ -1,0 +1,394 @@
+//! The central op log in SQLite: every statement syncgate runs lives here.
+//!
+//! Writes go through a pool of exactly one connection, so `seq` is assigned by one
+//! writer at a time (gap-free, no duplicates) and SQLite never answers "busy";
+//! reads use their own pool and never wait behind a write. The journal is WAL with
+//! `synchronous=FULL`: a committed op survives a power cut.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database URL '{url}': {source}")]
+    Url { url: String, source: sqlx::Error },
+    #[error("cannot open the op log at '{url}': {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("cannot migrate the op log: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("op log query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("no open intent {0}")]
+    NoIntent(Uuid),
+}
+
+/// The state of an op in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    /// The upstream answered 2xx and the op is logged.
+    Committed,
+    /// The write was forwarded but its outcome is not known (crash, timeout,
+    /// broken connection): it may or may not have changed the upstream.
+    UnknownOutcome,
+}
+
+impl OpState {
+    pub const ALL: [OpState; 2] = [OpState::Committed, OpState::UnknownOutcome];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpState::Committed => "committed",
+            OpState::UnknownOutcome => "unknown_outcome",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OpState> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// A write about to be forwarded.
+#[derive(Debug, Clone)]
+pub struct NewIntent<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub class: &'a str,
+    pub kind: &'a str,
+    pub body: Option<&'a str>,
+}
+
+/// What the upstream said about a forwarded write that succeeded.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub created_ids: Vec<String>,
+    /// The request body to replay, with generated values injected; `None` keeps
+    /// the body recorded with the intent.
+    pub body: Option<String>,
+    pub upstream_status: Option<u16>,
+    pub request_id: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// One op as stored.
+#[derive(Debug, Clone, FromRow)]
+pub struct OpRow {
+    pub seq: i64,
+    pub op_id: String,
+    pub state: String,
+    pub method: String,
+    pub path: String,
+    pub class: String,
+    pub kind: String,
+    pub created_ids: String,
+    pub body: Option<String>,
+    pub upstream_status: Option<i64>,
+    pub request_id: Option<String>,
+    pub detail: Option<String>,
+    pub created_at: String,
+    pub logged_at: String,
+}
+
+/// Filter for listing ops, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct OpFilter {
+    pub after: i64,
+    pub limit: i64,
+    pub kind: Option<String>,
+    pub state: Option<OpState>,
+}
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+#[derive(Clone)]
+pub struct Store {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if missing) and migrates the op log at a `sqlite://` URL.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|source| StoreError::Url {
+                url: url.to_string(),
+                source,
+            })?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let open_err = |source| StoreError::Open {
+            url: url.to_string(),
+            source,
+        };
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await
+            .map_err(open_err)?;
+        sqlx::migrate!("./migrations").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(open_err)?;
+        Ok(Store { writer, reader })
+    }
+
+    /// Records a write before it is forwarded; returns the op ID it will carry.
+    pub async fn begin_intent(&self, intent: &NewIntent<'_>) -> Result<Uuid, StoreError> {
+        let op_id = Uuid::new_v4();
+        sqlx::query(&format!(
+            "INSERT INTO intents (op_id, method, path, class, kind, body, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, {NOW})"
+        ))
+        .bind(op_id.to_string())
+        .bind(intent.method)
+        .bind(intent.path)
+        .bind(intent.class)
+        .bind(intent.kind)
+        .bind(intent.body)
+        .execute(&self.writer)
+        .await?;
+        Ok(op_id)
+    }
+
+    /// Turns an intent into an op with the next seq, in one transaction.
+    pub async fn commit_intent(
+        &self,
+        op_id: Uuid,
+        state: OpState,
+        outcome: &Outcome,
+    ) -> Result<i64, StoreError> {
+        let created_ids =
+            serde_json::to_string(&outcome.created_ids).expect("a list of strings serializes");
+        let mut tx = self.writer.begin().await?;
+        let seq: Option<i64> = sqlx::query_scalar(&format!(
+            "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
+                              upstream_status, request_id, detail, created_at, logged_at)
+             SELECT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ops), op_id, ?, method, path, class,
+                    kind, ?, COALESCE(?, body), ?, ?, ?, created_at, {NOW}
+             FROM intents WHERE op_id = ?
+             RETURNING seq"
+        ))
+        .bind(state.as_str())
+        .bind(created_ids)
+        .bind(outcome.body.as_deref())
+        .bind(outcome.upstream_status.map(i64::from))
+        .bind(outcome.request_id.as_deref())
+        .bind(outcome.detail.as_deref())
+        .bind(op_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let seq = seq.ok_or(StoreError::NoIntent(op_id))?;
+        sqlx::query("DELETE FROM intents WHERE op_id = ?")
+            .bind(op_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(seq)
+    }
+
+    /// Forgets an intent whose write the upstream refused or never received.
+    pub async fn drop_intent(&self, op_id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM intents WHERE op_id = ?")
+            .bind(op_id.to_string())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Turns every intent left open by a crash into an `unknown_outcome` op, oldest
+    /// first. Returns their seqs.
+    pub async fn recover_open_intents(&self) -> Result<Vec<i64>, StoreError> {
+        let open: Vec<String> =
+            sqlx::query_scalar("SELECT op_id FROM intents ORDER BY created_at, rowid")
+                .fetch_all(&self.writer)
+                .await?;
+        let outcome = Outcome {
+            detail: Some("the gateway stopped before the upstream's answer was logged".into()),
+            ..Outcome::default()
+        };
+        let mut seqs = Vec::with_capacity(open.len());
+        for op_id in open {
+            let op_id = Uuid::parse_str(&op_id).map_err(|e| {
+                StoreError::Query(sqlx::Error::Decode(format!("intent op_id: {e}").into()))
+            })?;
+            seqs.push(
+                self.commit_intent(op_id, OpState::UnknownOutcome, &outcome)
+                    .await?,
+            );
+        }
+        Ok(seqs)
+    }
+
+    pub async fn get_op(&self, seq: i64) -> Result<Option<OpRow>, StoreError> {
+        Ok(sqlx::query_as("SELECT * FROM ops WHERE seq = ?")
+            .bind(seq)
+            .fetch_optional(&self.reader)
+            .await?)
+    }
+
+    pub async fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>, StoreError> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM ops WHERE seq > ");
+        q.push_bind(filter.after);
+        if let Some(kind) = &filter.kind {
+            q.push(" AND kind = ").push_bind(kind);
+        }
+        if let Some(state) = filter.state {
+            q.push(" AND state = ").push_bind(state.as_str());
+        }
+        q.push(" ORDER BY seq LIMIT ").push_bind(filter.limit);
+        Ok(q.build_query_as().fetch_all(&self.reader).await?)
+    }
+
+    pub async fn last_seq(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM ops")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    pub async fn open_intents(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM intents")
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    /// Proves the op log takes writes (readiness).
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "INSERT INTO health (id, checked_at) VALUES (1, {NOW})
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at"
+        ))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ops.db").display());
+        let store = Store::open(&url).await.unwrap();
+        (dir, store)
+    }
+
+    fn intent(path: &str) -> NewIntent<'_> {
+        NewIntent {
+            method: "POST",
+            path,
+            class: "resource",
+            kind: "project",
+            body: Some("{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn intents_become_ops_in_seq_order_and_dropped_ones_leave_no_gap() {
+        let (_dir, store) = temp_store().await;
+        let a = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+        let b = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+        let c = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+        store.drop_intent(b).await.unwrap();
+        let body = Outcome {
+            body: Some("{\"x\":1}".into()),
+            ..Outcome::default()
+        };
+        assert_eq!(
+            store
+                .commit_intent(c, OpState::Committed, &body)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .commit_intent(a, OpState::Committed, &Outcome::default())
+                .await
+                .unwrap(),
+            2
+        );
+        let first = store.get_op(1).await.unwrap().unwrap();
+        assert_eq!(first.body.as_deref(), Some("{\"x\":1}"));
+        assert_eq!(
+            store.get_op(2).await.unwrap().unwrap().body.as_deref(),
+            Some("{}")
+        );
+        assert_eq!(store.open_intents().await.unwrap(), 0);
+        assert!(matches!(
+            store
+                .commit_intent(b, OpState::Committed, &Outcome::default())
+                .await,
+            Err(StoreError::NoIntent(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn list_filters_by_kind_and_state() {
+        let (_dir, store) = temp_store().await;
+        for state in [
+            OpState::Committed,
+            OpState::UnknownOutcome,
+            OpState::Committed,
+        ] {
+            let id = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+            store
+                .commit_intent(id, state, &Outcome::default())
+                .await
+                .unwrap();
+        }
+        let filter = OpFilter {
+            after: 0,
+            limit: 10,
+            kind: None,
+            state: Some(OpState::Committed),
+        };
+        let seqs: Vec<_> = store
+            .list_ops(&filter)
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 3]);
+        let filter = OpFilter {
+            after: 1,
+            limit: 1,
+            kind: Some("project".into()),
+            state: None,
+        };
+        let seqs: Vec<_> = store
+            .list_ops(&filter)
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| o.seq)
+            .collect();
+        assert_eq!(seqs, vec![2]);
+        let filter = OpFilter {
+            after: 0,
+            limit: 10,
+            kind: Some("user".into()),
+            state: None,
+        };
+        assert!(store.list_ops(&filter).await.unwrap().is_empty());
+        store.check_writable().await.unwrap();
+    }
+}

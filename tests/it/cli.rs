@@ -1,0 +1,80 @@
+//! The binary's command line: bad values exit 2 with one line naming the option.
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args(args)
+        .env_remove("SYNCGATE_UPSTREAM")
+        .env_remove("SYNCGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_values_exit_2_with_one_line_naming_the_option() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["central"], "--upstream"),
+        (
+            &["central", "--upstream", "http://k", "--listen", "nowhere"],
+            "--listen",
+        ),
+        (
+            &[
+                "central",
+                "--upstream",
+                "http://k",
+                "--max-capture-body",
+                "huge",
+            ],
+            "--max-capture-body",
+        ),
+        (
+            &[
+                "central",
+                "--upstream",
+                "http://k",
+                "--replicate",
+                "identity,bogus",
+            ],
+            "--replicate",
+        ),
+        (
+            &[
+                "central",
+                "--upstream",
+                "http://k",
+                "--admin-listen",
+                "0.0.0.0:0",
+            ],
+            "--admin-token",
+        ),
+    ];
+    for (args, option) in cases {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(option), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn an_unwritable_op_log_fails_clearly() {
+    let (code, stderr) = run(&[
+        "central",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--db",
+        "sqlite:///nonexistent-dir/x/central.db",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("op log"), "{stderr}");
+}

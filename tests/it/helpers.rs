@@ -1,0 +1,123 @@
+//! Test harness: a central gateway on random loopback ports, in front of a fake
+//! identity API, with a fresh op log in a temporary directory.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use syncgate::config::parse_base_url;
+use syncgate::{Central, CentralConfig};
+use tokio::sync::oneshot;
+
+use crate::fake_keystone::FakeKeystone;
+
+pub struct TestApp {
+    pub proxy: String,
+    pub admin: String,
+    pub fake: FakeKeystone,
+    pub db_url: String,
+    pub client: reqwest::Client,
+    pub admin_token: Option<String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn config_for(fake: &FakeKeystone, db_url: &str) -> CentralConfig {
+    CentralConfig::for_upstream(parse_base_url(&fake.url()).unwrap(), db_url)
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut CentralConfig)) -> TestApp {
+    let fake = FakeKeystone::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("central.db").display());
+    let mut config = config_for(&fake, &db_url);
+    tweak(&mut config);
+    let mut app = start(fake, config).await;
+    app._dir = Some(dir);
+    app
+}
+
+/// Starts a gateway with a given config in front of a given fake.
+pub async fn start(fake: FakeKeystone, config: CentralConfig) -> TestApp {
+    let admin_token = config.admin_token.as_ref().map(|t| t.expose().to_string());
+    let db_url = config.db.clone();
+    let central = Central::build(config).await.expect("gateway builds");
+    let proxy = format!("http://{}", central.proxy_addr());
+    let admin = format!("http://{}", central.admin_addr());
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(central.run(async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        proxy,
+        admin,
+        fake,
+        db_url,
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        admin_token,
+        stop: Some(tx),
+        task: Some(task),
+        _dir: None,
+    }
+}
+
+impl TestApp {
+    /// Stops the gateway, waiting for it to drain; returns the fake and the temp dir.
+    pub async fn stop(mut self) -> (FakeKeystone, Option<tempfile::TempDir>) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+        (self.fake, self._dir.take())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.proxy)
+    }
+
+    /// Sends a JSON write through the gateway with a client token.
+    pub async fn write(&self, method: &str, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut req = self
+            .client
+            .request(method.parse().unwrap(), self.url(path))
+            .header("x-auth-token", "client-token-abc");
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        req.send().await.unwrap()
+    }
+
+    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
+        let mut req = self.client.get(format!("{}{path}", self.admin));
+        if let Some(t) = &self.admin_token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Every op in the log, oldest first, following `next` cursors.
+    pub async fn all_ops(&self) -> Vec<Value> {
+        let mut ops = Vec::new();
+        let mut after = 0;
+        loop {
+            let page: Value = self
+                .admin_get(&format!("/v1/ops?after={after}&limit=1000"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            ops.extend(page["ops"].as_array().unwrap().iter().cloned());
+            match page["next"].as_i64() {
+                Some(next) => after = next,
+                None => return ops,
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Integration tests: one binary, so the crate links once.
+
+mod audit;
+mod capture;
+mod cli;
+mod fake_keystone;
+mod helpers;
+mod proxy;
