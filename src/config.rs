@@ -92,10 +92,33 @@ impl CentralConfig {
         if matches!(&self.admin_token, Some(t) if t.expose().is_empty()) {
             return Err("--admin-token must not be empty".into());
         }
+        if self.upstream_is_self() {
+            return Err(format!(
+                "--upstream {} points at the gateway's own --listen address {}; give one of them another port",
+                self.upstream, self.listen
+            ));
+        }
         if self.replicate.is_empty() {
             return Err("--replicate must name at least one route class".into());
         }
         Ok(())
+    }
+}
+
+impl CentralConfig {
+    /// Whether the upstream is this gateway itself, which would forward forever.
+    fn upstream_is_self(&self) -> bool {
+        if self.upstream.port_or_known_default() != Some(self.listen.port()) {
+            return false;
+        }
+        let host = self.upstream.host_str().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                ip.is_loopback() || self.listen.ip().is_unspecified() || self.listen.ip() == ip
+            }
+            Err(_) => host == "localhost",
+        }
     }
 }
 
@@ -231,6 +254,20 @@ mod tests {
         c.admin_listen = "0.0.0.0:9090".parse().unwrap();
         assert!(c.validate().unwrap_err().contains("--admin-token"));
         c.admin_token = Some(Secret::new("t"));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn upstream_cannot_be_the_gateway_itself() {
+        let mut c =
+            CentralConfig::for_upstream(parse_base_url("http://127.0.0.1:5000").unwrap(), "x");
+        c.listen = "0.0.0.0:5000".parse().unwrap();
+        assert!(c.validate().unwrap_err().contains("--upstream"));
+        c.upstream = parse_base_url("http://localhost:5000").unwrap();
+        assert!(c.validate().is_err());
+        c.upstream = parse_base_url("http://keystone:5000").unwrap();
+        assert!(c.validate().is_ok());
+        c.upstream = parse_base_url("http://127.0.0.1:5001").unwrap();
         assert!(c.validate().is_ok());
     }
 }
