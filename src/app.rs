@@ -1,6 +1,6 @@
 //! Assembles `syncgate central`: opens the op log (reporting intents a crash left
-//! open), binds the proxy and admin listeners, and serves both until shutdown,
-//! draining in-flight requests first.
+//! open), binds the proxy, admin and embedded broker listeners, and serves them
+//! until shutdown, draining in-flight requests first.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,7 +11,8 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::audit::{self, Admin};
-use crate::config::CentralConfig;
+use crate::broker::{Broker, BrokerAuth};
+use crate::config::{BrokerMode, CentralConfig};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::store::Store;
@@ -23,6 +24,7 @@ pub struct Central {
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
     store: Store,
+    broker: Option<Broker>,
 }
 
 impl Central {
@@ -56,13 +58,36 @@ impl Central {
             .with_context(|| {
                 format!("cannot listen on {} (--admin-listen)", config.admin_listen)
             })?;
+        let broker = match &config.broker {
+            BrokerMode::Embedded(broker_config) => {
+                if !broker_config.listen.ip().is_loopback()
+                    && matches!(broker_config.auth, BrokerAuth::None)
+                {
+                    warn!(
+                        listen = %broker_config.listen,
+                        "the embedded broker accepts clients without credentials; set --broker-token"
+                    );
+                }
+                Some(Broker::bind(broker_config.clone()).await?)
+            }
+            BrokerMode::External(url) => {
+                info!(broker = %url, "using an external NATS server; no embedded broker");
+                None
+            }
+        };
         Ok(Central {
             proxy_listener,
             admin_listener,
             proxy,
             admin,
             store,
+            broker,
         })
+    }
+
+    /// The embedded broker's address, when one runs.
+    pub fn broker_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().map(Broker::local_addr)
     }
 
     pub fn proxy_addr(&self) -> SocketAddr {
@@ -95,10 +120,14 @@ impl Central {
             proxy::router(self.proxy.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let proxy_server = axum::serve(self.proxy_listener, proxy_app)
             .with_graceful_shutdown(wait(stop_rx.clone()));
+        let stop_rx_broker = stop_rx.clone();
         let admin_server = axum::serve(self.admin_listener, audit::router(self.admin.clone()))
             .with_graceful_shutdown(wait(stop_rx));
         let proxy_task = tokio::spawn(async move { proxy_server.await });
         let admin_task = tokio::spawn(async move { admin_server.await });
+        let broker_task = self
+            .broker
+            .map(|broker| tokio::spawn(broker.run(wait(stop_rx_broker))));
 
         shutdown.await;
         info!("shutting down: draining in-flight requests");
@@ -111,6 +140,9 @@ impl Central {
             .await
             .context("admin task")?
             .context("admin server")?;
+        if let Some(task) = broker_task {
+            task.await.context("broker task")??;
+        }
         self.store.close().await;
         info!("stopped");
         Ok(())

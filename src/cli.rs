@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
 
-use crate::config::{self, CentralConfig, Secret};
+use crate::broker::{BrokerAuth, BrokerConfig, TlsFiles};
+use crate::config::{self, BrokerMode, CentralConfig, Secret};
 use crate::keystone::RouteClass;
 
 #[derive(Debug, Parser)]
@@ -40,7 +41,9 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the central gateway in front of the central Keystone.
-    Central(CentralArgs),
+    Central(Box<CentralArgs>),
+    /// Run the embedded NATS-protocol broker alone.
+    Broker(BrokerArgs),
 }
 
 /// Route classes as one comma-separated value.
@@ -97,6 +100,107 @@ pub struct CentralArgs {
           default_value = "identity,resource,assignment,credentials,policy,limits,federation",
           value_parser = parse_classes)]
     pub replicate: Classes,
+
+    /// Use this external NATS server (nats://host:port) instead of the embedded broker.
+    #[arg(long = "broker", env = "SYNCGATE_BROKER", value_parser = config::parse_nats_url)]
+    pub external_broker: Option<Url>,
+
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+/// Options of the embedded broker (`syncgate broker`, and `syncgate central`
+/// unless `--broker` names an external server).
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Address the embedded broker listens on.
+    #[arg(long, env = "SYNCGATE_BROKER_LISTEN", default_value = "0.0.0.0:4222")]
+    pub broker_listen: SocketAddr,
+
+    /// Token clients must present (CONNECT auth_token).
+    #[arg(
+        long,
+        env = "SYNCGATE_BROKER_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "broker_user"
+    )]
+    pub broker_token: Option<String>,
+
+    /// User name clients must present (with --broker-password).
+    #[arg(long, env = "SYNCGATE_BROKER_USER", requires = "broker_password")]
+    pub broker_user: Option<String>,
+
+    /// Password clients must present (with --broker-user).
+    #[arg(
+        long,
+        env = "SYNCGATE_BROKER_PASSWORD",
+        hide_env_values = true,
+        requires = "broker_user"
+    )]
+    pub broker_password: Option<String>,
+
+    /// TLS certificate chain (PEM) for the broker listener.
+    #[arg(long, env = "SYNCGATE_BROKER_TLS_CERT", requires = "broker_tls_key")]
+    pub broker_tls_cert: Option<std::path::PathBuf>,
+
+    /// TLS private key (PEM) for the broker listener.
+    #[arg(long, env = "SYNCGATE_BROKER_TLS_KEY", requires = "broker_tls_cert")]
+    pub broker_tls_key: Option<std::path::PathBuf>,
+
+    /// Largest message a client may publish.
+    #[arg(long, env = "SYNCGATE_BROKER_MAX_PAYLOAD", default_value = "1MiB",
+          value_parser = config::parse_size)]
+    pub broker_max_payload: usize,
+
+    /// Bytes queued for one client before it is closed as a slow consumer.
+    #[arg(long, env = "SYNCGATE_BROKER_MAX_PENDING", default_value = "64MiB",
+          value_parser = config::parse_size)]
+    pub broker_max_pending: usize,
+
+    /// How often idle clients are pinged.
+    #[arg(long, env = "SYNCGATE_BROKER_PING_INTERVAL", default_value = "2m",
+          value_parser = config::parse_duration)]
+    pub broker_ping_interval: Duration,
+}
+
+impl BrokerArgs {
+    pub fn into_config(self) -> Result<BrokerConfig, String> {
+        let auth = match (self.broker_token, self.broker_user, self.broker_password) {
+            (Some(t), _, _) if t.is_empty() => {
+                return Err("--broker-token must not be empty".into())
+            }
+            (Some(t), _, _) => BrokerAuth::Token(Secret::new(t)),
+            (None, Some(user), Some(password)) => {
+                if user.is_empty() || password.is_empty() {
+                    return Err("--broker-user and --broker-password must not be empty".into());
+                }
+                BrokerAuth::UserPassword {
+                    user,
+                    password: Secret::new(password),
+                }
+            }
+            _ => BrokerAuth::None,
+        };
+        let tls = match (self.broker_tls_cert, self.broker_tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
+        if self.broker_max_payload > i32::MAX as usize {
+            return Err("--broker-max-payload must be below 2GiB".into());
+        }
+        if self.broker_max_pending < self.broker_max_payload {
+            return Err("--broker-max-pending must be at least --broker-max-payload".into());
+        }
+        Ok(BrokerConfig {
+            listen: self.broker_listen,
+            auth,
+            tls,
+            max_payload: self.broker_max_payload,
+            max_pending: self.broker_max_pending,
+            ping_interval: self.broker_ping_interval,
+            ..BrokerConfig::default()
+        })
+    }
 }
 
 impl CentralArgs {
@@ -111,6 +215,10 @@ impl CentralArgs {
             upstream_timeout: self.upstream_timeout,
             max_capture_body: self.max_capture_body,
             replicate: self.replicate.0,
+            broker: match self.external_broker {
+                Some(url) => BrokerMode::External(url),
+                None => BrokerMode::Embedded(self.broker.into_config()?),
+            },
         };
         config.validate()?;
         Ok(config)
@@ -166,6 +274,7 @@ mod tests {
         match Cli::parse_args(argv) {
             Parsed::Run(cli) => match cli.command {
                 Command::Central(a) => a.into_config(),
+                Command::Broker(_) => unreachable!("central arguments"),
             },
             Parsed::Exit { text, code } => Err(format!("{code}: {text}")),
         }
@@ -198,5 +307,45 @@ mod tests {
         assert!(e.contains("--upstream"), "{e}");
         let e = central(&["--upstream", "http://k", "--admin-listen", "0.0.0.0:9090"]).unwrap_err();
         assert!(e.contains("--admin-token"), "{e}");
+        let e = central(&["--upstream", "http://k", "--broker", "http://n:4222"]).unwrap_err();
+        assert!(e.contains("--broker"), "{e}");
+        let e = central(&["--upstream", "http://k", "--broker-user", "u"]).unwrap_err();
+        assert!(e.contains("--broker-password"), "{e}");
+        let e = central(&[
+            "--upstream",
+            "http://k",
+            "--broker-token",
+            "t",
+            "--broker-user",
+            "u",
+            "--broker-password",
+            "p",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("--broker-token") || e.contains("--broker-user"),
+            "{e}"
+        );
+        let e = central(&["--upstream", "http://k", "--broker-tls-cert", "c.pem"]).unwrap_err();
+        assert!(e.contains("--broker-tls-key"), "{e}");
+    }
+
+    #[test]
+    fn broker_mode() {
+        let c = central(&["--upstream", "http://k"]).unwrap();
+        match c.broker {
+            BrokerMode::Embedded(b) => {
+                assert_eq!(b.listen.to_string(), "0.0.0.0:4222");
+                assert!(matches!(b.auth, BrokerAuth::None));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = central(&["--upstream", "http://k", "--broker", "nats://n:4222"]).unwrap();
+        assert!(matches!(c.broker, BrokerMode::External(_)));
+        let c = central(&["--upstream", "http://k", "--broker-token", "s3"]).unwrap();
+        match c.broker {
+            BrokerMode::Embedded(b) => assert!(matches!(b.auth, BrokerAuth::Token(_))),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use reqwest::Url;
 use subtle::ConstantTimeEq;
 
+use crate::broker::BrokerConfig;
 use crate::keystone::RouteClass;
 
 /// A value that must never be printed: `Debug` and `Display` show `***`.
@@ -62,6 +63,17 @@ pub struct CentralConfig {
     pub max_capture_body: usize,
     /// The route classes that are replicated.
     pub replicate: Vec<RouteClass>,
+    /// The broker ops are published through.
+    pub broker: BrokerMode,
+}
+
+/// Where central's broker is.
+#[derive(Debug, Clone)]
+pub enum BrokerMode {
+    /// Served inside the central process.
+    Embedded(BrokerConfig),
+    /// An external NATS server or cluster; no embedded broker starts.
+    External(Url),
 }
 
 impl CentralConfig {
@@ -77,6 +89,10 @@ impl CentralConfig {
             upstream_timeout: Duration::from_secs(30),
             max_capture_body: 1024 * 1024,
             replicate: RouteClass::default_set(),
+            broker: BrokerMode::Embedded(BrokerConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..BrokerConfig::default()
+            }),
         }
     }
 
@@ -136,6 +152,21 @@ pub fn parse_base_url(s: &str) -> Result<Url, String> {
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err("credentials in the URL are not accepted".into());
+    }
+    Ok(url)
+}
+
+/// Parses a NATS server URL: `nats://host:port` (or `tls://`), no path.
+pub fn parse_nats_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("'{s}' is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "nats" | "tls") {
+        return Err(format!("'{s}' must start with nats:// or tls://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("'{s}' has no host"));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() {
+        return Err(format!("'{s}' must be only nats://host:port"));
     }
     Ok(url)
 }
@@ -234,6 +265,15 @@ mod tests {
         assert!(parse_base_url("http://u:p@keystone")
             .unwrap_err()
             .contains("credentials"));
+    }
+
+    #[test]
+    fn nats_urls() {
+        assert!(parse_nats_url("nats://127.0.0.1:4222").is_ok());
+        assert!(parse_nats_url("tls://nats.example.org:4222").is_ok());
+        assert!(parse_nats_url("http://x:4222").is_err());
+        assert!(parse_nats_url("nats://x:4222/path").is_err());
+        assert!(parse_nats_url("nats://").is_err());
     }
 
     #[test]

@@ -17,14 +17,16 @@ fn main() -> ExitCode {
             return ExitCode::from(code as u8);
         }
     };
-    let config = match cli.command {
-        Command::Central(args) => match args.into_config() {
-            Ok(config) => config,
-            Err(msg) => {
-                eprintln!("error: {msg}");
-                return ExitCode::from(2);
-            }
-        },
+    let command = match cli.command {
+        Command::Central(args) => args.into_config().map(|c| Run::Central(Box::new(c))),
+        Command::Broker(args) => args.into_config().map(Run::Broker),
+    };
+    let command = match command {
+        Ok(command) => command,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return ExitCode::from(2);
+        }
     };
     syncgate::telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
@@ -35,8 +37,16 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let central = syncgate::Central::build(config).await?;
-        central.run(shutdown_signal()).await
+        match command {
+            Run::Central(config) => {
+                let central = syncgate::Central::build(*config).await?;
+                central.run(shutdown_signal()).await
+            }
+            Run::Broker(config) => {
+                let broker = syncgate::broker::Broker::bind(config).await?;
+                broker.run(shutdown_signal()).await
+            }
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,6 +56,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+enum Run {
+    Central(Box<syncgate::CentralConfig>),
+    Broker(syncgate::broker::BrokerConfig),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -1,6 +1,8 @@
 //! Integration tests: one binary, so the crate links once.
 
 mod audit;
+mod broker;
+mod broker_proto;
 mod capture;
 mod cli;
 mod fake_keystone;
