@@ -2,6 +2,7 @@
 
 mod audit;
 mod broker;
+mod broker_fuzz;
 mod broker_proto;
 mod capture;
 mod cli;
