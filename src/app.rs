@@ -13,9 +13,14 @@ use tracing::{info, warn};
 use crate::audit::{self, Admin};
 use crate::broker::{Broker, BrokerAuth};
 use crate::config::{BrokerMode, CentralConfig};
+use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::store::Store;
+use crate::sync::central::SyncCentral;
+use crate::sync::crypto::Sealer;
+use crate::sync::protocol::Subjects;
+use crate::sync::{connect_broker, redact_url};
 
 /// A built central gateway: listeners bound, op log open, not yet serving.
 pub struct Central {
@@ -25,6 +30,8 @@ pub struct Central {
     admin: Arc<Admin>,
     store: Store,
     broker: Option<Broker>,
+    config: CentralConfig,
+    sealer: Arc<Sealer>,
 }
 
 impl Central {
@@ -42,13 +49,41 @@ impl Central {
                 "writes left open by an earlier stop are logged as unknown_outcome; check them in the audit API"
             );
         }
+        let sealer = Arc::new(
+            config
+                .sync
+                .key
+                .sealer()
+                .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?,
+        );
+        if matches!(config.sync.key, crate::config::SyncKey::Plaintext) {
+            warn!("--insecure-plaintext-sync: ops, with the passwords they carry, cross the broker unencrypted");
+        }
+        let keystone = match &config.service_credentials {
+            Some(creds) => Some(Arc::new(KeystoneClient::new(
+                &config.upstream,
+                creds.clone(),
+                config.upstream_timeout,
+            )?)),
+            None => {
+                info!("no OS_* service credentials: natural keys are learned only from writes passing through");
+                None
+            }
+        };
         let metrics = Arc::new(Metrics::default());
-        let proxy = Arc::new(Proxy::new(&config, store.clone(), metrics.clone())?);
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            store.clone(),
+            metrics.clone(),
+            keystone,
+        )?);
         let admin = Arc::new(Admin {
             store: store.clone(),
             proxy: proxy.clone(),
             metrics,
             token: config.admin_token.clone(),
+            sync: std::sync::OnceLock::new(),
+            edge_offline_after: config.sync.edge_offline_after,
         });
         let proxy_listener = TcpListener::bind(config.listen)
             .await
@@ -82,6 +117,8 @@ impl Central {
             admin,
             store,
             broker,
+            config,
+            sealer,
         })
     }
 
@@ -109,6 +146,7 @@ impl Central {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let broker_addr = self.broker_addr();
         let proxy_addr = self.proxy_addr();
         let admin_addr = self.admin_addr();
         info!(%proxy_addr, %admin_addr, "syncgate central serving");
@@ -121,13 +159,47 @@ impl Central {
         let proxy_server = axum::serve(self.proxy_listener, proxy_app)
             .with_graceful_shutdown(wait(stop_rx.clone()));
         let stop_rx_broker = stop_rx.clone();
+        let stop_rx_sync = stop_rx.clone();
         let admin_server = axum::serve(self.admin_listener, audit::router(self.admin.clone()))
             .with_graceful_shutdown(wait(stop_rx));
         let proxy_task = tokio::spawn(async move { proxy_server.await });
         let admin_task = tokio::spawn(async move { admin_server.await });
+        // Central's own client: to the embedded broker on this host, or the external one.
+        let (broker_url, broker_auth) = match (&self.config.broker, broker_addr) {
+            (BrokerMode::Embedded(b), Some(addr)) => {
+                let ip = if addr.ip().is_unspecified() {
+                    "127.0.0.1".to_string()
+                } else {
+                    addr.ip().to_string()
+                };
+                let host = if ip.contains(':') {
+                    format!("[{ip}]")
+                } else {
+                    ip
+                };
+                let scheme = if b.tls.is_some() { "tls" } else { "nats" };
+                let url = reqwest::Url::parse(&format!("{scheme}://{host}:{}", addr.port()))?;
+                (url, b.auth.clone())
+            }
+            (BrokerMode::External(url), _) => (url.clone(), self.config.broker_client_auth.clone()),
+            (BrokerMode::Embedded(_), None) => unreachable!("an embedded broker is bound in build"),
+        };
         let broker_task = self
             .broker
             .map(|broker| tokio::spawn(broker.run(wait(stop_rx_broker))));
+        let client = connect_broker(&broker_url, &broker_auth, "syncgate-central", None).await?;
+        info!(broker = %redact_url(&broker_url), "sync client connecting");
+        let sync = Arc::new(SyncCentral {
+            store: self.store.clone(),
+            client,
+            subjects: Subjects::new(&self.config.sync.prefix),
+            sealer: self.sealer.clone(),
+            wake: self.proxy.wake.clone(),
+            ack_timeout: self.config.sync.ack_timeout,
+            declared_edges: self.config.sync.edges.clone(),
+        });
+        let _ = self.admin.sync.set(sync.clone());
+        let sync_task = tokio::spawn(sync.run(stop_rx_sync));
 
         shutdown.await;
         info!("shutting down: draining in-flight requests");
@@ -140,6 +212,9 @@ impl Central {
             .await
             .context("admin task")?
             .context("admin server")?;
+        if let Err(e) = sync_task.await.context("sync task")? {
+            warn!(error = %e, "sync stopped with an error");
+        }
         if let Some(task) = broker_task {
             task.await.context("broker task")??;
         }

@@ -9,7 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
 
 use crate::broker::{BrokerAuth, BrokerConfig, TlsFiles};
-use crate::config::{self, BrokerMode, CentralConfig, Secret};
+use crate::config::{
+    self, BrokerMode, CentralConfig, EdgeConfig, OnFailure, Secret, SyncConfig, SyncKey,
+};
+use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
 
 #[derive(Debug, Parser)]
@@ -42,8 +45,124 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the central gateway in front of the central Keystone.
     Central(Box<CentralArgs>),
+    /// Run an edge gateway: replay central's ops against this site's Keystone.
+    Edge(Box<EdgeArgs>),
     /// Run the embedded NATS-protocol broker alone.
     Broker(BrokerArgs),
+    /// Print a new sync key (32 random bytes, base64).
+    Keygen,
+}
+
+/// Options of the sync protocol shared by central and edges.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Shared AES-256-GCM key for op payloads (base64 of 32 bytes; `syncgate keygen`).
+    #[arg(long, env = "SYNCGATE_SYNC_KEY", hide_env_values = true)]
+    pub sync_key: Option<String>,
+
+    /// Send ops unencrypted (tests and trusted networks only).
+    #[arg(long, env = "SYNCGATE_INSECURE_PLAINTEXT_SYNC")]
+    pub insecure_plaintext_sync: bool,
+
+    /// Subject prefix on the broker.
+    #[arg(long, env = "SYNCGATE_SYNC_PREFIX", default_value = "syncgate", value_parser = config::parse_prefix)]
+    pub sync_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FailureMode {
+    Continue,
+    Halt,
+}
+
+#[derive(Debug, Args)]
+pub struct EdgeArgs {
+    /// This edge's ID (letters, digits, '-', '_').
+    #[arg(long = "id", env = "SYNCGATE_EDGE_ID")]
+    pub id: String,
+
+    /// The broker to take ops from: nats://host:port.
+    #[arg(long, env = "SYNCGATE_BROKER", value_parser = config::parse_nats_url)]
+    pub broker: Url,
+
+    /// Token for the broker.
+    #[arg(long, env = "SYNCGATE_BROKER_TOKEN", hide_env_values = true)]
+    pub broker_token: Option<String>,
+
+    /// This site's Keystone base URL (also the auth URL of the service credentials).
+    #[arg(long, env = "SYNCGATE_UPSTREAM", value_parser = config::parse_base_url)]
+    pub upstream: Url,
+
+    /// The edge's state database URL (created if missing).
+    #[arg(long, env = "SYNCGATE_DB", default_value = "sqlite://syncgate-edge.db")]
+    pub db: String,
+
+    /// Address of health, metrics and status.
+    #[arg(long, env = "SYNCGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    pub admin_listen: SocketAddr,
+
+    /// Bearer token for /v1/status (required off loopback).
+    #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// After an op fails permanently: go on with the next, or stop until it is retried.
+    #[arg(long, env = "SYNCGATE_ON_FAILURE", default_value = "continue")]
+    pub on_failure: FailureMode,
+
+    /// How often to say hello to central (and look for missed ops).
+    #[arg(long, env = "SYNCGATE_HELLO_INTERVAL", default_value = "10s", value_parser = config::parse_duration)]
+    pub hello_interval: Duration,
+
+    /// How long to wait for this site's Keystone.
+    #[arg(long, env = "SYNCGATE_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    pub upstream_timeout: Duration,
+
+    #[command(flatten)]
+    pub sync: SyncArgs,
+}
+
+impl EdgeArgs {
+    pub fn into_config(self) -> Result<EdgeConfig, String> {
+        if !crate::sync::protocol::valid_edge_id(&self.id) {
+            return Err(format!(
+                "--id '{}' must be letters, digits, '-' or '_' (at most 64)",
+                self.id
+            ));
+        }
+        let credentials = Credentials::from_env()?.ok_or(
+            "the edge needs its own service credentials: set OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME \
+             (and OS_USER_DOMAIN_NAME, OS_PROJECT_DOMAIN_NAME), or OS_APPLICATION_CREDENTIAL_ID and \
+             OS_APPLICATION_CREDENTIAL_SECRET",
+        )?;
+        let admin_token = self.admin_token.map(Secret::new);
+        if !self.admin_listen.ip().is_loopback() && admin_token.is_none() {
+            return Err(format!(
+                "--admin-token (SYNCGATE_ADMIN_TOKEN) is required when --admin-listen is not a loopback address (got {})",
+                self.admin_listen
+            ));
+        }
+        Ok(EdgeConfig {
+            id: self.id,
+            broker: self.broker,
+            broker_auth: self
+                .broker_token
+                .map(|t| BrokerAuth::Token(Secret::new(t)))
+                .unwrap_or_default(),
+            upstream: self.upstream,
+            credentials,
+            db: self.db,
+            admin_listen: self.admin_listen,
+            admin_token,
+            sync_prefix: self.sync.sync_prefix,
+            key: SyncKey::from_options(self.sync.sync_key, self.sync.insecure_plaintext_sync)?,
+            on_failure: match self.on_failure {
+                FailureMode::Continue => OnFailure::Continue,
+                FailureMode::Halt => OnFailure::Halt,
+            },
+            hello_interval: self.hello_interval,
+            upstream_timeout: self.upstream_timeout,
+        })
+    }
 }
 
 /// Route classes as one comma-separated value.
@@ -107,7 +226,21 @@ pub struct CentralArgs {
 
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    #[command(flatten)]
+    pub sync: SyncArgs,
+
+    /// Edges expected to acknowledge every op, comma-separated (others register by saying hello).
+    #[arg(long, env = "SYNCGATE_EDGES", default_value = "", value_parser = config::parse_edges)]
+    pub edges: EdgeList,
+
+    /// An op not acknowledged by an edge within this is `timed_out` there.
+    #[arg(long, env = "SYNCGATE_ACK_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    pub ack_timeout: Duration,
 }
+
+/// Edge IDs as one comma-separated value.
+pub type EdgeList = Vec<String>;
 
 /// Options of the embedded broker (`syncgate broker`, and `syncgate central`
 /// unless `--broker` names an external server).
@@ -215,10 +348,24 @@ impl CentralArgs {
             upstream_timeout: self.upstream_timeout,
             max_capture_body: self.max_capture_body,
             replicate: self.replicate.0,
+            broker_client_auth: self
+                .broker
+                .broker_token
+                .clone()
+                .map(|t| BrokerAuth::Token(Secret::new(t)))
+                .unwrap_or_default(),
             broker: match self.external_broker {
                 Some(url) => BrokerMode::External(url),
                 None => BrokerMode::Embedded(self.broker.into_config()?),
             },
+            sync: SyncConfig {
+                prefix: self.sync.sync_prefix,
+                key: SyncKey::from_options(self.sync.sync_key, self.sync.insecure_plaintext_sync)?,
+                edges: self.edges,
+                ack_timeout: self.ack_timeout,
+                ..SyncConfig::default()
+            },
+            service_credentials: Credentials::from_env()?,
         };
         config.validate()?;
         Ok(config)
@@ -270,11 +417,13 @@ mod tests {
     use super::*;
 
     fn central(args: &[&str]) -> Result<CentralConfig, String> {
-        let argv = ["syncgate", "central"].iter().chain(args);
+        let argv = ["syncgate", "central", "--insecure-plaintext-sync"]
+            .iter()
+            .chain(args);
         match Cli::parse_args(argv) {
             Parsed::Run(cli) => match cli.command {
                 Command::Central(a) => a.into_config(),
-                Command::Broker(_) => unreachable!("central arguments"),
+                _ => unreachable!("central arguments"),
             },
             Parsed::Exit { text, code } => Err(format!("{code}: {text}")),
         }
@@ -328,6 +477,41 @@ mod tests {
         );
         let e = central(&["--upstream", "http://k", "--broker-tls-cert", "c.pem"]).unwrap_err();
         assert!(e.contains("--broker-tls-key"), "{e}");
+    }
+
+    #[test]
+    fn sync_key_is_required_and_checked() {
+        let argv = |extra: &[&str]| {
+            let mut v = vec!["syncgate", "central", "--upstream", "http://k"];
+            v.extend_from_slice(extra);
+            match Cli::parse_args(v) {
+                Parsed::Run(cli) => match cli.command {
+                    Command::Central(a) => a.into_config(),
+                    _ => unreachable!(),
+                },
+                Parsed::Exit { text, .. } => Err(text),
+            }
+        };
+        assert!(argv(&[]).unwrap_err().contains("--sync-key"));
+        assert!(argv(&["--sync-key", "short"])
+            .unwrap_err()
+            .contains("32 bytes"));
+        let key = crate::sync::crypto::generate_key();
+        assert!(matches!(
+            argv(&["--sync-key", &key]).unwrap().sync.key,
+            SyncKey::Key(_)
+        ));
+        assert!(argv(&["--sync-key", &key, "--insecure-plaintext-sync"]).is_err());
+        let c = argv(&[
+            "--insecure-plaintext-sync",
+            "--edges",
+            "a, b,a",
+            "--ack-timeout",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(c.sync.edges, ["a", "b"]);
+        assert!(argv(&["--insecure-plaintext-sync", "--edges", "a.b"]).is_err());
     }
 
     #[test]

@@ -8,8 +8,10 @@ use std::time::Duration;
 use reqwest::Url;
 use subtle::ConstantTimeEq;
 
-use crate::broker::BrokerConfig;
+use crate::broker::{BrokerAuth, BrokerConfig};
+use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
+use crate::sync::crypto::{self, KeyError, Sealer};
 
 /// A value that must never be printed: `Debug` and `Display` show `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -65,6 +67,142 @@ pub struct CentralConfig {
     pub replicate: Vec<RouteClass>,
     /// The broker ops are published through.
     pub broker: BrokerMode,
+    /// How central's own client authenticates to an external broker.
+    pub broker_client_auth: BrokerAuth,
+    pub sync: SyncConfig,
+    /// Central's service credentials, to learn natural keys of entities it has
+    /// not seen pass through (optional).
+    pub service_credentials: Option<Credentials>,
+}
+
+/// How op payloads are protected on the wire.
+#[derive(Clone)]
+pub enum SyncKey {
+    /// AES-256-GCM under this base64 key.
+    Key(Secret),
+    /// `--insecure-plaintext-sync`: deliberately unencrypted.
+    Plaintext,
+}
+
+impl std::fmt::Debug for SyncKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncKey::Key(_) => "SyncKey(***)",
+            SyncKey::Plaintext => "SyncKey(plaintext)",
+        })
+    }
+}
+
+impl SyncKey {
+    pub fn sealer(&self) -> Result<Sealer, KeyError> {
+        match self {
+            SyncKey::Key(k) => Sealer::with_key(k.expose()),
+            SyncKey::Plaintext => Ok(Sealer::plaintext()),
+        }
+    }
+
+    /// From `--sync-key` and `--insecure-plaintext-sync`; one is required.
+    pub fn from_options(key: Option<String>, insecure_plaintext: bool) -> Result<SyncKey, String> {
+        match (key, insecure_plaintext) {
+            (Some(_), true) => Err("--sync-key and --insecure-plaintext-sync exclude each other".into()),
+            (Some(k), false) => {
+                crypto::validate_key(&k).map_err(|e| format!("--sync-key: {e}"))?;
+                Ok(SyncKey::Key(Secret::new(k)))
+            }
+            (None, true) => Ok(SyncKey::Plaintext),
+            (None, false) => Err("--sync-key (SYNCGATE_SYNC_KEY) is required: make one with `syncgate keygen` \
+                 and give the same key to central and every edge, or pass --insecure-plaintext-sync"
+                .into()),
+        }
+    }
+}
+
+/// Central's side of the sync protocol.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// Subject prefix (`<prefix>.ops`, ...).
+    pub prefix: String,
+    pub key: SyncKey,
+    /// Edges expected to acknowledge every op.
+    pub edges: Vec<String>,
+    /// No ack within this marks a delivery `timed_out`.
+    pub ack_timeout: Duration,
+    /// An edge not heard from for this long shows as offline.
+    pub edge_offline_after: Duration,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            prefix: "syncgate".into(),
+            key: SyncKey::Key(Secret::new(crypto::generate_key())),
+            edges: Vec::new(),
+            ack_timeout: Duration::from_secs(30),
+            edge_offline_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What an edge does after an op fails permanently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Acknowledge `failed` and go on with the next op.
+    Continue,
+    /// Acknowledge `failed` and stop until the op is re-driven.
+    Halt,
+}
+
+/// Everything `syncgate edge` needs.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    pub id: String,
+    pub broker: Url,
+    pub broker_auth: BrokerAuth,
+    /// The edge Keystone's base URL.
+    pub upstream: Url,
+    pub credentials: Credentials,
+    pub db: String,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Option<Secret>,
+    pub sync_prefix: String,
+    pub key: SyncKey,
+    pub on_failure: OnFailure,
+    /// How often the edge says hello (and polls for missed ops).
+    pub hello_interval: Duration,
+    pub upstream_timeout: Duration,
+}
+
+/// Checks a subject prefix: dot-separated plain tokens.
+pub fn parse_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not a subject prefix (letters, digits, '-', '_', separated by '.')"
+        ))
+    }
+}
+
+/// Parses a comma-separated list of edge IDs.
+pub fn parse_edges(s: &str) -> Result<Vec<String>, String> {
+    let mut edges = Vec::new();
+    for e in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        if !crate::sync::protocol::valid_edge_id(e) {
+            return Err(format!(
+                "'{e}' is not an edge ID (letters, digits, '-', '_')"
+            ));
+        }
+        if !edges.iter().any(|x| x == e) {
+            edges.push(e.to_string());
+        }
+    }
+    Ok(edges)
 }
 
 /// Where central's broker is.
@@ -93,6 +231,9 @@ impl CentralConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 ..BrokerConfig::default()
             }),
+            broker_client_auth: BrokerAuth::None,
+            sync: SyncConfig::default(),
+            service_credentials: None,
         }
     }
 

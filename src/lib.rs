@@ -7,10 +7,12 @@ pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod keystone;
 pub mod metrics;
 pub mod proxy;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
 
 pub use app::Central;

@@ -20,6 +20,11 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Command::Central(args) => args.into_config().map(|c| Run::Central(Box::new(c))),
         Command::Broker(args) => args.into_config().map(Run::Broker),
+        Command::Edge(args) => args.into_config().map(|c| Run::Edge(Box::new(c))),
+        Command::Keygen => {
+            println!("{}", syncgate::sync::crypto::generate_key());
+            return ExitCode::SUCCESS;
+        }
     };
     let command = match command {
         Ok(command) => command,
@@ -42,6 +47,10 @@ fn main() -> ExitCode {
                 let central = syncgate::Central::build(*config).await?;
                 central.run(shutdown_signal()).await
             }
+            Run::Edge(config) => {
+                let edge = syncgate::edge::Edge::build(*config).await?;
+                edge.run(shutdown_signal()).await
+            }
             Run::Broker(config) => {
                 let broker = syncgate::broker::Broker::bind(config).await?;
                 broker.run(shutdown_signal()).await
@@ -60,6 +69,7 @@ fn main() -> ExitCode {
 
 enum Run {
     Central(Box<syncgate::CentralConfig>),
+    Edge(Box<syncgate::config::EdgeConfig>),
     Broker(syncgate::broker::BrokerConfig),
 }
 

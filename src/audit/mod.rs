@@ -14,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use std::sync::OnceLock;
+use std::time::Duration;
 use tracing::warn;
 
 use crate::config::Secret;
@@ -21,6 +23,7 @@ use crate::keystone::routes::known_kinds;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::{OpFilter, OpRow, OpState, Store};
+use crate::sync::central::SyncCentral;
 
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1000;
@@ -30,6 +33,9 @@ pub struct Admin {
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Secret>,
+    /// Set once central's sync client is up.
+    pub sync: OnceLock<Arc<SyncCentral>>,
+    pub edge_offline_after: Duration,
 }
 
 /// An audit API error: a status and a message, as JSON.
@@ -59,6 +65,9 @@ pub fn router(admin: Arc<Admin>) -> Router {
     let audit = Router::new()
         .route("/v1/ops", get(list_ops))
         .route("/v1/ops/{seq}", get(get_op))
+        .route("/v1/ops/{seq}/retry", axum::routing::post(retry_op))
+        .route("/v1/edges", get(list_edges))
+        .route("/v1/out-of-sync", get(out_of_sync))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -205,16 +214,114 @@ async fn get_op(
     State(admin): State<Arc<Admin>>,
     Path(seq): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let seq: i64 = seq
-        .parse()
-        .map_err(|_| bad_request(format!("'{seq}' is not a seq")))?;
-    match admin.store.get_op(seq).await.map_err(internal)? {
-        Some(op) => Ok(Json(op_json(&op))),
-        None => Err(ApiError(
+    let seq = parse_seq(&seq)?;
+    let Some(op) = admin.store.get_op(seq).await.map_err(internal)? else {
+        return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("no op with seq {seq}"),
-        )),
+        ));
+    };
+    let mut body = op_json(&op);
+    let deliveries = admin.store.deliveries(seq).await.map_err(internal)?;
+    body["deliveries"] = serde_json::to_value(deliveries).expect("rows serialize");
+    Ok(Json(body))
+}
+
+fn parse_seq(seq: &str) -> Result<i64, ApiError> {
+    seq.parse()
+        .map_err(|_| bad_request(format!("'{seq}' is not a seq")))
+}
+
+/// Only the named parameters; returns the first one's value.
+fn only_params<'a>(
+    params: &'a HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<Option<&'a str>, ApiError> {
+    for key in params.keys() {
+        if !allowed.contains(&key.as_str()) {
+            return Err(bad_request(format!(
+                "unknown parameter '{key}' (expected {})",
+                allowed.join(", ")
+            )));
+        }
     }
+    Ok(allowed
+        .first()
+        .and_then(|k| params.get(*k))
+        .map(String::as_str))
+}
+
+async fn retry_op(
+    State(admin): State<Arc<Admin>>,
+    Path(seq): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let seq = parse_seq(&seq)?;
+    let edge = only_params(&params, &["edge"])?
+        .ok_or_else(|| bad_request("'edge' is required: which edge re-applies the op"))?;
+    let Some(op) = admin.store.get_op(seq).await.map_err(internal)? else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no op with seq {seq}"),
+        ));
+    };
+    let edges = admin.store.edges().await.map_err(internal)?;
+    if !edges.iter().any(|e| e.id == edge) {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{edge}'")));
+    }
+    let Some(sync) = admin.sync.get() else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sync is not running yet".into(),
+        ));
+    };
+    sync.redo(&op, edge).await.map_err(|e| {
+        warn!(error = %e, "redo failed");
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the redo could not be sent to the broker".into(),
+        )
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"seq": seq, "edge": edge, "state": "pending"})),
+    )
+        .into_response())
+}
+
+async fn list_edges(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, ApiError> {
+    let offline_ms = admin.edge_offline_after.as_millis() as i64;
+    let edges: Vec<Value> = admin
+        .store
+        .edges()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .map(|e| {
+            let online = e.silent_ms.is_some_and(|ms| ms <= offline_ms);
+            json!({
+                "id": e.id,
+                "declared": e.declared,
+                "cursor": e.cursor,
+                "lag_ops": e.lag_ops,
+                "lag_seconds": (e.lag_seconds * 1000.0).round() / 1000.0,
+                "last_seen": e.last_seen,
+                "online": online,
+                "version": e.version,
+                "error": e.error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"edges": edges})))
+}
+
+async fn out_of_sync(
+    State(admin): State<Arc<Admin>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let edge = only_params(&params, &["edge"])?;
+    let rows = admin.store.out_of_sync(edge).await.map_err(internal)?;
+    Ok(Json(json!({"out_of_sync": rows})))
 }
 
 /// An op as the audit API shows it, secrets redacted.

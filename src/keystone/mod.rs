@@ -2,6 +2,8 @@
 //! resource's ID is found, and which generated values a replayed create must carry
 //! so that every site ends up with the same ID where Keystone allows it.
 
+pub mod client;
+pub mod ids;
 pub mod routes;
 
 use serde_json::Value;

@@ -18,9 +18,11 @@ use uuid::Uuid;
 
 use super::error::ProxyError;
 use super::{build_response, Proxy, SendError, REQUEST_ID};
+use crate::keystone::ids::{all_refs, is_mappable_id, natural_key, IdRef, NAMED_KINDS};
 use crate::keystone::{self, RouteMatch};
 use crate::metrics::inc;
 use crate::store::{NewIntent, OpState, Outcome};
+use crate::sync::protocol::EntityRef;
 
 pub(super) async fn forward_captured(
     proxy: &Proxy,
@@ -36,6 +38,10 @@ pub(super) async fn forward_captured(
         None => proxy.keystone_path(&url).to_string(),
     };
     let body_text = (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned());
+    let request_json: Option<Value> = serde_json::from_slice(&body).ok();
+    // Natural keys are read before forwarding: a delete's target is gone after.
+    let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
+    let refs = serde_json::to_string(&refs).expect("refs serialize");
 
     // 1. The intent is durable before anything is forwarded.
     let op_id = proxy
@@ -46,6 +52,7 @@ pub(super) async fn forward_captured(
             class: route.class.as_str(),
             kind: route.kind,
             body: body_text.as_deref(),
+            refs: &refs,
         })
         .await
         .map_err(|e| {
@@ -99,11 +106,17 @@ pub(super) async fn forward_captured(
         let response_json: Option<Value> = serde_json::from_slice(&resp_body).ok();
         let created_ids =
             keystone::created_ids(&route, proxy.keystone_path(&url), response_json.as_ref());
-        let replay_body = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|mut v| {
-                keystone::inject_generated(&route, &mut v, &created_ids).then(|| v.to_string())
-            });
+        let replay_body = request_json.clone().and_then(|mut v| {
+            keystone::inject_generated(&route, &mut v, &created_ids).then(|| v.to_string())
+        });
+        if let Some(entity) = response_json
+            .as_ref()
+            .and_then(|v| learned_entity(route.kind, v))
+        {
+            if let Err(e) = proxy.store.learn_entity(&entity).await {
+                warn!(error = %e, "could not remember an entity's natural key");
+            }
+        }
         let outcome = Outcome {
             created_ids,
             body: replay_body,
@@ -117,6 +130,7 @@ pub(super) async fn forward_captured(
             .await
         {
             Ok(seq) => {
+                proxy.wake.notify_one();
                 inc(&proxy.metrics.writes_captured);
                 tracing::Span::current().record("seq", seq);
                 info!(seq, %op_id, class = %route.class, kind = route.kind, "op logged");
@@ -193,11 +207,91 @@ async fn record_unknown(
         .await
     {
         Ok(seq) => {
+            proxy.wake.notify_one();
             warn!(seq, %op_id, detail, "write logged with unknown outcome");
             Some(seq)
         }
         Err(e) => {
             error!(error = %e, %op_id, "could not log an unknown outcome; the intent stays open");
+            None
+        }
+    }
+}
+
+/// An entity's natural key from a create or update response (`{"<kind>": {...}}`).
+fn learned_entity(kind: &str, response: &Value) -> Option<EntityRef> {
+    let entity = response.get(kind)?;
+    let id = entity.get("id")?.as_str()?;
+    let (name, domain_id) = natural_key(kind, entity)?;
+    Some(EntityRef {
+        id: id.to_string(),
+        kind: kind.to_string(),
+        name,
+        domain_id,
+    })
+}
+
+/// The natural keys of the named entities a write references: from what central
+/// has seen, else asked of the central Keystone with the service credentials.
+/// A domain an entity lives in is included too.
+async fn entity_refs(proxy: &Proxy, path: &str, body: Option<&Value>) -> Vec<EntityRef> {
+    let mut queue: Vec<IdRef> = all_refs(path, body)
+        .into_iter()
+        .filter(|r| NAMED_KINDS.contains(&r.kind))
+        .collect();
+    let mut out: Vec<EntityRef> = Vec::new();
+    while let Some(r) = queue.pop() {
+        if out.iter().any(|e| e.id == r.id) {
+            continue;
+        }
+        let known = match proxy.store.entity(&r.id).await {
+            Ok(Some(e)) => Some(e),
+            _ => look_up(proxy, &r).await,
+        };
+        if let Some(e) = known {
+            if let Some(d) = e.domain_id.as_deref().filter(|d| is_mappable_id(d)) {
+                queue.push(IdRef {
+                    id: d.to_string(),
+                    kind: "domain",
+                });
+            }
+            out.push(e);
+        }
+    }
+    out
+}
+
+async fn look_up(proxy: &Proxy, r: &IdRef) -> Option<EntityRef> {
+    let client = proxy.keystone.as_ref()?;
+    let found = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        client.get_entity(r.kind, &r.id),
+    )
+    .await;
+    match found {
+        Ok(Ok(Some(entity))) => {
+            let (name, domain_id) = natural_key(r.kind, &entity)?;
+            let e = EntityRef {
+                id: r.id.clone(),
+                kind: r.kind.to_string(),
+                name,
+                domain_id,
+            };
+            if let Err(err) = proxy.store.learn_entity(&e).await {
+                warn!(error = %err, "could not remember an entity's natural key");
+            }
+            Some(e)
+        }
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            warn!(kind = r.kind, error = %e, "could not look up an entity at the central identity service");
+            None
+        }
+        Err(_) => {
+            warn!(
+                kind = r.kind,
+                "looking up an entity at the central identity service timed out"
+            );
             None
         }
     }

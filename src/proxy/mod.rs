@@ -17,10 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures_util::{Stream, StreamExt};
 use reqwest::Url;
+use tokio::sync::Notify;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{field, info, warn, Instrument};
 
 use crate::config::CentralConfig;
+use crate::keystone::client::KeystoneClient;
 use crate::keystone::{self, Classification, RouteClass};
 use crate::metrics::{inc, Metrics};
 use crate::store::Store;
@@ -56,6 +58,10 @@ pub struct Proxy {
     replicate: Vec<RouteClass>,
     store: Store,
     metrics: Arc<Metrics>,
+    /// Central's service client, to learn natural keys of unseen entities.
+    keystone: Option<Arc<KeystoneClient>>,
+    /// Wakes the publisher when an op is logged.
+    pub wake: Arc<Notify>,
 }
 
 /// Why a request could not be sent or answered.
@@ -74,6 +80,7 @@ impl Proxy {
         config: &CentralConfig,
         store: Store,
         metrics: Arc<Metrics>,
+        keystone: Option<Arc<KeystoneClient>>,
     ) -> anyhow::Result<Proxy> {
         let client = reqwest::Client::builder()
             // A proxy passes redirects to its client instead of following them.
@@ -99,6 +106,8 @@ impl Proxy {
             replicate: config.replicate.clone(),
             store,
             metrics,
+            keystone,
+            wake: Arc::new(Notify::new()),
         })
     }
 

@@ -13,6 +13,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 use uuid::Uuid;
 
+pub mod edge;
+mod sync;
+pub use sync::{DeliveryRow, EdgeRow, OutOfSyncRow};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid database URL '{url}': {source}")]
@@ -61,6 +65,8 @@ pub struct NewIntent<'a> {
     pub class: &'a str,
     pub kind: &'a str,
     pub body: Option<&'a str>,
+    /// JSON list of the natural keys of the IDs the write references.
+    pub refs: &'a str,
 }
 
 /// What the upstream said about a forwarded write that succeeded.
@@ -90,6 +96,7 @@ pub struct OpRow {
     pub upstream_status: Option<i64>,
     pub request_id: Option<String>,
     pub detail: Option<String>,
+    pub refs: String,
     pub created_at: String,
     pub logged_at: String,
 }
@@ -134,7 +141,7 @@ impl Store {
             .connect_with(options.clone())
             .await
             .map_err(open_err)?;
-        sqlx::migrate!("./migrations").run(&writer).await?;
+        sqlx::migrate!("./migrations/central").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
@@ -147,8 +154,8 @@ impl Store {
     pub async fn begin_intent(&self, intent: &NewIntent<'_>) -> Result<Uuid, StoreError> {
         let op_id = Uuid::new_v4();
         sqlx::query(&format!(
-            "INSERT INTO intents (op_id, method, path, class, kind, body, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, {NOW})"
+            "INSERT INTO intents (op_id, method, path, class, kind, body, refs, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, {NOW})"
         ))
         .bind(op_id.to_string())
         .bind(intent.method)
@@ -156,6 +163,7 @@ impl Store {
         .bind(intent.class)
         .bind(intent.kind)
         .bind(intent.body)
+        .bind(intent.refs)
         .execute(&self.writer)
         .await?;
         Ok(op_id)
@@ -173,9 +181,9 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let seq: Option<i64> = sqlx::query_scalar(&format!(
             "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
-                              upstream_status, request_id, detail, created_at, logged_at)
+                              upstream_status, request_id, detail, refs, created_at, logged_at)
              SELECT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ops), op_id, ?, method, path, class,
-                    kind, ?, COALESCE(?, body), ?, ?, ?, created_at, {NOW}
+                    kind, ?, COALESCE(?, body), ?, ?, ?, refs, created_at, {NOW}
              FROM intents WHERE op_id = ?
              RETURNING seq"
         ))
@@ -297,6 +305,7 @@ mod tests {
             class: "resource",
             kind: "project",
             body: Some("{}"),
+            refs: "[]",
         }
     }
 

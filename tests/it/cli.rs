@@ -7,6 +7,8 @@ fn run(args: &[&str]) -> (i32, String) {
         .args(args)
         .env_remove("SYNCGATE_UPSTREAM")
         .env_remove("SYNCGATE_ADMIN_TOKEN")
+        .env_remove("OS_USERNAME")
+        .env_remove("OS_APPLICATION_CREDENTIAL_ID")
         .output()
         .unwrap();
     (
@@ -17,7 +19,7 @@ fn run(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn bad_values_exit_2_with_one_line_naming_the_option() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["central"], "--upstream"),
         (
             &["central", "--upstream", "http://k", "--listen", "nowhere"],
@@ -50,8 +52,23 @@ fn bad_values_exit_2_with_one_line_naming_the_option() {
                 "http://k",
                 "--admin-listen",
                 "0.0.0.0:0",
+                "--insecure-plaintext-sync",
             ],
             "--admin-token",
+        ),
+        (&["central", "--upstream", "http://k"], "--sync-key"),
+        (
+            &[
+                "edge",
+                "--id",
+                "e1",
+                "--broker",
+                "nats://127.0.0.1:1",
+                "--upstream",
+                "http://k",
+                "--insecure-plaintext-sync",
+            ],
+            "OS_USERNAME",
         ),
     ];
     for (args, option) in cases {
@@ -74,6 +91,7 @@ fn an_unwritable_op_log_fails_clearly() {
         "127.0.0.1:0",
         "--db",
         "sqlite:///nonexistent-dir/x/central.db",
+        "--insecure-plaintext-sync",
     ]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("op log"), "{stderr}");

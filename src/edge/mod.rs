@@ -1,0 +1,603 @@
+//! `syncgate edge`: replays central's ops against this site's Keystone strictly in
+//! seq order, keeps its cursor and ID map in its own SQLite, acknowledges every
+//! op, and catches up by replay after a start, a gap or a reconnect.
+
+mod apply;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{EdgeConfig, OnFailure, Secret};
+use crate::keystone::client::KeystoneClient;
+use crate::store::edge::{EdgeStore, StoredOutcome};
+use crate::sync::crypto::Sealer;
+use crate::sync::protocol::{
+    Ack, Envelope, Hello, OpContent, Outcome, Redo, ReplayBatch, ReplayRequest, Subjects,
+};
+use crate::sync::{connect_broker, redact_url};
+use apply::Applier;
+
+/// Ops asked for per replay request.
+const REPLAY_LIMIT: i64 = 200;
+/// Longest wait between retries of an op that failed transiently.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the edge shows on its admin listener.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub cursor: AtomicI64,
+    pub id_map_size: AtomicI64,
+    pub connected: AtomicBool,
+    pub halted: AtomicBool,
+    pub applied: AtomicU64,
+    pub failed: AtomicU64,
+    pub retries: AtomicU64,
+    /// Why the edge cannot make progress, if it cannot.
+    pub error: Mutex<Option<String>>,
+}
+
+impl Status {
+    fn set_error(&self, e: Option<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A built edge: database open, admin listener bound, not yet running.
+pub struct Edge {
+    config: EdgeConfig,
+    store: EdgeStore,
+    keystone: Arc<KeystoneClient>,
+    sealer: Sealer,
+    admin_listener: TcpListener,
+    status: Arc<Status>,
+}
+
+/// Why one envelope could not be processed now.
+enum Stuck {
+    /// Stop processing until something changes (wrong key, halted).
+    Blocked,
+    /// Shutting down.
+    Stopping,
+}
+
+impl Edge {
+    pub async fn build(config: EdgeConfig) -> anyhow::Result<Edge> {
+        if !config.admin_listen.ip().is_loopback() && config.admin_token.is_none() {
+            anyhow::bail!(
+                "--admin-token is required when --admin-listen is not a loopback address"
+            );
+        }
+        let sealer = config
+            .key
+            .sealer()
+            .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?;
+        let store = EdgeStore::open(&config.db).await?;
+        let keystone = Arc::new(KeystoneClient::new(
+            &config.upstream,
+            config.credentials.clone(),
+            config.upstream_timeout,
+        )?);
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
+            })?;
+        let status = Arc::new(Status::default());
+        status
+            .cursor
+            .store(store.cursor().await?, Ordering::Relaxed);
+        status
+            .id_map_size
+            .store(store.map_size().await?, Ordering::Relaxed);
+        Ok(Edge {
+            config,
+            store,
+            keystone,
+            sealer,
+            admin_listener,
+            status,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn status(&self) -> Arc<Status> {
+        self.status.clone()
+    }
+
+    /// Runs until `shutdown` resolves.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let subjects = Subjects::new(&self.config.sync_prefix);
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let client = connect_broker(
+            &self.config.broker,
+            &self.config.broker_auth,
+            &format!("syncgate-edge-{}", self.config.id),
+            Some(events_tx),
+        )
+        .await?;
+        let mut ops = client.subscribe(subjects.ops()).await?;
+        let mut redos = client.subscribe(subjects.redo(&self.config.id)).await?;
+
+        let admin = Arc::new(AdminState {
+            status: self.status.clone(),
+            store: self.store.clone(),
+            token: self.config.admin_token.clone(),
+            edge: self.config.id.clone(),
+        });
+        let admin_app = admin_router(admin);
+        let mut admin_stop = stop.clone();
+        let admin_server =
+            axum::serve(self.admin_listener, admin_app).with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            });
+        let admin_task = tokio::spawn(async move { admin_server.await });
+        info!(
+            edge = %self.config.id,
+            broker = %redact_url(&self.config.broker),
+            upstream = %self.config.upstream,
+            cursor = self.status.cursor.load(Ordering::Relaxed),
+            "syncgate edge running"
+        );
+
+        let runner = Runner {
+            id: self.config.id.clone(),
+            client: client.clone(),
+            subjects,
+            store: self.store.clone(),
+            keystone: self.keystone.clone(),
+            sealer: self.sealer,
+            status: self.status.clone(),
+            on_failure: self.config.on_failure,
+            stop: stop.clone(),
+        };
+        let mut stop_rx = stop.clone();
+        let mut need_replay = true;
+        let mut hello = tokio::time::interval(self.config.hello_interval);
+        loop {
+            if need_replay && !runner.status.halted.load(Ordering::Relaxed) {
+                match runner.catch_up().await {
+                    Ok(()) => need_replay = false,
+                    Err(Stuck::Stopping) => break,
+                    Err(Stuck::Blocked) => need_replay = false,
+                }
+            }
+            tokio::select! {
+                msg = ops.next() => {
+                    let Some(msg) = msg else { break };
+                    match serde_json::from_slice::<Envelope>(&msg.payload) {
+                        Ok(env) => match runner.live(env).await {
+                            Ok(gap) => need_replay |= gap,
+                            Err(Stuck::Stopping) => break,
+                            Err(Stuck::Blocked) => {}
+                        },
+                        Err(e) => warn!(error = %e, "malformed op message ignored"),
+                    }
+                }
+                msg = redos.next() => {
+                    let Some(msg) = msg else { break };
+                    match serde_json::from_slice::<Redo>(&msg.payload) {
+                        Ok(redo) => {
+                            if let Err(Stuck::Stopping) = runner.redo(redo.op).await {
+                                break;
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "malformed redo ignored"),
+                    }
+                }
+                event = events.recv() => match event {
+                    Some(async_nats::Event::Connected) => {
+                        info!("connected to the broker; catching up");
+                        runner.status.connected.store(true, Ordering::Relaxed);
+                        need_replay = true;
+                        runner.hello().await;
+                    }
+                    Some(async_nats::Event::Disconnected) => {
+                        warn!("disconnected from the broker");
+                        runner.status.connected.store(false, Ordering::Relaxed);
+                    }
+                    Some(other) => debug!(event = %other, "broker event"),
+                    None => {}
+                },
+                _ = hello.tick() => {
+                    runner.hello().await;
+                    // Polling for ops missed while disconnected costs one request.
+                    need_replay = true;
+                }
+                _ = stop_rx.wait_for(|s| *s) => break,
+            }
+        }
+        info!("edge stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+        let _ = admin_task.await;
+        self.store.close().await;
+        Ok(())
+    }
+}
+
+struct Runner {
+    id: String,
+    client: async_nats::Client,
+    subjects: Subjects,
+    store: EdgeStore,
+    keystone: Arc<KeystoneClient>,
+    sealer: Sealer,
+    status: Arc<Status>,
+    on_failure: OnFailure,
+    stop: watch::Receiver<bool>,
+}
+
+impl Runner {
+    async fn cursor(&self) -> i64 {
+        match self.store.cursor().await {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "cannot read the cursor");
+                self.status.cursor.load(Ordering::Relaxed)
+            }
+        }
+    }
+
+    async fn hello(&self) {
+        let hello = Hello {
+            edge: self.id.clone(),
+            cursor: self.cursor().await,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            error: self.status.error(),
+        };
+        let payload = serde_json::to_vec(&hello).expect("a hello serializes");
+        if let Err(e) = self
+            .client
+            .publish(self.subjects.hello(&self.id), payload.into())
+            .await
+        {
+            debug!(error = %e, "hello not sent");
+        }
+    }
+
+    /// Asks central for every op after the cursor and applies them in order.
+    async fn catch_up(&self) -> Result<(), Stuck> {
+        loop {
+            let from = self.cursor().await + 1;
+            let req = ReplayRequest {
+                from_seq: from,
+                limit: REPLAY_LIMIT,
+            };
+            let payload = serde_json::to_vec(&req).expect("a request serializes");
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.client.request(self.subjects.replay(), payload.into()),
+            )
+            .await;
+            let msg = match answer {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "replay request failed; will retry");
+                    return Ok(());
+                }
+                Err(_) => {
+                    debug!("replay request timed out; will retry");
+                    return Ok(());
+                }
+            };
+            let batch: ReplayBatch = match serde_json::from_slice(&msg.payload) {
+                Ok(b) => b,
+                Err(_) => {
+                    warn!(answer = %String::from_utf8_lossy(&msg.payload).chars().take(200).collect::<String>(), "central refused a replay request");
+                    return Ok(());
+                }
+            };
+            if batch.ops.is_empty() {
+                return Ok(());
+            }
+            let count = batch.ops.len();
+            for env in batch.ops {
+                self.process(env, false).await?;
+            }
+            if (count as i64) < REPLAY_LIMIT && self.cursor().await >= batch.last_seq {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A live op: applies it if next, acks it again if old; reports a gap.
+    async fn live(&self, env: Envelope) -> Result<bool, Stuck> {
+        let cursor = self.cursor().await;
+        if env.seq > cursor + 1 {
+            debug!(seq = env.seq, cursor, "gap: catching up by replay");
+            return Ok(true);
+        }
+        self.process(env, false).await?;
+        Ok(false)
+    }
+
+    /// A directed redo: applies the op again whatever the cursor says.
+    async fn redo(&self, env: Envelope) -> Result<(), Stuck> {
+        info!(seq = env.seq, "redo requested");
+        self.status.halted.store(false, Ordering::Relaxed);
+        match self.process(env, true).await {
+            Err(Stuck::Stopping) => Err(Stuck::Stopping),
+            _ => Ok(()),
+        }
+    }
+
+    async fn process(&self, env: Envelope, directed: bool) -> Result<(), Stuck> {
+        let cursor = self.cursor().await;
+        if env.seq <= cursor && !directed {
+            // Already done: acknowledge again, never replay.
+            if let Ok(Some(done)) = self.store.outcome(env.seq).await {
+                if done.op_id == env.op_id {
+                    self.ack_stored(&done).await;
+                }
+            }
+            return Ok(());
+        }
+        if env.seq > cursor + 1 && !directed {
+            return Ok(());
+        }
+        if self.status.halted.load(Ordering::Relaxed) && !directed {
+            return Err(Stuck::Blocked);
+        }
+        let plain = match self
+            .sealer
+            .open(&Envelope::aad(env.seq, &env.op_id), &env.enc, &env.data)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = format!("cannot read op {}: {e}", env.seq);
+                error!(seq = env.seq, error = %e, "cannot read an op from central; nothing is applied until this is fixed");
+                self.status.set_error(Some(msg));
+                return Err(Stuck::Blocked);
+            }
+        };
+        let op = match serde_json::from_slice::<OpContent>(&plain) {
+            Ok(op) if op.seq == env.seq && op.op_id == env.op_id => op,
+            _ => {
+                let msg = format!("op {} is malformed", env.seq);
+                error!(seq = env.seq, "malformed op content");
+                self.status.set_error(Some(msg));
+                return Err(Stuck::Blocked);
+            }
+        };
+        let applier = Applier {
+            keystone: &self.keystone,
+            store: &self.store,
+        };
+        let mut backoff = Duration::from_millis(100);
+        let applied = loop {
+            match applier.apply(&op).await {
+                Ok(a) => break a,
+                Err(e) => {
+                    self.status.retries.fetch_add(1, Ordering::Relaxed);
+                    self.status
+                        .set_error(Some(format!("op {}: {e}; retrying", op.seq)));
+                    warn!(seq = op.seq, error = %e, retry_in_ms = backoff.as_millis() as u64, "op not applied yet; will retry");
+                    let mut stop = self.stop.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.wait_for(|s| *s) => return Err(Stuck::Stopping),
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        self.status.set_error(None);
+        let mut changes = applied.changes;
+        let halt = applied.outcome == Outcome::Failed && self.on_failure == OnFailure::Halt;
+        changes.advance = !halt && (env.seq == cursor + 1 || env.seq <= cursor);
+        let stored = StoredOutcome {
+            seq: op.seq,
+            op_id: op.op_id.clone(),
+            outcome: applied.outcome.as_str().to_string(),
+            status: applied.status.map(i64::from),
+            detail: applied.detail.clone(),
+            edge_ids: applied.edge_ids.clone(),
+        };
+        if let Err(e) = self.store.commit(&stored, &changes).await {
+            error!(seq = op.seq, error = %e, "cannot record an applied op; it will be replayed");
+            self.status.set_error(Some(format!("edge database: {e}")));
+            return Err(Stuck::Blocked);
+        }
+        match applied.outcome {
+            Outcome::Failed => {
+                self.status.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(seq = op.seq, kind = %op.kind, status = ?applied.status, detail = ?applied.detail, "op failed at this edge");
+            }
+            outcome => {
+                self.status.applied.fetch_add(1, Ordering::Relaxed);
+                info!(seq = op.seq, op_id = %op.op_id, kind = %op.kind, outcome = outcome.as_str(), "op applied");
+            }
+        }
+        self.status
+            .cursor
+            .store(self.cursor().await, Ordering::Relaxed);
+        if let Ok(n) = self.store.map_size().await {
+            self.status.id_map_size.store(n, Ordering::Relaxed);
+        }
+        self.ack_stored(&stored).await;
+        if halt {
+            let msg = format!(
+                "halted after op {} failed (--on-failure halt); retry it from central",
+                op.seq
+            );
+            self.status.set_error(Some(msg));
+            self.status.halted.store(true, Ordering::Relaxed);
+            return Err(Stuck::Blocked);
+        }
+        Ok(())
+    }
+
+    async fn ack_stored(&self, done: &StoredOutcome) {
+        let outcome = match done.outcome.as_str() {
+            "applied" => Outcome::Applied,
+            "adopted" => Outcome::Adopted,
+            "skipped" => Outcome::Skipped,
+            _ => Outcome::Failed,
+        };
+        let ack = Ack {
+            seq: done.seq,
+            op_id: done.op_id.clone(),
+            outcome,
+            status: done.status.and_then(|s| u16::try_from(s).ok()),
+            detail: done.detail.clone(),
+            edge_id_created: done.edge_ids.clone(),
+        };
+        let payload = serde_json::to_vec(&ack).expect("an ack serializes");
+        if let Err(e) = self
+            .client
+            .publish(self.subjects.ack(&self.id), payload.into())
+            .await
+        {
+            warn!(seq = done.seq, error = %e, "ack not sent");
+        }
+    }
+}
+
+struct AdminState {
+    status: Arc<Status>,
+    store: EdgeStore,
+    token: Option<Secret>,
+    edge: String,
+}
+
+fn admin_router(state: Arc<AdminState>) -> Router {
+    let status = Router::new()
+        .route("/v1/status", get(status_json))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(status)
+        .with_state(state)
+}
+
+async fn require_token(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &s.token {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|p| token.matches(p));
+        if !ok {
+            let mut resp = (StatusCode::UNAUTHORIZED, Json(json!({"error": {"code": 401, "message": "a valid admin bearer token is required"}}))).into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let st = &s.status;
+    Json(json!({
+        "edge": s.edge,
+        "cursor": st.cursor.load(Ordering::Relaxed),
+        "id_map_size": st.id_map_size.load(Ordering::Relaxed),
+        "broker_connected": st.connected.load(Ordering::Relaxed),
+        "halted": st.halted.load(Ordering::Relaxed),
+        "error": st.error(),
+        "applied_total": st.applied.load(Ordering::Relaxed),
+        "failed_total": st.failed.load(Ordering::Relaxed),
+    }))
+}
+
+async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
+    let db = s.store.check().await.is_ok();
+    let connected = s.status.connected.load(Ordering::Relaxed);
+    let error = s.status.error();
+    let ready = db && connected && error.is_none();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(
+            json!({"ready": ready, "database": db, "broker_connected": connected, "error": error}),
+        ),
+    )
+        .into_response()
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
+    let st = &s.status;
+    let lines = [
+        (
+            "syncgate_edge_cursor",
+            "gauge",
+            "Highest seq applied in order.",
+            st.cursor.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "syncgate_edge_id_map_size",
+            "gauge",
+            "Central IDs mapped to this site's.",
+            st.id_map_size.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "syncgate_edge_ops_applied_total",
+            "counter",
+            "Ops applied, adopted or skipped.",
+            st.applied.load(Ordering::Relaxed),
+        ),
+        (
+            "syncgate_edge_ops_failed_total",
+            "counter",
+            "Ops that failed permanently.",
+            st.failed.load(Ordering::Relaxed),
+        ),
+        (
+            "syncgate_edge_retries_total",
+            "counter",
+            "Transient failures retried.",
+            st.retries.load(Ordering::Relaxed),
+        ),
+        (
+            "syncgate_edge_broker_connected",
+            "gauge",
+            "1 when connected to the broker.",
+            u64::from(st.connected.load(Ordering::Relaxed)),
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, value) in lines {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,342 @@
+//! Keystone IDs in requests: which IDs a path or body names and of what kind,
+//! the natural key (name + domain) of named entities, rewriting central IDs to an
+//! edge's, and the replay transforms for calls an admin cannot replay as sent.
+//! Keystone IDs are 32-hex UUIDs, so matching whole tokens is safe.
+
+use serde_json::Value;
+
+/// An ID named by a request, with the kind of entity it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdRef {
+    pub id: String,
+    pub kind: &'static str,
+}
+
+/// Entity kinds with a natural key (name, within a domain).
+pub const NAMED_KINDS: [&str; 5] = ["domain", "project", "user", "group", "role"];
+
+/// Whether a string is a Keystone-generated ID (32 hex digits).
+pub fn is_mappable_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The entity kind of the member segment after a collection segment.
+fn kind_of_collection(segment: &str) -> Option<&'static str> {
+    Some(match segment {
+        "users" => "user",
+        "groups" => "group",
+        "projects" => "project",
+        "domains" => "domain",
+        "roles" | "implies" => "role",
+        "credentials" => "credential",
+        "policies" => "policy",
+        "services" => "service",
+        "endpoints" => "endpoint",
+        "regions" => "region",
+        "limits" => "limit",
+        "registered_limits" => "registered_limit",
+        "endpoint_groups" => "endpoint_group",
+        _ => return None,
+    })
+}
+
+/// The entity kind a body field names by ID.
+fn kind_of_field(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "domain_id" => "domain",
+        "project_id" | "default_project_id" | "parent_id" | "tenant_id" => "project",
+        "user_id" => "user",
+        "group_id" => "group",
+        "role_id" | "prior_role_id" | "implied_role_id" => "role",
+        "service_id" => "service",
+        "endpoint_id" => "endpoint",
+        "policy_id" => "policy",
+        _ => return None,
+    })
+}
+
+/// IDs named in a path (query ignored).
+pub fn path_refs(path: &str) -> Vec<IdRef> {
+    let path = path.split('?').next().unwrap_or(path);
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    segments
+        .windows(2)
+        .filter_map(|w| {
+            let kind = kind_of_collection(w[0])?;
+            is_mappable_id(w[1]).then(|| IdRef {
+                id: w[1].to_string(),
+                kind,
+            })
+        })
+        .collect()
+}
+
+/// IDs named in a body, by field name, at any depth.
+pub fn body_refs(body: &Value) -> Vec<IdRef> {
+    let mut out = Vec::new();
+    collect_body_refs(body, &mut out);
+    out
+}
+
+fn collect_body_refs(value: &Value, out: &mut Vec<IdRef>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                match (kind_of_field(key), v.as_str()) {
+                    (Some(kind), Some(id)) if is_mappable_id(id) => out.push(IdRef {
+                        id: id.to_string(),
+                        kind,
+                    }),
+                    _ => collect_body_refs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_body_refs(v, out)),
+        _ => {}
+    }
+}
+
+/// Every ID a request names, each once.
+pub fn all_refs(path: &str, body: Option<&Value>) -> Vec<IdRef> {
+    let mut refs = path_refs(path);
+    if let Some(body) = body {
+        refs.extend(body_refs(body));
+    }
+    let mut seen = std::collections::HashSet::new();
+    refs.retain(|r| seen.insert(r.id.clone()));
+    refs
+}
+
+/// The natural key an entity's JSON carries: (name, domain ID). A domain has no
+/// domain; a role without `domain_id` is global; other kinds default to `default`.
+pub fn natural_key(kind: &str, entity: &Value) -> Option<(String, Option<String>)> {
+    if !NAMED_KINDS.contains(&kind) {
+        return None;
+    }
+    let name = entity.get("name")?.as_str()?.to_string();
+    let domain = match kind {
+        "domain" => None,
+        "role" => entity
+            .get("domain_id")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => Some(
+            entity
+                .get("domain_id")
+                .and_then(Value::as_str)
+                .unwrap_or("default")
+                .to_string(),
+        ),
+    };
+    Some((name, domain))
+}
+
+/// For a DELETE of an entity (`/v3/<collection>/<id>`), the deleted ID.
+pub fn deleted_id(method: &str, path: &str) -> Option<String> {
+    if method != "DELETE" {
+        return None;
+    }
+    let path = path.split('?').next().unwrap_or(path);
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segments.as_slice() {
+        ["v3", coll, id] if kind_of_collection(coll).is_some() => Some(id.to_string()),
+        ["v3", "OS-EP-FILTER", "endpoint_groups", id] => Some(id.to_string()),
+        _ => None,
+    }
+}
+
+/// Replaces every mapped ID in a path.
+pub fn rewrite_path(path: &str, map: &dyn Fn(&str) -> Option<String>) -> String {
+    let (p, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let rewritten: Vec<String> = p
+        .split('/')
+        .map(|seg| {
+            if is_mappable_id(seg) {
+                map(seg).unwrap_or_else(|| seg.to_string())
+            } else {
+                seg.to_string()
+            }
+        })
+        .collect();
+    let mut out = rewritten.join("/");
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// Replaces every string value that is a mapped ID, at any depth.
+pub fn rewrite_body(body: &mut Value, map: &dyn Fn(&str) -> Option<String>) {
+    match body {
+        Value::String(s) if is_mappable_id(s) => {
+            if let Some(to) = map(s) {
+                *s = to;
+            }
+        }
+        Value::Object(m) => m.values_mut().for_each(|v| rewrite_body(v, map)),
+        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_body(v, map)),
+        _ => {}
+    }
+}
+
+/// A request to send: method, path, body.
+pub type Call = (String, String, Option<Value>);
+
+/// A call replayed in another form because an admin cannot make it as sent.
+pub struct Transform {
+    pub kind: &'static str,
+    pub method: &'static str,
+    pub why: &'static str,
+    apply: fn(&str, Option<&Value>) -> Option<Call>,
+}
+
+/// Every replay transform, in one place.
+pub static TRANSFORMS: &[Transform] = &[Transform {
+    kind: "user_password",
+    method: "POST",
+    why: "a self-service password change needs the old password; an admin sets the new one with PATCH",
+    apply: password_change_as_patch,
+}];
+
+fn password_change_as_patch(
+    path: &str,
+    body: Option<&Value>,
+) -> Option<(String, String, Option<Value>)> {
+    let user_path = path.strip_suffix("/password")?;
+    let password = body?.get("user")?.get("password")?.clone();
+    Some((
+        "PATCH".into(),
+        user_path.to_string(),
+        Some(serde_json::json!({"user": {"password": password}})),
+    ))
+}
+
+/// The (method, path, body) to send at an edge for an op (after ID rewriting).
+pub fn replay_form(
+    kind: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (String, String, Option<Value>) {
+    TRANSFORMS
+        .iter()
+        .find(|t| t.kind == kind && t.method == method)
+        .and_then(|t| (t.apply)(path, body.as_ref()))
+        .unwrap_or_else(|| (method.to_string(), path.to_string(), body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const A: &str = "0123456789abcdef0123456789abcdef";
+    const B: &str = "fedcba9876543210fedcba9876543210";
+    const C: &str = "00000000000000000000000000000001";
+
+    #[test]
+    fn finds_ids_in_paths_and_bodies() {
+        let refs = path_refs(&format!("/v3/projects/{A}/users/{B}/roles/{C}"));
+        let kinds: Vec<_> = refs.iter().map(|r| (r.id.as_str(), r.kind)).collect();
+        assert_eq!(kinds, [(A, "project"), (B, "user"), (C, "role")]);
+        let refs = path_refs(&format!("/v3/roles/{A}/implies/{B}"));
+        assert_eq!(
+            refs[1],
+            IdRef {
+                id: B.into(),
+                kind: "role"
+            }
+        );
+        assert!(path_refs("/v3/domains/default").is_empty());
+        let body =
+            json!({"user": {"name": "u", "domain_id": A, "default_project_id": B, "options": {}}});
+        let mut refs: Vec<_> = body_refs(&body)
+            .into_iter()
+            .map(|r| (r.id, r.kind))
+            .collect();
+        refs.sort();
+        assert_eq!(
+            refs,
+            [(A.to_string(), "domain"), (B.to_string(), "project")]
+        );
+        let all = all_refs(
+            &format!("/v3/users/{A}"),
+            Some(&json!({"user": {"domain_id": A}})),
+        );
+        assert_eq!(all.len(), 1);
+    }
+
+    #[test]
+    fn natural_keys() {
+        assert_eq!(
+            natural_key("domain", &json!({"name": "d"})),
+            Some(("d".into(), None))
+        );
+        assert_eq!(
+            natural_key("project", &json!({"name": "p"})),
+            Some(("p".into(), Some("default".into())))
+        );
+        assert_eq!(
+            natural_key("role", &json!({"name": "r"})),
+            Some(("r".into(), None))
+        );
+        assert_eq!(
+            natural_key("role", &json!({"name": "r", "domain_id": A})),
+            Some(("r".into(), Some(A.into())))
+        );
+        assert_eq!(natural_key("credential", &json!({"name": "x"})), None);
+    }
+
+    #[test]
+    fn rewrites_mapped_ids_only() {
+        let map = |id: &str| (id == A).then(|| B.to_string());
+        assert_eq!(
+            rewrite_path(&format!("/v3/users/{A}/groups/{C}?x={A}"), &map),
+            format!("/v3/users/{B}/groups/{C}?x={A}")
+        );
+        let mut body =
+            json!({"user": {"default_project_id": A, "name": A, "list": [A, "x"], "n": 1}});
+        rewrite_body(&mut body, &map);
+        assert_eq!(
+            body,
+            json!({"user": {"default_project_id": B, "name": B, "list": [B, "x"], "n": 1}})
+        );
+    }
+
+    #[test]
+    fn deletes_name_their_entity() {
+        assert_eq!(
+            deleted_id("DELETE", &format!("/v3/users/{A}")),
+            Some(A.into())
+        );
+        assert_eq!(
+            deleted_id("DELETE", &format!("/v3/groups/{A}/users/{B}")),
+            None
+        );
+        assert_eq!(deleted_id("PATCH", &format!("/v3/users/{A}")), None);
+    }
+
+    #[test]
+    fn password_change_is_replayed_as_an_admin_patch() {
+        let body = json!({"user": {"password": "new", "original_password": "old"}});
+        let (method, path, body) = replay_form(
+            "user_password",
+            "POST",
+            &format!("/v3/users/{B}/password"),
+            Some(body),
+        );
+        assert_eq!(
+            (method.as_str(), path.as_str()),
+            ("PATCH", format!("/v3/users/{B}").as_str())
+        );
+        assert_eq!(body, Some(json!({"user": {"password": "new"}})));
+        // Everything else is replayed as sent.
+        let (method, path, _) = replay_form("user", "PATCH", "/v3/users/x", None);
+        assert_eq!((method.as_str(), path.as_str()), ("PATCH", "/v3/users/x"));
+        assert_eq!(TRANSFORMS.len(), 1, "each transform has a test here");
+    }
+}

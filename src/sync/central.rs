@@ -1,0 +1,312 @@
+//! Central's side of sync: publishes ops in seq order on `<prefix>.ops`, serves
+//! replays from the op log, records acks and hellos, marks deliveries that get no
+//! ack in time as timed out, and sends directed redos.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, error, info, warn};
+
+use super::crypto::Sealer;
+use super::protocol::{
+    Ack, EntityRef, Envelope, Hello, OpContent, Redo, ReplayBatch, ReplayRequest, Subjects,
+};
+use crate::store::{OpFilter, OpRow, Store};
+
+/// Most ops in one replay batch.
+pub const MAX_REPLAY_BATCH: i64 = 500;
+
+pub struct SyncCentral {
+    pub store: Store,
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+    pub sealer: Arc<Sealer>,
+    /// Woken by capture when an op is logged.
+    pub wake: Arc<Notify>,
+    pub ack_timeout: Duration,
+    pub declared_edges: Vec<String>,
+}
+
+/// Seals one op for the wire.
+pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
+    let content = OpContent {
+        seq: op.seq,
+        op_id: op.op_id.clone(),
+        state: op.state.clone(),
+        method: op.method.clone(),
+        path: op.path.clone(),
+        kind: op.kind.clone(),
+        body: op
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_str(b).ok()),
+        created_ids: serde_json::from_str(&op.created_ids).unwrap_or_default(),
+        refs: serde_json::from_str::<Vec<EntityRef>>(&op.refs).unwrap_or_default(),
+    };
+    let plain = serde_json::to_vec(&content).expect("an op serializes");
+    let (enc, data) = sealer.seal(&Envelope::aad(op.seq, &op.op_id), &plain);
+    Envelope {
+        seq: op.seq,
+        op_id: op.op_id.clone(),
+        enc: enc.to_string(),
+        data,
+    }
+}
+
+impl SyncCentral {
+    /// Runs every sync task until `stop` turns true.
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        for edge in &self.declared_edges {
+            self.store.register_edge(edge, true).await?;
+        }
+        let replay = self.client.subscribe(self.subjects.replay()).await?;
+        let acks = self.client.subscribe(self.subjects.ack("*")).await?;
+        let hellos = self.client.subscribe(self.subjects.hello("*")).await?;
+        let tasks = [
+            tokio::spawn(self.clone().publish_loop(stop.clone())),
+            tokio::spawn(self.clone().replay_loop(replay, stop.clone())),
+            tokio::spawn(self.clone().ack_loop(acks, hellos, stop.clone())),
+            tokio::spawn(self.clone().sweep_loop(stop.clone())),
+        ];
+        info!(prefix = %self.subjects.ops(), edges = ?self.declared_edges, "sync publishing");
+        for task in tasks {
+            if let Err(e) = task.await {
+                error!(error = %e, "sync task failed");
+            }
+        }
+        // The broker may be stopping too: never wait long for it.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        Ok(())
+    }
+
+    async fn publish_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut published = match self.store.published_seq().await {
+            Ok(seq) => seq,
+            Err(e) => {
+                error!(error = %e, "cannot read the published position; publishing from the start");
+                0
+            }
+        };
+        loop {
+            let filter = OpFilter {
+                after: published,
+                limit: 200,
+                kind: None,
+                state: None,
+            };
+            let ops = match self.store.list_ops(&filter).await {
+                Ok(ops) => ops,
+                Err(e) => {
+                    error!(error = %e, "cannot read the op log for publishing");
+                    Vec::new()
+                }
+            };
+            if ops.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    // A safety net should a wake-up ever be missed.
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            let mut last = published;
+            for op in &ops {
+                if let Err(e) = self.publish(op).await {
+                    warn!(seq = op.seq, error = %e, "publish failed; edges will replay it");
+                    break;
+                }
+                last = op.seq;
+            }
+            if last == published {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+            match self.store.mark_published(last).await {
+                Ok(()) => published = last,
+                Err(e) => error!(error = %e, "cannot record the published position"),
+            }
+        }
+    }
+
+    async fn publish(&self, op: &OpRow) -> anyhow::Result<()> {
+        let env = envelope(&self.sealer, op);
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", op.op_id.as_str());
+        headers.insert("Syncgate-Seq", op.seq.to_string().as_str());
+        let payload = Bytes::from(serde_json::to_vec(&env)?);
+        self.client
+            .publish_with_headers(self.subjects.ops(), headers, payload)
+            .await?;
+        debug!(seq = op.seq, op_id = %op.op_id, "op published");
+        Ok(())
+    }
+
+    async fn replay_loop(
+        self: Arc<Self>,
+        mut requests: async_nats::Subscriber,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let msg = tokio::select! {
+                m = requests.next() => match m { Some(m) => m, None => return },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let answer = match serde_json::from_slice::<ReplayRequest>(&msg.payload) {
+                Ok(req) => match self.replay_batch(&req).await {
+                    Ok(batch) => serde_json::to_vec(&batch).expect("a batch serializes"),
+                    Err(e) => {
+                        error!(error = %e, "replay failed");
+                        serde_json::to_vec(
+                            &serde_json::json!({"error": "the op log could not be read"}),
+                        )
+                        .unwrap()
+                    }
+                },
+                Err(e) => serde_json::to_vec(
+                    &serde_json::json!({"error": format!("bad replay request: {e}")}),
+                )
+                .unwrap(),
+            };
+            if let Err(e) = self.client.publish(reply, answer.into()).await {
+                warn!(error = %e, "cannot answer a replay request");
+            }
+        }
+    }
+
+    async fn replay_batch(&self, req: &ReplayRequest) -> anyhow::Result<ReplayBatch> {
+        let limit = req.limit.clamp(1, MAX_REPLAY_BATCH);
+        let filter = OpFilter {
+            after: (req.from_seq - 1).max(0),
+            limit,
+            kind: None,
+            state: None,
+        };
+        let ops = self.store.list_ops(&filter).await?;
+        // Stay well inside the broker's message limit; a batch has at least one op.
+        let budget = (self.client.server_info().max_payload / 2).max(64 * 1024);
+        let mut size = 0;
+        let mut envelopes = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let env = envelope(&self.sealer, op);
+            size += env.data.len() + 128;
+            if size > budget && !envelopes.is_empty() {
+                break;
+            }
+            envelopes.push(env);
+        }
+        Ok(ReplayBatch {
+            ops: envelopes,
+            last_seq: self.store.last_seq().await?,
+        })
+    }
+
+    async fn ack_loop(
+        self: Arc<Self>,
+        mut acks: async_nats::Subscriber,
+        mut hellos: async_nats::Subscriber,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut known: HashSet<String> = self.declared_edges.iter().cloned().collect();
+        loop {
+            let (msg, is_ack) = tokio::select! {
+                m = acks.next() => match m { Some(m) => (m, true), None => return },
+                m = hellos.next() => match m { Some(m) => (m, false), None => return },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let Some(edge) = self
+                .subjects
+                .edge_of(msg.subject.as_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if !super::protocol::valid_edge_id(&edge) {
+                continue;
+            }
+            if !known.contains(&edge) {
+                match self.store.register_edge(&edge, false).await {
+                    Ok(_) => {
+                        info!(edge = %edge, "edge registered");
+                        known.insert(edge.clone());
+                    }
+                    Err(e) => {
+                        error!(edge = %edge, error = %e, "cannot register an edge");
+                        continue;
+                    }
+                }
+            }
+            let result = if is_ack {
+                match serde_json::from_slice::<Ack>(&msg.payload) {
+                    Ok(ack) => {
+                        debug!(edge = %edge, seq = ack.seq, outcome = ack.outcome.as_str(), "ack");
+                        self.store.record_ack(&edge, &ack).await.map(|_| ())
+                    }
+                    Err(e) => {
+                        warn!(edge = %edge, error = %e, "malformed ack ignored");
+                        Ok(())
+                    }
+                }
+            } else {
+                match serde_json::from_slice::<Hello>(&msg.payload) {
+                    Ok(h) if h.edge == edge => {
+                        self.store
+                            .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
+                            .await
+                    }
+                    Ok(_) => {
+                        warn!(edge = %edge, "hello names another edge; ignored");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        warn!(edge = %edge, error = %e, "malformed hello ignored");
+                        Ok(())
+                    }
+                }
+            };
+            if let Err(e) = result {
+                error!(edge = %edge, error = %e, "cannot record edge state");
+            }
+        }
+    }
+
+    async fn sweep_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let every = (self.ack_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let timeout_ms = self.ack_timeout.as_millis() as i64;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self.store.sweep_timeouts(timeout_ms).await {
+                Ok(0) => {}
+                Ok(n) => warn!(count = n, "deliveries timed out waiting for an ack"),
+                Err(e) => error!(error = %e, "cannot sweep deliveries"),
+            }
+        }
+    }
+
+    /// Asks one edge to apply one op again.
+    pub async fn redo(&self, op: &OpRow, edge: &str) -> anyhow::Result<()> {
+        self.store.reset_delivery(op.seq, edge).await?;
+        let redo = Redo {
+            op: envelope(&self.sealer, op),
+        };
+        self.client
+            .publish(self.subjects.redo(edge), serde_json::to_vec(&redo)?.into())
+            .await?;
+        tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await??;
+        info!(seq = op.seq, edge, "redo sent");
+        Ok(())
+    }
+}

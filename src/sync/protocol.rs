@@ -1,0 +1,155 @@
+//! The sync protocol's messages and subjects (DESIGN section 2). Everything on
+//! the wire is JSON; an op's content travels sealed inside an `Envelope`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Subjects under the configured prefix.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub fn new(prefix: &str) -> Subjects {
+        Subjects {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn ops(&self) -> String {
+        format!("{}.ops", self.prefix)
+    }
+    pub fn replay(&self) -> String {
+        format!("{}.replay", self.prefix)
+    }
+    pub fn ack(&self, edge: &str) -> String {
+        format!("{}.ack.{edge}", self.prefix)
+    }
+    pub fn hello(&self, edge: &str) -> String {
+        format!("{}.hello.{edge}", self.prefix)
+    }
+    pub fn redo(&self, edge: &str) -> String {
+        format!("{}.redo.{edge}", self.prefix)
+    }
+    /// The edge named by the last token of an ack or hello subject.
+    pub fn edge_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject.rsplit('.').next().filter(|e| !e.is_empty())
+    }
+}
+
+/// An edge ID: a single subject token of letters, digits, `-` and `_`.
+pub fn valid_edge_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// One op as it travels: seq and ID in clear (for ordering and idempotence),
+/// the rest sealed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Envelope {
+    pub seq: i64,
+    pub op_id: String,
+    pub enc: String,
+    pub data: String,
+}
+
+impl Envelope {
+    /// Associated data binding the sealed content to this seq and op.
+    pub fn aad(seq: i64, op_id: &str) -> String {
+        format!("syncgate-op:{seq}:{op_id}")
+    }
+}
+
+/// What a sealed envelope holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpContent {
+    pub seq: i64,
+    pub op_id: String,
+    /// `committed`, or `unknown_outcome` (not applied at edges: acked `skipped`).
+    pub state: String,
+    pub method: String,
+    pub path: String,
+    pub kind: String,
+    pub body: Option<Value>,
+    #[serde(default)]
+    pub created_ids: Vec<String>,
+    /// The natural keys central knows for the IDs the op references.
+    #[serde(default)]
+    pub refs: Vec<EntityRef>,
+}
+
+/// An entity named by its natural key: name within a domain (a global role has
+/// no domain). `domain_id` is central's domain ID; the domain has its own ref.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EntityRef {
+    pub id: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub domain_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplayRequest {
+    pub from_seq: i64,
+    pub limit: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplayBatch {
+    pub ops: Vec<Envelope>,
+    /// The newest seq in the op log when the batch was read.
+    pub last_seq: i64,
+}
+
+/// An edge's outcome for one op.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Applied,
+    Adopted,
+    Failed,
+    /// Not applied on purpose: the op's outcome at central is unknown.
+    Skipped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Adopted => "adopted",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Ack {
+    pub seq: i64,
+    pub op_id: String,
+    pub outcome: Outcome,
+    pub status: Option<u16>,
+    pub detail: Option<String>,
+    #[serde(default)]
+    pub edge_id_created: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub edge: String,
+    pub cursor: i64,
+    pub version: String,
+    /// Set while the edge cannot apply ops (wrong sync key, halted on failure).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Central asks one edge to apply one op again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Redo {
+    pub op: Envelope,
+}
