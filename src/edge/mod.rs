@@ -235,7 +235,7 @@ impl Edge {
                     // Polling for ops missed while disconnected costs one request.
                     need_replay = true;
                 }
-                _ = stop_rx.wait_for(|s| *s) => break,
+                _ = crate::sync::stopped(&mut stop_rx) => break,
             }
         }
         info!("edge stopping");
@@ -406,7 +406,7 @@ impl Runner {
                     let mut stop = self.stop.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.wait_for(|s| *s) => return Err(Stuck::Stopping),
+                        _ = crate::sync::stopped(&mut stop) => return Err(Stuck::Stopping),
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

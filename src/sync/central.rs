@@ -111,7 +111,7 @@ impl SyncCentral {
                     _ = self.wake.notified() => {}
                     // A safety net should a wake-up ever be missed.
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = crate::sync::stopped(&mut stop) => return,
                 }
                 continue;
             }
@@ -126,7 +126,7 @@ impl SyncCentral {
             if last == published {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.wait_for(|s| *s) => return,
+                    _ = crate::sync::stopped(&mut stop) => return,
                 }
             }
             match self.store.mark_published(last).await {
@@ -157,7 +157,7 @@ impl SyncCentral {
         loop {
             let msg = tokio::select! {
                 m = requests.next() => match m { Some(m) => m, None => return },
-                _ = stop.wait_for(|s| *s) => return,
+                _ = crate::sync::stopped(&mut stop) => return,
             };
             let Some(reply) = msg.reply.clone() else {
                 continue;
@@ -222,7 +222,7 @@ impl SyncCentral {
             let (msg, is_ack) = tokio::select! {
                 m = acks.next() => match m { Some(m) => (m, true), None => return },
                 m = hellos.next() => match m { Some(m) => (m, false), None => return },
-                _ = stop.wait_for(|s| *s) => return,
+                _ = crate::sync::stopped(&mut stop) => return,
             };
             let Some(edge) = self
                 .subjects
@@ -286,7 +286,7 @@ impl SyncCentral {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
-                _ = stop.wait_for(|s| *s) => return,
+                _ = crate::sync::stopped(&mut stop) => return,
             }
             match self.store.sweep_timeouts(timeout_ms).await {
                 Ok(0) => {}

@@ -57,3 +57,8 @@ pub fn redact_url(url: &Url) -> String {
     let _ = u.set_username("");
     u.to_string()
 }
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -7,5 +7,7 @@ mod broker_proto;
 mod capture;
 mod cli;
 mod fake_keystone;
+mod fake_site;
 mod helpers;
 mod proxy;
+mod sync;

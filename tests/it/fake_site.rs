@@ -1,0 +1,563 @@
+//! A stateful fake identity API for sync tests: one per site. Like Keystone it
+//! generates its own IDs (ignoring `id` in bodies; domains honour
+//! `explicit_domain_id`), requires a token it issued, answers 409 to a duplicate
+//! name, 404 to unknown IDs, checks passwords, and bootstraps its own admin
+//! project, user and roles with IDs of its own. `fail_next` makes the next writes
+//! answer given statuses.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::fake_keystone::new_id;
+
+pub const KINDS: [(&str, &str); 5] = [
+    ("domains", "domain"),
+    ("projects", "project"),
+    ("users", "user"),
+    ("groups", "group"),
+    ("roles", "role"),
+];
+
+#[derive(Default)]
+pub struct SiteState {
+    pub entities: HashMap<&'static str, BTreeMap<String, Value>>,
+    pub passwords: HashMap<String, String>,
+    pub grants: BTreeSet<String>,
+    pub members: BTreeSet<(String, String)>,
+    pub implied: BTreeSet<(String, String)>,
+    tokens: HashSet<String>,
+    /// Statuses to answer, in order, to the next writes.
+    pub fail_next: Vec<u16>,
+    /// Creates received, by kind (to prove nothing is applied twice).
+    pub creates: HashMap<String, usize>,
+    pub writes: usize,
+}
+
+pub struct FakeSite {
+    pub addr: SocketAddr,
+    pub state: Arc<Mutex<SiteState>>,
+    pub admin_password: String,
+}
+
+fn kind_of(coll: &str) -> Option<&'static str> {
+    KINDS.iter().find(|(c, _)| *c == coll).map(|(_, k)| *k)
+}
+
+impl FakeSite {
+    pub async fn start(admin_password: &str) -> FakeSite {
+        let mut st = SiteState::default();
+        for (_, kind) in KINDS {
+            st.entities.insert(kind, BTreeMap::new());
+        }
+        st.entities.get_mut("domain").unwrap().insert(
+            "default".into(),
+            json!({"id": "default", "name": "Default", "enabled": true}),
+        );
+        let project = new_id();
+        st.entities.get_mut("project").unwrap().insert(
+            project.clone(),
+            json!({"id": project, "name": "admin", "domain_id": "default", "enabled": true}),
+        );
+        let admin = new_id();
+        st.entities.get_mut("user").unwrap().insert(
+            admin.clone(),
+            json!({"id": admin, "name": "admin", "domain_id": "default", "enabled": true}),
+        );
+        st.passwords.insert(admin.clone(), admin_password.into());
+        for role in ["admin", "member", "reader"] {
+            let id = new_id();
+            st.entities.get_mut("role").unwrap().insert(
+                id.clone(),
+                json!({"id": id, "name": role, "domain_id": null}),
+            );
+        }
+        let state = Arc::new(Mutex::new(st));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().fallback(handle).with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeSite {
+            addr,
+            state,
+            admin_password: admin_password.into(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn fail_next(&self, statuses: &[u16]) {
+        self.state
+            .lock()
+            .unwrap()
+            .fail_next
+            .extend_from_slice(statuses);
+    }
+
+    pub fn creates(&self) -> usize {
+        self.state.lock().unwrap().creates.values().sum()
+    }
+
+    pub fn id_of(&self, kind: &str, name: &str) -> Option<String> {
+        let st = self.state.lock().unwrap();
+        st.entities[kind]
+            .values()
+            .find(|e| e["name"] == name)
+            .map(|e| e["id"].as_str().unwrap().to_string())
+    }
+
+    /// The site's identity data by natural key: comparable across sites.
+    pub fn snapshot(&self) -> BTreeSet<String> {
+        let st = self.state.lock().unwrap();
+        let name = |kind: &str, id: &str| -> String {
+            match st.entities[kind].get(id) {
+                Some(e) => match e["domain_id"].as_str() {
+                    Some(d) if kind != "domain" => {
+                        let dn = st.entities["domain"]
+                            .get(d)
+                            .map(|x| x["name"].as_str().unwrap_or("?").to_string());
+                        format!(
+                            "{}@{}",
+                            e["name"].as_str().unwrap_or("?"),
+                            dn.unwrap_or_else(|| "?".into())
+                        )
+                    }
+                    _ => e["name"].as_str().unwrap_or("?").to_string(),
+                },
+                None => format!("<missing {kind}>"),
+            }
+        };
+        let mut out = BTreeSet::new();
+        for (_, kind) in KINDS {
+            for (id, e) in &st.entities[kind] {
+                let mut line = format!("{kind} {}", name(kind, id));
+                for field in ["description", "email", "enabled", "tags"] {
+                    if let Some(v) = e.get(field) {
+                        line.push_str(&format!(" {field}={v}"));
+                    }
+                }
+                if let Some(p) = e.get("default_project_id").and_then(Value::as_str) {
+                    line.push_str(&format!(" default_project={}", name("project", p)));
+                }
+                out.insert(line);
+            }
+        }
+        for g in &st.grants {
+            // projects/<id>/users/<id>/roles/<id>[/inherited]
+            let parts: Vec<&str> = g.split('/').collect();
+            let target_kind = match parts[0] {
+                "projects" => "project",
+                "domains" => "domain",
+                _ => "system",
+            };
+            let actor_kind = if parts[2] == "users" || parts[1] == "users" {
+                "user"
+            } else {
+                "group"
+            };
+            let (target, actor, role) = if parts[0] == "system" {
+                (
+                    "all".to_string(),
+                    name(actor_kind, parts[2]),
+                    name("role", parts[4]),
+                )
+            } else {
+                (
+                    name(target_kind, parts[1]),
+                    name(actor_kind, parts[3]),
+                    name("role", parts[5]),
+                )
+            };
+            let inherited = if g.ends_with("inherited") {
+                " inherited"
+            } else {
+                ""
+            };
+            out.insert(format!(
+                "grant {role} to {actor_kind} {actor} on {target_kind} {target}{inherited}"
+            ));
+        }
+        for (g, u) in &st.members {
+            out.insert(format!(
+                "member {} in {}",
+                name("user", u),
+                name("group", g)
+            ));
+        }
+        for (p, i) in &st.implied {
+            out.insert(format!(
+                "implied {} -> {}",
+                name("role", p),
+                name("role", i)
+            ));
+        }
+        out
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    if body.is_null() {
+        return status.into_response();
+    }
+    (
+        status,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    reply(
+        status,
+        json!({"error": {"code": status.as_u16(), "title": "Fake", "message": message}}),
+    )
+}
+
+async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = parts.uri.path().to_string();
+    let query: HashMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.replace("%20", " ")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut st = state.lock().unwrap();
+    let segs: Vec<String> = path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+
+    if parts.method == Method::POST && path == "/v3/auth/tokens" {
+        return issue_token(&mut st, &body);
+    }
+    let authed = parts
+        .headers
+        .get("x-auth-token")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| st.tokens.contains(t));
+    if !authed {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "The request you have made requires authentication.",
+        );
+    }
+    if parts.method != Method::GET {
+        if !st.fail_next.is_empty() {
+            let code = st.fail_next.remove(0);
+            return error(StatusCode::from_u16(code).unwrap(), "injected failure");
+        }
+        st.writes += 1;
+    }
+    let exists = |st: &SiteState, kind: &str, id: &str| {
+        st.entities.get(kind).is_some_and(|m| m.contains_key(id))
+    };
+
+    match (parts.method.clone(), segs.as_slice()) {
+        (Method::GET, ["v3", coll]) if kind_of(coll).is_some() => {
+            let kind = kind_of(coll).unwrap();
+            let items: Vec<Value> = st.entities[kind]
+                .values()
+                .filter(|e| {
+                    query
+                        .get("name")
+                        .is_none_or(|n| e["name"].as_str() == Some(n.as_str()))
+                })
+                .filter(|e| {
+                    query
+                        .get("domain_id")
+                        .is_none_or(|d| e["domain_id"].as_str() == Some(d.as_str()))
+                })
+                .cloned()
+                .collect();
+            reply(StatusCode::OK, json!({ *coll: items }))
+        }
+        (Method::GET, ["v3", coll, id]) if kind_of(coll).is_some() => {
+            let kind = kind_of(coll).unwrap();
+            match st.entities[kind].get(*id) {
+                Some(e) => reply(StatusCode::OK, json!({ kind: e })),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    &format!("Could not find {kind}: {id}."),
+                ),
+            }
+        }
+        (Method::POST, ["v3", coll]) if kind_of(coll).is_some() => {
+            let kind = kind_of(coll).unwrap();
+            let Some(mut entity) = body.get(kind).cloned().filter(Value::is_object) else {
+                return error(StatusCode::BAD_REQUEST, "Invalid input");
+            };
+            let Some(name) = entity["name"].as_str().map(str::to_string) else {
+                return error(StatusCode::BAD_REQUEST, "name is required");
+            };
+            let domain = match kind {
+                "domain" => None,
+                "role" => entity["domain_id"].as_str().map(str::to_string),
+                _ => Some(
+                    entity["domain_id"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string(),
+                ),
+            };
+            if let Some(d) = &domain {
+                if !exists(&st, "domain", d) {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("Could not find domain: {d}."),
+                    );
+                }
+            }
+            let duplicate = st.entities[kind].values().any(|e| {
+                e["name"] == name.as_str() && e["domain_id"].as_str() == domain.as_deref()
+            });
+            if duplicate {
+                return error(
+                    StatusCode::CONFLICT,
+                    &format!("Conflict occurred attempting to store {kind} - Duplicate entry."),
+                );
+            }
+            let id = match (
+                kind,
+                entity.get("explicit_domain_id").and_then(Value::as_str),
+            ) {
+                ("domain", Some(explicit)) => explicit.to_string(),
+                _ => new_id(),
+            };
+            let obj = entity.as_object_mut().unwrap();
+            obj.remove("explicit_domain_id");
+            let password = obj.remove("password");
+            obj.insert("id".into(), json!(id));
+            if kind != "domain" {
+                obj.insert("domain_id".into(), json!(domain));
+            }
+            if let Some(Value::String(pw)) = password {
+                st.passwords.insert(id.clone(), pw);
+            }
+            *st.creates.entry(kind.to_string()).or_default() += 1;
+            st.entities
+                .get_mut(kind)
+                .unwrap()
+                .insert(id.clone(), entity.clone());
+            reply(StatusCode::CREATED, json!({ kind: entity }))
+        }
+        (Method::PATCH, ["v3", coll, id]) if kind_of(coll).is_some() => {
+            let kind = kind_of(coll).unwrap();
+            let Some(changes) = body.get(kind).and_then(Value::as_object).cloned() else {
+                return error(StatusCode::BAD_REQUEST, "Invalid input");
+            };
+            if changes.get("id").is_some_and(|v| v != id) {
+                return error(StatusCode::BAD_REQUEST, "Cannot change ID");
+            }
+            let Some(entity) = st.entities.get_mut(kind).unwrap().get_mut(*id) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!("Could not find {kind}: {id}."),
+                );
+            };
+            let mut password = None;
+            for (k, v) in changes {
+                if k == "password" {
+                    password = v.as_str().map(str::to_string);
+                } else {
+                    entity[k] = v;
+                }
+            }
+            let out = entity.clone();
+            if let Some(pw) = password {
+                st.passwords.insert(id.to_string(), pw);
+            }
+            reply(StatusCode::OK, json!({ kind: out }))
+        }
+        (Method::DELETE, ["v3", coll, id]) if kind_of(coll).is_some() => {
+            let kind = kind_of(coll).unwrap();
+            if st.entities.get_mut(kind).unwrap().remove(*id).is_none() {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!("Could not find {kind}: {id}."),
+                );
+            }
+            let id = id.to_string();
+            st.grants.retain(|g| !g.contains(&id));
+            st.members.retain(|(g, u)| *g != id && *u != id);
+            st.implied.retain(|(p, i)| *p != id && *i != id);
+            reply(StatusCode::NO_CONTENT, Value::Null)
+        }
+        (Method::POST, ["v3", "users", id, "password"]) => {
+            let (Some(new), Some(old)) = (
+                body["user"]["password"].as_str(),
+                body["user"]["original_password"].as_str(),
+            ) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "password and original_password are required",
+                );
+            };
+            if !exists(&st, "user", id) {
+                return error(StatusCode::NOT_FOUND, "Could not find user.");
+            }
+            if st.passwords.get(*id).map(String::as_str) != Some(old) {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "The request you have made requires authentication.",
+                );
+            }
+            st.passwords.insert(id.to_string(), new.to_string());
+            reply(StatusCode::NO_CONTENT, Value::Null)
+        }
+        (m, ["v3", "groups", g, "users", u]) if m == Method::PUT || m == Method::DELETE => {
+            if !exists(&st, "group", g) || !exists(&st, "user", u) {
+                return error(StatusCode::NOT_FOUND, "Could not find group or user.");
+            }
+            let key = (g.to_string(), u.to_string());
+            if m == Method::PUT {
+                st.members.insert(key);
+            } else if !st.members.remove(&key) {
+                return error(StatusCode::NOT_FOUND, "User is not a member.");
+            }
+            reply(StatusCode::NO_CONTENT, Value::Null)
+        }
+        (m, ["v3", "roles", p, "implies", i]) if m == Method::PUT || m == Method::DELETE => {
+            if !exists(&st, "role", p) || !exists(&st, "role", i) {
+                return error(StatusCode::NOT_FOUND, "Could not find role.");
+            }
+            let key = (p.to_string(), i.to_string());
+            if m == Method::PUT {
+                st.implied.insert(key);
+                reply(
+                    StatusCode::CREATED,
+                    json!({"role_inference": {"prior_role": {"id": p}, "implies": {"id": i}}}),
+                )
+            } else if st.implied.remove(&key) {
+                reply(StatusCode::NO_CONTENT, Value::Null)
+            } else {
+                error(StatusCode::NOT_FOUND, "No such inference.")
+            }
+        }
+        (m, rest) if (m == Method::PUT || m == Method::DELETE) && grant_key(rest).is_some() => {
+            let (key, refs) = grant_key(rest).unwrap();
+            if refs.iter().any(|(kind, id)| !exists(&st, kind, id)) {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "Could not find an entity of the grant.",
+                );
+            }
+            if m == Method::PUT {
+                st.grants.insert(key);
+            } else if !st.grants.remove(&key) {
+                return error(StatusCode::NOT_FOUND, "No such grant.");
+            }
+            reply(StatusCode::NO_CONTENT, Value::Null)
+        }
+        _ => error(StatusCode::NOT_FOUND, "The resource could not be found."),
+    }
+}
+
+/// A grant path's canonical key and the entities it names.
+fn grant_key(segs: &[&str]) -> Option<(String, Vec<(&'static str, String)>)> {
+    let actor = |s: &str| match s {
+        "users" => Some("user"),
+        "groups" => Some("group"),
+        _ => None,
+    };
+    match segs {
+        ["v3", t @ ("projects" | "domains"), tid, a, aid, "roles", rid] => {
+            let tk = if *t == "projects" {
+                "project"
+            } else {
+                "domain"
+            };
+            let ak = actor(a)?;
+            Some((
+                format!("{t}/{tid}/{a}/{aid}/roles/{rid}"),
+                vec![
+                    (tk, tid.to_string()),
+                    (ak, aid.to_string()),
+                    ("role", rid.to_string()),
+                ],
+            ))
+        }
+        ["v3", "system", a, aid, "roles", rid] => {
+            let ak = actor(a)?;
+            Some((
+                format!("system/{a}/{aid}/roles/{rid}"),
+                vec![(ak, aid.to_string()), ("role", rid.to_string())],
+            ))
+        }
+        ["v3", "OS-INHERIT", t @ ("projects" | "domains"), tid, a, aid, "roles", rid, "inherited_to_projects"] =>
+        {
+            let tk = if *t == "projects" {
+                "project"
+            } else {
+                "domain"
+            };
+            let ak = actor(a)?;
+            Some((
+                format!("{t}/{tid}/{a}/{aid}/roles/{rid}/inherited"),
+                vec![
+                    (tk, tid.to_string()),
+                    (ak, aid.to_string()),
+                    ("role", rid.to_string()),
+                ],
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn issue_token(st: &mut SiteState, body: &Value) -> Response {
+    let user = &body["auth"]["identity"]["password"]["user"];
+    let password = user["password"].as_str().unwrap_or_default();
+    let found = st.entities["user"].values().find(|u| {
+        let by_id = user["id"].as_str().is_some_and(|id| u["id"] == id);
+        let domain_ok = match (&user["domain"]["id"], &user["domain"]["name"]) {
+            (Value::String(d), _) => u["domain_id"] == d.as_str(),
+            (_, Value::String(n)) => st.entities["domain"]
+                .values()
+                .any(|d| d["name"] == n.as_str() && u["domain_id"] == d["id"]),
+            _ => false,
+        };
+        by_id || (user["name"].as_str().is_some_and(|n| u["name"] == n) && domain_ok)
+    });
+    let Some(found) = found.cloned() else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "The request you have made requires authentication.",
+        );
+    };
+    let uid = found["id"].as_str().unwrap().to_string();
+    if st.passwords.get(&uid).map(String::as_str) != Some(password) || found["enabled"] == false {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "The request you have made requires authentication.",
+        );
+    }
+    let token = format!("tok-{}", new_id());
+    st.tokens.insert(token.clone());
+    let mut resp = reply(
+        StatusCode::CREATED,
+        json!({"token": {"expires_at": "2999-01-01T00:00:00.000000Z", "user": {"id": uid, "name": found["name"]}}}),
+    );
+    resp.headers_mut()
+        .insert("x-subject-token", token.parse().unwrap());
+    resp
+}

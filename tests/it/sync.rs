@@ -1,0 +1,688 @@
+//! Central and edges in process, each site a stateful fake identity API with IDs
+//! of its own: ops are replayed in order, IDs mapped, outcomes audited.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use syncgate::broker::BrokerAuth;
+use syncgate::config::{parse_base_url, BrokerMode, EdgeConfig, OnFailure, Secret, SyncKey};
+use syncgate::edge::Edge;
+use syncgate::keystone::client::{Credentials, DomainSel};
+use syncgate::{Central, CentralConfig};
+use tokio::sync::oneshot;
+
+use crate::fake_site::FakeSite;
+
+pub struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn spawn<F>(f: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        Running {
+            stop: Some(tx),
+            task: tokio::spawn(f(rx)),
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+fn admin_credentials(site: &FakeSite) -> Credentials {
+    Credentials::Password {
+        username: "admin".into(),
+        password: Secret::new(site.admin_password.clone()),
+        user_domain: DomainSel::Name("Default".into()),
+        project: Some(("admin".into(), DomainSel::Id("default".into()))),
+    }
+}
+
+pub struct EdgeSite {
+    pub id: String,
+    pub site: FakeSite,
+    db: String,
+    key: SyncKey,
+    pub admin: String,
+    running: Option<Running>,
+}
+
+pub struct SyncEnv {
+    pub central_site: FakeSite,
+    pub proxy: String,
+    pub admin: String,
+    pub broker_url: String,
+    pub key: SyncKey,
+    pub edges: Vec<EdgeSite>,
+    pub http: reqwest::Client,
+    token: String,
+    central: Option<Running>,
+    dir: tempfile::TempDir,
+}
+
+/// Where central's broker is: its own (embedded) or this external URL.
+pub async fn sync_env(
+    edges: &[&str],
+    external_broker: Option<String>,
+    tweak: impl FnOnce(&mut CentralConfig),
+) -> SyncEnv {
+    let dir = tempfile::tempdir().unwrap();
+    let central_site = FakeSite::start("central-admin-pw").await;
+    let db = format!("sqlite://{}", dir.path().join("central.db").display());
+    let mut config = CentralConfig::for_upstream(parse_base_url(&central_site.url()).unwrap(), db);
+    config.service_credentials = Some(admin_credentials(&central_site));
+    config.sync.edges = edges.iter().map(|e| e.to_string()).collect();
+    if let Some(url) = &external_broker {
+        config.broker = BrokerMode::External(syncgate::config::parse_nats_url(url).unwrap());
+    }
+    tweak(&mut config);
+    let key = config.sync.key.clone();
+    let central = Central::build(config).await.unwrap();
+    let proxy = format!("http://{}", central.proxy_addr());
+    let admin = format!("http://{}", central.admin_addr());
+    let broker_url =
+        external_broker.unwrap_or_else(|| format!("nats://{}", central.broker_addr().unwrap()));
+    let running = Running::spawn(|rx| {
+        central.run(async {
+            let _ = rx.await;
+        })
+    });
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let token = http
+        .post(format!("{proxy}/v3/auth/tokens"))
+        .json(
+            &json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": "admin", "domain": {"name": "Default"}, "password": "central-admin-pw"}}}}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .headers()["x-subject-token"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut env = SyncEnv {
+        central_site,
+        proxy,
+        admin,
+        broker_url,
+        key,
+        edges: Vec::new(),
+        http,
+        token,
+        central: Some(running),
+        dir,
+    };
+    for id in edges {
+        let site = FakeSite::start(&format!("{id}-admin-pw")).await;
+        let db = format!(
+            "sqlite://{}",
+            env.dir.path().join(format!("{id}.db")).display()
+        );
+        let mut edge = EdgeSite {
+            id: id.to_string(),
+            site,
+            db,
+            key: env.key.clone(),
+            admin: String::new(),
+            running: None,
+        };
+        env.start_edge(&mut edge, OnFailure::Continue).await;
+        env.edges.push(edge);
+    }
+    env
+}
+
+impl SyncEnv {
+    pub fn edge_config(&self, edge: &EdgeSite, on_failure: OnFailure) -> EdgeConfig {
+        EdgeConfig {
+            id: edge.id.clone(),
+            broker: syncgate::config::parse_nats_url(&self.broker_url).unwrap(),
+            broker_auth: BrokerAuth::None,
+            upstream: parse_base_url(&edge.site.url()).unwrap(),
+            credentials: admin_credentials(&edge.site),
+            db: edge.db.clone(),
+            admin_listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: None,
+            sync_prefix: "syncgate".into(),
+            key: edge.key.clone(),
+            on_failure,
+            hello_interval: Duration::from_millis(200),
+            upstream_timeout: Duration::from_secs(10),
+        }
+    }
+
+    async fn start_edge(&self, edge: &mut EdgeSite, on_failure: OnFailure) {
+        let built = Edge::build(self.edge_config(edge, on_failure))
+            .await
+            .unwrap();
+        edge.admin = format!("http://{}", built.admin_addr());
+        edge.running = Some(Running::spawn(|rx| {
+            built.run(async {
+                let _ = rx.await;
+            })
+        }));
+    }
+
+    pub async fn stop_edge(&mut self, i: usize) {
+        let running = self.edges[i].running.take().unwrap();
+        running.stop().await;
+    }
+
+    pub async fn restart_edge(&mut self, i: usize) {
+        let mut edge = std::mem::replace(
+            &mut self.edges[i],
+            EdgeSite {
+                id: String::new(),
+                site: FakeSite::start("x").await,
+                db: String::new(),
+                key: SyncKey::Plaintext,
+                admin: String::new(),
+                running: None,
+            },
+        );
+        self.start_edge(&mut edge, OnFailure::Continue).await;
+        self.edges[i] = edge;
+    }
+
+    pub async fn shutdown(mut self) {
+        for e in &mut self.edges {
+            if let Some(r) = e.running.take() {
+                r.stop().await;
+            }
+        }
+        self.central.take().unwrap().stop().await;
+    }
+
+    /// A write through the gateway with the admin's token; returns status and body.
+    pub async fn write(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.proxy))
+            .header("x-auth-token", &self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    pub async fn create(&self, path: &str, kind: &str, body: Value) -> String {
+        let (status, resp) = self.write("POST", path, Some(body)).await;
+        assert_eq!(status, 201, "{path}: {resp}");
+        resp[kind]["id"].as_str().unwrap().to_string()
+    }
+
+    pub async fn audit(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn last_seq(&self) -> i64 {
+        let ops = self.audit("/v1/ops?limit=1000").await;
+        ops["ops"]
+            .as_array()
+            .unwrap()
+            .last()
+            .map_or(0, |o| o["seq"].as_i64().unwrap())
+    }
+
+    /// Waits until `check` holds (polling the audit API), or fails after 20 s.
+    pub async fn until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check().await {
+            if Instant::now() >= deadline {
+                let ops = self.audit("/v1/ops").await;
+                let edges = self.audit("/v1/edges").await;
+                let first = self.audit("/v1/ops/1").await;
+                panic!("timed out waiting for: {what}\nops: {ops}\nedges: {edges}\nop 1: {first}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the given edges acknowledged every op with one of `states`.
+    pub async fn until_delivered(&self, edges: &[&str], states: &[&str]) {
+        let last = self.last_seq().await;
+        self.until("every op delivered", || async {
+            for seq in 1..=last {
+                let op = self.audit(&format!("/v1/ops/{seq}")).await;
+                for edge in edges {
+                    let state = op["deliveries"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|d| d["edge"] == *edge)
+                        .map(|d| d["state"].as_str().unwrap_or_default().to_string());
+                    if !state.is_some_and(|s| states.contains(&s.as_str())) {
+                        return false;
+                    }
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    pub async fn assert_in_sync(&self) {
+        let names: Vec<&str> = self.edges.iter().map(|e| e.id.as_str()).collect();
+        self.until_delivered(&names, &["applied", "adopted"]).await;
+        let central = self.central_site.snapshot();
+        for e in &self.edges {
+            let edge = e.site.snapshot();
+            let missing: Vec<_> = central.difference(&edge).collect();
+            let extra: Vec<_> = edge.difference(&central).collect();
+            assert!(
+                missing.is_empty() && extra.is_empty(),
+                "{}: missing {missing:#?}\nextra {extra:#?}",
+                e.id
+            );
+        }
+        let oos = self.audit("/v1/out-of-sync").await;
+        assert_eq!(oos["out_of_sync"], json!([]), "nothing out of sync");
+    }
+}
+
+/// Whether a user can get a token at a site with a password.
+async fn can_log_in(site: &FakeSite, user: &str, domain: &str, password: &str) -> bool {
+    reqwest::Client::new()
+        .post(format!("{}/v3/auth/tokens", site.url()))
+        .json(
+            &json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"name": domain}, "password": password}}}}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .status()
+        == 201
+}
+
+/// The full scenario: every kind of write, then deletes in reverse.
+pub async fn full_scenario(env: &SyncEnv) {
+    let d = env
+        .create(
+            "/v3/domains",
+            "domain",
+            json!({"domain": {"name": "acme", "id": "ignored"}}),
+        )
+        .await;
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "web", "domain_id": d, "description": "site"}}),
+        )
+        .await;
+    let u = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "alice", "domain_id": d, "password": "first-pw", "email": "a@acme", "default_project_id": p}}),
+        )
+        .await;
+    let g = env
+        .create(
+            "/v3/groups",
+            "group",
+            json!({"group": {"name": "ops", "domain_id": d}}),
+        )
+        .await;
+    assert_eq!(
+        env.write("PUT", &format!("/v3/groups/{g}/users/{u}"), None)
+            .await
+            .0,
+        204
+    );
+    let r = env
+        .create("/v3/roles", "role", json!({"role": {"name": "operator"}}))
+        .await;
+    // Pre-existing roles and project: different IDs at each site, found by name.
+    let member = env.central_site.id_of("role", "member").unwrap();
+    let reader = env.central_site.id_of("role", "reader").unwrap();
+    let admin_project = env.central_site.id_of("project", "admin").unwrap();
+    assert_eq!(
+        env.write("PUT", &format!("/v3/roles/{r}/implies/{reader}"), None)
+            .await
+            .0,
+        201
+    );
+    for path in [
+        format!("/v3/projects/{p}/users/{u}/roles/{r}"),
+        format!("/v3/projects/{admin_project}/users/{u}/roles/{member}"),
+        format!("/v3/domains/{d}/groups/{g}/roles/{member}"),
+        format!("/v3/OS-INHERIT/domains/{d}/groups/{g}/roles/{r}/inherited_to_projects"),
+    ] {
+        assert_eq!(env.write("PUT", &path, None).await.0, 204, "{path}");
+    }
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{u}"),
+            Some(json!({"user": {"description": "on call", "enabled": true}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = env
+        .write(
+            "POST",
+            &format!("/v3/users/{u}/password"),
+            Some(json!({"user": {"password": "second-pw", "original_password": "first-pw"}})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    env.assert_in_sync().await;
+    for e in &env.edges {
+        assert!(
+            can_log_in(&e.site, "alice", "acme", "second-pw").await,
+            "{}: new password works",
+            e.id
+        );
+        assert!(
+            !can_log_in(&e.site, "alice", "acme", "first-pw").await,
+            "{}: old password does not",
+            e.id
+        );
+        // Every site has its own IDs; only the domain keeps central's.
+        assert_eq!(e.site.id_of("domain", "acme").unwrap(), d);
+        assert_ne!(e.site.id_of("user", "alice").unwrap(), u);
+        let status: Value = reqwest::get(format!("{}/v1/status", e.admin))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(status["id_map_size"].as_i64().unwrap() >= 7, "{status}");
+    }
+
+    // Deletes, in reverse.
+    for path in [
+        format!("/v3/OS-INHERIT/domains/{d}/groups/{g}/roles/{r}/inherited_to_projects"),
+        format!("/v3/domains/{d}/groups/{g}/roles/{member}"),
+        format!("/v3/projects/{admin_project}/users/{u}/roles/{member}"),
+        format!("/v3/projects/{p}/users/{u}/roles/{r}"),
+        format!("/v3/roles/{r}/implies/{reader}"),
+        format!("/v3/roles/{r}"),
+        format!("/v3/groups/{g}/users/{u}"),
+        format!("/v3/groups/{g}"),
+        format!("/v3/users/{u}"),
+        format!("/v3/projects/{p}"),
+    ] {
+        assert_eq!(env.write("DELETE", &path, None).await.0, 204, "{path}");
+    }
+    env.assert_in_sync().await;
+}
+
+#[tokio::test]
+async fn two_edges_end_equivalent_to_central() {
+    let env = sync_env(&["edge-a", "edge-b"], None, |_| {}).await;
+    full_scenario(&env).await;
+    let edges = env.audit("/v1/edges").await;
+    let last = env.last_seq().await;
+    for e in edges["edges"].as_array().unwrap() {
+        assert_eq!(e["cursor"], last, "{e}");
+        assert_eq!(e["lag_ops"], 0);
+        assert_eq!(e["online"], true);
+    }
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_edge_catches_up_and_duplicates_are_harmless() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "before"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    env.stop_edge(0).await;
+    for i in 0..5 {
+        env.create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": format!("while-down-{i}")}}),
+        )
+        .await;
+    }
+    env.restart_edge(0).await;
+    env.assert_in_sync().await;
+    assert_eq!(env.edges[0].site.creates(), 6, "each create applied once");
+
+    // The same op delivered again is acknowledged, not applied again.
+    let nats = async_nats::connect(&env.broker_url).await.unwrap();
+    let op = env.audit("/v1/ops/1").await;
+    let sealer = env.key.sealer().unwrap();
+    let row = syncgate::store::OpRow {
+        seq: 1,
+        op_id: op["op_id"].as_str().unwrap().into(),
+        state: "committed".into(),
+        method: "POST".into(),
+        path: "/v3/projects".into(),
+        class: "resource".into(),
+        kind: "project".into(),
+        created_ids: serde_json::to_string(&op["created_ids"]).unwrap(),
+        body: Some(json!({"project": {"name": "before"}}).to_string()),
+        upstream_status: Some(201),
+        request_id: None,
+        detail: None,
+        refs: "[]".into(),
+        created_at: String::new(),
+        logged_at: String::new(),
+    };
+    let env_msg = syncgate::sync::central::envelope(&sealer, &row);
+    nats.publish("syncgate.ops", serde_json::to_vec(&env_msg).unwrap().into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "after"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    assert_eq!(env.edges[0].site.creates(), 7);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_permanent_ones_can_be_re_driven() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.edges[0].site.fail_next(&[500, 503, 429]);
+    env.create("/v3/groups", "group", json!({"group": {"name": "retried"}}))
+        .await;
+    env.assert_in_sync().await;
+
+    env.edges[0].site.fail_next(&[404]);
+    env.create(
+        "/v3/groups",
+        "group",
+        json!({"group": {"name": "lost-once"}}),
+    )
+    .await;
+    let seq = env.last_seq().await;
+    env.until_delivered(&["edge-a"], &["applied", "failed"])
+        .await;
+    let oos = env.audit("/v1/out-of-sync?edge=edge-a").await;
+    let rows = oos["out_of_sync"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{oos}");
+    assert_eq!(rows[0]["seq"], seq);
+    assert_eq!(rows[0]["state"], "failed");
+    assert_eq!(rows[0]["status"], 404);
+    assert!(rows[0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("injected failure"));
+
+    // The cause is gone; re-drive the op at that edge.
+    let resp = env
+        .http
+        .post(format!("{}/v1/ops/{seq}/retry?edge=edge-a", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    env.assert_in_sync().await;
+    let bad = env
+        .http
+        .post(format!("{}/v1/ops/{seq}/retry", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    let unknown = env
+        .http
+        .post(format!("{}/v1/ops/{seq}/retry?edge=nope", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_edge_that_never_acks_is_timed_out() {
+    // "ghost" is declared but never runs.
+    let env = sync_env(&["edge-a"], None, |c| {
+        c.sync.ack_timeout = Duration::from_millis(300);
+        c.sync.edges.push("ghost".into());
+    })
+    .await;
+    env.create("/v3/projects", "project", json!({"project": {"name": "p"}}))
+        .await;
+    env.until_delivered(&["edge-a"], &["applied"]).await;
+    env.until_delivered(&["ghost"], &["timed_out"]).await;
+    let oos = env.audit("/v1/out-of-sync?edge=ghost").await;
+    assert_eq!(oos["out_of_sync"][0]["state"], "timed_out");
+    assert!(oos["out_of_sync"][0]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("no ack"));
+    let edges = env.audit("/v1/edges").await;
+    let ghost = edges["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "ghost")
+        .unwrap()
+        .clone();
+    assert_eq!(ghost["online"], false);
+    assert_eq!(ghost["lag_ops"], 1);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_edge_with_the_wrong_key_applies_nothing_and_says_why() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.stop_edge(0).await;
+    env.edges[0].key = SyncKey::Key(Secret::new(syncgate::sync::crypto::generate_key()));
+    env.restart_edge(0).await;
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "secret-project"}}),
+    )
+    .await;
+    let admin = env.edges[0].admin.clone();
+    env.until("the edge reports the key problem", || async {
+        let s: Value = reqwest::get(format!("{admin}/v1/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s["error"].as_str().is_some_and(|e| e.contains("sync key"))
+    })
+    .await;
+    assert_eq!(env.edges[0].site.creates(), 0, "nothing applied");
+    let op = env.audit("/v1/ops/1").await;
+    assert_eq!(
+        op["deliveries"][0]["state"], "pending",
+        "nothing acknowledged: {op}"
+    );
+    let ready = reqwest::get(format!("{admin}/readyz")).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    env.until("central shows the edge's error", || async {
+        let edges = env.audit("/v1/edges").await;
+        edges["edges"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("sync key"))
+    })
+    .await;
+    env.shutdown().await;
+}
+
+/// A real nats-server from the test venv, when there is one.
+fn nats_server_path() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("NATS_SERVER")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/nats-server")
+        });
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("SYNCGATE_REQUIRE_NATS_SERVER").is_none(),
+        "nats-server not found at {} (scripts/test.sh installs it into .venv)",
+        path.display()
+    );
+    eprintln!(
+        "skipping: no nats-server at {} (run scripts/test.sh)",
+        path.display()
+    );
+    None
+}
+
+#[tokio::test]
+async fn the_core_scenario_through_a_real_nats_server() {
+    let Some(path) = nats_server_path() else {
+        return;
+    };
+    let mut child = tokio::process::Command::new(path)
+        .args(["-a", "127.0.0.1", "-p", "-1"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(a) = line.split("Listening for client connections on ").nth(1) {
+            addr = Some(a.trim().to_string());
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let url = format!("nats://{}", addr.expect("nats-server listening"));
+    let env = sync_env(&["edge-a", "edge-b"], Some(url), |_| {}).await;
+    full_scenario(&env).await;
+    env.shutdown().await;
+    let _ = child.kill().await;
+}
