@@ -158,7 +158,6 @@ impl Central {
             proxy::router(self.proxy.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let proxy_server = axum::serve(self.proxy_listener, proxy_app)
             .with_graceful_shutdown(wait(stop_rx.clone()));
-        let stop_rx_broker = stop_rx.clone();
         let stop_rx_sync = stop_rx.clone();
         let admin_server = axum::serve(self.admin_listener, audit::router(self.admin.clone()))
             .with_graceful_shutdown(wait(stop_rx));
@@ -184,9 +183,11 @@ impl Central {
             (BrokerMode::External(url), _) => (url.clone(), self.config.broker_client_auth.clone()),
             (BrokerMode::Embedded(_), None) => unreachable!("an embedded broker is bound in build"),
         };
+        // The broker stops after sync has flushed (its own signal, sent below).
+        let (broker_stop_tx, broker_stop_rx) = tokio::sync::watch::channel(false);
         let broker_task = self
             .broker
-            .map(|broker| tokio::spawn(broker.run(wait(stop_rx_broker))));
+            .map(|broker| tokio::spawn(broker.run(wait(broker_stop_rx))));
         let client = connect_broker(&broker_url, &broker_auth, "syncgate-central", None).await?;
         info!(broker = %redact_url(&broker_url), "sync client connecting");
         let sync = Arc::new(SyncCentral {
@@ -215,6 +216,7 @@ impl Central {
         if let Err(e) = sync_task.await.context("sync task")? {
             warn!(error = %e, "sync stopped with an error");
         }
+        let _ = broker_stop_tx.send(true);
         if let Some(task) = broker_task {
             task.await.context("broker task")??;
         }

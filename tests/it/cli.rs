@@ -96,3 +96,17 @@ fn an_unwritable_op_log_fails_clearly() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("op log"), "{stderr}");
 }
+
+#[test]
+fn keygen_prints_a_usable_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .arg("keygen")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        syncgate::sync::crypto::validate_key(key.trim()).is_ok(),
+        "{key}"
+    );
+}

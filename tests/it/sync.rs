@@ -181,6 +181,10 @@ impl SyncEnv {
     }
 
     pub async fn restart_edge(&mut self, i: usize) {
+        self.restart_edge_with(i, OnFailure::Continue).await;
+    }
+
+    pub async fn restart_edge_with(&mut self, i: usize, on_failure: OnFailure) {
         let mut edge = std::mem::replace(
             &mut self.edges[i],
             EdgeSite {
@@ -192,7 +196,7 @@ impl SyncEnv {
                 running: None,
             },
         );
-        self.start_edge(&mut edge, OnFailure::Continue).await;
+        self.start_edge(&mut edge, on_failure).await;
         self.edges[i] = edge;
     }
 
@@ -685,4 +689,114 @@ async fn the_core_scenario_through_a_real_nats_server() {
     full_scenario(&env).await;
     env.shutdown().await;
     let _ = child.kill().await;
+}
+
+#[tokio::test]
+async fn halt_mode_stops_at_a_failed_op_until_it_is_retried() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.stop_edge(0).await;
+    env.restart_edge_with(0, OnFailure::Halt).await;
+    env.edges[0].site.fail_next(&[404]);
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "first"}}),
+    )
+    .await;
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "second"}}),
+    )
+    .await;
+    let admin = env.edges[0].admin.clone();
+    env.until("the edge halts", || async {
+        let s: Value = reqwest::get(format!("{admin}/v1/status"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s["halted"] == true
+    })
+    .await;
+    let status: Value = reqwest::get(format!("{admin}/v1/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["cursor"], 0, "{status}");
+    assert_eq!(
+        env.edges[0].site.creates(),
+        0,
+        "nothing after the failed op was applied"
+    );
+    let resp = env
+        .http
+        .post(format!("{}/v1/ops/1/retry?edge=edge-a", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    env.assert_in_sync().await;
+    assert_eq!(env.edges[0].site.creates(), 2);
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn passwords_never_cross_the_broker_in_clear() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    let nats = async_nats::connect(&env.broker_url).await.unwrap();
+    let mut sniff = nats.subscribe("syncgate.>").await.unwrap();
+    nats.flush().await.unwrap();
+    let secret = "wire-secret-pw-8812";
+    let u = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "bob", "password": secret}}),
+        )
+        .await;
+    env.write(
+        "PATCH",
+        &format!("/v3/users/{u}"),
+        Some(json!({"user": {"password": format!("{secret}-2")}})),
+    )
+    .await;
+    env.assert_in_sync().await;
+    assert!(can_log_in(&env.edges[0].site, "bob", "Default", &format!("{secret}-2")).await);
+    nats.publish("syncgate.marker", "end".into()).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::StreamExt::next(&mut sniff),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        if msg.subject.as_str() == "syncgate.marker" {
+            break;
+        }
+        seen.push(msg);
+    }
+    assert!(
+        seen.iter().any(|m| m.subject.as_str() == "syncgate.ops"),
+        "ops were seen on the wire"
+    );
+    for m in &seen {
+        let text = String::from_utf8_lossy(&m.payload);
+        assert!(
+            !text.contains(secret),
+            "{} carries the password in clear",
+            m.subject
+        );
+        assert!(
+            !text.contains("password"),
+            "{} names a password field in clear",
+            m.subject
+        );
+    }
+    env.shutdown().await;
 }
