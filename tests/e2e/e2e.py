@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""End-to-end suite: two real Keystones (central and two edges), syncgate central
+and edges, driven by the openstack CLI through the gateway; then faults; then the
+same through a real nats-server. Prints `e2e: N passed, M failed`.
+
+Usage: e2e.py [workdir]   (syncgate binary: $SYNCGATE_BIN or target/debug/syncgate)
+"""
+
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+from harness import VENV_BIN, Deployment, diff, free_port, get_json, http, log, snapshot, wait_until
+
+results = []
+
+
+def check(name):
+    def wrap(fn):
+        def run(*args):
+            t = time.monotonic()
+            try:
+                fn(*args)
+                results.append((name, True))
+                log(f"PASS {name} ({time.monotonic() - t:.1f}s)")
+            except Exception:
+                results.append((name, False))
+                log(f"FAIL {name}")
+                traceback.print_exc()
+        return run
+    return wrap
+
+
+def assert_in_sync(dep, what):
+    dep.wait_delivered()
+    central = snapshot(dep.central_ks)
+    for name, ks in dep.edge_ks.items():
+        missing, extra = diff(central, snapshot(ks))
+        assert not missing and not extra, f"{name} after {what}: missing {missing}, extra {extra}"
+    oos = dep.audit("/v1/out-of-sync")["out_of_sync"]
+    assert oos == [], f"out of sync after {what}: {oos}"
+
+
+def can_log_in(ks, user, password, domain="acme", project="web"):
+    return ks.token(user, password, domain, project, domain) is not None
+
+
+@check("scenario through the gateway with the openstack CLI")
+def scenario(dep):
+    cli = dep.cli
+    cli("domain", "create", "acme", "--description", "tenant")
+    cli("project", "create", "web", "--domain", "acme", "--description", "front")
+    cli("project", "create", "child", "--domain", "acme", "--parent", "web")
+    cli("user", "create", "alice", "--domain", "acme", "--password", "first-pw", "--email", "alice@acme",
+        "--project", "web", "--project-domain", "acme")
+    cli("group", "create", "ops", "--domain", "acme")
+    cli("group", "add", "user", "--group-domain", "acme", "--user-domain", "acme", "ops", "alice")
+    cli("role", "create", "operator")
+    cli("implied", "role", "create", "operator", "--implied-role", "reader")
+    cli("role", "add", "--user", "alice", "--user-domain", "acme", "--project", "web", "--project-domain", "acme", "operator")
+    cli("role", "add", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "member")
+    cli("role", "add", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "--inherited", "reader")
+    assert_in_sync(dep, "creates")
+    for name, ks in dep.edge_ks.items():
+        assert can_log_in(ks, "alice", "first-pw"), f"alice cannot log in at {name}"
+
+    cli("user", "set", "--domain", "acme", "--description", "on call", "--disable", "alice")
+    assert_in_sync(dep, "disable")
+    cli("user", "set", "--domain", "acme", "--enable", "alice")
+    cli("project", "set", "--domain", "acme", "--tag", "blue", "--tag", "green", "web")
+    # Self-service, as alice herself: replayed at edges as an admin PATCH.
+    alice = {"OS_USERNAME": "alice", "OS_PASSWORD": "first-pw", "OS_USER_DOMAIN_NAME": "acme",
+             "OS_PROJECT_NAME": "web", "OS_PROJECT_DOMAIN_NAME": "acme"}
+    cli("user", "password", "set", "--password", "second-pw", "--original-password", "first-pw", env_extra=alice)
+    # Site-local by Keystone's design: never an op.
+    seqs_before = len(dep.ops())
+    alice["OS_PASSWORD"] = "second-pw"
+    cli("application", "credential", "create", "alice-cred", env_extra=alice)
+    assert len(dep.ops()) == seqs_before, "an application credential became an op"
+    assert_in_sync(dep, "updates")
+    for name, ks in dep.edge_ks.items():
+        assert can_log_in(ks, "alice", "second-pw"), f"{name}: new password refused"
+        assert not can_log_in(ks, "alice", "first-pw"), f"{name}: old password still works"
+
+    cli("role", "remove", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "--inherited", "reader")
+    cli("role", "remove", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "member")
+    cli("role", "remove", "--user", "alice", "--user-domain", "acme", "--project", "web", "--project-domain", "acme", "operator")
+    cli("implied", "role", "delete", "operator", "--implied-role", "reader")
+    cli("role", "delete", "operator")
+    cli("group", "remove", "user", "--group-domain", "acme", "--user-domain", "acme", "ops", "alice")
+    cli("group", "delete", "--domain", "acme", "ops")
+    cli("user", "delete", "--domain", "acme", "alice")
+    cli("project", "delete", "--domain", "acme", "child")
+    cli("project", "delete", "--domain", "acme", "web")
+    cli("domain", "set", "--disable", "acme")
+    cli("domain", "delete", "acme")
+    assert_in_sync(dep, "deletes")
+    edges = dep.audit("/v1/edges")["edges"]
+    last = dep.ops()[-1]["seq"]
+    assert all(e["cursor"] == last and e["online"] for e in edges), edges
+
+
+@check("edge Keystone down: pending, timed out, then healed in order")
+def edge_keystone_down(dep):
+    ks = dep.edge_ks["edge1"]
+    ks.stop()
+    before = dep.ops()[-1]["seq"]
+    for i in range(3):
+        dep.cli("project", "create", f"while-down-{i}")
+    dep.wait_delivered(states=("pending", "timed_out"), edges=["edge1"], after=before)
+    dep.wait_delivered(states=("timed_out",), edges=["edge1"], timeout=60, after=before)
+    oos = dep.audit("/v1/out-of-sync?edge=edge1")["out_of_sync"]
+    assert len(oos) == 3 and all(r["state"] == "timed_out" for r in oos), oos
+    ks.start()
+    assert_in_sync(dep, "edge Keystone back")
+    token = ks.token()
+    names = [p["name"] for p in get_json(f"{ks.url}/v3/projects", token)["projects"]]
+    assert sorted(n for n in names if n.startswith("while-down")) == [f"while-down-{i}" for i in range(3)], names
+
+
+@check("edge gateway killed -9 mid-stream resumes from its cursor")
+def edge_killed(dep):
+    token = dep.central_ks.token()
+    # Writes straight through the gateway, fast, while the edge is killed.
+    for i in range(10):
+        status, _, _ = http("POST", f"{dep.gateway}/v3/projects", {"project": {"name": f"burst-{i}"}}, token)
+        assert status == 201, status
+        if i == 3:
+            dep.edges["edge1"].kill9()
+    dep.start_edge("edge1")
+    assert_in_sync(dep, "edge restart")
+    ks = dep.edge_ks["edge1"]
+    names = [p["name"] for p in get_json(f"{ks.url}/v3/projects", ks.token())["projects"]]
+    assert sorted(n for n in names if n.startswith("burst-")) == sorted(f"burst-{i}" for i in range(10)), names
+
+
+@check("central gateway killed -9 between writes loses nothing")
+def central_killed(dep):
+    dep.cli("project", "create", "before-crash")
+    dep.central.kill9()
+    dep.start_central()
+    dep.cli("project", "create", "after-crash")
+    assert_in_sync(dep, "central restart")
+    for name, ks in dep.edge_ks.items():
+        names = {p["name"] for p in get_json(f"{ks.url}/v3/projects", ks.token())["projects"]}
+        assert {"before-crash", "after-crash"} <= names, (name, names)
+
+
+@check("the same through a real nats-server as external broker")
+def external_broker(workdir):
+    port = free_port()
+    nats = subprocess.Popen([str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dep = Deployment(f"{workdir}/external", edges=("edge1",), external_broker=f"nats://127.0.0.1:{port}")
+    try:
+        dep.start()
+        dep.cli("domain", "create", "ext")
+        dep.cli("project", "create", "ext-web", "--domain", "ext")
+        dep.cli("user", "create", "bob", "--domain", "ext", "--password", "bob-pw", "--project", "ext-web",
+                "--project-domain", "ext")
+        dep.cli("role", "add", "--user", "bob", "--user-domain", "ext", "--project", "ext-web",
+                "--project-domain", "ext", "member")
+        assert_in_sync(dep, "external broker pass")
+        assert dep.edge_ks["edge1"].token("bob", "bob-pw", "ext", "ext-web", "ext"), "bob cannot log in at the edge"
+    finally:
+        dep.stop()
+        nats.terminate()
+        nats.wait(timeout=30)
+
+
+def main():
+    workdir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="syncgate-e2e-")
+    log(f"e2e workdir: {workdir}")
+    dep = Deployment(f"{workdir}/embedded", edges=("edge1", "edge2"))
+    try:
+        t = time.monotonic()
+        dep.start()
+        log(f"deployment up in {time.monotonic() - t:.1f}s")
+        scenario(dep)
+        edge_keystone_down(dep)
+        edge_killed(dep)
+        central_killed(dep)
+    except Exception:
+        results.append(("deployment", False))
+        traceback.print_exc()
+    finally:
+        dep.stop()
+    external_broker(workdir)
+    passed = sum(ok for _, ok in results)
+    failed = len(results) - passed
+    print(f"e2e: {passed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""A local syncgate deployment for the end-to-end suite and the demo.
+
+Real Keystones (PyPI `keystone`, SQLite, served by gunicorn with one worker and
+one thread), `syncgate central` in front of the central one, one `syncgate edge`
+in front of each edge Keystone, all on free loopback ports. Readiness is waited
+for by polling, never by fixed sleeps.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, check, timeout=60.0, every=0.1):
+    """Polls `check` until it returns a truthy value; fails after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except Exception:  # a server not up yet answers with connection errors
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def http(method, url, body=None, token=None, headers=None):
+    """One HTTP request; returns (status, headers, parsed JSON or None)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("X-Auth-Token", token)
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            raw = resp.read()
+            return resp.status, resp.headers, (json.loads(raw) if raw else None)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
+        return e.code, e.headers, parsed
+
+
+def get_json(url, token=None):
+    status, _, body = http("GET", url, token=token)
+    if status != 200:
+        raise RuntimeError(f"GET {url}: HTTP {status}: {body}")
+    return body
+
+
+class Keystone:
+    """A real Keystone on SQLite, bootstrapped with its own admin."""
+
+    def __init__(self, name, workdir, admin_password, public_url=None):
+        self.name = name
+        self.dir = Path(workdir) / name
+        self.admin_password = admin_password
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.public_url = public_url or self.url
+        self.proc = None
+
+    def prepare(self):
+        """Writes config and runs db_sync, key setup and bootstrap (slow: seconds)."""
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        d = self.dir
+        (d / "keystone.conf").write_text(
+            f"""[DEFAULT]
+debug = false
+[database]
+connection = sqlite:///{d}/keystone.db
+[fernet_tokens]
+key_repository = {d}/fernet-keys
+[fernet_receipts]
+key_repository = {d}/fernet-receipts
+[credential]
+key_repository = {d}/credential-keys
+"""
+        )
+        (d / "gunicorn.conf.py").write_text(
+            f"""wsgi_app = "keystone.wsgi.api:application"
+bind = "127.0.0.1:{self.port}"
+workers = 1
+threads = 1
+raw_env = ["OS_KEYSTONE_CONFIG_FILES={d}/keystone.conf"]
+"""
+        )
+        manage = [str(VENV_BIN / "keystone-manage"), "--config-file", str(d / "keystone.conf")]
+        env = dict(os.environ, OS_KEYSTONE_CONFIG_FILES=str(d / "keystone.conf"))
+        user = ["--keystone-user", _user(), "--keystone-group", _group()]
+        steps = [
+            ["db_sync"],
+            ["fernet_setup", *user],
+            ["credential_setup", *user],
+            [
+                "bootstrap",
+                "--bootstrap-password", self.admin_password,
+                "--bootstrap-public-url", f"{self.public_url}/v3/",
+                "--bootstrap-region-id", "RegionOne",
+            ],
+        ]
+        with open(d / "manage.log", "w") as log:
+            for step in steps:
+                subprocess.run(manage + step, check=True, env=env, stdout=log, stderr=log)
+
+    def start(self):
+        log = open(self.dir / "gunicorn.log", "a")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "gunicorn")], cwd=self.dir, stdout=log, stderr=log, start_new_session=True
+        )
+        wait_until(f"{self.name} keystone", lambda: http("GET", f"{self.url}/v3")[0] == 200)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def admin_env(self, auth_url=None):
+        return {
+            "OS_AUTH_URL": (auth_url or self.url) + "/v3",
+            "OS_IDENTITY_API_VERSION": "3",
+            "OS_USERNAME": "admin",
+            "OS_PASSWORD": self.admin_password,
+            "OS_PROJECT_NAME": "admin",
+            "OS_USER_DOMAIN_NAME": "Default",
+            "OS_PROJECT_DOMAIN_NAME": "Default",
+        }
+
+    def token(self, user="admin", password=None, domain="Default", project="admin", project_domain="Default"):
+        """A token for a user, or None when Keystone refuses."""
+        body = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"name": domain}, "password": password or self.admin_password}}}}}
+        if project:
+            body["auth"]["scope"] = {"project": {"name": project, "domain": {"name": project_domain}}}
+        status, headers, _ = http("POST", f"{self.url}/v3/auth/tokens", body)
+        return headers.get("X-Subject-Token") if status == 201 else None
+
+
+def _user():
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _group():
+    import grp
+
+    return grp.getgrgid(os.getgid()).gr_name
+
+
+class Process:
+    """A syncgate process with its log file."""
+
+    def __init__(self, name, args, env, logdir):
+        self.name = name
+        self.args = args
+        self.env = env
+        self.log_path = Path(logdir) / f"{name}.log"
+        self.proc = None
+
+    def start(self):
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=log, start_new_session=True)
+
+    def kill9(self):
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+def syncgate_binary():
+    path = os.environ.get("SYNCGATE_BIN") or str(REPO / "target" / "debug" / "syncgate")
+    if not Path(path).exists():
+        raise RuntimeError(f"{path} not found: build it first (cargo build)")
+    return path
+
+
+class Deployment:
+    """Central Keystone + gateway, and N edge Keystones + edge gateways."""
+
+    def __init__(self, workdir, edges=("edge1",), ack_timeout="5s", external_broker=None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.bin = syncgate_binary()
+        self.key = subprocess.run([self.bin, "keygen"], check=True, capture_output=True, text=True).stdout.strip()
+        self.proxy_port = free_port()
+        self.gateway = f"http://127.0.0.1:{self.proxy_port}"
+        self.admin_port = free_port()
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.broker_port = free_port()
+        self.external_broker = external_broker
+        self.broker_url = external_broker or f"nats://127.0.0.1:{self.broker_port}"
+        self.ack_timeout = ack_timeout
+        # The catalog's public endpoint is the gateway, so the CLI stays on it.
+        self.central_ks = Keystone("central", self.workdir, "central-admin-pw", public_url=self.gateway)
+        self.edge_ks = {e: Keystone(e, self.workdir, f"{e}-admin-pw") for e in edges}
+        self.edges = {}
+        self.central = None
+
+    def prepare_keystones(self):
+        """Bootstraps every Keystone in parallel, then starts them."""
+        import concurrent.futures
+
+        all_ks = [self.central_ks, *self.edge_ks.values()]
+        with concurrent.futures.ThreadPoolExecutor(len(all_ks)) as pool:
+            list(pool.map(lambda k: k.prepare(), all_ks))
+        for k in all_ks:
+            k.start()
+
+    def central_process(self):
+        args = [
+            self.bin, "central",
+            "--upstream", self.central_ks.url,
+            "--listen", f"127.0.0.1:{self.proxy_port}",
+            "--admin-listen", f"127.0.0.1:{self.admin_port}",
+            "--db", f"sqlite://{self.workdir}/central.db",
+            "--sync-key", self.key,
+            "--edges", ",".join(self.edge_ks),
+            "--ack-timeout", self.ack_timeout,
+        ]
+        if self.external_broker:
+            args += ["--broker", self.external_broker]
+        else:
+            args += ["--broker-listen", f"127.0.0.1:{self.broker_port}"]
+        env = dict(os.environ, **self.central_ks.admin_env())
+        return Process("central", args, env, self.workdir)
+
+    def edge_process(self, name):
+        ks = self.edge_ks[name]
+        admin_port = free_port()
+        args = [
+            self.bin, "edge",
+            "--id", name,
+            "--broker", self.broker_url,
+            "--upstream", ks.url,
+            "--db", f"sqlite://{self.workdir}/{name}.db",
+            "--admin-listen", f"127.0.0.1:{admin_port}",
+            "--sync-key", self.key,
+            "--hello-interval", "1s",
+        ]
+        env = dict(os.environ, **ks.admin_env())
+        p = Process(name, args, env, self.workdir)
+        p.admin = f"http://127.0.0.1:{admin_port}"
+        return p
+
+    def start_central(self):
+        self.central = self.central_process()
+        self.central.start()
+        wait_until("central gateway", lambda: http("GET", f"{self.admin}/readyz")[0] == 200)
+
+    def start_edge(self, name):
+        p = self.edge_process(name)
+        p.start()
+        wait_until(f"edge {name}", lambda: http("GET", f"{p.admin}/readyz")[0] == 200)
+        self.edges[name] = p
+
+    def start(self):
+        self.prepare_keystones()
+        self.start_central()
+        for name in self.edge_ks:
+            self.start_edge(name)
+
+    def stop(self):
+        for p in self.edges.values():
+            p.stop()
+        if self.central:
+            self.central.stop()
+        for k in [self.central_ks, *self.edge_ks.values()]:
+            k.stop()
+
+    # --- driving and observing -------------------------------------------------
+
+    def cli(self, *args, env_extra=None, check=True):
+        """Runs the openstack CLI against the gateway as the central admin."""
+        env = dict(os.environ, **self.central_ks.admin_env(self.gateway))
+        env.update(env_extra or {})
+        r = subprocess.run([str(VENV_BIN / "openstack"), *args], env=env, capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"openstack {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout.strip()
+
+    def audit(self, path):
+        return get_json(f"{self.admin}{path}")
+
+    def ops(self):
+        ops, after = [], 0
+        while True:
+            page = self.audit(f"/v1/ops?after={after}&limit=1000")
+            ops += page["ops"]
+            if page["next"] is None:
+                return ops
+            after = page["next"]
+
+    def delivery_states(self):
+        """{(seq, edge): state} for every op."""
+        states = {}
+        for op in self.ops():
+            detail = self.audit(f"/v1/ops/{op['seq']}")
+            for d in detail["deliveries"]:
+                states[(op["seq"], d["edge"])] = d["state"]
+        return states
+
+    def wait_delivered(self, states=("applied", "adopted"), edges=None, timeout=120, after=0):
+        """Waits until every op after seq `after` is in one of `states` at `edges`."""
+        edges = list(edges or self.edge_ks)
+
+        def done():
+            ops = [op for op in self.ops() if op["seq"] > after]
+            got = self.delivery_states()
+            return all(got.get((op["seq"], e)) in states for op in ops for e in edges)
+
+        wait_until(f"every op {'/'.join(states)} at {', '.join(edges)}", done, timeout=timeout, every=0.5)
+
+
+def snapshot(ks):
+    """A Keystone's identity data by natural key, comparable across sites."""
+    token = ks.token()
+    base = f"{ks.url}/v3"
+    domains = {d["id"]: d for d in get_json(f"{base}/domains", token)["domains"]}
+    projects = {p["id"]: p for p in get_json(f"{base}/projects", token)["projects"]}
+    users = {u["id"]: u for u in get_json(f"{base}/users", token)["users"]}
+    groups = {g["id"]: g for g in get_json(f"{base}/groups", token)["groups"]}
+    roles = {r["id"]: r for r in get_json(f"{base}/roles", token)["roles"]}
+
+    def dn(domain_id):
+        return domains.get(domain_id, {}).get("name", f"?{domain_id}")
+
+    def pn(project_id):
+        p = projects.get(project_id)
+        return f"{p['name']}@{dn(p['domain_id'])}" if p else f"?{project_id}"
+
+    out = set()
+    for d in domains.values():
+        out.add(f"domain {d['name']} enabled={d['enabled']} description={d.get('description')}")
+    for p in projects.values():
+        if p.get("is_domain"):
+            continue
+        parent = p.get("parent_id")
+        parent = pn(parent) if parent in projects else "-"
+        out.add(f"project {pn(p['id'])} enabled={p['enabled']} description={p.get('description')} "
+                f"tags={sorted(p.get('tags', []))} parent={parent}")
+    for u in users.values():
+        dp = u.get("default_project_id")
+        out.add(f"user {u['name']}@{dn(u['domain_id'])} enabled={u['enabled']} email={u.get('email')} "
+                f"description={u.get('description')} default_project={pn(dp) if dp else '-'}")
+    for g in groups.values():
+        out.add(f"group {g['name']}@{dn(g['domain_id'])}")
+        for u in get_json(f"{base}/groups/{g['id']}/users", token)["users"]:
+            out.add(f"member {u['name']}@{dn(u['domain_id'])} in {g['name']}@{dn(g['domain_id'])}")
+    for r in roles.values():
+        out.add(f"role {r['name']} domain={dn(r['domain_id']) if r.get('domain_id') else '-'}")
+    for inf in get_json(f"{base}/role_inferences", token)["role_inferences"]:
+        for implied in inf["implies"]:
+            out.add(f"implied {inf['prior_role']['name']} -> {implied['name']}")
+    for a in get_json(f"{base}/role_assignments?include_names=true", token)["role_assignments"]:
+        who = a.get("user") or a.get("group")
+        kind = "user" if "user" in a else "group"
+        scope = a["scope"]
+        inherited = " inherited" if "OS-INHERIT:inherited_to" in scope else ""
+        if "project" in scope:
+            target = f"project {scope['project']['name']}@{scope['project']['domain']['name']}"
+        elif "domain" in scope:
+            target = f"domain {scope['domain']['name']}"
+        else:
+            target = "system"
+        out.add(f"grant {a['role']['name']} to {kind} {who['name']}@{who['domain']['name']} on {target}{inherited}")
+    return out
+
+
+def diff(central, edge):
+    missing = sorted(central - edge)
+    extra = sorted(edge - central)
+    return missing, extra
+
+
+def log(msg):
+    print(msg, flush=True, file=sys.stderr)
