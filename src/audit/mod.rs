@@ -79,23 +79,32 @@ pub fn router(admin: Arc<Admin>) -> Router {
 }
 
 async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &admin.token {
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        if !presented.is_some_and(|p| token.matches(p)) {
-            let mut resp = ApiError(
-                StatusCode::UNAUTHORIZED,
-                "a valid admin bearer token is required".into(),
-            )
-            .into_response();
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return resp;
-        }
+    if !bearer_ok(admin.token.as_ref(), req.headers()) {
+        return unauthorized();
     }
     next.run(req).await
+}
+
+/// Whether `Authorization: Bearer <token>` matches (constant time); true when no
+/// token is configured.
+pub fn bearer_ok(token: Option<&Secret>, headers: &axum::http::HeaderMap) -> bool {
+    let Some(token) = token else { return true };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|p| token.matches(p))
+}
+
+/// 401 with `WWW-Authenticate: Bearer`.
+pub fn unauthorized() -> Response {
+    let mut resp = ApiError(
+        StatusCode::UNAUTHORIZED,
+        "a valid admin bearer token is required".into(),
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -504,18 +504,8 @@ fn admin_router(state: Arc<AdminState>) -> Router {
 }
 
 async fn require_token(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &s.token {
-        let ok = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-            .is_some_and(|p| token.matches(p));
-        if !ok {
-            let mut resp = (StatusCode::UNAUTHORIZED, Json(json!({"error": {"code": 401, "message": "a valid admin bearer token is required"}}))).into_response();
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return resp;
-        }
+    if !crate::audit::bearer_ok(s.token.as_ref(), req.headers()) {
+        return crate::audit::unauthorized();
     }
     next.run(req).await
 }

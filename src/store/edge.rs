@@ -1,10 +1,7 @@
 //! An edge's SQLite state: cursor, ID map and per-op outcomes. The outcome of
 //! an op, the ID map changes it caused and the cursor commit in one transaction.
 
-use std::str::FromStr;
-use std::time::Duration;
-
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::SqlitePool;
 
 use super::StoreError;
@@ -38,15 +35,7 @@ pub struct EdgeStore {
 
 impl EdgeStore {
     pub async fn open(url: &str) -> Result<EdgeStore, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|source| StoreError::Url {
-                url: url.to_string(),
-                source,
-            })?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10));
+        let options = super::sqlite_options(url)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options)

@@ -112,6 +112,21 @@ pub struct OpFilter {
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
+/// Connection options for every syncgate database: created if missing, WAL, and
+/// `synchronous=FULL` so that a committed row survives a power cut.
+fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
+    Ok(SqliteConnectOptions::from_str(url)
+        .map_err(|source| StoreError::Url {
+            url: url.to_string(),
+            source,
+        })?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true))
+}
+
 #[derive(Clone)]
 pub struct Store {
     writer: SqlitePool,
@@ -121,16 +136,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if missing) and migrates the op log at a `sqlite://` URL.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(|source| StoreError::Url {
-                url: url.to_string(),
-                source,
-            })?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+        let options = sqlite_options(url)?;
         let open_err = |source| StoreError::Open {
             url: url.to_string(),
             source,

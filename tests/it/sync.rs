@@ -310,6 +310,16 @@ impl SyncEnv {
     }
 }
 
+/// An edge's `/v1/status`.
+async fn edge_status(admin: &str) -> Value {
+    reqwest::get(format!("{admin}/v1/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Whether a user can get a token at a site with a password.
 async fn can_log_in(site: &FakeSite, user: &str, domain: &str, password: &str) -> bool {
     reqwest::Client::new()
@@ -413,12 +423,7 @@ pub async fn full_scenario(env: &SyncEnv) {
         // Every site has its own IDs; only the domain keeps central's.
         assert_eq!(e.site.id_of("domain", "acme").unwrap(), d);
         assert_ne!(e.site.id_of("user", "alice").unwrap(), u);
-        let status: Value = reqwest::get(format!("{}/v1/status", e.admin))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = edge_status(&e.admin).await;
         assert!(status["id_map_size"].as_i64().unwrap() >= 7, "{status}");
     }
 
@@ -614,12 +619,7 @@ async fn an_edge_with_the_wrong_key_applies_nothing_and_says_why() {
     .await;
     let admin = env.edges[0].admin.clone();
     env.until("the edge reports the key problem", || async {
-        let s: Value = reqwest::get(format!("{admin}/v1/status"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = edge_status(&admin).await;
         s["error"].as_str().is_some_and(|e| e.contains("sync key"))
     })
     .await;
@@ -711,21 +711,11 @@ async fn halt_mode_stops_at_a_failed_op_until_it_is_retried() {
     .await;
     let admin = env.edges[0].admin.clone();
     env.until("the edge halts", || async {
-        let s: Value = reqwest::get(format!("{admin}/v1/status"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let s = edge_status(&admin).await;
         s["halted"] == true
     })
     .await;
-    let status: Value = reqwest::get(format!("{admin}/v1/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = edge_status(&admin).await;
     assert_eq!(status["cursor"], 0, "{status}");
     assert_eq!(
         env.edges[0].site.creates(),
