@@ -239,7 +239,8 @@ pub struct CentralArgs {
     pub ack_timeout: Duration,
 }
 
-/// Edge IDs as one comma-separated value.
+/// Edge IDs as one comma-separated value (an alias, so that clap parses the list
+/// as one value instead of collecting repeated flags).
 pub type EdgeList = Vec<String>;
 
 /// Options of the embedded broker (`syncgate broker`, and `syncgate central`

@@ -132,7 +132,29 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     let last_seq = admin.store.last_seq().await.unwrap_or(-1);
     let open = admin.store.open_intents().await.unwrap_or(-1);
+    let by_state = admin.store.delivery_counts().await.unwrap_or_default();
+    let count = |state: &str| {
+        by_state
+            .iter()
+            .find(|(s, _)| s == state)
+            .map_or(0, |(_, n)| *n)
+    };
     let text = admin.metrics.render(&[
+        (
+            "syncgate_deliveries_pending",
+            "Op deliveries waiting for an edge's ack.",
+            count("pending"),
+        ),
+        (
+            "syncgate_deliveries_failed",
+            "Op deliveries an edge answered with an error (out of sync).",
+            count("failed"),
+        ),
+        (
+            "syncgate_deliveries_timed_out",
+            "Op deliveries not acknowledged in time (out of sync).",
+            count("timed_out"),
+        ),
         (
             "syncgate_oplog_last_seq",
             "Highest seq in the op log.",

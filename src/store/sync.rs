@@ -255,6 +255,15 @@ impl Store {
         .await?)
     }
 
+    /// Number of deliveries in each state.
+    pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
     pub async fn out_of_sync(&self, edge: Option<&str>) -> Result<Vec<OutOfSyncRow>, StoreError> {
         Ok(sqlx::query_as(&format!(
             "SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status, d.detail,

@@ -588,6 +588,19 @@ async fn an_edge_that_never_acks_is_timed_out() {
     env.until_delivered(&["ghost"], &["timed_out"]).await;
     let oos = env.audit("/v1/out-of-sync?edge=ghost").await;
     assert_eq!(oos["out_of_sync"][0]["state"], "timed_out");
+    let metrics = env
+        .http
+        .get(format!("{}/metrics", env.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("syncgate_deliveries_timed_out 1"),
+        "{metrics}"
+    );
     assert!(oos["out_of_sync"][0]["detail"]
         .as_str()
         .unwrap()
