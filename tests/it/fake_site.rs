@@ -102,6 +102,11 @@ impl FakeSite {
             .extend_from_slice(statuses);
     }
 
+    /// Forgets every token issued (as a restarted Keystone with new keys would).
+    pub fn revoke_tokens(&self) {
+        self.state.lock().unwrap().tokens.clear();
+    }
+
     pub fn creates(&self) -> usize {
         self.state.lock().unwrap().creates.values().sum()
     }
