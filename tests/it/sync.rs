@@ -637,6 +637,11 @@ async fn an_edge_with_the_wrong_key_applies_nothing_and_says_why() {
     })
     .await;
     assert_eq!(env.edges[0].site.creates(), 0, "nothing applied");
+    // The edge may report before central has recorded the op as published.
+    env.until("the op is published", || async {
+        env.audit("/v1/ops/1").await["deliveries"][0].is_object()
+    })
+    .await;
     let op = env.audit("/v1/ops/1").await;
     assert_eq!(
         op["deliveries"][0]["state"], "pending",
