@@ -77,14 +77,6 @@ impl Central {
             metrics.clone(),
             keystone,
         )?);
-        let admin = Arc::new(Admin {
-            store: store.clone(),
-            proxy: proxy.clone(),
-            metrics,
-            token: config.admin_token.clone(),
-            sync: std::sync::OnceLock::new(),
-            edge_offline_after: config.sync.edge_offline_after,
-        });
         let proxy_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
@@ -110,6 +102,15 @@ impl Central {
                 None
             }
         };
+        let admin = Arc::new(Admin {
+            store: store.clone(),
+            proxy: proxy.clone(),
+            metrics,
+            token: config.admin_token.clone(),
+            sync: std::sync::OnceLock::new(),
+            edge_offline_after: config.sync.edge_offline_after,
+            broker_stats: broker.as_ref().map(Broker::stats),
+        });
         Ok(Central {
             proxy_listener,
             admin_listener,

@@ -36,6 +36,8 @@ pub struct Admin {
     /// Set once central's sync client is up.
     pub sync: OnceLock<Arc<SyncCentral>>,
     pub edge_offline_after: Duration,
+    /// The embedded broker's counters, when it runs in this process.
+    pub broker_stats: Option<Arc<crate::broker::Stats>>,
 }
 
 /// An audit API error: a status and a message, as JSON.
@@ -133,6 +135,13 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     let last_seq = admin.store.last_seq().await.unwrap_or(-1);
     let open = admin.store.open_intents().await.unwrap_or(-1);
     let by_state = admin.store.delivery_counts().await.unwrap_or_default();
+    let broker = |read: fn(&crate::broker::Stats) -> u64| {
+        admin
+            .broker_stats
+            .as_deref()
+            .map_or(0, |s| i64::try_from(read(s)).unwrap_or(i64::MAX))
+    };
+    use std::sync::atomic::Ordering::Relaxed;
     let count = |state: &str| {
         by_state
             .iter()
@@ -140,6 +149,26 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
             .map_or(0, |(_, n)| *n)
     };
     let text = admin.metrics.render(&[
+        (
+            "syncgate_broker_connections_total",
+            "Client connections the embedded broker accepted.",
+            broker(|s| s.connections.load(Relaxed)),
+        ),
+        (
+            "syncgate_broker_msgs_in_total",
+            "Messages published to the embedded broker.",
+            broker(|s| s.msgs_in.load(Relaxed)),
+        ),
+        (
+            "syncgate_broker_msgs_out_total",
+            "Messages the embedded broker delivered.",
+            broker(|s| s.msgs_out.load(Relaxed)),
+        ),
+        (
+            "syncgate_broker_slow_consumers_total",
+            "Clients closed as slow consumers.",
+            broker(|s| s.slow_consumers.load(Relaxed)),
+        ),
         (
             "syncgate_deliveries_pending",
             "Op deliveries waiting for an edge's ack.",

@@ -248,4 +248,9 @@ async fn ready_when_upstream_answers_and_op_log_writable() {
     assert_eq!(app.admin_get("/healthz").await.status().as_u16(), 200);
     let metrics = app.admin_get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("syncgate_oplog_last_seq 0"), "{metrics}");
+    // Central's own sync client is connected to the embedded broker.
+    assert!(
+        metrics.contains("# TYPE syncgate_broker_connections_total"),
+        "{metrics}"
+    );
 }

@@ -527,6 +527,16 @@ async fn transient_failures_are_retried_and_permanent_ones_can_be_re_driven() {
         .await;
     env.assert_in_sync().await;
 
+    // The edge's cached token stops working: it authenticates again, once.
+    env.edges[0].site.revoke_tokens();
+    env.create(
+        "/v3/groups",
+        "group",
+        json!({"group": {"name": "after-revocation"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+
     env.edges[0].site.fail_next(&[404]);
     env.create(
         "/v3/groups",
