@@ -35,18 +35,12 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start syncgate broker");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut lines = stderr.lines();
-        let addr = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|line| {
-                let v: serde_json::Value = serde_json::from_str(&line).ok()?;
-                (v["fields"]["message"] == "broker listening")
-                    .then(|| v["fields"]["addr"].as_str().unwrap().to_string())
-            })
-            .expect("the broker logs its address");
-        std::thread::spawn(move || lines.for_each(drop));
+        let addr = address_from_log(&mut child, |line| {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            (v["fields"]["message"] == "broker listening")
+                .then(|| v["fields"]["addr"].as_str().map(str::to_string))
+                .flatten()
+        });
         Server {
             name: "embedded",
             child,
@@ -60,18 +54,11 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {path}: {e}"));
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut lines = stderr.lines();
-        let addr = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .find_map(|line| {
-                line.split("Listening for client connections on ")
-                    .nth(1)
-                    .map(|a| a.trim().to_string())
-            })
-            .expect("nats-server logs its address");
-        std::thread::spawn(move || lines.for_each(drop));
+        let addr = address_from_log(&mut child, |line| {
+            line.split("Listening for client connections on ")
+                .nth(1)
+                .map(|a| a.trim().to_string())
+        });
         Server {
             name: "nats-server",
             child,
@@ -89,6 +76,19 @@ impl Server {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
             .map_or(f64::NAN, |kb| kb / 1024.0)
     }
+}
+
+/// Reads a server's stderr until `find` recognises its listening address, then
+/// keeps draining it so the server never blocks on a full pipe.
+fn address_from_log(child: &mut Child, find: impl Fn(&str) -> Option<String>) -> String {
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| find(&line))
+        .expect("the server logs its listening address");
+    std::thread::spawn(move || lines.for_each(drop));
+    addr
 }
 
 impl Drop for Server {

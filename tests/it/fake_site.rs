@@ -484,45 +484,32 @@ fn grant_key(segs: &[&str]) -> Option<(String, Vec<(&'static str, String)>)> {
         "groups" => Some("group"),
         _ => None,
     };
+    // Project and domain grants, direct or inherited (OS-INHERIT), and system grants.
+    let (segs, inherited) = match segs {
+        ["v3", "OS-INHERIT", rest @ .., "inherited_to_projects"] => (rest, "/inherited"),
+        ["v3", rest @ ..] => (rest, ""),
+        _ => return None,
+    };
     match segs {
-        ["v3", t @ ("projects" | "domains"), tid, a, aid, "roles", rid] => {
+        [t @ ("projects" | "domains"), tid, a, aid, "roles", rid] => {
             let tk = if *t == "projects" {
                 "project"
             } else {
                 "domain"
             };
             let ak = actor(a)?;
-            Some((
-                format!("{t}/{tid}/{a}/{aid}/roles/{rid}"),
-                vec![
-                    (tk, tid.to_string()),
-                    (ak, aid.to_string()),
-                    ("role", rid.to_string()),
-                ],
-            ))
+            let refs = vec![
+                (tk, tid.to_string()),
+                (ak, aid.to_string()),
+                ("role", rid.to_string()),
+            ];
+            Some((format!("{t}/{tid}/{a}/{aid}/roles/{rid}{inherited}"), refs))
         }
-        ["v3", "system", a, aid, "roles", rid] => {
+        ["system", a, aid, "roles", rid] if inherited.is_empty() => {
             let ak = actor(a)?;
             Some((
                 format!("system/{a}/{aid}/roles/{rid}"),
                 vec![(ak, aid.to_string()), ("role", rid.to_string())],
-            ))
-        }
-        ["v3", "OS-INHERIT", t @ ("projects" | "domains"), tid, a, aid, "roles", rid, "inherited_to_projects"] =>
-        {
-            let tk = if *t == "projects" {
-                "project"
-            } else {
-                "domain"
-            };
-            let ak = actor(a)?;
-            Some((
-                format!("{t}/{tid}/{a}/{aid}/roles/{rid}/inherited"),
-                vec![
-                    (tk, tid.to_string()),
-                    (ak, aid.to_string()),
-                    ("role", rid.to_string()),
-                ],
             ))
         }
         _ => None,
