@@ -109,6 +109,7 @@ impl Central {
             token: config.admin_token.clone(),
             sync: std::sync::OnceLock::new(),
             edge_offline_after: config.sync.edge_offline_after,
+            ack_timeout: config.sync.ack_timeout,
             broker_stats: broker.as_ref().map(Broker::stats),
         });
         Ok(Central {
@@ -199,9 +200,15 @@ impl Central {
             wake: self.proxy.wake.clone(),
             ack_timeout: self.config.sync.ack_timeout,
             declared_edges: self.config.sync.edges.clone(),
+            recovering: Default::default(),
         });
         let _ = self.admin.sync.set(sync.clone());
-        let sync_task = tokio::spawn(sync.run(stop_rx_sync));
+        let sync_task = tokio::spawn(sync.run(stop_rx_sync.clone()));
+        let sweep_task = tokio::spawn(sweep_stale_intents(
+            self.proxy.clone(),
+            self.config.stale_intent_after,
+            stop_rx_sync,
+        ));
 
         shutdown.await;
         info!("shutting down: draining in-flight requests");
@@ -217,6 +224,7 @@ impl Central {
         if let Err(e) = sync_task.await.context("sync task")? {
             warn!(error = %e, "sync stopped with an error");
         }
+        let _ = sweep_task.await;
         let _ = broker_stop_tx.send(true);
         if let Some(task) = broker_task {
             task.await.context("broker task")??;
@@ -224,5 +232,33 @@ impl Central {
         self.store.close().await;
         info!("stopped");
         Ok(())
+    }
+}
+
+/// Logs intents left open while running (not only at start-up) as
+/// `unknown_outcome` ops once they are older than any capture can take.
+async fn sweep_stale_intents(
+    proxy: Arc<Proxy>,
+    after: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = (after / 4).clamp(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(15),
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = crate::sync::stopped(&mut stop) => return,
+        }
+        match proxy.sweep_stale_intents(after).await {
+            Ok(seqs) if seqs.is_empty() => {}
+            Ok(seqs) => warn!(
+                count = seqs.len(),
+                seqs = ?seqs,
+                "writes whose outcome was never logged are now unknown_outcome ops; check them in the audit API"
+            ),
+            Err(e) => warn!(error = %e, "cannot sweep stale intents"),
+        }
     }
 }

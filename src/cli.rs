@@ -367,6 +367,7 @@ impl CentralArgs {
                 ..SyncConfig::default()
             },
             service_credentials: Credentials::from_env()?,
+            stale_intent_after: CentralConfig::stale_intent_bound(self.upstream_timeout),
         };
         config.validate()?;
         Ok(config)

@@ -73,6 +73,9 @@ pub struct CentralConfig {
     /// Central's service credentials, to learn natural keys of entities it has
     /// not seen pass through (optional).
     pub service_credentials: Option<Credentials>,
+    /// An intent still open after this long, whose captured section has ended
+    /// (the op log failed to close it), is logged as an `unknown_outcome` op.
+    pub stale_intent_after: Duration,
 }
 
 /// How op payloads are protected on the wire.
@@ -234,7 +237,14 @@ impl CentralConfig {
             broker_client_auth: BrokerAuth::None,
             sync: SyncConfig::default(),
             service_credentials: None,
+            stale_intent_after: Self::stale_intent_bound(Duration::from_secs(30)),
         }
+    }
+
+    /// Longer than any captured section can legitimately take: the wait for the
+    /// response headers and for the body, and a margin for the op log.
+    pub fn stale_intent_bound(upstream_timeout: Duration) -> Duration {
+        upstream_timeout * 2 + Duration::from_secs(30)
     }
 
     /// Checks what each option cannot say alone. Errors name the option.

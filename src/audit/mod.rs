@@ -23,10 +23,12 @@ use crate::keystone::routes::known_kinds;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::store::{OpFilter, OpRow, OpState, Store};
-use crate::sync::central::SyncCentral;
+use crate::sync::central::{RedriveError, SyncCentral};
 
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1000;
+/// Rows `/v1/out-of-sync` answers unless `limit` says otherwise.
+const DEFAULT_OUT_OF_SYNC: i64 = 1000;
 
 pub struct Admin {
     pub store: Store,
@@ -36,6 +38,8 @@ pub struct Admin {
     /// Set once central's sync client is up.
     pub sync: OnceLock<Arc<SyncCentral>>,
     pub edge_offline_after: Duration,
+    /// A delivery unanswered for longer is `timed_out`.
+    pub ack_timeout: Duration,
     /// The embedded broker's counters, when it runs in this process.
     pub broker_stats: Option<Arc<crate::broker::Stats>>,
 }
@@ -134,7 +138,11 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
     let last_seq = admin.store.last_seq().await.unwrap_or(-1);
     let open = admin.store.open_intents().await.unwrap_or(-1);
-    let by_state = admin.store.delivery_counts().await.unwrap_or_default();
+    let deliveries = admin
+        .store
+        .delivery_counts(admin.ack_timeout)
+        .await
+        .unwrap_or_default();
     let broker = |read: fn(&crate::broker::Stats) -> u64| {
         admin
             .broker_stats
@@ -142,12 +150,6 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
             .map_or(0, |s| i64::try_from(read(s)).unwrap_or(i64::MAX))
     };
     use std::sync::atomic::Ordering::Relaxed;
-    let count = |state: &str| {
-        by_state
-            .iter()
-            .find(|(s, _)| s == state)
-            .map_or(0, |(_, n)| *n)
-    };
     let text = admin.metrics.render(&[
         (
             "syncgate_broker_connections_total",
@@ -172,17 +174,17 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         (
             "syncgate_deliveries_pending",
             "Op deliveries waiting for an edge's ack.",
-            count("pending"),
+            deliveries.pending,
         ),
         (
             "syncgate_deliveries_failed",
             "Op deliveries an edge answered with an error (out of sync).",
-            count("failed"),
+            deliveries.failed,
         ),
         (
             "syncgate_deliveries_timed_out",
             "Op deliveries not acknowledged in time (out of sync).",
-            count("timed_out"),
+            deliveries.timed_out,
         ),
         (
             "syncgate_oplog_last_seq",
@@ -282,7 +284,11 @@ async fn get_op(
         ));
     };
     let mut body = op_json(&op);
-    let deliveries = admin.store.deliveries(seq).await.map_err(internal)?;
+    let deliveries = admin
+        .store
+        .deliveries(seq, admin.ack_timeout)
+        .await
+        .map_err(internal)?;
     body["deliveries"] = serde_json::to_value(deliveries).expect("rows serialize");
     Ok(Json(body))
 }
@@ -325,28 +331,39 @@ async fn retry_op(
             format!("no op with seq {seq}"),
         ));
     };
-    let edges = admin.store.edges().await.map_err(internal)?;
-    if !edges.iter().any(|e| e.id == edge) {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{edge}'")));
-    }
     let Some(sync) = admin.sync.get() else {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "sync is not running yet".into(),
         ));
     };
-    sync.redo(&op, edge).await.map_err(|e| {
-        warn!(error = %e, "redo failed");
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the redo could not be sent to the broker".into(),
+    match sync.redrive(&op, edge).await {
+        Ok(done) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "seq": seq,
+                "edge": edge,
+                "action": done.action,
+                "state": done.state,
+                "message": done.message,
+            })),
         )
-    })?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"seq": seq, "edge": edge, "state": "pending"})),
-    )
-        .into_response())
+            .into_response()),
+        Err(RedriveError::NoEdge(e)) => {
+            Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{e}'")))
+        }
+        Err(e @ (RedriveError::WouldUndo(_) | RedriveError::NotReached(_))) => {
+            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
+        }
+        Err(RedriveError::Broker(e)) => {
+            warn!(error = %e, "re-drive failed");
+            Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the re-drive could not be sent to the broker".into(),
+            ))
+        }
+        Err(RedriveError::Internal(e)) => Err(internal(e)),
+    }
 }
 
 async fn list_edges(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, ApiError> {
@@ -363,6 +380,7 @@ async fn list_edges(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, ApiE
                 "id": e.id,
                 "declared": e.declared,
                 "cursor": e.cursor,
+                "acked_through": e.acked_seq,
                 "lag_ops": e.lag_ops,
                 "lag_seconds": (e.lag_seconds * 1000.0).round() / 1000.0,
                 "last_seen": e.last_seen,
@@ -379,9 +397,28 @@ async fn out_of_sync(
     State(admin): State<Arc<Admin>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let edge = only_params(&params, &["edge"])?;
-    let rows = admin.store.out_of_sync(edge).await.map_err(internal)?;
-    Ok(Json(json!({"out_of_sync": rows})))
+    let edge = only_params(&params, &["edge", "limit"])?;
+    let limit = match params.get("limit") {
+        None => DEFAULT_OUT_OF_SYNC,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT * 10).contains(n))
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "'limit' must be between 1 and {}, got '{v}'",
+                    MAX_LIMIT * 10
+                ))
+            })?,
+    };
+    let rows = admin
+        .store
+        .out_of_sync(edge, admin.ack_timeout, limit + 1)
+        .await
+        .map_err(internal)?;
+    let truncated = rows.len() as i64 > limit;
+    let rows = &rows[..rows.len().min(limit as usize)];
+    Ok(Json(json!({"out_of_sync": rows, "truncated": truncated})))
 }
 
 /// An op as the audit API shows it, secrets redacted.

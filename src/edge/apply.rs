@@ -56,7 +56,9 @@ pub struct Applier<'a> {
 }
 
 impl Applier<'_> {
-    pub async fn apply(&self, op: &OpContent) -> Result<Applied, Transient> {
+    /// Applies one op. `maybe_applied` says an earlier attempt may have reached
+    /// the site: a create is then looked for before it is sent again.
+    pub async fn apply(&self, op: &OpContent, maybe_applied: bool) -> Result<Applied, Transient> {
         if op.state != "committed" {
             return Ok(Applied {
                 outcome: Outcome::Skipped,
@@ -104,16 +106,43 @@ impl Applier<'_> {
             ids::replay_form(&op.kind, op.method.as_str(), &path, body.clone());
         let send_method = Method::from_bytes(send_method.as_bytes()).unwrap_or(method.clone());
 
-        let reply = self
-            .keystone
-            .send(send_method, &send_path, send_body.as_ref())
-            .await?;
         let route =
             match keystone::classify(op.method.as_str(), op.path.split('?').next().unwrap_or("")) {
                 Classification::Replicable(r) => Some(r),
                 Classification::NotReplicated(_) => None,
             };
         let creates = route.map(|r| r.creates).unwrap_or(Creates::No);
+        if maybe_applied && creates != Creates::No {
+            let found = super::probe::find_created(
+                self.keystone,
+                &op.kind,
+                creates,
+                &send_path,
+                send_body.as_ref(),
+            )
+            .await?;
+            if let Some(edge_ids) = found {
+                for (central, edge) in op.created_ids.iter().zip(&edge_ids) {
+                    adds.push((central.clone(), edge.clone(), op.kind.clone()));
+                }
+                return Ok(Applied {
+                    outcome: Outcome::Applied,
+                    status: None,
+                    detail: Some("applied by an earlier attempt whose answer was lost".into()),
+                    edge_ids,
+                    changes: Commit {
+                        map_adds: adds,
+                        map_removes: Vec::new(),
+                        advance: true,
+                    },
+                });
+            }
+        }
+
+        let reply = self
+            .keystone
+            .send(send_method, &send_path, send_body.as_ref())
+            .await?;
 
         if reply.is_success() {
             let edge_ids = match route {

@@ -3,6 +3,7 @@
 //! op, and catches up by replay after a start, a gap or a reconnect.
 
 mod apply;
+mod probe;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -27,7 +28,8 @@ use crate::keystone::client::KeystoneClient;
 use crate::store::edge::{EdgeStore, StoredOutcome};
 use crate::sync::crypto::Sealer;
 use crate::sync::protocol::{
-    Ack, Envelope, Hello, OpContent, Outcome, Redo, ReplayBatch, ReplayRequest, Subjects,
+    Ack, Envelope, Hello, OpContent, Outcome, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
+    ReplayRequest, Subjects,
 };
 use crate::sync::{connect_broker, redact_url};
 use apply::Applier;
@@ -149,6 +151,7 @@ impl Edge {
         .await?;
         let mut ops = client.subscribe(subjects.ops()).await?;
         let mut redos = client.subscribe(subjects.redo(&self.config.id)).await?;
+        let mut outcome_requests = client.subscribe(subjects.outcomes(&self.config.id)).await?;
 
         let admin = Arc::new(AdminState {
             status: self.status.clone(),
@@ -209,12 +212,18 @@ impl Edge {
                     let Some(msg) = msg else { break };
                     match serde_json::from_slice::<Redo>(&msg.payload) {
                         Ok(redo) => {
-                            if let Err(Stuck::Stopping) = runner.redo(redo.op).await {
+                            if let Err(Stuck::Stopping) = runner.redo(redo).await {
                                 break;
                             }
+                            // A re-applied op may unblock the ones after it.
+                            need_replay = true;
                         }
                         Err(e) => warn!(error = %e, "malformed redo ignored"),
                     }
+                }
+                msg = outcome_requests.next() => {
+                    let Some(msg) = msg else { break };
+                    runner.answer_outcomes(msg).await;
                 }
                 event = events.recv() => match event {
                     Some(async_nats::Event::Connected) => {
@@ -275,6 +284,7 @@ impl Runner {
             cursor: self.cursor().await,
             version: env!("CARGO_PKG_VERSION").to_string(),
             error: self.status.error(),
+            outcomes_through: self.store.outcomes_through().await.ok(),
         };
         let payload = serde_json::to_vec(&hello).expect("a hello serializes");
         if let Err(e) = self
@@ -342,13 +352,101 @@ impl Runner {
         Ok(false)
     }
 
-    /// A directed redo: applies the op again whatever the cursor says.
-    async fn redo(&self, env: Envelope) -> Result<(), Stuck> {
-        info!(seq = env.seq, "redo requested");
+    /// A re-drive from central. Never applies an op twice or out of order: an
+    /// op with a stored outcome other than `failed` is re-acknowledged; a failed
+    /// op is re-applied unless a later op that touches the same entity is applied
+    /// here already; an op after the next one is left to arrive in order.
+    async fn redo(&self, redo: Redo) -> Result<(), Stuck> {
+        let env = redo.op;
+        let seq = env.seq;
+        let cursor = self.cursor().await;
+        let stored = match self.store.outcome(seq).await {
+            Ok(o) => o.filter(|o| o.op_id == env.op_id),
+            Err(e) => {
+                error!(seq, error = %e, "cannot read a stored outcome; re-drive ignored");
+                return Ok(());
+            }
+        };
+        match stored {
+            Some(done) if done.outcome != Outcome::Failed.as_str() => {
+                info!(seq, outcome = %done.outcome, "re-drive of an op already done here: re-acknowledged, not applied again");
+                self.ack_stored(&done).await;
+                return Ok(());
+            }
+            Some(done) => {
+                if let Some(later) = redo
+                    .unless_applied
+                    .filter(|l| seq <= cursor && *l <= cursor)
+                {
+                    warn!(seq, later, "re-drive refused: a later op touching the same entity is applied here; re-applying could undo it");
+                    self.ack_stored(&done).await;
+                    return Ok(());
+                }
+            }
+            None if seq == cursor + 1 => {}
+            None if seq > cursor + 1 => {
+                info!(
+                    seq,
+                    cursor, "re-drive of an op not reached yet: it is applied in order"
+                );
+                return Ok(());
+            }
+            None => {
+                warn!(
+                    seq,
+                    cursor,
+                    "re-drive of an op below the cursor with no stored outcome; nothing to do"
+                );
+                return Ok(());
+            }
+        }
+        info!(seq, "re-drive: applying again");
         self.status.halted.store(false, Ordering::Relaxed);
         match self.process(env, true).await {
             Err(Stuck::Stopping) => Err(Stuck::Stopping),
             _ => Ok(()),
+        }
+    }
+
+    /// Answers central's question for the outcomes in a range (acks it lost).
+    async fn answer_outcomes(&self, msg: async_nats::Message) {
+        let Some(reply) = msg.reply else { return };
+        let Ok(req) = serde_json::from_slice::<OutcomesRequest>(&msg.payload) else {
+            warn!("malformed outcomes request ignored");
+            return;
+        };
+        let known = match self.store.outcomes_through().await {
+            Ok(k) => k,
+            Err(e) => {
+                error!(error = %e, "cannot read outcomes");
+                return;
+            }
+        };
+        let through = req.through.min(known);
+        let rows = match self
+            .store
+            .exceptions(req.after, through, MAX_EXCEPTIONS_PER_ANSWER)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                error!(error = %e, "cannot read outcomes");
+                return;
+            }
+        };
+        // A full page covers the range only up to its last row.
+        let through = if rows.len() as i64 == MAX_EXCEPTIONS_PER_ANSWER {
+            rows.last().map_or(through, |r| r.seq)
+        } else {
+            through
+        };
+        let answer = OutcomesReply {
+            through,
+            exceptions: rows.iter().map(ack_of).collect(),
+        };
+        let payload = serde_json::to_vec(&answer).expect("an answer serializes");
+        if let Err(e) = self.client.publish(reply, payload.into()).await {
+            debug!(error = %e, "outcomes answer not sent");
         }
     }
 
@@ -394,11 +492,23 @@ impl Runner {
             keystone: &self.keystone,
             store: &self.store,
         };
+        // An earlier attempt that left its mark may have been applied: the write
+        // is looked for before it is sent again.
+        let mut maybe_applied =
+            matches!(self.store.inflight(op.seq).await, Ok(Some(id)) if id == op.op_id);
+        if op.state == "committed" {
+            if let Err(e) = self.store.mark_inflight(op.seq, &op.op_id).await {
+                error!(seq = op.seq, error = %e, "cannot mark an op in flight; not applying it");
+                self.status.set_error(Some(format!("edge database: {e}")));
+                return Err(Stuck::Blocked);
+            }
+        }
         let mut backoff = Duration::from_millis(100);
         let applied = loop {
-            match applier.apply(&op).await {
+            match applier.apply(&op, maybe_applied).await {
                 Ok(a) => break a,
                 Err(e) => {
+                    maybe_applied = true;
                     self.status.retries.fetch_add(1, Ordering::Relaxed);
                     self.status
                         .set_error(Some(format!("op {}: {e}; retrying", op.seq)));
@@ -459,21 +569,7 @@ impl Runner {
     }
 
     async fn ack_stored(&self, done: &StoredOutcome) {
-        let outcome = match done.outcome.as_str() {
-            "applied" => Outcome::Applied,
-            "adopted" => Outcome::Adopted,
-            "skipped" => Outcome::Skipped,
-            _ => Outcome::Failed,
-        };
-        let ack = Ack {
-            seq: done.seq,
-            op_id: done.op_id.clone(),
-            outcome,
-            status: done.status.and_then(|s| u16::try_from(s).ok()),
-            detail: done.detail.clone(),
-            edge_id_created: done.edge_ids.clone(),
-        };
-        let payload = serde_json::to_vec(&ack).expect("an ack serializes");
+        let payload = serde_json::to_vec(&ack_of(done)).expect("an ack serializes");
         if let Err(e) = self
             .client
             .publish(self.subjects.ack(&self.id), payload.into())
@@ -481,6 +577,27 @@ impl Runner {
         {
             warn!(seq = done.seq, error = %e, "ack not sent");
         }
+    }
+}
+
+/// Most exceptions in one answer to central's outcomes request.
+const MAX_EXCEPTIONS_PER_ANSWER: i64 = 5000;
+
+/// The ack that reports a stored outcome.
+fn ack_of(done: &StoredOutcome) -> Ack {
+    let outcome = match done.outcome.as_str() {
+        "applied" => Outcome::Applied,
+        "adopted" => Outcome::Adopted,
+        "skipped" => Outcome::Skipped,
+        _ => Outcome::Failed,
+    };
+    Ack {
+        seq: done.seq,
+        op_id: done.op_id.clone(),
+        outcome,
+        status: done.status.and_then(|s| u16::try_from(s).ok()),
+        detail: done.detail.clone(),
+        edge_id_created: done.edge_ids.clone(),
     }
 }
 

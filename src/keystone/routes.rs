@@ -520,6 +520,27 @@ pub fn classify(method: &str, path: &str) -> Classification {
         .unwrap_or(Classification::NotReplicated(Reason::UnknownRoute))
 }
 
+/// The values of the `*` segments of the replicable route a write matches (the
+/// IDs and names its path addresses), in path order; empty when none matches.
+pub fn path_params<'a>(method: &str, path: &'a str) -> Vec<&'a str> {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let Some((&"v3", rest)) = segments.split_first() else {
+        return Vec::new();
+    };
+    ROUTES
+        .iter()
+        .find(|r| r.methods.contains(&method) && matches_pattern(r.pattern, rest))
+        .map(|r| {
+            r.pattern
+                .iter()
+                .zip(rest)
+                .filter(|(p, _)| **p == "*")
+                .map(|(_, s)| *s)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn matches_pattern(pattern: &[&str], segments: &[&str]) -> bool {
     pattern.len() == segments.len()
         && pattern

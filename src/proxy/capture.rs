@@ -4,28 +4,31 @@
 //! outcome is unknown (timeout, broken connection) is logged as such, never dropped.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::Request;
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use reqwest::Url;
 use serde_json::Value;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 use uuid::Uuid;
 
 use super::error::ProxyError;
 use super::{build_response, Proxy, SendError, REQUEST_ID};
 use crate::keystone::ids::{all_refs, is_mappable_id, natural_key, IdRef, NAMED_KINDS};
+use crate::keystone::touches::{self, Touch};
 use crate::keystone::{self, RouteMatch};
 use crate::metrics::inc;
 use crate::store::{NewIntent, OpState, Outcome};
 use crate::sync::protocol::EntityRef;
 
 pub(super) async fn forward_captured(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     route: RouteMatch,
     url: Url,
     peer: SocketAddr,
@@ -33,12 +36,50 @@ pub(super) async fn forward_captured(
 ) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
     let body = read_bounded(proxy, &parts.headers, body).await?;
+    // From here the write runs to completion on a task of its own: a client that
+    // disconnects or gives up drops only this await, never an intent or a write
+    // already sent upstream.
+    let captured = tokio::spawn(
+        captured_section(proxy.clone(), route, url, peer, parts, body)
+            .instrument(tracing::Span::current()),
+    );
+    captured.await.unwrap_or_else(|e| {
+        error!(error = %e, "the capture task failed");
+        Err(ProxyError::Internal)
+    })
+}
+
+/// Removes an op ID from the in-flight set when the captured section ends.
+struct InFlight<'a>(&'a Proxy, Uuid);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
+}
+
+async fn captured_section(
+    proxy: Arc<Proxy>,
+    route: RouteMatch,
+    url: Url,
+    peer: SocketAddr,
+    parts: Parts,
+    body: Bytes,
+) -> Result<Response, ProxyError> {
+    let proxy = &*proxy;
     let path = match url.query() {
         Some(q) => format!("{}?{q}", proxy.keystone_path(&url)),
         None => proxy.keystone_path(&url).to_string(),
     };
     let body_text = (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned());
     let request_json: Option<Value> = serde_json::from_slice(&body).ok();
+    let mut touched = touches::touches(&route, parts.method.as_str(), &path, request_json.as_ref());
+    // Conflicting writes wait here until the one ahead is logged (or dropped).
+    let _order = proxy.locks.acquire(&touched).await;
     // Natural keys are read before forwarding: a delete's target is gone after.
     let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
@@ -60,6 +101,12 @@ pub(super) async fn forward_captured(
             inc(&proxy.metrics.oplog_failures);
             ProxyError::OpLogUnavailable
         })?;
+    proxy
+        .in_flight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(op_id);
+    let _in_flight = InFlight(proxy, op_id);
     tracing::Span::current().record("op_id", tracing::field::display(op_id));
 
     // 2. Forward.
@@ -77,7 +124,7 @@ pub(super) async fn forward_captured(
                 SendError::Timeout => "no answer from the upstream within the timeout",
                 _ => "the connection to the upstream broke before it answered",
             };
-            let seq = record_unknown(proxy, op_id, None, detail).await;
+            let seq = record_unknown(proxy, op_id, None, detail, &touched).await;
             return Err(proxy.send_error(e, seq));
         }
     };
@@ -89,7 +136,7 @@ pub(super) async fn forward_captured(
         Ok(Ok(bytes)) => bytes,
         _ if status.is_success() => {
             let detail = "the upstream answered 2xx but its response body was lost";
-            let seq = record_unknown(proxy, op_id, Some(status.as_u16()), detail).await;
+            let seq = record_unknown(proxy, op_id, Some(status.as_u16()), detail, &touched).await;
             return Err(proxy.send_error(SendError::Broken, seq));
         }
         _ => {
@@ -117,7 +164,9 @@ pub(super) async fn forward_captured(
                 warn!(error = %e, "could not remember an entity's natural key");
             }
         }
+        touched.extend(touches::created(&created_ids));
         let outcome = Outcome {
+            touches: touches::normalise(touched),
             created_ids,
             body: replay_body,
             upstream_status: Some(status.as_u16()),
@@ -194,8 +243,10 @@ async fn record_unknown(
     op_id: Uuid,
     status: Option<u16>,
     detail: &str,
+    touched: &[Touch],
 ) -> Option<i64> {
     let outcome = Outcome {
+        touches: touched.to_vec(),
         upstream_status: status,
         detail: Some(detail.to_string()),
         ..Outcome::default()

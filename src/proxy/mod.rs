@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod error;
+pub mod order;
 pub mod rewrite;
 
 use std::net::SocketAddr;
@@ -62,6 +63,10 @@ pub struct Proxy {
     keystone: Option<Arc<KeystoneClient>>,
     /// Wakes the publisher when an op is logged.
     pub wake: Arc<Notify>,
+    /// Orders conflicting writes from intent to commit.
+    locks: order::EntityLocks,
+    /// Intents whose captured section is still running (never swept).
+    in_flight: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
 }
 
 /// Why a request could not be sent or answered.
@@ -108,6 +113,8 @@ impl Proxy {
             metrics,
             keystone,
             wake: Arc::new(Notify::new()),
+            locks: order::EntityLocks::default(),
+            in_flight: Default::default(),
         })
     }
 
@@ -271,6 +278,42 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Logs intents open for longer than `older_than` whose captured section is no
+    /// longer running (an op log failure left them) as `unknown_outcome` ops.
+    pub async fn sweep_stale_intents(&self, older_than: Duration) -> anyhow::Result<Vec<i64>> {
+        let stale = self.store.intents_older_than(older_than).await?;
+        let mut seqs = Vec::new();
+        for op_id in stale {
+            let running = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&op_id);
+            if running {
+                continue;
+            }
+            let outcome = crate::store::Outcome {
+                detail: Some(
+                    "the write's outcome was never logged; it may have been applied".into(),
+                ),
+                ..Default::default()
+            };
+            match self
+                .store
+                .commit_intent(op_id, crate::store::OpState::UnknownOutcome, &outcome)
+                .await
+            {
+                Ok(seq) => seqs.push(seq),
+                Err(crate::store::StoreError::NoIntent(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !seqs.is_empty() {
+            self.wake.notify_one();
+        }
+        Ok(seqs)
     }
 
     /// Whether the upstream answers at all (readiness).

@@ -28,6 +28,26 @@ pub struct Commit {
     pub advance: bool,
 }
 
+fn stored(
+    (seq, op_id, outcome, status, detail, ids): (
+        i64,
+        String,
+        String,
+        Option<i64>,
+        Option<String>,
+        String,
+    ),
+) -> StoredOutcome {
+    StoredOutcome {
+        seq,
+        op_id,
+        outcome,
+        status,
+        detail,
+        edge_ids: serde_json::from_str(&ids).unwrap_or_default(),
+    }
+}
+
 #[derive(Clone)]
 pub struct EdgeStore {
     pool: SqlitePool,
@@ -77,16 +97,62 @@ impl EdgeStore {
         .bind(seq)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(
-            row.map(|(seq, op_id, outcome, status, detail, ids)| StoredOutcome {
-                seq,
-                op_id,
-                outcome,
-                status,
-                detail,
-                edge_ids: serde_json::from_str(&ids).unwrap_or_default(),
-            }),
+        Ok(row.map(stored))
+    }
+
+    /// Marks an op as being applied, durably, before its write is sent.
+    pub async fn mark_inflight(&self, seq: i64, op_id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO inflight (seq, op_id, started_at)
+             VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+             ON CONFLICT (seq) DO UPDATE SET op_id = excluded.op_id",
         )
+        .bind(seq)
+        .bind(op_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The op ID marked in flight at `seq`, if an earlier attempt left one.
+    pub async fn inflight(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT op_id FROM inflight WHERE seq = ?")
+                .bind(seq)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The highest seq with a recorded outcome (at least the cursor).
+    pub async fn outcomes_through(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MAX((SELECT seq FROM cursor WHERE id = 1),
+                        COALESCE((SELECT MAX(seq) FROM outcomes), 0))",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Outcomes other than `applied` in `(after, through]`, oldest first, at most
+    /// `limit`.
+    pub async fn exceptions(
+        &self,
+        after: i64,
+        through: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredOutcome>, StoreError> {
+        type Row = (i64, String, String, Option<i64>, Option<String>, String);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, op_id, outcome, status, detail, edge_ids FROM outcomes
+             WHERE outcome != 'applied' AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(through)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(stored).collect())
     }
 
     /// Records an op's outcome with its ID map changes and cursor, atomically.
@@ -130,6 +196,10 @@ impl EdgeStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        sqlx::query("DELETE FROM inflight WHERE seq = ?")
+            .bind(outcome.seq)
+            .execute(&mut *tx)
+            .await?;
         if changes.advance {
             sqlx::query("UPDATE cursor SET seq = MAX(seq, ?) WHERE id = 1")
                 .bind(outcome.seq)

@@ -13,9 +13,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 use uuid::Uuid;
 
+use crate::keystone::touches::Touch;
+
 pub mod edge;
 mod sync;
-pub use sync::{DeliveryRow, EdgeRow, OutOfSyncRow};
+pub use sync::{DeliveryCounts, DeliveryRow, EdgeRow, OutOfSyncRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,6 +74,9 @@ pub struct NewIntent<'a> {
 /// What the upstream said about a forwarded write that succeeded.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
+    /// The keys the write touched (see `keystone::touches`), kept per op so that
+    /// a re-drive can tell whether a later op would be undone.
+    pub touches: Vec<Touch>,
     pub created_ids: Vec<String>,
     /// The request body to replay, with generated values injected; `None` keeps
     /// the body recorded with the intent.
@@ -203,6 +208,14 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let seq = seq.ok_or(StoreError::NoIntent(op_id))?;
+        for t in &outcome.touches {
+            sqlx::query("INSERT OR IGNORE INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?)")
+                .bind(&t.key)
+                .bind(seq)
+                .bind(t.exclusive)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query("DELETE FROM intents WHERE op_id = ?")
             .bind(op_id.to_string())
             .execute(&mut *tx)
@@ -242,6 +255,57 @@ impl Store {
             );
         }
         Ok(seqs)
+    }
+
+    /// Intents opened longer ago than `age`, oldest first.
+    pub async fn intents_older_than(&self, age: Duration) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT op_id FROM intents
+             WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
+             ORDER BY created_at, rowid",
+        )
+        .bind(format!("-{:.3} seconds", age.as_secs_f64()))
+        .fetch_all(&self.writer)
+        .await?;
+        ids.iter()
+            .map(|id| {
+                Uuid::parse_str(id).map_err(|e| {
+                    StoreError::Query(sqlx::Error::Decode(format!("intent op_id: {e}").into()))
+                })
+            })
+            .collect()
+    }
+
+    /// The keys an op touched.
+    pub async fn op_touches(&self, seq: i64) -> Result<Vec<Touch>, StoreError> {
+        let rows: Vec<(String, bool)> =
+            sqlx::query_as("SELECT key, exclusive FROM op_keys WHERE seq = ? ORDER BY key")
+                .bind(seq)
+                .fetch_all(&self.reader)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, exclusive)| Touch { key, exclusive })
+            .collect())
+    }
+
+    /// The first op after `seq` that conflicts with it (shares a key that one of
+    /// the two changes), with its method and path.
+    pub async fn next_conflicting(
+        &self,
+        seq: i64,
+    ) -> Result<Option<(i64, String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT o.seq, o.method, o.path FROM op_keys mine
+             JOIN op_keys later ON later.key = mine.key AND later.seq > mine.seq
+                 AND (mine.exclusive OR later.exclusive)
+             JOIN ops o ON o.seq = later.seq
+             WHERE mine.seq = ?
+             ORDER BY later.seq LIMIT 1",
+        )
+        .bind(seq)
+        .fetch_optional(&self.reader)
+        .await?)
     }
 
     pub async fn get_op(&self, seq: i64) -> Result<Option<OpRow>, StoreError> {

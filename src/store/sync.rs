@@ -1,10 +1,12 @@
 //! Sync state SQL at central: entities' natural keys, edges, deliveries.
 
+use std::time::Duration;
+
 use serde::Serialize;
 use sqlx::FromRow;
 
 use super::{Store, StoreError};
-use crate::sync::protocol::{Ack, EntityRef};
+use crate::sync::protocol::{Ack, EntityRef, Outcome};
 
 /// Milliseconds since the epoch, in SQL.
 const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
@@ -19,8 +21,8 @@ pub struct DeliveryRow {
     pub state: String,
     pub status: Option<i64>,
     pub detail: Option<String>,
-    pub since: String,
-    pub updated_at: String,
+    pub since: Option<String>,
+    pub updated_at: Option<String>,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -28,6 +30,8 @@ pub struct EdgeRow {
     pub id: String,
     pub declared: bool,
     pub cursor: i64,
+    /// Every op at or below this has a known outcome at the edge.
+    pub acked_seq: i64,
     pub version: Option<String>,
     pub error: Option<String>,
     pub last_seen: Option<String>,
@@ -48,7 +52,7 @@ pub struct OutOfSyncRow {
     pub path: String,
     pub status: Option<i64>,
     pub detail: Option<String>,
-    pub updated_at: String,
+    pub updated_at: Option<String>,
 }
 
 impl Store {
@@ -83,158 +87,189 @@ impl Store {
         }))
     }
 
-    /// Registers an edge (declared by configuration or by its hello) and makes
-    /// every published op pending for it.
+    /// Registers an edge (declared by configuration, or by its hello). Nothing
+    /// is backfilled: an edge's deliveries follow from its watermark.
     pub async fn register_edge(&self, id: &str, declared: bool) -> Result<bool, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let inserted = sqlx::query(&format!(
+        Ok(sqlx::query(&format!(
             "INSERT INTO edges (id, declared, first_seen_ms) VALUES (?, ?, {NOW_MS})
              ON CONFLICT (id) DO UPDATE SET declared = MAX(declared, excluded.declared)"
         ))
         .bind(id)
         .bind(declared)
-        .execute(&mut *tx)
+        .execute(&self.writer)
         .await?
         .rows_affected()
-            > 0;
-        let published = self.published_seq_in(&mut tx).await?;
-        sqlx::query(&format!(
-            "INSERT OR IGNORE INTO deliveries (seq, edge, state, since_ms, updated_ms)
-             SELECT seq, ?, 'pending', {NOW_MS}, {NOW_MS} FROM ops WHERE seq <= ?"
-        ))
-        .bind(id)
-        .bind(published)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(inserted)
-    }
-
-    async fn published_seq_in(&self, tx: &mut sqlx::SqliteConnection) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT COALESCE((SELECT value FROM meta WHERE key = 'published_seq'), 0)",
-        )
-        .fetch_one(tx)
-        .await?)
+            > 0)
     }
 
     /// The highest seq handed to the broker.
     pub async fn published_seq(&self) -> Result<i64, StoreError> {
-        let mut conn = self.writer.acquire().await?;
-        self.published_seq_in(&mut conn).await
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE((SELECT value FROM meta WHERE key = 'published_seq'), 0)",
+        )
+        .fetch_one(&self.writer)
+        .await?)
     }
 
-    /// Records that ops up to `seq` were published: they are pending at every edge.
+    /// Records that ops up to `seq` were published.
     pub async fn mark_published(&self, seq: i64) -> Result<(), StoreError> {
-        let mut tx = self.writer.begin().await?;
-        let before = self.published_seq_in(&mut tx).await?;
-        sqlx::query(&format!(
-            "INSERT OR IGNORE INTO deliveries (seq, edge, state, since_ms, updated_ms)
-             SELECT ops.seq, edges.id, 'pending', {NOW_MS}, {NOW_MS} FROM ops, edges
-             WHERE ops.seq > ? AND ops.seq <= ?"
-        ))
-        .bind(before)
-        .bind(seq)
-        .execute(&mut *tx)
-        .await?;
         sqlx::query(
             "INSERT INTO meta (key, value) VALUES ('published_seq', ?)
              ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
         )
         .bind(seq)
-        .execute(&mut *tx)
+        .execute(&self.writer)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
-    /// Updates an edge from its hello.
+    /// Updates an edge from its hello; returns its watermark.
     pub async fn edge_hello(
         &self,
         id: &str,
         cursor: i64,
         version: &str,
         error: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "UPDATE edges SET cursor = ?, version = ?, error = ?, last_seen_ms = {NOW_MS} WHERE id = ?"
+    ) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&format!(
+            "UPDATE edges SET cursor = ?, version = ?, error = ?, last_seen_ms = {NOW_MS}
+             WHERE id = ? RETURNING acked_seq"
         ))
         .bind(cursor)
         .bind(version)
         .bind(error)
         .bind(id)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
+        .fetch_optional(&self.writer)
+        .await?
+        .unwrap_or(0))
     }
 
-    /// Records an edge's ack; an ack for an op ID that does not match the seq is
-    /// ignored. Returns whether a delivery changed.
-    pub async fn record_ack(&self, edge: &str, ack: &Ack) -> Result<bool, StoreError> {
+    /// Records an edge's ack (ignored when the op ID does not match the seq).
+    /// Returns the edge's watermark after it: below the ack's seq when acks
+    /// before it were lost.
+    pub async fn record_ack(&self, edge: &str, ack: &Ack) -> Result<Option<i64>, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let changed = sqlx::query(&format!(
-            "INSERT INTO deliveries (seq, edge, state, status, detail, since_ms, updated_ms)
-             SELECT seq, ?, ?, ?, ?, {NOW_MS}, {NOW_MS} FROM ops WHERE seq = ? AND op_id = ?
-             ON CONFLICT (seq, edge) DO UPDATE SET state = excluded.state, status = excluded.status,
-                 detail = excluded.detail, updated_ms = excluded.updated_ms"
-        ))
-        .bind(edge)
-        .bind(ack.outcome.as_str())
-        .bind(ack.status.map(i64::from))
-        .bind(&ack.detail)
-        .bind(ack.seq)
-        .bind(&ack.op_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            > 0;
-        if changed {
-            sqlx::query(&format!(
-                "UPDATE edges SET cursor = MAX(cursor, ?), last_seen_ms = {NOW_MS} WHERE id = ?"
-            ))
-            .bind(ack.seq)
-            .bind(edge)
-            .execute(&mut *tx)
-            .await?;
+        let known: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM ops WHERE seq = ? AND op_id = ?")
+                .bind(ack.seq)
+                .bind(&ack.op_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if known.is_none() {
+            return Ok(None);
         }
-        tx.commit().await?;
-        Ok(changed)
-    }
-
-    /// Marks deliveries pending for longer than `timeout_ms` as timed out.
-    pub async fn sweep_timeouts(&self, timeout_ms: i64) -> Result<u64, StoreError> {
-        let detail = format!("no ack within {}s", (timeout_ms as f64 / 1000.0));
-        Ok(sqlx::query(&format!(
-            "UPDATE deliveries SET state = 'timed_out', detail = ?, updated_ms = {NOW_MS}
-             WHERE state = 'pending' AND since_ms < {NOW_MS} - ?"
+        set_exception(&mut tx, edge, ack).await?;
+        let acked: i64 = sqlx::query_scalar(&format!(
+            "UPDATE edges SET cursor = MAX(cursor, ?), last_seen_ms = {NOW_MS},
+                 acked_seq = CASE WHEN acked_seq + 1 = ? THEN ? ELSE acked_seq END
+             WHERE id = ? RETURNING acked_seq"
         ))
-        .bind(detail)
-        .bind(timeout_ms)
-        .execute(&self.writer)
-        .await?
-        .rows_affected())
-    }
-
-    /// Makes one delivery pending again (before a directed redo).
-    pub async fn reset_delivery(&self, seq: i64, edge: &str) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "UPDATE deliveries SET state = 'pending', since_ms = {NOW_MS}, updated_ms = {NOW_MS}
-             WHERE seq = ? AND edge = ? AND state NOT IN ('applied', 'adopted')"
-        ))
-        .bind(seq)
+        .bind(ack.seq)
+        .bind(ack.seq)
+        .bind(ack.seq)
         .bind(edge)
-        .execute(&self.writer)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
+        Ok(Some(acked))
+    }
+
+    /// Takes an edge's own account of its outcomes in `(after, through]`: the
+    /// listed exceptions replace those on record, every other op in the range was
+    /// applied, and the watermark moves up to `through`.
+    pub async fn record_outcomes(
+        &self,
+        edge: &str,
+        after: i64,
+        through: i64,
+        exceptions: &[Ack],
+        asked_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let acked: Option<i64> = sqlx::query_scalar("SELECT acked_seq FROM edges WHERE id = ?")
+            .bind(edge)
+            .fetch_optional(&mut *tx)
+            .await?;
+        // Only a range that starts at or below the watermark keeps it gap-free.
+        if acked.is_none_or(|a| a < after) || through <= after {
+            return Ok(());
+        }
+        // An ack heard after the question was asked is newer than the answer.
+        sqlx::query(
+            "DELETE FROM deliveries WHERE edge = ? AND seq > ? AND seq <= ? AND updated_ms < ?",
+        )
+        .bind(edge)
+        .bind(after)
+        .bind(through)
+        .bind(asked_ms)
+        .execute(&mut *tx)
+        .await?;
+        for ack in exceptions
+            .iter()
+            .filter(|a| a.seq > after && a.seq <= through)
+        {
+            let matches: Option<i64> = sqlx::query_scalar(
+                "SELECT seq FROM ops WHERE seq = ? AND op_id = ?
+                 AND NOT EXISTS (SELECT 1 FROM deliveries
+                                 WHERE seq = ops.seq AND edge = ? AND updated_ms >= ?)",
+            )
+            .bind(ack.seq)
+            .bind(&ack.op_id)
+            .bind(edge)
+            .bind(asked_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if matches.is_some() {
+                set_exception(&mut tx, edge, ack).await?;
+            }
+        }
+        sqlx::query(
+            "UPDATE edges SET acked_seq = MAX(acked_seq, ?), cursor = MAX(cursor, ?) WHERE id = ?",
+        )
+        .bind(through)
+        .bind(through)
+        .bind(edge)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    pub async fn deliveries(&self, seq: i64) -> Result<Vec<DeliveryRow>, StoreError> {
+    /// One edge's watermark and last reported cursor.
+    pub async fn edge_position(&self, edge: &str) -> Result<Option<(i64, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT acked_seq, cursor FROM edges WHERE id = ?")
+                .bind(edge)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
+    /// Each edge's delivery state for one op: its exception row, else applied at
+    /// or below the edge's watermark, else pending or (after `ack_timeout`) timed out.
+    pub async fn deliveries(
+        &self,
+        seq: i64,
+        ack_timeout: Duration,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
         Ok(sqlx::query_as(&format!(
-            "SELECT edge, state, status, detail, {} AS since, {} AS updated_at
-             FROM deliveries WHERE seq = ? ORDER BY edge",
-            iso("since_ms"),
-            iso("updated_ms")
+            "SELECT e.id AS edge,
+                    COALESCE(d.state, CASE WHEN o.seq <= e.acked_seq THEN 'applied'
+                                           WHEN o.logged_at < {OLDER} THEN 'timed_out'
+                                           ELSE 'pending' END) AS state,
+                    d.status,
+                    CASE WHEN d.state IS NULL AND o.seq > e.acked_seq AND o.logged_at < {OLDER}
+                         THEN ? ELSE d.detail END AS detail,
+                    COALESCE({}, o.logged_at) AS since,
+                    COALESCE({}, o.logged_at) AS updated_at
+             FROM ops o JOIN edges e LEFT JOIN deliveries d ON d.seq = o.seq AND d.edge = e.id
+             WHERE o.seq = ? ORDER BY e.id",
+            iso("d.since_ms"),
+            iso("d.updated_ms")
         ))
+        .bind(older(ack_timeout))
+        .bind(older(ack_timeout))
+        .bind(no_ack(ack_timeout))
         .bind(seq)
         .fetch_all(&self.reader)
         .await?)
@@ -242,7 +277,7 @@ impl Store {
 
     pub async fn edges(&self) -> Result<Vec<EdgeRow>, StoreError> {
         Ok(sqlx::query_as(&format!(
-            "SELECT e.id, e.declared, e.cursor, e.version, e.error,
+            "SELECT e.id, e.declared, e.cursor, e.acked_seq, e.version, e.error,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {} END AS last_seen,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {NOW_MS} - e.last_seen_ms END AS silent_ms,
                     MAX(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,
@@ -255,27 +290,120 @@ impl Store {
         .await?)
     }
 
-    /// Number of deliveries in each state.
-    pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
-                .fetch_all(&self.reader)
-                .await?,
+    /// Deliveries pending, failed and timed out over all edges, from the
+    /// watermarks and the exception rows (no scan of the op log).
+    pub async fn delivery_counts(
+        &self,
+        ack_timeout: Duration,
+    ) -> Result<DeliveryCounts, StoreError> {
+        let last = self.last_seq().await?;
+        let old: i64 = sqlx::query_scalar(&format!(
+            "SELECT COALESCE(MAX(seq), 0) FROM ops WHERE logged_at < {OLDER}"
+        ))
+        .bind(older(ack_timeout))
+        .fetch_one(&self.reader)
+        .await?;
+        let edges: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT e.acked_seq, (SELECT COUNT(*) FROM deliveries d
+                                  WHERE d.edge = e.id AND d.seq > e.acked_seq AND d.seq <= ?)
+             FROM edges e",
         )
+        .bind(old)
+        .fetch_all(&self.reader)
+        .await?;
+        let failed: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'failed'")
+                .fetch_one(&self.reader)
+                .await?;
+        let mut counts = DeliveryCounts {
+            failed,
+            ..DeliveryCounts::default()
+        };
+        for (acked, answered_early) in edges {
+            counts.timed_out += (old - acked).max(0) - answered_early;
+            counts.pending += last - old.max(acked).min(last);
+        }
+        Ok(counts)
     }
 
-    pub async fn out_of_sync(&self, edge: Option<&str>) -> Result<Vec<OutOfSyncRow>, StoreError> {
+    /// Every (op, edge) out of sync: `failed`, or `timed_out` (above the edge's
+    /// watermark, unanswered for longer than `ack_timeout`), at most `limit`.
+    pub async fn out_of_sync(
+        &self,
+        edge: Option<&str>,
+        ack_timeout: Duration,
+        limit: i64,
+    ) -> Result<Vec<OutOfSyncRow>, StoreError> {
         Ok(sqlx::query_as(&format!(
-            "SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status, d.detail,
-                    {} AS updated_at
-             FROM deliveries d JOIN ops o ON o.seq = d.seq
-             WHERE d.state IN ('failed', 'timed_out') AND (? IS NULL OR d.edge = ?)
-             ORDER BY d.edge, d.seq",
+            "SELECT * FROM (
+                 SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
+                        d.detail, {} AS updated_at
+                 FROM deliveries d JOIN ops o ON o.seq = d.seq
+                 WHERE d.state = 'failed' AND (?1 IS NULL OR d.edge = ?1)
+                 UNION ALL
+                 SELECT o.seq, o.op_id, e.id, 'timed_out', o.kind, o.method, o.path, NULL,
+                        ?2, o.logged_at
+                 FROM edges e JOIN ops o ON o.seq > e.acked_seq
+                 WHERE o.logged_at < {OLDER_3} AND (?1 IS NULL OR e.id = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = o.seq AND d.edge = e.id)
+             ) ORDER BY edge, seq LIMIT ?4",
             iso("d.updated_ms")
         ))
         .bind(edge)
-        .bind(edge)
+        .bind(no_ack(ack_timeout))
+        .bind(older(ack_timeout))
+        .bind(limit)
         .fetch_all(&self.reader)
         .await?)
     }
+}
+
+/// Counts of deliveries by state, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryCounts {
+    pub pending: i64,
+    pub failed: i64,
+    pub timed_out: i64,
+}
+
+/// SQL for "before now less the bound parameter" on an ISO timestamp column.
+const OLDER: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)";
+const OLDER_3: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3)";
+
+fn older(age: Duration) -> String {
+    format!("-{:.3} seconds", age.as_secs_f64())
+}
+
+fn no_ack(ack_timeout: Duration) -> String {
+    format!("no ack within {}s", ack_timeout.as_secs_f64())
+}
+
+/// Records one ack as the delivery's state: `applied` needs no row.
+async fn set_exception(
+    tx: &mut sqlx::SqliteConnection,
+    edge: &str,
+    ack: &Ack,
+) -> Result<(), StoreError> {
+    if ack.outcome == Outcome::Applied {
+        sqlx::query("DELETE FROM deliveries WHERE seq = ? AND edge = ?")
+            .bind(ack.seq)
+            .bind(edge)
+            .execute(&mut *tx)
+            .await?;
+        return Ok(());
+    }
+    sqlx::query(&format!(
+        "INSERT INTO deliveries (seq, edge, state, status, detail, since_ms, updated_ms)
+         VALUES (?, ?, ?, ?, ?, {NOW_MS}, {NOW_MS})
+         ON CONFLICT (seq, edge) DO UPDATE SET state = excluded.state, status = excluded.status,
+             detail = excluded.detail, updated_ms = excluded.updated_ms"
+    ))
+    .bind(ack.seq)
+    .bind(edge)
+    .bind(ack.outcome.as_str())
+    .bind(ack.status.map(i64::from))
+    .bind(&ack.detail)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }

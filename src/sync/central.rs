@@ -14,7 +14,8 @@ use tracing::{debug, error, info, warn};
 
 use super::crypto::Sealer;
 use super::protocol::{
-    Ack, EntityRef, Envelope, Hello, OpContent, Redo, ReplayBatch, ReplayRequest, Subjects,
+    Ack, EntityRef, Envelope, Hello, OpContent, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
+    ReplayRequest, Subjects,
 };
 use crate::store::{OpFilter, OpRow, Store};
 
@@ -30,6 +31,8 @@ pub struct SyncCentral {
     pub wake: Arc<Notify>,
     pub ack_timeout: Duration,
     pub declared_edges: Vec<String>,
+    /// Edges whose outcomes are being recovered right now.
+    pub recovering: std::sync::Mutex<HashSet<String>>,
 }
 
 /// Seals one op for the wire.
@@ -71,7 +74,6 @@ impl SyncCentral {
             tokio::spawn(self.clone().publish_loop(stop.clone())),
             tokio::spawn(self.clone().replay_loop(replay, stop.clone())),
             tokio::spawn(self.clone().ack_loop(acks, hellos, stop.clone())),
-            tokio::spawn(self.clone().sweep_loop(stop.clone())),
         ];
         info!(prefix = %self.subjects.ops(), edges = ?self.declared_edges, "sync publishing");
         for task in tasks {
@@ -250,7 +252,12 @@ impl SyncCentral {
                 match serde_json::from_slice::<Ack>(&msg.payload) {
                     Ok(ack) => {
                         debug!(edge = %edge, seq = ack.seq, outcome = ack.outcome.as_str(), "ack");
-                        self.store.record_ack(&edge, &ack).await.map(|_| ())
+                        self.store.record_ack(&edge, &ack).await.map(|acked| {
+                            // Acks before this one were lost: ask the edge.
+                            if let Some(acked) = acked.filter(|a| *a < ack.seq) {
+                                self.recover_outcomes(&edge, acked, ack.seq);
+                            }
+                        })
                     }
                     Err(e) => {
                         warn!(edge = %edge, error = %e, "malformed ack ignored");
@@ -259,11 +266,16 @@ impl SyncCentral {
                 }
             } else {
                 match serde_json::from_slice::<Hello>(&msg.payload) {
-                    Ok(h) if h.edge == edge => {
-                        self.store
-                            .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
-                            .await
-                    }
+                    Ok(h) if h.edge == edge => self
+                        .store
+                        .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
+                        .await
+                        .map(|acked| {
+                            let through = h.outcomes_through.unwrap_or(h.cursor);
+                            if through > acked {
+                                self.recover_outcomes(&edge, acked, through);
+                            }
+                        }),
                     Ok(_) => {
                         warn!(edge = %edge, "hello names another edge; ignored");
                         Ok(())
@@ -280,33 +292,179 @@ impl SyncCentral {
         }
     }
 
-    async fn sweep_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let every = (self.ack_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
-        let timeout_ms = self.ack_timeout.as_millis() as i64;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = crate::sync::stopped(&mut stop) => return,
-            }
-            match self.store.sweep_timeouts(timeout_ms).await {
-                Ok(0) => {}
-                Ok(n) => warn!(count = n, "deliveries timed out waiting for an ack"),
-                Err(e) => error!(error = %e, "cannot sweep deliveries"),
+    /// Asks an edge for its outcomes in `(after, through]` (acks central never
+    /// heard), on a task of its own, one request per edge at a time.
+    fn recover_outcomes(self: &Arc<Self>, edge: &str, after: i64, through: i64) {
+        {
+            let mut busy = self.recovering.lock().unwrap_or_else(|p| p.into_inner());
+            if !busy.insert(edge.to_string()) {
+                return;
             }
         }
+        let this = self.clone();
+        let edge = edge.to_string();
+        tokio::spawn(async move {
+            let asked_ms = now_ms();
+            let req = OutcomesRequest { after, through };
+            let payload = serde_json::to_vec(&req).expect("a request serializes");
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                this.client
+                    .request(this.subjects.outcomes(&edge), payload.into()),
+            )
+            .await;
+            match answer {
+                Ok(Ok(msg)) => match serde_json::from_slice::<OutcomesReply>(&msg.payload) {
+                    Ok(reply) => {
+                        let upto = reply.through.min(through);
+                        match this
+                            .store
+                            .record_outcomes(&edge, after, upto, &reply.exceptions, asked_ms)
+                            .await
+                        {
+                            Ok(()) => info!(
+                                edge = %edge,
+                                after,
+                                through = upto,
+                                exceptions = reply.exceptions.len(),
+                                "outcomes recovered from the edge"
+                            ),
+                            Err(e) => {
+                                error!(edge = %edge, error = %e, "cannot record recovered outcomes")
+                            }
+                        }
+                    }
+                    Err(e) => warn!(edge = %edge, error = %e, "malformed outcomes reply ignored"),
+                },
+                Ok(Err(e)) => {
+                    debug!(edge = %edge, error = %e, "outcomes request failed; will ask again")
+                }
+                Err(_) => debug!(edge = %edge, "outcomes request timed out; will ask again"),
+            }
+            this.recovering
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&edge);
+        });
     }
 
-    /// Asks one edge to apply one op again.
-    pub async fn redo(&self, op: &OpRow, edge: &str) -> anyhow::Result<()> {
-        self.store.reset_delivery(op.seq, edge).await?;
+    /// Re-drives one op at one edge (`POST /v1/ops/{seq}/retry`). Never applies
+    /// an op twice or out of order: an op the edge applied is re-acknowledged from
+    /// its stored outcome; a failed op is re-applied only while no later op that
+    /// touches the same entity is applied there; an op the edge has not reached
+    /// is left to arrive in order.
+    pub async fn redrive(&self, op: &OpRow, edge: &str) -> Result<Redriven, RedriveError> {
+        let (_, cursor) = self
+            .store
+            .edge_position(edge)
+            .await
+            .map_err(|e| RedriveError::Internal(e.into()))?
+            .ok_or_else(|| RedriveError::NoEdge(edge.to_string()))?;
+        let state = self
+            .store
+            .deliveries(op.seq, self.ack_timeout)
+            .await
+            .map_err(|e| RedriveError::Internal(e.into()))?
+            .into_iter()
+            .find(|d| d.edge == edge)
+            .map(|d| d.state)
+            .unwrap_or_else(|| "pending".into());
+        let mut unless_applied = None;
+        let (action, message) = match state.as_str() {
+            "applied" | "adopted" | "skipped" => (
+                "reacknowledge",
+                format!(
+                    "op {} is already {state} at {edge}: the edge re-acknowledges its stored \
+                     outcome and applies nothing again",
+                    op.seq
+                ),
+            ),
+            "failed" => {
+                let later = self
+                    .store
+                    .next_conflicting(op.seq)
+                    .await
+                    .map_err(|e| RedriveError::Internal(e.into()))?;
+                if let Some((l, method, path)) = &later {
+                    if *l <= cursor {
+                        return Err(RedriveError::WouldUndo(format!(
+                            "op {l} ({method} {path}) touches what op {} touches and is already \
+                             applied at {edge}; re-applying op {} now could undo it. Make the \
+                             intended change again through the gateway instead",
+                            op.seq, op.seq
+                        )));
+                    }
+                }
+                unless_applied = later.map(|(l, _, _)| l);
+                (
+                    "reapply",
+                    format!("op {} failed at {edge}; the edge applies it again", op.seq),
+                )
+            }
+            _ if op.seq > cursor + 1 => {
+                return Err(RedriveError::NotReached(format!(
+                    "{edge} has not reached op {} yet (its cursor is {cursor}); it applies ops \
+                     in seq order and will apply this one after the ones before it",
+                    op.seq
+                )))
+            }
+            _ => (
+                "resend",
+                format!(
+                    "op {} is {state} at {edge}; the edge applies it if it has not, or \
+                     re-acknowledges its stored outcome",
+                    op.seq
+                ),
+            ),
+        };
         let redo = Redo {
             op: envelope(&self.sealer, op),
+            unless_applied,
         };
+        let payload = serde_json::to_vec(&redo).map_err(|e| RedriveError::Internal(e.into()))?;
         self.client
-            .publish(self.subjects.redo(edge), serde_json::to_vec(&redo)?.into())
-            .await?;
-        tokio::time::timeout(Duration::from_secs(5), self.client.flush()).await??;
-        info!(seq = op.seq, edge, "redo sent");
-        Ok(())
+            .publish(self.subjects.redo(edge), payload.into())
+            .await
+            .map_err(|e| RedriveError::Broker(e.to_string()))?;
+        tokio::time::timeout(Duration::from_secs(5), self.client.flush())
+            .await
+            .map_err(|_| RedriveError::Broker("flush timed out".into()))?
+            .map_err(|e| RedriveError::Broker(e.to_string()))?;
+        info!(seq = op.seq, edge, action, "re-drive sent");
+        Ok(Redriven {
+            action,
+            state,
+            message,
+        })
     }
+}
+
+/// What a re-drive did.
+#[derive(Debug)]
+pub struct Redriven {
+    /// `reacknowledge`, `reapply` or `resend`.
+    pub action: &'static str,
+    /// The delivery's state when it was re-driven.
+    pub state: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    #[error("no edge '{0}'")]
+    NoEdge(String),
+    #[error("{0}")]
+    WouldUndo(String),
+    #[error("{0}")]
+    NotReached(String),
+    #[error("the re-drive could not be sent to the broker: {0}")]
+    Broker(String),
+    #[error("{0}")]
+    Internal(anyhow::Error),
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -31,6 +31,9 @@ impl Subjects {
     pub fn redo(&self, edge: &str) -> String {
         format!("{}.redo.{edge}", self.prefix)
     }
+    pub fn outcomes(&self, edge: &str) -> String {
+        format!("{}.outcomes.{edge}", self.prefix)
+    }
     /// The edge named by the last token of an ack or hello subject.
     pub fn edge_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
         subject.rsplit('.').next().filter(|e| !e.is_empty())
@@ -146,10 +149,37 @@ pub struct Hello {
     /// Set while the edge cannot apply ops (wrong sync key, halted on failure).
     #[serde(default)]
     pub error: Option<String>,
+    /// The highest seq with an outcome at the edge: the cursor, or the op after
+    /// it when the edge halted on that op's failure. Central asks for outcomes up
+    /// to here that it has not heard (lost acks).
+    #[serde(default)]
+    pub outcomes_through: Option<i64>,
 }
 
-/// Central asks one edge to apply one op again.
+/// Central asks an edge (request/reply on `<prefix>.outcomes.<edge>`) for its
+/// outcomes in `(after, through]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutcomesRequest {
+    pub after: i64,
+    pub through: i64,
+}
+
+/// An edge's account of `(after, through]`: every op in it that is not listed
+/// was applied. `through` may stop short of what was asked (a bounded answer).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutcomesReply {
+    pub through: i64,
+    pub exceptions: Vec<Ack>,
+}
+
+/// Central re-drives one op at one edge. The edge re-acknowledges an op it
+/// applied (never applies it twice), applies the op after its cursor, and
+/// re-applies a failed op only while no conflicting later op is applied there.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Redo {
     pub op: Envelope,
+    /// The first later op that touches what this one touches: when the edge's
+    /// cursor has reached it, re-applying this op could undo it.
+    #[serde(default)]
+    pub unless_applied: Option<i64>,
 }
