@@ -36,6 +36,10 @@ use apply::Applier;
 
 /// Ops asked for per replay request.
 const REPLAY_LIMIT: i64 = 200;
+/// How long a replay request may take. The run loop waits for it, so it is
+/// short: a request lost with a broken connection must not hold up acks,
+/// answers to central or live ops for long.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest wait between retries of an op that failed transiently.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -49,6 +53,8 @@ pub struct Status {
     pub applied: AtomicU64,
     pub failed: AtomicU64,
     pub retries: AtomicU64,
+    /// Re-drives from central handled (re-acknowledged, re-applied or refused).
+    pub redriven: AtomicU64,
     /// Why the edge cannot make progress, if it cannot.
     pub error: Mutex<Option<String>>,
 }
@@ -306,7 +312,7 @@ impl Runner {
             };
             let payload = serde_json::to_vec(&req).expect("a request serializes");
             let answer = tokio::time::timeout(
-                Duration::from_secs(10),
+                REPLAY_TIMEOUT,
                 self.client.request(self.subjects.replay(), payload.into()),
             )
             .await;
@@ -359,6 +365,7 @@ impl Runner {
     async fn redo(&self, redo: Redo) -> Result<(), Stuck> {
         let env = redo.op;
         let seq = env.seq;
+        let _counted = Counted(&self.status.redriven);
         let cursor = self.cursor().await;
         let stored = match self.store.outcome(seq).await {
             Ok(o) => o.filter(|o| o.op_id == env.op_id),
@@ -580,6 +587,15 @@ impl Runner {
     }
 }
 
+/// Counts one event when dropped (whichever way the handler returns).
+struct Counted<'a>(&'a AtomicU64);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Most exceptions in one answer to central's outcomes request.
 const MAX_EXCEPTIONS_PER_ANSWER: i64 = 5000;
 
@@ -638,6 +654,7 @@ async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
         "error": st.error(),
         "applied_total": st.applied.load(Ordering::Relaxed),
         "failed_total": st.failed.load(Ordering::Relaxed),
+        "redriven_total": st.redriven.load(Ordering::Relaxed),
     }))
 }
 

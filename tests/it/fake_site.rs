@@ -38,6 +38,43 @@ pub struct SiteState {
     /// Creates received, by kind (to prove nothing is applied twice).
     pub creates: HashMap<String, usize>,
     pub writes: usize,
+    /// The next write waits this long before it is handled (a slow Keystone).
+    pub delay_next: Option<std::time::Duration>,
+    /// The next successful write is applied and then never answered (the
+    /// answer is lost: a crash or a cut after Keystone committed).
+    pub hang_after_next_write: bool,
+    /// Every write's answer leaves up to this long after the write was applied
+    /// (as Keystone's does: applied in one order, answered in another).
+    pub answer_jitter: Option<std::time::Duration>,
+    /// Kinds without a natural key, by kind: ID -> entity.
+    pub unnamed: HashMap<&'static str, BTreeMap<String, Value>>,
+}
+
+/// Kinds without a natural key the fake keeps: (collection, kind, JSON key of a
+/// create's body and answer).
+pub const UNNAMED: [(&str, &str, &str); 7] = [
+    ("credentials", "credential", "credential"),
+    ("policies", "policy", "policy"),
+    ("services", "service", "service"),
+    ("endpoints", "endpoint", "endpoint"),
+    ("regions", "region", "region"),
+    ("limits", "limit", "limits"),
+    ("registered_limits", "registered_limit", "registered_limits"),
+];
+
+/// Fields that identify a limit or registered limit (Keystone keeps them unique).
+fn unique_fields(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "limit" => &[
+            "project_id",
+            "domain_id",
+            "service_id",
+            "region_id",
+            "resource_name",
+        ],
+        "registered_limit" => &["service_id", "region_id", "resource_name"],
+        _ => &[],
+    }
 }
 
 pub struct FakeSite {
@@ -109,6 +146,39 @@ impl FakeSite {
 
     pub fn creates(&self) -> usize {
         self.state.lock().unwrap().creates.values().sum()
+    }
+
+    pub fn creates_of(&self, kind: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .creates
+            .get(kind)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn writes(&self) -> usize {
+        self.state.lock().unwrap().writes
+    }
+
+    /// The entities of a kind without a natural key.
+    pub fn unnamed(&self, kind: &str) -> Vec<Value> {
+        let st = self.state.lock().unwrap();
+        st.unnamed
+            .get(kind)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// One field of an entity with a natural key, by name.
+    pub fn field_of(&self, kind: &str, name: &str, field: &str) -> Value {
+        let st = self.state.lock().unwrap();
+        st.entities[kind]
+            .values()
+            .find(|e| e["name"] == name)
+            .map(|e| e[field].clone())
+            .unwrap_or(Value::Null)
     }
 
     pub fn id_of(&self, kind: &str, name: &str) -> Option<String> {
@@ -228,6 +298,36 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Response {
+    let write = req.method() != Method::GET && req.uri().path() != "/v3/auth/tokens";
+    let delay = if write {
+        state.lock().unwrap().delay_next.take()
+    } else {
+        None
+    };
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    let resp = handle_now(state.clone(), req).await;
+    let jitter = if write {
+        state.lock().unwrap().answer_jitter
+    } else {
+        None
+    };
+    if let Some(max) = jitter {
+        let r = u128::from_le_bytes(*uuid::Uuid::new_v4().as_bytes());
+        tokio::time::sleep(max.mul_f64((r % 1000) as f64 / 1000.0)).await;
+    }
+    let hang = write && resp.status().is_success() && {
+        let mut st = state.lock().unwrap();
+        std::mem::take(&mut st.hang_after_next_write)
+    };
+    if hang {
+        std::future::pending::<()>().await;
+    }
+    resp
+}
+
+async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 1 << 20)
         .await
@@ -240,7 +340,7 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
         .map(|q| {
             q.split('&')
                 .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.replace("%20", " ")))
+                .map(|(k, v)| (k.to_string(), percent_decode(v)))
                 .collect()
         })
         .unwrap_or_default();
@@ -473,6 +573,125 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
             }
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
+        (m, ["v3", coll, rest @ ..]) if UNNAMED.iter().any(|(c, _, _)| c == coll) => {
+            let (_, kind, key) = *UNNAMED.iter().find(|(c, _, _)| c == coll).unwrap();
+            unnamed(&mut st, m, kind, key, rest.first().copied(), &query, &body)
+        }
+        _ => error(StatusCode::NOT_FOUND, "The resource could not be found."),
+    }
+}
+
+/// Kinds without a natural key: IDs of the site's own (regions keep a given
+/// `id`), lists filtered by any query field, limits unique by their scope.
+fn unnamed(
+    st: &mut SiteState,
+    method: Method,
+    kind: &'static str,
+    key: &str,
+    id: Option<&str>,
+    query: &HashMap<String, String>,
+    body: &Value,
+) -> Response {
+    let single = key == kind;
+    let table = st.unnamed.entry(kind).or_default();
+    match (method, id) {
+        (Method::GET, None) => {
+            let items: Vec<Value> = table
+                .values()
+                .filter(|e| {
+                    query
+                        .iter()
+                        .all(|(k, v)| e[k.as_str()].as_str() == Some(v.as_str()))
+                })
+                .cloned()
+                .collect();
+            let coll = UNNAMED.iter().find(|(_, k, _)| *k == kind).unwrap().0;
+            reply(StatusCode::OK, json!({ coll: items }))
+        }
+        (Method::GET, Some(id)) => match table.get(id) {
+            Some(e) => reply(StatusCode::OK, json!({ kind: e })),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("Could not find {kind}: {id}."),
+            ),
+        },
+        (Method::POST, None) => {
+            let items: Vec<Value> = if single {
+                body.get(key)
+                    .cloned()
+                    .filter(Value::is_object)
+                    .into_iter()
+                    .collect()
+            } else {
+                body.get(key)
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            if items.is_empty() {
+                return error(StatusCode::BAD_REQUEST, "Invalid input");
+            }
+            let mut made = Vec::new();
+            for mut item in items {
+                let fields = unique_fields(kind);
+                if !fields.is_empty()
+                    && table
+                        .values()
+                        .any(|e| fields.iter().all(|f| e.get(*f) == item.get(*f)))
+                {
+                    return error(StatusCode::CONFLICT, "Duplicate entry.");
+                }
+                if (kind == "limit" || kind == "registered_limit") && item.get("id").is_some() {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "Additional properties are not allowed ('id' was unexpected)",
+                    );
+                }
+                let id = match (kind, item.get("id").and_then(Value::as_str)) {
+                    ("region", Some(given)) => given.to_string(),
+                    _ => new_id(),
+                };
+                if table.contains_key(&id) {
+                    return error(StatusCode::CONFLICT, "Duplicate ID.");
+                }
+                item["id"] = json!(id);
+                table.insert(id, item.clone());
+                made.push(item);
+            }
+            *st.creates.entry(kind.to_string()).or_default() += 1;
+            if single {
+                reply(StatusCode::CREATED, json!({ kind: made[0] }))
+            } else {
+                reply(StatusCode::CREATED, json!({ key: made }))
+            }
+        }
+        (Method::PATCH, Some(id)) => {
+            let changes = body
+                .get(kind)
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            let Some(e) = table.get_mut(id) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!("Could not find {kind}: {id}."),
+                );
+            };
+            for (k, v) in changes {
+                if k != "id" {
+                    e[k] = v;
+                }
+            }
+            let out = e.clone();
+            reply(StatusCode::OK, json!({ kind: out }))
+        }
+        (Method::DELETE, Some(id)) => match table.remove(id) {
+            Some(_) => reply(StatusCode::NO_CONTENT, Value::Null),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("Could not find {kind}: {id}."),
+            ),
+        },
         _ => error(StatusCode::NOT_FOUND, "The resource could not be found."),
     }
 }
@@ -552,4 +771,33 @@ fn issue_token(st: &mut SiteState, body: &Value) -> Response {
     resp.headers_mut()
         .insert("x-subject-token", token.parse().unwrap());
     resp
+}
+
+/// Decodes `%XX` escapes in a query value.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -48,6 +48,8 @@ fn admin_credentials(site: &FakeSite) -> Credentials {
 pub struct EdgeSite {
     pub id: String,
     pub site: FakeSite,
+    /// The broker URL this edge uses (central's, or a fault proxy in front of it).
+    pub broker: String,
     db: String,
     key: SyncKey,
     pub admin: String,
@@ -125,30 +127,48 @@ pub async fn sync_env(
         dir,
     };
     for id in edges {
-        let site = FakeSite::start(&format!("{id}-admin-pw")).await;
-        let db = format!(
-            "sqlite://{}",
-            env.dir.path().join(format!("{id}.db")).display()
-        );
-        let mut edge = EdgeSite {
-            id: id.to_string(),
-            site,
-            db,
-            key: env.key.clone(),
-            admin: String::new(),
-            running: None,
-        };
-        env.start_edge(&mut edge, OnFailure::Continue).await;
-        env.edges.push(edge);
+        env.add_edge(id, None).await;
     }
     env
 }
 
 impl SyncEnv {
+    /// Starts one more edge with a fresh site; `broker` overrides central's URL.
+    pub async fn add_edge(&mut self, id: &str, broker: Option<String>) {
+        let site = FakeSite::start(&format!("{id}-admin-pw")).await;
+        let db = format!(
+            "sqlite://{}",
+            self.dir.path().join(format!("{id}.db")).display()
+        );
+        let mut edge = EdgeSite {
+            id: id.to_string(),
+            site,
+            broker: broker.unwrap_or_else(|| self.broker_url.clone()),
+            db,
+            key: self.key.clone(),
+            admin: String::new(),
+            running: None,
+        };
+        self.start_edge(&mut edge, OnFailure::Continue).await;
+        self.edges.push(edge);
+    }
+
+    /// The client token writes through the gateway carry.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Kills an edge as `kill -9` would: its task is dropped wherever it is.
+    pub async fn kill_edge(&mut self, i: usize) {
+        let running = self.edges[i].running.take().unwrap();
+        running.task.abort();
+        let _ = running.task.await;
+    }
+
     pub fn edge_config(&self, edge: &EdgeSite, on_failure: OnFailure) -> EdgeConfig {
         EdgeConfig {
             id: edge.id.clone(),
-            broker: syncgate::config::parse_nats_url(&self.broker_url).unwrap(),
+            broker: syncgate::config::parse_nats_url(&edge.broker).unwrap(),
             broker_auth: BrokerAuth::None,
             upstream: parse_base_url(&edge.site.url()).unwrap(),
             credentials: admin_credentials(&edge.site),
@@ -190,6 +210,7 @@ impl SyncEnv {
             EdgeSite {
                 id: String::new(),
                 site: FakeSite::start("x").await,
+                broker: String::new(),
                 db: String::new(),
                 key: SyncKey::Plaintext,
                 admin: String::new(),
@@ -311,7 +332,7 @@ impl SyncEnv {
 }
 
 /// An edge's `/v1/status`.
-async fn edge_status(admin: &str) -> Value {
+pub async fn edge_status(admin: &str) -> Value {
     reqwest::get(format!("{admin}/v1/status"))
         .await
         .unwrap()

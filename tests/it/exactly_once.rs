@@ -1,0 +1,427 @@
+//! Exactly once, in order, under faults: each seam where a write could be lost,
+//! logged out of Keystone's order, applied twice, or shown in sync when it is not.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use syncgate::keystone::RouteClass;
+
+use crate::faults::{Fault, FaultProxy};
+use crate::sync::{edge_status, sync_env, SyncEnv};
+
+/// The delivery state of one op at one edge, from the audit API.
+async fn delivery(env: &SyncEnv, seq: i64, edge: &str) -> String {
+    let op = env.audit(&format!("/v1/ops/{seq}")).await;
+    op["deliveries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["edge"] == edge)
+        .and_then(|d| d["state"].as_str())
+        .unwrap_or("none")
+        .to_string()
+}
+
+async fn retry(env: &SyncEnv, seq: i64, edge: &str) -> (u16, Value) {
+    let resp = env
+        .http
+        .post(format!("{}/v1/ops/{seq}/retry?edge={edge}", env.admin))
+        .send()
+        .await
+        .unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// Waits until an edge has handled one more re-drive than `before`.
+async fn until_redriven(env: &SyncEnv, i: usize, before: u64) {
+    let admin = env.edges[i].admin.clone();
+    env.until("the edge handled the re-drive", || {
+        let admin = admin.clone();
+        async move { edge_status(&admin).await["redriven_total"].as_u64() > Some(before) }
+    })
+    .await;
+}
+
+async fn redriven(env: &SyncEnv, i: usize) -> u64 {
+    edge_status(&env.edges[i].admin).await["redriven_total"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_client_that_gives_up_mid_write_does_not_abandon_it() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.central_site.state.lock().unwrap().delay_next = Some(Duration::from_secs(1));
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(format!("{}/v3/projects", env.proxy))
+        .header("x-auth-token", env.token())
+        .json(&json!({"project": {"name": "impatient"}}))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gave up before the answer");
+    env.until("the write is a committed op", || async {
+        env.audit("/v1/ops").await["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["kind"] == "project" && o["state"] == "committed")
+    })
+    .await;
+    env.assert_in_sync().await;
+    assert!(env.edges[0].site.id_of("project", "impatient").is_some());
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_updates_of_one_entity_are_logged_in_keystones_order() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.central_site.state.lock().unwrap().answer_jitter = Some(Duration::from_millis(5));
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "contended"}}),
+        )
+        .await;
+    let path = format!("/v3/projects/{p}");
+    for round in 0..3 {
+        let writes = (0..50).map(|i| {
+            env.write(
+                "PATCH",
+                &path,
+                Some(json!({"project": {"description": format!("round {round} write {i}")}})),
+            )
+        });
+        for (status, body) in futures_util::future::join_all(writes).await {
+            assert_eq!(status, 200, "{body}");
+        }
+        // The snapshots compare descriptions: the edge ends with central's value.
+        env.assert_in_sync().await;
+        assert_eq!(
+            env.central_site
+                .field_of("project", "contended", "description"),
+            env.edges[0]
+                .site
+                .field_of("project", "contended", "description"),
+            "round {round}"
+        );
+    }
+    assert_eq!(env.last_seq().await, 151, "every write is one op");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn re_driving_an_applied_op_re_acknowledges_it_and_applies_nothing() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    let p = env
+        .create("/v3/projects", "project", json!({"project": {"name": "p"}}))
+        .await;
+    for d in ["old", "new"] {
+        env.write(
+            "PATCH",
+            &format!("/v3/projects/{p}"),
+            Some(json!({"project": {"description": d}})),
+        )
+        .await;
+    }
+    env.assert_in_sync().await;
+    let writes = env.edges[0].site.writes();
+    let before = redriven(&env, 0).await;
+
+    let (status, body) = retry(&env, 2, "edge-a").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["action"], "reacknowledge", "{body}");
+    until_redriven(&env, 0, before).await;
+    assert_eq!(
+        env.edges[0].site.field_of("project", "p", "description"),
+        "new",
+        "an old update is not applied again"
+    );
+    assert_eq!(env.edges[0].site.writes(), writes, "nothing was sent");
+    assert_eq!(delivery(&env, 2, "edge-a").await, "applied");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn re_driving_a_failed_op_that_a_later_op_would_undo_is_refused() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    let p = env
+        .create("/v3/projects", "project", json!({"project": {"name": "p"}}))
+        .await;
+    env.assert_in_sync().await;
+    env.edges[0].site.fail_next(&[400]);
+    for d in ["old", "new"] {
+        env.write(
+            "PATCH",
+            &format!("/v3/projects/{p}"),
+            Some(json!({"project": {"description": d}})),
+        )
+        .await;
+    }
+    env.until_delivered(&["edge-a"], &["applied", "failed"])
+        .await;
+    assert_eq!(delivery(&env, 2, "edge-a").await, "failed");
+
+    let (status, body) = retry(&env, 2, "edge-a").await;
+    assert_eq!(status, 409, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("op 3"), "{message}");
+    assert_eq!(
+        env.edges[0].site.field_of("project", "p", "description"),
+        "new"
+    );
+
+    // A failed op that nothing later touches is re-applied, and heals.
+    env.edges[0].site.fail_next(&[400]);
+    env.create("/v3/groups", "group", json!({"group": {"name": "g"}}))
+        .await;
+    env.until_delivered(&["edge-a"], &["applied", "failed"])
+        .await;
+    let (status, body) = retry(&env, 4, "edge-a").await;
+    assert_eq!((status, body["action"].as_str()), (202, Some("reapply")));
+    env.until("the re-applied op heals", || async {
+        delivery(&env, 4, "edge-a").await == "applied"
+    })
+    .await;
+    assert!(env.edges[0].site.id_of("group", "g").is_some());
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn re_driving_a_failed_create_never_brings_back_a_deleted_entity() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.edges[0].site.fail_next(&[400]);
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "ghost"}}),
+        )
+        .await;
+    let (status, _) = env
+        .write("DELETE", &format!("/v3/projects/{p}"), None)
+        .await;
+    assert_eq!(status, 204);
+    env.until_delivered(&["edge-a"], &["applied", "failed"])
+        .await;
+    let (status, body) = retry(&env, 1, "edge-a").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(env.edges[0].site.id_of("project", "ghost").is_none());
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_op_the_edge_has_not_reached_is_not_re_driven_out_of_order() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.stop_edge(0).await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "a"}}))
+        .await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "b"}}))
+        .await;
+    let (status, body) = retry(&env, 2, "edge-a").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("has not reached op 2"));
+    env.restart_edge(0).await;
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn lost_acks_heal_by_themselves_within_a_hello_interval() {
+    let mut env = sync_env(&[], None, |c| {
+        c.sync.edges = vec!["edge-a".into()];
+        c.sync.ack_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let broker: std::net::SocketAddr = env
+        .broker_url
+        .trim_start_matches("nats://")
+        .parse()
+        .unwrap();
+    let faults = FaultProxy::start(broker).await;
+    env.add_edge("edge-a", Some(format!("nats://{}", faults.addr)))
+        .await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "before"}}))
+        .await;
+    env.assert_in_sync().await;
+
+    // Everything the edge says is lost; it still receives and applies ops.
+    faults.set(Fault::DropFromClient);
+    env.edges[0].site.fail_next(&[400]);
+    env.create("/v3/groups", "group", json!({"group": {"name": "fails"}}))
+        .await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "works"}}))
+        .await;
+    env.until("the edge applied both", || async {
+        env.edges[0].site.id_of("group", "works").is_some()
+    })
+    .await;
+    env.until("central times the unacknowledged ops out", || async {
+        delivery(&env, 3, "edge-a").await == "timed_out"
+    })
+    .await;
+
+    // The link comes back; no operator acts.
+    faults.set(Fault::Pass);
+    faults.reset();
+    env.until("lost acks recovered", || async {
+        delivery(&env, 2, "edge-a").await == "failed"
+            && delivery(&env, 3, "edge-a").await == "applied"
+    })
+    .await;
+    let oos = env.audit("/v1/out-of-sync").await;
+    let rows = oos["out_of_sync"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{oos}");
+    assert_eq!(
+        (rows[0]["seq"].as_i64(), rows[0]["state"].as_str()),
+        (Some(2), Some("failed"))
+    );
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_edge_killed_between_its_call_and_its_commit_applies_each_create_once() {
+    let mut env = sync_env(&["edge-a"], None, |c| {
+        c.replicate = RouteClass::ALL.to_vec();
+    })
+    .await;
+    env.create(
+        "/v3/regions",
+        "region",
+        json!({"region": {"id": "RegionX"}}),
+    )
+    .await;
+    let svc = env
+        .create(
+            "/v3/services",
+            "service",
+            json!({"service": {"type": "compute", "name": "nova"}}),
+        )
+        .await;
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "base"}}),
+        )
+        .await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "base"}}))
+        .await;
+    env.assert_in_sync().await;
+
+    let cases = [
+        (
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "crash-p"}}),
+        ),
+        (
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "crash-u", "password": "pw-1"}}),
+        ),
+        ("/v3/groups", "group", json!({"group": {"name": "crash-g"}})),
+        ("/v3/roles", "role", json!({"role": {"name": "crash-r"}})),
+        (
+            "/v3/domains",
+            "domain",
+            json!({"domain": {"name": "crash-d"}}),
+        ),
+        (
+            "/v3/credentials",
+            "credential",
+            json!({"credential": {"user_id": u, "project_id": p, "type": "totp", "blob": "b-1"}}),
+        ),
+        (
+            "/v3/policies",
+            "policy",
+            json!({"policy": {"type": "application/json", "blob": "{\"a\": 1}"}}),
+        ),
+        (
+            "/v3/registered_limits",
+            "registered_limit",
+            json!({"registered_limits": [{"service_id": svc, "region_id": "RegionX",
+                "resource_name": "cores", "default_limit": 10}]}),
+        ),
+        (
+            "/v3/limits",
+            "limit",
+            json!({"limits": [{"project_id": p, "service_id": svc, "region_id": "RegionX",
+                "resource_name": "cores", "resource_limit": 5}]}),
+        ),
+        (
+            "/v3/endpoints",
+            "endpoint",
+            json!({"endpoint": {"service_id": svc, "interface": "public",
+                "url": "http://nova.example/", "region_id": "RegionX"}}),
+        ),
+        (
+            "/v3/services",
+            "service",
+            json!({"service": {"type": "image", "name": "glance"}}),
+        ),
+    ];
+    for (path, kind, body) in cases {
+        let site_creates = env.edges[0].site.creates_of(kind);
+        env.edges[0]
+            .site
+            .state
+            .lock()
+            .unwrap()
+            .hang_after_next_write = true;
+        let (status, resp) = env.write("POST", path, Some(body)).await;
+        assert_eq!(status, 201, "{path}: {resp}");
+        env.until("the edge's call reached its site", || async {
+            env.edges[0].site.creates_of(kind) > site_creates
+        })
+        .await;
+        // Killed after the site applied the create, before the edge committed.
+        env.kill_edge(0).await;
+        env.restart_edge(0).await;
+        env.until_delivered(&["edge-a"], &["applied"]).await;
+        assert_eq!(
+            env.edges[0].site.creates_of(kind),
+            site_creates + 1,
+            "{kind}: created once"
+        );
+    }
+    // The IDs were mapped: deleting each through the gateway deletes it at the edge.
+    for (coll, kind) in [
+        ("credentials", "credential"),
+        ("policies", "policy"),
+        ("endpoints", "endpoint"),
+        ("limits", "limit"),
+        ("registered_limits", "registered_limit"),
+    ] {
+        for e in env.central_site.unnamed(kind) {
+            let id = e["id"].as_str().unwrap();
+            let (status, _) = env.write("DELETE", &format!("/v3/{coll}/{id}"), None).await;
+            assert_eq!(status, 204);
+        }
+    }
+    env.until_delivered(&["edge-a"], &["applied"]).await;
+    for kind in [
+        "credential",
+        "policy",
+        "endpoint",
+        "limit",
+        "registered_limit",
+    ] {
+        assert!(
+            env.edges[0].site.unnamed(kind).is_empty(),
+            "{kind}: {:?}",
+            env.edges[0].site.unnamed(kind)
+        );
+    }
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
