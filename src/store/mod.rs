@@ -419,6 +419,110 @@ mod tests {
         ));
     }
 
+    /// An op log written by the previous version (migrations 0001 and 0002, a
+    /// delivery row per op and edge) opens with watermarks and exception rows.
+    #[tokio::test]
+    async fn an_op_log_of_the_previous_version_keeps_its_delivery_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old-migrations");
+        std::fs::create_dir(&old).unwrap();
+        for f in ["0001_oplog.sql", "0002_sync.sql"] {
+            std::fs::copy(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("migrations/central")
+                    .join(f),
+                old.join(f),
+            )
+            .unwrap();
+        }
+        let url = format!("sqlite://{}", dir.path().join("ops.db").display());
+        let pool = SqlitePool::connect_with(sqlite_options(&url).unwrap())
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        for seq in 1..=4 {
+            sqlx::query(
+                "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_at, logged_at)
+                 VALUES (?, ?, 'committed', 'POST', '/v3/groups', 'identity', 'group',
+                         '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')",
+            )
+            .bind(seq)
+            .bind(format!("op-{seq}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO edges (id, declared, cursor, first_seen_ms) VALUES ('e1', 1, 2, 0), ('e2', 1, 4, 0);
+             INSERT INTO deliveries (seq, edge, state, since_ms, updated_ms) VALUES
+                 (1, 'e1', 'applied', 0, 0), (2, 'e1', 'failed', 0, 0),
+                 (3, 'e1', 'timed_out', 0, 0), (4, 'e1', 'applied', 0, 0),
+                 (1, 'e2', 'applied', 0, 0), (2, 'e2', 'adopted', 0, 0),
+                 (3, 'e2', 'applied', 0, 0), (4, 'e2', 'applied', 0, 0);
+             INSERT INTO meta (key, value) VALUES ('published_seq', 4);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = Store::open(&url).await.unwrap();
+        assert_eq!(store.edge_position("e1").await.unwrap(), Some((2, 2)));
+        assert_eq!(store.edge_position("e2").await.unwrap(), Some((4, 4)));
+        let states = |rows: Vec<DeliveryRow>| -> Vec<(String, String)> {
+            rows.into_iter().map(|d| (d.edge, d.state)).collect()
+        };
+        let t = Duration::from_secs(30);
+        let pairs = |a: &str, b: &str| vec![("e1".into(), a.into()), ("e2".into(), b.into())];
+        assert_eq!(
+            states(store.deliveries(1, t).await.unwrap()),
+            pairs("applied", "applied")
+        );
+        assert_eq!(
+            states(store.deliveries(2, t).await.unwrap()),
+            pairs("failed", "adopted")
+        );
+        assert_eq!(
+            states(store.deliveries(3, t).await.unwrap()),
+            pairs("timed_out", "applied")
+        );
+        // Acknowledged out of order before the upgrade: waits for the edge to
+        // confirm it again (its next hello), shown as not yet acknowledged.
+        assert_eq!(
+            states(store.deliveries(4, t).await.unwrap()),
+            pairs("timed_out", "applied")
+        );
+        let counts = store.delivery_counts(t).await.unwrap();
+        assert_eq!(
+            counts,
+            DeliveryCounts {
+                pending: 0,
+                failed: 1,
+                timed_out: 2
+            }
+        );
+        let oos: Vec<(i64, String)> = store
+            .out_of_sync(None, t, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.seq, r.state))
+            .collect();
+        assert_eq!(
+            oos,
+            vec![
+                (2, "failed".into()),
+                (3, "timed_out".into()),
+                (4, "timed_out".into())
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn list_filters_by_kind_and_state() {
         let (_dir, store) = temp_store().await;

@@ -28,6 +28,7 @@ pub enum Fault {
 
 pub struct FaultProxy {
     pub addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
     fault: watch::Sender<Fault>,
     conns: Arc<Mutex<Vec<(AbortHandle, AbortHandle)>>>,
     accept: AbortHandle,
@@ -40,6 +41,8 @@ impl FaultProxy {
         let (fault, rx) = watch::channel(Fault::Pass);
         let conns: Arc<Mutex<Vec<(AbortHandle, AbortHandle)>>> = Arc::default();
         let tracked = conns.clone();
+        let target = Arc::new(Mutex::new(target));
+        let current = target.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -49,7 +52,8 @@ impl FaultProxy {
                     let _ = client.set_linger_zero();
                     continue;
                 }
-                let Ok(server) = TcpStream::connect(target).await else {
+                let to = *current.lock().unwrap();
+                let Ok(server) = TcpStream::connect(to).await else {
                     let _ = client.set_linger_zero();
                     continue;
                 };
@@ -69,6 +73,7 @@ impl FaultProxy {
         .abort_handle();
         FaultProxy {
             addr,
+            target,
             fault,
             conns,
             accept,
@@ -77,6 +82,15 @@ impl FaultProxy {
 
     pub fn set(&self, fault: Fault) {
         let _ = self.fault.send(fault);
+    }
+
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// New connections go to `to` (a dependency that came back elsewhere).
+    pub fn retarget(&self, to: SocketAddr) {
+        *self.target.lock().unwrap() = to;
     }
 
     /// Resets every open connection (both ends see a broken connection).

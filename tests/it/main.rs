@@ -9,6 +9,7 @@ mod cli;
 mod exactly_once;
 mod fake_keystone;
 mod fake_site;
+mod fault_run;
 mod faults;
 mod helpers;
 mod proxy;

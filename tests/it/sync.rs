@@ -36,7 +36,7 @@ impl Running {
     }
 }
 
-fn admin_credentials(site: &FakeSite) -> Credentials {
+pub fn admin_credentials(site: &FakeSite) -> Credentials {
     Credentials::Password {
         username: "admin".into(),
         password: Secret::new(site.admin_password.clone()),
@@ -691,7 +691,7 @@ async fn an_edge_with_the_wrong_key_applies_nothing_and_says_why() {
 }
 
 /// A real nats-server from the test venv, when there is one.
-fn nats_server_path() -> Option<std::path::PathBuf> {
+pub fn nats_server_path() -> Option<std::path::PathBuf> {
     let path = std::env::var_os("NATS_SERVER")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
