@@ -26,8 +26,11 @@ else
     cargo test --no-fail-fast "$@" || status=$?
 fi
 
+# Building the integration tests built target/debug/syncgate with the same
+# features: the Python suites use that binary, so the crate compiles once.
+[ -x target/debug/syncgate ] || cargo build --quiet --bin syncgate
+
 echo "== nats-py against the embedded broker"
-cargo build --quiet --bin syncgate
 .venv/bin/python tests/python/broker_nats_py.py target/debug/syncgate || status=$?
 
 echo "== end to end: real Keystones, the openstack CLI, central and edges"
