@@ -50,7 +50,12 @@ async fn redriven(env: &SyncEnv, i: usize) -> u64 {
 
 #[tokio::test]
 async fn a_client_that_gives_up_mid_write_does_not_abandon_it() {
-    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    // The write outlasts the stale-intent bound too: a capture still running is
+    // never swept.
+    let env = sync_env(&["edge-a"], None, |c| {
+        c.stale_intent_after = Duration::from_millis(200);
+    })
+    .await;
     env.central_site.state.lock().unwrap().delay_next = Some(Duration::from_secs(1));
     let impatient = reqwest::Client::builder()
         .no_proxy()
@@ -424,4 +429,39 @@ async fn an_edge_killed_between_its_call_and_its_commit_applies_each_create_once
     }
     env.assert_in_sync().await;
     env.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_intent_left_open_while_running_becomes_unknown_outcome() {
+    let app = crate::helpers::spawn_app_with(|c| {
+        c.stale_intent_after = Duration::from_millis(200);
+    })
+    .await;
+    // An intent whose close failed (the op log refused the commit): nothing will
+    // come back for it. A second connection to the op log leaves it there.
+    let store = syncgate::store::Store::open(&app.db_url).await.unwrap();
+    store
+        .begin_intent(&syncgate::store::NewIntent {
+            method: "POST",
+            path: "/v3/projects",
+            class: "resource",
+            kind: "project",
+            body: Some("{}"),
+            refs: "[]",
+        })
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ops = app.all_ops().await;
+        if ops.iter().any(|o| o["state"] == "unknown_outcome") {
+            assert_eq!(ops.len(), 1);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never swept: {ops:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.open_intents().await.unwrap(), 0);
+    store.close().await;
+    app.stop().await;
 }
