@@ -158,7 +158,67 @@ impl Store {
             .connect_with(options.read_only(true))
             .await
             .map_err(open_err)?;
-        Ok(Store { writer, reader })
+        let store = Store { writer, reader };
+        store.backfill_op_keys().await?;
+        Ok(store)
+    }
+
+    /// Ops logged before keys were kept get theirs once, so that a re-drive of
+    /// an old op can still tell whether it would undo a later one.
+    async fn backfill_op_keys(&self) -> Result<(), StoreError> {
+        const DONE: &str = "op_keys_backfilled";
+        let done: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
+            .bind(DONE)
+            .fetch_optional(&self.writer)
+            .await?;
+        if done.is_some() {
+            return Ok(());
+        }
+        let mut after = 0;
+        loop {
+            let ops: Vec<(i64, String, String, String, Option<String>)> = sqlx::query_as(
+                "SELECT seq, method, path, created_ids, body FROM ops
+                 WHERE seq > ? AND NOT EXISTS (SELECT 1 FROM op_keys k WHERE k.seq = ops.seq)
+                 ORDER BY seq LIMIT 1000",
+            )
+            .bind(after)
+            .fetch_all(&self.writer)
+            .await?;
+            let Some(last) = ops.last().map(|o| o.0) else {
+                break;
+            };
+            let mut tx = self.writer.begin().await?;
+            for (seq, method, path, created, body) in &ops {
+                let route_path = path.split('?').next().unwrap_or(path);
+                let crate::keystone::Classification::Replicable(route) =
+                    crate::keystone::classify(method, route_path)
+                else {
+                    continue;
+                };
+                let body = body.as_deref().and_then(|b| serde_json::from_str(b).ok());
+                let mut touched =
+                    crate::keystone::touches::touches(&route, method, path, body.as_ref());
+                let created: Vec<String> = serde_json::from_str(created).unwrap_or_default();
+                touched.extend(crate::keystone::touches::created(&created));
+                for t in crate::keystone::touches::normalise(touched) {
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?)",
+                    )
+                    .bind(&t.key)
+                    .bind(seq)
+                    .bind(t.exclusive)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            after = last;
+        }
+        sqlx::query("INSERT INTO meta (key, value) VALUES (?, 1) ON CONFLICT (key) DO NOTHING")
+            .bind(DONE)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     /// Records a write before it is forwarded; returns the op ID it will carry.
@@ -445,14 +505,23 @@ mod tests {
             .run(&pool)
             .await
             .unwrap();
+        const G: &str = "0123456789abcdef0123456789abcdef";
         for seq in 1..=4 {
+            let (method, path, created) = match seq {
+                1 => ("POST", "/v3/groups".to_string(), format!("[\"{G}\"]")),
+                _ => ("PATCH", format!("/v3/groups/{G}"), "[]".to_string()),
+            };
             sqlx::query(
-                "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_at, logged_at)
-                 VALUES (?, ?, 'committed', 'POST', '/v3/groups', 'identity', 'group',
+                "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids,
+                                  created_at, logged_at)
+                 VALUES (?, ?, 'committed', ?, ?, 'identity', 'group', ?,
                          '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')",
             )
             .bind(seq)
             .bind(format!("op-{seq}"))
+            .bind(method)
+            .bind(path)
+            .bind(created)
             .execute(&pool)
             .await
             .unwrap();
@@ -472,6 +541,12 @@ mod tests {
         pool.close().await;
 
         let store = Store::open(&url).await.unwrap();
+        // Old ops got the keys a re-drive needs: the create conflicts with the
+        // updates of what it created.
+        assert_eq!(
+            store.next_conflicting(1).await.unwrap().map(|c| c.0),
+            Some(2)
+        );
         assert_eq!(store.edge_position("e1").await.unwrap(), Some((2, 2)));
         assert_eq!(store.edge_position("e2").await.unwrap(), Some((4, 4)));
         let states = |rows: Vec<DeliveryRow>| -> Vec<(String, String)> {
