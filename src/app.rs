@@ -221,6 +221,12 @@ impl Central {
             .await
             .context("admin task")?
             .context("admin server")?;
+        // Captures whose clients left are not awaited by the server: let them
+        // log their ops before the op log closes.
+        let limit = self.config.upstream_timeout * 2 + std::time::Duration::from_secs(5);
+        if !self.proxy.drain_captures(limit).await {
+            warn!("writes still in flight at shutdown; they show as unknown_outcome at the next start");
+        }
         if let Err(e) = sync_task.await.context("sync task")? {
             warn!(error = %e, "sync stopped with an error");
         }

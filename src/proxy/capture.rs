@@ -54,11 +54,11 @@ struct InFlight<'a>(&'a Proxy, Uuid);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.1);
+        let mut running = self.0.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        running.remove(&self.1);
+        if running.is_empty() {
+            self.0.captures_done.notify_waiters();
+        }
     }
 }
 

@@ -67,6 +67,8 @@ pub struct Proxy {
     locks: order::EntityLocks,
     /// Intents whose captured section is still running (never swept).
     in_flight: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Signalled when the last running capture ends.
+    captures_done: Notify,
 }
 
 /// Why a request could not be sent or answered.
@@ -115,6 +117,7 @@ impl Proxy {
             wake: Arc::new(Notify::new()),
             locks: order::EntityLocks::default(),
             in_flight: Default::default(),
+            captures_done: Notify::new(),
         })
     }
 
@@ -276,6 +279,28 @@ impl Proxy {
                     secs: self.timeout.as_secs().max(1),
                     seq,
                 }
+            }
+        }
+    }
+
+    /// Waits (at most `limit`) for captures still running, whose clients may have
+    /// gone: at shutdown they are let finish before the op log closes.
+    pub async fn drain_captures(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let done = self.captures_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return false;
             }
         }
     }

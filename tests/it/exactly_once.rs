@@ -465,3 +465,33 @@ async fn an_intent_left_open_while_running_becomes_unknown_outcome() {
     store.close().await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_write_whose_client_left_is_logged_before_shutdown_completes() {
+    let app = crate::helpers::spawn_app().await;
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let sent = impatient
+        .post(app.url("/v3/projects"))
+        .header("x-fake-delay-ms", "700")
+        .json(&json!({"project": {"name": "late"}}))
+        .send()
+        .await;
+    assert!(sent.is_err(), "the client gave up");
+    let db = app.db_url.clone();
+    // Shut down at once: the capture still running is let finish first.
+    let (_fake, dir) = app.stop().await;
+    let store = syncgate::store::Store::open(&db).await.unwrap();
+    let op = store
+        .get_op(1)
+        .await
+        .unwrap()
+        .expect("the write was logged");
+    assert_eq!(op.state, "committed");
+    assert_eq!(store.open_intents().await.unwrap(), 0);
+    store.close().await;
+    drop(dir);
+}

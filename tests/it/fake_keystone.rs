@@ -2,7 +2,8 @@
 //! IDs and ignores `id` in create bodies (domains take `explicit_domain_id`,
 //! regions their `id`), answers in Keystone's shapes, and issues tokens whose
 //! catalog names its own URL. A request header `x-fake-status: N` makes it answer
-//! N instead; a path under `/slow`, or a request with `x-fake-hang`, never answers.
+//! N instead; a path under `/slow`, or a request with `x-fake-hang`, never answers;
+//! `x-fake-delay-ms: N` answers after N ms.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -121,6 +122,10 @@ async fn handle(State((seen, base)): State<(Arc<Seen>, String)>, req: Request) -
 
     if path.starts_with("/slow") || parts.headers.contains_key("x-fake-hang") {
         return std::future::pending().await;
+    }
+    if let Some(ms) = parts.headers.get("x-fake-delay-ms") {
+        let ms: u64 = ms.to_str().unwrap().parse().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
     if let Some(status) = parts.headers.get("x-fake-status") {
         let code: u16 = status.to_str().unwrap().parse().unwrap();
