@@ -189,7 +189,7 @@ impl SyncCentral {
     async fn replay_batch(&self, req: &ReplayRequest) -> anyhow::Result<ReplayBatch> {
         let limit = req.limit.clamp(1, MAX_REPLAY_BATCH);
         let filter = OpFilter {
-            after: (req.from_seq - 1).max(0),
+            after: req.from_seq.saturating_sub(1).max(0),
             limit,
             kind: None,
             state: None,
