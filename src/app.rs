@@ -201,6 +201,12 @@ impl Central {
             ack_timeout: self.config.sync.ack_timeout,
             declared_edges: self.config.sync.edges.clone(),
             recovering: Default::default(),
+            allow_new_edges: self.config.sync.allow_new_edges,
+            known: Default::default(),
+            control_in: Default::default(),
+            control_out: Default::default(),
+            send_lock: Default::default(),
+            metrics: self.admin.metrics.clone(),
         });
         let _ = self.admin.sync.set(sync.clone());
         let sync_task = tokio::spawn(sync.run(stop_rx_sync.clone()));

@@ -230,9 +230,14 @@ pub struct CentralArgs {
     #[command(flatten)]
     pub sync: SyncArgs,
 
-    /// Edges expected to acknowledge every op, comma-separated (others register by saying hello).
+    /// Edges expected to acknowledge every op, comma-separated. Only these are
+    /// accepted, unless --allow-new-edges.
     #[arg(long, env = "SYNCGATE_EDGES", default_value = "", value_parser = config::parse_edges)]
     pub edges: EdgeList,
+
+    /// Register an edge that says hello (with the sync key) without being declared in --edges.
+    #[arg(long, env = "SYNCGATE_ALLOW_NEW_EDGES")]
+    pub allow_new_edges: bool,
 
     /// An op not acknowledged by an edge within this is `timed_out` there.
     #[arg(long, env = "SYNCGATE_ACK_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
@@ -363,6 +368,7 @@ impl CentralArgs {
                 prefix: self.sync.sync_prefix,
                 key: SyncKey::from_options(self.sync.sync_key, self.sync.insecure_plaintext_sync)?,
                 edges: self.edges,
+                allow_new_edges: self.allow_new_edges,
                 ack_timeout: self.ack_timeout,
                 ..SyncConfig::default()
             },

@@ -128,6 +128,8 @@ pub struct SyncConfig {
     pub key: SyncKey,
     /// Edges expected to acknowledge every op.
     pub edges: Vec<String>,
+    /// Register an edge that says hello without being declared in `edges`.
+    pub allow_new_edges: bool,
     /// No ack within this marks a delivery `timed_out`.
     pub ack_timeout: Duration,
     /// An edge not heard from for this long shows as offline.
@@ -140,6 +142,7 @@ impl Default for SyncConfig {
             prefix: "syncgate".into(),
             key: SyncKey::Key(Secret::new(crypto::generate_key())),
             edges: Vec::new(),
+            allow_new_edges: false,
             ack_timeout: Duration::from_secs(30),
             edge_offline_after: Duration::from_secs(30),
         }

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub upstream_timeouts: AtomicU64,
     pub bodies_too_large: AtomicU64,
     pub oplog_failures: AtomicU64,
+    /// Control messages dropped, by `Rejected::ALL` index.
+    pub control_rejected: [AtomicU64; 6],
 }
 
 pub fn inc(counter: &AtomicU64) {
@@ -22,6 +24,32 @@ pub fn inc(counter: &AtomicU64) {
 }
 
 impl Metrics {
+    /// Counts a dropped control message; returns the count for its reason.
+    pub fn control_rejected(&self, why: crate::sync::control::Rejected) -> u64 {
+        let i = crate::sync::control::Rejected::ALL
+            .iter()
+            .position(|r| *r == why)
+            .expect("every reason is listed");
+        self.control_rejected[i].fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// `syncgate_sync_rejected_total{reason="..."}` lines.
+    pub fn render_rejected(&self) -> String {
+        let mut out = String::from(
+            "# HELP syncgate_sync_rejected_total Control messages dropped (forged, replayed, from unknown edges, ...).\n\
+             # TYPE syncgate_sync_rejected_total counter\n",
+        );
+        for (i, why) in crate::sync::control::Rejected::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "syncgate_sync_rejected_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.control_rejected[i].load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+
     /// Renders the counters plus the gauges given by the caller.
     pub fn render(&self, gauges: &[(&str, &str, i64)]) -> String {
         let counters: [(&str, &str, &AtomicU64); 8] = [
@@ -77,6 +105,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        out.push_str(&self.render_rejected());
         out
     }
 }

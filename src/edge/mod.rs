@@ -26,10 +26,11 @@ use tracing::{debug, error, info, warn};
 use crate::config::{EdgeConfig, OnFailure, Secret};
 use crate::keystone::client::KeystoneClient;
 use crate::store::edge::{EdgeStore, StoredOutcome};
+use crate::sync::control::{Receiver, Rejected, Sender};
 use crate::sync::crypto::Sealer;
 use crate::sync::protocol::{
     Ack, Envelope, Hello, OpContent, Outcome, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
-    ReplayRequest, Subjects,
+    ReplayRequest, Subjects, ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY,
 };
 use crate::sync::{connect_broker, redact_url};
 use apply::Applier;
@@ -55,6 +56,8 @@ pub struct Status {
     pub retries: AtomicU64,
     /// Re-drives from central handled (re-acknowledged, re-applied or refused).
     pub redriven: AtomicU64,
+    /// Control messages dropped (forged, replayed, malformed).
+    pub rejected: AtomicU64,
     /// Why the edge cannot make progress, if it cannot.
     pub error: Mutex<Option<String>>,
 }
@@ -190,6 +193,8 @@ impl Edge {
             status: self.status.clone(),
             on_failure: self.config.on_failure,
             stop: stop.clone(),
+            control_in: Receiver::default(),
+            control_out: Sender::default(),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
@@ -216,15 +221,15 @@ impl Edge {
                 }
                 msg = redos.next() => {
                     let Some(msg) = msg else { break };
-                    match serde_json::from_slice::<Redo>(&msg.payload) {
-                        Ok(redo) => {
+                    match runner.control_in.open::<Redo>(&runner.sealer, REDO, Some(&runner.id), &msg.payload) {
+                        Ok((_, redo)) => {
                             if let Err(Stuck::Stopping) = runner.redo(redo).await {
                                 break;
                             }
                             // A re-applied op may unblock the ones after it.
                             need_replay = true;
                         }
-                        Err(e) => warn!(error = %e, "malformed redo ignored"),
+                        Err(r) => runner.rejected(REDO, r),
                     }
                 }
                 msg = outcome_requests.next() => {
@@ -271,6 +276,8 @@ struct Runner {
     status: Arc<Status>,
     on_failure: OnFailure,
     stop: watch::Receiver<bool>,
+    control_in: Receiver,
+    control_out: Sender,
 }
 
 impl Runner {
@@ -292,7 +299,7 @@ impl Runner {
             error: self.status.error(),
             outcomes_through: self.store.outcomes_through().await.ok(),
         };
-        let payload = serde_json::to_vec(&hello).expect("a hello serializes");
+        let payload = self.control_out.seal(&self.sealer, HELLO, &self.id, &hello);
         if let Err(e) = self
             .client
             .publish(self.subjects.hello(&self.id), payload.into())
@@ -310,7 +317,7 @@ impl Runner {
                 from_seq: from,
                 limit: REPLAY_LIMIT,
             };
-            let payload = serde_json::to_vec(&req).expect("a request serializes");
+            let payload = self.control_out.seal(&self.sealer, REPLAY, &self.id, &req);
             let answer = tokio::time::timeout(
                 REPLAY_TIMEOUT,
                 self.client.request(self.subjects.replay(), payload.into()),
@@ -366,9 +373,10 @@ impl Runner {
         let env = redo.op;
         let seq = env.seq;
         let _counted = Counted(&self.status.redriven);
+        let op_id = self.open_op(&env)?.op_id;
         let cursor = self.cursor().await;
         let stored = match self.store.outcome(seq).await {
-            Ok(o) => o.filter(|o| o.op_id == env.op_id),
+            Ok(o) => o.filter(|o| o.op_id == op_id),
             Err(e) => {
                 error!(seq, error = %e, "cannot read a stored outcome; re-drive ignored");
                 return Ok(());
@@ -418,9 +426,14 @@ impl Runner {
     /// Answers central's question for the outcomes in a range (acks it lost).
     async fn answer_outcomes(&self, msg: async_nats::Message) {
         let Some(reply) = msg.reply else { return };
-        let Ok(req) = serde_json::from_slice::<OutcomesRequest>(&msg.payload) else {
-            warn!("malformed outcomes request ignored");
-            return;
+        let req = match self.control_in.open::<OutcomesRequest>(
+            &self.sealer,
+            OUTCOMES_REQUEST,
+            Some(&self.id),
+            &msg.payload,
+        ) {
+            Ok((_, req)) => req,
+            Err(r) => return self.rejected(OUTCOMES_REQUEST, r),
         };
         let known = match self.store.outcomes_through().await {
             Ok(k) => k,
@@ -451,32 +464,20 @@ impl Runner {
             through,
             exceptions: rows.iter().map(ack_of).collect(),
         };
-        let payload = serde_json::to_vec(&answer).expect("an answer serializes");
+        let payload = self
+            .control_out
+            .seal(&self.sealer, OUTCOMES_REPLY, &self.id, &answer);
         if let Err(e) = self.client.publish(reply, payload.into()).await {
             debug!(error = %e, "outcomes answer not sent");
         }
     }
 
-    async fn process(&self, env: Envelope, directed: bool) -> Result<(), Stuck> {
-        let cursor = self.cursor().await;
-        if env.seq <= cursor && !directed {
-            // Already done: acknowledge again, never replay.
-            if let Ok(Some(done)) = self.store.outcome(env.seq).await {
-                if done.op_id == env.op_id {
-                    self.ack_stored(&done).await;
-                }
-            }
-            return Ok(());
-        }
-        if env.seq > cursor + 1 && !directed {
-            return Ok(());
-        }
-        if self.status.halted.load(Ordering::Relaxed) && !directed {
-            return Err(Stuck::Blocked);
-        }
+    /// Opens an op envelope; an op that cannot be read blocks the edge (wrong
+    /// key, altered data) until it is fixed.
+    fn open_op(&self, env: &Envelope) -> Result<OpContent, Stuck> {
         let plain = match self
             .sealer
-            .open(&Envelope::aad(env.seq, &env.op_id), &env.enc, &env.data)
+            .open(&Envelope::aad(env.seq), &env.enc, &env.data)
         {
             Ok(p) => p,
             Err(e) => {
@@ -486,15 +487,34 @@ impl Runner {
                 return Err(Stuck::Blocked);
             }
         };
-        let op = match serde_json::from_slice::<OpContent>(&plain) {
-            Ok(op) if op.seq == env.seq && op.op_id == env.op_id => op,
+        match serde_json::from_slice::<OpContent>(&plain) {
+            Ok(op) if op.seq == env.seq => Ok(op),
             _ => {
                 let msg = format!("op {} is malformed", env.seq);
                 error!(seq = env.seq, "malformed op content");
                 self.status.set_error(Some(msg));
-                return Err(Stuck::Blocked);
+                Err(Stuck::Blocked)
             }
-        };
+        }
+    }
+
+    async fn process(&self, env: Envelope, directed: bool) -> Result<(), Stuck> {
+        let cursor = self.cursor().await;
+        if env.seq <= cursor && !directed {
+            // Already done: acknowledge again, never replay. (Central checks
+            // the op ID an ack carries against its own.)
+            if let Ok(Some(done)) = self.store.outcome(env.seq).await {
+                self.ack_stored(&done).await;
+            }
+            return Ok(());
+        }
+        if env.seq > cursor + 1 && !directed {
+            return Ok(());
+        }
+        if self.status.halted.load(Ordering::Relaxed) && !directed {
+            return Err(Stuck::Blocked);
+        }
+        let op = self.open_op(&env)?;
         let applier = Applier {
             keystone: &self.keystone,
             store: &self.store,
@@ -575,8 +595,19 @@ impl Runner {
         Ok(())
     }
 
+    /// Counts a dropped control message from the broker; logs the first of them
+    /// and then every power of two.
+    fn rejected(&self, kind: &str, why: Rejected) {
+        let n = self.status.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            warn!(kind, reason = %why, count = n, "control message dropped");
+        }
+    }
+
     async fn ack_stored(&self, done: &StoredOutcome) {
-        let payload = serde_json::to_vec(&ack_of(done)).expect("an ack serializes");
+        let payload = self
+            .control_out
+            .seal(&self.sealer, ACK, &self.id, &ack_of(done));
         if let Err(e) = self
             .client
             .publish(self.subjects.ack(&self.id), payload.into())
@@ -709,6 +740,12 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
             "counter",
             "Transient failures retried.",
             st.retries.load(Ordering::Relaxed),
+        ),
+        (
+            "syncgate_edge_control_rejected_total",
+            "counter",
+            "Control messages from the broker dropped (forged, replayed, malformed).",
+            st.rejected.load(Ordering::Relaxed),
         ),
         (
             "syncgate_edge_broker_connected",

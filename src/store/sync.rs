@@ -144,6 +144,16 @@ impl Store {
         .unwrap_or(0))
     }
 
+    /// Shows an error on an edge's row (central's own finding about it).
+    pub async fn edge_error(&self, id: &str, error: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE edges SET error = ? WHERE id = ?")
+            .bind(error)
+            .bind(id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
     /// Records an edge's ack (ignored when the op ID does not match the seq).
     /// Returns the edge's watermark after it: below the ack's seq when acks
     /// before it were lost.

@@ -12,11 +12,14 @@ use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, error, info, warn};
 
+use super::control::{Receiver, Rejected, Sender};
 use super::crypto::Sealer;
 use super::protocol::{
     Ack, EntityRef, Envelope, Hello, OpContent, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
     ReplayRequest, Subjects,
 };
+use super::protocol::{ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY};
+use crate::metrics::Metrics;
 use crate::store::{OpFilter, OpRow, Store};
 
 /// Most ops in one replay batch.
@@ -33,6 +36,15 @@ pub struct SyncCentral {
     pub declared_edges: Vec<String>,
     /// Edges whose outcomes are being recovered right now.
     pub recovering: std::sync::Mutex<HashSet<String>>,
+    /// Register an edge that says hello without being declared.
+    pub allow_new_edges: bool,
+    /// Edges declared or registered.
+    pub known: std::sync::Mutex<HashSet<String>>,
+    pub control_in: Receiver,
+    pub control_out: Sender,
+    /// Held while a control message to an edge is sealed and sent.
+    pub send_lock: tokio::sync::Mutex<()>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Seals one op for the wire.
@@ -52,10 +64,9 @@ pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
         refs: serde_json::from_str::<Vec<EntityRef>>(&op.refs).unwrap_or_default(),
     };
     let plain = serde_json::to_vec(&content).expect("an op serializes");
-    let (enc, data) = sealer.seal(&Envelope::aad(op.seq, &op.op_id), &plain);
+    let (enc, data) = sealer.seal(&Envelope::aad(op.seq), &plain);
     Envelope {
         seq: op.seq,
-        op_id: op.op_id.clone(),
         enc: enc.to_string(),
         data,
     }
@@ -67,6 +78,12 @@ impl SyncCentral {
         for edge in &self.declared_edges {
             self.store.register_edge(edge, true).await?;
         }
+        // Edges registered before (declared then, or allowed in) stay known.
+        let registered = self.store.edges().await?;
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(registered.into_iter().map(|e| e.id));
         let replay = self.client.subscribe(self.subjects.replay()).await?;
         let acks = self.client.subscribe(self.subjects.ack("*")).await?;
         let hellos = self.client.subscribe(self.subjects.hello("*")).await?;
@@ -141,7 +158,8 @@ impl SyncCentral {
     async fn publish(&self, op: &OpRow) -> anyhow::Result<()> {
         let env = envelope(&self.sealer, op);
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", op.op_id.as_str());
+        // A digest of the op ID: unique per op, without showing the ID.
+        headers.insert("Nats-Msg-Id", msg_id(&op.op_id).as_str());
         headers.insert("Syncgate-Seq", op.seq.to_string().as_str());
         let payload = Bytes::from(serde_json::to_vec(&env)?);
         self.client
@@ -164,7 +182,16 @@ impl SyncCentral {
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
-            let answer = match serde_json::from_slice::<ReplayRequest>(&msg.payload) {
+            let req = match self.control_in.open::<ReplayRequest>(
+                &self.sealer,
+                REPLAY,
+                None,
+                &msg.payload,
+            ) {
+                Ok((edge, req)) => self.admit(&edge).await.map(|()| req),
+                Err(r) => Err(r),
+            };
+            let answer = match req {
                 Ok(req) => match self.replay_batch(&req).await {
                     Ok(batch) => serde_json::to_vec(&batch).expect("a batch serializes"),
                     Err(e) => {
@@ -175,10 +202,15 @@ impl SyncCentral {
                         .unwrap()
                     }
                 },
-                Err(e) => serde_json::to_vec(
-                    &serde_json::json!({"error": format!("bad replay request: {e}")}),
-                )
-                .unwrap(),
+                Err(r) => {
+                    // Said plainly, so a misconfigured edge does not wait for
+                    // its timeout; nothing in it is a secret.
+                    self.reject(REPLAY, None, r);
+                    serde_json::to_vec(&serde_json::json!({
+                        "error": format!("replay request refused: {}", r.label())
+                    }))
+                    .expect("an error serializes")
+                }
             };
             if let Err(e) = self.client.publish(reply, answer.into()).await {
                 warn!(error = %e, "cannot answer a replay request");
@@ -219,54 +251,51 @@ impl SyncCentral {
         mut hellos: async_nats::Subscriber,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut known: HashSet<String> = self.declared_edges.iter().cloned().collect();
         loop {
             let (msg, is_ack) = tokio::select! {
                 m = acks.next() => match m { Some(m) => (m, true), None => return },
                 m = hellos.next() => match m { Some(m) => (m, false), None => return },
                 _ = crate::sync::stopped(&mut stop) => return,
             };
-            let Some(edge) = self
-                .subjects
-                .edge_of(msg.subject.as_str())
-                .map(str::to_string)
-            else {
-                continue;
-            };
-            if !super::protocol::valid_edge_id(&edge) {
-                continue;
-            }
-            if !known.contains(&edge) {
-                match self.store.register_edge(&edge, false).await {
-                    Ok(_) => {
-                        info!(edge = %edge, "edge registered");
-                        known.insert(edge.clone());
-                    }
-                    Err(e) => {
-                        error!(edge = %edge, error = %e, "cannot register an edge");
-                        continue;
-                    }
-                }
-            }
+            let subject_edge = self.subjects.edge_of(msg.subject.as_str());
             let result = if is_ack {
-                match serde_json::from_slice::<Ack>(&msg.payload) {
-                    Ok(ack) => {
+                let ack =
+                    self.control_in
+                        .open::<Ack>(&self.sealer, ACK, subject_edge, &msg.payload);
+                let ack = match ack {
+                    Ok((edge, ack)) => self.admit(&edge).await.map(|()| (edge, ack)),
+                    Err(r) => Err(r),
+                };
+                match ack {
+                    Ok((edge, ack)) => {
                         debug!(edge = %edge, seq = ack.seq, outcome = ack.outcome.as_str(), "ack");
-                        self.store.record_ack(&edge, &ack).await.map(|acked| {
-                            // Acks before this one were lost: ask the edge.
-                            if let Some(acked) = acked.filter(|a| *a < ack.seq) {
-                                self.recover_outcomes(&edge, acked, ack.seq);
-                            }
-                        })
+                        self.store
+                            .record_ack(&edge, &ack)
+                            .await
+                            .map(|acked| {
+                                // Acks before this one were lost: ask the edge.
+                                if let Some(acked) = acked.filter(|a| *a < ack.seq) {
+                                    self.recover_outcomes(&edge, acked, ack.seq);
+                                }
+                            })
+                            .map_err(|e| (edge, e))
                     }
-                    Err(e) => {
-                        warn!(edge = %edge, error = %e, "malformed ack ignored");
+                    Err(r) => {
+                        self.reject(ACK, subject_edge, r);
                         Ok(())
                     }
                 }
             } else {
-                match serde_json::from_slice::<Hello>(&msg.payload) {
-                    Ok(h) if h.edge == edge => self
+                let hello =
+                    self.control_in
+                        .open::<Hello>(&self.sealer, HELLO, subject_edge, &msg.payload);
+                let hello = match hello {
+                    Ok((edge, h)) if h.edge != edge => Err(Rejected::WrongEdge),
+                    Ok((edge, h)) => self.admit(&edge).await.map(|()| (edge, h)),
+                    Err(r) => Err(r),
+                };
+                match hello {
+                    Ok((edge, h)) => self
                         .store
                         .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
                         .await
@@ -275,20 +304,78 @@ impl SyncCentral {
                             if through > acked {
                                 self.recover_outcomes(&edge, acked, through);
                             }
-                        }),
-                    Ok(_) => {
-                        warn!(edge = %edge, "hello names another edge; ignored");
-                        Ok(())
-                    }
-                    Err(e) => {
-                        warn!(edge = %edge, error = %e, "malformed hello ignored");
+                        })
+                        .map_err(|e| (edge, e)),
+                    Err(r) => {
+                        self.reject(HELLO, subject_edge, r);
+                        self.show_key_mismatch(subject_edge, r).await;
                         Ok(())
                     }
                 }
             };
-            if let Err(e) = result {
+            if let Err((edge, e)) = result {
                 error!(edge = %edge, error = %e, "cannot record edge state");
             }
+        }
+    }
+
+    /// Lets an edge in: declared with `--edges`, registered before, or new and
+    /// allowed by `--allow-new-edges`. Registration is one row; nothing waits on it.
+    async fn admit(&self, edge: &str) -> Result<(), Rejected> {
+        if self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(edge)
+        {
+            return Ok(());
+        }
+        if !self.allow_new_edges {
+            return Err(Rejected::UnknownEdge);
+        }
+        match self.store.register_edge(edge, false).await {
+            Ok(_) => {
+                info!(edge, "edge registered");
+                self.known
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(edge.to_string());
+                Ok(())
+            }
+            Err(e) => {
+                error!(edge, error = %e, "cannot register an edge");
+                Err(Rejected::UnknownEdge)
+            }
+        }
+    }
+
+    /// A declared edge whose hellos cannot be opened most likely has another
+    /// sync key: say so on its row (nothing else about it changes).
+    async fn show_key_mismatch(&self, edge: Option<&str>, why: Rejected) {
+        let Some(edge) = edge.filter(|_| why == Rejected::Forged) else {
+            return;
+        };
+        if !self
+            .known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(edge)
+        {
+            return;
+        }
+        let error = "its messages cannot be opened with the sync key: it has another key, \
+                     or they are forged";
+        if let Err(e) = self.store.edge_error(edge, error).await {
+            error!(edge, error = %e, "cannot record an edge's error");
+        }
+    }
+
+    /// Counts a dropped control message; logs the first of each reason and then
+    /// every power of two, so a flood cannot flood the log.
+    fn reject(&self, kind: &str, edge: Option<&str>, why: Rejected) {
+        let n = self.metrics.control_rejected(why);
+        if n.is_power_of_two() {
+            warn!(kind, edge = edge.unwrap_or("-"), reason = %why, count = n, "control message dropped");
         }
     }
 
@@ -306,16 +393,26 @@ impl SyncCentral {
         tokio::spawn(async move {
             let asked_ms = now_ms();
             let req = OutcomesRequest { after, through };
-            let payload = serde_json::to_vec(&req).expect("a request serializes");
-            let answer = tokio::time::timeout(
-                Duration::from_secs(5),
-                this.client
-                    .request(this.subjects.outcomes(&edge), payload.into()),
-            )
-            .await;
+            let answer = {
+                let _order = this.send_lock.lock().await;
+                let payload = this
+                    .control_out
+                    .seal(&this.sealer, OUTCOMES_REQUEST, &edge, &req);
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    this.client
+                        .request(this.subjects.outcomes(&edge), payload.into()),
+                )
+                .await
+            };
             match answer {
-                Ok(Ok(msg)) => match serde_json::from_slice::<OutcomesReply>(&msg.payload) {
-                    Ok(reply) => {
+                Ok(Ok(msg)) => match this.control_in.open::<OutcomesReply>(
+                    &this.sealer,
+                    OUTCOMES_REPLY,
+                    Some(&edge),
+                    &msg.payload,
+                ) {
+                    Ok((_, reply)) => {
                         let upto = reply.through.min(through);
                         match this
                             .store
@@ -334,7 +431,7 @@ impl SyncCentral {
                             }
                         }
                     }
-                    Err(e) => warn!(edge = %edge, error = %e, "malformed outcomes reply ignored"),
+                    Err(r) => this.reject(OUTCOMES_REPLY, Some(&edge), r),
                 },
                 Ok(Err(e)) => {
                     debug!(edge = %edge, error = %e, "outcomes request failed; will ask again")
@@ -421,11 +518,15 @@ impl SyncCentral {
             op: envelope(&self.sealer, op),
             unless_applied,
         };
-        let payload = serde_json::to_vec(&redo).map_err(|e| RedriveError::Internal(e.into()))?;
-        self.client
-            .publish(self.subjects.redo(edge), payload.into())
-            .await
-            .map_err(|e| RedriveError::Broker(e.to_string()))?;
+        {
+            // Sealed and sent in one step, so the edge sees them in stamp order.
+            let _order = self.send_lock.lock().await;
+            let payload = self.control_out.seal(&self.sealer, REDO, edge, &redo);
+            self.client
+                .publish(self.subjects.redo(edge), payload.into())
+                .await
+                .map_err(|e| RedriveError::Broker(e.to_string()))?;
+        }
         tokio::time::timeout(Duration::from_secs(5), self.client.flush())
             .await
             .map_err(|_| RedriveError::Broker("flush timed out".into()))?
@@ -461,6 +562,14 @@ pub enum RedriveError {
     Broker(String),
     #[error("{0}")]
     Internal(anyhow::Error),
+}
+
+/// The `Nats-Msg-Id` of an op: the first 16 bytes of SHA-256 of its ID, in hex.
+pub fn msg_id(op_id: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, op_id.as_bytes()).as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn now_ms() -> i64 {

@@ -3,6 +3,7 @@
 //! publishing ops in seq order, serving replays, and recording edges' acks.
 
 pub mod central;
+pub mod control;
 pub mod crypto;
 pub mod protocol;
 

@@ -4,6 +4,14 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Control message kinds: each is sealed bound to its kind (see `control`).
+pub const ACK: &str = "ack";
+pub const HELLO: &str = "hello";
+pub const REPLAY: &str = "replay";
+pub const REDO: &str = "redo";
+pub const OUTCOMES_REQUEST: &str = "outcomes_request";
+pub const OUTCOMES_REPLY: &str = "outcomes_reply";
+
 /// Subjects under the configured prefix.
 #[derive(Debug, Clone)]
 pub struct Subjects {
@@ -49,20 +57,19 @@ pub fn valid_edge_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// One op as it travels: seq and ID in clear (for ordering and idempotence),
-/// the rest sealed.
+/// One op as it travels: its seq in clear (for ordering), the rest, op ID
+/// included, sealed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Envelope {
     pub seq: i64,
-    pub op_id: String,
     pub enc: String,
     pub data: String,
 }
 
 impl Envelope {
-    /// Associated data binding the sealed content to this seq and op.
-    pub fn aad(seq: i64, op_id: &str) -> String {
-        format!("syncgate-op:{seq}:{op_id}")
+    /// Associated data binding the sealed content to this seq.
+    pub fn aad(seq: i64) -> String {
+        format!("syncgate-op:{seq}")
     }
 }
 

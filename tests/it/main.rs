@@ -6,6 +6,7 @@ mod broker_fuzz;
 mod broker_proto;
 mod capture;
 mod cli;
+mod control_plane;
 mod exactly_once;
 mod fake_keystone;
 mod fake_site;
