@@ -24,6 +24,9 @@ pub enum ProxyError {
     /// The request target cannot be joined to the upstream URL.
     #[error("the request path is not valid")]
     BadRequestTarget,
+    /// A write whose target Keystone could read differently from the gateway.
+    #[error("the request was refused before it reached the identity service: {0}")]
+    RefusedTarget(super::target::TargetError),
     /// The client's body could not be read.
     #[error("the request body could not be read")]
     BadRequestBody,
@@ -55,7 +58,9 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BadRequestBody | ProxyError::BadRequestTarget => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequestBody
+            | ProxyError::BadRequestTarget
+            | ProxyError::RefusedTarget(_) => StatusCode::BAD_REQUEST,
             ProxyError::OpLogUnavailable | ProxyError::OpLogCommitFailed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -6,6 +6,7 @@ pub mod capture;
 pub mod error;
 pub mod order;
 pub mod rewrite;
+pub mod target;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -121,17 +122,30 @@ impl Proxy {
         })
     }
 
-    /// The upstream URL for a request path and query, normalised as the upstream
-    /// will see it.
-    fn upstream_url(&self, uri: &axum::http::Uri) -> Option<Url> {
-        let mut s = String::with_capacity(self.upstream_base.len() + uri.path().len() + 32);
+    /// The upstream URL for a request path and query. A write's path is
+    /// normalised first (see `target`), so that what is classified is what is
+    /// forwarded; a read's goes as it came.
+    fn upstream_url(&self, method: &Method, uri: &axum::http::Uri) -> Result<Url, ProxyError> {
+        target::check_method(method.as_str()).map_err(ProxyError::RefusedTarget)?;
+        let is_write = matches!(
+            *method,
+            Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+        );
+        let normalised;
+        let path = if is_write {
+            normalised = target::normalise_path(uri.path()).map_err(ProxyError::RefusedTarget)?;
+            normalised.as_str()
+        } else {
+            uri.path()
+        };
+        let mut s = String::with_capacity(self.upstream_base.len() + path.len() + 32);
         s.push_str(&self.upstream_base);
-        s.push_str(uri.path());
+        s.push_str(path);
         if let Some(q) = uri.query() {
             s.push('?');
             s.push_str(q);
         }
-        Url::parse(&s).ok()
+        Url::parse(&s).map_err(|_| ProxyError::BadRequestTarget)
     }
 
     /// The path Keystone routes on: the upstream URL's path less the base prefix.
@@ -417,9 +431,9 @@ async fn handle(
     );
     async move {
         let started = Instant::now();
-        let resp = match proxy.upstream_url(req.uri()) {
-            None => Err(ProxyError::BadRequestTarget),
-            Some(url) => {
+        let resp = match proxy.upstream_url(req.method(), req.uri()) {
+            Err(e) => Err(e),
+            Ok(url) => {
                 let class = keystone::classify(req.method().as_str(), proxy.keystone_path(&url));
                 match class {
                     Classification::Replicable(route) if proxy.replicate.contains(&route.class) => {

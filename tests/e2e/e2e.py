@@ -6,6 +6,8 @@ same through a real nats-server. Prints `e2e: N passed, M failed`.
 Usage: e2e.py [workdir]   (syncgate binary: $SYNCGATE_BIN or target/debug/syncgate)
 """
 
+import http.client as httpclient
+import json
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,36 @@ def edge_keystone_down(dep):
     assert sorted(n for n in names if n.startswith("while-down")) == [f"while-down-{i}" for i in range(3)], names
 
 
+def raw_request(dep, method, path, body, token):
+    """A request whose method and target go on the wire exactly as given."""
+    conn = httpclient.HTTPConnection("127.0.0.1", dep.proxy_port, timeout=60)
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"X-Auth-Token": token, "Content-Type": "application/json"}
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, (json.loads(raw) if raw else None)
+
+
+@check("disguised writes are captured or refused, never applied silently")
+def disguised_writes(dep):
+    token = dep.central_ks.token()
+    for i, path in enumerate(["/v3/%70rojects", "/%76%33/projects", "/v3//projects", "/v3/x/../projects"]):
+        status, body = raw_request(dep, "POST", path, {"project": {"name": f"disguised-{i}"}}, token)
+        assert status == 201, (path, status, body)
+    status, body = http("POST", f"{dep.gateway}/v3/projects", {"project": {"name": "kept"}}, token)
+    assert status == 201, status
+    kept = body["project"]["id"]
+    for method, path in [("DELETE", f"/v3/projects%2F{kept}"), ("DELETE", f"/v3/projects%2f{kept}"),
+                         ("delete", f"/v3/projects/{kept}")]:
+        status, body = raw_request(dep, method, path, None, token)
+        assert status == 400 and "refused" in body["error"]["message"], (method, path, status, body)
+    names = {p["name"] for p in get_json(f"{dep.central_ks.url}/v3/projects", token)["projects"]}
+    assert "kept" in names, names
+    assert_in_sync(dep, "disguised writes")
+
+
 @check("edge gateway killed -9 mid-stream resumes from its cursor")
 def edge_killed(dep):
     token = dep.central_ks.token()
@@ -180,6 +212,7 @@ def main():
         log(f"deployment up in {time.monotonic() - t:.1f}s")
         scenario(dep)
         edge_keystone_down(dep)
+        disguised_writes(dep)
         edge_killed(dep)
         central_killed(dep)
     except Exception:

@@ -13,5 +13,6 @@ mod fake_site;
 mod fault_run;
 mod faults;
 mod helpers;
+mod hostile;
 mod proxy;
 mod sync;
