@@ -289,6 +289,14 @@ async fn get_op(
         .deliveries(seq, admin.ack_timeout)
         .await
         .map_err(internal)?;
+    let secrets = op_secrets(op.body.as_deref());
+    let deliveries: Vec<_> = deliveries
+        .into_iter()
+        .map(|mut d| {
+            d.detail = d.detail.map(|t| redact::scrub(&t, &secrets));
+            d
+        })
+        .collect();
     body["deliveries"] = serde_json::to_value(deliveries).expect("rows serialize");
     Ok(Json(body))
 }
@@ -417,11 +425,27 @@ async fn out_of_sync(
         .await
         .map_err(internal)?;
     let truncated = rows.len() as i64 > limit;
-    let rows = &rows[..rows.len().min(limit as usize)];
+    let rows: Vec<_> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|mut r| {
+            let secrets = op_secrets(r.body.as_deref());
+            r.detail = r.detail.map(|t| redact::scrub(&t, &secrets));
+            r.path = redact::redact_query(&r.path);
+            r
+        })
+        .collect();
     Ok(Json(json!({"out_of_sync": rows, "truncated": truncated})))
 }
 
 /// An op as the audit API shows it, secrets redacted.
+/// The secrets an op's body carries, to scrub from texts shown beside it.
+fn op_secrets(body: Option<&str>) -> Vec<String> {
+    body.and_then(|b| serde_json::from_str::<Value>(b).ok())
+        .map(|v| redact::secret_values(&v))
+        .unwrap_or_default()
+}
+
 pub fn op_json(op: &OpRow) -> Value {
     let body = op
         .body
@@ -439,7 +463,7 @@ pub fn op_json(op: &OpRow) -> Value {
         "op_id": op.op_id,
         "state": op.state,
         "method": op.method,
-        "path": op.path,
+        "path": redact::redact_query(&op.path),
         "class": op.class,
         "kind": op.kind,
         "created_ids": created_ids,

@@ -34,10 +34,79 @@ pub fn redact(value: &mut Value) {
     }
 }
 
+/// The string values a body carries under secret keys (to scrub them from free
+/// text, such as a Keystone error that echoes a refused password).
+pub fn secret_values(value: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    collect_secrets(value, &mut out);
+    out
+}
+
+fn collect_secrets(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map {
+                match v {
+                    Value::String(s) if is_secret_key(key) && !s.is_empty() => out.push(s.clone()),
+                    _ => collect_secrets(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_secrets(v, out)),
+        _ => {}
+    }
+}
+
+/// Replaces every occurrence of a secret in free text with `***`.
+pub fn scrub(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), REDACTED);
+        }
+    }
+    out
+}
+
+/// A path with its query: the values of secret-named parameters replaced.
+pub fn redact_query(path: &str) -> String {
+    let Some((p, q)) = path.split_once('?') else {
+        return path.to_string();
+    };
+    let params: Vec<String> = q
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if is_secret_key(k) => format!("{k}={REDACTED}"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{p}?{}", params.join("&"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn secrets_are_scrubbed_from_text_and_queries() {
+        let body = json!({"user": {"name": "bob", "password": "hunter22", "options": {"x": [{"secret": "s9"}]}}});
+        let mut secrets = secret_values(&body);
+        secrets.sort();
+        assert_eq!(secrets, ["hunter22", "s9"]);
+        assert_eq!(
+            scrub(
+                "Invalid input for field 'password': 'hunter22' is too short",
+                &secrets
+            ),
+            "Invalid input for field 'password': '***' is too short"
+        );
+        assert_eq!(
+            redact_query("/v3/users?name=a&password=p&access_token=t"),
+            "/v3/users?name=a&password=***&access_token=***"
+        );
+        assert_eq!(redact_query("/v3/users"), "/v3/users");
+    }
 
     #[test]
     fn secrets_are_redacted_at_any_depth() {

@@ -519,6 +519,14 @@ impl Runner {
             keystone: &self.keystone,
             store: &self.store,
         };
+        // Keystone may echo a refused value (a password) in its error text:
+        // scrub the op's secrets from every text that leaves this function.
+        let secrets = op
+            .body
+            .as_ref()
+            .map(crate::audit::redact::secret_values)
+            .unwrap_or_default();
+        let scrub = |t: &str| crate::audit::redact::scrub(t, &secrets);
         // An earlier attempt that left its mark may have been applied: the write
         // is looked for before it is sent again.
         let mut maybe_applied =
@@ -537,6 +545,7 @@ impl Runner {
                 Err(e) => {
                     maybe_applied = true;
                     self.status.retries.fetch_add(1, Ordering::Relaxed);
+                    let e = scrub(&e.to_string());
                     self.status
                         .set_error(Some(format!("op {}: {e}; retrying", op.seq)));
                     warn!(seq = op.seq, error = %e, retry_in_ms = backoff.as_millis() as u64, "op not applied yet; will retry");
@@ -550,6 +559,10 @@ impl Runner {
             }
         };
         self.status.set_error(None);
+        let applied = apply::Applied {
+            detail: applied.detail.as_deref().map(scrub),
+            ..applied
+        };
         let mut changes = applied.changes;
         let halt = applied.outcome == Outcome::Failed && self.on_failure == OnFailure::Halt;
         changes.advance = !halt && (env.seq == cursor + 1 || env.seq <= cursor);

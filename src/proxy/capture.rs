@@ -36,6 +36,9 @@ pub(super) async fn forward_captured(
 ) -> Result<Response, ProxyError> {
     let (parts, body) = req.into_parts();
     let body = read_bounded(proxy, &parts.headers, body).await?;
+    if !body.is_empty() {
+        super::json::check_exact(&body).map_err(ProxyError::InexactBody)?;
+    }
     // From here the write runs to completion on a task of its own: a client that
     // disconnects or gives up drops only this await, never an intent or a write
     // already sent upstream.
@@ -75,7 +78,11 @@ async fn captured_section(
         Some(q) => format!("{}?{q}", proxy.keystone_path(&url)),
         None => proxy.keystone_path(&url).to_string(),
     };
-    let body_text = (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned());
+    // Checked to be UTF-8 JSON: kept byte for byte.
+    let body_text = std::str::from_utf8(&body)
+        .ok()
+        .filter(|b| !b.is_empty())
+        .map(str::to_string);
     let request_json: Option<Value> = serde_json::from_slice(&body).ok();
     let mut touched = touches::touches(&route, parts.method.as_str(), &path, request_json.as_ref());
     // Conflicting writes wait here until the one ahead is logged (or dropped).

@@ -27,6 +27,9 @@ pub enum ProxyError {
     /// A write whose target Keystone could read differently from the gateway.
     #[error("the request was refused before it reached the identity service: {0}")]
     RefusedTarget(super::target::TargetError),
+    /// A replicated write's body Keystone could read differently.
+    #[error("the request was refused before it reached the identity service: {0}")]
+    InexactBody(String),
     /// The client's body could not be read.
     #[error("the request body could not be read")]
     BadRequestBody,
@@ -60,7 +63,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequestBody
             | ProxyError::BadRequestTarget
-            | ProxyError::RefusedTarget(_) => StatusCode::BAD_REQUEST,
+            | ProxyError::RefusedTarget(_)
+            | ProxyError::InexactBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::OpLogUnavailable | ProxyError::OpLogCommitFailed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

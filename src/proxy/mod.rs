@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod error;
+pub mod json;
 pub mod order;
 pub mod rewrite;
 pub mod target;

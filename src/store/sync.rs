@@ -53,6 +53,9 @@ pub struct OutOfSyncRow {
     pub status: Option<i64>,
     pub detail: Option<String>,
     pub updated_at: Option<String>,
+    /// The op's body, to scrub its secrets from `detail`; never shown.
+    #[serde(skip)]
+    pub body: Option<String>,
 }
 
 impl Store {
@@ -347,12 +350,12 @@ impl Store {
         Ok(sqlx::query_as(&format!(
             "SELECT * FROM (
                  SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
-                        d.detail, {} AS updated_at
+                        d.detail, {} AS updated_at, o.body
                  FROM deliveries d JOIN ops o ON o.seq = d.seq
                  WHERE d.state = 'failed' AND (?1 IS NULL OR d.edge = ?1)
                  UNION ALL
                  SELECT o.seq, o.op_id, e.id, 'timed_out', o.kind, o.method, o.path, NULL,
-                        ?2, o.logged_at
+                        ?2, o.logged_at, NULL
                  FROM edges e JOIN ops o ON o.seq > e.acked_seq
                  WHERE o.logged_at < {OLDER_3} AND (?1 IS NULL OR e.id = ?1)
                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = o.seq AND d.edge = e.id)

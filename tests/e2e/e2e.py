@@ -140,7 +140,7 @@ def disguised_writes(dep):
     for i, path in enumerate(["/v3/%70rojects", "/%76%33/projects", "/v3//projects", "/v3/x/../projects"]):
         status, body = raw_request(dep, "POST", path, {"project": {"name": f"disguised-{i}"}}, token)
         assert status == 201, (path, status, body)
-    status, body = http("POST", f"{dep.gateway}/v3/projects", {"project": {"name": "kept"}}, token)
+    status, _, body = http("POST", f"{dep.gateway}/v3/projects", {"project": {"name": "kept"}}, token)
     assert status == 201, status
     kept = body["project"]["id"]
     for method, path in [("DELETE", f"/v3/projects%2F{kept}"), ("DELETE", f"/v3/projects%2f{kept}"),

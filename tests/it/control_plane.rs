@@ -197,7 +197,9 @@ async fn op_ids_and_keystone_error_texts_never_cross_the_broker_in_clear() {
 
 #[tokio::test]
 async fn a_replay_request_with_hostile_numbers_is_answered_and_the_next_too() {
-    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    // A declared edge of its own: another sender under edge-a's name would be
+    // (rightly) taken for a replay of edge-a's messages.
+    let env = sync_env(&["edge-a"], None, |c| c.sync.edges.push("probe".into())).await;
     env.create("/v3/groups", "group", json!({"group": {"name": "g"}}))
         .await;
     let nats = async_nats::connect(&env.broker_url).await.unwrap();

@@ -43,6 +43,9 @@ pub struct SiteState {
     /// The next successful write is applied and then never answered (the
     /// answer is lost: a crash or a cut after Keystone committed).
     pub hang_after_next_write: bool,
+    /// The next write is refused with 400 and a message that echoes the user's
+    /// password (as Keystone's validation errors echo refused values).
+    pub echo_next: bool,
     /// Every write's answer leaves up to this long after the write was applied
     /// (as Keystone's does: applied in one order, answered in another).
     pub answer_jitter: Option<std::time::Duration>,
@@ -367,6 +370,13 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
         );
     }
     if parts.method != Method::GET {
+        if std::mem::take(&mut st.echo_next) {
+            let pw = body["user"]["password"].as_str().unwrap_or_default();
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid input for field 'password': '{pw}' is too short."),
+            );
+        }
         if !st.fail_next.is_empty() {
             let code = st.fail_next.remove(0);
             return error(StatusCode::from_u16(code).unwrap(), "injected failure");

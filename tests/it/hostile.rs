@@ -83,3 +83,58 @@ async fn targets_that_cannot_be_normalised_safely_are_refused_before_the_upstrea
     assert!(app.all_ops().await.is_empty());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn bodies_keystone_could_read_differently_are_refused() {
+    let app = spawn_app().await;
+    let cases: [&[u8]; 4] = [
+        br#"{"user": {"name": "a", "password": "p1", "name": "b"}}"#,
+        br#"{"user": {"name": "a", "enabled": NaN}}"#,
+        b"{\"user\": {\"name\": \"\xff\"}}",
+        br#"{"user": {"name": "a"}} {"user": {}}"#,
+    ];
+    for body in cases {
+        let resp = app
+            .client
+            .post(app.url("/v3/users"))
+            .header("x-auth-token", "t")
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status().as_u16(),
+            400,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("refused"), "{text}");
+        assert!(!text.contains("p1"), "no value is echoed: {text}");
+    }
+    assert_eq!(app.fake.count(), 0, "nothing reached the upstream");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_keystone_error_that_echoes_a_password_is_scrubbed_everywhere() {
+    let env = crate::sync::sync_env(&["edge-a"], None, |_| {}).await;
+    let secret = "pw-echo-4431";
+    env.edges[0].site.state.lock().unwrap().echo_next = true;
+    env.create(
+        "/v3/users",
+        "user",
+        json!({"user": {"name": "bob", "password": secret}}),
+    )
+    .await;
+    env.until_delivered(&["edge-a"], &["failed"]).await;
+    for path in ["/v1/out-of-sync", "/v1/ops/1", "/v1/ops"] {
+        let text = env.audit(path).await.to_string();
+        assert!(!text.contains(secret), "{path}: {text}");
+    }
+    let oos = env.audit("/v1/out-of-sync").await;
+    let detail = oos["out_of_sync"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("'***' is too short"), "{detail}");
+    env.shutdown().await;
+}
