@@ -3,6 +3,7 @@
 //! 2 and one line naming the option.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -48,7 +49,7 @@ pub enum Command {
     /// Run an edge gateway: replay central's ops against this site's Keystone.
     Edge(Box<EdgeArgs>),
     /// Run the embedded NATS-protocol broker alone.
-    Broker(BrokerArgs),
+    Broker(Box<BrokerArgs>),
     /// Print a new sync key (32 random bytes, base64).
     Keygen,
 }
@@ -60,6 +61,10 @@ pub struct SyncArgs {
     #[arg(long, env = "SYNCGATE_SYNC_KEY", hide_env_values = true)]
     pub sync_key: Option<String>,
 
+    /// A file holding the sync key (keeps it off the command line).
+    #[arg(long, env = "SYNCGATE_SYNC_KEY_FILE", conflicts_with = "sync_key")]
+    pub sync_key_file: Option<PathBuf>,
+
     /// Send ops unencrypted (tests and trusted networks only).
     #[arg(long, env = "SYNCGATE_INSECURE_PLAINTEXT_SYNC")]
     pub insecure_plaintext_sync: bool,
@@ -67,6 +72,36 @@ pub struct SyncArgs {
     /// Subject prefix on the broker.
     #[arg(long, env = "SYNCGATE_SYNC_PREFIX", default_value = "syncgate", value_parser = config::parse_prefix)]
     pub sync_prefix: String,
+}
+
+impl SyncArgs {
+    fn key(&self) -> Result<SyncKey, String> {
+        let key = read_secret(
+            self.sync_key.clone(),
+            self.sync_key_file.as_deref(),
+            "--sync-key-file",
+        )?;
+        SyncKey::from_options(key, self.insecure_plaintext_sync)
+    }
+}
+
+/// A secret given as a value or as a file (`--x-file`: its content, trailing
+/// whitespace trimmed). Errors name the option and the path, never the content.
+pub fn read_secret(
+    value: Option<String>,
+    file: Option<&Path>,
+    flag: &str,
+) -> Result<Option<String>, String> {
+    let Some(path) = file else {
+        return Ok(value);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{flag}: cannot read {}: {e}", path.display()))?;
+    let text = text.trim_end();
+    if text.is_empty() {
+        return Err(format!("{flag}: {} is empty", path.display()));
+    }
+    Ok(Some(text.to_string()))
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -89,6 +124,14 @@ pub struct EdgeArgs {
     #[arg(long, env = "SYNCGATE_BROKER_TOKEN", hide_env_values = true)]
     pub broker_token: Option<String>,
 
+    /// A file holding the broker token.
+    #[arg(
+        long,
+        env = "SYNCGATE_BROKER_TOKEN_FILE",
+        conflicts_with = "broker_token"
+    )]
+    pub broker_token_file: Option<PathBuf>,
+
     /// This site's Keystone base URL (also the auth URL of the service credentials).
     #[arg(long, env = "SYNCGATE_UPSTREAM", value_parser = config::parse_base_url)]
     pub upstream: Url,
@@ -104,6 +147,14 @@ pub struct EdgeArgs {
     /// Bearer token for /v1/status (required off loopback).
     #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// A file holding the admin token.
+    #[arg(
+        long,
+        env = "SYNCGATE_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
 
     /// After an op fails permanently: go on with the next, or stop until it is retried.
     #[arg(long, env = "SYNCGATE_ON_FAILURE", default_value = "continue")]
@@ -134,7 +185,17 @@ impl EdgeArgs {
              (and OS_USER_DOMAIN_NAME, OS_PROJECT_DOMAIN_NAME), or OS_APPLICATION_CREDENTIAL_ID and \
              OS_APPLICATION_CREDENTIAL_SECRET",
         )?;
-        let admin_token = self.admin_token.map(Secret::new);
+        let admin_token = read_secret(
+            self.admin_token,
+            self.admin_token_file.as_deref(),
+            "--admin-token-file",
+        )?
+        .map(Secret::new);
+        let broker_token = read_secret(
+            self.broker_token,
+            self.broker_token_file.as_deref(),
+            "--broker-token-file",
+        )?;
         if !self.admin_listen.ip().is_loopback() && admin_token.is_none() {
             return Err(format!(
                 "--admin-token (SYNCGATE_ADMIN_TOKEN) is required when --admin-listen is not a loopback address (got {})",
@@ -144,8 +205,7 @@ impl EdgeArgs {
         Ok(EdgeConfig {
             id: self.id,
             broker: self.broker,
-            broker_auth: self
-                .broker_token
+            broker_auth: broker_token
                 .map(|t| BrokerAuth::Token(Secret::new(t)))
                 .unwrap_or_default(),
             upstream: self.upstream,
@@ -153,8 +213,8 @@ impl EdgeArgs {
             db: self.db,
             admin_listen: self.admin_listen,
             admin_token,
+            key: self.sync.key()?,
             sync_prefix: self.sync.sync_prefix,
-            key: SyncKey::from_options(self.sync.sync_key, self.sync.insecure_plaintext_sync)?,
             on_failure: match self.on_failure {
                 FailureMode::Continue => OnFailure::Continue,
                 FailureMode::Halt => OnFailure::Halt,
@@ -190,6 +250,14 @@ pub struct CentralArgs {
     /// Bearer token for the audit API (required off loopback).
     #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// A file holding the admin token.
+    #[arg(
+        long,
+        env = "SYNCGATE_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
 
     /// The op log database URL (created if missing).
     #[arg(
@@ -265,8 +333,16 @@ pub struct BrokerArgs {
     )]
     pub broker_token: Option<String>,
 
+    /// A file holding the broker token.
+    #[arg(
+        long,
+        env = "SYNCGATE_BROKER_TOKEN_FILE",
+        conflicts_with_all = ["broker_token", "broker_user"]
+    )]
+    pub broker_token_file: Option<PathBuf>,
+
     /// User name clients must present (with --broker-password).
-    #[arg(long, env = "SYNCGATE_BROKER_USER", requires = "broker_password")]
+    #[arg(long, env = "SYNCGATE_BROKER_USER")]
     pub broker_user: Option<String>,
 
     /// Password clients must present (with --broker-user).
@@ -277,6 +353,15 @@ pub struct BrokerArgs {
         requires = "broker_user"
     )]
     pub broker_password: Option<String>,
+
+    /// A file holding the broker password.
+    #[arg(
+        long,
+        env = "SYNCGATE_BROKER_PASSWORD_FILE",
+        conflicts_with = "broker_password",
+        requires = "broker_user"
+    )]
+    pub broker_password_file: Option<PathBuf>,
 
     /// TLS certificate chain (PEM) for the broker listener.
     #[arg(long, env = "SYNCGATE_BROKER_TLS_CERT", requires = "broker_tls_key")]
@@ -304,7 +389,20 @@ pub struct BrokerArgs {
 
 impl BrokerArgs {
     pub fn into_config(self) -> Result<BrokerConfig, String> {
-        let auth = match (self.broker_token, self.broker_user, self.broker_password) {
+        let broker_token = read_secret(
+            self.broker_token,
+            self.broker_token_file.as_deref(),
+            "--broker-token-file",
+        )?;
+        let broker_password = read_secret(
+            self.broker_password,
+            self.broker_password_file.as_deref(),
+            "--broker-password-file",
+        )?;
+        if self.broker_user.is_some() && broker_password.is_none() {
+            return Err("--broker-user needs --broker-password or --broker-password-file".into());
+        }
+        let auth = match (broker_token, self.broker_user, broker_password) {
             (Some(t), _, _) if t.is_empty() => {
                 return Err("--broker-token must not be empty".into())
             }
@@ -344,20 +442,27 @@ impl BrokerArgs {
 
 impl CentralArgs {
     pub fn into_config(self) -> Result<CentralConfig, String> {
+        let client_token = read_secret(
+            self.broker.broker_token.clone(),
+            self.broker.broker_token_file.as_deref(),
+            "--broker-token-file",
+        )?;
         let config = CentralConfig {
             listen: self.listen,
             upstream: self.upstream,
             admin_listen: self.admin_listen,
-            admin_token: self.admin_token.map(Secret::new),
+            admin_token: read_secret(
+                self.admin_token,
+                self.admin_token_file.as_deref(),
+                "--admin-token-file",
+            )?
+            .map(Secret::new),
             db: self.db,
             public_url: self.public_url,
             upstream_timeout: self.upstream_timeout,
             max_capture_body: self.max_capture_body,
             replicate: self.replicate.0,
-            broker_client_auth: self
-                .broker
-                .broker_token
-                .clone()
+            broker_client_auth: client_token
                 .map(|t| BrokerAuth::Token(Secret::new(t)))
                 .unwrap_or_default(),
             broker: match self.external_broker {
@@ -365,8 +470,8 @@ impl CentralArgs {
                 None => BrokerMode::Embedded(self.broker.into_config()?),
             },
             sync: SyncConfig {
+                key: self.sync.key()?,
                 prefix: self.sync.sync_prefix,
-                key: SyncKey::from_options(self.sync.sync_key, self.sync.insecure_plaintext_sync)?,
                 edges: self.edges,
                 allow_new_edges: self.allow_new_edges,
                 ack_timeout: self.ack_timeout,
@@ -520,6 +625,52 @@ mod tests {
         .unwrap();
         assert_eq!(c.sync.edges, ["a", "b"]);
         assert!(argv(&["--insecure-plaintext-sync", "--edges", "a.b"]).is_err());
+
+        // Every secret also from a file, never echoed in an error.
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("sync.key");
+        std::fs::write(&key_file, format!("{key}\n")).unwrap();
+        let token_file = dir.path().join("admin.token");
+        std::fs::write(&token_file, "admin-secret-77\n").unwrap();
+        let broker_file = dir.path().join("broker.token");
+        std::fs::write(&broker_file, "broker-secret-88").unwrap();
+        let c = argv(&[
+            "--sync-key-file",
+            key_file.to_str().unwrap(),
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+            "--broker-token-file",
+            broker_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(matches!(c.sync.key, SyncKey::Key(ref k) if k.expose() == key));
+        assert_eq!(c.admin_token.unwrap().expose(), "admin-secret-77");
+        match c.broker {
+            BrokerMode::Embedded(b) => {
+                assert!(
+                    matches!(b.auth, BrokerAuth::Token(ref t) if t.expose() == "broker-secret-88")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let missing = argv(&["--sync-key-file", "/nonexistent/sync.key"]).unwrap_err();
+        assert!(missing.contains("--sync-key-file") && missing.contains("/nonexistent/sync.key"));
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(argv(&["--sync-key-file", empty.to_str().unwrap()])
+            .unwrap_err()
+            .contains("is empty"));
+        let bad = dir.path().join("bad.key");
+        std::fs::write(&bad, "not-a-key-secret-99").unwrap();
+        let err = argv(&["--sync-key-file", bad.to_str().unwrap()]).unwrap_err();
+        assert!(!err.contains("not-a-key-secret-99"), "{err}");
+        assert!(argv(&[
+            "--sync-key",
+            &key,
+            "--sync-key-file",
+            key_file.to_str().unwrap()
+        ])
+        .is_err());
     }
 
     #[test]

@@ -46,9 +46,20 @@ pub enum Credentials {
 }
 
 impl Credentials {
-    /// Reads `OS_*` variables; `Ok(None)` when none are set.
+    /// Reads `OS_*` variables; `Ok(None)` when none are set. `OS_PASSWORD` and
+    /// `OS_APPLICATION_CREDENTIAL_SECRET` may instead name a file in
+    /// `OS_PASSWORD_FILE` and `OS_APPLICATION_CREDENTIAL_SECRET_FILE`.
     pub fn from_env() -> Result<Option<Credentials>, String> {
-        Self::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mut from_files = std::collections::HashMap::new();
+        for key in ["OS_PASSWORD", "OS_APPLICATION_CREDENTIAL_SECRET"] {
+            let file = var(&format!("{key}_FILE")).map(std::path::PathBuf::from);
+            if let Some(v) = crate::cli::read_secret(None, file.as_deref(), &format!("{key}_FILE"))?
+            {
+                from_files.insert(key, v);
+            }
+        }
+        Self::from_lookup(|k| var(k).or_else(|| from_files.get(k).cloned()))
     }
 
     pub fn from_lookup(

@@ -117,9 +117,55 @@ pub struct OpFilter {
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
-/// Connection options for every syncgate database: created if missing, WAL, and
-/// `synchronous=FULL` so that a committed row survives a power cut.
+/// Makes a database file readable by its owner only: created 0600 when
+/// missing (SQLite gives its `-wal` and `-shm` files the same mode), tightened
+/// when an older file is open to others. The op log holds what edges need to
+/// replay writes: it is protected like Keystone's own database.
+fn secure_file(url: &str) -> Result<(), StoreError> {
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = path.split('?').next().unwrap_or(path);
+    if path.is_empty() || path.starts_with(':') {
+        return Ok(());
+    }
+    let io = |source: std::io::Error| StoreError::Open {
+        url: url.to_string(),
+        source: sqlx::Error::Io(source),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let main = std::path::Path::new(path);
+        if !main.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(main)
+                .map_err(io)?;
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let file = std::path::PathBuf::from(format!("{path}{suffix}"));
+            let Ok(meta) = std::fs::metadata(&file) else {
+                continue;
+            };
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %file.display(), "database file was open to other users; now 0600");
+                std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connection options for every syncgate database: created if missing (owner
+/// only), WAL, and `synchronous=FULL` so that a committed row survives a power cut.
 fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
+    secure_file(url)?;
     Ok(SqliteConnectOptions::from_str(url)
         .map_err(|source| StoreError::Url {
             url: url.to_string(),
@@ -596,6 +642,38 @@ mod tests {
                 (4, "timed_out".into())
             ]
         );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn database_files_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, store) = temp_store().await;
+        let id = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+        store
+            .commit_intent(id, OpState::Committed, &Outcome::default())
+            .await
+            .unwrap();
+        let mode = |f: &str| {
+            std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for f in ["ops.db", "ops.db-wal", "ops.db-shm"] {
+            assert_eq!(mode(f), 0o600, "{f}");
+        }
+        store.close().await;
+        // A file an older version left open to others is tightened.
+        std::fs::set_permissions(
+            dir.path().join("ops.db"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ops.db").display());
+        Store::open(&url).await.unwrap().close().await;
+        assert_eq!(mode("ops.db"), 0o600);
     }
 
     #[tokio::test]
