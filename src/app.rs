@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::audit::{self, Admin};
 use crate::broker::{Broker, BrokerAuth};
@@ -16,6 +16,7 @@ use crate::config::{BrokerMode, CentralConfig};
 use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
+use crate::serve;
 use crate::store::Store;
 use crate::sync::central::SyncCentral;
 use crate::sync::crypto::Sealer;
@@ -111,6 +112,7 @@ impl Central {
             edge_offline_after: config.sync.edge_offline_after,
             ack_timeout: config.sync.ack_timeout,
             broker_stats: broker.as_ref().map(Broker::stats),
+            failed: Default::default(),
         });
         Ok(Central {
             proxy_listener,
@@ -156,15 +158,26 @@ impl Central {
         let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let proxy_app =
-            proxy::router(self.proxy.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let proxy_server = axum::serve(self.proxy_listener, proxy_app)
-            .with_graceful_shutdown(wait(stop_rx.clone()));
+        let limits = self.config.http;
         let stop_rx_sync = stop_rx.clone();
-        let admin_server = axum::serve(self.admin_listener, audit::router(self.admin.clone()))
-            .with_graceful_shutdown(wait(stop_rx));
-        let proxy_task = tokio::spawn(async move { proxy_server.await });
-        let admin_task = tokio::spawn(async move { admin_server.await });
+        let mut proxy_task = Watched::spawn(
+            "proxy",
+            serve::serve(
+                self.proxy_listener,
+                proxy::router(self.proxy.clone()),
+                limits,
+                wait(stop_rx.clone()),
+            ),
+        );
+        let mut admin_task = Watched::spawn(
+            "admin API",
+            serve::serve(
+                self.admin_listener,
+                audit::router(self.admin.clone()),
+                limits,
+                wait(stop_rx),
+            ),
+        );
         // Central's own client: to the embedded broker on this host, or the external one.
         let (broker_url, broker_auth) = match (&self.config.broker, broker_addr) {
             (BrokerMode::Embedded(b), Some(addr)) => {
@@ -187,9 +200,10 @@ impl Central {
         };
         // The broker stops after sync has flushed (its own signal, sent below).
         let (broker_stop_tx, broker_stop_rx) = tokio::sync::watch::channel(false);
-        let broker_task = self
-            .broker
-            .map(|broker| tokio::spawn(broker.run(wait(broker_stop_rx))));
+        let mut broker_task = match self.broker {
+            Some(broker) => Watched::spawn("broker", broker.run(wait(broker_stop_rx))),
+            None => Watched::none("broker"),
+        };
         let client = connect_broker(&broker_url, &broker_auth, "syncgate-central", None).await?;
         info!(broker = %redact_url(&broker_url), "sync client connecting");
         let sync = Arc::new(SyncCentral {
@@ -209,41 +223,119 @@ impl Central {
             metrics: self.admin.metrics.clone(),
         });
         let _ = self.admin.sync.set(sync.clone());
-        let sync_task = tokio::spawn(sync.run(stop_rx_sync.clone()));
-        let sweep_task = tokio::spawn(sweep_stale_intents(
-            self.proxy.clone(),
-            self.config.stale_intent_after,
-            stop_rx_sync,
-        ));
+        let mut sync_task = Watched::spawn("sync", sync.run(stop_rx_sync.clone()));
+        let mut sweep_task = Watched::spawn("intent sweeper", {
+            let proxy = self.proxy.clone();
+            let after = self.config.stale_intent_after;
+            async move {
+                sweep_stale_intents(proxy, after, stop_rx_sync).await;
+                anyhow::Ok(())
+            }
+        });
 
-        shutdown.await;
-        info!("shutting down: draining in-flight requests");
+        // Until shutdown, every task must keep running: one that ends makes the
+        // process unready and stop with an error, instead of looking healthy.
+        let died = tokio::select! {
+            _ = shutdown => None,
+            d = proxy_task.ended() => Some(d),
+            d = admin_task.ended() => Some(d),
+            d = sync_task.ended() => Some(d),
+            d = sweep_task.ended() => Some(d),
+            d = broker_task.ended() => Some(d),
+        };
+        if let Some(why) = &died {
+            error!(reason = %why, "a task of the gateway stopped; shutting down");
+            self.admin.set_failed(why);
+        }
+        let grace_ends = tokio::time::Instant::now() + limits.shutdown_grace;
+        info!(grace = ?limits.shutdown_grace, "shutting down: draining in-flight requests");
         let _ = stop_tx.send(true);
-        proxy_task
-            .await
-            .context("proxy task")?
-            .context("proxy server")?;
-        admin_task
-            .await
-            .context("admin task")?
-            .context("admin server")?;
-        // Captures whose clients left are not awaited by the server: let them
-        // log their ops before the op log closes.
-        let limit = self.config.upstream_timeout * 2 + std::time::Duration::from_secs(5);
-        if !self.proxy.drain_captures(limit).await {
-            warn!("writes still in flight at shutdown; they show as unknown_outcome at the next start");
+        proxy_task.join().await;
+        admin_task.join().await;
+        // Captures whose clients left are not awaited by the servers: let them
+        // log their ops before the op log closes, within the grace period; what
+        // is still running then is logged as unknown_outcome, so no intent is
+        // left open.
+        let left = grace_ends.saturating_duration_since(tokio::time::Instant::now());
+        if !self.proxy.drain_captures(left).await {
+            match self.proxy.abandon_running_captures().await {
+                Ok(seqs) => {
+                    warn!(seqs = ?seqs, "writes still in flight when the grace period ended are logged as unknown_outcome")
+                }
+                Err(e) => {
+                    error!(error = %e, "writes still in flight at shutdown could not be logged; they show as unknown_outcome at the next start")
+                }
+            }
         }
-        if let Err(e) = sync_task.await.context("sync task")? {
-            warn!(error = %e, "sync stopped with an error");
-        }
-        let _ = sweep_task.await;
+        sync_task.join().await;
+        sweep_task.join().await;
         let _ = broker_stop_tx.send(true);
-        if let Some(task) = broker_task {
-            task.await.context("broker task")??;
-        }
+        broker_task.join().await;
         self.store.close().await;
-        info!("stopped");
-        Ok(())
+        match died {
+            Some(why) => Err(anyhow::anyhow!("{why}")),
+            None => {
+                info!("stopped");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A task that must run until shutdown, by name.
+pub(crate) struct Watched {
+    name: &'static str,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Watched {
+    pub(crate) fn spawn<T, E>(
+        name: &'static str,
+        task: impl Future<Output = Result<T, E>> + Send + 'static,
+    ) -> Watched
+    where
+        E: Into<anyhow::Error> + 'static,
+        T: Send + 'static,
+    {
+        Watched {
+            name,
+            handle: Some(tokio::spawn(async move {
+                task.await.map(|_| ()).map_err(Into::into)
+            })),
+        }
+    }
+
+    pub(crate) fn none(name: &'static str) -> Watched {
+        Watched { name, handle: None }
+    }
+
+    /// Resolves when the task ends (never, for none), saying how it ended.
+    pub(crate) async fn ended(&mut self) -> String {
+        let Some(handle) = self.handle.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = handle.await;
+        self.handle = None;
+        describe(self.name, result)
+    }
+
+    /// Waits for the task to end after stop was signalled; logs a failure.
+    pub(crate) async fn join(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let result = handle.await;
+            if !matches!(result, Ok(Ok(()))) {
+                warn!(reason = %describe(self.name, result), "task stopped with an error");
+            }
+        }
+    }
+}
+
+fn describe(name: &str, result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> String {
+    match result {
+        Ok(Ok(())) => format!("the {name} task ended"),
+        Ok(Err(e)) => format!("the {name} task failed: {e:#}"),
+        Err(e) if e.is_panic() => format!("the {name} task panicked"),
+        Err(_) => format!("the {name} task was cancelled"),
     }
 }
 
@@ -272,5 +364,28 @@ async fn sweep_stale_intents(
             ),
             Err(e) => warn!(error = %e, "cannot sweep stale intents"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_dies_is_reported_by_name_and_how() {
+        let mut panics = Watched::spawn("publisher", async {
+            if true {
+                panic!("boom");
+            }
+            anyhow::Ok(())
+        });
+        assert_eq!(panics.ended().await, "the publisher task panicked");
+        let mut fails = Watched::spawn("broker", async {
+            Err::<(), _>(anyhow::anyhow!("port gone"))
+        });
+        assert_eq!(fails.ended().await, "the broker task failed: port gone");
+        let mut none = Watched::none("broker");
+        let never = tokio::time::timeout(std::time::Duration::from_millis(20), none.ended()).await;
+        assert!(never.is_err(), "an absent task never ends");
     }
 }

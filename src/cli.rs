@@ -104,6 +104,40 @@ pub fn read_secret(
     Ok(Some(text.to_string()))
 }
 
+/// Limits of the HTTP listeners.
+#[derive(Debug, Args)]
+pub struct HttpArgs {
+    /// Time a client has to send its request line and headers (slow clients are dropped).
+    #[arg(long, env = "SYNCGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Longest pause while a client sends a request body.
+    #[arg(long, env = "SYNCGATE_BODY_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
+    pub body_timeout: Duration,
+
+    /// Connections served at once per listener (more wait in the listen backlog).
+    #[arg(long, env = "SYNCGATE_MAX_CONNECTIONS", default_value = "4096")]
+    pub max_connections: usize,
+
+    /// After SIGTERM: how long requests in flight may take before the process exits.
+    #[arg(long, env = "SYNCGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = config::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl HttpArgs {
+    fn limits(&self) -> Result<crate::serve::HttpLimits, String> {
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        Ok(crate::serve::HttpLimits {
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            max_connections: self.max_connections,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FailureMode {
     Continue,
@@ -169,6 +203,9 @@ pub struct EdgeArgs {
     pub upstream_timeout: Duration,
 
     #[command(flatten)]
+    pub http: HttpArgs,
+
+    #[command(flatten)]
     pub sync: SyncArgs,
 }
 
@@ -221,6 +258,7 @@ impl EdgeArgs {
             },
             hello_interval: self.hello_interval,
             upstream_timeout: self.upstream_timeout,
+            http: self.http.limits()?,
         })
     }
 }
@@ -310,6 +348,9 @@ pub struct CentralArgs {
     /// An op not acknowledged by an edge within this is `timed_out` there.
     #[arg(long, env = "SYNCGATE_ACK_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
     pub ack_timeout: Duration,
+
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// Edge IDs as one comma-separated value (an alias, so that clap parses the list
@@ -479,6 +520,7 @@ impl CentralArgs {
             },
             service_credentials: Credentials::from_env()?,
             stale_intent_after: CentralConfig::stale_intent_bound(self.upstream_timeout),
+            http: self.http.limits()?,
         };
         config.validate()?;
         Ok(config)

@@ -73,6 +73,8 @@ pub struct CentralConfig {
     /// Central's service credentials, to learn natural keys of entities it has
     /// not seen pass through (optional).
     pub service_credentials: Option<Credentials>,
+    /// Timeouts, connection cap and shutdown grace of both HTTP listeners.
+    pub http: crate::serve::HttpLimits,
     /// An intent still open after this long, whose captured section has ended
     /// (the op log failed to close it), is logged as an `unknown_outcome` op.
     pub stale_intent_after: Duration,
@@ -176,6 +178,8 @@ pub struct EdgeConfig {
     /// How often the edge says hello (and polls for missed ops).
     pub hello_interval: Duration,
     pub upstream_timeout: Duration,
+    /// Limits of the admin listener.
+    pub http: crate::serve::HttpLimits,
 }
 
 /// Checks a subject prefix: dot-separated plain tokens.
@@ -241,6 +245,7 @@ impl CentralConfig {
             sync: SyncConfig::default(),
             service_credentials: None,
             stale_intent_after: Self::stale_intent_bound(Duration::from_secs(30)),
+            http: crate::serve::HttpLimits::default(),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod edge;
 pub mod keystone;
 pub mod metrics;
 pub mod proxy;
+pub mod serve;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

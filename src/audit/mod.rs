@@ -42,6 +42,21 @@ pub struct Admin {
     pub ack_timeout: Duration,
     /// The embedded broker's counters, when it runs in this process.
     pub broker_stats: Option<Arc<crate::broker::Stats>>,
+    /// Set when a task of the gateway stopped: readiness fails from then on.
+    pub failed: std::sync::Mutex<Option<String>>,
+}
+
+impl Admin {
+    pub fn set_failed(&self, why: &str) {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
+    }
+
+    fn failed(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// An audit API error: a status and a message, as JSON.
@@ -122,16 +137,20 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
     if let Err(e) = &oplog {
         warn!(error = %e, "readiness: op log not writable");
     }
-    let status = if upstream && oplog_ok {
+    let failed = admin.failed();
+    let status = if upstream && oplog_ok && failed.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "ready": status == StatusCode::OK,
         "upstream": if upstream { "reachable" } else { "unreachable" },
         "oplog": if oplog_ok { "writable" } else { "failing" },
     });
+    if let Some(why) = failed {
+        body["failed"] = json!(why);
+    }
     (status, Json(body)).into_response()
 }
 

@@ -170,11 +170,14 @@ impl Edge {
         });
         let admin_app = admin_router(admin);
         let mut admin_stop = stop.clone();
-        let admin_server =
-            axum::serve(self.admin_listener, admin_app).with_graceful_shutdown(async move {
+        let admin_task = tokio::spawn(crate::serve::serve(
+            self.admin_listener,
+            admin_app,
+            self.config.http,
+            async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
-            });
-        let admin_task = tokio::spawn(async move { admin_server.await });
+            },
+        ));
         info!(
             edge = %self.config.id,
             broker = %redact_url(&self.config.broker),

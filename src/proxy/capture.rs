@@ -226,13 +226,32 @@ async fn read_bounded(proxy: &Proxy, headers: &HeaderMap, body: Body) -> Result<
         inc(&proxy.metrics.bodies_too_large);
         return Err(ProxyError::BodyTooLarge(limit));
     }
+    let body = crate::serve::idle_timeout_body(body, proxy.body_timeout);
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             inc(&proxy.metrics.bodies_too_large);
             Err(ProxyError::BodyTooLarge(limit))
         }
+        Err(e) if timed_out(e.as_ref()) => {
+            Err(ProxyError::BodyTimeout(proxy.body_timeout.as_secs().max(1)))
+        }
         Err(_) => Err(ProxyError::BadRequestBody),
+    }
+}
+
+/// Whether an error, or one it wraps, is a timeout.
+fn timed_out(mut e: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        match e.source() {
+            Some(next) => e = next,
+            None => return false,
+        }
     }
 }
 

@@ -30,6 +30,11 @@ pub enum ProxyError {
     /// A replicated write's body Keystone could read differently.
     #[error("the request was refused before it reached the identity service: {0}")]
     InexactBody(String),
+    /// The client paused sending its body for longer than the body timeout.
+    #[error(
+        "the client paused sending the request body for more than {0}s; nothing was forwarded"
+    )]
+    BodyTimeout(u64),
     /// The client's body could not be read.
     #[error("the request body could not be read")]
     BadRequestBody,
@@ -61,6 +66,7 @@ impl ProxyError {
             }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadRequestBody
             | ProxyError::BadRequestTarget
             | ProxyError::RefusedTarget(_)

@@ -57,6 +57,8 @@ pub struct Proxy {
     upstream_prefix: String,
     public_url: Option<String>,
     timeout: Duration,
+    /// Longest pause while a client sends a request body.
+    body_timeout: Duration,
     max_capture_body: usize,
     replicate: Vec<RouteClass>,
     store: Store,
@@ -111,6 +113,7 @@ impl Proxy {
                 .as_ref()
                 .map(|u| u.as_str().trim_end_matches('/').to_string()),
             timeout: config.upstream_timeout,
+            body_timeout: config.http.body_timeout,
             max_capture_body: config.max_capture_body,
             replicate: config.replicate.clone(),
             store,
@@ -261,6 +264,7 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let mut upstream_req = reqwest::Request::new(parts.method, url);
         *upstream_req.headers_mut() = self.request_headers(&parts.headers, peer, true);
+        let body = crate::serve::idle_timeout_body(body, self.body_timeout);
         *upstream_req.body_mut() = Some(reqwest::Body::wrap_stream(body.into_data_stream()));
         let resp = self
             .send(upstream_req)
@@ -318,6 +322,35 @@ impl Proxy {
                 return false;
             }
         }
+    }
+
+    /// At the end of the shutdown grace period: the intents of captures still
+    /// running are logged as `unknown_outcome` ops, so none is left open.
+    pub async fn abandon_running_captures(&self) -> anyhow::Result<Vec<i64>> {
+        let running: Vec<uuid::Uuid> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        let outcome = crate::store::Outcome {
+            detail: Some("the gateway stopped before the upstream answered".into()),
+            ..Default::default()
+        };
+        let mut seqs = Vec::new();
+        for op_id in running {
+            match self
+                .store
+                .commit_intent(op_id, crate::store::OpState::UnknownOutcome, &outcome)
+                .await
+            {
+                Ok(seq) => seqs.push(seq),
+                Err(crate::store::StoreError::NoIntent(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(seqs)
     }
 
     /// Logs intents open for longer than `older_than` whose captured section is no

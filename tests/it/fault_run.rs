@@ -259,6 +259,7 @@ impl World {
             on_failure: OnFailure::Continue,
             hello_interval: Duration::from_millis(200),
             upstream_timeout: Duration::from_secs(1),
+            http: Default::default(),
         };
         let edge = Edge::build(config).await.unwrap();
         self.edges[i].task = Some(Task::spawn(|rx| {

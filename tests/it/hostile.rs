@@ -138,3 +138,127 @@ async fn a_keystone_error_that_echoes_a_password_is_scrubbed_everywhere() {
     assert!(detail.contains("'***' is too short"), "{detail}");
     env.shutdown().await;
 }
+
+mod bounded {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use crate::helpers::spawn_app_with;
+
+    fn addr(url: &str) -> String {
+        url.trim_start_matches("http://").to_string()
+    }
+
+    /// Reads until the server closes the connection; returns what it sent.
+    async fn until_closed(stream: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out))
+            .await
+            .expect("the server closed the connection");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_trickles_its_headers_is_dropped() {
+        let app = spawn_app_with(|c| c.http.header_timeout = Duration::from_millis(300)).await;
+        for listener in [app.proxy.clone(), app.admin.clone()] {
+            let mut s = TcpStream::connect(addr(&listener)).await.unwrap();
+            s.write_all(b"POST /v3/projects HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            let started = Instant::now();
+            until_closed(&mut s).await;
+            assert!(started.elapsed() < Duration::from_secs(5), "{listener}");
+        }
+        assert_eq!(app.fake.count(), 0);
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_pauses_in_its_body_gets_408_and_nothing_is_forwarded() {
+        let app = spawn_app_with(|c| c.http.body_timeout = Duration::from_millis(300)).await;
+        let mut s = TcpStream::connect(addr(&app.proxy)).await.unwrap();
+        s.write_all(
+            b"POST /v3/projects HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"project\":",
+        )
+        .await
+        .unwrap();
+        let answer = until_closed(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("paused"), "{answer}");
+        assert_eq!(app.fake.count(), 0);
+        assert!(app.all_ops().await.is_empty());
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_wait_for_a_free_one() {
+        let app = spawn_app_with(|c| c.http.max_connections = 1).await;
+        let mut first = TcpStream::connect(addr(&app.proxy)).await.unwrap();
+        first
+            .write_all(b"GET /v3 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        first.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        // The first connection stays open (keep-alive): the second waits.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        assert!(client.get(app.url("/v3")).send().await.is_err());
+        drop(first);
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.get(app.url("/v3")).send())
+            .await
+            .expect("served once the first connection closed")
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        app.stop().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_within_the_grace_period_and_leaves_no_open_intent() {
+        let app = spawn_app_with(|c| c.http.shutdown_grace = Duration::from_millis(500)).await;
+        // A write whose upstream never answers (within the 30 s upstream timeout).
+        let url = app.url("/v3/projects");
+        let client = app.client.clone();
+        let stuck = tokio::spawn(async move {
+            client
+                .post(url)
+                .header("x-fake-hang", "1")
+                .json(&serde_json::json!({"project": {"name": "stuck"}}))
+                .send()
+                .await
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while app.fake.count() == 0 {
+            assert!(Instant::now() < deadline, "the write reached the upstream");
+            tokio::task::yield_now().await;
+        }
+        let db = app.db_url.clone();
+        let started = Instant::now();
+        let (_fake, dir) = app.stop().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "stopped in {:?}",
+            started.elapsed()
+        );
+        let _ = stuck.await;
+        let store = syncgate::store::Store::open(&db).await.unwrap();
+        assert_eq!(
+            store.open_intents().await.unwrap(),
+            0,
+            "no intent left open"
+        );
+        let op = store.get_op(1).await.unwrap().expect("the write is an op");
+        assert_eq!(op.state, "unknown_outcome");
+        store.close().await;
+        drop(dir);
+    }
+}

@@ -180,6 +180,7 @@ impl SyncEnv {
             on_failure,
             hello_interval: Duration::from_millis(200),
             upstream_timeout: Duration::from_secs(10),
+            http: Default::default(),
         }
     }
 
