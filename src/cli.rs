@@ -426,6 +426,18 @@ pub struct BrokerArgs {
     #[arg(long, env = "SYNCGATE_BROKER_PING_INTERVAL", default_value = "2m",
           value_parser = config::parse_duration)]
     pub broker_ping_interval: Duration,
+
+    /// Clients connected at once.
+    #[arg(long, env = "SYNCGATE_BROKER_MAX_CONNECTIONS", default_value = "4096")]
+    pub broker_max_connections: usize,
+
+    /// Subscriptions one client may hold.
+    #[arg(
+        long,
+        env = "SYNCGATE_BROKER_MAX_SUBSCRIPTIONS",
+        default_value = "1024"
+    )]
+    pub broker_max_subscriptions: usize,
 }
 
 impl BrokerArgs {
@@ -476,6 +488,8 @@ impl BrokerArgs {
             max_payload: self.broker_max_payload,
             max_pending: self.broker_max_pending,
             ping_interval: self.broker_ping_interval,
+            max_connections: self.broker_max_connections.max(1),
+            max_subscriptions: self.broker_max_subscriptions.max(1),
             ..BrokerConfig::default()
         })
     }

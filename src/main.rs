@@ -19,7 +19,7 @@ fn main() -> ExitCode {
     };
     let command = match cli.command {
         Command::Central(args) => args.into_config().map(|c| Run::Central(Box::new(c))),
-        Command::Broker(args) => args.into_config().map(Run::Broker),
+        Command::Broker(args) => args.into_config().map(|c| Run::Broker(Box::new(c))),
         Command::Edge(args) => args.into_config().map(|c| Run::Edge(Box::new(c))),
         Command::Keygen => {
             println!("{}", syncgate::sync::crypto::generate_key());
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
                 edge.run(shutdown_signal()).await
             }
             Run::Broker(config) => {
-                let broker = syncgate::broker::Broker::bind(config).await?;
+                let broker = syncgate::broker::Broker::bind(*config).await?;
                 broker.run(shutdown_signal()).await
             }
         }
@@ -70,7 +70,7 @@ fn main() -> ExitCode {
 enum Run {
     Central(Box<syncgate::CentralConfig>),
     Edge(Box<syncgate::config::EdgeConfig>),
-    Broker(syncgate::broker::BrokerConfig),
+    Broker(Box<syncgate::broker::BrokerConfig>),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -453,11 +453,25 @@ impl Session {
     }
 
     fn subscribe(&mut self, subject: &[u8], queue: Option<&[u8]>, sid: &[u8]) {
+        let config = &self.shared.config;
+        // Bounds what one client can make the subject trie hold.
+        if subject.len() > config.max_subject_len
+            || subject.split(|b| *b == b'.').count() > config.max_subject_tokens
+        {
+            self.client.send(b"-ERR 'Invalid Subject'\r\n");
+            return;
+        }
         let mut subs = self.client.subs.lock().unwrap_or_else(|e| e.into_inner());
         if subs.contains_key(sid) {
             // A repeated sid is ignored, as nats-server does.
             drop(subs);
             self.ok();
+            return;
+        }
+        if subs.len() >= config.max_subscriptions {
+            drop(subs);
+            self.client
+                .send(b"-ERR 'Maximum Subscriptions Exceeded'\r\n");
             return;
         }
         let sub = Arc::new(Subscription {

@@ -62,6 +62,16 @@ pub struct BrokerConfig {
     pub max_pings_out: u32,
     /// Time allowed for CONNECT (and the TLS handshake) when auth is on.
     pub auth_timeout: Duration,
+    /// Clients connected at once; more are refused with nats-server's
+    /// `maximum connections exceeded`.
+    pub max_connections: usize,
+    /// Subscriptions one client may hold; more are refused with
+    /// `Maximum Subscriptions Exceeded` (the connection stays).
+    pub max_subscriptions: usize,
+    /// Longest subject a subscription may name, in bytes.
+    pub max_subject_len: usize,
+    /// Most tokens (dot-separated parts) in a subscription's subject.
+    pub max_subject_tokens: usize,
 }
 
 impl Default for BrokerConfig {
@@ -76,6 +86,10 @@ impl Default for BrokerConfig {
             ping_interval: Duration::from_secs(120),
             max_pings_out: 2,
             auth_timeout: Duration::from_secs(2),
+            max_connections: 4096,
+            max_subscriptions: 1024,
+            max_subject_len: 256,
+            max_subject_tokens: 16,
         }
     }
 }
@@ -108,6 +122,8 @@ pub(crate) struct Shared {
     next_cid: AtomicU64,
     queue_pick: AtomicUsize,
     clients: Mutex<HashMap<u64, Arc<Client>>>,
+    /// Connections open now (accepted, not yet closed).
+    open: AtomicUsize,
 }
 
 impl Shared {
@@ -189,6 +205,7 @@ impl Broker {
             next_cid: AtomicU64::new(1),
             queue_pick: AtomicUsize::new(0),
             clients: Mutex::new(HashMap::new()),
+            open: AtomicUsize::new(0),
         });
         Ok(Broker {
             listener,
@@ -254,6 +271,7 @@ async fn handle(
 ) {
     let _ = stream.set_nodelay(true);
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenConnection::count(&shared);
     let cid = shared.next_cid.fetch_add(1, Ordering::Relaxed);
     debug!(cid, %peer, "client connection");
     if stream
@@ -261,6 +279,11 @@ async fn handle(
         .await
         .is_err()
     {
+        return;
+    }
+    // As nats-server: INFO first, then the refusal.
+    if shared.open.load(Ordering::Relaxed) > shared.config.max_connections {
+        refuse(stream, b"-ERR 'maximum connections exceeded'\r\n").await;
         return;
     }
     match tls {
@@ -289,6 +312,22 @@ async fn handle(
                 Err(_) => info!(cid, %peer, "TLS handshake timed out"),
             }
         }
+    }
+}
+
+/// Counts a connection while it is open.
+struct OpenConnection(Arc<Shared>);
+
+impl OpenConnection {
+    fn count(shared: &Arc<Shared>) -> OpenConnection {
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(shared.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

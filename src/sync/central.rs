@@ -87,19 +87,28 @@ impl SyncCentral {
         let replay = self.client.subscribe(self.subjects.replay()).await?;
         let acks = self.client.subscribe(self.subjects.ack("*")).await?;
         let hellos = self.client.subscribe(self.subjects.hello("*")).await?;
-        let tasks = [
+        let names = ["publisher", "replay server", "ack receiver"];
+        let tasks = vec![
             tokio::spawn(self.clone().publish_loop(stop.clone())),
             tokio::spawn(self.clone().replay_loop(replay, stop.clone())),
             tokio::spawn(self.clone().ack_loop(acks, hellos, stop.clone())),
         ];
         info!(prefix = %self.subjects.ops(), edges = ?self.declared_edges, "sync publishing");
-        for task in tasks {
-            if let Err(e) = task.await {
-                error!(error = %e, "sync task failed");
+        // Each loop runs until stop; one that ends before is a failure of sync.
+        let (first, index, rest) = futures_util::future::select_all(tasks).await;
+        let early = !*stop.borrow();
+        for task in rest {
+            if early {
+                task.abort();
             }
+            let _ = task.await;
         }
         // The broker may be stopping too: never wait long for it.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+        if early {
+            let how = if first.is_err() { "panicked" } else { "ended" };
+            anyhow::bail!("the sync {} {how}", names[index]);
+        }
         Ok(())
     }
 

@@ -294,3 +294,59 @@ async fn connect_must_come_within_the_authentication_timeout() {
     let mut c = Raw::connect(&b).await;
     assert_eq!(c.rest().await, "-ERR 'Authentication Timeout'\r\n");
 }
+
+#[tokio::test]
+async fn connections_subscriptions_and_subjects_are_capped() {
+    let b = start_broker(|c| {
+        c.max_connections = 2;
+        c.max_subscriptions = 3;
+        c.max_subject_len = 32;
+        c.max_subject_tokens = 4;
+    })
+    .await;
+    let mut c = Raw::connect(&b).await;
+    c.send("CONNECT {}\r\nSUB a.b.c.d 1\r\nSUB a 2\r\nSUB b 3\r\nSUB c 4\r\nPING\r\n")
+        .await;
+    assert_eq!(c.line().await, "-ERR 'Maximum Subscriptions Exceeded'");
+    assert_eq!(c.line().await, "PONG", "the connection stays");
+    c.send("UNSUB 2\r\nSUB a.b.c.d.e 5\r\nSUB x 6\r\nPING\r\n")
+        .await;
+    assert_eq!(c.line().await, "-ERR 'Invalid Subject'", "five tokens");
+    assert_eq!(c.line().await, "PONG");
+    c.send(&format!("UNSUB 6\r\nSUB {} 7\r\nPING\r\n", "x".repeat(33)))
+        .await;
+    assert_eq!(c.line().await, "-ERR 'Invalid Subject'", "33 bytes");
+    assert_eq!(c.line().await, "PONG");
+
+    let _second = Raw::connect(&b).await;
+    let mut third = Raw::connect(&b).await;
+    assert_eq!(
+        third.rest().await,
+        "-ERR 'maximum connections exceeded'\r\n"
+    );
+    // Ten thousand deep subscriptions from one client hold nothing past the cap.
+    let mut flood = String::from("CONNECT {}\r\n");
+    for i in 0..10_000 {
+        flood.push_str(&format!("SUB {}.{i} s{i}\r\n", ["t"; 20].join(".")));
+    }
+    flood.push_str("PING\r\n");
+    drop(_second);
+    let mut c2 = loop {
+        let mut r = Raw::connect(&b).await;
+        r.send("PING\r\n").await;
+        if r.line().await == "PONG" {
+            break r;
+        }
+    };
+    c2.send(&flood).await;
+    let mut refused = 0;
+    loop {
+        let line = c2.line().await;
+        if line == "PONG" {
+            break;
+        }
+        assert_eq!(line, "-ERR 'Invalid Subject'");
+        refused += 1;
+    }
+    assert_eq!(refused, 10_000);
+}
