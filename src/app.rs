@@ -38,7 +38,11 @@ pub struct Central {
 impl Central {
     pub async fn build(config: CentralConfig) -> anyhow::Result<Central> {
         config.validate().map_err(anyhow::Error::msg)?;
-        let store = Store::open(&config.db).await?;
+        let vault = Arc::new(config.oplog_sealer().map_err(anyhow::Error::msg)?);
+        if !vault.encrypts() {
+            warn!("request bodies (passwords) are kept in the op log in clear: set --oplog-key, or a sync key");
+        }
+        let store = Store::open_sealed(&config.db, Some(vault)).await?;
         let recovered = store
             .recover_open_intents()
             .await

@@ -351,6 +351,15 @@ pub struct CentralArgs {
 
     #[command(flatten)]
     pub http: HttpArgs,
+
+    /// Keys sealing request bodies in the op log (base64, comma-separated; the
+    /// first seals). Default: the sync key. Losing it loses the bodies.
+    #[arg(long, env = "SYNCGATE_OPLOG_KEY", hide_env_values = true)]
+    pub oplog_key: Option<String>,
+
+    /// A file holding the op log keys.
+    #[arg(long, env = "SYNCGATE_OPLOG_KEY_FILE", conflicts_with = "oplog_key")]
+    pub oplog_key_file: Option<PathBuf>,
 }
 
 /// Edge IDs as one comma-separated value (an alias, so that clap parses the list
@@ -535,7 +544,17 @@ impl CentralArgs {
             service_credentials: Credentials::from_env()?,
             stale_intent_after: CentralConfig::stale_intent_bound(self.upstream_timeout),
             http: self.http.limits()?,
+            oplog_key: read_secret(
+                self.oplog_key,
+                self.oplog_key_file.as_deref(),
+                "--oplog-key-file",
+            )?
+            .map(Secret::new),
         };
+        if let Some(k) = &config.oplog_key {
+            crate::sync::crypto::validate_key(k.expose())
+                .map_err(|e| format!("--oplog-key: {e}"))?;
+        }
         config.validate()?;
         Ok(config)
     }

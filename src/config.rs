@@ -75,6 +75,9 @@ pub struct CentralConfig {
     pub service_credentials: Option<Credentials>,
     /// Timeouts, connection cap and shutdown grace of both HTTP listeners.
     pub http: crate::serve::HttpLimits,
+    /// Keys sealing request bodies in the op log (comma-separated, the first
+    /// seals); the sync key when not set.
+    pub oplog_key: Option<Secret>,
     /// An intent still open after this long, whose captured section has ended
     /// (the op log failed to close it), is logged as an `unknown_outcome` op.
     pub stale_intent_after: Duration,
@@ -246,6 +249,7 @@ impl CentralConfig {
             service_credentials: None,
             stale_intent_after: Self::stale_intent_bound(Duration::from_secs(30)),
             http: crate::serve::HttpLimits::default(),
+            oplog_key: None,
         }
     }
 
@@ -256,6 +260,18 @@ impl CentralConfig {
     }
 
     /// Checks what each option cannot say alone. Errors name the option.
+    /// What seals request bodies at rest: `--oplog-key`, else the sync key.
+    pub fn oplog_sealer(&self) -> Result<Sealer, String> {
+        match &self.oplog_key {
+            Some(k) => Sealer::with_keys(k.expose()).map_err(|e| format!("--oplog-key: {e}")),
+            None => self
+                .sync
+                .key
+                .sealer()
+                .map_err(|e| format!("--sync-key: {e}")),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !self.admin_listen.ip().is_loopback() && self.admin_token.is_none() {
             return Err(format!(

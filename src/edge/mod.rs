@@ -340,7 +340,17 @@ impl Runner {
             let batch: ReplayBatch = match serde_json::from_slice(&msg.payload) {
                 Ok(b) => b,
                 Err(_) => {
-                    warn!(answer = %String::from_utf8_lossy(&msg.payload).chars().take(200).collect::<String>(), "central refused a replay request");
+                    let answer: String = String::from_utf8_lossy(&msg.payload)
+                        .chars()
+                        .take(200)
+                        .collect();
+                    warn!(answer = %answer, "central refused a replay request");
+                    if self.status.error().is_none() {
+                        self.status.set_error(Some(format!(
+                            "central refuses this edge's replay requests ({answer}): is the sync key \
+                             the same, and this edge declared at central?"
+                        )));
+                    }
                     return Ok(());
                 }
             };

@@ -6,6 +6,7 @@
 //! `synchronous=FULL`: a committed op survives a power cut.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -14,6 +15,7 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use crate::keystone::touches::Touch;
+use crate::sync::crypto::Sealer;
 
 pub mod edge;
 mod sync;
@@ -31,6 +33,8 @@ pub enum StoreError {
     Query(#[from] sqlx::Error),
     #[error("no open intent {0}")]
     NoIntent(Uuid),
+    #[error("a request body in the op log cannot be opened: {0}")]
+    Sealed(String),
 }
 
 /// The state of an op in the log.
@@ -117,6 +121,14 @@ pub struct OpFilter {
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
+/// How a sealed body starts in the op log (no JSON body starts so).
+const SEALED: &str = "sealed:";
+
+/// Associated data binding a sealed body to its op.
+fn body_aad(op_id: &str) -> String {
+    format!("syncgate-oplog:{op_id}")
+}
+
 /// Makes a database file readable by its owner only: created 0600 when
 /// missing (SQLite gives its `-wal` and `-shm` files the same mode), tightened
 /// when an older file is open to others. The op log holds what edges need to
@@ -175,6 +187,9 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10))
+        // What is deleted or rewritten (a body sealed anew) is overwritten, not
+        // left in free pages.
+        .pragma("secure_delete", "ON")
         .foreign_keys(true))
 }
 
@@ -182,11 +197,22 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
 pub struct Store {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Seals request bodies at rest (they carry passwords); `None` keeps them
+    /// as they are (tests, `--insecure-plaintext-sync` without `--oplog-key`).
+    vault: Option<Arc<Sealer>>,
 }
 
 impl Store {
-    /// Opens (creating if missing) and migrates the op log at a `sqlite://` URL.
+    /// Opens (creating if missing) and migrates the op log at a `sqlite://` URL;
+    /// bodies are read and written as they are.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_sealed(url, None).await
+    }
+
+    /// Opens the op log with request bodies sealed at rest by `vault`: bodies
+    /// written in clear by an earlier version, or under a key that is no longer
+    /// the first, are sealed anew with the current key.
+    pub async fn open_sealed(url: &str, vault: Option<Arc<Sealer>>) -> Result<Store, StoreError> {
         let options = sqlite_options(url)?;
         let open_err = |source| StoreError::Open {
             url: url.to_string(),
@@ -204,9 +230,91 @@ impl Store {
             .connect_with(options.read_only(true))
             .await
             .map_err(open_err)?;
-        let store = Store { writer, reader };
+        let vault = vault.filter(|v| v.encrypts());
+        let store = Store {
+            writer,
+            reader,
+            vault,
+        };
         store.backfill_op_keys().await?;
+        store.reseal_bodies().await?;
         Ok(store)
+    }
+
+    /// A body as stored: sealed to its op when there is a vault.
+    fn seal_body(&self, op_id: &str, body: &str) -> String {
+        match &self.vault {
+            Some(v) => {
+                let (enc, data) = v.seal(&body_aad(op_id), body.as_bytes());
+                format!("{SEALED}{enc}:{data}")
+            }
+            None => body.to_string(),
+        }
+    }
+
+    /// A stored body, opened. Without a vault a sealed body stays as stored.
+    pub(crate) fn open_body(&self, op_id: &str, stored: String) -> Result<String, StoreError> {
+        let (Some(vault), Some(rest)) = (&self.vault, stored.strip_prefix(SEALED)) else {
+            return Ok(stored);
+        };
+        let (enc, data) = rest.split_once(':').unwrap_or((rest, ""));
+        let plain = vault
+            .open(&body_aad(op_id), enc, data)
+            .map_err(|e| StoreError::Sealed(format!("op {op_id}: {e}")))?;
+        String::from_utf8(plain).map_err(|_| StoreError::Sealed(format!("op {op_id}: not UTF-8")))
+    }
+
+    fn open_row(&self, mut row: OpRow) -> Result<OpRow, StoreError> {
+        if let Some(body) = row.body.take() {
+            row.body = Some(self.open_body(&row.op_id, body)?);
+        }
+        Ok(row)
+    }
+
+    /// Seals every body stored in clear or under a key other than the current
+    /// one (after an upgrade, or a key rotation), in batches.
+    async fn reseal_bodies(&self) -> Result<(), StoreError> {
+        let Some(kid) = self.vault.as_ref().and_then(|v| v.sealing_key_id()) else {
+            return Ok(());
+        };
+        let current = format!("{SEALED}{}/{kid}:%", crate::sync::crypto::ENC_AES);
+        let mut total = 0usize;
+        for table in ["ops", "intents"] {
+            loop {
+                let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+                    "SELECT op_id, body FROM {table} WHERE body IS NOT NULL AND body NOT LIKE ? LIMIT 500"
+                ))
+                .bind(&current)
+                .fetch_all(&self.writer)
+                .await?;
+                if rows.is_empty() {
+                    break;
+                }
+                let mut tx = self.writer.begin().await?;
+                for (op_id, body) in rows {
+                    let plain = self.open_body(&op_id, body)?;
+                    sqlx::query(&format!("UPDATE {table} SET body = ? WHERE op_id = ?"))
+                        .bind(self.seal_body(&op_id, &plain))
+                        .bind(&op_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    total += 1;
+                }
+                tx.commit().await?;
+            }
+        }
+        if total > 0 {
+            // Old page images in the write-ahead log go too.
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&self.writer)
+                .await?;
+            tracing::info!(
+                bodies = total,
+                key = kid,
+                "request bodies in the op log sealed with the current key"
+            );
+        }
+        Ok(())
     }
 
     /// Ops logged before keys were kept get theirs once, so that a re-drive of
@@ -222,8 +330,8 @@ impl Store {
         }
         let mut after = 0;
         loop {
-            let ops: Vec<(i64, String, String, String, Option<String>)> = sqlx::query_as(
-                "SELECT seq, method, path, created_ids, body FROM ops
+            let ops: Vec<(i64, String, String, String, Option<String>, String)> = sqlx::query_as(
+                "SELECT seq, method, path, created_ids, body, op_id FROM ops
                  WHERE seq > ? AND NOT EXISTS (SELECT 1 FROM op_keys k WHERE k.seq = ops.seq)
                  ORDER BY seq LIMIT 1000",
             )
@@ -234,14 +342,17 @@ impl Store {
                 break;
             };
             let mut tx = self.writer.begin().await?;
-            for (seq, method, path, created, body) in &ops {
+            for (seq, method, path, created, body, op_id) in &ops {
                 let route_path = path.split('?').next().unwrap_or(path);
                 let crate::keystone::Classification::Replicable(route) =
                     crate::keystone::classify(method, route_path)
                 else {
                     continue;
                 };
-                let body = body.as_deref().and_then(|b| serde_json::from_str(b).ok());
+                let body = body
+                    .clone()
+                    .and_then(|b| self.open_body(op_id, b).ok())
+                    .and_then(|b| serde_json::from_str(&b).ok());
                 let mut touched =
                     crate::keystone::touches::touches(&route, method, path, body.as_ref());
                 let created: Vec<String> = serde_json::from_str(created).unwrap_or_default();
@@ -279,7 +390,7 @@ impl Store {
         .bind(intent.path)
         .bind(intent.class)
         .bind(intent.kind)
-        .bind(intent.body)
+        .bind(intent.body.map(|b| self.seal_body(&op_id.to_string(), b)))
         .bind(intent.refs)
         .execute(&self.writer)
         .await?;
@@ -306,7 +417,12 @@ impl Store {
         ))
         .bind(state.as_str())
         .bind(created_ids)
-        .bind(outcome.body.as_deref())
+        .bind(
+            outcome
+                .body
+                .as_deref()
+                .map(|b| self.seal_body(&op_id.to_string(), b)),
+        )
         .bind(outcome.upstream_status.map(i64::from))
         .bind(outcome.request_id.as_deref())
         .bind(outcome.detail.as_deref())
@@ -415,10 +531,11 @@ impl Store {
     }
 
     pub async fn get_op(&self, seq: i64) -> Result<Option<OpRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM ops WHERE seq = ?")
+        let row: Option<OpRow> = sqlx::query_as("SELECT * FROM ops WHERE seq = ?")
             .bind(seq)
             .fetch_optional(&self.reader)
-            .await?)
+            .await?;
+        row.map(|r| self.open_row(r)).transpose()
     }
 
     pub async fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>, StoreError> {
@@ -431,7 +548,8 @@ impl Store {
             q.push(" AND state = ").push_bind(state.as_str());
         }
         q.push(" ORDER BY seq LIMIT ").push_bind(filter.limit);
-        Ok(q.build_query_as().fetch_all(&self.reader).await?)
+        let rows: Vec<OpRow> = q.build_query_as().fetch_all(&self.reader).await?;
+        rows.into_iter().map(|r| self.open_row(r)).collect()
     }
 
     pub async fn last_seq(&self) -> Result<i64, StoreError> {

@@ -347,7 +347,7 @@ impl Store {
         ack_timeout: Duration,
         limit: i64,
     ) -> Result<Vec<OutOfSyncRow>, StoreError> {
-        Ok(sqlx::query_as(&format!(
+        let rows: Vec<OutOfSyncRow> = sqlx::query_as(&format!(
             "SELECT * FROM (
                  SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
                         d.detail, {} AS updated_at, o.body
@@ -367,7 +367,14 @@ impl Store {
         .bind(older(ack_timeout))
         .bind(limit)
         .fetch_all(&self.reader)
-        .await?)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                r.body = r.body.and_then(|b| self.open_body(&r.op_id, b).ok());
+                r
+            })
+            .collect())
     }
 }
 

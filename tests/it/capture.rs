@@ -510,6 +510,7 @@ async fn an_intent_left_open_by_a_crash_is_unknown_outcome_after_restart() {
     )
     .await;
     let db_url = app.db_url.clone();
+    let key = app.key.clone();
     let (fake, dir) = app.stop().await;
 
     // A crash between forwarding and logging leaves the intent open.
@@ -527,7 +528,8 @@ async fn an_intent_left_open_by_a_crash_is_unknown_outcome_after_restart() {
         .unwrap();
     store.close().await;
 
-    let config = config_for(&fake, &db_url);
+    let mut config = config_for(&fake, &db_url);
+    config.sync.key = key;
     let app = start(fake, config).await;
     let ops = app.all_ops().await;
     assert_eq!(ops.len(), 2);

@@ -209,7 +209,7 @@ async fn a_replay_request_with_hostile_numbers_is_answered_and_the_next_too() {
         let req = sender.seal(
             &sealer,
             "replay",
-            "edge-a",
+            "probe",
             &ReplayRequest { from_seq, limit },
         );
         let answer = tokio::time::timeout(
@@ -221,7 +221,7 @@ async fn a_replay_request_with_hostile_numbers_is_answered_and_the_next_too() {
         .unwrap();
         let batch: ReplayBatch = serde_json::from_slice(&answer.payload).unwrap_or_else(|e| {
             panic!(
-                "{e}: {:?}",
+                "from {from_seq}: {e}: {:?}",
                 serde_json::from_slice::<Value>(&answer.payload)
             )
         });

@@ -17,6 +17,9 @@ pub struct TestApp {
     pub db_url: String,
     pub client: reqwest::Client,
     pub admin_token: Option<String>,
+    /// The sync key (it also seals the op log's bodies): a restart on the same
+    /// op log needs it.
+    pub key: syncgate::config::SyncKey,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,
@@ -45,6 +48,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut CentralConfig)) -> TestApp {
 pub async fn start(fake: FakeKeystone, config: CentralConfig) -> TestApp {
     let admin_token = config.admin_token.as_ref().map(|t| t.expose().to_string());
     let db_url = config.db.clone();
+    let key = config.sync.key.clone();
     let central = Central::build(config).await.expect("gateway builds");
     let proxy = format!("http://{}", central.proxy_addr());
     let admin = format!("http://{}", central.admin_addr());
@@ -64,6 +68,7 @@ pub async fn start(fake: FakeKeystone, config: CentralConfig) -> TestApp {
             .build()
             .unwrap(),
         admin_token,
+        key,
         stop: Some(tx),
         task: Some(task),
         _dir: None,

@@ -262,3 +262,115 @@ mod bounded {
         drop(dir);
     }
 }
+
+mod at_rest {
+    use serde_json::json;
+    use syncgate::config::{Secret, SyncKey};
+    use syncgate::sync::crypto::generate_key;
+
+    use crate::fake_keystone::FakeKeystone;
+    use crate::helpers::{config_for, spawn_app_with, start};
+
+    /// Every byte of the op log's files, as text.
+    fn raw_files(db_url: &str) -> String {
+        let path = db_url.trim_start_matches("sqlite://");
+        let mut all = String::new();
+        for suffix in ["", "-wal"] {
+            if let Ok(bytes) = std::fs::read(format!("{path}{suffix}")) {
+                all.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+        all
+    }
+
+    /// Starts central on an existing op log with the given keys; shows op `seq`.
+    async fn with_keys(
+        fake: FakeKeystone,
+        db: &str,
+        keys: &str,
+        seq: i64,
+    ) -> (FakeKeystone, serde_json::Value) {
+        let mut config = config_for(&fake, db);
+        config.sync.key = SyncKey::Key(Secret::new(keys));
+        let app = start(fake, config).await;
+        let op: serde_json::Value = app
+            .admin_get(&format!("/v1/ops/{seq}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let (fake, _) = app.stop().await;
+        (fake, op)
+    }
+
+    #[tokio::test]
+    async fn passwords_are_sealed_at_rest_and_the_key_rotates() {
+        let (old, new) = (generate_key(), generate_key());
+        let secret = "at-rest-secret-5521";
+        let app = spawn_app_with(|c| c.sync.key = SyncKey::Key(Secret::new(old.clone()))).await;
+        let resp = app
+            .write(
+                "POST",
+                "/v3/users",
+                Some(json!({"user": {"name": "u1", "password": secret}})),
+            )
+            .await;
+        assert_eq!(resp.status().as_u16(), 201);
+        let db = app.db_url.clone();
+        let (mut fake, dir) = app.stop().await;
+        assert!(
+            !raw_files(&db).contains(secret),
+            "no password in the op log's files"
+        );
+
+        // Rotation: the new key beside the old, then first, then alone.
+        for keys in [format!("{old},{new}"), format!("{new},{old}"), new.clone()] {
+            let (f, op) = with_keys(fake, &db, &keys, 1).await;
+            fake = f;
+            assert_eq!(op["body"]["user"]["name"], "u1", "{op}");
+            assert_eq!(op["body"]["user"]["password"], "***");
+        }
+        // The old key alone cannot read what the new one sealed: a clear error.
+        let mut config = config_for(&fake, &db);
+        config.sync.key = SyncKey::Key(Secret::new(old));
+        let err = syncgate::Central::build(config)
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("does not have"), "{err}");
+        assert!(!err.to_string().contains(secret));
+        drop(dir);
+    }
+
+    #[tokio::test]
+    async fn an_op_log_with_bodies_in_clear_is_sealed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}", dir.path().join("old.db").display());
+        let secret = "clear-from-before-7731";
+        // As the previous version wrote it: the body in clear.
+        let store = syncgate::store::Store::open(&db).await.unwrap();
+        let id = store
+            .begin_intent(&syncgate::store::NewIntent {
+                method: "POST",
+                path: "/v3/users",
+                class: "identity",
+                kind: "user",
+                body: Some(&format!(
+                    r#"{{"user": {{"name": "u", "password": "{secret}"}}}}"#
+                )),
+                refs: "[]",
+            })
+            .await
+            .unwrap();
+        store
+            .commit_intent(id, syncgate::store::OpState::Committed, &Default::default())
+            .await
+            .unwrap();
+        store.close().await;
+        assert!(raw_files(&db).contains(secret));
+        let fake = FakeKeystone::start().await;
+        let (_, op) = with_keys(fake, &db, &generate_key(), 1).await;
+        assert_eq!(op["body"]["user"]["name"], "u");
+        assert!(!raw_files(&db).contains(secret), "sealed on disk");
+    }
+}
