@@ -139,8 +139,13 @@ async fn captured_section(
     // 3. On 2xx the intent becomes an op before the client hears back.
     let status = resp.status();
     let upstream_headers = resp.headers().clone();
-    let resp_body = match tokio::time::timeout(proxy.timeout, resp.bytes()).await {
+    let resp_body = match tokio::time::timeout(proxy.timeout, read_response(resp)).await {
         Ok(Ok(bytes)) => bytes,
+        Ok(Err(ResponseError::TooLarge)) if status.is_success() => {
+            let detail = "the upstream answered 2xx with a response larger than the gateway reads for a captured write";
+            let seq = record_unknown(proxy, op_id, Some(status.as_u16()), detail, &touched).await;
+            return Err(proxy.send_error(SendError::Broken, seq));
+        }
         _ if status.is_success() => {
             let detail = "the upstream answered 2xx but its response body was lost";
             let seq = record_unknown(proxy, op_id, Some(status.as_u16()), detail, &touched).await;
@@ -213,6 +218,36 @@ async fn captured_section(
     let mut headers = proxy.response_headers(&upstream_headers, false);
     headers.insert(header::CONTENT_LENGTH, body.len().into());
     Ok(build_response(status, headers, Body::from(body)))
+}
+
+/// The most of a captured write's response the gateway reads (Keystone answers
+/// a write with one entity, or a list of limits: far less).
+pub const MAX_CAPTURED_RESPONSE: usize = 8 * 1024 * 1024;
+
+enum ResponseError {
+    TooLarge,
+    Broken,
+}
+
+/// Reads a captured write's response, at most `MAX_CAPTURED_RESPONSE` bytes.
+async fn read_response(resp: reqwest::Response) -> Result<Bytes, ResponseError> {
+    use futures_util::StreamExt;
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_CAPTURED_RESPONSE as u64)
+    {
+        return Err(ResponseError::TooLarge);
+    }
+    let mut stream = resp.bytes_stream();
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|_| ResponseError::Broken)?;
+        if out.len() + chunk.len() > MAX_CAPTURED_RESPONSE {
+            return Err(ResponseError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out.freeze())
 }
 
 /// Reads the whole request body, refusing more than `--max-capture-body`.

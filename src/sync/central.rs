@@ -507,7 +507,7 @@ impl SyncCentral {
                     format!("op {} failed at {edge}; the edge applies it again", op.seq),
                 )
             }
-            _ if op.seq > cursor + 1 => {
+            _ if op.seq > cursor.saturating_add(1) => {
                 return Err(RedriveError::NotReached(format!(
                     "{edge} has not reached op {} yet (its cursor is {cursor}); it applies ops \
                      in seq order and will apply this one after the ones before it",

@@ -3,7 +3,7 @@
 //! regions their `id`), answers in Keystone's shapes, and issues tokens whose
 //! catalog names its own URL. A request header `x-fake-status: N` makes it answer
 //! N instead; a path under `/slow`, or a request with `x-fake-hang`, never answers;
-//! `x-fake-delay-ms: N` answers after N ms.
+//! `x-fake-delay-ms: N` answers after N ms; `x-fake-big: N` answers 201 with N bytes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -122,6 +122,13 @@ async fn handle(State((seen, base)): State<(Arc<Seen>, String)>, req: Request) -
 
     if path.starts_with("/slow") || parts.headers.contains_key("x-fake-hang") {
         return std::future::pending().await;
+    }
+    if let Some(n) = parts.headers.get("x-fake-big") {
+        let n: usize = n.to_str().unwrap().parse().unwrap();
+        return json_response(
+            StatusCode::CREATED,
+            json!({"project": {"id": new_id(), "pad": "x".repeat(n)}}),
+        );
     }
     if let Some(ms) = parts.headers.get("x-fake-delay-ms") {
         let ms: u64 = ms.to_str().unwrap().parse().unwrap();

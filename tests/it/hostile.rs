@@ -374,3 +374,24 @@ mod at_rest {
         assert!(!raw_files(&db).contains(secret), "sealed on disk");
     }
 }
+
+#[tokio::test]
+async fn an_oversized_answer_to_a_captured_write_is_not_read_whole() {
+    let app = spawn_app().await;
+    let big = syncgate::proxy::capture::MAX_CAPTURED_RESPONSE + 1;
+    let resp = app
+        .client
+        .post(app.url("/v3/projects"))
+        .header("x-auth-token", "t")
+        .header("x-fake-big", big.to_string())
+        .json(&json!({"project": {"name": "big"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 502);
+    let ops = app.all_ops().await;
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0]["state"], "unknown_outcome");
+    assert!(ops[0]["detail"].as_str().unwrap().contains("larger"));
+    app.stop().await;
+}
