@@ -327,66 +327,43 @@ impl Proxy {
     /// At the end of the shutdown grace period: the intents of captures still
     /// running are logged as `unknown_outcome` ops, so none is left open.
     pub async fn abandon_running_captures(&self) -> anyhow::Result<Vec<i64>> {
-        let running: Vec<uuid::Uuid> = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .copied()
-            .collect();
-        let outcome = crate::store::Outcome {
-            detail: Some("the gateway stopped before the upstream answered".into()),
-            ..Default::default()
-        };
-        let mut seqs = Vec::new();
-        for op_id in running {
-            match self
-                .store
-                .commit_intent(op_id, crate::store::OpState::UnknownOutcome, &outcome)
-                .await
-            {
-                Ok(seq) => seqs.push(seq),
-                Err(crate::store::StoreError::NoIntent(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(seqs)
+        let running: Vec<uuid::Uuid> = self.running().into_iter().collect();
+        Ok(self
+            .store
+            .log_unknown(&running, "the gateway stopped before the upstream answered")
+            .await?)
     }
 
     /// Logs intents open for longer than `older_than` whose captured section is no
     /// longer running (an op log failure left them) as `unknown_outcome` ops.
     pub async fn sweep_stale_intents(&self, older_than: Duration) -> anyhow::Result<Vec<i64>> {
-        let stale = self.store.intents_older_than(older_than).await?;
-        let mut seqs = Vec::new();
-        for op_id in stale {
-            let running = self
-                .in_flight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&op_id);
-            if running {
-                continue;
-            }
-            let outcome = crate::store::Outcome {
-                detail: Some(
-                    "the write's outcome was never logged; it may have been applied".into(),
-                ),
-                ..Default::default()
-            };
-            match self
-                .store
-                .commit_intent(op_id, crate::store::OpState::UnknownOutcome, &outcome)
-                .await
-            {
-                Ok(seq) => seqs.push(seq),
-                Err(crate::store::StoreError::NoIntent(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let running = self.running();
+        let stale: Vec<uuid::Uuid> = self
+            .store
+            .intents_older_than(older_than)
+            .await?
+            .into_iter()
+            .filter(|id| !running.contains(id))
+            .collect();
+        let seqs = self
+            .store
+            .log_unknown(
+                &stale,
+                "the write's outcome was never logged; it may have been applied",
+            )
+            .await?;
         if !seqs.is_empty() {
             self.wake.notify_one();
         }
         Ok(seqs)
+    }
+
+    /// The op IDs of the captures running now.
+    fn running(&self) -> std::collections::HashSet<uuid::Uuid> {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether the upstream answers at all (readiness).

@@ -458,23 +458,31 @@ impl Store {
     /// Turns every intent left open by a crash into an `unknown_outcome` op, oldest
     /// first. Returns their seqs.
     pub async fn recover_open_intents(&self) -> Result<Vec<i64>, StoreError> {
-        let open: Vec<String> =
-            sqlx::query_scalar("SELECT op_id FROM intents ORDER BY created_at, rowid")
-                .fetch_all(&self.writer)
-                .await?;
+        let open = self.intents_older_than(Duration::ZERO).await?;
+        self.log_unknown(
+            &open,
+            "the gateway stopped before the upstream's answer was logged",
+        )
+        .await
+    }
+
+    /// Logs these intents as `unknown_outcome` ops, in order; an intent already
+    /// closed meanwhile is passed over. Returns the seqs given.
+    pub async fn log_unknown(&self, op_ids: &[Uuid], detail: &str) -> Result<Vec<i64>, StoreError> {
         let outcome = Outcome {
-            detail: Some("the gateway stopped before the upstream's answer was logged".into()),
+            detail: Some(detail.to_string()),
             ..Outcome::default()
         };
-        let mut seqs = Vec::with_capacity(open.len());
-        for op_id in open {
-            let op_id = Uuid::parse_str(&op_id).map_err(|e| {
-                StoreError::Query(sqlx::Error::Decode(format!("intent op_id: {e}").into()))
-            })?;
-            seqs.push(
-                self.commit_intent(op_id, OpState::UnknownOutcome, &outcome)
-                    .await?,
-            );
+        let mut seqs = Vec::with_capacity(op_ids.len());
+        for op_id in op_ids {
+            match self
+                .commit_intent(*op_id, OpState::UnknownOutcome, &outcome)
+                .await
+            {
+                Ok(seq) => seqs.push(seq),
+                Err(StoreError::NoIntent(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(seqs)
     }
@@ -483,7 +491,7 @@ impl Store {
     pub async fn intents_older_than(&self, age: Duration) -> Result<Vec<Uuid>, StoreError> {
         let ids: Vec<String> = sqlx::query_scalar(
             "SELECT op_id FROM intents
-             WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
+             WHERE created_at <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
              ORDER BY created_at, rowid",
         )
         .bind(format!("-{:.3} seconds", age.as_secs_f64()))

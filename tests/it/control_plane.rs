@@ -12,18 +12,6 @@ use syncgate::sync::protocol::{Ack, Outcome, ReplayBatch, ReplayRequest};
 
 use crate::sync::{sync_env, SyncEnv};
 
-async fn delivery(env: &SyncEnv, seq: i64, edge: &str) -> String {
-    let op = env.audit(&format!("/v1/ops/{seq}")).await;
-    op["deliveries"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["edge"] == edge)
-        .and_then(|d| d["state"].as_str())
-        .unwrap_or("none")
-        .to_string()
-}
-
 /// The value of `syncgate_sync_rejected_total{reason="..."}`.
 async fn rejected(env: &SyncEnv, reason: &str) -> u64 {
     let text = env
@@ -48,7 +36,7 @@ async fn one_failed_op(env: &SyncEnv) -> String {
     env.create("/v3/groups", "group", json!({"group": {"name": "g"}}))
         .await;
     env.until("the op failed at the edge", || async {
-        delivery(env, 1, "edge-a").await == "failed"
+        env.delivery(1, "edge-a").await == "failed"
     })
     .await;
     env.audit("/v1/ops/1").await["op_id"]
@@ -89,7 +77,7 @@ async fn a_broker_client_without_the_key_cannot_mark_a_delivery_applied() {
         rejected(&env, "malformed").await >= 1 && rejected(&env, "forged").await >= 1
     })
     .await;
-    assert_eq!(delivery(&env, 1, "edge-a").await, "failed");
+    assert_eq!(env.delivery(1, "edge-a").await, "failed");
     env.shutdown().await;
 }
 
@@ -114,7 +102,7 @@ async fn a_captured_ack_played_again_is_dropped() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202);
     env.until("healed", || async {
-        delivery(&env, 1, "edge-a").await == "applied"
+        env.delivery(1, "edge-a").await == "applied"
     })
     .await;
     nats.publish("syncgate.ack.edge-a", captured).await.unwrap();
@@ -123,7 +111,7 @@ async fn a_captured_ack_played_again_is_dropped() {
         rejected(&env, "replayed").await >= 1
     })
     .await;
-    assert_eq!(delivery(&env, 1, "edge-a").await, "applied");
+    assert_eq!(env.delivery(1, "edge-a").await, "applied");
     env.shutdown().await;
 }
 
@@ -136,7 +124,7 @@ async fn an_undeclared_edge_is_not_registered_unless_new_edges_are_allowed() {
             .await;
         if allow {
             env.until("the new edge is registered and acks", || async {
-                delivery(&env, 1, "rogue").await == "applied"
+                env.delivery(1, "rogue").await == "applied"
             })
             .await;
         } else {

@@ -9,19 +9,6 @@ use syncgate::keystone::RouteClass;
 use crate::faults::{Fault, FaultProxy};
 use crate::sync::{edge_status, sync_env, SyncEnv};
 
-/// The delivery state of one op at one edge, from the audit API.
-async fn delivery(env: &SyncEnv, seq: i64, edge: &str) -> String {
-    let op = env.audit(&format!("/v1/ops/{seq}")).await;
-    op["deliveries"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["edge"] == edge)
-        .and_then(|d| d["state"].as_str())
-        .unwrap_or("none")
-        .to_string()
-}
-
 async fn retry(env: &SyncEnv, seq: i64, edge: &str) -> (u16, Value) {
     let resp = env
         .http
@@ -148,7 +135,7 @@ async fn re_driving_an_applied_op_re_acknowledges_it_and_applies_nothing() {
         "an old update is not applied again"
     );
     assert_eq!(env.edges[0].site.writes(), writes, "nothing was sent");
-    assert_eq!(delivery(&env, 2, "edge-a").await, "applied");
+    assert_eq!(env.delivery(2, "edge-a").await, "applied");
     env.shutdown().await;
 }
 
@@ -170,7 +157,7 @@ async fn re_driving_a_failed_op_that_a_later_op_would_undo_is_refused() {
     }
     env.until_delivered(&["edge-a"], &["applied", "failed"])
         .await;
-    assert_eq!(delivery(&env, 2, "edge-a").await, "failed");
+    assert_eq!(env.delivery(2, "edge-a").await, "failed");
 
     let (status, body) = retry(&env, 2, "edge-a").await;
     assert_eq!(status, 409, "{body}");
@@ -190,7 +177,7 @@ async fn re_driving_a_failed_op_that_a_later_op_would_undo_is_refused() {
     let (status, body) = retry(&env, 4, "edge-a").await;
     assert_eq!((status, body["action"].as_str()), (202, Some("reapply")));
     env.until("the re-applied op heals", || async {
-        delivery(&env, 4, "edge-a").await == "applied"
+        env.delivery(4, "edge-a").await == "applied"
     })
     .await;
     assert!(env.edges[0].site.id_of("group", "g").is_some());
@@ -270,7 +257,7 @@ async fn lost_acks_heal_by_themselves_within_a_hello_interval() {
     })
     .await;
     env.until("central times the unacknowledged ops out", || async {
-        delivery(&env, 3, "edge-a").await == "timed_out"
+        env.delivery(3, "edge-a").await == "timed_out"
     })
     .await;
 
@@ -278,8 +265,7 @@ async fn lost_acks_heal_by_themselves_within_a_hello_interval() {
     faults.set(Fault::Pass);
     faults.reset();
     env.until("lost acks recovered", || async {
-        delivery(&env, 2, "edge-a").await == "failed"
-            && delivery(&env, 3, "edge-a").await == "applied"
+        env.delivery(2, "edge-a").await == "failed" && env.delivery(3, "edge-a").await == "applied"
     })
     .await;
     let oos = env.audit("/v1/out-of-sync").await;

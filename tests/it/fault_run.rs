@@ -20,11 +20,10 @@ use syncgate::config::{
 };
 use syncgate::edge::Edge;
 use syncgate::{Central, CentralConfig};
-use tokio::sync::oneshot;
 
 use crate::fake_site::FakeSite;
 use crate::faults::{Fault, FaultProxy};
-use crate::sync::{admin_credentials, nats_server_path};
+use crate::sync::{admin_credentials, nats_server_path, Running};
 
 /// xorshift64*: small, seeded, good enough to pick actions.
 struct Rng(u64);
@@ -44,35 +43,8 @@ impl Rng {
     }
 }
 
-/// A task that can be stopped gracefully or killed.
-struct Task {
-    stop: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Task {
-    fn spawn<F>(f: impl FnOnce(oneshot::Receiver<()>) -> F) -> Task
-    where
-        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        Task {
-            stop: Some(tx),
-            handle: tokio::spawn(f(rx)),
-        }
-    }
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        let _ = self.handle.await;
-    }
-    async fn kill(self) {
-        self.handle.abort();
-        let _ = self.handle.await;
-    }
-}
-
 enum BrokerProc {
-    Embedded(Task),
+    Embedded(Running),
     NatsServer(tokio::process::Child),
 }
 
@@ -87,7 +59,7 @@ async fn start_broker(nats_server: Option<&std::path::Path>) -> (BrokerProc, Soc
             .await
             .unwrap();
             let addr = broker.local_addr();
-            let task = Task::spawn(|rx| {
+            let task = Running::spawn(|rx| {
                 broker.run(async {
                     let _ = rx.await;
                 })
@@ -134,7 +106,7 @@ struct EdgeW {
     keystone: FaultProxy,
     broker: FaultProxy,
     db: String,
-    task: Option<Task>,
+    task: Option<Running>,
 }
 
 struct World {
@@ -144,7 +116,7 @@ struct World {
     central_broker: FaultProxy,
     broker: Option<BrokerProc>,
     nats_server: Option<std::path::PathBuf>,
-    central: Option<Task>,
+    central: Option<Running>,
     proxy: String,
     admin: String,
     key: SyncKey,
@@ -236,7 +208,7 @@ impl World {
         let central = Central::build(config).await.unwrap();
         self.proxy = format!("http://{}", central.proxy_addr());
         self.admin = format!("http://{}", central.admin_addr());
-        self.central = Some(Task::spawn(|rx| {
+        self.central = Some(Running::spawn(|rx| {
             central.run(async {
                 let _ = rx.await;
             })
@@ -262,7 +234,7 @@ impl World {
             http: Default::default(),
         };
         let edge = Edge::build(config).await.unwrap();
-        self.edges[i].task = Some(Task::spawn(|rx| {
+        self.edges[i].task = Some(Running::spawn(|rx| {
             edge.run(async {
                 let _ = rx.await;
             })

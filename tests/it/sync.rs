@@ -19,7 +19,7 @@ pub struct Running {
 }
 
 impl Running {
-    fn spawn<F>(f: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running
+    pub fn spawn<F>(f: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running
     where
         F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
@@ -30,9 +30,15 @@ impl Running {
         }
     }
 
-    async fn stop(mut self) {
+    pub async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.task.await.unwrap().unwrap();
+    }
+
+    /// As `kill -9`: the task is dropped wherever it is.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
     }
 }
 
@@ -160,9 +166,20 @@ impl SyncEnv {
 
     /// Kills an edge as `kill -9` would: its task is dropped wherever it is.
     pub async fn kill_edge(&mut self, i: usize) {
-        let running = self.edges[i].running.take().unwrap();
-        running.task.abort();
-        let _ = running.task.await;
+        self.edges[i].running.take().unwrap().kill().await;
+    }
+
+    /// The delivery state of one op at one edge, from the audit API.
+    pub async fn delivery(&self, seq: i64, edge: &str) -> String {
+        let op = self.audit(&format!("/v1/ops/{seq}")).await;
+        op["deliveries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["edge"] == edge)
+            .and_then(|d| d["state"].as_str())
+            .unwrap_or("none")
+            .to_string()
     }
 
     pub fn edge_config(&self, edge: &EdgeSite, on_failure: OnFailure) -> EdgeConfig {
