@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use syncgate::sync::control::Sender;
 use syncgate::sync::protocol::{Ack, Outcome, ReplayBatch, ReplayRequest};
 
-use crate::sync::{sync_env, SyncEnv};
+use crate::sync::{sniffed_until_marker, sync_env, SyncEnv};
 
 /// The value of `syncgate_sync_rejected_total{reason="..."}`.
 async fn rejected(env: &SyncEnv, reason: &str) -> u64 {
@@ -156,16 +156,8 @@ async fn op_ids_and_keystone_error_texts_never_cross_the_broker_in_clear() {
         .await;
     env.until_delivered(&["edge-a"], &["applied", "failed"])
         .await;
-    nats.publish("syncgate.marker", "end".into()).await.unwrap();
     let mut subjects = std::collections::BTreeSet::new();
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), sniff.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if msg.subject.as_str() == "syncgate.marker" {
-            break;
-        }
+    for msg in sniffed_until_marker(&nats, &mut sniff).await {
         let text = String::from_utf8_lossy(&msg.payload);
         for secret in [op_id.as_str(), "injected failure"] {
             assert!(

@@ -23,7 +23,7 @@ use syncgate::{Central, CentralConfig};
 
 use crate::fake_site::FakeSite;
 use crate::faults::{Fault, FaultProxy};
-use crate::sync::{admin_credentials, nats_server_path, Running};
+use crate::sync::{admin_credentials, admin_token, nats_server_path, Running};
 
 /// xorshift64*: small, seeded, good enough to pick actions.
 struct Rng(u64);
@@ -138,19 +138,7 @@ impl World {
             .build()
             .unwrap();
         // The client's token comes from the central Keystone itself.
-        let token = http
-            .post(format!("{}/v3/auth/tokens", central_site.url()))
-            .json(
-                &json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-                "name": "admin", "domain": {"name": "Default"}, "password": "central-pw"}}}}}),
-            )
-            .send()
-            .await
-            .unwrap()
-            .headers()["x-subject-token"]
-            .to_str()
-            .unwrap()
-            .to_string();
+        let token = admin_token(&http, &central_site.url(), "central-pw").await;
         let mut world = World {
             dir,
             central_site,

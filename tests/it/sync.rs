@@ -42,6 +42,44 @@ impl Running {
     }
 }
 
+/// A token for the admin of a (fake) site, asked at `url`.
+pub async fn admin_token(http: &reqwest::Client, url: &str, password: &str) -> String {
+    http.post(format!("{url}/v3/auth/tokens"))
+        .json(
+            &json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": "admin", "domain": {"name": "Default"}, "password": password}}}}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .headers()["x-subject-token"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// What a subscriber to `syncgate.>` received until a marker it publishes.
+pub async fn sniffed_until_marker(
+    nats: &async_nats::Client,
+    sniff: &mut async_nats::Subscriber,
+) -> Vec<async_nats::Message> {
+    nats.publish("syncgate.marker", "end".into()).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures_util::StreamExt::next(sniff),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        if msg.subject.as_str() == "syncgate.marker" {
+            return seen;
+        }
+        seen.push(msg);
+    }
+}
+
 pub fn admin_credentials(site: &FakeSite) -> Credentials {
     Credentials::Password {
         username: "admin".into(),
@@ -107,19 +145,7 @@ pub async fn sync_env(
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let token = http
-        .post(format!("{proxy}/v3/auth/tokens"))
-        .json(
-            &json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-            "name": "admin", "domain": {"name": "Default"}, "password": "central-admin-pw"}}}}}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .headers()["x-subject-token"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let token = admin_token(&http, &proxy, "central-admin-pw").await;
     let mut env = SyncEnv {
         central_site,
         proxy,
@@ -823,21 +849,7 @@ async fn passwords_never_cross_the_broker_in_clear() {
     .await;
     env.assert_in_sync().await;
     assert!(can_log_in(&env.edges[0].site, "bob", "Default", &format!("{secret}-2")).await);
-    nats.publish("syncgate.marker", "end".into()).await.unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let msg = tokio::time::timeout(
-            Duration::from_secs(10),
-            futures_util::StreamExt::next(&mut sniff),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        if msg.subject.as_str() == "syncgate.marker" {
-            break;
-        }
-        seen.push(msg);
-    }
+    let seen = sniffed_until_marker(&nats, &mut sniff).await;
     assert!(
         seen.iter().any(|m| m.subject.as_str() == "syncgate.ops"),
         "ops were seen on the wire"
