@@ -224,6 +224,51 @@ impl EdgeStore {
 mod tests {
     use super::*;
 
+    /// An edge database of the previous version (migration 0001 only) opens
+    /// with its cursor, ID map and outcomes, and answers for its exceptions.
+    #[tokio::test]
+    async fn an_edge_database_of_the_previous_version_keeps_its_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old-migrations");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/edge/0001_edge.sql"),
+            old.join("0001_edge.sql"),
+        )
+        .unwrap();
+        let url = format!("sqlite://{}", dir.path().join("e.db").display());
+        let pool = SqlitePool::connect_with(super::super::sqlite_options(&url).unwrap())
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(old.as_path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE cursor SET seq = 2;
+             INSERT INTO id_map VALUES ('c1', 'e1', 'user', 'now');
+             INSERT INTO outcomes VALUES (1, 'o1', 'applied', 201, NULL, '[]', 'now'),
+                                         (2, 'o2', 'failed', 400, 'bad', '[]', 'now');",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let store = EdgeStore::open(&url).await.unwrap();
+        assert_eq!(store.cursor().await.unwrap(), 2);
+        assert_eq!(store.mapping("c1").await.unwrap().as_deref(), Some("e1"));
+        assert_eq!(store.outcomes_through().await.unwrap(), 2);
+        let exceptions = store.exceptions(0, 2, 10).await.unwrap();
+        assert_eq!(exceptions.len(), 1);
+        assert_eq!(
+            (exceptions[0].seq, exceptions[0].outcome.as_str()),
+            (2, "failed")
+        );
+        assert_eq!(store.inflight(3).await.unwrap(), None);
+    }
+
     #[tokio::test]
     async fn outcome_map_and_cursor_commit_together() {
         let dir = tempfile::tempdir().unwrap();
