@@ -110,3 +110,77 @@ fn keygen_prints_a_usable_key() {
         "{key}"
     );
 }
+
+/// SIGTERM ends the process within `--shutdown-grace`, exit code 0, even while
+/// a client trickles its request and another holds a keep-alive connection.
+#[test]
+fn sigterm_ends_the_process_within_the_grace_period() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("c.db").display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args([
+            "--log-format",
+            "json",
+            "central",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--broker-listen",
+            "127.0.0.1:0",
+            "--db",
+            &db,
+            "--insecure-plaintext-sync",
+            "--shutdown-grace",
+            "1s",
+        ])
+        .env_remove("OS_USERNAME")
+        .env_remove("OS_APPLICATION_CREDENTIAL_ID")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let proxy = loop {
+        let line = lines.next().expect("central logs").unwrap();
+        if line.contains("syncgate central serving") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break v["fields"]["proxy_addr"].as_str().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let mut trickler = std::net::TcpStream::connect(&proxy).unwrap();
+    trickler
+        .write_all(b"POST /v3/projects HTTP/1.1\r\nHo")
+        .unwrap();
+    let mut idle = std::net::TcpStream::connect(&proxy).unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+
+    let started = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "stopped in {:?} with a 1s grace",
+        started.elapsed()
+    );
+}
