@@ -217,6 +217,11 @@ class Deployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.bin = syncgate_binary()
         self.key = subprocess.run([self.bin, "keygen"], check=True, capture_output=True, text=True).stdout.strip()
+        # The key goes to the gateways in a file (0600), never on a command line.
+        self.key_file = str(self.workdir / "sync.key")
+        fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.key + "\n")
         self.proxy_port = free_port()
         self.gateway = f"http://127.0.0.1:{self.proxy_port}"
         self.admin_port = free_port()
@@ -248,7 +253,7 @@ class Deployment:
             "--listen", f"127.0.0.1:{self.proxy_port}",
             "--admin-listen", f"127.0.0.1:{self.admin_port}",
             "--db", f"sqlite://{self.workdir}/central.db",
-            "--sync-key", self.key,
+            "--sync-key-file", self.key_file,
             "--edges", ",".join(self.edge_ks),
             "--ack-timeout", self.ack_timeout,
         ]
@@ -269,7 +274,7 @@ class Deployment:
             "--upstream", ks.url,
             "--db", f"sqlite://{self.workdir}/{name}.db",
             "--admin-listen", f"127.0.0.1:{admin_port}",
-            "--sync-key", self.key,
+            "--sync-key-file", self.key_file,
             "--hello-interval", "1s",
         ]
         env = dict(os.environ, **ks.admin_env())
