@@ -42,18 +42,21 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Listening for SIGTERM and Ctrl-C starts before anything else, so a
+        // signal during start-up is a graceful stop too, not a kill.
+        let shutdown = shutdown_signal()?;
         match command {
             Run::Central(config) => {
                 let central = syncgate::Central::build(*config).await?;
-                central.run(shutdown_signal()).await
+                central.run(shutdown).await
             }
             Run::Edge(config) => {
                 let edge = syncgate::edge::Edge::build(*config).await?;
-                edge.run(shutdown_signal()).await
+                edge.run(shutdown).await
             }
             Run::Broker(config) => {
                 let broker = syncgate::broker::Broker::bind(*config).await?;
-                broker.run(shutdown_signal()).await
+                broker.run(shutdown).await
             }
         }
     });
@@ -73,24 +76,25 @@ enum Run {
     Broker(Box<syncgate::broker::BrokerConfig>),
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM; the handlers are installed when this is
+/// called (not when the future is first polled).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
