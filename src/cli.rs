@@ -52,6 +52,111 @@ pub enum Command {
     Broker(Box<BrokerArgs>),
     /// Print a new sync key (32 random bytes, base64).
     Keygen,
+    /// Ask central's audit API: edges, ops, what is out of sync; re-drive an op.
+    Audit(Box<AuditArgs>),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Central's admin listener.
+    #[arg(long, env = "SYNCGATE_ADMIN_URL", default_value = "http://127.0.0.1:9090",
+          value_parser = config::parse_base_url)]
+    pub admin_url: Url,
+
+    /// Bearer token of the admin API.
+    #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// A file holding the admin token.
+    #[arg(
+        long,
+        env = "SYNCGATE_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Aligned columns, or the API's JSON.
+    #[arg(long, default_value = "table", global = true)]
+    pub format: OutputFormat,
+
+    #[command(subcommand)]
+    pub verb: AuditVerb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditVerb {
+    /// Each edge: cursor, acknowledged watermark, lag, last seen, error.
+    Edges,
+    /// Ops, oldest first.
+    Ops {
+        /// Only ops after this seq.
+        #[arg(long)]
+        after: Option<i64>,
+        /// At most this many (1-1000).
+        #[arg(long)]
+        limit: Option<i64>,
+        /// Only this resource kind (user, project, grant, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// committed or unknown_outcome.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Every (op, edge) failed or timed out; exit code 1 when there is any.
+    OutOfSync {
+        /// Only this edge.
+        #[arg(long)]
+        edge: Option<String>,
+    },
+    /// One op, with its state at each edge.
+    Op { seq: i64 },
+    /// Re-drive one op at one edge (never applies it twice or out of order).
+    Retry {
+        seq: i64,
+        #[arg(long)]
+        edge: String,
+    },
+}
+
+impl AuditArgs {
+    pub fn into_request(self) -> Result<crate::audit::client::AuditRequest, String> {
+        use crate::audit::client::Verb;
+        let token = read_secret(
+            self.admin_token,
+            self.admin_token_file.as_deref(),
+            "--admin-token-file",
+        )?
+        .map(Secret::new);
+        let verb = match self.verb {
+            AuditVerb::Edges => Verb::Edges,
+            AuditVerb::Ops {
+                after,
+                limit,
+                kind,
+                state,
+            } => Verb::Ops {
+                after,
+                limit,
+                kind,
+                state,
+            },
+            AuditVerb::OutOfSync { edge } => Verb::OutOfSync { edge },
+            AuditVerb::Op { seq } => Verb::Op { seq },
+            AuditVerb::Retry { seq, edge } => Verb::Retry { seq, edge },
+        };
+        Ok(crate::audit::client::AuditRequest {
+            admin_url: self.admin_url,
+            token,
+            json: matches!(self.format, OutputFormat::Json),
+            verb,
+        })
+    }
 }
 
 /// Options of the sync protocol shared by central and edges.

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             println!("{}", syncgate::sync::crypto::generate_key());
             return ExitCode::SUCCESS;
         }
+        Command::Audit(args) => return audit(*args),
     };
     let command = match command {
         Ok(command) => command,
@@ -68,6 +69,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `syncgate audit ...`: prints what the admin API says; the exit code says
+/// whether anything is out of sync.
+fn audit(args: syncgate::cli::AuditArgs) -> ExitCode {
+    let request = match args.into_request() {
+        Ok(r) => r,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (text, code) = runtime.block_on(syncgate::audit::client::run(&request));
+    if code == syncgate::audit::client::UNAVAILABLE {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+    ExitCode::from(code)
 }
 
 enum Run {

@@ -2,6 +2,7 @@
 //! log. The audit API needs the admin bearer token when one is configured; bodies
 //! it shows have their secrets redacted.
 
+pub mod client;
 pub mod redact;
 
 use std::collections::HashMap;

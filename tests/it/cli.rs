@@ -184,3 +184,102 @@ fn sigterm_ends_the_process_within_the_grace_period() {
         started.elapsed()
     );
 }
+
+/// `syncgate audit` against a running central: tables, JSON, exit codes.
+#[tokio::test]
+async fn the_audit_verbs_answer_from_a_terminal() {
+    let env = crate::sync::sync_env(&["edge-a"], None, |c| {
+        c.admin_token = Some(syncgate::config::Secret::new("audit-token-1"))
+    })
+    .await;
+    env.edges[0].site.fail_next(&[400]);
+    let resp = env
+        .http
+        .post(format!("{}/v3/groups", env.proxy))
+        .header("x-auth-token", env.token())
+        .json(&serde_json::json!({"group": {"name": "g"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let audit = |args: Vec<String>, token: Option<&str>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncgate"));
+        // A test may name another admin URL; else central's.
+        let url = args
+            .iter()
+            .position(|a| a == "--admin-url")
+            .map_or(env.admin.clone(), |i| args[i + 1].clone());
+        let args: Vec<String> = args
+            .into_iter()
+            .filter(|a| *a != "--admin-url" && *a != url)
+            .collect();
+        cmd.arg("audit")
+            .args(["--admin-url", &url])
+            .args(args)
+            .env_remove("SYNCGATE_ADMIN_TOKEN")
+            .env_remove("SYNCGATE_ADMIN_URL");
+        if let Some(t) = token {
+            cmd.env("SYNCGATE_ADMIN_TOKEN", t);
+        }
+        async move {
+            let out = cmd.output().await.unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let token = Some("audit-token-1");
+    // Waits until the edge reported its failure.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (code, table, _) = loop {
+        let r = audit(args(&["out-of-sync"]), token).await;
+        if r.0 == 1 || std::time::Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert_eq!(code, 1, "{table}");
+    assert!(
+        table.starts_with("EDGE") && table.contains("edge-a") && table.contains("failed"),
+        "{table}"
+    );
+
+    let (code, json, _) = audit(args(&["out-of-sync", "--format", "json"]), token).await;
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["out_of_sync"][0]["seq"], 1);
+
+    let (code, edges, _) = audit(args(&["edges"]), token).await;
+    assert_eq!(code, 0);
+    assert!(
+        edges.lines().nth(1).unwrap().starts_with("edge-a"),
+        "{edges}"
+    );
+
+    let (code, op, _) = audit(args(&["op", "1"]), token).await;
+    assert_eq!(code, 0);
+    assert!(op.contains("POST") && op.contains("failed"), "{op}");
+
+    let (code, out, _) = audit(args(&["retry", "1", "--edge", "edge-a"]), token).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("reapply:"), "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (code, out, _) = loop {
+        let r = audit(args(&["out-of-sync"]), token).await;
+        if r.0 == 0 || std::time::Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert_eq!((code, out.as_str()), (0, "every edge is in sync\n"));
+
+    // No token, or no admin API: exit 3 with a clear message.
+    let (code, _, err) = audit(args(&["edges"]), None).await;
+    assert_eq!(code, 3);
+    assert!(err.contains("wants a token"), "{err}");
+    let (code, _, err) = audit(args(&["--admin-url", "http://127.0.0.1:9", "edges"]), token).await;
+    assert_eq!(code, 3);
+    assert!(err.contains("cannot reach"), "{err}");
+    env.shutdown().await;
+}

@@ -1,0 +1,342 @@
+//! `syncgate audit`: the audit API from a terminal. Each verb asks central's
+//! admin API and prints an aligned table (or the API's JSON with `--format
+//! json`). Exit codes: 0 done, 1 something is out of sync (`out-of-sync`), 2 bad
+//! usage, 3 the admin API could not be asked or refused.
+
+use std::fmt::Write as _;
+
+use reqwest::{Method, StatusCode, Url};
+use serde_json::Value;
+
+use crate::config::Secret;
+
+/// What to ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verb {
+    Edges,
+    Ops {
+        after: Option<i64>,
+        limit: Option<i64>,
+        kind: Option<String>,
+        state: Option<String>,
+    },
+    OutOfSync {
+        edge: Option<String>,
+    },
+    Op {
+        seq: i64,
+    },
+    Retry {
+        seq: i64,
+        edge: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditRequest {
+    pub admin_url: Url,
+    pub token: Option<Secret>,
+    pub json: bool,
+    pub verb: Verb,
+}
+
+/// Exit codes.
+pub const OUT_OF_SYNC: u8 = 1;
+pub const UNAVAILABLE: u8 = 3;
+
+/// Runs one verb; returns the text to print and the exit code.
+pub async fn run(req: &AuditRequest) -> (String, u8) {
+    let (method, path, query) = match &req.verb {
+        Verb::Edges => (Method::GET, "/v1/edges".to_string(), Vec::new()),
+        Verb::Ops {
+            after,
+            limit,
+            kind,
+            state,
+        } => {
+            let mut q = Vec::new();
+            if let Some(a) = after {
+                q.push(("after", a.to_string()));
+            }
+            if let Some(l) = limit {
+                q.push(("limit", l.to_string()));
+            }
+            if let Some(k) = kind {
+                q.push(("kind", k.clone()));
+            }
+            if let Some(s) = state {
+                q.push(("state", s.clone()));
+            }
+            (Method::GET, "/v1/ops".to_string(), q)
+        }
+        Verb::OutOfSync { edge } => (
+            Method::GET,
+            "/v1/out-of-sync".to_string(),
+            edge.iter().map(|e| ("edge", e.clone())).collect(),
+        ),
+        Verb::Op { seq } => (Method::GET, format!("/v1/ops/{seq}"), Vec::new()),
+        Verb::Retry { seq, edge } => (
+            Method::POST,
+            format!("/v1/ops/{seq}/retry"),
+            vec![("edge", edge.clone())],
+        ),
+    };
+    let body = match ask(req, method, &path, &query).await {
+        Ok(body) => body,
+        Err(e) => return (format!("error: {e}\n"), UNAVAILABLE),
+    };
+    if req.json {
+        let text = serde_json::to_string_pretty(&body).unwrap_or_default();
+        let code = out_of_sync_code(&req.verb, &body);
+        return (format!("{text}\n"), code);
+    }
+    let text = match &req.verb {
+        Verb::Edges => edges_table(&body),
+        Verb::Ops { .. } => ops_table(&body),
+        Verb::OutOfSync { .. } => out_of_sync_table(&body),
+        Verb::Op { .. } => op_view(&body),
+        Verb::Retry { .. } => format!(
+            "{}: {}\n",
+            body["action"].as_str().unwrap_or("sent"),
+            body["message"].as_str().unwrap_or_default()
+        ),
+    };
+    (text, out_of_sync_code(&req.verb, &body))
+}
+
+fn out_of_sync_code(verb: &Verb, body: &Value) -> u8 {
+    let rows = body["out_of_sync"].as_array().map_or(0, Vec::len);
+    if matches!(verb, Verb::OutOfSync { .. }) && rows > 0 {
+        OUT_OF_SYNC
+    } else {
+        0
+    }
+}
+
+async fn ask(
+    req: &AuditRequest,
+    method: Method,
+    path: &str,
+    query: &[(&str, String)],
+) -> Result<Value, String> {
+    let mut url = req
+        .admin_url
+        .join(path)
+        .map_err(|e| format!("bad --admin-url: {e}"))?;
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut r = client.request(method, url);
+    if let Some(t) = &req.token {
+        r = r.bearer_auth(t.expose());
+    }
+    let resp = r.send().await.map_err(|e| {
+        format!(
+            "cannot reach the admin API at {}: {}",
+            req.admin_url,
+            e.without_url()
+        )
+    })?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        return Ok(body);
+    }
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or("no message")
+        .to_string();
+    Err(match status {
+        StatusCode::UNAUTHORIZED => format!(
+            "the admin API wants a token (SYNCGATE_ADMIN_TOKEN or --admin-token-file): {message}"
+        ),
+        s => format!("the admin API answered {}: {message}", s.as_u16()),
+    })
+}
+
+/// Aligned columns, a header first.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len() - 1;
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<w$}  ");
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn edges_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            [
+                "id",
+                "online",
+                "cursor",
+                "acked_through",
+                "lag_ops",
+                "lag_seconds",
+                "last_seen",
+                "error",
+            ]
+            .iter()
+            .map(|k| cell(&e[*k]))
+            .collect()
+        })
+        .collect();
+    table(
+        &[
+            "EDGE",
+            "ONLINE",
+            "CURSOR",
+            "ACKED",
+            "LAG",
+            "LAG_S",
+            "LAST_SEEN",
+            "ERROR",
+        ],
+        &rows,
+    )
+}
+
+fn ops_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["ops"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|o| {
+            ["seq", "state", "method", "kind", "logged_at", "path"]
+                .iter()
+                .map(|k| cell(&o[*k]))
+                .collect()
+        })
+        .collect();
+    let mut out = table(&["SEQ", "STATE", "METHOD", "KIND", "LOGGED", "PATH"], &rows);
+    if let Some(next) = body["next"].as_i64() {
+        let _ = writeln!(out, "(more: --after {next})");
+    }
+    out
+}
+
+fn out_of_sync_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["out_of_sync"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            [
+                "edge", "seq", "state", "kind", "method", "status", "path", "detail",
+            ]
+            .iter()
+            .map(|k| cell(&r[*k]))
+            .collect()
+        })
+        .collect();
+    if rows.is_empty() {
+        return "every edge is in sync\n".into();
+    }
+    let mut out = table(
+        &[
+            "EDGE", "SEQ", "STATE", "KIND", "METHOD", "STATUS", "PATH", "DETAIL",
+        ],
+        &rows,
+    );
+    if body["truncated"] == true {
+        out.push_str("(more rows than shown)\n");
+    }
+    out
+}
+
+fn op_view(op: &Value) -> String {
+    let mut out = String::new();
+    for key in [
+        "seq",
+        "op_id",
+        "state",
+        "method",
+        "path",
+        "kind",
+        "created_ids",
+        "upstream_status",
+        "request_id",
+        "detail",
+        "logged_at",
+    ] {
+        let _ = writeln!(out, "{key:<16}{}", cell(&op[key]));
+    }
+    let _ = writeln!(out, "{:<16}{}", "body", cell(&op["body"]));
+    let rows: Vec<Vec<String>> = op["deliveries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            ["edge", "state", "status", "updated_at", "detail"]
+                .iter()
+                .map(|k| cell(&d[*k]))
+                .collect()
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &["EDGE", "STATE", "STATUS", "UPDATED", "DETAIL"],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_align_and_out_of_sync_sets_the_exit_code() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+        let none = json!({"out_of_sync": [], "truncated": false});
+        let some = json!({"out_of_sync": [{"edge": "e", "seq": 2, "state": "failed"}]});
+        let verb = Verb::OutOfSync { edge: None };
+        assert_eq!(out_of_sync_code(&verb, &none), 0);
+        assert_eq!(out_of_sync_code(&verb, &some), OUT_OF_SYNC);
+        assert_eq!(out_of_sync_code(&Verb::Edges, &some), 0);
+        assert!(out_of_sync_table(&none).contains("in sync"));
+        assert!(out_of_sync_table(&some).starts_with("EDGE"));
+    }
+}
