@@ -69,17 +69,8 @@ pub struct AuditArgs {
           value_parser = config::parse_base_url)]
     pub admin_url: Url,
 
-    /// Bearer token of the admin API.
-    #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-
-    /// A file holding the admin token.
-    #[arg(
-        long,
-        env = "SYNCGATE_ADMIN_TOKEN_FILE",
-        conflicts_with = "admin_token"
-    )]
-    pub admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin_token: AdminTokenArgs,
 
     /// Aligned columns, or the API's JSON.
     #[arg(long, default_value = "table", global = true)]
@@ -127,12 +118,7 @@ pub enum AuditVerb {
 impl AuditArgs {
     pub fn into_request(self) -> Result<crate::audit::client::AuditRequest, String> {
         use crate::audit::client::Verb;
-        let token = read_secret(
-            self.admin_token,
-            self.admin_token_file.as_deref(),
-            "--admin-token-file",
-        )?
-        .map(Secret::new);
+        let token = self.admin_token.read()?.map(Secret::new);
         let verb = match self.verb {
             AuditVerb::Edges => Verb::Edges,
             AuditVerb::Ops {
@@ -177,6 +163,32 @@ pub struct SyncArgs {
     /// Subject prefix on the broker.
     #[arg(long, env = "SYNCGATE_SYNC_PREFIX", default_value = "syncgate", value_parser = config::parse_prefix)]
     pub sync_prefix: String,
+}
+
+/// The admin API's bearer token, as a value or from a file.
+#[derive(Debug, Args)]
+pub struct AdminTokenArgs {
+    /// Bearer token of the admin API (required when it listens off loopback).
+    #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// A file holding the admin token.
+    #[arg(
+        long,
+        env = "SYNCGATE_ADMIN_TOKEN_FILE",
+        conflicts_with = "admin_token"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl AdminTokenArgs {
+    fn read(self) -> Result<Option<String>, String> {
+        read_secret(
+            self.admin_token,
+            self.admin_token_file.as_deref(),
+            "--admin-token-file",
+        )
+    }
 }
 
 impl SyncArgs {
@@ -283,17 +295,8 @@ pub struct EdgeArgs {
     #[arg(long, env = "SYNCGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
     pub admin_listen: SocketAddr,
 
-    /// Bearer token for /v1/status (required off loopback).
-    #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-
-    /// A file holding the admin token.
-    #[arg(
-        long,
-        env = "SYNCGATE_ADMIN_TOKEN_FILE",
-        conflicts_with = "admin_token"
-    )]
-    pub admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin_token: AdminTokenArgs,
 
     /// After an op fails permanently: go on with the next, or stop until it is retried.
     #[arg(long, env = "SYNCGATE_ON_FAILURE", default_value = "continue")]
@@ -327,12 +330,7 @@ impl EdgeArgs {
              (and OS_USER_DOMAIN_NAME, OS_PROJECT_DOMAIN_NAME), or OS_APPLICATION_CREDENTIAL_ID and \
              OS_APPLICATION_CREDENTIAL_SECRET",
         )?;
-        let admin_token = read_secret(
-            self.admin_token,
-            self.admin_token_file.as_deref(),
-            "--admin-token-file",
-        )?
-        .map(Secret::new);
+        let admin_token = self.admin_token.read()?.map(Secret::new);
         let broker_token = read_secret(
             self.broker_token,
             self.broker_token_file.as_deref(),
@@ -390,17 +388,8 @@ pub struct CentralArgs {
     #[arg(long, env = "SYNCGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
 
-    /// Bearer token for the audit API (required off loopback).
-    #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-
-    /// A file holding the admin token.
-    #[arg(
-        long,
-        env = "SYNCGATE_ADMIN_TOKEN_FILE",
-        conflicts_with = "admin_token"
-    )]
-    pub admin_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin_token: AdminTokenArgs,
 
     /// The op log database URL (created if missing).
     #[arg(
@@ -620,12 +609,7 @@ impl CentralArgs {
             listen: self.listen,
             upstream: self.upstream,
             admin_listen: self.admin_listen,
-            admin_token: read_secret(
-                self.admin_token,
-                self.admin_token_file.as_deref(),
-                "--admin-token-file",
-            )?
-            .map(Secret::new),
+            admin_token: self.admin_token.read()?.map(Secret::new),
             db: self.db,
             public_url: self.public_url,
             upstream_timeout: self.upstream_timeout,

@@ -23,7 +23,7 @@ use syncgate::{Central, CentralConfig};
 
 use crate::fake_site::FakeSite;
 use crate::faults::{Fault, FaultProxy};
-use crate::sync::{admin_credentials, admin_token, nats_server_path, Running};
+use crate::sync::{admin_credentials, admin_token, nats_server_path, spawn_nats_server, Running};
 
 /// xorshift64*: small, seeded, good enough to pick actions.
 struct Rng(u64);
@@ -67,26 +67,8 @@ async fn start_broker(nats_server: Option<&std::path::Path>) -> (BrokerProc, Soc
             (BrokerProc::Embedded(task), addr)
         }
         Some(path) => {
-            use tokio::io::AsyncBufReadExt;
-            let mut child = tokio::process::Command::new(path)
-                .args(["-a", "127.0.0.1", "-p", "-1"])
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap();
-            let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-            let mut addr = None;
-            while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(a) = line.split("Listening for client connections on ").nth(1) {
-                    addr = Some(a.trim().parse().unwrap());
-                    break;
-                }
-            }
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            (
-                BrokerProc::NatsServer(child),
-                addr.expect("nats-server listening"),
-            )
+            let (child, addr) = spawn_nats_server(path).await;
+            (BrokerProc::NatsServer(child), addr)
         }
     }
 }

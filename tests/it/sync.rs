@@ -734,6 +734,29 @@ async fn an_edge_with_the_wrong_key_applies_nothing_and_says_why() {
     env.shutdown().await;
 }
 
+/// Starts a real nats-server on a free loopback port; returns it and its address.
+pub async fn spawn_nats_server(
+    path: &std::path::Path,
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(path)
+        .args(["-a", "127.0.0.1", "-p", "-1"])
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addr = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(a) = line.split("Listening for client connections on ").nth(1) {
+            addr = Some(a.trim().parse().unwrap());
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr.expect("nats-server listening"))
+}
+
 /// A real nats-server from the test venv, when there is one.
 pub fn nats_server_path() -> Option<std::path::PathBuf> {
     let path = std::env::var_os("NATS_SERVER")
@@ -761,23 +784,8 @@ async fn the_core_scenario_through_a_real_nats_server() {
     let Some(path) = nats_server_path() else {
         return;
     };
-    let mut child = tokio::process::Command::new(path)
-        .args(["-a", "127.0.0.1", "-p", "-1"])
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addr = None;
-    while let Some(line) = lines.next_line().await.unwrap() {
-        if let Some(a) = line.split("Listening for client connections on ").nth(1) {
-            addr = Some(a.trim().to_string());
-            break;
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let url = format!("nats://{}", addr.expect("nats-server listening"));
+    let (mut child, addr) = spawn_nats_server(&path).await;
+    let url = format!("nats://{addr}");
     let env = sync_env(&["edge-a", "edge-b"], Some(url), |_| {}).await;
     full_scenario(&env).await;
     env.shutdown().await;
