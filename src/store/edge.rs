@@ -229,23 +229,8 @@ mod tests {
     #[tokio::test]
     async fn an_edge_database_of_the_previous_version_keeps_its_state() {
         let dir = tempfile::tempdir().unwrap();
-        let old = dir.path().join("old-migrations");
-        std::fs::create_dir(&old).unwrap();
-        std::fs::copy(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/edge/0001_edge.sql"),
-            old.join("0001_edge.sql"),
-        )
-        .unwrap();
         let url = format!("sqlite://{}", dir.path().join("e.db").display());
-        let pool = SqlitePool::connect_with(super::super::sqlite_options(&url).unwrap())
-            .await
-            .unwrap();
-        sqlx::migrate::Migrator::new(old.as_path())
-            .await
-            .unwrap()
-            .run(&pool)
-            .await
-            .unwrap();
+        let pool = super::super::database_at_version(&dir, &url, "edge", &["0001_edge.sql"]).await;
         sqlx::query(
             "UPDATE cursor SET seq = 2;
              INSERT INTO id_map VALUES ('c1', 'e1', 'user', 'now');

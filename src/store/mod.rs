@@ -589,6 +589,36 @@ impl Store {
     }
 }
 
+/// A database at `url` migrated only as far as the given files of
+/// `migrations/<side>`: what an earlier version left.
+#[cfg(test)]
+pub(crate) async fn database_at_version(
+    dir: &tempfile::TempDir,
+    url: &str,
+    side: &str,
+    files: &[&str],
+) -> SqlitePool {
+    let old = dir.path().join(format!("{side}-migrations"));
+    std::fs::create_dir(&old).unwrap();
+    for f in files {
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(side)
+            .join(f);
+        std::fs::copy(from, old.join(f)).unwrap();
+    }
+    let pool = SqlitePool::connect_with(sqlite_options(url).unwrap())
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(old.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    pool
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,27 +686,9 @@ mod tests {
     #[tokio::test]
     async fn an_op_log_of_the_previous_version_keeps_its_delivery_states() {
         let dir = tempfile::tempdir().unwrap();
-        let old = dir.path().join("old-migrations");
-        std::fs::create_dir(&old).unwrap();
-        for f in ["0001_oplog.sql", "0002_sync.sql"] {
-            std::fs::copy(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("migrations/central")
-                    .join(f),
-                old.join(f),
-            )
-            .unwrap();
-        }
         let url = format!("sqlite://{}", dir.path().join("ops.db").display());
-        let pool = SqlitePool::connect_with(sqlite_options(&url).unwrap())
-            .await
-            .unwrap();
-        sqlx::migrate::Migrator::new(old.as_path())
-            .await
-            .unwrap()
-            .run(&pool)
-            .await
-            .unwrap();
+        let pool =
+            database_at_version(&dir, &url, "central", &["0001_oplog.sql", "0002_sync.sql"]).await;
         const G: &str = "0123456789abcdef0123456789abcdef";
         for seq in 1..=4 {
             let (method, path, created) = match seq {
