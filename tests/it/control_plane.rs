@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use syncgate::sync::control::Sender;
 use syncgate::sync::protocol::{Ack, Outcome, ReplayBatch, ReplayRequest};
 
-use crate::sync::{sniffed_until_marker, sync_env, SyncEnv};
+use crate::sync::{sniffed_until_marker, sniffer, sync_env, SyncEnv};
 
 /// The value of `syncgate_sync_rejected_total{reason="..."}`.
 async fn rejected(env: &SyncEnv, reason: &str) -> u64 {
@@ -148,9 +148,7 @@ async fn an_undeclared_edge_is_not_registered_unless_new_edges_are_allowed() {
 #[tokio::test]
 async fn op_ids_and_keystone_error_texts_never_cross_the_broker_in_clear() {
     let env = sync_env(&["edge-a"], None, |_| {}).await;
-    let nats = async_nats::connect(&env.broker_url).await.unwrap();
-    let mut sniff = nats.subscribe("syncgate.>").await.unwrap();
-    nats.flush().await.unwrap();
+    let (nats, mut sniff) = sniffer(&env.broker_url).await;
     let op_id = one_failed_op(&env).await;
     env.create("/v3/groups", "group", json!({"group": {"name": "h"}}))
         .await;

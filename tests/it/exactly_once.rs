@@ -29,6 +29,18 @@ async fn until_redriven(env: &SyncEnv, i: usize, before: u64) {
     .await;
 }
 
+/// Two updates of one project: description "old" (seq 2), then "new" (seq 3).
+async fn describe_twice(env: &SyncEnv, project: &str) {
+    for d in ["old", "new"] {
+        env.write(
+            "PATCH",
+            &format!("/v3/projects/{project}"),
+            Some(json!({"project": {"description": d}})),
+        )
+        .await;
+    }
+}
+
 async fn redriven(env: &SyncEnv, i: usize) -> u64 {
     edge_status(&env.edges[i].admin).await["redriven_total"]
         .as_u64()
@@ -113,14 +125,7 @@ async fn re_driving_an_applied_op_re_acknowledges_it_and_applies_nothing() {
     let p = env
         .create("/v3/projects", "project", json!({"project": {"name": "p"}}))
         .await;
-    for d in ["old", "new"] {
-        env.write(
-            "PATCH",
-            &format!("/v3/projects/{p}"),
-            Some(json!({"project": {"description": d}})),
-        )
-        .await;
-    }
+    describe_twice(&env, &p).await;
     env.assert_in_sync().await;
     let writes = env.edges[0].site.writes();
     let before = redriven(&env, 0).await;
@@ -147,14 +152,7 @@ async fn re_driving_a_failed_op_that_a_later_op_would_undo_is_refused() {
         .await;
     env.assert_in_sync().await;
     env.edges[0].site.fail_next(&[400]);
-    for d in ["old", "new"] {
-        env.write(
-            "PATCH",
-            &format!("/v3/projects/{p}"),
-            Some(json!({"project": {"description": d}})),
-        )
-        .await;
-    }
+    describe_twice(&env, &p).await;
     env.until_delivered(&["edge-a"], &["applied", "failed"])
         .await;
     assert_eq!(env.delivery(2, "edge-a").await, "failed");

@@ -58,6 +58,14 @@ pub async fn admin_token(http: &reqwest::Client, url: &str, password: &str) -> S
         .to_string()
 }
 
+/// A broker client listening to everything under `syncgate.`.
+pub async fn sniffer(broker_url: &str) -> (async_nats::Client, async_nats::Subscriber) {
+    let nats = async_nats::connect(broker_url).await.unwrap();
+    let sniff = nats.subscribe("syncgate.>").await.unwrap();
+    nats.flush().await.unwrap();
+    (nats, sniff)
+}
+
 /// What a subscriber to `syncgate.>` received until a marker it publishes.
 pub async fn sniffed_until_marker(
     nats: &async_nats::Client,
@@ -838,9 +846,7 @@ async fn halt_mode_stops_at_a_failed_op_until_it_is_retried() {
 #[tokio::test]
 async fn passwords_never_cross_the_broker_in_clear() {
     let env = sync_env(&["edge-a"], None, |_| {}).await;
-    let nats = async_nats::connect(&env.broker_url).await.unwrap();
-    let mut sniff = nats.subscribe("syncgate.>").await.unwrap();
-    nats.flush().await.unwrap();
+    let (nats, mut sniff) = sniffer(&env.broker_url).await;
     let secret = "wire-secret-pw-8812";
     let u = env
         .create(
