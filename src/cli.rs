@@ -32,6 +32,11 @@ pub struct Cli {
     )]
     pub log_format: LogFormat,
 
+    /// A TOML configuration file: one section per role, under environment
+    /// variables and flags (see `syncgate config check`).
+    #[arg(long, env = "SYNCGATE_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -54,6 +59,44 @@ pub enum Command {
     Keygen,
     /// Ask central's audit API: edges, ops, what is out of sync; re-drive an op.
     Audit(Box<AuditArgs>),
+    /// Check a configuration: print a role's effective options (file,
+    /// environment, flags; secrets as ***), exit 2 naming the first error.
+    Config(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub verb: ConfigVerb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigVerb {
+    /// Validate and print the effective configuration of a role.
+    Check {
+        role: Role,
+        /// The role's own options, as they would be given to it.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+/// A command that runs from a configuration.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Role {
+    Central,
+    Edge,
+    Broker,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Central => "central",
+            Role::Edge => "edge",
+            Role::Broker => "broker",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -146,7 +189,7 @@ impl AuditArgs {
 }
 
 /// Options of the sync protocol shared by central and edges.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SyncArgs {
     /// Shared AES-256-GCM key for op payloads (base64 of 32 bytes; `syncgate keygen`).
     #[arg(long, env = "SYNCGATE_SYNC_KEY", hide_env_values = true)]
@@ -166,7 +209,7 @@ pub struct SyncArgs {
 }
 
 /// The admin API's bearer token, as a value or from a file.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AdminTokenArgs {
     /// Bearer token of the admin API (required when it listens off loopback).
     #[arg(long, env = "SYNCGATE_ADMIN_TOKEN", hide_env_values = true)]
@@ -222,7 +265,7 @@ pub fn read_secret(
 }
 
 /// Limits of the HTTP listeners.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
     /// Time a client has to send its request line and headers (slow clients are dropped).
     #[arg(long, env = "SYNCGATE_HEADER_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
@@ -261,7 +304,7 @@ pub enum FailureMode {
     Halt,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct EdgeArgs {
     /// This edge's ID (letters, digits, '-', '_').
     #[arg(long = "id", env = "SYNCGATE_EDGE_ID")]
@@ -318,6 +361,11 @@ pub struct EdgeArgs {
 }
 
 impl EdgeArgs {
+    /// Validates as start-up would, without starting anything.
+    pub fn check(&self) -> Result<(), String> {
+        self.clone().into_config().map(drop)
+    }
+
     pub fn into_config(self) -> Result<EdgeConfig, String> {
         if !crate::sync::protocol::valid_edge_id(&self.id) {
             return Err(format!(
@@ -374,7 +422,7 @@ fn parse_classes(s: &str) -> Result<Classes, String> {
     config::parse_classes(s).map(Classes)
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CentralArgs {
     /// Address the proxy listens on.
     #[arg(long, env = "SYNCGATE_LISTEN", default_value = "0.0.0.0:5000")]
@@ -462,7 +510,7 @@ pub type EdgeList = Vec<String>;
 
 /// Options of the embedded broker (`syncgate broker`, and `syncgate central`
 /// unless `--broker` names an external server).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// Address the embedded broker listens on.
     #[arg(long, env = "SYNCGATE_BROKER_LISTEN", default_value = "0.0.0.0:4222")]
@@ -490,29 +538,23 @@ pub struct BrokerArgs {
     pub broker_user: Option<String>,
 
     /// Password clients must present (with --broker-user).
-    #[arg(
-        long,
-        env = "SYNCGATE_BROKER_PASSWORD",
-        hide_env_values = true,
-        requires = "broker_user"
-    )]
+    #[arg(long, env = "SYNCGATE_BROKER_PASSWORD", hide_env_values = true)]
     pub broker_password: Option<String>,
 
     /// A file holding the broker password.
     #[arg(
         long,
         env = "SYNCGATE_BROKER_PASSWORD_FILE",
-        conflicts_with = "broker_password",
-        requires = "broker_user"
+        conflicts_with = "broker_password"
     )]
     pub broker_password_file: Option<PathBuf>,
 
     /// TLS certificate chain (PEM) for the broker listener.
-    #[arg(long, env = "SYNCGATE_BROKER_TLS_CERT", requires = "broker_tls_key")]
+    #[arg(long, env = "SYNCGATE_BROKER_TLS_CERT")]
     pub broker_tls_cert: Option<std::path::PathBuf>,
 
     /// TLS private key (PEM) for the broker listener.
-    #[arg(long, env = "SYNCGATE_BROKER_TLS_KEY", requires = "broker_tls_cert")]
+    #[arg(long, env = "SYNCGATE_BROKER_TLS_KEY")]
     pub broker_tls_key: Option<std::path::PathBuf>,
 
     /// Largest message a client may publish.
@@ -544,6 +586,11 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
+    /// Validates as start-up would, without starting anything.
+    pub fn check(&self) -> Result<(), String> {
+        self.clone().into_config().map(drop)
+    }
+
     pub fn into_config(self) -> Result<BrokerConfig, String> {
         let broker_token = read_secret(
             self.broker_token,
@@ -555,8 +602,13 @@ impl BrokerArgs {
             self.broker_password_file.as_deref(),
             "--broker-password-file",
         )?;
+        // Pairs are checked here rather than by clap, so that one half may come
+        // from the configuration file and the other from the environment.
         if self.broker_user.is_some() && broker_password.is_none() {
             return Err("--broker-user needs --broker-password or --broker-password-file".into());
+        }
+        if self.broker_user.is_none() && broker_password.is_some() {
+            return Err("--broker-password needs --broker-user".into());
         }
         let auth = match (broker_token, self.broker_user, broker_password) {
             (Some(t), _, _) if t.is_empty() => {
@@ -576,7 +628,8 @@ impl BrokerArgs {
         };
         let tls = match (self.broker_tls_cert, self.broker_tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-            _ => None,
+            (None, None) => None,
+            _ => return Err("--broker-tls-cert and --broker-tls-key go together".into()),
         };
         if self.broker_max_payload > i32::MAX as usize {
             return Err("--broker-max-payload must be below 2GiB".into());
@@ -599,6 +652,11 @@ impl BrokerArgs {
 }
 
 impl CentralArgs {
+    /// Validates as start-up would, without starting anything.
+    pub fn check(&self) -> Result<(), String> {
+        self.clone().into_config().map(drop)
+    }
+
     pub fn into_config(self) -> Result<CentralConfig, String> {
         let client_token = read_secret(
             self.broker.broker_token.clone(),
@@ -660,31 +718,16 @@ pub enum Parsed {
 }
 
 impl Cli {
-    /// Parses the process arguments. Usage errors become one line.
+    /// Parses the process arguments over the configuration file, if any.
+    /// Usage errors become one line.
     pub fn parse_args<I, T>(args: I) -> Parsed
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        match Cli::try_parse_from(args) {
-            Ok(cli) => Parsed::Run(Box::new(cli)),
-            Err(e) if !e.use_stderr() => Parsed::Exit {
-                text: e.to_string(),
-                code: 0,
-            },
-            Err(e) => {
-                // clap's first paragraph, without the usage and help hints.
-                let rendered = e.to_string();
-                let line: Vec<&str> = rendered
-                    .lines()
-                    .take_while(|l| !l.trim().is_empty())
-                    .map(str::trim)
-                    .collect();
-                Parsed::Exit {
-                    text: line.join(" "),
-                    code: 2,
-                }
-            }
+        match crate::settings::parse(args) {
+            crate::settings::Outcome::Run(layered) => Parsed::Run(Box::new(layered.cli)),
+            crate::settings::Outcome::Exit { text, code } => Parsed::Exit { text, code },
         }
     }
 }

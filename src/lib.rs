@@ -12,6 +12,7 @@ pub mod keystone;
 pub mod metrics;
 pub mod proxy;
 pub mod serve;
+pub mod settings;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

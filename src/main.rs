@@ -3,19 +3,13 @@
 
 use std::process::ExitCode;
 
-use syncgate::cli::{Cli, Command, Parsed};
+use syncgate::cli::{Command, ConfigVerb};
+use syncgate::settings::{self, Outcome};
 
 fn main() -> ExitCode {
-    let cli = match Cli::parse_args(std::env::args_os()) {
-        Parsed::Run(cli) => *cli,
-        Parsed::Exit { text, code: 0 } => {
-            print!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Parsed::Exit { text, code } => {
-            eprintln!("{text}");
-            return ExitCode::from(code as u8);
-        }
+    let cli = match parse(std::env::args_os()) {
+        Ok(layered) => layered.cli,
+        Err(code) => return code,
     };
     let command = match cli.command {
         Command::Central(args) => args.into_config().map(|c| Run::Central(Box::new(c))),
@@ -26,6 +20,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Audit(args) => return audit(*args),
+        Command::Config(args) => {
+            let ConfigVerb::Check { role, args } = args.verb;
+            return config_check(cli.config, role, args);
+        }
     };
     let command = match command {
         Ok(command) => command,
@@ -67,6 +65,63 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line over the configuration file, or the exit code after
+/// printing help, the version or a one-line error.
+fn parse<I, T>(args: I) -> Result<settings::Layered, ExitCode>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    match settings::parse(args) {
+        Outcome::Run(layered) => Ok(*layered),
+        Outcome::Exit { text, code: 0 } => {
+            print!("{text}");
+            Err(ExitCode::SUCCESS)
+        }
+        Outcome::Exit { text, code } => {
+            eprintln!("{text}");
+            Err(ExitCode::from(code as u8))
+        }
+    }
+}
+
+/// `syncgate config check ROLE [OPTIONS]`: the role's options parsed exactly as
+/// `syncgate ROLE` would, validated, and printed with their sources.
+fn config_check(
+    config: Option<std::path::PathBuf>,
+    role: syncgate::cli::Role,
+    args: Vec<std::ffi::OsString>,
+) -> ExitCode {
+    let mut argv: Vec<std::ffi::OsString> = vec!["syncgate".into()];
+    if let Some(path) = config {
+        argv.push("--config".into());
+        argv.push(path.into());
+    }
+    argv.push(role.name().into());
+    argv.extend(args);
+    let layered = match parse(argv) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let checked = match &layered.cli.command {
+        Command::Central(a) => a.check(),
+        Command::Edge(a) => a.check(),
+        Command::Broker(a) => a.check(),
+        _ => Ok(()),
+    };
+    match checked {
+        Ok(()) => {
+            print!("{}", layered.effective());
+            println!("# ok: the {} configuration is valid", role.name());
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
         }
     }
 }

@@ -283,3 +283,79 @@ async fn the_audit_verbs_answer_from_a_terminal() {
     assert!(err.contains("cannot reach"), "{err}");
     env.shutdown().await;
 }
+
+#[test]
+fn config_check_prints_the_layers_and_start_up_refuses_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        "[edge]\nid = \"edge1\"\nbroker = \"nats://central:4222\"\nupstream = \"http://keystone:5000\"\n\
+         insecure_plaintext_sync = true\nbroker_token = \"broker-secret-31\"\nhello_interval = \"3s\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args(["config", "check", "edge", "--hello-interval", "4s"])
+        .env("SYNCGATE_CONFIG", &good)
+        .env("SYNCGATE_UPSTREAM_TIMEOUT", "12s")
+        .env("OS_USERNAME", "sync")
+        .env("OS_PASSWORD", "os-secret-32")
+        .env("OS_PROJECT_NAME", "service")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "id = \"edge1\"  # file",
+        "hello_interval = \"4s\"  # --hello-interval",
+        "upstream_timeout = \"12s\"  # SYNCGATE_UPSTREAM_TIMEOUT",
+        "broker_token = \"***\"  # file",
+        "db = \"sqlite://syncgate-edge.db\"  # default",
+    ] {
+        assert!(stdout.contains(line), "{line} missing from\n{stdout}");
+    }
+    assert!(!stdout.contains("secret-3"), "{stdout}");
+
+    // Without the edge's service credentials the same check fails as start-up would.
+    let (code, err) = run(&[
+        "--config",
+        good.to_str().unwrap(),
+        "config",
+        "check",
+        "edge",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("OS_USERNAME"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+
+    // A bad file stops start-up with exit 2 and one line naming the key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[central]\nupstream = \"http://k\"\nack_timeout = \"soonish\"\n",
+    )
+    .unwrap();
+    for args in [
+        vec!["central", "--config", bad.to_str().unwrap()],
+        vec![
+            "config",
+            "check",
+            "--config",
+            bad.to_str().unwrap(),
+            "central",
+        ],
+    ] {
+        let (code, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("[central] ack_timeout") && err.contains("bad.toml"),
+            "{err}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    }
+}
