@@ -75,21 +75,6 @@ impl Central {
                 None
             }
         };
-        let metrics = Arc::new(Metrics::default());
-        let proxy = Arc::new(Proxy::new(
-            &config,
-            store.clone(),
-            metrics.clone(),
-            keystone,
-        )?);
-        let proxy_listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
-        let admin_listener = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
-            })?;
         let broker = match &config.broker {
             BrokerMode::Embedded(broker_config) => {
                 if !broker_config.listen.ip().is_loopback()
@@ -107,6 +92,21 @@ impl Central {
                 None
             }
         };
+        let metrics = Arc::new(Metrics::central(broker.as_ref().map(Broker::stats)));
+        let proxy = Arc::new(Proxy::new(
+            &config,
+            store.clone(),
+            metrics.clone(),
+            keystone,
+        )?);
+        let proxy_listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
+            })?;
         let admin = Arc::new(Admin {
             store: store.clone(),
             proxy: proxy.clone(),
@@ -115,7 +115,6 @@ impl Central {
             sync: std::sync::OnceLock::new(),
             edge_offline_after: config.sync.edge_offline_after,
             ack_timeout: config.sync.ack_timeout,
-            broker_stats: broker.as_ref().map(Broker::stats),
             failed: Default::default(),
         });
         Ok(Central {
@@ -231,11 +230,17 @@ impl Central {
         let mut sweep_task = Watched::spawn("intent sweeper", {
             let proxy = self.proxy.clone();
             let after = self.config.stale_intent_after;
+            let stop = stop_rx_sync.clone();
             async move {
-                sweep_stale_intents(proxy, after, stop_rx_sync).await;
+                sweep_stale_intents(proxy, after, stop).await;
                 anyhow::Ok(())
             }
         });
+
+        let mut gauges_task = Watched::spawn(
+            "metrics refresher",
+            audit::keep_gauges(self.admin.clone(), GAUGE_INTERVAL, stop_rx_sync.clone()),
+        );
 
         // Until shutdown, every task must keep running: one that ends makes the
         // process unready and stop with an error, instead of looking healthy.
@@ -245,6 +250,7 @@ impl Central {
             d = admin_task.ended() => Some(d),
             d = sync_task.ended() => Some(d),
             d = sweep_task.ended() => Some(d),
+            d = gauges_task.ended() => Some(d),
             d = broker_task.ended() => Some(d),
         };
         if let Some(why) = &died {
@@ -273,6 +279,7 @@ impl Central {
         }
         sync_task.join().await;
         sweep_task.join().await;
+        gauges_task.join().await;
         let _ = broker_stop_tx.send(true);
         broker_task.join().await;
         self.store.close().await;
@@ -285,6 +292,9 @@ impl Central {
         }
     }
 }
+
+/// How often the sync gauges of `/metrics` are refreshed from the op log.
+const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A task that must run until shutdown, by name.
 pub(crate) struct Watched {

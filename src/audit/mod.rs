@@ -41,8 +41,6 @@ pub struct Admin {
     pub edge_offline_after: Duration,
     /// A delivery unanswered for longer is `timed_out`.
     pub ack_timeout: Duration,
-    /// The embedded broker's counters, when it runs in this process.
-    pub broker_stats: Option<Arc<crate::broker::Stats>>,
     /// Set when a task of the gateway stopped: readiness fails from then on.
     pub failed: std::sync::Mutex<Option<String>>,
 }
@@ -156,68 +154,65 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
-    let last_seq = admin.store.last_seq().await.unwrap_or(-1);
-    let open = admin.store.open_intents().await.unwrap_or(-1);
-    let deliveries = admin
-        .store
-        .delivery_counts(admin.ack_timeout)
-        .await
-        .unwrap_or_default();
-    let broker = |read: fn(&crate::broker::Stats) -> u64| {
-        admin
-            .broker_stats
-            .as_deref()
-            .map_or(0, |s| i64::try_from(read(s)).unwrap_or(i64::MAX))
-    };
-    use std::sync::atomic::Ordering::Relaxed;
-    let text = admin.metrics.render(&[
-        (
-            "syncgate_broker_connections_total",
-            "Client connections the embedded broker accepted.",
-            broker(|s| s.connections.load(Relaxed)),
-        ),
-        (
-            "syncgate_broker_msgs_in_total",
-            "Messages published to the embedded broker.",
-            broker(|s| s.msgs_in.load(Relaxed)),
-        ),
-        (
-            "syncgate_broker_msgs_out_total",
-            "Messages the embedded broker delivered.",
-            broker(|s| s.msgs_out.load(Relaxed)),
-        ),
-        (
-            "syncgate_broker_slow_consumers_total",
-            "Clients closed as slow consumers.",
-            broker(|s| s.slow_consumers.load(Relaxed)),
-        ),
-        (
-            "syncgate_deliveries_pending",
-            "Op deliveries waiting for an edge's ack.",
-            deliveries.pending,
-        ),
-        (
-            "syncgate_deliveries_failed",
-            "Op deliveries an edge answered with an error (out of sync).",
-            deliveries.failed,
-        ),
-        (
-            "syncgate_deliveries_timed_out",
-            "Op deliveries not acknowledged in time (out of sync).",
-            deliveries.timed_out,
-        ),
-        (
-            "syncgate_oplog_last_seq",
-            "Highest seq in the op log.",
-            last_seq,
-        ),
-        (
-            "syncgate_oplog_open_intents",
-            "Writes forwarded and not yet answered.",
-            open,
-        ),
-    ]);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        admin.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Keeps the sync gauges of `/metrics` current (a scrape reads memory only):
+/// the last seq, open intents, and each edge's cursor, watermark, lag and
+/// deliveries, from index look-ups every `interval` until `stop`.
+pub async fn keep_gauges(
+    admin: Arc<Admin>,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use crate::metrics::EdgeLabel;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = crate::sync::stopped(&mut stop) => return Ok(()),
+        }
+        let m = &admin.metrics;
+        let store = &admin.store;
+        let (last, open, edges, counts) = match tokio::try_join!(
+            store.last_seq(),
+            store.open_intents(),
+            store.edges(),
+            store.edge_delivery_counts(admin.ack_timeout),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics: cannot read the op log; gauges kept");
+                continue;
+            }
+        };
+        m.last_seq.set(last);
+        m.open_intents.set(open);
+        for e in edges {
+            let label = EdgeLabel { edge: e.id };
+            m.edge_cursor.get_or_create(&label).set(e.cursor);
+            m.edge_acked.get_or_create(&label).set(e.acked_seq);
+            m.edge_lag_ops.get_or_create(&label).set(e.lag_ops);
+            m.edge_lag_seconds.get_or_create(&label).set(e.lag_seconds);
+        }
+        let mut total = crate::store::DeliveryCounts::default();
+        for (edge, c) in counts {
+            m.edge_out_of_sync
+                .get_or_create(&EdgeLabel { edge })
+                .set(c.failed + c.timed_out);
+            total.pending += c.pending;
+            total.failed += c.failed;
+            total.timed_out += c.timed_out;
+        }
+        m.deliveries_pending.set(total.pending);
+        m.deliveries_failed.set(total.failed);
+        m.deliveries_timed_out.set(total.timed_out);
+    }
 }
 
 fn parse_filter(params: &HashMap<String, String>) -> Result<OpFilter, ApiError> {

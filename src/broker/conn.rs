@@ -540,6 +540,11 @@ impl Session {
             return;
         }
         self.shared.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
+        let size = (payload.len() + headers.map_or(0, <[u8]>::len)) as u64;
+        self.shared
+            .stats
+            .bytes_in
+            .fetch_add(size, Ordering::Relaxed);
         let matches = self.shared.sublist.matches(subject);
         let echo = self.client.echo.load(Ordering::Relaxed);
         let mut delivered = false;
@@ -615,6 +620,10 @@ impl Session {
         match queued {
             Queued::Yes => {
                 self.shared.stats.msgs_out.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .bytes_out
+                    .fetch_add((hdr.len() + payload.len()) as u64, Ordering::Relaxed);
                 if !self.touched.iter().any(|c| c.cid == target.cid) {
                     self.touched.push(target.clone());
                 }

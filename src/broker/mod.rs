@@ -97,9 +97,16 @@ impl Default for BrokerConfig {
 /// Counters, for metrics and benchmarks.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Connections accepted since start.
     pub connections: AtomicU64,
+    /// Connections open now.
+    pub open_connections: AtomicU64,
     pub msgs_in: AtomicU64,
     pub msgs_out: AtomicU64,
+    /// Payload and header bytes published to the broker.
+    pub bytes_in: AtomicU64,
+    /// Payload and header bytes the broker delivered.
+    pub bytes_out: AtomicU64,
     pub slow_consumers: AtomicU64,
 }
 
@@ -321,6 +328,10 @@ struct OpenConnection(Arc<Shared>);
 impl OpenConnection {
     fn count(shared: &Arc<Shared>) -> OpenConnection {
         shared.open.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .open_connections
+            .fetch_add(1, Ordering::Relaxed);
         OpenConnection(shared.clone())
     }
 }
@@ -328,6 +339,10 @@ impl OpenConnection {
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .stats
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{EdgeConfig, OnFailure, Secret};
 use crate::keystone::client::KeystoneClient;
+use crate::metrics::Metrics;
 use crate::store::edge::{EdgeStore, StoredOutcome};
 use crate::sync::control::{Receiver, Rejected, Sender};
 use crate::sync::crypto::Sealer;
@@ -80,6 +81,7 @@ pub struct Edge {
     sealer: Sealer,
     admin_listener: TcpListener,
     status: Arc<Status>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why one envelope could not be processed now.
@@ -125,6 +127,7 @@ impl Edge {
             keystone,
             sealer,
             admin_listener,
+            metrics: Arc::new(Metrics::edge(status.clone())),
             status,
         })
     }
@@ -164,6 +167,7 @@ impl Edge {
 
         let admin = Arc::new(AdminState {
             status: self.status.clone(),
+            metrics: self.metrics.clone(),
             store: self.store.clone(),
             token: self.config.admin_token.clone(),
             edge: self.config.id.clone(),
@@ -194,6 +198,7 @@ impl Edge {
             keystone: self.keystone.clone(),
             sealer: self.sealer,
             status: self.status.clone(),
+            metrics: self.metrics.clone(),
             on_failure: self.config.on_failure,
             stop: stop.clone(),
             control_in: Receiver::default(),
@@ -277,6 +282,7 @@ struct Runner {
     keystone: Arc<KeystoneClient>,
     sealer: Sealer,
     status: Arc<Status>,
+    metrics: Arc<Metrics>,
     on_failure: OnFailure,
     stop: watch::Receiver<bool>,
     control_in: Receiver,
@@ -551,6 +557,7 @@ impl Runner {
                 return Err(Stuck::Blocked);
             }
         }
+        let started = std::time::Instant::now();
         let mut backoff = Duration::from_millis(100);
         let applied = loop {
             match applier.apply(&op, maybe_applied).await {
@@ -572,6 +579,12 @@ impl Runner {
             }
         };
         self.status.set_error(None);
+        self.metrics
+            .apply_duration
+            .get_or_create(&crate::metrics::OutcomeLabel {
+                outcome: applied.outcome.as_str(),
+            })
+            .observe(started.elapsed().as_secs_f64());
         let applied = apply::Applied {
             detail: applied.detail.as_deref().map(scrub),
             ..applied
@@ -676,6 +689,7 @@ fn ack_of(done: &StoredOutcome) -> Ack {
 
 struct AdminState {
     status: Arc<Status>,
+    metrics: Arc<Metrics>,
     store: EdgeStore,
     token: Option<Secret>,
     edge: String,
@@ -735,56 +749,9 @@ async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
-    let st = &s.status;
-    let lines = [
-        (
-            "syncgate_edge_cursor",
-            "gauge",
-            "Highest seq applied in order.",
-            st.cursor.load(Ordering::Relaxed) as u64,
-        ),
-        (
-            "syncgate_edge_id_map_size",
-            "gauge",
-            "Central IDs mapped to this site's.",
-            st.id_map_size.load(Ordering::Relaxed) as u64,
-        ),
-        (
-            "syncgate_edge_ops_applied_total",
-            "counter",
-            "Ops applied, adopted or skipped.",
-            st.applied.load(Ordering::Relaxed),
-        ),
-        (
-            "syncgate_edge_ops_failed_total",
-            "counter",
-            "Ops that failed permanently.",
-            st.failed.load(Ordering::Relaxed),
-        ),
-        (
-            "syncgate_edge_retries_total",
-            "counter",
-            "Transient failures retried.",
-            st.retries.load(Ordering::Relaxed),
-        ),
-        (
-            "syncgate_edge_control_rejected_total",
-            "counter",
-            "Control messages from the broker dropped (forged, replayed, malformed).",
-            st.rejected.load(Ordering::Relaxed),
-        ),
-        (
-            "syncgate_edge_broker_connected",
-            "gauge",
-            "1 when connected to the broker.",
-            u64::from(st.connected.load(Ordering::Relaxed)),
-        ),
-    ];
-    let mut out = String::new();
-    for (name, kind, help, value) in lines {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        s.metrics.render(),
+    )
+        .into_response()
 }

@@ -74,6 +74,7 @@ async fn captured_section(
     body: Bytes,
 ) -> Result<Response, ProxyError> {
     let proxy = &*proxy;
+    let started = std::time::Instant::now();
     let path = match url.query() {
         Some(q) => format!("{}?{q}", proxy.keystone_path(&url)),
         None => proxy.keystone_path(&url).to_string(),
@@ -193,6 +194,11 @@ async fn captured_section(
             Ok(seq) => {
                 proxy.wake.notify_one();
                 inc(&proxy.metrics.writes_captured);
+                proxy.metrics.last_seq.set(seq);
+                proxy
+                    .metrics
+                    .capture_duration
+                    .observe(started.elapsed().as_secs_f64());
                 tracing::Span::current().record("seq", seq);
                 info!(seq, %op_id, class = %route.class, kind = route.kind, "op logged");
             }

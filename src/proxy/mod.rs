@@ -22,12 +22,12 @@ use futures_util::{Stream, StreamExt};
 use reqwest::Url;
 use tokio::sync::Notify;
 use tower_http::catch_panic::CatchPanicLayer;
-use tracing::{field, info, warn, Instrument};
+use tracing::{debug, field, warn, Instrument};
 
 use crate::config::CentralConfig;
 use crate::keystone::client::KeystoneClient;
 use crate::keystone::{self, Classification, RouteClass};
-use crate::metrics::{inc, Metrics};
+use crate::metrics::Metrics;
 use crate::store::Store;
 use error::{keystone_error, ProxyError};
 use rewrite::UrlRewriter;
@@ -285,15 +285,15 @@ impl Proxy {
     fn send_error(&self, e: SendError, seq: Option<i64>) -> ProxyError {
         match e {
             SendError::Unreachable => {
-                inc(&self.metrics.upstream_unreachable);
+                self.metrics.upstream_error("unreachable");
                 ProxyError::UpstreamUnreachable
             }
             SendError::Broken => {
-                inc(&self.metrics.upstream_unreachable);
+                self.metrics.upstream_error("broken");
                 ProxyError::UpstreamBroken(seq)
             }
             SendError::Timeout => {
-                inc(&self.metrics.upstream_timeouts);
+                self.metrics.upstream_error("timeout");
                 ProxyError::UpstreamTimeout {
                     secs: self.timeout.as_secs().max(1),
                     seq,
@@ -431,7 +431,7 @@ async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
 ) -> Response {
-    inc(&proxy.metrics.requests);
+    let method = crate::metrics::method_label(req.method());
     let span = tracing::info_span!(
         "request",
         method = %req.method(),
@@ -442,10 +442,12 @@ async fn handle(
     );
     async move {
         let started = Instant::now();
+        let mut route = "invalid";
         let resp = match proxy.upstream_url(req.method(), req.uri()) {
             Err(e) => Err(e),
             Ok(url) => {
                 let class = keystone::classify(req.method().as_str(), proxy.keystone_path(&url));
+                route = route_label(&class);
                 match class {
                     Classification::Replicable(route) if proxy.replicate.contains(&route.class) => {
                         capture::forward_captured(&proxy, route, url, peer, req).await
@@ -455,14 +457,25 @@ async fn handle(
             }
         };
         let resp = resp.unwrap_or_else(IntoResponse::into_response);
-        let span = tracing::Span::current();
-        span.record("status", resp.status().as_u16());
-        info!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "request done"
-        );
+        let status = resp.status().as_u16();
+        let elapsed = started.elapsed();
+        tracing::Span::current().record("status", status);
+        proxy.metrics.request(method, route, status, elapsed);
+        // Per request only at debug: a read never waits on a log write.
+        debug!(elapsed_ms = elapsed.as_millis() as u64, "request done");
         resp
     }
     .instrument(span)
     .await
+}
+
+/// The route class of a request, as a metrics label.
+fn route_label(class: &Classification) -> &'static str {
+    match class {
+        Classification::Replicable(route) => route.class.as_str(),
+        Classification::NotReplicated(keystone::Reason::Read) => "read",
+        Classification::NotReplicated(keystone::Reason::TokenFlow) => "token",
+        Classification::NotReplicated(keystone::Reason::SiteLocal) => "site_local",
+        Classification::NotReplicated(keystone::Reason::UnknownRoute) => "unknown",
+    }
 }

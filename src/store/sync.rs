@@ -303,12 +303,26 @@ impl Store {
         .await?)
     }
 
-    /// Deliveries pending, failed and timed out over all edges, from the
-    /// watermarks and the exception rows (no scan of the op log).
+    /// Deliveries pending, failed and timed out over all edges.
     pub async fn delivery_counts(
         &self,
         ack_timeout: Duration,
     ) -> Result<DeliveryCounts, StoreError> {
+        let mut total = DeliveryCounts::default();
+        for (_, c) in self.edge_delivery_counts(ack_timeout).await? {
+            total.pending += c.pending;
+            total.failed += c.failed;
+            total.timed_out += c.timed_out;
+        }
+        Ok(total)
+    }
+
+    /// Deliveries pending, failed and timed out at each edge, from the
+    /// watermarks and the exception rows (index look-ups, no scan of the op log).
+    pub async fn edge_delivery_counts(
+        &self,
+        ack_timeout: Duration,
+    ) -> Result<Vec<(String, DeliveryCounts)>, StoreError> {
         let last = self.last_seq().await?;
         let old: i64 = sqlx::query_scalar(&format!(
             "SELECT COALESCE(MAX(seq), 0) FROM ops WHERE logged_at < {OLDER}"
@@ -316,27 +330,28 @@ impl Store {
         .bind(older(ack_timeout))
         .fetch_one(&self.reader)
         .await?;
-        let edges: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT e.acked_seq, (SELECT COUNT(*) FROM deliveries d
-                                  WHERE d.edge = e.id AND d.seq > e.acked_seq AND d.seq <= ?)
-             FROM edges e",
+        let edges: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT e.id, e.acked_seq,
+                    (SELECT COUNT(*) FROM deliveries d
+                     WHERE d.edge = e.id AND d.seq > e.acked_seq AND d.seq <= ?),
+                    (SELECT COUNT(*) FROM deliveries d
+                     WHERE d.state = 'failed' AND d.edge = e.id)
+             FROM edges e ORDER BY e.id",
         )
         .bind(old)
         .fetch_all(&self.reader)
         .await?;
-        let failed: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 'failed'")
-                .fetch_one(&self.reader)
-                .await?;
-        let mut counts = DeliveryCounts {
-            failed,
-            ..DeliveryCounts::default()
-        };
-        for (acked, answered_early) in edges {
-            counts.timed_out += (old - acked).max(0) - answered_early;
-            counts.pending += last - old.max(acked).min(last);
-        }
-        Ok(counts)
+        Ok(edges
+            .into_iter()
+            .map(|(edge, acked, answered_early, failed)| {
+                let counts = DeliveryCounts {
+                    failed,
+                    timed_out: (old - acked).max(0) - answered_early,
+                    pending: last - old.max(acked).min(last),
+                };
+                (edge, counts)
+            })
+            .collect())
     }
 
     /// Every (op, edge) out of sync: `failed`, or `timed_out` (above the edge's

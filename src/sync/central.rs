@@ -174,6 +174,7 @@ impl SyncCentral {
         self.client
             .publish_with_headers(self.subjects.ops(), headers, payload)
             .await?;
+        self.metrics.ops_published.inc();
         debug!(seq = op.seq, op_id = %op.op_id, "op published");
         Ok(())
     }
@@ -248,6 +249,7 @@ impl SyncCentral {
             }
             envelopes.push(env);
         }
+        self.metrics.ops_replayed.inc_by(envelopes.len() as u64);
         Ok(ReplayBatch {
             ops: envelopes,
             last_seq: self.store.last_seq().await?,
@@ -278,6 +280,13 @@ impl SyncCentral {
                 match ack {
                     Ok((edge, ack)) => {
                         debug!(edge = %edge, seq = ack.seq, outcome = ack.outcome.as_str(), "ack");
+                        self.metrics
+                            .acks
+                            .get_or_create(&crate::metrics::AckLabels {
+                                edge: edge.clone(),
+                                outcome: ack.outcome.as_str(),
+                            })
+                            .inc();
                         self.store
                             .record_ack(&edge, &ack)
                             .await

@@ -250,7 +250,7 @@ async fn ready_when_upstream_answers_and_op_log_writable() {
     assert!(metrics.contains("syncgate_oplog_last_seq 0"), "{metrics}");
     // Central's own sync client is connected to the embedded broker.
     assert!(
-        metrics.contains("# TYPE syncgate_broker_connections_total"),
+        metrics.contains("# TYPE syncgate_broker_connections counter"),
         "{metrics}"
     );
 }
