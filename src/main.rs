@@ -32,12 +32,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    syncgate::telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
+        }
+    };
+    let role = match &command {
+        Run::Central(_) => "syncgate-central",
+        Run::Edge(_) => "syncgate-edge",
+        Run::Broker(_) => "syncgate-broker",
+    };
+    let telemetry = {
+        let _inside = runtime.enter();
+        match syncgate::telemetry::init(cli.log_format, role) {
+            Ok(t) => t,
+            Err(msg) => {
+                eprintln!("error: {msg}");
+                return ExitCode::from(2);
+            }
         }
     };
     let result = runtime.block_on(async {
@@ -58,6 +72,10 @@ fn main() -> ExitCode {
                 broker.run(shutdown).await
             }
         }
+    });
+    // Spans still buffered are exported while the runtime still runs.
+    runtime.block_on(async {
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

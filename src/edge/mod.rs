@@ -35,6 +35,7 @@ use crate::sync::protocol::{
 };
 use crate::sync::{connect_broker, redact_url};
 use apply::Applier;
+use tracing::Instrument;
 
 /// Ops asked for per replay request.
 const REPLAY_LIMIT: i64 = 200;
@@ -219,11 +220,17 @@ impl Edge {
                 msg = ops.next() => {
                     let Some(msg) = msg else { break };
                     match serde_json::from_slice::<Envelope>(&msg.payload) {
-                        Ok(env) => match runner.live(env).await {
+                        Ok(mut env) => {
+                            // The op's trace context travels in its NATS headers.
+                            let header = msg.headers.as_ref().and_then(|h| h.get("traceparent"));
+                            if let Some(tp) = header {
+                                env.traceparent = Some(tp.as_str().to_string());
+                            }
+                            match runner.live(env).await {
                             Ok(gap) => need_replay |= gap,
                             Err(Stuck::Stopping) => break,
                             Err(Stuck::Blocked) => {}
-                        },
+                        }},
                         Err(e) => warn!(error = %e, "malformed op message ignored"),
                     }
                 }
@@ -533,6 +540,19 @@ impl Runner {
         if self.status.halted.load(Ordering::Relaxed) && !directed {
             return Err(Stuck::Blocked);
         }
+        let span = tracing::info_span!(
+            "apply",
+            seq = env.seq,
+            edge = %self.id,
+            op_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        crate::telemetry::follow(&span, env.traceparent.as_deref());
+        self.apply_in_order(env, cursor).instrument(span).await
+    }
+
+    /// Applies the next op (or a directed one), records and acknowledges it.
+    async fn apply_in_order(&self, env: Envelope, cursor: i64) -> Result<(), Stuck> {
         let op = self.open_op(&env)?;
         let applier = Applier {
             keystone: &self.keystone,
@@ -585,6 +605,9 @@ impl Runner {
                 outcome: applied.outcome.as_str(),
             })
             .observe(started.elapsed().as_secs_f64());
+        let span = tracing::Span::current();
+        span.record("op_id", op.op_id.as_str());
+        span.record("outcome", applied.outcome.as_str());
         let applied = apply::Applied {
             detail: applied.detail.as_deref().map(scrub),
             ..applied
@@ -644,12 +667,18 @@ impl Runner {
     }
 
     async fn ack_stored(&self, done: &StoredOutcome) {
+        let span = tracing::info_span!("ack", seq = done.seq, outcome = %done.outcome);
         let payload = self
             .control_out
             .seal(&self.sealer, ACK, &self.id, &ack_of(done));
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(tp) = crate::telemetry::traceparent(&span) {
+            headers.insert("traceparent", tp.as_str());
+        }
         if let Err(e) = self
             .client
-            .publish(self.subjects.ack(&self.id), payload.into())
+            .publish_with_headers(self.subjects.ack(&self.id), headers, payload.into())
+            .instrument(span)
             .await
         {
             warn!(seq = done.seq, error = %e, "ack not sent");

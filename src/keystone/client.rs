@@ -5,6 +5,7 @@
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
 
 use bytes::Bytes;
 use reqwest::{Method, Url};
@@ -291,6 +292,13 @@ impl KeystoneClient {
     ) -> Result<Reply, ClientError> {
         let url = format!("{}{path}", self.base);
         Url::parse(&url).map_err(|e| ClientError::BadUrl(e.to_string()))?;
+        let span = tracing::info_span!(
+            "keystone",
+            http.request.method = %method,
+            url.path = path.split('?').next().unwrap_or_default(),
+            http.response.status_code = tracing::field::Empty,
+        );
+        let traceparent = crate::telemetry::traceparent(&span);
         let mut force = false;
         loop {
             let token = self.token(force).await?;
@@ -298,13 +306,18 @@ impl KeystoneClient {
                 .http
                 .request(method.clone(), &url)
                 .header("x-auth-token", token.expose());
+            if let Some(tp) = &traceparent {
+                req = req.header("traceparent", tp);
+            }
             if let Some(body) = body {
                 req = req.json(body);
             }
             let resp = req
                 .send()
+                .instrument(span.clone())
                 .await
                 .map_err(|e| ClientError::Unreachable(e.without_url().to_string()))?;
+            span.record("http.response.status_code", resp.status().as_u16());
             let status = resp.status().as_u16();
             let body = resp
                 .bytes()

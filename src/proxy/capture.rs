@@ -42,9 +42,15 @@ pub(super) async fn forward_captured(
     // From here the write runs to completion on a task of its own: a client that
     // disconnects or gives up drops only this await, never an intent or a write
     // already sent upstream.
+    let request = tracing::Span::current();
+    let span = tracing::info_span!(
+        "capture",
+        kind = route.kind,
+        op_id = tracing::field::Empty,
+        seq = tracing::field::Empty,
+    );
     let captured = tokio::spawn(
-        captured_section(proxy.clone(), route, url, peer, parts, body)
-            .instrument(tracing::Span::current()),
+        captured_section(proxy.clone(), route, url, peer, parts, body, request).instrument(span),
     );
     captured.await.unwrap_or_else(|e| {
         error!(error = %e, "the capture task failed");
@@ -72,8 +78,19 @@ async fn captured_section(
     peer: SocketAddr,
     parts: Parts,
     body: Bytes,
+    request: tracing::Span,
 ) -> Result<Response, ProxyError> {
     let proxy = &*proxy;
+    // The op carries its trace to the edges: this write's span, or, when
+    // traces are not exported here, the client's own `traceparent`.
+    let traceparent = crate::telemetry::traceparent(&tracing::Span::current()).or_else(|| {
+        parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::telemetry::valid_traceparent(v))
+            .map(str::to_string)
+    });
     let started = std::time::Instant::now();
     let path = match url.query() {
         Some(q) => format!("{}?{q}", proxy.keystone_path(&url)),
@@ -102,6 +119,7 @@ async fn captured_section(
             kind: route.kind,
             body: body_text.as_deref(),
             refs: &refs,
+            traceparent: traceparent.as_deref(),
         })
         .await
         .map_err(|e| {
@@ -116,6 +134,7 @@ async fn captured_section(
         .insert(op_id);
     let _in_flight = InFlight(proxy, op_id);
     tracing::Span::current().record("op_id", tracing::field::display(op_id));
+    request.record("op_id", tracing::field::display(op_id));
 
     // 2. Forward.
     let mut upstream_req = reqwest::Request::new(parts.method.clone(), url.clone());
@@ -200,6 +219,7 @@ async fn captured_section(
                     .capture_duration
                     .observe(started.elapsed().as_secs_f64());
                 tracing::Span::current().record("seq", seq);
+                request.record("seq", seq);
                 info!(seq, %op_id, class = %route.class, kind = route.kind, "op logged");
             }
             Err(e) => {

@@ -236,8 +236,25 @@ impl Proxy {
     }
 
     /// Sends a request, waiting at most the timeout for the response headers.
-    async fn send(&self, req: reqwest::Request) -> Result<reqwest::Response, SendError> {
-        match tokio::time::timeout(self.timeout, self.client.execute(req)).await {
+    async fn send(&self, mut req: reqwest::Request) -> Result<reqwest::Response, SendError> {
+        let span = tracing::info_span!(
+            "upstream",
+            http.request.method = %req.method(),
+            http.response.status_code = field::Empty,
+        );
+        // Keystone's own traces join the client's.
+        if let Some(tp) = crate::telemetry::traceparent(&span) {
+            if let Ok(v) = HeaderValue::from_str(&tp) {
+                req.headers_mut().insert("traceparent", v);
+            }
+        }
+        let sent = tokio::time::timeout(self.timeout, self.client.execute(req))
+            .instrument(span.clone())
+            .await;
+        if let Ok(Ok(resp)) = &sent {
+            span.record("http.response.status_code", resp.status().as_u16());
+        }
+        match sent {
             Err(_) => Err(SendError::Timeout),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
@@ -439,6 +456,13 @@ async fn handle(
         status = field::Empty,
         seq = field::Empty,
         op_id = field::Empty,
+    );
+    // A client's trace continues through the gateway.
+    crate::telemetry::follow(
+        &span,
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
     );
     async move {
         let started = Instant::now();

@@ -73,6 +73,8 @@ pub struct NewIntent<'a> {
     pub body: Option<&'a str>,
     /// JSON list of the natural keys of the IDs the write references.
     pub refs: &'a str,
+    /// The write's W3C trace context, carried with the op to the edges.
+    pub traceparent: Option<&'a str>,
 }
 
 /// What the upstream said about a forwarded write that succeeded.
@@ -108,6 +110,9 @@ pub struct OpRow {
     pub refs: String,
     pub created_at: String,
     pub logged_at: String,
+    /// The write's W3C trace context, when it had one.
+    #[sqlx(default)]
+    pub traceparent: Option<String>,
 }
 
 /// Filter for listing ops, oldest first.
@@ -382,8 +387,9 @@ impl Store {
     pub async fn begin_intent(&self, intent: &NewIntent<'_>) -> Result<Uuid, StoreError> {
         let op_id = Uuid::new_v4();
         sqlx::query(&format!(
-            "INSERT INTO intents (op_id, method, path, class, kind, body, refs, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, {NOW})"
+            "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent,
+                                  created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, {NOW})"
         ))
         .bind(op_id.to_string())
         .bind(intent.method)
@@ -392,6 +398,7 @@ impl Store {
         .bind(intent.kind)
         .bind(intent.body.map(|b| self.seal_body(&op_id.to_string(), b)))
         .bind(intent.refs)
+        .bind(intent.traceparent)
         .execute(&self.writer)
         .await?;
         Ok(op_id)
@@ -409,9 +416,10 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let seq: Option<i64> = sqlx::query_scalar(&format!(
             "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
-                              upstream_status, request_id, detail, refs, created_at, logged_at)
+                              upstream_status, request_id, detail, refs, traceparent,
+                              created_at, logged_at)
              SELECT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ops), op_id, ?, method, path, class,
-                    kind, ?, COALESCE(?, body), ?, ?, ?, refs, created_at, {NOW}
+                    kind, ?, COALESCE(?, body), ?, ?, ?, refs, traceparent, created_at, {NOW}
              FROM intents WHERE op_id = ?
              RETURNING seq"
         ))
@@ -638,6 +646,7 @@ mod tests {
             kind: "project",
             body: Some("{}"),
             refs: "[]",
+            traceparent: None,
         }
     }
 

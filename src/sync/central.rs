@@ -21,6 +21,7 @@ use super::protocol::{
 use super::protocol::{ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY};
 use crate::metrics::Metrics;
 use crate::store::{OpFilter, OpRow, Store};
+use tracing::Instrument;
 
 /// Most ops in one replay batch.
 pub const MAX_REPLAY_BATCH: i64 = 500;
@@ -69,6 +70,7 @@ pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
         seq: op.seq,
         enc: enc.to_string(),
         data,
+        traceparent: op.traceparent.clone(),
     }
 }
 
@@ -165,14 +167,22 @@ impl SyncCentral {
     }
 
     async fn publish(&self, op: &OpRow) -> anyhow::Result<()> {
-        let env = envelope(&self.sealer, op);
+        let span = tracing::info_span!("publish", seq = op.seq, op_id = %op.op_id);
+        crate::telemetry::follow(&span, op.traceparent.as_deref());
+        let mut env = envelope(&self.sealer, op);
+        // The edge's spans follow this one, or the write's when not traced here.
+        env.traceparent = crate::telemetry::traceparent(&span).or(env.traceparent);
         let mut headers = HeaderMap::new();
         // A digest of the op ID: unique per op, without showing the ID.
         headers.insert("Nats-Msg-Id", msg_id(&op.op_id).as_str());
         headers.insert("Syncgate-Seq", op.seq.to_string().as_str());
+        if let Some(tp) = &env.traceparent {
+            headers.insert("traceparent", tp.as_str());
+        }
         let payload = Bytes::from(serde_json::to_vec(&env)?);
         self.client
             .publish_with_headers(self.subjects.ops(), headers, payload)
+            .instrument(span)
             .await?;
         self.metrics.ops_published.inc();
         debug!(seq = op.seq, op_id = %op.op_id, "op published");
@@ -287,8 +297,17 @@ impl SyncCentral {
                                 outcome: ack.outcome.as_str(),
                             })
                             .inc();
+                        let span = tracing::info_span!(
+                            "ack received",
+                            edge = %edge,
+                            seq = ack.seq,
+                            outcome = ack.outcome.as_str(),
+                        );
+                        let header = msg.headers.as_ref().and_then(|h| h.get("traceparent"));
+                        crate::telemetry::follow(&span, header.map(|v| v.as_str()));
                         self.store
                             .record_ack(&edge, &ack)
+                            .instrument(span)
                             .await
                             .map(|acked| {
                                 // Acks before this one were lost: ask the edge.

@@ -64,6 +64,10 @@ pub struct Envelope {
     pub seq: i64,
     pub enc: String,
     pub data: String,
+    /// The W3C trace context of the write the op came from (not secret; also
+    /// in a published op's NATS headers, here for replayed ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Envelope {

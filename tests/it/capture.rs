@@ -425,11 +425,8 @@ async fn token_requests_excluded_classes_and_failed_writes_are_not_ops() {
         "every request reached the upstream"
     );
     assert!(app.all_ops().await.is_empty());
-    let metrics = app.admin_get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.contains("syncgate_oplog_open_intents 0"),
-        "failed writes leave no intent"
-    );
+    // Failed writes leave no intent.
+    app.until_metric("syncgate_oplog_open_intents 0").await;
 }
 
 #[tokio::test]
@@ -523,6 +520,7 @@ async fn an_intent_left_open_by_a_crash_is_unknown_outcome_after_restart() {
             kind: "user",
             body: Some(r#"{"user": {"password": "crash-time-pw"}}"#),
             refs: "[]",
+            traceparent: None,
         })
         .await
         .unwrap();

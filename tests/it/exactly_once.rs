@@ -432,6 +432,7 @@ async fn an_intent_left_open_while_running_becomes_unknown_outcome() {
             kind: "project",
             body: Some("{}"),
             refs: "[]",
+            traceparent: None,
         })
         .await
         .unwrap();

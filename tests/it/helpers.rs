@@ -107,6 +107,23 @@ impl TestApp {
         req.send().await.unwrap()
     }
 
+    /// Waits until `/metrics` has this line (central refreshes its sync
+    /// gauges every second; a scrape never reads the op log).
+    pub async fn until_metric(&self, line: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let text = self.admin_get("/metrics").await.text().await.unwrap();
+            if text.lines().any(|l| l == line) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no '{line}' in\n{text}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Every op in the log, oldest first, following `next` cursors.
     pub async fn all_ops(&self) -> Vec<Value> {
         let mut ops = Vec::new();

@@ -359,6 +359,7 @@ mod at_rest {
                     r#"{{"user": {{"name": "u", "password": "{secret}"}}}}"#
                 )),
                 refs: "[]",
+                traceparent: None,
             })
             .await
             .unwrap();

@@ -16,3 +16,4 @@ mod helpers;
 mod hostile;
 mod proxy;
 mod sync;
+mod traces;

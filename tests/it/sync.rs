@@ -587,6 +587,7 @@ async fn a_restarted_edge_catches_up_and_duplicates_are_harmless() {
         refs: "[]".into(),
         created_at: String::new(),
         logged_at: String::new(),
+        traceparent: None,
     };
     let env_msg = syncgate::sync::central::envelope(&sealer, &row);
     nats.publish("syncgate.ops", serde_json::to_vec(&env_msg).unwrap().into())
