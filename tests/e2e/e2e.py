@@ -8,12 +8,14 @@ Usage: e2e.py [workdir]   (syncgate binary: $SYNCGATE_BIN or target/debug/syncga
 
 import http.client as httpclient
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
 
+from otlp_receiver import Receiver
 from harness import VENV_BIN, Deployment, diff, free_port, get_json, http, log, snapshot, wait_until
 
 results = []
@@ -152,6 +154,51 @@ def disguised_writes(dep):
     assert_in_sync(dep, "disguised writes")
 
 
+def assert_one_trace(dep, receiver, edges):
+    """A write with a client traceparent through the gateway: one trace, from
+    the client's span through central to each edge's apply, its Keystone call
+    and its ack, as the collector received it."""
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    token = dep.central_ks.token()
+    status, _, _ = http("POST", f"{dep.gateway}/v3/projects", {"project": {"name": f"traced-{trace_id[:6]}"}}, token,
+                        headers={"traceparent": f"00-{trace_id}-{client_span}-01"})
+    assert status == 201, status
+    dep.wait_delivered()
+
+    def complete():
+        spans = receiver.trace(trace_id)
+        sites = {s.resource.get("site") for s in spans if s.name == "ack"}
+        return set(edges) <= sites and any(s.name == "ack received" for s in spans)
+
+    wait_until("the trace at the collector", complete, timeout=30)
+    spans = receiver.trace(trace_id)
+    by_id = {s.span_id: s for s in spans}
+    [request] = [s for s in spans if s.name == "request" and s.service == "syncgate-central"]
+    assert request.parent_id == client_span, request
+    [capture] = [s for s in spans if s.name == "capture"]
+    assert capture.parent_id == request.span_id
+    [publish] = [s for s in spans if s.name == "publish"]
+    assert publish.parent_id == capture.span_id, (publish, capture)
+    for edge in edges:
+        applies = [s for s in spans if s.name == "apply" and s.resource.get("site") == edge]
+        assert len(applies) == 1, (edge, spans)
+        apply = applies[0]
+        assert apply.service == "syncgate-edge-site", apply.service
+        assert by_id[apply.parent_id].name in ("publish", "capture"), apply
+        assert apply.attributes.get("edge") == edge and apply.attributes.get("outcome") == "applied", apply.attributes
+        calls = [s for s in spans if s.name == "keystone" and s.parent_id == apply.span_id]
+        assert any(c.attributes.get("http.request.method") == "POST" for c in calls), calls
+        assert any(s.name == "ack" and s.parent_id == apply.span_id for s in spans), spans
+    for s in receiver.spans:
+        text = repr(s.attributes)
+        assert token not in text and "central-admin-pw" not in text, s
+
+
+@check("traces: one trace from the client through central to every edge (OTLP/HTTP protobuf)")
+def traces_http(dep, receiver):
+    assert_one_trace(dep, receiver, list(dep.edge_ks))
+
+
 @check("edge gateway killed -9 mid-stream resumes from its cursor")
 def edge_killed(dep):
     token = dep.central_ks.token()
@@ -180,14 +227,18 @@ def central_killed(dep):
         assert {"before-crash", "after-crash"} <= names, (name, names)
 
 
-@check("the same through a real nats-server as external broker")
+@check("the same through a real nats-server as external broker, traces over OTLP/gRPC")
 def external_broker(workdir):
     port = free_port()
     nats = subprocess.Popen([str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    dep = Deployment(f"{workdir}/external", edges=("edge1",), external_broker=f"nats://127.0.0.1:{port}")
+    receiver = Receiver()
+    dep = Deployment(f"{workdir}/external", edges=("edge1",), external_broker=f"nats://127.0.0.1:{port}",
+                     otlp=(receiver.grpc_endpoint, "grpc"))
     try:
         dep.start()
+        # Traces over OTLP/gRPC, the op's traceparent through a real nats-server's headers.
+        assert_one_trace(dep, receiver, ["edge1"])
         dep.cli("domain", "create", "ext")
         dep.cli("project", "create", "ext-web", "--domain", "ext")
         dep.cli("user", "create", "bob", "--domain", "ext", "--password", "bob-pw", "--project", "ext-web",
@@ -200,17 +251,20 @@ def external_broker(workdir):
         dep.stop()
         nats.terminate()
         nats.wait(timeout=30)
+        receiver.stop()
 
 
 def main():
     workdir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="syncgate-e2e-")
     log(f"e2e workdir: {workdir}")
-    dep = Deployment(f"{workdir}/embedded", edges=("edge1", "edge2"))
+    receiver = Receiver()
+    dep = Deployment(f"{workdir}/embedded", edges=("edge1", "edge2"), otlp=(receiver.http_endpoint, "http/protobuf"))
     try:
         t = time.monotonic()
         dep.start()
         log(f"deployment up in {time.monotonic() - t:.1f}s")
         scenario(dep)
+        traces_http(dep, receiver)
         edge_keystone_down(dep)
         disguised_writes(dep)
         edge_killed(dep)
@@ -220,6 +274,7 @@ def main():
         traceback.print_exc()
     finally:
         dep.stop()
+        receiver.stop()
     external_broker(workdir)
     passed = sum(ok for _, ok in results)
     failed = len(results) - passed

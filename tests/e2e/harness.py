@@ -212,7 +212,9 @@ def syncgate_binary():
 class Deployment:
     """Central Keystone + gateway, and N edge Keystones + edge gateways."""
 
-    def __init__(self, workdir, edges=("edge1",), ack_timeout="5s", external_broker=None):
+    def __init__(self, workdir, edges=("edge1",), ack_timeout="5s", external_broker=None, otlp=None):
+        # otlp: (endpoint, protocol) to export traces to, or None.
+        self.otlp = otlp
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.bin = syncgate_binary()
@@ -261,8 +263,17 @@ class Deployment:
             args += ["--broker", self.external_broker]
         else:
             args += ["--broker-listen", f"127.0.0.1:{self.broker_port}"]
-        env = dict(os.environ, **self.central_ks.admin_env())
+        env = dict(os.environ, **self.central_ks.admin_env(), **self.otlp_env())
         return Process("central", args, env, self.workdir)
+
+    def otlp_env(self, **extra):
+        """The standard OpenTelemetry variables, when traces are exported."""
+        if not self.otlp:
+            return {}
+        endpoint, protocol = self.otlp
+        # Export within a fraction of a second (the batch default is 5 s).
+        return dict(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_EXPORTER_OTLP_PROTOCOL=protocol,
+                    OTEL_BSP_SCHEDULE_DELAY="100", **extra)
 
     def edge_process(self, name):
         ks = self.edge_ks[name]
@@ -277,7 +288,9 @@ class Deployment:
             "--sync-key-file", self.key_file,
             "--hello-interval", "1s",
         ]
-        env = dict(os.environ, **ks.admin_env())
+        # The edges name their service themselves, and their site as a resource attribute.
+        env = dict(os.environ, **ks.admin_env(),
+                   **self.otlp_env(OTEL_SERVICE_NAME="syncgate-edge-site", OTEL_RESOURCE_ATTRIBUTES=f"site={name}"))
         p = Process(name, args, env, self.workdir)
         p.admin = f"http://127.0.0.1:{admin_port}"
         return p
