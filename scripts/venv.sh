@@ -12,3 +12,20 @@ ensure_venv() {
     .venv/bin/pip install --quiet --disable-pip-version-check -r "$req"
     cp "$req" "$stamp"
 }
+
+# Installs the Debian packages named when any of their commands is missing
+# (as root, with apt-get); says what to install otherwise.
+ensure_debian_packages() {
+    local missing=()
+    for pkg in "$@"; do
+        command -v "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing ${missing[*]} (apt-get)"
+        apt-get update -qq >/dev/null && \
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null && return 0
+    fi
+    echo "error: the tests need ${missing[*]}: install them (Debian: apt-get install ${missing[*]})" >&2
+    return 1
+}

@@ -59,9 +59,51 @@ pub enum Command {
     Keygen,
     /// Ask central's audit API: edges, ops, what is out of sync; re-drive an op.
     Audit(Box<AuditArgs>),
+    /// Exit 0 when a gateway's admin listener says it is alive (/healthz):
+    /// the container image's HEALTHCHECK, which has no shell or curl.
+    Healthcheck(HealthcheckArgs),
     /// Check a configuration: print a role's effective options (file,
     /// environment, flags; secrets as ***), exit 2 naming the first error.
     Config(ConfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// The admin listener's URL; by default the address in SYNCGATE_ADMIN_LISTEN
+    /// (an unspecified address means this host), else 127.0.0.1:9090, then :9091.
+    #[arg(long, value_parser = config::parse_base_url)]
+    pub url: Option<Url>,
+
+    /// How long to wait for an answer.
+    #[arg(long, default_value = "3s", value_parser = config::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl HealthcheckArgs {
+    /// The URLs of `/healthz` to try, in order.
+    pub fn targets(&self) -> Vec<String> {
+        if let Some(url) = &self.url {
+            return vec![format!("{}/healthz", url.as_str().trim_end_matches('/'))];
+        }
+        let listen = std::env::var("SYNCGATE_ADMIN_LISTEN")
+            .ok()
+            .and_then(|v| v.parse::<SocketAddr>().ok());
+        match listen {
+            Some(addr) => {
+                let ip = match addr.ip() {
+                    ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_string(),
+                    ip if ip.is_unspecified() => "[::1]".to_string(),
+                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                };
+                vec![format!("http://{ip}:{}/healthz", addr.port())]
+            }
+            None => vec![
+                "http://127.0.0.1:9090/healthz".into(),
+                "http://127.0.0.1:9091/healthz".into(),
+            ],
+        }
+    }
 }
 
 #[derive(Debug, Args)]

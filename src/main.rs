@@ -20,6 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Audit(args) => return audit(*args),
+        Command::Healthcheck(args) => return healthcheck(&args),
         Command::Config(args) => {
             let ConfigVerb::Check { role, args } = args.verb;
             return config_check(cli.config, role, args);
@@ -142,6 +143,40 @@ fn config_check(
             ExitCode::from(2)
         }
     }
+}
+
+/// `syncgate healthcheck`: 0 when one of the targets answers 200, else 1.
+fn healthcheck(args: &syncgate::cli::HealthcheckArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match reqwest::Client::builder().timeout(args.timeout).build() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        for url in args.targets() {
+            match client.get(&url).send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    println!("{url}: {}", resp.status());
+                    return ExitCode::SUCCESS;
+                }
+                Ok(resp) => eprintln!("{url}: {}", resp.status()),
+                Err(e) => eprintln!("{url}: {}", e.without_url()),
+            }
+        }
+        ExitCode::FAILURE
+    })
 }
 
 /// `syncgate audit ...`: prints what the admin API says; the exit code says
