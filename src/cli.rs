@@ -69,8 +69,9 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct HealthcheckArgs {
-    /// The admin listener's URL; by default the address in SYNCGATE_ADMIN_LISTEN
-    /// (an unspecified address means this host), else 127.0.0.1:9090, then :9091.
+    /// The admin listener's URL; by default the address in SYNCGATE_ADMIN_LISTEN,
+    /// else the admin_listen of the configuration file (SYNCGATE_CONFIG), an
+    /// unspecified address meaning this host; else 127.0.0.1:9090, then :9091.
     #[arg(long, value_parser = config::parse_base_url)]
     pub url: Option<Url>,
 
@@ -85,8 +86,17 @@ impl HealthcheckArgs {
         if let Some(url) = &self.url {
             return vec![format!("{}/healthz", url.as_str().trim_end_matches('/'))];
         }
+        let from_file = || {
+            let path = std::env::var_os(crate::settings::CONFIG_ENV)?;
+            let file = crate::settings::ConfigFile::load(Path::new(&path)).ok()?;
+            ["central", "edge"]
+                .iter()
+                .find_map(|role| file.get(role, "admin_listen"))
+                .map(str::to_string)
+        };
         let listen = std::env::var("SYNCGATE_ADMIN_LISTEN")
             .ok()
+            .or_else(from_file)
             .and_then(|v| v.parse::<SocketAddr>().ok());
         match listen {
             Some(addr) => {

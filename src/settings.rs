@@ -55,6 +55,11 @@ impl ConfigFile {
         ConfigFile::parse(path, &text)
     }
 
+    /// A key of a section, as the option string (`""` for the top level).
+    pub fn get(&self, section: &str, key: &str) -> Option<&str> {
+        self.values.get(section)?.get(key).map(String::as_str)
+    }
+
     pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, String> {
         let shown = path.display();
         let table: toml::Table = toml::from_str(text).map_err(|e| {

@@ -2,7 +2,9 @@
 """The container image, built and run for real with podman: the Dockerfile is
 linted (hadolint) and built from base images made from Debian packages
 (tests/image/base-images.sh); the image then runs as central and as an edge
-against a real Keystone. Checked: /healthz and /readyz, the image's HEALTHCHECK,
+against a real Keystone, each exactly as the Helm chart's rendered StatefulSet
+says (args, env, the ConfigMap's file and the Secrets' files at their mount
+paths, user, read-only root, no capabilities). Checked: /healthz and /readyz, the image's HEALTHCHECK,
 that the process is not root, that a write made through central reaches the
 edge's state, and that SIGTERM stops each container cleanly within its grace
 period. Prints `image: N passed, M failed`.
@@ -11,6 +13,7 @@ Usage: test_image.py   (SYNCGATE_IMAGE=name skips the build and tests that image
 """
 
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -22,10 +25,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 
+sys.path.insert(0, str(REPO / "tests" / "helm"))
+
+from chart import Workload, render  # noqa: E402
 from harness import VENV_BIN, Keystone, free_port, http, log, wait_until  # noqa: E402
 
 os.environ.setdefault("CONTAINERS_CONF", str(HERE / "containers.conf"))
-IMAGE = os.environ.get("SYNCGATE_IMAGE", "localhost/syncgate:test")
+IMAGE = os.environ.get("SYNCGATE_IMAGE") or "localhost/syncgate:test"
 GRACE = 5
 results = []
 
@@ -56,7 +62,7 @@ def lint():
 
 
 def build():
-    if "SYNCGATE_IMAGE" in os.environ:
+    if os.environ.get("SYNCGATE_IMAGE"):
         return
     subprocess.run(["bash", str(HERE / "base-images.sh")], check=True)
     home = Path.home()
@@ -76,17 +82,31 @@ def build():
 
 
 class Container:
-    def __init__(self, name, role, env, admin_port, files=()):
+    """A container run exactly as a rendered StatefulSet says: its args, its
+    env, its config and Secret files at their mount paths, its user, a read-only
+    root filesystem, no capabilities, no privilege escalation."""
+
+    def __init__(self, name, workload, workdir):
         self.name = name
-        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.admin = None
         podman("rm", "-f", name, check=False)
         podman("volume", "rm", "-f", f"{name}-state", check=False)
-        args = ["run", "-d", "--name", name, "--network", "host", "-v", f"{name}-state:/var/lib/syncgate"]
-        for host, inside in files:
-            args += ["-v", f"{host}:{inside}:ro"]
-        for k, v in env.items():
+        pod, sec = workload.pod_security, workload.security
+        args = ["run", "-d", "--name", name, "--network", "host",
+                "--user", f"{pod['runAsUser']}:{pod['runAsGroup']}", "--group-add", str(pod["fsGroup"])]
+        if sec.get("readOnlyRootFilesystem"):
+            args.append("--read-only")
+        if sec.get("capabilities", {}).get("drop") == ["ALL"]:
+            args += ["--cap-drop", "ALL"]
+        if sec.get("allowPrivilegeEscalation") is False:
+            args += ["--security-opt", "no-new-privileges"]
+        for mount_path, host in workload.write_files(Path(workdir) / name).items():
+            args += ["-v", f"{host}:{mount_path}:ro"]
+        args += ["-v", f"{name}-state:{workload.mounts['state']['mountPath']}",
+                 "--tmpfs", workload.mounts["tmp"]["mountPath"]]
+        for k, v in workload.env.items():
             args += ["-e", f"{k}={v}"]
-        podman(*args, IMAGE, role)
+        podman(*args, IMAGE, *workload.args)
 
     def ready(self):
         wait_until(f"{self.name} ready", lambda: self.running() and http("GET", f"{self.admin}/readyz")[0] == 200,
@@ -121,27 +141,34 @@ def run_both(workdir):
     ks.start()
     key = subprocess.run(["podman", "run", "--rm", IMAGE, "keygen"], check=True, text=True,
                          capture_output=True).stdout.strip()
-    key_file = Path(workdir) / "sync.key"
-    key_file.write_text(key + "\n")
-    key_file.chmod(0o644)  # read by the container's non-root user
+    token = secrets.token_urlsafe(24)
+    store = {"sg-admin": {"token": token}, "sg-sync": {"key": key}, "ks-admin": {"password": "image-admin-pw"}}
+    refs = {"adminToken": {"name": "sg-admin", "key": "token"}, "syncKey": {"name": "sg-sync", "key": "key"}}
     proxy, admin, broker, edge_admin = (free_port() for _ in range(4))
-    grace = {"SYNCGATE_SHUTDOWN_GRACE": f"{GRACE}s"}
-    central = Container("syncgate-test-central", "central", dict(
-        SYNCGATE_UPSTREAM=ks.url, SYNCGATE_LISTEN=f"127.0.0.1:{proxy}", SYNCGATE_ADMIN_LISTEN=f"127.0.0.1:{admin}",
-        SYNCGATE_BROKER_LISTEN=f"127.0.0.1:{broker}", SYNCGATE_SYNC_KEY_FILE="/run/secrets/sync.key",
-        SYNCGATE_EDGES="edge1", **grace), admin, files=[(key_file, "/run/secrets/sync.key")])
-    edge = Container("syncgate-test-edge", "edge", dict(
-        SYNCGATE_EDGE_ID="edge1", SYNCGATE_BROKER=f"nats://127.0.0.1:{broker}", SYNCGATE_UPSTREAM=ks.url,
-        SYNCGATE_ADMIN_LISTEN=f"127.0.0.1:{edge_admin}", SYNCGATE_SYNC_KEY_FILE="/run/secrets/sync.key",
-        **ks.admin_env(), **grace), edge_admin, files=[(key_file, "/run/secrets/sync.key")])
+    # The releases an operator would install (ports free on this host; the
+    # containers share its network).
+    central_values = {
+        "role": "central", "secrets": refs, "ports": {"proxy": proxy, "broker": broker, "admin": admin},
+        "central": {"upstream": ks.url, "edges": ["edge1"]}, "config": {"shutdown_grace": f"{GRACE}s"}}
+    edge_values = {
+        "role": "edge", "secrets": refs, "ports": {"proxy": 5000, "broker": 4222, "admin": edge_admin},
+        "edge": {"id": "edge1", "broker": f"nats://127.0.0.1:{broker}", "upstream": ks.url},
+        "credentials": {"username": "admin", "projectName": "admin",
+                        "secret": {"name": "ks-admin", "key": "password"}},
+        "config": {"shutdown_grace": f"{GRACE}s", "hello_interval": "1s"}}
+    central = Container("syncgate-test-central", Workload(render(central_values), store), workdir)
+    central.admin = f"http://127.0.0.1:{admin}"
+    edge = Container("syncgate-test-edge", Workload(render(edge_values), store), workdir)
+    edge.admin = f"http://127.0.0.1:{edge_admin}"
     try:
-        step("central runs from the image and is ready", central.ready)
-        step("the edge runs from the image and is ready", edge.ready)
+        step("central from the chart's rendered StatefulSet runs from the image and is ready", central.ready)
+        step("the edge from the chart's rendered StatefulSet runs from the image and is ready", edge.ready)
 
         def probes():
             for c in (central, edge):
                 assert http("GET", f"{c.admin}/healthz")[0] == 200, c.name
-                # The image's own HEALTHCHECK (the binary, no shell in the image).
+                # The image's own HEALTHCHECK (the binary, no shell in the
+                # image), finding the admin port in the configuration file.
                 out = podman("healthcheck", "run", c.name, check=False)
                 assert out.returncode == 0, (c.name, out.stdout, out.stderr)
                 users = podman("top", c.name, "user", "huser").stdout.split()
@@ -149,14 +176,15 @@ def run_both(workdir):
         step("/healthz, the HEALTHCHECK, and a non-root process", probes)
 
         def replicates():
-            token = ks.token()
             status, _, _ = http("POST", f"http://127.0.0.1:{proxy}/v3/groups",
-                                {"group": {"name": "from-the-image"}}, token)
+                                {"group": {"name": "from-the-image"}}, ks.token())
             assert status == 201, status
+            auth = {"Authorization": f"Bearer {token}"}
+            assert http("GET", f"{central.admin}/v1/ops/1")[0] == 401, "the audit API needs the token"
             # One Keystone serves both sites here: the edge finds the group
             # there already and adopts it.
             wait_until("the group at the edge", lambda: (http(
-                "GET", f"http://127.0.0.1:{admin}/v1/ops/1")[2] or {}).get("deliveries", [{}])[0].get(
+                "GET", f"{central.admin}/v1/ops/1", headers=auth)[2] or {}).get("deliveries", [{}])[0].get(
                     "state") in ("applied", "adopted"), timeout=30)
         step("a write through central is applied by the edge", replicates)
 

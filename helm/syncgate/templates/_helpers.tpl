@@ -1,0 +1,126 @@
+{{/* The chart's name. */}}
+{{- define "syncgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: <release>-<chart> unless the release already says it. */}}
+{{- define "syncgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "syncgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "syncgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: {{ .Values.role }}
+{{- end }}
+
+{{- define "syncgate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "syncgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: syncgate
+{{- end }}
+
+{{- define "syncgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "syncgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "syncgate.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Whether central runs the embedded broker. */}}
+{{- define "syncgate.embeddedBroker" -}}
+{{- if and (eq .Values.role "central") (not .Values.central.externalBroker) }}true{{- end }}
+{{- end }}
+
+{{/* Where the Secrets are mounted. */}}
+{{- define "syncgate.secretDir" -}}/run/secrets/syncgate{{- end }}
+
+{{/*
+The role's section of the configuration file, as a dict: what the values say,
+then `config` over it.
+*/}}
+{{- define "syncgate.settings" -}}
+{{- $v := .Values }}
+{{- $dir := include "syncgate.secretDir" . }}
+{{- $s := dict "admin_listen" (printf "0.0.0.0:%d" (int $v.ports.admin)) }}
+{{- $_ := set $s "admin_token_file" (printf "%s/admin-token" $dir) }}
+{{- $_ := set $s "sync_key_file" (printf "%s/sync-key" $dir) }}
+{{- if $v.secrets.brokerToken.name }}
+{{- $_ := set $s "broker_token_file" (printf "%s/broker-token" $dir) }}
+{{- end }}
+{{- if eq $v.role "central" }}
+{{- $_ := set $s "db" "sqlite:///var/lib/syncgate/central.db" }}
+{{- $_ := set $s "listen" (printf "0.0.0.0:%d" (int $v.ports.proxy)) }}
+{{- $_ := set $s "upstream" $v.central.upstream }}
+{{- with $v.central.publicUrl }}{{ $_ := set $s "public_url" . }}{{ end }}
+{{- $_ := set $s "edges" $v.central.edges }}
+{{- $_ := set $s "allow_new_edges" $v.central.allowNewEdges }}
+{{- $_ := set $s "ack_timeout" $v.central.ackTimeout }}
+{{- if $v.central.externalBroker }}
+{{- $_ := set $s "broker" $v.central.externalBroker }}
+{{- else }}
+{{- $_ := set $s "broker_listen" (printf "0.0.0.0:%d" (int $v.ports.broker)) }}
+{{- end }}
+{{- if $v.secrets.oplogKey.name }}
+{{- $_ := set $s "oplog_key_file" (printf "%s/oplog-key" $dir) }}
+{{- end }}
+{{- else }}
+{{- $_ := set $s "db" "sqlite:///var/lib/syncgate/edge.db" }}
+{{- $_ := set $s "id" $v.edge.id }}
+{{- $_ := set $s "broker" $v.edge.broker }}
+{{- $_ := set $s "upstream" $v.edge.upstream }}
+{{- $_ := set $s "on_failure" $v.edge.onFailure }}
+{{- $_ := set $s "hello_interval" $v.edge.helloInterval }}
+{{- end }}
+{{- toJson (mergeOverwrite $s (deepCopy $v.config)) }}
+{{- end }}
+
+{{/* The configuration file (TOML; JSON strings, numbers, booleans and lists are TOML too). */}}
+{{- define "syncgate.configToml" -}}
+# syncgate {{ .Values.role }}: rendered by the chart from its values.
+log_format = {{ .Values.logFormat | toJson }}
+
+[{{ .Values.role }}]
+{{- $settings := include "syncgate.settings" . | fromJson }}
+{{- range $key := keys $settings | sortAlpha }}
+{{ $key }} = {{ get $settings $key | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* Fails the render with one clear line when a required value is missing. */}}
+{{- define "syncgate.validate" -}}
+{{- if not .Values.secrets.syncKey.name }}
+{{- fail "secrets.syncKey.name is required: a Secret holding the sync key (syncgate keygen), the same at central and every edge" }}
+{{- end }}
+{{- if not .Values.secrets.adminToken.name }}
+{{- fail "secrets.adminToken.name is required: the admin API listens on the pod network and needs a bearer token" }}
+{{- end }}
+{{- if eq .Values.role "central" }}
+{{- if not .Values.central.upstream }}
+{{- fail "central.upstream is required for role central: the central Keystone's URL" }}
+{{- end }}
+{{- else }}
+{{- if not .Values.edge.id }}{{ fail "edge.id is required for role edge" }}{{ end }}
+{{- if not .Values.edge.broker }}{{ fail "edge.broker is required for role edge: central's broker, nats://host:4222" }}{{ end }}
+{{- if not .Values.edge.upstream }}{{ fail "edge.upstream is required for role edge: this site's Keystone URL" }}{{ end }}
+{{- if not .Values.credentials.secret.name }}
+{{- fail "credentials.secret.name is required for role edge: the Secret with the edge's Keystone password or application credential secret" }}
+{{- end }}
+{{- end }}
+{{- end }}

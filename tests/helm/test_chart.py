@@ -1,0 +1,253 @@
+#!/usr/bin/env python3
+"""The Helm chart (helm/syncgate), checked with Helm's own engine (the
+helm-python-sdk package embeds Helm's Go SDK; no helm binary) and the
+Kubernetes schemas (kubernetes-validate, strict: unknown fields are errors):
+
+- `helm lint --strict` for central and edge values;
+- every manifest of several releases (central embedded broker, central with an
+  external broker and every option on, edge, no persistence) validated against
+  Kubernetes 1.37's schemas; PodMonitor and ServiceMonitor are CRDs that those
+  schemas do not hold, and are checked for their required fields only;
+- values.schema.json rejects bad values, and missing required values fail with
+  a line naming them;
+- the pod's security context, probes, Secret files, and the config checksum;
+- the rendered configuration file is accepted by the binary itself
+  (`syncgate config check`) with the rendered environment and Secret files.
+Prints `helm: N passed, M failed`.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from copy import deepcopy
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chart import CHART, REPO, Workload, kind, notes, render  # noqa: E402
+
+K8S = "1.37.0"
+BIN = os.environ.get("SYNCGATE_BIN") or str(REPO / "target" / "debug" / "syncgate")
+results = []
+
+SECRETS = {
+    "sg-admin": {"token": "admin-token-value-1"},
+    "sg-sync": {"key": "c2VjcmV0LXN5bmMta2V5LTMyLWJ5dGVzLWxvbmctISE="},
+    "sg-broker": {"token": "broker-token-value-2"},
+    "sg-oplog": {"key": "b3Bsb2ctc2VhbGluZy1rZXktMzItYnl0ZXMtbG9uZyE="},
+    "edge-creds": {"password": "edge-password-3"},
+}
+
+CENTRAL = {
+    "role": "central",
+    "central": {"upstream": "http://keystone.identity:5000", "edges": ["site2", "site3"]},
+    "secrets": {"adminToken": {"name": "sg-admin", "key": "token"}, "syncKey": {"name": "sg-sync", "key": "key"}},
+}
+CENTRAL_FULL = deepcopy(CENTRAL)
+CENTRAL_FULL.update({
+    "central": {"upstream": "https://keystone.identity:5000", "edges": ["site2"], "publicUrl": "https://id.example",
+                "externalBroker": "nats://nats.identity:4222", "ackTimeout": "45s", "allowNewEdges": True},
+    "config": {"upstream_timeout": "10s", "max_connections": 2048},
+    "credentials": {"username": "syncgate", "secret": {"name": "edge-creds", "key": "password"}},
+    "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "networkPolicy": {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+    "otel": {"endpoint": "http://otel-collector.observability:4317", "protocol": "grpc",
+             "resourceAttributes": "site=central"},
+    "podAnnotations": {"example.com/team": "identity"},
+})
+CENTRAL_FULL["secrets"] = dict(CENTRAL["secrets"], brokerToken={"name": "sg-broker", "key": "token"},
+                               oplogKey={"name": "sg-oplog", "key": "key"})
+EDGE = {
+    "role": "edge",
+    "edge": {"id": "site2", "broker": "nats://sg-syncgate-broker.identity:4222", "upstream": "http://keystone:5000"},
+    "credentials": {"username": "syncgate", "projectName": "service",
+                    "secret": {"name": "edge-creds", "key": "password"}},
+    "secrets": {"adminToken": {"name": "sg-admin", "key": "token"}, "syncKey": {"name": "sg-sync", "key": "key"},
+                "brokerToken": {"name": "sg-broker", "key": "token"}},
+    "networkPolicy": {"enabled": True},
+}
+EDGE_EPHEMERAL = dict(deepcopy(EDGE), persistence={"enabled": False})
+RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL}
+
+
+def check(name):
+    def wrap(fn):
+        def run():
+            t = time.monotonic()
+            try:
+                fn()
+                results.append((name, True))
+                print(f"PASS {name} ({time.monotonic() - t:.1f}s)", flush=True)
+            except Exception:
+                results.append((name, False))
+                print(f"FAIL {name}", flush=True)
+                traceback.print_exc()
+        return run
+    return wrap
+
+
+@check("helm lint --strict passes for central and edge")
+def lint():
+    for label, values in RELEASES.items():
+        report = helm.lint(str(CHART), values, strict=True, kube_version=f"v{K8S}")
+        bad = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
+        assert not bad, (label, bad)
+
+
+@check(f"every rendered manifest is valid for Kubernetes {K8S} (strict schemas)")
+def validate():
+    seen = set()
+    for label, values in RELEASES.items():
+        for path, doc in render(values):
+            seen.add(doc["kind"])
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                # CRDs of the Prometheus operator: not in Kubernetes' schemas.
+                assert doc["spec"]["selector"]["matchLabels"], (label, path)
+                endpoints = doc["spec"].get("podMetricsEndpoints") or doc["spec"].get("endpoints")
+                assert endpoints and endpoints[0]["port"] == "admin" and endpoints[0]["path"] == "/metrics"
+                continue
+            try:
+                kubernetes_validate.validate(doc, K8S, strict=True)
+            except Exception as e:
+                raise AssertionError(f"{label}: {path} {doc['kind']}: {e}") from e
+    expected = {"ConfigMap", "StatefulSet", "Service", "ServiceAccount", "PodDisruptionBudget", "NetworkPolicy",
+                "PodMonitor", "ServiceMonitor"}
+    assert expected <= seen, expected - seen
+
+
+@check("central: StatefulSet of one with a volume, Services for proxy, broker and admin, probes, non-root")
+def central_shape():
+    docs = render(CENTRAL)
+    [sts] = kind(docs, "StatefulSet")
+    assert sts["spec"]["replicas"] == 1
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    services = {s["metadata"]["name"]: s for s in kind(docs, "Service")}
+    assert {"sg-syncgate", "sg-syncgate-broker", "sg-syncgate-admin", "sg-syncgate-headless"} <= set(services)
+    w = Workload(docs, SECRETS)
+    assert w.args == ["central"]
+    assert w.container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert w.container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert w.pod_security["runAsNonRoot"] and w.pod_security["runAsUser"] != 0
+    s = w.security
+    assert s["readOnlyRootFilesystem"] and not s["allowPrivilegeEscalation"] and s["capabilities"]["drop"] == ["ALL"]
+    files = dict(w.files())
+    assert files["/run/secrets/syncgate"] == {"admin-token": "admin-token-value-1",
+                                              "sync-key": SECRETS["sg-sync"]["key"]}
+    toml = files["/etc/syncgate"]["config.toml"]
+    for line in ['upstream = "http://keystone.identity:5000"', 'edges = ["site2","site3"]',
+                 'admin_token_file = "/run/secrets/syncgate/admin-token"', 'broker_listen = "0.0.0.0:4222"']:
+        assert line in toml, (line, toml)
+    # No secret value is in the ConfigMap or the StatefulSet.
+    rendered = repr(docs)
+    for secret in SECRETS.values():
+        for value in secret.values():
+            assert value not in rendered
+
+
+@check("an external broker drops the embedded one; options land in the config file; edge mounts its credentials")
+def variants():
+    docs = render(CENTRAL_FULL)
+    names = {s["metadata"]["name"] for s in kind(docs, "Service")}
+    assert "sg-syncgate-broker" not in names, names
+    w = Workload(docs, SECRETS)
+    toml = w.config["config.toml"]
+    for line in ['broker = "nats://nats.identity:4222"', 'upstream_timeout = "10s"', "max_connections = 2048",
+                 'oplog_key_file = "/run/secrets/syncgate/oplog-key"', "allow_new_edges = true"]:
+        assert line in toml, (line, toml)
+    assert "broker_listen" not in toml
+    assert w.env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc" and w.env["OTEL_SERVICE_NAME"] == "syncgate-central"
+    edge = Workload(render(EDGE), SECRETS)
+    assert edge.args == ["edge"]
+    assert edge.env["OS_PASSWORD_FILE"] == "/run/secrets/syncgate/credential"
+    assert dict(edge.files())["/run/secrets/syncgate"]["credential"] == "edge-password-3"
+    assert 'id = "site2"' in edge.config["config.toml"]
+    ports = [p["name"] for p in edge.container["ports"]]
+    assert ports == ["admin"], ports
+    [np] = kind(render(EDGE), "NetworkPolicy")
+    assert [r["ports"][0]["port"] for r in np["spec"]["ingress"]] == ["admin"]
+    eph = Workload(render(EDGE_EPHEMERAL), SECRETS)
+    assert "emptyDir" in eph.volumes["state"]
+    assert "volumeClaimTemplates" not in eph.statefulset["spec"]
+    assert "lost with the pod" in notes(EDGE_EPHEMERAL)
+
+
+@check("a change of configuration changes the pod's checksum (the pod rolls)")
+def checksum():
+    def annotation(values):
+        [sts] = kind(render(values), "StatefulSet")
+        return sts["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    changed = deepcopy(CENTRAL)
+    changed["central"]["ackTimeout"] = "60s"
+    assert annotation(CENTRAL) == annotation(deepcopy(CENTRAL))
+    assert annotation(CENTRAL) != annotation(changed)
+
+
+@check("values.schema.json rejects bad values; missing required values are named")
+def bad_values():
+    cases = [
+        ({**CENTRAL, "role": "hub"}, "role"),
+        ({**CENTRAL, "logFormat": "xml"}, "logFormat"),
+        ({**CENTRAL, "ports": {"proxy": 5000, "broker": 4222, "admin": 70000}}, "admin"),
+        ({**CENTRAL, "central": {"upstream": "keystone:5000"}}, "upstream"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "ackTimeout": "soon"}}, "ackTimeout"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "edges": ["a.b"]}}, "edges"),
+        ({**CENTRAL, "replicas": 3}, "replicas"),
+        ({**CENTRAL, "otel": {"protocol": "http/json"}}, "protocol"),
+        ({**CENTRAL, "config": {"Upstream-Timeout": "1s"}}, "Upstream-Timeout"),
+        ({**EDGE, "edge": {"broker": "nats://c:4222", "upstream": "http://k:5000"}}, "id"),
+        ({**EDGE, "edge": {**EDGE["edge"], "onFailure": "retry"}}, "onFailure"),
+        ({**EDGE, "credentials": {"username": "x"}}, "credentials"),
+        ({k: v for k, v in CENTRAL.items() if k != "secrets"}, "secrets"),
+        ({**CENTRAL, "secrets": {**CENTRAL["secrets"], "syncKey": {"name": "", "key": "key"}}}, "syncKey"),
+    ]
+    for values, named in cases:
+        try:
+            render(values)
+        except helm.HelmError as e:
+            assert named in str(e), (named, str(e))
+            continue
+        raise AssertionError(f"accepted: {values}")
+
+
+@check("the binary accepts the rendered configuration (syncgate config check, rendered env and files)")
+def binary_agrees():
+    for label, values in RELEASES.items():
+        w = Workload(render(values), SECRETS)
+        with tempfile.TemporaryDirectory() as root:
+            dirs = w.write_files(root)
+            config = Path(dirs["/etc/syncgate"]) / "config.toml"
+            # The only change: where the volumes are mounted on this host.
+            text = config.read_text()
+            for mount, host in dirs.items():
+                text = text.replace(f"{mount}/", f"{host}/")
+            text = text.replace("/var/lib/syncgate/", f"{root}/state/")
+            config.write_text(text)
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCGATE_", "OS_", "OTEL_"))}
+            for k, v in w.env.items():
+                for mount, host in dirs.items():
+                    v = v.replace(f"{mount}/", f"{host}/")
+                env[k] = v
+            env["SYNCGATE_CONFIG"] = str(config)
+            out = subprocess.run([BIN, "config", "check", *w.args], env=env, capture_output=True, text=True)
+            assert out.returncode == 0, (label, out.stdout, out.stderr)
+            assert "# file" in out.stdout and "# ok" in out.stdout, out.stdout
+            for secret in SECRETS.values():
+                for value in secret.values():
+                    assert value not in out.stdout, (label, "a secret was printed")
+
+
+def main():
+    for test in (lint, validate, central_shape, variants, checksum, bad_values, binary_agrees):
+        test()
+    passed = sum(ok for _, ok in results)
+    print(f"helm: {passed} passed, {len(results) - passed} failed", flush=True)
+    return 0 if passed == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
