@@ -1,21 +1,27 @@
 //! syncgate keeps OpenStack Keystone identity data in sync across a central site
 //! and many edge sites. This library is what the `syncgate` binary runs and what
-//! the tests drive: `app::Central` is the central gateway.
+//! the tests drive. The data path, module by module: `proxy` (central's proxy:
+//! capture of writes) → `store` (the op log) → `central` (assembly, publishing,
+//! acks, the audit API) → `protocol` (the wire contract both sides share:
+//! messages, subjects, sealing) → `broker` (the embedded NATS-protocol server,
+//! self-contained) → `edge` (replay against a site's Keystone). Beside it:
+//! `settings` (flags, environment, configuration file), `keystone` (what
+//! Keystone's API means), `metrics`, `telemetry`, `serve` (HTTP listeners),
+//! `redact`, `retry`.
 
-pub mod app;
-pub mod audit;
 pub mod broker;
-pub mod cli;
-pub mod config;
+pub mod central;
 pub mod edge;
 pub mod keystone;
 pub mod metrics;
+pub mod protocol;
 pub mod proxy;
+pub mod redact;
+pub mod retry;
 pub mod serve;
 pub mod settings;
 pub mod store;
-pub mod sync;
 pub mod telemetry;
 
-pub use app::Central;
-pub use config::CentralConfig;
+pub use central::Central;
+pub use settings::config::CentralConfig;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use syncgate::cli::{Command, ConfigVerb};
+use syncgate::settings::cli::{Command, ConfigVerb};
 use syncgate::settings::{self, Outcome};
 
 fn main() -> ExitCode {
@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         Command::Broker(args) => args.into_config().map(|c| Run::Broker(Box::new(c))),
         Command::Edge(args) => args.into_config().map(|c| Run::Edge(Box::new(c))),
         Command::Keygen => {
-            println!("{}", syncgate::sync::crypto::generate_key());
+            println!("{}", syncgate::protocol::crypto::generate_key());
             return ExitCode::SUCCESS;
         }
         Command::Audit(args) => return audit(*args),
@@ -112,7 +112,7 @@ where
 /// `syncgate ROLE` would, validated, and printed with their sources.
 fn config_check(
     config: Option<std::path::PathBuf>,
-    role: syncgate::cli::Role,
+    role: syncgate::settings::cli::Role,
     args: Vec<std::ffi::OsString>,
 ) -> ExitCode {
     let mut argv: Vec<std::ffi::OsString> = vec!["syncgate".into()];
@@ -146,7 +146,7 @@ fn config_check(
 }
 
 /// `syncgate healthcheck`: 0 when one of the targets answers 200, else 1.
-fn healthcheck(args: &syncgate::cli::HealthcheckArgs) -> ExitCode {
+fn healthcheck(args: &syncgate::settings::cli::HealthcheckArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -181,7 +181,7 @@ fn healthcheck(args: &syncgate::cli::HealthcheckArgs) -> ExitCode {
 
 /// `syncgate audit ...`: prints what the admin API says; the exit code says
 /// whether anything is out of sync.
-fn audit(args: syncgate::cli::AuditArgs) -> ExitCode {
+fn audit(args: syncgate::settings::cli::AuditArgs) -> ExitCode {
     let request = match args.into_request() {
         Ok(r) => r,
         Err(msg) => {
@@ -199,8 +199,8 @@ fn audit(args: syncgate::cli::AuditArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (text, code) = runtime.block_on(syncgate::audit::client::run(&request));
-    if code == syncgate::audit::client::UNAVAILABLE {
+    let (text, code) = runtime.block_on(syncgate::central::client::run(&request));
+    if code == syncgate::central::client::UNAVAILABLE {
         eprint!("{text}");
     } else {
         print!("{text}");
@@ -210,7 +210,7 @@ fn audit(args: syncgate::cli::AuditArgs) -> ExitCode {
 
 enum Run {
     Central(Box<syncgate::CentralConfig>),
-    Edge(Box<syncgate::config::EdgeConfig>),
+    Edge(Box<syncgate::settings::config::EdgeConfig>),
     Broker(Box<syncgate::broker::BrokerConfig>),
 }
 

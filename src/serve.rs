@@ -92,7 +92,7 @@ pub async fn serve(
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = crate::sync::stopped(&mut stop) => {
+                _ = crate::serve::stopped(&mut stop) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
@@ -141,4 +141,9 @@ pub fn idle_timeout_body(body: axum::body::Body, idle: Duration) -> axum::body::
         }
     });
     axum::body::Body::from_stream(timed)
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }

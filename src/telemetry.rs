@@ -27,7 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::cli::LogFormat;
+use crate::settings::cli::LogFormat;
 
 /// What `main` keeps until exit: flushes the spans not yet exported.
 #[must_use]

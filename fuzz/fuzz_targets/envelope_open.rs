@@ -4,9 +4,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use syncgate::sync::control::Receiver;
-use syncgate::sync::crypto::Sealer;
-use syncgate::sync::protocol::{Ack, Envelope, Hello};
+use syncgate::protocol::control::Receiver;
+use syncgate::protocol::crypto::Sealer;
+use syncgate::protocol::messages::{Ack, Envelope, Hello};
 
 const KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 

@@ -24,7 +24,6 @@ use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::config::Secret;
 use conn::{Client, Subscription};
 use sublist::Sublist;
 
@@ -34,9 +33,36 @@ pub enum BrokerAuth {
     #[default]
     None,
     /// `auth_token` in CONNECT.
-    Token(Secret),
+    Token(Credential),
     /// `user` and `pass` in CONNECT.
-    UserPassword { user: String, password: Secret },
+    UserPassword { user: String, password: Credential },
+}
+
+/// A token or password: never printed (`Debug` shows `***`), compared in
+/// constant time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credential(String);
+
+impl Credential {
+    pub fn new(value: impl Into<String>) -> Credential {
+        Credential(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares in time independent of where the inputs differ.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(candidate).into()
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(***)")
+    }
 }
 
 /// Certificate chain and private key, PEM files.
@@ -144,7 +170,8 @@ impl Shared {
             BrokerAuth::None => true,
             BrokerAuth::Token(expected) => token.is_some_and(|t| expected.matches(t.as_bytes())),
             BrokerAuth::UserPassword { user: u, password } => {
-                let user_ok = Secret::new(u.as_str()).matches(user.unwrap_or_default().as_bytes());
+                let user_ok =
+                    Credential::new(u.as_str()).matches(user.unwrap_or_default().as_bytes());
                 let pass_ok = password.matches(pass.unwrap_or_default().as_bytes());
                 user_ok & pass_ok & user.is_some() & pass.is_some()
             }

@@ -10,8 +10,8 @@ use serde_json::Value;
 use crate::keystone::client::{ClientError, KeystoneClient, Reply};
 use crate::keystone::ids::{self, is_mappable_id, natural_key};
 use crate::keystone::{self, Classification, Creates};
+use crate::protocol::messages::{EntityRef, OpContent, Outcome};
 use crate::store::edge::{Commit, EdgeStore};
-use crate::sync::protocol::{EntityRef, OpContent, Outcome};
 
 /// A result to record and acknowledge.
 #[derive(Debug)]

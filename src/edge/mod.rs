@@ -2,6 +2,7 @@
 //! seq order, keeps its cursor and ID map in its own SQLite, acknowledges every
 //! op, and catches up by replay after a start, a gap or a reconnect.
 
+mod admin;
 mod apply;
 mod probe;
 
@@ -11,29 +12,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use futures_util::StreamExt;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{EdgeConfig, OnFailure, Secret};
 use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
-use crate::store::edge::{EdgeStore, StoredOutcome};
-use crate::sync::control::{Receiver, Rejected, Sender};
-use crate::sync::crypto::Sealer;
-use crate::sync::protocol::{
+use crate::protocol::control::{Receiver, Rejected, Sender};
+use crate::protocol::crypto::Sealer;
+use crate::protocol::messages::{
     Ack, Envelope, Hello, OpContent, Outcome, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
     ReplayRequest, Subjects, ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY,
 };
-use crate::sync::{connect_broker, redact_url};
+use crate::protocol::{connect_broker, redact_url};
+use crate::settings::config::{EdgeConfig, OnFailure};
+use crate::store::edge::{EdgeStore, StoredOutcome};
 use apply::Applier;
 use tracing::Instrument;
 
@@ -166,14 +160,14 @@ impl Edge {
         let mut redos = client.subscribe(subjects.redo(&self.config.id)).await?;
         let mut outcome_requests = client.subscribe(subjects.outcomes(&self.config.id)).await?;
 
-        let admin = Arc::new(AdminState {
+        let admin = Arc::new(admin::AdminState {
             status: self.status.clone(),
             metrics: self.metrics.clone(),
             store: self.store.clone(),
             token: self.config.admin_token.clone(),
             edge: self.config.id.clone(),
         });
-        let admin_app = admin_router(admin);
+        let admin_app = admin::router(admin);
         let mut admin_stop = stop.clone();
         let admin_task = tokio::spawn(crate::serve::serve(
             self.admin_listener,
@@ -270,7 +264,7 @@ impl Edge {
                     // Polling for ops missed while disconnected costs one request.
                     need_replay = true;
                 }
-                _ = crate::sync::stopped(&mut stop_rx) => break,
+                _ = crate::serve::stopped(&mut stop_rx) => break,
             }
         }
         info!("edge stopping");
@@ -563,9 +557,9 @@ impl Runner {
         let secrets = op
             .body
             .as_ref()
-            .map(crate::audit::redact::secret_values)
+            .map(crate::redact::secret_values)
             .unwrap_or_default();
-        let scrub = |t: &str| crate::audit::redact::scrub(t, &secrets);
+        let scrub = |t: &str| crate::redact::scrub(t, &secrets);
         // An earlier attempt that left its mark may have been applied: the write
         // is looked for before it is sent again.
         let mut maybe_applied =
@@ -578,12 +572,13 @@ impl Runner {
             }
         }
         let started = std::time::Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut delays = crate::retry::delays(Duration::from_millis(100), MAX_BACKOFF);
         let applied = loop {
             match applier.apply(&op, maybe_applied).await {
                 Ok(a) => break a,
                 Err(e) => {
                     maybe_applied = true;
+                    let backoff = delays.next().unwrap_or(MAX_BACKOFF);
                     self.status.retries.fetch_add(1, Ordering::Relaxed);
                     let e = scrub(&e.to_string());
                     self.status
@@ -592,9 +587,8 @@ impl Runner {
                     let mut stop = self.stop.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = crate::sync::stopped(&mut stop) => return Err(Stuck::Stopping),
+                        _ = crate::serve::stopped(&mut stop) => return Err(Stuck::Stopping),
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         };
@@ -714,73 +708,4 @@ fn ack_of(done: &StoredOutcome) -> Ack {
         detail: done.detail.clone(),
         edge_id_created: done.edge_ids.clone(),
     }
-}
-
-struct AdminState {
-    status: Arc<Status>,
-    metrics: Arc<Metrics>,
-    store: EdgeStore,
-    token: Option<Secret>,
-    edge: String,
-}
-
-fn admin_router(state: Arc<AdminState>) -> Router {
-    let status = Router::new()
-        .route("/v1/status", get(status_json))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .merge(status)
-        .with_state(state)
-}
-
-async fn require_token(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
-    if !crate::audit::bearer_ok(s.token.as_ref(), req.headers()) {
-        return crate::audit::unauthorized();
-    }
-    next.run(req).await
-}
-
-async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value> {
-    let st = &s.status;
-    Json(json!({
-        "edge": s.edge,
-        "cursor": st.cursor.load(Ordering::Relaxed),
-        "id_map_size": st.id_map_size.load(Ordering::Relaxed),
-        "broker_connected": st.connected.load(Ordering::Relaxed),
-        "halted": st.halted.load(Ordering::Relaxed),
-        "error": st.error(),
-        "applied_total": st.applied.load(Ordering::Relaxed),
-        "failed_total": st.failed.load(Ordering::Relaxed),
-        "redriven_total": st.redriven.load(Ordering::Relaxed),
-    }))
-}
-
-async fn readyz(State(s): State<Arc<AdminState>>) -> Response {
-    let db = s.store.check().await.is_ok();
-    let connected = s.status.connected.load(Ordering::Relaxed);
-    let error = s.status.error();
-    let ready = db && connected && error.is_none();
-    let code = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        code,
-        Json(
-            json!({"ready": ready, "database": db, "broker_connected": connected, "error": error}),
-        ),
-    )
-        .into_response()
-}
-
-async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        s.metrics.render(),
-    )
-        .into_response()
 }

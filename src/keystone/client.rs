@@ -12,7 +12,7 @@ use reqwest::{Method, Url};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
-use crate::config::Secret;
+use crate::settings::config::Secret;
 
 /// A domain named by name or by ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +55,8 @@ impl Credentials {
         let mut from_files = std::collections::HashMap::new();
         for key in ["OS_PASSWORD", "OS_APPLICATION_CREDENTIAL_SECRET"] {
             let file = var(&format!("{key}_FILE")).map(std::path::PathBuf::from);
-            if let Some(v) = crate::cli::read_secret(None, file.as_deref(), &format!("{key}_FILE"))?
+            if let Some(v) =
+                crate::settings::cli::read_secret(None, file.as_deref(), &format!("{key}_FILE"))?
             {
                 from_files.insert(key, v);
             }

@@ -24,8 +24,8 @@ use crate::keystone::ids::{all_refs, is_mappable_id, natural_key, IdRef, NAMED_K
 use crate::keystone::touches::{self, Touch};
 use crate::keystone::{self, RouteMatch};
 use crate::metrics::inc;
+use crate::protocol::messages::EntityRef;
 use crate::store::{NewIntent, OpState, Outcome};
-use crate::sync::protocol::EntityRef;
 
 pub(super) async fn forward_captured(
     proxy: &Arc<Proxy>,

@@ -24,10 +24,10 @@ use tokio::sync::Notify;
 use tower_http::catch_panic::CatchPanicLayer;
 use tracing::{debug, field, warn, Instrument};
 
-use crate::config::CentralConfig;
 use crate::keystone::client::KeystoneClient;
 use crate::keystone::{self, Classification, RouteClass};
 use crate::metrics::Metrics;
+use crate::settings::config::CentralConfig;
 use crate::store::Store;
 use error::{keystone_error, ProxyError};
 use rewrite::UrlRewriter;

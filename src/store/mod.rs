@@ -15,7 +15,7 @@ use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
 use uuid::Uuid;
 
 use crate::keystone::touches::Touch;
-use crate::sync::crypto::Sealer;
+use crate::protocol::crypto::Sealer;
 
 pub mod edge;
 mod sync;
@@ -282,7 +282,7 @@ impl Store {
         let Some(kid) = self.vault.as_ref().and_then(|v| v.sealing_key_id()) else {
             return Ok(());
         };
-        let current = format!("{SEALED}{}/{kid}:%", crate::sync::crypto::ENC_AES);
+        let current = format!("{SEALED}{}/{kid}:%", crate::protocol::crypto::ENC_AES);
         let mut total = 0usize;
         for table in ["ops", "intents"] {
             loop {

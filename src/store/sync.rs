@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::FromRow;
 
 use super::{Store, StoreError};
-use crate::sync::protocol::{Ack, EntityRef, Outcome};
+use crate::protocol::messages::{Ack, EntityRef, Outcome};
 
 /// Milliseconds since the epoch, in SQL.
 const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{json, Value};
-use syncgate::config::Secret;
+use syncgate::settings::config::Secret;
 
 use crate::helpers::spawn_app_with;
 

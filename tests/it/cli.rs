@@ -106,7 +106,7 @@ fn keygen_prints_a_usable_key() {
     assert!(out.status.success());
     let key = String::from_utf8(out.stdout).unwrap();
     assert!(
-        syncgate::sync::crypto::validate_key(key.trim()).is_ok(),
+        syncgate::protocol::crypto::validate_key(key.trim()).is_ok(),
         "{key}"
     );
 }
@@ -189,7 +189,7 @@ fn sigterm_ends_the_process_within_the_grace_period() {
 #[tokio::test]
 async fn the_audit_verbs_answer_from_a_terminal() {
     let env = crate::sync::sync_env(&["edge-a"], None, |c| {
-        c.admin_token = Some(syncgate::config::Secret::new("audit-token-1"))
+        c.admin_token = Some(syncgate::settings::config::Secret::new("audit-token-1"))
     })
     .await;
     env.edges[0].site.fail_next(&[400]);

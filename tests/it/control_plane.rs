@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use syncgate::sync::control::Sender;
-use syncgate::sync::protocol::{Ack, Outcome, ReplayBatch, ReplayRequest};
+use syncgate::protocol::control::Sender;
+use syncgate::protocol::messages::{Ack, Outcome, ReplayBatch, ReplayRequest};
 
 use crate::sync::{sniffed_until_marker, sniffer, sync_env, SyncEnv};
 
@@ -67,7 +67,8 @@ async fn a_broker_client_without_the_key_cannot_mark_a_delivery_applied() {
     .unwrap();
     // Sealed, with a key of its own.
     let wrong =
-        syncgate::sync::crypto::Sealer::with_key(&syncgate::sync::crypto::generate_key()).unwrap();
+        syncgate::protocol::crypto::Sealer::with_key(&syncgate::protocol::crypto::generate_key())
+            .unwrap();
     let forged = Sender::default().seal(&wrong, "ack", "edge-a", &ack);
     nats.publish("syncgate.ack.edge-a", forged.into())
         .await

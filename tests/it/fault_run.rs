@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use syncgate::broker::{Broker, BrokerConfig};
-use syncgate::config::{
+use syncgate::edge::Edge;
+use syncgate::settings::config::{
     parse_base_url, parse_nats_url, BrokerMode, EdgeConfig, OnFailure, SyncKey,
 };
-use syncgate::edge::Edge;
 use syncgate::{Central, CentralConfig};
 
 use crate::fake_site::FakeSite;
@@ -131,8 +131,8 @@ impl World {
             central: None,
             proxy: String::new(),
             admin: String::new(),
-            key: SyncKey::Key(syncgate::config::Secret::new(
-                syncgate::sync::crypto::generate_key(),
+            key: SyncKey::Key(syncgate::settings::config::Secret::new(
+                syncgate::protocol::crypto::generate_key(),
             )),
             edges: Vec::new(),
             http,

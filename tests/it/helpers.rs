@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use syncgate::config::parse_base_url;
+use syncgate::settings::config::parse_base_url;
 use syncgate::{Central, CentralConfig};
 use tokio::sync::oneshot;
 
@@ -19,7 +19,7 @@ pub struct TestApp {
     pub admin_token: Option<String>,
     /// The sync key (it also seals the op log's bodies): a restart on the same
     /// op log needs it.
-    pub key: syncgate::config::SyncKey,
+    pub key: syncgate::settings::config::SyncKey,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: Option<tempfile::TempDir>,

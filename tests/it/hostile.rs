@@ -265,8 +265,8 @@ mod bounded {
 
 mod at_rest {
     use serde_json::json;
-    use syncgate::config::{Secret, SyncKey};
-    use syncgate::sync::crypto::generate_key;
+    use syncgate::protocol::crypto::generate_key;
+    use syncgate::settings::config::{Secret, SyncKey};
 
     use crate::fake_keystone::FakeKeystone;
     use crate::helpers::{config_for, spawn_app_with, start};

@@ -98,8 +98,9 @@ async fn token_responses_keep_the_subject_token_header() {
 #[tokio::test]
 async fn public_url_replaces_the_upstream_url_in_links_and_catalog() {
     let app = spawn_app_with(|c| {
-        c.public_url =
-            Some(syncgate::config::parse_base_url("https://identity.example.org/").unwrap())
+        c.public_url = Some(
+            syncgate::settings::config::parse_base_url("https://identity.example.org/").unwrap(),
+        )
     })
     .await;
     let resp = app
@@ -172,7 +173,8 @@ async fn upstream_down_is_502_in_keystone_shape() {
         &fake,
         &format!("sqlite://{}", dir.path().join("c.db").display()),
     );
-    config.upstream = syncgate::config::parse_base_url(&format!("http://{closed}")).unwrap();
+    config.upstream =
+        syncgate::settings::config::parse_base_url(&format!("http://{closed}")).unwrap();
     let app = start(fake, config).await;
 
     for (method, path) in [("GET", "/v3/users"), ("POST", "/v3/projects")] {

@@ -5,9 +5,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use syncgate::broker::BrokerAuth;
-use syncgate::config::{parse_base_url, BrokerMode, EdgeConfig, OnFailure, Secret, SyncKey};
 use syncgate::edge::Edge;
 use syncgate::keystone::client::{Credentials, DomainSel};
+use syncgate::settings::config::{
+    parse_base_url, BrokerMode, EdgeConfig, OnFailure, Secret, SyncKey,
+};
 use syncgate::{Central, CentralConfig};
 use tokio::sync::oneshot;
 
@@ -134,7 +136,8 @@ pub async fn sync_env(
     config.service_credentials = Some(admin_credentials(&central_site));
     config.sync.edges = edges.iter().map(|e| e.to_string()).collect();
     if let Some(url) = &external_broker {
-        config.broker = BrokerMode::External(syncgate::config::parse_nats_url(url).unwrap());
+        config.broker =
+            BrokerMode::External(syncgate::settings::config::parse_nats_url(url).unwrap());
     }
     tweak(&mut config);
     let key = config.sync.key.clone();
@@ -219,7 +222,7 @@ impl SyncEnv {
     pub fn edge_config(&self, edge: &EdgeSite, on_failure: OnFailure) -> EdgeConfig {
         EdgeConfig {
             id: edge.id.clone(),
-            broker: syncgate::config::parse_nats_url(&edge.broker).unwrap(),
+            broker: syncgate::settings::config::parse_nats_url(&edge.broker).unwrap(),
             broker_auth: BrokerAuth::None,
             upstream: parse_base_url(&edge.site.url()).unwrap(),
             credentials: admin_credentials(&edge.site),
@@ -589,7 +592,7 @@ async fn a_restarted_edge_catches_up_and_duplicates_are_harmless() {
         logged_at: String::new(),
         traceparent: None,
     };
-    let env_msg = syncgate::sync::central::envelope(&sealer, &row);
+    let env_msg = syncgate::central::sync::envelope(&sealer, &row);
     nats.publish("syncgate.ops", serde_json::to_vec(&env_msg).unwrap().into())
         .await
         .unwrap();
@@ -716,7 +719,7 @@ async fn an_edge_that_never_acks_is_timed_out() {
 async fn an_edge_with_the_wrong_key_applies_nothing_and_says_why() {
     let mut env = sync_env(&["edge-a"], None, |_| {}).await;
     env.stop_edge(0).await;
-    env.edges[0].key = SyncKey::Key(Secret::new(syncgate::sync::crypto::generate_key()));
+    env.edges[0].key = SyncKey::Key(Secret::new(syncgate::protocol::crypto::generate_key()));
     env.restart_edge(0).await;
     env.create(
         "/v3/projects",

@@ -1,6 +1,12 @@
-//! Assembles `syncgate central`: opens the op log (reporting intents a crash left
-//! open), binds the proxy, admin and embedded broker listeners, and serves them
-//! until shutdown, draining in-flight requests first.
+//! `syncgate central`: the assembly (this file) opens the op log (reporting
+//! intents a crash left open), binds the proxy, admin and embedded broker
+//! listeners, and serves them until shutdown, draining in-flight requests
+//! first; `sync` publishes ops, serves replays and records acks; `admin` is the
+//! audit API; `client` is `syncgate audit`, its terminal client.
+
+pub mod admin;
+pub mod client;
+pub mod sync;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,18 +16,18 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::audit::{self, Admin};
 use crate::broker::{Broker, BrokerAuth};
-use crate::config::{BrokerMode, CentralConfig};
+use crate::central::sync::SyncCentral;
 use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
+use crate::protocol::crypto::Sealer;
+use crate::protocol::messages::Subjects;
+use crate::protocol::{connect_broker, redact_url};
 use crate::proxy::{self, Proxy};
 use crate::serve;
+use crate::settings::config::{BrokerMode, CentralConfig};
 use crate::store::Store;
-use crate::sync::central::SyncCentral;
-use crate::sync::crypto::Sealer;
-use crate::sync::protocol::Subjects;
-use crate::sync::{connect_broker, redact_url};
+use admin::Admin;
 
 /// A built central gateway: listeners bound, op log open, not yet serving.
 pub struct Central {
@@ -61,7 +67,7 @@ impl Central {
                 .sealer()
                 .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?,
         );
-        if matches!(config.sync.key, crate::config::SyncKey::Plaintext) {
+        if matches!(config.sync.key, crate::settings::config::SyncKey::Plaintext) {
             warn!("--insecure-plaintext-sync: ops, with the passwords they carry, cross the broker unencrypted");
         }
         let keystone = match &config.service_credentials {
@@ -176,7 +182,7 @@ impl Central {
             "admin API",
             serve::serve(
                 self.admin_listener,
-                audit::router(self.admin.clone()),
+                admin::router(self.admin.clone()),
                 limits,
                 wait(stop_rx),
             ),
@@ -239,7 +245,7 @@ impl Central {
 
         let mut gauges_task = Watched::spawn(
             "metrics refresher",
-            audit::keep_gauges(self.admin.clone(), GAUGE_INTERVAL, stop_rx_sync.clone()),
+            admin::keep_gauges(self.admin.clone(), GAUGE_INTERVAL, stop_rx_sync.clone()),
         );
 
         // Until shutdown, every task must keep running: one that ends makes the
@@ -367,7 +373,7 @@ async fn sweep_stale_intents(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = crate::sync::stopped(&mut stop) => return,
+            _ = crate::serve::stopped(&mut stop) => return,
         }
         match proxy.sweep_stale_intents(after).await {
             Ok(seqs) if seqs.is_empty() => {}

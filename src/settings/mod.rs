@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches};
 
-use crate::cli::Cli;
+pub mod cli;
+pub mod config;
+
+use cli::Cli;
 
 /// The environment variable naming the configuration file.
 pub const CONFIG_ENV: &str = "SYNCGATE_CONFIG";
@@ -478,7 +481,7 @@ impl Layered {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Command;
+    use crate::settings::cli::Command;
 
     fn write(dir: &tempfile::TempDir, text: &str) -> PathBuf {
         let path = dir.path().join("syncgate.toml");
@@ -519,7 +522,10 @@ admin_token = "file-secret-1"
             "7s",
         ])
         .unwrap();
-        assert!(matches!(l.cli.log_format, crate::cli::LogFormat::Json));
+        assert!(matches!(
+            l.cli.log_format,
+            crate::settings::cli::LogFormat::Json
+        ));
         let Command::Central(args) = &l.cli.command else {
             panic!("central")
         };
@@ -610,7 +616,7 @@ admin_token = "file-secret-1"
             &dir,
             "[central]\nupstream = \"http://k\"\nsync_key_file = \"/nonexistent/key\"\n",
         );
-        let key = crate::sync::crypto::generate_key();
+        let key = crate::protocol::crypto::generate_key();
         let l = run(&[
             "syncgate",
             "central",
@@ -624,6 +630,9 @@ admin_token = "file-secret-1"
             panic!("central")
         };
         let config = args.into_config().unwrap();
-        assert!(matches!(config.sync.key, crate::config::SyncKey::Key(_)));
+        assert!(matches!(
+            config.sync.key,
+            crate::settings::config::SyncKey::Key(_)
+        ));
     }
 }

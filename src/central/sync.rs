@@ -12,14 +12,14 @@ use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, error, info, warn};
 
-use super::control::{Receiver, Rejected, Sender};
-use super::crypto::Sealer;
-use super::protocol::{
+use crate::metrics::Metrics;
+use crate::protocol::control::{Receiver, Rejected, Sender};
+use crate::protocol::crypto::Sealer;
+use crate::protocol::messages::{
     Ack, EntityRef, Envelope, Hello, OpContent, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
     ReplayRequest, Subjects,
 };
-use super::protocol::{ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY};
-use crate::metrics::Metrics;
+use crate::protocol::messages::{ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY};
 use crate::store::{OpFilter, OpRow, Store};
 use tracing::Instrument;
 
@@ -141,7 +141,7 @@ impl SyncCentral {
                     _ = self.wake.notified() => {}
                     // A safety net should a wake-up ever be missed.
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = crate::sync::stopped(&mut stop) => return,
+                    _ = crate::serve::stopped(&mut stop) => return,
                 }
                 continue;
             }
@@ -156,7 +156,7 @@ impl SyncCentral {
             if last == published {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = crate::sync::stopped(&mut stop) => return,
+                    _ = crate::serve::stopped(&mut stop) => return,
                 }
             }
             match self.store.mark_published(last).await {
@@ -197,7 +197,7 @@ impl SyncCentral {
         loop {
             let msg = tokio::select! {
                 m = requests.next() => match m { Some(m) => m, None => return },
-                _ = crate::sync::stopped(&mut stop) => return,
+                _ = crate::serve::stopped(&mut stop) => return,
             };
             let Some(reply) = msg.reply.clone() else {
                 continue;
@@ -276,7 +276,7 @@ impl SyncCentral {
             let (msg, is_ack) = tokio::select! {
                 m = acks.next() => match m { Some(m) => (m, true), None => return },
                 m = hellos.next() => match m { Some(m) => (m, false), None => return },
-                _ = crate::sync::stopped(&mut stop) => return,
+                _ = crate::serve::stopped(&mut stop) => return,
             };
             let subject_edge = self.subjects.edge_of(msg.subject.as_str());
             let result = if is_ack {

@@ -9,12 +9,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
 
-use crate::broker::{BrokerAuth, BrokerConfig, TlsFiles};
-use crate::config::{
-    self, BrokerMode, CentralConfig, EdgeConfig, OnFailure, Secret, SyncConfig, SyncKey,
-};
+use crate::broker::{BrokerAuth, BrokerConfig, Credential, TlsFiles};
 use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
+use crate::settings::config::{
+    self, BrokerMode, CentralConfig, EdgeConfig, OnFailure, Secret, SyncConfig, SyncKey,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -211,8 +211,8 @@ pub enum AuditVerb {
 }
 
 impl AuditArgs {
-    pub fn into_request(self) -> Result<crate::audit::client::AuditRequest, String> {
-        use crate::audit::client::Verb;
+    pub fn into_request(self) -> Result<crate::central::client::AuditRequest, String> {
+        use crate::central::client::Verb;
         let token = self.admin_token.read()?.map(Secret::new);
         let verb = match self.verb {
             AuditVerb::Edges => Verb::Edges,
@@ -231,7 +231,7 @@ impl AuditArgs {
             AuditVerb::Op { seq } => Verb::Op { seq },
             AuditVerb::Retry { seq, edge } => Verb::Retry { seq, edge },
         };
-        Ok(crate::audit::client::AuditRequest {
+        Ok(crate::central::client::AuditRequest {
             admin_url: self.admin_url,
             token,
             json: matches!(self.format, OutputFormat::Json),
@@ -419,7 +419,7 @@ impl EdgeArgs {
     }
 
     pub fn into_config(self) -> Result<EdgeConfig, String> {
-        if !crate::sync::protocol::valid_edge_id(&self.id) {
+        if !crate::protocol::messages::valid_edge_id(&self.id) {
             return Err(format!(
                 "--id '{}' must be letters, digits, '-' or '_' (at most 64)",
                 self.id
@@ -446,7 +446,7 @@ impl EdgeArgs {
             id: self.id,
             broker: self.broker,
             broker_auth: broker_token
-                .map(|t| BrokerAuth::Token(Secret::new(t)))
+                .map(|t| BrokerAuth::Token(Credential::new(t)))
                 .unwrap_or_default(),
             upstream: self.upstream,
             credentials,
@@ -666,14 +666,14 @@ impl BrokerArgs {
             (Some(t), _, _) if t.is_empty() => {
                 return Err("--broker-token must not be empty".into())
             }
-            (Some(t), _, _) => BrokerAuth::Token(Secret::new(t)),
+            (Some(t), _, _) => BrokerAuth::Token(Credential::new(t)),
             (None, Some(user), Some(password)) => {
                 if user.is_empty() || password.is_empty() {
                     return Err("--broker-user and --broker-password must not be empty".into());
                 }
                 BrokerAuth::UserPassword {
                     user,
-                    password: Secret::new(password),
+                    password: Credential::new(password),
                 }
             }
             _ => BrokerAuth::None,
@@ -726,7 +726,7 @@ impl CentralArgs {
             max_capture_body: self.max_capture_body,
             replicate: self.replicate.0,
             broker_client_auth: client_token
-                .map(|t| BrokerAuth::Token(Secret::new(t)))
+                .map(|t| BrokerAuth::Token(Credential::new(t)))
                 .unwrap_or_default(),
             broker: match self.external_broker {
                 Some(url) => BrokerMode::External(url),
@@ -751,7 +751,7 @@ impl CentralArgs {
             .map(Secret::new),
         };
         if let Some(k) = &config.oplog_key {
-            crate::sync::crypto::validate_key(k.expose())
+            crate::protocol::crypto::validate_key(k.expose())
                 .map_err(|e| format!("--oplog-key: {e}"))?;
         }
         config.validate()?;
@@ -868,7 +868,7 @@ mod tests {
         assert!(argv(&["--sync-key", "short"])
             .unwrap_err()
             .contains("32 bytes"));
-        let key = crate::sync::crypto::generate_key();
+        let key = crate::protocol::crypto::generate_key();
         assert!(matches!(
             argv(&["--sync-key", &key]).unwrap().sync.key,
             SyncKey::Key(_)

@@ -160,7 +160,7 @@ impl Receiver {
         if edge.is_some_and(|e| e != sealed.edge) {
             return Err(Rejected::WrongEdge);
         }
-        if !super::protocol::valid_edge_id(&sealed.edge) {
+        if !super::messages::valid_edge_id(&sealed.edge) {
             return Err(Rejected::Malformed);
         }
         let plain = sealer
@@ -196,7 +196,7 @@ impl Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::crypto::generate_key;
+    use crate::protocol::crypto::generate_key;
 
     #[test]
     fn sealed_messages_open_once_in_order_and_only_with_the_key_and_binding() {

@@ -2,9 +2,6 @@
 //! log. The audit API needs the admin bearer token when one is configured; bodies
 //! it shows have their secrets redacted.
 
-pub mod client;
-pub mod redact;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -19,12 +16,13 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use tracing::warn;
 
-use crate::config::Secret;
+use crate::central::sync::{RedriveError, SyncCentral};
 use crate::keystone::routes::known_kinds;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::redact;
+use crate::settings::config::Secret;
 use crate::store::{OpFilter, OpRow, OpState, Store};
-use crate::sync::central::{RedriveError, SyncCentral};
 
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1000;
@@ -175,7 +173,7 @@ pub async fn keep_gauges(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = crate::sync::stopped(&mut stop) => return Ok(()),
+            _ = crate::serve::stopped(&mut stop) => return Ok(()),
         }
         let m = &admin.metrics;
         let store = &admin.store;

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 use crate::broker::{BrokerAuth, BrokerConfig};
 use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
-use crate::sync::crypto::{self, KeyError, Sealer};
+use crate::protocol::crypto::{self, KeyError, Sealer};
 
 /// A value that must never be printed: `Debug` and `Display` show `***`.
 #[derive(Clone, PartialEq, Eq)]
@@ -206,7 +206,7 @@ pub fn parse_prefix(s: &str) -> Result<String, String> {
 pub fn parse_edges(s: &str) -> Result<Vec<String>, String> {
     let mut edges = Vec::new();
     for e in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        if !crate::sync::protocol::valid_edge_id(e) {
+        if !crate::protocol::messages::valid_edge_id(e) {
             return Err(format!(
                 "'{e}' is not an edge ID (letters, digits, '-', '_')"
             ));

@@ -1,11 +1,10 @@
-//! The sync protocol: op envelopes sealed with the sync key (`crypto`), the
-//! messages on the broker (`protocol`), and central's side of it (`central`):
-//! publishing ops in seq order, serving replays, and recording edges' acks.
+//! The wire contract central and edges share: the messages and their subjects on
+//! the broker (`messages`), sealing with the sync key (`crypto`), sealed and
+//! stamped control messages (`control`), and the NATS client connection.
 
-pub mod central;
 pub mod control;
 pub mod crypto;
-pub mod protocol;
+pub mod messages;
 
 use std::time::Duration;
 
@@ -57,9 +56,4 @@ pub fn redact_url(url: &Url) -> String {
     let _ = u.set_password(None);
     let _ = u.set_username("");
     u.to_string()
-}
-
-/// Resolves once `stop` turns true (or its sender is gone).
-pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
