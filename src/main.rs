@@ -145,17 +145,22 @@ fn config_check(
     }
 }
 
-/// `syncgate healthcheck`: 0 when one of the targets answers 200, else 1.
-fn healthcheck(args: &syncgate::settings::cli::HealthcheckArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// A one-thread runtime for the commands that are clients of a gateway.
+fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
+}
+
+/// `syncgate healthcheck`: 0 when one of the targets answers 200, else 1.
+fn healthcheck(args: &syncgate::settings::cli::HealthcheckArgs) -> ExitCode {
+    let runtime = match client_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     let client = match reqwest::Client::builder().timeout(args.timeout).build() {
         Ok(c) => c,
@@ -189,15 +194,9 @@ fn audit(args: syncgate::settings::cli::AuditArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match client_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let (text, code) = runtime.block_on(syncgate::central::client::run(&request));
     if code == syncgate::central::client::UNAVAILABLE {

@@ -33,19 +33,20 @@ pub enum BrokerAuth {
     #[default]
     None,
     /// `auth_token` in CONNECT.
-    Token(Credential),
+    Token(Secret),
     /// `user` and `pass` in CONNECT.
-    UserPassword { user: String, password: Credential },
+    UserPassword { user: String, password: Secret },
 }
 
-/// A token or password: never printed (`Debug` shows `***`), compared in
-/// constant time.
+/// A token, password or key: never printed (`Debug` and `Display` show `***`),
+/// compared in constant time. The broker's own, and the one the rest of the
+/// gateway uses (`settings::config::Secret`).
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credential(String);
+pub struct Secret(String);
 
-impl Credential {
-    pub fn new(value: impl Into<String>) -> Credential {
-        Credential(value.into())
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
     }
 
     pub fn expose(&self) -> &str {
@@ -59,9 +60,15 @@ impl Credential {
     }
 }
 
-impl std::fmt::Debug for Credential {
+impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Credential(***)")
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
     }
 }
 
@@ -170,8 +177,7 @@ impl Shared {
             BrokerAuth::None => true,
             BrokerAuth::Token(expected) => token.is_some_and(|t| expected.matches(t.as_bytes())),
             BrokerAuth::UserPassword { user: u, password } => {
-                let user_ok =
-                    Credential::new(u.as_str()).matches(user.unwrap_or_default().as_bytes());
+                let user_ok = Secret::new(u.as_str()).matches(user.unwrap_or_default().as_bytes());
                 let pass_ok = password.matches(pass.unwrap_or_default().as_bytes());
                 user_ok & pass_ok & user.is_some() & pass.is_some()
             }

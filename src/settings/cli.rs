@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
 
-use crate::broker::{BrokerAuth, BrokerConfig, Credential, TlsFiles};
+use crate::broker::{BrokerAuth, BrokerConfig, TlsFiles};
 use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
 use crate::settings::config::{
@@ -446,7 +446,7 @@ impl EdgeArgs {
             id: self.id,
             broker: self.broker,
             broker_auth: broker_token
-                .map(|t| BrokerAuth::Token(Credential::new(t)))
+                .map(|t| BrokerAuth::Token(Secret::new(t)))
                 .unwrap_or_default(),
             upstream: self.upstream,
             credentials,
@@ -666,14 +666,14 @@ impl BrokerArgs {
             (Some(t), _, _) if t.is_empty() => {
                 return Err("--broker-token must not be empty".into())
             }
-            (Some(t), _, _) => BrokerAuth::Token(Credential::new(t)),
+            (Some(t), _, _) => BrokerAuth::Token(Secret::new(t)),
             (None, Some(user), Some(password)) => {
                 if user.is_empty() || password.is_empty() {
                     return Err("--broker-user and --broker-password must not be empty".into());
                 }
                 BrokerAuth::UserPassword {
                     user,
-                    password: Credential::new(password),
+                    password: Secret::new(password),
                 }
             }
             _ => BrokerAuth::None,
@@ -726,7 +726,7 @@ impl CentralArgs {
             max_capture_body: self.max_capture_body,
             replicate: self.replicate.0,
             broker_client_auth: client_token
-                .map(|t| BrokerAuth::Token(Credential::new(t)))
+                .map(|t| BrokerAuth::Token(Secret::new(t)))
                 .unwrap_or_default(),
             broker: match self.external_broker {
                 Some(url) => BrokerMode::External(url),

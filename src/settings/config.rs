@@ -1,48 +1,17 @@
 //! Typed configuration for each command, validated once at start-up, and the
 //! `Secret` type that keeps tokens out of `Debug` output and logs.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::Url;
-use subtle::ConstantTimeEq;
 
 use crate::broker::{BrokerAuth, BrokerConfig};
 use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
 use crate::protocol::crypto::{self, KeyError, Sealer};
 
-/// A value that must never be printed: `Debug` and `Display` show `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares in time independent of where the inputs differ.
-    pub fn matches(&self, candidate: &[u8]) -> bool {
-        self.0.as_bytes().ct_eq(candidate).into()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
+pub use crate::broker::Secret;
 
 /// Everything `syncgate central` needs.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_nats::{ConnectErrorKind, ConnectOptions, HeaderMap, RequestErrorKind};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use syncgate::broker::{Broker, BrokerAuth, BrokerConfig, Credential, Stats};
+use syncgate::broker::{Broker, BrokerAuth, BrokerConfig, Secret, Stats};
 use tokio::sync::oneshot;
 
 /// A broker on a random loopback port, stopped when dropped.
@@ -215,7 +215,7 @@ async fn unsubscribe_after_max_messages() {
 
 #[tokio::test]
 async fn credentials_are_checked() {
-    let b = start_broker(|c| c.auth = BrokerAuth::Token(Credential::new("s3cret-token"))).await;
+    let b = start_broker(|c| c.auth = BrokerAuth::Token(Secret::new("s3cret-token"))).await;
     let err = ConnectOptions::new()
         .token("wrong".into())
         .connect(b.url())
@@ -242,7 +242,7 @@ async fn credentials_are_checked() {
     let b = start_broker(|c| {
         c.auth = BrokerAuth::UserPassword {
             user: "edge".into(),
-            password: Credential::new("pw"),
+            password: Secret::new("pw"),
         }
     })
     .await;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use syncgate::broker::{BrokerAuth, Credential};
+use syncgate::broker::{BrokerAuth, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -67,7 +67,7 @@ impl Raw {
 
 #[tokio::test]
 async fn info_comes_first_with_the_fields_clients_need() {
-    let b = start_broker(|c| c.auth = BrokerAuth::Token(Credential::new("t"))).await;
+    let b = start_broker(|c| c.auth = BrokerAuth::Token(Secret::new("t"))).await;
     let mut stream = TcpStream::connect(b.addr).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = stream.read(&mut buf).await.unwrap();
@@ -108,7 +108,7 @@ async fn ping_before_connect_without_auth_and_basic_pub_sub() {
 
 #[tokio::test]
 async fn operations_before_connect_are_refused_when_auth_is_on() {
-    let b = start_broker(|c| c.auth = BrokerAuth::Token(Credential::new("t"))).await;
+    let b = start_broker(|c| c.auth = BrokerAuth::Token(Secret::new("t"))).await;
     let mut c = Raw::connect(&b).await;
     c.send("PING\r\n").await;
     assert_eq!(c.rest().await, "-ERR 'Authorization Violation'\r\n");
@@ -286,7 +286,7 @@ async fn idle_clients_are_pinged_and_stale_ones_closed() {
 #[tokio::test]
 async fn connect_must_come_within_the_authentication_timeout() {
     let b = start_broker(|c| {
-        c.auth = BrokerAuth::Token(Credential::new("t"));
+        c.auth = BrokerAuth::Token(Secret::new("t"));
         c.auth_timeout = Duration::from_millis(100);
     })
     .await;

@@ -14,15 +14,7 @@ use crate::sync::{sniffed_until_marker, sniffer, sync_env, SyncEnv};
 
 /// The value of `syncgate_sync_rejected_total{reason="..."}`.
 async fn rejected(env: &SyncEnv, reason: &str) -> u64 {
-    let text = env
-        .http
-        .get(format!("{}/metrics", env.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = env.metrics().await;
     let prefix = format!("syncgate_sync_rejected_total{{reason=\"{reason}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&prefix))
