@@ -61,18 +61,9 @@ pub struct OutOfSyncRow {
 impl Store {
     /// Remembers an entity's natural key.
     pub async fn learn_entity(&self, e: &EntityRef) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO entities (id, kind, name, domain_id, updated_at)
-             VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-             ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
-                 domain_id = excluded.domain_id, updated_at = excluded.updated_at",
-        )
-        .bind(&e.id)
-        .bind(&e.kind)
-        .bind(&e.name)
-        .bind(&e.domain_id)
-        .execute(&self.writer)
-        .await?;
+        self.batcher
+            .submit(super::batch::Work::Learn(e.clone()))
+            .await?;
         Ok(())
     }
 

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""The gateway's cost, measured side by side on this machine (see BENCHMARKS.md).
+
+A fast upstream (nginx, one worker, static Keystone-shaped JSON; a POST answers
+201 with a fresh ID) is reached three ways: directly, through nginx as a plain
+reverse proxy (one worker, keepalive), and through `syncgate central` (release
+build). The server under test and the upstream share core 0; wrk runs on core 1
+(`wrk -t1 -c32`). Each figure is the best of three alternating 5-second runs.
+Prints figures only; it never fails on a timing.
+
+Usage: bench.py [--seconds N] [--runs N] [--connections N]
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROJECT = {"id": "$request_id", "name": "bench", "domain_id": "default", "enabled": True,
+           "description": "", "is_domain": False, "parent_id": "default", "tags": [], "options": {},
+           "links": {"self": "http://127.0.0.1/v3/projects/$request_id"}}
+LIST = {"projects": [dict(PROJECT, id=f"{i:032x}", name=f"project-{i}") for i in range(10)],
+        "links": {"self": "http://127.0.0.1/v3/projects", "previous": None, "next": None}}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nginx_conf(workdir, port, body):
+    conf = Path(workdir) / f"nginx-{port}.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx-{port}.pid;
+error_log {workdir}/nginx-{port}.err warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body-{port};
+    proxy_temp_path {workdir}/proxy-{port};
+    fastcgi_temp_path {workdir}/fcgi-{port};
+    uwsgi_temp_path {workdir}/uwsgi-{port};
+    scgi_temp_path {workdir}/scgi-{port};
+    keepalive_requests 1000000;
+    {body}
+}}
+""")
+    return conf
+
+
+def upstream_conf(workdir, port):
+    created = json.dumps({"project": PROJECT}).replace("'", "")
+    listing = json.dumps(LIST).replace("'", "")
+    return nginx_conf(workdir, port, f"""
+    server {{
+        listen 127.0.0.1:{port};
+        default_type application/json;
+        location = /v3/projects {{
+            if ($request_method = POST) {{ return 201 '{created}'; }}
+            return 200 '{listing}';
+        }}
+        location / {{ return 200 '{{"version": {{"id": "v3.14", "status": "stable"}}}}'; }}
+    }}""")
+
+
+def proxy_conf(workdir, port, upstream):
+    return nginx_conf(workdir, port, f"""
+    upstream keystone {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://keystone;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}""")
+
+
+class Server:
+    def __init__(self, args, core, env=None, log=None):
+        self.proc = subprocess.Popen(["taskset", "-c", str(core), *args], env=env,
+                                     stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
+
+    def peak_rss_mb(self):
+        # The process under taskset: its child has the same PID after exec.
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+            kb = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+            return kb / 1024
+        except (OSError, AttributeError):
+            return float("nan")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def wait_http(url, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+POST_LUA = """
+counter = 0
+request = function()
+    counter = counter + 1
+    local body = '{"project": {"name": "bench-' .. counter .. '-' .. math.random(1e9) .. '"}}'
+    return wrk.format("POST", "/v3/projects", {["Content-Type"] = "application/json",
+                                                ["X-Auth-Token"] = "bench"}, body)
+end
+"""
+
+
+def wrk(url, seconds, connections, script=None):
+    args = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if script:
+        args += ["-s", script]
+    out = subprocess.run(args + [url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": pct(50), "p99": pct(99), "errors": int(errors.group(1)) if errors else 0}
+
+
+def best(results):
+    return max(results, key=lambda r: r["rps"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--binary", default=str(REPO / "target" / "release" / "syncgate"))
+    opts = ap.parse_args()
+    if os.cpu_count() < 2:
+        print("note: fewer than 2 cores; figures are not comparable", flush=True)
+    work = tempfile.mkdtemp(prefix="syncgate-bench-")
+    up_port, ng_port, sg_port, sg_admin, sg_broker = (free_port() for _ in range(5))
+    servers = []
+    try:
+        servers.append(Server(["nginx", "-c", str(upstream_conf(work, up_port))], 0))
+        servers.append(Server(["nginx", "-c", str(proxy_conf(work, ng_port, up_port))], 0))
+        env = dict(os.environ, SYNCGATE_LOG=os.environ.get("SYNCGATE_LOG", "info"))
+        log = open(Path(work) / "central.log", "w")
+        central = Server([opts.binary, "central", "--upstream", f"http://127.0.0.1:{up_port}",
+                          "--listen", f"127.0.0.1:{sg_port}", "--admin-listen", f"127.0.0.1:{sg_admin}",
+                          "--broker-listen", f"127.0.0.1:{sg_broker}", "--insecure-plaintext-sync",
+                          "--db", f"sqlite://{work}/central.db"], 0, env=env, log=log)
+        servers.append(central)
+        for port in (up_port, ng_port):
+            wait_http(f"http://127.0.0.1:{port}/")
+        wait_http(f"http://127.0.0.1:{sg_admin}/readyz")
+        idle_rss = central.peak_rss_mb()
+        targets = [("direct", up_port), ("nginx", ng_port), ("syncgate", sg_port)]
+        script = Path(work) / "post.lua"
+        script.write_text(POST_LUA)
+        table = {}
+        for label, lua, path in [("GET /v3/projects", None, "/v3/projects"),
+                                 ("POST /v3/projects (captured)", str(script), "/v3/projects")]:
+            runs = {name: [] for name, _ in targets}
+            for _ in range(opts.runs):
+                for name, port in targets:
+                    runs[name].append(wrk(f"http://127.0.0.1:{port}{path}", opts.seconds, opts.connections, lua))
+            table[label] = {name: best(r) for name, r in runs.items()}
+            table[label]["rss"] = central.peak_rss_mb()
+        ops = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sg_admin}/v1/ops?limit=1"))
+    finally:
+        for s in servers:
+            s.stop()
+    print()
+    print(f"machine: {os.cpu_count()} cores; wrk -t1 -c{opts.connections}, best of {opts.runs} x {opts.seconds}s; "
+          f"SYNCGATE_LOG={env['SYNCGATE_LOG']}")
+    print()
+    print("| path | direct to upstream | through nginx | through syncgate central | syncgate / nginx |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, r in table.items():
+        d, n, s = r["direct"], r["nginx"], r["syncgate"]
+        cell = lambda x: f"{x['rps']:,.0f} req/s, p50 {x['p50']:.2f} ms, p99 {x['p99']:.2f} ms" + (
+            f" ({x['errors']} errors)" if x["errors"] else "")
+        print(f"| {label} | {cell(d)} | {cell(n)} | {cell(s)} | {s['rps'] / n['rps']:.2f}x |")
+    print()
+    print(f"syncgate central peak RSS: idle {idle_rss:.1f} MB, after reads "
+          f"{table['GET /v3/projects']['rss']:.1f} MB, after captured writes "
+          f"{table['POST /v3/projects (captured)']['rss']:.1f} MB")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
