@@ -188,14 +188,9 @@ async fn captured_section(
         let replay_body = request_json.clone().and_then(|mut v| {
             keystone::inject_generated(&route, &mut v, &created_ids).then(|| v.to_string())
         });
-        if let Some(entity) = response_json
+        let learned = response_json
             .as_ref()
-            .and_then(|v| learned_entity(route.kind, v))
-        {
-            if let Err(e) = proxy.store.learn_entity(&entity).await {
-                warn!(error = %e, "could not remember an entity's natural key");
-            }
-        }
+            .and_then(|v| learned_entity(route.kind, v));
         touched.extend(touches::created(&created_ids));
         let outcome = Outcome {
             touches: touches::normalise(touched),
@@ -204,6 +199,7 @@ async fn captured_section(
             upstream_status: Some(status.as_u16()),
             request_id,
             detail: None,
+            learned,
         };
         match proxy
             .store
@@ -399,8 +395,38 @@ async fn entity_refs(proxy: &Proxy, path: &str, body: Option<&Value>) -> Vec<Ent
     out
 }
 
+/// IDs recently looked up in vain, with when: bounded, forgotten after a while.
+#[derive(Default)]
+pub(super) struct Misses(std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>);
+
+impl Misses {
+    /// How long a miss is remembered.
+    const TTL: std::time::Duration = std::time::Duration::from_secs(60);
+    /// Most misses remembered; past it the oldest half is forgotten.
+    const MAX: usize = 10_000;
+
+    fn recent(&self, id: &str) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id).is_some_and(|at| at.elapsed() < Self::TTL)
+    }
+
+    fn remember(&self, id: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX {
+            map.retain(|_, at| at.elapsed() < Self::TTL / 2);
+            if map.len() >= Self::MAX {
+                map.clear();
+            }
+        }
+        map.insert(id.to_string(), std::time::Instant::now());
+    }
+}
+
 async fn look_up(proxy: &Proxy, r: &IdRef) -> Option<EntityRef> {
     let client = proxy.keystone.as_ref()?;
+    if proxy.unknown_ids.recent(&r.id) {
+        return None;
+    }
     let found = tokio::time::timeout(
         std::time::Duration::from_secs(5),
         client.get_entity(r.kind, &r.id),
@@ -415,12 +441,20 @@ async fn look_up(proxy: &Proxy, r: &IdRef) -> Option<EntityRef> {
                 name,
                 domain_id,
             };
-            if let Err(err) = proxy.store.learn_entity(&e).await {
-                warn!(error = %err, "could not remember an entity's natural key");
-            }
+            // Remembered later: the write does not wait for it.
+            let store = proxy.store.clone();
+            let learned = e.clone();
+            tokio::spawn(async move {
+                if let Err(err) = store.learn_entity(&learned).await {
+                    warn!(error = %err, "could not remember an entity's natural key");
+                }
+            });
             Some(e)
         }
-        Ok(Ok(None)) => None,
+        Ok(Ok(None)) => {
+            proxy.unknown_ids.remember(&r.id);
+            None
+        }
         Ok(Err(e)) => {
             warn!(kind = r.kind, error = %e, "could not look up an entity at the central identity service");
             None

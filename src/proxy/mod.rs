@@ -73,6 +73,9 @@ pub struct Proxy {
     in_flight: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
     /// Signalled when the last running capture ends.
     captures_done: Notify,
+    /// IDs the central Keystone did not know when asked: not asked again for
+    /// a while, so that a write never waits twice on the same miss.
+    unknown_ids: capture::Misses,
 }
 
 /// Why a request could not be sent or answered.
@@ -123,6 +126,7 @@ impl Proxy {
             locks: order::EntityLocks::default(),
             in_flight: Default::default(),
             captures_done: Notify::new(),
+            unknown_ids: Default::default(),
         })
     }
 

@@ -184,6 +184,9 @@ async fn work(conn: &mut SqliteConnection, w: &Work) -> Result<Option<i64>, Stor
                 .bind(op_id.to_string())
                 .execute(&mut *conn)
                 .await?;
+            if let Some(e) = &outcome.learned {
+                learn(conn, e).await?;
+            }
             Ok(Some(seq))
         }
         Work::Drop(op_id) => {
@@ -194,19 +197,25 @@ async fn work(conn: &mut SqliteConnection, w: &Work) -> Result<Option<i64>, Stor
             Ok(None)
         }
         Work::Learn(e) => {
-            sqlx::query(
-                "INSERT INTO entities (id, kind, name, domain_id, updated_at)
-                 VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-                 ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
-                     domain_id = excluded.domain_id, updated_at = excluded.updated_at",
-            )
-            .bind(&e.id)
-            .bind(&e.kind)
-            .bind(&e.name)
-            .bind(&e.domain_id)
-            .execute(&mut *conn)
-            .await?;
+            learn(conn, e).await?;
             Ok(None)
         }
     }
+}
+
+/// Remembers an entity's natural key.
+async fn learn(conn: &mut SqliteConnection, e: &EntityRef) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO entities (id, kind, name, domain_id, updated_at)
+         VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+         ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
+             domain_id = excluded.domain_id, updated_at = excluded.updated_at",
+    )
+    .bind(&e.id)
+    .bind(&e.kind)
+    .bind(&e.name)
+    .bind(&e.domain_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }

@@ -95,6 +95,9 @@ pub struct Outcome {
     pub upstream_status: Option<u16>,
     pub request_id: Option<String>,
     pub detail: Option<String>,
+    /// The natural key of the entity the write created or changed, remembered
+    /// in the op's own transaction.
+    pub learned: Option<crate::protocol::messages::EntityRef>,
 }
 
 /// One op as stored.

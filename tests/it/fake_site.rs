@@ -51,6 +51,8 @@ pub struct SiteState {
     pub answer_jitter: Option<std::time::Duration>,
     /// Kinds without a natural key, by kind: ID -> entity.
     pub unnamed: HashMap<&'static str, BTreeMap<String, Value>>,
+    /// The paths of the reads received, in order.
+    pub reads: Vec<String>,
 }
 
 /// Kinds without a natural key the fake keeps: (collection, kind, JSON key of a
@@ -159,6 +161,17 @@ impl FakeSite {
             .get(kind)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Reads received of this path.
+    pub fn reads_of(&self, path: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .reads
+            .iter()
+            .filter(|p| *p == path)
+            .count()
     }
 
     pub fn writes(&self) -> usize {
@@ -302,6 +315,9 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Response {
     let write = req.method() != Method::GET && req.uri().path() != "/v3/auth/tokens";
+    if req.method() == Method::GET {
+        state.lock().unwrap().reads.push(req.uri().path().to_string());
+    }
     let delay = if write {
         state.lock().unwrap().delay_next.take()
     } else {

@@ -956,3 +956,29 @@ async fn metrics_follow_a_write_from_the_proxy_to_the_edges_ack() {
     }
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_id_central_does_not_know_is_looked_up_once_not_by_every_write() {
+    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    let project = env
+        .create("/v3/projects", "project", json!({"project": {"name": "p"}}))
+        .await;
+    let role = env.central_site.id_of("role", "member").unwrap();
+    let unknown = crate::fake_keystone::new_id();
+    for _ in 0..3 {
+        let (status, _) = env
+            .write(
+                "PUT",
+                &format!("/v3/projects/{project}/users/{unknown}/roles/{role}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 404, "the identity service does not know the user");
+    }
+    assert_eq!(
+        env.central_site.reads_of(&format!("/v3/users/{unknown}")),
+        1,
+        "a miss is remembered"
+    );
+    env.shutdown().await;
+}
