@@ -1,9 +1,10 @@
 //! Group commit for the capture path: the intents, commits, dropped intents and
-//! learned entities of concurrent requests are written by one task, many to a
-//! transaction, so that one fsync (`synchronous=FULL`) serves them all. Each is
-//! answered only once its transaction is durable; each runs inside a savepoint
-//! of its own, so one that fails (an intent already gone) fails alone. Seqs are
-//! assigned in the order the requests arrive, inside the transaction.
+//! learned entities of concurrent requests (and the publisher's position) are
+//! written by one task, many to a transaction, so that one fsync (`synchronous=FULL`) serves them all. Each is
+//! answered only once its transaction is durable. A commit whose intent is gone
+//! writes nothing and fails alone; any other error undoes the whole transaction
+//! and fails every write in it (the op log is failing then). Seqs are assigned
+//! in the order the requests arrive, inside the transaction.
 
 use sqlx::{SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +36,8 @@ pub(super) enum Work {
     },
     Drop(Uuid),
     Learn(EntityRef),
+    /// Every op up to this seq is published.
+    Published(i64),
 }
 
 struct Job {
@@ -90,24 +93,16 @@ async fn execute(writer: &SqlitePool, jobs: &[Job]) -> Vec<Result<Option<i64>, S
     };
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
-        if let Err(e) = sqlx::query("SAVEPOINT job").execute(&mut *tx).await {
-            return failed(&e);
-        }
         match work(&mut tx, &job.work).await {
-            Ok(v) => {
-                if let Err(e) = sqlx::query("RELEASE job").execute(&mut *tx).await {
-                    return failed(&e);
-                }
-                results.push(Ok(v));
+            // A commit whose intent is gone wrote nothing: it fails alone.
+            Err(StoreError::NoIntent(id)) => results.push(Err(StoreError::NoIntent(id))),
+            Err(e) => {
+                // Anything else leaves the transaction in doubt: none of it is
+                // kept, and every requester hears so.
+                let _ = tx.rollback().await;
+                return failed(&e);
             }
-            Err(err) => {
-                for undo in ["ROLLBACK TO job", "RELEASE job"] {
-                    if let Err(e) = sqlx::query(undo).execute(&mut *tx).await {
-                        return failed(&e);
-                    }
-                }
-                results.push(Err(err));
-            }
+            Ok(v) => results.push(Ok(v)),
         }
     }
     match tx.commit().await {
@@ -198,6 +193,16 @@ async fn work(conn: &mut SqliteConnection, w: &Work) -> Result<Option<i64>, Stor
         }
         Work::Learn(e) => {
             learn(conn, e).await?;
+            Ok(None)
+        }
+        Work::Published(seq) => {
+            sqlx::query(
+                "INSERT INTO meta (key, value) VALUES ('published_seq', ?)
+                 ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+            )
+            .bind(seq)
+            .execute(&mut *conn)
+            .await?;
             Ok(None)
         }
     }

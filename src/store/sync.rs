@@ -107,13 +107,10 @@ impl Store {
 
     /// Records that ops up to `seq` were published.
     pub async fn mark_published(&self, seq: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO meta (key, value) VALUES ('published_seq', ?)
-             ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
-        )
-        .bind(seq)
-        .execute(&self.writer)
-        .await?;
+        // With the captures' writes: it never costs a transaction of its own.
+        self.batcher
+            .submit(super::batch::Work::Published(seq))
+            .await?;
         Ok(())
     }
 

@@ -316,7 +316,11 @@ fn error(status: StatusCode, message: &str) -> Response {
 async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Response {
     let write = req.method() != Method::GET && req.uri().path() != "/v3/auth/tokens";
     if req.method() == Method::GET {
-        state.lock().unwrap().reads.push(req.uri().path().to_string());
+        state
+            .lock()
+            .unwrap()
+            .reads
+            .push(req.uri().path().to_string());
     }
     let delay = if write {
         state.lock().unwrap().delay_next.take()
