@@ -6,7 +6,7 @@
 //! and fails every write in it (the op log is failing then). Seqs are assigned
 //! in the order the requests arrive, inside the transaction.
 
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -80,7 +80,7 @@ async fn run(writer: SqlitePool, mut rx: mpsc::Receiver<Job>) {
 }
 
 /// Runs the jobs in one transaction; the results of all, or the error of the
-/// commit for all.
+/// transaction for all.
 async fn execute(writer: &SqlitePool, jobs: &[Job]) -> Vec<Result<Option<i64>, StoreError>> {
     let failed = |e: &dyn std::fmt::Display| {
         jobs.iter()
@@ -91,136 +91,215 @@ async fn execute(writer: &SqlitePool, jobs: &[Job]) -> Vec<Result<Option<i64>, S
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
-    let mut results = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        match work(&mut tx, &job.work).await {
-            // A commit whose intent is gone wrote nothing: it fails alone.
-            Err(StoreError::NoIntent(id)) => results.push(Err(StoreError::NoIntent(id))),
-            Err(e) => {
-                // Anything else leaves the transaction in doubt: none of it is
-                // kept, and every requester hears so.
-                let _ = tx.rollback().await;
-                return failed(&e);
-            }
-            Ok(v) => results.push(Ok(v)),
-        }
-    }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(e) => failed(&e),
-    }
-}
-
-async fn work(conn: &mut SqliteConnection, w: &Work) -> Result<Option<i64>, StoreError> {
-    match w {
-        Work::Begin {
-            op_id,
-            method,
-            path,
-            class,
-            kind,
-            body,
-            refs,
-            traceparent,
-        } => {
-            sqlx::query(&format!(
-                "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent,
-                                      created_at)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, {NOW})"
-            ))
-            .bind(op_id.to_string())
-            .bind(method)
-            .bind(path)
-            .bind(class)
-            .bind(kind)
-            .bind(body)
-            .bind(refs)
-            .bind(traceparent)
-            .execute(&mut *conn)
-            .await?;
-            Ok(None)
-        }
-        Work::Commit {
-            op_id,
-            state,
-            outcome,
-            body,
-        } => {
-            let created_ids =
-                serde_json::to_string(&outcome.created_ids).expect("a list of strings serializes");
-            let seq: Option<i64> = sqlx::query_scalar(&format!(
-                "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
-                                  upstream_status, request_id, detail, refs, traceparent,
-                                  created_at, logged_at)
-                 SELECT (SELECT COALESCE(MAX(seq), 0) + 1 FROM ops), op_id, ?, method, path, class,
-                        kind, ?, COALESCE(?, body), ?, ?, ?, refs, traceparent, created_at, {NOW}
-                 FROM intents WHERE op_id = ?
-                 RETURNING seq"
-            ))
-            .bind(state.as_str())
-            .bind(created_ids)
-            .bind(body)
-            .bind(outcome.upstream_status.map(i64::from))
-            .bind(outcome.request_id.as_deref())
-            .bind(outcome.detail.as_deref())
-            .bind(op_id.to_string())
-            .fetch_optional(&mut *conn)
-            .await?;
-            let seq = seq.ok_or(StoreError::NoIntent(*op_id))?;
-            for t in &outcome.touches {
-                sqlx::query("INSERT OR IGNORE INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?)")
-                    .bind(&t.key)
-                    .bind(seq)
-                    .bind(t.exclusive)
-                    .execute(&mut *conn)
-                    .await?;
-            }
-            sqlx::query("DELETE FROM intents WHERE op_id = ?")
-                .bind(op_id.to_string())
-                .execute(&mut *conn)
-                .await?;
-            if let Some(e) = &outcome.learned {
-                learn(conn, e).await?;
-            }
-            Ok(Some(seq))
-        }
-        Work::Drop(op_id) => {
-            sqlx::query("DELETE FROM intents WHERE op_id = ?")
-                .bind(op_id.to_string())
-                .execute(&mut *conn)
-                .await?;
-            Ok(None)
-        }
-        Work::Learn(e) => {
-            learn(conn, e).await?;
-            Ok(None)
-        }
-        Work::Published(seq) => {
-            sqlx::query(
-                "INSERT INTO meta (key, value) VALUES ('published_seq', ?)
-                 ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
-            )
-            .bind(seq)
-            .execute(&mut *conn)
-            .await?;
-            Ok(None)
+    match write_all(&mut tx, jobs).await {
+        Ok(seqs) => match tx.commit().await {
+            Ok(()) => jobs
+                .iter()
+                .zip(seqs)
+                .map(|(job, seq)| match (&job.work, seq) {
+                    (Work::Commit { .. }, Some(seq)) => Ok(Some(seq)),
+                    // A commit whose intent is gone wrote nothing: it fails alone.
+                    (Work::Commit { op_id, .. }, None) => Err(StoreError::NoIntent(*op_id)),
+                    _ => Ok(None),
+                })
+                .collect(),
+            Err(e) => failed(&e),
+        },
+        Err(e) => {
+            // The transaction is in doubt: none of it is kept, and every
+            // requester hears so.
+            let _ = tx.rollback().await;
+            failed(&e)
         }
     }
 }
 
-/// Remembers an entity's natural key.
-async fn learn(conn: &mut SqliteConnection, e: &EntityRef) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO entities (id, kind, name, domain_id, updated_at)
-         VALUES (?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-         ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
-             domain_id = excluded.domain_id, updated_at = excluded.updated_at",
-    )
-    .bind(&e.id)
-    .bind(&e.kind)
-    .bind(&e.name)
-    .bind(&e.domain_id)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// Rows per multi-row statement (SQLite allows 32766 bound values).
+const ROWS: usize = 1000;
+
+/// Writes every job with a handful of multi-row statements; the seq of each
+/// commit whose intent was found, in job order.
+async fn write_all(
+    conn: &mut SqliteConnection,
+    jobs: &[Job],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    let mut seqs: Vec<Option<i64>> = vec![None; jobs.len()];
+
+    // 1. New intents.
+    let begins: Vec<&Work> = jobs
+        .iter()
+        .map(|j| &j.work)
+        .filter(|w| matches!(w, Work::Begin { .. }))
+        .collect();
+    for chunk in begins.chunks(ROWS) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at) ",
+        );
+        q.push_values(chunk, |mut b, w| {
+            if let Work::Begin {
+                op_id,
+                method,
+                path,
+                class,
+                kind,
+                body,
+                refs,
+                traceparent,
+            } = w
+            {
+                b.push_bind(op_id.to_string())
+                    .push_bind(method.as_str())
+                    .push_bind(path.as_str())
+                    .push_bind(class.as_str())
+                    .push_bind(kind.as_str())
+                    .push_bind(body.as_deref())
+                    .push_bind(refs.as_str())
+                    .push_bind(traceparent.as_deref())
+                    .push(NOW);
+            }
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+
+    // 2. Intents become ops, seqs in job order, gap-free over the found ones.
+    let commits: Vec<(usize, &Uuid, &OpState, &Outcome, &Option<String>)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| match &j.work {
+            Work::Commit {
+                op_id,
+                state,
+                outcome,
+                body,
+            } => Some((i, op_id, state, outcome, body)),
+            _ => None,
+        })
+        .collect();
+    let mut by_op: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for chunk in commits.chunks(ROWS) {
+        let base: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM ops")
+            .fetch_one(&mut *conn)
+            .await?;
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "WITH v (ord, op_id, state, created_ids, body, status, request_id, detail) AS (",
+        );
+        q.push_values(chunk, |mut b, (i, op_id, state, outcome, body)| {
+            b.push_bind(*i as i64)
+                .push_bind(op_id.to_string())
+                .push_bind(state.as_str())
+                .push_bind(
+                    serde_json::to_string(&outcome.created_ids)
+                        .expect("a list of strings serializes"),
+                )
+                .push_bind(body.as_deref())
+                .push_bind(outcome.upstream_status.map(i64::from))
+                .push_bind(outcome.request_id.as_deref())
+                .push_bind(outcome.detail.as_deref());
+        });
+        q.push(
+            ") INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
+                                upstream_status, request_id, detail, refs, traceparent,
+                                created_at, logged_at)
+               SELECT ",
+        );
+        q.push_bind(base);
+        q.push(format!(
+            " + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method, i.path, i.class,
+                 i.kind, v.created_ids, COALESCE(v.body, i.body), v.status, v.request_id, v.detail,
+                 i.refs, i.traceparent, i.created_at, {NOW}
+               FROM v JOIN intents i ON i.op_id = v.op_id
+               ORDER BY v.ord
+               RETURNING op_id, seq"
+        ));
+        let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+        by_op.extend(rows);
+    }
+    for (i, op_id, ..) in &commits {
+        seqs[*i] = by_op.get(&op_id.to_string()).copied();
+    }
+
+    // 3. The keys each op touched.
+    let keys: Vec<(&str, i64, bool)> = commits
+        .iter()
+        .filter_map(|(i, _, _, outcome, _)| seqs[*i].map(|seq| (seq, outcome)))
+        .flat_map(|(seq, outcome)| {
+            outcome
+                .touches
+                .iter()
+                .map(move |t| (t.key.as_str(), seq, t.exclusive))
+        })
+        .collect();
+    for chunk in keys.chunks(ROWS) {
+        let mut q =
+            QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO op_keys (key, seq, exclusive) ");
+        q.push_values(chunk, |mut b, (key, seq, exclusive)| {
+            b.push_bind(*key).push_bind(*seq).push_bind(*exclusive);
+        });
+        q.build().execute(&mut *conn).await?;
+    }
+
+    // 4. Intents done with: committed or dropped.
+    let done: Vec<String> = jobs
+        .iter()
+        .filter_map(|j| match &j.work {
+            Work::Commit { op_id, .. } | Work::Drop(op_id) => Some(op_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    for chunk in done.chunks(ROWS) {
+        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM intents WHERE op_id IN (");
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(id.as_str());
+        }
+        q.push(")");
+        q.build().execute(&mut *conn).await?;
+    }
+
+    // 5. Natural keys learned, in job order (a later one wins).
+    let learned: Vec<&EntityRef> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| match &j.work {
+            Work::Learn(e) => Some(e),
+            Work::Commit { outcome, .. } if seqs[i].is_some() => outcome.learned.as_ref(),
+            _ => None,
+        })
+        .collect();
+    for chunk in learned.chunks(ROWS) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO entities (id, kind, name, domain_id, updated_at) ",
+        );
+        q.push_values(chunk, |mut b, e| {
+            b.push_bind(e.id.as_str())
+                .push_bind(e.kind.as_str())
+                .push_bind(e.name.as_str())
+                .push_bind(e.domain_id.as_deref())
+                .push(NOW);
+        });
+        q.push(
+            " ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
+                 domain_id = excluded.domain_id, updated_at = excluded.updated_at",
+        );
+        q.build().execute(&mut *conn).await?;
+    }
+
+    // 6. The publisher's position.
+    let published = jobs
+        .iter()
+        .filter_map(|j| match j.work {
+            Work::Published(seq) => Some(seq),
+            _ => None,
+        })
+        .max();
+    if let Some(seq) = published {
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('published_seq', ?)
+             ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+        )
+        .bind(seq)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(seqs)
 }
