@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Benchmarks: the proxy and captured writes side by side with nginx
-# (scripts/bench.py), then the embedded broker against nats-server
-# (scripts/bench-broker.sh). Installs wrk and nginx with apt-get when missing
-# (as root). Prints figures; never fails on a timing. See BENCHMARKS.md.
+# Benchmarks: reads and captured writes through the gateway side by side with
+# nginx (scripts/bench.py; the broker has its own, scripts/bench-broker.sh).
+# Installs wrk and nginx with apt-get when missing (as root). Prints figures;
+# never fails on a timing. See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
