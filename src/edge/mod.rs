@@ -632,9 +632,10 @@ impl Runner {
                 info!(seq = op.seq, op_id = %op.op_id, kind = %op.kind, outcome = outcome.as_str(), "op applied");
             }
         }
-        self.status
-            .cursor
-            .store(self.cursor().await, Ordering::Relaxed);
+        // The cursor moved in the commit just made: no need to read it back.
+        if changes.advance {
+            self.status.cursor.fetch_max(op.seq, Ordering::Relaxed);
+        }
         if let Ok(n) = self.store.map_size().await {
             self.status.id_map_size.store(n, Ordering::Relaxed);
         }

@@ -83,10 +83,13 @@ impl EdgeStore {
         )
     }
 
+    /// How many central IDs are mapped (kept by triggers: no count of the map).
     pub async fn map_size(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM id_map")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT n FROM counters WHERE name = 'id_map'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     pub async fn outcome(&self, seq: i64) -> Result<Option<StoredOutcome>, StoreError> {
@@ -244,6 +247,11 @@ mod tests {
         let store = EdgeStore::open(&url).await.unwrap();
         assert_eq!(store.cursor().await.unwrap(), 2);
         assert_eq!(store.mapping("c1").await.unwrap().as_deref(), Some("e1"));
+        assert_eq!(
+            store.map_size().await.unwrap(),
+            1,
+            "the count starts from the map"
+        );
         assert_eq!(store.outcomes_through().await.unwrap(), 2);
         let exceptions = store.exceptions(0, 2, 10).await.unwrap();
         assert_eq!(exceptions.len(), 1);
@@ -275,6 +283,9 @@ mod tests {
             advance: true,
         };
         store.commit(&outcome, &changes).await.unwrap();
+        // Mapping the same central ID again changes the mapping, not the size.
+        store.commit(&outcome, &changes).await.unwrap();
+        assert_eq!(store.map_size().await.unwrap(), 1);
         assert_eq!(store.cursor().await.unwrap(), 1);
         assert_eq!(store.mapping("c1").await.unwrap().as_deref(), Some("e1"));
         assert_eq!(store.outcome(1).await.unwrap(), Some(outcome.clone()));
