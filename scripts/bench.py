@@ -6,7 +6,9 @@ A fast upstream (nginx, one worker, static Keystone-shaped JSON; a POST answers
 reverse proxy (one worker, keepalive), and through `syncgate central` (release
 build). The server under test and the upstream share core 0; wrk runs on core 1
 (`wrk -t1 -c32`). Each figure is the best of three alternating 5-second runs.
-Prints figures only; it never fails on a timing.
+Then an edge joins with every captured op still to apply (against a fast
+edge Keystone: nginx again) and its catch-up rate is measured. Prints figures
+only; it never fails on a timing.
 
 Usage: bench.py [--seconds N] [--runs N] [--connections N]
 """
@@ -72,6 +74,26 @@ def upstream_conf(workdir, port):
         location = /v3/projects {{
             if ($request_method = POST) {{ return 201 '{created}'; }}
             return 200 '{listing}';
+        }}
+        location / {{ return 200 '{{"version": {{"id": "v3.14", "status": "stable"}}}}'; }}
+    }}""")
+
+
+def edge_keystone_conf(workdir, port):
+    """A fast edge Keystone: tokens, creates with fresh IDs, empty look-ups."""
+    token = json.dumps({"token": {"expires_at": "2099-01-01T00:00:00.000000Z", "methods": ["password"]}})
+    created = json.dumps({"project": PROJECT}).replace("'", "")
+    return nginx_conf(workdir, port, f"""
+    server {{
+        listen 127.0.0.1:{port};
+        default_type application/json;
+        location = /v3/auth/tokens {{
+            add_header X-Subject-Token bench-token always;
+            return 201 '{token}';
+        }}
+        location = /v3/projects {{
+            if ($request_method = POST) {{ return 201 '{created}'; }}
+            return 200 '{{"projects": [], "links": {{}}}}';
         }}
         location / {{ return 200 '{{"version": {{"id": "v3.14", "status": "stable"}}}}'; }}
     }}""")
@@ -154,6 +176,21 @@ def wrk(url, seconds, connections, script=None):
     return {"rps": rps, "p50": pct(50), "p99": pct(99), "errors": int(errors.group(1)) if errors else 0}
 
 
+def _last_seq(admin_port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics").read().decode()
+    m = re.search(r"^syncgate_oplog_last_seq (\d+)", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def _edge_cursor(admin_port):
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2).read().decode()
+    except Exception:
+        return 0
+    m = re.search(r"^syncgate_edge_cursor (\d+)", text, re.M)
+    return int(m.group(1)) if m else 0
+
+
 def best(results):
     return max(results, key=lambda r: r["rps"])
 
@@ -164,6 +201,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--binary", default=str(REPO / "target" / "release" / "syncgate"))
+    ap.add_argument("--catch-up-limit", type=int, default=120,
+                    help="seconds the edge may take to catch up with every captured op")
     opts = ap.parse_args()
     if os.cpu_count() < 2:
         print("note: fewer than 2 cores; figures are not comparable", flush=True)
@@ -178,7 +217,7 @@ def main():
         central = Server([opts.binary, "central", "--upstream", f"http://127.0.0.1:{up_port}",
                           "--listen", f"127.0.0.1:{sg_port}", "--admin-listen", f"127.0.0.1:{sg_admin}",
                           "--broker-listen", f"127.0.0.1:{sg_broker}", "--insecure-plaintext-sync",
-                          "--db", f"sqlite://{work}/central.db"], 0, env=env, log=log)
+                          "--edges", "edge1", "--db", f"sqlite://{work}/central.db"], 0, env=env, log=log)
         servers.append(central)
         for port in (up_port, ng_port):
             wait_http(f"http://127.0.0.1:{port}/")
@@ -196,7 +235,27 @@ def main():
                     runs[name].append(wrk(f"http://127.0.0.1:{port}{path}", opts.seconds, opts.connections, lua))
             table[label] = {name: best(r) for name, r in runs.items()}
             table[label]["rss"] = central.peak_rss_mb()
-        ops = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sg_admin}/v1/ops?limit=1"))
+        # Catch-up: an edge that joins with every op above still to apply.
+        last = _last_seq(sg_admin)
+        ek_port, edge_admin = free_port(), free_port()
+        servers.append(Server(["nginx", "-c", str(edge_keystone_conf(work, ek_port))], 0))
+        wait_http(f"http://127.0.0.1:{ek_port}/")
+        edge_env = dict(env, OS_USERNAME="admin", OS_PASSWORD="bench", OS_PROJECT_NAME="admin",
+                        OS_USER_DOMAIN_NAME="Default", OS_PROJECT_DOMAIN_NAME="Default")
+        started = time.monotonic()
+        edge = Server([opts.binary, "edge", "--id", "edge1", "--broker", f"nats://127.0.0.1:{sg_broker}",
+                       "--upstream", f"http://127.0.0.1:{ek_port}", "--admin-listen", f"127.0.0.1:{edge_admin}",
+                       "--insecure-plaintext-sync", "--db", f"sqlite://{work}/edge.db"], 1, env=edge_env,
+                      log=open(Path(work) / "edge.log", "w"))
+        servers.append(edge)
+        deadline = started + opts.catch_up_limit
+        applied = 0
+        while time.monotonic() < deadline:
+            applied = _edge_cursor(edge_admin)
+            if applied >= last:
+                break
+            time.sleep(0.2)
+        catch_up = (applied, last, time.monotonic() - started, edge.peak_rss_mb())
     finally:
         for s in servers:
             s.stop()
@@ -212,6 +271,11 @@ def main():
             f" ({x['errors']} errors)" if x["errors"] else "")
         print(f"| {label} | {cell(d)} | {cell(n)} | {cell(s)} | {s['rps'] / n['rps']:.2f}x |")
     print()
+    applied, last, took, edge_rss = catch_up
+    print(f"| edge catch-up ({last:,} ops behind, fast edge Keystone) | | | "
+          f"{applied:,} ops in {took:.1f} s: {applied / took:,.0f} ops/s | |")
+    print()
+    print(f"edge peak RSS during catch-up: {edge_rss:.1f} MB")
     print(f"syncgate central peak RSS: idle {idle_rss:.1f} MB, after reads "
           f"{table['GET /v3/projects']['rss']:.1f} MB, after captured writes "
           f"{table['POST /v3/projects (captured)']['rss']:.1f} MB")
