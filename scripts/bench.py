@@ -191,6 +191,60 @@ def _edge_cursor(admin_port):
     return int(m.group(1)) if m else 0
 
 
+def paced_writes(port, rate, seconds, threads=8):
+    """POSTs at `rate` per second for `seconds`, spread over threads; the count sent."""
+    import http.client
+    import threading
+    sent = [0] * threads
+    per = rate / threads
+    start = time.monotonic() + 0.1
+
+    def run(t):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        k = 0
+        while True:
+            at = start + k / per + t / rate
+            if at - start > seconds:
+                break
+            delay = at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            body = json.dumps({"project": {"name": f"lag-{rate}-{t}-{k}"}})
+            conn.request("POST", "/v3/projects", body, {"Content-Type": "application/json",
+                                                         "X-Auth-Token": "bench"})
+            conn.getresponse().read()
+            sent[t] += 1
+            k += 1
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(sent)
+
+
+def log_times(path, message):
+    """seq -> time (seconds) of each JSON log line with this message."""
+    from datetime import datetime
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        fields = entry.get("fields", {})
+        if fields.get("message") == message and "seq" in fields:
+            ts = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00"))
+            out[int(fields["seq"])] = ts.timestamp()
+    return out
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100))] if values else float("nan")
+
+
 def best(results):
     return max(results, key=lambda r: r["rps"])
 
@@ -201,6 +255,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--binary", default=str(REPO / "target" / "release" / "syncgate"))
+    ap.add_argument("--lag-seconds", type=int, default=5)
     ap.add_argument("--catch-up-limit", type=int, default=120,
                     help="seconds the edge may take to catch up with every captured op")
     opts = ap.parse_args()
@@ -217,7 +272,8 @@ def main():
         central = Server([opts.binary, "central", "--upstream", f"http://127.0.0.1:{up_port}",
                           "--listen", f"127.0.0.1:{sg_port}", "--admin-listen", f"127.0.0.1:{sg_admin}",
                           "--broker-listen", f"127.0.0.1:{sg_broker}", "--insecure-plaintext-sync",
-                          "--edges", "edge1", "--db", f"sqlite://{work}/central.db"], 0, env=env, log=log)
+                          "--edges", "edge1", "--log-format", "json",
+                          "--db", f"sqlite://{work}/central.db"], 0, env=env, log=log)
         servers.append(central)
         for port in (up_port, ng_port):
             wait_http(f"http://127.0.0.1:{port}/")
@@ -245,7 +301,8 @@ def main():
         started = time.monotonic()
         edge = Server([opts.binary, "edge", "--id", "edge1", "--broker", f"nats://127.0.0.1:{sg_broker}",
                        "--upstream", f"http://127.0.0.1:{ek_port}", "--admin-listen", f"127.0.0.1:{edge_admin}",
-                       "--insecure-plaintext-sync", "--db", f"sqlite://{work}/edge.db"], 1, env=edge_env,
+                       "--insecure-plaintext-sync", "--log-format", "json",
+                       "--db", f"sqlite://{work}/edge.db"], 1, env=edge_env,
                       log=open(Path(work) / "edge.log", "w"))
         servers.append(edge)
         deadline = started + opts.catch_up_limit
@@ -256,6 +313,21 @@ def main():
                 break
             time.sleep(0.2)
         catch_up = (applied, last, time.monotonic() - started, edge.peak_rss_mb())
+        # Replication lag: op logged at central -> op applied at the edge (the
+        # edge acknowledges right after), at steady paced rates.
+        lags = {}
+        for rate in (100, 1000):
+            first = _last_seq(sg_admin) + 1
+            paced_writes(sg_port, rate, opts.lag_seconds)
+            target = _last_seq(sg_admin)
+            deadline = time.monotonic() + 60
+            while _edge_cursor(edge_admin) < target and time.monotonic() < deadline:
+                time.sleep(0.1)
+            logged = log_times(Path(work) / "central.log", "op logged")
+            applied_at = log_times(Path(work) / "edge.log", "op applied")
+            ms = [(applied_at[q] - logged[q]) * 1000 for q in range(first, target + 1)
+                  if q in logged and q in applied_at]
+            lags[rate] = (len(ms), percentile(ms, 50), percentile(ms, 99))
     finally:
         for s in servers:
             s.stop()
@@ -274,6 +346,11 @@ def main():
     applied, last, took, edge_rss = catch_up
     print(f"| edge catch-up ({last:,} ops behind, fast edge Keystone) | | | "
           f"{applied:,} ops in {took:.1f} s: {applied / took:,.0f} ops/s | |")
+    print()
+    print("| replication lag (op logged at central -> applied at the edge) | ops | p50 | p99 |")
+    print("| --- | ---: | ---: | ---: |")
+    for rate, (n, p50, p99) in lags.items():
+        print(f"| {rate} writes/s for {opts.lag_seconds} s | {n:,} | {p50:.1f} ms | {p99:.1f} ms |")
     print()
     print(f"edge peak RSS during catch-up: {edge_rss:.1f} MB")
     print(f"syncgate central peak RSS: idle {idle_rss:.1f} MB, after reads "
