@@ -339,6 +339,16 @@ impl SyncEnv {
             .unwrap()
     }
 
+    /// Waits until central's `/metrics` has every one of these texts (its
+    /// sync gauges are refreshed every second, not by the scrape).
+    pub async fn until_metrics(&self, what: &str, texts: &[&str]) {
+        self.until(what, || async {
+            let m = self.metrics().await;
+            texts.iter().all(|t| m.contains(t))
+        })
+        .await;
+    }
+
     pub async fn until<F, Fut>(&self, what: &str, mut check: F)
     where
         F: FnMut() -> Fut,
@@ -688,15 +698,17 @@ async fn an_edge_that_never_acks_is_timed_out() {
     let oos = env.audit("/v1/out-of-sync?edge=ghost").await;
     assert_eq!(oos["out_of_sync"][0]["state"], "timed_out");
     // The gauges are kept current by central, not computed by the scrape.
-    env.until("the metrics show the timed-out delivery", || async {
-        let metrics = env.metrics().await;
-        metrics.contains("syncgate_deliveries_timed_out 1")
-            && metrics.contains("syncgate_edge_out_of_sync{edge=\"ghost\"} 1")
-            && metrics.contains("syncgate_edge_out_of_sync{edge=\"edge-a\"} 0")
-            && metrics.contains("syncgate_edge_acked_seq{edge=\"edge-a\"} 1")
-            && metrics.contains("syncgate_acks_total{edge=\"edge-a\",outcome=\"applied\"} ")
-            && metrics.contains("syncgate_ops_published_total 1")
-    })
+    env.until_metrics(
+        "the metrics show the timed-out delivery",
+        &[
+            "syncgate_deliveries_timed_out 1",
+            "syncgate_edge_out_of_sync{edge=\"ghost\"} 1",
+            "syncgate_edge_out_of_sync{edge=\"edge-a\"} 0",
+            "syncgate_edge_acked_seq{edge=\"edge-a\"} 1",
+            "syncgate_acks_total{edge=\"edge-a\",outcome=\"applied\"} ",
+            "syncgate_ops_published_total 1",
+        ],
+    )
     .await;
     assert!(oos["out_of_sync"][0]["detail"]
         .as_str()
@@ -929,18 +941,20 @@ async fn metrics_follow_a_write_from_the_proxy_to_the_edges_ack() {
             "{line} missing from\n{edge_metrics}"
         );
     }
-    env.until("central's metrics show the write and its ack", || async {
-        let m = env.metrics().await;
-        m.contains("syncgate_proxy_requests_total{method=\"POST\",route=\"identity\",status=\"201\"} 1")
-            && m.contains("syncgate_proxy_request_duration_seconds_count{method=\"POST\",route=\"identity\"} 1")
-            && m.contains("syncgate_ops_captured_total 1")
-            && m.contains("syncgate_capture_duration_seconds_count 1")
-            && m.contains("syncgate_oplog_last_seq 1")
-            && m.contains("syncgate_edge_cursor{edge=\"edge-a\"} 1")
-            && m.contains("syncgate_edge_lag_ops{edge=\"edge-a\"} 0")
+    env.until_metrics(
+        "central's metrics show the write and its ack",
+        &[
+            "syncgate_proxy_requests_total{method=\"POST\",route=\"identity\",status=\"201\"} 1",
+            "syncgate_proxy_request_duration_seconds_count{method=\"POST\",route=\"identity\"} 1",
+            "syncgate_ops_captured_total 1",
+            "syncgate_capture_duration_seconds_count 1",
+            "syncgate_oplog_last_seq 1",
+            "syncgate_edge_cursor{edge=\"edge-a\"} 1",
+            "syncgate_edge_lag_ops{edge=\"edge-a\"} 0",
             // An ack may come again (a hello's outcomes): counted as received.
-            && m.contains("syncgate_acks_total{edge=\"edge-a\",outcome=\"applied\"} ")
-    })
+            "syncgate_acks_total{edge=\"edge-a\",outcome=\"applied\"} ",
+        ],
+    )
     .await;
     let m = env.metrics().await;
     let bytes_in: u64 = m
