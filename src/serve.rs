@@ -1,16 +1,19 @@
-//! Serves an axum router on a bound listener with the limits an exposed
-//! service needs: a header read timeout (a client that trickles its request
-//! line and headers is dropped), a cap on concurrent connections (further
+//! Serves HTTP (an axum router, or a hyper service per connection) on a bound
+//! listener with the limits an exposed service needs: a header read timeout (a
+//! client that trickles its request line and headers is dropped), a cap on concurrent connections (further
 //! clients wait in the listen backlog), and a shutdown that stops accepting,
 //! lets requests in flight finish, and closes what is left when the grace
 //! period ends.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use axum::http::{Request, Response};
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -51,6 +54,33 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    serve_with(listener, limits, shutdown, move |peer| {
+        TowerToHyperService::new(router.clone().map_request(
+            move |mut req: axum::extract::Request<_>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            },
+        ))
+    })
+    .await
+}
+
+/// Serves the service `make` builds for each connection (given the peer's
+/// address), with the same limits and shutdown as `serve`.
+pub async fn serve_with<S, B>(
+    listener: TcpListener,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()> + Send,
+    make: impl Fn(SocketAddr) -> S,
+) -> std::io::Result<()>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
@@ -73,12 +103,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = router
-            .clone()
-            .map_request(move |mut req: axum::extract::Request<_>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            });
+        let service = make(peer);
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
             let _permit = permit;
@@ -87,8 +112,7 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
                 .keep_alive(true);
-            let conn =
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,

@@ -44,11 +44,14 @@ impl Telemetry {
             }
         }
     }
+}
 
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
+/// Set once spans are exported: requests that are not captured then get spans too.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process exports spans.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The OTLP transport `OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL` names.
@@ -152,11 +155,14 @@ fn install(format: LogFormat, provider: Option<&SdkTracerProvider>) -> Result<()
                     .with_default(LevelFilter::OFF),
             )
     });
+    let exporting = traces.is_some();
     tracing_subscriber::registry()
         .with(logs)
         .with(traces)
         .try_init()
-        .map_err(|e| format!("cannot install logging: {e}"))
+        .map_err(|e| format!("cannot install logging: {e}"))?;
+    EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 fn provider(exporter: impl SpanExporter + 'static, role: &str, batch: bool) -> SdkTracerProvider {

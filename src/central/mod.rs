@@ -169,15 +169,15 @@ impl Central {
         };
         let limits = self.config.http;
         let stop_rx_sync = stop_rx.clone();
-        let mut proxy_task = Watched::spawn(
-            "proxy",
-            serve::serve(
+        let mut proxy_task = Watched::spawn("proxy", {
+            let proxy = self.proxy.clone();
+            serve::serve_with(
                 self.proxy_listener,
-                proxy::router(self.proxy.clone()),
                 limits,
                 wait(stop_rx.clone()),
-            ),
-        );
+                move |peer| proxy::service(proxy.clone(), peer),
+            )
+        });
         let mut admin_task = Watched::spawn(
             "admin API",
             serve::serve(

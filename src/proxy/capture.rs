@@ -3,23 +3,20 @@
 //! into an op with the next seq before the client sees the response. A write whose
 //! outcome is unknown (timeout, broken connection) is logged as such, never dropped.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::Request;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap};
-use axum::response::Response;
+use axum::http::{header, HeaderMap, Request, Response, Uri};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use reqwest::Url;
+use hyper::body::Incoming;
 use serde_json::Value;
 use tracing::{error, info, warn, Instrument};
 use uuid::Uuid;
 
 use super::error::ProxyError;
-use super::{build_response, Proxy, SendError, REQUEST_ID};
+use super::{build_response, Peer, Proxy, SendError, REQUEST_ID};
 use crate::keystone::ids::{all_refs, is_mappable_id, natural_key, IdRef, NAMED_KINDS};
 use crate::keystone::touches::{self, Touch};
 use crate::keystone::{self, RouteMatch};
@@ -30,10 +27,10 @@ use crate::store::{NewIntent, OpState, Outcome};
 pub(super) async fn forward_captured(
     proxy: &Arc<Proxy>,
     route: RouteMatch,
-    url: Url,
-    peer: SocketAddr,
-    req: Request,
-) -> Result<Response, ProxyError> {
+    uri: Uri,
+    peer: &Arc<Peer>,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
     let (parts, body) = req.into_parts();
     let body = read_bounded(proxy, &parts.headers, body).await?;
     if !body.is_empty() {
@@ -50,7 +47,16 @@ pub(super) async fn forward_captured(
         seq = tracing::field::Empty,
     );
     let captured = tokio::spawn(
-        captured_section(proxy.clone(), route, url, peer, parts, body, request).instrument(span),
+        captured_section(
+            proxy.clone(),
+            route,
+            uri,
+            peer.clone(),
+            parts,
+            body,
+            request,
+        )
+        .instrument(span),
     );
     captured.await.unwrap_or_else(|e| {
         error!(error = %e, "the capture task failed");
@@ -74,12 +80,12 @@ impl Drop for InFlight<'_> {
 async fn captured_section(
     proxy: Arc<Proxy>,
     route: RouteMatch,
-    url: Url,
-    peer: SocketAddr,
+    uri: Uri,
+    peer: Arc<Peer>,
     parts: Parts,
     body: Bytes,
     request: tracing::Span,
-) -> Result<Response, ProxyError> {
+) -> Result<Response<Body>, ProxyError> {
     let proxy = &*proxy;
     // The op carries its trace to the edges: this write's span, or, when
     // traces are not exported here, the client's own `traceparent`.
@@ -92,9 +98,9 @@ async fn captured_section(
             .map(str::to_string)
     });
     let started = std::time::Instant::now();
-    let path = match url.query() {
-        Some(q) => format!("{}?{q}", proxy.keystone_path(&url)),
-        None => proxy.keystone_path(&url).to_string(),
+    let path = match uri.query() {
+        Some(q) => format!("{}?{q}", proxy.keystone_path(&uri)),
+        None => proxy.keystone_path(&uri).to_string(),
     };
     // Checked to be UTF-8 JSON: kept byte for byte.
     let body_text = std::str::from_utf8(&body)
@@ -137,10 +143,15 @@ async fn captured_section(
     request.record("op_id", tracing::field::display(op_id));
 
     // 2. Forward.
-    let mut upstream_req = reqwest::Request::new(parts.method.clone(), url.clone());
-    *upstream_req.headers_mut() = proxy.request_headers(&parts.headers, peer, false);
-    *upstream_req.body_mut() = Some(reqwest::Body::from(body.clone()));
-    let resp = match proxy.send(upstream_req).await {
+    let upstream_req = proxy.upstream_request(
+        parts.method.clone(),
+        uri.clone(),
+        parts.headers.clone(),
+        &peer,
+        false,
+        Body::from(body.clone()),
+    );
+    let resp = match proxy.send(upstream_req, true).await {
         Ok(resp) => resp,
         Err(SendError::Unreachable) => {
             drop_intent(proxy, op_id).await;
@@ -157,9 +168,14 @@ async fn captured_section(
     };
 
     // 3. On 2xx the intent becomes an op before the client hears back.
-    let status = resp.status();
-    let upstream_headers = resp.headers().clone();
-    let resp_body = match tokio::time::timeout(proxy.timeout, read_response(resp)).await {
+    let (upstream, resp) = resp.into_parts();
+    let (status, mut upstream_headers) = (upstream.status, upstream.headers);
+    let resp_body = match tokio::time::timeout(
+        proxy.timeout,
+        read_response(&upstream_headers, resp),
+    )
+    .await
+    {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(ResponseError::TooLarge)) if status.is_success() => {
             let detail = "the upstream answered 2xx with a response larger than the gateway reads for a captured write";
@@ -184,7 +200,7 @@ async fn captured_section(
             .map(str::to_string);
         let response_json: Option<Value> = serde_json::from_slice(&resp_body).ok();
         let created_ids =
-            keystone::created_ids(&route, proxy.keystone_path(&url), response_json.as_ref());
+            keystone::created_ids(&route, proxy.keystone_path(&uri), response_json.as_ref());
         let replay_body = request_json.clone().and_then(|mut v| {
             keystone::inject_generated(&route, &mut v, &created_ids).then(|| v.to_string())
         });
@@ -237,9 +253,9 @@ async fn captured_section(
         }
         None => resp_body,
     };
-    let mut headers = proxy.response_headers(&upstream_headers, false);
-    headers.insert(header::CONTENT_LENGTH, body.len().into());
-    Ok(build_response(status, headers, Body::from(body)))
+    proxy.client_headers(&mut upstream_headers, false);
+    upstream_headers.insert(header::CONTENT_LENGTH, body.len().into());
+    Ok(build_response(status, upstream_headers, Body::from(body)))
 }
 
 /// The most of a captured write's response the gateway reads (Keystone answers
@@ -252,24 +268,19 @@ enum ResponseError {
 }
 
 /// Reads a captured write's response, at most `MAX_CAPTURED_RESPONSE` bytes.
-async fn read_response(resp: reqwest::Response) -> Result<Bytes, ResponseError> {
-    use futures_util::StreamExt;
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_CAPTURED_RESPONSE as u64)
-    {
+async fn read_response(headers: &HeaderMap, body: Incoming) -> Result<Bytes, ResponseError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_CAPTURED_RESPONSE as u64) {
         return Err(ResponseError::TooLarge);
     }
-    let mut stream = resp.bytes_stream();
-    let mut out = bytes::BytesMut::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|_| ResponseError::Broken)?;
-        if out.len() + chunk.len() > MAX_CAPTURED_RESPONSE {
-            return Err(ResponseError::TooLarge);
-        }
-        out.extend_from_slice(&chunk);
+    match Limited::new(body, MAX_CAPTURED_RESPONSE).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ResponseError::TooLarge),
+        Err(_) => Err(ResponseError::Broken),
     }
-    Ok(out.freeze())
 }
 
 /// Reads the whole request body, refusing more than `--max-capture-body`.

@@ -9,20 +9,27 @@ pub mod order;
 pub mod rewrite;
 pub mod target;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
-use futures_util::{Stream, StreamExt};
-use reqwest::Url;
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
+use axum::response::IntoResponse;
+use futures_util::{FutureExt, Stream, StreamExt};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::Notify;
-use tower_http::catch_panic::CatchPanicLayer;
-use tracing::{debug, field, warn, Instrument};
+use tracing::{debug, field, warn, Instrument, Span};
 
 use crate::keystone::client::KeystoneClient;
 use crate::keystone::{self, Classification, RouteClass};
@@ -48,9 +55,15 @@ const HOP_BY_HOP: [&str; 9] = [
 /// The response header carrying Keystone's request id.
 pub const REQUEST_ID: &str = "x-openstack-request-id";
 
+/// The upstream client: hyper's pooled HTTP/1 client, TLS by rustls when the
+/// upstream is `https`.
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+
 /// What the proxy shares between requests: cheap handles, built once.
 pub struct Proxy {
-    client: reqwest::Client,
+    client: UpstreamClient,
+    upstream_scheme: Scheme,
+    upstream_authority: Authority,
     /// The upstream base URL without a trailing slash.
     upstream_base: String,
     /// The path prefix of the upstream base URL (empty or `/identity`).
@@ -78,6 +91,22 @@ pub struct Proxy {
     unknown_ids: capture::Misses,
 }
 
+/// The client end of one connection, as the upstream is told about it.
+pub struct Peer {
+    addr: SocketAddr,
+    /// `X-Forwarded-For` when the client sent none: its address, formatted once.
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        Peer {
+            addr,
+            forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(),
+        }
+    }
+}
+
 /// Why a request could not be sent or answered.
 #[derive(Debug)]
 pub enum SendError {
@@ -89,6 +118,43 @@ pub enum SendError {
     Timeout,
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The upstream client. Redirects are passed to the client, never followed,
+/// and no proxy from the environment is used.
+fn upstream_client(config: &CentralConfig) -> anyhow::Result<UpstreamClient> {
+    use tokio_rustls::rustls::{crypto::ring, ClientConfig, RootCertStore};
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
+    let tls = hyper_rustls::HttpsConnectorBuilder::new();
+    let tls = if config.upstream.scheme() == "https" {
+        tls.with_provider_and_native_roots(ring::default_provider())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--upstream is https, but the system's CA certificates cannot be read: {e}"
+                )
+            })?
+    } else {
+        // Never used: the upstream speaks plain HTTP.
+        tls.with_tls_config(
+            ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(RootCertStore::empty())
+                .with_no_client_auth(),
+        )
+    };
+    let connector = tls.https_or_http().enable_http1().wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector))
+}
+
 impl Proxy {
     pub fn new(
         config: &CentralConfig,
@@ -96,19 +162,18 @@ impl Proxy {
         metrics: Arc<Metrics>,
         keystone: Option<Arc<KeystoneClient>>,
     ) -> anyhow::Result<Proxy> {
-        let client = reqwest::Client::builder()
-            // A proxy passes redirects to its client instead of following them.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(config.upstream_timeout.min(Duration::from_secs(10)))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()?;
+        let base: Uri = config.upstream.as_str().parse()?;
+        let (Some(upstream_scheme), Some(upstream_authority)) =
+            (base.scheme().cloned(), base.authority().cloned())
+        else {
+            anyhow::bail!("--upstream must be an absolute http(s) URL");
+        };
         let upstream_base = config.upstream.as_str().trim_end_matches('/').to_string();
         let upstream_prefix = config.upstream.path().trim_end_matches('/').to_string();
         Ok(Proxy {
-            client,
+            client: upstream_client(config)?,
+            upstream_scheme,
+            upstream_authority,
             upstream_base,
             upstream_prefix,
             public_url: config
@@ -130,15 +195,18 @@ impl Proxy {
         })
     }
 
-    /// The upstream URL for a request path and query. A write's path is
+    /// The upstream URI for a request path and query. A write's path is
     /// normalised first (see `target`), so that what is classified is what is
     /// forwarded; a read's goes as it came.
-    fn upstream_url(&self, method: &Method, uri: &axum::http::Uri) -> Result<Url, ProxyError> {
+    fn upstream_uri(&self, method: &Method, uri: &Uri) -> Result<Uri, ProxyError> {
         target::check_method(method.as_str()).map_err(ProxyError::RefusedTarget)?;
         let is_write = matches!(
             *method,
             Method::POST | Method::PUT | Method::PATCH | Method::DELETE
         );
+        if !uri.path().starts_with('/') {
+            return Err(ProxyError::BadRequestTarget);
+        }
         let normalised;
         let path = if is_write {
             normalised = target::normalise_path(uri.path()).map_err(ProxyError::RefusedTarget)?;
@@ -146,84 +214,88 @@ impl Proxy {
         } else {
             uri.path()
         };
-        let mut s = String::with_capacity(self.upstream_base.len() + path.len() + 32);
-        s.push_str(&self.upstream_base);
+        let query = uri.query();
+        let mut s = String::with_capacity(
+            self.upstream_prefix.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        s.push_str(&self.upstream_prefix);
         s.push_str(path);
-        if let Some(q) = uri.query() {
+        if let Some(q) = query {
             s.push('?');
             s.push_str(q);
         }
-        Url::parse(&s).map_err(|_| ProxyError::BadRequestTarget)
+        let path_and_query = PathAndQuery::from_maybe_shared(bytes::Bytes::from(s))
+            .map_err(|_| ProxyError::BadRequestTarget)?;
+        Uri::builder()
+            .scheme(self.upstream_scheme.clone())
+            .authority(self.upstream_authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadRequestTarget)
     }
 
-    /// The path Keystone routes on: the upstream URL's path less the base prefix.
-    fn keystone_path<'a>(&self, url: &'a Url) -> &'a str {
-        url.path()
+    /// The path Keystone routes on: the upstream URI's path less the base prefix.
+    fn keystone_path<'a>(&self, uri: &'a Uri) -> &'a str {
+        uri.path()
             .strip_prefix(self.upstream_prefix.as_str())
-            .unwrap_or(url.path())
+            .unwrap_or(uri.path())
     }
 
-    /// Request headers for the upstream: hop-by-hop dropped, `X-Forwarded-*` added.
-    fn request_headers(&self, src: &HeaderMap, peer: SocketAddr, keep_length: bool) -> HeaderMap {
-        let listed = connection_listed(src);
-        let mut out = HeaderMap::with_capacity(src.len() + 3);
-        for (name, value) in src {
-            let n = name.as_str();
-            if HOP_BY_HOP.contains(&n)
-                || n == "host"
-                || (n == "content-length" && !keep_length)
-                || (n == "accept-encoding" && self.public_url.is_some())
-                || listed.iter().any(|l| l == n)
-            {
-                continue;
-            }
-            out.append(name.clone(), value.clone());
-        }
-        let client_ip = peer.ip().to_string();
-        let xff = match src.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, {client_ip}"),
-            None => client_ip,
+    /// The request for the upstream: hop-by-hop headers dropped (and
+    /// `Content-Length` unless `keep_length`), `X-Forwarded-*` added.
+    fn upstream_request(
+        &self,
+        method: Method,
+        uri: Uri,
+        mut headers: HeaderMap,
+        peer: &Peer,
+        keep_length: bool,
+        body: Body,
+    ) -> Request<Body> {
+        let host = headers.remove(header::HOST);
+        let strip_encoding = self.public_url.is_some();
+        remove_headers(&mut headers, |n| {
+            (n == "content-length" && !keep_length) || (n == "accept-encoding" && strip_encoding)
+        });
+        let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prior) => HeaderValue::from_str(&format!("{prior}, {}", peer.addr.ip())).ok(),
+            None => peer.forwarded_for.clone(),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            out.insert("x-forwarded-for", v);
+        if let Some(v) = forwarded_for {
+            headers.insert(X_FORWARDED_FOR, v);
         }
-        if !out.contains_key("x-forwarded-proto") {
-            out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         }
-        if !out.contains_key("x-forwarded-host") {
-            if let Some(host) = src.get(header::HOST) {
-                out.insert("x-forwarded-host", host.clone());
+        if let Some(host) = host {
+            if !headers.contains_key(&X_FORWARDED_HOST) {
+                headers.insert(X_FORWARDED_HOST, host);
             }
         }
-        out
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = headers;
+        req
     }
 
-    /// Response headers for the client: hop-by-hop dropped, `Location` rewritten
-    /// to the public URL, `Content-Length` dropped when the body is rewritten.
-    fn response_headers(&self, src: &HeaderMap, rewriting: bool) -> HeaderMap {
-        let listed = connection_listed(src);
-        let mut out = HeaderMap::with_capacity(src.len());
-        for (name, value) in src {
-            let n = name.as_str();
-            if HOP_BY_HOP.contains(&n)
-                || (rewriting && n == "content-length")
-                || listed.iter().any(|l| l == n)
-            {
-                continue;
-            }
-            out.append(name.clone(), value.clone());
+    /// Response headers for the client, in place: hop-by-hop dropped,
+    /// `Location` rewritten to the public URL, `Content-Length` dropped when the
+    /// body is rewritten.
+    fn client_headers(&self, headers: &mut HeaderMap, rewriting: bool) {
+        remove_headers(headers, |n| rewriting && n == "content-length");
+        let Some(public) = &self.public_url else {
+            return;
+        };
+        if let Some(rewritten) = headers
+            .get(header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .and_then(|l| l.strip_prefix(self.upstream_base.as_str()))
+            .and_then(|rest| HeaderValue::from_str(&format!("{public}{rest}")).ok())
+        {
+            headers.insert(header::LOCATION, rewritten);
         }
-        if let (Some(public), Some(location)) = (&self.public_url, src.get(header::LOCATION)) {
-            if let Some(rewritten) = location
-                .to_str()
-                .ok()
-                .and_then(|l| l.strip_prefix(self.upstream_base.as_str()))
-                .and_then(|rest| HeaderValue::from_str(&format!("{public}{rest}")).ok())
-            {
-                out.insert(header::LOCATION, rewritten);
-            }
-        }
-        out
     }
 
     /// A rewriter when the response body carries the upstream's URL to replace.
@@ -239,35 +311,50 @@ impl Proxy {
         (is_json && !encoded).then(|| UrlRewriter::new(&self.upstream_base, public))
     }
 
+    /// Whether a request that is not captured gets spans: when traces are
+    /// exported or debug logs asked for. Otherwise a read costs no span.
+    fn trace_reads(&self) -> bool {
+        crate::telemetry::exporting() || tracing::enabled!(tracing::Level::DEBUG)
+    }
+
     /// Sends a request, waiting at most the timeout for the response headers.
-    async fn send(&self, mut req: reqwest::Request) -> Result<reqwest::Response, SendError> {
-        let span = tracing::info_span!(
-            "upstream",
-            http.request.method = %req.method(),
-            http.response.status_code = field::Empty,
-        );
+    async fn send(
+        &self,
+        mut req: Request<Body>,
+        traced: bool,
+    ) -> Result<Response<Incoming>, SendError> {
+        let span = if traced {
+            tracing::info_span!(
+                "upstream",
+                http.request.method = %req.method(),
+                http.response.status_code = field::Empty,
+            )
+        } else {
+            Span::none()
+        };
         // Keystone's own traces join the client's.
-        if let Some(tp) = crate::telemetry::traceparent(&span) {
+        if let Some(tp) = traced
+            .then(|| crate::telemetry::traceparent(&span))
+            .flatten()
+        {
             if let Ok(v) = HeaderValue::from_str(&tp) {
                 req.headers_mut().insert("traceparent", v);
             }
         }
-        let sent = tokio::time::timeout(self.timeout, self.client.execute(req))
+        let sent = tokio::time::timeout(self.timeout, self.client.request(req))
             .instrument(span.clone())
             .await;
-        if let Ok(Ok(resp)) = &sent {
-            span.record("http.response.status_code", resp.status().as_u16());
-        }
         match sent {
             Err(_) => Err(SendError::Timeout),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                span.record("http.response.status_code", resp.status().as_u16());
+                Ok(resp)
+            }
             Ok(Err(e)) => {
-                let e = e.without_url();
-                warn!(error = %e, "upstream request failed");
+                let cause = std::error::Error::source(&e).map(ToString::to_string);
+                warn!(error = %e, cause, "upstream request failed");
                 if e.is_connect() {
                     Err(SendError::Unreachable)
-                } else if e.is_timeout() {
-                    Err(SendError::Timeout)
                 } else {
                     Err(SendError::Broken)
                 }
@@ -278,28 +365,30 @@ impl Proxy {
     /// Forwards a request that is not captured, streaming both bodies.
     async fn forward_streaming(
         &self,
-        url: Url,
-        peer: SocketAddr,
-        req: Request,
-    ) -> Result<Response, ProxyError> {
+        uri: Uri,
+        peer: &Peer,
+        req: Request<Incoming>,
+        traced: bool,
+    ) -> Result<Response<Body>, ProxyError> {
         let (parts, body) = req.into_parts();
-        let mut upstream_req = reqwest::Request::new(parts.method, url);
-        *upstream_req.headers_mut() = self.request_headers(&parts.headers, peer, true);
-        let body = crate::serve::idle_timeout_body(body, self.body_timeout);
-        *upstream_req.body_mut() = Some(reqwest::Body::wrap_stream(body.into_data_stream()));
+        let body = if body.is_end_stream() {
+            Body::empty()
+        } else {
+            crate::serve::idle_timeout_body(Body::new(body), self.body_timeout)
+        };
+        let req = self.upstream_request(parts.method, uri, parts.headers, peer, true, body);
         let resp = self
-            .send(upstream_req)
+            .send(req, traced)
             .await
             .map_err(|e| self.send_error(e, None))?;
-        let status = resp.status();
-        let rewriter = self.rewriter_for(resp.headers());
-        let headers = self.response_headers(resp.headers(), rewriter.is_some());
-        let stream = resp.bytes_stream();
+        let (mut parts, body) = resp.into_parts();
+        let rewriter = self.rewriter_for(&parts.headers);
+        self.client_headers(&mut parts.headers, rewriter.is_some());
         let body = match rewriter {
-            Some(rw) => Body::from_stream(rewrite_stream(stream, rw)),
-            None => Body::from_stream(stream),
+            Some(rw) => Body::from_stream(rewrite_stream(body.into_data_stream(), rw)),
+            None => Body::new(body),
         };
-        Ok(build_response(status, headers, body))
+        Ok(build_response(parts.status, parts.headers, body))
     }
 
     /// Maps a send failure to the client's error, counting it.
@@ -389,39 +478,52 @@ impl Proxy {
 
     /// Whether the upstream answers at all (readiness).
     pub async fn upstream_reachable(&self) -> bool {
-        let Ok(url) = Url::parse(&format!("{}/", self.upstream_base)) else {
+        let Ok(uri) = self.upstream_uri(&Method::GET, &Uri::from_static("/")) else {
             return false;
         };
-        let req = reqwest::Request::new(Method::GET, url);
-        self.send(req).await.is_ok()
+        let mut req = Request::new(Body::empty());
+        *req.uri_mut() = uri;
+        self.send(req, false).await.is_ok()
     }
 }
 
-/// Header names listed in `Connection`, which are hop-by-hop for this hop.
-fn connection_listed(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect()
+/// Removes, in one pass, the hop-by-hop headers (RFC 9110 section 7.6.1, and
+/// those `Connection` lists) and those `also` names.
+fn remove_headers(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
+    let listed = |name: &str| {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name))
+    };
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let n = n.as_str();
+            HOP_BY_HOP.contains(&n) || also(n) || listed(n)
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
 }
 
-fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+fn build_response(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
 }
 
-fn rewrite_stream<S>(
+fn rewrite_stream<S, E>(
     stream: S,
     rewriter: UrlRewriter,
-) -> impl Stream<Item = Result<bytes::Bytes, reqwest::Error>>
+) -> impl Stream<Item = Result<bytes::Bytes, E>>
 where
-    S: Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + Unpin + 'static,
+    S: Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
 {
     futures_util::stream::unfold(Some((stream, rewriter)), |state| async move {
         let (mut stream, mut rw) = state?;
@@ -433,68 +535,94 @@ where
     })
 }
 
-/// The proxy's router: one fallback handler for every method and path.
-pub fn router(proxy: Arc<Proxy>) -> Router {
-    Router::new()
-        .fallback(handle)
-        .with_state(proxy)
-        // Outermost: a bug answers 500 in Keystone's shape instead of a dropped connection.
-        .layer(CatchPanicLayer::custom(|_| {
-            keystone_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &ProxyError::Internal.to_string(),
-            )
-        }))
+/// The proxy's service for one client connection: every method and path.
+pub fn service(
+    proxy: Arc<Proxy>,
+    addr: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Send + 'static,
+> + Send
+       + 'static {
+    let peer = Arc::new(Peer::new(addr));
+    hyper::service::service_fn(move |req| {
+        let proxy = proxy.clone();
+        let peer = peer.clone();
+        async move {
+            // A bug answers 500 in Keystone's shape instead of a dropped connection.
+            let resp = AssertUnwindSafe(handle(proxy, peer, req))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    keystone_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &ProxyError::Internal.to_string(),
+                    )
+                });
+            Ok::<_, Infallible>(resp)
+        }
+    })
 }
 
-async fn handle(
-    State(proxy): State<Arc<Proxy>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-) -> Response {
+async fn handle(proxy: Arc<Proxy>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
     let method = crate::metrics::method_label(req.method());
-    let span = tracing::info_span!(
-        "request",
-        method = %req.method(),
-        path = %req.uri().path(),
-        status = field::Empty,
-        seq = field::Empty,
-        op_id = field::Empty,
+    let target = proxy.upstream_uri(req.method(), req.uri());
+    let class = target
+        .as_ref()
+        .ok()
+        .map(|uri| keystone::classify(req.method().as_str(), proxy.keystone_path(uri)));
+    let route = class.as_ref().map_or("invalid", route_label);
+    let captured = matches!(
+        &class,
+        Some(Classification::Replicable(r)) if proxy.replicate.contains(&r.class)
     );
-    // A client's trace continues through the gateway.
-    crate::telemetry::follow(
-        &span,
-        req.headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok()),
-    );
-    async move {
-        let started = Instant::now();
-        let mut route = "invalid";
-        let resp = match proxy.upstream_url(req.method(), req.uri()) {
-            Err(e) => Err(e),
-            Ok(url) => {
-                let class = keystone::classify(req.method().as_str(), proxy.keystone_path(&url));
-                route = route_label(&class);
-                match class {
-                    Classification::Replicable(route) if proxy.replicate.contains(&route.class) => {
-                        capture::forward_captured(&proxy, route, url, peer, req).await
-                    }
-                    _ => proxy.forward_streaming(url, peer, req).await,
-                }
+    // Captured writes are always traced; the rest when someone looks.
+    let traced = captured || proxy.trace_reads();
+    let span = if traced {
+        let span = tracing::info_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            status = field::Empty,
+            seq = field::Empty,
+            op_id = field::Empty,
+        );
+        // A client's trace continues through the gateway.
+        crate::telemetry::follow(
+            &span,
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+        span
+    } else {
+        Span::none()
+    };
+    let work = async move {
+        let resp = match (target, class) {
+            (Err(e), _) => Err(e),
+            (Ok(uri), Some(Classification::Replicable(route))) if captured => {
+                capture::forward_captured(&proxy, route, uri, &peer, req.map(Body::new)).await
             }
+            (Ok(uri), _) => proxy.forward_streaming(uri, &peer, req, traced).await,
         };
         let resp = resp.unwrap_or_else(IntoResponse::into_response);
         let status = resp.status().as_u16();
         let elapsed = started.elapsed();
-        tracing::Span::current().record("status", status);
+        Span::current().record("status", status);
         proxy.metrics.request(method, route, status, elapsed);
         // Per request only at debug: a read never waits on a log write.
         debug!(elapsed_ms = elapsed.as_millis() as u64, "request done");
         resp
+    };
+    if traced {
+        work.instrument(span).await
+    } else {
+        work.await
     }
-    .instrument(span)
-    .await
 }
 
 /// The route class of a request, as a metrics label.
