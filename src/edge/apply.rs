@@ -53,9 +53,26 @@ fn failed(status: Option<u16>, detail: String) -> Applied {
 pub struct Applier<'a> {
     pub keystone: &'a KeystoneClient,
     pub store: &'a EdgeStore,
+    /// Ops applied before this one and not yet committed: their ID map
+    /// changes come first.
+    pub pending: &'a std::sync::Mutex<super::Pending>,
 }
 
 impl Applier<'_> {
+    /// The edge ID a central ID maps to, counting the uncommitted batch.
+    async fn mapping(&self, central_id: &str) -> Result<Option<String>, Transient> {
+        let batched = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .batch
+            .mapping(central_id);
+        match batched {
+            Some(m) => Ok(m),
+            None => Ok(self.store.mapping(central_id).await?),
+        }
+    }
+
     /// Applies one op. `maybe_applied` says an earlier attempt may have reached
     /// the site: a create is then looked for before it is sent again.
     pub async fn apply(&self, op: &OpContent, maybe_applied: bool) -> Result<Applied, Transient> {
@@ -88,7 +105,7 @@ impl Applier<'_> {
             if resolved.contains_key(&id) || op.created_ids.contains(&id) {
                 continue;
             }
-            if let Some(edge_id) = self.store.mapping(&id).await? {
+            if let Some(edge_id) = self.mapping(&id).await? {
                 resolved.insert(id, edge_id);
             } else if let Some(r) = op.refs.iter().find(|r| r.id == id) {
                 if let Some(edge_id) = self.resolve(r, &op.refs, &mut resolved, &mut adds).await? {
@@ -281,7 +298,7 @@ impl Applier<'_> {
             Some(d) if !is_mappable_id(d) => Some(d.to_string()),
             Some(d) => match resolved.get(d) {
                 Some(x) => Some(x.clone()),
-                None => match self.store.mapping(d).await? {
+                None => match self.mapping(d).await? {
                     Some(x) => Some(x),
                     None => {
                         let Some(dref) = refs.iter().find(|x| x.id == d && x.kind == "domain")

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -27,12 +27,16 @@ use crate::protocol::messages::{
 };
 use crate::protocol::{connect_broker, redact_url};
 use crate::settings::config::{EdgeConfig, OnFailure};
-use crate::store::edge::{EdgeStore, StoredOutcome};
+use crate::store::edge::{Batch, EdgeStore, StoredOutcome};
 use apply::Applier;
 use tracing::Instrument;
 
 /// Ops asked for per replay request.
-const REPLAY_LIMIT: i64 = 200;
+const REPLAY_LIMIT: i64 = 256;
+/// Most ops applied before their outcomes are committed together (and
+/// acknowledged). After a start, this many ops past the cursor may have
+/// reached the site without a record: their creates are looked for first.
+const MAX_BATCH: usize = 256;
 /// How long a replay request may take. The run loop waits for it, so it is
 /// short: a request lost with a broken connection must not hold up acks,
 /// answers to central or live ops for long.
@@ -198,11 +202,16 @@ impl Edge {
             stop: stop.clone(),
             control_in: Receiver::default(),
             control_out: Sender::default(),
+            pending: Default::default(),
+            applied_to: AtomicI64::new(self.status.cursor.load(Ordering::Relaxed)),
+            uncertain_through: AtomicI64::new(
+                self.status.cursor.load(Ordering::Relaxed) + MAX_BATCH as i64,
+            ),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
         let mut hello = tokio::time::interval(self.config.hello_interval);
-        loop {
+        'run: loop {
             if need_replay && !runner.status.halted.load(Ordering::Relaxed) {
                 match runner.catch_up().await {
                     Ok(()) => need_replay = false,
@@ -213,19 +222,25 @@ impl Edge {
             tokio::select! {
                 msg = ops.next() => {
                     let Some(msg) = msg else { break };
-                    match serde_json::from_slice::<Envelope>(&msg.payload) {
-                        Ok(mut env) => {
-                            // The op's trace context travels in its NATS headers.
-                            let header = msg.headers.as_ref().and_then(|h| h.get("traceparent"));
-                            if let Some(tp) = header {
-                                env.traceparent = Some(tp.as_str().to_string());
-                            }
-                            match runner.live(env).await {
+                    if let Some(env) = op_envelope(&msg) {
+                        match runner.live(env).await {
                             Ok(gap) => need_replay |= gap,
                             Err(Stuck::Stopping) => break,
                             Err(Stuck::Blocked) => {}
-                        }},
-                        Err(e) => warn!(error = %e, "malformed op message ignored"),
+                        }
+                    }
+                    // Ops already waiting join this one's commit.
+                    let mut more = 0;
+                    while more < MAX_BATCH {
+                        let Some(Some(msg)) = ops.next().now_or_never() else { break };
+                        more += 1;
+                        if let Some(env) = op_envelope(&msg) {
+                            match runner.live(env).await {
+                                Ok(gap) => need_replay |= gap,
+                                Err(Stuck::Stopping) => break 'run,
+                                Err(Stuck::Blocked) => {}
+                            }
+                        }
                     }
                 }
                 msg = redos.next() => {
@@ -266,7 +281,11 @@ impl Edge {
                 }
                 _ = crate::serve::stopped(&mut stop_rx) => break,
             }
+            // What was applied is recorded and acknowledged before anything else.
+            let _ = runner.flush().await;
         }
+        // Ops applied before the stop are recorded and acknowledged.
+        let _ = runner.flush().await;
         info!("edge stopping");
         let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
         let _ = admin_task.await;
@@ -288,19 +307,78 @@ struct Runner {
     stop: watch::Receiver<bool>,
     control_in: Receiver,
     control_out: Sender,
+    /// Ops applied at the site and not yet committed here, with what the
+    /// commit will record.
+    pending: std::sync::Mutex<Pending>,
+    /// The last op applied in order, committed or pending (the cursor is the
+    /// last committed one).
+    applied_to: AtomicI64,
+    /// Ops up to here may have reached the site without a record here (those
+    /// after the cursor at start, or in a batch whose commit failed).
+    uncertain_through: AtomicI64,
+}
+
+/// The ops of the batch being built, and what their acks need.
+#[derive(Default)]
+pub(crate) struct Pending {
+    pub(crate) batch: Batch,
+    /// Per op (in `batch.outcomes` order): its kind and its `apply` span.
+    ops: Vec<(String, tracing::Span)>,
 }
 
 impl Runner {
-    /// The cursor: kept in memory, moved by each commit that moves it in the
-    /// database (read from it once, at start).
+    /// Where the next op in order follows: the last op applied (in memory:
+    /// committed or in the batch being built).
     async fn cursor(&self) -> i64 {
-        self.status.cursor.load(Ordering::Relaxed)
+        self.applied_to.load(Ordering::Relaxed)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits the ops applied since the last commit in one transaction, then
+    /// acknowledges them. An ack never leaves before its outcome is durable.
+    async fn flush(&self) -> Result<(), Stuck> {
+        let Pending { batch, ops } = std::mem::take(&mut *self.pending());
+        if batch.outcomes.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.store.commit_batch(&batch).await {
+            error!(ops = batch.outcomes.len(), error = %e, "cannot record applied ops; they will be replayed");
+            self.status.set_error(Some(format!("edge database: {e}")));
+            // Applied at the site, not recorded: replayed in order, creates
+            // looked for first.
+            if let Some(last) = batch.outcomes.iter().map(|o| o.seq).max() {
+                self.uncertain_through.fetch_max(last, Ordering::Relaxed);
+            }
+            self.applied_to
+                .store(self.status.cursor.load(Ordering::Relaxed), Ordering::Relaxed);
+            return Err(Stuck::Blocked);
+        }
+        if let Some(seq) = batch.cursor {
+            self.status.cursor.fetch_max(seq, Ordering::Relaxed);
+        }
+        if let Ok(n) = self.store.map_size().await {
+            self.status.id_map_size.store(n, Ordering::Relaxed);
+        }
+        for (stored, (kind, span)) in batch.outcomes.iter().zip(ops) {
+            if stored.outcome == Outcome::Failed.as_str() {
+                self.status.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(parent: &span, seq = stored.seq, %kind, status = ?stored.status, detail = ?stored.detail, "op failed at this edge");
+            } else {
+                self.status.applied.fetch_add(1, Ordering::Relaxed);
+                info!(parent: &span, seq = stored.seq, op_id = %stored.op_id, %kind, outcome = %stored.outcome, "op applied");
+            }
+            self.ack_stored(stored).instrument(span).await;
+        }
+        Ok(())
     }
 
     async fn hello(&self) {
         let hello = Hello {
             edge: self.id.clone(),
-            cursor: self.cursor().await,
+            cursor: self.status.cursor.load(Ordering::Relaxed),
             version: env!("CARGO_PKG_VERSION").to_string(),
             error: self.status.error(),
             outcomes_through: self.store.outcomes_through().await.ok(),
@@ -362,8 +440,12 @@ impl Runner {
             }
             let count = batch.ops.len();
             for env in batch.ops {
-                self.process(env, false).await?;
+                if let Err(stuck) = self.process(env, false).await {
+                    let _ = self.flush().await;
+                    return Err(stuck);
+                }
             }
+            self.flush().await?;
             if (count as i64) < REPLAY_LIMIT && self.cursor().await >= batch.last_seq {
                 return Ok(());
             }
@@ -515,6 +597,10 @@ impl Runner {
     }
 
     async fn process(&self, env: Envelope, directed: bool) -> Result<(), Stuck> {
+        if directed {
+            // A re-drive is recorded on its own, after what came before it.
+            self.flush().await?;
+        }
         let cursor = self.cursor().await;
         if env.seq <= cursor && !directed {
             // Already done: acknowledge again, never replay. (Central checks
@@ -538,15 +624,18 @@ impl Runner {
             outcome = tracing::field::Empty,
         );
         crate::telemetry::follow(&span, env.traceparent.as_deref());
-        self.apply_in_order(env, cursor).instrument(span).await
+        self.apply_in_order(env, cursor, directed)
+            .instrument(span)
+            .await
     }
 
     /// Applies the next op (or a directed one), records and acknowledges it.
-    async fn apply_in_order(&self, env: Envelope, cursor: i64) -> Result<(), Stuck> {
+    async fn apply_in_order(&self, env: Envelope, cursor: i64, directed: bool) -> Result<(), Stuck> {
         let op = self.open_op(&env)?;
         let applier = Applier {
             keystone: &self.keystone,
             store: &self.store,
+            pending: &self.pending,
         };
         // Keystone may echo a refused value (a password) in its error text:
         // scrub the op's secrets from every text that leaves this function.
@@ -556,11 +645,16 @@ impl Runner {
             .map(crate::redact::secret_values)
             .unwrap_or_default();
         let scrub = |t: &str| crate::redact::scrub(t, &secrets);
-        // An earlier attempt that left its mark may have been applied: the write
-        // is looked for before it is sent again.
-        let mut maybe_applied =
-            matches!(self.store.inflight(op.seq).await, Ok(Some(id)) if id == op.op_id);
-        if op.state == "committed" {
+        // An earlier attempt may have reached the site without a record here:
+        // the write is then looked for before it is sent again. In order, that
+        // is any op in the window after a start or a failed commit; a re-drive
+        // (rare, out of order) marks itself in flight, durably, instead.
+        let mut maybe_applied = if directed {
+            matches!(self.store.inflight(op.seq).await, Ok(Some(id)) if id == op.op_id)
+        } else {
+            op.seq <= self.uncertain_through.load(Ordering::Relaxed)
+        };
+        if directed && op.state == "committed" {
             if let Err(e) = self.store.mark_inflight(op.seq, &op.op_id).await {
                 error!(seq = op.seq, error = %e, "cannot mark an op in flight; not applying it");
                 self.status.set_error(Some(format!("edge database: {e}")));
@@ -613,29 +707,19 @@ impl Runner {
             detail: applied.detail.clone(),
             edge_ids: applied.edge_ids.clone(),
         };
-        if let Err(e) = self.store.commit(&stored, &changes).await {
-            error!(seq = op.seq, error = %e, "cannot record an applied op; it will be replayed");
-            self.status.set_error(Some(format!("edge database: {e}")));
-            return Err(Stuck::Blocked);
+        let advance = changes.advance;
+        let full = {
+            let mut pending = self.pending();
+            pending.batch.push(stored, changes);
+            pending.ops.push((op.kind.clone(), tracing::Span::current()));
+            pending.batch.len() >= MAX_BATCH
+        };
+        if advance {
+            self.applied_to.fetch_max(op.seq, Ordering::Relaxed);
         }
-        match applied.outcome {
-            Outcome::Failed => {
-                self.status.failed.fetch_add(1, Ordering::Relaxed);
-                warn!(seq = op.seq, kind = %op.kind, status = ?applied.status, detail = ?applied.detail, "op failed at this edge");
-            }
-            outcome => {
-                self.status.applied.fetch_add(1, Ordering::Relaxed);
-                info!(seq = op.seq, op_id = %op.op_id, kind = %op.kind, outcome = outcome.as_str(), "op applied");
-            }
+        if full || directed || halt {
+            self.flush().await?;
         }
-        // The cursor moved in the commit just made: no need to read it back.
-        if changes.advance {
-            self.status.cursor.fetch_max(op.seq, Ordering::Relaxed);
-        }
-        if let Ok(n) = self.store.map_size().await {
-            self.status.id_map_size.store(n, Ordering::Relaxed);
-        }
-        self.ack_stored(&stored).await;
         if halt {
             let msg = format!(
                 "halted after op {} failed (--on-failure halt); retry it from central",
@@ -673,6 +757,23 @@ impl Runner {
             .await
         {
             warn!(seq = done.seq, error = %e, "ack not sent");
+        }
+    }
+}
+
+/// An op message from the broker, with the trace context its NATS headers
+/// carry; `None` (logged) when it cannot be read.
+fn op_envelope(msg: &async_nats::Message) -> Option<Envelope> {
+    match serde_json::from_slice::<Envelope>(&msg.payload) {
+        Ok(mut env) => {
+            if let Some(tp) = msg.headers.as_ref().and_then(|h| h.get("traceparent")) {
+                env.traceparent = Some(tp.as_str().to_string());
+            }
+            Some(env)
+        }
+        Err(e) => {
+            warn!(error = %e, "malformed op message ignored");
+            None
         }
     }
 }

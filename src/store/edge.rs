@@ -1,8 +1,10 @@
 //! An edge's SQLite state: cursor, ID map and per-op outcomes. The outcome of
 //! an op, the ID map changes it caused and the cursor commit in one transaction.
 
+use std::collections::HashMap;
+
 use sqlx::sqlite::SqlitePoolOptions;
-use sqlx::SqlitePool;
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::StoreError;
 
@@ -27,6 +29,53 @@ pub struct Commit {
     /// Move the cursor to this op (false when halting on a failure).
     pub advance: bool,
 }
+
+/// What applying a run of ops changes, committed in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub outcomes: Vec<StoredOutcome>,
+    /// The ID map's changes folded in op order: central ID -> `(edge ID, kind)`,
+    /// or `None` when its entity was deleted.
+    pub map: HashMap<String, Option<(String, String)>>,
+    /// Where the cursor moves (when some op in the batch moves it).
+    pub cursor: Option<i64>,
+}
+
+impl Batch {
+    /// Adds one op's outcome and changes, after those already in the batch.
+    pub fn push(&mut self, outcome: StoredOutcome, changes: Commit) {
+        for (central, edge, kind) in changes.map_adds {
+            self.map.insert(central, Some((edge, kind)));
+        }
+        for central in changes.map_removes {
+            self.map.insert(central, None);
+        }
+        if changes.advance {
+            self.cursor = Some(self.cursor.map_or(outcome.seq, |c| c.max(outcome.seq)));
+        }
+        self.outcomes.retain(|o| o.seq != outcome.seq);
+        self.outcomes.push(outcome);
+    }
+
+    /// The batch's word on a central ID: `Some(None)` when its entity was
+    /// deleted by an op of the batch, `None` when the batch does not know it.
+    pub fn mapping(&self, central_id: &str) -> Option<Option<String>> {
+        self.map
+            .get(central_id)
+            .map(|m| m.as_ref().map(|(edge, _)| edge.clone()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outcomes.is_empty() && self.map.is_empty()
+    }
+}
+
+/// Rows per multi-row statement (well under SQLite's bound-parameter limit).
+const ROWS_PER_STATEMENT: usize = 500;
 
 fn stored(
     (seq, op_id, outcome, status, detail, ids): (
@@ -164,48 +213,92 @@ impl EdgeStore {
         outcome: &StoredOutcome,
         changes: &Commit,
     ) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.push(
+            outcome.clone(),
+            Commit {
+                map_adds: changes.map_adds.clone(),
+                map_removes: changes.map_removes.clone(),
+                advance: changes.advance,
+            },
+        );
+        self.commit_batch(&batch).await
+    }
+
+    /// Records the outcomes of a run of ops with their ID map changes and the
+    /// cursor in one transaction (one sync to disk for all of them).
+    pub async fn commit_batch(&self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() && batch.cursor.is_none() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO outcomes (seq, op_id, outcome, status, detail, edge_ids, applied_at)
-             VALUES (?, ?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-             ON CONFLICT (seq) DO UPDATE SET op_id = excluded.op_id, outcome = excluded.outcome,
-                 status = excluded.status, detail = excluded.detail, edge_ids = excluded.edge_ids,
-                 applied_at = excluded.applied_at",
-        )
-        .bind(outcome.seq)
-        .bind(&outcome.op_id)
-        .bind(&outcome.outcome)
-        .bind(outcome.status)
-        .bind(&outcome.detail)
-        .bind(serde_json::to_string(&outcome.edge_ids).expect("strings serialize"))
-        .execute(&mut *tx)
-        .await?;
-        for (central, edge, kind) in &changes.map_adds {
-            sqlx::query(
-                "INSERT INTO id_map (central_id, edge_id, kind, updated_at)
-                 VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-                 ON CONFLICT (central_id) DO UPDATE SET edge_id = excluded.edge_id, kind = excluded.kind,
-                     updated_at = excluded.updated_at",
-            )
-            .bind(central)
-            .bind(edge)
-            .bind(kind)
-            .execute(&mut *tx)
-            .await?;
+        for chunk in batch.outcomes.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO outcomes (seq, op_id, outcome, status, detail, edge_ids, applied_at) ",
+            );
+            q.push_values(chunk, |mut row, o| {
+                row.push_bind(o.seq)
+                    .push_bind(&o.op_id)
+                    .push_bind(&o.outcome)
+                    .push_bind(o.status)
+                    .push_bind(&o.detail)
+                    .push_bind(serde_json::to_string(&o.edge_ids).expect("strings serialize"))
+                    .push("strftime('%Y-%m-%dT%H:%M:%fZ', 'now')");
+            });
+            q.push(
+                " ON CONFLICT (seq) DO UPDATE SET op_id = excluded.op_id, outcome = excluded.outcome,
+                   status = excluded.status, detail = excluded.detail, edge_ids = excluded.edge_ids,
+                   applied_at = excluded.applied_at",
+            );
+            q.build().execute(&mut *tx).await?;
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("DELETE FROM inflight WHERE seq IN (");
+            let mut seqs = q.separated(", ");
+            for o in chunk {
+                seqs.push_bind(o.seq);
+            }
+            q.push(")");
+            q.build().execute(&mut *tx).await?;
         }
-        for central in &changes.map_removes {
-            sqlx::query("DELETE FROM id_map WHERE central_id = ?")
-                .bind(central)
-                .execute(&mut *tx)
-                .await?;
+        let adds: Vec<(&String, &String, &String)> = batch
+            .map
+            .iter()
+            .filter_map(|(c, m)| m.as_ref().map(|(e, k)| (c, e, k)))
+            .collect();
+        for chunk in adds.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO id_map (central_id, edge_id, kind, updated_at) ");
+            q.push_values(chunk, |mut row, (central, edge, kind)| {
+                row.push_bind(*central)
+                    .push_bind(*edge)
+                    .push_bind(*kind)
+                    .push("strftime('%Y-%m-%dT%H:%M:%fZ', 'now')");
+            });
+            q.push(
+                " ON CONFLICT (central_id) DO UPDATE SET edge_id = excluded.edge_id,
+                   kind = excluded.kind, updated_at = excluded.updated_at",
+            );
+            q.build().execute(&mut *tx).await?;
         }
-        sqlx::query("DELETE FROM inflight WHERE seq = ?")
-            .bind(outcome.seq)
-            .execute(&mut *tx)
-            .await?;
-        if changes.advance {
+        let removes: Vec<&String> = batch
+            .map
+            .iter()
+            .filter(|(_, m)| m.is_none())
+            .map(|(c, _)| c)
+            .collect();
+        for chunk in removes.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("DELETE FROM id_map WHERE central_id IN (");
+            let mut ids = q.separated(", ");
+            for central in chunk {
+                ids.push_bind(*central);
+            }
+            q.push(")");
+            q.build().execute(&mut *tx).await?;
+        }
+        if let Some(seq) = batch.cursor {
             sqlx::query("UPDATE cursor SET seq = MAX(seq, ?) WHERE id = 1")
-                .bind(outcome.seq)
+                .bind(seq)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -260,6 +353,64 @@ mod tests {
             (2, "failed")
         );
         assert_eq!(store.inflight(3).await.unwrap(), None);
+    }
+
+    /// A batch records each op's outcome once, its ID map changes in op order
+    /// (a removal after an add removes; an add after a removal maps again),
+    /// and the cursor at the last op that moves it.
+    #[tokio::test]
+    async fn a_batch_commits_its_ops_in_order_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EdgeStore::open(&format!("sqlite://{}", dir.path().join("e.db").display()))
+            .await
+            .unwrap();
+        let outcome = |seq: i64| StoredOutcome {
+            seq,
+            op_id: format!("o{seq}"),
+            outcome: "applied".into(),
+            status: Some(201),
+            detail: None,
+            edge_ids: vec![],
+        };
+        let add = |c: &str, e: &str| Commit {
+            map_adds: vec![(c.into(), e.into(), "user".into())],
+            map_removes: vec![],
+            advance: true,
+        };
+        let remove = |c: &str| Commit {
+            map_adds: vec![],
+            map_removes: vec![c.into()],
+            advance: true,
+        };
+        store.commit(&outcome(1), &add("kept", "e0")).await.unwrap();
+        let mut batch = Batch::default();
+        batch.push(outcome(2), add("gone", "e1"));
+        batch.push(outcome(3), remove("gone"));
+        batch.push(outcome(4), remove("kept"));
+        batch.push(outcome(5), add("kept", "e2"));
+        assert_eq!(batch.mapping("gone"), Some(None));
+        assert_eq!(batch.mapping("kept"), Some(Some("e2".into())));
+        assert_eq!(batch.mapping("other"), None);
+        let mut failed = outcome(6);
+        failed.outcome = "failed".into();
+        batch.push(
+            failed.clone(),
+            Commit {
+                advance: false,
+                ..Commit::default()
+            },
+        );
+        assert_eq!(batch.len(), 5);
+        store.commit_batch(&batch).await.unwrap();
+        assert_eq!(store.cursor().await.unwrap(), 5, "the failed op did not move it");
+        assert_eq!(store.mapping("gone").await.unwrap(), None);
+        assert_eq!(store.mapping("kept").await.unwrap().as_deref(), Some("e2"));
+        assert_eq!(store.map_size().await.unwrap(), 1);
+        for seq in 2..=5 {
+            assert_eq!(store.outcome(seq).await.unwrap(), Some(outcome(seq)));
+        }
+        assert_eq!(store.outcome(6).await.unwrap(), Some(failed));
+        assert_eq!(store.outcomes_through().await.unwrap(), 6);
     }
 
     #[tokio::test]

@@ -415,6 +415,49 @@ async fn an_edge_killed_between_its_call_and_its_commit_applies_each_create_once
     env.shutdown().await;
 }
 
+/// An edge catching up applies several ops before it commits them together:
+/// killed in the middle, it applies none of them twice when it comes back.
+#[tokio::test]
+async fn an_edge_killed_in_the_middle_of_a_batch_applies_each_create_once() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "base"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    let before = env.edges[0].site.creates_of("project");
+    env.kill_edge(0).await;
+    for i in 0..6 {
+        let (status, resp) = env
+            .write(
+                "POST",
+                "/v3/projects",
+                Some(json!({"project": {"name": format!("batch-{i}")}})),
+            )
+            .await;
+        assert_eq!(status, 201, "{resp}");
+    }
+    // Three creates answered, the fourth applied and never answered.
+    env.edges[0].site.state.lock().unwrap().hang_after_writes = Some(3);
+    env.restart_edge(0).await;
+    env.until("four creates reached the edge's site", || async {
+        env.edges[0].site.creates_of("project") == before + 4
+    })
+    .await;
+    env.kill_edge(0).await;
+    env.restart_edge(0).await;
+    env.until_delivered(&["edge-a"], &["applied"]).await;
+    assert_eq!(
+        env.edges[0].site.creates_of("project"),
+        before + 6,
+        "each create applied once"
+    );
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_intent_left_open_while_running_becomes_unknown_outcome() {
     let app = crate::helpers::spawn_app_with(|c| {

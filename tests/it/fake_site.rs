@@ -43,6 +43,9 @@ pub struct SiteState {
     /// The next successful write is applied and then never answered (the
     /// answer is lost: a crash or a cut after Keystone committed).
     pub hang_after_next_write: bool,
+    /// This many successful writes are answered, then one is applied and never
+    /// answered (as `hang_after_next_write`).
+    pub hang_after_writes: Option<usize>,
     /// The next write is refused with 400 and a message that echoes the user's
     /// password (as Keystone's validation errors echo refused values).
     pub echo_next: bool,
@@ -342,7 +345,18 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
     }
     let hang = write && resp.status().is_success() && {
         let mut st = state.lock().unwrap();
-        std::mem::take(&mut st.hang_after_next_write)
+        let counted = match st.hang_after_writes {
+            Some(0) => {
+                st.hang_after_writes = None;
+                true
+            }
+            Some(n) => {
+                st.hang_after_writes = Some(n - 1);
+                false
+            }
+            None => false,
+        };
+        std::mem::take(&mut st.hang_after_next_write) || counted
     };
     if hang {
         std::future::pending::<()>().await;
