@@ -6,11 +6,11 @@ A fast upstream (nginx, one worker, static Keystone-shaped JSON; a POST answers
 reverse proxy (one worker, keepalive), and through `syncgate central` (release
 build). The server under test and the upstream share core 0; wrk runs on core 1
 (`wrk -t1 -c32`). Each figure is the best of three alternating 5-second runs.
-Then an edge joins with every captured op still to apply (against a fast
+Then an edge joins with every captured op (at least 100,000) still to apply (against a fast
 edge Keystone: nginx again) and its catch-up rate is measured. Prints figures
 only; it never fails on a timing.
 
-Usage: bench.py [--seconds N] [--runs N] [--connections N]
+Usage: bench.py [--seconds N] [--runs N] [--connections N] [--catch-up-ops N]
 """
 
 import argparse
@@ -256,6 +256,8 @@ def main():
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--binary", default=str(REPO / "target" / "release" / "syncgate"))
     ap.add_argument("--lag-seconds", type=int, default=5)
+    ap.add_argument("--catch-up-ops", type=int, default=100_000,
+                    help="ops the edge has to catch up with (more captured writes are made first)")
     ap.add_argument("--catch-up-limit", type=int, default=120,
                     help="seconds the edge may take to catch up with every captured op")
     opts = ap.parse_args()
@@ -291,7 +293,10 @@ def main():
                     runs[name].append(wrk(f"http://127.0.0.1:{port}{path}", opts.seconds, opts.connections, lua))
             table[label] = {name: best(r) for name, r in runs.items()}
             table[label]["rss"] = central.peak_rss_mb()
-        # Catch-up: an edge that joins with every op above still to apply.
+        # Catch-up: an edge that joins with every op above still to apply,
+        # topped up with more captured writes to --catch-up-ops.
+        while _last_seq(sg_admin) < opts.catch_up_ops:
+            wrk(f"http://127.0.0.1:{sg_port}/v3/projects", opts.seconds, opts.connections, str(script))
         last = _last_seq(sg_admin)
         ek_port, edge_admin = free_port(), free_port()
         servers.append(Server(["nginx", "-c", str(edge_keystone_conf(work, ek_port))], 0))

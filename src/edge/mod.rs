@@ -352,8 +352,10 @@ impl Runner {
             if let Some(last) = batch.outcomes.iter().map(|o| o.seq).max() {
                 self.uncertain_through.fetch_max(last, Ordering::Relaxed);
             }
-            self.applied_to
-                .store(self.status.cursor.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.applied_to.store(
+                self.status.cursor.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
             return Err(Stuck::Blocked);
         }
         if let Some(seq) = batch.cursor {
@@ -630,7 +632,12 @@ impl Runner {
     }
 
     /// Applies the next op (or a directed one), records and acknowledges it.
-    async fn apply_in_order(&self, env: Envelope, cursor: i64, directed: bool) -> Result<(), Stuck> {
+    async fn apply_in_order(
+        &self,
+        env: Envelope,
+        cursor: i64,
+        directed: bool,
+    ) -> Result<(), Stuck> {
         let op = self.open_op(&env)?;
         let applier = Applier {
             keystone: &self.keystone,
@@ -711,7 +718,9 @@ impl Runner {
         let full = {
             let mut pending = self.pending();
             pending.batch.push(stored, changes);
-            pending.ops.push((op.kind.clone(), tracing::Span::current()));
+            pending
+                .ops
+                .push((op.kind.clone(), tracing::Span::current()));
             pending.batch.len() >= MAX_BATCH
         };
         if advance {

@@ -402,7 +402,11 @@ mod tests {
         );
         assert_eq!(batch.len(), 5);
         store.commit_batch(&batch).await.unwrap();
-        assert_eq!(store.cursor().await.unwrap(), 5, "the failed op did not move it");
+        assert_eq!(
+            store.cursor().await.unwrap(),
+            5,
+            "the failed op did not move it"
+        );
         assert_eq!(store.mapping("gone").await.unwrap(), None);
         assert_eq!(store.mapping("kept").await.unwrap().as_deref(), Some("e2"));
         assert_eq!(store.map_size().await.unwrap(), 1);

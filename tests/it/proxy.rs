@@ -256,3 +256,110 @@ async fn ready_when_upstream_answers_and_op_log_writable() {
         "{metrics}"
     );
 }
+
+/// A TLS front for a plain HTTP server: what an operator's Keystone behind
+/// `https` looks like. Returns the port, on `localhost`.
+async fn tls_front(cert: &rcgen::CertifiedKey<rcgen::KeyPair>, plain: String) -> u16 {
+    use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.cert.der().clone()],
+        PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let upstream = plain
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_verified_against_the_systems_ca_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let trusted = dir.path().join("trusted.pem");
+    std::fs::write(&trusted, cert.cert.pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let untrusted = dir.path().join("other.pem");
+    std::fs::write(&untrusted, other.cert.pem()).unwrap();
+
+    let fake = FakeKeystone::start().await;
+    let port = tls_front(&cert, fake.url()).await;
+    let upstream =
+        syncgate::settings::config::parse_base_url(&format!("https://localhost:{port}")).unwrap();
+    // The system's CA bundle is read from SSL_CERT_FILE (each test is its own
+    // process under nextest).
+    std::env::set_var("SSL_CERT_FILE", &trusted);
+    let mut config = config_for(
+        &fake,
+        &format!("sqlite://{}", dir.path().join("c.db").display()),
+    );
+    config.upstream = upstream.clone();
+    let app = start(fake, config).await;
+    let read = app
+        .client
+        .get(app.url("/v3/projects"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status().as_u16(), 200);
+    let resp = app
+        .write(
+            "POST",
+            "/v3/projects",
+            Some(serde_json::json!({"project": {"name": "over-tls"}})),
+        )
+        .await;
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(app.all_ops().await.len(), 1, "the write was captured");
+    let (fake, _) = app.stop().await;
+
+    // A certificate the system does not trust: nothing is sent, no op logged.
+    std::env::set_var("SSL_CERT_FILE", &untrusted);
+    let mut config = config_for(
+        &fake,
+        &format!("sqlite://{}", dir.path().join("d.db").display()),
+    );
+    config.upstream = upstream;
+    let app = start(fake, config).await;
+    let reached = app.fake.count();
+    for (method, path) in [("GET", "/v3/projects"), ("POST", "/v3/projects")] {
+        let resp = app
+            .write(
+                method,
+                path,
+                Some(serde_json::json!({"project": {"name": "refused"}})),
+            )
+            .await;
+        assert_eq!(resp.status().as_u16(), 502, "{method} {path}");
+    }
+    assert!(app.all_ops().await.is_empty());
+    assert_eq!(app.fake.count(), reached, "nothing reached the upstream");
+    app.stop().await;
+}
