@@ -54,6 +54,13 @@ pub struct EdgeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub edge: String,
+    pub kind: String,
+    pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AckLabels {
     pub edge: String,
     pub outcome: &'static str,
@@ -112,6 +119,14 @@ pub struct Metrics {
     pub edge_lag_ops: Family<EdgeLabel, Gauge>,
     pub edge_lag_seconds: Family<EdgeLabel, Gauge<f64, AtomicU64>>,
     pub edge_out_of_sync: Family<EdgeLabel, Gauge>,
+    /// Differences the last drift audit found, per edge, kind and category.
+    pub drift: Family<DriftLabels, Gauge>,
+    /// The running (or last) resync of each edge: steps done and planned.
+    pub resync_done: Family<EdgeLabel, Gauge>,
+    pub resync_total: Family<EdgeLabel, Gauge>,
+    pub resync_running: Family<EdgeLabel, Gauge>,
+    /// Users a resync created at each edge that have no password there yet.
+    pub needs_password: Family<EdgeLabel, Gauge>,
     pub deliveries_pending: Gauge,
     pub deliveries_failed: Gauge,
     pub deliveries_timed_out: Gauge,
@@ -157,6 +172,11 @@ impl Metrics {
             edge_lag_ops: Family::default(),
             edge_lag_seconds: Family::default(),
             edge_out_of_sync: Family::default(),
+            drift: Family::default(),
+            resync_done: Family::default(),
+            resync_total: Family::default(),
+            resync_running: Family::default(),
+            needs_password: Family::default(),
             deliveries_pending: Gauge::default(),
             deliveries_failed: Gauge::default(),
             deliveries_timed_out: Gauge::default(),
@@ -277,6 +297,31 @@ impl Metrics {
             format!("{p}_edge_out_of_sync"),
             "Deliveries failed or timed out at each edge",
             m.edge_out_of_sync.clone(),
+        );
+        r.register(
+            format!("{p}_drift_differences"),
+            "Differences the last drift audit found between central's and each edge's identity state",
+            m.drift.clone(),
+        );
+        r.register(
+            format!("{p}_resync_done"),
+            "Changes (ID map entries and writes) applied by each edge's current or last resync",
+            m.resync_done.clone(),
+        );
+        r.register(
+            format!("{p}_resync_total"),
+            "Changes each edge's current or last resync planned",
+            m.resync_total.clone(),
+        );
+        r.register(
+            format!("{p}_resync_running"),
+            "1 while a resync or repair of the edge runs",
+            m.resync_running.clone(),
+        );
+        r.register(
+            format!("{p}_users_needing_password"),
+            "Users a resync created at each edge that have no password there yet",
+            m.needs_password.clone(),
         );
         r.register(
             format!("{p}_deliveries_pending"),

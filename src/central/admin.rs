@@ -41,6 +41,8 @@ pub struct Admin {
     pub ack_timeout: Duration,
     /// Set when a task of the gateway stopped: readiness fails from then on.
     pub failed: std::sync::Mutex<Option<String>>,
+    /// Set once central's sync client is up: resyncs and drift audits.
+    pub resyncer: OnceLock<Arc<crate::central::resync::Resyncer>>,
 }
 
 impl Admin {
@@ -85,6 +87,11 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/ops/{seq}", get(get_op))
         .route("/v1/ops/{seq}/retry", axum::routing::post(retry_op))
         .route("/v1/edges", get(list_edges))
+        .route("/v1/edges/{edge}", get(get_edge))
+        .route("/v1/edges/{edge}/resync", axum::routing::post(resync_edge))
+        .route("/v1/drift", get(list_drift))
+        .route("/v1/drift/run", axum::routing::post(run_drift))
+        .route("/v1/drift/repair", axum::routing::post(repair_drift))
         .route("/v1/out-of-sync", get(out_of_sync))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
@@ -412,6 +419,281 @@ async fn list_edges(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, ApiE
         })
         .collect();
     Ok(Json(json!({"edges": edges})))
+}
+
+fn edge_json(e: crate::store::EdgeRow, offline_ms: i64) -> Value {
+    let online = e.silent_ms.is_some_and(|ms| ms <= offline_ms);
+    json!({
+        "id": e.id,
+        "declared": e.declared,
+        "cursor": e.cursor,
+        "acked_through": e.acked_seq,
+        "lag_ops": e.lag_ops,
+        "lag_seconds": (e.lag_seconds * 1000.0).round() / 1000.0,
+        "last_seen": e.last_seen,
+        "online": online,
+        "version": e.version,
+        "error": e.error,
+    })
+}
+
+fn resyncer(admin: &Admin) -> Result<&Arc<crate::central::resync::Resyncer>, ApiError> {
+    admin.resyncer.get().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "central's sync client is not up yet".into(),
+        )
+    })
+}
+
+fn start_error(e: crate::central::resync::StartError) -> ApiError {
+    use crate::central::resync::StartError;
+    match e {
+        StartError::NoEdge(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+        StartError::Busy(..) => ApiError(StatusCode::CONFLICT, e.to_string()),
+        StartError::NoCredentials => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        StartError::Internal(e) => internal(e),
+    }
+}
+
+fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match params.get(name).map(String::as_str) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(v) => Err(bad_request(format!(
+            "'{name}' must be true or false, got '{v}'"
+        ))),
+    }
+}
+
+/// Edge status, with its resync, its last drift audit and its users that
+/// need a password.
+async fn get_edge(
+    State(admin): State<Arc<Admin>>,
+    Path(edge): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let offline_ms = admin.edge_offline_after.as_millis() as i64;
+    let Some(row) = admin
+        .store
+        .edges()
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .find(|e| e.id == edge)
+    else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{edge}'")));
+    };
+    if let Some(r) = admin.resyncer.get() {
+        r.refresh_needs_password(&edge).await;
+    }
+    let mut out = edge_json(row, offline_ms);
+    out["resync"] = match admin.store.resync(&edge).await.map_err(internal)? {
+        Some(r) => {
+            let result: Value = r
+                .result
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or(Value::Null);
+            let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
+            v["result"] = result;
+            v
+        }
+        None => Value::Null,
+    };
+    out["drift"] = drift_summary(&admin, &edge).await?;
+    let (count, users) = admin
+        .store
+        .needs_password(&edge, MAX_LIMIT)
+        .await
+        .map_err(internal)?;
+    out["needs_password"] = json!({"count": count, "users": users});
+    Ok(Json(out))
+}
+
+async fn drift_summary(admin: &Admin, edge: &str) -> Result<Value, ApiError> {
+    let Some(run) = admin.store.drift_run(edge).await.map_err(internal)? else {
+        return Ok(Value::Null);
+    };
+    let mut counts = serde_json::Map::new();
+    for (e, kind, category, n) in admin.store.drift_counts().await.map_err(internal)? {
+        if e == edge {
+            let by_kind = counts.entry(category).or_insert_with(|| json!({}));
+            by_kind[kind] = json!(n);
+        }
+    }
+    let mut v = serde_json::to_value(&run).unwrap_or(Value::Null);
+    v["counts"] = Value::Object(counts);
+    Ok(v)
+}
+
+async fn resync_edge(
+    State(admin): State<Arc<Admin>>,
+    Path(edge): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    only_params(&params, &["prune"])?;
+    let prune = flag(&params, "prune")?;
+    resyncer(&admin)?
+        .start(&edge, "resync", prune)
+        .await
+        .map_err(start_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "edge": edge,
+            "resync": "started",
+            "prune": prune,
+            "message": format!("follow it with GET /v1/edges/{edge}"),
+        })),
+    )
+        .into_response())
+}
+
+async fn repair_drift(
+    State(admin): State<Arc<Admin>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let edge = only_params(&params, &["edge", "prune"])?
+        .ok_or_else(|| bad_request("'edge' is required"))?
+        .to_string();
+    let prune = flag(&params, "prune")?;
+    resyncer(&admin)?
+        .start(&edge, "repair", prune)
+        .await
+        .map_err(start_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "edge": edge,
+            "repair": "started",
+            "prune": prune,
+            "message": format!(
+                "central's state is applied for what differs; follow it with GET /v1/edges/{edge}"
+            ),
+        })),
+    )
+        .into_response())
+}
+
+async fn run_drift(
+    State(admin): State<Arc<Admin>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let edge = only_params(&params, &["edge"])?;
+    let r = resyncer(&admin)?;
+    let edges: Vec<String> = match edge {
+        Some(e) => vec![e.to_string()],
+        None => admin
+            .store
+            .edges()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|e| e.id)
+            .collect(),
+    };
+    for e in &edges {
+        r.start_drift(e).await.map_err(start_error)?;
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "edges": edges,
+            "drift_audit": "started",
+            "message": "results in GET /v1/drift?edge=<edge>",
+        })),
+    )
+        .into_response())
+}
+
+async fn list_drift(
+    State(admin): State<Arc<Admin>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let edge = only_params(&params, &["edge", "kind", "category", "limit"])?;
+    let category = params.get("category").map(String::as_str);
+    if let Some(c) = category {
+        if !["missing_at_edge", "only_at_edge", "differs"].contains(&c) {
+            return Err(bad_request(format!(
+                "'category' must be missing_at_edge, only_at_edge or differs, got '{c}'"
+            )));
+        }
+    }
+    let kind = params.get("kind").map(String::as_str);
+    if let Some(k) = kind {
+        if !crate::keystone::state::KINDS.contains(&k) {
+            return Err(bad_request(format!(
+                "unknown kind '{k}' (expected one of {})",
+                crate::keystone::state::KINDS.join(", ")
+            )));
+        }
+    }
+    let limit = match params.get("limit") {
+        None => DEFAULT_OUT_OF_SYNC,
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT * 10).contains(n))
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "'limit' must be between 1 and {}, got '{v}'",
+                    MAX_LIMIT * 10
+                ))
+            })?,
+    };
+    let edges: Vec<String> = match edge {
+        Some(e) => {
+            if admin
+                .store
+                .edge_position(e)
+                .await
+                .map_err(internal)?
+                .is_none()
+            {
+                return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{e}'")));
+            }
+            vec![e.to_string()]
+        }
+        None => admin
+            .store
+            .edges()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|e| e.id)
+            .collect(),
+    };
+    let mut runs = Vec::new();
+    for e in &edges {
+        let mut run = drift_summary(&admin, e).await?;
+        if run.is_null() {
+            run = json!({"edge": e, "state": "never_run"});
+        }
+        runs.push(run);
+    }
+    let rows = admin
+        .store
+        .drift(edge, kind, category, limit + 1)
+        .await
+        .map_err(internal)?;
+    let truncated = rows.len() as i64 > limit;
+    let differences: Vec<Value> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|r| {
+            let fields: Value = serde_json::from_str(&r.fields).unwrap_or(json!([]));
+            let mut v = serde_json::to_value(&r).unwrap_or(Value::Null);
+            if r.category == "differs" {
+                v["fields"] = fields;
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({
+        "runs": runs,
+        "differences": differences,
+        "truncated": truncated,
+    })))
 }
 
 async fn out_of_sync(

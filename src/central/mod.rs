@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod resync;
 pub mod sync;
 
 use std::future::Future;
@@ -39,6 +40,8 @@ pub struct Central {
     broker: Option<Broker>,
     config: CentralConfig,
     sealer: Arc<Sealer>,
+    /// Central's own client of its Keystone (service credentials), if any.
+    keystone: Option<Arc<KeystoneClient>>,
 }
 
 impl Central {
@@ -103,7 +106,7 @@ impl Central {
             &config,
             store.clone(),
             metrics.clone(),
-            keystone,
+            keystone.clone(),
         )?);
         let proxy_listener = TcpListener::bind(config.listen)
             .await
@@ -122,8 +125,10 @@ impl Central {
             edge_offline_after: config.sync.edge_offline_after,
             ack_timeout: config.sync.ack_timeout,
             failed: Default::default(),
+            resyncer: std::sync::OnceLock::new(),
         });
         Ok(Central {
+            keystone,
             proxy_listener,
             admin_listener,
             proxy,
@@ -214,6 +219,7 @@ impl Central {
             None => Watched::none("broker"),
         };
         let client = connect_broker(&broker_url, &broker_auth, "syncgate-central", None).await?;
+        let (wants_resync, resync_wanted) = tokio::sync::mpsc::unbounded_channel();
         info!(broker = %redact_url(&broker_url), "sync client connecting");
         let sync = Arc::new(SyncCentral {
             store: self.store.clone(),
@@ -230,9 +236,26 @@ impl Central {
             control_out: Default::default(),
             send_lock: Default::default(),
             metrics: self.admin.metrics.clone(),
+            wants_resync: Some(wants_resync),
+            boots: Default::default(),
         });
         let _ = self.admin.sync.set(sync.clone());
+        let resyncer = Arc::new(resync::Resyncer::new(
+            sync.clone(),
+            self.keystone.clone(),
+            self.store.clone(),
+            self.admin.metrics.clone(),
+        ));
+        let _ = self.admin.resyncer.set(resyncer.clone());
         let mut sync_task = Watched::spawn("sync", sync.run(stop_rx_sync.clone()));
+        let mut resync_task = Watched::spawn("resync and drift audit", {
+            let stop = stop_rx_sync.clone();
+            let interval = self.config.sync.drift_interval;
+            async move {
+                resyncer.run(resync_wanted, interval, stop).await;
+                anyhow::Ok(())
+            }
+        });
         let mut sweep_task = Watched::spawn("intent sweeper", {
             let proxy = self.proxy.clone();
             let after = self.config.stale_intent_after;
@@ -255,6 +278,7 @@ impl Central {
             d = proxy_task.ended() => Some(d),
             d = admin_task.ended() => Some(d),
             d = sync_task.ended() => Some(d),
+            d = resync_task.ended() => Some(d),
             d = sweep_task.ended() => Some(d),
             d = gauges_task.ended() => Some(d),
             d = broker_task.ended() => Some(d),
@@ -284,6 +308,7 @@ impl Central {
             }
         }
         sync_task.join().await;
+        resync_task.join().await;
         sweep_task.join().await;
         gauges_task.join().await;
         let _ = broker_stop_tx.send(true);

@@ -46,6 +46,10 @@ pub struct SyncCentral {
     /// Held while a control message to an edge is sealed and sent.
     pub send_lock: tokio::sync::Mutex<()>,
     pub metrics: Arc<Metrics>,
+    /// Told of an edge that needs an initial sync.
+    pub wants_resync: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Each edge's boot ID, from its last hello: a new one means it restarted.
+    pub boots: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 /// Seals one op for the wire.
@@ -332,17 +336,25 @@ impl SyncCentral {
                     Err(r) => Err(r),
                 };
                 match hello {
-                    Ok((edge, h)) => self
-                        .store
-                        .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
-                        .await
-                        .map(|acked| {
-                            let through = h.outcomes_through.unwrap_or(h.cursor);
-                            if through > acked {
-                                self.recover_outcomes(&edge, acked, through);
-                            }
-                        })
-                        .map_err(|e| (edge, e)),
+                    Ok((edge, h)) => {
+                        self.initial_sync_wanted(&edge, &h).await;
+                        if let Some(boot) = &h.boot {
+                            self.boots
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(edge.clone(), boot.clone());
+                        }
+                        self.store
+                            .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
+                            .await
+                            .map(|acked| {
+                                let through = h.outcomes_through.unwrap_or(h.cursor);
+                                if through > acked {
+                                    self.recover_outcomes(&edge, acked, through);
+                                }
+                            })
+                            .map_err(|e| (edge, e))
+                    }
                     Err(r) => {
                         self.reject(HELLO, subject_edge, r);
                         self.show_key_mismatch(subject_edge, r).await;
@@ -353,6 +365,20 @@ impl SyncCentral {
             if let Err((edge, e)) = result {
                 error!(edge = %edge, error = %e, "cannot record edge state");
             }
+        }
+    }
+
+    /// An edge that asks for an initial sync, or that joins with nothing
+    /// applied while the op log no longer starts at its first op, gets one.
+    async fn initial_sync_wanted(&self, edge: &str, hello: &Hello) {
+        let Some(tx) = &self.wants_resync else { return };
+        if hello.cursor != 0 && !hello.initial_sync {
+            return;
+        }
+        let wanted = hello.initial_sync
+            || matches!(self.store.first_seq().await, Ok(Some(first)) if first > 1);
+        if wanted {
+            let _ = tx.send(edge.to_string());
         }
     }
 

@@ -5,6 +5,7 @@
 mod admin;
 mod apply;
 mod probe;
+mod resync;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -163,6 +164,32 @@ impl Edge {
         let mut ops = client.subscribe(subjects.ops()).await?;
         let mut redos = client.subscribe(subjects.redo(&self.config.id)).await?;
         let mut outcome_requests = client.subscribe(subjects.outcomes(&self.config.id)).await?;
+        let mut resyncs = client.subscribe(subjects.resync(&self.config.id)).await?;
+        let state_requests = client.subscribe(subjects.state(&self.config.id)).await?;
+        // Ends with this future, however it ends (its broker client with it).
+        let _state_task = AbortOnDrop(tokio::spawn(
+            resync::StateServer {
+                id: self.config.id.clone(),
+                client: client.clone(),
+                keystone: self.keystone.clone(),
+                store: self.store.clone(),
+                sealer: self
+                    .config
+                    .key
+                    .sealer()
+                    .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?,
+                status: self.status.clone(),
+                control_in: Receiver::default(),
+                control_out: Sender::default(),
+            }
+            .serve(state_requests),
+        ));
+        let initial_sync = self.config.initial_sync
+            && !self
+                .store
+                .flag(resync::INITIAL_SYNC_DONE)
+                .await
+                .unwrap_or(false);
 
         let admin = Arc::new(admin::AdminState {
             status: self.status.clone(),
@@ -207,6 +234,9 @@ impl Edge {
             uncertain_through: AtomicI64::new(
                 self.status.cursor.load(Ordering::Relaxed) + MAX_BATCH as i64,
             ),
+            hold_until: Mutex::new(None),
+            initial_sync: AtomicBool::new(initial_sync),
+            boot: uuid::Uuid::new_v4().simple().to_string(),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
@@ -259,6 +289,14 @@ impl Edge {
                 msg = outcome_requests.next() => {
                     let Some(msg) = msg else { break };
                     runner.answer_outcomes(msg).await;
+                }
+                msg = resyncs.next() => {
+                    let Some(msg) = msg else { break };
+                    match runner.resync_step(msg).await {
+                        Ok(resume) => need_replay |= resume,
+                        Err(Stuck::Stopping) => break,
+                        Err(Stuck::Blocked) => {}
+                    }
                 }
                 event = events.recv() => match event {
                     Some(async_nats::Event::Connected) => {
@@ -316,6 +354,13 @@ struct Runner {
     /// Ops up to here may have reached the site without a record here (those
     /// after the cursor at start, or in a batch whose commit failed).
     uncertain_through: AtomicI64,
+    /// While a resync applies central's state, no op from the stream is
+    /// applied (until this time, renewed by each of its steps).
+    hold_until: Mutex<Option<std::time::Instant>>,
+    /// This edge asks central for an initial sync (`--initial-sync`, none done yet).
+    initial_sync: AtomicBool,
+    /// This start's random ID (in hellos).
+    boot: String,
 }
 
 /// The ops of the batch being built, and what their acks need.
@@ -384,6 +429,13 @@ impl Runner {
             version: env!("CARGO_PKG_VERSION").to_string(),
             error: self.status.error(),
             outcomes_through: self.store.outcomes_through().await.ok(),
+            initial_sync: self.initial_sync.load(Ordering::Relaxed)
+                && !self
+                    .store
+                    .flag(resync::INITIAL_SYNC_DONE)
+                    .await
+                    .unwrap_or(false),
+            boot: Some(self.boot.clone()),
         };
         let payload = self.control_out.seal(&self.sealer, HELLO, &self.id, &hello);
         if let Err(e) = self
@@ -618,6 +670,10 @@ impl Runner {
         if self.status.halted.load(Ordering::Relaxed) && !directed {
             return Err(Stuck::Blocked);
         }
+        if !directed && self.held() {
+            // Applied after the resync, from its fence.
+            return Err(Stuck::Blocked);
+        }
         let span = tracing::info_span!(
             "apply",
             seq = env.seq,
@@ -784,6 +840,15 @@ fn op_envelope(msg: &async_nats::Message) -> Option<Envelope> {
             warn!(error = %e, "malformed op message ignored");
             None
         }
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

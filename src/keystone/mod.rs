@@ -5,6 +5,7 @@
 pub mod client;
 pub mod ids;
 pub mod routes;
+pub mod state;
 pub mod touches;
 
 use serde_json::Value;

@@ -11,6 +11,10 @@ pub const REPLAY: &str = "replay";
 pub const REDO: &str = "redo";
 pub const OUTCOMES_REQUEST: &str = "outcomes_request";
 pub const OUTCOMES_REPLY: &str = "outcomes_reply";
+pub const STATE_REQUEST: &str = "state_request";
+pub const STATE_PAGE: &str = "state_page";
+pub const RESYNC: &str = "resync";
+pub const RESYNC_REPLY: &str = "resync_reply";
 
 /// Subjects under the configured prefix.
 #[derive(Debug, Clone)]
@@ -41,6 +45,12 @@ impl Subjects {
     }
     pub fn outcomes(&self, edge: &str) -> String {
         format!("{}.outcomes.{edge}", self.prefix)
+    }
+    pub fn state(&self, edge: &str) -> String {
+        format!("{}.state.{edge}", self.prefix)
+    }
+    pub fn resync(&self, edge: &str) -> String {
+        format!("{}.resync.{edge}", self.prefix)
     }
     /// The edge named by the last token of an ack or hello subject.
     pub fn edge_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
@@ -165,6 +175,14 @@ pub struct Hello {
     /// to here that it has not heard (lost acks).
     #[serde(default)]
     pub outcomes_through: Option<i64>,
+    /// The edge asks for an initial sync from central's state (`--initial-sync`
+    /// and none completed there yet).
+    #[serde(default)]
+    pub initial_sync: bool,
+    /// Random per start of the edge: a new one tells central that whatever it
+    /// asked the edge before is lost.
+    #[serde(default)]
+    pub boot: Option<String>,
 }
 
 /// Central asks an edge (request/reply on `<prefix>.outcomes.<edge>`) for its
@@ -193,4 +211,61 @@ pub struct Redo {
     /// cursor has reached it, re-applying this op could undo it.
     #[serde(default)]
     pub unless_applied: Option<i64>,
+}
+
+/// Central asks an edge (request/reply on `<prefix>.state.<edge>`) for one page
+/// of its identity state. Page 0 reads the edge's Keystone afresh for `run`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StateRequest {
+    pub run: String,
+    pub page: usize,
+}
+
+/// One page of an edge's state; references are named by natural key, IDs the
+/// edge maps are given as central's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatePage {
+    pub run: String,
+    pub page: usize,
+    pub pages: usize,
+    pub entities: Vec<crate::keystone::state::Entity>,
+    /// The edge's cursor before and after it read its Keystone.
+    pub cursor_before: i64,
+    pub cursor_after: i64,
+    /// Why the state could not be read.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One step of a resync or repair, sent by central on `<prefix>.resync.<edge>`
+/// (request/reply). While held, the edge applies no op from the stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum ResyncStep {
+    /// Stop applying ops (for `hold_ms`, renewed by every step); answers the cursor.
+    Hold { hold_ms: u64 },
+    /// Record these ID map entries, then apply these ops (independent of each
+    /// other: any order, some at once).
+    Apply {
+        hold_ms: u64,
+        #[serde(default)]
+        maps: Vec<(String, String, String)>,
+        #[serde(default)]
+        ops: Vec<OpContent>,
+    },
+    /// Central's state up to `fence` is applied: the op stream continues after
+    /// it; ops up to `uncertain_through` may be applied already.
+    Done { fence: i64, uncertain_through: i64 },
+    /// Given up: apply ops again from the cursor.
+    Release,
+}
+
+/// The edge's answer to a step: its cursor, and each op's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResyncReply {
+    pub cursor: i64,
+    #[serde(default)]
+    pub outcomes: Vec<Ack>,
+    #[serde(default)]
+    pub error: Option<String>,
 }

@@ -405,6 +405,11 @@ pub struct EdgeArgs {
     #[arg(long, env = "SYNCGATE_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
     pub upstream_timeout: Duration,
 
+    /// Ask central to bring this site to central's current identity state
+    /// before the op stream (once: a new site joining an existing cloud).
+    #[arg(long, env = "SYNCGATE_INITIAL_SYNC")]
+    pub initial_sync: bool,
+
     #[command(flatten)]
     pub http: HttpArgs,
 
@@ -461,6 +466,7 @@ impl EdgeArgs {
             },
             hello_interval: self.hello_interval,
             upstream_timeout: self.upstream_timeout,
+            initial_sync: self.initial_sync,
             http: self.http.limits()?,
         })
     }
@@ -542,6 +548,11 @@ pub struct CentralArgs {
     /// An op not acknowledged by an edge within this is `timed_out` there.
     #[arg(long, env = "SYNCGATE_ACK_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
     pub ack_timeout: Duration,
+
+    /// How often each edge's identity state is compared with central's (the
+    /// drift audit; needs OS_* service credentials); 0 disables it.
+    #[arg(long, env = "SYNCGATE_DRIFT_INTERVAL", default_value = "1h", value_parser = config::parse_interval)]
+    pub drift_interval: Duration,
 
     #[command(flatten)]
     pub http: HttpArgs,
@@ -738,6 +749,7 @@ impl CentralArgs {
                 edges: self.edges,
                 allow_new_edges: self.allow_new_edges,
                 ack_timeout: self.ack_timeout,
+                drift_interval: (!self.drift_interval.is_zero()).then_some(self.drift_interval),
                 ..SyncConfig::default()
             },
             service_credentials: Credentials::from_env()?,

@@ -108,6 +108,8 @@ pub struct SyncConfig {
     pub ack_timeout: Duration,
     /// An edge not heard from for this long shows as offline.
     pub edge_offline_after: Duration,
+    /// How often each edge's identity state is compared with central's (`None`: never).
+    pub drift_interval: Option<Duration>,
 }
 
 impl Default for SyncConfig {
@@ -119,6 +121,7 @@ impl Default for SyncConfig {
             allow_new_edges: false,
             ack_timeout: Duration::from_secs(30),
             edge_offline_after: Duration::from_secs(30),
+            drift_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -150,6 +153,8 @@ pub struct EdgeConfig {
     /// How often the edge says hello (and polls for missed ops).
     pub hello_interval: Duration,
     pub upstream_timeout: Duration,
+    /// Ask central for an initial sync from its state before the first op.
+    pub initial_sync: bool,
     /// Limits of the admin listener.
     pub http: crate::serve::HttpLimits,
 }
@@ -316,6 +321,14 @@ pub fn parse_nats_url(s: &str) -> Result<Url, String> {
 }
 
 /// Parses a duration such as `30s`, `500ms` or `2m`.
+/// Parses an interval where `0` means never (a zero duration).
+pub fn parse_interval(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("'{s}' is not a duration such as 30s or 500ms ({e})"))?;

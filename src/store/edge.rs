@@ -228,7 +228,7 @@ impl EdgeStore {
     /// Records the outcomes of a run of ops with their ID map changes and the
     /// cursor in one transaction (one sync to disk for all of them).
     pub async fn commit_batch(&self, batch: &Batch) -> Result<(), StoreError> {
-        if batch.is_empty() && batch.cursor.is_none() {
+        if batch.is_empty() && batch.cursor.is_none() && batch.map.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
@@ -303,6 +303,35 @@ impl EdgeStore {
                 .await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// The central ID of each mapped edge ID.
+    pub async fn reverse_map(&self) -> Result<HashMap<String, String>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT edge_id, central_id FROM id_map")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub async fn flag(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar::<_, i64>("SELECT value FROM meta WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?
+                .unwrap_or(0)
+                != 0,
+        )
+    }
+
+    pub async fn set_flag(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES (?, 1) ON CONFLICT (key) DO UPDATE SET value = 1",
+        )
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -19,7 +19,9 @@ use crate::protocol::crypto::Sealer;
 
 mod batch;
 pub mod edge;
+mod resync;
 mod sync;
+pub use resync::{DriftRow, DriftRunRow, NeedsPasswordRow, NewDrift, ResyncRow};
 pub use sync::{DeliveryCounts, DeliveryRow, EdgeRow, OutOfSyncRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -545,6 +547,13 @@ impl Store {
         q.push(" ORDER BY seq LIMIT ").push_bind(filter.limit);
         let rows: Vec<OpRow> = q.build_query_as().fetch_all(&self.reader).await?;
         rows.into_iter().map(|r| self.open_row(r)).collect()
+    }
+
+    /// The oldest seq the op log still holds.
+    pub async fn first_seq(&self) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT MIN(seq) FROM ops")
+            .fetch_one(&self.reader)
+            .await?)
     }
 
     pub async fn last_seq(&self) -> Result<i64, StoreError> {

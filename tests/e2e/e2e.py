@@ -254,6 +254,99 @@ def external_broker(workdir):
         receiver.stop()
 
 
+def made(ks, path, kind, body, token):
+    status, _, answer = http("POST", f"{ks.url}{path}", {kind: body}, token)
+    assert status == 201, (path, status, answer)
+    return answer[kind]["id"]
+
+
+def put(ks, path, token):
+    status, _, answer = http("PUT", f"{ks.url}{path}", None, token)
+    assert status in (200, 201, 204), (path, status, answer)
+
+
+def wait_resync(dep, edge):
+    def done():
+        row = dep.audit(f"/v1/edges/{edge}")
+        phase = (row.get("resync") or {}).get("phase")
+        assert phase != "failed", row
+        return row if phase == "done" else None
+    return wait_until(f"resync of {edge}", done, timeout=180, every=0.5)
+
+
+def drift_found(dep, edge):
+    status, _, body = http("POST", f"{dep.admin}/v1/drift/run?edge={edge}")
+    assert status == 202, (status, body)
+
+    def done():
+        d = dep.audit(f"/v1/drift?edge={edge}")
+        state = d["runs"][0]["state"]
+        assert state != "failed", d
+        return d if state == "done" else None
+    d = wait_until(f"drift audit of {edge}", done, timeout=180, every=0.5)
+    return sorted((x["category"], x["kind"], x["key"], tuple(x.get("fields", []))) for x in d["differences"])
+
+
+@check("an edge that joins an existing cloud is resynced; the drift audit finds and repairs direct writes")
+def late_join(workdir):
+    dep = Deployment(f"{workdir}/late", edges=("late1",), initial_sync=True)
+    try:
+        dep.prepare_keystones()
+        dep.start_central()
+        # Made on the central Keystone directly, before the edge exists.
+        ks = dep.central_ks
+        token = ks.token()
+        legacy = made(ks, "/v3/domains", "domain", {"name": "legacy", "description": "before syncgate"}, token)
+        web = made(ks, "/v3/projects", "project", {"name": "old-web", "domain_id": legacy, "tags": ["prod"]}, token)
+        made(ks, "/v3/projects", "project", {"name": "old-db", "domain_id": legacy, "parent_id": web}, token)
+        olduser = made(ks, "/v3/users", "user", {"name": "olduser", "domain_id": legacy, "email": "old@legacy",
+                                                 "default_project_id": web, "password": "old-pw-1"}, token)
+        group = made(ks, "/v3/groups", "group", {"name": "oldgroup", "domain_id": legacy}, token)
+        role = made(ks, "/v3/roles", "role", {"name": "oldrole"}, token)
+        droles = made(ks, "/v3/roles", "role", {"name": "legacy-admin", "domain_id": legacy}, token)
+        reader = [r for r in get_json(f"{ks.url}/v3/roles?name=reader", token)["roles"]][0]["id"]
+        put(ks, f"/v3/groups/{group}/users/{olduser}", token)
+        put(ks, f"/v3/roles/{role}/implies/{reader}", token)
+        put(ks, f"/v3/projects/{web}/users/{olduser}/roles/{role}", token)
+        put(ks, f"/v3/OS-INHERIT/domains/{legacy}/groups/{group}/roles/{droles}/inherited_to_projects", token)
+        put(ks, f"/v3/system/users/{olduser}/roles/{reader}", token)
+        dep.start_edge("late1")
+        row = wait_resync(dep, "late1")
+        result = row["resync"]["result"]
+        assert result["failed"] == 0, result
+        assert_in_sync(dep, "the initial sync")
+        users = [u["user_key"] for u in row["needs_password"]["users"]]
+        assert users == ["legacy/olduser"], row["needs_password"]
+        assert "old-pw-1" not in json.dumps(row)
+        assert drift_found(dep, "late1") == [], "nothing differs after the resync"
+        # After the fence, the op stream goes on through the gateway.
+        dep.cli("project", "create", "new-web", "--domain", "legacy")
+        # A password set through the gateway reaches the edge and clears the need.
+        dep.cli("user", "set", "--password", "new-pw-2", "--domain", "legacy", "olduser")
+        assert_in_sync(dep, "writes after the resync")
+        assert can_log_in(dep.edge_ks["late1"], "olduser", "new-pw-2", "legacy", "old-web")
+        wait_until("olduser no longer needs a password",
+                   lambda: dep.audit("/v1/edges/late1")["needs_password"]["count"] == 0)
+
+        # Written on the edge's Keystone directly: drift, then repaired.
+        eks = dep.edge_ks["late1"]
+        etoken = eks.token()
+        made(eks, "/v3/users", "user", {"name": "rogue", "password": "rogue-pw"}, etoken)
+        eweb = get_json(f"{eks.url}/v3/projects?name=old-web", etoken)["projects"][0]["id"]
+        status, _, _ = http("PATCH", f"{eks.url}/v3/projects/{eweb}", {"project": {"description": "edited"}}, etoken)
+        assert status == 200, status
+        found = drift_found(dep, "late1")
+        assert found == [("differs", "project", "legacy/old-web", ("description",)),
+                         ("only_at_edge", "user", "Default/rogue", ())], found
+        status, _, body = http("POST", f"{dep.admin}/v1/drift/repair?edge=late1&prune=true")
+        assert status == 202, (status, body)
+        wait_resync(dep, "late1")
+        assert drift_found(dep, "late1") == []
+        assert_in_sync(dep, "the repair")
+    finally:
+        dep.stop()
+
+
 def main():
     workdir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="syncgate-e2e-")
     log(f"e2e workdir: {workdir}")
@@ -276,6 +369,7 @@ def main():
         dep.stop()
         receiver.stop()
     external_broker(workdir)
+    late_join(workdir)
     passed = sum(ok for _, ok in results)
     failed = len(results) - passed
     print(f"e2e: {passed} passed, {failed} failed", flush=True)

@@ -212,7 +212,8 @@ def syncgate_binary():
 class Deployment:
     """Central Keystone + gateway, and N edge Keystones + edge gateways."""
 
-    def __init__(self, workdir, edges=("edge1",), ack_timeout="5s", external_broker=None, otlp=None):
+    def __init__(self, workdir, edges=("edge1",), ack_timeout="5s", external_broker=None, otlp=None,
+                 initial_sync=False):
         # otlp: (endpoint, protocol) to export traces to, or None.
         self.otlp = otlp
         self.workdir = Path(workdir)
@@ -232,6 +233,7 @@ class Deployment:
         self.external_broker = external_broker
         self.broker_url = external_broker or f"nats://127.0.0.1:{self.broker_port}"
         self.ack_timeout = ack_timeout
+        self.initial_sync = initial_sync
         # The catalog's public endpoint is the gateway, so the CLI stays on it.
         self.central_ks = Keystone("central", self.workdir, "central-admin-pw", public_url=self.gateway)
         self.edge_ks = {e: Keystone(e, self.workdir, f"{e}-admin-pw") for e in edges}
@@ -288,6 +290,8 @@ class Deployment:
             "--sync-key-file", self.key_file,
             "--hello-interval", "1s",
         ]
+        if self.initial_sync:
+            args.append("--initial-sync")
         # The edges name their service themselves, and their site as a resource attribute.
         env = dict(os.environ, **ks.admin_env(),
                    **self.otlp_env(OTEL_SERVICE_NAME="syncgate-edge-site", OTEL_RESOURCE_ATTRIBUTES=f"site={name}"))

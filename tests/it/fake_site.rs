@@ -56,6 +56,8 @@ pub struct SiteState {
     pub unnamed: HashMap<&'static str, BTreeMap<String, Value>>,
     /// The paths of the reads received, in order.
     pub reads: Vec<String>,
+    /// Lists answer at most this many entities, flagged `truncated`.
+    pub list_limit: Option<usize>,
 }
 
 /// Kinds without a natural key the fake keeps: (collection, kind, JSON key of a
@@ -422,6 +424,78 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
     };
 
     match (parts.method.clone(), segs.as_slice()) {
+        (Method::GET, ["v3", "role_assignments"]) => {
+            let items: Vec<Value> = st
+                .grants
+                .iter()
+                .map(|g| {
+                    let p: Vec<&str> = g.split('/').collect();
+                    let actor = |seg: &str, id: &str| {
+                        if seg == "users" {
+                            ("user", id.to_string())
+                        } else {
+                            ("group", id.to_string())
+                        }
+                    };
+                    if p[0] == "system" {
+                        let (ak, aid) = actor(p[1], p[2]);
+                        json!({"role": {"id": p[4]}, ak: {"id": aid},
+                               "scope": {"system": {"all": true}}})
+                    } else {
+                        let (ak, aid) = actor(p[2], p[3]);
+                        let tk = if p[0] == "projects" {
+                            "project"
+                        } else {
+                            "domain"
+                        };
+                        let mut scope = json!({ tk: {"id": p[1]} });
+                        if g.ends_with("/inherited") {
+                            scope["OS-INHERIT:inherited_to"] = json!("projects");
+                        }
+                        json!({"role": {"id": p[5]}, ak: {"id": aid}, "scope": scope})
+                    }
+                })
+                .filter(|a| {
+                    query
+                        .get("role.id")
+                        .is_none_or(|r| a["role"]["id"].as_str() == Some(r.as_str()))
+                })
+                .collect();
+            let limit = st.list_limit.unwrap_or(usize::MAX);
+            let truncated = items.len() > limit;
+            let items: Vec<Value> = items.into_iter().take(limit).collect();
+            reply(
+                StatusCode::OK,
+                json!({"role_assignments": items, "truncated": truncated}),
+            )
+        }
+        (Method::GET, ["v3", "groups", g, "users"]) => {
+            if !exists(&st, "group", g) {
+                return error(StatusCode::NOT_FOUND, "Could not find group.");
+            }
+            let users: Vec<Value> = st
+                .members
+                .iter()
+                .filter(|(gg, _)| gg == g)
+                .filter_map(|(_, u)| st.entities["user"].get(u).cloned())
+                .collect();
+            reply(StatusCode::OK, json!({"users": users}))
+        }
+        (Method::GET, ["v3", "roles", p, "implies"]) => {
+            let Some(prior) = st.entities["role"].get(*p).cloned() else {
+                return error(StatusCode::NOT_FOUND, "Could not find role.");
+            };
+            let implies: Vec<Value> = st
+                .implied
+                .iter()
+                .filter(|(pp, _)| pp == p)
+                .filter_map(|(_, i)| st.entities["role"].get(i).cloned())
+                .collect();
+            reply(
+                StatusCode::OK,
+                json!({"role_inference": {"prior_role": prior, "implies": implies}}),
+            )
+        }
         (Method::GET, ["v3", coll]) if kind_of(coll).is_some() => {
             let kind = kind_of(coll).unwrap();
             let items: Vec<Value> = st.entities[kind]
@@ -438,7 +512,14 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 })
                 .cloned()
                 .collect();
-            reply(StatusCode::OK, json!({ *coll: items }))
+            // As Keystone with `list_limit` set: the first ones, and a flag.
+            let limit = st.list_limit.unwrap_or(usize::MAX);
+            let truncated = items.len() > limit;
+            let items: Vec<Value> = items.into_iter().take(limit).collect();
+            reply(
+                StatusCode::OK,
+                json!({ *coll: items, "truncated": truncated }),
+            )
         }
         (Method::GET, ["v3", coll, id]) if kind_of(coll).is_some() => {
             let kind = kind_of(coll).unwrap();

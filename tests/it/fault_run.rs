@@ -200,6 +200,7 @@ impl World {
             key: self.key.clone(),
             on_failure: OnFailure::Continue,
             hello_interval: Duration::from_millis(200),
+            initial_sync: false,
             upstream_timeout: Duration::from_secs(1),
             http: Default::default(),
         };

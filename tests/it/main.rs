@@ -15,5 +15,6 @@ mod faults;
 mod helpers;
 mod hostile;
 mod proxy;
+mod resync;
 mod sync;
 mod traces;

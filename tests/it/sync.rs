@@ -118,6 +118,8 @@ pub struct SyncEnv {
     pub key: SyncKey,
     pub edges: Vec<EdgeSite>,
     pub http: reqwest::Client,
+    /// Edges started from now on ask for an initial sync (`--initial-sync`).
+    pub initial_sync: bool,
     token: String,
     central: Option<Running>,
     dir: tempfile::TempDir,
@@ -165,6 +167,7 @@ pub async fn sync_env(
         key,
         edges: Vec::new(),
         http,
+        initial_sync: false,
         token,
         central: Some(running),
         dir,
@@ -233,6 +236,7 @@ impl SyncEnv {
             key: edge.key.clone(),
             on_failure,
             hello_interval: Duration::from_millis(200),
+            initial_sync: self.initial_sync,
             upstream_timeout: Duration::from_secs(10),
             http: Default::default(),
         }

@@ -72,6 +72,7 @@ then `config` over it.
 {{- $_ := set $s "edges" $v.central.edges }}
 {{- $_ := set $s "allow_new_edges" $v.central.allowNewEdges }}
 {{- $_ := set $s "ack_timeout" $v.central.ackTimeout }}
+{{- $_ := set $s "drift_interval" (toString $v.central.driftInterval) }}
 {{- if $v.central.externalBroker }}
 {{- $_ := set $s "broker" $v.central.externalBroker }}
 {{- else }}
@@ -87,6 +88,7 @@ then `config` over it.
 {{- $_ := set $s "upstream" $v.edge.upstream }}
 {{- $_ := set $s "on_failure" $v.edge.onFailure }}
 {{- $_ := set $s "hello_interval" $v.edge.helloInterval }}
+{{- $_ := set $s "initial_sync" $v.edge.initialSync }}
 {{- end }}
 {{- toJson (mergeOverwrite $s (deepCopy $v.config)) }}
 {{- end }}

@@ -1,0 +1,1072 @@
+//! Initial sync, repair and drift audit, driven from central.
+//!
+//! A **resync** (or a repair: the same, on demand after a drift audit) brings
+//! an edge to central's current identity state: it holds the edge's op stream,
+//! notes the op log's last seq (the fence), reads central's state through
+//! Keystone's API, asks the edge for its own (read by the edge from its
+//! Keystone), and sends the difference as steps the edge applies with the
+//! applier replayed ops go through (ID map, adoption by natural key): ID map
+//! entries for what both sites have, creates for what the edge lacks, updates
+//! for what differs, deletes for what only the edge has (with `prune`). Then
+//! the edge continues the op stream after the fence; ops after it that the
+//! state already held are applied idempotently. An interrupted resync is
+//! started again from the beginning (reading both states again makes it
+//! idempotent); one a stop of central left unfinished restarts at start-up.
+//!
+//! A **drift audit** compares the two states without changing anything. Ops
+//! in flight are not drift: central notes the op log's seq before and after
+//! reading its state, waits for the edge to have applied up to the second, and
+//! leaves out every entity an op after the first touched.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::central::sync::SyncCentral;
+use crate::keystone::client::KeystoneClient;
+use crate::keystone::state::{self, Category, Entity};
+use crate::metrics::{DriftLabels, EdgeLabel, Metrics};
+use crate::protocol::messages::{
+    Ack, OpContent, Outcome, ResyncReply, ResyncStep, StatePage, StateRequest, RESYNC,
+    RESYNC_REPLY, STATE_PAGE, STATE_REQUEST,
+};
+use crate::store::{NewDrift, OpFilter, Store};
+
+/// How long the edge holds its op stream without hearing from the resync.
+const HOLD: Duration = Duration::from_secs(300);
+/// Ops per step (the edge applies a step's ops some at once).
+const STEP_OPS: usize = 64;
+/// ID map entries per step.
+const STEP_MAPS: usize = 2000;
+/// How long a step may take at the edge.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the edge may take to read its state.
+const READ_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a drift audit waits for the edge to apply ops up to its fence.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(120);
+/// Tries of a resync interrupted by a lost edge or broker.
+const ATTEMPTS: u32 = 5;
+/// Tries of one write the edge's Keystone could not take for now.
+const OP_TRIES: u32 = 3;
+/// Items listed in a resync's result.
+const SAMPLE: usize = 100;
+
+/// What failed, and whether trying again may help.
+#[derive(Debug)]
+enum Failure {
+    /// The edge or the broker did not answer: try the whole resync again.
+    Lost(String),
+    Fatal(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Lost(s) | Failure::Fatal(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Why a job was not started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("no edge '{0}'")]
+    NoEdge(String),
+    #[error(
+        "central has no OS_* service credentials: it cannot read its identity state; set \
+         OS_USERNAME, OS_PASSWORD, OS_PROJECT_NAME (or an application credential) for central"
+    )]
+    NoCredentials,
+    #[error("a {1} of edge '{0}' is running")]
+    Busy(String, &'static str),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub struct Resyncer {
+    pub sync: Arc<SyncCentral>,
+    pub keystone: Option<Arc<KeystoneClient>>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    /// Edges with a job running, and which.
+    busy: Mutex<HashMap<String, &'static str>>,
+    /// When each edge's last automatic resync started (not more than one a minute).
+    auto: Mutex<HashMap<String, Instant>>,
+}
+
+/// Frees an edge's job slot when the job ends, however it ends.
+struct Slot(Arc<Resyncer>, String);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+        self.0
+            .metrics
+            .resync_running
+            .get_or_create(&EdgeLabel {
+                edge: self.1.clone(),
+            })
+            .set(0);
+    }
+}
+
+impl Resyncer {
+    pub fn new(
+        sync: Arc<SyncCentral>,
+        keystone: Option<Arc<KeystoneClient>>,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Resyncer {
+        Resyncer {
+            sync,
+            keystone,
+            store,
+            metrics,
+            busy: Mutex::default(),
+            auto: Mutex::default(),
+        }
+    }
+
+    fn keystone(&self) -> Result<&KeystoneClient, StartError> {
+        self.keystone.as_deref().ok_or(StartError::NoCredentials)
+    }
+
+    fn take(self: &Arc<Self>, edge: &str, what: &'static str) -> Result<Slot, StartError> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = busy.get(edge) {
+            return Err(StartError::Busy(edge.to_string(), running));
+        }
+        busy.insert(edge.to_string(), what);
+        Ok(Slot(self.clone(), edge.to_string()))
+    }
+
+    async fn known(&self, edge: &str) -> Result<(), StartError> {
+        match self.store.edge_position(edge).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(StartError::NoEdge(edge.to_string())),
+            Err(e) => Err(StartError::Internal(e.to_string())),
+        }
+    }
+
+    /// Starts a resync (`repair`: after a drift audit) of `edge` on a task.
+    pub async fn start(
+        self: &Arc<Self>,
+        edge: &str,
+        kind: &'static str,
+        prune: bool,
+    ) -> Result<(), StartError> {
+        self.keystone()?;
+        self.known(edge).await?;
+        let slot = self.take(edge, kind)?;
+        self.store
+            .begin_resync(edge, kind, prune)
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))?;
+        let this = self.clone();
+        let edge = edge.to_string();
+        tokio::spawn(async move {
+            this.run_resync(&edge, prune).await;
+            drop(slot);
+        });
+        Ok(())
+    }
+
+    /// Runs every background duty until `stop`: resyncs a stop left
+    /// unfinished, automatic resyncs edges ask for, periodic drift audits.
+    pub async fn run(
+        self: Arc<Self>,
+        mut wanted: mpsc::UnboundedReceiver<String>,
+        interval: Option<Duration>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        match self.store.unfinished_resyncs().await {
+            Ok(rows) => {
+                for (edge, kind, prune) in rows {
+                    let kind = if kind == "repair" { "repair" } else { "resync" };
+                    info!(edge = %edge, kind, "a resync left unfinished by a stop starts again");
+                    if let Err(e) = self.start(&edge, kind, prune).await {
+                        warn!(edge = %edge, error = %e, "cannot start the unfinished resync again");
+                        let _ = self.store.end_resync(&edge, Err(&e.to_string())).await;
+                    }
+                }
+            }
+            Err(e) => error!(error = %e, "cannot read unfinished resyncs"),
+        }
+        let mut tick = interval.map(|i| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + i, i);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        loop {
+            tokio::select! {
+                edge = wanted.recv() => {
+                    let Some(edge) = edge else { break };
+                    self.auto_resync(&edge).await;
+                }
+                _ = async { tick.as_mut().expect("ticks").tick().await }, if tick.is_some() => {
+                    if self.keystone.is_none() {
+                        continue;
+                    }
+                    let edges = self.store.edges().await.unwrap_or_default();
+                    for e in edges {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(err) = this.drift(&e.id).await {
+                                warn!(edge = %e.id, error = %err, "drift audit not run");
+                            }
+                        });
+                    }
+                }
+                _ = crate::serve::stopped(&mut stop) => break,
+            }
+        }
+    }
+
+    /// An edge asked for an initial sync (or joined with nothing while the op
+    /// log no longer starts at its first op).
+    async fn auto_resync(self: &Arc<Self>, edge: &str) {
+        {
+            let mut auto = self.auto.lock().unwrap_or_else(|p| p.into_inner());
+            if auto
+                .get(edge)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+            {
+                return;
+            }
+            if self
+                .busy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(edge)
+            {
+                return;
+            }
+            auto.insert(edge.to_string(), Instant::now());
+        }
+        info!(
+            edge,
+            "initial sync of an edge that joins with nothing applied"
+        );
+        if let Err(e) = self.start(edge, "resync", false).await {
+            warn!(edge, error = %e, "initial sync not started");
+        }
+    }
+
+    /// Seals `msg`, asks the edge on `subject`, opens its answer.
+    async fn ask<T: Serialize, R: DeserializeOwned>(
+        &self,
+        edge: &str,
+        subject: String,
+        kind: &'static str,
+        reply_kind: &'static str,
+        msg: &T,
+        timeout: Duration,
+    ) -> Result<R, Failure> {
+        let payload = {
+            let _order = self.sync.send_lock.lock().await;
+            self.sync
+                .control_out
+                .seal(&self.sync.sealer, kind, edge, msg)
+        };
+        let request = async_nats::Request::new()
+            .payload(payload.into())
+            .timeout(Some(timeout));
+        let boot = self.boot(edge);
+        let asked = self.sync.client.send_request(subject, request);
+        // An edge that restarts meanwhile never answers: do not wait for it.
+        let restarted = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let now = self.boot(edge);
+                if boot.is_some() && now != boot {
+                    return;
+                }
+            }
+        };
+        let answer = tokio::select! {
+            a = tokio::time::timeout(timeout + Duration::from_secs(1), asked) => a
+                .map_err(|_| Failure::Lost(format!("edge '{edge}' did not answer in time")))?
+                .map_err(|e| Failure::Lost(format!("edge '{edge}' did not answer: {e}")))?,
+            () = restarted => {
+                return Err(Failure::Lost(format!("edge '{edge}' restarted while asked")))
+            }
+        };
+        self.sync
+            .control_in
+            .open::<R>(&self.sync.sealer, reply_kind, Some(edge), &answer.payload)
+            .map(|(_, r)| r)
+            .map_err(|r| Failure::Fatal(format!("the edge's answer was dropped: {r}")))
+    }
+
+    fn boot(&self, edge: &str) -> Option<String> {
+        self.sync
+            .boots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .cloned()
+    }
+
+    async fn step(&self, edge: &str, step: &ResyncStep) -> Result<ResyncReply, Failure> {
+        let reply: ResyncReply = self
+            .ask(
+                edge,
+                self.sync.subjects.resync(edge),
+                RESYNC,
+                RESYNC_REPLY,
+                step,
+                STEP_TIMEOUT,
+            )
+            .await?;
+        match reply.error {
+            Some(e) => Err(Failure::Lost(format!("edge '{edge}': {e}"))),
+            None => Ok(reply),
+        }
+    }
+
+    /// The edge's state, and its cursor before and after it read it.
+    async fn edge_state(&self, edge: &str) -> Result<(Vec<Entity>, i64, i64), Failure> {
+        let run = uuid::Uuid::new_v4().simple().to_string();
+        let mut entities = Vec::new();
+        let mut page = 0;
+        loop {
+            let answer: StatePage = self
+                .ask(
+                    edge,
+                    self.sync.subjects.state(edge),
+                    STATE_REQUEST,
+                    STATE_PAGE,
+                    &StateRequest {
+                        run: run.clone(),
+                        page,
+                    },
+                    if page == 0 {
+                        READ_TIMEOUT
+                    } else {
+                        STEP_TIMEOUT
+                    },
+                )
+                .await?;
+            if let Some(e) = answer.error {
+                return Err(Failure::Fatal(format!(
+                    "edge '{edge}' cannot read its identity state: {e}"
+                )));
+            }
+            if answer.run != run || answer.page != page {
+                return Err(Failure::Lost("the edge answered another request".into()));
+            }
+            entities.extend(answer.entities);
+            page += 1;
+            if page >= answer.pages {
+                return Ok((entities, answer.cursor_before, answer.cursor_after));
+            }
+        }
+    }
+
+    async fn read_central(&self) -> Result<Vec<Entity>, Failure> {
+        let ks = self.keystone().map_err(|e| Failure::Fatal(e.to_string()))?;
+        state::read(ks)
+            .await
+            .map_err(|e| Failure::Fatal(format!("reading central's identity state: {e}")))
+    }
+
+    async fn last_seq(&self) -> Result<i64, Failure> {
+        self.store
+            .last_seq()
+            .await
+            .map_err(|e| Failure::Fatal(format!("op log: {e}")))
+    }
+
+    async fn progress(&self, edge: &str, phase: &str, fence: Option<i64>, done: i64, total: i64) {
+        let label = EdgeLabel {
+            edge: edge.to_string(),
+        };
+        self.metrics.resync_done.get_or_create(&label).set(done);
+        self.metrics.resync_total.get_or_create(&label).set(total);
+        self.metrics.resync_running.get_or_create(&label).set(1);
+        if let Err(e) = self
+            .store
+            .resync_progress(edge, phase, fence, done, total)
+            .await
+        {
+            warn!(edge, error = %e, "cannot record a resync's progress");
+        }
+    }
+
+    async fn run_resync(&self, edge: &str, prune: bool) {
+        let started = Instant::now();
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            match self.resync_once(edge, prune).await {
+                Ok(result) => break Ok(result),
+                Err(Failure::Lost(why)) if attempt < ATTEMPTS => {
+                    warn!(edge, attempt, error = %why, "resync interrupted; starting it again");
+                    let _ = self.release(edge).await;
+                    tokio::time::sleep(Duration::from_secs(1 << attempt.min(5))).await;
+                }
+                Err(f) => break Err(f.to_string()),
+            }
+        };
+        match &result {
+            Ok(r) => info!(
+                edge,
+                secs = started.elapsed().as_secs_f64(),
+                created = %r["created"],
+                updated = %r["updated"],
+                failed = %r["failed"],
+                needs_password = %r["needs_password"],
+                "resync done"
+            ),
+            Err(e) => {
+                error!(edge, error = %e, "resync failed");
+                let _ = self.release(edge).await;
+            }
+        }
+        if let Err(e) = self
+            .store
+            .end_resync(edge, result.as_ref().map_err(String::as_str))
+            .await
+        {
+            error!(edge, error = %e, "cannot record a resync's end");
+        }
+        self.refresh_needs_password(edge).await;
+    }
+
+    async fn release(&self, edge: &str) -> Result<ResyncReply, Failure> {
+        self.step(edge, &ResyncStep::Release).await
+    }
+
+    async fn resync_once(&self, edge: &str, prune: bool) -> Result<Value, Failure> {
+        let hold_ms = HOLD.as_millis() as u64;
+        self.progress(edge, "holding the edge's op stream", None, 0, 0)
+            .await;
+        self.step(edge, &ResyncStep::Hold { hold_ms }).await?;
+        // Everything up to here is in the state read next.
+        let fence = self.last_seq().await?;
+        self.progress(edge, "reading central's state", Some(fence), 0, 0)
+            .await;
+        let central = self.read_central().await?;
+        self.step(edge, &ResyncStep::Hold { hold_ms }).await?;
+        self.progress(edge, "reading the edge's state", Some(fence), 0, 0)
+            .await;
+        let (at_edge, _, _) = self.edge_state(edge).await?;
+        let mut plan = Plan::new(&central, &at_edge, prune);
+        // A user the op log saw get a password gets it again at the edge.
+        let created: HashSet<&str> = plan
+            .groups
+            .iter()
+            .flatten()
+            .filter(|p| p.kind == "user" && p.what == "create")
+            .filter_map(|p| p.op.created_ids.first().map(String::as_str))
+            .collect();
+        let passwords = self.passwords(&created, fence).await?;
+        if !passwords.is_empty() {
+            let keys: HashMap<&str, &str> = central
+                .iter()
+                .filter(|e| e.kind == "user")
+                .map(|e| (e.id.as_str(), e.key.as_str()))
+                .collect();
+            let group = passwords
+                .into_iter()
+                .map(|(id, password)| {
+                    let call = (
+                        reqwest::Method::PATCH,
+                        format!("/v3/users/{id}"),
+                        Some(json!({"user": {"password": password}})),
+                    );
+                    let key = keys.get(id.as_str()).copied().unwrap_or_default();
+                    let mut p = planned("user", key, "password", call, Vec::new());
+                    p.user = Some(id);
+                    p
+                })
+                .collect();
+            plan.groups.push(group);
+        }
+        let total = (plan.maps.len() + plan.ops()) as i64;
+        let mut done = 0i64;
+        self.progress(edge, "applying", Some(fence), done, total)
+            .await;
+
+        for maps in plan.maps.chunks(STEP_MAPS) {
+            self.step(
+                edge,
+                &ResyncStep::Apply {
+                    hold_ms,
+                    maps: maps.to_vec(),
+                    ops: Vec::new(),
+                },
+            )
+            .await?;
+            done += maps.len() as i64;
+            self.progress(edge, "applying", Some(fence), done, total)
+                .await;
+        }
+        let mut tally = Tally::default();
+        for group in &plan.groups {
+            for chunk in group.chunks(STEP_OPS) {
+                let mut todo: Vec<&Planned> = chunk.iter().collect();
+                for tries in 1..=OP_TRIES {
+                    let ops: Vec<OpContent> = todo.iter().map(|p| p.op.clone()).collect();
+                    let reply = self
+                        .step(
+                            edge,
+                            &ResyncStep::Apply {
+                                hold_ms,
+                                maps: Vec::new(),
+                                ops,
+                            },
+                        )
+                        .await?;
+                    let mut again = Vec::new();
+                    for (planned, ack) in todo.iter().zip(&reply.outcomes) {
+                        let transient = ack.outcome == Outcome::Failed && ack.status.is_none();
+                        if transient && tries < OP_TRIES {
+                            again.push(*planned);
+                        } else {
+                            tally.count(planned, ack);
+                        }
+                    }
+                    if again.is_empty() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(tries))).await;
+                    todo = again;
+                }
+                done += chunk.len() as i64;
+                self.progress(edge, "applying", Some(fence), done, total)
+                    .await;
+            }
+        }
+        // Ops logged after the fence may be in the state applied: the edge
+        // looks for their creates before sending them.
+        let uncertain_through = self.last_seq().await?;
+        self.step(
+            edge,
+            &ResyncStep::Done {
+                fence,
+                uncertain_through,
+            },
+        )
+        .await?;
+        self.store
+            .settle_to_fence(edge, fence)
+            .await
+            .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+        let needs: Vec<(String, String)> = tally
+            .created_users
+            .iter()
+            .filter(|(id, _)| !tally.passwords.contains(id))
+            .cloned()
+            .collect();
+        if !needs.is_empty() {
+            self.store
+                .add_needs_password(edge, &needs, fence)
+                .await
+                .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+        }
+        self.progress(edge, "done", Some(fence), done, total).await;
+        let only: Vec<Value> = plan
+            .only_at_edge
+            .iter()
+            .take(SAMPLE)
+            .map(|(k, key)| json!({"kind": k, "key": key}))
+            .collect();
+        Ok(json!({
+            "fence": fence,
+            "mapped": plan.maps.len(),
+            "created": tally.created,
+            "updated": tally.updated,
+            "adopted": tally.adopted,
+            "deleted": tally.deleted,
+            "failed": tally.failed,
+            "failures": tally.failures,
+            "only_at_edge": plan.only_at_edge.len(),
+            "only_at_edge_sample": only,
+            "pruned": prune,
+            "passwords_set": tally.passwords.len(),
+            "needs_password": needs.len(),
+        }))
+    }
+
+    /// The latest password the op log up to `fence` set for each of `users`
+    /// (a create with one, an admin update, a self-service change).
+    async fn passwords(
+        &self,
+        users: &HashSet<&str>,
+        fence: i64,
+    ) -> Result<HashMap<String, String>, Failure> {
+        let mut found = HashMap::new();
+        if users.is_empty() {
+            return Ok(found);
+        }
+        let mut from = 0;
+        while from < fence {
+            let ops = self
+                .store
+                .list_ops(&OpFilter {
+                    after: from,
+                    limit: 1000,
+                    kind: Some("user".into()),
+                    state: None,
+                })
+                .await
+                .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+            let Some(last) = ops.last().map(|o| o.seq) else {
+                break;
+            };
+            for op in ops
+                .iter()
+                .filter(|o| o.seq <= fence && o.state == "committed")
+            {
+                if let Some((user, password)) = password_of(op) {
+                    if users.contains(user.as_str()) {
+                        found.insert(user, password);
+                    }
+                }
+            }
+            from = last;
+        }
+        Ok(found)
+    }
+
+    /// Runs a drift audit of `edge` now (nothing is changed).
+    pub async fn drift(self: &Arc<Self>, edge: &str) -> Result<(), StartError> {
+        self.keystone()?;
+        self.known(edge).await?;
+        let _slot = self.take(edge, "drift audit")?;
+        self.store
+            .begin_drift(edge)
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))?;
+        match self.drift_once(edge).await {
+            Ok(()) => Ok(()),
+            Err(f) => {
+                let why = f.to_string();
+                warn!(edge, error = %why, "drift audit failed");
+                let _ = self.store.fail_drift(edge, &why).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a drift audit of `edge` on a task.
+    pub async fn start_drift(self: &Arc<Self>, edge: &str) -> Result<(), StartError> {
+        self.keystone()?;
+        self.known(edge).await?;
+        if let Some(running) = self
+            .busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+        {
+            return Err(StartError::Busy(edge.to_string(), running));
+        }
+        self.store
+            .begin_drift(edge)
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))?;
+        let this = self.clone();
+        let edge = edge.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = this.drift(&edge).await {
+                warn!(edge = %edge, error = %e, "drift audit not run");
+                let _ = this.store.fail_drift(&edge, &e.to_string()).await;
+            }
+        });
+        Ok(())
+    }
+
+    async fn drift_once(&self, edge: &str) -> Result<(), Failure> {
+        let started = Instant::now();
+        let before = self.last_seq().await?;
+        let central = self.read_central().await?;
+        let fence = self.last_seq().await?;
+        // Compared once the edge has applied every op up to the fence.
+        let deadline = Instant::now() + CATCH_UP_WAIT;
+        let (at_edge, after) = loop {
+            let (at_edge, cursor_before, cursor_after) = self.edge_state(edge).await?;
+            if cursor_before >= fence {
+                break (at_edge, cursor_after);
+            }
+            if Instant::now() >= deadline {
+                return Err(Failure::Fatal(format!(
+                    "edge '{edge}' has applied ops up to {cursor_before} only, not up to the \
+                     audit's fence {fence}: its op stream is behind or stopped; see its deliveries"
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let through = self.last_seq().await?.max(after);
+        let touched = self.touched(before, through).await?;
+        let differences = state::diff(&central, &at_edge);
+        let mut excluded = 0;
+        let mut found = Vec::new();
+        for d in &differences {
+            let c = d.central.map(|i| &central[i]);
+            let e = d.edge.map(|i| &at_edge[i]);
+            let in_flight = c
+                .into_iter()
+                .chain(e)
+                .flat_map(|x| &x.ids)
+                .any(|id| touched.contains(id));
+            if in_flight {
+                excluded += 1;
+                continue;
+            }
+            found.push(NewDrift {
+                kind: &d.kind,
+                key: &d.key,
+                category: d.category.as_str(),
+                fields: &d.fields,
+                central_id: c.map(|x| x.id.as_str()).filter(|s| !s.is_empty()),
+                edge_id: e.map(|x| x.id.as_str()).filter(|s| !s.is_empty()),
+            });
+        }
+        self.store
+            .record_drift(edge, fence, excluded, &found)
+            .await
+            .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+        self.publish_drift(edge, &found);
+        info!(
+            edge,
+            differences = found.len(),
+            excluded,
+            secs = started.elapsed().as_secs_f64(),
+            "drift audit done"
+        );
+        self.refresh_needs_password(edge).await;
+        Ok(())
+    }
+
+    fn publish_drift(&self, edge: &str, found: &[NewDrift<'_>]) {
+        let mut counts: HashMap<(String, &str), i64> = HashMap::new();
+        for d in found {
+            *counts.entry((d.kind.to_string(), d.category)).or_default() += 1;
+        }
+        for kind in state::KINDS {
+            for category in [
+                Category::MissingAtEdge,
+                Category::OnlyAtEdge,
+                Category::Differs,
+            ] {
+                let n = counts
+                    .get(&(kind.to_string(), category.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                self.metrics
+                    .drift
+                    .get_or_create(&DriftLabels {
+                        edge: edge.to_string(),
+                        kind: kind.to_string(),
+                        category: category.as_str().to_string(),
+                    })
+                    .set(n);
+            }
+        }
+    }
+
+    /// Every ID the ops in `(after, through]` name: what is in flight.
+    async fn touched(&self, after: i64, through: i64) -> Result<HashSet<String>, Failure> {
+        let mut ids = HashSet::new();
+        let mut from = after;
+        while from < through {
+            let ops = self
+                .store
+                .list_ops(&OpFilter {
+                    after: from,
+                    limit: 1000,
+                    kind: None,
+                    state: None,
+                })
+                .await
+                .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+            let Some(last) = ops.last().map(|o| o.seq) else {
+                break;
+            };
+            for op in ops.iter().filter(|o| o.seq <= through) {
+                ids.extend(op.path.split(['/', '?', '&', '=']).map(str::to_string));
+                if let Ok(created) = serde_json::from_str::<Vec<String>>(&op.created_ids) {
+                    ids.extend(created);
+                }
+                if let Some(body) = op
+                    .body
+                    .as_deref()
+                    .and_then(|b| serde_json::from_str(b).ok())
+                {
+                    strings(&body, &mut ids);
+                }
+                if let Ok(refs) = serde_json::from_str::<Vec<Value>>(&op.refs) {
+                    for r in refs {
+                        strings(&r, &mut ids);
+                    }
+                }
+            }
+            from = last;
+        }
+        Ok(ids)
+    }
+
+    /// Clears the users of `edge` whose password was set through the gateway
+    /// after their resync and applied there; updates the gauge.
+    pub async fn refresh_needs_password(&self, edge: &str) {
+        if let Err(e) = self.clear_passwords_set(edge).await {
+            warn!(edge, error = %e, "cannot check which users got a password");
+        }
+        if let Ok((n, _)) = self.store.needs_password(edge, 0).await {
+            self.metrics
+                .needs_password
+                .get_or_create(&EdgeLabel {
+                    edge: edge.to_string(),
+                })
+                .set(n);
+        }
+    }
+
+    async fn clear_passwords_set(&self, edge: &str) -> Result<(), crate::store::StoreError> {
+        let Some(since) = self.store.needs_password_since(edge).await? else {
+            return Ok(());
+        };
+        let Some((acked, _)) = self.store.edge_position(edge).await? else {
+            return Ok(());
+        };
+        let mut from = since;
+        while from < acked {
+            let ops = self
+                .store
+                .list_ops(&OpFilter {
+                    after: from,
+                    limit: 1000,
+                    kind: Some("user".into()),
+                    state: None,
+                })
+                .await?;
+            let Some(last) = ops.last().map(|o| o.seq) else {
+                break;
+            };
+            for op in ops
+                .iter()
+                .filter(|o| o.seq <= acked && o.state == "committed")
+            {
+                if let Some(user) = password_set_for(op) {
+                    self.store.clear_needs_password(edge, &user, op.seq).await?;
+                }
+            }
+            from = last;
+        }
+        Ok(())
+    }
+}
+
+/// The user whose password an op sets, if it sets one.
+fn password_set_for(op: &crate::store::OpRow) -> Option<String> {
+    password_of(op).map(|(user, _)| user)
+}
+
+/// The user an op gives a password, and the password.
+fn password_of(op: &crate::store::OpRow) -> Option<(String, String)> {
+    let path = op.path.split('?').next().unwrap_or("");
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let body: Value = op
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_str(b).ok())?;
+    let password = body["user"]["password"].as_str()?.to_string();
+    let user = match (op.method.as_str(), segs.as_slice()) {
+        ("POST", ["v3", "users"]) => serde_json::from_str::<Vec<String>>(&op.created_ids)
+            .ok()?
+            .into_iter()
+            .next()?,
+        ("POST", ["v3", "users", id, "password"]) | ("PATCH", ["v3", "users", id]) => {
+            id.to_string()
+        }
+        _ => return None,
+    };
+    Some((user, password))
+}
+
+/// Every string in a JSON value (IDs among them).
+fn strings(v: &Value, out: &mut HashSet<String>) {
+    match v {
+        Value::String(s) if s.len() <= 128 => {
+            out.insert(s.clone());
+        }
+        Value::Object(m) => m.values().for_each(|x| strings(x, out)),
+        Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
+        _ => {}
+    }
+}
+
+/// One change of a plan, as an op the edge's applier takes.
+struct Planned {
+    op: OpContent,
+    kind: String,
+    key: String,
+    what: &'static str,
+    /// The user (central's ID) whose password this change sets.
+    user: Option<String>,
+}
+
+/// What a resync sends: ID map entries, then groups of independent changes,
+/// in order (a group's changes depend only on earlier groups').
+struct Plan {
+    maps: Vec<(String, String, String)>,
+    groups: Vec<Vec<Planned>>,
+    only_at_edge: Vec<(String, String)>,
+}
+
+fn planned(
+    kind: &str,
+    key: &str,
+    what: &'static str,
+    call: state::Call,
+    created: Vec<String>,
+) -> Planned {
+    let (method, path, body) = call;
+    Planned {
+        op: OpContent {
+            seq: 0,
+            op_id: format!("{what} {kind} {key}"),
+            state: "committed".into(),
+            method: method.to_string(),
+            path,
+            kind: kind.to_string(),
+            body,
+            created_ids: created,
+            refs: Vec::new(),
+        },
+        kind: kind.to_string(),
+        key: key.to_string(),
+        what,
+        user: None,
+    }
+}
+
+impl Plan {
+    fn new(central: &[Entity], edge: &[Entity], prune: bool) -> Plan {
+        // Central's ID of what the edge already maps (its IDs come as central's).
+        let maps = state::matched_ids(central, edge)
+            .filter(|(c, e)| e.ids.first().is_none_or(|mapped| *mapped != c.id))
+            .map(|(c, e)| (c.id.clone(), e.id.clone(), c.kind.clone()))
+            .collect();
+        // Each change with its group: creates and updates by kind, then by
+        // level (a parent project first); deletes after them, what references
+        // first (children before parents, a domain's disable before its delete).
+        let mut changes: Vec<((u8, i64, i64, bool), Planned)> = Vec::new();
+        let mut only_at_edge = Vec::new();
+        for d in state::diff(central, edge) {
+            match d.category {
+                Category::MissingAtEdge => {
+                    let c = &central[d.central.expect("central's side")];
+                    if let Some((call, created)) = c.create() {
+                        let group = (0, state::rank(&c.kind) as i64, i64::from(c.level), false);
+                        changes.push((group, planned(&c.kind, &c.key, "create", call, created)));
+                    }
+                }
+                Category::Differs => {
+                    let c = &central[d.central.expect("central's side")];
+                    if let Some(call) = c.update(&d.fields) {
+                        let group = (0, state::rank(&c.kind) as i64, i64::from(c.level), false);
+                        changes.push((group, planned(&c.kind, &c.key, "update", call, Vec::new())));
+                    }
+                }
+                Category::OnlyAtEdge => {
+                    let e = &edge[d.edge.expect("the edge's side")];
+                    only_at_edge.push((e.kind.clone(), e.key.clone()));
+                    if prune {
+                        for call in e.delete() {
+                            let group = (
+                                1,
+                                -(state::rank(&e.kind) as i64),
+                                -i64::from(e.level),
+                                call.0 == reqwest::Method::DELETE,
+                            );
+                            changes.push((
+                                group,
+                                planned(&e.kind, &e.key, "delete", call, Vec::new()),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        changes.sort_by_key(|(group, _)| *group);
+        let mut groups: Vec<Vec<Planned>> = Vec::new();
+        let mut last = None;
+        for (group, p) in changes {
+            if last != Some(group) {
+                groups.push(Vec::new());
+                last = Some(group);
+            }
+            groups.last_mut().expect("a group").push(p);
+        }
+        Plan {
+            maps,
+            groups,
+            only_at_edge,
+        }
+    }
+
+    fn ops(&self) -> usize {
+        self.groups.iter().map(Vec::len).sum()
+    }
+}
+
+/// What a resync's changes came to.
+#[derive(Default)]
+struct Tally {
+    created: usize,
+    updated: usize,
+    adopted: usize,
+    deleted: usize,
+    failed: usize,
+    failures: Vec<Value>,
+    created_users: Vec<(String, String)>,
+    /// Users whose password from the op log was set.
+    passwords: HashSet<String>,
+}
+
+impl Tally {
+    fn count(&mut self, p: &Planned, ack: &Ack) {
+        match ack.outcome {
+            Outcome::Failed => {
+                self.failed += 1;
+                if self.failures.len() < SAMPLE {
+                    self.failures.push(json!({
+                        "kind": p.kind,
+                        "key": p.key,
+                        "change": p.what,
+                        "status": ack.status,
+                        "detail": ack.detail,
+                    }));
+                }
+            }
+            Outcome::Adopted => self.adopted += 1,
+            Outcome::Applied | Outcome::Skipped => match p.what {
+                "create" => {
+                    self.created += 1;
+                    if p.kind == "user" {
+                        if let Some(id) = p.op.created_ids.first() {
+                            self.created_users.push((id.clone(), p.key.clone()));
+                        }
+                    }
+                }
+                "update" => self.updated += 1,
+                "password" => {
+                    self.passwords.extend(p.user.clone());
+                }
+                _ => self.deleted += 1,
+            },
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The edge's part in an initial sync, a repair and a drift audit: it answers
+//! central's requests for this site's identity state (read from its own
+//! Keystone, references named by natural key, mapped IDs given as central's),
+//! and applies the steps of a resync: hold the op stream, record ID map
+//! entries, apply central's creates, updates and deletes through the same
+//! applier as replayed ops, then continue the stream after central's fence.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tracing::{debug, error, info, warn};
+
+use super::apply::Applier;
+use super::{Pending, Runner, Status, Stuck};
+use crate::keystone::client::KeystoneClient;
+use crate::keystone::state::{self, Entity};
+use crate::protocol::control::{Receiver, Sender};
+use crate::protocol::crypto::Sealer;
+use crate::protocol::messages::{
+    Ack, OpContent, Outcome, ResyncReply, ResyncStep, StatePage, StateRequest, RESYNC,
+    RESYNC_REPLY, STATE_PAGE, STATE_REQUEST,
+};
+use crate::store::edge::{Batch, EdgeStore};
+
+/// Ops of one resync step applied at once against the site's Keystone.
+const CONCURRENCY: usize = 8;
+/// The flag an edge keeps once a resync completed here.
+pub const INITIAL_SYNC_DONE: &str = "initial_sync_done";
+
+/// What answers central's state requests (a task of its own: reading a large
+/// site takes a while and must not hold up the op stream).
+pub struct StateServer {
+    pub id: String,
+    pub client: async_nats::Client,
+    pub keystone: Arc<KeystoneClient>,
+    pub store: EdgeStore,
+    pub sealer: Sealer,
+    pub status: Arc<Status>,
+    pub control_in: Receiver,
+    pub control_out: Sender,
+}
+
+/// The pages of the last state read, for the run that asked.
+struct Read {
+    run: String,
+    pages: Vec<Vec<Entity>>,
+    cursor_before: i64,
+    cursor_after: i64,
+}
+
+impl StateServer {
+    pub async fn serve(self, mut requests: async_nats::Subscriber) {
+        let mut last: Option<Read> = None;
+        while let Some(msg) = requests.next().await {
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let req = match self.control_in.open::<StateRequest>(
+                &self.sealer,
+                STATE_REQUEST,
+                Some(&self.id),
+                &msg.payload,
+            ) {
+                Ok((_, r)) => r,
+                Err(why) => {
+                    self.status.rejected.fetch_add(1, Ordering::Relaxed);
+                    debug!(reason = %why, "state request dropped");
+                    continue;
+                }
+            };
+            let fresh = req.page == 0 || last.as_ref().is_none_or(|r| r.run != req.run);
+            let mut error = None;
+            if fresh {
+                match self.read(&req.run).await {
+                    Ok(r) => last = Some(r),
+                    Err(e) => {
+                        warn!(error = %e, "cannot read this site's identity state for central");
+                        error = Some(e);
+                        last = None;
+                    }
+                }
+            }
+            let answer = match (&last, error) {
+                (Some(r), None) => StatePage {
+                    run: req.run.clone(),
+                    page: req.page,
+                    pages: r.pages.len(),
+                    entities: r.pages.get(req.page).cloned().unwrap_or_default(),
+                    cursor_before: r.cursor_before,
+                    cursor_after: r.cursor_after,
+                    error: None,
+                },
+                (_, e) => StatePage {
+                    run: req.run.clone(),
+                    page: req.page,
+                    pages: 0,
+                    entities: Vec::new(),
+                    cursor_before: 0,
+                    cursor_after: 0,
+                    error: Some(e.unwrap_or_else(|| "no state read for this run".into())),
+                },
+            };
+            let payload = self
+                .control_out
+                .seal(&self.sealer, STATE_PAGE, &self.id, &answer);
+            if let Err(e) = self.client.publish(reply, payload.into()).await {
+                debug!(error = %e, "state page not sent");
+            }
+        }
+    }
+
+    async fn read(&self, run: &str) -> Result<Read, String> {
+        let started = Instant::now();
+        let cursor_before = self.status.cursor.load(Ordering::Relaxed);
+        let mut entities = state::read(&self.keystone)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cursor_after = self.status.cursor.load(Ordering::Relaxed);
+        let central_of = self
+            .store
+            .reverse_map()
+            .await
+            .map_err(|e| format!("edge database: {e}"))?;
+        for e in &mut entities {
+            // Central needs no edge's raw entity but to delete it (prune).
+            if let Some(raw) = e.raw.as_mut().and_then(|r| r.as_object_mut()) {
+                raw.remove("blob");
+            }
+            for id in &mut e.ids {
+                if let Some(c) = central_of.get(id.as_str()) {
+                    *id = c.clone();
+                }
+            }
+        }
+        // Pages stay well under the broker's largest message once sealed.
+        let budget = (self.client.server_info().max_payload / 3).max(32 * 1024);
+        let mut pages: Vec<Vec<Entity>> = vec![Vec::new()];
+        let mut size = 0;
+        for e in entities {
+            let n = serde_json::to_vec(&e).map(|v| v.len()).unwrap_or(0) + 1;
+            if size + n > budget && !pages.last().is_some_and(Vec::is_empty) {
+                pages.push(Vec::new());
+                size = 0;
+            }
+            size += n;
+            pages.last_mut().expect("one page at least").push(e);
+        }
+        info!(
+            run,
+            pages = pages.len(),
+            entities = pages.iter().map(Vec::len).sum::<usize>(),
+            ms = started.elapsed().as_millis() as u64,
+            "identity state read for central"
+        );
+        Ok(Read {
+            run: run.to_string(),
+            pages,
+            cursor_before,
+            cursor_after,
+        })
+    }
+}
+
+impl Runner {
+    /// Whether a resync holds the op stream.
+    pub(crate) fn held(&self) -> bool {
+        let mut hold = self.hold_until.lock().unwrap_or_else(|p| p.into_inner());
+        match *hold {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                warn!("a resync stopped sending steps: applying ops from the cursor again");
+                *hold = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn hold(&self, ms: u64) {
+        *self.hold_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(Instant::now() + Duration::from_millis(ms.clamp(1_000, 600_000)));
+    }
+
+    fn release(&self) {
+        *self.hold_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Handles one resync step; true when the op stream should be caught up.
+    pub(crate) async fn resync_step(&self, msg: async_nats::Message) -> Result<bool, Stuck> {
+        let Some(reply) = msg.reply.clone() else {
+            return Ok(false);
+        };
+        let step = match self.control_in.open::<ResyncStep>(
+            &self.sealer,
+            RESYNC,
+            Some(&self.id),
+            &msg.payload,
+        ) {
+            Ok((_, s)) => s,
+            Err(r) => {
+                self.rejected(RESYNC, r);
+                return Ok(false);
+            }
+        };
+        // What was applied before is recorded first: the cursor is exact.
+        let flushed = self.flush().await;
+        let mut answer = ResyncReply {
+            cursor: 0,
+            outcomes: Vec::new(),
+            error: flushed
+                .is_err()
+                .then(|| "the edge database cannot record applied ops".to_string()),
+        };
+        let mut resume = false;
+        if answer.error.is_none() {
+            match step {
+                ResyncStep::Hold { hold_ms } => {
+                    self.hold(hold_ms);
+                    info!("resync: the op stream is held while central's state is applied");
+                }
+                ResyncStep::Apply { hold_ms, maps, ops } => {
+                    self.hold(hold_ms);
+                    match self.apply_step(maps, ops).await {
+                        Ok(outcomes) => answer.outcomes = outcomes,
+                        Err(Stuck::Stopping) => return Err(Stuck::Stopping),
+                        Err(Stuck::Blocked) => {
+                            answer.error = Some("the edge database cannot record the ID map".into())
+                        }
+                    }
+                }
+                ResyncStep::Done {
+                    fence,
+                    uncertain_through,
+                } => {
+                    let batch = Batch {
+                        cursor: Some(fence),
+                        ..Batch::default()
+                    };
+                    match self.store.commit_batch(&batch).await {
+                        Ok(()) => {
+                            self.status.cursor.fetch_max(fence, Ordering::Relaxed);
+                            self.applied_to.fetch_max(fence, Ordering::Relaxed);
+                            self.uncertain_through
+                                .fetch_max(uncertain_through, Ordering::Relaxed);
+                            if let Err(e) = self.store.set_flag(INITIAL_SYNC_DONE).await {
+                                error!(error = %e, "cannot record that the initial sync is done");
+                            }
+                            self.status.set_error(None);
+                            self.release();
+                            resume = true;
+                            info!(
+                                fence,
+                                "resync done: ops after the fence are applied from the stream"
+                            );
+                        }
+                        Err(e) => answer.error = Some(format!("edge database: {e}")),
+                    }
+                }
+                ResyncStep::Release => {
+                    self.release();
+                    resume = true;
+                }
+            }
+        }
+        if let Ok(n) = self.store.map_size().await {
+            self.status.id_map_size.store(n, Ordering::Relaxed);
+        }
+        answer.cursor = self.status.cursor.load(Ordering::Relaxed);
+        let payload = self
+            .control_out
+            .seal(&self.sealer, RESYNC_REPLY, &self.id, &answer);
+        if let Err(e) = self.client.publish(reply, payload.into()).await {
+            debug!(error = %e, "resync answer not sent");
+        }
+        Ok(resume)
+    }
+
+    /// Records ID map entries, then applies independent ops, some at once.
+    async fn apply_step(
+        &self,
+        maps: Vec<(String, String, String)>,
+        ops: Vec<OpContent>,
+    ) -> Result<Vec<Ack>, Stuck> {
+        let mut batch = Batch::default();
+        for (central, edge, kind) in maps {
+            batch.map.insert(central, Some((edge, kind)));
+        }
+        if let Err(e) = self.store.commit_batch(&batch).await {
+            error!(error = %e, "cannot record ID map entries of a resync");
+            return Err(Stuck::Blocked);
+        }
+        let none = std::sync::Mutex::new(Pending::default());
+        let applier = Applier {
+            keystone: &self.keystone,
+            store: &self.store,
+            pending: &none,
+        };
+        let mut results = Vec::with_capacity(ops.len());
+        let mut running = futures_util::stream::FuturesUnordered::new();
+        let mut next = 0;
+        loop {
+            while running.len() < CONCURRENCY && next < ops.len() {
+                running.push(apply_one(&applier, next, &ops[next]));
+                next += 1;
+            }
+            match running.next().await {
+                Some(r) => results.push(r),
+                None => break,
+            }
+        }
+        let mut changes = Batch::default();
+        let mut acks = Vec::with_capacity(results.len());
+        for (i, r) in results {
+            let op = &ops[i];
+            let ack = match r {
+                Ok(a) => {
+                    for (c, e, k) in &a.changes.map_adds {
+                        changes.map.insert(c.clone(), Some((e.clone(), k.clone())));
+                    }
+                    for c in &a.changes.map_removes {
+                        changes.map.insert(c.clone(), None);
+                    }
+                    Ack {
+                        seq: i as i64,
+                        op_id: op.op_id.clone(),
+                        outcome: a.outcome,
+                        status: a.status,
+                        detail: a.detail,
+                        edge_id_created: a.edge_ids,
+                    }
+                }
+                Err(e) => Ack {
+                    seq: i as i64,
+                    op_id: op.op_id.clone(),
+                    outcome: Outcome::Failed,
+                    status: None,
+                    detail: Some(format!("not applied now: {e}")),
+                    edge_id_created: Vec::new(),
+                },
+            };
+            acks.push(ack);
+        }
+        if let Err(e) = self.store.commit_batch(&changes).await {
+            error!(error = %e, "cannot record the ID map changes of a resync step");
+            return Err(Stuck::Blocked);
+        }
+        acks.sort_by_key(|a| a.seq);
+        Ok(acks)
+    }
+}
+
+/// Applies one op of a resync step; its texts scrubbed of the op's secrets.
+async fn apply_one(
+    applier: &Applier<'_>,
+    i: usize,
+    op: &OpContent,
+) -> (usize, Result<super::apply::Applied, String>) {
+    let secrets = op
+        .body
+        .as_ref()
+        .map(crate::redact::secret_values)
+        .unwrap_or_default();
+    // A create an earlier try of this step may have sent is looked for first
+    // when nothing else finds it (a named entity's 409 is adopted).
+    let probe = !crate::keystone::ids::NAMED_KINDS.contains(&op.kind.as_str());
+    let r = applier
+        .apply(op, probe)
+        .await
+        .map_err(|e| crate::redact::scrub(&e.to_string(), &secrets))
+        .map(|a| super::apply::Applied {
+            detail: a
+                .detail
+                .as_deref()
+                .map(|d| crate::redact::scrub(d, &secrets)),
+            ..a
+        });
+    (i, r)
+}

@@ -1,0 +1,718 @@
+//! Initial sync, repair and drift audit in process: central and edges with
+//! fake sites, entities made directly on a site's identity API (before
+//! syncgate, or bypassing it).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::fake_site::FakeSite;
+use crate::sync::{admin_token, sync_env, SyncEnv};
+
+/// A write straight to a site, with that site's admin token.
+async fn direct(env: &SyncEnv, site: &FakeSite, method: &str, path: &str, body: Value) -> Value {
+    let token = admin_token(&env.http, &site.url(), &site.admin_password).await;
+    let mut req = env
+        .http
+        .request(method.parse().unwrap(), format!("{}{path}", site.url()))
+        .header("x-auth-token", token);
+    if !body.is_null() {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert!(status.is_success(), "{method} {path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+async fn made(env: &SyncEnv, site: &FakeSite, path: &str, kind: &str, body: Value) -> String {
+    let v = direct(env, site, "POST", path, json!({ kind: body })).await;
+    v[kind]["id"].as_str().unwrap().to_string()
+}
+
+/// A small cloud made on central's site directly: a domain with a project
+/// tree, a group, users, global and domain roles, an implied role, grants
+/// (project, inherited on a domain, system), a policy, a service and a
+/// registered limit for it.
+async fn seed(env: &SyncEnv, site: &FakeSite) {
+    let acme = made(
+        env,
+        site,
+        "/v3/domains",
+        "domain",
+        json!({"name": "acme", "description": "a"}),
+    )
+    .await;
+    let web = made(
+        env,
+        site,
+        "/v3/projects",
+        "project",
+        json!({"name": "web", "domain_id": acme, "tags": ["prod"]}),
+    )
+    .await;
+    made(
+        env,
+        site,
+        "/v3/projects",
+        "project",
+        json!({"name": "web-db", "domain_id": acme, "parent_id": web}),
+    )
+    .await;
+    let ops = made(
+        env,
+        site,
+        "/v3/groups",
+        "group",
+        json!({"name": "ops", "domain_id": acme}),
+    )
+    .await;
+    let ann = made(
+        env,
+        site,
+        "/v3/users",
+        "user",
+        json!({"name": "ann", "domain_id": acme, "email": "ann@acme", "default_project_id": web, "password": "ann-secret-1"}),
+    )
+    .await;
+    let ben = made(
+        env,
+        site,
+        "/v3/users",
+        "user",
+        json!({"name": "ben", "password": "ben-secret-1"}),
+    )
+    .await;
+    let auditor = made(env, site, "/v3/roles", "role", json!({"name": "auditor"})).await;
+    let operator = made(
+        env,
+        site,
+        "/v3/roles",
+        "role",
+        json!({"name": "operator", "domain_id": acme}),
+    )
+    .await;
+    let admin_role = site.id_of("role", "admin").unwrap();
+    direct(
+        env,
+        site,
+        "PUT",
+        &format!("/v3/groups/{ops}/users/{ann}"),
+        Value::Null,
+    )
+    .await;
+    direct(
+        env,
+        site,
+        "PUT",
+        &format!("/v3/roles/{admin_role}/implies/{auditor}"),
+        Value::Null,
+    )
+    .await;
+    direct(
+        env,
+        site,
+        "PUT",
+        &format!("/v3/projects/{web}/users/{ann}/roles/{auditor}"),
+        Value::Null,
+    )
+    .await;
+    direct(
+        env,
+        site,
+        "PUT",
+        &format!(
+            "/v3/OS-INHERIT/domains/{acme}/groups/{ops}/roles/{operator}/inherited_to_projects"
+        ),
+        Value::Null,
+    )
+    .await;
+    direct(
+        env,
+        site,
+        "PUT",
+        &format!("/v3/system/users/{ben}/roles/{auditor}"),
+        Value::Null,
+    )
+    .await;
+    made(
+        env,
+        site,
+        "/v3/policies",
+        "policy",
+        json!({"type": "application/json", "blob": "{\"a\": 1}"}),
+    )
+    .await;
+    let nova = made(
+        env,
+        site,
+        "/v3/services",
+        "service",
+        json!({"type": "compute", "name": "nova"}),
+    )
+    .await;
+    direct(
+        env,
+        site,
+        "POST",
+        "/v3/registered_limits",
+        json!({"registered_limits": [{"service_id": nova, "resource_name": "cores", "default_limit": 10}]}),
+    )
+    .await;
+}
+
+/// Each site's policies and registered limits (by content and service name).
+fn unnamed_state(site: &FakeSite) -> (Vec<String>, Vec<String>) {
+    let services = site.unnamed("service");
+    let policies = site
+        .unnamed("policy")
+        .iter()
+        .map(|p| p["blob"].as_str().unwrap().to_string())
+        .collect();
+    let limits = site
+        .unnamed("registered_limit")
+        .iter()
+        .map(|l| {
+            let svc = services
+                .iter()
+                .find(|s| s["id"] == l["service_id"])
+                .map(|s| s["name"].as_str().unwrap().to_string())
+                .unwrap_or_else(|| "?".into());
+            format!("{svc} {} {}", l["resource_name"], l["default_limit"])
+        })
+        .collect();
+    (policies, limits)
+}
+
+async fn edge_row(env: &SyncEnv, edge: &str) -> Value {
+    env.audit(&format!("/v1/edges/{edge}")).await
+}
+
+/// Waits for the edge's resync to end; returns its row (asserted done).
+async fn resync_ended(env: &SyncEnv, edge: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = edge_row(env, edge).await;
+        let phase = row["resync"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if phase == "done" {
+            return row;
+        }
+        assert_ne!(phase, "failed", "resync failed: {row:#}");
+        assert!(Instant::now() < deadline, "resync never ended: {row:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn post(env: &SyncEnv, path: &str) -> (u16, Value) {
+    let resp = env
+        .http
+        .post(format!("{}{path}", env.admin))
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// Runs a drift audit of `edge` and waits for its findings.
+async fn drift(env: &SyncEnv, edge: &str) -> Value {
+    let (status, body) = post(env, &format!("/v1/drift/run?edge={edge}")).await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = env.audit(&format!("/v1/drift?edge={edge}")).await;
+        match d["runs"][0]["state"].as_str() {
+            Some("done") => return d,
+            Some("failed") => panic!("drift audit failed: {d:#}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "drift audit never ended: {d:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn found(d: &Value) -> Vec<(String, String, String, String)> {
+    d["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["category"].as_str().unwrap().to_string(),
+                x["kind"].as_str().unwrap().to_string(),
+                x["key"].as_str().unwrap().to_string(),
+                x.get("fields").map(Value::to_string).unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_edge_that_joins_late_gets_centrals_state_then_follows_the_stream() {
+    let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["late".into()]).await;
+    // Written through the gateway before the edge exists (with a password)...
+    let early = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "early", "password": "early-secret-9"}}),
+        )
+        .await;
+    // ... and made on central's Keystone directly.
+    seed(&env, &env.central_site).await;
+    let nova_at_edge = {
+        env.initial_sync = true;
+        env.add_edge("late", None).await;
+        let site = &env.edges[0].site;
+        made(
+            &env,
+            site,
+            "/v3/services",
+            "service",
+            json!({"type": "compute", "name": "nova"}),
+        )
+        .await
+    };
+    let row = resync_ended(&env, "late").await;
+    let result = &row["resync"]["result"];
+    assert_eq!(result["failed"], 0, "{row:#}");
+    env.assert_in_sync().await;
+    assert_eq!(
+        unnamed_state(&env.edges[0].site),
+        unnamed_state(&env.central_site),
+        "policies and registered limits"
+    );
+    // The registered limit names the edge's own nova service.
+    assert_eq!(
+        env.edges[0].site.unnamed("registered_limit")[0]["service_id"],
+        json!(nova_at_edge)
+    );
+    // The password the op log carried reached the edge; the others cannot.
+    let site = &env.edges[0].site;
+    let early_at_edge = site.id_of("user", "early").unwrap();
+    assert_eq!(
+        site.state
+            .lock()
+            .unwrap()
+            .passwords
+            .get(&early_at_edge)
+            .map(String::as_str),
+        Some("early-secret-9")
+    );
+    let users: Vec<&str> = row["needs_password"]["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user_key"].as_str().unwrap())
+        .collect();
+    assert_eq!(users, vec!["Default/ben", "acme/ann"], "{row:#}");
+    assert!(
+        !row.to_string().contains("secret"),
+        "no password in the status: {row}"
+    );
+
+    // The stream continues after the fence: a later write is replayed.
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "after"}}),
+    )
+    .await;
+    // A password set through the gateway clears the user's need.
+    let ann = env.central_site.id_of("user", "ann").unwrap();
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{ann}"),
+            Some(json!({"user": {"password": "ann-new-secret"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    env.assert_in_sync().await;
+    env.until("ann no longer needs a password", || async {
+        edge_row(&env, "late").await["needs_password"]["count"] == 1
+    })
+    .await;
+    let _ = early;
+    env.until_metrics(
+        "gauges of the resync",
+        &[
+            "syncgate_resync_running{edge=\"late\"} 0",
+            "syncgate_users_needing_password{edge=\"late\"} 1",
+        ],
+    )
+    .await;
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resync_adopts_what_matches_overwrites_what_conflicts_and_prunes_only_when_asked() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let central = &env.central_site;
+    let edge = &env.edges[0].site;
+    made(
+        &env,
+        central,
+        "/v3/users",
+        "user",
+        json!({"name": "ann", "email": "ann@x"}),
+    )
+    .await;
+    made(
+        &env,
+        central,
+        "/v3/projects",
+        "project",
+        json!({"name": "web", "description": "central's"}),
+    )
+    .await;
+    made(&env, central, "/v3/users", "user", json!({"name": "bob"})).await;
+    // The edge already has ann (the same), web (another description), zed.
+    made(
+        &env,
+        edge,
+        "/v3/users",
+        "user",
+        json!({"name": "ann", "email": "ann@x"}),
+    )
+    .await;
+    made(
+        &env,
+        edge,
+        "/v3/projects",
+        "project",
+        json!({"name": "web", "description": "edge's"}),
+    )
+    .await;
+    made(&env, edge, "/v3/users", "user", json!({"name": "zed"})).await;
+    let users_made_at_edge = edge.creates_of("user");
+
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    let row = resync_ended(&env, "e1").await;
+    let result = &row["resync"]["result"];
+    assert_eq!(result["created"], 1, "bob only: {row:#}");
+    assert_eq!(result["updated"], 1, "web's description: {row:#}");
+    assert_eq!(result["only_at_edge"], 1);
+    assert_eq!(
+        result["only_at_edge_sample"],
+        json!([{"kind": "user", "key": "Default/zed"}])
+    );
+    assert_eq!(
+        edge.creates_of("user"),
+        users_made_at_edge + 1,
+        "ann adopted, not created again"
+    );
+    assert_eq!(
+        edge.field_of("project", "web", "description"),
+        json!("central's")
+    );
+    assert!(
+        edge.id_of("user", "zed").is_some(),
+        "not deleted without prune"
+    );
+    // Later ops on adopted entities reach the edge's own copy.
+    let ann = central.id_of("user", "ann").unwrap();
+    env.write(
+        "PATCH",
+        &format!("/v3/users/{ann}"),
+        Some(json!({"user": {"email": "ann@y"}})),
+    )
+    .await;
+    env.until("ann's new email at the edge", || async {
+        edge.field_of("user", "ann", "email") == json!("ann@y")
+    })
+    .await;
+
+    // A second resync while one runs is refused; then prune removes zed.
+    let (status, body) = post(&env, "/v1/edges/e1/resync?prune=true").await;
+    assert_eq!(status, 202, "{body}");
+    let (again, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert!(again == 409 || again == 202, "{again} {body}");
+    resync_ended(&env, "e1").await;
+    env.until("zed pruned", || async {
+        edge.id_of("user", "zed").is_none()
+    })
+    .await;
+    env.assert_in_sync().await;
+    let (status, body) = post(&env, "/v1/edges/nope/resync").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = post(&env, "/v1/edges/e1/resync?prune=maybe").await;
+    assert_eq!(status, 400, "{body}");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_resync_interrupted_by_an_edge_crash_starts_again_and_creates_nothing_twice() {
+    let mut env = sync_env(&["e1"], None, |_| {}).await;
+    let central = &env.central_site;
+    for i in 0..300 {
+        made(
+            &env,
+            central,
+            "/v3/users",
+            "user",
+            json!({"name": format!("u{i:03}")}),
+        )
+        .await;
+    }
+    // The edge's Keystone answers slowly enough to be killed mid-way.
+    env.edges[0].site.state.lock().unwrap().answer_jitter = Some(Duration::from_millis(20));
+    let (status, _) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202);
+    env.until("the resync applying", || async {
+        let row = edge_row(&env, "e1").await;
+        row["resync"]["phase"] == "applying" && row["resync"]["done"].as_i64().unwrap_or(0) > 20
+    })
+    .await;
+    env.kill_edge(0).await;
+    let made_before_restart = env.edges[0].site.creates_of("user");
+    assert!(
+        made_before_restart < 300,
+        "killed mid-way: {made_before_restart}"
+    );
+    env.edges[0].site.state.lock().unwrap().answer_jitter = None;
+    env.restart_edge(0).await;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+    env.assert_in_sync().await;
+    assert_eq!(
+        env.edges[0].site.creates_of("user"),
+        300,
+        "each user created once"
+    );
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_drift_audit_finds_each_kind_of_difference_and_repair_applies_centrals_state() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let dan = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "dan", "email": "dan@x", "password": "dan-secret-7"}}),
+        )
+        .await;
+    let web = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "web"}}),
+        )
+        .await;
+    env.assert_in_sync().await;
+    let d = drift(&env, "e1").await;
+    assert_eq!(found(&d), vec![], "in sync: {d:#}");
+
+    // Writes that bypassed the gateway, at either site.
+    let central = &env.central_site;
+    let edge = &env.edges[0].site;
+    made(&env, central, "/v3/users", "user", json!({"name": "carl"})).await;
+    made(
+        &env,
+        edge,
+        "/v3/users",
+        "user",
+        json!({"name": "eve", "password": "eve-secret-3"}),
+    )
+    .await;
+    let dan_at_edge = edge.id_of("user", "dan").unwrap();
+    direct(
+        &env,
+        edge,
+        "PATCH",
+        &format!("/v3/users/{dan_at_edge}"),
+        json!({"user": {"email": "dan@evil", "password": "reset-secret-5"}}),
+    )
+    .await;
+    let member = central.id_of("role", "member").unwrap();
+    direct(
+        &env,
+        central,
+        "PUT",
+        &format!("/v3/projects/{web}/users/{dan}/roles/{member}"),
+        Value::Null,
+    )
+    .await;
+
+    let d = drift(&env, "e1").await;
+    let mut got = found(&d);
+    got.sort();
+    let mut want = vec![
+        (
+            "differs".to_string(),
+            "user".to_string(),
+            "Default/dan".to_string(),
+            r#"["email"]"#.to_string(),
+        ),
+        (
+            "missing_at_edge".into(),
+            "assignment".into(),
+            "member to user Default/dan on project Default/web".into(),
+            String::new(),
+        ),
+        (
+            "missing_at_edge".into(),
+            "user".into(),
+            "Default/carl".into(),
+            String::new(),
+        ),
+        (
+            "only_at_edge".into(),
+            "user".into(),
+            "Default/eve".into(),
+            String::new(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(got, want, "{d:#}");
+    let text = d.to_string();
+    assert!(
+        !text.contains("secret") && !text.contains("dan@evil"),
+        "no values shown: {text}"
+    );
+    env.until_metrics(
+        "drift gauges",
+        &[
+            "syncgate_drift_differences{edge=\"e1\",kind=\"user\",category=\"differs\"} 1",
+            "syncgate_drift_differences{edge=\"e1\",kind=\"user\",category=\"only_at_edge\"} 1",
+        ],
+    )
+    .await;
+    // The audit changed nothing.
+    assert!(edge.id_of("user", "carl").is_none());
+
+    let (status, body) = post(&env, "/v1/drift/repair?edge=e1").await;
+    assert_eq!(status, 202, "{body}");
+    resync_ended(&env, "e1").await;
+    assert_eq!(edge.field_of("user", "dan", "email"), json!("dan@x"));
+    let d = drift(&env, "e1").await;
+    assert_eq!(
+        found(&d),
+        vec![(
+            "only_at_edge".into(),
+            "user".into(),
+            "Default/eve".into(),
+            String::new()
+        )],
+        "only what the edge alone has is left (no prune): {d:#}"
+    );
+    let (status, _) = post(&env, "/v1/drift/repair?edge=e1&prune=true").await;
+    assert_eq!(status, 202);
+    resync_ended(&env, "e1").await;
+    let d = drift(&env, "e1").await;
+    assert_eq!(found(&d), vec![], "{d:#}");
+    assert_eq!(
+        env.audit("/v1/drift?edge=e1&category=bogus").await["error"]["code"],
+        400
+    );
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn ops_in_flight_during_a_drift_audit_are_not_reported() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    env.create("/v3/users", "user", json!({"user": {"name": "first"}}))
+        .await;
+    env.assert_in_sync().await;
+    // The edge's Keystone is slow: ops are in flight all along the audit.
+    env.edges[0].site.state.lock().unwrap().answer_jitter = Some(Duration::from_millis(30));
+    let writer = {
+        let http = env.http.clone();
+        let proxy = env.proxy.clone();
+        let token = env.token().to_string();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let resp = http
+                    .post(format!("{proxy}/v3/users"))
+                    .header("x-auth-token", &token)
+                    .json(&json!({"user": {"name": format!("busy{i}")}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 201);
+            }
+        })
+    };
+    let d = drift(&env, "e1").await;
+    assert_eq!(found(&d), vec![], "nothing in flight is drift: {d:#}");
+    writer.await.unwrap();
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
+
+/// The scale figure in BENCHMARKS.md (not a test: run it with
+/// `cargo nextest run --run-ignored only resync_at_scale --no-capture`):
+/// 10,000 users, 2,000 projects and 50,000 assignments made on central's site
+/// directly, resynced to an empty edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn resync_at_scale() {
+    let users = std::env::var("RESYNC_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000usize);
+    let projects = std::env::var("RESYNC_PROJECTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000usize);
+    let per_user = std::env::var("RESYNC_GRANTS_PER_USER").ok().and_then(|v| v.parse().ok()).unwrap_or(5usize);
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    {
+        let mut st = env.central_site.state.lock().unwrap();
+        let member = st.entities["role"]
+            .values()
+            .find(|r| r["name"] == "member")
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut pids = Vec::new();
+        for i in 0..projects {
+            let id = crate::fake_keystone::new_id();
+            st.entities.get_mut("project").unwrap().insert(
+                id.clone(),
+                json!({"id": id, "name": format!("p{i:05}"), "domain_id": "default", "enabled": true}),
+            );
+            pids.push(id);
+        }
+        for i in 0..users {
+            let id = crate::fake_keystone::new_id();
+            st.entities.get_mut("user").unwrap().insert(
+                id.clone(),
+                json!({"id": id, "name": format!("u{i:06}"), "domain_id": "default", "enabled": true,
+                       "email": format!("u{i}@example.org")}),
+            );
+            for k in 0..per_user {
+                let p = &pids[(i * per_user + k) % pids.len()];
+                st.grants.insert(format!("projects/{p}/users/{id}/roles/{member}"));
+            }
+        }
+    }
+    let started = Instant::now();
+    let (status, _) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    let row = loop {
+        let row = edge_row(&env, "e1").await;
+        match row["resync"]["phase"].as_str() {
+            Some("done") => break row,
+            Some("failed") => panic!("{row:#}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let result = &row["resync"]["result"];
+    assert_eq!(result["failed"], 0, "{result:#}");
+    let changes = row["resync"]["total"].as_i64().unwrap();
+    println!(
+        "resync at scale: {users} users, {projects} projects, {} assignments: {changes} changes in {secs:.1} s ({:.0}/s)",
+        users * per_user,
+        changes as f64 / secs
+    );
+    assert_eq!(env.central_site.snapshot(), env.edges[0].site.snapshot());
+    env.shutdown().await;
+}
