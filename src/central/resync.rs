@@ -575,7 +575,8 @@ impl Resyncer {
                 .await
                 .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
         }
-        self.progress(edge, "done", Some(fence), done, total).await;
+        self.progress(edge, "finishing", Some(fence), done, total)
+            .await;
         let only: Vec<Value> = plan
             .only_at_edge
             .iter()

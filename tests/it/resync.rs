@@ -655,9 +655,18 @@ async fn ops_in_flight_during_a_drift_audit_are_not_reported() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn resync_at_scale() {
-    let users = std::env::var("RESYNC_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000usize);
-    let projects = std::env::var("RESYNC_PROJECTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000usize);
-    let per_user = std::env::var("RESYNC_GRANTS_PER_USER").ok().and_then(|v| v.parse().ok()).unwrap_or(5usize);
+    let users = std::env::var("RESYNC_USERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000usize);
+    let projects = std::env::var("RESYNC_PROJECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000usize);
+    let per_user = std::env::var("RESYNC_GRANTS_PER_USER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5usize);
     let env = sync_env(&["e1"], None, |_| {}).await;
     {
         let mut st = env.central_site.state.lock().unwrap();
@@ -686,7 +695,8 @@ async fn resync_at_scale() {
             );
             for k in 0..per_user {
                 let p = &pids[(i * per_user + k) % pids.len()];
-                st.grants.insert(format!("projects/{p}/users/{id}/roles/{member}"));
+                st.grants
+                    .insert(format!("projects/{p}/users/{id}/roles/{member}"));
             }
         }
     }
