@@ -726,3 +726,61 @@ async fn resync_at_scale() {
     assert_eq!(env.central_site.snapshot(), env.edges[0].site.snapshot());
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn lists_the_identity_service_truncates_are_read_again_per_domain() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let central = &env.central_site;
+    let acme = made(
+        &env,
+        central,
+        "/v3/domains",
+        "domain",
+        json!({"name": "acme"}),
+    )
+    .await;
+    for name in ["a1", "a2"] {
+        made(
+            &env,
+            central,
+            "/v3/users",
+            "user",
+            json!({"name": name, "domain_id": acme}),
+        )
+        .await;
+    }
+    made(&env, central, "/v3/users", "user", json!({"name": "d1"})).await;
+    // Central's Keystone answers at most 2 entities per list (`list_limit`).
+    central.state.lock().unwrap().list_limit = Some(2);
+    let (status, _) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202);
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(
+        row["resync"]["result"]["created"], 4,
+        "acme, a1, a2, d1: {row:#}"
+    );
+    central.state.lock().unwrap().list_limit = None;
+    env.assert_in_sync().await;
+    // Still truncated per domain: the resync stops and says why.
+    for i in 0..3 {
+        made(
+            &env,
+            central,
+            "/v3/users",
+            "user",
+            json!({"name": format!("x{i}")}),
+        )
+        .await;
+    }
+    central.state.lock().unwrap().list_limit = Some(2);
+    let (status, _) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202);
+    env.until("the resync to fail", || async {
+        edge_row(&env, "e1").await["resync"]["phase"] == "failed"
+    })
+    .await;
+    let row = edge_row(&env, "e1").await;
+    let error = row["resync"]["error"].as_str().unwrap();
+    assert!(error.contains("list_limit"), "{error}");
+    env.shutdown().await;
+}
