@@ -402,21 +402,7 @@ async fn list_edges(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, ApiE
         .await
         .map_err(internal)?
         .into_iter()
-        .map(|e| {
-            let online = e.silent_ms.is_some_and(|ms| ms <= offline_ms);
-            json!({
-                "id": e.id,
-                "declared": e.declared,
-                "cursor": e.cursor,
-                "acked_through": e.acked_seq,
-                "lag_ops": e.lag_ops,
-                "lag_seconds": (e.lag_seconds * 1000.0).round() / 1000.0,
-                "last_seen": e.last_seen,
-                "online": online,
-                "version": e.version,
-                "error": e.error,
-            })
-        })
+        .map(|e| edge_json(e, offline_ms))
         .collect();
     Ok(Json(json!({"edges": edges})))
 }

@@ -611,32 +611,16 @@ impl Resyncer {
         if users.is_empty() {
             return Ok(found);
         }
-        let mut from = 0;
-        while from < fence {
-            let ops = self
-                .store
-                .list_ops(&OpFilter {
-                    after: from,
-                    limit: 1000,
-                    kind: Some("user".into()),
-                    state: None,
-                })
-                .await
-                .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
-            let Some(last) = ops.last().map(|o| o.seq) else {
-                break;
-            };
-            for op in ops
-                .iter()
-                .filter(|o| o.seq <= fence && o.state == "committed")
-            {
-                if let Some((user, password)) = password_of(op) {
-                    if users.contains(user.as_str()) {
-                        found.insert(user, password);
-                    }
+        let ops = self
+            .ops_between(0, fence, Some("user"))
+            .await
+            .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+        for op in ops.iter().filter(|o| o.state == "committed") {
+            if let Some((user, password)) = password_of(op) {
+                if users.contains(user.as_str()) {
+                    found.insert(user, password);
                 }
             }
-            from = last;
         }
         Ok(found)
     }
@@ -780,40 +764,27 @@ impl Resyncer {
     /// Every ID the ops in `(after, through]` name: what is in flight.
     async fn touched(&self, after: i64, through: i64) -> Result<HashSet<String>, Failure> {
         let mut ids = HashSet::new();
-        let mut from = after;
-        while from < through {
-            let ops = self
-                .store
-                .list_ops(&OpFilter {
-                    after: from,
-                    limit: 1000,
-                    kind: None,
-                    state: None,
-                })
-                .await
-                .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
-            let Some(last) = ops.last().map(|o| o.seq) else {
-                break;
-            };
-            for op in ops.iter().filter(|o| o.seq <= through) {
-                ids.extend(op.path.split(['/', '?', '&', '=']).map(str::to_string));
-                if let Ok(created) = serde_json::from_str::<Vec<String>>(&op.created_ids) {
-                    ids.extend(created);
-                }
-                if let Some(body) = op
-                    .body
-                    .as_deref()
-                    .and_then(|b| serde_json::from_str(b).ok())
-                {
-                    strings(&body, &mut ids);
-                }
-                if let Ok(refs) = serde_json::from_str::<Vec<Value>>(&op.refs) {
-                    for r in refs {
-                        strings(&r, &mut ids);
-                    }
+        let ops = self
+            .ops_between(after, through, None)
+            .await
+            .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+        for op in &ops {
+            ids.extend(op.path.split(['/', '?', '&', '=']).map(str::to_string));
+            if let Ok(created) = serde_json::from_str::<Vec<String>>(&op.created_ids) {
+                ids.extend(created);
+            }
+            if let Some(body) = op
+                .body
+                .as_deref()
+                .and_then(|b| serde_json::from_str(b).ok())
+            {
+                strings(&body, &mut ids);
+            }
+            if let Ok(refs) = serde_json::from_str::<Vec<Value>>(&op.refs) {
+                for r in refs {
+                    strings(&r, &mut ids);
                 }
             }
-            from = last;
         }
         Ok(ids)
     }
@@ -841,31 +812,41 @@ impl Resyncer {
         let Some((acked, _)) = self.store.edge_position(edge).await? else {
             return Ok(());
         };
-        let mut from = since;
-        while from < acked {
+        let ops = self.ops_between(since, acked, Some("user")).await?;
+        for op in ops.iter().filter(|o| o.state == "committed") {
+            if let Some(user) = password_set_for(op) {
+                self.store.clear_needs_password(edge, &user, op.seq).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The ops in `(after, through]` (of one kind), oldest first.
+    async fn ops_between(
+        &self,
+        after: i64,
+        through: i64,
+        kind: Option<&str>,
+    ) -> Result<Vec<crate::store::OpRow>, crate::store::StoreError> {
+        let mut out = Vec::new();
+        let mut from = after;
+        while from < through {
             let ops = self
                 .store
                 .list_ops(&OpFilter {
                     after: from,
                     limit: 1000,
-                    kind: Some("user".into()),
+                    kind: kind.map(str::to_string),
                     state: None,
                 })
                 .await?;
             let Some(last) = ops.last().map(|o| o.seq) else {
                 break;
             };
-            for op in ops
-                .iter()
-                .filter(|o| o.seq <= acked && o.state == "committed")
-            {
-                if let Some(user) = password_set_for(op) {
-                    self.store.clear_needs_password(edge, &user, op.seq).await?;
-                }
-            }
+            out.extend(ops.into_iter().filter(|o| o.seq <= through));
             from = last;
         }
-        Ok(())
+        Ok(out)
     }
 }
 

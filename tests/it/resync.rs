@@ -356,40 +356,15 @@ async fn a_resync_adopts_what_matches_overwrites_what_conflicts_and_prunes_only_
     let env = sync_env(&["e1"], None, |_| {}).await;
     let central = &env.central_site;
     let edge = &env.edges[0].site;
-    made(
-        &env,
-        central,
-        "/v3/users",
-        "user",
-        json!({"name": "ann", "email": "ann@x"}),
-    )
-    .await;
-    made(
-        &env,
-        central,
-        "/v3/projects",
-        "project",
-        json!({"name": "web", "description": "central's"}),
-    )
-    .await;
+    // Both sites have ann (the same) and web (another description); central
+    // has bob, the edge zed.
+    for (site, description) in [(central, "central's"), (edge, "edge's")] {
+        let ann = json!({"name": "ann", "email": "ann@x"});
+        made(&env, site, "/v3/users", "user", ann).await;
+        let web = json!({"name": "web", "description": description});
+        made(&env, site, "/v3/projects", "project", web).await;
+    }
     made(&env, central, "/v3/users", "user", json!({"name": "bob"})).await;
-    // The edge already has ann (the same), web (another description), zed.
-    made(
-        &env,
-        edge,
-        "/v3/users",
-        "user",
-        json!({"name": "ann", "email": "ann@x"}),
-    )
-    .await;
-    made(
-        &env,
-        edge,
-        "/v3/projects",
-        "project",
-        json!({"name": "web", "description": "edge's"}),
-    )
-    .await;
     made(&env, edge, "/v3/users", "user", json!({"name": "zed"})).await;
     let users_made_at_edge = edge.creates_of("user");
 
