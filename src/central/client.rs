@@ -30,6 +30,25 @@ pub enum Verb {
         seq: i64,
         edge: String,
     },
+    Edge {
+        edge: String,
+    },
+    Resync {
+        edge: String,
+        prune: bool,
+    },
+    Drift {
+        edge: Option<String>,
+        kind: Option<String>,
+        category: Option<String>,
+    },
+    DriftRun {
+        edge: Option<String>,
+    },
+    Repair {
+        edge: String,
+        prune: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +99,35 @@ pub async fn run(req: &AuditRequest) -> (String, u8) {
             format!("/v1/ops/{seq}/retry"),
             vec![("edge", edge.clone())],
         ),
+        Verb::Edge { edge } => (Method::GET, format!("/v1/edges/{edge}"), Vec::new()),
+        Verb::Resync { edge, prune } => (
+            Method::POST,
+            format!("/v1/edges/{edge}/resync"),
+            prune_query(*prune),
+        ),
+        Verb::Drift {
+            edge,
+            kind,
+            category,
+        } => {
+            let mut q = Vec::new();
+            for (k, v) in [("edge", edge), ("kind", kind), ("category", category)] {
+                if let Some(v) = v {
+                    q.push((k, v.clone()));
+                }
+            }
+            (Method::GET, "/v1/drift".to_string(), q)
+        }
+        Verb::DriftRun { edge } => (
+            Method::POST,
+            "/v1/drift/run".to_string(),
+            edge.iter().map(|e| ("edge", e.clone())).collect(),
+        ),
+        Verb::Repair { edge, prune } => {
+            let mut q = prune_query(*prune);
+            q.push(("edge", edge.clone()));
+            (Method::POST, "/v1/drift/repair".to_string(), q)
+        }
     };
     let body = match ask(req, method, &path, &query).await {
         Ok(body) => body,
@@ -100,17 +148,135 @@ pub async fn run(req: &AuditRequest) -> (String, u8) {
             body["action"].as_str().unwrap_or("sent"),
             body["message"].as_str().unwrap_or_default()
         ),
+        Verb::Edge { .. } => edge_view(&body),
+        Verb::Drift { .. } => drift_table(&body),
+        Verb::Resync { .. } | Verb::DriftRun { .. } | Verb::Repair { .. } => {
+            format!(
+                "started: {}\n",
+                body["message"].as_str().unwrap_or_default()
+            )
+        }
     };
     (text, out_of_sync_code(&req.verb, &body))
 }
 
 fn out_of_sync_code(verb: &Verb, body: &Value) -> u8 {
-    let rows = body["out_of_sync"].as_array().map_or(0, Vec::len);
-    if matches!(verb, Verb::OutOfSync { .. }) && rows > 0 {
+    let rows = match verb {
+        Verb::OutOfSync { .. } => body["out_of_sync"].as_array().map_or(0, Vec::len),
+        Verb::Drift { .. } => body["differences"].as_array().map_or(0, Vec::len),
+        _ => 0,
+    };
+    if rows > 0 {
         OUT_OF_SYNC
     } else {
         0
     }
+}
+
+fn prune_query(prune: bool) -> Vec<(&'static str, String)> {
+    if prune {
+        vec![("prune", "true".to_string())]
+    } else {
+        Vec::new()
+    }
+}
+
+fn drift_table(body: &Value) -> String {
+    let mut out = String::new();
+    for run in body["runs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{}: audit {} (finished {}, fence {}, {} entities touched by ops in flight not compared){}",
+            cell(&run["edge"]),
+            cell(&run["state"]),
+            cell(&run["finished_at"]),
+            cell(&run["fence"]),
+            cell(&run["excluded"]),
+            run["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    let rows: Vec<Vec<String>> = body["differences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let fields = d["fields"]
+                .as_array()
+                .map(|f| f.iter().map(cell).collect::<Vec<_>>().join(","))
+                .unwrap_or_else(|| "-".into());
+            vec![
+                cell(&d["edge"]),
+                cell(&d["category"]),
+                cell(&d["kind"]),
+                cell(&d["key"]),
+                fields,
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("no differences\n");
+    } else {
+        out.push_str(&table(
+            &["EDGE", "CATEGORY", "KIND", "KEY", "FIELDS"],
+            &rows,
+        ));
+    }
+    out
+}
+
+fn edge_view(body: &Value) -> String {
+    let mut out = edges_table(&serde_json::json!({ "edges": [body] }));
+    let r = &body["resync"];
+    if !r.is_null() {
+        let _ = writeln!(
+            out,
+            "\n{} {}: {} ({}/{}), fence {}, started {}{}",
+            cell(&r["kind"]),
+            if r["prune"] == true { "with prune" } else { "" },
+            cell(&r["phase"]),
+            cell(&r["done"]),
+            cell(&r["total"]),
+            cell(&r["fence"]),
+            cell(&r["started_at"]),
+            r["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+        let res = &r["result"];
+        if !res.is_null() {
+            let _ = writeln!(
+                out,
+                "  created {}, updated {}, adopted {}, mapped {}, deleted {}, failed {}, only at the edge {}",
+                cell(&res["created"]),
+                cell(&res["updated"]),
+                cell(&res["adopted"]),
+                cell(&res["mapped"]),
+                cell(&res["deleted"]),
+                cell(&res["failed"]),
+                cell(&res["only_at_edge"])
+            );
+        }
+    }
+    let d = &body["drift"];
+    if !d.is_null() {
+        let _ = writeln!(
+            out,
+            "\ndrift audit {} (finished {}): {}",
+            cell(&d["state"]),
+            cell(&d["finished_at"]),
+            cell(&d["counts"])
+        );
+    }
+    let n = &body["needs_password"];
+    let _ = writeln!(out, "\nusers needing a password: {}", cell(&n["count"]));
+    for u in n["users"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "  {}", cell(&u["user_key"]));
+    }
+    out
 }
 
 async fn ask(

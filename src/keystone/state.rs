@@ -871,9 +871,8 @@ impl Entity {
                     raw
                 };
                 let mut body = body_fields(inner);
-                if self.kind == "mapping" {
-                    body.remove("schema_version");
-                }
+                // Named by the URL: not in a body.
+                body.remove("idp_id");
                 Some((
                     (Method::PUT, path, Some(json!({ self.kind.clone(): body }))),
                     created,
@@ -928,7 +927,7 @@ impl Entity {
                     raw
                 };
                 let mut body = pick(inner);
-                body.remove("schema_version");
+                body.remove("idp_id");
                 Some((
                     Method::PATCH,
                     federation_path(self)?,

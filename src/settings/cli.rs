@@ -208,6 +208,40 @@ pub enum AuditVerb {
         #[arg(long)]
         edge: String,
     },
+    /// One edge: its position, resync, last drift audit, users needing a password.
+    Edge { edge: String },
+    /// Bring an edge to central's current identity state (initial sync).
+    Resync {
+        edge: String,
+        /// Also delete what only the edge has.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// The last drift audit's differences; exit code 1 when there is any.
+    Drift {
+        /// Only this edge.
+        #[arg(long)]
+        edge: Option<String>,
+        /// Only this kind (user, project, assignment, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// missing_at_edge, only_at_edge or differs.
+        #[arg(long)]
+        category: Option<String>,
+    },
+    /// Run the drift audit now (every edge without --edge).
+    DriftRun {
+        #[arg(long)]
+        edge: Option<String>,
+    },
+    /// Apply central's state for what the drift audit found at an edge.
+    Repair {
+        #[arg(long)]
+        edge: String,
+        /// Also delete what only the edge has.
+        #[arg(long)]
+        prune: bool,
+    },
 }
 
 impl AuditArgs {
@@ -230,6 +264,19 @@ impl AuditArgs {
             AuditVerb::OutOfSync { edge } => Verb::OutOfSync { edge },
             AuditVerb::Op { seq } => Verb::Op { seq },
             AuditVerb::Retry { seq, edge } => Verb::Retry { seq, edge },
+            AuditVerb::Edge { edge } => Verb::Edge { edge },
+            AuditVerb::Resync { edge, prune } => Verb::Resync { edge, prune },
+            AuditVerb::Drift {
+                edge,
+                kind,
+                category,
+            } => Verb::Drift {
+                edge,
+                kind,
+                category,
+            },
+            AuditVerb::DriftRun { edge } => Verb::DriftRun { edge },
+            AuditVerb::Repair { edge, prune } => Verb::Repair { edge, prune },
         };
         Ok(crate::central::client::AuditRequest {
             admin_url: self.admin_url,

@@ -310,6 +310,34 @@ def late_join(workdir):
         put(ks, f"/v3/projects/{web}/users/{olduser}/roles/{role}", token)
         put(ks, f"/v3/OS-INHERIT/domains/{legacy}/groups/{group}/roles/{droles}/inherited_to_projects", token)
         put(ks, f"/v3/system/users/{olduser}/roles/{reader}", token)
+        # The other kinds replicated: a policy, an EC2 credential, a registered
+        # limit and a limit (for the identity service both sites have),
+        # federation objects.
+        made(ks, "/v3/policies", "policy", {"type": "application/json", "blob": '{"old": true}'}, token)
+        cred = made(ks, "/v3/credentials", "credential", {"user_id": olduser, "project_id": web, "type": "ec2",
+                                                          "blob": '{"access": "old-ak", "secret": "old-sk"}'}, token)
+        identity = get_json(f"{ks.url}/v3/services?type=identity", token)["services"][0]["id"]
+        status, _, answer = http("POST", f"{ks.url}/v3/registered_limits", {"registered_limits": [
+            {"service_id": identity, "region_id": "RegionOne", "resource_name": "widgets", "default_limit": 10}]},
+            token)
+        assert status == 201, answer
+        status, _, answer = http("POST", f"{ks.url}/v3/limits", {"limits": [
+            {"service_id": identity, "project_id": web, "region_id": "RegionOne", "resource_name": "widgets",
+             "resource_limit": 5}]}, token)
+        assert status == 201, answer
+        fed = "/v3/OS-FEDERATION"
+        for path, kind, body in [
+            (f"{fed}/identity_providers/oldidp", "identity_provider",
+             {"enabled": True, "remote_ids": ["https://idp.example/"], "description": "legacy idp"}),
+            (f"{fed}/mappings/oldmap", "mapping",
+             {"rules": [{"local": [{"user": {"name": "{0}"}}], "remote": [{"type": "REMOTE_USER"}]}]}),
+            (f"{fed}/identity_providers/oldidp/protocols/saml2", "protocol", {"mapping_id": "oldmap"}),
+            (f"{fed}/service_providers/oldsp", "service_provider",
+             {"auth_url": "https://sp.example/v3/OS-FEDERATION/identity_providers/x/protocols/saml2/auth",
+              "sp_url": "https://sp.example/Shibboleth.sso/SAML2/ECP"}),
+        ]:
+            status, _, answer = http("PUT", f"{ks.url}{path}", {kind: body}, token)
+            assert status == 201, (path, status, answer)
         dep.start_edge("late1")
         row = wait_resync(dep, "late1")
         result = row["resync"]["result"]
@@ -317,7 +345,18 @@ def late_join(workdir):
         assert_in_sync(dep, "the initial sync")
         users = [u["user_key"] for u in row["needs_password"]["users"]]
         assert users == ["legacy/olduser"], row["needs_password"]
-        assert "old-pw-1" not in json.dumps(row)
+        assert "old-pw-1" not in json.dumps(row) and "old-sk" not in json.dumps(row)
+        eks = dep.edge_ks["late1"]
+        etoken = eks.token()
+        for path in [f"/v3/credentials/{cred}", f"{fed}/identity_providers/oldidp", f"{fed}/mappings/oldmap",
+                     f"{fed}/identity_providers/oldidp/protocols/saml2", f"{fed}/service_providers/oldsp"]:
+            get_json(f"{eks.url}{path}", etoken)
+        limits = get_json(f"{eks.url}/v3/limits", etoken)["limits"]
+        assert [(x["resource_name"], x["resource_limit"]) for x in limits] == [("widgets", 5)], limits
+        rlimits = get_json(f"{eks.url}/v3/registered_limits", etoken)["registered_limits"]
+        assert [(x["resource_name"], x["default_limit"]) for x in rlimits] == [("widgets", 10)], rlimits
+        blobs = [p["blob"] for p in get_json(f"{eks.url}/v3/policies", etoken)["policies"]]
+        assert blobs == ['{"old": true}'], blobs
         assert drift_found(dep, "late1") == [], "nothing differs after the resync"
         # After the fence, the op stream goes on through the gateway.
         dep.cli("project", "create", "new-web", "--domain", "legacy")
@@ -329,8 +368,6 @@ def late_join(workdir):
                    lambda: dep.audit("/v1/edges/late1")["needs_password"]["count"] == 0)
 
         # Written on the edge's Keystone directly: drift, then repaired.
-        eks = dep.edge_ks["late1"]
-        etoken = eks.token()
         made(eks, "/v3/users", "user", {"name": "rogue", "password": "rogue-pw"}, etoken)
         eweb = get_json(f"{eks.url}/v3/projects?name=old-web", etoken)["projects"][0]["id"]
         status, _, _ = http("PATCH", f"{eks.url}/v3/projects/{eweb}", {"project": {"description": "edited"}}, etoken)

@@ -274,6 +274,52 @@ async fn the_audit_verbs_answer_from_a_terminal() {
     };
     assert_eq!((code, out.as_str()), (0, "every edge is in sync\n"));
 
+    // A user made at the edge directly: the drift audit reports it (exit 1),
+    // a resync with prune removes it.
+    let site = &env.edges[0].site;
+    let edge_token = crate::sync::admin_token(&env.http, &site.url(), &site.admin_password).await;
+    let made = env
+        .http
+        .post(format!("{}/v3/users", site.url()))
+        .header("x-auth-token", edge_token)
+        .json(&serde_json::json!({"user": {"name": "stray"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status().as_u16(), 201);
+    let (code, out, err) = audit(args(&["drift-run", "--edge", "edge-a"]), token).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("started:"), "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (code, out, _) = loop {
+        let r = audit(args(&["drift", "--edge", "edge-a"]), token).await;
+        if r.0 == 1 || std::time::Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("edge-a: audit done")
+            && out
+                .lines()
+                .any(|l| l.contains("only_at_edge") && l.ends_with("Default/stray  -")),
+        "{out}"
+    );
+    let (code, out, _) = audit(args(&["resync", "edge-a", "--prune"]), token).await;
+    assert_eq!(code, 0, "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let out = loop {
+        let (_, out, _) = audit(args(&["edge", "edge-a"]), token).await;
+        if out.contains("resync with prune: done") || std::time::Instant::now() > deadline {
+            break out;
+        }
+    };
+    assert!(
+        out.contains("resync with prune: done") && out.contains("deleted 1"),
+        "{out}"
+    );
+    assert!(out.contains("users needing a password: 0"), "{out}");
+
     // No token, or no admin API: exit 3 with a clear message.
     let (code, _, err) = audit(args(&["edges"]), None).await;
     assert_eq!(code, 3);

@@ -759,3 +759,28 @@ async fn lists_the_identity_service_truncates_are_read_again_per_domain() {
     assert!(error.contains("list_limit"), "{error}");
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resync_left_unfinished_by_a_stop_of_central_starts_again_at_start_up() {
+    // The op log of a central that stopped mid-resync of e1.
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("stopped.db").display());
+    {
+        let store = syncgate::store::Store::open(&db).await.unwrap();
+        store.register_edge("e1", true).await.unwrap();
+        store.begin_resync("e1", "resync", false).await.unwrap();
+        store
+            .resync_progress("e1", "applying", Some(0), 10, 100)
+            .await
+            .unwrap();
+        store.close().await;
+    }
+    let env = sync_env(&["e1"], None, |c| c.db = db.clone()).await;
+    let row = resync_ended(&env, "e1").await;
+    let result = &row["resync"]["result"];
+    assert_eq!(result["failed"], 0, "{row:#}");
+    // The bootstrap entities both sites have were adopted (ID map entries).
+    assert!(result["mapped"].as_i64().unwrap() >= 5, "{row:#}");
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
