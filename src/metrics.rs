@@ -537,6 +537,12 @@ impl Collector for EdgeCollector {
             &format!("{p}_halted"),
             "1 when stopped after a failed op (--on-failure halt)",
             b(&s.halted),
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}_resync_hold"),
+            "1 while a resync from central holds the op stream",
+            b(&s.resync_hold),
         )
     }
 }

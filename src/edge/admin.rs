@@ -52,6 +52,7 @@ async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
         "id_map_size": st.id_map_size.load(Ordering::Relaxed),
         "broker_connected": st.connected.load(Ordering::Relaxed),
         "halted": st.halted.load(Ordering::Relaxed),
+        "resync_hold": st.resync_hold.load(Ordering::Relaxed),
         "error": st.error(),
         "applied_total": st.applied.load(Ordering::Relaxed),
         "failed_total": st.failed.load(Ordering::Relaxed),

@@ -52,6 +52,8 @@ pub struct Status {
     pub id_map_size: AtomicI64,
     pub connected: AtomicBool,
     pub halted: AtomicBool,
+    /// A resync from central holds the op stream.
+    pub resync_hold: AtomicBool,
     pub applied: AtomicU64,
     pub failed: AtomicU64,
     pub retries: AtomicU64,

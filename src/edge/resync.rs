@@ -172,6 +172,7 @@ impl Runner {
             Some(_) => {
                 warn!("a resync stopped sending steps: applying ops from the cursor again");
                 *hold = None;
+                self.status.resync_hold.store(false, Ordering::Relaxed);
                 false
             }
             None => false,
@@ -181,10 +182,12 @@ impl Runner {
     fn hold(&self, ms: u64) {
         *self.hold_until.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(Instant::now() + Duration::from_millis(ms.clamp(1_000, 600_000)));
+        self.status.resync_hold.store(true, Ordering::Relaxed);
     }
 
     fn release(&self) {
         *self.hold_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.status.resync_hold.store(false, Ordering::Relaxed);
     }
 
     /// Handles one resync step; true when the op stream should be caught up.

@@ -446,6 +446,11 @@ async fn a_resync_interrupted_by_an_edge_crash_starts_again_and_creates_nothing_
         row["resync"]["phase"] == "applying" && row["resync"]["done"].as_i64().unwrap_or(0) > 20
     })
     .await;
+    let status = crate::sync::edge_status(&env.edges[0].admin).await;
+    assert_eq!(
+        status["resync_hold"], true,
+        "the op stream is held: {status}"
+    );
     env.kill_edge(0).await;
     let made_before_restart = env.edges[0].site.creates_of("user");
     assert!(
@@ -462,6 +467,8 @@ async fn a_resync_interrupted_by_an_edge_crash_starts_again_and_creates_nothing_
         300,
         "each user created once"
     );
+    let status = crate::sync::edge_status(&env.edges[0].admin).await;
+    assert_eq!(status["resync_hold"], false, "{status}");
     env.shutdown().await;
 }
 
