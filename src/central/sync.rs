@@ -368,15 +368,14 @@ impl SyncCentral {
         }
     }
 
-    /// An edge that asks for an initial sync, or that joins with nothing
-    /// applied while the op log no longer starts at its first op, gets one.
+    /// An edge that asks for an initial sync, or whose next op is no longer in
+    /// the op log (it joins with nothing after ops were pruned, or fell behind
+    /// retention), gets one.
     async fn initial_sync_wanted(&self, edge: &str, hello: &Hello) {
         let Some(tx) = &self.wants_resync else { return };
-        if hello.cursor != 0 && !hello.initial_sync {
-            return;
-        }
         let wanted = hello.initial_sync
-            || matches!(self.store.first_seq().await, Ok(Some(first)) if first > 1);
+            || matches!(self.store.first_seq().await,
+                        Ok(Some(first)) if first > hello.cursor.saturating_add(1));
         if wanted {
             let _ = tx.send(edge.to_string());
         }

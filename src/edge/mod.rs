@@ -494,6 +494,21 @@ impl Runner {
             if batch.ops.is_empty() {
                 return Ok(());
             }
+            if batch.ops.iter().all(|e| e.seq > from) {
+                // The ops after the cursor are no longer in central's op log:
+                // only a resync from central's state brings this site up to
+                // date (central starts one when it hears this cursor).
+                let first = batch.ops.iter().map(|e| e.seq).min().unwrap_or(from);
+                let msg = format!(
+                    "ops {from} to {} are no longer in central's op log; waiting for a resync                      from central's state",
+                    first - 1
+                );
+                if self.status.error().as_deref() != Some(msg.as_str()) {
+                    warn!(from, first, "{msg}");
+                    self.status.set_error(Some(msg));
+                }
+                return Ok(());
+            }
             let count = batch.ops.len();
             for env in batch.ops {
                 if let Err(stuck) = self.process(env, false).await {

@@ -791,3 +791,36 @@ async fn a_resync_left_unfinished_by_a_stop_of_central_starts_again_at_start_up(
     env.assert_in_sync().await;
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_edge_that_joins_with_nothing_when_the_op_log_no_longer_starts_at_1_is_resynced() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("central.db").display());
+    let mut env = sync_env(&[], None, |c| {
+        c.db = db.clone();
+        c.sync.edges = vec!["late".into()];
+    })
+    .await;
+    env.create("/v3/users", "user", json!({"user": {"name": "pruned-op"}}))
+        .await;
+    env.create("/v3/users", "user", json!({"user": {"name": "kept-op"}}))
+        .await;
+    // The first op is gone from the op log (as retention would prune it).
+    let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+    for table in ["op_keys", "deliveries", "ops"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE seq = 1"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    env.add_edge("late", None).await;
+    let row = resync_ended(&env, "late").await;
+    assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+    env.until("the user of the pruned op at the edge", || async {
+        env.edges[0].site.id_of("user", "pruned-op").is_some()
+    })
+    .await;
+    assert_eq!(env.edges[0].site.creates_of("user"), 2, "each user once");
+    env.shutdown().await;
+}
