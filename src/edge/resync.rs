@@ -250,6 +250,9 @@ impl Runner {
                             if let Err(e) = self.store.set_flag(INITIAL_SYNC_DONE).await {
                                 error!(error = %e, "cannot record that the initial sync is done");
                             }
+                            // An op this edge halted on is below the fence:
+                            // the state applied supersedes it.
+                            self.status.halted.store(false, Ordering::Relaxed);
                             self.status.set_error(None);
                             self.release();
                             resume = true;

@@ -824,3 +824,27 @@ async fn an_edge_that_joins_with_nothing_when_the_op_log_no_longer_starts_at_1_i
     assert_eq!(env.edges[0].site.creates_of("user"), 2, "each user once");
     env.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resync_releases_an_edge_halted_on_an_op_below_its_fence() {
+    let mut env = sync_env(&["e1"], None, |_| {}).await;
+    env.stop_edge(0).await;
+    env.restart_edge_with(0, syncgate::settings::config::OnFailure::Halt)
+        .await;
+    env.edges[0].site.fail_next(&[400]);
+    env.create("/v3/users", "user", json!({"user": {"name": "refused"}}))
+        .await;
+    env.until("the edge halted", || async {
+        crate::sync::edge_status(&env.edges[0].admin).await["halted"] == true
+    })
+    .await;
+    let (status, _) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202);
+    resync_ended(&env, "e1").await;
+    env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
+        .await;
+    env.assert_in_sync().await;
+    let status = crate::sync::edge_status(&env.edges[0].admin).await;
+    assert_eq!(status["halted"], false, "{status}");
+    env.shutdown().await;
+}
