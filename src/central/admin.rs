@@ -442,6 +442,23 @@ fn start_error(e: crate::central::resync::StartError) -> ApiError {
     }
 }
 
+/// `limit` of a list of rows: 1 to 10,000, default 1,000.
+fn row_limit(params: &HashMap<String, String>) -> Result<i64, ApiError> {
+    match params.get("limit") {
+        None => Ok(DEFAULT_OUT_OF_SYNC),
+        Some(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT * 10).contains(n))
+            .ok_or_else(|| {
+                bad_request(format!(
+                    "'limit' must be between 1 and {}, got '{v}'",
+                    MAX_LIMIT * 10
+                ))
+            }),
+    }
+}
+
 fn flag(params: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
     match params.get(name).map(String::as_str) {
         None | Some("false") | Some("0") => Ok(false),
@@ -614,19 +631,7 @@ async fn list_drift(
             )));
         }
     }
-    let limit = match params.get("limit") {
-        None => DEFAULT_OUT_OF_SYNC,
-        Some(v) => v
-            .parse()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT * 10).contains(n))
-            .ok_or_else(|| {
-                bad_request(format!(
-                    "'limit' must be between 1 and {}, got '{v}'",
-                    MAX_LIMIT * 10
-                ))
-            })?,
-    };
+    let limit = row_limit(&params)?;
     let edges: Vec<String> = match edge {
         Some(e) => {
             if admin
@@ -687,19 +692,7 @@ async fn out_of_sync(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let edge = only_params(&params, &["edge", "limit"])?;
-    let limit = match params.get("limit") {
-        None => DEFAULT_OUT_OF_SYNC,
-        Some(v) => v
-            .parse()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT * 10).contains(n))
-            .ok_or_else(|| {
-                bad_request(format!(
-                    "'limit' must be between 1 and {}, got '{v}'",
-                    MAX_LIMIT * 10
-                ))
-            })?,
-    };
+    let limit = row_limit(&params)?;
     let rows = admin
         .store
         .out_of_sync(edge, admin.ack_timeout, limit + 1)

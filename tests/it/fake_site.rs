@@ -30,6 +30,8 @@ pub struct SiteState {
     pub entities: HashMap<&'static str, BTreeMap<String, Value>>,
     pub passwords: HashMap<String, String>,
     pub grants: BTreeSet<String>,
+    /// Domain configurations, by domain ID (group -> option -> value).
+    pub configs: HashMap<String, Value>,
     pub members: BTreeSet<(String, String)>,
     pub implied: BTreeSet<(String, String)>,
     tokens: HashSet<String>,
@@ -468,6 +470,42 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 StatusCode::OK,
                 json!({"role_assignments": items, "truncated": truncated}),
             )
+        }
+        (m, ["v3", "domains", d, "config"]) => {
+            if !exists(&st, "domain", d) {
+                return error(StatusCode::NOT_FOUND, "Could not find domain.");
+            }
+            let d = d.to_string();
+            match m {
+                Method::GET => match st.configs.get(&d) {
+                    Some(c) => reply(StatusCode::OK, json!({"config": c})),
+                    None => error(StatusCode::NOT_FOUND, "Could not find Domain Config."),
+                },
+                Method::PUT if body["config"].is_object() => {
+                    if st.configs.contains_key(&d) {
+                        return error(StatusCode::CONFLICT, "Domain config exists.");
+                    }
+                    st.configs.insert(d, body["config"].clone());
+                    reply(StatusCode::CREATED, json!({"config": body["config"]}))
+                }
+                Method::PATCH if body["config"].is_object() => {
+                    let Some(c) = st.configs.get_mut(&d) else {
+                        return error(StatusCode::NOT_FOUND, "Could not find Domain Config.");
+                    };
+                    for (group, options) in body["config"].as_object().unwrap() {
+                        for (k, v) in options.as_object().into_iter().flatten() {
+                            c[group.as_str()][k.as_str()] = v.clone();
+                        }
+                    }
+                    let out = c.clone();
+                    reply(StatusCode::OK, json!({"config": out}))
+                }
+                Method::DELETE => match st.configs.remove(&d) {
+                    Some(_) => reply(StatusCode::NO_CONTENT, Value::Null),
+                    None => error(StatusCode::NOT_FOUND, "Could not find Domain Config."),
+                },
+                _ => error(StatusCode::BAD_REQUEST, "Invalid input"),
+            }
         }
         (Method::GET, ["v3", "groups", g, "users"]) => {
             if !exists(&st, "group", g) {

@@ -144,6 +144,23 @@ async fn seed(env: &SyncEnv, site: &FakeSite) {
         json!({"type": "application/json", "blob": "{\"a\": 1}"}),
     )
     .await;
+    direct(
+        env,
+        site,
+        "PUT",
+        &format!("/v3/domains/{acme}/config"),
+        json!({"config": {"identity": {"driver": "ldap"}, "ldap": {"url": "ldap://ldap.acme"}}}),
+    )
+    .await;
+    made(
+        env,
+        site,
+        "/v3/credentials",
+        "credential",
+        json!({"user_id": ann, "project_id": web, "type": "ec2",
+               "blob": "{\"access\": \"ak\", \"secret\": \"credential-secret-8\"}"}),
+    )
+    .await;
     let nova = made(
         env,
         site,
@@ -160,9 +177,18 @@ async fn seed(env: &SyncEnv, site: &FakeSite) {
         json!({"registered_limits": [{"service_id": nova, "resource_name": "cores", "default_limit": 10}]}),
     )
     .await;
+    direct(
+        env,
+        site,
+        "POST",
+        "/v3/limits",
+        json!({"limits": [{"service_id": nova, "project_id": web, "resource_name": "cores", "resource_limit": 4}]}),
+    )
+    .await;
 }
 
-/// Each site's policies and registered limits (by content and service name).
+/// Each site's policies, registered limits and limits (by content and
+/// service name), credentials (type, blob) and domain configurations.
 fn unnamed_state(site: &FakeSite) -> (Vec<String>, Vec<String>) {
     let services = site.unnamed("service");
     let policies = site
@@ -181,6 +207,24 @@ fn unnamed_state(site: &FakeSite) -> (Vec<String>, Vec<String>) {
                 .unwrap_or_else(|| "?".into());
             format!("{svc} {} {}", l["resource_name"], l["default_limit"])
         })
+        .chain(
+            site.unnamed("limit")
+                .iter()
+                .map(|l| format!("limit {} {}", l["resource_name"], l["resource_limit"])),
+        )
+        .chain(
+            site.unnamed("credential")
+                .iter()
+                .map(|c| format!("credential {} {}", c["type"], c["blob"])),
+        )
+        .chain(
+            site.state
+                .lock()
+                .unwrap()
+                .configs
+                .values()
+                .map(|c| format!("config {c}")),
+        )
         .collect();
     (policies, limits)
 }
@@ -523,11 +567,24 @@ async fn the_drift_audit_finds_each_kind_of_difference_and_repair_applies_centra
         Value::Null,
     )
     .await;
+    // A domain configuration at both sites, changed at the edge.
+    for site in [central, edge] {
+        let config = json!({"config": {"ldap": {"url": "ldap://central", "page_size": 100}}});
+        direct(&env, site, "PUT", "/v3/domains/default/config", config).await;
+    }
+    let config = json!({"config": {"ldap": {"url": "ldap://elsewhere"}}});
+    direct(&env, edge, "PATCH", "/v3/domains/default/config", config).await;
 
     let d = drift(&env, "e1").await;
     let mut got = found(&d);
     got.sort();
     let mut want = vec![
+        (
+            "differs".to_string(),
+            "domain_config".to_string(),
+            "Default".to_string(),
+            r#"["ldap"]"#.to_string(),
+        ),
         (
             "differs".to_string(),
             "user".to_string(),
@@ -557,7 +614,7 @@ async fn the_drift_audit_finds_each_kind_of_difference_and_repair_applies_centra
     assert_eq!(got, want, "{d:#}");
     let text = d.to_string();
     assert!(
-        !text.contains("secret") && !text.contains("dan@evil"),
+        !text.contains("secret") && !text.contains("dan@evil") && !text.contains("elsewhere"),
         "no values shown: {text}"
     );
     env.until_metrics(
@@ -575,6 +632,10 @@ async fn the_drift_audit_finds_each_kind_of_difference_and_repair_applies_centra
     assert_eq!(status, 202, "{body}");
     resync_ended(&env, "e1").await;
     assert_eq!(edge.field_of("user", "dan", "email"), json!("dan@x"));
+    assert_eq!(
+        edge.state.lock().unwrap().configs["default"]["ldap"]["url"],
+        json!("ldap://central")
+    );
     let d = drift(&env, "e1").await;
     assert_eq!(
         found(&d),
