@@ -443,6 +443,26 @@ impl Resyncer {
         self.refresh_needs_password(edge).await;
     }
 
+    /// Runs `work` while renewing the edge's hold (a large site takes a while
+    /// to read; the hold must not lapse meanwhile).
+    async fn holding<T>(
+        &self,
+        edge: &str,
+        work: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        let hold_ms = HOLD.as_millis() as u64;
+        let renew = async {
+            loop {
+                tokio::time::sleep(HOLD / 5).await;
+                self.step(edge, &ResyncStep::Hold { hold_ms }).await?;
+            }
+        };
+        tokio::select! {
+            r = work => r,
+            e = renew => e,
+        }
+    }
+
     async fn release(&self, edge: &str) -> Result<ResyncReply, Failure> {
         self.step(edge, &ResyncStep::Release).await
     }
@@ -456,11 +476,10 @@ impl Resyncer {
         let fence = self.last_seq().await?;
         self.progress(edge, "reading central's state", Some(fence), 0, 0)
             .await;
-        let central = self.read_central().await?;
-        self.step(edge, &ResyncStep::Hold { hold_ms }).await?;
+        let central = self.holding(edge, self.read_central()).await?;
         self.progress(edge, "reading the edge's state", Some(fence), 0, 0)
             .await;
-        let (at_edge, _, _) = self.edge_state(edge).await?;
+        let (at_edge, _, _) = self.holding(edge, self.edge_state(edge)).await?;
         let mut plan = Plan::new(&central, &at_edge, prune);
         // A user the op log saw get a password gets it again at the edge.
         let created: HashSet<&str> = plan
