@@ -526,6 +526,14 @@ async fn drift_summary(admin: &Admin, edge: &str) -> Result<Value, ApiError> {
     }
     let mut v = serde_json::to_value(&run).unwrap_or(Value::Null);
     v["counts"] = Value::Object(counts);
+    // Users a resync created there without a password: not drift, but not
+    // usable either until one is set through the gateway.
+    let (needs, _) = admin
+        .store
+        .needs_password(edge, 0)
+        .await
+        .map_err(internal)?;
+    v["needs_password"] = json!(needs);
     Ok(v)
 }
 

@@ -349,6 +349,9 @@ async fn an_edge_that_joins_late_gets_centrals_state_then_follows_the_stream() {
             .map(String::as_str),
         Some("early-secret-9")
     );
+    let d = drift(&env, "late").await;
+    assert_eq!(found(&d), vec![], "nothing differs after the resync: {d:#}");
+    assert_eq!(d["runs"][0]["needs_password"], 2, "{d:#}");
     let users: Vec<&str> = row["needs_password"]["users"]
         .as_array()
         .unwrap()
