@@ -613,6 +613,12 @@ impl Resyncer {
             "failures": tally.failures,
             "only_at_edge": plan.only_at_edge.len(),
             "only_at_edge_sample": only,
+            "not_updatable": plan
+                .not_updatable
+                .iter()
+                .take(SAMPLE)
+                .map(|(k, key)| json!({"kind": k, "key": key}))
+                .collect::<Vec<_>>(),
             "pruned": prune,
             "passwords_set": tally.passwords.len(),
             "needs_password": needs.len(),
@@ -924,6 +930,8 @@ struct Plan {
     maps: Vec<(String, String, String)>,
     groups: Vec<Vec<Planned>>,
     only_at_edge: Vec<(String, String)>,
+    /// What differs and cannot be updated in place.
+    not_updatable: Vec<(String, String)>,
 }
 
 fn planned(
@@ -965,6 +973,7 @@ impl Plan {
         // first (children before parents, a domain's disable before its delete).
         let mut changes: Vec<((u8, i64, i64, bool), Planned)> = Vec::new();
         let mut only_at_edge = Vec::new();
+        let mut not_updatable = Vec::new();
         for d in state::diff(central, edge) {
             match d.category {
                 Category::MissingAtEdge => {
@@ -979,6 +988,9 @@ impl Plan {
                     if let Some(call) = c.update(&d.fields) {
                         let group = (0, state::rank(&c.kind) as i64, i64::from(c.level), false);
                         changes.push((group, planned(&c.kind, &c.key, "update", call, Vec::new())));
+                    } else {
+                        // Keystone has no update for it (a credential's owner).
+                        not_updatable.push((c.kind.clone(), c.key.clone()));
                     }
                 }
                 Category::OnlyAtEdge => {
@@ -1015,6 +1027,7 @@ impl Plan {
             maps,
             groups,
             only_at_edge,
+            not_updatable,
         }
     }
 

@@ -405,11 +405,18 @@ async fn a_resync_adopts_what_matches_overwrites_what_conflicts_and_prunes_only_
     let edge = &env.edges[0].site;
     // Both sites have ann (the same) and web (another description); central
     // has bob, the edge zed.
+    // Both have ann's credential, for another project at central only (a
+    // credential cannot be updated in place: reported, not changed).
     for (site, description) in [(central, "central's"), (edge, "edge's")] {
         let ann = json!({"name": "ann", "email": "ann@x"});
-        made(&env, site, "/v3/users", "user", ann).await;
+        let ann = made(&env, site, "/v3/users", "user", ann).await;
         let web = json!({"name": "web", "description": description});
-        made(&env, site, "/v3/projects", "project", web).await;
+        let web = made(&env, site, "/v3/projects", "project", web).await;
+        let mut credential = json!({"user_id": ann, "type": "totp", "blob": "seed-secret-4"});
+        if site.url() == central.url() {
+            credential["project_id"] = json!(web);
+        }
+        made(&env, site, "/v3/credentials", "credential", credential).await;
     }
     made(&env, central, "/v3/users", "user", json!({"name": "bob"})).await;
     made(&env, edge, "/v3/users", "user", json!({"name": "zed"})).await;
@@ -422,6 +429,8 @@ async fn a_resync_adopts_what_matches_overwrites_what_conflicts_and_prunes_only_
     assert_eq!(result["created"], 1, "bob only: {row:#}");
     assert_eq!(result["updated"], 1, "web's description: {row:#}");
     assert_eq!(result["only_at_edge"], 1);
+    assert_eq!(result["not_updatable"][0]["kind"], "credential", "{row:#}");
+    assert!(!row.to_string().contains("seed-secret"), "{row}");
     assert_eq!(
         result["only_at_edge_sample"],
         json!([{"kind": "user", "key": "Default/zed"}])
