@@ -543,21 +543,7 @@ async fn resync_edge(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     only_params(&params, &["prune"])?;
-    let prune = flag(&params, "prune")?;
-    resyncer(&admin)?
-        .start(&edge, "resync", prune)
-        .await
-        .map_err(start_error)?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "edge": edge,
-            "resync": "started",
-            "prune": prune,
-            "message": format!("follow it with GET /v1/edges/{edge}"),
-        })),
-    )
-        .into_response())
+    start_resync(&admin, edge, "resync", flag(&params, "prune")?).await
 }
 
 async fn repair_drift(
@@ -567,20 +553,28 @@ async fn repair_drift(
     let edge = only_params(&params, &["edge", "prune"])?
         .ok_or_else(|| bad_request("'edge' is required"))?
         .to_string();
-    let prune = flag(&params, "prune")?;
-    resyncer(&admin)?
-        .start(&edge, "repair", prune)
+    start_resync(&admin, edge, "repair", flag(&params, "prune")?).await
+}
+
+/// Starts a resync (`repair`: after a drift audit): 202, to be followed in
+/// the edge's row.
+async fn start_resync(
+    admin: &Admin,
+    edge: String,
+    kind: &'static str,
+    prune: bool,
+) -> Result<Response, ApiError> {
+    resyncer(admin)?
+        .start(&edge, kind, prune)
         .await
         .map_err(start_error)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
             "edge": edge,
-            "repair": "started",
+            kind: "started",
             "prune": prune,
-            "message": format!(
-                "central's state is applied for what differs; follow it with GET /v1/edges/{edge}"
-            ),
+            "message": format!("follow it with GET /v1/edges/{edge}"),
         })),
     )
         .into_response())

@@ -269,3 +269,29 @@ pub struct ResyncReply {
     #[serde(default)]
     pub error: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hello_of_the_previous_version_is_read_and_a_new_one_adds_only_optional_fields() {
+        let old = r#"{"edge":"e1","cursor":7,"version":"0.1.0","error":null,"outcomes_through":7}"#;
+        let h: Hello = serde_json::from_str(old).unwrap();
+        assert_eq!((h.cursor, h.initial_sync, h.boot), (7, false, None));
+        let new = serde_json::to_value(Hello {
+            initial_sync: true,
+            boot: Some("b".into()),
+            ..h
+        })
+        .unwrap();
+        // A reader without the new fields ignores them.
+        #[derive(Deserialize)]
+        struct Previous {
+            edge: String,
+            cursor: i64,
+        }
+        let p: Previous = serde_json::from_value(new).unwrap();
+        assert_eq!((p.edge.as_str(), p.cursor), ("e1", 7));
+    }
+}

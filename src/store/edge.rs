@@ -375,6 +375,10 @@ mod tests {
             "the count starts from the map"
         );
         assert_eq!(store.outcomes_through().await.unwrap(), 2);
+        assert!(
+            !store.flag("initial_sync_done").await.unwrap(),
+            "no resync yet"
+        );
         let exceptions = store.exceptions(0, 2, 10).await.unwrap();
         assert_eq!(exceptions.len(), 1);
         assert_eq!(

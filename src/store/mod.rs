@@ -797,6 +797,10 @@ mod tests {
         );
         assert_eq!(store.edge_position("e1").await.unwrap(), Some((2, 2)));
         assert_eq!(store.edge_position("e2").await.unwrap(), Some((4, 4)));
+        // No resync, drift run or user needing a password before this version.
+        assert!(store.resync("e1").await.unwrap().is_none());
+        assert!(store.drift_run("e1").await.unwrap().is_none());
+        assert_eq!(store.needs_password("e1", 10).await.unwrap().0, 0);
         let states = |rows: Vec<DeliveryRow>| -> Vec<(String, String)> {
             rows.into_iter().map(|d| (d.edge, d.state)).collect()
         };
