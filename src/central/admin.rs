@@ -490,7 +490,12 @@ async fn get_edge(
         r.refresh_needs_password(&edge).await;
     }
     let mut out = edge_json(row, offline_ms);
-    out["resync"] = match admin.store.resync(&edge).await.map_err(internal)? {
+    let audit = admin
+        .store
+        .edge_audit(&edge, MAX_LIMIT)
+        .await
+        .map_err(internal)?;
+    out["resync"] = match audit.resync {
         Some(r) => {
             let result: Value = r
                 .result
@@ -503,38 +508,10 @@ async fn get_edge(
         }
         None => Value::Null,
     };
-    out["drift"] = drift_summary(&admin, &edge).await?;
-    let (count, users) = admin
-        .store
-        .needs_password(&edge, MAX_LIMIT)
-        .await
-        .map_err(internal)?;
+    out["drift"] = json!(audit.drift);
+    let (count, users) = audit.needs_password;
     out["needs_password"] = json!({"count": count, "users": users});
     Ok(Json(out))
-}
-
-async fn drift_summary(admin: &Admin, edge: &str) -> Result<Value, ApiError> {
-    let Some(run) = admin.store.drift_run(edge).await.map_err(internal)? else {
-        return Ok(Value::Null);
-    };
-    let mut counts = serde_json::Map::new();
-    for (e, kind, category, n) in admin.store.drift_counts().await.map_err(internal)? {
-        if e == edge {
-            let by_kind = counts.entry(category).or_insert_with(|| json!({}));
-            by_kind[kind] = json!(n);
-        }
-    }
-    let mut v = serde_json::to_value(&run).unwrap_or(Value::Null);
-    v["counts"] = Value::Object(counts);
-    // Users a resync created there without a password: not drift, but not
-    // usable either until one is set through the gateway.
-    let (needs, _) = admin
-        .store
-        .needs_password(edge, 0)
-        .await
-        .map_err(internal)?;
-    v["needs_password"] = json!(needs);
-    Ok(v)
 }
 
 async fn resync_edge(
@@ -656,19 +633,20 @@ async fn list_drift(
             .map(|e| e.id)
             .collect(),
     };
-    let mut runs = Vec::new();
-    for e in &edges {
-        let mut run = drift_summary(&admin, e).await?;
-        if run.is_null() {
-            run = json!({"edge": e, "state": "never_run"});
-        }
-        runs.push(run);
-    }
-    let rows = admin
+    let report = admin
         .store
-        .drift(edge, kind, category, limit + 1)
+        .drift_report(&edges, kind, category, limit + 1)
         .await
         .map_err(internal)?;
+    let runs: Vec<Value> = report
+        .runs
+        .into_iter()
+        .map(|(e, run)| match run {
+            Some(run) => json!(run),
+            None => json!({"edge": e, "state": "never_run"}),
+        })
+        .collect();
+    let rows = report.rows;
     let truncated = rows.len() as i64 > limit;
     let differences: Vec<Value> = rows
         .into_iter()

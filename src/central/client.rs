@@ -184,19 +184,34 @@ fn prune_query(prune: bool) -> Vec<(&'static str, String)> {
 fn drift_table(body: &Value) -> String {
     let mut out = String::new();
     for run in body["runs"].as_array().into_iter().flatten() {
+        if run["state"] == "never_run" {
+            let _ = writeln!(out, "{}: never audited", cell(&run["edge"]));
+            continue;
+        }
         let _ = writeln!(
             out,
-            "{}: audit {} (finished {}, fence {}, {} entities touched by ops in flight not compared){}",
+            "{}: audit {} (started {}, finished {}){}",
             cell(&run["edge"]),
             cell(&run["state"]),
+            cell(&run["started_at"]),
             cell(&run["finished_at"]),
-            cell(&run["fence"]),
-            cell(&run["excluded"]),
             run["error"]
                 .as_str()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         );
+        // The differences listed are the last completed audit's.
+        if run["found_at"].is_null() {
+            let _ = writeln!(out, "  no audit of this edge has completed yet");
+        } else {
+            let _ = writeln!(
+                out,
+                "  differences as found by the audit completed {} (fence {}; {} entities touched by ops in flight not compared)",
+                cell(&run["found_at"]),
+                cell(&run["fence"]),
+                cell(&run["excluded"]),
+            );
+        }
     }
     let rows: Vec<Vec<String>> = body["differences"]
         .as_array()
@@ -265,9 +280,10 @@ fn edge_view(body: &Value) -> String {
     if !d.is_null() {
         let _ = writeln!(
             out,
-            "\ndrift audit {} (finished {}): {}",
+            "\ndrift audit {} (finished {}); differences found by the audit completed {}: {}",
             cell(&d["state"]),
             cell(&d["finished_at"]),
+            cell(&d["found_at"]),
             cell(&d["counts"])
         );
     }

@@ -202,6 +202,14 @@ impl Resyncer {
             }
             Err(e) => error!(error = %e, "cannot read unfinished resyncs"),
         }
+        match self.store.interrupt_drifts().await {
+            Ok(0) => {}
+            Ok(n) => warn!(
+                audits = n,
+                "drift audits a stop left running are marked failed"
+            ),
+            Err(e) => error!(error = %e, "cannot end the drift audits a stop left running"),
+        }
         let mut tick = interval.map(|i| {
             let mut t = tokio::time::interval_at(tokio::time::Instant::now() + i, i);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -21,7 +21,10 @@ mod batch;
 pub mod edge;
 mod resync;
 mod sync;
-pub use resync::{DriftRow, DriftRunRow, NeedsPasswordRow, NewDrift, ResyncRow};
+pub use resync::{
+    DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
+    ResyncRow,
+};
 pub use sync::{DeliveryCounts, DeliveryRow, EdgeRow, OutOfSyncRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -932,5 +935,51 @@ mod tests {
         };
         assert!(store.list_ops(&filter).await.unwrap().is_empty());
         store.check_writable().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_drift_audit_of_the_previous_version_keeps_its_findings_dated() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ops.db").display());
+        let files = [
+            "0001_oplog.sql",
+            "0002_sync.sql",
+            "0003_exactly_once.sql",
+            "0004_trace.sql",
+            "0005_resync.sql",
+        ];
+        let pool = database_at_version(&dir, &url, "central", &files).await;
+        sqlx::query(
+            "INSERT INTO edges (id, declared, cursor, first_seen_ms) VALUES ('e1', 1, 0, 0), ('e2', 1, 0, 0);
+             INSERT INTO drift_runs (edge, state, fence, started_ms, finished_ms) VALUES
+                 ('e1', 'done', 7, 1000, 2000), ('e2', 'failed', NULL, 1000, 2000);
+             INSERT INTO drift (edge, kind, key, category) VALUES ('e1', 'user', 'Default/x', 'only_at_edge');",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = Store::open(&url).await.unwrap();
+        let report = store
+            .drift_report(&["e1".into(), "e2".into()], None, None, 10)
+            .await
+            .unwrap();
+        let e1 = report.runs[0].1.as_ref().unwrap();
+        assert_eq!(e1.run.found_at.as_deref(), Some("1970-01-01T00:00:02.000Z"));
+        assert_eq!(
+            (e1.run.fence, e1.counts["only_at_edge"]["user"]),
+            (Some(7), 1)
+        );
+        // A failed audit found nothing to date.
+        assert_eq!(report.runs[1].1.as_ref().unwrap().run.found_at, None);
+        assert_eq!(report.rows.len(), 1);
+        // A new audit keeps showing what the last completed one found.
+        store.begin_drift("e1").await.unwrap();
+        let run = store.drift_run("e1").await.unwrap().unwrap();
+        assert_eq!(
+            (run.state.as_str(), run.finished_at, run.found_at.as_deref()),
+            ("running", None, Some("1970-01-01T00:00:02.000Z"))
+        );
     }
 }

@@ -1,8 +1,10 @@
 //! Resync and drift audit state at central: each edge's latest resync and
 //! drift run, the differences found, and the users created without a password.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
-use sqlx::{FromRow, QueryBuilder, Sqlite};
+use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::{Store, StoreError};
 
@@ -30,6 +32,9 @@ pub struct ResyncRow {
     pub finished_at: Option<String>,
 }
 
+/// An edge's latest drift audit (`state`, `started_at`, `finished_at`,
+/// `error`) and the last one that completed (`found_at`, `fence`, `excluded`):
+/// the differences recorded are that one's.
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct DriftRunRow {
     pub edge: String,
@@ -40,6 +45,35 @@ pub struct DriftRunRow {
     pub error: Option<String>,
     pub started_at: String,
     pub finished_at: Option<String>,
+    pub found_at: Option<String>,
+}
+
+/// An edge's drift audit with what its differences add up to.
+#[derive(Debug, Clone, Serialize)]
+pub struct DriftSummary {
+    #[serde(flatten)]
+    pub run: DriftRunRow,
+    /// Differences per category, then per kind.
+    pub counts: BTreeMap<String, BTreeMap<String, i64>>,
+    /// Users a resync created there without a password.
+    pub needs_password: i64,
+}
+
+/// What `GET /v1/drift` shows: each edge's audit and the differences, read
+/// in one transaction, so the differences are those of the audit shown.
+#[derive(Debug, Clone)]
+pub struct DriftReport {
+    pub runs: Vec<(String, Option<DriftSummary>)>,
+    pub rows: Vec<DriftRow>,
+}
+
+/// What `GET /v1/edges/{edge}` shows beside the edge's position, read in one
+/// transaction.
+#[derive(Debug, Clone)]
+pub struct EdgeAudit {
+    pub resync: Option<ResyncRow>,
+    pub drift: Option<DriftSummary>,
+    pub needs_password: (i64, Vec<NeedsPasswordRow>),
 }
 
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -141,18 +175,43 @@ impl Store {
     }
 
     pub async fn resync(&self, edge: &str) -> Result<Option<ResyncRow>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT edge, kind, phase, prune, fence, done, total, result, error,
-                    {} AS started_at, {} AS updated_at,
-                    CASE WHEN finished_ms IS NULL THEN NULL ELSE {} END AS finished_at
-             FROM resyncs WHERE edge = ?",
-            iso("started_ms"),
-            iso("updated_ms"),
-            iso("finished_ms")
-        ))
-        .bind(edge)
-        .fetch_optional(&self.reader)
-        .await?)
+        resync_of(&mut *self.reader.acquire().await?, edge).await
+    }
+
+    /// An edge's resync, drift audit and users needing a password (at most
+    /// `limit` listed), as of one moment.
+    pub async fn edge_audit(&self, edge: &str, limit: i64) -> Result<EdgeAudit, StoreError> {
+        let mut tx = self.reader.begin().await?;
+        let audit = EdgeAudit {
+            resync: resync_of(&mut tx, edge).await?,
+            drift: drift_summary_of(&mut tx, edge).await?,
+            needs_password: needs_password_of(&mut tx, edge, limit).await?,
+        };
+        tx.rollback().await?;
+        Ok(audit)
+    }
+
+    /// The drift audits of `edges` and their differences (filtered, at most
+    /// `limit`), as of one moment.
+    pub async fn drift_report(
+        &self,
+        edges: &[String],
+        kind: Option<&str>,
+        category: Option<&str>,
+        limit: i64,
+    ) -> Result<DriftReport, StoreError> {
+        let mut tx = self.reader.begin().await?;
+        let mut runs = Vec::with_capacity(edges.len());
+        for e in edges {
+            runs.push((e.clone(), drift_summary_of(&mut tx, e).await?));
+        }
+        let one = match edges {
+            [e] => Some(e.as_str()),
+            _ => None,
+        };
+        let rows = drift_rows(&mut tx, one, kind, category, limit).await?;
+        tx.rollback().await?;
+        Ok(DriftReport { runs, rows })
     }
 
     /// Resyncs a stop left unfinished: (edge, kind, prune).
@@ -215,19 +274,10 @@ impl Store {
         edge: &str,
         limit: i64,
     ) -> Result<(i64, Vec<NeedsPasswordRow>), StoreError> {
-        let count = sqlx::query_scalar("SELECT COUNT(*) FROM needs_password WHERE edge = ?")
-            .bind(edge)
-            .fetch_one(&self.reader)
-            .await?;
-        let rows = sqlx::query_as(
-            "SELECT user_id, user_key, since_seq FROM needs_password WHERE edge = ?
-             ORDER BY user_key LIMIT ?",
-        )
-        .bind(edge)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        Ok((count, rows))
+        let mut tx = self.reader.begin().await?;
+        let found = needs_password_of(&mut tx, edge, limit).await?;
+        tx.rollback().await?;
+        Ok(found)
     }
 
     /// The oldest `since_seq` of an edge's users needing a password.
@@ -272,6 +322,19 @@ impl Store {
         Ok(())
     }
 
+    /// Ends the drift audits a stop of central left running (at start-up,
+    /// before any is started); returns how many.
+    pub async fn interrupt_drifts(&self) -> Result<u64, StoreError> {
+        Ok(sqlx::query(&format!(
+            "UPDATE drift_runs SET state = 'failed', finished_ms = {NOW_MS},
+               error = 'interrupted by a stop of central; run it again'
+             WHERE state = 'running'"
+        ))
+        .execute(&self.writer)
+        .await?
+        .rows_affected())
+    }
+
     pub async fn fail_drift(&self, edge: &str, error: &str) -> Result<(), StoreError> {
         sqlx::query(&format!(
             "UPDATE drift_runs SET state = 'failed', error = ?, finished_ms = {NOW_MS} WHERE edge = ?"
@@ -313,7 +376,7 @@ impl Store {
         }
         sqlx::query(&format!(
             "UPDATE drift_runs SET state = 'done', fence = ?, excluded = ?, error = NULL,
-               finished_ms = {NOW_MS} WHERE edge = ?"
+               finished_ms = {NOW_MS}, found_ms = {NOW_MS} WHERE edge = ?"
         ))
         .bind(fence)
         .bind(excluded)
@@ -325,47 +388,110 @@ impl Store {
     }
 
     pub async fn drift_run(&self, edge: &str) -> Result<Option<DriftRunRow>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT edge, state, fence, excluded, error, {} AS started_at,
-                    CASE WHEN finished_ms IS NULL THEN NULL ELSE {} END AS finished_at
-             FROM drift_runs WHERE edge = ?",
-            iso("started_ms"),
-            iso("finished_ms")
-        ))
+        drift_run_of(&mut *self.reader.acquire().await?, edge).await
+    }
+}
+
+// Reads on one connection, so that a caller can make several of them in one
+// transaction.
+
+async fn resync_of(c: &mut SqliteConnection, edge: &str) -> Result<Option<ResyncRow>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT edge, kind, phase, prune, fence, done, total, result, error,
+                {} AS started_at, {} AS updated_at,
+                CASE WHEN finished_ms IS NULL THEN NULL ELSE {} END AS finished_at
+         FROM resyncs WHERE edge = ?",
+        iso("started_ms"),
+        iso("updated_ms"),
+        iso("finished_ms")
+    ))
+    .bind(edge)
+    .fetch_optional(c)
+    .await?)
+}
+
+async fn drift_run_of(
+    c: &mut SqliteConnection,
+    edge: &str,
+) -> Result<Option<DriftRunRow>, StoreError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT edge, state, fence, excluded, error, {} AS started_at,
+                CASE WHEN finished_ms IS NULL THEN NULL ELSE {} END AS finished_at,
+                CASE WHEN found_ms IS NULL THEN NULL ELSE {} END AS found_at
+         FROM drift_runs WHERE edge = ?",
+        iso("started_ms"),
+        iso("finished_ms"),
+        iso("found_ms")
+    ))
+    .bind(edge)
+    .fetch_optional(c)
+    .await?)
+}
+
+async fn drift_summary_of(
+    c: &mut SqliteConnection,
+    edge: &str,
+) -> Result<Option<DriftSummary>, StoreError> {
+    let Some(run) = drift_run_of(c, edge).await? else {
+        return Ok(None);
+    };
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT category, kind, COUNT(*) FROM drift WHERE edge = ? GROUP BY category, kind",
+    )
+    .bind(edge)
+    .fetch_all(&mut *c)
+    .await?;
+    let mut counts: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for (category, kind, n) in rows {
+        counts.entry(category).or_default().insert(kind, n);
+    }
+    let needs_password = needs_password_of(c, edge, 0).await?.0;
+    Ok(Some(DriftSummary {
+        run,
+        counts,
+        needs_password,
+    }))
+}
+
+async fn needs_password_of(
+    c: &mut SqliteConnection,
+    edge: &str,
+    limit: i64,
+) -> Result<(i64, Vec<NeedsPasswordRow>), StoreError> {
+    let count = sqlx::query_scalar("SELECT COUNT(*) FROM needs_password WHERE edge = ?")
         .bind(edge)
-        .fetch_optional(&self.reader)
-        .await?)
-    }
+        .fetch_one(&mut *c)
+        .await?;
+    let rows = sqlx::query_as(
+        "SELECT user_id, user_key, since_seq FROM needs_password WHERE edge = ?
+         ORDER BY user_key LIMIT ?",
+    )
+    .bind(edge)
+    .bind(limit)
+    .fetch_all(c)
+    .await?;
+    Ok((count, rows))
+}
 
-    pub async fn drift(
-        &self,
-        edge: Option<&str>,
-        kind: Option<&str>,
-        category: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<DriftRow>, StoreError> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT edge, kind, key, category, fields, central_id, edge_id FROM drift WHERE 1 = 1",
-        );
-        if let Some(e) = edge {
-            q.push(" AND edge = ").push_bind(e);
-        }
-        if let Some(k) = kind {
-            q.push(" AND kind = ").push_bind(k);
-        }
-        if let Some(c) = category {
-            q.push(" AND category = ").push_bind(c);
-        }
-        q.push(" ORDER BY edge, kind, key LIMIT ").push_bind(limit);
-        Ok(q.build_query_as().fetch_all(&self.reader).await?)
+async fn drift_rows(
+    c: &mut SqliteConnection,
+    edge: Option<&str>,
+    kind: Option<&str>,
+    category: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DriftRow>, StoreError> {
+    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+        "SELECT edge, kind, key, category, fields, central_id, edge_id FROM drift WHERE 1 = 1",
+    );
+    if let Some(e) = edge {
+        q.push(" AND edge = ").push_bind(e);
     }
-
-    /// Differences per (edge, kind, category), for metrics.
-    pub async fn drift_counts(&self) -> Result<Vec<(String, String, String, i64)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT edge, kind, category, COUNT(*) FROM drift GROUP BY edge, kind, category",
-        )
-        .fetch_all(&self.reader)
-        .await?)
+    if let Some(k) = kind {
+        q.push(" AND kind = ").push_bind(k);
     }
+    if let Some(c) = category {
+        q.push(" AND category = ").push_bind(c);
+    }
+    q.push(" ORDER BY edge, kind, key LIMIT ").push_bind(limit);
+    Ok(q.build_query_as().fetch_all(c).await?)
 }

@@ -841,7 +841,7 @@ async fn lists_the_identity_service_truncates_are_read_again_per_domain() {
 }
 
 #[tokio::test]
-async fn a_resync_left_unfinished_by_a_stop_of_central_starts_again_at_start_up() {
+async fn a_resync_or_audit_left_unfinished_by_a_stop_of_central_is_not_shown_running() {
     // The op log of a central that stopped mid-resync of e1.
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}", dir.path().join("stopped.db").display());
@@ -853,10 +853,16 @@ async fn a_resync_left_unfinished_by_a_stop_of_central_starts_again_at_start_up(
             .resync_progress("e1", "applying", Some(0), 10, 100)
             .await
             .unwrap();
+        // And a drift audit it was running.
+        store.begin_drift("e1").await.unwrap();
         store.close().await;
     }
     let env = sync_env(&["e1"], None, |c| c.db = db.clone()).await;
     let row = resync_ended(&env, "e1").await;
+    // The audit no longer runs: it says so, rather than running forever.
+    assert_eq!(row["drift"]["state"], "failed", "{row:#}");
+    let error = row["drift"]["error"].as_str().unwrap();
+    assert!(error.contains("stop of central"), "{error}");
     let result = &row["resync"]["result"];
     assert_eq!(result["failed"], 0, "{row:#}");
     // The bootstrap entities both sites have were adopted (ID map entries).
@@ -919,5 +925,69 @@ async fn a_resync_releases_an_edge_halted_on_an_op_below_its_fence() {
     env.assert_in_sync().await;
     let status = crate::sync::edge_status(&env.edges[0].admin).await;
     assert_eq!(status["halted"], false, "{status}");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_drift_report_read_while_audits_finish_shows_one_runs_findings() {
+    // Audits of e1 finish one after another (written straight to central's
+    // database): audit n finds n % 3 + 1 users named "n-<i>", at fence n.
+    // Every report read meanwhile shows the differences of the audit whose
+    // fence it names, counted as it lists them, whatever the run's state.
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("central.db").display());
+    let env = sync_env(&["e1"], None, |c| c.db = db.clone()).await;
+    let store = syncgate::store::Store::open(&db).await.unwrap();
+    let writer = tokio::spawn(async move {
+        for n in 1..=400i64 {
+            store.begin_drift("e1").await.unwrap();
+            let keys: Vec<String> = (0..n % 3 + 1).map(|i| format!("{n}-{i}")).collect();
+            let found: Vec<syncgate::store::NewDrift<'_>> = keys
+                .iter()
+                .map(|k| syncgate::store::NewDrift {
+                    kind: "user",
+                    key: k,
+                    category: "only_at_edge",
+                    fields: &[],
+                    central_id: None,
+                    edge_id: Some("x"),
+                })
+                .collect();
+            store.record_drift("e1", n, 0, &found).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        store.close().await;
+    });
+    let mut reads = 0;
+    let mut with_findings = 0;
+    while !writer.is_finished() || reads == 0 {
+        reads += 1;
+        let report = env.audit("/v1/drift?edge=e1").await;
+        let run = &report["runs"][0];
+        let keys: Vec<&str> = report["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["key"].as_str().unwrap())
+            .collect();
+        match run["fence"].as_i64() {
+            None => assert!(keys.is_empty(), "{report:#}"),
+            Some(n) => {
+                with_findings += 1;
+                assert_eq!(keys.len() as i64, n % 3 + 1, "{report:#}");
+                assert!(
+                    keys.iter().all(|k| k.starts_with(&format!("{n}-"))),
+                    "{report:#}"
+                );
+            }
+        }
+        let row = edge_row(&env, "e1").await;
+        if let Some(n) = row["drift"]["fence"].as_i64() {
+            let counted = row["drift"]["counts"]["only_at_edge"]["user"].as_i64();
+            assert_eq!(counted, Some(n % 3 + 1), "{row:#}");
+        }
+    }
+    writer.await.unwrap();
+    assert!(with_findings > 0, "{reads} reads");
     env.shutdown().await;
 }
