@@ -557,13 +557,9 @@ async fn start_resync(
         .into_response())
 }
 
-async fn run_drift(
-    State(admin): State<Arc<Admin>>,
-    Query(params): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let edge = only_params(&params, &["edge"])?;
-    let r = resyncer(&admin)?;
-    let edges: Vec<String> = match edge {
+/// The edge a request names, or every edge.
+async fn edge_or_all(admin: &Admin, edge: Option<&str>) -> Result<Vec<String>, ApiError> {
+    Ok(match edge {
         Some(e) => vec![e.to_string()],
         None => admin
             .store
@@ -573,7 +569,16 @@ async fn run_drift(
             .into_iter()
             .map(|e| e.id)
             .collect(),
-    };
+    })
+}
+
+async fn run_drift(
+    State(admin): State<Arc<Admin>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let edge = only_params(&params, &["edge"])?;
+    let r = resyncer(&admin)?;
+    let edges = edge_or_all(&admin, edge).await?;
     for e in &edges {
         r.start_drift(e).await.map_err(start_error)?;
     }
@@ -611,28 +616,18 @@ async fn list_drift(
         }
     }
     let limit = row_limit(&params)?;
-    let edges: Vec<String> = match edge {
-        Some(e) => {
-            if admin
-                .store
-                .edge_position(e)
-                .await
-                .map_err(internal)?
-                .is_none()
-            {
-                return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{e}'")));
-            }
-            vec![e.to_string()]
-        }
-        None => admin
+    if let Some(e) = edge {
+        if admin
             .store
-            .edges()
+            .edge_position(e)
             .await
             .map_err(internal)?
-            .into_iter()
-            .map(|e| e.id)
-            .collect(),
-    };
+            .is_none()
+        {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{e}'")));
+        }
+    }
+    let edges = edge_or_all(&admin, edge).await?;
     let report = admin
         .store
         .drift_report(&edges, kind, category, limit + 1)
