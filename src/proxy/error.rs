@@ -27,6 +27,9 @@ pub enum ProxyError {
     /// A write whose target Keystone could read differently from the gateway.
     #[error("the request was refused before it reached the identity service: {0}")]
     RefusedTarget(super::target::TargetError),
+    /// A request with a header the upstream could route by.
+    #[error("the request was refused before it reached the identity service: the header '{0}' could make the identity service route it differently from the gateway (remove it; set --public-url for the links clients see)")]
+    RefusedHeader(String),
     /// A replicated write's body Keystone could read differently.
     #[error("the request was refused before it reached the identity service: {0}")]
     InexactBody(String),
@@ -70,6 +73,7 @@ impl ProxyError {
             ProxyError::BadRequestBody
             | ProxyError::BadRequestTarget
             | ProxyError::RefusedTarget(_)
+            | ProxyError::RefusedHeader(_)
             | ProxyError::InexactBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::OpLogUnavailable | ProxyError::OpLogCommitFailed => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -569,7 +569,10 @@ pub fn service(
 async fn handle(proxy: Arc<Proxy>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let method = crate::metrics::method_label(req.method());
-    let target = proxy.upstream_uri(req.method(), req.uri());
+    let target = match target::rerouting_header(req.headers()) {
+        Some(name) => Err(ProxyError::RefusedHeader(name)),
+        None => proxy.upstream_uri(req.method(), req.uri()),
+    };
     let class = target
         .as_ref()
         .ok()

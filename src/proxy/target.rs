@@ -21,6 +21,42 @@ pub enum TargetError {
     LowerCaseMethod,
 }
 
+/// Request headers an upstream server, WSGI stack or framework may use to route
+/// a request, or re-read its method or path, differently from the request line
+/// the gateway classified (gunicorn takes `SCRIPT_NAME` from a trusted peer and
+/// strips it from the path; frameworks honour method overrides and original-URL
+/// headers). Names are compared lower case, with `_` read as `-`.
+const REROUTING_HEADERS: [&str; 17] = [
+    "script-name",
+    "path-info",
+    "request-uri",
+    "request-method",
+    "query-string",
+    "x-original-url",
+    "x-original-uri",
+    "x-original-path",
+    "x-original-method",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-forwarded-uri",
+    "x-envoy-original-path",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The first header that could make the upstream route the request otherwise
+/// than the gateway read it: one of `REROUTING_HEADERS`, or any name with an
+/// `_` (a WSGI stack reads `X_Auth_Token` and `X-Auth-Token` as one variable).
+pub fn rerouting_header(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers.keys().find_map(|name| {
+        let name = name.as_str();
+        let read = name.replace('_', "-");
+        (name.contains('_') || REROUTING_HEADERS.contains(&read.as_str())).then(|| name.to_string())
+    })
+}
+
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }

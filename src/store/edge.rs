@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use sqlx::sqlite::SqlitePoolOptions;
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::StoreError;
@@ -105,7 +104,7 @@ pub struct EdgeStore {
 impl EdgeStore {
     pub async fn open(url: &str) -> Result<EdgeStore, StoreError> {
         let options = super::sqlite_options(url)?;
-        let pool = SqlitePoolOptions::new()
+        let pool = super::pool_options()
             .max_connections(1)
             .connect_with(options)
             .await

@@ -211,6 +211,29 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
         .foreign_keys(true))
 }
 
+/// Pool options for every syncgate database. A connection is given back to its
+/// pool only when no transaction is open on it: a transaction that failed half
+/// way (SQLite rolls it back itself on `SQLITE_FULL`, and the rollback asked for
+/// then fails) would otherwise leave the connection believing one is open, and
+/// every later "commit" would only release a savepoint inside a transaction
+/// that never commits. Such a connection is closed; the pool opens a clean one.
+pub(crate) fn pool_options() -> SqlitePoolOptions {
+    SqlitePoolOptions::new().after_release(|conn, _| {
+        Box::pin(async move {
+            use sqlx::Connection;
+            // Lets a rollback queued by a dropped transaction run first.
+            conn.ping().await?;
+            let clean = !conn.is_in_transaction();
+            if !clean {
+                tracing::warn!(
+                    "a database connection was left inside a failed transaction; it is closed and a new one opened"
+                );
+            }
+            Ok(clean)
+        })
+    })
+}
+
 #[derive(Clone)]
 pub struct Store {
     writer: SqlitePool,
@@ -238,14 +261,14 @@ impl Store {
             url: url.to_string(),
             source,
         };
-        let writer = SqlitePoolOptions::new()
+        let writer = pool_options()
             .max_connections(1)
             .min_connections(1)
             .connect_with(options.clone())
             .await
             .map_err(open_err)?;
         sqlx::migrate!("./migrations/central").run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
+        let reader = pool_options()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
@@ -706,6 +729,59 @@ mod tests {
         assert!(
             store.get_op(1).await.unwrap().is_some() && store.get_op(2).await.unwrap().is_some()
         );
+    }
+
+    /// A write that finds the database full (SQLite's page limit here; a full
+    /// filesystem in `tests/it/disk_full.rs`) fails alone and says so; what
+    /// was answered is on disk, and writes succeed again once there is room.
+    #[tokio::test]
+    async fn a_full_database_fails_its_writes_and_takes_writes_again_after() {
+        let (dir, store) = temp_store().await;
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&store.writer)
+            .await
+            .unwrap();
+        sqlx::query(&format!("PRAGMA max_page_count = {}", pages + 4))
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        let big = "x".repeat(3000);
+        let write = |store: Store, body: String| async move {
+            let mut i = intent("/v3/projects");
+            i.body = Some(&body);
+            let op = store.begin_intent(&i).await?;
+            store
+                .commit_intent(op, OpState::Committed, &Outcome::default())
+                .await
+        };
+        let (mut answered, mut refused) = (0, 0);
+        for _ in 0..20 {
+            match write(store.clone(), big.clone()).await {
+                Ok(_) => answered += 1,
+                Err(StoreError::Batch(e)) => {
+                    assert!(e.contains("full"), "{e}");
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused > 0 && answered > 0, "{answered} {refused}");
+        sqlx::query("PRAGMA max_page_count = 1000000")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            write(store.clone(), big.clone()).await.unwrap();
+            answered += 1;
+        }
+        store.close().await;
+        let url = format!("sqlite://{}", dir.path().join("ops.db").display());
+        let other = SqlitePoolOptions::new().connect(&url).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ops")
+            .fetch_one(&other)
+            .await
+            .unwrap();
+        assert_eq!(n, answered);
     }
 
     #[tokio::test]

@@ -84,6 +84,67 @@ async fn targets_that_cannot_be_normalised_safely_are_refused_before_the_upstrea
     app.stop().await;
 }
 
+/// Headers an upstream server or WSGI stack may use to route or re-read a
+/// request (gunicorn takes `SCRIPT_NAME` from a trusted peer and strips it from
+/// the path; frameworks honour method overrides and original-URL headers) are
+/// refused on every request: what the gateway classifies is what Keystone routes.
+#[tokio::test]
+async fn headers_that_could_route_a_request_differently_upstream_are_refused() {
+    let app = spawn_app().await;
+    let headers = [
+        ("SCRIPT_NAME", "/x"),
+        ("Script-Name", "/x"),
+        ("PATH_INFO", "/v3/users"),
+        ("X-Original-URL", "/v3/users"),
+        ("X-Original-URI", "/v3/users"),
+        ("X-Rewrite-URL", "/v3/users"),
+        ("X-Forwarded-Prefix", "/x"),
+        ("X-Forwarded-Path", "/v3/users"),
+        ("X-Envoy-Original-Path", "/v3/users"),
+        ("X-HTTP-Method-Override", "POST"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "PATCH"),
+        ("X_Auth_Token", "t"),
+    ];
+    for (name, value) in headers {
+        for (method, path) in [("POST", "/x/v3/users"), ("GET", "/v3/users")] {
+            let resp = app
+                .client
+                .request(
+                    Method::from_bytes(method.as_bytes()).unwrap(),
+                    app.url(path),
+                )
+                .header("x-auth-token", "t")
+                .header(name, value)
+                .json(&json!({"user": {"name": "sneaky"}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 400, "{method} {path} with {name}");
+            let body: serde_json::Value = resp.json().await.unwrap();
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("refused") && message.contains(&name.to_ascii_lowercase()),
+                "{message}"
+            );
+        }
+    }
+    assert_eq!(app.fake.count(), 0, "nothing reached the upstream");
+    assert!(app.all_ops().await.is_empty());
+    // Ordinary forwarding headers still pass.
+    let resp = app
+        .client
+        .get(app.url("/v3/users"))
+        .header("x-auth-token", "t")
+        .header("x-forwarded-for", "10.0.0.1")
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bodies_keystone_could_read_differently_are_refused() {
     let app = spawn_app().await;

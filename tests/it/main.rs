@@ -7,6 +7,7 @@ mod broker_proto;
 mod capture;
 mod cli;
 mod control_plane;
+mod disk_full;
 mod exactly_once;
 mod fake_keystone;
 mod fake_site;
