@@ -383,6 +383,9 @@ async fn retry_op(
         Err(e @ (RedriveError::WouldUndo(_) | RedriveError::NotReached(_))) => {
             Err(ApiError(StatusCode::CONFLICT, e.to_string()))
         }
+        Err(e @ RedriveError::NotConnected(_)) => {
+            Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+        }
         Err(RedriveError::Broker(e)) => {
             warn!(error = %e, "re-drive failed");
             Err(ApiError(
@@ -419,7 +422,10 @@ fn edge_json(e: crate::store::EdgeRow, offline_ms: i64) -> Value {
         "last_seen": e.last_seen,
         "online": online,
         "version": e.version,
+        "protocol": e.protocol,
         "error": e.error,
+        "needs_resync": e.needs_resync,
+        "clock_skew_ms": e.clock_skew_ms,
     })
 }
 

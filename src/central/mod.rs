@@ -232,12 +232,15 @@ impl Central {
             recovering: Default::default(),
             allow_new_edges: self.config.sync.allow_new_edges,
             known: Default::default(),
-            control_in: Default::default(),
-            control_out: Default::default(),
+            session: crate::protocol::control::Session::new(
+                self.store.next_session().await?,
+                self.config.sync.accept_protocol_1,
+            ),
             send_lock: Default::default(),
             metrics: self.admin.metrics.clone(),
             wants_resync: Some(wants_resync),
-            boots: Default::default(),
+            holders: Default::default(),
+            started: std::time::Instant::now(),
         });
         let _ = self.admin.sync.set(sync.clone());
         let resyncer = Arc::new(resync::Resyncer::new(

@@ -270,7 +270,8 @@ impl Resyncer {
         }
     }
 
-    /// Seals `msg`, asks the edge on `subject`, opens its answer.
+    /// Asks the edge (see `SyncCentral::ask`); a lost edge or broker may be
+    /// tried again, a dropped answer may not.
     async fn ask<T: Serialize, R: DeserializeOwned>(
         &self,
         edge: &str,
@@ -280,49 +281,14 @@ impl Resyncer {
         msg: &T,
         timeout: Duration,
     ) -> Result<R, Failure> {
-        let payload = {
-            let _order = self.sync.send_lock.lock().await;
-            self.sync
-                .control_out
-                .seal(&self.sync.sealer, kind, edge, msg)
-        };
-        let request = async_nats::Request::new()
-            .payload(payload.into())
-            .timeout(Some(timeout));
-        let boot = self.boot(edge);
-        let asked = self.sync.client.send_request(subject, request);
-        // An edge that restarts meanwhile never answers: do not wait for it.
-        let restarted = async {
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let now = self.boot(edge);
-                if boot.is_some() && now != boot {
-                    return;
-                }
-            }
-        };
-        let answer = tokio::select! {
-            a = tokio::time::timeout(timeout + Duration::from_secs(1), asked) => a
-                .map_err(|_| Failure::Lost(format!("edge '{edge}' did not answer in time")))?
-                .map_err(|e| Failure::Lost(format!("edge '{edge}' did not answer: {e}")))?,
-            () = restarted => {
-                return Err(Failure::Lost(format!("edge '{edge}' restarted while asked")))
-            }
-        };
+        use crate::central::sync::AskError;
         self.sync
-            .control_in
-            .open::<R>(&self.sync.sealer, reply_kind, Some(edge), &answer.payload)
-            .map(|(_, r)| r)
-            .map_err(|r| Failure::Fatal(format!("the edge's answer was dropped: {r}")))
-    }
-
-    fn boot(&self, edge: &str) -> Option<String> {
-        self.sync
-            .boots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(edge)
-            .cloned()
+            .ask(edge, subject, kind, reply_kind, msg, timeout)
+            .await
+            .map_err(|e| match e {
+                AskError::Dropped { .. } => Failure::Fatal(e.to_string()),
+                e => Failure::Lost(e.to_string()),
+            })
     }
 
     async fn step(&self, edge: &str, step: &ResyncStep) -> Result<ResyncReply, Failure> {
@@ -426,6 +392,11 @@ impl Resyncer {
                 Err(f) => break Err(f.to_string()),
             }
         };
+        if result.is_ok() {
+            if let Err(e) = self.store.set_needs_resync(edge, None).await {
+                error!(edge, error = %e, "cannot record that an edge no longer needs a resync");
+            }
+        }
         match &result {
             Ok(r) => info!(
                 edge,

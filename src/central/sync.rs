@@ -1,10 +1,13 @@
 //! Central's side of sync: publishes ops in seq order on `<prefix>.ops`, serves
 //! replays from the op log, records acks and hellos, marks deliveries that get no
-//! ack in time as timed out, and sends directed redos.
+//! ack in time as timed out, and sends directed redos. Each hello is answered
+//! with a grant (see `edge::link`): one process at a time holds an edge's ID,
+//! and only its acks and answers are taken; a process whose cursor went back
+//! (a lost or restored database) is resynced before it applies ops again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -13,14 +16,18 @@ use tokio::sync::{watch, Notify};
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
-use crate::protocol::control::{Receiver, Rejected, Sender};
+use crate::protocol::control::{now_ms, Opened, Rejected, Session};
 use crate::protocol::crypto::Sealer;
 use crate::protocol::messages::{
-    Ack, EntityRef, Envelope, Hello, OpContent, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
-    ReplayRequest, Subjects,
+    Ack, EntityRef, Envelope, Grant, Hello, HelloReply, OpContent, OutcomesReply, OutcomesRequest,
+    Redo, ReplayBatch, ReplayRequest, Subjects,
 };
-use crate::protocol::messages::{ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY};
+use crate::protocol::messages::{
+    ACK, HELLO, HELLO_REPLY, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY,
+};
 use crate::store::{OpFilter, OpRow, Store};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tracing::Instrument;
 
 /// Most ops in one replay batch.
@@ -41,15 +48,49 @@ pub struct SyncCentral {
     pub allow_new_edges: bool,
     /// Edges declared or registered.
     pub known: std::sync::Mutex<HashSet<String>>,
-    pub control_in: Receiver,
-    pub control_out: Sender,
+    /// Central's end of the control plane (this start's session).
+    pub session: Session,
     /// Held while a control message to an edge is sealed and sent.
     pub send_lock: tokio::sync::Mutex<()>,
     pub metrics: Arc<Metrics>,
     /// Told of an edge that needs an initial sync.
     pub wants_resync: Option<tokio::sync::mpsc::UnboundedSender<String>>,
-    /// Each edge's boot ID, from its last hello: a new one means it restarted.
-    pub boots: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The process holding each edge's ID, as far as central knows.
+    pub holders: std::sync::Mutex<HashMap<String, Holder>>,
+    /// When this process started (a holder from before has a lease's grace).
+    pub started: Instant,
+}
+
+/// The process that holds an edge's ID: only its acks and answers are taken.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    /// Its session (0: an edge of protocol 1, which has none).
+    pub session: u64,
+    pub protocol: u8,
+    /// When it was last heard from.
+    pub heard: Instant,
+    /// Its lease: another process may take the ID this long after it was heard.
+    pub lease: Duration,
+    /// Another live process that asked for the ID, and when.
+    pub rival: Option<(u64, Instant)>,
+}
+
+/// The lease assumed for a holder from before central started, until it says hello.
+const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// A skew of an edge's clock from central's worth a warning.
+const SKEW_WARNING_MS: i64 = 60_000;
+
+/// Why a message to an edge could not be asked or answered.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("edge '{0}' has not said hello since central started (is it running?)")]
+    NotConnected(String),
+    #[error("edge '{edge}' did not answer: {why}")]
+    NoAnswer { edge: String, why: String },
+    #[error("edge '{0}' restarted while asked")]
+    Restarted(String),
+    #[error("the answer of edge '{edge}' was dropped: {why}")]
+    Dropped { edge: String, why: Rejected },
 }
 
 /// Seals one op for the wire.
@@ -83,6 +124,26 @@ impl SyncCentral {
     pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
         for edge in &self.declared_edges {
             self.store.register_edge(edge, true).await?;
+        }
+        // The processes that held edges' IDs before this start keep them
+        // while they say hello within a lease of it.
+        let sessions = self.store.edge_sessions().await?;
+        {
+            let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+            for (edge, session, _) in sessions {
+                if session > 0 {
+                    holders.insert(
+                        edge,
+                        Holder {
+                            session,
+                            protocol: 2,
+                            heard: self.started,
+                            lease: DEFAULT_LEASE,
+                            rival: None,
+                        },
+                    );
+                }
+            }
         }
         // Edges registered before (declared then, or allowed in) stay known.
         let registered = self.store.edges().await?;
@@ -206,13 +267,16 @@ impl SyncCentral {
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
-            let req = match self.control_in.open::<ReplayRequest>(
+            // A replay only reads the op log: any session of a known edge
+            // may ask (a process waiting for the ID reads nothing it can apply).
+            let req = match self.session.open::<ReplayRequest>(
                 &self.sealer,
                 REPLAY,
                 None,
                 &msg.payload,
+                true,
             ) {
-                Ok((edge, req)) => self.admit(&edge).await.map(|()| req),
+                Ok(o) => self.admit(&o.edge).await.map(|()| o.msg),
                 Err(r) => Err(r),
             };
             let answer = match req {
@@ -277,106 +341,456 @@ impl SyncCentral {
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
-            let (msg, is_ack) = tokio::select! {
-                m = acks.next() => match m { Some(m) => (m, true), None => return },
-                m = hellos.next() => match m { Some(m) => (m, false), None => return },
+            tokio::select! {
+                m = acks.next() => match m {
+                    Some(m) => self.ack(m).await,
+                    None => return,
+                },
+                m = hellos.next() => match m {
+                    Some(m) => self.hello(m).await,
+                    None => return,
+                },
                 _ = crate::serve::stopped(&mut stop) => return,
-            };
-            let subject_edge = self.subjects.edge_of(msg.subject.as_str());
-            let result = if is_ack {
-                let ack =
-                    self.control_in
-                        .open::<Ack>(&self.sealer, ACK, subject_edge, &msg.payload);
-                let ack = match ack {
-                    Ok((edge, ack)) => self.admit(&edge).await.map(|()| (edge, ack)),
-                    Err(r) => Err(r),
-                };
-                match ack {
-                    Ok((edge, ack)) => {
-                        debug!(edge = %edge, seq = ack.seq, outcome = ack.outcome.as_str(), "ack");
-                        self.metrics
-                            .acks
-                            .get_or_create(&crate::metrics::AckLabels {
-                                edge: edge.clone(),
-                                outcome: ack.outcome.as_str(),
-                            })
-                            .inc();
-                        let span = tracing::info_span!(
-                            "ack received",
-                            edge = %edge,
-                            seq = ack.seq,
-                            outcome = ack.outcome.as_str(),
-                        );
-                        let header = msg.headers.as_ref().and_then(|h| h.get("traceparent"));
-                        crate::telemetry::follow(&span, header.map(|v| v.as_str()));
-                        self.store
-                            .record_ack(&edge, &ack)
-                            .instrument(span)
-                            .await
-                            .map(|acked| {
-                                // Acks before this one were lost: ask the edge.
-                                if let Some(acked) = acked.filter(|a| *a < ack.seq) {
-                                    self.recover_outcomes(&edge, acked, ack.seq);
-                                }
-                            })
-                            .map_err(|e| (edge, e))
-                    }
-                    Err(r) => {
-                        self.reject(ACK, subject_edge, r);
-                        Ok(())
-                    }
-                }
-            } else {
-                let hello =
-                    self.control_in
-                        .open::<Hello>(&self.sealer, HELLO, subject_edge, &msg.payload);
-                let hello = match hello {
-                    Ok((edge, h)) if h.edge != edge => Err(Rejected::WrongEdge),
-                    Ok((edge, h)) => self.admit(&edge).await.map(|()| (edge, h)),
-                    Err(r) => Err(r),
-                };
-                match hello {
-                    Ok((edge, h)) => {
-                        self.initial_sync_wanted(&edge, &h).await;
-                        if let Some(boot) = &h.boot {
-                            self.boots
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(edge.clone(), boot.clone());
-                        }
-                        self.store
-                            .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
-                            .await
-                            .map(|acked| {
-                                let through = h.outcomes_through.unwrap_or(h.cursor);
-                                if through > acked {
-                                    self.recover_outcomes(&edge, acked, through);
-                                }
-                            })
-                            .map_err(|e| (edge, e))
-                    }
-                    Err(r) => {
-                        self.reject(HELLO, subject_edge, r);
-                        self.show_key_mismatch(subject_edge, r).await;
-                        Ok(())
-                    }
-                }
-            };
-            if let Err((edge, e)) = result {
-                error!(edge = %edge, error = %e, "cannot record edge state");
             }
         }
+    }
+
+    /// Takes a control message of `kind` from an edge: sealed, fresh, from a
+    /// known edge, and (protocol 2) from the process holding its ID.
+    fn check_holder<T>(&self, opened: &Opened<T>) -> Result<(), Rejected> {
+        let holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        match holders.get(&opened.edge) {
+            Some(h) if opened.protocol >= 2 && h.session == opened.from => Ok(()),
+            Some(h) if opened.protocol < 2 && h.protocol < 2 => Ok(()),
+            None if opened.protocol < 2 => Ok(()),
+            _ => Err(Rejected::Fenced),
+        }
+    }
+
+    async fn ack(self: &Arc<Self>, msg: async_nats::Message) {
+        let subject_edge = self.subjects.edge_of(msg.subject.as_str());
+        let opened =
+            match self
+                .session
+                .open::<Ack>(&self.sealer, ACK, subject_edge, &msg.payload, false)
+            {
+                Ok(o) => o,
+                Err(r) => return self.reject(ACK, subject_edge, r),
+            };
+        if let Err(r) = self.admit(&opened.edge).await {
+            return self.reject(ACK, subject_edge, r);
+        }
+        if let Err(r) = self.check_holder(&opened) {
+            return self.reject(ACK, subject_edge, r);
+        }
+        let (edge, ack) = (opened.edge, opened.msg);
+        debug!(edge = %edge, seq = ack.seq, outcome = ack.outcome.as_str(), "ack");
+        self.metrics
+            .acks
+            .get_or_create(&crate::metrics::AckLabels {
+                edge: edge.clone(),
+                outcome: ack.outcome.as_str(),
+            })
+            .inc();
+        let span = tracing::info_span!(
+            "ack received",
+            edge = %edge,
+            seq = ack.seq,
+            outcome = ack.outcome.as_str(),
+        );
+        let header = msg.headers.as_ref().and_then(|h| h.get("traceparent"));
+        crate::telemetry::follow(&span, header.map(|v| v.as_str()));
+        match self.store.record_ack(&edge, &ack).instrument(span).await {
+            // Acks before this one were lost: ask the edge.
+            Ok(Some(acked)) if acked < ack.seq => self.recover_outcomes(&edge, acked, ack.seq),
+            Ok(_) => {}
+            Err(e) => error!(edge = %edge, error = %e, "cannot record an ack"),
+        }
+    }
+
+    async fn hello(self: &Arc<Self>, msg: async_nats::Message) {
+        let subject_edge = self.subjects.edge_of(msg.subject.as_str());
+        let reply_to = msg.reply.clone();
+        let refuse = |why: Rejected| async move {
+            // Said plainly, so a misconfigured edge need not guess; nothing
+            // in it is a secret.
+            if let Some(reply) = reply_to {
+                let text = serde_json::json!({"error": format!("hello refused: {}", why.label())});
+                let _ = self.client.publish(reply, text.to_string().into()).await;
+            }
+        };
+        let opened =
+            match self
+                .session
+                .open::<Hello>(&self.sealer, HELLO, subject_edge, &msg.payload, true)
+            {
+                Ok(o) if o.msg.edge != o.edge => Err(Rejected::WrongEdge),
+                Ok(o) => match self.admit(&o.edge).await {
+                    Ok(()) => Ok(o),
+                    Err(r) => Err(r),
+                },
+                Err(r) => Err(r),
+            };
+        let opened = match opened {
+            Ok(o) => o,
+            Err(r) => {
+                self.reject(HELLO, subject_edge, r);
+                self.show_key_mismatch(subject_edge, r).await;
+                return refuse(r).await;
+            }
+        };
+        if opened.protocol < 2 {
+            return self.hello_v1(opened).await;
+        }
+        let Some(reply) = msg.reply.clone() else {
+            return;
+        };
+        let grant = if opened.addressed {
+            self.grant(&opened).await
+        } else {
+            Grant::Introduce
+        };
+        let warning = self.rival_warning(&opened.edge, opened.from);
+        let answer = HelloReply {
+            grant,
+            now_ms: now_ms(),
+            warning,
+        };
+        let payload = {
+            let _order = self.send_lock.lock().await;
+            self.session.seal(
+                &self.sealer,
+                HELLO_REPLY,
+                &opened.edge,
+                opened.from,
+                &answer,
+            )
+        };
+        if let Err(e) = self.client.publish(reply, payload.into()).await {
+            debug!(edge = %opened.edge, error = %e, "hello not answered");
+        }
+    }
+
+    /// A hello of protocol 1 (an edge of 0.1.0): no grant, no answer; its
+    /// state is recorded as that version did.
+    async fn hello_v1(self: &Arc<Self>, opened: Opened<Hello>) {
+        let (edge, h) = (opened.edge, opened.msg);
+        {
+            let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+            let legacy = holders.get(&edge).is_none_or(|x| x.protocol < 2);
+            if !legacy {
+                drop(holders);
+                return self.reject(HELLO, Some(&edge), Rejected::Fenced);
+            }
+            holders.insert(
+                edge.clone(),
+                Holder {
+                    session: 0,
+                    protocol: 1,
+                    heard: Instant::now(),
+                    lease: DEFAULT_LEASE,
+                    rival: None,
+                },
+            );
+        }
+        self.initial_sync_wanted(&edge, &h).await;
+        match self
+            .store
+            .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
+            .await
+        {
+            Ok(acked) => {
+                let through = h.outcomes_through.unwrap_or(h.cursor);
+                if through > acked {
+                    self.recover_outcomes(&edge, acked, through);
+                }
+            }
+            Err(e) => error!(edge = %edge, error = %e, "cannot record edge state"),
+        }
+    }
+
+    /// Decides what the process behind an addressed hello may do, records
+    /// what it says, and starts what it needs (a resync, lost acks).
+    async fn grant(self: &Arc<Self>, opened: &Opened<Hello>) -> Grant {
+        let (edge, h, from) = (&opened.edge, &opened.msg, opened.from);
+        let lease = Duration::from_millis(h.lease_ms.unwrap_or(30_000))
+            .clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let now = Instant::now();
+        /// What the table of holders says, decided under its lock.
+        enum Seen {
+            Holder,
+            Taken,
+            Stopping,
+            Older,
+            Rival { first: bool, heard: f64 },
+        }
+        let seen = {
+            let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+            match holders.get_mut(edge) {
+                Some(holder) if holder.session == from => {
+                    holder.heard = now;
+                    holder.lease = lease;
+                    holder.protocol = 2;
+                    if h.leaving {
+                        // Stopping: the ID is free at once.
+                        holders.remove(edge);
+                        Seen::Stopping
+                    } else {
+                        Seen::Holder
+                    }
+                }
+                Some(holder) if from < holder.session => Seen::Older,
+                Some(holder)
+                    if holder.protocol >= 2 && now.duration_since(holder.heard) < holder.lease =>
+                {
+                    let first = holder.rival.is_none_or(|(s, _)| s != from);
+                    holder.rival = Some((from, now));
+                    Seen::Rival {
+                        first,
+                        heard: now.duration_since(holder.heard).as_secs_f64(),
+                    }
+                }
+                _ if h.leaving => Seen::Stopping,
+                _ => {
+                    holders.insert(
+                        edge.clone(),
+                        Holder {
+                            session: from,
+                            protocol: 2,
+                            heard: now,
+                            lease,
+                            rival: None,
+                        },
+                    );
+                    Seen::Taken
+                }
+            }
+        };
+        let takeover = match seen {
+            Seen::Holder => false,
+            Seen::Taken => true,
+            Seen::Stopping => {
+                info!(edge = %edge, "edge process stopping; its ID is free");
+                return Grant::Wait {
+                    reason: "this process is stopping".into(),
+                };
+            }
+            Seen::Older => {
+                return Grant::Superseded {
+                    reason: format!(
+                        "a newer process with --id {edge} holds this edge's ID at central; this \
+                         one applies nothing: stop it"
+                    ),
+                };
+            }
+            Seen::Rival { first, heard } => {
+                if first {
+                    warn!(edge = %edge, "a second process with this edge's ID said hello; it waits");
+                    let why = format!(
+                        "two processes run with --id {edge}: the second one waits; stop one of them"
+                    );
+                    let _ = self.store.edge_error(edge, &why).await;
+                }
+                return Grant::Wait {
+                    reason: format!(
+                        "another process with --id {edge} is running (central heard from it \
+                         {heard:.1}s ago): this one applies nothing while that one lives. Two \
+                         processes must never share an edge ID"
+                    ),
+                };
+            }
+        };
+        let acked = match self.store.edge_position(edge).await {
+            Ok(p) => p.map_or(0, |(acked, _)| acked),
+            Err(e) => {
+                error!(edge = %edge, error = %e, "cannot read an edge's position");
+                return Grant::Wait {
+                    reason: "central cannot read its op log right now".into(),
+                };
+            }
+        };
+        if takeover {
+            info!(edge = %edge, session = from, cursor = h.cursor, "edge process holds its ID");
+            if let Err(e) = self.store.hold_edge(edge, from, 2).await {
+                error!(edge = %edge, error = %e, "cannot record an edge's session");
+            }
+            if h.cursor < acked {
+                let why = format!(
+                    "its cursor went back from {acked} to {}: its database was lost or restored \
+                     from an older copy; it is resynced from central's state instead of \
+                     replaying ops it applied already",
+                    h.cursor
+                );
+                warn!(edge = %edge, acked, cursor = h.cursor, "edge state lost; resyncing it");
+                if let Err(e) = self.store.set_needs_resync(edge, Some(&why)).await {
+                    error!(edge = %edge, error = %e, "cannot record that an edge needs a resync");
+                }
+            }
+        }
+        let last = self.store.last_seq().await.unwrap_or(0);
+        if h.cursor > last {
+            let reason = format!(
+                "this edge's cursor ({}) is past central's op log (last op {last}): central's op \
+                 log was lost or restored from an older copy. Nothing is applied here until an \
+                 operator restores the op log or resets this edge",
+                h.cursor
+            );
+            let _ = self.store.edge_error(edge, &reason).await;
+            return Grant::Refused { reason };
+        }
+        let skew = opened.sent_ms - now_ms();
+        if skew.abs() > SKEW_WARNING_MS && takeover {
+            warn!(edge = %edge, skew_ms = skew, "an edge's clock is off central's: check NTP at that site");
+        }
+        let _ = self.store.edge_skew(edge, skew).await;
+        match self
+            .store
+            .edge_hello(edge, h.cursor, &h.version, h.error.as_deref())
+            .await
+        {
+            Ok(acked) => {
+                let through = h.outcomes_through.unwrap_or(h.cursor);
+                if through > acked && h.cursor >= acked {
+                    self.recover_outcomes(edge, acked, through);
+                }
+            }
+            Err(e) => error!(edge = %edge, error = %e, "cannot record edge state"),
+        }
+        let lease_ms = lease.as_millis() as u64;
+        let needs = self
+            .store
+            .edge_sessions()
+            .await
+            .ok()
+            .and_then(|rows| rows.into_iter().find(|(e, _, _)| e == edge))
+            .and_then(|(_, _, why)| why);
+        if let Some(reason) = needs {
+            self.want_resync(edge);
+            return Grant::Resync { lease_ms, reason };
+        }
+        if self.initial_sync_wanted(edge, h).await {
+            return Grant::Resync {
+                lease_ms,
+                reason: "an initial sync from central's state comes first".into(),
+            };
+        }
+        Grant::Granted { lease_ms }
+    }
+
+    /// What the holder of an edge's ID should hear of a rival process.
+    fn rival_warning(&self, edge: &str, from: u64) -> Option<String> {
+        let holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        let h = holders.get(edge)?;
+        let (_, at) = h.rival.filter(|(s, _)| *s != from && h.session == from)?;
+        (at.elapsed() < Duration::from_secs(3600)).then(|| {
+            format!(
+                "another process with --id {edge} asked central for this edge's ID {:.0}s ago \
+                 and was refused: two processes must never share an edge ID",
+                at.elapsed().as_secs_f64()
+            )
+        })
+    }
+
+    /// The session of the process holding an edge's ID, to address it.
+    pub fn edge_session(&self, edge: &str) -> Result<u64, AskError> {
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .map(|h| h.session)
+            .ok_or_else(|| AskError::NotConnected(edge.to_string()))
+    }
+
+    /// Seals `msg` for the process holding `edge`'s ID and publishes it.
+    pub async fn tell<T: Serialize>(
+        &self,
+        edge: &str,
+        subject: String,
+        kind: &'static str,
+        msg: &T,
+    ) -> Result<(), AskError> {
+        let to = self.edge_session(edge)?;
+        // Sealed and sent in one step, so the edge sees them in counter order.
+        let _order = self.send_lock.lock().await;
+        let payload = self.session.seal(&self.sealer, kind, edge, to, msg);
+        self.client
+            .publish(subject, payload.into())
+            .await
+            .map_err(|e| AskError::NoAnswer {
+                edge: edge.to_string(),
+                why: e.to_string(),
+            })
+    }
+
+    /// Seals `msg` for the process holding `edge`'s ID, asks it on `subject`,
+    /// and opens its answer (of `reply_kind`, from that process). An edge that
+    /// restarts meanwhile never answers: that is said at once.
+    pub async fn ask<T: Serialize, R: DeserializeOwned>(
+        &self,
+        edge: &str,
+        subject: String,
+        kind: &'static str,
+        reply_kind: &'static str,
+        msg: &T,
+        timeout: Duration,
+    ) -> Result<R, AskError> {
+        let to = self.edge_session(edge)?;
+        let payload = {
+            let _order = self.send_lock.lock().await;
+            self.session.seal(&self.sealer, kind, edge, to, msg)
+        };
+        let request = async_nats::Request::new()
+            .payload(payload.into())
+            .timeout(Some(timeout));
+        let asked = self.client.send_request(subject, request);
+        let restarted = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if self.edge_session(edge).ok() != Some(to) {
+                    return;
+                }
+            }
+        };
+        let no_answer = |why: String| AskError::NoAnswer {
+            edge: edge.to_string(),
+            why,
+        };
+        let answer = tokio::select! {
+            a = tokio::time::timeout(timeout + Duration::from_secs(1), asked) => a
+                .map_err(|_| no_answer("not in time".into()))?
+                .map_err(|e| no_answer(e.to_string()))?,
+            () = restarted => return Err(AskError::Restarted(edge.to_string())),
+        };
+        let dropped = |why| AskError::Dropped {
+            edge: edge.to_string(),
+            why,
+        };
+        let opened = self
+            .session
+            .open::<R>(&self.sealer, reply_kind, Some(edge), &answer.payload, false)
+            .map_err(dropped)?;
+        if opened.protocol >= 2 && opened.from != to {
+            return Err(dropped(Rejected::Fenced));
+        }
+        Ok(opened.msg)
     }
 
     /// An edge that asks for an initial sync, or whose next op is no longer in
     /// the op log (it joins with nothing after ops were pruned, or fell behind
     /// retention), gets one.
-    async fn initial_sync_wanted(&self, edge: &str, hello: &Hello) {
-        let Some(tx) = &self.wants_resync else { return };
+    async fn initial_sync_wanted(&self, edge: &str, hello: &Hello) -> bool {
         let wanted = hello.initial_sync
             || matches!(self.store.first_seq().await,
                         Ok(Some(first)) if first > hello.cursor.saturating_add(1));
         if wanted {
+            self.want_resync(edge);
+        }
+        wanted
+    }
+
+    /// Asks for an automatic resync of an edge (at most one a minute).
+    fn want_resync(&self, edge: &str) {
+        if let Some(tx) = &self.wants_resync {
             let _ = tx.send(edge.to_string());
         }
     }
@@ -455,50 +869,40 @@ impl SyncCentral {
         tokio::spawn(async move {
             let asked_ms = now_ms();
             let req = OutcomesRequest { after, through };
-            let answer = {
-                let _order = this.send_lock.lock().await;
-                let payload = this
-                    .control_out
-                    .seal(&this.sealer, OUTCOMES_REQUEST, &edge, &req);
-                tokio::time::timeout(
-                    Duration::from_secs(5),
-                    this.client
-                        .request(this.subjects.outcomes(&edge), payload.into()),
-                )
-                .await
-            };
-            match answer {
-                Ok(Ok(msg)) => match this.control_in.open::<OutcomesReply>(
-                    &this.sealer,
+            let answer = this
+                .ask::<_, OutcomesReply>(
+                    &edge,
+                    this.subjects.outcomes(&edge),
+                    OUTCOMES_REQUEST,
                     OUTCOMES_REPLY,
-                    Some(&edge),
-                    &msg.payload,
-                ) {
-                    Ok((_, reply)) => {
-                        let upto = reply.through.min(through);
-                        match this
-                            .store
-                            .record_outcomes(&edge, after, upto, &reply.exceptions, asked_ms)
-                            .await
-                        {
-                            Ok(()) => info!(
-                                edge = %edge,
-                                after,
-                                through = upto,
-                                exceptions = reply.exceptions.len(),
-                                "outcomes recovered from the edge"
-                            ),
-                            Err(e) => {
-                                error!(edge = %edge, error = %e, "cannot record recovered outcomes")
-                            }
+                    &req,
+                    Duration::from_secs(5),
+                )
+                .await;
+            match answer {
+                Ok(reply) => {
+                    let upto = reply.through.min(through);
+                    match this
+                        .store
+                        .record_outcomes(&edge, after, upto, &reply.exceptions, asked_ms)
+                        .await
+                    {
+                        Ok(()) => info!(
+                            edge = %edge,
+                            after,
+                            through = upto,
+                            exceptions = reply.exceptions.len(),
+                            "outcomes recovered from the edge"
+                        ),
+                        Err(e) => {
+                            error!(edge = %edge, error = %e, "cannot record recovered outcomes")
                         }
                     }
-                    Err(r) => this.reject(OUTCOMES_REPLY, Some(&edge), r),
-                },
-                Ok(Err(e)) => {
-                    debug!(edge = %edge, error = %e, "outcomes request failed; will ask again")
                 }
-                Err(_) => debug!(edge = %edge, "outcomes request timed out; will ask again"),
+                Err(AskError::Dropped { why, .. }) => this.reject(OUTCOMES_REPLY, Some(&edge), why),
+                Err(e) => {
+                    debug!(edge = %edge, error = %e, "outcomes not recovered; will ask again")
+                }
             }
             this.recovering
                 .lock()
@@ -580,15 +984,12 @@ impl SyncCentral {
             op: envelope(&self.sealer, op),
             unless_applied,
         };
-        {
-            // Sealed and sent in one step, so the edge sees them in stamp order.
-            let _order = self.send_lock.lock().await;
-            let payload = self.control_out.seal(&self.sealer, REDO, edge, &redo);
-            self.client
-                .publish(self.subjects.redo(edge), payload.into())
-                .await
-                .map_err(|e| RedriveError::Broker(e.to_string()))?;
-        }
+        self.tell(edge, self.subjects.redo(edge), REDO, &redo)
+            .await
+            .map_err(|e| match e {
+                AskError::NotConnected(_) => RedriveError::NotConnected(e.to_string()),
+                e => RedriveError::Broker(e.to_string()),
+            })?;
         tokio::time::timeout(Duration::from_secs(5), self.client.flush())
             .await
             .map_err(|_| RedriveError::Broker("flush timed out".into()))?
@@ -617,6 +1018,8 @@ pub enum RedriveError {
     #[error("no edge '{0}'")]
     NoEdge(String),
     #[error("{0}")]
+    NotConnected(String),
+    #[error("{0}")]
     WouldUndo(String),
     #[error("{0}")]
     NotReached(String),
@@ -632,10 +1035,4 @@ pub fn msg_id(op_id: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod apply;
+mod link;
 mod probe;
 mod resync;
 
@@ -20,16 +21,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
-use crate::protocol::control::{Receiver, Rejected, Sender};
-use crate::protocol::crypto::Sealer;
+use crate::protocol::control::{Rejected, Session};
 use crate::protocol::messages::{
-    Ack, Envelope, Hello, OpContent, Outcome, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
-    ReplayRequest, Subjects, ACK, HELLO, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY,
+    Ack, Envelope, OpContent, Outcome, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
+    ReplayRequest, Subjects, ACK, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY,
 };
 use crate::protocol::{connect_broker, redact_url};
 use crate::settings::config::{EdgeConfig, OnFailure};
 use crate::store::edge::{Batch, EdgeStore, StoredOutcome};
 use apply::Applier;
+use link::Link;
 use tracing::Instrument;
 
 /// Ops asked for per replay request.
@@ -61,8 +62,12 @@ pub struct Status {
     pub redriven: AtomicU64,
     /// Control messages dropped (forged, replayed, malformed).
     pub rejected: AtomicU64,
-    /// Why the edge cannot make progress, if it cannot.
+    /// Why the edge cannot make progress applying ops, if it cannot.
     pub error: Mutex<Option<String>>,
+    /// Why central does not let this process apply ops now, if it does not.
+    grant_error: Mutex<Option<String>>,
+    /// What central warns of (another process tried to take this edge's ID).
+    warning: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -70,8 +75,32 @@ impl Status {
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }
 
+    fn set_grant_error(&self, e: Option<String>) {
+        *self.grant_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    fn grant_error(&self) -> Option<String> {
+        self.grant_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_warning(&self, w: Option<String>) {
+        *self.warning.lock().unwrap_or_else(|p| p.into_inner()) = w;
+    }
+
+    pub fn warning(&self) -> Option<String> {
+        self.warning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Why the edge cannot make progress: central's word first, else the op's.
     pub fn error(&self) -> Option<String> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.grant_error()
+            .or_else(|| self.error.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
 
@@ -80,7 +109,7 @@ pub struct Edge {
     config: EdgeConfig,
     store: EdgeStore,
     keystone: Arc<KeystoneClient>,
-    sealer: Sealer,
+    link: Arc<Link>,
     admin_listener: TcpListener,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
@@ -106,6 +135,8 @@ impl Edge {
             .sealer()
             .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?;
         let store = EdgeStore::open(&config.db).await?;
+        let session = Session::new(store.next_session().await?, false);
+        let link = Arc::new(Link::new(&config.id, session, sealer));
         let keystone = Arc::new(KeystoneClient::new(
             &config.upstream,
             config.credentials.clone(),
@@ -127,7 +158,7 @@ impl Edge {
             config,
             store,
             keystone,
-            sealer,
+            link,
             admin_listener,
             metrics: Arc::new(Metrics::edge(status.clone())),
             status,
@@ -165,33 +196,43 @@ impl Edge {
         .await?;
         let mut ops = client.subscribe(subjects.ops()).await?;
         let mut redos = client.subscribe(subjects.redo(&self.config.id)).await?;
-        let mut outcome_requests = client.subscribe(subjects.outcomes(&self.config.id)).await?;
+        let outcome_requests = client.subscribe(subjects.outcomes(&self.config.id)).await?;
         let mut resyncs = client.subscribe(subjects.resync(&self.config.id)).await?;
         let state_requests = client.subscribe(subjects.state(&self.config.id)).await?;
-        // Ends with this future, however it ends (its broker client with it).
+        // Each ends with this future, however it ends (its broker client with it).
         let _state_task = AbortOnDrop(tokio::spawn(
             resync::StateServer {
-                id: self.config.id.clone(),
                 client: client.clone(),
                 keystone: self.keystone.clone(),
                 store: self.store.clone(),
-                sealer: self
-                    .config
-                    .key
-                    .sealer()
-                    .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?,
+                link: self.link.clone(),
                 status: self.status.clone(),
-                control_in: Receiver::default(),
-                control_out: Sender::default(),
             }
             .serve(state_requests),
         ));
-        let initial_sync = self.config.initial_sync
-            && !self
-                .store
-                .flag(resync::INITIAL_SYNC_DONE)
-                .await
-                .unwrap_or(false);
+        // Central's questions about outcomes are answered from the database,
+        // never behind an op being retried.
+        let _outcomes_task = AbortOnDrop(tokio::spawn(answer_outcomes(
+            outcome_requests,
+            self.link.clone(),
+            self.store.clone(),
+            client.clone(),
+            self.status.clone(),
+        )));
+        let poke_hello = Arc::new(tokio::sync::Notify::new());
+        let hellos = link::Hellos {
+            link: self.link.clone(),
+            client: client.clone(),
+            subjects: subjects.clone(),
+            status: self.status.clone(),
+            store: self.store.clone(),
+            interval: self.config.hello_interval,
+            initial_sync: self.config.initial_sync,
+        };
+        let mut hello_task = tokio::spawn(hellos.run(stop.clone(), poke_hello.clone()));
+        self.status.set_grant_error(Some(
+            "waiting for central to answer this edge's first hello".into(),
+        ));
 
         let admin = Arc::new(admin::AdminState {
             status: self.status.clone(),
@@ -224,27 +265,28 @@ impl Edge {
             subjects,
             store: self.store.clone(),
             keystone: self.keystone.clone(),
-            sealer: self.sealer,
+            link: self.link.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
             on_failure: self.config.on_failure,
             stop: stop.clone(),
-            control_in: Receiver::default(),
-            control_out: Sender::default(),
             pending: Default::default(),
             applied_to: AtomicI64::new(self.status.cursor.load(Ordering::Relaxed)),
             uncertain_through: AtomicI64::new(
                 self.status.cursor.load(Ordering::Relaxed) + MAX_BATCH as i64,
             ),
             hold_until: Mutex::new(None),
-            initial_sync: AtomicBool::new(initial_sync),
-            boot: uuid::Uuid::new_v4().simple().to_string(),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
-        let mut hello = tokio::time::interval(self.config.hello_interval);
+        // Polling for ops missed while disconnected costs one request.
+        let mut poll = tokio::time::interval(self.config.hello_interval);
+        let mut hello_ended = false;
         'run: loop {
-            if need_replay && !runner.status.halted.load(Ordering::Relaxed) {
+            if need_replay
+                && !runner.status.halted.load(Ordering::Relaxed)
+                && runner.link.may_apply()
+            {
                 match runner.catch_up().await {
                     Ok(()) => need_replay = false,
                     Err(Stuck::Stopping) => break,
@@ -277,8 +319,8 @@ impl Edge {
                 }
                 msg = redos.next() => {
                     let Some(msg) = msg else { break };
-                    match runner.control_in.open::<Redo>(&runner.sealer, REDO, Some(&runner.id), &msg.payload) {
-                        Ok((_, redo)) => {
+                    match runner.link.open::<Redo>(REDO, &msg.payload) {
+                        Ok(redo) => {
                             if let Err(Stuck::Stopping) = runner.redo(redo).await {
                                 break;
                             }
@@ -287,10 +329,6 @@ impl Edge {
                         }
                         Err(r) => runner.rejected(REDO, r),
                     }
-                }
-                msg = outcome_requests.next() => {
-                    let Some(msg) = msg else { break };
-                    runner.answer_outcomes(msg).await;
                 }
                 msg = resyncs.next() => {
                     let Some(msg) = msg else { break };
@@ -305,7 +343,7 @@ impl Edge {
                         info!("connected to the broker; catching up");
                         runner.status.connected.store(true, Ordering::Relaxed);
                         need_replay = true;
-                        runner.hello().await;
+                        poke_hello.notify_one();
                     }
                     Some(async_nats::Event::Disconnected) => {
                         warn!("disconnected from the broker");
@@ -314,18 +352,26 @@ impl Edge {
                     Some(other) => debug!(event = %other, "broker event"),
                     None => {}
                 },
-                _ = hello.tick() => {
-                    runner.hello().await;
-                    // Polling for ops missed while disconnected costs one request.
-                    need_replay = true;
+                _ = poll.tick() => need_replay = true,
+                () = runner.link.changed.notified() => need_replay = true,
+                r = &mut hello_task, if !hello_ended => {
+                    hello_ended = true;
+                    if !*stop_rx.borrow() {
+                        anyhow::bail!("the hello task ended: {r:?}");
+                    }
+                    break;
                 }
                 _ = crate::serve::stopped(&mut stop_rx) => break,
             }
             // What was applied is recorded and acknowledged before anything else.
             let _ = runner.flush().await;
         }
-        // Ops applied before the stop are recorded and acknowledged.
+        // Ops applied before the stop are recorded and acknowledged; the
+        // hello task says goodbye (central frees this edge's ID at once).
         let _ = runner.flush().await;
+        if !hello_ended {
+            let _ = tokio::time::timeout(Duration::from_secs(3), &mut hello_task).await;
+        }
         info!("edge stopping");
         let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
         let _ = admin_task.await;
@@ -340,13 +386,12 @@ struct Runner {
     subjects: Subjects,
     store: EdgeStore,
     keystone: Arc<KeystoneClient>,
-    sealer: Sealer,
+    /// The session with central: sealing, opening, the grant to apply.
+    link: Arc<Link>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     on_failure: OnFailure,
     stop: watch::Receiver<bool>,
-    control_in: Receiver,
-    control_out: Sender,
     /// Ops applied at the site and not yet committed here, with what the
     /// commit will record.
     pending: std::sync::Mutex<Pending>,
@@ -359,10 +404,6 @@ struct Runner {
     /// While a resync applies central's state, no op from the stream is
     /// applied (until this time, renewed by each of its steps).
     hold_until: Mutex<Option<std::time::Instant>>,
-    /// This edge asks central for an initial sync (`--initial-sync`, none done yet).
-    initial_sync: AtomicBool,
-    /// This start's random ID (in hellos).
-    boot: String,
 }
 
 /// The ops of the batch being built, and what their acks need.
@@ -424,31 +465,6 @@ impl Runner {
         Ok(())
     }
 
-    async fn hello(&self) {
-        let hello = Hello {
-            edge: self.id.clone(),
-            cursor: self.status.cursor.load(Ordering::Relaxed),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            error: self.status.error(),
-            outcomes_through: self.store.outcomes_through().await.ok(),
-            initial_sync: self.initial_sync.load(Ordering::Relaxed)
-                && !self
-                    .store
-                    .flag(resync::INITIAL_SYNC_DONE)
-                    .await
-                    .unwrap_or(false),
-            boot: Some(self.boot.clone()),
-        };
-        let payload = self.control_out.seal(&self.sealer, HELLO, &self.id, &hello);
-        if let Err(e) = self
-            .client
-            .publish(self.subjects.hello(&self.id), payload.into())
-            .await
-        {
-            debug!(error = %e, "hello not sent");
-        }
-    }
-
     /// Asks central for every op after the cursor and applies them in order.
     async fn catch_up(&self) -> Result<(), Stuck> {
         loop {
@@ -457,7 +473,7 @@ impl Runner {
                 from_seq: from,
                 limit: REPLAY_LIMIT,
             };
-            let payload = self.control_out.seal(&self.sealer, REPLAY, &self.id, &req);
+            let payload = self.link.seal(REPLAY, &req);
             let answer = tokio::time::timeout(
                 REPLAY_TIMEOUT,
                 self.client.request(self.subjects.replay(), payload.into()),
@@ -592,59 +608,11 @@ impl Runner {
         }
     }
 
-    /// Answers central's question for the outcomes in a range (acks it lost).
-    async fn answer_outcomes(&self, msg: async_nats::Message) {
-        let Some(reply) = msg.reply else { return };
-        let req = match self.control_in.open::<OutcomesRequest>(
-            &self.sealer,
-            OUTCOMES_REQUEST,
-            Some(&self.id),
-            &msg.payload,
-        ) {
-            Ok((_, req)) => req,
-            Err(r) => return self.rejected(OUTCOMES_REQUEST, r),
-        };
-        let known = match self.store.outcomes_through().await {
-            Ok(k) => k,
-            Err(e) => {
-                error!(error = %e, "cannot read outcomes");
-                return;
-            }
-        };
-        let through = req.through.min(known);
-        let rows = match self
-            .store
-            .exceptions(req.after, through, MAX_EXCEPTIONS_PER_ANSWER)
-            .await
-        {
-            Ok(rows) => rows,
-            Err(e) => {
-                error!(error = %e, "cannot read outcomes");
-                return;
-            }
-        };
-        // A full page covers the range only up to its last row.
-        let through = if rows.len() as i64 == MAX_EXCEPTIONS_PER_ANSWER {
-            rows.last().map_or(through, |r| r.seq)
-        } else {
-            through
-        };
-        let answer = OutcomesReply {
-            through,
-            exceptions: rows.iter().map(ack_of).collect(),
-        };
-        let payload = self
-            .control_out
-            .seal(&self.sealer, OUTCOMES_REPLY, &self.id, &answer);
-        if let Err(e) = self.client.publish(reply, payload.into()).await {
-            debug!(error = %e, "outcomes answer not sent");
-        }
-    }
-
     /// Opens an op envelope; an op that cannot be read blocks the edge (wrong
     /// key, altered data) until it is fixed.
     fn open_op(&self, env: &Envelope) -> Result<OpContent, Stuck> {
         let plain = match self
+            .link
             .sealer
             .open(&Envelope::aad(env.seq), &env.enc, &env.data)
         {
@@ -687,8 +655,12 @@ impl Runner {
         if self.status.halted.load(Ordering::Relaxed) && !directed {
             return Err(Stuck::Blocked);
         }
-        if !directed && self.held() {
-            // Applied after the resync, from its fence.
+        if !self.link.may_apply() {
+            // Not this process's turn (see `link`): applied once it is.
+            return Err(Stuck::Blocked);
+        }
+        if self.held() {
+            // Applied after the resync, from its fence; a re-drive too.
             return Err(Stuck::Blocked);
         }
         let span = tracing::info_span!(
@@ -825,9 +797,7 @@ impl Runner {
 
     async fn ack_stored(&self, done: &StoredOutcome) {
         let span = tracing::info_span!("ack", seq = done.seq, outcome = %done.outcome);
-        let payload = self
-            .control_out
-            .seal(&self.sealer, ACK, &self.id, &ack_of(done));
+        let payload = self.link.seal(ACK, &ack_of(done));
         let mut headers = async_nats::HeaderMap::new();
         if let Some(tp) = crate::telemetry::traceparent(&span) {
             headers.insert("traceparent", tp.as_str());
@@ -875,6 +845,59 @@ struct Counted<'a>(&'a AtomicU64);
 impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Answers central's questions for the outcomes in a range (acks it lost).
+async fn answer_outcomes(
+    mut requests: async_nats::Subscriber,
+    link: Arc<Link>,
+    store: EdgeStore,
+    client: async_nats::Client,
+    status: Arc<Status>,
+) {
+    while let Some(msg) = requests.next().await {
+        let Some(reply) = msg.reply else { continue };
+        let req = match link.open::<OutcomesRequest>(OUTCOMES_REQUEST, &msg.payload) {
+            Ok(req) => req,
+            Err(why) => {
+                status.rejected.fetch_add(1, Ordering::Relaxed);
+                debug!(reason = %why, "outcomes request dropped");
+                continue;
+            }
+        };
+        let known = match store.outcomes_through().await {
+            Ok(k) => k,
+            Err(e) => {
+                error!(error = %e, "cannot read outcomes");
+                continue;
+            }
+        };
+        let through = req.through.min(known);
+        let rows = match store
+            .exceptions(req.after, through, MAX_EXCEPTIONS_PER_ANSWER)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                error!(error = %e, "cannot read outcomes");
+                continue;
+            }
+        };
+        // A full page covers the range only up to its last row.
+        let through = if rows.len() as i64 == MAX_EXCEPTIONS_PER_ANSWER {
+            rows.last().map_or(through, |r| r.seq)
+        } else {
+            through
+        };
+        let answer = OutcomesReply {
+            through,
+            exceptions: rows.iter().map(ack_of).collect(),
+        };
+        let payload = link.seal(OUTCOMES_REPLY, &answer);
+        if let Err(e) = client.publish(reply, payload.into()).await {
+            debug!(error = %e, "outcomes answer not sent");
+        }
     }
 }
 

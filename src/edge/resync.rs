@@ -16,8 +16,6 @@ use super::apply::Applier;
 use super::{Pending, Runner, Status, Stuck};
 use crate::keystone::client::KeystoneClient;
 use crate::keystone::state::{self, Entity};
-use crate::protocol::control::{Receiver, Sender};
-use crate::protocol::crypto::Sealer;
 use crate::protocol::messages::{
     Ack, OpContent, Outcome, ResyncReply, ResyncStep, StatePage, StateRequest, RESYNC,
     RESYNC_REPLY, STATE_PAGE, STATE_REQUEST,
@@ -32,14 +30,11 @@ pub const INITIAL_SYNC_DONE: &str = "initial_sync_done";
 /// What answers central's state requests (a task of its own: reading a large
 /// site takes a while and must not hold up the op stream).
 pub struct StateServer {
-    pub id: String,
     pub client: async_nats::Client,
     pub keystone: Arc<KeystoneClient>,
     pub store: EdgeStore,
-    pub sealer: Sealer,
+    pub link: Arc<super::link::Link>,
     pub status: Arc<Status>,
-    pub control_in: Receiver,
-    pub control_out: Sender,
 }
 
 /// The pages of the last state read, for the run that asked.
@@ -57,13 +52,8 @@ impl StateServer {
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
-            let req = match self.control_in.open::<StateRequest>(
-                &self.sealer,
-                STATE_REQUEST,
-                Some(&self.id),
-                &msg.payload,
-            ) {
-                Ok((_, r)) => r,
+            let req = match self.link.open::<StateRequest>(STATE_REQUEST, &msg.payload) {
+                Ok(r) => r,
                 Err(why) => {
                     self.status.rejected.fetch_add(1, Ordering::Relaxed);
                     debug!(reason = %why, "state request dropped");
@@ -102,9 +92,7 @@ impl StateServer {
                     error: Some(e.unwrap_or_else(|| "no state read for this run".into())),
                 },
             };
-            let payload = self
-                .control_out
-                .seal(&self.sealer, STATE_PAGE, &self.id, &answer);
+            let payload = self.link.seal(STATE_PAGE, &answer);
             if let Err(e) = self.client.publish(reply, payload.into()).await {
                 debug!(error = %e, "state page not sent");
             }
@@ -195,13 +183,8 @@ impl Runner {
         let Some(reply) = msg.reply.clone() else {
             return Ok(false);
         };
-        let step = match self.control_in.open::<ResyncStep>(
-            &self.sealer,
-            RESYNC,
-            Some(&self.id),
-            &msg.payload,
-        ) {
-            Ok((_, s)) => s,
+        let step = match self.link.open::<ResyncStep>(RESYNC, &msg.payload) {
+            Ok(s) => s,
             Err(r) => {
                 self.rejected(RESYNC, r);
                 return Ok(false);
@@ -216,6 +199,10 @@ impl Runner {
                 .is_err()
                 .then(|| "the edge database cannot record applied ops".to_string()),
         };
+        if !self.link.holds() {
+            // Central's grant has not reached this process yet (or lapsed).
+            answer.error = Some("this process does not hold the edge's ID right now".into());
+        }
         let mut resume = false;
         if answer.error.is_none() {
             match step {
@@ -255,6 +242,7 @@ impl Runner {
                             self.status.halted.store(false, Ordering::Relaxed);
                             self.status.set_error(None);
                             self.release();
+                            self.link.resync_done();
                             resume = true;
                             info!(
                                 fence,
@@ -274,9 +262,7 @@ impl Runner {
             self.status.id_map_size.store(n, Ordering::Relaxed);
         }
         answer.cursor = self.status.cursor.load(Ordering::Relaxed);
-        let payload = self
-            .control_out
-            .seal(&self.sealer, RESYNC_REPLY, &self.id, &answer);
+        let payload = self.link.seal(RESYNC_REPLY, &answer);
         if let Err(e) = self.client.publish(reply, payload.into()).await {
             debug!(error = %e, "resync answer not sent");
         }

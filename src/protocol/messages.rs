@@ -7,6 +7,7 @@ use serde_json::Value;
 /// Control message kinds: each is sealed bound to its kind (see `control`).
 pub const ACK: &str = "ack";
 pub const HELLO: &str = "hello";
+pub const HELLO_REPLY: &str = "hello_reply";
 pub const REPLAY: &str = "replay";
 pub const REDO: &str = "redo";
 pub const OUTCOMES_REQUEST: &str = "outcomes_request";
@@ -179,10 +180,54 @@ pub struct Hello {
     /// and none completed there yet).
     #[serde(default)]
     pub initial_sync: bool,
-    /// Random per start of the edge: a new one tells central that whatever it
-    /// asked the edge before is lost.
+    /// Per start of the edge (protocol 2: its session number): a new one tells
+    /// central that whatever it asked the edge before is lost.
     #[serde(default)]
     pub boot: Option<String>,
+    /// The edge's control protocol (absent: 1, which sends hellos without
+    /// waiting for an answer).
+    #[serde(default)]
+    pub protocol: Option<u8>,
+    /// How long the edge applies ops on one grant: central hands the edge's ID
+    /// to another process only after this long without a hello from it.
+    #[serde(default)]
+    pub lease_ms: Option<u64>,
+    /// The edge is stopping: its ID is free for another process at once.
+    #[serde(default)]
+    pub leaving: bool,
+}
+
+/// Central's answer to a hello (protocol 2): may this process apply ops under
+/// its edge ID, and if not, why not. Stamped with central's session, which
+/// the edge addresses from then on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HelloReply {
+    pub grant: Grant,
+    /// Central's clock when it answered (the edge measures the skew).
+    pub now_ms: i64,
+    /// Something the edge should show although it may go on (another process
+    /// tried to take its ID).
+    #[serde(default)]
+    pub warning: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "grant", rename_all = "snake_case")]
+pub enum Grant {
+    /// Apply ops for `lease_ms` from when the hello was sent.
+    Granted { lease_ms: u64 },
+    /// The hello was addressed to another session of central (or to none):
+    /// say hello again, to the session this answer is stamped with.
+    Introduce,
+    /// Another process holds this edge's ID and is alive: apply nothing.
+    Wait { reason: String },
+    /// A newer process took this edge's ID: apply nothing, ever.
+    Superseded { reason: String },
+    /// This process holds the ID, but must apply no op from the stream until
+    /// central's resync of it is done (initial sync; state lost).
+    Resync { lease_ms: u64, reason: String },
+    /// Central will not serve this edge until an operator acts.
+    Refused { reason: String },
 }
 
 /// Central asks an edge (request/reply on `<prefix>.outcomes.<edge>`) for its

@@ -110,6 +110,9 @@ pub struct SyncConfig {
     pub edge_offline_after: Duration,
     /// How often each edge's identity state is compared with central's (`None`: never).
     pub drift_interval: Option<Duration>,
+    /// Take control messages of protocol 1 (edges of syncgate 0.1.0, whose
+    /// replay protection rests on clocks) from edges not yet upgraded.
+    pub accept_protocol_1: bool,
 }
 
 impl Default for SyncConfig {
@@ -122,6 +125,7 @@ impl Default for SyncConfig {
             ack_timeout: Duration::from_secs(30),
             edge_offline_after: Duration::from_secs(30),
             drift_interval: Some(Duration::from_secs(3600)),
+            accept_protocol_1: true,
         }
     }
 }

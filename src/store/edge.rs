@@ -313,6 +313,23 @@ impl EdgeStore {
         Ok(rows.into_iter().collect())
     }
 
+    /// Draws this start's session number (see `protocol::control`): higher
+    /// than any drawn before in this database, and kept before it is used.
+    pub async fn next_session(&self) -> Result<u64, StoreError> {
+        let last: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'session'")
+            .fetch_optional(&self.pool)
+            .await?;
+        let next = crate::protocol::control::next_session(last.unwrap_or(0).max(0) as u64);
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('session', ?)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(next as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(next)
+    }
+
     pub async fn flag(&self, key: &str) -> Result<bool, StoreError> {
         Ok(
             sqlx::query_scalar::<_, i64>("SELECT value FROM meta WHERE key = ?")

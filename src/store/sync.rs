@@ -39,6 +39,12 @@ pub struct EdgeRow {
     pub silent_ms: Option<i64>,
     pub lag_ops: i64,
     pub lag_seconds: f64,
+    /// The control protocol of the process holding the edge's ID.
+    pub protocol: Option<i64>,
+    /// Why the edge must be resynced before it applies ops again.
+    pub needs_resync: Option<String>,
+    /// The edge's clock less central's, as last measured.
+    pub clock_skew_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -110,6 +116,72 @@ impl Store {
         // With the captures' writes: it never costs a transaction of its own.
         self.batcher
             .submit(super::batch::Work::Published(seq))
+            .await?;
+        Ok(())
+    }
+
+    /// Draws central's session number for this start (see
+    /// `protocol::control`): higher than any drawn before, kept before use.
+    pub async fn next_session(&self) -> Result<u64, StoreError> {
+        let last: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'session'")
+            .fetch_optional(&self.writer)
+            .await?;
+        let next = crate::protocol::control::next_session(last.unwrap_or(0).max(0) as u64);
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('session', ?)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(next as i64)
+        .execute(&self.writer)
+        .await?;
+        Ok(next)
+    }
+
+    /// Each edge's holder session (0: none) and why it must be resynced.
+    pub async fn edge_sessions(&self) -> Result<Vec<(String, u64, Option<String>)>, StoreError> {
+        let rows: Vec<(String, i64, Option<String>)> =
+            sqlx::query_as("SELECT id, session, needs_resync FROM edges")
+                .fetch_all(&self.writer)
+                .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, s, r)| (id, s.max(0) as u64, r))
+            .collect())
+    }
+
+    /// Records the session that holds an edge's ID, and its protocol.
+    pub async fn hold_edge(
+        &self,
+        edge: &str,
+        session: u64,
+        protocol: u8,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE edges SET session = ?, protocol = ? WHERE id = ?")
+            .bind(session as i64)
+            .bind(i64::from(protocol))
+            .bind(edge)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks an edge as needing a resync before it applies ops again (`None`
+    /// clears it: a resync completed).
+    pub async fn set_needs_resync(&self, edge: &str, why: Option<&str>) -> Result<(), StoreError> {
+        sqlx::query("UPDATE edges SET needs_resync = ? WHERE id = ?")
+            .bind(why)
+            .bind(edge)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Records an edge's clock skew (its clock less central's), as measured.
+    pub async fn edge_skew(&self, edge: &str, skew_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE edges SET clock_skew_ms = ? WHERE id = ?")
+            .bind(skew_ms)
+            .bind(edge)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -279,6 +351,7 @@ impl Store {
     pub async fn edges(&self) -> Result<Vec<EdgeRow>, StoreError> {
         Ok(sqlx::query_as(&format!(
             "SELECT e.id, e.declared, e.cursor, e.acked_seq, e.version, e.error,
+                    e.protocol, e.needs_resync, e.clock_skew_ms,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {} END AS last_seen,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {NOW_MS} - e.last_seen_ms END AS silent_ms,
                     MAX(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,

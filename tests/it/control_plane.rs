@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use syncgate::protocol::control::Sender;
+use syncgate::protocol::control::Session;
 use syncgate::protocol::messages::{Ack, Outcome, ReplayBatch, ReplayRequest};
 
 use crate::sync::{sniffed_until_marker, sniffer, sync_env, SyncEnv};
@@ -61,7 +61,7 @@ async fn a_broker_client_without_the_key_cannot_mark_a_delivery_applied() {
     let wrong =
         syncgate::protocol::crypto::Sealer::with_key(&syncgate::protocol::crypto::generate_key())
             .unwrap();
-    let forged = Sender::default().seal(&wrong, "ack", "edge-a", &ack);
+    let forged = Session::new(1, false).seal(&wrong, "ack", "edge-a", 0, &ack);
     nats.publish("syncgate.ack.edge-a", forged.into())
         .await
         .unwrap();
@@ -175,12 +175,13 @@ async fn a_replay_request_with_hostile_numbers_is_answered_and_the_next_too() {
         .await;
     let nats = async_nats::connect(&env.broker_url).await.unwrap();
     let sealer = env.key.sealer().unwrap();
-    let sender = Sender::default();
+    let sender = Session::new(syncgate::protocol::control::next_session(0), false);
     for (from_seq, limit) in [(i64::MIN, i64::MAX), (i64::MAX, i64::MIN), (1, 10)] {
         let req = sender.seal(
             &sealer,
             "replay",
             "probe",
+            0,
             &ReplayRequest { from_seq, limit },
         );
         let answer = tokio::time::timeout(

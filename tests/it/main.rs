@@ -17,5 +17,6 @@ mod helpers;
 mod hostile;
 mod proxy;
 mod resync;
+mod sessions;
 mod sync;
 mod traces;

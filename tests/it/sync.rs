@@ -280,6 +280,71 @@ impl SyncEnv {
         self.edges[i] = edge;
     }
 
+    /// Stops an edge and deletes its database (a lost volume), then starts it
+    /// again with an empty one.
+    pub async fn restart_edge_with_its_database_lost(&mut self, i: usize) {
+        self.stop_edge(i).await;
+        let path = self.edges[i].db.trim_start_matches("sqlite://").to_string();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{path}{suffix}"));
+        }
+        self.restart_edge(i).await;
+    }
+
+    /// A second process with edge `i`'s ID, in front of the same site, with
+    /// a database of its own (as a misconfigured deployment would run it).
+    /// Returns it and its admin URL.
+    pub async fn start_twin(&self, i: usize) -> (Running, String) {
+        let edge = &self.edges[i];
+        let mut config = self.edge_config(edge, OnFailure::Continue);
+        config.db = format!(
+            "sqlite://{}",
+            self.dir
+                .path()
+                .join(format!("{}-twin.db", edge.id))
+                .display()
+        );
+        let built = Edge::build(config).await.unwrap();
+        let admin = format!("http://{}", built.admin_addr());
+        let running = Running::spawn(|rx| {
+            built.run(async {
+                let _ = rx.await;
+            })
+        });
+        (running, admin)
+    }
+
+    /// Stops central and starts it again on the same op log.
+    pub async fn restart_central(&mut self, tweak: impl FnOnce(&mut CentralConfig)) {
+        self.central.take().unwrap().stop().await;
+        let db = format!("sqlite://{}", self.dir.path().join("central.db").display());
+        let mut config =
+            CentralConfig::for_upstream(parse_base_url(&self.central_site.url()).unwrap(), db);
+        config.service_credentials = Some(admin_credentials(&self.central_site));
+        config.sync.edges = self.edges.iter().map(|e| e.id.clone()).collect();
+        config.sync.key = self.key.clone();
+        let addr: std::net::SocketAddr = self
+            .broker_url
+            .trim_start_matches("nats://")
+            .parse()
+            .unwrap();
+        match &mut config.broker {
+            BrokerMode::Embedded(b) => b.listen = addr,
+            BrokerMode::External(_) => {}
+        }
+        let proxy: std::net::SocketAddr = self.proxy.trim_start_matches("http://").parse().unwrap();
+        let admin: std::net::SocketAddr = self.admin.trim_start_matches("http://").parse().unwrap();
+        config.listen = proxy;
+        config.admin_listen = admin;
+        tweak(&mut config);
+        let central = Central::build(config).await.unwrap();
+        self.central = Some(Running::spawn(|rx| {
+            central.run(async {
+                let _ = rx.await;
+            })
+        }));
+    }
+
     pub async fn shutdown(mut self) {
         for e in &mut self.edges {
             if let Some(r) = e.running.take() {

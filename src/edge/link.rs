@@ -1,0 +1,320 @@
+//! The edge's session with central: what it seals and opens on the control
+//! plane (addressed to central's current session), and the grant to apply ops
+//! under its edge ID. A hello goes to central every `hello_interval` on a task
+//! of its own (an op being retried never delays it) and central answers it:
+//! granted for a lease, wait (another process holds this ID), superseded (a
+//! newer process took it), resync first (state lost, or an initial sync), or
+//! refused. Ops are applied only while a grant holds, so two processes started
+//! with one `--id` never both apply, and one whose database was lost or
+//! restored never replays what central knows it applied.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+use super::Status;
+use crate::protocol::control::{now_ms, Rejected, Session, PROTOCOL};
+use crate::protocol::crypto::Sealer;
+use crate::protocol::messages::{Grant, Hello, HelloReply, Subjects, HELLO, HELLO_REPLY};
+use crate::store::edge::EdgeStore;
+
+/// Hellos unanswered in a row before the edge says central does not answer.
+const UNANSWERED: u32 = 3;
+/// A skew of the edge's clock from central's worth a warning.
+const SKEW_WARNING: Duration = Duration::from_secs(60);
+
+/// What this process may do under its edge ID.
+#[derive(Debug, Default)]
+struct GrantState {
+    /// Applying ops is allowed until then.
+    until: Option<Instant>,
+    /// Granted, but the op stream waits for central's resync.
+    resync: bool,
+    /// A newer process took this ID: nothing is applied by this one again.
+    superseded: bool,
+}
+
+pub struct Link {
+    pub id: String,
+    pub session: Session,
+    pub sealer: Sealer,
+    /// Central's session, as last heard (0: not yet).
+    central: AtomicU64,
+    grant: Mutex<GrantState>,
+    /// Woken when the grant changes (the runner catches up).
+    pub changed: Notify,
+    /// Measured skew of this edge's clock from central's, in ms.
+    pub skew_ms: std::sync::atomic::AtomicI64,
+    pub skew_known: AtomicBool,
+    unanswered: AtomicU32,
+}
+
+impl Link {
+    pub fn new(id: &str, session: Session, sealer: Sealer) -> Link {
+        Link {
+            id: id.to_string(),
+            session,
+            sealer,
+            central: AtomicU64::new(0),
+            grant: Mutex::default(),
+            changed: Notify::new(),
+            skew_ms: Default::default(),
+            skew_known: AtomicBool::new(false),
+            unanswered: AtomicU32::new(0),
+        }
+    }
+
+    fn grant(&self) -> std::sync::MutexGuard<'_, GrantState> {
+        self.grant.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Central's session, as last heard.
+    pub fn central(&self) -> u64 {
+        self.central.load(Ordering::Relaxed)
+    }
+
+    /// A control message for central, addressed to its current session.
+    pub fn seal<T: Serialize>(&self, kind: &'static str, msg: &T) -> Vec<u8> {
+        self.session
+            .seal(&self.sealer, kind, &self.id, self.central(), msg)
+    }
+
+    /// Opens a control message from central: addressed to this process's
+    /// session, from central's current session or a newer one.
+    pub fn open<T: DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        payload: &[u8],
+    ) -> Result<T, Rejected> {
+        let opened = self
+            .session
+            .open::<T>(&self.sealer, kind, Some(&self.id), payload, false)?;
+        if opened.protocol >= 2 {
+            let known = self.central.fetch_max(opened.from, Ordering::Relaxed);
+            if opened.from < known {
+                // A central process that has since been replaced.
+                return Err(Rejected::Fenced);
+            }
+        }
+        Ok(opened.msg)
+    }
+
+    /// Whether ops from the stream may be applied now.
+    pub fn may_apply(&self) -> bool {
+        let g = self.grant();
+        !g.superseded && !g.resync && g.until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// Whether this process holds the edge's ID now (a resync may apply).
+    pub fn holds(&self) -> bool {
+        let g = self.grant();
+        !g.superseded && g.until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// The op stream may go on: central's resync of this edge is done.
+    pub fn resync_done(&self) {
+        self.grant().resync = false;
+        self.changed.notify_one();
+    }
+
+    /// Takes central's answer to a hello sent at `sent`; returns whether the
+    /// hello should be sent again at once (central asked to be addressed).
+    fn answered(&self, reply: HelloReply, sent: Instant, sent_ms: i64, status: &Status) -> bool {
+        self.unanswered.store(0, Ordering::Relaxed);
+        // The edge's clock less central's, central's taken at the midpoint.
+        let skew = (sent_ms + now_ms()) / 2 - reply.now_ms;
+        self.skew_ms.store(skew, Ordering::Relaxed);
+        if !self.skew_known.swap(true, Ordering::Relaxed)
+            && skew.unsigned_abs() > SKEW_WARNING.as_millis() as u64
+        {
+            warn!(
+                skew_ms = skew,
+                "this host's clock is off central's; replay protection does not depend on it, \
+                 but timestamps in logs and lag figures do: check NTP"
+            );
+        }
+        if let Some(w) = &reply.warning {
+            warn!(warning = %w, "central");
+        }
+        status.set_warning(reply.warning.clone());
+        let (why_not, again) = {
+            let mut g = self.grant();
+            let before = (g.until.is_some(), g.resync);
+            let out = match &reply.grant {
+                Grant::Granted { lease_ms } => {
+                    g.until = Some(sent + Duration::from_millis(*lease_ms));
+                    g.resync = false;
+                    (None, false)
+                }
+                Grant::Resync { lease_ms, reason } => {
+                    g.until = Some(sent + Duration::from_millis(*lease_ms));
+                    g.resync = true;
+                    (
+                        Some(format!(
+                            "waiting for central's resync of this edge before applying ops: {reason}"
+                        )),
+                        false,
+                    )
+                }
+                Grant::Introduce => (None, true),
+                Grant::Wait { reason } => {
+                    g.until = None;
+                    (Some(reason.clone()), false)
+                }
+                Grant::Superseded { reason } => {
+                    g.until = None;
+                    g.superseded = true;
+                    (Some(reason.clone()), false)
+                }
+                Grant::Refused { reason } => {
+                    g.until = None;
+                    (Some(reason.clone()), false)
+                }
+            };
+            if (g.until.is_some(), g.resync) != before {
+                self.changed.notify_one();
+            }
+            out
+        };
+        if !again {
+            if let Some(w) = &why_not {
+                if status.grant_error().as_deref() != Some(w.as_str()) {
+                    warn!(reason = %w, "this edge applies no op for now");
+                }
+            } else if status.grant_error().is_some() {
+                info!("central granted this edge its ID: applying ops");
+            }
+            status.set_grant_error(why_not);
+        }
+        again
+    }
+
+    /// A hello got no answer (or one that could not be read).
+    fn unanswered(&self, why: String, status: &Status) {
+        let n = self.unanswered.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= UNANSWERED {
+            status.set_grant_error(Some(why));
+        }
+    }
+}
+
+/// What a hello is made of, read when it is sent.
+pub struct Hellos {
+    pub link: Arc<Link>,
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+    pub status: Arc<Status>,
+    pub store: EdgeStore,
+    pub interval: Duration,
+    /// Asks central for an initial sync until one completed here.
+    pub initial_sync: bool,
+}
+
+impl Hellos {
+    /// How long a grant lasts: three hellos, so one lost does not stop the edge.
+    pub fn lease(&self) -> Duration {
+        (self.interval * 3).max(Duration::from_secs(1))
+    }
+
+    async fn hello(&self, leaving: bool) -> Hello {
+        let initial_sync = self.initial_sync
+            && !self
+                .store
+                .flag(super::resync::INITIAL_SYNC_DONE)
+                .await
+                .unwrap_or(false);
+        Hello {
+            edge: self.link.id.clone(),
+            cursor: self.status.cursor.load(Ordering::Relaxed),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            error: self.status.error(),
+            outcomes_through: self.store.outcomes_through().await.ok(),
+            initial_sync,
+            boot: Some(self.link.session.id().to_string()),
+            protocol: Some(PROTOCOL),
+            lease_ms: Some(self.lease().as_millis() as u64),
+            leaving,
+        }
+    }
+
+    /// Says hello and takes the answer; true when it should be said again now.
+    async fn once(&self, leaving: bool) -> bool {
+        let hello = self.hello(leaving).await;
+        let sent = Instant::now();
+        let sent_ms = now_ms();
+        let payload = self.link.seal(HELLO, &hello);
+        let timeout = self
+            .interval
+            .clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let answer = tokio::time::timeout(
+            timeout,
+            self.client
+                .request(self.subjects.hello(&self.link.id), payload.into()),
+        )
+        .await;
+        let msg = match answer {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                debug!(error = %e, "hello not answered");
+                self.link.unanswered(
+                    "central does not answer this edge's hellos: is it running, reachable \
+                     through the broker, and of this version or newer (upgrade central first)?"
+                        .into(),
+                    &self.status,
+                );
+                return false;
+            }
+            Err(_) => {
+                self.link.unanswered(
+                    "central does not answer this edge's hellos in time: is it running, and of \
+                     this version or newer (upgrade central first)?"
+                        .into(),
+                    &self.status,
+                );
+                return false;
+            }
+        };
+        match self.link.open::<HelloReply>(HELLO_REPLY, &msg.payload) {
+            Ok(reply) => self.link.answered(reply, sent, sent_ms, &self.status),
+            Err(why) => {
+                // Central says why it refused, in clear and without secrets.
+                let refusal = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                    .ok()
+                    .and_then(|v| v["error"].as_str().map(str::to_string));
+                let text = match refusal {
+                    Some(r) => format!(
+                        "central refuses this edge's hellos ({r}): is the sync key the same, \
+                         and this edge declared at central (--edges)?"
+                    ),
+                    None => format!("central's answer to a hello was dropped: {why}"),
+                };
+                self.status.rejected.fetch_add(1, Ordering::Relaxed);
+                self.link.unanswered(text, &self.status);
+                false
+            }
+        }
+    }
+
+    /// Says hello every interval until `stop`, then once more to leave.
+    pub async fn run(self, mut stop: watch::Receiver<bool>, poke: Arc<Notify>) {
+        loop {
+            // Addressed anew at most once in a row (central restarted).
+            if self.once(false).await {
+                self.once(false).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = poke.notified() => {}
+                _ = crate::serve::stopped(&mut stop) => break,
+            }
+        }
+        if self.link.holds() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.once(true)).await;
+        }
+    }
+}
