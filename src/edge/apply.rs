@@ -25,18 +25,43 @@ pub struct Applied {
 
 /// Why an op must be tried again later (the cursor does not move).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Transient(pub String);
+#[error("{reason}")]
+pub struct Transient {
+    pub reason: String,
+    /// The write was sent and may still reach Keystone (no answer in time, a
+    /// broken connection, a gateway's 502 or 504 while Keystone carries on).
+    pub in_doubt: bool,
+}
+
+impl Transient {
+    pub fn new(reason: impl Into<String>) -> Transient {
+        Transient {
+            reason: reason.into(),
+            in_doubt: false,
+        }
+    }
+
+    /// A failed read (a look-up) changed nothing at the site.
+    fn read(self) -> Transient {
+        Transient {
+            in_doubt: false,
+            ..self
+        }
+    }
+}
 
 impl From<ClientError> for Transient {
     fn from(e: ClientError) -> Self {
-        Transient(e.to_string())
+        Transient {
+            in_doubt: matches!(e, ClientError::InDoubt(_)),
+            reason: e.to_string(),
+        }
     }
 }
 
 impl From<crate::store::StoreError> for Transient {
     fn from(e: crate::store::StoreError) -> Self {
-        Transient(format!("edge database: {e}"))
+        Transient::new(format!("edge database: {e}"))
     }
 }
 
@@ -48,6 +73,20 @@ fn failed(status: Option<u16>, detail: String) -> Applied {
         edge_ids: Vec::new(),
         changes: Commit::default(),
     }
+}
+
+/// What the applier knows of earlier attempts at an op.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attempt {
+    /// An earlier attempt may have reached the site: a create is looked for
+    /// before it is sent again.
+    pub maybe_sent: bool,
+    /// The op is the stream's (its seq is its own): a create of a kind that
+    /// has look-alikes is marked in flight, with them, before it is sent.
+    pub marks: bool,
+    /// Earlier attempts were made by a version that kept no such marks: what
+    /// looks like the entity is claimed without them.
+    pub unmarked: bool,
 }
 
 pub struct Applier<'a> {
@@ -73,9 +112,23 @@ impl Applier<'_> {
         }
     }
 
-    /// Applies one op. `maybe_applied` says an earlier attempt may have reached
-    /// the site: a create is then looked for before it is sent again.
-    pub async fn apply(&self, op: &OpContent, maybe_applied: bool) -> Result<Applied, Transient> {
+    /// The central ID an edge entity is mapped from, counting the uncommitted
+    /// batch.
+    async fn central_of(&self, edge_id: &str) -> Result<Option<String>, Transient> {
+        let batched = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .batch
+            .central_of(edge_id);
+        match batched {
+            Some(c) => Ok(c),
+            None => Ok(self.store.central_of(edge_id).await?),
+        }
+    }
+
+    /// Applies one op; `attempt` says what earlier attempts may have done.
+    pub async fn apply(&self, op: &OpContent, attempt: Attempt) -> Result<Applied, Transient> {
         if op.state != "committed" {
             return Ok(Applied {
                 outcome: Outcome::Skipped,
@@ -92,23 +145,18 @@ impl Applier<'_> {
         // Resolve every central ID the op names.
         let mut resolved: HashMap<String, String> = HashMap::new();
         let mut adds: Vec<(String, String, String)> = Vec::new();
-        let mut ids: Vec<String> = op
-            .path
-            .split(['/', '?', '&', '='])
-            .filter(|s| is_mappable_id(s))
-            .map(str::to_string)
-            .collect();
-        if let Some(body) = &op.body {
-            collect_id_strings(body, &mut ids);
-        }
-        for id in ids {
+        for id in ids_named(op) {
             if resolved.contains_key(&id) || op.created_ids.contains(&id) {
                 continue;
             }
             if let Some(edge_id) = self.mapping(&id).await? {
                 resolved.insert(id, edge_id);
             } else if let Some(r) = op.refs.iter().find(|r| r.id == id) {
-                if let Some(edge_id) = self.resolve(r, &op.refs, &mut resolved, &mut adds).await? {
+                if let Some(edge_id) = self
+                    .resolve(r, &op.refs, &mut resolved, &mut adds)
+                    .await
+                    .map_err(Transient::read)?
+                {
                     resolved.insert(id, edge_id);
                 }
             }
@@ -129,33 +177,22 @@ impl Applier<'_> {
                 Classification::NotReplicated(_) => None,
             };
         let creates = route.map(|r| r.creates).unwrap_or(Creates::No);
-        if maybe_applied && creates != Creates::No {
-            let found = super::probe::find_created(
-                self.keystone,
-                &op.kind,
-                creates,
-                &send_path,
-                send_body.as_ref(),
-            )
-            .await?;
-            if let Some(edge_ids) = found {
-                for (central, edge) in op.created_ids.iter().zip(&edge_ids) {
-                    adds.push((central.clone(), edge.clone(), op.kind.clone()));
-                }
-                return Ok(Applied {
-                    outcome: Outcome::Applied,
-                    status: None,
-                    detail: Some("applied by an earlier attempt whose answer was lost".into()),
-                    edge_ids,
-                    changes: Commit {
-                        map_adds: adds,
-                        map_removes: Vec::new(),
-                        advance: true,
-                    },
-                });
+        if creates != Creates::No {
+            if let Some(applied) = self
+                .before_create(
+                    op,
+                    attempt,
+                    creates,
+                    &send_path,
+                    send_body.as_ref(),
+                    &mut adds,
+                )
+                .await
+                .map_err(Transient::read)?
+            {
+                return Ok(applied);
             }
         }
-
         let reply = self
             .keystone
             .send(send_method, &send_path, send_body.as_ref())
@@ -166,6 +203,14 @@ impl Applier<'_> {
                 Some(r) => keystone::created_ids(&r, &send_path, reply.json().as_ref()),
                 None => Vec::new(),
             };
+            if attempt.marks && creates != Creates::No && super::probe::lets_look_alikes(&op.kind) {
+                // Noted at once: until the batch commits, this is how the
+                // entity is known to be this op's.
+                self.store
+                    .inflight_made(op.seq, &edge_ids)
+                    .await
+                    .map_err(Transient::from)?;
+            }
             for (central, edge) in op.created_ids.iter().zip(&edge_ids) {
                 adds.push((central.clone(), edge.clone(), op.kind.clone()));
             }
@@ -183,14 +228,21 @@ impl Applier<'_> {
             });
         }
         if reply.status >= 500 || reply.status == 429 {
-            return Err(Transient(format!(
-                "edge identity service answered HTTP {}: {}",
-                reply.status,
-                reply.message()
-            )));
+            return Err(Transient {
+                reason: format!(
+                    "edge identity service answered HTTP {}: {}",
+                    reply.status,
+                    reply.message()
+                ),
+                // A gateway in front of Keystone answered: Keystone may carry on.
+                in_doubt: matches!(reply.status, 502 | 504),
+            });
         }
         if reply.status == 409 && creates != Creates::No {
-            return self.adopt(op, creates, body.as_ref(), adds, &reply).await;
+            return self
+                .adopt(op, creates, body.as_ref(), adds, &reply)
+                .await
+                .map_err(Transient::read);
         }
         if reply.status == 404 && op.method == "DELETE" {
             // Already absent here: the end state is what central has.
@@ -234,6 +286,129 @@ impl Applier<'_> {
                 advance: true,
             },
         })
+    }
+
+    /// Before a create is sent: when an earlier attempt may have made it, look
+    /// for it and claim it if this op made it (the result to record); for a
+    /// kind Keystone lets exist twice, note what looks like it now, durably, so
+    /// that a later look can tell this op's entity from those.
+    async fn before_create(
+        &self,
+        op: &OpContent,
+        attempt: Attempt,
+        creates: Creates,
+        path: &str,
+        body: Option<&Value>,
+        adds: &mut Vec<(String, String, String)>,
+    ) -> Result<Option<Applied>, Transient> {
+        use super::probe::{find_created, lets_look_alikes, look_alikes, Found};
+        let look_alike = lets_look_alikes(&op.kind);
+        if attempt.maybe_sent {
+            // What this op's earlier attempt noted before it was sent, and
+            // after its answer came.
+            let noted = if look_alike && attempt.marks {
+                self.store
+                    .inflight(op.seq)
+                    .await?
+                    .filter(|i| i.op_id == op.op_id)
+            } else {
+                None
+            };
+            if let Some(made) = noted.as_ref().and_then(|n| n.made.clone()) {
+                for (central, edge) in op.created_ids.iter().zip(&made) {
+                    adds.push((central.clone(), edge.clone(), op.kind.clone()));
+                }
+                return Ok(Some(Applied {
+                    outcome: Outcome::Applied,
+                    status: None,
+                    detail: Some("applied by an earlier attempt, recorded now".into()),
+                    edge_ids: made,
+                    changes: Commit {
+                        map_adds: std::mem::take(adds),
+                        map_removes: Vec::new(),
+                        advance: true,
+                    },
+                }));
+            }
+            // A kind with look-alikes, never marked in flight: never sent.
+            let never_sent = look_alike && attempt.marks && !attempt.unmarked && noted.is_none();
+            let before = noted.and_then(|n| n.before).unwrap_or_default();
+            let found = if never_sent {
+                Found::Nothing
+            } else {
+                find_created(self.keystone, &op.kind, creates, path, body).await?
+            };
+            let claimed = match found {
+                Found::Nothing => None,
+                Found::Unique(ids) => {
+                    for id in &ids {
+                        if let Some(other) = self.central_of(id).await? {
+                            if !op.created_ids.contains(&other) {
+                                return Ok(Some(failed(
+                                    None,
+                                    format!(
+                                        "the {} this op creates exists here already and stands for \
+                                         another entity of central's (the ID map says so): not \
+                                         claimed twice",
+                                        op.kind
+                                    ),
+                                )));
+                            }
+                        }
+                    }
+                    Some(ids)
+                }
+                Found::Candidates(ids) => {
+                    let mut free = Vec::new();
+                    for id in ids {
+                        if before.contains(&id) {
+                            continue;
+                        }
+                        match self.central_of(&id).await? {
+                            Some(c) if !op.created_ids.contains(&c) => continue,
+                            _ => free.push(id),
+                        }
+                    }
+                    match free.len() {
+                        0 => None,
+                        1 => Some(free),
+                        n => {
+                            return Ok(Some(failed(
+                                None,
+                                format!(
+                                    "{n} {}s here look like the one this op creates and none is \
+                                     known to be it; none is claimed (a drift audit shows them)",
+                                    op.kind
+                                ),
+                            )))
+                        }
+                    }
+                }
+            };
+            if let Some(edge_ids) = claimed {
+                for (central, edge) in op.created_ids.iter().zip(&edge_ids) {
+                    adds.push((central.clone(), edge.clone(), op.kind.clone()));
+                }
+                return Ok(Some(Applied {
+                    outcome: Outcome::Applied,
+                    status: None,
+                    detail: Some("applied by an earlier attempt whose answer was lost".into()),
+                    edge_ids,
+                    changes: Commit {
+                        map_adds: std::mem::take(adds),
+                        map_removes: Vec::new(),
+                        advance: true,
+                    },
+                }));
+            }
+        }
+        if look_alike && attempt.marks {
+            let before = look_alikes(self.keystone, &op.kind, path, body).await?;
+            self.store
+                .mark_inflight(op.seq, &op.op_id, Some(&before))
+                .await?;
+        }
+        Ok(None)
     }
 
     /// A create answered 409: the entity already exists here. Adopt its ID.
@@ -328,6 +503,20 @@ impl Applier<'_> {
         }
         Ok(found)
     }
+}
+
+/// The IDs an op names (in its path and body), as central knows them.
+pub fn ids_named(op: &OpContent) -> Vec<String> {
+    let mut ids: Vec<String> = op
+        .path
+        .split(['/', '?', '&', '='])
+        .filter(|s| is_mappable_id(s))
+        .map(str::to_string)
+        .collect();
+    if let Some(body) = &op.body {
+        collect_id_strings(body, &mut ids);
+    }
+    ids
 }
 
 /// Every string value that looks like a Keystone ID, at any depth.

@@ -43,6 +43,8 @@ const MAX_BATCH: usize = 256;
 /// short: a request lost with a broken connection must not hold up acks,
 /// answers to central or live ops for long.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(3);
+/// The flag an edge keeps once it marks creates in flight with their look-alikes.
+const INFLIGHT_MARKS: &str = "inflight_marks";
 /// Longest wait between retries of an op that failed transiently.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -259,6 +261,15 @@ impl Edge {
             "syncgate edge running"
         );
 
+        // Creates are marked in flight with their look-alikes from this
+        // version on; a window left by an earlier one is looked at without.
+        let unmarked_through = match self.store.flag(INFLIGHT_MARKS).await {
+            Ok(true) => 0,
+            _ => {
+                self.store.set_flag(INFLIGHT_MARKS).await?;
+                self.status.cursor.load(Ordering::Relaxed) + MAX_BATCH as i64
+            }
+        };
         let runner = Runner {
             id: self.config.id.clone(),
             client: client.clone(),
@@ -276,6 +287,8 @@ impl Edge {
                 self.status.cursor.load(Ordering::Relaxed) + MAX_BATCH as i64,
             ),
             hold_until: Mutex::new(None),
+            unmarked_through,
+            settle: self.config.upstream_settle,
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
@@ -404,6 +417,11 @@ struct Runner {
     /// While a resync applies central's state, no op from the stream is
     /// applied (until this time, renewed by each of its steps).
     hold_until: Mutex<Option<std::time::Instant>>,
+    /// Ops up to here may have been attempted by a version that did not mark
+    /// creates in flight with their look-alikes.
+    unmarked_through: i64,
+    /// How long an attempt whose answer never came may still reach the site.
+    settle: Duration,
 }
 
 /// The ops of the batch being built, and what their acks need.
@@ -412,6 +430,8 @@ pub(crate) struct Pending {
     pub(crate) batch: Batch,
     /// Per op (in `batch.outcomes` order): its kind and its `apply` span.
     ops: Vec<(String, tracing::Span)>,
+    /// The central IDs ops of the batch created.
+    created: std::collections::HashSet<String>,
 }
 
 impl Runner {
@@ -428,7 +448,7 @@ impl Runner {
     /// Commits the ops applied since the last commit in one transaction, then
     /// acknowledges them. An ack never leaves before its outcome is durable.
     async fn flush(&self) -> Result<(), Stuck> {
-        let Pending { batch, ops } = std::mem::take(&mut *self.pending());
+        let Pending { batch, ops, .. } = std::mem::take(&mut *self.pending());
         if batch.outcomes.is_empty() {
             return Ok(());
         }
@@ -701,34 +721,70 @@ impl Runner {
         // the write is then looked for before it is sent again. In order, that
         // is any op in the window after a start or a failed commit; a re-drive
         // (rare, out of order) marks itself in flight, durably, instead.
-        let mut maybe_applied = if directed {
-            matches!(self.store.inflight(op.seq).await, Ok(Some(id)) if id == op.op_id)
-        } else {
-            op.seq <= self.uncertain_through.load(Ordering::Relaxed)
+        let mut attempt = apply::Attempt {
+            maybe_sent: if directed {
+                matches!(self.store.inflight(op.seq).await, Ok(Some(i)) if i.op_id == op.op_id)
+            } else {
+                op.seq <= self.uncertain_through.load(Ordering::Relaxed)
+            },
+            marks: true,
+            unmarked: op.seq <= self.unmarked_through,
         };
         if directed && op.state == "committed" {
-            if let Err(e) = self.store.mark_inflight(op.seq, &op.op_id).await {
+            if let Err(e) = self.store.mark_inflight(op.seq, &op.op_id, None).await {
                 error!(seq = op.seq, error = %e, "cannot mark an op in flight; not applying it");
                 self.status.set_error(Some(format!("edge database: {e}")));
                 return Err(Stuck::Blocked);
             }
         }
+        // An op that names what an earlier op of the uncommitted batch created
+        // waits for that create to be recorded: after a crash, a create is then
+        // looked for by what it was sent with, never renamed or changed since.
+        let touches_batch = {
+            let pending = self.pending();
+            !pending.created.is_empty()
+                && apply::ids_named(&op)
+                    .iter()
+                    .any(|id| pending.created.contains(id))
+        };
+        if touches_batch {
+            self.flush().await?;
+        }
         let started = std::time::Instant::now();
         let mut delays = crate::retry::delays(Duration::from_millis(100), MAX_BACKOFF);
+        // Until then, an attempt whose answer never came may still reach the
+        // site: nothing is sent again (and nothing after it) before.
+        let mut settled_at: Option<std::time::Instant> = None;
         let applied = loop {
-            match applier.apply(&op, maybe_applied).await {
+            let sent = std::time::Instant::now();
+            match applier.apply(&op, attempt).await {
                 Ok(a) => break a,
                 Err(e) => {
-                    maybe_applied = true;
+                    attempt.maybe_sent = true;
+                    if e.in_doubt {
+                        settled_at = Some(sent + self.settle);
+                    }
                     let backoff = delays.next().unwrap_or(MAX_BACKOFF);
+                    let settling = settled_at
+                        .map(|at| at.saturating_duration_since(std::time::Instant::now()))
+                        .filter(|d| *d > backoff);
+                    let wait = settling.unwrap_or(backoff);
                     self.status.retries.fetch_add(1, Ordering::Relaxed);
                     let e = scrub(&e.to_string());
-                    self.status
-                        .set_error(Some(format!("op {}: {e}; retrying", op.seq)));
-                    warn!(seq = op.seq, error = %e, retry_in_ms = backoff.as_millis() as u64, "op not applied yet; will retry");
+                    let shown = match settling {
+                        Some(d) => format!(
+                            "op {}: {e}; it may still reach the identity service: waiting {}s \
+                             (--upstream-settle) before looking for it and trying again",
+                            op.seq,
+                            d.as_secs().max(1)
+                        ),
+                        None => format!("op {}: {e}; retrying", op.seq),
+                    };
+                    self.status.set_error(Some(shown));
+                    warn!(seq = op.seq, error = %e, retry_in_ms = wait.as_millis() as u64, settling = settling.is_some(), "op not applied yet; will retry");
                     let mut stop = self.stop.clone();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = crate::serve::stopped(&mut stop) => return Err(Stuck::Stopping),
                     }
                 }
@@ -762,6 +818,9 @@ impl Runner {
         let advance = changes.advance;
         let full = {
             let mut pending = self.pending();
+            if applied.outcome != Outcome::Failed {
+                pending.created.extend(op.created_ids.iter().cloned());
+            }
             pending.batch.push(stored, changes);
             pending
                 .ops

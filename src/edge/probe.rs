@@ -4,8 +4,10 @@
 //! identifies it at a site: the ID Keystone keeps (domains, regions, objects
 //! created by `PUT`), the natural key (name within a domain), the unique
 //! `(service, region, resource)` of registered limits and `(project or domain,
-//! service, region, resource)` of limits, or the content (credential and policy
-//! blobs, endpoint URLs).
+//! service, region, resource)` of limits. Kinds Keystone lets exist twice
+//! (credential and policy blobs, services, endpoint URLs, EC2 keys) are found by
+//! content, and only as candidates: the applier claims one only if the site did
+//! not hold it before the create was sent and no other central ID maps to it.
 
 use reqwest::Method;
 use serde_json::Value;
@@ -15,24 +17,40 @@ use crate::keystone::client::{encode, KeystoneClient};
 use crate::keystone::ids::natural_key;
 use crate::keystone::Creates;
 
-/// The edge IDs of what the create made, in the order of its created IDs, when
-/// it is found; `None` when it is not there (or the kind cannot be told apart).
+/// What a look for a create found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Found {
+    /// Nothing that could be it.
+    Nothing,
+    /// The edge IDs of what the create made, one per created item, for kinds a
+    /// site keeps unique (by ID, by natural key, by scope): whatever matches
+    /// is the entity this op makes, made by it or before it.
+    Unique(Vec<String>),
+    /// Entities that look like the one wanted, for kinds Keystone lets exist
+    /// twice (credentials, policies, services, endpoints, endpoint groups, EC2
+    /// keys): only one this op could have made may be claimed.
+    Candidates(Vec<String>),
+}
+
+/// Looks for what a create makes, as it is sent here (path and body rewritten).
 pub async fn find_created(
     keystone: &KeystoneClient,
     kind: &str,
     creates: Creates,
     path: &str,
     body: Option<&Value>,
-) -> Result<Option<Vec<String>>, Transient> {
+) -> Result<Found, Transient> {
     if creates == Creates::FromUrl {
         let reply = keystone.send(Method::GET, path, None).await?;
         check(&reply)?;
         let id = path.rsplit('/').next().unwrap_or_default().to_string();
-        return Ok(reply.is_success().then(|| vec![id]));
+        return Ok(unique(reply.is_success().then(|| vec![id])));
     }
-    let Some(body) = body else { return Ok(None) };
+    let Some(body) = body else {
+        return Ok(Found::Nothing);
+    };
     let entity = body.get(kind).unwrap_or(&Value::Null);
-    let one = |id: Option<String>| Ok(id.map(|i| vec![i]));
+    let one = |id: Option<String>| Ok(unique(id.map(|i| vec![i])));
     match kind {
         "domain" => {
             if let Some(id) = entity.get("explicit_domain_id").and_then(Value::as_str) {
@@ -50,48 +68,8 @@ pub async fn find_created(
                 check(&reply)?;
                 one(reply.is_success().then(|| id.to_string()))
             }
-            None => Ok(None),
+            None => Ok(Found::Nothing),
         },
-        "credential" => {
-            let q = query(entity, &["user_id", "type"]);
-            one(find(keystone, "credentials", &q, entity, &["blob", "project_id"]).await?)
-        }
-        "policy" => {
-            let q = query(entity, &["type"]);
-            one(find(keystone, "policies", &q, entity, &["blob", "type"]).await?)
-        }
-        "service" => {
-            let q = query(entity, &["type"]);
-            one(find(keystone, "services", &q, entity, &["name", "type"]).await?)
-        }
-        "endpoint" => {
-            let q = query(entity, &["service_id", "interface"]);
-            one(find(keystone, "endpoints", &q, entity, &["url", "region_id"]).await?)
-        }
-        "endpoint_group" => one(find(
-            keystone,
-            "OS-EP-FILTER/endpoint_groups",
-            "",
-            entity,
-            &["name", "filters"],
-        )
-        .await?),
-        "ec2_credential" => {
-            // The access key is made per site: an existing one for the same
-            // project is the one the lost attempt made.
-            let user_path = path.trim_end_matches('/');
-            let reply = keystone.send(Method::GET, user_path, None).await?;
-            check(&reply)?;
-            let json = reply.json().unwrap_or(Value::Null);
-            let tenant = body.get("tenant_id");
-            Ok(json["credentials"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c.get("tenant_id") == tenant)
-                .and_then(|c| c["access"].as_str())
-                .map(|a| vec![a.to_string()]))
-        }
         "limit" | "registered_limit" => {
             let coll = if kind == "limit" {
                 "limits"
@@ -110,19 +88,104 @@ pub async fn find_created(
                 &["service_id", "region_id", "resource_name"]
             };
             let Some(items) = body.get(coll).and_then(Value::as_array) else {
-                return Ok(None);
+                return Ok(Found::Nothing);
             };
             let mut ids = Vec::with_capacity(items.len());
             for item in items {
                 let q = query(item, keys);
-                match find(keystone, coll, &q, item, keys).await? {
-                    Some(id) => ids.push(id),
-                    None => return Ok(None),
+                match find(keystone, coll, &q, item, keys).await?.first() {
+                    Some(id) => ids.push(id.clone()),
+                    None => return Ok(Found::Nothing),
                 }
             }
-            Ok((!ids.is_empty()).then_some(ids))
+            Ok(unique((!ids.is_empty()).then_some(ids)))
         }
-        _ => Ok(None),
+        _ => Ok(candidates(
+            look_alikes(keystone, kind, path, Some(body)).await?,
+        )),
+    }
+}
+
+/// The entities of a kind Keystone lets exist twice that look like the one a
+/// create makes (empty for other kinds): taken before such a create is sent,
+/// so that a later look can tell the one it made from those already there.
+pub async fn look_alikes(
+    keystone: &KeystoneClient,
+    kind: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Vec<String>, Transient> {
+    let Some(body) = body else {
+        return Ok(Vec::new());
+    };
+    let entity = body.get(kind).unwrap_or(&Value::Null);
+    match kind {
+        "credential" => {
+            let q = query(entity, &["user_id", "type"]);
+            find(keystone, "credentials", &q, entity, &["blob", "project_id"]).await
+        }
+        "policy" => {
+            let q = query(entity, &["type"]);
+            find(keystone, "policies", &q, entity, &["blob", "type"]).await
+        }
+        "service" => {
+            let q = query(entity, &["type"]);
+            find(keystone, "services", &q, entity, &["name", "type"]).await
+        }
+        "endpoint" => {
+            let q = query(entity, &["service_id", "interface"]);
+            find(keystone, "endpoints", &q, entity, &["url", "region_id"]).await
+        }
+        "endpoint_group" => {
+            find(
+                keystone,
+                "OS-EP-FILTER/endpoint_groups",
+                "",
+                entity,
+                &["name", "filters"],
+            )
+            .await
+        }
+        "ec2_credential" => {
+            // The access key is made per site: any key of the user for the
+            // same project looks alike.
+            let user_path = path.trim_end_matches('/');
+            let reply = keystone.send(Method::GET, user_path, None).await?;
+            check(&reply)?;
+            if !reply.is_success() {
+                return Ok(Vec::new());
+            }
+            let json = reply.json().unwrap_or(Value::Null);
+            let tenant = body.get("tenant_id");
+            Ok(json["credentials"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|c| c.get("tenant_id") == tenant)
+                .filter_map(|c| c["access"].as_str().map(str::to_string))
+                .collect())
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Whether Keystone lets two entities of a kind look alike (no unique key).
+pub fn lets_look_alikes(kind: &str) -> bool {
+    matches!(
+        kind,
+        "credential" | "policy" | "service" | "endpoint" | "endpoint_group" | "ec2_credential"
+    )
+}
+
+fn unique(ids: Option<Vec<String>>) -> Found {
+    ids.map_or(Found::Nothing, Found::Unique)
+}
+
+fn candidates(ids: Vec<String>) -> Found {
+    if ids.is_empty() {
+        Found::Nothing
+    } else {
+        Found::Candidates(ids)
     }
 }
 
@@ -130,14 +193,16 @@ async fn by_name(
     keystone: &KeystoneClient,
     kind: &str,
     entity: &Value,
-) -> Result<Option<Vec<String>>, Transient> {
+) -> Result<Found, Transient> {
     let Some((name, domain)) = natural_key(kind, entity) else {
-        return Ok(None);
+        return Ok(Found::Nothing);
     };
-    Ok(keystone
-        .find_by_name(kind, &name, domain.as_deref())
-        .await?
-        .map(|id| vec![id]))
+    Ok(unique(
+        keystone
+            .find_by_name(kind, &name, domain.as_deref())
+            .await?
+            .map(|id| vec![id]),
+    ))
 }
 
 /// `?k=v&...` for the fields the entity has.
@@ -158,21 +223,21 @@ fn query(entity: &Value, keys: &[&str]) -> String {
     }
 }
 
-/// The ID of the first listed entity whose `fields` equal the wanted entity's
-/// (a field the wanted entity lacks must be absent or null).
+/// The IDs of the listed entities whose `fields` equal the wanted entity's
+/// (a field the wanted entity lacks must be absent or null), in list order.
 async fn find(
     keystone: &KeystoneClient,
     collection: &str,
     query: &str,
     wanted: &Value,
     fields: &[&str],
-) -> Result<Option<String>, Transient> {
+) -> Result<Vec<String>, Transient> {
     let reply = keystone
         .send(Method::GET, &format!("/v3/{collection}{query}"), None)
         .await?;
     check(&reply)?;
     if !reply.is_success() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     let json = reply.json().unwrap_or(Value::Null);
     let key = collection.rsplit('/').next().unwrap_or(collection);
@@ -181,18 +246,18 @@ async fn find(
         .as_array()
         .into_iter()
         .flatten()
-        .find(|e| {
+        .filter(|e| {
             fields
                 .iter()
                 .all(|f| e.get(*f).unwrap_or(&null) == wanted.get(*f).unwrap_or(&null))
         })
-        .and_then(|e| e["id"].as_str())
-        .map(str::to_string))
+        .filter_map(|e| e["id"].as_str().map(str::to_string))
+        .collect())
 }
 
 fn check(reply: &crate::keystone::client::Reply) -> Result<(), Transient> {
     if reply.status >= 500 || reply.status == 429 {
-        return Err(Transient(format!(
+        return Err(Transient::new(format!(
             "edge identity service answered HTTP {} to a look-up",
             reply.status
         )));

@@ -356,9 +356,12 @@ async fn apply_one(
         .unwrap_or_default();
     // A create an earlier try of this step may have sent is looked for first
     // when nothing else finds it (a named entity's 409 is adopted).
-    let probe = !crate::keystone::ids::NAMED_KINDS.contains(&op.kind.as_str());
+    let attempt = super::apply::Attempt {
+        maybe_sent: !crate::keystone::ids::NAMED_KINDS.contains(&op.kind.as_str()),
+        ..Default::default()
+    };
     let r = applier
-        .apply(op, probe)
+        .apply(op, attempt)
         .await
         .map_err(|e| crate::redact::scrub(&e.to_string(), &secrets))
         .map(|a| super::apply::Applied {

@@ -134,9 +134,13 @@ impl Credentials {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Keystone could not be reached or did not answer: worth retrying.
+    /// Keystone could not be reached: nothing was sent, worth retrying.
     #[error("identity service unreachable: {0}")]
     Unreachable(String),
+    /// The request was sent but no whole answer came back (a timeout, a broken
+    /// connection): it may still reach Keystone, or have reached it.
+    #[error("no answer from the identity service: {0}")]
+    InDoubt(String),
     /// Authentication with the service credentials was refused.
     #[error("service credentials refused by the identity service (HTTP {status}): {message}")]
     AuthRefused { status: u16, message: String },
@@ -147,7 +151,7 @@ pub enum ClientError {
 impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable(_) => true,
+            ClientError::Unreachable(_) | ClientError::InDoubt(_) => true,
             ClientError::AuthRefused { status, .. } => *status >= 500 || *status == 429,
             ClientError::BadUrl(_) => false,
         }
@@ -313,17 +317,21 @@ impl KeystoneClient {
             if let Some(body) = body {
                 req = req.json(body);
             }
-            let resp = req
-                .send()
-                .instrument(span.clone())
-                .await
-                .map_err(|e| ClientError::Unreachable(e.without_url().to_string()))?;
+            let resp = req.send().instrument(span.clone()).await.map_err(|e| {
+                let connect = e.is_connect();
+                let text = e.without_url().to_string();
+                if connect {
+                    ClientError::Unreachable(text)
+                } else {
+                    ClientError::InDoubt(text)
+                }
+            })?;
             span.record("http.response.status_code", resp.status().as_u16());
             let status = resp.status().as_u16();
             let body = resp
                 .bytes()
                 .await
-                .map_err(|e| ClientError::Unreachable(e.without_url().to_string()))?;
+                .map_err(|e| ClientError::InDoubt(e.without_url().to_string()))?;
             if status == 401 && !force {
                 info!("service token refused; authenticating again");
                 force = true;

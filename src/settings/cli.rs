@@ -452,6 +452,14 @@ pub struct EdgeArgs {
     #[arg(long, env = "SYNCGATE_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
     pub upstream_timeout: Duration,
 
+    /// After a write got no answer (a timeout, a broken connection, a 502 or
+    /// 504 from a load balancer), how long it may still reach this site's
+    /// Keystone: nothing is sent again, and no later op applied, before. Longer
+    /// than a request can be held there (load balancer and database lock
+    /// timeouts).
+    #[arg(long, env = "SYNCGATE_UPSTREAM_SETTLE", default_value = "120s", value_parser = config::parse_duration)]
+    pub upstream_settle: Duration,
+
     /// Ask central to bring this site to central's current identity state
     /// before the op stream (once: a new site joining an existing cloud).
     #[arg(long, env = "SYNCGATE_INITIAL_SYNC")]
@@ -513,6 +521,7 @@ impl EdgeArgs {
             },
             hello_interval: self.hello_interval,
             upstream_timeout: self.upstream_timeout,
+            upstream_settle: self.upstream_settle,
             initial_sync: self.initial_sync,
             http: self.http.limits()?,
         })

@@ -157,6 +157,8 @@ pub struct EdgeConfig {
     /// How often the edge says hello (and polls for missed ops).
     pub hello_interval: Duration,
     pub upstream_timeout: Duration,
+    /// How long a write that got no answer may still reach the site.
+    pub upstream_settle: Duration,
     /// Ask central for an initial sync from its state before the first op.
     pub initial_sync: bool,
     /// Limits of the admin listener.

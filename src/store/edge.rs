@@ -18,6 +18,16 @@ pub struct StoredOutcome {
     pub edge_ids: Vec<String>,
 }
 
+/// An op marked in flight (see `EdgeStore::mark_inflight`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inflight {
+    pub op_id: String,
+    /// The look-alikes the site held before the op's write was sent.
+    pub before: Option<Vec<String>>,
+    /// What the write made, once its answer came.
+    pub made: Option<Vec<String>>,
+}
+
 /// What applying one op changes, committed together.
 #[derive(Debug, Default)]
 pub struct Commit {
@@ -62,6 +72,15 @@ impl Batch {
         self.map
             .get(central_id)
             .map(|m| m.as_ref().map(|(edge, _)| edge.clone()))
+    }
+
+    /// The batch's word on an edge ID: `Some(Some(central))` when an op of
+    /// the batch mapped it, `None` when the batch does not know it.
+    pub fn central_of(&self, edge_id: &str) -> Option<Option<String>> {
+        self.map
+            .iter()
+            .find(|(_, m)| m.as_ref().is_some_and(|(e, _)| e == edge_id))
+            .map(|(c, _)| Some(c.clone()))
     }
 
     pub fn len(&self) -> usize {
@@ -151,25 +170,61 @@ impl EdgeStore {
         Ok(row.map(stored))
     }
 
-    /// Marks an op as being applied, durably, before its write is sent.
-    pub async fn mark_inflight(&self, seq: i64, op_id: &str) -> Result<(), StoreError> {
+    /// Marks an op as being applied, durably, before its write is sent, with
+    /// the look-alikes the site held then (see migration 0005), when taken.
+    pub async fn mark_inflight(
+        &self,
+        seq: i64,
+        op_id: &str,
+        before: Option<&[String]>,
+    ) -> Result<(), StoreError> {
+        let before = before.map(|b| serde_json::to_string(b).expect("strings serialize"));
         sqlx::query(
-            "INSERT INTO inflight (seq, op_id, started_at)
-             VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
-             ON CONFLICT (seq) DO UPDATE SET op_id = excluded.op_id",
+            "INSERT INTO inflight (seq, op_id, started_at, before)
+             VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?)
+             ON CONFLICT (seq) DO UPDATE SET op_id = excluded.op_id,
+                 before = COALESCE(excluded.before, inflight.before)",
         )
         .bind(seq)
         .bind(op_id)
+        .bind(before)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// The op ID marked in flight at `seq`, if an earlier attempt left one.
-    pub async fn inflight(&self, seq: i64) -> Result<Option<String>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT op_id FROM inflight WHERE seq = ?")
+    /// Notes, durably, what a create marked in flight made at the site.
+    pub async fn inflight_made(&self, seq: i64, made: &[String]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE inflight SET made = ? WHERE seq = ?")
+            .bind(serde_json::to_string(made).expect("strings serialize"))
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// What an earlier attempt at `seq` left marked in flight: its op ID, the
+    /// look-alikes the site held before it (when taken), and what it made
+    /// (when its answer came).
+    pub async fn inflight(&self, seq: i64) -> Result<Option<Inflight>, StoreError> {
+        let row: Option<(String, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT op_id, before, made FROM inflight WHERE seq = ?")
                 .bind(seq)
+                .fetch_optional(&self.pool)
+                .await?;
+        let list = |v: Option<String>| v.and_then(|b| serde_json::from_str::<Vec<String>>(&b).ok());
+        Ok(row.map(|(op_id, before, made)| Inflight {
+            op_id,
+            before: list(before),
+            made: list(made),
+        }))
+    }
+
+    /// The central ID an edge entity is mapped from, if any.
+    pub async fn central_of(&self, edge_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT central_id FROM id_map WHERE edge_id = ? LIMIT 1")
+                .bind(edge_id)
                 .fetch_optional(&self.pool)
                 .await?,
         )

@@ -523,3 +523,132 @@ async fn a_write_whose_client_left_is_logged_before_shutdown_completes() {
     store.close().await;
     drop(dir);
 }
+
+/// The edge's write of op 2 is held past its timeout while the site carries
+/// on with it (a database lock wait, a load balancer's 504): the edge waits it
+/// out before it tries again or applies op 3, so the held write never lands
+/// after the newer one; a held create is then found, not made twice.
+#[tokio::test]
+async fn a_write_answered_late_never_lands_after_the_ops_behind_it() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    let p = env
+        .create("/v3/projects", "project", json!({"project": {"name": "p"}}))
+        .await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "u"}}))
+        .await;
+    env.assert_in_sync().await;
+    env.edge_timeouts = (Duration::from_millis(300), Duration::from_millis(1500));
+    env.stop_edge(0).await;
+    env.restart_edge(0).await;
+    let site = &env.edges[0].site;
+    site.state.lock().unwrap().hold_next = Some(Duration::from_secs(1));
+    for d in ["desc-v1", "desc-v2"] {
+        let (status, _) = env
+            .write(
+                "PATCH",
+                &format!("/v3/projects/{p}"),
+                Some(json!({"project": {"description": d}})),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    env.assert_in_sync().await;
+    env.until("the held write landed", || async {
+        site.state.lock().unwrap().held_done == 1
+    })
+    .await;
+    assert_eq!(site.field_of("project", "p", "description"), "desc-v2");
+    // A held create: found once it lands, not made a second time.
+    site.state.lock().unwrap().hold_next = Some(Duration::from_secs(1));
+    env.create(
+        "/v3/credentials",
+        "credential",
+        json!({"credential": {"type": "totp", "user_id": u, "blob": "held-1"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    env.until("the held create landed", || async {
+        site.state.lock().unwrap().held_done == 2
+    })
+    .await;
+    assert_eq!(site.unnamed("credential").len(), 1, "created once");
+    env.shutdown().await;
+}
+
+/// Killed after it renamed, in one uncommitted batch, an entity that batch
+/// created: the edge creates it once, not again under its first name.
+#[tokio::test]
+async fn an_edge_killed_after_renaming_what_its_batch_created_creates_it_once() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "base"}}))
+        .await;
+    env.assert_in_sync().await;
+    env.kill_edge(0).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "first-name"}}))
+        .await;
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{u}"),
+            Some(json!({"user": {"name": "second-name"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let requests = env.edges[0].site.create_requests("users");
+    // The create is answered; the rename is applied and never answered.
+    env.edges[0].site.state.lock().unwrap().hang_after_writes = Some(1);
+    env.restart_edge(0).await;
+    env.until("the rename reached the edge's site", || async {
+        env.edges[0].site.id_of("user", "second-name").is_some()
+    })
+    .await;
+    env.kill_edge(0).await;
+    env.restart_edge(0).await;
+    env.assert_in_sync().await;
+    assert_eq!(
+        env.edges[0].site.create_requests("users"),
+        requests + 1,
+        "one create request, not a second under the first name"
+    );
+    env.shutdown().await;
+}
+
+/// Two identical policies created in one uncommitted batch, the edge killed:
+/// each central policy maps to its own policy at the edge, so deleting one at
+/// central deletes exactly one there.
+#[tokio::test]
+async fn look_alike_creates_in_a_crashed_batch_each_keep_their_own_entity() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "base"}}))
+        .await;
+    env.assert_in_sync().await;
+    env.kill_edge(0).await;
+    let policy = json!({"policy": {"type": "application/json", "blob": "{\"same\": 1}"}});
+    let a = env.create("/v3/policies", "policy", policy.clone()).await;
+    env.create("/v3/policies", "policy", policy).await;
+    // The first is answered; the second applied and never answered.
+    env.edges[0].site.state.lock().unwrap().hang_after_writes = Some(1);
+    env.restart_edge(0).await;
+    env.until("the second was sent (or taken for the first)", || async {
+        env.edges[0].site.create_requests("policies") >= 2
+            || env.delivery(3, "edge-a").await == "applied"
+    })
+    .await;
+    env.kill_edge(0).await;
+    env.restart_edge(0).await;
+    env.until_delivered(&["edge-a"], &["applied"]).await;
+    let (status, _) = env
+        .write("DELETE", &format!("/v3/policies/{a}"), None)
+        .await;
+    assert_eq!(status, 204);
+    env.until_delivered(&["edge-a"], &["applied"]).await;
+    assert_eq!(env.central_site.unnamed("policy").len(), 1);
+    assert_eq!(
+        env.edges[0].site.unnamed("policy").len(),
+        1,
+        "one policy left at the edge, as at central"
+    );
+    env.shutdown().await;
+}

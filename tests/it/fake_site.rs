@@ -37,11 +37,20 @@ pub struct SiteState {
     tokens: HashSet<String>,
     /// Statuses to answer, in order, to the next writes.
     pub fail_next: Vec<u16>,
-    /// Creates received, by kind (to prove nothing is applied twice).
+    /// Creates made, by kind (to prove nothing is applied twice).
     pub creates: HashMap<String, usize>,
+    /// Create requests received, by collection, whatever the answer (a
+    /// second create of a named entity is answered 409 and makes nothing).
+    pub create_requests: HashMap<String, usize>,
     pub writes: usize,
     /// The next write waits this long before it is handled (a slow Keystone).
     pub delay_next: Option<std::time::Duration>,
+    /// The next write is held this long and then handled, whether or not its
+    /// client still waits (a database lock wait, or a load balancer that gave
+    /// up while Keystone carries on).
+    pub hold_next: Option<std::time::Duration>,
+    /// Held writes handled so far.
+    pub held_done: usize,
     /// The next successful write is applied and then never answered (the
     /// answer is lost: a crash or a cut after Keystone committed).
     pub hang_after_next_write: bool,
@@ -158,6 +167,17 @@ impl FakeSite {
 
     pub fn creates(&self) -> usize {
         self.state.lock().unwrap().creates.values().sum()
+    }
+
+    /// Create requests received for a collection (`users`), answered or not.
+    pub fn create_requests(&self, collection: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .create_requests
+            .get(collection)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn creates_of(&self, kind: &str) -> usize {
@@ -329,6 +349,21 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
             .reads
             .push(req.uri().path().to_string());
     }
+    let held = if write {
+        state.lock().unwrap().hold_next.take()
+    } else {
+        None
+    };
+    if let Some(d) = held {
+        let state = state.clone();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(d).await;
+            let resp = handle_now(state.clone(), req).await;
+            state.lock().unwrap().held_done += 1;
+            resp
+        });
+        return late.await.unwrap();
+    }
     let delay = if write {
         state.lock().unwrap().delay_next.take()
     } else {
@@ -420,6 +455,9 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             return error(StatusCode::from_u16(code).unwrap(), "injected failure");
         }
         st.writes += 1;
+        if parts.method == Method::POST && segs.len() == 2 && segs[0] == "v3" {
+            *st.create_requests.entry(segs[1].to_string()).or_default() += 1;
+        }
     }
     let exists = |st: &SiteState, kind: &str, id: &str| {
         st.entities.get(kind).is_some_and(|m| m.contains_key(id))

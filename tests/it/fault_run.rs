@@ -202,6 +202,7 @@ impl World {
             hello_interval: Duration::from_millis(200),
             initial_sync: false,
             upstream_timeout: Duration::from_secs(1),
+            upstream_settle: Duration::from_secs(2),
             http: Default::default(),
         };
         let edge = Edge::build(config).await.unwrap();

@@ -120,6 +120,9 @@ pub struct SyncEnv {
     pub http: reqwest::Client,
     /// Edges started from now on ask for an initial sync (`--initial-sync`).
     pub initial_sync: bool,
+    /// Edges started from now on wait this long for their site's Keystone,
+    /// and this long for a write that got no answer to land.
+    pub edge_timeouts: (Duration, Duration),
     token: String,
     central: Option<Running>,
     dir: tempfile::TempDir,
@@ -168,6 +171,7 @@ pub async fn sync_env(
         edges: Vec::new(),
         http,
         initial_sync: false,
+        edge_timeouts: (Duration::from_secs(10), Duration::from_secs(2)),
         token,
         central: Some(running),
         dir,
@@ -237,7 +241,8 @@ impl SyncEnv {
             on_failure,
             hello_interval: Duration::from_millis(200),
             initial_sync: self.initial_sync,
-            upstream_timeout: Duration::from_secs(10),
+            upstream_timeout: self.edge_timeouts.0,
+            upstream_settle: self.edge_timeouts.1,
             http: Default::default(),
         }
     }
