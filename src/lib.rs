@@ -18,6 +18,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod redact;
 pub mod retry;
+pub mod scope;
 pub mod serve;
 pub mod settings;
 pub mod store;

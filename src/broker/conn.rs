@@ -215,7 +215,9 @@ pub(super) async fn serve<R, W>(
     let config = &shared.config;
     let client = Arc::new(Client::new(cid, config.max_pending));
     shared.register(client.clone());
-    let write_task = tokio::spawn(write_loop(client.clone(), writer));
+    // Ends with this connection's task, however that ends (a broker dropped
+    // mid-way closes its sockets, as a stopped process would).
+    let mut write_task = WriteTask(tokio::spawn(write_loop(client.clone(), writer)));
 
     let mut session = Session {
         client: client.clone(),
@@ -238,7 +240,16 @@ pub(super) async fn serve<R, W>(
     session.unsubscribe_all();
     shared.deregister(cid);
     // Let the writer flush a final -ERR, but never hang on a dead peer.
-    let _ = tokio::time::timeout(Duration::from_secs(5), write_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut write_task.0).await;
+}
+
+/// The writer of one connection, aborted when dropped.
+struct WriteTask(tokio::task::JoinHandle<()>);
+
+impl Drop for WriteTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(client: Arc<Client>, mut writer: W) {

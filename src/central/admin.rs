@@ -224,8 +224,7 @@ fn parse_filter(params: &HashMap<String, String>) -> Result<OpFilter, ApiError> 
     let mut filter = OpFilter {
         after: 0,
         limit: DEFAULT_LIMIT,
-        kind: None,
-        state: None,
+        ..OpFilter::default()
     };
     for (key, value) in params {
         match key.as_str() {
@@ -717,6 +716,7 @@ pub fn op_json(op: &OpRow) -> Value {
         "seq": op.seq,
         "op_id": op.op_id,
         "state": op.state,
+        "resolution": op.resolution,
         "method": op.method,
         "path": redact::redact_query(&op.path),
         "class": op.class,

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod resolve;
 pub mod resync;
 pub mod sync;
 
@@ -42,6 +43,9 @@ pub struct Central {
     sealer: Arc<Sealer>,
     /// Central's own client of its Keystone (service credentials), if any.
     keystone: Option<Arc<KeystoneClient>>,
+    /// Every task of this central ends when `run` ends, or is dropped (a kill).
+    scope: Option<crate::scope::Scope>,
+    spawner: crate::scope::Spawner,
 }
 
 impl Central {
@@ -52,10 +56,12 @@ impl Central {
             warn!("request bodies (passwords) are kept in the op log in clear: set --oplog-key, or a sync key");
         }
         let store = Store::open_sealed(&config.db, Some(vault)).await?;
-        let recovered = store
-            .recover_open_intents()
-            .await
-            .context("recovering open intents")?;
+        // An op log that refuses writes now (a full disk) keeps them open:
+        // the intent sweeper logs them once it takes writes again.
+        let recovered = store.recover_open_intents().await.unwrap_or_else(|e| {
+            error!(error = %e, "cannot log the writes an earlier stop left open yet; they are logged once the op log takes writes");
+            Vec::new()
+        });
         if !recovered.is_empty() {
             warn!(
                 count = recovered.len(),
@@ -102,12 +108,18 @@ impl Central {
             }
         };
         let metrics = Arc::new(Metrics::central(broker.as_ref().map(Broker::stats)));
+        let (scope, spawner) = crate::scope::Scope::new();
         let proxy = Arc::new(Proxy::new(
             &config,
             store.clone(),
             metrics.clone(),
             keystone.clone(),
+            spawner.clone(),
         )?);
+        proxy
+            .hold_in_doubt(&recovered)
+            .await
+            .context("recovering open intents")?;
         let proxy_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
@@ -129,6 +141,8 @@ impl Central {
         });
         Ok(Central {
             keystone,
+            scope: Some(scope),
+            spawner,
             proxy_listener,
             admin_listener,
             proxy,
@@ -160,9 +174,12 @@ impl Central {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// requests finish and closes the op log.
     pub async fn run(
-        self,
+        mut self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        // Held to the end: dropping it (a return, or this future dropped as a
+        // kill would) ends every task central spawned.
+        let _scope = self.scope.take();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let broker_addr = self.broker_addr();
         let proxy_addr = self.proxy_addr();
@@ -239,6 +256,7 @@ impl Central {
             send_lock: Default::default(),
             metrics: self.admin.metrics.clone(),
             wants_resync: Some(wants_resync),
+            spawner: self.spawner.clone(),
             holders: Default::default(),
             started: std::time::Instant::now(),
         });
@@ -248,6 +266,7 @@ impl Central {
             self.keystone.clone(),
             self.store.clone(),
             self.admin.metrics.clone(),
+            self.spawner.clone(),
         ));
         let _ = self.admin.resyncer.set(resyncer.clone());
         let mut sync_task = Watched::spawn("sync", sync.run(stop_rx_sync.clone()));
@@ -269,6 +288,18 @@ impl Central {
             }
         });
 
+        let mut resolve_task = Watched::spawn(
+            "unknown outcome resolver",
+            resolve::Resolver {
+                store: self.store.clone(),
+                keystone: self.keystone.clone(),
+                published: self.proxy.wake.clone(),
+                kick: self.proxy.unknown.clone(),
+                settle: self.config.upstream_settle,
+            }
+            .run(stop_rx_sync.clone()),
+        );
+
         let mut gauges_task = Watched::spawn(
             "metrics refresher",
             admin::keep_gauges(self.admin.clone(), GAUGE_INTERVAL, stop_rx_sync.clone()),
@@ -283,6 +314,7 @@ impl Central {
             d = sync_task.ended() => Some(d),
             d = resync_task.ended() => Some(d),
             d = sweep_task.ended() => Some(d),
+            d = resolve_task.ended() => Some(d),
             d = gauges_task.ended() => Some(d),
             d = broker_task.ended() => Some(d),
         };
@@ -313,6 +345,7 @@ impl Central {
         sync_task.join().await;
         resync_task.join().await;
         sweep_task.join().await;
+        resolve_task.join().await;
         gauges_task.join().await;
         let _ = broker_stop_tx.send(true);
         broker_task.join().await;
@@ -374,6 +407,15 @@ impl Watched {
             if !matches!(result, Ok(Ok(()))) {
                 warn!(reason = %describe(self.name, result), "task stopped with an error");
             }
+        }
+    }
+}
+
+impl Drop for Watched {
+    /// A task not joined (its owner was dropped, as a kill would) ends too.
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
         }
     }
 }

@@ -54,6 +54,9 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(120);
 const ATTEMPTS: u32 = 5;
 /// Tries of one write the edge's Keystone could not take for now.
 const OP_TRIES: u32 = 3;
+/// Least time between two automatic resyncs of one edge (one that failed is
+/// tried again after this).
+const AUTO_RESYNC_EVERY: Duration = Duration::from_secs(10);
 /// Items listed in a resync's result.
 const SAMPLE: usize = 100;
 
@@ -96,8 +99,10 @@ pub struct Resyncer {
     pub metrics: Arc<Metrics>,
     /// Edges with a job running, and which.
     busy: Mutex<HashMap<String, &'static str>>,
-    /// When each edge's last automatic resync started (not more than one a minute).
+    /// When each edge's last automatic resync started (see `AUTO_RESYNC_EVERY`).
     auto: Mutex<HashMap<String, Instant>>,
+    /// Spawns resyncs and audits (they end with central).
+    spawner: crate::scope::Spawner,
 }
 
 /// Frees an edge's job slot when the job ends, however it ends.
@@ -126,12 +131,14 @@ impl Resyncer {
         keystone: Option<Arc<KeystoneClient>>,
         store: Store,
         metrics: Arc<Metrics>,
+        spawner: crate::scope::Spawner,
     ) -> Resyncer {
         Resyncer {
             sync,
             keystone,
             store,
             metrics,
+            spawner,
             busy: Mutex::default(),
             auto: Mutex::default(),
         }
@@ -174,7 +181,7 @@ impl Resyncer {
             .map_err(|e| StartError::Internal(e.to_string()))?;
         let this = self.clone();
         let edge = edge.to_string();
-        tokio::spawn(async move {
+        self.spawner.spawn(async move {
             this.run_resync(&edge, prune).await;
             drop(slot);
         });
@@ -228,7 +235,7 @@ impl Resyncer {
                     let edges = self.store.edges().await.unwrap_or_default();
                     for e in edges {
                         let this = self.clone();
-                        tokio::spawn(async move {
+                        self.spawner.spawn(async move {
                             if let Err(err) = this.drift(&e.id).await {
                                 warn!(edge = %e.id, error = %err, "drift audit not run");
                             }
@@ -247,7 +254,7 @@ impl Resyncer {
             let mut auto = self.auto.lock().unwrap_or_else(|p| p.into_inner());
             if auto
                 .get(edge)
-                .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
+                .is_some_and(|t| t.elapsed() < AUTO_RESYNC_EVERY)
             {
                 return;
             }
@@ -667,7 +674,7 @@ impl Resyncer {
             .map_err(|e| StartError::Internal(e.to_string()))?;
         let this = self.clone();
         let edge = edge.to_string();
-        tokio::spawn(async move {
+        self.spawner.spawn(async move {
             if let Err(e) = this.drift(&edge).await {
                 warn!(edge = %edge, error = %e, "drift audit not run");
                 let _ = this.store.fail_drift(&edge, &e.to_string()).await;
@@ -842,6 +849,7 @@ impl Resyncer {
                     limit: 1000,
                     kind: kind.map(str::to_string),
                     state: None,
+                    through: Some(through),
                 })
                 .await?;
             let Some(last) = ops.last().map(|o| o.seq) else {

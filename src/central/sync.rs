@@ -25,7 +25,7 @@ use crate::protocol::messages::{
 use crate::protocol::messages::{
     ACK, HELLO, HELLO_REPLY, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY,
 };
-use crate::store::{OpFilter, OpRow, Store};
+use crate::store::{OpFilter, OpRow, Store, StoreError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::Instrument;
@@ -55,6 +55,8 @@ pub struct SyncCentral {
     pub metrics: Arc<Metrics>,
     /// Told of an edge that needs an initial sync.
     pub wants_resync: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Spawns this central's tasks (they end with it).
+    pub spawner: crate::scope::Spawner,
     /// The process holding each edge's ID, as far as central knows.
     pub holders: std::sync::Mutex<HashMap<String, Holder>>,
     /// When this process started (a holder from before has a lease's grace).
@@ -121,13 +123,23 @@ pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
 
 impl SyncCentral {
     /// Runs every sync task until `stop` turns true.
-    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
-        for edge in &self.declared_edges {
-            self.store.register_edge(edge, true).await?;
-        }
-        // The processes that held edges' IDs before this start keep them
-        // while they say hello within a lease of it.
-        let sessions = self.store.edge_sessions().await?;
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        // The op log may refuse writes for now (a full disk): the proxy goes
+        // on serving reads meanwhile, and this is tried again.
+        let mut delays = crate::retry::delays(Duration::from_millis(200), Duration::from_secs(10));
+        let sessions = loop {
+            match self.start_up().await {
+                Ok(sessions) => break sessions,
+                Err(e) => {
+                    let wait = delays.next().unwrap_or(Duration::from_secs(10));
+                    error!(error = %e, retry_in_ms = wait.as_millis() as u64, "sync cannot start: the op log refuses its writes");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = crate::serve::stopped(&mut stop) => return Ok(()),
+                    }
+                }
+            }
+        };
         {
             let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
             for (edge, session, _) in sessions {
@@ -145,20 +157,16 @@ impl SyncCentral {
                 }
             }
         }
-        // Edges registered before (declared then, or allowed in) stay known.
-        let registered = self.store.edges().await?;
-        self.known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(registered.into_iter().map(|e| e.id));
         let replay = self.client.subscribe(self.subjects.replay()).await?;
         let acks = self.client.subscribe(self.subjects.ack("*")).await?;
         let hellos = self.client.subscribe(self.subjects.hello("*")).await?;
         let names = ["publisher", "replay server", "ack receiver"];
         let tasks = vec![
-            tokio::spawn(self.clone().publish_loop(stop.clone())),
-            tokio::spawn(self.clone().replay_loop(replay, stop.clone())),
-            tokio::spawn(self.clone().ack_loop(acks, hellos, stop.clone())),
+            self.spawner.spawn(self.clone().publish_loop(stop.clone())),
+            self.spawner
+                .spawn(self.clone().replay_loop(replay, stop.clone())),
+            self.spawner
+                .spawn(self.clone().ack_loop(acks, hellos, stop.clone())),
         ];
         info!(prefix = %self.subjects.ops(), edges = ?self.declared_edges, "sync publishing");
         // Each loop runs until stop; one that ends before is a failure of sync.
@@ -179,6 +187,21 @@ impl SyncCentral {
         Ok(())
     }
 
+    /// Registers the declared edges and learns the registered ones; returns
+    /// each edge's holder session.
+    async fn start_up(&self) -> Result<Vec<(String, u64, Option<String>)>, StoreError> {
+        for edge in &self.declared_edges {
+            self.store.register_edge(edge, true).await?;
+        }
+        // Edges registered before (declared then, or allowed in) stay known.
+        let registered = self.store.edges().await?;
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(registered.into_iter().map(|e| e.id));
+        self.store.edge_sessions().await
+    }
+
     async fn publish_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut published = match self.store.published_seq().await {
             Ok(seq) => seq,
@@ -188,11 +211,21 @@ impl SyncCentral {
             }
         };
         loop {
+            // An op whose unknown outcome is being resolved waits, and every
+            // op after it (edges apply in seq order).
+            let through = match self.store.publishable_through().await {
+                Ok(t) => t,
+                Err(e) => {
+                    error!(error = %e, "cannot read the op log for publishing");
+                    published
+                }
+            };
             let filter = OpFilter {
                 after: published,
                 limit: 200,
                 kind: None,
                 state: None,
+                through: Some(through),
             };
             let ops = match self.store.list_ops(&filter).await {
                 Ok(ops) => ops,
@@ -308,11 +341,13 @@ impl SyncCentral {
 
     async fn replay_batch(&self, req: &ReplayRequest) -> anyhow::Result<ReplayBatch> {
         let limit = req.limit.clamp(1, MAX_REPLAY_BATCH);
+        let through = self.store.publishable_through().await?;
         let filter = OpFilter {
             after: req.from_seq.saturating_sub(1).max(0),
             limit,
             kind: None,
             state: None,
+            through: Some(through),
         };
         let ops = self.store.list_ops(&filter).await?;
         // Stay well inside the broker's message limit; a batch has at least one op.
@@ -330,7 +365,7 @@ impl SyncCentral {
         self.metrics.ops_replayed.inc_by(envelopes.len() as u64);
         Ok(ReplayBatch {
             ops: envelopes,
-            last_seq: self.store.last_seq().await?,
+            last_seq: through,
         })
     }
 
@@ -866,7 +901,7 @@ impl SyncCentral {
         }
         let this = self.clone();
         let edge = edge.to_string();
-        tokio::spawn(async move {
+        self.spawner.spawn(async move {
             let asked_ms = now_ms();
             let req = OutcomesRequest { after, through };
             let answer = this

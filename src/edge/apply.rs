@@ -203,7 +203,10 @@ impl Applier<'_> {
                 Some(r) => keystone::created_ids(&r, &send_path, reply.json().as_ref()),
                 None => Vec::new(),
             };
-            if attempt.marks && creates != Creates::No && super::probe::lets_look_alikes(&op.kind) {
+            if attempt.marks
+                && creates != Creates::No
+                && crate::keystone::probe::lets_look_alikes(&op.kind)
+            {
                 // Noted at once: until the batch commits, this is how the
                 // entity is known to be this op's.
                 self.store
@@ -301,7 +304,7 @@ impl Applier<'_> {
         body: Option<&Value>,
         adds: &mut Vec<(String, String, String)>,
     ) -> Result<Option<Applied>, Transient> {
-        use super::probe::{find_created, lets_look_alikes, look_alikes, Found};
+        use crate::keystone::probe::{find_created, lets_look_alikes, look_alikes, Found};
         let look_alike = lets_look_alikes(&op.kind);
         if attempt.maybe_sent {
             // What this op's earlier attempt noted before it was sent, and
@@ -336,7 +339,9 @@ impl Applier<'_> {
             let found = if never_sent {
                 Found::Nothing
             } else {
-                find_created(self.keystone, &op.kind, creates, path, body).await?
+                find_created(self.keystone, &op.kind, creates, path, body)
+                    .await
+                    .map_err(|e| Transient::from(e).read())?
             };
             let claimed = match found {
                 Found::Nothing => None,
@@ -403,7 +408,9 @@ impl Applier<'_> {
             }
         }
         if look_alike && attempt.marks {
-            let before = look_alikes(self.keystone, &op.kind, path, body).await?;
+            let before = look_alikes(self.keystone, &op.kind, path, body)
+                .await
+                .map_err(|e| Transient::from(e).read())?;
             self.store
                 .mark_inflight(op.seq, &op.op_id, Some(&before))
                 .await?;

@@ -5,7 +5,6 @@
 mod admin;
 mod apply;
 mod link;
-mod probe;
 mod resync;
 
 use std::net::SocketAddr;
@@ -231,7 +230,8 @@ impl Edge {
             interval: self.config.hello_interval,
             initial_sync: self.config.initial_sync,
         };
-        let mut hello_task = tokio::spawn(hellos.run(stop.clone(), poke_hello.clone()));
+        let mut hello_task =
+            AbortOnDrop(tokio::spawn(hellos.run(stop.clone(), poke_hello.clone())));
         self.status.set_grant_error(Some(
             "waiting for central to answer this edge's first hello".into(),
         ));
@@ -245,14 +245,14 @@ impl Edge {
         });
         let admin_app = admin::router(admin);
         let mut admin_stop = stop.clone();
-        let admin_task = tokio::spawn(crate::serve::serve(
+        let mut admin_task = AbortOnDrop(tokio::spawn(crate::serve::serve(
             self.admin_listener,
             admin_app,
             self.config.http,
             async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
             },
-        ));
+        )));
         info!(
             edge = %self.config.id,
             broker = %redact_url(&self.config.broker),
@@ -367,7 +367,7 @@ impl Edge {
                 },
                 _ = poll.tick() => need_replay = true,
                 () = runner.link.changed.notified() => need_replay = true,
-                r = &mut hello_task, if !hello_ended => {
+                r = &mut hello_task.0, if !hello_ended => {
                     hello_ended = true;
                     if !*stop_rx.borrow() {
                         anyhow::bail!("the hello task ended: {r:?}");
@@ -383,11 +383,11 @@ impl Edge {
         // hello task says goodbye (central frees this edge's ID at once).
         let _ = runner.flush().await;
         if !hello_ended {
-            let _ = tokio::time::timeout(Duration::from_secs(3), &mut hello_task).await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), &mut hello_task.0).await;
         }
         info!("edge stopping");
         let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
-        let _ = admin_task.await;
+        let _ = (&mut admin_task.0).await;
         self.store.close().await;
         Ok(())
     }
@@ -890,9 +890,9 @@ fn op_envelope(msg: &async_nats::Message) -> Option<Envelope> {
 }
 
 /// A task aborted when this is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

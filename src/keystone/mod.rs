@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod ids;
+pub mod probe;
+pub mod resolve;
 pub mod routes;
 pub mod state;
 pub mod touches;

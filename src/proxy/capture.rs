@@ -46,7 +46,7 @@ pub(super) async fn forward_captured(
         op_id = tracing::field::Empty,
         seq = tracing::field::Empty,
     );
-    let captured = tokio::spawn(
+    let captured = proxy.spawner.spawn(
         captured_section(
             proxy.clone(),
             route,
@@ -58,10 +58,15 @@ pub(super) async fn forward_captured(
         )
         .instrument(span),
     );
-    captured.await.unwrap_or_else(|e| {
-        error!(error = %e, "the capture task failed");
-        Err(ProxyError::Internal)
-    })
+    match captured.await {
+        Ok(Some(answer)) => answer,
+        // Central is stopping hard: the intent is reported at the next start.
+        Ok(None) => Err(ProxyError::Internal),
+        Err(e) => {
+            error!(error = %e, "the capture task failed");
+            Err(ProxyError::Internal)
+        }
+    }
 }
 
 /// Removes an op ID from the in-flight set when the captured section ends.
@@ -111,6 +116,11 @@ async fn captured_section(
     let mut touched = touches::touches(&route, parts.method.as_str(), &path, request_json.as_ref());
     // Conflicting writes wait here until the one ahead is logged (or dropped).
     let _order = proxy.locks.acquire(&touched).await;
+    // One ahead whose outcome is unknown may still land: not before it.
+    if let Some(wait) = proxy.in_doubt.conflict(&touched) {
+        inc(&proxy.metrics.writes_not_applied);
+        return Err(ProxyError::InDoubt(wait.as_secs().max(1)));
+    }
     // Natural keys are read before forwarding: a delete's target is gone after.
     let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
@@ -237,6 +247,12 @@ async fn captured_section(
             Err(e) => {
                 error!(error = %e, %op_id, "upstream applied a write the op log could not record");
                 inc(&proxy.metrics.oplog_failures);
+                // Its op is logged later (unknown outcome, then resolved):
+                // conflicting writes wait for that.
+                proxy.in_doubt.hold(
+                    &outcome.touches,
+                    std::time::Instant::now() + proxy.settle + proxy.stale_after,
+                );
                 return Err(ProxyError::OpLogCommitFailed);
             }
         }
@@ -346,13 +362,18 @@ async fn record_unknown(
         ..Outcome::default()
     };
     inc(&proxy.metrics.unknown_outcomes);
+    // It may still land until the settle period after it was sent (at most
+    // now): conflicting writes are refused until then.
+    proxy
+        .in_doubt
+        .hold(touched, std::time::Instant::now() + proxy.settle);
     match proxy
         .store
         .commit_intent(op_id, OpState::UnknownOutcome, &outcome)
         .await
     {
         Ok(seq) => {
-            proxy.wake.notify_one();
+            proxy.unknown.notify_one();
             warn!(seq, %op_id, detail, "write logged with unknown outcome");
             Some(seq)
         }
@@ -455,7 +476,7 @@ async fn look_up(proxy: &Proxy, r: &IdRef) -> Option<EntityRef> {
             // Remembered later: the write does not wait for it.
             let store = proxy.store.clone();
             let learned = e.clone();
-            tokio::spawn(async move {
+            proxy.spawner.spawn(async move {
                 if let Err(err) = store.learn_entity(&learned).await {
                     warn!(error = %err, "could not remember an entity's natural key");
                 }

@@ -41,6 +41,11 @@ pub enum ProxyError {
     /// The client's body could not be read.
     #[error("the request body could not be read")]
     BadRequestBody,
+    /// An earlier write touching the same entity got no answer and may still
+    /// land upstream: this one is refused until it cannot (seq order must stay
+    /// the upstream's order).
+    #[error("an earlier write to the same entity got no answer from the upstream identity service and may still be applied; nothing was forwarded, retry in {0}s")]
+    InDoubt(u64),
     /// The op log cannot take the write, so it is not forwarded.
     #[error("the gateway cannot record this write for replication right now; nothing was forwarded, retry later")]
     OpLogUnavailable,
@@ -75,9 +80,9 @@ impl ProxyError {
             | ProxyError::RefusedTarget(_)
             | ProxyError::RefusedHeader(_)
             | ProxyError::InexactBody(_) => StatusCode::BAD_REQUEST,
-            ProxyError::OpLogUnavailable | ProxyError::OpLogCommitFailed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::OpLogUnavailable
+            | ProxyError::OpLogCommitFailed
+            | ProxyError::InDoubt(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -102,6 +107,11 @@ pub fn keystone_error(status: StatusCode, message: &str) -> Response {
 
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
-        keystone_error(self.status(), &self.to_string())
+        let mut resp = keystone_error(self.status(), &self.to_string());
+        if let ProxyError::InDoubt(secs) = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }

@@ -80,8 +80,16 @@ pub struct Proxy {
     keystone: Option<Arc<KeystoneClient>>,
     /// Wakes the publisher when an op is logged.
     pub wake: Arc<Notify>,
+    /// Wakes the resolver when a write is logged with an unknown outcome.
+    pub unknown: Arc<Notify>,
     /// Orders conflicting writes from intent to commit.
     locks: order::EntityLocks,
+    /// Keys of writes whose outcome is unknown, while they may still land.
+    in_doubt: order::InDoubt,
+    /// How long a write without an answer may still land upstream.
+    settle: Duration,
+    /// How long before an intent left open is logged as an unknown outcome.
+    stale_after: Duration,
     /// Intents whose captured section is still running (never swept).
     in_flight: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
     /// Signalled when the last running capture ends.
@@ -89,6 +97,8 @@ pub struct Proxy {
     /// IDs the central Keystone did not know when asked: not asked again for
     /// a while, so that a write never waits twice on the same miss.
     unknown_ids: capture::Misses,
+    /// Spawns the captures (they outlive their clients, not central).
+    spawner: crate::scope::Spawner,
 }
 
 /// The client end of one connection, as the upstream is told about it.
@@ -161,6 +171,7 @@ impl Proxy {
         store: Store,
         metrics: Arc<Metrics>,
         keystone: Option<Arc<KeystoneClient>>,
+        spawner: crate::scope::Spawner,
     ) -> anyhow::Result<Proxy> {
         let base: Uri = config.upstream.as_str().parse()?;
         let (Some(upstream_scheme), Some(upstream_authority)) =
@@ -188,10 +199,15 @@ impl Proxy {
             metrics,
             keystone,
             wake: Arc::new(Notify::new()),
+            unknown: Arc::new(Notify::new()),
             locks: order::EntityLocks::default(),
+            in_doubt: order::InDoubt::default(),
+            settle: config.upstream_settle,
+            stale_after: config.stale_intent_after,
             in_flight: Default::default(),
             captures_done: Notify::new(),
             unknown_ids: Default::default(),
+            spawner,
         })
     }
 
@@ -463,9 +479,28 @@ impl Proxy {
             )
             .await?;
         if !seqs.is_empty() {
-            self.wake.notify_one();
+            self.hold_in_doubt(&seqs).await?;
+            self.unknown.notify_one();
         }
         Ok(seqs)
+    }
+
+    /// Writes a stop left in doubt (logged as unknown outcomes at start-up)
+    /// may still land until the settle period after they were sent: writes
+    /// that conflict with them are refused until then.
+    pub async fn hold_in_doubt(&self, seqs: &[i64]) -> anyhow::Result<()> {
+        for seq in seqs {
+            let Some(op) = self.store.get_op(*seq).await? else {
+                continue;
+            };
+            let age = crate::keystone::client::parse_rfc3339(&op.created_at)
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            let left = self.settle.saturating_sub(age);
+            let touches = self.store.op_touches(*seq).await?;
+            self.in_doubt.hold(&touches, Instant::now() + left);
+        }
+        Ok(())
     }
 
     /// The op IDs of the captures running now.

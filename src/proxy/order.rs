@@ -13,6 +13,43 @@ use crate::keystone::touches::Touch;
 
 const STRIPES: usize = 1024;
 
+/// The keys of writes whose outcome is unknown, until they can no longer land
+/// upstream: a write that conflicts with one is refused meanwhile (it could
+/// otherwise be applied before it although logged after it).
+#[derive(Default)]
+pub struct InDoubt(std::sync::Mutex<std::collections::HashMap<String, (bool, std::time::Instant)>>);
+
+impl InDoubt {
+    /// Holds `touches` until `until`.
+    pub fn hold(&self, touches: &[Touch], until: std::time::Instant) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        map.retain(|_, (_, u)| *u > now);
+        for t in touches {
+            let e = map.entry(t.key.clone()).or_insert((t.exclusive, until));
+            e.0 |= t.exclusive;
+            e.1 = e.1.max(until);
+        }
+    }
+
+    /// How long until no write in doubt conflicts with `touches` (shares a key
+    /// one of the two changes); `None` when none does.
+    pub fn conflict(&self, touches: &[Touch]) -> Option<std::time::Duration> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        touches
+            .iter()
+            .filter_map(|t| {
+                let (exclusive, until) = map.get(&t.key)?;
+                (*until > now && (*exclusive || t.exclusive)).then(|| *until - now)
+            })
+            .max()
+    }
+}
+
 pub struct EntityLocks {
     stripes: Vec<Arc<RwLock<()>>>,
 }

@@ -570,6 +570,14 @@ pub struct CentralArgs {
           value_parser = config::parse_duration)]
     pub upstream_timeout: Duration,
 
+    /// How long a write the upstream did not answer (or the gateway could not
+    /// log) may still land there: its outcome is concluded "not applied" only
+    /// after, and the ops after it wait to be published meanwhile. Longer than
+    /// Keystone can hold a request (load balancer and database lock timeouts).
+    #[arg(long, env = "SYNCGATE_UPSTREAM_SETTLE", default_value = "120s",
+          value_parser = config::parse_duration)]
+    pub upstream_settle: Duration,
+
     /// Largest replicable write body accepted (larger: 413).
     #[arg(long, env = "SYNCGATE_MAX_CAPTURE_BODY", default_value = "1MiB",
           value_parser = config::parse_size)]
@@ -790,6 +798,7 @@ impl CentralArgs {
             db: self.db,
             public_url: self.public_url,
             upstream_timeout: self.upstream_timeout,
+            upstream_settle: self.upstream_settle,
             max_capture_body: self.max_capture_body,
             replicate: self.replicate.0,
             broker_client_auth: client_token

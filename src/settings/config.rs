@@ -30,6 +30,9 @@ pub struct CentralConfig {
     pub public_url: Option<Url>,
     /// How long to wait for the upstream's response headers.
     pub upstream_timeout: Duration,
+    /// How long a write forwarded without a whole answer may still land at the
+    /// upstream: its unknown outcome is concluded "not applied" only after.
+    pub upstream_settle: Duration,
     /// Largest replicable write body that is buffered and captured.
     pub max_capture_body: usize,
     /// The route classes that are replicated.
@@ -218,6 +221,7 @@ impl CentralConfig {
             db: db.into(),
             public_url: None,
             upstream_timeout: Duration::from_secs(30),
+            upstream_settle: Duration::from_secs(120),
             max_capture_body: 1024 * 1024,
             replicate: RouteClass::default_set(),
             broker: BrokerMode::Embedded(BrokerConfig {

@@ -199,14 +199,15 @@ async fn write_all(
         q.push(
             ") INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
                                 upstream_status, request_id, detail, refs, traceparent,
-                                created_at, logged_at)
+                                created_at, logged_at, resolution)
                SELECT ",
         );
         q.push_bind(base);
         q.push(format!(
             " + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method, i.path, i.class,
                  i.kind, v.created_ids, COALESCE(v.body, i.body), v.status, v.request_id, v.detail,
-                 i.refs, i.traceparent, i.created_at, {NOW}
+                 i.refs, i.traceparent, i.created_at, {NOW},
+                 CASE WHEN v.state = 'unknown_outcome' THEN 'pending' END
                FROM v JOIN intents i ON i.op_id = v.op_id
                ORDER BY v.ord
                RETURNING op_id, seq"

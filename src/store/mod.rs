@@ -126,6 +126,10 @@ pub struct OpRow {
     /// The write's W3C trace context, when it had one.
     #[sqlx(default)]
     pub traceparent: Option<String>,
+    /// For a write whose outcome was unknown: `pending`, `applied`,
+    /// `not_applied` or `unresolvable` (see migration 0008).
+    #[sqlx(default)]
+    pub resolution: Option<String>,
 }
 
 /// Filter for listing ops, oldest first.
@@ -135,6 +139,8 @@ pub struct OpFilter {
     pub limit: i64,
     pub kind: Option<String>,
     pub state: Option<OpState>,
+    /// Only ops up to this seq.
+    pub through: Option<i64>,
 }
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -484,12 +490,39 @@ impl Store {
     /// Logs these intents as `unknown_outcome` ops, in order; an intent already
     /// closed meanwhile is passed over. Returns the seqs given.
     pub async fn log_unknown(&self, op_ids: &[Uuid], detail: &str) -> Result<Vec<i64>, StoreError> {
-        let outcome = Outcome {
-            detail: Some(detail.to_string()),
-            ..Outcome::default()
-        };
         let mut seqs = Vec::with_capacity(op_ids.len());
         for op_id in op_ids {
+            // The keys it touches, so that a re-drive, and writes after it,
+            // are ordered against it.
+            let intent: Option<(String, String, Option<String>)> =
+                sqlx::query_as("SELECT method, path, body FROM intents WHERE op_id = ?")
+                    .bind(op_id.to_string())
+                    .fetch_optional(&self.writer)
+                    .await?;
+            let touches = intent
+                .map(|(method, path, body)| {
+                    let route_path = path.split('?').next().unwrap_or(&path);
+                    let crate::keystone::Classification::Replicable(route) =
+                        crate::keystone::classify(&method, route_path)
+                    else {
+                        return Vec::new();
+                    };
+                    let body = body
+                        .and_then(|b| self.open_body(&op_id.to_string(), b).ok())
+                        .and_then(|b| serde_json::from_str(&b).ok());
+                    crate::keystone::touches::normalise(crate::keystone::touches::touches(
+                        &route,
+                        &method,
+                        &path,
+                        body.as_ref(),
+                    ))
+                })
+                .unwrap_or_default();
+            let outcome = Outcome {
+                detail: Some(detail.to_string()),
+                touches,
+                ..Outcome::default()
+            };
             match self
                 .commit_intent(*op_id, OpState::UnknownOutcome, &outcome)
                 .await
@@ -570,9 +603,108 @@ impl Store {
         if let Some(state) = filter.state {
             q.push(" AND state = ").push_bind(state.as_str());
         }
+        if let Some(through) = filter.through {
+            q.push(" AND seq <= ").push_bind(through);
+        }
         q.push(" ORDER BY seq LIMIT ").push_bind(filter.limit);
         let rows: Vec<OpRow> = q.build_query_as().fetch_all(&self.reader).await?;
         rows.into_iter().map(|r| self.open_row(r)).collect()
+    }
+
+    /// The last op edges may have: every op before the first whose unknown
+    /// outcome is still being resolved (it, and all after it, wait).
+    pub async fn publishable_through(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE((SELECT MIN(seq) - 1 FROM ops WHERE resolution = 'pending'),
+                             (SELECT MAX(seq) FROM ops), 0)",
+        )
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    /// Ops whose unknown outcome is to be resolved, oldest first.
+    pub async fn pending_resolutions(&self, limit: i64) -> Result<Vec<OpRow>, StoreError> {
+        let rows: Vec<OpRow> =
+            sqlx::query_as("SELECT * FROM ops WHERE resolution = 'pending' ORDER BY seq LIMIT ?")
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await?;
+        rows.into_iter().map(|r| self.open_row(r)).collect()
+    }
+
+    /// Records what became of a write whose outcome was unknown: applied (the
+    /// op becomes committed, with the IDs found and the body to replay), not
+    /// applied, or unresolvable.
+    pub async fn resolve_op(
+        &self,
+        seq: i64,
+        op_id: &str,
+        resolution: &crate::keystone::resolve::Resolution,
+    ) -> Result<(), StoreError> {
+        use crate::keystone::resolve::Resolution;
+        let mut tx = self.writer.begin().await?;
+        match resolution {
+            Resolution::Applied {
+                created_ids,
+                body,
+                detail,
+            } => {
+                let body = body.as_ref().map(|b| self.seal_body(op_id, &b.to_string()));
+                sqlx::query(
+                    "UPDATE ops SET state = 'committed', resolution = 'applied',
+                         detail = COALESCE(detail || '; ', '') || ?,
+                         created_ids = ?, body = COALESCE(?, body)
+                     WHERE seq = ? AND resolution = 'pending'",
+                )
+                .bind(detail)
+                .bind(serde_json::to_string(created_ids).expect("strings serialize"))
+                .bind(body)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+                for t in crate::keystone::touches::created(created_ids) {
+                    sqlx::query(
+                        "INSERT OR IGNORE INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?)",
+                    )
+                    .bind(&t.key)
+                    .bind(seq)
+                    .bind(t.exclusive)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            Resolution::NotApplied { detail } | Resolution::Unresolvable { detail } => {
+                let label = if matches!(resolution, Resolution::NotApplied { .. }) {
+                    "not_applied"
+                } else {
+                    "unresolvable"
+                };
+                sqlx::query(
+                    "UPDATE ops SET resolution = ?, detail = COALESCE(detail || '; ', '') || ?
+                     WHERE seq = ? AND resolution = 'pending'",
+                )
+                .bind(label)
+                .bind(detail)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Whether an op of the log other than `seq` created or changed the entity
+    /// with this ID (the op's keys, indexed).
+    pub async fn touched_by_another_op(&self, id: &str, seq: i64) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT EXISTS (SELECT 1 FROM op_keys WHERE key = ? AND seq != ?)",
+        )
+        .bind(id)
+        .bind(seq)
+        .fetch_one(&self.reader)
+        .await?
+            != 0)
     }
 
     /// The oldest seq the op log still holds.
@@ -980,6 +1112,7 @@ mod tests {
             limit: 10,
             kind: None,
             state: Some(OpState::Committed),
+            through: None,
         };
         let seqs: Vec<_> = store
             .list_ops(&filter)
@@ -994,6 +1127,7 @@ mod tests {
             limit: 1,
             kind: Some("project".into()),
             state: None,
+            through: None,
         };
         let seqs: Vec<_> = store
             .list_ops(&filter)
@@ -1008,6 +1142,7 @@ mod tests {
             limit: 10,
             kind: Some("user".into()),
             state: None,
+            through: None,
         };
         assert!(store.list_ops(&filter).await.unwrap().is_empty());
         store.check_writable().await.unwrap();

@@ -127,13 +127,18 @@ impl Store {
             .fetch_optional(&self.writer)
             .await?;
         let next = crate::protocol::control::next_session(last.unwrap_or(0).max(0) as u64);
-        sqlx::query(
+        let kept = sqlx::query(
             "INSERT INTO meta (key, value) VALUES ('session', ?)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(next as i64)
         .execute(&self.writer)
-        .await?;
+        .await;
+        if let Err(e) = kept {
+            // Still higher than any before (it is at least the clock); the
+            // next start draws one higher again from its own clock.
+            tracing::warn!(error = %e, "this start's session number could not be kept");
+        }
         Ok(next)
     }
 
@@ -327,11 +332,15 @@ impl Store {
     ) -> Result<Vec<DeliveryRow>, StoreError> {
         Ok(sqlx::query_as(&format!(
             "SELECT e.id AS edge,
-                    COALESCE(d.state, CASE WHEN o.seq <= e.acked_seq THEN 'applied'
-                                           WHEN o.logged_at < {OLDER} THEN 'timed_out'
-                                           ELSE 'pending' END) AS state,
+                    CASE WHEN {UNRESOLVED} THEN 'unresolved'
+                         ELSE COALESCE(d.state, CASE WHEN o.seq <= e.acked_seq THEN 'applied'
+                                                     WHEN o.logged_at < {OLDER} THEN 'timed_out'
+                                                     ELSE 'pending' END) END AS state,
                     d.status,
-                    CASE WHEN d.state IS NULL AND o.seq > e.acked_seq AND o.logged_at < {OLDER}
+                    CASE WHEN {UNRESOLVED} THEN o.detail
+                         WHEN d.state IS NULL AND o.seq > e.acked_seq AND o.resolution = 'pending'
+                         THEN '{RESOLVING}'
+                         WHEN d.state IS NULL AND o.seq > e.acked_seq AND o.logged_at < {OLDER}
                          THEN ? ELSE d.detail END AS detail,
                     COALESCE({}, o.logged_at) AS since,
                     COALESCE({}, o.logged_at) AS updated_at
@@ -391,14 +400,20 @@ impl Store {
         .bind(older(ack_timeout))
         .fetch_one(&self.reader)
         .await?;
-        let edges: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        let edges: Vec<(String, i64, i64, i64)> = sqlx::query_as(&format!(
             "SELECT e.id, e.acked_seq,
                     (SELECT COUNT(*) FROM deliveries d
-                     WHERE d.edge = e.id AND d.seq > e.acked_seq AND d.seq <= ?),
+                     WHERE d.edge = e.id AND d.seq > e.acked_seq AND d.seq <= ?1)
+                    + (SELECT COUNT(*) FROM ops o
+                       WHERE o.resolution = 'unresolvable' AND o.seq > e.acked_seq AND o.seq <= ?1
+                         AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                         WHERE d.seq = o.seq AND d.edge = e.id)),
                     (SELECT COUNT(*) FROM deliveries d
                      WHERE d.state = 'failed' AND d.edge = e.id)
+                    + (SELECT COUNT(*) FROM ops o
+                       WHERE o.resolution = 'unresolvable' AND {UNRESOLVED})
              FROM edges e ORDER BY e.id",
-        )
+        ))
         .bind(old)
         .fetch_all(&self.reader)
         .await?;
@@ -431,10 +446,18 @@ impl Store {
                  WHERE d.state = 'failed' AND (?1 IS NULL OR d.edge = ?1)
                  UNION ALL
                  SELECT o.seq, o.op_id, e.id, 'timed_out', o.kind, o.method, o.path, NULL,
-                        ?2, o.logged_at, NULL
+                        CASE WHEN o.resolution = 'pending' THEN '{RESOLVING}' ELSE ?2 END,
+                        o.logged_at, NULL
                  FROM edges e JOIN ops o ON o.seq > e.acked_seq
                  WHERE o.logged_at < {OLDER_3} AND (?1 IS NULL OR e.id = ?1)
+                   AND o.resolution IS NOT 'unresolvable'
                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = o.seq AND d.edge = e.id)
+                 UNION ALL
+                 SELECT o.seq, o.op_id, e.id, 'unresolved', o.kind, o.method, o.path, NULL,
+                        o.detail, o.logged_at, NULL
+                 FROM ops o JOIN edges e
+                 WHERE o.resolution = 'unresolvable' AND {UNRESOLVED}
+                   AND (?1 IS NULL OR e.id = ?1)
              ) ORDER BY edge, seq LIMIT ?4",
             iso("d.updated_ms")
         ))
@@ -461,6 +484,15 @@ pub struct DeliveryCounts {
     pub failed: i64,
     pub timed_out: i64,
 }
+
+/// SQL: the op `o` is unresolvable and no completed resync of edge `e` has
+/// brought that edge to central's state past it.
+const UNRESOLVED: &str = "o.resolution = 'unresolvable' AND NOT EXISTS (SELECT 1 FROM resyncs r
+     WHERE r.edge = e.id AND r.phase = 'done' AND r.fence >= o.seq)";
+/// What an op waiting for its outcome to be resolved shows.
+/// (Set in SQL between single quotes: no quote in it.)
+const RESOLVING: &str = "its outcome at central is being resolved (the central identity \
+     service is asked); it and the ops after it wait to be published";
 
 /// SQL for "before now less the bound parameter" on an ISO timestamp column.
 const OLDER: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)";

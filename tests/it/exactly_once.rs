@@ -652,3 +652,132 @@ async fn look_alike_creates_in_a_crashed_batch_each_keep_their_own_entity() {
     );
     env.shutdown().await;
 }
+
+/// Central killed while writes were in flight: at start-up each is resolved
+/// against central's Keystone within seconds and what happened is published
+/// (a create found reaches the edge; one never applied is skipped); what
+/// cannot be checked (a password change) is out of sync at every edge with
+/// the reason, until a resync of that edge.
+#[tokio::test]
+async fn writes_a_killed_central_left_in_doubt_are_resolved_and_published() {
+    let mut env = sync_env(&["edge-a"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "known"}}))
+        .await;
+    env.assert_in_sync().await;
+    let in_flight = |path: String, method: &'static str, body: Value| {
+        let http = env.http.clone();
+        let url = format!("{}{path}", env.proxy);
+        let token = env.token().to_string();
+        tokio::spawn(async move {
+            let _ = http
+                .request(method.parse().unwrap(), url)
+                .header("x-auth-token", token)
+                .json(&body)
+                .send()
+                .await;
+        })
+    };
+    // Applied at central's Keystone, never answered.
+    env.central_site.state.lock().unwrap().hang_after_next_write = true;
+    let created = in_flight(
+        "/v3/users".into(),
+        "POST",
+        json!({"user": {"name": "in-doubt", "password": "pw-doubt-1"}}),
+    );
+    env.until("central's Keystone applied it", || async {
+        env.central_site.id_of("user", "in-doubt").is_some()
+    })
+    .await;
+    // A password change applied and never answered.
+    env.central_site.state.lock().unwrap().hang_after_next_write = true;
+    let changed = in_flight(
+        format!("/v3/users/{u}"),
+        "PATCH",
+        json!({"user": {"password": "pw-changed-2"}}),
+    );
+    env.until("central's Keystone applied it", || async {
+        env.central_site.writes() >= 3
+    })
+    .await;
+    // Held before central's Keystone applies it: the gateway's death ends it.
+    env.central_site.state.lock().unwrap().delay_next = Some(Duration::from_secs(30));
+    let never = in_flight(
+        "/v3/projects".into(),
+        "POST",
+        json!({"project": {"name": "never"}}),
+    );
+    env.until("it reached central's Keystone", || async {
+        env.central_site.state.lock().unwrap().delay_next.is_none()
+    })
+    .await;
+    env.kill_central_and_restart().await;
+    for t in [created, changed, never] {
+        let _ = t.await;
+    }
+    env.until("the three are resolved and published", || async {
+        let ops = env.audit("/v1/ops").await;
+        let ops = ops["ops"].as_array().unwrap().clone();
+        ops.len() == 4
+            && ops
+                .iter()
+                .skip(1)
+                .all(|o| o["resolution"].as_str().is_some_and(|r| r != "pending"))
+    })
+    .await;
+    let ops = env.audit("/v1/ops").await["ops"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let by_path = |m: &str, p: &str| {
+        ops.iter()
+            .skip(1)
+            .find(|o| o["method"] == m && o["path"].as_str().unwrap().starts_with(p))
+            .unwrap()
+            .clone()
+    };
+    let create = by_path("POST", "/v3/users");
+    assert_eq!(
+        (create["state"].as_str(), create["resolution"].as_str()),
+        (Some("committed"), Some("applied")),
+        "{create}"
+    );
+    assert_eq!(
+        create["created_ids"][0],
+        env.central_site.id_of("user", "in-doubt").unwrap()
+    );
+    let never = by_path("POST", "/v3/projects");
+    assert_eq!(never["resolution"], "not_applied", "{never}");
+    let change = by_path("PATCH", "/v3/users/");
+    assert_eq!(change["resolution"], "unresolvable", "{change}");
+    env.until("the created user reached the edge", || async {
+        env.edges[0].site.id_of("user", "in-doubt").is_some()
+    })
+    .await;
+    assert!(env.edges[0].site.id_of("project", "never").is_none());
+    let oos = env.audit("/v1/out-of-sync").await;
+    let rows = oos["out_of_sync"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{oos}");
+    assert_eq!(rows[0]["state"], "unresolved");
+    assert!(
+        rows[0]["detail"].as_str().unwrap().contains("password"),
+        "{oos}"
+    );
+    assert!(!oos.to_string().contains("pw-changed-2"));
+    // A resync of the edge brings it to central's state: in sync again.
+    let resp = env
+        .http
+        .post(format!("{}/v1/edges/edge-a/resync", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    env.until("nothing out of sync", || async {
+        env.audit("/v1/out-of-sync").await["out_of_sync"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    env.shutdown().await;
+}

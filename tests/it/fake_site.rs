@@ -39,6 +39,11 @@ pub struct SiteState {
     pub fail_next: Vec<u16>,
     /// Creates made, by kind (to prove nothing is applied twice).
     pub creates: HashMap<String, usize>,
+    /// Creates answered 409 because what they create exists already.
+    pub conflicts: usize,
+    /// Every write handled, in order: method, path, status (for a failing
+    /// test's report).
+    pub journal: Vec<String>,
     /// Create requests received, by collection, whatever the answer (a
     /// second create of a named entity is answered 409 and makes nothing).
     pub create_requests: HashMap<String, usize>,
@@ -358,7 +363,10 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
         let state = state.clone();
         let late = tokio::spawn(async move {
             tokio::time::sleep(d).await;
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
             let resp = handle_now(state.clone(), req).await;
+            let line = format!("{method} {path} {} (held)", resp.status().as_u16());
+            state.lock().unwrap().journal.push(line);
             state.lock().unwrap().held_done += 1;
             resp
         });
@@ -372,7 +380,12 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
     }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let resp = handle_now(state.clone(), req).await;
+    if write {
+        let line = format!("{method} {path} {}", resp.status().as_u16());
+        state.lock().unwrap().journal.push(line);
+    }
     let jitter = if write {
         state.lock().unwrap().answer_jitter
     } else {
@@ -637,6 +650,7 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 e["name"] == name.as_str() && e["domain_id"].as_str() == domain.as_deref()
             });
             if duplicate {
+                st.conflicts += 1;
                 return error(
                     StatusCode::CONFLICT,
                     &format!("Conflict occurred attempting to store {kind} - Duplicate entry."),
@@ -706,6 +720,12 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             st.grants.retain(|g| !g.contains(&id));
             st.members.retain(|(g, u)| *g != id && *u != id);
             st.implied.retain(|(p, i)| *p != id && *i != id);
+            // As Keystone does: a user's credentials go with the user.
+            if kind == "user" {
+                if let Some(creds) = st.unnamed.get_mut("credential") {
+                    creds.retain(|_, c| c["user_id"] != id.as_str());
+                }
+            }
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
         (Method::POST, ["v3", "users", id, "password"]) => {
@@ -729,6 +749,26 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             }
             st.passwords.insert(id.to_string(), new.to_string());
             reply(StatusCode::NO_CONTENT, Value::Null)
+        }
+        // Checks, as Keystone answers them: 204 when it exists, else 404.
+        (Method::GET | Method::HEAD, ["v3", "groups", g, "users", u]) => {
+            let key = (g.to_string(), u.to_string());
+            check_answer(st.members.contains(&key))
+        }
+        (Method::GET | Method::HEAD, rest) if grant_key(rest).is_some() => {
+            let (key, _) = grant_key(rest).unwrap();
+            check_answer(st.grants.contains(&key))
+        }
+        (Method::GET, ["v3", "roles", p, "implies", i]) => {
+            let key = (p.to_string(), i.to_string());
+            if st.implied.contains(&key) {
+                reply(
+                    StatusCode::OK,
+                    json!({"role_inference": {"prior_role": {"id": p}, "implies": {"id": i}}}),
+                )
+            } else {
+                error(StatusCode::NOT_FOUND, "No such inference.")
+            }
         }
         (m, ["v3", "groups", g, "users", u]) if m == Method::PUT || m == Method::DELETE => {
             if !exists(&st, "group", g) || !exists(&st, "user", u) {
@@ -894,6 +934,15 @@ fn unnamed(
             ),
         },
         _ => error(StatusCode::NOT_FOUND, "The resource could not be found."),
+    }
+}
+
+/// The answer to a check of whether something exists.
+fn check_answer(exists: bool) -> Response {
+    if exists {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, "Not found.")
     }
 }
 

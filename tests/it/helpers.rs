@@ -26,7 +26,10 @@ pub struct TestApp {
 }
 
 pub fn config_for(fake: &FakeKeystone, db_url: &str) -> CentralConfig {
-    CentralConfig::for_upstream(parse_base_url(&fake.url()).unwrap(), db_url)
+    let mut config = CentralConfig::for_upstream(parse_base_url(&fake.url()).unwrap(), db_url);
+    // Writes the tests leave in doubt are concluded quickly.
+    config.upstream_settle = Duration::from_secs(1);
+    config
 }
 
 pub async fn spawn_app() -> TestApp {

@@ -37,6 +37,30 @@ impl Running {
         self.task.await.unwrap().unwrap();
     }
 
+    /// If it has ended on its own (a process that exited), how.
+    pub async fn exited(&mut self) -> Option<String> {
+        if !self.task.is_finished() {
+            return None;
+        }
+        Some(match (&mut self.task).await {
+            Ok(Ok(())) => "ended".into(),
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(e) => e.to_string(),
+        })
+    }
+
+    /// Stops it, whatever it ends with (a process that exits with an error,
+    /// as one whose disk is full may), within a minute.
+    pub async fn stop_whatever(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        if tokio::time::timeout(Duration::from_secs(60), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+    }
+
     /// As `kill -9`: the task is dropped wherever it is.
     pub async fn kill(self) {
         self.task.abort();
@@ -139,6 +163,8 @@ pub async fn sync_env(
     let db = format!("sqlite://{}", dir.path().join("central.db").display());
     let mut config = CentralConfig::for_upstream(parse_base_url(&central_site.url()).unwrap(), db);
     config.service_credentials = Some(admin_credentials(&central_site));
+    // Writes the tests leave in doubt are concluded quickly.
+    config.upstream_settle = Duration::from_secs(1);
     config.sync.edges = edges.iter().map(|e| e.to_string()).collect();
     if let Some(url) = &external_broker {
         config.broker =
@@ -319,15 +345,27 @@ impl SyncEnv {
         (running, admin)
     }
 
+    /// Kills central as `kill -9` would (its task dropped wherever it is) and
+    /// starts it again on the same op log.
+    pub async fn kill_central_and_restart(&mut self) {
+        self.central.take().unwrap().kill().await;
+        self.start_central_again(|_| {}).await;
+    }
+
     /// Stops central and starts it again on the same op log.
     pub async fn restart_central(&mut self, tweak: impl FnOnce(&mut CentralConfig)) {
         self.central.take().unwrap().stop().await;
+        self.start_central_again(tweak).await;
+    }
+
+    async fn start_central_again(&mut self, tweak: impl FnOnce(&mut CentralConfig)) {
         let db = format!("sqlite://{}", self.dir.path().join("central.db").display());
         let mut config =
             CentralConfig::for_upstream(parse_base_url(&self.central_site.url()).unwrap(), db);
         config.service_credentials = Some(admin_credentials(&self.central_site));
         config.sync.edges = self.edges.iter().map(|e| e.id.clone()).collect();
         config.sync.key = self.key.clone();
+        config.upstream_settle = Duration::from_secs(1);
         let addr: std::net::SocketAddr = self
             .broker_url
             .trim_start_matches("nats://")
@@ -675,7 +713,11 @@ async fn a_restarted_edge_catches_up_and_duplicates_are_harmless() {
         created_at: String::new(),
         logged_at: String::new(),
         traceparent: None,
+        resolution: None,
     };
+    // Counted as requests: a second create would be answered 409 and adopted,
+    // so counting what the site made could not tell.
+    let requests = env.edges[0].site.create_requests("projects");
     let env_msg = syncgate::central::sync::envelope(&sealer, &row);
     nats.publish("syncgate.ops", serde_json::to_vec(&env_msg).unwrap().into())
         .await
@@ -688,7 +730,11 @@ async fn a_restarted_edge_catches_up_and_duplicates_are_harmless() {
     )
     .await;
     env.assert_in_sync().await;
-    assert_eq!(env.edges[0].site.creates(), 7);
+    assert_eq!(
+        env.edges[0].site.create_requests("projects"),
+        requests + 1,
+        "only the new project was sent; op 1 was acknowledged again"
+    );
     env.shutdown().await;
 }
 

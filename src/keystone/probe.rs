@@ -1,6 +1,7 @@
-//! Finds out whether a create was already applied here by an earlier attempt
-//! whose answer was lost (a crash between the call and the commit, a broken
-//! connection), so that it is not sent twice. Each kind is looked up by what
+//! Finds out whether a create was applied at a site although its answer was
+//! lost: at an edge, by an earlier attempt (a crash between the call and the
+//! commit, a broken connection), so that it is not sent twice; at central, a
+//! write whose outcome is unknown (see `resolve`). Each kind is looked up by what
 //! identifies it at a site: the ID Keystone keeps (domains, regions, objects
 //! created by `PUT`), the natural key (name within a domain), the unique
 //! `(service, region, resource)` of registered limits and `(project or domain,
@@ -12,10 +13,9 @@
 use reqwest::Method;
 use serde_json::Value;
 
-use super::apply::Transient;
-use crate::keystone::client::{encode, KeystoneClient};
-use crate::keystone::ids::natural_key;
-use crate::keystone::Creates;
+use super::client::{encode, ClientError, KeystoneClient, Reply};
+use super::ids::natural_key;
+use super::Creates;
 
 /// What a look for a create found.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub async fn find_created(
     creates: Creates,
     path: &str,
     body: Option<&Value>,
-) -> Result<Found, Transient> {
+) -> Result<Found, ClientError> {
     if creates == Creates::FromUrl {
         let reply = keystone.send(Method::GET, path, None).await?;
         check(&reply)?;
@@ -114,7 +114,7 @@ pub async fn look_alikes(
     kind: &str,
     path: &str,
     body: Option<&Value>,
-) -> Result<Vec<String>, Transient> {
+) -> Result<Vec<String>, ClientError> {
     let Some(body) = body else {
         return Ok(Vec::new());
     };
@@ -193,7 +193,7 @@ async fn by_name(
     keystone: &KeystoneClient,
     kind: &str,
     entity: &Value,
-) -> Result<Found, Transient> {
+) -> Result<Found, ClientError> {
     let Some((name, domain)) = natural_key(kind, entity) else {
         return Ok(Found::Nothing);
     };
@@ -231,7 +231,7 @@ async fn find(
     query: &str,
     wanted: &Value,
     fields: &[&str],
-) -> Result<Vec<String>, Transient> {
+) -> Result<Vec<String>, ClientError> {
     let reply = keystone
         .send(Method::GET, &format!("/v3/{collection}{query}"), None)
         .await?;
@@ -255,10 +255,10 @@ async fn find(
         .collect())
 }
 
-fn check(reply: &crate::keystone::client::Reply) -> Result<(), Transient> {
+fn check(reply: &Reply) -> Result<(), ClientError> {
     if reply.status >= 500 || reply.status == 429 {
-        return Err(Transient::new(format!(
-            "edge identity service answered HTTP {} to a look-up",
+        return Err(ClientError::Unreachable(format!(
+            "the identity service answered HTTP {} to a look-up",
             reply.status
         )));
     }
