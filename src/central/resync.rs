@@ -354,6 +354,28 @@ impl Resyncer {
         }
     }
 
+    /// The kinds and keys of what the deletes logged up to `through` removed.
+    async fn deleted_keys(&self, through: i64) -> Result<HashSet<(String, String)>, Failure> {
+        let mut out = HashSet::new();
+        let mut after = 0;
+        loop {
+            let rows = self
+                .store
+                .deletes(after, through, 1000)
+                .await
+                .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+            let Some(last) = rows.last().map(|r| r.0) else {
+                return Ok(out);
+            };
+            for (_, path, refs) in &rows {
+                let refs: Vec<crate::protocol::messages::EntityRef> =
+                    serde_json::from_str(refs).unwrap_or_default();
+                out.extend(state::deleted_key(path, &refs));
+            }
+            after = last;
+        }
+    }
+
     async fn read_central(&self) -> Result<Vec<Entity>, Failure> {
         let ks = self.keystone().map_err(|e| Failure::Fatal(e.to_string()))?;
         state::read(ks)
@@ -465,8 +487,12 @@ impl Resyncer {
         let central = self.holding(edge, self.read_central()).await?;
         self.progress(edge, "reading the edge's state", Some(fence), 0, 0)
             .await;
-        let (at_edge, _, _) = self.holding(edge, self.edge_state(edge)).await?;
-        let mut plan = Plan::new(&central, &at_edge, prune);
+        let (mut at_edge, _, _) = self.holding(edge, self.edge_state(edge)).await?;
+        state::in_central_terms(&mut at_edge, &central);
+        // What central deleted and the edge still holds is deleted there,
+        // prune or not: it is central's delete the edge has not applied.
+        let deleted = self.deleted_keys(fence).await?;
+        let mut plan = Plan::new(&central, &at_edge, prune, &deleted);
         // A user the op log saw get a password gets it again at the edge.
         let created: HashSet<&str> = plan
             .groups
@@ -691,7 +717,8 @@ impl Resyncer {
         // Compared once the edge has applied every op up to the fence.
         let deadline = Instant::now() + CATCH_UP_WAIT;
         let (at_edge, after) = loop {
-            let (at_edge, cursor_before, cursor_after) = self.edge_state(edge).await?;
+            let (mut at_edge, cursor_before, cursor_after) = self.edge_state(edge).await?;
+            state::in_central_terms(&mut at_edge, &central);
             if cursor_before >= fence {
                 break (at_edge, cursor_after);
             }
@@ -949,7 +976,15 @@ fn planned(
 }
 
 impl Plan {
-    fn new(central: &[Entity], edge: &[Entity], prune: bool) -> Plan {
+    /// `deleted`: what central deleted (kind, key); held at the edge only, it
+    /// is deleted there with or without `prune`, as is what the edge maps from
+    /// an ID central no longer has.
+    fn new(
+        central: &[Entity],
+        edge: &[Entity],
+        prune: bool,
+        deleted: &HashSet<(String, String)>,
+    ) -> Plan {
         // Central's ID of what the edge already maps (its IDs come as central's).
         let maps = state::matched_ids(central, edge)
             .filter(|(c, e)| e.ids.first().is_none_or(|mapped| *mapped != c.id))
@@ -982,8 +1017,11 @@ impl Plan {
                 }
                 Category::OnlyAtEdge => {
                     let e = &edge[d.edge.expect("the edge's side")];
-                    only_at_edge.push((e.kind.clone(), e.key.clone()));
-                    if prune {
+                    let gone = e.mapped || deleted.contains(&(e.kind.clone(), e.key.clone()));
+                    if !gone {
+                        only_at_edge.push((e.kind.clone(), e.key.clone()));
+                    }
+                    if prune || gone {
                         for call in e.delete() {
                             let group = (
                                 1,

@@ -87,6 +87,9 @@ pub struct Attempt {
     /// Earlier attempts were made by a version that kept no such marks: what
     /// looks like the entity is claimed without them.
     pub unmarked: bool,
+    /// The op comes after a resync's fence, and the state the resync applied
+    /// was read after it: what the op changes may be gone already.
+    pub after_resync: bool,
 }
 
 pub struct Applier<'a> {
@@ -258,6 +261,25 @@ impl Applier<'_> {
                 changes: Commit {
                     map_adds: adds,
                     map_removes: removes,
+                    advance: true,
+                },
+            });
+        }
+        if reply.status == 404 && attempt.after_resync && creates == Creates::No {
+            // The resync applied central's state as it was after this op: a
+            // later write there removed what this one changes.
+            return Ok(Applied {
+                outcome: Outcome::Applied,
+                status: Some(reply.status),
+                detail: Some(
+                    "what it changes is gone here: the resync applied central's state from after \
+                     it, in which a later write removed it"
+                        .into(),
+                ),
+                edge_ids: Vec::new(),
+                changes: Commit {
+                    map_adds: adds,
+                    map_removes: Vec::new(),
                     advance: true,
                 },
             });

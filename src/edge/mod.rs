@@ -289,6 +289,7 @@ impl Edge {
             hold_until: Mutex::new(None),
             unmarked_through,
             settle: self.config.upstream_settle,
+            resynced_through: AtomicI64::new(0),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
@@ -422,6 +423,9 @@ struct Runner {
     unmarked_through: i64,
     /// How long an attempt whose answer never came may still reach the site.
     settle: Duration,
+    /// Ops up to here come after the last resync's fence, whose state was read
+    /// after them (see `apply::Attempt::after_resync`).
+    resynced_through: AtomicI64,
 }
 
 /// The ops of the batch being built, and what their acks need.
@@ -729,6 +733,7 @@ impl Runner {
             },
             marks: true,
             unmarked: op.seq <= self.unmarked_through,
+            after_resync: op.seq <= self.resynced_through.load(Ordering::Relaxed),
         };
         if directed && op.state == "committed" {
             if let Err(e) = self.store.mark_inflight(op.seq, &op.op_id, None).await {

@@ -111,14 +111,35 @@ impl StateServer {
             .reverse_map()
             .await
             .map_err(|e| format!("edge database: {e}"))?;
+        let central = |id: &str| central_of.get(id).cloned();
         for e in &mut entities {
             // Central needs no edge's raw entity but to delete it (prune).
             if let Some(raw) = e.raw.as_mut().and_then(|r| r.as_object_mut()) {
                 raw.remove("blob");
             }
+            // IDs this edge maps are given as central's, wherever they are.
+            e.mapped = !e.id.is_empty() && central_of.contains_key(e.id.as_str());
             for id in &mut e.ids {
-                if let Some(c) = central_of.get(id.as_str()) {
-                    *id = c.clone();
+                if let Some(c) = central(id) {
+                    *id = c;
+                }
+            }
+            for part in &mut e.parts {
+                if let crate::keystone::state::Part::Ref { id, .. } = part {
+                    if let Some(c) = central(id) {
+                        *id = c;
+                    }
+                }
+            }
+            for (_, id) in e.field_refs.values_mut() {
+                if let Some(c) = central(id) {
+                    *id = c;
+                }
+            }
+            if let Some(path) = e.raw.as_ref().and_then(|r| r["path"].as_str()) {
+                let translated = crate::keystone::ids::rewrite_path(path, &central);
+                if let Some(raw) = e.raw.as_mut().and_then(|r| r.as_object_mut()) {
+                    raw.insert("central_path".into(), serde_json::Value::String(translated));
                 }
             }
         }
@@ -233,6 +254,8 @@ impl Runner {
                             self.status.cursor.fetch_max(fence, Ordering::Relaxed);
                             self.applied_to.fetch_max(fence, Ordering::Relaxed);
                             self.uncertain_through
+                                .fetch_max(uncertain_through, Ordering::Relaxed);
+                            self.resynced_through
                                 .fetch_max(uncertain_through, Ordering::Relaxed);
                             if let Err(e) = self.store.set_flag(INITIAL_SYNC_DONE).await {
                                 error!(error = %e, "cannot record that the initial sync is done");

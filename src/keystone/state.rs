@@ -65,6 +65,63 @@ pub struct Entity {
     /// only central's is used, and it never leaves central unsealed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw: Option<Value>,
+    /// The key as text and references, so that central renders an edge's
+    /// key with its own names for the same entities (a rename the edge has
+    /// not applied yet does not make another key). Empty: the key is text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Part>,
+    /// The compared fields that reference an entity: field -> (kind, ID).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_refs: FieldRefs,
+    /// The edge maps this entity's own ID from central's (`ids[0]` is then
+    /// central's ID): it came from central.
+    #[serde(default)]
+    pub mapped: bool,
+}
+
+/// The compared fields that reference an entity: field -> (kind, ID).
+pub type FieldRefs = BTreeMap<String, (String, String)>;
+
+/// One part of a natural key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Part {
+    Text(String),
+    /// The key of another entity, as the reading site named it (`shown`).
+    Ref {
+        kind: String,
+        id: String,
+        shown: String,
+    },
+}
+
+/// A key being built: its text and its parts.
+struct Key<'a> {
+    names: &'a Names,
+    text: String,
+    parts: Vec<Part>,
+}
+
+impl Key<'_> {
+    fn t(mut self, text: &str) -> Self {
+        self.text.push_str(text);
+        match self.parts.last_mut() {
+            Some(Part::Text(t)) => t.push_str(text),
+            _ => self.parts.push(Part::Text(text.to_string())),
+        }
+        self
+    }
+
+    fn r(mut self, kind: &'static str, id: &str) -> Self {
+        let shown = self.names.key(kind, id);
+        self.text.push_str(&shown);
+        self.parts.push(Part::Ref {
+            kind: kind.to_string(),
+            id: id.to_string(),
+            shown,
+        });
+        self
+    }
 }
 
 /// A call at a site: method, path, body.
@@ -157,6 +214,14 @@ pub fn digest(bytes: &[u8]) -> String {
 struct Names(HashMap<(&'static str, String), String>);
 
 impl Names {
+    fn k(&self) -> Key<'_> {
+        Key {
+            names: self,
+            text: String::new(),
+            parts: Vec::new(),
+        }
+    }
+
     fn add(&mut self, kind: &'static str, id: &str, key: &str) {
         self.0.insert((kind, id.to_string()), key.to_string());
     }
@@ -192,9 +257,10 @@ fn fields_of(
     refs: &[(&str, &'static str)],
     names: &Names,
     drop: &[&str],
-) -> (BTreeMap<String, Value>, Vec<String>) {
+) -> (BTreeMap<String, Value>, Vec<String>, FieldRefs) {
     let mut fields = BTreeMap::new();
     let mut ids = Vec::new();
+    let mut field_refs = BTreeMap::new();
     if let Some(id) = raw["id"].as_str() {
         ids.push(id.to_string());
     }
@@ -207,6 +273,7 @@ fn fields_of(
             Some((_, kind)) => match v.as_str() {
                 Some(id) => {
                     ids.push(id.to_string());
+                    field_refs.insert(k.clone(), (kind.to_string(), id.to_string()));
                     names.of(kind, id)
                 }
                 None => v.clone(),
@@ -215,38 +282,44 @@ fn fields_of(
         };
         fields.insert(k.clone(), value);
     }
-    (fields, ids)
+    (fields, ids, field_refs)
 }
 
 fn entity(
     kind: &str,
-    key: String,
+    key: Key<'_>,
     raw: &Value,
     refs: &[(&str, &'static str)],
     names: &Names,
     drop: &[&str],
 ) -> Entity {
-    let (fields, ids) = fields_of(raw, refs, names, drop);
+    let (fields, ids, field_refs) = fields_of(raw, refs, names, drop);
     Entity {
         kind: kind.to_string(),
-        key,
+        key: key.text,
         id: raw["id"].as_str().unwrap_or_default().to_string(),
         fields,
         ids,
         level: 0,
         raw: Some(raw.clone()),
+        parts: key.parts,
+        field_refs,
+        mapped: false,
     }
 }
 
-fn relation(kind: &str, key: String, ids: Vec<String>, raw: Value) -> Entity {
+fn relation(kind: &str, key: Key<'_>, ids: Vec<String>, raw: Value) -> Entity {
     Entity {
         kind: kind.to_string(),
-        key,
+        key: key.text,
         id: String::new(),
         fields: BTreeMap::new(),
         ids,
         level: 0,
         raw: Some(raw),
+        parts: key.parts,
+        field_refs: BTreeMap::new(),
+        mapped: false,
     }
 }
 
@@ -271,7 +344,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
     }
     for d in &domains {
         let key = str_of(d, "name").to_string();
-        out.push(entity("domain", key.clone(), d, &[], &names, &[]));
+        out.push(entity("domain", names.k().t(&key), d, &[], &names, &[]));
         let id = str_of(d, "id");
         let path = format!("/v3/domains/{}/config", encode(id));
         let reply = ks.send(Method::GET, &path, None).await?;
@@ -284,15 +357,14 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
                     .flatten()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                out.push(Entity {
-                    kind: "domain_config".into(),
-                    key: key.clone(),
-                    id: String::new(),
-                    fields,
-                    ids: vec![id.to_string()],
-                    level: 0,
-                    raw: Some(json!({"domain_id": id, "config": config})),
-                });
+                let mut e = relation(
+                    "domain_config",
+                    names.k().r("domain", id),
+                    vec![id.to_string()],
+                    json!({"domain_id": id, "config": config}),
+                );
+                e.fields = fields;
+                out.push(e);
             }
         } else if reply.status >= 500 || reply.status == 429 {
             return Err(StateError::Http {
@@ -327,7 +399,11 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
                 break;
             }
         }
-        let key = names.key("project", str_of(p, "id"));
+        let key = names
+            .k()
+            .r("domain", str_of(p, "domain_id"))
+            .t("/")
+            .t(str_of(p, "name"));
         // A top-level project's parent is its domain: nothing to compare.
         let drop: &[&str] = if p["parent_id"] == p["domain_id"] {
             &["parent_id"]
@@ -368,7 +444,10 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
         names.add("role", str_of(r, "id"), &key);
     }
     for r in &roles {
-        let key = names.key("role", str_of(r, "id"));
+        let key = match r["domain_id"].as_str() {
+            Some(d) => names.k().t(str_of(r, "name")).t("@").r("domain", d),
+            None => names.k().t(str_of(r, "name")),
+        };
         out.push(entity(
             "role",
             key,
@@ -398,7 +477,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
             let i = str_of(implied, "id");
             out.push(relation(
                 "implied_role",
-                format!("{} -> {}", names.key("role", prior), names.key("role", i)),
+                names.k().r("role", prior).t(" -> ").r("role", i),
                 vec![prior.to_string(), i.to_string()],
                 json!({"path": format!("/v3/roles/{prior}/implies/{i}")}),
             ));
@@ -414,6 +493,11 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
             str_of(g, "name")
         );
         names.add("group", str_of(g, "id"), &key);
+        let key = names
+            .k()
+            .r("domain", str_of(g, "domain_id"))
+            .t("/")
+            .t(str_of(g, "name"));
         out.push(entity(
             "group",
             key,
@@ -431,6 +515,11 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
             str_of(u, "name")
         );
         names.add("user", str_of(u, "id"), &key);
+        let key = names
+            .k()
+            .r("domain", str_of(u, "domain_id"))
+            .t("/")
+            .t(str_of(u, "name"));
         out.push(entity(
             "user",
             key,
@@ -453,7 +542,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
             let uid = str_of(&u, "id");
             out.push(relation(
                 "membership",
-                format!("{} in {}", names.key("user", uid), names.key("group", gid)),
+                names.k().r("user", uid).t(" in ").r("group", gid),
                 vec![gid.to_string(), uid.to_string()],
                 json!({"path": format!("/v3/groups/{gid}/users/{uid}")}),
             ));
@@ -489,17 +578,23 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
             str_of(&p, "type"),
             digest(str_of(&p, "blob").as_bytes())
         );
-        out.push(entity("policy", key, &p, &[], &names, &["blob"]));
+        out.push(entity(
+            "policy",
+            names.k().t(&key),
+            &p,
+            &[],
+            &names,
+            &["blob"],
+        ));
     }
 
     // Credentials, named by owner, type and a digest of the blob (a secret).
     for c in list_all(ks, "/v3/credentials", "credentials", &[]).await? {
-        let key = format!(
-            "{} {}:{}",
-            names.key("user", str_of(&c, "user_id")),
+        let key = names.k().r("user", str_of(&c, "user_id")).t(&format!(
+            " {}:{}",
             str_of(&c, "type"),
             digest(str_of(&c, "blob").as_bytes())
-        );
+        ));
         out.push(entity(
             "credential",
             key,
@@ -514,17 +609,16 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
     for s in list_all(ks, "/v3/services", "services", &[]).await? {
         let key = format!("{}/{}", str_of(&s, "type"), str_of(&s, "name"));
         names.add("service", str_of(&s, "id"), &key);
-        let mut e = entity("service", key, &s, &[], &names, &[]);
+        let mut e = entity("service", names.k().t(&key), &s, &[], &names, &[]);
         e.fields.clear();
         out.push(e);
     }
     for r in list_all(ks, "/v3/registered_limits", "registered_limits", &[]).await? {
-        let key = format!(
-            "{} {} {}",
-            names.key("service", str_of(&r, "service_id")),
+        let key = names.k().r("service", str_of(&r, "service_id")).t(&format!(
+            " {} {}",
             str_of(&r, "region_id"),
             str_of(&r, "resource_name")
-        );
+        ));
         out.push(entity(
             "registered_limit",
             key,
@@ -535,16 +629,15 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
         ));
     }
     for l in list_all(ks, "/v3/limits", "limits", &[]).await? {
-        let target = match l["project_id"].as_str() {
-            Some(p) => format!("project {}", names.key("project", p)),
-            None => format!("domain {}", names.key("domain", str_of(&l, "domain_id"))),
-        };
-        let key = format!(
-            "{} {} {} {target}",
-            names.key("service", str_of(&l, "service_id")),
+        let key = names.k().r("service", str_of(&l, "service_id")).t(&format!(
+            " {} {} ",
             str_of(&l, "region_id"),
             str_of(&l, "resource_name")
-        );
+        ));
+        let key = match l["project_id"].as_str() {
+            Some(p) => key.t("project ").r("project", p),
+            None => key.t("domain ").r("domain", str_of(&l, "domain_id")),
+        };
         out.push(entity(
             "limit",
             key,
@@ -571,7 +664,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
     for i in &idps {
         let mut e = entity(
             "identity_provider",
-            str_of(i, "id").to_string(),
+            names.k().t(str_of(i, "id")),
             i,
             &[("domain_id", "domain")],
             &names,
@@ -585,7 +678,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
     for m in list_all(ks, "/v3/OS-FEDERATION/mappings", "mappings", &[]).await? {
         out.push(entity(
             "mapping",
-            str_of(&m, "id").to_string(),
+            names.k().t(str_of(&m, "id")),
             &m,
             &[],
             &names,
@@ -601,7 +694,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
         for p in list_all(ks, &path, "protocols", &[]).await? {
             let mut e = entity(
                 "protocol",
-                format!("{idp}/{}", str_of(&p, "id")),
+                names.k().t(&format!("{idp}/{}", str_of(&p, "id"))),
                 &p,
                 &[],
                 &names,
@@ -621,7 +714,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
     {
         out.push(entity(
             "service_provider",
-            str_of(&s, "id").to_string(),
+            names.k().t(str_of(&s, "id")),
             &s,
             &[],
             &names,
@@ -642,32 +735,33 @@ fn assignment(a: &Value, names: &Names) -> Option<Entity> {
     };
     let scope = &a["scope"];
     let inherited = scope["OS-INHERIT:inherited_to"].as_str() == Some("projects");
-    let (target, target_path, target_id) = if let Some(p) = scope["project"]["id"].as_str() {
+    let key = names.k().r("role", role).t(&format!(" to {actor_kind} "));
+    let key = match actor_kind {
+        "user" => key.r("user", actor),
+        _ => key.r("group", actor),
+    };
+    let (key, target_path, target_id) = if let Some(p) = scope["project"]["id"].as_str() {
         (
-            format!("project {}", names.key("project", p)),
+            key.t(" on project ").r("project", p),
             format!("projects/{p}"),
             Some(p),
         )
     } else if let Some(d) = scope["domain"]["id"].as_str() {
         (
-            format!("domain {}", names.key("domain", d)),
+            key.t(" on domain ").r("domain", d),
             format!("domains/{d}"),
             Some(d),
         )
     } else if scope["system"].is_object() {
-        ("system".to_string(), "system".to_string(), None)
+        (key.t(" on system"), "system".to_string(), None)
     } else {
         return None;
     };
-    let actor_key = match actor_kind {
-        "user" => names.key("user", actor),
-        _ => names.key("group", actor),
+    let key = if inherited {
+        key.t(" (inherited)")
+    } else {
+        key
     };
-    let key = format!(
-        "{} to {actor_kind} {actor_key} on {target}{}",
-        names.key("role", role),
-        if inherited { " (inherited)" } else { "" }
-    );
     let path = if inherited {
         format!(
             "/v3/OS-INHERIT/{target_path}/{actor_seg}/{actor}/roles/{role}/inherited_to_projects"
@@ -778,6 +872,164 @@ pub fn diff(central: &[Entity], edge: &[Entity]) -> Vec<Difference> {
     }
     out
 }
+
+/// Names an edge's entities as central names the same entities: an entity
+/// the edge maps from central's ID takes central's key (a rename the edge has
+/// not applied is then a difference of the entity, not another entity), and
+/// every key and field that references a mapped entity is rendered with
+/// central's key for it. What central does not know keeps the edge's name.
+pub fn in_central_terms(edge: &mut [Entity], central: &[Entity]) {
+    let names: HashMap<(&str, &str), &str> = central
+        .iter()
+        .filter(|c| !c.id.is_empty())
+        .map(|c| ((c.kind.as_str(), c.id.as_str()), c.key.as_str()))
+        .collect();
+    for e in edge.iter_mut() {
+        let own = (e.mapped && !e.id.is_empty())
+            .then(|| e.ids.first())
+            .flatten()
+            .and_then(|id| names.get(&(e.kind.as_str(), id.as_str())));
+        if let Some(key) = own {
+            e.key = key.to_string();
+        } else if !e.parts.is_empty() {
+            e.key = e
+                .parts
+                .iter()
+                .map(|p| match p {
+                    Part::Text(t) => t.as_str(),
+                    Part::Ref { kind, id, shown } => names
+                        .get(&(kind.as_str(), id.as_str()))
+                        .copied()
+                        .unwrap_or(shown.as_str()),
+                })
+                .collect();
+        }
+        for (field, (kind, id)) in &e.field_refs {
+            if let Some(key) = names.get(&(kind.as_str(), id.as_str())) {
+                e.fields
+                    .insert(field.clone(), Value::String(format!("={kind}:{key}")));
+            }
+        }
+    }
+}
+
+/// The state kind and key of what a delete central logged removed, named
+/// from the natural keys the op carries (read before it was forwarded), when
+/// the state holds such things: an entity with a natural key, a membership,
+/// an assignment, an implied role.
+pub fn deleted_key(
+    path: &str,
+    refs: &[crate::protocol::messages::EntityRef],
+) -> Option<(String, String)> {
+    let mut names = Names::default();
+    let domain_key = |id: &str| -> Option<String> {
+        if id == "default" {
+            return Some("Default".into());
+        }
+        refs.iter()
+            .find(|r| r.kind == "domain" && r.id == id)
+            .map(|r| r.name.clone())
+    };
+    for r in refs {
+        let key = match r.kind.as_str() {
+            "domain" => Some(r.name.clone()),
+            "project" | "user" | "group" => r
+                .domain_id
+                .as_deref()
+                .and_then(domain_key)
+                .map(|d| format!("{d}/{}", r.name)),
+            "role" => match r.domain_id.as_deref() {
+                Some(d) => domain_key(d).map(|d| format!("{}@{d}", r.name)),
+                None => Some(r.name.clone()),
+            },
+            _ => None,
+        };
+        if let (Some(key), Some(kind)) = (key, NAMED.iter().find(|k| **k == r.kind)) {
+            names.add(kind, &r.id, &key);
+        }
+    }
+    let known = |kind: &'static str, id: &str| names.0.contains_key(&(kind, id.to_string()));
+    let path = path.split('?').next().unwrap_or(path);
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (kind, key) = match segs.as_slice() {
+        ["v3", coll @ ("domains" | "projects" | "users" | "groups" | "roles"), id] => {
+            let kind = match *coll {
+                "domains" => "domain",
+                "projects" => "project",
+                "users" => "user",
+                "groups" => "group",
+                _ => "role",
+            };
+            if !known(kind, id) {
+                return None;
+            }
+            (kind, names.key(kind, id))
+        }
+        ["v3", "groups", g, "users", u] if known("group", g) && known("user", u) => (
+            "membership",
+            names.k().r("user", u).t(" in ").r("group", g).text,
+        ),
+        ["v3", "roles", p, "implies", i] if known("role", p) && known("role", i) => (
+            "implied_role",
+            names.k().r("role", p).t(" -> ").r("role", i).text,
+        ),
+        rest => {
+            let (rest, inherited) = match rest {
+                ["v3", "OS-INHERIT", inner @ .., "inherited_to_projects"] => (inner, true),
+                ["v3", inner @ ..] => (inner, false),
+                _ => return None,
+            };
+            let actor = |seg: &str| match seg {
+                "users" => Some("user"),
+                "groups" => Some("group"),
+                _ => None,
+            };
+            let key = match rest {
+                [t @ ("projects" | "domains"), tid, a, aid, "roles", rid] => {
+                    let target = if *t == "projects" {
+                        "project"
+                    } else {
+                        "domain"
+                    };
+                    let a = actor(a)?;
+                    if !(known(target, tid) && known(a, aid) && known("role", rid)) {
+                        return None;
+                    }
+                    names
+                        .k()
+                        .r("role", rid)
+                        .t(&format!(" to {a} "))
+                        .r(a, aid)
+                        .t(&format!(" on {target} "))
+                        .r(target, tid)
+                }
+                ["system", a, aid, "roles", rid] if !inherited => {
+                    let a = actor(a)?;
+                    if !(known(a, aid) && known("role", rid)) {
+                        return None;
+                    }
+                    names
+                        .k()
+                        .r("role", rid)
+                        .t(&format!(" to {a} "))
+                        .r(a, aid)
+                        .t(" on system")
+                }
+                _ => return None,
+            };
+            let key = if inherited {
+                key.t(" (inherited)")
+            } else {
+                key
+            };
+            ("assignment", key.text)
+        }
+    };
+    Some((kind.to_string(), key))
+}
+
+/// The kinds named by name (within a domain).
+const NAMED: [&str; 5] = ["domain", "project", "user", "group", "role"];
 
 /// The pairs (central ID, edge ID, kind) of entities both sites have under one
 /// key whose IDs differ: the edge's ID map must say so.
@@ -1004,6 +1256,9 @@ mod tests {
             ids: vec![id.into()],
             level: 0,
             raw: None,
+            parts: Vec::new(),
+            field_refs: BTreeMap::new(),
+            mapped: false,
         }
     }
 
@@ -1075,9 +1330,10 @@ mod tests {
             "limits refuse an id"
         );
 
+        let names = Names::default();
         let mut a = relation(
             "assignment",
-            "k".into(),
+            names.k().t("k"),
             vec![],
             json!({"path": "/v3/projects/p/users/u/roles/r"}),
         );

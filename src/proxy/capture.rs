@@ -173,7 +173,7 @@ async fn captured_section(
                 _ => "the connection to the upstream broke before it answered",
             };
             let seq = record_unknown(proxy, op_id, None, detail, &touched).await;
-            return Err(proxy.send_error(e, seq));
+            return Err(in_doubt_error(proxy, e, seq));
         }
     };
 
@@ -190,12 +190,12 @@ async fn captured_section(
         Ok(Err(ResponseError::TooLarge)) if status.is_success() => {
             let detail = "the upstream answered 2xx with a response larger than the gateway reads for a captured write";
             let seq = record_unknown(proxy, op_id, Some(status.as_u16()), detail, &touched).await;
-            return Err(proxy.send_error(SendError::Broken, seq));
+            return Err(in_doubt_error(proxy, SendError::Broken, seq));
         }
         _ if status.is_success() => {
             let detail = "the upstream answered 2xx but its response body was lost";
             let seq = record_unknown(proxy, op_id, Some(status.as_u16()), detail, &touched).await;
-            return Err(proxy.send_error(SendError::Broken, seq));
+            return Err(in_doubt_error(proxy, SendError::Broken, seq));
         }
         _ => {
             drop_intent(proxy, op_id).await;
@@ -344,6 +344,19 @@ fn timed_out(mut e: &(dyn std::error::Error + 'static)) -> bool {
 async fn drop_intent(proxy: &Proxy, op_id: Uuid) {
     if let Err(e) = proxy.store.drop_intent(op_id).await {
         warn!(error = %e, %op_id, "could not drop an intent; it will show as unknown outcome");
+    }
+}
+
+/// The client's error for a write that may have been applied: naming its op
+/// when it is logged, saying it stays open when it could not be.
+fn in_doubt_error(proxy: &Proxy, e: SendError, seq: Option<i64>) -> ProxyError {
+    let timed_out = matches!(e, SendError::Timeout);
+    match seq {
+        Some(_) => proxy.send_error(e, seq),
+        None => {
+            let _ = proxy.send_error(e, None);
+            ProxyError::UnknownUnrecorded { timed_out }
+        }
     }
 }
 

@@ -49,6 +49,11 @@ pub enum ProxyError {
     /// The op log cannot take the write, so it is not forwarded.
     #[error("the gateway cannot record this write for replication right now; nothing was forwarded, retry later")]
     OpLogUnavailable,
+    /// The write may have been applied upstream (no whole answer), and the op
+    /// log could not record that yet: its intent stays open, to be logged
+    /// with an unknown outcome (and resolved) once the op log takes writes.
+    #[error("the upstream identity service gave no whole answer, so the write may or may not have been applied; the gateway could not record that yet: it is kept as an open intent and logged with an unknown outcome once it can")]
+    UnknownUnrecorded { timed_out: bool },
     /// The upstream applied the write but the gateway could not log it.
     #[error("the write was applied by the upstream identity service but the gateway could not record it for replication; it is kept as an open intent and will be reported as unknown outcome")]
     OpLogCommitFailed,
@@ -72,7 +77,9 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable | ProxyError::UpstreamBroken(_) => {
                 StatusCode::BAD_GATEWAY
             }
-            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamTimeout { .. }
+            | ProxyError::UnknownUnrecorded { timed_out: true } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UnknownUnrecorded { timed_out: false } => StatusCode::BAD_GATEWAY,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadRequestBody

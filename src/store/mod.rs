@@ -707,6 +707,26 @@ impl Store {
             != 0)
     }
 
+    /// The deletes central logged up to `through` (committed), with the
+    /// natural keys they carry, oldest first, `limit` after `after`.
+    pub async fn deletes(
+        &self,
+        after: i64,
+        through: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, path, refs FROM ops
+             WHERE method = 'DELETE' AND state = 'committed' AND seq > ? AND seq <= ?
+             ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(through)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     /// The oldest seq the op log still holds.
     pub async fn first_seq(&self) -> Result<Option<i64>, StoreError> {
         Ok(sqlx::query_scalar("SELECT MIN(seq) FROM ops")

@@ -384,6 +384,8 @@ struct Model {
     /// Writes the gateway answered as logged with an unknown outcome (their op
     /// becomes committed if central's Keystone shows they happened).
     in_doubt: usize,
+    /// The other answers that were not 2xx: status and message, counted.
+    refused: std::collections::BTreeMap<(u16, String), usize>,
 }
 
 const KINDS: [(&str, &str); 4] = [
@@ -408,13 +410,16 @@ impl Model {
             self.successes += 1;
             return true;
         }
+        let message = body["error"]["message"].as_str().unwrap_or_default();
         if status == 0 {
             self.unanswered += 1;
-        } else if body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("unknown outcome"))
-        {
+        } else if message.contains("unknown outcome") {
             self.in_doubt += 1;
+        } else {
+            *self
+                .refused
+                .entry((status, message.chars().take(120).collect()))
+                .or_default() += 1;
         }
         false
     }
@@ -581,11 +586,11 @@ async fn one_fault(world: &mut World, rng: &mut Rng) {
             site.state.lock().unwrap().hold_next = Some(Duration::from_millis(1500));
         }
         9 => world.toggle_disk_full(),
-        10 if std::env::var_os("NOLOSE").is_none() => {
+        10 => {
             let i = rng.below(world.edges.len());
             world.lose_edge_database(i).await;
         }
-        11 if std::env::var_os("NOLOSE").is_none() => {
+        11 => {
             let i = rng.below(world.edges.len());
             world.toggle_twin(i).await;
         }
@@ -680,10 +685,11 @@ async fn run(nats_server: Option<std::path::PathBuf>) {
         committed >= model.successes
             && committed <= model.successes + model.unanswered + model.in_doubt,
         "seed {seed}: {committed} committed ops for {} writes that got a 2xx ({} unanswered, \
-         {} logged with an unknown outcome)",
+         {} logged with an unknown outcome); other answers: {:#?}",
         model.successes,
         model.unanswered,
-        model.in_doubt
+        model.in_doubt,
+        model.refused
     );
     assert!(
         ops.iter().all(|o| o["resolution"] != "pending"),

@@ -991,3 +991,104 @@ async fn a_drift_report_read_while_audits_finish_shows_one_runs_findings() {
     assert!(with_findings > 0, "{reads} reads");
     env.shutdown().await;
 }
+
+/// Makes edge `e1` halt on a failed op so that what central does next is not
+/// applied there; returns once it has halted.
+async fn halt_edge(env: &mut SyncEnv) {
+    env.stop_edge(0).await;
+    env.restart_edge_with(0, syncgate::settings::config::OnFailure::Halt)
+        .await;
+    env.edges[0].site.fail_next(&[400]);
+    env.create("/v3/groups", "group", json!({"group": {"name": "trigger"}}))
+        .await;
+    env.until("the edge halts", || async {
+        crate::sync::edge_status(&env.edges[0].admin).await["halted"] == true
+    })
+    .await;
+}
+
+/// A resync without prune still applies what central deleted and the edge
+/// had not: a user deleted, a membership removed, a grant revoked.
+#[tokio::test]
+async fn a_resync_applies_the_deletes_the_edge_missed_without_prune() {
+    let mut env = sync_env(&["e1"], None, |_| {}).await;
+    let u1 = env
+        .create("/v3/users", "user", json!({"user": {"name": "u1"}}))
+        .await;
+    let u2 = env
+        .create("/v3/users", "user", json!({"user": {"name": "u2"}}))
+        .await;
+    let g = env
+        .create("/v3/groups", "group", json!({"group": {"name": "g"}}))
+        .await;
+    let p = env
+        .create("/v3/projects", "project", json!({"project": {"name": "p"}}))
+        .await;
+    let member = env.central_site.id_of("role", "member").unwrap();
+    let grant = format!("/v3/projects/{p}/users/{u1}/roles/{member}");
+    let membership = format!("/v3/groups/{g}/users/{u1}");
+    for path in [&grant, &membership] {
+        assert_eq!(env.write("PUT", path, None).await.0, 204);
+    }
+    env.assert_in_sync().await;
+    halt_edge(&mut env).await;
+    for path in [format!("/v3/users/{u2}"), grant.clone(), membership.clone()] {
+        assert_eq!(env.write("DELETE", &path, None).await.0, 204, "{path}");
+    }
+    let (status, _) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202);
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["deleted"], 3, "{row:#}");
+    assert_eq!(env.central_site.snapshot(), env.edges[0].site.snapshot());
+    let oos = env.audit("/v1/out-of-sync").await;
+    assert_eq!(oos["out_of_sync"], json!([]), "{oos}");
+    env.shutdown().await;
+}
+
+/// A rename the edge has not applied is applied by a resync to the entity the
+/// edge maps: no second entity, and what referenced it stays.
+#[tokio::test]
+async fn a_resync_renames_what_the_edge_maps_instead_of_creating_another() {
+    let mut env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "u"}}))
+        .await;
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "old-name"}}),
+        )
+        .await;
+    let member = env.central_site.id_of("role", "member").unwrap();
+    let grant = format!("/v3/projects/{p}/users/{u}/roles/{member}");
+    assert_eq!(env.write("PUT", &grant, None).await.0, 204);
+    env.assert_in_sync().await;
+    let edge_project = env.edges[0].site.id_of("project", "old-name").unwrap();
+    halt_edge(&mut env).await;
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/projects/{p}"),
+            Some(json!({"project": {"name": "new-name"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let requests = env.edges[0].site.create_requests("projects");
+    for prune in [false, true] {
+        let path = format!("/v1/edges/e1/resync?prune={prune}");
+        let (status, _) = post(&env, &path).await;
+        assert_eq!(status, 202);
+        let row = resync_ended(&env, "e1").await;
+        assert_eq!(row["resync"]["result"]["deleted"], 0, "{row:#}");
+        assert_eq!(
+            env.edges[0].site.id_of("project", "new-name").as_deref(),
+            Some(edge_project.as_str()),
+            "the edge's project was renamed"
+        );
+        assert!(env.edges[0].site.id_of("project", "old-name").is_none());
+        assert_eq!(env.edges[0].site.create_requests("projects"), requests);
+        assert_eq!(env.central_site.snapshot(), env.edges[0].site.snapshot());
+    }
+    env.shutdown().await;
+}
