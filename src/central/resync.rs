@@ -383,9 +383,12 @@ impl Resyncer {
             .map_err(|e| Failure::Fatal(format!("reading central's identity state: {e}")))
     }
 
+    /// The last op edges may have: an op whose outcome is still being
+    /// resolved is never below a fence (it is applied after the fence, once
+    /// resolved, whatever the state read shows).
     async fn last_seq(&self) -> Result<i64, Failure> {
         self.store
-            .last_seq()
+            .publishable_through()
             .await
             .map_err(|e| Failure::Fatal(format!("op log: {e}")))
     }
@@ -493,14 +496,37 @@ impl Resyncer {
         // prune or not: it is central's delete the edge has not applied.
         let deleted = self.deleted_keys(fence).await?;
         let mut plan = Plan::new(&central, &at_edge, prune, &deleted);
-        // A user the op log saw get a password gets it again at the edge.
-        let created: HashSet<&str> = plan
+        // The users this resync creates, and those an interrupted earlier one
+        // created: noted first, so that a kill between a create and its
+        // password leaves nothing unset and unlisted.
+        let op_log = |e: crate::store::StoreError| Failure::Fatal(format!("op log: {e}"));
+        let planned_users: Vec<(String, String)> = plan
             .groups
             .iter()
             .flatten()
             .filter(|p| p.kind == "user" && p.what == "create")
-            .filter_map(|p| p.op.created_ids.first().map(String::as_str))
+            .filter_map(|p| {
+                p.op.created_ids
+                    .first()
+                    .map(|id| (id.clone(), p.key.clone()))
+            })
             .collect();
+        self.store
+            .note_resync_users(edge, &planned_users)
+            .await
+            .map_err(op_log)?;
+        let pending = self.store.resync_users(edge).await.map_err(op_log)?;
+        let central_users: HashSet<&str> = central
+            .iter()
+            .filter(|e| e.kind == "user")
+            .map(|e| e.id.as_str())
+            .collect();
+        let created: HashSet<&str> = pending
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .filter(|id| central_users.contains(id))
+            .collect();
+        // A user the op log saw get a password gets it again at the edge.
         let passwords = self.passwords(&created, fence).await?;
         if !passwords.is_empty() {
             let keys: HashMap<&str, &str> = central
@@ -581,7 +607,11 @@ impl Resyncer {
         }
         // Ops logged after the fence may be in the state applied: the edge
         // looks for their creates before sending them.
-        let uncertain_through = self.last_seq().await?;
+        let uncertain_through = self
+            .store
+            .last_seq()
+            .await
+            .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
         self.step(
             edge,
             &ResyncStep::Done {
@@ -594,10 +624,12 @@ impl Resyncer {
             .settle_to_fence(edge, fence)
             .await
             .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
-        let needs: Vec<(String, String)> = tally
-            .created_users
+        // Every user this resync or an interrupted earlier one created, whose
+        // password could not be set from the op log, needs one.
+        let needs: Vec<(String, String)> = pending
             .iter()
             .filter(|(id, _)| !tally.passwords.contains(id))
+            .filter(|(id, _)| central_users.contains(id.as_str()))
             .cloned()
             .collect();
         if !needs.is_empty() {
@@ -606,6 +638,7 @@ impl Resyncer {
                 .await
                 .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
         }
+        self.store.clear_resync_users(edge).await.map_err(op_log)?;
         self.progress(edge, "finishing", Some(fence), done, total)
             .await;
         let only: Vec<Value> = plan
@@ -741,8 +774,7 @@ impl Resyncer {
             let in_flight = c
                 .into_iter()
                 .chain(e)
-                .flat_map(|x| &x.ids)
-                .any(|id| touched.contains(id));
+                .any(|x| state::in_flight(x, &touched));
             if in_flight {
                 excluded += 1;
                 continue;
@@ -799,32 +831,14 @@ impl Resyncer {
         }
     }
 
-    /// Every ID the ops in `(after, through]` name: what is in flight.
+    /// What the ops in `(after, through]` changed: what is in flight (the
+    /// entities, associations and names they change; not what they only
+    /// reference, such as the domain a create is in).
     async fn touched(&self, after: i64, through: i64) -> Result<HashSet<String>, Failure> {
-        let mut ids = HashSet::new();
-        let ops = self
-            .ops_between(after, through, None)
+        self.store
+            .changed_keys(after, through)
             .await
-            .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
-        for op in &ops {
-            ids.extend(op.path.split(['/', '?', '&', '=']).map(str::to_string));
-            if let Ok(created) = serde_json::from_str::<Vec<String>>(&op.created_ids) {
-                ids.extend(created);
-            }
-            if let Some(body) = op
-                .body
-                .as_deref()
-                .and_then(|b| serde_json::from_str(b).ok())
-            {
-                strings(&body, &mut ids);
-            }
-            if let Ok(refs) = serde_json::from_str::<Vec<Value>>(&op.refs) {
-                for r in refs {
-                    strings(&r, &mut ids);
-                }
-            }
-        }
-        Ok(ids)
+            .map_err(|e| Failure::Fatal(format!("op log: {e}")))
     }
 
     /// Clears the users of `edge` whose password was set through the gateway
@@ -914,18 +928,6 @@ fn password_of(op: &crate::store::OpRow) -> Option<(String, String)> {
         _ => return None,
     };
     Some((user, password))
-}
-
-/// Every string in a JSON value (IDs among them).
-fn strings(v: &Value, out: &mut HashSet<String>) {
-    match v {
-        Value::String(s) if s.len() <= 128 => {
-            out.insert(s.clone());
-        }
-        Value::Object(m) => m.values().for_each(|x| strings(x, out)),
-        Value::Array(a) => a.iter().for_each(|x| strings(x, out)),
-        _ => {}
-    }
 }
 
 /// One change of a plan, as an op the edge's applier takes.

@@ -574,7 +574,11 @@ impl SyncCentral {
                         Seen::Holder
                     }
                 }
-                Some(holder) if from < holder.session => Seen::Older,
+                Some(holder)
+                    if from < holder.session && now.duration_since(holder.heard) < holder.lease =>
+                {
+                    Seen::Older
+                }
                 Some(holder)
                     if holder.protocol >= 2 && now.duration_since(holder.heard) < holder.lease =>
                 {
@@ -614,7 +618,7 @@ impl SyncCentral {
                 return Grant::Superseded {
                     reason: format!(
                         "a newer process with --id {edge} holds this edge's ID at central; this \
-                         one applies nothing: stop it"
+                         one applies nothing while that one lives: stop one of them"
                     ),
                 };
             }
@@ -646,10 +650,29 @@ impl SyncCentral {
         };
         if takeover {
             info!(edge = %edge, session = from, cursor = h.cursor, "edge process holds its ID");
-            if let Err(e) = self.store.hold_edge(edge, from, 2).await {
-                error!(edge = %edge, error = %e, "cannot record an edge's session");
-            }
-            if h.cursor < acked {
+            let before = match self
+                .store
+                .hold_edge(edge, from, 2, h.database.as_deref())
+                .await
+            {
+                Ok(before) => before,
+                Err(e) => {
+                    error!(edge = %edge, error = %e, "cannot record an edge's session");
+                    return Grant::Wait {
+                        reason: "central cannot record this edge's session right now".into(),
+                    };
+                }
+            };
+            let other_database = matches!((&before, &h.database), (Some(b), Some(d)) if b != d);
+            if other_database {
+                let why = "a process on another database than the last holder's took this edge's \
+                           ID (a second process, or a lost or replaced volume): it is resynced \
+                           from central's state instead of replaying ops its site may hold";
+                warn!(edge = %edge, "edge process on another database; resyncing it");
+                if let Err(e) = self.store.set_needs_resync(edge, Some(why)).await {
+                    error!(edge = %edge, error = %e, "cannot record that an edge needs a resync");
+                }
+            } else if h.cursor < acked {
                 let why = format!(
                     "its cursor went back from {acked} to {}: its database was lost or restored \
                      from an older copy; it is resynced from central's state instead of \

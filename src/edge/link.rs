@@ -35,8 +35,6 @@ struct GrantState {
     until: Option<Instant>,
     /// Granted, but the op stream waits for central's resync.
     resync: bool,
-    /// A newer process took this ID: nothing is applied by this one again.
-    superseded: bool,
 }
 
 pub struct Link {
@@ -107,13 +105,13 @@ impl Link {
     /// Whether ops from the stream may be applied now.
     pub fn may_apply(&self) -> bool {
         let g = self.grant();
-        !g.superseded && !g.resync && g.until.is_some_and(|u| Instant::now() < u)
+        !g.resync && g.until.is_some_and(|u| Instant::now() < u)
     }
 
     /// Whether this process holds the edge's ID now (a resync may apply).
     pub fn holds(&self) -> bool {
         let g = self.grant();
-        !g.superseded && g.until.is_some_and(|u| Instant::now() < u)
+        g.until.is_some_and(|u| Instant::now() < u)
     }
 
     /// The op stream may go on: central's resync of this edge is done.
@@ -167,8 +165,9 @@ impl Link {
                     (Some(reason.clone()), false)
                 }
                 Grant::Superseded { reason } => {
+                    // Not for ever: once the newer process is gone, central
+                    // may grant this one the ID again (resyncing it if need be).
                     g.until = None;
-                    g.superseded = true;
                     (Some(reason.clone()), false)
                 }
                 Grant::Refused { reason } => {
@@ -213,6 +212,8 @@ pub struct Hellos {
     pub interval: Duration,
     /// Asks central for an initial sync until one completed here.
     pub initial_sync: bool,
+    /// This edge's database's own ID.
+    pub database: String,
 }
 
 impl Hellos {
@@ -239,6 +240,7 @@ impl Hellos {
             protocol: Some(PROTOCOL),
             lease_ms: Some(self.lease().as_millis() as u64),
             leaving,
+            database: Some(self.database.clone()),
         }
     }
 

@@ -229,6 +229,7 @@ impl Edge {
             store: self.store.clone(),
             interval: self.config.hello_interval,
             initial_sync: self.config.initial_sync,
+            database: self.store.database_id().await?,
         };
         let mut hello_task =
             AbortOnDrop(tokio::spawn(hellos.run(stop.clone(), poke_hello.clone())));

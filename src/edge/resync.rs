@@ -260,6 +260,17 @@ impl Runner {
                             if let Err(e) = self.store.set_flag(INITIAL_SYNC_DONE).await {
                                 error!(error = %e, "cannot record that the initial sync is done");
                             }
+                            match self.store.supersede_failures(fence).await {
+                                Ok(0) => {}
+                                Ok(n) => info!(
+                                    ops = n,
+                                    fence,
+                                    "failed ops below the fence are superseded by the resync"
+                                ),
+                                Err(e) => {
+                                    error!(error = %e, "cannot record that failed ops are superseded")
+                                }
+                            }
                             // An op this edge halted on is below the fence:
                             // the state applied supersedes it.
                             self.status.halted.store(false, Ordering::Relaxed);

@@ -138,10 +138,13 @@ pub enum StateError {
         message: String,
     },
     #[error(
-        "{path} is truncated by the identity service's list_limit even per domain; raise \
-         [DEFAULT] list_limit (or the section's) in keystone.conf for the sync account's reads"
+        "{path} is truncated by the identity service's list_limit (even per domain where it is \
+         read per domain); raise [DEFAULT] list_limit (or the section's) in keystone.conf for the \
+         sync account's reads"
     )]
     Truncated { path: String },
+    #[error("{path} could not be read whole: {why}")]
+    Unreadable { path: String, why: String },
 }
 
 /// Reads one list; `None` when the site does not serve it (404: an API
@@ -162,9 +165,23 @@ async fn list(
             message: reply.message(),
         });
     }
-    let json = reply.json().unwrap_or(Value::Null);
-    let truncated = json["truncated"].as_bool().unwrap_or(false);
-    let items = json[key].as_array().cloned().unwrap_or_default();
+    // A list that cannot be read whole is an error, never an empty list.
+    let unreadable = |why: &str| StateError::Unreadable {
+        path: path.split('?').next().unwrap_or(path).to_string(),
+        why: why.to_string(),
+    };
+    let json = reply
+        .json()
+        .ok_or_else(|| unreadable("the answer is not JSON"))?;
+    let truncated = match &json["truncated"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        _ => return Err(unreadable("'truncated' is not true or false")),
+    };
+    let items = json[key]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| unreadable(&format!("the answer has no '{key}' list")))?;
     Ok(Some((items, truncated)))
 }
 
@@ -180,6 +197,12 @@ async fn list_all(
     };
     if !truncated {
         return Ok(items);
+    }
+    if domains.is_empty() {
+        // Nothing to read it by part: what it lacks cannot be known.
+        return Err(StateError::Truncated {
+            path: path.split('?').next().unwrap_or(path).to_string(),
+        });
     }
     let sep = if path.contains('?') { '&' } else { '?' };
     let mut out = Vec::new();
@@ -911,6 +934,32 @@ pub fn in_central_terms(edge: &mut [Entity], central: &[Entity]) {
             }
         }
     }
+}
+
+/// Whether an entity (central's, or an edge's in central's terms) is one
+/// that writes logged during an audit change: its ID or an ID it references,
+/// or, for an association, the association itself (`changed`: the op log's
+/// keys, see `touches`).
+pub fn in_flight(e: &Entity, changed: &HashSet<String>) -> bool {
+    if e.ids.iter().any(|id| changed.contains(id)) {
+        return true;
+    }
+    let Some(raw) = e.raw.as_ref() else {
+        return false;
+    };
+    // An edge's association carries its path in central's IDs.
+    let path = raw["central_path"]
+        .as_str()
+        .or_else(|| raw["path"].as_str());
+    let Some(path) = path else { return false };
+    let kind = match e.kind.as_str() {
+        "assignment" if path.starts_with("/v3/OS-INHERIT/") => "inherited_grant",
+        "assignment" => "grant",
+        "membership" => "group_membership",
+        "implied_role" => "implied_role",
+        _ => return false,
+    };
+    changed.contains(&format!("{kind}:{path}"))
 }
 
 /// The state kind and key of what a delete central logged removed, named

@@ -195,6 +195,10 @@ pub struct Hello {
     /// The edge is stopping: its ID is free for another process at once.
     #[serde(default)]
     pub leaving: bool,
+    /// The edge's database's own ID: a process on another database than the
+    /// last holder's is resynced before it applies ops.
+    #[serde(default)]
+    pub database: Option<String>,
 }
 
 /// Central's answer to a hello (protocol 2): may this process apply ops under

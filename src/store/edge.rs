@@ -360,12 +360,62 @@ impl EdgeStore {
         Ok(())
     }
 
+    /// After a resync to central's state at `fence`: the ops at or below it
+    /// that failed here are superseded by that state (central shows them
+    /// applied; a re-drive re-acknowledges them, never applies them again).
+    pub async fn supersede_failures(&self, fence: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE outcomes SET outcome = 'applied', status = NULL,
+                 detail = 'superseded by a resync to central''s state at op ' || ?
+             WHERE outcome = 'failed' AND seq <= ?",
+        )
+        .bind(fence)
+        .bind(fence)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     /// The central ID of each mapped edge ID.
     pub async fn reverse_map(&self) -> Result<HashMap<String, String>, StoreError> {
         let rows: Vec<(String, String)> = sqlx::query_as("SELECT edge_id, central_id FROM id_map")
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().collect())
+    }
+
+    /// This database's own random ID, made when it is first opened: central
+    /// tells a process on another database (a lost volume, a second process)
+    /// from a restart.
+    pub async fn database_id(&self) -> Result<String, StoreError> {
+        // Kept as text in a table of integers: one row per 8 hex digits.
+        let parts: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key, value FROM meta WHERE key LIKE 'database_id_%' ORDER BY key",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        if parts.len() == 4 {
+            return Ok(parts
+                .iter()
+                .map(|(_, v)| format!("{:08x}", *v as u32))
+                .collect());
+        }
+        let id = uuid::Uuid::new_v4();
+        let bytes = id.as_bytes();
+        let mut tx = self.pool.begin().await?;
+        for i in 0..4 {
+            let word = u32::from_be_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("four bytes"));
+            sqlx::query(
+                "INSERT INTO meta (key, value) VALUES (?, ?)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(format!("database_id_{i}"))
+            .bind(i64::from(word))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(id.simple().to_string())
     }
 
     /// Draws this start's session number (see `protocol::control`): higher

@@ -567,6 +567,23 @@ impl Store {
             .collect())
     }
 
+    /// The keys the ops in `(after, through]` changed (not those they only
+    /// referenced): the entities, associations and names in flight.
+    pub async fn changed_keys(
+        &self,
+        after: i64,
+        through: i64,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let keys: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT key FROM op_keys WHERE seq > ? AND seq <= ? AND exclusive",
+        )
+        .bind(after)
+        .bind(through)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(keys.into_iter().collect())
+    }
+
     /// The first op after `seq` that conflicts with it (shares a key that one of
     /// the two changes), with its method and path.
     pub async fn next_conflicting(

@@ -129,6 +129,47 @@ impl Store {
         Ok(())
     }
 
+    /// Notes users a resync is about to create at an edge (see migration 0009).
+    pub async fn note_resync_users(
+        &self,
+        edge: &str,
+        users: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        for (id, key) in users {
+            sqlx::query(
+                "INSERT INTO resync_users (edge, user_id, user_key) VALUES (?, ?, ?)
+                 ON CONFLICT (edge, user_id) DO NOTHING",
+            )
+            .bind(edge)
+            .bind(id)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Users resyncs of an edge noted and no completed resync settled.
+    pub async fn resync_users(&self, edge: &str) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT user_id, user_key FROM resync_users WHERE edge = ?")
+                .bind(edge)
+                .fetch_all(&self.writer)
+                .await?,
+        )
+    }
+
+    /// Forgets an edge's noted users (its resync completed).
+    pub async fn clear_resync_users(&self, edge: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM resync_users WHERE edge = ?")
+            .bind(edge)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
     pub async fn resync_progress(
         &self,
         edge: &str,

@@ -154,20 +154,33 @@ impl Store {
             .collect())
     }
 
-    /// Records the session that holds an edge's ID, and its protocol.
+    /// Records the session that holds an edge's ID, its protocol and its
+    /// database; returns the database of the previous holder.
     pub async fn hold_edge(
         &self,
         edge: &str,
         session: u64,
         protocol: u8,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE edges SET session = ?, protocol = ? WHERE id = ?")
-            .bind(session as i64)
-            .bind(i64::from(protocol))
-            .bind(edge)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        database: Option<&str>,
+    ) -> Result<Option<String>, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let before: Option<Option<String>> =
+            sqlx::query_scalar("SELECT database FROM edges WHERE id = ?")
+                .bind(edge)
+                .fetch_optional(&mut *tx)
+                .await?;
+        sqlx::query(
+            "UPDATE edges SET session = ?, protocol = ?, database = COALESCE(?, database)
+             WHERE id = ?",
+        )
+        .bind(session as i64)
+        .bind(i64::from(protocol))
+        .bind(database)
+        .bind(edge)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(before.flatten())
     }
 
     /// Marks an edge as needing a resync before it applies ops again (`None`

@@ -16,7 +16,10 @@ import time
 import traceback
 
 from otlp_receiver import Receiver
-from harness import VENV_BIN, Deployment, diff, free_port, get_json, http, log, snapshot, wait_until
+import os
+
+from harness import (VENV_BIN, Deployment, HoldingProxy, diff, free_port, get_json, http, log, snapshot,
+                     wait_until)
 
 results = []
 
@@ -227,6 +230,107 @@ def central_killed(dep):
         assert {"before-crash", "after-crash"} <= names, (name, names)
 
 
+@check("headers an upstream could route by are refused before Keystone sees them")
+def routing_headers(dep):
+    token = dep.central_ks.token()
+    for name, value in [("SCRIPT_NAME", "/x"), ("X-HTTP-Method-Override", "POST"), ("X-Original-URL", "/v3/users")]:
+        status, _, body = http("POST", f"{dep.gateway}/x/v3/users", {"user": {"name": "routed-around"}}, token,
+                               headers={name: value})
+        assert status == 400 and "refused" in body["error"]["message"], (name, status, body)
+    users = {u["name"] for u in get_json(f"{dep.central_ks.url}/v3/users", token)["users"]}
+    assert "routed-around" not in users, "a request with a routing header reached Keystone"
+
+
+@check("a full disk under central's op log: writes refused, nothing answered lost, capture resumes")
+def oplog_disk_full(dep):
+    if os.geteuid() != 0:
+        log("SKIP a full disk needs a tmpfs (root)")
+        return
+    small = f"{dep.workdir}/oplog-fs"
+    os.makedirs(small, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", small], check=True)
+    dep.cleanups.append(lambda: subprocess.run(["umount", "-l", small]))
+    dep.central.stop()
+    for suffix in ("", "-wal", "-shm"):
+        src = f"{dep.workdir}/central.db{suffix}"
+        if os.path.exists(src):
+            subprocess.run(["cp", "-p", src, f"{small}/central.db{suffix}"], check=True)
+    dep.central_db = f"sqlite://{small}/central.db"
+    dep.start_central()
+    token = dep.central_ks.token()
+    filler = f"{small}/filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    # Large writes, until the op log has no room left even in its write-ahead log.
+    answered, refused, i = [], 0, 0
+    big = "x" * 60000
+    while refused < 3 and i < 150:
+        status, _, body = http("POST", f"{dep.gateway}/v3/projects",
+                               {"project": {"name": f"full-{i}", "description": big}}, token)
+        if status == 201:
+            answered.append(f"full-{i}")
+        else:
+            assert status == 503, (status, body)
+            refused += 1
+        i += 1
+    assert refused > 0, "the full disk refused nothing"
+    os.remove(filler)
+    for i in range(i, i + 3):
+        status, _, body = http("POST", f"{dep.gateway}/v3/projects", {"project": {"name": f"full-{i}"}}, token)
+        assert status == 201, (status, body)
+        answered.append(f"full-{i}")
+    logged = {op["body"]["project"]["name"] for op in dep.ops()
+              if op["kind"] == "project" and op["method"] == "POST" and op["state"] == "committed"}
+    assert set(answered) <= logged, (answered, logged)
+    # Central's Keystone holds exactly what the op log (once resolved) says.
+    def resolved():
+        return all(op.get("resolution") != "pending" for op in dep.ops())
+    wait_until("unknown outcomes resolved", resolved, timeout=300)
+    assert_in_sync(dep, "a full disk under the op log")
+
+
+@check("an answer held past the edge's timeout never lands after the ops behind it")
+def late_answer(dep):
+    ks = dep.edge_ks["edge1"]
+    proxy = HoldingProxy(ks.port)
+    dep.cleanups.append(proxy.stop)
+    dep.edges["edge1"].stop()
+    dep.edge_upstream["edge1"] = proxy.url
+    dep.edge_args["edge1"] = ["--upstream-timeout", "2s", "--upstream-settle", "8s"]
+    dep.start_edge("edge1")
+    dep.cli("project", "create", "held")
+    assert_in_sync(dep, "a project to update")
+    proxy.hold_next("PATCH", "/v3/projects/", 4)
+    dep.cli("project", "set", "--description", "desc-v1", "held")
+    dep.cli("project", "set", "--description", "desc-v2", "held")
+    assert_in_sync(dep, "two updates, the first held")
+    wait_until("the held update landed", lambda: proxy.held_done == 1, timeout=60)
+    token = ks.token()
+    [project] = [p for p in get_json(f"{ks.url}/v3/projects?name=held", token)["projects"]]
+    assert project["description"] == "desc-v2", project
+    # A held create: looked for once it may have landed, never made twice.
+    central = dep.central_ks
+    ctoken = central.token()
+    admin = get_json(f"{central.url}/v3/users?name=admin", ctoken)["users"][0]["id"]
+    proxy.hold_next("POST", "/v3/credentials", 4)
+    status, _, _ = http("POST", f"{dep.gateway}/v3/credentials", {"credential": {
+        "type": "totp", "user_id": admin, "blob": "held-secret-1"}}, ctoken)
+    assert status == 201, status
+    assert_in_sync(dep, "a held create")
+    wait_until("the held create landed", lambda: proxy.held_done == 2, timeout=60)
+    creds = get_json(f"{ks.url}/v3/credentials?type=totp", token)["credentials"]
+    assert len(creds) == 1, creds
+    dep.edges["edge1"].stop()
+    dep.edge_upstream.pop("edge1")
+    dep.edge_args.pop("edge1")
+    dep.start_edge("edge1")
+
+
 @check("the same through a real nats-server as external broker, traces over OTLP/gRPC")
 def external_broker(workdir):
     port = free_port()
@@ -397,8 +501,11 @@ def main():
         traces_http(dep, receiver)
         edge_keystone_down(dep)
         disguised_writes(dep)
+        routing_headers(dep)
         edge_killed(dep)
         central_killed(dep)
+        late_answer(dep)
+        oplog_disk_full(dep)
     except Exception:
         results.append(("deployment", False))
         traceback.print_exc()

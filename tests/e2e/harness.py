@@ -202,6 +202,98 @@ class Process:
                 self.kill9()
 
 
+class HoldingProxy:
+    """A TCP proxy in front of a Keystone that, when armed, holds the next
+    request of a method for a while and then forwards it anyway: what a load
+    balancer that answered 504, or a database lock wait, does while Keystone
+    carries on. One request per connection (the upstream is asked to close)."""
+
+    def __init__(self, upstream_port):
+        import threading
+
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lock = threading.Lock()
+        self.armed = None  # (method, seconds)
+        self.held_done = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold_next(self, method, path, seconds):
+        """Holds the next `method` request whose path starts with `path`."""
+        with self.lock:
+            self.armed = (method, path, seconds)
+
+    def _accept(self):
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            length = 0
+            kept = [lines[0]]
+            for line in lines[1:]:
+                name = line.split(b":", 1)[0].strip().lower()
+                if name == b"content-length":
+                    length = int(line.split(b":", 1)[1])
+                if name not in (b"connection", b"keep-alive"):
+                    kept.append(line)
+            while len(body) < length:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            kept.append(b"Connection: close")
+            request = b"\r\n".join(kept) + b"\r\n\r\n" + body
+            method, target = lines[0].split(b" ")[:2]
+            held = False
+            with self.lock:
+                if self.armed and self.armed[0] == method.decode() and target.decode().startswith(self.armed[1]):
+                    held, seconds = True, self.armed[2]
+                    self.armed = None
+            if held:
+                time.sleep(seconds)
+            up = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=60)
+            up.sendall(request)
+            answer = b""
+            while True:
+                chunk = up.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            up.close()
+            if held:
+                with self.lock:
+                    self.held_done += 1
+            try:
+                conn.sendall(answer)
+            except OSError:
+                pass  # the client gave up on it long ago
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.sock.close()
+
+
 def syncgate_binary():
     path = os.environ.get("SYNCGATE_BIN") or str(REPO / "target" / "debug" / "syncgate")
     if not Path(path).exists():
@@ -239,6 +331,12 @@ class Deployment:
         self.edge_ks = {e: Keystone(e, self.workdir, f"{e}-admin-pw") for e in edges}
         self.edges = {}
         self.central = None
+        # Where the op log lives (a test may move it to a small filesystem).
+        self.central_db = f"sqlite://{self.workdir}/central.db"
+        # Extra arguments and upstream per edge (a test may put a proxy in front).
+        self.edge_args = {}
+        self.edge_upstream = {}
+        self.cleanups = []
 
     def prepare_keystones(self):
         """Bootstraps every Keystone in parallel, then starts them."""
@@ -256,7 +354,7 @@ class Deployment:
             "--upstream", self.central_ks.url,
             "--listen", f"127.0.0.1:{self.proxy_port}",
             "--admin-listen", f"127.0.0.1:{self.admin_port}",
-            "--db", f"sqlite://{self.workdir}/central.db",
+            "--db", self.central_db,
             "--sync-key-file", self.key_file,
             "--edges", ",".join(self.edge_ks),
             "--ack-timeout", self.ack_timeout,
@@ -284,7 +382,7 @@ class Deployment:
             self.bin, "edge",
             "--id", name,
             "--broker", self.broker_url,
-            "--upstream", ks.url,
+            "--upstream", self.edge_upstream.get(name, ks.url),
             "--db", f"sqlite://{self.workdir}/{name}.db",
             "--admin-listen", f"127.0.0.1:{admin_port}",
             "--sync-key-file", self.key_file,
@@ -292,6 +390,7 @@ class Deployment:
         ]
         if self.initial_sync:
             args.append("--initial-sync")
+        args += self.edge_args.get(name, [])
         # The edges name their service themselves, and their site as a resource attribute.
         env = dict(os.environ, **ks.admin_env(),
                    **self.otlp_env(OTEL_SERVICE_NAME="syncgate-edge-site", OTEL_RESOURCE_ATTRIBUTES=f"site={name}"))
@@ -323,6 +422,8 @@ class Deployment:
             self.central.stop()
         for k in [self.central_ks, *self.edge_ks.values()]:
             k.stop()
+        for cleanup in reversed(self.cleanups):
+            cleanup()
 
     # --- driving and observing -------------------------------------------------
 

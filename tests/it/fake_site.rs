@@ -74,6 +74,10 @@ pub struct SiteState {
     pub reads: Vec<String>,
     /// Lists answer at most this many entities, flagged `truncated`.
     pub list_limit: Option<usize>,
+    /// The same for one collection (`users`), before `list_limit`.
+    pub list_limits: HashMap<String, usize>,
+    /// Collections whose list is answered with JSON that is not the list.
+    pub garbled: HashSet<String>,
 }
 
 /// Kinds without a natural key the fake keeps: (collection, kind, JSON key of a
@@ -602,7 +606,12 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 .cloned()
                 .collect();
             // As Keystone with `list_limit` set: the first ones, and a flag.
-            let limit = st.list_limit.unwrap_or(usize::MAX);
+            let limit = st
+                .list_limits
+                .get(*coll)
+                .copied()
+                .or(st.list_limit)
+                .unwrap_or(usize::MAX);
             let truncated = items.len() > limit;
             let items: Vec<Value> = items.into_iter().take(limit).collect();
             reply(
@@ -847,7 +856,16 @@ fn unnamed(
                 .cloned()
                 .collect();
             let coll = UNNAMED.iter().find(|(_, k, _)| *k == kind).unwrap().0;
-            reply(StatusCode::OK, json!({ coll: items }))
+            if st.garbled.contains(coll) {
+                return reply(StatusCode::OK, json!({"unexpected": "shape"}));
+            }
+            match st.list_limits.get(coll).copied() {
+                Some(limit) if items.len() > limit => {
+                    let items: Vec<Value> = items.into_iter().take(limit).collect();
+                    reply(StatusCode::OK, json!({ coll: items, "truncated": true }))
+                }
+                _ => reply(StatusCode::OK, json!({ coll: items })),
+            }
         }
         (Method::GET, Some(id)) => match table.get(id) {
             Some(e) => reply(StatusCode::OK, json!({ kind: e })),

@@ -538,7 +538,11 @@ async fn one_step(world: &World, model: &mut Model, rng: &mut Rng) {
 /// Brings one fault, or ends the ones in force.
 async fn one_fault(world: &mut World, rng: &mut Rng) {
     let n_links = world.links().len();
-    match rng.below(14) {
+    let which = rng.below(14);
+    if std::env::var_os("SYNCGATE_FAULT_DUMP").is_some() {
+        eprintln!("FAULT {which}");
+    }
+    match which {
         0 | 1 => {
             let link = world.links()[rng.below(n_links)];
             // What a stall held is dropped when it ends (never delivered late).
@@ -629,6 +633,12 @@ async fn run(nats_server: Option<std::path::PathBuf>) {
             world.restart_broker().await;
         }
         one_step(&world, &mut model, &mut rng).await;
+        if std::env::var_os("SYNCGATE_FAULT_DUMP").is_some() {
+            eprintln!(
+                "STEP {step} successes {} in_doubt {} refused {:?}",
+                model.successes, model.in_doubt, model.refused
+            );
+        }
     }
 
     // Heal everything: no stalled connection delivers late (a stall ends in

@@ -677,8 +677,14 @@ async fn ops_in_flight_during_a_drift_audit_are_not_reported() {
     env.create("/v3/users", "user", json!({"user": {"name": "first"}}))
         .await;
     env.assert_in_sync().await;
-    // The edge's Keystone is slow: ops are in flight all along the audit.
-    env.edges[0].site.state.lock().unwrap().answer_jitter = Some(Duration::from_millis(30));
+    // The edge's Keystone is slow: ops are in flight all along the audit,
+    // the first one held until well after the audit began.
+    let site = &env.edges[0].site;
+    {
+        let mut state = site.state.lock().unwrap();
+        state.answer_jitter = Some(Duration::from_millis(30));
+        state.hold_next = Some(Duration::from_secs(3));
+    }
     let writer = {
         let http = env.http.clone();
         let proxy = env.proxy.clone();
@@ -696,10 +702,70 @@ async fn ops_in_flight_during_a_drift_audit_are_not_reported() {
             }
         })
     };
+    env.until("the edge's Keystone holds a write", || async {
+        site.state.lock().unwrap().hold_next.is_none()
+    })
+    .await;
     let d = drift(&env, "e1").await;
     assert_eq!(found(&d), vec![], "nothing in flight is drift: {d:#}");
+    assert!(
+        d["runs"][0]["excluded"].as_i64().unwrap() > 0,
+        "ops were in flight, and left out: {d:#}"
+    );
     writer.await.unwrap();
     env.assert_in_sync().await;
+    env.shutdown().await;
+}
+
+/// Writes during an audit leave out only what they change: creates in the
+/// Default domain do not hide a real difference of another user there.
+#[tokio::test]
+async fn writes_during_a_drift_audit_hide_only_what_they_change() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    env.create(
+        "/v3/users",
+        "user",
+        json!({"user": {"name": "victim", "domain_id": "default"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    let victim = site.id_of("user", "victim").unwrap();
+    direct(
+        &env,
+        site,
+        "PATCH",
+        &format!("/v3/users/{victim}"),
+        json!({"user": {"description": "changed at the edge"}}),
+    )
+    .await;
+    // Writes all along the audit, naming the Default domain.
+    site.state.lock().unwrap().answer_jitter = Some(Duration::from_millis(20));
+    let writer = {
+        let http = env.http.clone();
+        let proxy = env.proxy.clone();
+        let token = env.token().to_string();
+        tokio::spawn(async move {
+            for i in 0..30 {
+                let resp = http
+                    .post(format!("{proxy}/v3/users"))
+                    .header("x-auth-token", &token)
+                    .json(&json!({"user": {"name": format!("other{i}"), "domain_id": "default"}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 201);
+            }
+        })
+    };
+    let d = drift(&env, "e1").await;
+    writer.await.unwrap();
+    assert!(
+        found(&d)
+            .iter()
+            .any(|(c, k, key, _)| c == "differs" && k == "user" && key.ends_with("/victim")),
+        "the edge's own change is drift: {d:#}"
+    );
     env.shutdown().await;
 }
 
@@ -805,16 +871,27 @@ async fn lists_the_identity_service_truncates_are_read_again_per_domain() {
         .await;
     }
     made(&env, central, "/v3/users", "user", json!({"name": "d1"})).await;
-    // Central's Keystone answers at most 2 entities per list (`list_limit`).
-    central.state.lock().unwrap().list_limit = Some(2);
+    // Central's Keystone answers at most 2 users per list (`list_limit`).
+    central
+        .state
+        .lock()
+        .unwrap()
+        .list_limits
+        .insert("users".into(), 2);
     let (status, _) = post(&env, "/v1/edges/e1/resync").await;
     assert_eq!(status, 202);
     let row = resync_ended(&env, "e1").await;
+    let result = &row["resync"]["result"];
+    assert_eq!(result["created"], 4, "acme, a1, a2, d1: {row:#}");
     assert_eq!(
-        row["resync"]["result"]["created"], 4,
-        "acme, a1, a2, d1: {row:#}"
+        result["only_at_edge"], 0,
+        "nothing read as missing: {row:#}"
     );
-    central.state.lock().unwrap().list_limit = None;
+    assert!(
+        result["mapped"].as_i64().unwrap() >= 5,
+        "the bootstrap admin, project and roles matched: {row:#}"
+    );
+    central.state.lock().unwrap().list_limits.clear();
     env.assert_in_sync().await;
     // Still truncated per domain: the resync stops and says why.
     for i in 0..3 {
@@ -827,7 +904,12 @@ async fn lists_the_identity_service_truncates_are_read_again_per_domain() {
         )
         .await;
     }
-    central.state.lock().unwrap().list_limit = Some(2);
+    central
+        .state
+        .lock()
+        .unwrap()
+        .list_limits
+        .insert("users".into(), 2);
     let (status, _) = post(&env, "/v1/edges/e1/resync").await;
     assert_eq!(status, 202);
     env.until("the resync to fail", || async {
@@ -1089,6 +1171,121 @@ async fn a_resync_renames_what_the_edge_maps_instead_of_creating_another() {
         assert!(env.edges[0].site.id_of("project", "old-name").is_none());
         assert_eq!(env.edges[0].site.create_requests("projects"), requests);
         assert_eq!(env.central_site.snapshot(), env.edges[0].site.snapshot());
+    }
+    env.shutdown().await;
+}
+
+/// The edge killed between a resync's user creates and their passwords: the
+/// resync, run again, sets every password it planned (the users exist by
+/// then), so each logs in at the edge, and none is left unlisted.
+#[tokio::test]
+async fn a_resync_killed_between_creates_and_passwords_sets_them_when_it_runs_again() {
+    let mut env = sync_env(&["e1"], None, |_| {}).await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "base"}}))
+        .await;
+    env.assert_in_sync().await;
+    halt_edge(&mut env).await;
+    let n = 12;
+    for i in 0..n {
+        env.create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": format!("pw{i}"), "password": format!("secret-{i}")}}),
+        )
+        .await;
+    }
+    // The resync's last create (the trigger group first, then the users) is
+    // applied and never answered: its step never ends, no password is sent.
+    env.edges[0].site.state.lock().unwrap().hang_after_writes = Some(n);
+    let (status, _) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202);
+    env.until("the users are created at the edge", || async {
+        (0..n).all(|i| env.edges[0].site.id_of("user", &format!("pw{i}")).is_some())
+    })
+    .await;
+    env.kill_edge(0).await;
+    env.restart_edge(0).await;
+    let row = resync_ended(&env, "e1").await;
+    for i in 0..n {
+        assert!(
+            can_log_in(
+                &env.edges[0].site,
+                &format!("pw{i}"),
+                &format!("secret-{i}")
+            )
+            .await,
+            "pw{i} has its password at the edge: {row:#}"
+        );
+    }
+    assert_eq!(row["needs_password"]["count"], 0, "{row:#}");
+    env.shutdown().await;
+}
+
+async fn can_log_in(site: &FakeSite, user: &str, password: &str) -> bool {
+    reqwest::Client::new()
+        .post(format!("{}/v3/auth/tokens", site.url()))
+        .json(
+            &json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "domain": {"name": "Default"}, "password": password}}}}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .status()
+        == 201
+}
+
+/// A list that cannot be read whole (truncated with no finer way to read it,
+/// or an answer of another shape) fails a resync with the reason: nothing is
+/// taken for missing, and prune deletes nothing.
+#[tokio::test]
+async fn a_list_not_read_whole_fails_the_resync_and_prunes_nothing() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let central = &env.central_site;
+    for i in 0..3 {
+        made(
+            &env,
+            central,
+            "/v3/policies",
+            "policy",
+            json!({"type": "application/json", "blob": format!("{{\"p\": {i}}}")}),
+        )
+        .await;
+    }
+    let site = &env.edges[0].site;
+    made(
+        &env,
+        site,
+        "/v3/policies",
+        "policy",
+        json!({"type": "application/json", "blob": "{\"edge\": 1}"}),
+    )
+    .await;
+    for (at, what, expected) in [
+        (central, "truncated", "list_limit"),
+        (site, "garbled", "could not be read whole"),
+    ] {
+        {
+            let mut st = at.state.lock().unwrap();
+            if what == "truncated" {
+                st.list_limits.insert("policies".into(), 2);
+            } else {
+                st.garbled.insert("policies".into());
+            }
+        }
+        let (status, _) = post(&env, "/v1/edges/e1/resync?prune=true").await;
+        assert_eq!(status, 202);
+        env.until("the resync to fail", || async {
+            edge_row(&env, "e1").await["resync"]["phase"] == "failed"
+        })
+        .await;
+        let row = edge_row(&env, "e1").await;
+        let error = row["resync"]["error"].as_str().unwrap();
+        assert!(error.contains(expected), "{what}: {error}");
+        assert_eq!(site.unnamed("policy").len(), 1, "{what}: nothing pruned");
+        let mut st = at.state.lock().unwrap();
+        st.list_limits.clear();
+        st.garbled.clear();
     }
     env.shutdown().await;
 }

@@ -298,6 +298,7 @@ async fn an_edge_clock_far_off_is_taken_and_the_skew_is_named() {
         protocol: Some(2),
         lease_ms: Some(1000),
         leaving: false,
+        database: None,
     };
     // Unaddressed: central says which session to address.
     let first = nats
