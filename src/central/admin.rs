@@ -583,14 +583,26 @@ async fn run_drift(
 ) -> Result<Response, ApiError> {
     let edge = only_params(&params, &["edge"])?;
     let r = resyncer(&admin)?;
-    let edges = edge_or_all(&admin, edge).await?;
-    for e in &edges {
-        r.start_drift(e).await.map_err(start_error)?;
-    }
+    let (edges, skipped) = match edge {
+        Some(e) => {
+            r.start_drift(e).await.map_err(start_error)?;
+            (vec![e.to_string()], Vec::new())
+        }
+        // Every edge connected now, against one read of central's state.
+        None => {
+            let round = r.drift_round().await.map_err(start_error)?;
+            (round.audited, round.skipped)
+        }
+    };
+    let skipped: Vec<Value> = skipped
+        .into_iter()
+        .map(|(edge, why)| json!({"edge": edge, "reason": why}))
+        .collect();
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({
             "edges": edges,
+            "skipped": skipped,
             "drift_audit": "started",
             "message": "results in GET /v1/drift?edge=<edge>",
         })),
@@ -664,6 +676,7 @@ async fn list_drift(
         "runs": runs,
         "differences": differences,
         "truncated": truncated,
+        "not_covered": crate::keystone::state::not_covered(),
     })))
 }
 
@@ -678,6 +691,14 @@ async fn out_of_sync(
         .out_of_sync(edge, admin.ack_timeout, limit + 1)
         .await
         .map_err(internal)?;
+    // A write forwarded whose op could not be logged yet (the op log failed)
+    // may be missing at every edge: it is reported until it is an op.
+    let unlogged = admin
+        .proxy
+        .abandoned_intents()
+        .await
+        .map_err(internal)?
+        .len();
     let truncated = rows.len() as i64 > limit;
     let rows: Vec<_> = rows
         .into_iter()
@@ -689,7 +710,11 @@ async fn out_of_sync(
             r
         })
         .collect();
-    Ok(Json(json!({"out_of_sync": rows, "truncated": truncated})))
+    Ok(Json(json!({
+        "out_of_sync": rows,
+        "truncated": truncated,
+        "unlogged_writes": unlogged,
+    })))
 }
 
 /// An op as the audit API shows it, secrets redacted.

@@ -162,7 +162,10 @@ pub async fn run(req: &AuditRequest) -> (String, u8) {
 
 fn out_of_sync_code(verb: &Verb, body: &Value) -> u8 {
     let rows = match verb {
-        Verb::OutOfSync { .. } => body["out_of_sync"].as_array().map_or(0, Vec::len),
+        Verb::OutOfSync { .. } => {
+            body["out_of_sync"].as_array().map_or(0, Vec::len)
+                + body["unlogged_writes"].as_u64().unwrap_or(0) as usize
+        }
         Verb::Drift { .. } => body["differences"].as_array().map_or(0, Vec::len),
         _ => 0,
     };
@@ -445,17 +448,27 @@ fn out_of_sync_table(body: &Value) -> String {
             .collect()
         })
         .collect();
-    if rows.is_empty() {
+    let unlogged = body["unlogged_writes"].as_u64().unwrap_or(0);
+    if rows.is_empty() && unlogged == 0 {
         return "every edge is in sync\n".into();
     }
-    let mut out = table(
-        &[
-            "EDGE", "SEQ", "STATE", "KIND", "METHOD", "STATUS", "PATH", "DETAIL",
-        ],
-        &rows,
-    );
+    let mut out = String::new();
+    if !rows.is_empty() {
+        out = table(
+            &[
+                "EDGE", "SEQ", "STATE", "KIND", "METHOD", "STATUS", "PATH", "DETAIL",
+            ],
+            &rows,
+        );
+    }
     if body["truncated"] == true {
         out.push_str("(more rows than shown)\n");
+    }
+    if unlogged > 0 {
+        out.push_str(&format!(
+            "{unlogged} write(s) forwarded to the identity service are not in the op log yet \
+             (it failed); every edge may lack them until they are logged\n"
+        ));
     }
     out
 }
@@ -520,5 +533,9 @@ mod tests {
         assert_eq!(out_of_sync_code(&Verb::Edges, &some), 0);
         assert!(out_of_sync_table(&none).contains("in sync"));
         assert!(out_of_sync_table(&some).starts_with("EDGE"));
+        let unlogged = json!({"out_of_sync": [], "truncated": false, "unlogged_writes": 2});
+        assert_eq!(out_of_sync_code(&verb, &unlogged), OUT_OF_SYNC);
+        assert!(out_of_sync_table(&unlogged).contains("2 write(s)"));
+        assert!(!out_of_sync_table(&unlogged).contains("in sync"));
     }
 }

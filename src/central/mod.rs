@@ -436,23 +436,25 @@ async fn sweep_stale_intents(
     after: std::time::Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // An abandoned intent is a write that may be applied upstream and is not
+    // yet an op: every edge may lack it, so it is logged as soon as it can be.
     let every = (after / 4).clamp(
         std::time::Duration::from_millis(50),
-        std::time::Duration::from_secs(15),
+        std::time::Duration::from_secs(1),
     );
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = crate::serve::stopped(&mut stop) => return,
         }
-        match proxy.sweep_stale_intents(after).await {
+        match proxy.sweep_abandoned_intents(every * 4).await {
             Ok(seqs) if seqs.is_empty() => {}
             Ok(seqs) => warn!(
                 count = seqs.len(),
                 seqs = ?seqs,
                 "writes whose outcome was never logged are now unknown_outcome ops; check them in the audit API"
             ),
-            Err(e) => warn!(error = %e, "cannot sweep stale intents"),
+            Err(e) => warn!(error = %e, "cannot log abandoned intents yet; retrying"),
         }
     }
 }

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::central::sync::SyncCentral;
 use crate::keystone::client::KeystoneClient;
@@ -50,8 +50,15 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const READ_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a drift audit waits for the edge to apply ops up to its fence.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(120);
-/// Tries of a resync interrupted by a lost edge or broker.
-const ATTEMPTS: u32 = 5;
+/// Tries of a resync or drift audit interrupted by a lost edge or broker
+/// (a restarted edge answers once its predecessor's lease ends): about 30 s
+/// of waits in all, the first ones short.
+const ATTEMPTS: u32 = 8;
+const RETRY_MAX: Duration = Duration::from_secs(16);
+
+fn retry_delays() -> impl Iterator<Item = Duration> {
+    crate::retry::delays(Duration::from_millis(250), RETRY_MAX)
+}
 /// Tries of one write the edge's Keystone could not take for now.
 const OP_TRIES: u32 = 3;
 /// Least time between two automatic resyncs of one edge (one that failed is
@@ -59,6 +66,24 @@ const OP_TRIES: u32 = 3;
 const AUTO_RESYNC_EVERY: Duration = Duration::from_secs(10);
 /// Items listed in a resync's result.
 const SAMPLE: usize = 100;
+
+/// Edges a drift round audits at once.
+const ROUND_PARALLEL: usize = 4;
+
+/// Central's state as a drift round read it.
+struct Snapshot {
+    /// The op log's last seq before the read, and after it.
+    before: i64,
+    central: Vec<Entity>,
+    fence: i64,
+}
+
+/// The edges a drift round audits, and those it skipped with why.
+#[derive(Debug, Default)]
+pub struct DriftRound {
+    pub audited: Vec<String>,
+    pub skipped: Vec<(String, String)>,
+}
 
 /// What failed, and whether trying again may help.
 #[derive(Debug)]
@@ -103,6 +128,10 @@ pub struct Resyncer {
     auto: Mutex<HashMap<String, Instant>>,
     /// Spawns resyncs and audits (they end with central).
     spawner: crate::scope::Spawner,
+    /// Names credentials in both sites' states (see `state::Digester`): this
+    /// process's own random key, sent sealed to the edges it asks.
+    digester: state::Digester,
+    digest_key: String,
 }
 
 /// Frees an edge's job slot when the job ends, however it ends.
@@ -133,6 +162,7 @@ impl Resyncer {
         metrics: Arc<Metrics>,
         spawner: crate::scope::Spawner,
     ) -> Resyncer {
+        let (digester, digest_key) = state::Digester::random();
         Resyncer {
             sync,
             keystone,
@@ -141,6 +171,8 @@ impl Resyncer {
             spawner,
             busy: Mutex::default(),
             auto: Mutex::default(),
+            digester,
+            digest_key,
         }
     }
 
@@ -218,7 +250,10 @@ impl Resyncer {
             Err(e) => error!(error = %e, "cannot end the drift audits a stop left running"),
         }
         let mut tick = interval.map(|i| {
-            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + i, i);
+            // The first round comes after a random part of the interval on
+            // top of it: centrals started together do not audit together.
+            let first = i + i.mul_f64(spread());
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + first, i);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });
@@ -232,14 +267,13 @@ impl Resyncer {
                     if self.keystone.is_none() {
                         continue;
                     }
-                    let edges = self.store.edges().await.unwrap_or_default();
-                    for e in edges {
-                        let this = self.clone();
-                        self.spawner.spawn(async move {
-                            if let Err(err) = this.drift(&e.id).await {
-                                warn!(edge = %e.id, error = %err, "drift audit not run");
-                            }
-                        });
+                    match self.drift_round().await {
+                        Ok(round) => info!(
+                            audited = round.audited.len(),
+                            skipped = round.skipped.len(),
+                            "drift round started"
+                        ),
+                        Err(e) => warn!(error = %e, "drift round not run"),
                     }
                 }
                 _ = crate::serve::stopped(&mut stop) => break,
@@ -315,8 +349,25 @@ impl Resyncer {
         }
     }
 
-    /// The edge's state, and its cursor before and after it read it.
-    async fn edge_state(&self, edge: &str) -> Result<(Vec<Entity>, i64, i64), Failure> {
+    /// The edge's state, in terms `central` (central's state) is renamed to
+    /// if need be (credentials named as an edge of 0.1.0 names them), and its
+    /// cursor before and after it read it.
+    async fn edge_state_against(
+        &self,
+        edge: &str,
+        central: &mut std::borrow::Cow<'_, [Entity]>,
+    ) -> Result<(Vec<Entity>, i64, i64), Failure> {
+        let (mut at_edge, keyed, before, after) = self.edge_state(edge).await?;
+        if !keyed {
+            state::rename_credentials(central.to_mut(), &state::Digester::Plain);
+        }
+        state::in_central_terms(&mut at_edge, central);
+        Ok((at_edge, before, after))
+    }
+
+    /// The edge's state, whether its credentials are named with this
+    /// process's digest key, and its cursor before and after it read it.
+    async fn edge_state(&self, edge: &str) -> Result<(Vec<Entity>, bool, i64, i64), Failure> {
         let run = uuid::Uuid::new_v4().simple().to_string();
         let mut entities = Vec::new();
         let mut page = 0;
@@ -330,6 +381,7 @@ impl Resyncer {
                     &StateRequest {
                         run: run.clone(),
                         page,
+                        digest_key: Some(self.digest_key.clone()),
                     },
                     if page == 0 {
                         READ_TIMEOUT
@@ -349,7 +401,12 @@ impl Resyncer {
             entities.extend(answer.entities);
             page += 1;
             if page >= answer.pages {
-                return Ok((entities, answer.cursor_before, answer.cursor_after));
+                return Ok((
+                    entities,
+                    answer.keyed,
+                    answer.cursor_before,
+                    answer.cursor_after,
+                ));
             }
         }
     }
@@ -378,7 +435,7 @@ impl Resyncer {
 
     async fn read_central(&self) -> Result<Vec<Entity>, Failure> {
         let ks = self.keystone().map_err(|e| Failure::Fatal(e.to_string()))?;
-        state::read(ks)
+        state::read(ks, &self.digester)
             .await
             .map_err(|e| Failure::Fatal(format!("reading central's identity state: {e}")))
     }
@@ -412,6 +469,7 @@ impl Resyncer {
     async fn run_resync(&self, edge: &str, prune: bool) {
         let started = Instant::now();
         let mut attempt = 0;
+        let mut delays = retry_delays();
         let result = loop {
             attempt += 1;
             match self.resync_once(edge, prune).await {
@@ -419,7 +477,7 @@ impl Resyncer {
                 Err(Failure::Lost(why)) if attempt < ATTEMPTS => {
                     warn!(edge, attempt, error = %why, "resync interrupted; starting it again");
                     let _ = self.release(edge).await;
-                    tokio::time::sleep(Duration::from_secs(1 << attempt.min(5))).await;
+                    tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX)).await;
                 }
                 Err(f) => break Err(f.to_string()),
             }
@@ -487,15 +545,25 @@ impl Resyncer {
         let fence = self.last_seq().await?;
         self.progress(edge, "reading central's state", Some(fence), 0, 0)
             .await;
-        let central = self.holding(edge, self.read_central()).await?;
+        let mut central = std::borrow::Cow::Owned(self.holding(edge, self.read_central()).await?);
         self.progress(edge, "reading the edge's state", Some(fence), 0, 0)
             .await;
-        let (mut at_edge, _, _) = self.holding(edge, self.edge_state(edge)).await?;
-        state::in_central_terms(&mut at_edge, &central);
+        let (at_edge, _, _) = self
+            .holding(edge, self.edge_state_against(edge, &mut central))
+            .await?;
         // What central deleted and the edge still holds is deleted there,
         // prune or not: it is central's delete the edge has not applied.
         let deleted = self.deleted_keys(fence).await?;
         let mut plan = Plan::new(&central, &at_edge, prune, &deleted);
+        if let Some((kind, key)) = plan.kept.first() {
+            warn!(
+                edge,
+                kept = plan.kept.len(),
+                kind = %kind,
+                key = %key,
+                "not deleted at the edge: its own service identity needs it (see the resync's result)"
+            );
+        }
         // The users this resync creates, and those an interrupted earlier one
         // created: noted first, so that a kill between a create and its
         // password leaves nothing unset and unlisted.
@@ -526,8 +594,12 @@ impl Resyncer {
             .map(|(id, _)| id.as_str())
             .filter(|id| central_users.contains(id))
             .collect();
-        // A user the op log saw get a password gets it again at the edge.
-        let passwords = self.passwords(&created, fence).await?;
+        // A user the op log saw get a password gets it again at the edge:
+        // one this resync creates, and one whose last password op did not
+        // land there (failed, or never applied: the resync supersedes it).
+        let passwords = self
+            .passwords(edge, &created, &central_users, fence)
+            .await?;
         if !passwords.is_empty() {
             let keys: HashMap<&str, &str> = central
                 .iter()
@@ -665,31 +737,63 @@ impl Resyncer {
                 .map(|(k, key)| json!({"kind": k, "key": key}))
                 .collect::<Vec<_>>(),
             "pruned": prune,
+            "kept": plan
+                .kept
+                .iter()
+                .take(SAMPLE)
+                .map(|(k, key)| json!({
+                    "kind": k,
+                    "key": key,
+                    "reason": "the edge's own service identity needs it: a resync never deletes it",
+                }))
+                .collect::<Vec<_>>(),
+            "not_covered": state::not_covered(),
             "passwords_set": tally.passwords.len(),
             "needs_password": needs.len(),
         }))
     }
 
-    /// The latest password the op log up to `fence` set for each of `users`
-    /// (a create with one, an admin update, a self-service change).
+    /// The latest password the op log up to `fence` set (a create with one,
+    /// an admin update, a self-service change) for each of `created`, and for
+    /// each user of `central` whose latest password op did not land at
+    /// `edge` (its delivery is not applied or adopted).
     async fn passwords(
         &self,
-        users: &HashSet<&str>,
+        edge: &str,
+        created: &HashSet<&str>,
+        central: &HashSet<&str>,
         fence: i64,
     ) -> Result<HashMap<String, String>, Failure> {
-        let mut found = HashMap::new();
-        if users.is_empty() {
-            return Ok(found);
-        }
+        let op_log = |e: crate::store::StoreError| Failure::Fatal(format!("op log: {e}"));
         let ops = self
             .ops_between(0, fence, Some("user"))
             .await
-            .map_err(|e| Failure::Fatal(format!("op log: {e}")))?;
+            .map_err(op_log)?;
+        // Each user's latest password op.
+        let mut latest: HashMap<String, (i64, String)> = HashMap::new();
         for op in ops.iter().filter(|o| o.state == "committed") {
             if let Some((user, password)) = password_of(op) {
-                if users.contains(user.as_str()) {
-                    found.insert(user, password);
-                }
+                latest.insert(user, (op.seq, password));
+            }
+        }
+        let mut found = HashMap::new();
+        for (user, (seq, password)) in latest {
+            if created.contains(user.as_str()) {
+                found.insert(user, password);
+                continue;
+            }
+            if !central.contains(user.as_str()) {
+                continue;
+            }
+            let landed = self
+                .store
+                .deliveries(seq, Duration::from_secs(3600))
+                .await
+                .map_err(op_log)?
+                .iter()
+                .any(|d| d.edge == edge && matches!(d.state.as_str(), "applied" | "adopted"));
+            if !landed {
+                found.insert(user, password);
             }
         }
         Ok(found)
@@ -742,26 +846,144 @@ impl Resyncer {
         Ok(())
     }
 
-    async fn drift_once(&self, edge: &str) -> Result<(), Failure> {
-        let started = Instant::now();
+    /// Central's state for drift audits, read once for all the edges a
+    /// round audits: with the op log's seq before and after the read.
+    async fn snapshot(&self) -> Result<Snapshot, Failure> {
         let before = self.last_seq().await?;
         let central = self.read_central().await?;
         let fence = self.last_seq().await?;
+        Ok(Snapshot {
+            before,
+            central,
+            fence,
+        })
+    }
+
+    async fn drift_once(&self, edge: &str) -> Result<(), Failure> {
+        let snapshot = self.snapshot().await?;
+        self.drift_against(edge, &snapshot).await
+    }
+
+    /// Audits every edge connected now against one read of central's state,
+    /// a few edges at a time; an edge that is not connected, or has a job
+    /// running, is skipped (and said so). Returns the edges audited and those
+    /// skipped, with why; the audits run on a task.
+    pub async fn drift_round(self: &Arc<Self>) -> Result<DriftRound, StartError> {
+        self.keystone()?;
+        let edges = self
+            .store
+            .edges()
+            .await
+            .map_err(|e| StartError::Internal(e.to_string()))?;
+        let mut round = DriftRound::default();
+        let mut slots = Vec::new();
+        for e in edges {
+            if !self.sync.connected(&e.id) {
+                round
+                    .skipped
+                    .push((e.id, "not connected to central".into()));
+                continue;
+            }
+            match self.take(&e.id, "drift audit") {
+                Ok(slot) => {
+                    self.store
+                        .begin_drift(&e.id)
+                        .await
+                        .map_err(|err| StartError::Internal(err.to_string()))?;
+                    round.audited.push(e.id.clone());
+                    slots.push((e.id, slot));
+                }
+                Err(err) => round.skipped.push((e.id, err.to_string())),
+            }
+        }
+        if slots.is_empty() {
+            return Ok(round);
+        }
+        let this = self.clone();
+        self.spawner.spawn(async move {
+            use futures_util::StreamExt;
+            let snapshot = match this.snapshot().await {
+                Ok(s) => Arc::new(s),
+                Err(f) => {
+                    let why = f.to_string();
+                    warn!(error = %why, edges = slots.len(), "drift round failed");
+                    for (edge, _slot) in &slots {
+                        let _ = this.store.fail_drift(edge, &why).await;
+                    }
+                    return;
+                }
+            };
+            futures_util::stream::iter(slots)
+                .for_each_concurrent(ROUND_PARALLEL, |(edge, _slot)| {
+                    let this = this.clone();
+                    let snapshot = snapshot.clone();
+                    async move {
+                        if let Err(f) = this.drift_against(&edge, &snapshot).await {
+                            let why = f.to_string();
+                            warn!(edge = %edge, error = %why, "drift audit failed");
+                            let _ = this.store.fail_drift(&edge, &why).await;
+                        }
+                    }
+                })
+                .await;
+        });
+        Ok(round)
+    }
+
+    /// Audits `edge` against `snapshot`; an edge or broker lost meanwhile (a
+    /// restart of the edge) is asked again, as a resync is.
+    async fn drift_against(&self, edge: &str, snapshot: &Snapshot) -> Result<(), Failure> {
+        let mut attempt = 0;
+        let mut delays = retry_delays();
+        loop {
+            attempt += 1;
+            match self.drift_against_once(edge, snapshot).await {
+                Err(Failure::Lost(why)) if attempt < ATTEMPTS => {
+                    warn!(edge, attempt, error = %why, "drift audit interrupted; asking again");
+                    tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn drift_against_once(&self, edge: &str, snapshot: &Snapshot) -> Result<(), Failure> {
+        let started = Instant::now();
+        let Snapshot {
+            before,
+            central,
+            fence,
+        } = snapshot;
+        let (before, fence) = (*before, *fence);
+        let mut central = std::borrow::Cow::Borrowed(central.as_slice());
         // Compared once the edge has applied every op up to the fence.
+        // Its acks say when (the state, a large read, is asked for then).
         let deadline = Instant::now() + CATCH_UP_WAIT;
         let (at_edge, after) = loop {
-            let (mut at_edge, cursor_before, cursor_after) = self.edge_state(edge).await?;
-            state::in_central_terms(&mut at_edge, &central);
-            if cursor_before >= fence {
-                break (at_edge, cursor_after);
+            let acked = match self.store.edge_position(edge).await {
+                Ok(p) => p.map_or(0, |(_, cursor)| cursor),
+                Err(e) => return Err(Failure::Fatal(format!("op log: {e}"))),
+            };
+            let mut behind = acked;
+            if acked >= fence {
+                let (at_edge, cursor_before, cursor_after) =
+                    self.edge_state_against(edge, &mut central).await?;
+                if cursor_before >= fence {
+                    break (at_edge, cursor_after);
+                }
+                behind = cursor_before;
             }
             if Instant::now() >= deadline {
                 return Err(Failure::Fatal(format!(
-                    "edge '{edge}' has applied ops up to {cursor_before} only, not up to the \
-                     audit's fence {fence}: its op stream is behind or stopped; see its deliveries"
+                    "edge '{edge}' has applied ops up to {behind} only, not up to the audit's \
+                     fence {fence}: its op stream is behind or stopped; see its deliveries"
                 )));
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            debug!(
+                edge,
+                behind, fence, "the edge has not applied up to the audit's fence yet"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let through = self.last_seq().await?.max(after);
         let touched = self.touched(before, through).await?;
@@ -866,7 +1088,18 @@ impl Resyncer {
         };
         let ops = self.ops_between(since, acked, Some("user")).await?;
         for op in ops.iter().filter(|o| o.state == "committed") {
-            if let Some(user) = password_set_for(op) {
+            let Some(user) = password_set_for(op) else {
+                continue;
+            };
+            // Only where it set the password: applied (or adopted, which
+            // sets the create's values), not failed.
+            let landed = self
+                .store
+                .deliveries(op.seq, Duration::from_secs(3600))
+                .await?
+                .iter()
+                .any(|d| d.edge == edge && matches!(d.state.as_str(), "applied" | "adopted"));
+            if landed {
                 self.store.clear_needs_password(edge, &user, op.seq).await?;
             }
         }
@@ -948,6 +1181,9 @@ struct Plan {
     only_at_edge: Vec<(String, String)>,
     /// What differs and cannot be updated in place.
     not_updatable: Vec<(String, String)>,
+    /// What only the edge has (or central deleted) and the edge's own service
+    /// identity needs: never deleted.
+    kept: Vec<(String, String)>,
 }
 
 fn planned(
@@ -998,6 +1234,7 @@ impl Plan {
         let mut changes: Vec<((u8, i64, i64, bool), Planned)> = Vec::new();
         let mut only_at_edge = Vec::new();
         let mut not_updatable = Vec::new();
+        let mut kept = Vec::new();
         for d in state::diff(central, edge) {
             match d.category {
                 Category::MissingAtEdge => {
@@ -1020,6 +1257,14 @@ impl Plan {
                 Category::OnlyAtEdge => {
                     let e = &edge[d.edge.expect("the edge's side")];
                     let gone = e.mapped || deleted.contains(&(e.kind.clone(), e.key.clone()));
+                    if e.own {
+                        if prune || gone {
+                            kept.push((e.kind.clone(), e.key.clone()));
+                        } else {
+                            only_at_edge.push((e.kind.clone(), e.key.clone()));
+                        }
+                        continue;
+                    }
                     if !gone {
                         only_at_edge.push((e.kind.clone(), e.key.clone()));
                     }
@@ -1055,6 +1300,7 @@ impl Plan {
             groups,
             only_at_edge,
             not_updatable,
+            kept,
         }
     }
 
@@ -1110,4 +1356,12 @@ impl Tally {
             },
         }
     }
+}
+
+/// A random fraction in [0, 1).
+fn spread() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }

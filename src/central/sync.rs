@@ -142,19 +142,19 @@ impl SyncCentral {
         };
         {
             let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
-            for (edge, session, _) in sessions {
-                if session > 0 {
-                    holders.insert(
-                        edge,
-                        Holder {
-                            session,
-                            protocol: 2,
-                            heard: self.started,
-                            lease: DEFAULT_LEASE,
-                            rival: None,
-                        },
-                    );
-                }
+            for s in sessions.into_iter().filter(|s| s.session > 0) {
+                // The lease it asked for, from when central started.
+                let lease = s.lease_ms.map_or(DEFAULT_LEASE, Duration::from_millis);
+                holders.insert(
+                    s.edge,
+                    Holder {
+                        session: s.session,
+                        protocol: 2,
+                        heard: self.started,
+                        lease,
+                        rival: None,
+                    },
+                );
             }
         }
         let replay = self.client.subscribe(self.subjects.replay()).await?;
@@ -189,7 +189,7 @@ impl SyncCentral {
 
     /// Registers the declared edges and learns the registered ones; returns
     /// each edge's holder session.
-    async fn start_up(&self) -> Result<Vec<(String, u64, Option<String>)>, StoreError> {
+    async fn start_up(&self) -> Result<Vec<crate::store::EdgeSession>, StoreError> {
         for edge in &self.declared_edges {
             self.store.register_edge(edge, true).await?;
         }
@@ -652,7 +652,7 @@ impl SyncCentral {
             info!(edge = %edge, session = from, cursor = h.cursor, "edge process holds its ID");
             let before = match self
                 .store
-                .hold_edge(edge, from, 2, h.database.as_deref())
+                .hold_edge(edge, from, 2, h.database.as_deref(), lease)
                 .await
             {
                 Ok(before) => before,
@@ -720,8 +720,8 @@ impl SyncCentral {
             .edge_sessions()
             .await
             .ok()
-            .and_then(|rows| rows.into_iter().find(|(e, _, _)| e == edge))
-            .and_then(|(_, _, why)| why);
+            .and_then(|rows| rows.into_iter().find(|s| s.edge == *edge))
+            .and_then(|s| s.needs_resync);
         if let Some(reason) = needs {
             self.want_resync(edge);
             return Grant::Resync { lease_ms, reason };
@@ -747,6 +747,16 @@ impl SyncCentral {
                 at.elapsed().as_secs_f64()
             )
         })
+    }
+
+    /// Whether a process holding the edge's ID was heard from within its
+    /// lease (a drift round skips an edge that is not).
+    pub fn connected(&self, edge: &str) -> bool {
+        self.holders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(edge)
+            .is_some_and(|h| h.heard.elapsed() < h.lease)
     }
 
     /// The session of the process holding an edge's ID, to address it.

@@ -65,6 +65,10 @@ impl From<crate::store::StoreError> for Transient {
     }
 }
 
+/// Fields of a create an adopted entity keeps its own of: what names it or
+/// places it (matched already), and what Keystone does not let change.
+const ADOPTION_KEEPS: [&str; 6] = ["id", "name", "domain_id", "parent_id", "is_domain", "links"];
+
 fn failed(status: Option<u16>, detail: String) -> Applied {
     Applied {
         outcome: Outcome::Failed,
@@ -416,10 +420,36 @@ impl Applier<'_> {
                 for (central, edge) in op.created_ids.iter().zip(&edge_ids) {
                     adds.push((central.clone(), edge.clone(), op.kind.clone()));
                 }
+                // After a resync, what is found may be the resync's copy of
+                // central's state, which lacks what Keystone never shows (a
+                // password): it takes the create's values, as adopted.
+                let (outcome, detail) = match edge_ids.first() {
+                    Some(id) if attempt.after_resync => {
+                        match self.update_adopted(op, creates, body, id).await? {
+                            None => (
+                                Outcome::Applied,
+                                "found after a resync (made by it, or by an earlier attempt) and \
+                                 given the create's values"
+                                    .to_string(),
+                            ),
+                            Some(why) => (
+                                Outcome::Failed,
+                                format!(
+                                    "found after a resync, but it could not be given the \
+                                     create's values: {why}"
+                                ),
+                            ),
+                        }
+                    }
+                    _ => (
+                        Outcome::Applied,
+                        "applied by an earlier attempt whose answer was lost".to_string(),
+                    ),
+                };
                 return Ok(Some(Applied {
-                    outcome: Outcome::Applied,
+                    outcome,
                     status: None,
-                    detail: Some("applied by an earlier attempt whose answer was lost".into()),
+                    detail: Some(detail),
                     edge_ids,
                     changes: Commit {
                         map_adds: std::mem::take(adds),
@@ -467,10 +497,28 @@ impl Applier<'_> {
         match (existing, op.created_ids.first()) {
             (Some(edge_id), Some(central_id)) => {
                 adds.push((central_id.clone(), edge_id.clone(), op.kind.clone()));
+                // The entity here takes the create's values (a password
+                // included): adopted, it is what central made.
+                let refused = self.update_adopted(op, creates, body, &edge_id).await?;
+                let (outcome, detail) = match refused {
+                    None => (
+                        Outcome::Adopted,
+                        "already existed at this edge; its ID was adopted and it was given the \
+                         create's values"
+                            .to_string(),
+                    ),
+                    Some(why) => (
+                        Outcome::Failed,
+                        format!(
+                            "already existed at this edge and its ID was adopted, but it could \
+                             not be given the create's values: {why}"
+                        ),
+                    ),
+                };
                 Ok(Applied {
-                    outcome: Outcome::Adopted,
+                    outcome,
                     status: Some(reply.status),
-                    detail: Some("already existed at this edge; its ID was adopted".into()),
+                    detail: Some(detail),
                     edge_ids: vec![edge_id],
                     changes: Commit {
                         map_adds: adds,
@@ -487,6 +535,55 @@ impl Applier<'_> {
                 ),
             )),
         }
+    }
+
+    /// Gives an adopted entity the values its create carries (all but what
+    /// names it, or cannot change); `Some(why)` when the site refused.
+    async fn update_adopted(
+        &self,
+        op: &OpContent,
+        creates: Creates,
+        body: Option<&Value>,
+        edge_id: &str,
+    ) -> Result<Option<String>, Transient> {
+        let Some(coll) = keystone::client::collection(&op.kind) else {
+            return Ok(None);
+        };
+        if creates == Creates::FromUrl {
+            return Ok(None);
+        }
+        let Some(Value::Object(fields)) = body.and_then(|b| b.get(&op.kind)) else {
+            return Ok(None);
+        };
+        let update: serde_json::Map<String, Value> = fields
+            .iter()
+            .filter(|(k, _)| !ADOPTION_KEEPS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if update.is_empty() {
+            return Ok(None);
+        }
+        let path = format!("/v3/{coll}/{}", keystone::client::encode(edge_id));
+        let patch = serde_json::json!({ op.kind.as_str(): update });
+        let reply = self
+            .keystone
+            .send(Method::PATCH, &path, Some(&patch))
+            .await?;
+        if reply.is_success() {
+            return Ok(None);
+        }
+        if reply.status >= 500 || reply.status == 429 {
+            return Err(Transient {
+                reason: format!(
+                    "edge identity service answered HTTP {} updating an adopted {}: {}",
+                    reply.status,
+                    op.kind,
+                    reply.message()
+                ),
+                in_doubt: matches!(reply.status, 502 | 504),
+            });
+        }
+        Ok(Some(format!("HTTP {}: {}", reply.status, reply.message())))
     }
 
     /// Finds an entity central named by natural key; maps it.

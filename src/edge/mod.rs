@@ -291,6 +291,7 @@ impl Edge {
             unmarked_through,
             settle: self.config.upstream_settle,
             resynced_through: AtomicI64::new(0),
+            resync_doubt: Default::default(),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
@@ -396,6 +397,10 @@ impl Edge {
 }
 
 struct Runner {
+    /// Resync ops whose last try may still reach the site (no answer in
+    /// time), with when that can no longer happen: tried again, they are
+    /// looked for first, and not before then.
+    resync_doubt: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     id: String,
     client: async_nats::Client,
     subjects: Subjects,

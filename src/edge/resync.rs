@@ -63,7 +63,15 @@ impl StateServer {
             let fresh = req.page == 0 || last.as_ref().is_none_or(|r| r.run != req.run);
             let mut error = None;
             if fresh {
-                match self.read(&req.run).await {
+                let digester = match req.digest_key.as_deref() {
+                    Some(key) => state::Digester::from_base64(key),
+                    None => Ok(state::Digester::Plain),
+                };
+                let read = match digester {
+                    Ok(d) => self.read(&req.run, &d).await,
+                    Err(e) => Err(format!("central's state request: {e}")),
+                };
+                match read {
                     Ok(r) => last = Some(r),
                     Err(e) => {
                         warn!(error = %e, "cannot read this site's identity state for central");
@@ -81,6 +89,7 @@ impl StateServer {
                     cursor_before: r.cursor_before,
                     cursor_after: r.cursor_after,
                     error: None,
+                    keyed: req.digest_key.is_some(),
                 },
                 (_, e) => StatePage {
                     run: req.run.clone(),
@@ -90,6 +99,7 @@ impl StateServer {
                     cursor_before: 0,
                     cursor_after: 0,
                     error: Some(e.unwrap_or_else(|| "no state read for this run".into())),
+                    keyed: false,
                 },
             };
             let payload = self.link.seal(STATE_PAGE, &answer);
@@ -99,13 +109,24 @@ impl StateServer {
         }
     }
 
-    async fn read(&self, run: &str) -> Result<Read, String> {
+    async fn read(&self, run: &str, digester: &state::Digester) -> Result<Read, String> {
         let started = Instant::now();
         let cursor_before = self.status.cursor.load(Ordering::Relaxed);
-        let mut entities = state::read(&self.keystone)
+        let mut entities = state::read(&self.keystone, digester)
             .await
             .map_err(|e| e.to_string())?;
         let cursor_after = self.status.cursor.load(Ordering::Relaxed);
+        // What this edge's own service identity needs is marked (before IDs
+        // are translated): a resync never deletes it.
+        let me = self.keystone.identity().await.map_err(|e| e.to_string())?;
+        if me.user_id.is_empty() {
+            return Err(
+                "the identity service's token names no user: cannot tell which \
+                        identity this edge authenticates as, so nothing is read for a resync"
+                    .into(),
+            );
+        }
+        state::mark_own(&mut entities, &me);
         let central_of = self
             .store
             .reverse_map()
@@ -328,7 +349,7 @@ impl Runner {
         let mut next = 0;
         loop {
             while running.len() < CONCURRENCY && next < ops.len() {
-                running.push(apply_one(&applier, next, &ops[next]));
+                running.push(self.apply_in_doubt_aware(&applier, next, &ops[next]));
                 next += 1;
             }
             match running.next().await {
@@ -377,12 +398,75 @@ impl Runner {
     }
 }
 
+impl Runner {
+    /// Applies one op of a resync step. A try whose answer never came may
+    /// still reach the site until `--upstream-settle` after it was sent:
+    /// nothing is sent again before then, and then the op's entity is looked
+    /// for first. A settle period short enough is waited out within the step;
+    /// a longer one fails the op for now (central tries it again later).
+    async fn apply_in_doubt_aware(
+        &self,
+        applier: &Applier<'_>,
+        i: usize,
+        op: &OpContent,
+    ) -> (usize, Result<super::apply::Applied, String>) {
+        let mut maybe_sent = false;
+        for _ in 0..2 {
+            let doubt = self
+                .resync_doubt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&op.op_id)
+                .copied();
+            if let Some(settled) = doubt {
+                let wait = settled.saturating_duration_since(Instant::now());
+                if wait > STEP_SETTLE_MAX {
+                    let e = format!(
+                        "an earlier try may still reach the identity service: not sent again \
+                         for {}s (--upstream-settle)",
+                        wait.as_secs().max(1)
+                    );
+                    return (i, Err(e));
+                }
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = crate::serve::stopped(&mut stop) => {
+                        return (i, Err("the edge is stopping".to_string()));
+                    }
+                }
+                maybe_sent = true;
+            }
+            let sent = Instant::now();
+            let (i, r, in_doubt) = apply_one(applier, i, op, maybe_sent).await;
+            let mut doubts = self.resync_doubt.lock().unwrap_or_else(|p| p.into_inner());
+            if !in_doubt {
+                doubts.remove(&op.op_id);
+                return (i, r);
+            }
+            doubts.insert(op.op_id.clone(), sent + self.settle);
+            if self.settle > STEP_SETTLE_MAX {
+                return (i, r);
+            }
+        }
+        (
+            i,
+            Err("no answer from the identity service in time, twice".to_string()),
+        )
+    }
+}
+
+/// The longest settle period a resync step waits out for one of its ops.
+const STEP_SETTLE_MAX: Duration = Duration::from_secs(30);
+
 /// Applies one op of a resync step; its texts scrubbed of the op's secrets.
+/// Also says whether a failed try may still reach the site.
 async fn apply_one(
     applier: &Applier<'_>,
     i: usize,
     op: &OpContent,
-) -> (usize, Result<super::apply::Applied, String>) {
+    maybe_sent: bool,
+) -> (usize, Result<super::apply::Applied, String>, bool) {
     let secrets = op
         .body
         .as_ref()
@@ -391,13 +475,17 @@ async fn apply_one(
     // A create an earlier try of this step may have sent is looked for first
     // when nothing else finds it (a named entity's 409 is adopted).
     let attempt = super::apply::Attempt {
-        maybe_sent: !crate::keystone::ids::NAMED_KINDS.contains(&op.kind.as_str()),
+        maybe_sent: maybe_sent || !crate::keystone::ids::NAMED_KINDS.contains(&op.kind.as_str()),
         ..Default::default()
     };
+    let mut in_doubt = false;
     let r = applier
         .apply(op, attempt)
         .await
-        .map_err(|e| crate::redact::scrub(&e.to_string(), &secrets))
+        .map_err(|e| {
+            in_doubt = e.in_doubt;
+            crate::redact::scrub(&e.to_string(), &secrets)
+        })
         .map(|a| super::apply::Applied {
             detail: a
                 .detail
@@ -405,5 +493,5 @@ async fn apply_one(
                 .map(|d| crate::redact::scrub(d, &secrets)),
             ..a
         });
-    (i, r)
+    (i, r, in_doubt)
 }

@@ -191,6 +191,48 @@ struct CachedToken {
     token: Secret,
     /// Refresh at this time (a minute before Keystone's expiry).
     refresh_at: SystemTime,
+    identity: Identity,
+}
+
+/// Who the service credentials are, as the token says: what the client needs
+/// at its site to act at all (a resync never deletes it).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Identity {
+    /// Empty when the token names no user.
+    pub user_id: String,
+    /// The user's domain and the scope's (a project's domain, or a domain).
+    pub domain_ids: Vec<String>,
+    pub project_id: Option<String>,
+    /// The roles the token carries (implied ones included).
+    pub role_ids: Vec<String>,
+}
+
+impl Identity {
+    /// Reads the identity from a token's body.
+    pub fn from_token(body: &Value) -> Identity {
+        let t = &body["token"];
+        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+        let mut domain_ids: Vec<String> = [
+            &t["user"]["domain"]["id"],
+            &t["project"]["domain"]["id"],
+            &t["domain"]["id"],
+        ]
+        .into_iter()
+        .filter_map(text)
+        .collect();
+        domain_ids.dedup();
+        Identity {
+            user_id: text(&t["user"]["id"]).unwrap_or_default(),
+            domain_ids,
+            project_id: text(&t["project"]["id"]),
+            role_ids: t["roles"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| text(&r["id"]))
+                .collect(),
+        }
+    }
 }
 
 pub struct KeystoneClient {
@@ -271,9 +313,10 @@ impl KeystoneClient {
                 message: reply.message(),
             });
         };
-        let expires = reply
-            .json()
-            .and_then(|v| v["token"]["expires_at"].as_str().and_then(parse_rfc3339))
+        let json = reply.json().unwrap_or(Value::Null);
+        let expires = json["token"]["expires_at"]
+            .as_str()
+            .and_then(parse_rfc3339)
             .unwrap_or_else(|| SystemTime::now() + Duration::from_secs(3600));
         let refresh_at = expires
             .checked_sub(Duration::from_secs(60))
@@ -284,8 +327,21 @@ impl KeystoneClient {
         *cached = Some(CachedToken {
             token: token.clone(),
             refresh_at,
+            identity: Identity::from_token(&json),
         });
         Ok(token)
+    }
+
+    /// Who the service credentials are (authenticating first if need be).
+    pub async fn identity(&self) -> Result<Identity, ClientError> {
+        self.token(false).await?;
+        Ok(self
+            .token
+            .lock()
+            .await
+            .as_ref()
+            .map(|c| c.identity.clone())
+            .unwrap_or_default())
     }
 
     /// Sends a request with the service token; a 401 re-authenticates once.

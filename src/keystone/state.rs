@@ -14,7 +14,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::client::{encode, ClientError, KeystoneClient};
+use super::client::{encode, ClientError, Identity, KeystoneClient};
 use super::ids::is_mappable_id;
 
 /// The kinds a state holds, in the order their creates must be applied (what
@@ -40,6 +40,31 @@ pub const KINDS: [&str; 18] = [
     "protocol",
     "service_provider",
 ];
+
+/// What the op stream replicates and a resync or drift audit cannot read,
+/// with why: listed in every resync's result and drift report.
+pub const NOT_COVERED: [(&str, &str); 2] = [
+    (
+        "domain configuration passwords (ldap.password)",
+        "the identity service never returns them: a resync copies a domain's configuration \
+         without them and a drift audit cannot compare them; write the configuration again \
+         through the gateway (or set it at the edge) after a resync",
+    ),
+    (
+        "endpoint policy associations (OS-ENDPOINT-POLICY)",
+        "they name endpoints, services and regions, which are each site's own catalog: the \
+         identity service lists no association to compare; a resync neither copies nor \
+         checks them",
+    ),
+];
+
+/// `NOT_COVERED` as JSON.
+pub fn not_covered() -> Value {
+    NOT_COVERED
+        .iter()
+        .map(|(what, why)| json!({"what": what, "reason": why}))
+        .collect()
+}
 
 /// Kinds read only to name what others reference.
 pub const REFERENCE_ONLY: [&str; 1] = ["service"];
@@ -77,6 +102,10 @@ pub struct Entity {
     /// central's ID): it came from central.
     #[serde(default)]
     pub mapped: bool,
+    /// The edge's own service identity depends on it (see `mark_own`): a
+    /// resync never deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own: bool,
 }
 
 /// The compared fields that reference an entity: field -> (kind, ID).
@@ -226,10 +255,92 @@ async fn list_all(
 
 /// A short, stable digest (hex) of some bytes: names unnamed content.
 pub fn digest(bytes: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, bytes).as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex8(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+fn hex8(bytes: &[u8]) -> String {
+    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a credential's blob (a secret) is named in its key: by HMAC-SHA-256
+/// under a key central draws at random and never stores, so a key shown in
+/// an audit cannot be tried against guesses offline; by plain SHA-256 only to
+/// compare with an edge of 0.1.0.
+#[derive(Clone)]
+pub enum Digester {
+    Keyed(ring::hmac::Key),
+    Plain,
+}
+
+impl std::fmt::Debug for Digester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Digester::Keyed(_) => "Digester(hmac-sha256)",
+            Digester::Plain => "Digester(sha256)",
+        })
+    }
+}
+
+impl Digester {
+    /// A new random key, and the key as base64 (to send, sealed, to an edge).
+    pub fn random() -> (Digester, String) {
+        use base64::Engine;
+        use ring::rand::SecureRandom;
+        let mut raw = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut raw)
+            .expect("the system RNG works");
+        let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+        (Digester::from_raw(&raw), b64)
+    }
+
+    /// The digester of a base64 key from central.
+    pub fn from_base64(b64: &str) -> Result<Digester, String> {
+        use base64::Engine;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|_| "the digest key is not base64".to_string())?;
+        if raw.len() < 16 {
+            return Err("the digest key is too short".into());
+        }
+        Ok(Digester::from_raw(&raw))
+    }
+
+    fn from_raw(raw: &[u8]) -> Digester {
+        Digester::Keyed(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, raw))
+    }
+
+    pub fn keyed(&self) -> bool {
+        matches!(self, Digester::Keyed(_))
+    }
+
+    pub fn digest(&self, bytes: &[u8]) -> String {
+        match self {
+            Digester::Keyed(key) => hex8(ring::hmac::sign(key, bytes).as_ref()),
+            Digester::Plain => digest(bytes),
+        }
+    }
+}
+
+/// Names the credentials of central's `entities` (read with another digester)
+/// with `digester`, from their blobs: to compare with an edge that names them
+/// so. What has no blob to read is left as it is.
+pub fn rename_credentials(entities: &mut [Entity], digester: &Digester) {
+    for e in entities.iter_mut().filter(|e| e.kind == "credential") {
+        let Some(raw) = e.raw.as_ref() else { continue };
+        let (Some(blob), Some(kind)) = (raw["blob"].as_str(), raw["type"].as_str()) else {
+            continue;
+        };
+        let text = format!(" {kind}:{}", digester.digest(blob.as_bytes()));
+        let Some(at) = e.key.rfind(&format!(" {kind}:")) else {
+            continue;
+        };
+        e.key.truncate(at);
+        e.key.push_str(&text);
+        if let Some(Part::Text(last)) = e.parts.last_mut() {
+            *last = text;
+        }
+    }
 }
 
 /// Keys of a site's entities by ID, per kind, as they are read.
@@ -328,6 +439,7 @@ fn entity(
         parts: key.parts,
         field_refs,
         mapped: false,
+        own: false,
     }
 }
 
@@ -343,6 +455,7 @@ fn relation(kind: &str, key: Key<'_>, ids: Vec<String>, raw: Value) -> Entity {
         parts: key.parts,
         field_refs: BTreeMap::new(),
         mapped: false,
+        own: false,
     }
 }
 
@@ -352,7 +465,7 @@ fn str_of<'a>(v: &'a Value, field: &str) -> &'a str {
 
 /// Reads the state of the site `ks` talks to. `progress` is told each kind
 /// as it is read.
-pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
+pub async fn read(ks: &KeystoneClient, digester: &Digester) -> Result<Vec<Entity>, StateError> {
     let mut names = Names::default();
     let mut out: Vec<Entity> = Vec::new();
 
@@ -616,7 +729,7 @@ pub async fn read(ks: &KeystoneClient) -> Result<Vec<Entity>, StateError> {
         let key = names.k().r("user", str_of(&c, "user_id")).t(&format!(
             " {}:{}",
             str_of(&c, "type"),
-            digest(str_of(&c, "blob").as_bytes())
+            digester.digest(str_of(&c, "blob").as_bytes())
         ));
         out.push(entity(
             "credential",
@@ -1292,6 +1405,73 @@ pub fn rank(kind: &str) -> usize {
     KINDS.iter().position(|k| *k == kind).unwrap_or(KINDS.len())
 }
 
+/// Marks what the site's service identity `me` needs to act there: its user,
+/// the project its token is scoped to and that project's parents, its domains,
+/// its roles and what implies them, the groups it is a member of, and the
+/// memberships, grants and credentials of its user (and the grants of those
+/// groups). Deleting any of them could lock the edge out of its own Keystone.
+pub fn mark_own(entities: &mut [Entity], me: &Identity) {
+    if me.user_id.is_empty() {
+        return;
+    }
+    let user = me.user_id.as_str();
+    let groups: HashSet<String> = entities
+        .iter()
+        .filter(|e| e.kind == "membership" && e.ids.get(1).map(String::as_str) == Some(user))
+        .filter_map(|e| e.ids.first().cloned())
+        .collect();
+    let parents: HashMap<&str, &str> = entities
+        .iter()
+        .filter(|e| e.kind == "project")
+        .filter_map(|e| {
+            let (_, parent) = e.field_refs.get("parent_id")?;
+            Some((e.id.as_str(), parent.as_str()))
+        })
+        .collect();
+    let mut projects: HashSet<String> = HashSet::new();
+    let mut next = me.project_id.as_deref();
+    while let Some(p) = next {
+        if !projects.insert(p.to_string()) {
+            break;
+        }
+        next = parents.get(p).copied();
+    }
+    // The roles of its token, and those its grants (or its groups') give.
+    let granted = |e: &Entity| {
+        e.kind == "assignment"
+            && e.ids
+                .get(1)
+                .is_some_and(|a| a == user || groups.contains(a))
+    };
+    let roles: HashSet<String> = me
+        .role_ids
+        .iter()
+        .cloned()
+        .chain(
+            entities
+                .iter()
+                .filter(|e| granted(e))
+                .filter_map(|e| e.ids.first().cloned()),
+        )
+        .collect();
+    for e in entities.iter_mut() {
+        let id = e.id.as_str();
+        let actor = e.ids.get(1).map(String::as_str);
+        e.own = match e.kind.as_str() {
+            "user" => id == user,
+            "project" => projects.contains(id),
+            "domain" => me.domain_ids.iter().any(|d| d == id),
+            "role" => roles.contains(id),
+            "implied_role" => e.ids.get(1).is_some_and(|i| roles.contains(i.as_str())),
+            "group" => groups.contains(id),
+            "membership" => actor == Some(user),
+            "assignment" => granted(e),
+            "credential" => e.ids.iter().skip(1).any(|i| i == user),
+            _ => false,
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1308,7 +1488,36 @@ mod tests {
             parts: Vec::new(),
             field_refs: BTreeMap::new(),
             mapped: false,
+            own: false,
         }
+    }
+
+    #[test]
+    fn credentials_named_with_a_key_are_renamed_as_an_old_edge_names_them() {
+        let (keyed, _) = Digester::random();
+        let mut c = e("credential", "", "c1", json!({}));
+        c.key = format!("Default/ann totp:{}", keyed.digest(b"pin"));
+        c.parts = vec![
+            Part::Ref {
+                kind: "user".into(),
+                id: "u1".into(),
+                shown: "Default/ann".into(),
+            },
+            Part::Text(format!(" totp:{}", keyed.digest(b"pin"))),
+        ];
+        c.raw = Some(json!({"id": "c1", "type": "totp", "blob": "pin"}));
+        assert_ne!(keyed.digest(b"pin"), digest(b"pin"));
+        let mut v = vec![c];
+        rename_credentials(&mut v, &Digester::Plain);
+        assert_eq!(v[0].key, format!("Default/ann totp:{}", digest(b"pin")));
+        assert_eq!(
+            v[0].parts[1],
+            Part::Text(format!(" totp:{}", digest(b"pin")))
+        );
+        // Keyed digests depend on the key.
+        let (other, _) = Digester::random();
+        assert_ne!(keyed.digest(b"pin"), other.digest(b"pin"));
+        assert!(Digester::from_base64("c2hvcnQ=").is_err());
     }
 
     #[test]

@@ -268,6 +268,11 @@ pub struct Redo {
 pub struct StateRequest {
     pub run: String,
     pub page: usize,
+    /// The key credentials' blobs are named with (HMAC-SHA-256, base64): it
+    /// is central's, random, never stored; an edge of 0.1.0 ignores it and
+    /// names them by plain SHA-256 (its pages then say `keyed: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest_key: Option<String>,
 }
 
 /// One page of an edge's state; references are named by natural key, IDs the
@@ -284,6 +289,9 @@ pub struct StatePage {
     /// Why the state could not be read.
     #[serde(default)]
     pub error: Option<String>,
+    /// Credentials are named with the request's digest key.
+    #[serde(default)]
+    pub keyed: bool,
 }
 
 /// One step of a resync or repair, sent by central on `<prefix>.resync.<edge>`

@@ -125,30 +125,36 @@ async fn captured_section(
     let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
 
-    // 1. The intent is durable before anything is forwarded.
-    let op_id = proxy
-        .store
-        .begin_intent(&NewIntent {
-            method: parts.method.as_str(),
-            path: &path,
-            class: route.class.as_str(),
-            kind: route.kind,
-            body: body_text.as_deref(),
-            refs: &refs,
-            traceparent: traceparent.as_deref(),
-        })
-        .await
-        .map_err(|e| {
-            error!(error = %e, "op log refused an intent; write not forwarded");
-            inc(&proxy.metrics.oplog_failures);
-            ProxyError::OpLogUnavailable
-        })?;
+    // 1. The intent is durable before anything is forwarded. It is known to
+    // be running before it is durable: an open intent not running is one whose
+    // section ended without logging it, which the sweeper logs at once.
+    let op_id = Uuid::new_v4();
     proxy
         .in_flight
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(op_id);
     let _in_flight = InFlight(proxy, op_id);
+    proxy
+        .store
+        .begin_intent_as(
+            op_id,
+            &NewIntent {
+                method: parts.method.as_str(),
+                path: &path,
+                class: route.class.as_str(),
+                kind: route.kind,
+                body: body_text.as_deref(),
+                refs: &refs,
+                traceparent: traceparent.as_deref(),
+            },
+        )
+        .await
+        .map_err(|e| {
+            error!(error = %e, "op log refused an intent; write not forwarded");
+            inc(&proxy.metrics.oplog_failures);
+            ProxyError::OpLogUnavailable
+        })?;
     tracing::Span::current().record("op_id", tracing::field::display(op_id));
     request.record("op_id", tracing::field::display(op_id));
 

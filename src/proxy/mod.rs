@@ -460,24 +460,48 @@ impl Proxy {
             .await?)
     }
 
-    /// Logs intents open for longer than `older_than` whose captured section is no
-    /// longer running (an op log failure left them) as `unknown_outcome` ops.
-    pub async fn sweep_stale_intents(&self, older_than: Duration) -> anyhow::Result<Vec<i64>> {
+    /// Open intents whose captured section is no longer running: writes that
+    /// may have been applied upstream and are not ops yet, oldest first.
+    pub async fn abandoned_intents(&self) -> anyhow::Result<Vec<uuid::Uuid>> {
+        let open = self.store.intents_older_than(Duration::ZERO).await?;
         let running = self.running();
-        let stale: Vec<uuid::Uuid> = self
-            .store
-            .intents_older_than(older_than)
-            .await?
+        Ok(open
             .into_iter()
             .filter(|id| !running.contains(id))
-            .collect();
-        let seqs = self
+            .collect())
+    }
+
+    /// Logs the open intents whose captured section is no longer running (an
+    /// op log failure left them open after their write was forwarded) as
+    /// `unknown_outcome` ops. A capture is registered as running before its
+    /// intent is durable, and the intents are listed before the running set is
+    /// read: an intent listed and not running has been abandoned. While they
+    /// cannot be logged (the op log still fails), writes that conflict with
+    /// them stay refused for `hold` more.
+    pub async fn sweep_abandoned_intents(&self, hold: Duration) -> anyhow::Result<Vec<i64>> {
+        let abandoned = self.abandoned_intents().await?;
+        if abandoned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logged = self
             .store
             .log_unknown(
-                &stale,
+                &abandoned,
                 "the write's outcome was never logged; it may have been applied",
             )
-            .await?;
+            .await;
+        let seqs = match logged {
+            Ok(seqs) => seqs,
+            Err(e) => {
+                for op_id in &abandoned {
+                    if let Ok(touches) = self.store.intent_touches(*op_id).await {
+                        self.in_doubt
+                            .hold(&touches, Instant::now() + self.settle + hold);
+                    }
+                }
+                return Err(e.into());
+            }
+        };
         if !seqs.is_empty() {
             self.hold_in_doubt(&seqs).await?;
             self.unknown.notify_one();

@@ -50,8 +50,10 @@ pub struct CentralConfig {
     /// Keys sealing request bodies in the op log (comma-separated, the first
     /// seals); the sync key when not set.
     pub oplog_key: Option<Secret>,
-    /// An intent still open after this long, whose captured section has ended
-    /// (the op log failed to close it), is logged as an `unknown_outcome` op.
+    /// Bounds a captured section's life. An intent whose captured section has
+    /// ended without closing it (the op log failed) is logged as an
+    /// `unknown_outcome` op at once, retried every quarter of this (at most a
+    /// second); writes that conflict with it are refused for this long more.
     pub stale_intent_after: Duration,
 }
 

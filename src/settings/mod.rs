@@ -302,12 +302,17 @@ fn with_file_defaults(
                 continue;
             }
             let value = value.clone();
+            // A secret from the file never shows in `--help`.
+            let default = |a: clap::Arg| {
+                let secret = a.is_hide_env_values_set();
+                a.default_value(value)
+                    .required(false)
+                    .hide_default_value(secret)
+            };
             if role.is_empty() {
-                command = command.mut_arg(&id, |a| a.default_value(value).required(false));
+                command = command.mut_arg(&id, default);
             } else {
-                command = command.mut_subcommand(role, |sc| {
-                    sc.mut_arg(&id, |a| a.default_value(value).required(false))
-                });
+                command = command.mut_subcommand(role, |sc| sc.mut_arg(&id, default));
             }
             from_file.push((role.clone(), id));
         }
@@ -549,6 +554,65 @@ admin_token = "file-secret-1"
         );
         assert!(shown.contains("admin_token = \"***\"  # file"), "{shown}");
         assert!(!shown.contains("file-secret-1"), "{shown}");
+    }
+
+    #[test]
+    fn secrets_from_the_file_never_show_in_help() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            r#"
+[central]
+upstream = "http://keystone:5000"
+admin_token = "file-admin-secret"
+sync_key = "file-sync-secret"
+oplog_key = "file-oplog-secret"
+broker_token = "file-broker-secret"
+[edge]
+broker_token = "file-edge-broker-secret"
+sync_key = "file-edge-sync-secret"
+[audit]
+admin_token = "file-audit-secret"
+"#,
+        );
+        let p = path.to_str().unwrap();
+        for command in ["central", "edge", "audit"] {
+            let help = match run(&["syncgate", "--config", p, command, "--help"]) {
+                Err((0, help)) => help,
+                Err((code, text)) => panic!("{command} --help: {code} {text}"),
+                Ok(_) => panic!("{command} --help runs"),
+            };
+            assert!(
+                help.contains("--sync-key") || help.contains("--admin-token"),
+                "{help}"
+            );
+            assert!(!help.contains("file-"), "{command} --help: {help}");
+        }
+        let path = write(
+            &dir,
+            r#"
+[central]
+upstream = "http://keystone:5000"
+broker_user = "syncgate"
+broker_password = "file-broker-password"
+"#,
+        );
+        let help = match run(&[
+            "syncgate",
+            "--config",
+            path.to_str().unwrap(),
+            "central",
+            "--help",
+        ]) {
+            Err((0, help)) => help,
+            other => panic!("central --help: {:?}", other.err()),
+        };
+        assert!(!help.contains("file-broker-password"), "{help}");
+        // What is not a secret still shows where it comes from.
+        let Err((0, help)) = run(&["syncgate", "--config", p, "central", "--help"]) else {
+            panic!("help");
+        };
+        assert!(help.contains("http://keystone:5000"), "{help}");
     }
 
     #[test]

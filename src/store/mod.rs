@@ -25,7 +25,7 @@ pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,
 };
-pub use sync::{DeliveryCounts, DeliveryRow, EdgeRow, OutOfSyncRow};
+pub use sync::{DeliveryCounts, DeliveryRow, EdgeRow, EdgeSession, OutOfSyncRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -430,7 +430,16 @@ impl Store {
 
     /// Records a write before it is forwarded; returns the op ID it will carry.
     pub async fn begin_intent(&self, intent: &NewIntent<'_>) -> Result<Uuid, StoreError> {
-        let op_id = Uuid::new_v4();
+        self.begin_intent_as(Uuid::new_v4(), intent).await
+    }
+
+    /// `begin_intent` under an op ID the caller chose (and registered as
+    /// running before the intent became durable).
+    pub async fn begin_intent_as(
+        &self,
+        op_id: Uuid,
+        intent: &NewIntent<'_>,
+    ) -> Result<Uuid, StoreError> {
         self.batcher
             .submit(batch::Work::Begin {
                 op_id,
@@ -494,30 +503,7 @@ impl Store {
         for op_id in op_ids {
             // The keys it touches, so that a re-drive, and writes after it,
             // are ordered against it.
-            let intent: Option<(String, String, Option<String>)> =
-                sqlx::query_as("SELECT method, path, body FROM intents WHERE op_id = ?")
-                    .bind(op_id.to_string())
-                    .fetch_optional(&self.writer)
-                    .await?;
-            let touches = intent
-                .map(|(method, path, body)| {
-                    let route_path = path.split('?').next().unwrap_or(&path);
-                    let crate::keystone::Classification::Replicable(route) =
-                        crate::keystone::classify(&method, route_path)
-                    else {
-                        return Vec::new();
-                    };
-                    let body = body
-                        .and_then(|b| self.open_body(&op_id.to_string(), b).ok())
-                        .and_then(|b| serde_json::from_str(&b).ok());
-                    crate::keystone::touches::normalise(crate::keystone::touches::touches(
-                        &route,
-                        &method,
-                        &path,
-                        body.as_ref(),
-                    ))
-                })
-                .unwrap_or_default();
+            let touches = self.intent_touches(*op_id).await?;
             let outcome = Outcome {
                 detail: Some(detail.to_string()),
                 touches,
@@ -533,6 +519,34 @@ impl Store {
             }
         }
         Ok(seqs)
+    }
+
+    /// The keys an open intent's write touches (none when it is closed).
+    pub async fn intent_touches(&self, op_id: Uuid) -> Result<Vec<Touch>, StoreError> {
+        let intent: Option<(String, String, Option<String>)> =
+            sqlx::query_as("SELECT method, path, body FROM intents WHERE op_id = ?")
+                .bind(op_id.to_string())
+                .fetch_optional(&self.writer)
+                .await?;
+        Ok(intent
+            .map(|(method, path, body)| {
+                let route_path = path.split('?').next().unwrap_or(&path);
+                let crate::keystone::Classification::Replicable(route) =
+                    crate::keystone::classify(&method, route_path)
+                else {
+                    return Vec::new();
+                };
+                let body = body
+                    .and_then(|b| self.open_body(&op_id.to_string(), b).ok())
+                    .and_then(|b| serde_json::from_str(&b).ok());
+                crate::keystone::touches::normalise(crate::keystone::touches::touches(
+                    &route,
+                    &method,
+                    &path,
+                    body.as_ref(),
+                ))
+            })
+            .unwrap_or_default())
     }
 
     /// Intents opened longer ago than `age`, oldest first.

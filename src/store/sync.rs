@@ -8,6 +8,18 @@ use sqlx::FromRow;
 use super::{Store, StoreError};
 use crate::protocol::messages::{Ack, EntityRef, Outcome};
 
+/// The process holding an edge's ID as central last recorded it.
+#[derive(Debug, Clone)]
+pub struct EdgeSession {
+    pub edge: String,
+    /// 0: none (an edge of protocol 1, or none seen yet).
+    pub session: u64,
+    /// Why the edge must be resynced before it applies ops.
+    pub needs_resync: Option<String>,
+    /// The lease it asked for.
+    pub lease_ms: Option<u64>,
+}
+
 /// Milliseconds since the epoch, in SQL.
 const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
 /// Renders a millisecond column as ISO 8601.
@@ -142,15 +154,21 @@ impl Store {
         Ok(next)
     }
 
-    /// Each edge's holder session (0: none) and why it must be resynced.
-    pub async fn edge_sessions(&self) -> Result<Vec<(String, u64, Option<String>)>, StoreError> {
-        let rows: Vec<(String, i64, Option<String>)> =
-            sqlx::query_as("SELECT id, session, needs_resync FROM edges")
+    /// The process holding each edge's ID when central last knew (its
+    /// session, lease) and whether the edge needs a resync.
+    pub async fn edge_sessions(&self) -> Result<Vec<EdgeSession>, StoreError> {
+        let rows: Vec<(String, i64, Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT id, session, needs_resync, lease_ms FROM edges")
                 .fetch_all(&self.writer)
                 .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, s, r)| (id, s.max(0) as u64, r))
+            .map(|(edge, s, needs_resync, lease)| EdgeSession {
+                edge,
+                session: s.max(0) as u64,
+                needs_resync,
+                lease_ms: lease.and_then(|l| u64::try_from(l).ok()),
+            })
             .collect())
     }
 
@@ -162,6 +180,7 @@ impl Store {
         session: u64,
         protocol: u8,
         database: Option<&str>,
+        lease: Duration,
     ) -> Result<Option<String>, StoreError> {
         let mut tx = self.writer.begin().await?;
         let before: Option<Option<String>> =
@@ -170,12 +189,14 @@ impl Store {
                 .fetch_optional(&mut *tx)
                 .await?;
         sqlx::query(
-            "UPDATE edges SET session = ?, protocol = ?, database = COALESCE(?, database)
+            "UPDATE edges SET session = ?, protocol = ?, database = COALESCE(?, database),
+               lease_ms = ?
              WHERE id = ?",
         )
         .bind(session as i64)
         .bind(i64::from(protocol))
         .bind(database)
+        .bind(lease.as_millis() as i64)
         .bind(edge)
         .execute(&mut *tx)
         .await?;

@@ -272,3 +272,81 @@ async fn writes_through_the_gateway_are_refused_while_the_disk_is_full_and_resum
         created + unrecorded
     );
 }
+
+/// A write forwarded and applied upstream whose op the op log could not record
+/// is listed by the audit (`unlogged_writes`, and the CLI's exit code) until it
+/// is an op, and is logged as an `unknown_outcome` op as soon as there is room,
+/// not after a grace period bounding a captured section's life.
+#[tokio::test]
+async fn a_write_the_op_log_could_not_record_is_reported_and_logged_once_there_is_room() {
+    let Some(fs) = SmallFs::mount(8192) else {
+        return;
+    };
+    let url = fs.url("central.db");
+    let db = url.clone();
+    let app = spawn_app_with(move |c| {
+        c.db = db;
+        c.upstream_timeout = Duration::from_secs(30);
+        c.stale_intent_after = Duration::from_secs(90);
+    })
+    .await;
+    let created = app
+        .write(
+            "POST",
+            "/v3/projects",
+            Some(json!({"project": {"name": "before"}})),
+        )
+        .await;
+    assert_eq!(created.status(), 201);
+    // Its intent is durable, its answer late: the disk fills meanwhile, so the
+    // op (a copy of the large body) cannot be written.
+    let big = "x".repeat(400_000);
+    let held = app
+        .client
+        .post(app.url("/v3/projects"))
+        .header("x-auth-token", "client-token-abc")
+        .header("x-fake-delay-ms", "1500")
+        .json(&json!({"project": {"name": "held", "description": big}}));
+    let before = app.fake.count();
+    let answer = tokio::spawn(held.send());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app.fake.count() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never reached upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let filler = fs.fill();
+    let resp = answer.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("could not record it"), "{text}");
+
+    let oos: serde_json::Value = app.admin_get("/v1/out-of-sync").await.json().await.unwrap();
+    assert_eq!(oos["unlogged_writes"], 1, "{oos}");
+    assert_eq!(
+        app.all_ops().await.len(),
+        1,
+        "not an op while the disk is full"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let ops = loop {
+        let ops = app.all_ops().await;
+        if ops.len() == 2 {
+            break ops;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unrecorded write was not logged once there was room: {ops:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ops[1]["state"], "unknown_outcome", "{ops:?}");
+    assert_eq!(ops[1]["method"], "POST");
+    let oos: serde_json::Value = app.admin_get("/v1/out-of-sync").await.json().await.unwrap();
+    assert_eq!(oos["unlogged_writes"], 0, "{oos}");
+    app.stop().await;
+}

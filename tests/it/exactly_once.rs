@@ -9,7 +9,7 @@ use syncgate::keystone::RouteClass;
 use crate::faults::{Fault, FaultProxy};
 use crate::sync::{edge_status, sync_env, SyncEnv};
 
-async fn retry(env: &SyncEnv, seq: i64, edge: &str) -> (u16, Value) {
+pub async fn retry(env: &SyncEnv, seq: i64, edge: &str) -> (u16, Value) {
     let resp = env
         .http
         .post(format!("{}/v1/ops/{seq}/retry?edge={edge}", env.admin))
@@ -20,7 +20,7 @@ async fn retry(env: &SyncEnv, seq: i64, edge: &str) -> (u16, Value) {
 }
 
 /// Waits until an edge has handled one more re-drive than `before`.
-async fn until_redriven(env: &SyncEnv, i: usize, before: u64) {
+pub async fn until_redriven(env: &SyncEnv, i: usize, before: u64) {
     let admin = env.edges[i].admin.clone();
     env.until("the edge handled the re-drive", || {
         let admin = admin.clone();
@@ -41,7 +41,7 @@ async fn describe_twice(env: &SyncEnv, project: &str) {
     }
 }
 
-async fn redriven(env: &SyncEnv, i: usize) -> u64 {
+pub async fn redriven(env: &SyncEnv, i: usize) -> u64 {
     edge_status(&env.edges[i].admin).await["redriven_total"]
         .as_u64()
         .unwrap_or(0)

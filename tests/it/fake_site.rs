@@ -78,6 +78,9 @@ pub struct SiteState {
     pub list_limits: HashMap<String, usize>,
     /// Collections whose list is answered with JSON that is not the list.
     pub garbled: HashSet<String>,
+    /// While set, reads wait until it holds `true` (a slow state read, opened
+    /// by the test when it has done what it does meanwhile).
+    pub reads_wait: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Kinds without a natural key the fake keeps: (collection, kind, JSON key of a
@@ -233,6 +236,16 @@ impl FakeSite {
             .unwrap_or(Value::Null)
     }
 
+    /// Whether a grant exists (`projects/{p}/users/{u}/roles/{r}`, ...).
+    pub fn has_grant(&self, key: &str) -> bool {
+        self.state.lock().unwrap().grants.contains(key)
+    }
+
+    pub fn has_member(&self, group: &str, user: &str) -> bool {
+        let key = (group.to_string(), user.to_string());
+        self.state.lock().unwrap().members.contains(&key)
+    }
+
     pub fn id_of(&self, kind: &str, name: &str) -> Option<String> {
         let st = self.state.lock().unwrap();
         st.entities[kind]
@@ -352,11 +365,14 @@ fn error(status: StatusCode, message: &str) -> Response {
 async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Response {
     let write = req.method() != Method::GET && req.uri().path() != "/v3/auth/tokens";
     if req.method() == Method::GET {
-        state
-            .lock()
-            .unwrap()
-            .reads
-            .push(req.uri().path().to_string());
+        let wait = {
+            let mut st = state.lock().unwrap();
+            st.reads.push(req.uri().path().to_string());
+            st.reads_wait.clone()
+        };
+        if let Some(mut open) = wait {
+            let _ = open.wait_for(|open| *open).await;
+        }
     }
     let held = if write {
         state.lock().unwrap().hold_next.take()
@@ -697,6 +713,21 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             if changes.get("id").is_some_and(|v| v != id) {
                 return error(StatusCode::BAD_REQUEST, "Cannot change ID");
             }
+            // A rename to a name another entity has in its domain: 409, as
+            // Keystone answers it.
+            if let (Some(name), Some(current)) =
+                (changes.get("name"), st.entities[kind].get(*id).cloned())
+            {
+                let clash = st.entities[kind].values().any(|e| {
+                    e["id"] != *id && e["name"] == *name && e["domain_id"] == current["domain_id"]
+                });
+                if clash {
+                    return error(
+                        StatusCode::CONFLICT,
+                        &format!("Conflict occurred attempting to store {kind} - duplicate name."),
+                    );
+                }
+            }
             let Some(entity) = st.entities.get_mut(kind).unwrap().get_mut(*id) else {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -1032,10 +1063,42 @@ fn issue_token(st: &mut SiteState, body: &Value) -> Response {
     }
     let token = format!("tok-{}", new_id());
     st.tokens.insert(token.clone());
-    let mut resp = reply(
-        StatusCode::CREATED,
-        json!({"token": {"expires_at": "2999-01-01T00:00:00.000000Z", "user": {"id": uid, "name": found["name"]}}}),
-    );
+    let mut answer = json!({"token": {
+        "expires_at": "2999-01-01T00:00:00.000000Z",
+        "user": {"id": uid, "name": found["name"], "domain": {"id": found["domain_id"]}},
+    }});
+    // A project scope shows the project and the user's roles there, as
+    // Keystone's token does.
+    let scope = &body["auth"]["scope"]["project"];
+    let domain_of = |d: &Value| match (&d["id"], &d["name"]) {
+        (Value::String(id), _) => Some(id.clone()),
+        (_, Value::String(n)) => st.entities["domain"]
+            .values()
+            .find(|x| x["name"] == n.as_str())
+            .and_then(|x| x["id"].as_str().map(str::to_string)),
+        _ => None,
+    };
+    let project = st.entities["project"]
+        .values()
+        .find(|p| {
+            scope["id"].as_str().is_some_and(|id| p["id"] == id)
+                || (scope["name"].as_str().is_some_and(|n| p["name"] == n)
+                    && domain_of(&scope["domain"]).is_some_and(|d| p["domain_id"] == d.as_str()))
+        })
+        .cloned();
+    if let Some(p) = project {
+        let pid = p["id"].as_str().unwrap_or_default();
+        let prefix = format!("projects/{pid}/users/{uid}/roles/");
+        let roles: Vec<Value> = st
+            .grants
+            .iter()
+            .filter_map(|g| g.strip_prefix(&prefix))
+            .map(|r| json!({"id": r}))
+            .collect();
+        answer["token"]["project"] = json!({"id": pid, "domain": {"id": p["domain_id"]}});
+        answer["token"]["roles"] = json!(roles);
+    }
+    let mut resp = reply(StatusCode::CREATED, answer);
     resp.headers_mut()
         .insert("x-subject-token", token.parse().unwrap());
     resp

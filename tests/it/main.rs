@@ -16,6 +16,7 @@ mod faults;
 mod helpers;
 mod hostile;
 mod proxy;
+mod repair_run;
 mod resync;
 mod sessions;
 mod sync;

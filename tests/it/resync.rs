@@ -10,7 +10,13 @@ use crate::fake_site::FakeSite;
 use crate::sync::{admin_token, sync_env, SyncEnv};
 
 /// A write straight to a site, with that site's admin token.
-async fn direct(env: &SyncEnv, site: &FakeSite, method: &str, path: &str, body: Value) -> Value {
+pub async fn direct(
+    env: &SyncEnv,
+    site: &FakeSite,
+    method: &str,
+    path: &str,
+    body: Value,
+) -> Value {
     let token = admin_token(&env.http, &site.url(), &site.admin_password).await;
     let mut req = env
         .http
@@ -234,7 +240,7 @@ async fn edge_row(env: &SyncEnv, edge: &str) -> Value {
 }
 
 /// Waits for the edge's resync to end; returns its row (asserted done).
-async fn resync_ended(env: &SyncEnv, edge: &str) -> Value {
+pub async fn resync_ended(env: &SyncEnv, edge: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let row = edge_row(env, edge).await;
@@ -251,7 +257,7 @@ async fn resync_ended(env: &SyncEnv, edge: &str) -> Value {
     }
 }
 
-async fn post(env: &SyncEnv, path: &str) -> (u16, Value) {
+pub async fn post(env: &SyncEnv, path: &str) -> (u16, Value) {
     let resp = env
         .http
         .post(format!("{}{path}", env.admin))
@@ -265,7 +271,7 @@ async fn post(env: &SyncEnv, path: &str) -> (u16, Value) {
 }
 
 /// Runs a drift audit of `edge` and waits for its findings.
-async fn drift(env: &SyncEnv, edge: &str) -> Value {
+pub async fn drift(env: &SyncEnv, edge: &str) -> Value {
     let (status, body) = post(env, &format!("/v1/drift/run?edge={edge}")).await;
     assert_eq!(status, 202, "{body}");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -281,7 +287,7 @@ async fn drift(env: &SyncEnv, edge: &str) -> Value {
     }
 }
 
-fn found(d: &Value) -> Vec<(String, String, String, String)> {
+pub fn found(d: &Value) -> Vec<(String, String, String, String)> {
     d["differences"]
         .as_array()
         .unwrap()
@@ -1221,7 +1227,7 @@ async fn a_resync_killed_between_creates_and_passwords_sets_them_when_it_runs_ag
     env.shutdown().await;
 }
 
-async fn can_log_in(site: &FakeSite, user: &str, password: &str) -> bool {
+pub async fn can_log_in(site: &FakeSite, user: &str, password: &str) -> bool {
     reqwest::Client::new()
         .post(format!("{}/v3/auth/tokens", site.url()))
         .json(
@@ -1288,4 +1294,396 @@ async fn a_list_not_read_whole_fails_the_resync_and_prunes_nothing() {
         st.garbled.clear();
     }
     env.shutdown().await;
+}
+
+/// After a resync, central and the edge agree on the ops below its fence: a
+/// re-drive re-acknowledges them and never applies a stale one again. While a
+/// resync holds the edge nothing is applied there, a re-drive included.
+#[tokio::test]
+async fn re_drives_after_or_during_a_resync_apply_nothing_stale() {
+    use crate::exactly_once::{redriven, retry, until_redriven};
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let p = env
+        .create("/v3/projects", "project", json!({"project": {"name": "p"}}))
+        .await;
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    // Op 2 fails at the edge, op 3 (the same project) is applied there.
+    site.fail_next(&[400]);
+    for d in ["old", "new"] {
+        env.write(
+            "PATCH",
+            &format!("/v3/projects/{p}"),
+            Some(json!({"project": {"description": d}})),
+        )
+        .await;
+    }
+    // Op 4 fails at the edge too.
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    site.fail_next(&[400]);
+    env.create("/v3/groups", "group", json!({"group": {"name": "g"}}))
+        .await;
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    assert_eq!(env.delivery(2, "e1").await, "failed");
+    assert_eq!(env.delivery(4, "e1").await, "failed");
+
+    // A resync holds the edge while it reads central's state (kept waiting).
+    let (open, wait) = tokio::sync::watch::channel(false);
+    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    env.until("the resync holds the edge", || async {
+        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
+    })
+    .await;
+    let groups = site.create_requests("groups");
+    let before = redriven(&env, 0).await;
+    let (status, body) = retry(&env, 4, "e1").await;
+    assert_eq!(
+        (status, body["action"].as_str()),
+        (202, Some("reapply")),
+        "{body}"
+    );
+    until_redriven(&env, 0, before).await;
+    assert_eq!(
+        site.create_requests("groups"),
+        groups,
+        "nothing is applied while a resync holds the edge"
+    );
+    open.send(true).unwrap();
+    env.central_site.state.lock().unwrap().reads_wait = None;
+    resync_ended(&env, "e1").await;
+    assert_eq!(
+        site.create_requests("groups"),
+        groups + 1,
+        "the resync made g"
+    );
+    assert_eq!(env.delivery(2, "e1").await, "applied");
+    assert_eq!(env.delivery(4, "e1").await, "applied");
+
+    // Central and the edge agree: re-drives re-acknowledge, send nothing.
+    let writes = site.writes();
+    for seq in [2, 4] {
+        let before = redriven(&env, 0).await;
+        let (status, body) = retry(&env, seq, "e1").await;
+        assert_eq!(
+            (status, body["action"].as_str()),
+            (202, Some("reacknowledge")),
+            "op {seq}: {body}"
+        );
+        until_redriven(&env, 0, before).await;
+    }
+    assert_eq!(site.writes(), writes, "nothing was sent again");
+    assert_eq!(site.field_of("project", "p", "description"), "new");
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
+
+/// A pruning resync never deletes what the edge's own service identity needs
+/// to act at its site (its grants, its groups and their grants, its roles),
+/// though central has none of it: it is kept, and listed with the reason.
+#[tokio::test]
+async fn prune_never_deletes_what_the_edges_own_service_identity_needs() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let site = &env.edges[0].site;
+    let me = site.id_of("user", "admin").unwrap();
+    let project = site.id_of("project", "admin").unwrap();
+    // The edge's service user has roles at the edge only: one granted to it,
+    // one through a group; both roles exist at the edge only too.
+    let own_role = made(
+        &env,
+        site,
+        "/v3/roles",
+        "role",
+        json!({"name": "edge-sync"}),
+    )
+    .await;
+    let via_group = made(&env, site, "/v3/roles", "role", json!({"name": "edge-ops"})).await;
+    let ops = made(
+        &env,
+        site,
+        "/v3/groups",
+        "group",
+        json!({"name": "edge-ops"}),
+    )
+    .await;
+    for path in [
+        format!("/v3/projects/{project}/users/{me}/roles/{own_role}"),
+        format!("/v3/groups/{ops}/users/{me}"),
+        format!("/v3/projects/{project}/groups/{ops}/roles/{via_group}"),
+    ] {
+        direct(&env, site, "PUT", &path, Value::Null).await;
+    }
+    // What nothing of the edge's needs is pruned as before.
+    made(&env, site, "/v3/groups", "group", json!({"name": "stray"})).await;
+
+    let (status, body) = post(&env, "/v1/edges/e1/resync?prune=true").await;
+    assert_eq!(status, 202, "{body}");
+    let row = resync_ended(&env, "e1").await;
+    let result = &row["resync"]["result"];
+    assert!(site.id_of("group", "stray").is_none(), "pruned: {row:#}");
+    assert_eq!(result["deleted"], 1, "the stray group only: {row:#}");
+    for (what, kept) in [
+        (
+            "the grant",
+            site.has_grant(&format!("projects/{project}/users/{me}/roles/{own_role}")),
+        ),
+        ("the membership", site.has_member(&ops, &me)),
+        (
+            "the group's grant",
+            site.has_grant(&format!(
+                "projects/{project}/groups/{ops}/roles/{via_group}"
+            )),
+        ),
+        ("the group", site.id_of("group", "edge-ops").is_some()),
+        (
+            "the roles",
+            site.id_of("role", "edge-sync").is_some() && site.id_of("role", "edge-ops").is_some(),
+        ),
+    ] {
+        assert!(kept, "{what} is kept: {row:#}");
+    }
+    let kept: Vec<&str> = result["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kind"].as_str().unwrap())
+        .collect();
+    for kind in ["assignment", "membership", "group", "role"] {
+        assert!(kept.contains(&kind), "{kind} listed as kept: {row:#}");
+    }
+    assert!(
+        result["kept"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("own service identity"),
+        "{row:#}"
+    );
+    assert_eq!(
+        result["not_covered"].as_array().unwrap().len(),
+        2,
+        "{row:#}"
+    );
+    // The edge still acts at its site.
+    env.create("/v3/groups", "group", json!({"group": {"name": "after"}}))
+        .await;
+    env.until_delivered(&["e1"], &["applied"]).await;
+    assert!(site.id_of("group", "after").is_some());
+    env.shutdown().await;
+}
+
+/// A drift round reads central's state once for every edge it audits, and
+/// skips the edges that are not connected (12 declared, 2 running).
+#[tokio::test]
+async fn a_drift_round_reads_central_once_and_skips_edges_not_connected() {
+    let env = sync_env(&["e1", "e2"], None, |c| {
+        c.sync.edges = (1..=12).map(|i| format!("e{i}")).collect();
+    })
+    .await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "g"}}))
+        .await;
+    env.until_delivered(&["e1", "e2"], &["applied"]).await;
+    let central_reads = || {
+        env.central_site
+            .state
+            .lock()
+            .unwrap()
+            .reads
+            .iter()
+            .filter(|p| *p == "/v3/domains")
+            .count()
+    };
+    let before = central_reads();
+    let (status, body) = post(&env, "/v1/drift/run").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["edges"], json!(["e1", "e2"]), "{body}");
+    let skipped = body["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 10, "{body}");
+    assert!(
+        skipped
+            .iter()
+            .all(|s| s["reason"].as_str().unwrap().contains("not connected")),
+        "{body}"
+    );
+    for edge in ["e1", "e2"] {
+        env.until("the edge's audit is done", || async {
+            let d = env.audit(&format!("/v1/drift?edge={edge}")).await;
+            d["runs"][0]["state"] == "done"
+        })
+        .await;
+    }
+    assert_eq!(central_reads(), before + 1, "central's state read once");
+    let d = env.audit("/v1/drift").await;
+    assert_eq!(found(&d), vec![], "{d:#}");
+    env.shutdown().await;
+}
+
+/// A credential's blob is a secret: the drift listing names it by a digest
+/// keyed with a key central never stores, not by a plain hash that a short
+/// blob could be recovered from; a credential both sites hold still matches.
+#[tokio::test]
+async fn credentials_are_named_by_a_keyed_digest_in_audits() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "ann"}}))
+        .await;
+    env.create(
+        "/v3/credentials",
+        "credential",
+        json!({"credential": {"user_id": u, "type": "totp", "blob": "both"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    let edge_u = site.id_of("user", "ann").unwrap();
+    made(
+        &env,
+        site,
+        "/v3/credentials",
+        "credential",
+        json!({"user_id": edge_u, "type": "totp", "blob": "pin"}),
+    )
+    .await;
+    let d = drift(&env, "e1").await;
+    let found = found(&d);
+    assert_eq!(found.len(), 1, "the edge's own credential only: {d:#}");
+    let (category, kind, key, _) = &found[0];
+    assert_eq!(
+        (category.as_str(), kind.as_str()),
+        ("only_at_edge", "credential")
+    );
+    assert!(key.starts_with("Default/ann totp:"), "{key}");
+    // What neither a resync nor an audit can read is said, with why.
+    let not_covered = d["not_covered"].to_string();
+    assert!(not_covered.contains("ldap.password"), "{d:#}");
+    assert!(not_covered.contains("OS-ENDPOINT-POLICY"), "{d:#}");
+    let plain = syncgate::keystone::state::digest(b"pin");
+    assert!(!d.to_string().contains(&plain), "no plain digest: {d:#}");
+    env.shutdown().await;
+}
+
+/// A user created with a password while a resync runs (after its fence, in
+/// the state it reads) is made by the resync without one (Keystone never
+/// shows it); the create's op, applied after, gives it the password.
+#[tokio::test]
+async fn a_password_set_while_a_resync_reads_centrals_state_works_at_the_edge() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "base"}}))
+        .await;
+    env.assert_in_sync().await;
+    let (open, wait) = tokio::sync::watch::channel(false);
+    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    env.until("the resync holds the edge", || async {
+        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
+    })
+    .await;
+    env.create(
+        "/v3/users",
+        "user",
+        json!({"user": {"name": "late", "password": "late-secret-1"}}),
+    )
+    .await;
+    open.send(true).unwrap();
+    env.central_site.state.lock().unwrap().reads_wait = None;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["created"], 1, "{row:#}");
+    env.assert_in_sync().await;
+    assert!(
+        can_log_in(&env.edges[0].site, "late", "late-secret-1").await,
+        "the password reached the edge: {row:#}"
+    );
+    let row = edge_row(&env, "e1").await;
+    assert_eq!(row["needs_password"]["count"], 0, "{row:#}");
+    env.shutdown().await;
+}
+
+/// A password change the edge failed to apply is not lost when a resync
+/// supersedes the failed op: the resync sets the op log's latest password.
+#[tokio::test]
+async fn a_resync_sets_a_password_whose_change_failed_at_the_edge() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "ann", "password": "first-secret-1"}}),
+        )
+        .await;
+    env.assert_in_sync().await;
+    env.edges[0].site.fail_next(&[400]);
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{u}"),
+            Some(json!({"user": {"password": "second-secret-2"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    assert_eq!(env.delivery(2, "e1").await, "failed");
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["passwords_set"], 1, "{row:#}");
+    assert!(
+        can_log_in(&env.edges[0].site, "ann", "second-secret-2").await,
+        "{row:#}"
+    );
+    assert_eq!(env.delivery(2, "e1").await, "applied");
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
+
+/// A resync's create answered too late (Keystone carries on) is not sent
+/// again before the edge's settle period has passed, and is then found, not
+/// made twice: one POST per entity reaches the edge's site, no 409, for a
+/// named kind and for a credential alike.
+#[tokio::test]
+async fn a_resync_create_answered_late_is_found_not_sent_twice() {
+    for (kind, path, body) in [
+        (
+            "project",
+            "/v3/projects",
+            json!({"project": {"name": "late"}}),
+        ),
+        (
+            "credential",
+            "/v3/credentials",
+            json!({"credential": {"type": "totp", "user_id": "{admin}", "blob": "late-blob-1"}}),
+        ),
+    ] {
+        let mut env = sync_env(&["e1"], None, |_| {}).await;
+        env.edge_timeouts = (Duration::from_millis(300), Duration::from_millis(1500));
+        env.stop_edge(0).await;
+        env.restart_edge(0).await;
+        let central = &env.central_site;
+        let mut body = body;
+        if kind == "credential" {
+            let admin = central.id_of("user", "admin").unwrap();
+            body["credential"]["user_id"] = json!(admin);
+        }
+        direct(&env, central, "POST", path, body).await;
+        let site = &env.edges[0].site;
+        site.state.lock().unwrap().hold_next = Some(Duration::from_millis(900));
+        let (status, reply) = post(&env, "/v1/edges/e1/resync").await;
+        assert_eq!(status, 202, "{reply}");
+        let row = resync_ended(&env, "e1").await;
+        assert_eq!(row["resync"]["phase"], "done", "{kind}: {row:#}");
+        assert_eq!(row["resync"]["result"]["failed"], 0, "{kind}: {row:#}");
+        {
+            let st = site.state.lock().unwrap();
+            assert_eq!(st.held_done, 1, "{kind}: the create was held");
+            let posts = st
+                .journal
+                .iter()
+                .filter(|l| l.starts_with(&format!("POST {path} ")))
+                .count();
+            assert_eq!(posts, 1, "{kind}: sent once: {:#?}", st.journal);
+            assert_eq!(st.conflicts, 0, "{kind}: {:#?}", st.journal);
+        }
+        env.assert_in_sync().await;
+        env.shutdown().await;
+    }
 }

@@ -152,6 +152,28 @@ pub struct SyncEnv {
     dir: tempfile::TempDir,
 }
 
+/// A free loopback port outside the system's ephemeral range (32768 and
+/// up), which only tests that pick one this way bind: different in each test
+/// process, checked free when picked.
+pub fn lasting_port() -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        10_000 + (std::process::id() % 22) as u16 * 1_000,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 10_000 + (port - 10_000) % 22_000;
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+}
+
 /// Where central's broker is: its own (embedded) or this external URL.
 pub async fn sync_env(
     edges: &[&str],
@@ -169,6 +191,14 @@ pub async fn sync_env(
     if let Some(url) = &external_broker {
         config.broker =
             BrokerMode::External(syncgate::settings::config::parse_nats_url(url).unwrap());
+    }
+    // Central's ports lie below the ephemeral range: a restart finds them
+    // free (a port picked by the system could be taken meanwhile by another
+    // listener or an outgoing connection).
+    config.listen = lasting_port();
+    config.admin_listen = lasting_port();
+    if let BrokerMode::Embedded(b) = &mut config.broker {
+        b.listen = lasting_port();
     }
     tweak(&mut config);
     let key = config.sync.key.clone();
@@ -380,7 +410,26 @@ impl SyncEnv {
         config.listen = proxy;
         config.admin_listen = admin;
         tweak(&mut config);
-        let central = Central::build(config).await.unwrap();
+        // The ports it had are free again unless something else took one
+        // meanwhile (an outgoing connection's ephemeral port): until it is
+        // given back.
+        let mut tries = 0;
+        let central = loop {
+            match Central::build(config.clone()).await {
+                Ok(c) => break c,
+                Err(e) if tries < 100 && format!("{e:#}").contains("in use") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("central did not start again: {e:#}"),
+            }
+        };
+        // Connections kept alive to the process that ended are not reused.
+        self.http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
         self.central = Some(Running::spawn(|rx| {
             central.run(async {
                 let _ = rx.await;
