@@ -105,6 +105,30 @@ pub struct Applier<'a> {
 }
 
 impl Applier<'_> {
+    /// The edge entities every ID this op creates maps to, when each is
+    /// mapped and still at the site.
+    async fn mapped_and_present(&self, op: &OpContent) -> Result<Option<Vec<String>>, Transient> {
+        if op.created_ids.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(op.created_ids.len());
+        for central in &op.created_ids {
+            let Some(edge) = self.mapping(central).await? else {
+                return Ok(None);
+            };
+            let present = self
+                .keystone
+                .get_entity(&op.kind, &edge)
+                .await
+                .map_err(|e| Transient::from(e).read())?;
+            if present.is_none() {
+                return Ok(None);
+            }
+            out.push(edge);
+        }
+        Ok(Some(out))
+    }
+
     /// The edge ID a central ID maps to, counting the uncommitted batch.
     async fn mapping(&self, central_id: &str) -> Result<Option<String>, Transient> {
         let batched = self
@@ -362,7 +386,13 @@ impl Applier<'_> {
             // A kind with look-alikes, never marked in flight: never sent.
             let never_sent = look_alike && attempt.marks && !attempt.unmarked && noted.is_none();
             let before = noted.and_then(|n| n.before).unwrap_or_default();
-            let found = if never_sent {
+            // The ID map first: an entity central's IDs map to already (a
+            // resync made it, or an earlier attempt was recorded) is the one
+            // this op creates, whatever it is named now; its values second.
+            let mapped = self.mapped_and_present(op).await?;
+            let found = if let Some(ids) = mapped {
+                Found::Unique(ids)
+            } else if never_sent {
                 Found::Nothing
             } else {
                 find_created(self.keystone, &op.kind, creates, path, body)

@@ -50,6 +50,18 @@ pub struct Link {
     pub skew_ms: std::sync::atomic::AtomicI64,
     pub skew_known: AtomicBool,
     unanswered: AtomicU32,
+    late: Mutex<LateWrites>,
+}
+
+/// Writes an earlier process under this edge ID may have left on their way
+/// to the site: that process applied nothing after its lease ended, which
+/// was before central granted this one the ID, so they land within the
+/// settle period after that grant, or never.
+#[derive(Debug, Default)]
+struct LateWrites {
+    expected: bool,
+    settle: Duration,
+    granted_at: Option<Instant>,
 }
 
 impl Link {
@@ -64,7 +76,35 @@ impl Link {
             skew_ms: Default::default(),
             skew_known: AtomicBool::new(false),
             unanswered: AtomicU32::new(0),
+            late: Mutex::default(),
         }
+    }
+
+    fn late(&self) -> std::sync::MutexGuard<'_, LateWrites> {
+        self.late.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This site's settle period (`--upstream-settle`).
+    pub fn set_settle(&self, settle: Duration) {
+        self.late().settle = settle;
+    }
+
+    /// An earlier process may have left writes on their way to the site.
+    pub fn expect_late_writes(&self) {
+        self.late().expected = true;
+    }
+
+    /// Until when writes an earlier process left may still land: nothing
+    /// that could meet them (a look for what an op made, a state read) is
+    /// done before. `None` when none are expected, or once past.
+    pub fn late_writes_until(&self) -> Option<Instant> {
+        let late = self.late();
+        if !late.expected {
+            return None;
+        }
+        // Not granted yet: nothing is applied anyway; count from now.
+        let until = late.granted_at.unwrap_or_else(Instant::now) + late.settle;
+        (until > Instant::now()).then_some(until)
     }
 
     fn grant(&self) -> std::sync::MutexGuard<'_, GrantState> {
@@ -147,11 +187,18 @@ impl Link {
                 Grant::Granted { lease_ms } => {
                     g.until = Some(sent + Duration::from_millis(*lease_ms));
                     g.resync = false;
+                    self.late().granted_at.get_or_insert_with(Instant::now);
                     (None, false)
                 }
                 Grant::Resync { lease_ms, reason } => {
                     g.until = Some(sent + Duration::from_millis(*lease_ms));
                     g.resync = true;
+                    // The ID's last holder ran on another database: what it
+                    // sent is unknown here.
+                    let mut late = self.late();
+                    late.expected = true;
+                    late.granted_at.get_or_insert_with(Instant::now);
+                    drop(late);
                     (
                         Some(format!(
                             "waiting for central's resync of this edge before applying ops: {reason}"

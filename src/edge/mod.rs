@@ -44,6 +44,10 @@ const MAX_BATCH: usize = 256;
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(3);
 /// The flag an edge keeps once it marks creates in flight with their look-alikes.
 const INFLIGHT_MARKS: &str = "inflight_marks";
+/// Set while a process runs on this database, cleared when it stops with
+/// nothing in doubt: found set at start, the process before may have left
+/// writes on their way to the site.
+const RUNNING: &str = "running";
 /// Longest wait between retries of an op that failed transiently.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -186,6 +190,20 @@ impl Edge {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        // A process before this one that did not stop cleanly (killed, or
+        // stopped with a write in doubt) may have left writes on their way to
+        // the site: nothing that could meet them is done before they can no
+        // longer land (`--upstream-settle` after this process got the ID).
+        if self.store.flag(RUNNING).await? {
+            warn!(
+                settle_s = self.config.upstream_settle.as_secs(),
+                "the last process on this database did not stop cleanly: writes it sent may \
+                 still reach the site; the first ops it may have sent wait --upstream-settle"
+            );
+            self.link.expect_late_writes();
+        }
+        self.link.set_settle(self.config.upstream_settle);
+        self.store.set_flag(RUNNING).await?;
         let subjects = Subjects::new(&self.config.sync_prefix);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let client = connect_broker(
@@ -292,6 +310,7 @@ impl Edge {
             settle: self.config.upstream_settle,
             resynced_through: AtomicI64::new(0),
             resync_doubt: Default::default(),
+            in_doubt: AtomicBool::new(false),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
@@ -391,6 +410,11 @@ impl Edge {
         info!("edge stopping");
         let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
         let _ = (&mut admin_task.0).await;
+        if runner.nothing_in_doubt() {
+            if let Err(e) = self.store.clear_flag(RUNNING).await {
+                warn!(error = %e, "cannot record a clean stop; the next start waits --upstream-settle");
+            }
+        }
         self.store.close().await;
         Ok(())
     }
@@ -401,6 +425,8 @@ struct Runner {
     /// time), with when that can no longer happen: tried again, they are
     /// looked for first, and not before then.
     resync_doubt: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// The op being applied had a try whose answer never came.
+    in_doubt: AtomicBool,
     id: String,
     client: async_nats::Client,
     subjects: Subjects,
@@ -442,6 +468,18 @@ pub(crate) struct Pending {
     ops: Vec<(String, tracing::Span)>,
     /// The central IDs ops of the batch created.
     created: std::collections::HashSet<String>,
+}
+
+impl Runner {
+    /// Whether no write this process sent may still be on its way.
+    fn nothing_in_doubt(&self) -> bool {
+        !self.in_doubt.load(Ordering::Relaxed)
+            && self
+                .resync_doubt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+    }
 }
 
 impl Runner {
@@ -761,6 +799,31 @@ impl Runner {
         if touches_batch {
             self.flush().await?;
         }
+        // An op an earlier process may have sent is looked for once what that
+        // process sent can no longer land.
+        if attempt.maybe_sent && !directed {
+            if let Some(until) = self.link.late_writes_until() {
+                let wait = until.saturating_duration_since(std::time::Instant::now());
+                self.status.set_error(Some(format!(
+                    "op {}: the last process of this edge may have left writes on their way to \
+                     the identity service: waiting {}s (--upstream-settle) before looking for \
+                     what they made",
+                    op.seq,
+                    wait.as_secs().max(1)
+                )));
+                info!(
+                    seq = op.seq,
+                    wait_ms = wait.as_millis() as u64,
+                    "waiting for writes an earlier process may have left"
+                );
+                let mut stop = self.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = crate::serve::stopped(&mut stop) => return Err(Stuck::Stopping),
+                }
+                self.status.set_error(None);
+            }
+        }
         let started = std::time::Instant::now();
         let mut delays = crate::retry::delays(Duration::from_millis(100), MAX_BACKOFF);
         // Until then, an attempt whose answer never came may still reach the
@@ -769,11 +832,15 @@ impl Runner {
         let applied = loop {
             let sent = std::time::Instant::now();
             match applier.apply(&op, attempt).await {
-                Ok(a) => break a,
+                Ok(a) => {
+                    self.in_doubt.store(false, Ordering::Relaxed);
+                    break a;
+                }
                 Err(e) => {
                     attempt.maybe_sent = true;
                     if e.in_doubt {
                         settled_at = Some(sent + self.settle);
+                        self.in_doubt.store(true, Ordering::Relaxed);
                     }
                     let backoff = delays.next().unwrap_or(MAX_BACKOFF);
                     let settling = settled_at

@@ -110,6 +110,24 @@ impl StateServer {
     }
 
     async fn read(&self, run: &str, digester: &state::Digester) -> Result<Read, String> {
+        // Writes an earlier process left on their way would land after the
+        // read: it waits for them (a resync would otherwise miss them, and a
+        // drift audit call them missing).
+        if let Some(until) = self.link.late_writes_until() {
+            let wait = until.saturating_duration_since(Instant::now());
+            if wait > LATE_WRITES_WAIT_MAX {
+                return Err(format!(
+                    "the last process of this edge may have left writes on their way to the \
+                     identity service for {}s more (--upstream-settle): asked again later",
+                    wait.as_secs()
+                ));
+            }
+            info!(
+                wait_ms = wait.as_millis() as u64,
+                "state read waits for writes an earlier process may have left"
+            );
+            tokio::time::sleep(wait).await;
+        }
         let started = Instant::now();
         let cursor_before = self.status.cursor.load(Ordering::Relaxed);
         let mut entities = state::read(&self.keystone, digester)
@@ -455,6 +473,10 @@ impl Runner {
         )
     }
 }
+
+/// The longest a state read waits for writes an earlier process left (central
+/// waits ten minutes for the read).
+const LATE_WRITES_WAIT_MAX: Duration = Duration::from_secs(480);
 
 /// The longest settle period a resync step waits out for one of its ops.
 const STEP_SETTLE_MAX: Duration = Duration::from_secs(30);

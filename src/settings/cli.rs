@@ -618,6 +618,12 @@ pub struct CentralArgs {
     #[arg(long, env = "SYNCGATE_DRIFT_INTERVAL", default_value = "1h", value_parser = config::parse_interval)]
     pub drift_interval: Duration,
 
+    /// Take control messages of protocol 1 from edges of syncgate 0.1.0 (their
+    /// replay protection rests on clocks) until each speaks protocol 2. Set it
+    /// to false once every edge is upgraded.
+    #[arg(long, env = "SYNCGATE_ACCEPT_PROTOCOL_1", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub accept_protocol_1: bool,
+
     #[command(flatten)]
     pub http: HttpArgs,
 
@@ -815,6 +821,7 @@ impl CentralArgs {
                 allow_new_edges: self.allow_new_edges,
                 ack_timeout: self.ack_timeout,
                 drift_interval: (!self.drift_interval.is_zero()).then_some(self.drift_interval),
+                accept_protocol_1: self.accept_protocol_1,
                 ..SyncConfig::default()
             },
             service_credentials: Credentials::from_env()?,

@@ -486,6 +486,53 @@ def late_join(workdir):
         wait_resync(dep, "late1")
         assert drift_found(dep, "late1") == []
         assert_in_sync(dep, "the repair")
+
+        # Ops the edge has not applied (its Keystone down): a delete, a rename
+        # and a membership removal; a resync asked for as it comes back races
+        # the replay. Neither brings the deleted project back, makes a second
+        # project for the renamed one, or keeps the removed membership.
+        ctoken = ks.token()
+        new_web = get_json(f"{ks.url}/v3/projects?name=new-web", ctoken)["projects"][0]["id"]
+        old_db = get_json(f"{ks.url}/v3/projects?name=old-db", ctoken)["projects"][0]["id"]
+        eks.stop()
+        before = dep.ops()[-1]["seq"]
+        for method, path, body in [
+            ("DELETE", f"/v3/projects/{new_web}", None),
+            ("PATCH", f"/v3/projects/{old_db}", {"project": {"name": "renamed-db"}}),
+            ("DELETE", f"/v3/groups/{group}/users/{olduser}", None),
+        ]:
+            status, _, answer = http(method, f"{dep.gateway}{path}", body, ctoken)
+            assert status in (200, 204), (method, path, status, answer)
+        dep.wait_delivered(states=("pending", "timed_out"), edges=["late1"], after=before)
+        eks.start()
+        status, _, body = http("POST", f"{dep.admin}/v1/edges/late1/resync")
+        assert status == 202, (status, body)
+        wait_resync(dep, "late1")
+        assert_in_sync(dep, "a resync racing the replay of a delete, a rename and a membership removal")
+        etoken = eks.token()
+        names = sorted(p["name"] for p in get_json(f"{eks.url}/v3/projects", etoken)["projects"])
+        assert "new-web" not in names and "old-db" not in names and names.count("renamed-db") == 1, names
+        egroup = get_json(f"{eks.url}/v3/groups?name=oldgroup", etoken)["groups"][0]["id"]
+        members = [u["name"] for u in get_json(f"{eks.url}/v3/groups/{egroup}/users", etoken)["users"]]
+        assert "olduser" not in members, members
+        assert drift_found(dep, "late1") == [], "nothing differs after the resync"
+
+        # A drift audit run while writes go through the gateway reports no
+        # difference for what those writes change (they are in flight, not drift).
+        status, _, body = http("POST", f"{dep.admin}/v1/drift/run?edge=late1")
+        assert status == 202, (status, body)
+        for i in range(5):
+            dep.cli("project", "create", f"during-drift-{i}", "--domain", "legacy")
+
+        def audited():
+            d = dep.audit("/v1/drift?edge=late1")
+            state = d["runs"][0]["state"]
+            assert state != "failed", d
+            return d if state == "done" else None
+        d = wait_until("the drift audit during writes", audited, timeout=180, every=0.5)
+        assert d["differences"] == [], d["differences"]
+        assert_in_sync(dep, "writes during a drift audit")
+        assert drift_found(dep, "late1") == []
     finally:
         dep.stop()
 

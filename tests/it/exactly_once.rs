@@ -361,6 +361,10 @@ async fn an_edge_killed_between_its_call_and_its_commit_applies_each_create_once
     ];
     for (path, kind, body) in cases {
         let site_creates = env.edges[0].site.creates_of(kind);
+        // Requests, not entities: a second create of a named kind would be
+        // answered 409 and adopted, leaving the count of entities unchanged.
+        let collection = path.trim_start_matches("/v3/");
+        let requests = env.edges[0].site.create_requests(collection);
         env.edges[0]
             .site
             .state
@@ -381,6 +385,11 @@ async fn an_edge_killed_between_its_call_and_its_commit_applies_each_create_once
             env.edges[0].site.creates_of(kind),
             site_creates + 1,
             "{kind}: created once"
+        );
+        assert_eq!(
+            env.edges[0].site.create_requests(collection),
+            requests + 1,
+            "{kind}: sent once (looked for, not sent again, after the kill)"
         );
     }
     // The IDs were mapped: deleting each through the gateway deletes it at the edge.
@@ -428,6 +437,7 @@ async fn an_edge_killed_in_the_middle_of_a_batch_applies_each_create_once() {
     .await;
     env.assert_in_sync().await;
     let before = env.edges[0].site.creates_of("project");
+    let requests = env.edges[0].site.create_requests("projects");
     env.kill_edge(0).await;
     for i in 0..6 {
         let (status, resp) = env
@@ -453,6 +463,11 @@ async fn an_edge_killed_in_the_middle_of_a_batch_applies_each_create_once() {
         env.edges[0].site.creates_of("project"),
         before + 6,
         "each create applied once"
+    );
+    assert_eq!(
+        env.edges[0].site.create_requests("projects"),
+        requests + 6,
+        "each create sent once: the one never answered is looked for, not sent again"
     );
     env.assert_in_sync().await;
     env.shutdown().await;

@@ -1687,3 +1687,56 @@ async fn a_resync_create_answered_late_is_found_not_sent_twice() {
         env.shutdown().await;
     }
 }
+
+/// A create and a rename of what it made, both logged while a resync reads
+/// central's state: the resync makes the entity under its new name, and the
+/// create, applied from the stream after the fence, finds it by the ID map
+/// (not by its old name, which nothing at the edge has): no second entity.
+#[tokio::test]
+async fn a_create_renamed_while_a_resync_reads_central_is_found_by_the_id_map() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    env.create("/v3/groups", "group", json!({"group": {"name": "base"}}))
+        .await;
+    env.assert_in_sync().await;
+    let (open, wait) = tokio::sync::watch::channel(false);
+    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    env.until("the resync holds the edge", || async {
+        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
+    })
+    .await;
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "first-name"}}),
+        )
+        .await;
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/projects/{p}"),
+            Some(json!({"project": {"name": "second-name"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let requests = env.edges[0].site.create_requests("projects");
+    open.send(true).unwrap();
+    env.central_site.state.lock().unwrap().reads_wait = None;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    assert!(
+        site.id_of("project", "first-name").is_none(),
+        "no copy under the old name"
+    );
+    assert!(site.id_of("project", "second-name").is_some());
+    assert_eq!(
+        site.create_requests("projects"),
+        requests + 1,
+        "made once, by the resync"
+    );
+    env.shutdown().await;
+}
