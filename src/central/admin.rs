@@ -693,12 +693,7 @@ async fn out_of_sync(
         .map_err(internal)?;
     // A write forwarded whose op could not be logged yet (the op log failed)
     // may be missing at every edge: it is reported until it is an op.
-    let unlogged = admin
-        .proxy
-        .abandoned_intents()
-        .await
-        .map_err(internal)?
-        .len();
+    let unlogged = admin.proxy.unlogged_writes().await.map_err(internal)?;
     let truncated = rows.len() as i64 > limit;
     let rows: Vec<_> = rows
         .into_iter()

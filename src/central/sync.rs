@@ -724,12 +724,17 @@ impl SyncCentral {
             .and_then(|s| s.needs_resync);
         if let Some(reason) = needs {
             self.want_resync(edge);
-            return Grant::Resync { lease_ms, reason };
+            return Grant::Resync {
+                lease_ms,
+                reason,
+                earlier_holder: true,
+            };
         }
         if self.initial_sync_wanted(edge, h).await {
             return Grant::Resync {
                 lease_ms,
                 reason: "an initial sync from central's state comes first".into(),
+                earlier_holder: false,
             };
         }
         Grant::Granted { lease_ms }

@@ -62,6 +62,8 @@ struct LateWrites {
     expected: bool,
     settle: Duration,
     granted_at: Option<Instant>,
+    /// A write of this process's own that got no answer may land until then.
+    own_until: Option<Instant>,
 }
 
 impl Link {
@@ -99,12 +101,28 @@ impl Link {
     /// done before. `None` when none are expected, or once past.
     pub fn late_writes_until(&self) -> Option<Instant> {
         let late = self.late();
-        if !late.expected {
-            return None;
-        }
         // Not granted yet: nothing is applied anyway; count from now.
-        let until = late.granted_at.unwrap_or_else(Instant::now) + late.settle;
+        let earlier = late
+            .expected
+            .then(|| late.granted_at.unwrap_or_else(Instant::now) + late.settle);
+        let until = earlier.max(late.own_until)?;
         (until > Instant::now()).then_some(until)
+    }
+
+    /// A write this process sent got no answer: it may land until `until`.
+    pub fn own_write_in_doubt(&self, until: Instant) {
+        let mut late = self.late();
+        late.own_until = late.own_until.max(Some(until));
+    }
+
+    /// Whether writes an earlier process left are waited for, and were not
+    /// yet waited out (a grant came, and the settle period after it passed).
+    pub fn earlier_writes_pending(&self) -> bool {
+        let late = self.late();
+        late.expected
+            && late
+                .granted_at
+                .is_none_or(|at| Instant::now() < at + late.settle)
     }
 
     fn grant(&self) -> std::sync::MutexGuard<'_, GrantState> {
@@ -185,19 +203,35 @@ impl Link {
             let before = (g.until.is_some(), g.resync);
             let out = match &reply.grant {
                 Grant::Granted { lease_ms } => {
+                    let held = g.until.is_some_and(|u| Instant::now() < u);
                     g.until = Some(sent + Duration::from_millis(*lease_ms));
                     g.resync = false;
-                    self.late().granted_at.get_or_insert_with(Instant::now);
+                    // Got the ID (again): another process may have held it
+                    // meanwhile; what it sent lands within the settle period.
+                    if !held {
+                        let mut late = self.late();
+                        if late.granted_at.is_some() {
+                            late.expected = true;
+                        }
+                        late.granted_at = Some(Instant::now());
+                    }
                     (None, false)
                 }
-                Grant::Resync { lease_ms, reason } => {
+                Grant::Resync {
+                    lease_ms,
+                    reason,
+                    earlier_holder,
+                } => {
+                    let held = g.until.is_some_and(|u| Instant::now() < u);
                     g.until = Some(sent + Duration::from_millis(*lease_ms));
                     g.resync = true;
                     // The ID's last holder ran on another database: what it
                     // sent is unknown here.
                     let mut late = self.late();
-                    late.expected = true;
-                    late.granted_at.get_or_insert_with(Instant::now);
+                    late.expected |= *earlier_holder;
+                    if !held || late.granted_at.is_none() {
+                        late.granted_at = Some(Instant::now());
+                    }
                     drop(late);
                     (
                         Some(format!(

@@ -194,7 +194,7 @@ impl Edge {
         // stopped with a write in doubt) may have left writes on their way to
         // the site: nothing that could meet them is done before they can no
         // longer land (`--upstream-settle` after this process got the ID).
-        if self.store.flag(RUNNING).await? {
+        if self.store.flag(RUNNING).await.unwrap_or(true) {
             warn!(
                 settle_s = self.config.upstream_settle.as_secs(),
                 "the last process on this database did not stop cleanly: writes it sent may \
@@ -203,7 +203,16 @@ impl Edge {
             self.link.expect_late_writes();
         }
         self.link.set_settle(self.config.upstream_settle);
-        self.store.set_flag(RUNNING).await?;
+        let running_recorded = match self.store.flag(RUNNING).await {
+            Ok(true) => true,
+            _ => match self.store.set_flag(RUNNING).await {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, "cannot record this process's start yet; no op is applied until it is");
+                    false
+                }
+            },
+        };
         let subjects = Subjects::new(&self.config.sync_prefix);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let client = connect_broker(
@@ -311,6 +320,7 @@ impl Edge {
             resynced_through: AtomicI64::new(0),
             resync_doubt: Default::default(),
             in_doubt: AtomicBool::new(false),
+            running_recorded: AtomicBool::new(running_recorded),
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
@@ -427,6 +437,8 @@ struct Runner {
     resync_doubt: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// The op being applied had a try whose answer never came.
     in_doubt: AtomicBool,
+    /// This process's start is recorded (`RUNNING`): ops may be applied.
+    running_recorded: AtomicBool,
     id: String,
     client: async_nats::Client,
     subjects: Subjects,
@@ -474,6 +486,8 @@ impl Runner {
     /// Whether no write this process sent may still be on its way.
     fn nothing_in_doubt(&self) -> bool {
         !self.in_doubt.load(Ordering::Relaxed)
+            && self.link.late_writes_until().is_none()
+            && !self.link.earlier_writes_pending()
             && self
                 .resync_doubt
                 .lock()
@@ -799,15 +813,25 @@ impl Runner {
         if touches_batch {
             self.flush().await?;
         }
-        // An op an earlier process may have sent is looked for once what that
-        // process sent can no longer land.
-        if attempt.maybe_sent && !directed {
+        // No op is applied (and none looked for) while a write an earlier
+        // process, or a resync of this one, sent may still land: it could
+        // meet it (a delete answered 404 before the create lands).
+        if !self.running_recorded.load(Ordering::Relaxed) {
+            if let Err(e) = self.store.set_flag(RUNNING).await {
+                self.status.set_error(Some(format!(
+                    "edge database: cannot record this process's start: {e}"
+                )));
+                return Err(Stuck::Blocked);
+            }
+            self.running_recorded.store(true, Ordering::Relaxed);
+        }
+        {
             if let Some(until) = self.link.late_writes_until() {
                 let wait = until.saturating_duration_since(std::time::Instant::now());
                 self.status.set_error(Some(format!(
-                    "op {}: the last process of this edge may have left writes on their way to \
-                     the identity service: waiting {}s (--upstream-settle) before looking for \
-                     what they made",
+                    "op {}: writes sent without an answer (by an earlier process of this edge, \
+                     or by a resync) may still reach the identity service: waiting {}s \
+                     (--upstream-settle) before applying more",
                     op.seq,
                     wait.as_secs().max(1)
                 )));
@@ -830,6 +854,12 @@ impl Runner {
         // site: nothing is sent again (and nothing after it) before.
         let mut settled_at: Option<std::time::Instant> = None;
         let applied = loop {
+            // The ID may have passed to another process meanwhile: nothing
+            // is sent after this process's lease ended.
+            if !self.link.holds() {
+                self.uncertain_through.fetch_max(op.seq, Ordering::Relaxed);
+                return Err(Stuck::Blocked);
+            }
             let sent = std::time::Instant::now();
             match applier.apply(&op, attempt).await {
                 Ok(a) => {
@@ -841,6 +871,7 @@ impl Runner {
                     if e.in_doubt {
                         settled_at = Some(sent + self.settle);
                         self.in_doubt.store(true, Ordering::Relaxed);
+                        self.link.own_write_in_doubt(sent + self.settle);
                     }
                     let backoff = delays.next().unwrap_or(MAX_BACKOFF);
                     let settling = settled_at

@@ -455,6 +455,12 @@ impl Runner {
                 }
                 maybe_sent = true;
             }
+            if !self.link.holds() {
+                return (
+                    i,
+                    Err("this process no longer holds the edge's ID".to_string()),
+                );
+            }
             let sent = Instant::now();
             let (i, r, in_doubt) = apply_one(applier, i, op, maybe_sent).await;
             let mut doubts = self.resync_doubt.lock().unwrap_or_else(|p| p.into_inner());
@@ -463,6 +469,9 @@ impl Runner {
                 return (i, r);
             }
             doubts.insert(op.op_id.clone(), sent + self.settle);
+            // Nothing meets it: the stream after the resync, and state reads,
+            // wait for it too.
+            self.link.own_write_in_doubt(sent + self.settle);
             if self.settle > STEP_SETTLE_MAX {
                 return (i, r);
             }

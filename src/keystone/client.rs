@@ -436,7 +436,18 @@ impl KeystoneClient {
 
     /// One entity by kind and ID, `None` when it does not exist.
     pub async fn get_entity(&self, kind: &str, id: &str) -> Result<Option<Value>, ClientError> {
-        let Some(coll) = collection(kind) else {
+        let Some(coll) = collection(kind).or(match kind {
+            // Kinds with IDs of their own but no natural key.
+            "credential" => Some("credentials"),
+            "policy" => Some("policies"),
+            "service" => Some("services"),
+            "endpoint" => Some("endpoints"),
+            "region" => Some("regions"),
+            "endpoint_group" => Some("OS-EP-FILTER/endpoint_groups"),
+            "registered_limit" => Some("registered_limits"),
+            "limit" => Some("limits"),
+            _ => None,
+        }) else {
             return Ok(None);
         };
         let reply = self

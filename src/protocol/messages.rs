@@ -229,7 +229,14 @@ pub enum Grant {
     Superseded { reason: String },
     /// This process holds the ID, but must apply no op from the stream until
     /// central's resync of it is done (initial sync; state lost).
-    Resync { lease_ms: u64, reason: String },
+    /// `earlier_holder`: the ID was held by a process on another database,
+    /// whose writes may still be on their way to the site.
+    Resync {
+        lease_ms: u64,
+        reason: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        earlier_holder: bool,
+    },
     /// Central will not serve this edge until an operator acts.
     Refused { reason: String },
 }

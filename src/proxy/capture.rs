@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use serde_json::Value;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 use uuid::Uuid;
 
 use super::error::ProxyError;
@@ -82,6 +82,22 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Counts an applied write in the audit's `unlogged_writes` while it lives.
+struct Unlogged<'a>(&'a Proxy, Uuid);
+
+impl<'a> Unlogged<'a> {
+    fn new(proxy: &'a Proxy, op_id: Uuid) -> Unlogged<'a> {
+        proxy.unlogged().insert(op_id);
+        Unlogged(proxy, op_id)
+    }
+}
+
+impl Drop for Unlogged<'_> {
+    fn drop(&mut self) {
+        self.0.unlogged().remove(&self.1);
+    }
+}
+
 async fn captured_section(
     proxy: Arc<Proxy>,
     route: RouteMatch,
@@ -91,7 +107,8 @@ async fn captured_section(
     body: Bytes,
     request: tracing::Span,
 ) -> Result<Response<Body>, ProxyError> {
-    let proxy = &*proxy;
+    let owner = proxy;
+    let proxy = &*owner;
     // The op carries its trace to the edges: this write's span, or, when
     // traces are not exported here, the client's own `traceparent`.
     let traceparent = crate::telemetry::traceparent(&tracing::Span::current()).or_else(|| {
@@ -253,12 +270,20 @@ async fn captured_section(
             Err(e) => {
                 error!(error = %e, %op_id, "upstream applied a write the op log could not record");
                 inc(&proxy.metrics.oplog_failures);
-                // Its op is logged later (unknown outcome, then resolved):
-                // conflicting writes wait for that.
+                // Conflicting writes wait until its op is logged.
                 proxy.in_doubt.hold(
                     &outcome.touches,
                     std::time::Instant::now() + proxy.settle + proxy.stale_after,
                 );
+                // Keystone answered 2xx: it is logged as the op it is, with
+                // what the answer said (IDs made), as soon as the op log takes
+                // it. It stays running meanwhile (the sweeper leaves it be; a
+                // stop logs it as unknown_outcome).
+                std::mem::forget(_in_flight);
+                let owner = owner.clone();
+                proxy
+                    .spawner
+                    .spawn(log_when_possible(owner, op_id, outcome).in_current_span());
                 return Err(ProxyError::OpLogCommitFailed);
             }
         }
@@ -278,6 +303,42 @@ async fn captured_section(
     proxy.client_headers(&mut upstream_headers, false);
     upstream_headers.insert(header::CONTENT_LENGTH, body.len().into());
     Ok(build_response(status, upstream_headers, Body::from(body)))
+}
+
+/// Tries again to log a write Keystone applied, as committed, until the op
+/// log takes it; conflicting writes stay refused meanwhile.
+async fn log_when_possible(proxy: Arc<Proxy>, op_id: Uuid, outcome: Outcome) {
+    let _running = InFlight(&proxy, op_id);
+    let _unlogged = Unlogged::new(&proxy, op_id);
+    let mut delays = crate::retry::delays(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    );
+    loop {
+        let delay = delays.next().unwrap_or(std::time::Duration::from_secs(2));
+        tokio::time::sleep(delay).await;
+        match proxy
+            .store
+            .commit_intent(op_id, OpState::Committed, &outcome)
+            .await
+        {
+            Ok(seq) => {
+                proxy.wake.notify_one();
+                inc(&proxy.metrics.writes_captured);
+                proxy.metrics.last_seq.set(seq);
+                warn!(seq, %op_id, "a write the op log could not record at first is logged now");
+                return;
+            }
+            Err(crate::store::StoreError::NoIntent(_)) => return,
+            Err(e) => {
+                debug!(error = %e, %op_id, "the op log still cannot record an applied write");
+                proxy.in_doubt.hold(
+                    &outcome.touches,
+                    std::time::Instant::now() + proxy.settle + delay * 4,
+                );
+            }
+        }
+    }
 }
 
 /// The most of a captured write's response the gateway reads (Keystone answers

@@ -92,6 +92,9 @@ pub struct Proxy {
     stale_after: Duration,
     /// Intents whose captured section is still running (never swept).
     in_flight: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Writes Keystone applied whose op the op log has not taken yet (their
+    /// client was answered): being logged again, in the background.
+    unlogged: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
     /// Signalled when the last running capture ends.
     captures_done: Notify,
     /// IDs the central Keystone did not know when asked: not asked again for
@@ -205,6 +208,7 @@ impl Proxy {
             settle: config.upstream_settle,
             stale_after: config.stale_intent_after,
             in_flight: Default::default(),
+            unlogged: Default::default(),
             captures_done: Notify::new(),
             unknown_ids: Default::default(),
             spawner,
@@ -458,6 +462,25 @@ impl Proxy {
             .store
             .log_unknown(&running, "the gateway stopped before the upstream answered")
             .await?)
+    }
+
+    /// Writes that may have been applied upstream whose client was answered
+    /// and which are not ops yet: abandoned intents, and applied writes the op
+    /// log refused (logged again in the background). Every edge may lack them.
+    pub async fn unlogged_writes(&self) -> anyhow::Result<usize> {
+        let abandoned = self.abandoned_intents().await?.len();
+        let retrying = self
+            .unlogged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        Ok(abandoned + retrying)
+    }
+
+    pub(super) fn unlogged(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashSet<uuid::Uuid>> {
+        self.unlogged.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Open intents whose captured section is no longer running: writes that

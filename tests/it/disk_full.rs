@@ -275,8 +275,9 @@ async fn writes_through_the_gateway_are_refused_while_the_disk_is_full_and_resum
 
 /// A write forwarded and applied upstream whose op the op log could not record
 /// is listed by the audit (`unlogged_writes`, and the CLI's exit code) until it
-/// is an op, and is logged as an `unknown_outcome` op as soon as there is room,
-/// not after a grace period bounding a captured section's life.
+/// is an op, and is logged, as the committed op it is (with the ID Keystone
+/// made), as soon as there is room: not after a grace period bounding a
+/// captured section's life, nor as a write of unknown outcome.
 #[tokio::test]
 async fn a_write_the_op_log_could_not_record_is_reported_and_logged_once_there_is_room() {
     let Some(fs) = SmallFs::mount(8192) else {
@@ -344,8 +345,14 @@ async fn a_write_the_op_log_could_not_record_is_reported_and_logged_once_there_i
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(ops[1]["state"], "unknown_outcome", "{ops:?}");
+    // Keystone's answer was read: it is the op it is, with the ID made.
+    assert_eq!(ops[1]["state"], "committed", "{ops:?}");
     assert_eq!(ops[1]["method"], "POST");
+    assert_eq!(
+        ops[1]["created_ids"].as_array().map(Vec::len),
+        Some(1),
+        "{ops:?}"
+    );
     let oos: serde_json::Value = app.admin_get("/v1/out-of-sync").await.json().await.unwrap();
     assert_eq!(oos["unlogged_writes"], 0, "{oos}");
     app.stop().await;

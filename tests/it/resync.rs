@@ -1740,3 +1740,48 @@ async fn a_create_renamed_while_a_resync_reads_central_is_found_by_the_id_map() 
     );
     env.shutdown().await;
 }
+
+/// A credential created while a resync reads central's state: the resync
+/// copies it, and its create, applied from the stream after the fence, finds
+/// the copy by the ID map (a credential has no name to look for): one
+/// credential at the edge, one create sent.
+#[tokio::test]
+async fn a_credential_created_while_a_resync_reads_central_is_made_once() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "cred-owner"}}))
+        .await;
+    env.assert_in_sync().await;
+    let (open, wait) = tokio::sync::watch::channel(false);
+    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    env.until("the resync holds the edge", || async {
+        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
+    })
+    .await;
+    env.create(
+        "/v3/credentials",
+        "credential",
+        json!({"credential": {"type": "totp", "user_id": u, "blob": "during-resync-1"}}),
+    )
+    .await;
+    let requests = env.edges[0].site.create_requests("credentials");
+    open.send(true).unwrap();
+    env.central_site.state.lock().unwrap().reads_wait = None;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    assert_eq!(
+        site.unnamed("credential").len(),
+        1,
+        "one credential at the edge"
+    );
+    assert_eq!(
+        site.create_requests("credentials"),
+        requests + 1,
+        "made once, by the resync"
+    );
+    env.shutdown().await;
+}
