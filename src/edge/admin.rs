@@ -55,6 +55,7 @@ async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
         "resync_hold": st.resync_hold.load(Ordering::Relaxed),
         "error": st.error(),
         "warning": st.warning(),
+        "waiting": st.waiting(),
         "applied_total": st.applied.load(Ordering::Relaxed),
         "failed_total": st.failed.load(Ordering::Relaxed),
         "redriven_total": st.redriven.load(Ordering::Relaxed),

@@ -41,6 +41,19 @@ impl Transient {
         }
     }
 
+    /// A reply that says to try again later (5xx, 429). A 502 or 504 comes
+    /// from a gateway in front of Keystone, which may carry on.
+    fn of_reply(reply: &crate::keystone::client::Reply) -> Option<Transient> {
+        (reply.status >= 500 || reply.status == 429).then(|| Transient {
+            reason: format!(
+                "edge identity service answered HTTP {}: {}",
+                reply.status,
+                reply.message()
+            ),
+            in_doubt: matches!(reply.status, 502 | 504),
+        })
+    }
+
     /// A failed read (a look-up) changed nothing at the site.
     fn read(self) -> Transient {
         Transient {
@@ -105,6 +118,80 @@ pub struct Applier<'a> {
 }
 
 impl Applier<'_> {
+    /// A self-service password change the site refused (its current password
+    /// is not central's original, or its policy refuses a change now) is set
+    /// by an admin's PATCH; a password Keystone then marks expired (it runs
+    /// with `change_password_upon_first_use`) is reported failed: at central
+    /// the user logs in with it, here they would have to change it first.
+    async fn password_as_admin(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+        refused: &crate::keystone::client::Reply,
+        adds: &mut Vec<(String, String, String)>,
+    ) -> Result<Applied, Transient> {
+        let Some((_, user_path, patch)) = ids::password_change_as_patch(path, body) else {
+            return Ok(failed(
+                Some(refused.status),
+                format!(
+                    "self-service password change refused: {}",
+                    refused.message()
+                ),
+            ));
+        };
+        let reply = self
+            .keystone
+            .send(Method::PATCH, &user_path, patch.as_ref())
+            .await?;
+        if let Some(t) = Transient::of_reply(&reply) {
+            return Err(t);
+        }
+        if !reply.is_success() {
+            return Ok(failed(
+                Some(reply.status),
+                format!(
+                    "self-service password change refused ({}), and an admin's change too: {}",
+                    refused.status,
+                    reply.message()
+                ),
+            ));
+        }
+        let expired = reply
+            .json()
+            .and_then(|v| {
+                v["user"]["password_expires_at"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .and_then(|at| crate::keystone::client::parse_rfc3339(&at))
+            .is_some_and(|at| {
+                at <= std::time::SystemTime::now() + std::time::Duration::from_secs(60)
+            });
+        if expired {
+            return Ok(failed(
+                Some(reply.status),
+                "the password was set by an admin here (the site refused the self-service change) \
+                 and this site's Keystone marks it expired (change_password_upon_first_use): the \
+                 user must change it here before logging in, unlike at central"
+                    .into(),
+            ));
+        }
+        Ok(Applied {
+            outcome: Outcome::Applied,
+            status: Some(reply.status),
+            detail: Some(format!(
+                "set by an admin here: the site refused the self-service change ({})",
+                refused.status
+            )),
+            edge_ids: Vec::new(),
+            changes: Commit {
+                map_adds: std::mem::take(adds),
+                map_removes: Vec::new(),
+                advance: true,
+            },
+        })
+    }
+
     /// The edge entities every ID this op creates maps to, when each is
     /// mapped and still at the site.
     async fn mapped_and_present(&self, op: &OpContent) -> Result<Option<Vec<String>>, Transient> {
@@ -228,6 +315,11 @@ impl Applier<'_> {
             .keystone
             .send(send_method, &send_path, send_body.as_ref())
             .await?;
+        if op.kind == "user_password" && matches!(reply.status, 400 | 401 | 403) {
+            return self
+                .password_as_admin(&send_path, send_body.as_ref(), &reply, &mut adds)
+                .await;
+        }
 
         if reply.is_success() {
             let edge_ids = match route {
@@ -261,16 +353,8 @@ impl Applier<'_> {
                 },
             });
         }
-        if reply.status >= 500 || reply.status == 429 {
-            return Err(Transient {
-                reason: format!(
-                    "edge identity service answered HTTP {}: {}",
-                    reply.status,
-                    reply.message()
-                ),
-                // A gateway in front of Keystone answered: Keystone may carry on.
-                in_doubt: matches!(reply.status, 502 | 504),
-            });
+        if let Some(t) = Transient::of_reply(&reply) {
+            return Err(t);
         }
         if reply.status == 409 && creates != Creates::No {
             return self

@@ -73,6 +73,9 @@ pub struct Status {
     grant_error: Mutex<Option<String>>,
     /// What central warns of (another process tried to take this edge's ID).
     warning: Mutex<Option<String>>,
+    /// What the edge waits for on purpose (writes that may still land): not
+    /// an error, and no reason to be unready.
+    waiting: Mutex<Option<String>>,
 }
 
 impl Status {
@@ -93,6 +96,17 @@ impl Status {
 
     fn set_warning(&self, w: Option<String>) {
         *self.warning.lock().unwrap_or_else(|p| p.into_inner()) = w;
+    }
+
+    fn set_waiting(&self, w: Option<String>) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = w;
+    }
+
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn warning(&self) -> Option<String> {
@@ -828,7 +842,7 @@ impl Runner {
         {
             if let Some(until) = self.link.late_writes_until() {
                 let wait = until.saturating_duration_since(std::time::Instant::now());
-                self.status.set_error(Some(format!(
+                self.status.set_waiting(Some(format!(
                     "op {}: writes sent without an answer (by an earlier process of this edge, \
                      or by a resync) may still reach the identity service: waiting {}s \
                      (--upstream-settle) before applying more",
@@ -843,9 +857,12 @@ impl Runner {
                 let mut stop = self.stop.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    _ = crate::serve::stopped(&mut stop) => return Err(Stuck::Stopping),
+                    _ = crate::serve::stopped(&mut stop) => {
+                        self.status.set_waiting(None);
+                        return Err(Stuck::Stopping);
+                    }
                 }
-                self.status.set_error(None);
+                self.status.set_waiting(None);
             }
         }
         let started = std::time::Instant::now();

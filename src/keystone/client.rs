@@ -405,6 +405,9 @@ impl KeystoneClient {
         name: &str,
         domain_id: Option<&str>,
     ) -> Result<Option<String>, ClientError> {
+        if kind == "service" {
+            return self.find_service(name).await;
+        }
         let Some(coll) = collection(kind) else {
             return Ok(None);
         };
@@ -463,6 +466,43 @@ impl KeystoneClient {
             .is_success()
             .then(|| reply.json().map(|v| v[kind].clone()))
             .flatten())
+    }
+}
+
+impl KeystoneClient {
+    /// The service of this natural key (`<type>/<name>`, as
+    /// `ids::service_key` makes it) when exactly one has it.
+    async fn find_service(&self, key: &str) -> Result<Option<String>, ClientError> {
+        let Some((kind, name)) = key.split_once('/') else {
+            return Ok(None);
+        };
+        let reply = self
+            .send(
+                Method::GET,
+                &format!("/v3/services?type={}", encode(kind)),
+                None,
+            )
+            .await?;
+        if !reply.is_success() {
+            if reply.status >= 500 || reply.status == 429 {
+                return Err(ClientError::Unreachable(format!(
+                    "HTTP {} looking up a service",
+                    reply.status
+                )));
+            }
+            return Ok(None);
+        }
+        let json = reply.json().unwrap_or(Value::Null);
+        let mut found = json["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["type"] == kind && s["name"].as_str().unwrap_or("") == name)
+            .filter_map(|s| s["id"].as_str().map(str::to_string));
+        match (found.next(), found.next()) {
+            (Some(id), None) => Ok(Some(id)),
+            _ => Ok(None),
+        }
     }
 }
 

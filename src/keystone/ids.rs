@@ -107,9 +107,27 @@ pub fn all_refs(path: &str, body: Option<&Value>) -> Vec<IdRef> {
     refs
 }
 
+/// Kinds whose IDs differ per site and that an op may reference by natural
+/// key: the named kinds, and services (by type and name: the catalog is each
+/// site's own, so a limit or an endpoint policy names the edge's service).
+pub fn referable(kind: &str) -> bool {
+    NAMED_KINDS.contains(&kind) || kind == "service"
+}
+
+/// A service's natural key as an op carries it (in `EntityRef::name`):
+/// `<type>/<name>` (a type has no `/`).
+pub fn service_key(entity: &Value) -> Option<String> {
+    let kind = entity.get("type")?.as_str()?;
+    let name = entity.get("name").and_then(Value::as_str).unwrap_or("");
+    (!kind.contains('/')).then(|| format!("{kind}/{name}"))
+}
+
 /// The natural key an entity's JSON carries: (name, domain ID). A domain has no
 /// domain; a role without `domain_id` is global; other kinds default to `default`.
 pub fn natural_key(kind: &str, entity: &Value) -> Option<(String, Option<String>)> {
+    if kind == "service" {
+        return service_key(entity).map(|k| (k, None));
+    }
     if !NAMED_KINDS.contains(&kind) {
         return None;
     }
@@ -194,15 +212,52 @@ pub struct Transform {
     apply: fn(&str, Option<&Value>) -> Option<Call>,
 }
 
-/// Every replay transform, in one place.
+/// Every replay transform, in one place. A self-service password change
+/// (`POST /v3/users/{id}/password`) is replayed as sent: an admin's PATCH
+/// would leave the password expired where Keystone runs with
+/// `change_password_upon_first_use`; the edge falls back to the PATCH
+/// (`password_change_as_patch`) only when the site refuses the change.
 pub static TRANSFORMS: &[Transform] = &[Transform {
-    kind: "user_password",
+    kind: "ec2_credential",
     method: "POST",
-    why: "a self-service password change needs the old password; an admin sets the new one with PATCH",
-    apply: password_change_as_patch,
+    why: "Keystone makes an EC2 key's access and secret: replayed through /v3/credentials with \
+          central's, the key, and its credential ID (the access key's SHA-256), are the same at \
+          every site, so revoking it anywhere revokes it everywhere",
+    apply: ec2_key_as_credential,
 }];
 
-fn password_change_as_patch(
+/// An EC2 key created at central (`POST /v3/users/{id}/credentials/OS-EC2`,
+/// its replay body carrying central's access and secret) as the same key
+/// created through `/v3/credentials`. An op without them (logged by an older
+/// central) is replayed as sent.
+fn ec2_key_as_credential(
+    path: &str,
+    body: Option<&Value>,
+) -> Option<(String, String, Option<Value>)> {
+    let body = body?;
+    let user = path
+        .strip_prefix("/v3/users/")?
+        .strip_suffix("/credentials/OS-EC2")?;
+    let (access, secret) = (body.get("access")?.as_str()?, body.get("secret")?.as_str()?);
+    let blob = serde_json::json!({"access": access, "secret": secret, "trust_id": null});
+    let mut credential = serde_json::json!({
+        "type": "ec2",
+        "user_id": user,
+        "blob": blob.to_string(),
+    });
+    if let Some(project) = body.get("tenant_id").filter(|p| p.is_string()) {
+        credential["project_id"] = project.clone();
+    }
+    Some((
+        "POST".into(),
+        "/v3/credentials".into(),
+        Some(serde_json::json!({ "credential": credential })),
+    ))
+}
+
+/// An admin's form of a self-service password change: PATCH the user with
+/// the new password.
+pub fn password_change_as_patch(
     path: &str,
     body: Option<&Value>,
 ) -> Option<(String, String, Option<Value>)> {
@@ -321,14 +376,14 @@ mod tests {
     }
 
     #[test]
-    fn password_change_is_replayed_as_an_admin_patch() {
+    fn a_password_change_is_replayed_as_sent_and_its_admin_form_is_a_patch() {
         let body = json!({"user": {"password": "new", "original_password": "old"}});
-        let (method, path, body) = replay_form(
-            "user_password",
-            "POST",
-            &format!("/v3/users/{B}/password"),
-            Some(body),
-        );
+        let path = format!("/v3/users/{B}/password");
+        let (method, sent, replayed) =
+            replay_form("user_password", "POST", &path, Some(body.clone()));
+        assert_eq!((method.as_str(), sent.as_str()), ("POST", path.as_str()));
+        assert_eq!(replayed, Some(body.clone()));
+        let (method, path, body) = password_change_as_patch(&path, Some(&body)).unwrap();
         assert_eq!(
             (method.as_str(), path.as_str()),
             ("PATCH", format!("/v3/users/{B}").as_str())
@@ -338,5 +393,35 @@ mod tests {
         let (method, path, _) = replay_form("user", "PATCH", "/v3/users/x", None);
         assert_eq!((method.as_str(), path.as_str()), ("PATCH", "/v3/users/x"));
         assert_eq!(TRANSFORMS.len(), 1, "each transform has a test here");
+        // An EC2 key with central's access and secret: the same key through
+        // /v3/credentials.
+        let body = json!({"tenant_id": "p1", "access": "ak", "secret": "sk"});
+        let (method, path, sent) = replay_form(
+            "ec2_credential",
+            "POST",
+            &format!("/v3/users/{B}/credentials/OS-EC2"),
+            Some(body),
+        );
+        assert_eq!(
+            (method.as_str(), path.as_str()),
+            ("POST", "/v3/credentials")
+        );
+        let credential = &sent.unwrap()["credential"];
+        assert_eq!(credential["type"], "ec2");
+        assert_eq!(credential["user_id"], B);
+        assert_eq!(credential["project_id"], "p1");
+        let blob: Value = serde_json::from_str(credential["blob"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            (blob["access"].as_str(), blob["secret"].as_str()),
+            (Some("ak"), Some("sk"))
+        );
+        // Logged by an older central, without them: as sent.
+        let (_, path, _) = replay_form(
+            "ec2_credential",
+            "POST",
+            &format!("/v3/users/{B}/credentials/OS-EC2"),
+            Some(json!({"tenant_id": "p1"})),
+        );
+        assert!(path.ends_with("/OS-EC2"));
     }
 }

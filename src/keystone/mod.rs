@@ -76,10 +76,72 @@ pub fn inject_generated(route: &RouteMatch, request: &mut Value, created: &[Stri
     }
 }
 
+/// Puts into a create's replay body what Keystone derived from the caller's
+/// token, read from central's answer: the domain of a user, group or project
+/// created without `domain_id` (the token's scope domain at central; the
+/// edge's own service token would put it elsewhere). True when it changed.
+pub fn inject_derived(route: &RouteMatch, request: &mut Value, response: Option<&Value>) -> bool {
+    if route.creates != Creates::InBody {
+        return false;
+    }
+    // An EC2 key's access and secret are made by Keystone: the replay
+    // carries central's (the edge creates the same key, see `ids::TRANSFORMS`).
+    if route.kind == "ec2_credential" {
+        let made = response.and_then(|r| r.get("credential"));
+        let (Some(access), Some(secret)) = (
+            made.and_then(|c| c.get("access")).and_then(Value::as_str),
+            made.and_then(|c| c.get("secret")).and_then(Value::as_str),
+        ) else {
+            return false;
+        };
+        let Some(body) = request.as_object_mut() else {
+            return false;
+        };
+        body.insert("access".into(), Value::String(access.to_string()));
+        body.insert("secret".into(), Value::String(secret.to_string()));
+        return true;
+    }
+    if !matches!(route.kind, "user" | "group" | "project") {
+        return false;
+    }
+    let Some(domain) = response
+        .and_then(|r| r.get(route.kind))
+        .and_then(|e| e.get("domain_id"))
+        .and_then(Value::as_str)
+    else {
+        return false;
+    };
+    match request.get_mut(route.kind).and_then(Value::as_object_mut) {
+        Some(entity) if entity.get("domain_id").is_none_or(Value::is_null) => {
+            entity.insert("domain_id".into(), Value::String(domain.to_string()));
+            true
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_create_without_a_domain_takes_the_one_central_gave_it() {
+        let r = route("POST", "/v3/users");
+        let mut body = json!({"user": {"name": "bob"}});
+        let answer = json!({"user": {"id": "u1", "name": "bob", "domain_id": "d1"}});
+        assert!(inject_derived(&r, &mut body, Some(&answer)));
+        assert_eq!(body["user"]["domain_id"], "d1");
+        // Given explicitly: kept as sent.
+        let mut given = json!({"user": {"name": "bob", "domain_id": "d2"}});
+        assert!(!inject_derived(&r, &mut given, Some(&answer)));
+        assert_eq!(given["user"]["domain_id"], "d2");
+        // Roles are global unless given a domain: nothing derived.
+        let roles = route("POST", "/v3/roles");
+        let mut role = json!({"role": {"name": "r"}});
+        let answer = json!({"role": {"id": "r1", "name": "r", "domain_id": null}});
+        assert!(!inject_derived(&roles, &mut role, Some(&answer)));
+    }
 
     fn route(method: &str, path: &str) -> RouteMatch {
         match classify(method, path) {

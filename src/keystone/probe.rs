@@ -51,6 +51,12 @@ pub async fn find_created(
     };
     let entity = body.get(kind).unwrap_or(&Value::Null);
     let one = |id: Option<String>| Ok(unique(id.map(|i| vec![i])));
+    // An EC2 key sent with central's access key (through /v3/credentials)
+    // has the ID Keystone derives from it: looked for by that ID.
+    if let Some(id) = ec2_credential_id(kind, body) {
+        let found = keystone.get_entity("credential", &id).await?;
+        return one(found.map(|_| id));
+    }
     match kind {
         "domain" => {
             if let Some(id) = entity.get("explicit_domain_id").and_then(Value::as_str) {
@@ -106,6 +112,22 @@ pub async fn find_created(
     }
 }
 
+/// The credential ID Keystone gives an EC2 key created through
+/// `/v3/credentials` with this blob: the SHA-256 of its access key, in hex.
+pub fn ec2_credential_id(kind: &str, body: &Value) -> Option<String> {
+    if kind != "ec2_credential" {
+        return None;
+    }
+    let credential = body.get("credential")?;
+    if credential.get("type")?.as_str()? != "ec2" {
+        return None;
+    }
+    let blob: Value = serde_json::from_str(credential.get("blob")?.as_str()?).ok()?;
+    let access = blob.get("access")?.as_str()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, access.as_bytes());
+    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// The entities of a kind Keystone lets exist twice that look like the one a
 /// create makes (empty for other kinds): taken before such a create is sent,
 /// so that a later look can tell the one it made from those already there.
@@ -146,6 +168,9 @@ pub async fn look_alikes(
             )
             .await
         }
+        // Sent with central's access key: its ID is its own, nothing
+        // looks alike.
+        "ec2_credential" if ec2_credential_id(kind, body).is_some() => Ok(Vec::new()),
         "ec2_credential" => {
             // The access key is made per site: any key of the user for the
             // same project looks alike.

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::error::ProxyError;
 use super::{build_response, Peer, Proxy, SendError, REQUEST_ID};
-use crate::keystone::ids::{all_refs, is_mappable_id, natural_key, IdRef, NAMED_KINDS};
+use crate::keystone::ids::{all_refs, is_mappable_id, natural_key, referable, IdRef};
 use crate::keystone::touches::{self, Touch};
 use crate::keystone::{self, RouteMatch};
 use crate::metrics::inc;
@@ -235,7 +235,9 @@ async fn captured_section(
         let created_ids =
             keystone::created_ids(&route, proxy.keystone_path(&uri), response_json.as_ref());
         let replay_body = request_json.clone().and_then(|mut v| {
-            keystone::inject_generated(&route, &mut v, &created_ids).then(|| v.to_string())
+            let generated = keystone::inject_generated(&route, &mut v, &created_ids);
+            let derived = keystone::inject_derived(&route, &mut v, response_json.as_ref());
+            (generated || derived).then(|| v.to_string())
         });
         let learned = response_json
             .as_ref()
@@ -483,7 +485,7 @@ fn learned_entity(kind: &str, response: &Value) -> Option<EntityRef> {
 async fn entity_refs(proxy: &Proxy, path: &str, body: Option<&Value>) -> Vec<EntityRef> {
     let mut queue: Vec<IdRef> = all_refs(path, body)
         .into_iter()
-        .filter(|r| NAMED_KINDS.contains(&r.kind))
+        .filter(|r| referable(r.kind))
         .collect();
     let mut out: Vec<EntityRef> = Vec::new();
     while let Some(r) = queue.pop() {

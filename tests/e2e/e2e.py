@@ -7,6 +7,7 @@ Usage: e2e.py [workdir]   (syncgate binary: $SYNCGATE_BIN or target/debug/syncga
 """
 
 import http.client as httpclient
+import hashlib
 import json
 import secrets
 import subprocess
@@ -77,7 +78,8 @@ def scenario(dep):
     assert_in_sync(dep, "disable")
     cli("user", "set", "--domain", "acme", "--enable", "alice")
     cli("project", "set", "--domain", "acme", "--tag", "blue", "--tag", "green", "web")
-    # Self-service, as alice herself: replayed at edges as an admin PATCH.
+    # Self-service, as alice herself: replayed as sent (the new password is as
+    # usable at the edges as at central).
     alice = {"OS_USERNAME": "alice", "OS_PASSWORD": "first-pw", "OS_USER_DOMAIN_NAME": "acme",
              "OS_PROJECT_NAME": "web", "OS_PROJECT_DOMAIN_NAME": "acme"}
     cli("user", "password", "set", "--password", "second-pw", "--original-password", "first-pw", env_extra=alice)
@@ -90,6 +92,22 @@ def scenario(dep):
     for name, ks in dep.edge_ks.items():
         assert can_log_in(ks, "alice", "second-pw"), f"{name}: new password refused"
         assert not can_log_in(ks, "alice", "first-pw"), f"{name}: old password still works"
+
+    # An EC2 key alice makes is the same key at every edge (Keystone's
+    # credential ID is its access key's SHA-256), and revoking it at central
+    # revokes it there.
+    made = json.loads(cli("ec2", "credentials", "create", "-f", "json", env_extra=alice))
+    access = made["access"]
+    key_id = hashlib.sha256(access.encode()).hexdigest()
+    assert_in_sync(dep, "an EC2 key")
+    for name, ks in dep.edge_ks.items():
+        cred = get_json(f"{ks.url}/v3/credentials/{key_id}", ks.token())["credential"]
+        assert json.loads(cred["blob"])["access"] == access, f"{name}: {cred}"
+    cli("ec2", "credentials", "delete", access, env_extra=alice)
+    assert_in_sync(dep, "an EC2 key revoked")
+    for name, ks in dep.edge_ks.items():
+        status, _, _ = http("GET", f"{ks.url}/v3/credentials/{key_id}", None, ks.token())
+        assert status == 404, f"{name}: the revoked key lives on ({status})"
 
     cli("role", "remove", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "--inherited", "reader")
     cli("role", "remove", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "member")
@@ -211,8 +229,13 @@ def edge_killed(dep):
         assert status == 201, status
         if i == 3:
             dep.edges["edge1"].kill9()
+    # The restarted edge waits --upstream-settle (after central grants it the
+    # ID) before applying what the killed one may have sent: short here. It is
+    # ready meanwhile, and says what it waits for.
+    dep.edge_args["edge1"] = ["--upstream-settle", "5s"]
     dep.start_edge("edge1")
     assert_in_sync(dep, "edge restart")
+    dep.edge_args.pop("edge1")
     ks = dep.edge_ks["edge1"]
     names = [p["name"] for p in get_json(f"{ks.url}/v3/projects", ks.token())["projects"]]
     assert sorted(n for n in names if n.startswith("burst-")) == sorted(f"burst-{i}" for i in range(10)), names

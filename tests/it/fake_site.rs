@@ -34,7 +34,9 @@ pub struct SiteState {
     pub configs: HashMap<String, Value>,
     pub members: BTreeSet<(String, String)>,
     pub implied: BTreeSet<(String, String)>,
-    tokens: HashSet<String>,
+    /// Tokens issued, with the domain of their project scope (where a
+    /// create without `domain_id` lands, as in Keystone).
+    tokens: HashMap<String, Option<String>>,
     /// Statuses to answer, in order, to the next writes.
     pub fail_next: Vec<u16>,
     /// Creates made, by kind (to prove nothing is applied twice).
@@ -47,6 +49,10 @@ pub struct SiteState {
     /// Create requests received, by collection, whatever the answer (a
     /// second create of a named entity is answered 409 and makes nothing).
     pub create_requests: HashMap<String, usize>,
+    /// Keystone's `[security_compliance] change_password_upon_first_use`: a
+    /// password an admin sets is expired at once (its user must change it
+    /// with the self-service call before logging in).
+    pub change_password_upon_first_use: bool,
     pub writes: usize,
     /// The next write waits this long before it is handled (a slow Keystone).
     pub delay_next: Option<std::time::Duration>,
@@ -464,11 +470,13 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
     if parts.method == Method::POST && path == "/v3/auth/tokens" {
         return issue_token(&mut st, &body);
     }
-    let authed = parts
+    let caller = parts
         .headers
         .get("x-auth-token")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| st.tokens.contains(t));
+        .and_then(|t| st.tokens.get(t).cloned());
+    let authed = caller.is_some();
+    let token_domain = caller.flatten();
     if !authed {
         return error(
             StatusCode::UNAUTHORIZED,
@@ -656,11 +664,13 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             let domain = match kind {
                 "domain" => None,
                 "role" => entity["domain_id"].as_str().map(str::to_string),
+                // Without one, the domain of the caller's token scope.
                 _ => Some(
                     entity["domain_id"]
                         .as_str()
-                        .unwrap_or("default")
-                        .to_string(),
+                        .map(str::to_string)
+                        .or_else(|| token_domain.clone())
+                        .unwrap_or_else(|| "default".to_string()),
                 ),
             };
             if let Some(d) = &domain {
@@ -695,6 +705,17 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             if kind != "domain" {
                 obj.insert("domain_id".into(), json!(domain));
             }
+            if kind == "user" {
+                let expired = password.is_some() && st.change_password_upon_first_use;
+                obj.insert(
+                    "password_expires_at".into(),
+                    if expired {
+                        json!("2000-01-01T00:00:00.000000")
+                    } else {
+                        Value::Null
+                    },
+                );
+            }
             if let Some(Value::String(pw)) = password {
                 st.passwords.insert(id.clone(), pw);
             }
@@ -728,6 +749,7 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                     );
                 }
             }
+            let st_first_use = st.change_password_upon_first_use;
             let Some(entity) = st.entities.get_mut(kind).unwrap().get_mut(*id) else {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -741,6 +763,13 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 } else {
                     entity[k] = v;
                 }
+            }
+            if kind == "user" && password.is_some() {
+                entity["password_expires_at"] = if st_first_use {
+                    json!("2000-01-01T00:00:00.000000")
+                } else {
+                    Value::Null
+                };
             }
             let out = entity.clone();
             if let Some(pw) = password {
@@ -788,6 +817,9 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 );
             }
             st.passwords.insert(id.to_string(), new.to_string());
+            if let Some(u) = st.entities.get_mut("user").and_then(|m| m.get_mut(*id)) {
+                u["password_expires_at"] = Value::Null;
+            }
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
         // Checks, as Keystone answers them: 204 when it exists, else 404.
@@ -854,12 +886,87 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             }
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
+        // EC2 keys, as Keystone makes them: access and secret its own, kept
+        // as a credential of type ec2 whose ID is the access key's SHA-256.
+        (Method::POST, ["v3", "users", u, "credentials", "OS-EC2"]) => {
+            if !exists(&st, "user", u) {
+                return error(StatusCode::NOT_FOUND, "Could not find user.");
+            }
+            let (access, secret) = (new_id(), new_id());
+            let tenant = body["tenant_id"].clone();
+            let blob = json!({"access": access, "secret": secret, "trust_id": null});
+            let id = sha256_hex(&access);
+            st.unnamed.entry("credential").or_default().insert(
+                id.clone(),
+                json!({"id": id, "type": "ec2", "user_id": u, "project_id": tenant,
+                       "blob": blob.to_string()}),
+            );
+            *st.creates.entry("credential".to_string()).or_default() += 1;
+            reply(
+                StatusCode::CREATED,
+                json!({"credential": {"access": access, "secret": secret, "user_id": u,
+                                      "tenant_id": tenant, "trust_id": null}}),
+            )
+        }
+        (Method::GET, ["v3", "users", u, "credentials", "OS-EC2"]) => {
+            let keys: Vec<Value> = st
+                .unnamed
+                .get("credential")
+                .into_iter()
+                .flat_map(|t| t.values())
+                .filter(|c| c["type"] == "ec2" && c["user_id"] == *u)
+                .filter_map(|c| {
+                    serde_json::from_str::<Value>(c["blob"].as_str()?)
+                        .ok()
+                        .map(|b| {
+                            json!({"access": b["access"], "secret": b["secret"], "user_id": u,
+                           "tenant_id": c["project_id"]})
+                        })
+                })
+                .collect();
+            reply(StatusCode::OK, json!({"credentials": keys}))
+        }
+        (Method::DELETE, ["v3", "users", _, "credentials", "OS-EC2", access]) => {
+            let id = sha256_hex(access);
+            match st.unnamed.get_mut("credential").and_then(|t| t.remove(&id)) {
+                Some(_) => reply(StatusCode::NO_CONTENT, Value::Null),
+                None => error(StatusCode::NOT_FOUND, "Could not find credential."),
+            }
+        }
+        (Method::POST, ["v3", "credentials"]) if body["credential"]["type"] == "ec2" => {
+            let mut item = body["credential"].clone();
+            let Some(access) = item["blob"]
+                .as_str()
+                .and_then(|b| serde_json::from_str::<Value>(b).ok())
+                .and_then(|b| b["access"].as_str().map(str::to_string))
+            else {
+                return error(StatusCode::BAD_REQUEST, "Invalid blob in credential");
+            };
+            let id = sha256_hex(&access);
+            let table = st.unnamed.entry("credential").or_default();
+            if table.contains_key(&id) {
+                return error(StatusCode::CONFLICT, "Duplicate ID.");
+            }
+            item["id"] = json!(id);
+            table.insert(id, item.clone());
+            *st.creates.entry("credential".to_string()).or_default() += 1;
+            reply(StatusCode::CREATED, json!({"credential": item}))
+        }
         (m, ["v3", coll, rest @ ..]) if UNNAMED.iter().any(|(c, _, _)| c == coll) => {
             let (_, kind, key) = *UNNAMED.iter().find(|(c, _, _)| c == coll).unwrap();
             unnamed(&mut st, m, kind, key, rest.first().copied(), &query, &body)
         }
         _ => error(StatusCode::NOT_FOUND, "The resource could not be found."),
     }
+}
+
+/// Hex SHA-256, as Keystone names an EC2 credential by its access key.
+fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Kinds without a natural key: IDs of the site's own (regions keep a given
@@ -1055,14 +1162,20 @@ fn issue_token(st: &mut SiteState, body: &Value) -> Response {
         );
     };
     let uid = found["id"].as_str().unwrap().to_string();
-    if st.passwords.get(&uid).map(String::as_str) != Some(password) || found["enabled"] == false {
+    let expired = found["password_expires_at"]
+        .as_str()
+        .is_some_and(|at| at < "2026");
+    if st.passwords.get(&uid).map(String::as_str) != Some(password)
+        || found["enabled"] == false
+        || expired
+    {
         return error(
             StatusCode::UNAUTHORIZED,
             "The request you have made requires authentication.",
         );
     }
     let token = format!("tok-{}", new_id());
-    st.tokens.insert(token.clone());
+    st.tokens.insert(token.clone(), None);
     let mut answer = json!({"token": {
         "expires_at": "2999-01-01T00:00:00.000000Z",
         "user": {"id": uid, "name": found["name"], "domain": {"id": found["domain_id"]}},
@@ -1096,6 +1209,8 @@ fn issue_token(st: &mut SiteState, body: &Value) -> Response {
             .map(|r| json!({"id": r}))
             .collect();
         answer["token"]["project"] = json!({"id": pid, "domain": {"id": p["domain_id"]}});
+        st.tokens
+            .insert(token.clone(), p["domain_id"].as_str().map(str::to_string));
         answer["token"]["roles"] = json!(roles);
     }
     let mut resp = reply(StatusCode::CREATED, answer);

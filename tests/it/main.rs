@@ -13,6 +13,7 @@ mod fake_keystone;
 mod fake_site;
 mod fault_run;
 mod faults;
+mod fidelity;
 mod helpers;
 mod hostile;
 mod proxy;

@@ -158,9 +158,15 @@ pub struct SyncEnv {
 pub fn lasting_port() -> std::net::SocketAddr {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Each test process starts at its own random place in the range.
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id().wrapping_mul(2_654_435_761);
     let _ = NEXT.compare_exchange(
         0,
-        10_000 + (std::process::id() % 22) as u16 * 1_000,
+        10_000 + (start % 22_000) as u16,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
@@ -195,14 +201,22 @@ pub async fn sync_env(
     // Central's ports lie below the ephemeral range: a restart finds them
     // free (a port picked by the system could be taken meanwhile by another
     // listener or an outgoing connection).
-    config.listen = lasting_port();
-    config.admin_listen = lasting_port();
-    if let BrokerMode::Embedded(b) = &mut config.broker {
-        b.listen = lasting_port();
-    }
     tweak(&mut config);
     let key = config.sync.key.clone();
-    let central = Central::build(config).await.unwrap();
+    // Picked free, but another test process may bind one first: others then.
+    let mut tries = 0;
+    let central = loop {
+        config.listen = lasting_port();
+        config.admin_listen = lasting_port();
+        if let BrokerMode::Embedded(b) = &mut config.broker {
+            b.listen = lasting_port();
+        }
+        match Central::build(config.clone()).await {
+            Ok(c) => break c,
+            Err(e) if tries < 20 && format!("{e:#}").contains("in use") => tries += 1,
+            Err(e) => panic!("central did not start: {e:#}"),
+        }
+    };
     let proxy = format!("http://{}", central.proxy_addr());
     let admin = format!("http://{}", central.admin_addr());
     let broker_url =

@@ -1,0 +1,356 @@
+//! Keystone fidelity: what an edge holds is what central holds, field for
+//! field, including what Keystone derives from the caller's request.
+
+use serde_json::{json, Value};
+
+use crate::sync::sync_env;
+
+/// A user, group and project created without `domain_id` by a token scoped
+/// to a project of domain d1 land in d1 at central (Keystone takes the
+/// token's domain); the replay, made with the edge's own service token
+/// (scoped in Default), carries d1 from central's answer: they land in d1 at
+/// the edge too, not in Default (where a same-named user would be adopted and
+/// later get d1's user's password).
+#[tokio::test]
+async fn creates_scoped_by_the_callers_token_land_in_its_domain_at_the_edge() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let d1 = env
+        .create("/v3/domains", "domain", json!({"domain": {"name": "d1"}}))
+        .await;
+    let p1 = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "p1", "domain_id": d1}}),
+        )
+        .await;
+    let alice = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "alice", "domain_id": d1, "password": "alice-pw-1"}}),
+        )
+        .await;
+    let admin_role = env.central_site.id_of("role", "admin").unwrap();
+    let (status, _) = env
+        .write(
+            "PUT",
+            &format!("/v3/projects/{p1}/users/{alice}/roles/{admin_role}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    // A Default user of the same name exists at both sites already.
+    env.create(
+        "/v3/users",
+        "user",
+        json!({"user": {"name": "bob", "password": "default-bob-1"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+
+    // Alice's token, scoped to p1 in d1.
+    let resp = env
+        .http
+        .post(format!("{}/v3/auth/tokens", env.central_site.url()))
+        .json(&json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "id": alice, "password": "alice-pw-1"}}},
+            "scope": {"project": {"id": p1}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let token = resp.headers()["x-subject-token"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    for (path, kind, body) in [
+        (
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "bob", "password": "d1-bob-2"}}),
+        ),
+        ("/v3/groups", "group", json!({"group": {"name": "team"}})),
+        (
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "web"}}),
+        ),
+    ] {
+        let resp = env
+            .http
+            .post(format!("{}{path}", env.proxy))
+            .header("x-auth-token", &token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{path}");
+        let made: Value = resp.json().await.unwrap();
+        assert_eq!(made[kind]["domain_id"], d1.as_str(), "{kind} at central");
+    }
+    env.assert_in_sync().await;
+    {
+        let site = &env.edges[0].site;
+        let st = site.state.lock().unwrap();
+        for kind in ["user", "group", "project"] {
+            let name = match kind {
+                "user" => "bob",
+                "group" => "team",
+                _ => "web",
+            };
+            let in_d1 = st.entities[kind]
+                .values()
+                .filter(|e| e["name"] == name && e["domain_id"] == d1.as_str())
+                .count();
+            assert_eq!(in_d1, 1, "{kind} {name} in d1 at the edge");
+        }
+        let default_bobs = st.entities["user"]
+            .values()
+            .filter(|e| e["name"] == "bob" && e["domain_id"] == "default")
+            .count();
+        assert_eq!(default_bobs, 1, "Default's bob is left alone");
+    }
+    env.shutdown().await;
+}
+
+/// A self-service password change (`POST /v3/users/{id}/password`) leaves a
+/// password the user can log in with at central, where Keystone runs with
+/// `change_password_upon_first_use`; replayed as sent it is as usable at the
+/// edge (an admin's PATCH would leave it expired there). Where the edge's
+/// current password is not central's original, an admin sets it, the site
+/// marks it expired, and the audit lists the op out of sync saying so.
+#[tokio::test]
+async fn a_self_service_password_change_is_as_usable_at_the_edge_as_at_central() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    env.central_site
+        .state
+        .lock()
+        .unwrap()
+        .change_password_upon_first_use = true;
+    env.edges[0]
+        .site
+        .state
+        .lock()
+        .unwrap()
+        .change_password_upon_first_use = true;
+    let carol = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "carol", "password": "first-pw-1"}}),
+        )
+        .await;
+    env.assert_in_sync().await;
+    let (status, body) = env
+        .write(
+            "POST",
+            &format!("/v3/users/{carol}/password"),
+            Some(json!({"user": {"original_password": "first-pw-1", "password": "second-pw-2"}})),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    env.assert_in_sync().await;
+    assert!(crate::resync::can_log_in(&env.central_site, "carol", "second-pw-2").await);
+    assert!(
+        crate::resync::can_log_in(&env.edges[0].site, "carol", "second-pw-2").await,
+        "the new password logs in at the edge too"
+    );
+
+    // The edge's password changed behind central's back: the self-service
+    // change is refused there, set by an admin, expired, and reported.
+    let edge_carol = env.edges[0].site.id_of("user", "carol").unwrap();
+    crate::resync::direct(
+        &env,
+        &env.edges[0].site,
+        "PATCH",
+        &format!("/v3/users/{edge_carol}"),
+        json!({"user": {"password": "edge-only-pw-3"}}),
+    )
+    .await;
+    let (status, body) = env
+        .write(
+            "POST",
+            &format!("/v3/users/{carol}/password"),
+            Some(json!({"user": {"original_password": "second-pw-2", "password": "third-pw-4"}})),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    let seq = env.last_seq().await;
+    assert_eq!(env.delivery(seq, "e1").await, "failed");
+    let oos = env.audit("/v1/out-of-sync").await;
+    let row = oos["out_of_sync"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["seq"] == seq)
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        row["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("expired")),
+        "{oos:#}"
+    );
+    assert!(
+        !oos.to_string().contains("third-pw-4"),
+        "no secret in the audit"
+    );
+    env.shutdown().await;
+}
+
+/// An EC2 key is the same key at every site: the edge creates it with
+/// central's access and secret, so its credential ID (the access key's
+/// SHA-256) is central's too, and revoking it at central, by either API,
+/// revokes it at the edge (before, the edge made a key of its own that a
+/// revocation at central never reached).
+#[tokio::test]
+async fn an_ec2_key_is_the_same_key_at_the_edge_and_its_revocation_reaches_it() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "keyuser"}}))
+        .await;
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "kp"}}),
+        )
+        .await;
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let (status, made) = env
+            .write(
+                "POST",
+                &format!("/v3/users/{u}/credentials/OS-EC2"),
+                Some(json!({"tenant_id": p})),
+            )
+            .await;
+        assert_eq!(status, 201, "{made}");
+        keys.push(made["credential"]["access"].as_str().unwrap().to_string());
+    }
+    env.assert_in_sync().await;
+    let edge_keys = |site: &crate::fake_site::FakeSite| -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = site
+            .unnamed("credential")
+            .iter()
+            .filter(|c| c["type"] == "ec2")
+            .map(|c| {
+                let blob: Value = serde_json::from_str(c["blob"].as_str().unwrap()).unwrap();
+                (
+                    c["id"].as_str().unwrap().to_string(),
+                    blob["access"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let central = edge_keys(&env.central_site);
+    assert_eq!(central.len(), 2);
+    assert_eq!(
+        edge_keys(&env.edges[0].site),
+        central,
+        "the same keys, the same IDs"
+    );
+
+    // Revoked at central, one through each API: gone at the edge.
+    let by_id = central
+        .iter()
+        .find(|(_, access)| *access == keys[0])
+        .unwrap()
+        .0
+        .clone();
+    let (status, _) = env
+        .write("DELETE", &format!("/v3/credentials/{by_id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = env
+        .write(
+            "DELETE",
+            &format!("/v3/users/{u}/credentials/OS-EC2/{}", keys[1]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    env.assert_in_sync().await;
+    assert!(
+        edge_keys(&env.edges[0].site).is_empty(),
+        "no key lives on at the edge"
+    );
+    env.shutdown().await;
+}
+
+/// A registered limit, a limit and an endpoint policy association name a
+/// service: each site's catalog is its own (other IDs), so the op carries the
+/// service's natural key (type and name) and the edge names its own service.
+#[tokio::test]
+async fn limits_name_the_edges_own_service() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "lp"}}),
+        )
+        .await;
+    // The same service at each site, with IDs of each site's own.
+    let service = json!({"service": {"type": "compute", "name": "nova"}});
+    let at_central = crate::resync::direct(
+        &env,
+        &env.central_site,
+        "POST",
+        "/v3/services",
+        service.clone(),
+    )
+    .await["service"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let at_edge = crate::resync::direct(&env, &env.edges[0].site, "POST", "/v3/services", service)
+        .await["service"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(at_central, at_edge);
+    let (status, body) = env
+        .write(
+            "POST",
+            "/v3/registered_limits",
+            Some(
+                json!({"registered_limits": [{"service_id": at_central, "region_id": "RegionOne",
+                "resource_name": "cores", "default_limit": 10}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = env
+        .write(
+            "POST",
+            "/v3/limits",
+            Some(
+                json!({"limits": [{"service_id": at_central, "project_id": p,
+                "region_id": "RegionOne", "resource_name": "cores", "resource_limit": 5}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    let seq = env.last_seq().await;
+    for s in [seq - 1, seq] {
+        assert_eq!(env.delivery(s, "e1").await, "applied", "op {s}");
+    }
+    let site = &env.edges[0].site;
+    for kind in ["registered_limit", "limit"] {
+        let items = site.unnamed(kind);
+        assert_eq!(items.len(), 1, "{kind}: {items:?}");
+        assert_eq!(
+            items[0]["service_id"],
+            at_edge.as_str(),
+            "{kind} names the edge's service"
+        );
+    }
+    env.shutdown().await;
+}
