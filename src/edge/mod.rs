@@ -134,6 +134,15 @@ pub struct Edge {
     metrics: Arc<Metrics>,
 }
 
+impl Edge {
+    /// Moves the clock this process stamps its control messages with (a
+    /// drill: a site whose clock is off or jumped; replay protection and
+    /// grants do not depend on it, only the skew central shows).
+    pub fn set_clock_offset(&self, ms: i64) {
+        self.link.session.set_clock_offset(ms);
+    }
+}
+
 /// Why one envelope could not be processed now.
 enum Stuck {
     /// Stop processing until something changes (wrong key, halted).

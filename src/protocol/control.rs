@@ -167,6 +167,9 @@ pub struct Session {
     taken: Mutex<HashMap<(String, &'static str), Taken>>,
     /// Peers seen speaking protocol 2: protocol 1 is never taken from them again.
     modern: Mutex<HashSet<String>>,
+    /// How far this process's clock is moved (drills and tests of a site
+    /// whose clock is off: stamps carry it; nothing decides by it).
+    clock_offset_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Session {
@@ -178,7 +181,22 @@ impl Session {
             counters: Mutex::default(),
             taken: Mutex::default(),
             modern: Mutex::default(),
+            clock_offset_ms: Default::default(),
         }
+    }
+
+    /// Moves the clock this session stamps with (and judges protocol 1
+    /// stamps by) by `ms`: a site whose clock is off, or jumped.
+    pub fn set_clock_offset(&self, ms: i64) {
+        self.clock_offset_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> i64 {
+        now_ms()
+            + self
+                .clock_offset_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This process's session number.
@@ -205,7 +223,7 @@ impl Session {
         let stamped = Stamped {
             boot: self.id,
             n,
-            sent_ms: now_ms(),
+            sent_ms: self.now_ms(),
             msg,
             v: PROTOCOL,
             to,
@@ -313,7 +331,7 @@ impl Session {
         if !self.accept_protocol_1 || modern {
             return Err(Rejected::OldProtocol);
         }
-        if stamped.sent_ms.abs_diff(now_ms()) > MAX_SKEW.as_millis() as u64 {
+        if stamped.sent_ms.abs_diff(self.now_ms()) > MAX_SKEW.as_millis() as u64 {
             return Err(Rejected::Stale);
         }
         let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());

@@ -486,7 +486,7 @@ impl Proxy {
     /// Open intents whose captured section is no longer running: writes that
     /// may have been applied upstream and are not ops yet, oldest first.
     pub async fn abandoned_intents(&self) -> anyhow::Result<Vec<uuid::Uuid>> {
-        let open = self.store.intents_older_than(Duration::ZERO).await?;
+        let open = self.store.open_intent_ids().await?;
         let running = self.running();
         Ok(open
             .into_iter()

@@ -488,7 +488,7 @@ impl Store {
     /// Turns every intent left open by a crash into an `unknown_outcome` op, oldest
     /// first. Returns their seqs.
     pub async fn recover_open_intents(&self) -> Result<Vec<i64>, StoreError> {
-        let open = self.intents_older_than(Duration::ZERO).await?;
+        let open = self.open_intent_ids().await?;
         self.log_unknown(
             &open,
             "the gateway stopped before the upstream's answer was logged",
@@ -549,16 +549,12 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Intents opened longer ago than `age`, oldest first.
-    pub async fn intents_older_than(&self, age: Duration) -> Result<Vec<Uuid>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT op_id FROM intents
-             WHERE created_at <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)
-             ORDER BY created_at, rowid",
-        )
-        .bind(format!("-{:.3} seconds", age.as_secs_f64()))
-        .fetch_all(&self.writer)
-        .await?;
+    /// Every open intent, oldest first (by when it was opened, whatever the
+    /// clock said then: no clock decides whether one is listed).
+    pub async fn open_intent_ids(&self) -> Result<Vec<Uuid>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar("SELECT op_id FROM intents ORDER BY rowid")
+            .fetch_all(&self.writer)
+            .await?;
         ids.iter()
             .map(|id| {
                 Uuid::parse_str(id).map_err(|e| {

@@ -93,17 +93,18 @@ def scenario(dep):
         assert can_log_in(ks, "alice", "second-pw"), f"{name}: new password refused"
         assert not can_log_in(ks, "alice", "first-pw"), f"{name}: old password still works"
 
-    # An EC2 key alice makes is the same key at every edge (Keystone's
+    # An EC2 key of alice's is the same key at every edge (Keystone's
     # credential ID is its access key's SHA-256), and revoking it at central
     # revokes it there.
-    made = json.loads(cli("ec2", "credentials", "create", "-f", "json", env_extra=alice))
+    made = json.loads(cli("ec2", "credentials", "create", "-f", "json", "--user", "alice", "--user-domain", "acme",
+                          "--project", "web", "--project-domain", "acme"))
     access = made["access"]
     key_id = hashlib.sha256(access.encode()).hexdigest()
     assert_in_sync(dep, "an EC2 key")
     for name, ks in dep.edge_ks.items():
         cred = get_json(f"{ks.url}/v3/credentials/{key_id}", ks.token())["credential"]
         assert json.loads(cred["blob"])["access"] == access, f"{name}: {cred}"
-    cli("ec2", "credentials", "delete", access, env_extra=alice)
+    cli("ec2", "credentials", "delete", "--user", "alice", "--user-domain", "acme", access)
     assert_in_sync(dep, "an EC2 key revoked")
     for name, ks in dep.edge_ks.items():
         status, _, _ = http("GET", f"{ks.url}/v3/credentials/{key_id}", None, ks.token())

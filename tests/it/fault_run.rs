@@ -6,15 +6,16 @@
 //! answers held past the timeout while Keystone carries on (at central and at
 //! edges), a full disk under the op log and under an edge's database (when a
 //! tmpfs can be mounted), edges, central and the broker killed or restarted, an
-//! edge's database lost, and a second process started with an edge's ID. Then
+//! edge's database lost, a second process started with an edge's ID, and an
+//! edge's clock jumping by up to 20 minutes either way across a restart. Then
 //! everything heals and the invariants are checked: seq has no gap and no op is
 //! duplicated; every write a client saw succeed is one committed op (and no
 //! more committed ops than writes that may have happened); every edge has an
 //! outcome for every op; nothing was created twice at an edge; each edge ends
 //! equal to central, and the audit lists an edge out of sync if and only if it
-//! is not (or an op's outcome could not be resolved). Clocks play no part (the
-//! control plane's sessions), so the run does not move them. The seed is
-//! printed first (`SYNCGATE_FAULT_SEED=N` replays a run).
+//! is not (or an op's outcome could not be resolved). Clocks decide nothing
+//! (the control plane's sessions): the jumps check that. The seed is printed
+//! first (`SYNCGATE_FAULT_SEED=N` replays a run).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -99,6 +100,8 @@ struct EdgeW {
     task: Option<Running>,
     /// A second process with this edge's ID, while one runs.
     twin: Option<Running>,
+    /// How far the site's clock is off (jumps come and go as faults).
+    clock_offset_ms: i64,
 }
 
 struct World {
@@ -168,6 +171,7 @@ impl World {
                 db,
                 task: None,
                 twin: None,
+                clock_offset_ms: 0,
             });
         }
         world.start_central().await;
@@ -248,6 +252,7 @@ impl World {
                 return;
             }
         };
+        edge.set_clock_offset(self.edges[i].clock_offset_ms);
         self.edges[i].task = Some(Running::spawn(|rx| {
             edge.run(async {
                 let _ = rx.await;
@@ -597,6 +602,16 @@ async fn one_fault(world: &mut World, rng: &mut Rng) {
         11 => {
             let i = rng.below(world.edges.len());
             world.toggle_twin(i).await;
+        }
+        12 => {
+            // The site's clock jumps (NTP broken, a VM restored) by up to 20
+            // minutes either way; its process restarts with it.
+            let i = rng.below(world.edges.len());
+            world.edges[i].clock_offset_ms = rng.below(2_400_001) as i64 - 1_200_000;
+            if let Some(t) = world.edges[i].task.take() {
+                t.stop_whatever().await;
+            }
+            world.start_edge(i).await;
         }
         _ => {}
     }
