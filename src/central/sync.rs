@@ -648,9 +648,12 @@ impl SyncCentral {
                 };
             }
         };
+        // Another process, on another database, held the ID before this
+        // one: what it sent may still reach the site.
+        let mut earlier_holder = false;
         if takeover {
             info!(edge = %edge, session = from, cursor = h.cursor, "edge process holds its ID");
-            let before = match self
+            let (before, before_session) = match self
                 .store
                 .hold_edge(edge, from, 2, h.database.as_deref(), lease)
                 .await
@@ -664,6 +667,9 @@ impl SyncCentral {
                 }
             };
             let other_database = matches!((&before, &h.database), (Some(b), Some(d)) if b != d);
+            // On this process's own database, its record of how the last
+            // process stopped says whether to wait; on another, it cannot.
+            earlier_holder = other_database && before_session.is_some_and(|s| s != 0 && s != from);
             if other_database {
                 let why = "a process on another database than the last holder's took this edge's \
                            ID (a second process, or a lost or replaced volume): it is resynced \
@@ -737,7 +743,10 @@ impl SyncCentral {
                 earlier_holder: false,
             };
         }
-        Grant::Granted { lease_ms }
+        Grant::Granted {
+            lease_ms,
+            earlier_holder,
+        }
     }
 
     /// What the holder of an edge's ID should hear of a rival process.

@@ -279,6 +279,39 @@ impl Applier<'_> {
                 }
             }
         }
+        // After a resync, the state it applied (central's, read after this
+        // op) no longer has what this op references and the edge cannot find:
+        // a later write at central removed it, and with it this op's effect.
+        if attempt.after_resync {
+            let gone: Vec<String> = op
+                .refs
+                .iter()
+                .filter(|r| {
+                    is_mappable_id(&r.id)
+                        && !resolved.contains_key(&r.id)
+                        && !op.created_ids.contains(&r.id)
+                        && ids_named(op).contains(&r.id)
+                })
+                .map(|r| format!("{} '{}'", r.kind, r.name))
+                .collect();
+            if !gone.is_empty() {
+                return Ok(Applied {
+                    outcome: Outcome::Applied,
+                    status: None,
+                    detail: Some(format!(
+                        "not sent: after a resync, what it references is not here ({}): \
+                         central's later state, which the resync applied, removed it",
+                        gone.join(", ")
+                    )),
+                    edge_ids: Vec::new(),
+                    changes: Commit {
+                        map_adds: adds,
+                        map_removes: Vec::new(),
+                        advance: true,
+                    },
+                });
+            }
+        }
         let map = |id: &str| resolved.get(id).cloned();
         let path = ids::rewrite_path(&op.path, &map);
         let mut body = op.body.clone();

@@ -202,17 +202,20 @@ impl Link {
             let mut g = self.grant();
             let before = (g.until.is_some(), g.resync);
             let out = match &reply.grant {
-                Grant::Granted { lease_ms } => {
+                Grant::Granted {
+                    lease_ms,
+                    earlier_holder,
+                } => {
                     let held = g.until.is_some_and(|u| Instant::now() < u);
                     g.until = Some(sent + Duration::from_millis(*lease_ms));
                     g.resync = false;
-                    // Got the ID (again): another process may have held it
-                    // meanwhile; what it sent lands within the settle period.
-                    if !held {
-                        let mut late = self.late();
-                        if late.granted_at.is_some() {
-                            late.expected = true;
-                        }
+                    // Got the ID from another process: what that one sent
+                    // lands within the settle period after this grant.
+                    let mut late = self.late();
+                    if *earlier_holder && !held {
+                        late.expected = true;
+                        late.granted_at = Some(Instant::now());
+                    } else if late.granted_at.is_none() {
                         late.granted_at = Some(Instant::now());
                     }
                     (None, false)

@@ -169,10 +169,15 @@ pub fn rewrite_path(path: &str, map: &dyn Fn(&str) -> Option<String>) -> String 
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
     };
+    // Only a segment in an ID's place (after a collection's name) is an ID:
+    // a tag or a name in a path is kept as sent.
+    let mut previous: Option<&str> = None;
     let rewritten: Vec<String> = p
         .split('/')
         .map(|seg| {
-            if is_mappable_id(seg) {
+            let at_id = previous.is_some_and(|p| kind_of_collection(p).is_some());
+            previous = Some(seg);
+            if at_id && is_mappable_id(seg) {
                 map(seg).unwrap_or_else(|| seg.to_string())
             } else {
                 seg.to_string()
@@ -187,16 +192,51 @@ pub fn rewrite_path(path: &str, map: &dyn Fn(&str) -> Option<String>) -> String 
     out
 }
 
-/// Replaces every string value that is a mapped ID, at any depth.
+/// Replaces the mapped IDs a body references, at any depth: the values of
+/// reference fields (`project_id`, `domain_id`, ...; see `kind_of_field`) and
+/// the `id` of an object a kind's name holds (`{"group": {"id": ..}}` in a
+/// federation mapping). Anything else (a name, a tag, a description, a
+/// password, an extra attribute) is kept as sent, whatever it looks like.
 pub fn rewrite_body(body: &mut Value, map: &dyn Fn(&str) -> Option<String>) {
-    match body {
-        Value::String(s) if is_mappable_id(s) => {
-            if let Some(to) = map(s) {
-                *s = to;
+    rewrite_under(body, None, map);
+}
+
+/// Whether an object under this key stands for an entity referenced by `id`.
+fn names_an_entity(key: &str) -> bool {
+    matches!(
+        key,
+        "domain" | "project" | "projects" | "user" | "group" | "groups" | "role" | "roles"
+    )
+}
+
+fn rewrite_under(value: &mut Value, key: Option<&str>, map: &dyn Fn(&str) -> Option<String>) {
+    match value {
+        Value::Object(m) => {
+            let entity = key.is_some_and(names_an_entity);
+            for (k, v) in m.iter_mut() {
+                let reference = kind_of_field(k).is_some() || (entity && k == "id");
+                match v {
+                    Value::String(s) if reference && is_mappable_id(s) => {
+                        if let Some(to) = map(s) {
+                            *s = to;
+                        }
+                    }
+                    Value::Array(items) if kind_of_field(k).is_some() => {
+                        for item in items.iter_mut() {
+                            if let Value::String(s) = item {
+                                if let Some(to) = is_mappable_id(s).then(|| map(s)).flatten() {
+                                    *s = to;
+                                }
+                            } else {
+                                rewrite_under(item, Some(k), map);
+                            }
+                        }
+                    }
+                    _ => rewrite_under(v, Some(k), map),
+                }
             }
         }
-        Value::Object(m) => m.values_mut().for_each(|v| rewrite_body(v, map)),
-        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_body(v, map)),
+        Value::Array(items) => items.iter_mut().for_each(|v| rewrite_under(v, key, map)),
         _ => {}
     }
 }
@@ -326,6 +366,41 @@ mod tests {
     }
 
     #[test]
+    fn only_references_are_rewritten() {
+        let map = |id: &str| (id == A).then(|| "edge-a".to_string());
+        let mut body = json!({
+            "project": {"name": A, "description": A, "tags": [A], "domain_id": A,
+                        "parent_id": A, "extra_field": A},
+            "user": {"password": A, "default_project_id": A},
+            "rules": [{"local": [{"group": {"id": A}}, {"domain": {"id": A}}],
+                       "remote": [{"type": A}]}],
+            "filters": {"service_id": A},
+        });
+        rewrite_body(&mut body, &map);
+        assert_eq!(body["project"]["name"], A);
+        assert_eq!(body["project"]["description"], A);
+        assert_eq!(body["project"]["tags"][0], A);
+        assert_eq!(body["project"]["extra_field"], A);
+        assert_eq!(body["user"]["password"], A);
+        assert_eq!(body["rules"][0]["remote"][0]["type"], A);
+        assert_eq!(body["project"]["domain_id"], "edge-a");
+        assert_eq!(body["project"]["parent_id"], "edge-a");
+        assert_eq!(body["user"]["default_project_id"], "edge-a");
+        assert_eq!(body["rules"][0]["local"][0]["group"]["id"], "edge-a");
+        assert_eq!(body["rules"][0]["local"][1]["domain"]["id"], "edge-a");
+        assert_eq!(body["filters"]["service_id"], "edge-a");
+        // In a path, only IDs in an ID's place.
+        assert_eq!(
+            rewrite_path(&format!("/v3/projects/{A}/tags/{A}"), &map),
+            format!("/v3/projects/edge-a/tags/{A}")
+        );
+        assert_eq!(
+            rewrite_path(&format!("/v3/projects/{A}/users/{A}/roles/{A}"), &map),
+            "/v3/projects/edge-a/users/edge-a/roles/edge-a"
+        );
+    }
+
+    #[test]
     fn natural_keys() {
         assert_eq!(
             natural_key("domain", &json!({"name": "d"})),
@@ -356,9 +431,10 @@ mod tests {
         let mut body =
             json!({"user": {"default_project_id": A, "name": A, "list": [A, "x"], "n": 1}});
         rewrite_body(&mut body, &map);
+        // A reference is rewritten; a name or a list of anything else is not.
         assert_eq!(
             body,
-            json!({"user": {"default_project_id": B, "name": B, "list": [B, "x"], "n": 1}})
+            json!({"user": {"default_project_id": B, "name": A, "list": [A, "x"], "n": 1}})
         );
     }
 

@@ -219,7 +219,12 @@ pub struct HelloReply {
 #[serde(tag = "grant", rename_all = "snake_case")]
 pub enum Grant {
     /// Apply ops for `lease_ms` from when the hello was sent.
-    Granted { lease_ms: u64 },
+    /// `earlier_holder`: another process held the ID before this one.
+    Granted {
+        lease_ms: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        earlier_holder: bool,
+    },
     /// The hello was addressed to another session of central (or to none):
     /// say hello again, to the session this answer is stamped with.
     Introduce,

@@ -181,10 +181,10 @@ impl Store {
         protocol: u8,
         database: Option<&str>,
         lease: Duration,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<(Option<String>, Option<u64>), StoreError> {
         let mut tx = self.writer.begin().await?;
-        let before: Option<Option<String>> =
-            sqlx::query_scalar("SELECT database FROM edges WHERE id = ?")
+        let before: Option<(Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT database, session FROM edges WHERE id = ?")
                 .bind(edge)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -201,7 +201,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(before.flatten())
+        let (database, session) = before.unwrap_or_default();
+        Ok((database, session.and_then(|s| u64::try_from(s).ok())))
     }
 
     /// Marks an edge as needing a resync before it applies ops again (`None`

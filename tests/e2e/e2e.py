@@ -283,13 +283,14 @@ def oplog_disk_full(dep):
     dep.start_central()
     token = dep.central_ks.token()
     filler = f"{small}/filler"
-    with open(filler, "wb") as f:
-        try:
+    # Unbuffered: nothing is left to write (and fail) when the file is closed.
+    try:
+        with open(filler, "wb", buffering=0) as f:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
+    assert os.path.exists(filler), "the filler could not be made"
     # Large writes, until the op log has no room left even in its write-ahead log.
     answered, refused, i = [], 0, 0
     big = "x" * 60000

@@ -354,3 +354,63 @@ async fn limits_name_the_edges_own_service() {
     }
     env.shutdown().await;
 }
+
+/// Only references are rewritten at the edge: a password, a description, a
+/// tag (in a body and in a path) and a role's name that happen to equal a
+/// central ID the edge maps reach it as sent (the user logs in at the edge
+/// with the password central has).
+#[tokio::test]
+async fn only_references_are_rewritten_never_a_value_that_looks_like_an_id() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "looks"}}),
+        )
+        .await;
+    env.assert_in_sync().await;
+    let edge_p = env.edges[0].site.id_of("project", "looks").unwrap();
+    assert_ne!(p, edge_p, "the edge maps central's ID to its own");
+    env.create(
+        "/v3/users",
+        "user",
+        json!({"user": {"name": "hexy", "password": p, "description": p,
+                        "default_project_id": p}}),
+    )
+    .await;
+    env.create("/v3/roles", "role", json!({"role": {"name": p}}))
+        .await;
+    let (status, body) = env
+        .write(
+            "PATCH",
+            &format!("/v3/projects/{p}"),
+            Some(json!({"project": {"tags": [p]}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    assert!(
+        crate::resync::can_log_in(site, "hexy", &p).await,
+        "the password is central's, not rewritten"
+    );
+    {
+        let st = site.state.lock().unwrap();
+        let user = st.entities["user"]
+            .values()
+            .find(|u| u["name"] == "hexy")
+            .unwrap();
+        assert_eq!(user["description"], p.as_str());
+        assert_eq!(
+            user["default_project_id"],
+            edge_p.as_str(),
+            "a reference is"
+        );
+        assert!(st.entities["role"]
+            .values()
+            .any(|r| r["name"] == p.as_str()));
+        assert_eq!(st.entities["project"][&edge_p]["tags"][0], p.as_str());
+    }
+    env.shutdown().await;
+}
