@@ -258,9 +258,7 @@ async fn captured_section(
             .await
         {
             Ok(seq) => {
-                proxy.wake.notify_one();
-                inc(&proxy.metrics.writes_captured);
-                proxy.metrics.last_seq.set(seq);
+                logged(proxy, seq);
                 proxy
                     .metrics
                     .capture_duration
@@ -307,6 +305,13 @@ async fn captured_section(
     Ok(build_response(status, upstream_headers, Body::from(body)))
 }
 
+/// A captured write is an op now: the publisher is woken and it is counted.
+fn logged(proxy: &Proxy, seq: i64) {
+    proxy.wake.notify_one();
+    inc(&proxy.metrics.writes_captured);
+    proxy.metrics.last_seq.set(seq);
+}
+
 /// Tries again to log a write Keystone applied, as committed, until the op
 /// log takes it; conflicting writes stay refused meanwhile.
 async fn log_when_possible(proxy: Arc<Proxy>, op_id: Uuid, outcome: Outcome) {
@@ -325,9 +330,7 @@ async fn log_when_possible(proxy: Arc<Proxy>, op_id: Uuid, outcome: Outcome) {
             .await
         {
             Ok(seq) => {
-                proxy.wake.notify_one();
-                inc(&proxy.metrics.writes_captured);
-                proxy.metrics.last_seq.set(seq);
+                logged(&proxy, seq);
                 warn!(seq, %op_id, "a write the op log could not record at first is logged now");
                 return;
             }

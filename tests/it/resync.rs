@@ -1328,14 +1328,7 @@ async fn re_drives_after_or_during_a_resync_apply_nothing_stale() {
     assert_eq!(env.delivery(4, "e1").await, "failed");
 
     // A resync holds the edge while it reads central's state (kept waiting).
-    let (open, wait) = tokio::sync::watch::channel(false);
-    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
-    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
-    assert_eq!(status, 202, "{body}");
-    env.until("the resync holds the edge", || async {
-        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
-    })
-    .await;
+    let open = resync_reading_central(&env).await;
     let groups = site.create_requests("groups");
     let before = redriven(&env, 0).await;
     let (status, body) = retry(&env, 4, "e1").await;
@@ -1571,14 +1564,7 @@ async fn a_password_set_while_a_resync_reads_centrals_state_works_at_the_edge() 
     env.create("/v3/groups", "group", json!({"group": {"name": "base"}}))
         .await;
     env.assert_in_sync().await;
-    let (open, wait) = tokio::sync::watch::channel(false);
-    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
-    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
-    assert_eq!(status, 202, "{body}");
-    env.until("the resync holds the edge", || async {
-        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
-    })
-    .await;
+    let open = resync_reading_central(&env).await;
     env.create(
         "/v3/users",
         "user",
@@ -1698,14 +1684,7 @@ async fn a_create_renamed_while_a_resync_reads_central_is_found_by_the_id_map() 
     env.create("/v3/groups", "group", json!({"group": {"name": "base"}}))
         .await;
     env.assert_in_sync().await;
-    let (open, wait) = tokio::sync::watch::channel(false);
-    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
-    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
-    assert_eq!(status, 202, "{body}");
-    env.until("the resync holds the edge", || async {
-        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
-    })
-    .await;
+    let open = resync_reading_central(&env).await;
     let p = env
         .create(
             "/v3/projects",
@@ -1752,14 +1731,7 @@ async fn a_credential_created_while_a_resync_reads_central_is_made_once() {
         .create("/v3/users", "user", json!({"user": {"name": "cred-owner"}}))
         .await;
     env.assert_in_sync().await;
-    let (open, wait) = tokio::sync::watch::channel(false);
-    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
-    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
-    assert_eq!(status, 202, "{body}");
-    env.until("the resync holds the edge", || async {
-        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
-    })
-    .await;
+    let open = resync_reading_central(&env).await;
     env.create(
         "/v3/credentials",
         "credential",
@@ -1784,4 +1756,18 @@ async fn a_credential_created_while_a_resync_reads_central_is_made_once() {
         "made once, by the resync"
     );
     env.shutdown().await;
+}
+
+/// Starts a resync of e1 and returns once it holds the edge while it reads
+/// central's state, kept waiting until the returned sender says `true`.
+async fn resync_reading_central(env: &SyncEnv) -> tokio::sync::watch::Sender<bool> {
+    let (open, wait) = tokio::sync::watch::channel(false);
+    env.central_site.state.lock().unwrap().reads_wait = Some(wait);
+    let (status, body) = post(env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    env.until("the resync holds the edge", || async {
+        crate::sync::edge_status(&env.edges[0].admin).await["resync_hold"] == true
+    })
+    .await;
+    open
 }
