@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use crate::keystone::client::{ClientError, KeystoneClient, Reply};
-use crate::keystone::ids::{self, is_mappable_id, natural_key};
+use crate::keystone::ids::{self, is_mappable_id, natural_key, Replay};
 use crate::keystone::{self, Classification, Creates};
 use crate::protocol::messages::{EntityRef, OpContent, Outcome};
 use crate::store::edge::{Commit, EdgeStore};
@@ -80,7 +80,17 @@ impl From<crate::store::StoreError> for Transient {
 
 /// Fields of a create an adopted entity keeps its own of: what names it or
 /// places it (matched already), and what Keystone does not let change.
-const ADOPTION_KEEPS: [&str; 6] = ["id", "name", "domain_id", "parent_id", "is_domain", "links"];
+/// A domain's `explicit_domain_id` names it too (an update would keep it
+/// as an attribute of its own).
+const ADOPTION_KEEPS: [&str; 7] = [
+    "id",
+    "name",
+    "domain_id",
+    "parent_id",
+    "is_domain",
+    "links",
+    "explicit_domain_id",
+];
 
 fn failed(status: Option<u16>, detail: String) -> Applied {
     Applied {
@@ -318,9 +328,15 @@ impl Applier<'_> {
         if let Some(b) = body.as_mut() {
             ids::rewrite_body(b, &map);
         }
-        let (send_method, send_path, send_body) =
-            ids::replay_form(&op.kind, op.method.as_str(), &path, body.clone());
-        let send_method = Method::from_bytes(send_method.as_bytes()).unwrap_or(method.clone());
+        let replay = ids::replay_form(
+            &op.kind,
+            op.method.as_str(),
+            &path,
+            body.clone(),
+            &op.created_ids,
+        );
+        let send_method = Method::from_bytes(replay.method.as_bytes()).unwrap_or(method.clone());
+        let (send_path, send_body) = (replay.path.clone(), replay.body.clone());
 
         let route =
             match keystone::classify(op.method.as_str(), op.path.split('?').next().unwrap_or("")) {
@@ -330,19 +346,25 @@ impl Applier<'_> {
         let creates = route.map(|r| r.creates).unwrap_or(Creates::No);
         if creates != Creates::No {
             if let Some(applied) = self
-                .before_create(
-                    op,
-                    attempt,
-                    creates,
-                    &send_path,
-                    send_body.as_ref(),
-                    &mut adds,
-                )
+                .before_create(op, attempt, creates, &replay, &mut adds)
                 .await
                 .map_err(Transient::read)?
             {
                 return Ok(applied);
             }
+        }
+        if let Some(refused) = self.make_first(&replay).await? {
+            return Ok(Applied {
+                outcome: Outcome::Failed,
+                status: None,
+                detail: Some(refused),
+                edge_ids: Vec::new(),
+                changes: Commit {
+                    map_adds: adds,
+                    map_removes: Vec::new(),
+                    advance: true,
+                },
+            });
         }
         let reply = self
             .keystone
@@ -391,7 +413,7 @@ impl Applier<'_> {
         }
         if reply.status == 409 && creates != Creates::No {
             return self
-                .adopt(op, creates, body.as_ref(), adds, &reply)
+                .adopt(op, creates, &replay, adds, &reply)
                 .await
                 .map_err(Transient::read);
         }
@@ -467,11 +489,11 @@ impl Applier<'_> {
         op: &OpContent,
         attempt: Attempt,
         creates: Creates,
-        path: &str,
-        body: Option<&Value>,
+        replay: &Replay,
         adds: &mut Vec<(String, String, String)>,
     ) -> Result<Option<Applied>, Transient> {
         use crate::keystone::probe::{find_created, lets_look_alikes, look_alikes, Found};
+        let (path, body) = (replay.path.as_str(), replay.body.as_ref());
         let look_alike = lets_look_alikes(&op.kind);
         if attempt.maybe_sent {
             // What this op's earlier attempt noted before it was sent, and
@@ -512,7 +534,7 @@ impl Applier<'_> {
             } else if never_sent {
                 Found::Nothing
             } else {
-                find_created(self.keystone, &op.kind, creates, path, body)
+                find_created(self.keystone, &replay.kind, creates, path, body)
                     .await
                     .map_err(|e| Transient::from(e).read())?
             };
@@ -567,30 +589,28 @@ impl Applier<'_> {
                 for (central, edge) in op.created_ids.iter().zip(&edge_ids) {
                     adds.push((central.clone(), edge.clone(), op.kind.clone()));
                 }
-                // After a resync, what is found may be the resync's copy of
-                // central's state, which lacks what Keystone never shows (a
-                // password): it takes the create's values, as adopted.
-                let (outcome, detail) = match edge_ids.first() {
-                    Some(id) if attempt.after_resync => {
-                        match self.update_adopted(op, creates, body, id).await? {
-                            None => (
-                                Outcome::Applied,
-                                "found after a resync (made by it, or by an earlier attempt) and \
-                                 given the create's values"
-                                    .to_string(),
-                            ),
-                            Some(why) => (
-                                Outcome::Failed,
-                                format!(
-                                    "found after a resync, but it could not be given the \
-                                     create's values: {why}"
-                                ),
-                            ),
-                        }
-                    }
-                    _ => (
+                // What is found may have been there before (or be the
+                // resync's copy of central's state, which lacks what Keystone
+                // never shows, a password): it takes the create's values, as
+                // adopted.
+                let found = if attempt.after_resync {
+                    "found after a resync (made by it, or by an earlier attempt)"
+                } else {
+                    "found here (made by an earlier attempt whose answer was lost, or there \
+                     before)"
+                };
+                let refused = match edge_ids.first() {
+                    Some(id) => self.update_adopted(creates, replay, id).await?,
+                    None => None,
+                };
+                let (outcome, detail) = match refused {
+                    None => (
                         Outcome::Applied,
-                        "applied by an earlier attempt whose answer was lost".to_string(),
+                        format!("{found} and given the create's values"),
+                    ),
+                    Some(why) => (
+                        Outcome::Failed,
+                        format!("{found}, but it could not be given the create's values: {why}"),
                     ),
                 };
                 return Ok(Some(Applied {
@@ -617,25 +637,71 @@ impl Applier<'_> {
         Ok(None)
     }
 
+    /// Makes the write a replay needs first (what Keystone made at central
+    /// on its own for this write); one answered 409 exists already.
+    /// `Some(why)` when the site refused it.
+    async fn make_first(&self, replay: &Replay) -> Result<Option<String>, Transient> {
+        let Some((method, path, body)) = &replay.first else {
+            return Ok(None);
+        };
+        let method = Method::from_bytes(method.as_bytes()).unwrap_or(Method::POST);
+        let reply = self.keystone.send(method, path, body.as_ref()).await?;
+        if reply.is_success() || reply.status == 409 {
+            return Ok(None);
+        }
+        if let Some(t) = Transient::of_reply(&reply) {
+            return Err(t);
+        }
+        Ok(Some(format!(
+            "what central's identity service made for this write could not be made here first \
+             ({path}): HTTP {}: {}",
+            reply.status,
+            reply.message()
+        )))
+    }
+
     /// A create answered 409: the entity already exists here. Adopt its ID.
     async fn adopt(
         &self,
         op: &OpContent,
         creates: Creates,
-        body: Option<&Value>,
+        replay: &Replay,
         mut adds: Vec<(String, String, String)>,
         reply: &Reply,
     ) -> Result<Applied, Transient> {
+        // Looked for as what the call makes (a project acting as a domain is
+        // a domain), in the form it was sent.
+        let kind = replay.kind.as_str();
         let existing = match creates {
-            // Created by PUT to its URL: the same ID exists here.
-            Creates::FromUrl => op.created_ids.first().cloned(),
-            _ => match body
-                .and_then(|b| b.get(&op.kind))
-                .and_then(|e| natural_key(&op.kind, e))
+            // Created by PUT to its URL: the same ID, if it is there (the
+            // 409 may be for another reason: an identity provider whose
+            // remote ID another one holds).
+            Creates::FromUrl => {
+                let held = self.keystone.send(Method::GET, &replay.path, None).await?;
+                if let Some(t) = Transient::of_reply(&held) {
+                    return Err(t);
+                }
+                if !held.is_success() {
+                    return Ok(failed(
+                        Some(reply.status),
+                        format!(
+                            "{} (and nothing at {} to adopt)",
+                            reply.message(),
+                            replay.path
+                        ),
+                    ));
+                }
+                op.created_ids.first().cloned()
+            }
+            _ => match replay
+                .body
+                .as_ref()
+                .and_then(|b| b.get(kind))
+                .and_then(|e| natural_key(kind, e))
             {
                 Some((name, domain)) => {
                     self.keystone
-                        .find_by_name(&op.kind, &name, domain.as_deref())
+                        .find_by_name(kind, &name, domain.as_deref())
                         .await?
                 }
                 None => None,
@@ -646,7 +712,7 @@ impl Applier<'_> {
                 adds.push((central_id.clone(), edge_id.clone(), op.kind.clone()));
                 // The entity here takes the create's values (a password
                 // included): adopted, it is what central made.
-                let refused = self.update_adopted(op, creates, body, &edge_id).await?;
+                let refused = self.update_adopted(creates, replay, &edge_id).await?;
                 let (outcome, detail) = match refused {
                     None => (
                         Outcome::Adopted,
@@ -688,20 +754,46 @@ impl Applier<'_> {
     /// names it, or cannot change); `Some(why)` when the site refused.
     async fn update_adopted(
         &self,
-        op: &OpContent,
         creates: Creates,
-        body: Option<&Value>,
+        replay: &Replay,
         edge_id: &str,
     ) -> Result<Option<String>, Transient> {
-        let Some(coll) = keystone::client::collection(&op.kind) else {
+        let kind = replay.kind.as_str();
+        // Created by PUT: updated at the same URL.
+        let path = match (creates, keystone::client::collection(kind)) {
+            (Creates::FromUrl, _) => replay.path.clone(),
+            (_, Some(coll)) => format!("/v3/{coll}/{}", keystone::client::encode(edge_id)),
+            (_, None) => return Ok(None),
+        };
+        let Some(Value::Object(fields)) = replay.body.as_ref().and_then(|b| b.get(kind)) else {
             return Ok(None);
         };
         if creates == Creates::FromUrl {
-            return Ok(None);
+            // What an update cannot change (an identity provider's domain)
+            // must be the create's already.
+            let held = self.keystone.send(Method::GET, &path, None).await?;
+            if let Some(t) = Transient::of_reply(&held) {
+                return Err(t);
+            }
+            if !held.is_success() {
+                return Ok(Some(format!("nothing is at {path} (HTTP {})", held.status)));
+            }
+            let held = held.json().and_then(|j| j.get(kind).cloned());
+            let differs: Vec<&str> = ["domain_id"]
+                .into_iter()
+                .filter(|f| {
+                    fields.get(*f).is_some_and(|v| {
+                        !v.is_null() && held.as_ref().and_then(|h| h.get(*f)) != Some(v)
+                    })
+                })
+                .collect();
+            if !differs.is_empty() {
+                return Ok(Some(format!(
+                    "it has another {} here, which an update cannot change",
+                    differs.join(", ")
+                )));
+            }
         }
-        let Some(Value::Object(fields)) = body.and_then(|b| b.get(&op.kind)) else {
-            return Ok(None);
-        };
         let update: serde_json::Map<String, Value> = fields
             .iter()
             .filter(|(k, _)| !ADOPTION_KEEPS.contains(&k.as_str()))
@@ -710,8 +802,7 @@ impl Applier<'_> {
         if update.is_empty() {
             return Ok(None);
         }
-        let path = format!("/v3/{coll}/{}", keystone::client::encode(edge_id));
-        let patch = serde_json::json!({ op.kind.as_str(): update });
+        let patch = serde_json::json!({ kind: update });
         let reply = self
             .keystone
             .send(Method::PATCH, &path, Some(&patch))
@@ -724,7 +815,7 @@ impl Applier<'_> {
                 reason: format!(
                     "edge identity service answered HTTP {} updating an adopted {}: {}",
                     reply.status,
-                    op.kind,
+                    kind,
                     reply.message()
                 ),
                 in_doubt: matches!(reply.status, 502 | 504),

@@ -244,12 +244,42 @@ fn rewrite_under(value: &mut Value, key: Option<&str>, map: &dyn Fn(&str) -> Opt
 /// A request to send: method, path, body.
 pub type Call = (String, String, Option<Value>);
 
-/// A call replayed in another form because an admin cannot make it as sent.
+/// A call replayed in another form because an admin cannot make it as sent,
+/// or because only another form keeps what central made.
 pub struct Transform {
     pub kind: &'static str,
     pub method: &'static str,
     pub why: &'static str,
-    apply: fn(&str, Option<&Value>) -> Option<Call>,
+    /// The form to send, from the op's path and body (IDs rewritten) and the
+    /// IDs central made; `None`: sent as it is.
+    apply: fn(&str, Option<&Value>, &[String]) -> Option<Replay>,
+}
+
+/// What an edge sends for an op.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replay {
+    pub method: String,
+    pub path: String,
+    pub body: Option<Value>,
+    /// The kind the call makes, as a look for it or an adoption names it
+    /// (a project acting as a domain is made, found and adopted as a domain).
+    pub kind: String,
+    /// A write made first, when it is missing here: what Keystone made at
+    /// central on its own for this write (the domain of an identity provider
+    /// created without one). Answered 409, it exists already.
+    pub first: Option<Call>,
+}
+
+impl Replay {
+    fn as_sent(kind: &str, method: &str, path: &str, body: Option<Value>) -> Replay {
+        Replay {
+            method: method.to_string(),
+            path: path.to_string(),
+            body,
+            kind: kind.to_string(),
+            first: None,
+        }
+    }
 }
 
 /// Every replay transform, in one place. A self-service password change
@@ -257,40 +287,115 @@ pub struct Transform {
 /// would leave the password expired where Keystone runs with
 /// `change_password_upon_first_use`; the edge falls back to the PATCH
 /// (`password_change_as_patch`) only when the site refuses the change.
-pub static TRANSFORMS: &[Transform] = &[Transform {
-    kind: "ec2_credential",
-    method: "POST",
-    why: "Keystone makes an EC2 key's access and secret: replayed through /v3/credentials with \
-          central's, the key, and its credential ID (the access key's SHA-256), are the same at \
-          every site, so revoking it anywhere revokes it everywhere",
-    apply: ec2_key_as_credential,
-}];
+pub static TRANSFORMS: &[Transform] = &[
+    Transform {
+        kind: "ec2_credential",
+        method: "POST",
+        why: "Keystone makes an EC2 key's access and secret: replayed through /v3/credentials \
+              with central's, the key, and its credential ID (the access key's SHA-256), are the \
+              same at every site, so revoking it anywhere revokes it everywhere",
+        apply: ec2_key_as_credential,
+    },
+    Transform {
+        kind: "project",
+        method: "POST",
+        why: "a project acting as a domain (is_domain) is a domain, which logins name by ID: \
+              replayed through the domain API with explicit_domain_id it keeps central's ID (the \
+              projects API would give it another)",
+        apply: domain_project_as_domain,
+    },
+    Transform {
+        kind: "identity_provider",
+        method: "PUT",
+        why: "an identity provider created without a domain gets one Keystone makes (ID and name \
+              a new UUID): the op carries central's, made first at the edge with that ID, so the \
+              provider and what is made in its domain name the same domain at every site",
+        apply: idp_with_its_domain,
+    },
+];
+
+/// The top-level field of an identity provider's replay body naming the
+/// domain Keystone made for it at central (see `inject_derived`); never sent.
+pub const IDP_MADE_DOMAIN: &str = "domain_made_by_keystone";
+
+/// An identity provider whose domain central's Keystone made: that domain
+/// (as Keystone makes it: ID and name the same UUID, enabled, described as
+/// made for this provider) is created first, with central's ID.
+fn idp_with_its_domain(path: &str, body: Option<&Value>, _created: &[String]) -> Option<Replay> {
+    let domain = body?.get(IDP_MADE_DOMAIN)?.as_str()?.to_string();
+    let idp = path.rsplit('/').next()?;
+    let mut sent = body?.clone();
+    sent.as_object_mut()?.remove(IDP_MADE_DOMAIN);
+    let made = serde_json::json!({"domain": {
+        "explicit_domain_id": domain,
+        "name": domain,
+        "description": format!("Auto generated federated domain for Identity Provider: {idp}"),
+        "enabled": true,
+    }});
+    Some(Replay {
+        first: Some(("POST".into(), "/v3/domains".into(), Some(made))),
+        ..Replay::as_sent("identity_provider", "PUT", path, Some(sent))
+    })
+}
+
+/// A project created with `is_domain: true` as the domain it is, with
+/// central's ID. The domain API takes what the project carries (its extra
+/// attributes too) but where it sits.
+fn domain_project_as_domain(
+    path: &str,
+    body: Option<&Value>,
+    created: &[String],
+) -> Option<Replay> {
+    let project = body?.get("project")?.as_object()?;
+    if path != "/v3/projects" || project.get("is_domain") != Some(&Value::Bool(true)) {
+        return None;
+    }
+    let [id] = created else { return None };
+    let mut domain: serde_json::Map<String, Value> = project
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "is_domain" | "domain_id" | "parent_id" | "id"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    domain.insert("explicit_domain_id".into(), Value::String(id.clone()));
+    Some(Replay {
+        method: "POST".into(),
+        path: "/v3/domains".into(),
+        body: Some(serde_json::json!({ "domain": domain })),
+        kind: "domain".into(),
+        first: None,
+    })
+}
 
 /// An EC2 key created at central (`POST /v3/users/{id}/credentials/OS-EC2`,
 /// its replay body carrying central's access and secret) as the same key
 /// created through `/v3/credentials`. An op without them (logged by an older
 /// central) is replayed as sent.
-fn ec2_key_as_credential(
-    path: &str,
-    body: Option<&Value>,
-) -> Option<(String, String, Option<Value>)> {
+fn ec2_key_as_credential(path: &str, body: Option<&Value>, _created: &[String]) -> Option<Replay> {
     let body = body?;
     let user = path
         .strip_prefix("/v3/users/")?
         .strip_suffix("/credentials/OS-EC2")?;
     let (access, secret) = (body.get("access")?.as_str()?, body.get("secret")?.as_str()?);
-    let blob = serde_json::json!({"access": access, "secret": secret, "trust_id": null});
+    // Written as Keystone writes it (Python's `json.dumps` of access, secret,
+    // trust_id): the same blob, byte for byte, at every site (a drift audit
+    // names a credential by a digest of its blob).
+    let blob = format!(
+        r#"{{"access": {}, "secret": {}, "trust_id": null}}"#,
+        Value::String(access.to_string()),
+        Value::String(secret.to_string())
+    );
     let mut credential = serde_json::json!({
         "type": "ec2",
         "user_id": user,
-        "blob": blob.to_string(),
+        "blob": blob,
     });
     if let Some(project) = body.get("tenant_id").filter(|p| p.is_string()) {
         credential["project_id"] = project.clone();
     }
-    Some((
-        "POST".into(),
-        "/v3/credentials".into(),
+    Some(Replay::as_sent(
+        "ec2_credential",
+        "POST",
+        "/v3/credentials",
         Some(serde_json::json!({ "credential": credential })),
     ))
 }
@@ -310,18 +415,20 @@ pub fn password_change_as_patch(
     ))
 }
 
-/// The (method, path, body) to send at an edge for an op (after ID rewriting).
+/// What to send at an edge for an op (after ID rewriting), given the IDs
+/// central made.
 pub fn replay_form(
     kind: &str,
     method: &str,
     path: &str,
     body: Option<Value>,
-) -> (String, String, Option<Value>) {
+    created: &[String],
+) -> Replay {
     TRANSFORMS
         .iter()
         .find(|t| t.kind == kind && t.method == method)
-        .and_then(|t| (t.apply)(path, body.as_ref()))
-        .unwrap_or_else(|| (method.to_string(), path.to_string(), body))
+        .and_then(|t| (t.apply)(path, body.as_ref(), created))
+        .unwrap_or_else(|| Replay::as_sent(kind, method, path, body))
 }
 
 #[cfg(test)]
@@ -455,10 +562,11 @@ mod tests {
     fn a_password_change_is_replayed_as_sent_and_its_admin_form_is_a_patch() {
         let body = json!({"user": {"password": "new", "original_password": "old"}});
         let path = format!("/v3/users/{B}/password");
-        let (method, sent, replayed) =
-            replay_form("user_password", "POST", &path, Some(body.clone()));
-        assert_eq!((method.as_str(), sent.as_str()), ("POST", path.as_str()));
-        assert_eq!(replayed, Some(body.clone()));
+        let sent = replay_form("user_password", "POST", &path, Some(body.clone()), &[]);
+        assert_eq!(
+            sent,
+            Replay::as_sent("user_password", "POST", &path, Some(body.clone()))
+        );
         let (method, path, body) = password_change_as_patch(&path, Some(&body)).unwrap();
         assert_eq!(
             (method.as_str(), path.as_str()),
@@ -466,38 +574,111 @@ mod tests {
         );
         assert_eq!(body, Some(json!({"user": {"password": "new"}})));
         // Everything else is replayed as sent.
-        let (method, path, _) = replay_form("user", "PATCH", "/v3/users/x", None);
-        assert_eq!((method.as_str(), path.as_str()), ("PATCH", "/v3/users/x"));
-        assert_eq!(TRANSFORMS.len(), 1, "each transform has a test here");
+        let sent = replay_form("user", "PATCH", "/v3/users/x", None, &[]);
+        assert_eq!(sent, Replay::as_sent("user", "PATCH", "/v3/users/x", None));
+        assert_eq!(TRANSFORMS.len(), 3, "each transform has a test here");
+    }
+
+    #[test]
+    fn an_ec2_key_is_replayed_as_the_same_credential() {
         // An EC2 key with central's access and secret: the same key through
         // /v3/credentials.
         let body = json!({"tenant_id": "p1", "access": "ak", "secret": "sk"});
-        let (method, path, sent) = replay_form(
+        let sent = replay_form(
             "ec2_credential",
             "POST",
             &format!("/v3/users/{B}/credentials/OS-EC2"),
             Some(body),
+            &["ak".into()],
         );
         assert_eq!(
-            (method.as_str(), path.as_str()),
+            (sent.method.as_str(), sent.path.as_str()),
             ("POST", "/v3/credentials")
         );
-        let credential = &sent.unwrap()["credential"];
+        let credential = &sent.body.unwrap()["credential"];
         assert_eq!(credential["type"], "ec2");
         assert_eq!(credential["user_id"], B);
         assert_eq!(credential["project_id"], "p1");
+        assert_eq!(
+            credential["blob"], r#"{"access": "ak", "secret": "sk", "trust_id": null}"#,
+            "as Keystone writes it"
+        );
         let blob: Value = serde_json::from_str(credential["blob"].as_str().unwrap()).unwrap();
         assert_eq!(
             (blob["access"].as_str(), blob["secret"].as_str()),
             (Some("ak"), Some("sk"))
         );
         // Logged by an older central, without them: as sent.
-        let (_, path, _) = replay_form(
+        let sent = replay_form(
             "ec2_credential",
             "POST",
             &format!("/v3/users/{B}/credentials/OS-EC2"),
             Some(json!({"tenant_id": "p1"})),
+            &[],
         );
-        assert!(path.ends_with("/OS-EC2"));
+        assert!(sent.path.ends_with("/OS-EC2"));
+    }
+
+    #[test]
+    fn a_project_acting_as_a_domain_is_made_as_a_domain_with_centrals_id() {
+        let body = json!({"project": {"name": "dp", "is_domain": true, "description": "d",
+                                      "tags": ["t"], "domain_id": null, "colour": "red"}});
+        let sent = replay_form("project", "POST", "/v3/projects", Some(body), &[A.into()]);
+        assert_eq!(
+            (sent.method.as_str(), sent.path.as_str(), sent.kind.as_str()),
+            ("POST", "/v3/domains", "domain")
+        );
+        assert_eq!(
+            sent.body,
+            Some(
+                json!({"domain": {"explicit_domain_id": A, "name": "dp", "description": "d",
+                                   "tags": ["t"], "colour": "red"}})
+            )
+        );
+        // Any other project: as sent.
+        let plain = json!({"project": {"name": "p", "is_domain": false}});
+        let sent = replay_form(
+            "project",
+            "POST",
+            "/v3/projects",
+            Some(plain.clone()),
+            &[A.into()],
+        );
+        assert_eq!(
+            sent,
+            Replay::as_sent("project", "POST", "/v3/projects", Some(plain))
+        );
+    }
+
+    #[test]
+    fn an_identity_providers_domain_made_by_keystone_is_made_first() {
+        let path = "/v3/OS-FEDERATION/identity_providers/idp1";
+        let body = json!({"identity_provider": {"enabled": true, "domain_id": A},
+                          IDP_MADE_DOMAIN: A});
+        let sent = replay_form(
+            "identity_provider",
+            "PUT",
+            path,
+            Some(body),
+            &["idp1".into()],
+        );
+        assert_eq!(
+            sent.body,
+            Some(json!({"identity_provider": {"enabled": true, "domain_id": A}})),
+            "the marker is never sent"
+        );
+        let (method, path, made) = sent.first.unwrap();
+        assert_eq!((method.as_str(), path.as_str()), ("POST", "/v3/domains"));
+        assert_eq!(
+            made,
+            Some(
+                json!({"domain": {"explicit_domain_id": A, "name": A, "enabled": true,
+                "description": "Auto generated federated domain for Identity Provider: idp1"}})
+            )
+        );
+        // Given a domain by its creator: as sent.
+        let given = json!({"identity_provider": {"domain_id": A}});
+        let sent = replay_form("identity_provider", "PUT", "/v3/x/idp1", Some(given), &[]);
+        assert!(sent.first.is_none());
     }
 }

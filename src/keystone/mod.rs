@@ -81,6 +81,36 @@ pub fn inject_generated(route: &RouteMatch, request: &mut Value, created: &[Stri
 /// created without `domain_id` (the token's scope domain at central; the
 /// edge's own service token would put it elsewhere). True when it changed.
 pub fn inject_derived(route: &RouteMatch, request: &mut Value, response: Option<&Value>) -> bool {
+    // An identity provider created without a domain is given one Keystone
+    // makes: the replay names it, and says it was made so (the edge makes
+    // it first, with this ID; see `ids::TRANSFORMS`).
+    if route.kind == "identity_provider" && route.creates == Creates::FromUrl {
+        let Some(domain) = response
+            .and_then(|r| r.get("identity_provider"))
+            .and_then(|i| i.get("domain_id"))
+            .and_then(Value::as_str)
+        else {
+            return false;
+        };
+        let Some(body) = request.as_object_mut() else {
+            return false;
+        };
+        let Some(idp) = body
+            .get_mut("identity_provider")
+            .and_then(Value::as_object_mut)
+        else {
+            return false;
+        };
+        if !idp.get("domain_id").is_none_or(Value::is_null) {
+            return false;
+        }
+        idp.insert("domain_id".into(), Value::String(domain.to_string()));
+        body.insert(
+            ids::IDP_MADE_DOMAIN.into(),
+            Value::String(domain.to_string()),
+        );
+        return true;
+    }
     if route.creates != Creates::InBody {
         return false;
     }
@@ -141,6 +171,24 @@ mod tests {
         let mut role = json!({"role": {"name": "r"}});
         let answer = json!({"role": {"id": "r1", "name": "r", "domain_id": null}});
         assert!(!inject_derived(&roles, &mut role, Some(&answer)));
+    }
+
+    #[test]
+    fn an_identity_provider_without_a_domain_names_the_one_keystone_made() {
+        let path = "/v3/OS-FEDERATION/identity_providers/idp1";
+        let r = route("PUT", path);
+        let answer = json!({"identity_provider": {"id": "idp1", "domain_id": "d9"}});
+        let mut body = json!({"identity_provider": {"enabled": true}});
+        assert!(inject_derived(&r, &mut body, Some(&answer)));
+        assert_eq!(
+            body,
+            json!({"identity_provider": {"enabled": true, "domain_id": "d9"},
+                   ids::IDP_MADE_DOMAIN: "d9"})
+        );
+        // Given one: kept as sent, nothing made.
+        let mut given = json!({"identity_provider": {"domain_id": "d9"}});
+        assert!(!inject_derived(&r, &mut given, Some(&answer)));
+        assert_eq!(given, json!({"identity_provider": {"domain_id": "d9"}}));
     }
 
     fn route(method: &str, path: &str) -> RouteMatch {

@@ -65,6 +65,11 @@ pub async fn find_created(
             }
             by_name(keystone, kind, entity).await
         }
+        // A project acting as a domain is a domain (the projects API lists
+        // none): looked for as one.
+        "project" if entity.get("is_domain") == Some(&Value::Bool(true)) => {
+            by_name(keystone, "domain", entity).await
+        }
         "project" | "user" | "group" | "role" => by_name(keystone, kind, entity).await,
         "region" => match entity.get("id").and_then(Value::as_str) {
             Some(id) => {

@@ -117,6 +117,35 @@ pub async fn resolve(
     })
 }
 
+/// What central's answer to a create would have said of what it made, read
+/// again (for `inject_derived`): a user, group or project as Keystone shows
+/// it, an EC2 key with its access and secret. `None` for other kinds.
+async fn answer_of(
+    ks: &KeystoneClient,
+    route: &RouteMatch,
+    target: &str,
+    ids: &[String],
+) -> Result<Option<Value>, ClientError> {
+    let [id] = ids else { return Ok(None) };
+    match route.kind {
+        "user" | "group" | "project" => Ok(ks
+            .get_entity(route.kind, id)
+            .await?
+            .map(|e| serde_json::json!({ route.kind: e }))),
+        "ec2_credential" => {
+            let path = format!(
+                "{}/{}",
+                target.trim_end_matches('/'),
+                super::client::encode(id)
+            );
+            let reply = ks.send(Method::GET, &path, None).await?;
+            check(&reply)?;
+            Ok(reply.is_success().then(|| reply.json()).flatten())
+        }
+        _ => Ok(None),
+    }
+}
+
 async fn look(
     ks: &KeystoneClient,
     route: &RouteMatch,
@@ -131,9 +160,11 @@ async fn look(
             let found = find_created(ks, route.kind, route.creates, target, body).await?;
             Ok(match found {
                 Found::Unique(ids) => {
+                    let answer = answer_of(ks, route, target, &ids).await?;
                     let mut body = body.cloned();
                     if let Some(b) = body.as_mut() {
                         super::inject_generated(route, b, &ids);
+                        super::inject_derived(route, b, answer.as_ref());
                     }
                     applied(ids, body, "what it creates is there")
                 }
@@ -146,11 +177,14 @@ async fn look(
                     }
                     match ours.len() {
                         0 => not_applied("nothing it could have created is there"),
-                        1 => applied(
-                            ours,
-                            body.cloned(),
-                            "one entity it could have created is there",
-                        ),
+                        1 => {
+                            let answer = answer_of(ks, route, target, &ours).await?;
+                            let mut body = body.cloned();
+                            if let Some(b) = body.as_mut() {
+                                super::inject_derived(route, b, answer.as_ref());
+                            }
+                            applied(ours, body, "one entity it could have created is there")
+                        }
                         n => unresolvable(&format!(
                             "{n} {}s it could have created are there and none is known to be it; \
                              check them, then repair the edges (a drift audit shows them)",
@@ -170,7 +204,13 @@ async fn look(
             check(&reply)?;
             let id = target.rsplit('/').next().unwrap_or_default().to_string();
             Ok(if reply.is_success() {
-                applied(vec![id], body.cloned(), "what it creates is there")
+                // With what Keystone made for it (an identity provider's
+                // domain), as its answer would have said.
+                let mut body = body.cloned();
+                if let Some(b) = body.as_mut() {
+                    super::inject_derived(route, b, reply.json().as_ref());
+                }
+                applied(vec![id], body, "what it creates is there")
             } else {
                 not_applied("what it creates is not there")
             })

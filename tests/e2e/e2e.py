@@ -60,9 +60,9 @@ def scenario(dep):
     cli = dep.cli
     cli("domain", "create", "acme", "--description", "tenant")
     cli("project", "create", "web", "--domain", "acme", "--description", "front")
-    cli("project", "create", "child", "--domain", "acme", "--parent", "web")
+    cli("project", "create", "child", "--domain", "acme", "--parent", "web", "--property", "colour=red")
     cli("user", "create", "alice", "--domain", "acme", "--password", "first-pw", "--email", "alice@acme",
-        "--project", "web", "--project-domain", "acme")
+        "--project", "web", "--project-domain", "acme", "--ignore-lockout-failure-attempts")
     cli("group", "create", "ops", "--domain", "acme")
     cli("group", "add", "user", "--group-domain", "acme", "--user-domain", "acme", "ops", "alice")
     cli("role", "create", "operator")
@@ -109,6 +109,38 @@ def scenario(dep):
     for name, ks in dep.edge_ks.items():
         status, _, _ = http("GET", f"{ks.url}/v3/credentials/{key_id}", None, ks.token())
         assert status == 404, f"{name}: the revoked key lives on ({status})"
+
+    # What Keystone makes on its own is the same at every edge: a project
+    # acting as a domain keeps central's ID (logins name a domain by ID), and
+    # an identity provider created without a domain gets the same domain
+    # Keystone made for it at central, where a group is then made.
+    token = dep.central_ks.token()
+    status, _, made = http("POST", f"{dep.gateway}/v3/projects",
+                           {"project": {"name": "acting", "is_domain": True, "description": "made as a project",
+                                        "colour": "blue"}}, token)
+    assert status == 201, made
+    acting = made["project"]["id"]
+    cli("user", "create", "dora", "--domain", "acting", "--password", "dora-pw-1")
+    idp = json.loads(cli("identity", "provider", "create", "-f", "json", "--remote-id", "https://idp.example/",
+                         "idp-auto"))
+    fed_domain = idp["domain_id"]
+    cli("group", "create", "--domain", fed_domain, "fed-users")
+    assert_in_sync(dep, "what Keystone made on its own")
+    for name, ks in dep.edge_ks.items():
+        login = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": "dora", "domain": {"id": acting}, "password": "dora-pw-1"}}}}}
+        status, _, _ = http("POST", f"{ks.url}/v3/auth/tokens", login)
+        assert status == 201, f"{name}: a login naming the domain by central's ID: {status}"
+        there = get_json(f"{ks.url}/v3/OS-FEDERATION/identity_providers/idp-auto", ks.token())
+        assert there["identity_provider"]["domain_id"] == fed_domain, f"{name}: {there}"
+    cli("group", "delete", "--domain", fed_domain, "fed-users")
+    cli("identity", "provider", "delete", "idp-auto")
+    cli("domain", "set", "--disable", fed_domain)
+    cli("domain", "delete", fed_domain)
+    cli("user", "delete", "--domain", "acting", "dora")
+    cli("domain", "set", "--disable", "acting")
+    cli("domain", "delete", "acting")
+    assert_in_sync(dep, "what Keystone made on its own, deleted")
 
     cli("role", "remove", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "--inherited", "reader")
     cli("role", "remove", "--group", "ops", "--group-domain", "acme", "--domain", "acme", "member")

@@ -474,58 +474,124 @@ class Deployment:
         wait_until(f"every op {'/'.join(states)} at {', '.join(edges)}", done, timeout=timeout, every=0.5)
 
 
+# Fields that may differ between two sites holding the same entity, and why.
+# Everything else every replicated entity has is compared, with references
+# named (README, "What an edge holds"; the drift audit leaves out the same).
+MAY_DIFFER = {
+    "id": "Keystone makes most IDs itself at each site (the edge maps central's to its own); "
+          "references are compared by what they name",
+    "links": "each site's own URLs",
+    "password_expires_at": "derived from when the password was set at that site",
+    "is_domain": "the projects API lists no project acting as a domain; the domain API shows it",
+    "federated": "a federated user's links are made at each site by its logins there",
+}
+
+
 def snapshot(ks):
-    """A Keystone's identity data by natural key, comparable across sites."""
+    """A Keystone's identity data, whole entity by whole entity: every field
+    but MAY_DIFFER's, references named, one line per entity, comparable
+    across sites."""
     token = ks.token()
     base = f"{ks.url}/v3"
-    domains = {d["id"]: d for d in get_json(f"{base}/domains", token)["domains"]}
-    projects = {p["id"]: p for p in get_json(f"{base}/projects", token)["projects"]}
-    users = {u["id"]: u for u in get_json(f"{base}/users", token)["users"]}
-    groups = {g["id"]: g for g in get_json(f"{base}/groups", token)["groups"]}
-    roles = {r["id"]: r for r in get_json(f"{base}/roles", token)["roles"]}
 
-    def dn(domain_id):
-        return domains.get(domain_id, {}).get("name", f"?{domain_id}")
+    def items(path, key):
+        return get_json(f"{base}{path}", token)[key]
 
-    def pn(project_id):
-        p = projects.get(project_id)
-        return f"{p['name']}@{dn(p['domain_id'])}" if p else f"?{project_id}"
+    domains = {d["id"]: d for d in items("/domains", "domains")}
+    projects = {p["id"]: p for p in items("/projects", "projects")}
+    users = {u["id"]: u for u in items("/users", "users")}
+    groups = {g["id"]: g for g in items("/groups", "groups")}
+    roles = {r["id"]: r for r in items("/roles", "roles")}
+    for d in domains:
+        roles.update({r["id"]: r for r in items(f"/roles?domain_id={d}", "roles")})
+    services = {s["id"]: f"{s['type']}/{s['name']}" for s in items("/services", "services")}
+
+    def named(table, id_, key):
+        return key(table[id_]) if id_ in table else f"?{id_}"
+
+    def dn(i):
+        return named(domains, i, lambda d: d["name"])
+
+    def pn(i):
+        return named(projects, i, lambda p: f"{dn(p['domain_id'])}/{p['name']}")
+
+    def un(i):
+        return named(users, i, lambda u: f"{dn(u['domain_id'])}/{u['name']}")
+
+    def gn(i):
+        return named(groups, i, lambda g: f"{dn(g['domain_id'])}/{g['name']}")
+
+    def rn(i):
+        return named(roles, i, lambda r: f"{dn(r['domain_id'])}/{r['name']}" if r.get("domain_id") else r["name"])
+
+    def sn(i):
+        return services.get(i, f"?{i}")
 
     out = set()
-    for d in domains.values():
-        out.add(f"domain {d['name']} enabled={d['enabled']} description={d.get('description')}")
-    for p in projects.values():
-        if p.get("is_domain"):
-            continue
-        parent = p.get("parent_id")
-        parent = pn(parent) if parent in projects else "-"
-        out.add(f"project {pn(p['id'])} enabled={p['enabled']} description={p.get('description')} "
-                f"tags={sorted(p.get('tags', []))} parent={parent}")
-    for u in users.values():
-        dp = u.get("default_project_id")
-        out.add(f"user {u['name']}@{dn(u['domain_id'])} enabled={u['enabled']} email={u.get('email')} "
-                f"description={u.get('description')} default_project={pn(dp) if dp else '-'}")
-    for g in groups.values():
-        out.add(f"group {g['name']}@{dn(g['domain_id'])}")
-        for u in get_json(f"{base}/groups/{g['id']}/users", token)["users"]:
-            out.add(f"member {u['name']}@{dn(u['domain_id'])} in {g['name']}@{dn(g['domain_id'])}")
-    for r in roles.values():
-        out.add(f"role {r['name']} domain={dn(r['domain_id']) if r.get('domain_id') else '-'}")
-    for inf in get_json(f"{base}/role_inferences", token)["role_inferences"]:
+
+    def add(kind, key, raw, refs=None, drop=()):
+        fields = {}
+        for k, v in raw.items():
+            if k in MAY_DIFFER or k in drop or v is None:
+                continue
+            if refs and k in refs:
+                v = refs[k](v)
+            elif k in ("tags", "remote_ids") and isinstance(v, list):
+                v = sorted(v)
+            fields[k] = v
+        out.add(f"{kind} {key} {json.dumps(fields, sort_keys=True)}")
+
+    for i, d in domains.items():
+        add("domain", d["name"], d)
+        status, _, config = http("GET", f"{base}/domains/{i}/config", token=token)
+        if status == 200:
+            add("domain_config", d["name"], config["config"])
+    for i, p in projects.items():
+        drop = ("parent_id",) if p.get("parent_id") == p.get("domain_id") else ()
+        add("project", pn(i), p, {"domain_id": dn, "parent_id": pn}, drop)
+    for i, u in users.items():
+        add("user", un(i), u, {"domain_id": dn, "default_project_id": pn})
+    for i, g in groups.items():
+        add("group", gn(i), g, {"domain_id": dn})
+        for u in items(f"/groups/{i}/users", "users"):
+            out.add(f"membership {un(u['id'])} in {gn(i)}")
+    for i, r in roles.items():
+        add("role", rn(i), r, {"domain_id": dn})
+    for inf in items("/role_inferences", "role_inferences"):
         for implied in inf["implies"]:
-            out.add(f"implied {inf['prior_role']['name']} -> {implied['name']}")
-    for a in get_json(f"{base}/role_assignments?include_names=true", token)["role_assignments"]:
-        who = a.get("user") or a.get("group")
-        kind = "user" if "user" in a else "group"
+            out.add(f"implied_role {rn(inf['prior_role']['id'])} -> {rn(implied['id'])}")
+    for a in items("/role_assignments", "role_assignments"):
+        actor = f"user {un(a['user']['id'])}" if "user" in a else f"group {gn(a['group']['id'])}"
         scope = a["scope"]
-        inherited = " inherited" if "OS-INHERIT:inherited_to" in scope else ""
         if "project" in scope:
-            target = f"project {scope['project']['name']}@{scope['project']['domain']['name']}"
+            target = f"project {pn(scope['project']['id'])}"
         elif "domain" in scope:
-            target = f"domain {scope['domain']['name']}"
+            target = f"domain {dn(scope['domain']['id'])}"
         else:
             target = "system"
-        out.add(f"grant {a['role']['name']} to {kind} {who['name']}@{who['domain']['name']} on {target}{inherited}")
+        inherited = " inherited" if "OS-INHERIT:inherited_to" in scope else ""
+        out.add(f"assignment {rn(a['role']['id'])} to {actor} on {target}{inherited}")
+    for p in items("/policies", "policies"):
+        add("policy", f"{p['type']} {p['blob']}", p)
+    for c in items("/credentials", "credentials"):
+        add("credential", f"{un(c['user_id'])} {c['type']} {c['blob']}", c,
+            {"user_id": un, "project_id": pn})
+    for r in items("/registered_limits", "registered_limits"):
+        add("registered_limit", f"{sn(r['service_id'])} {r.get('region_id')} {r['resource_name']}", r,
+            {"service_id": sn})
+    for x in items("/limits", "limits"):
+        owner = f"project {pn(x['project_id'])}" if x.get("project_id") else f"domain {dn(x.get('domain_id'))}"
+        add("limit", f"{sn(x['service_id'])} {x.get('region_id')} {x['resource_name']} {owner}", x,
+            {"service_id": sn, "project_id": pn, "domain_id": dn})
+    fed = "/OS-FEDERATION"
+    for i in items(f"{fed}/identity_providers", "identity_providers"):
+        add("identity_provider", i["id"], i, {"domain_id": dn})
+        for p in items(f"{fed}/identity_providers/{i['id']}/protocols", "protocols"):
+            add("protocol", f"{i['id']}/{p['id']}", p)
+    for m in items(f"{fed}/mappings", "mappings"):
+        add("mapping", m["id"], m)
+    for sp in items(f"{fed}/service_providers", "service_providers"):
+        add("service_provider", sp["id"], sp)
     return out
 
 

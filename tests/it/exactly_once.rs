@@ -680,24 +680,11 @@ async fn writes_a_killed_central_left_in_doubt_are_resolved_and_published() {
         .create("/v3/users", "user", json!({"user": {"name": "known"}}))
         .await;
     env.assert_in_sync().await;
-    let in_flight = |path: String, method: &'static str, body: Value| {
-        let http = env.http.clone();
-        let url = format!("{}{path}", env.proxy);
-        let token = env.token().to_string();
-        tokio::spawn(async move {
-            let _ = http
-                .request(method.parse().unwrap(), url)
-                .header("x-auth-token", token)
-                .json(&body)
-                .send()
-                .await;
-        })
-    };
     // Applied at central's Keystone, never answered.
     env.central_site.state.lock().unwrap().hang_after_next_write = true;
-    let created = in_flight(
-        "/v3/users".into(),
+    let created = env.in_flight(
         "POST",
+        "/v3/users",
         json!({"user": {"name": "in-doubt", "password": "pw-doubt-1"}}),
     );
     env.until("central's Keystone applied it", || async {
@@ -706,9 +693,9 @@ async fn writes_a_killed_central_left_in_doubt_are_resolved_and_published() {
     .await;
     // A password change applied and never answered.
     env.central_site.state.lock().unwrap().hang_after_next_write = true;
-    let changed = in_flight(
-        format!("/v3/users/{u}"),
+    let changed = env.in_flight(
         "PATCH",
+        &format!("/v3/users/{u}"),
         json!({"user": {"password": "pw-changed-2"}}),
     );
     env.until("central's Keystone applied it", || async {
@@ -717,9 +704,9 @@ async fn writes_a_killed_central_left_in_doubt_are_resolved_and_published() {
     .await;
     // Held before central's Keystone applies it: the gateway's death ends it.
     env.central_site.state.lock().unwrap().delay_next = Some(Duration::from_secs(30));
-    let never = in_flight(
-        "/v3/projects".into(),
+    let never = env.in_flight(
         "POST",
+        "/v3/projects",
         json!({"project": {"name": "never"}}),
     );
     env.until("it reached central's Keystone", || async {

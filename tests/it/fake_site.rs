@@ -87,6 +87,17 @@ pub struct SiteState {
     /// While set, reads wait until it holds `true` (a slow state read, opened
     /// by the test when it has done what it does meanwhile).
     pub reads_wait: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Identity providers (`OS-FEDERATION`), by ID.
+    pub idps: BTreeMap<String, Value>,
+}
+
+/// A project acting as a domain as the projects API shows it.
+fn as_project(domain: &Value) -> Value {
+    let mut p = domain.clone();
+    p["is_domain"] = json!(true);
+    p["domain_id"] = Value::Null;
+    p["parent_id"] = Value::Null;
+    p
 }
 
 /// Kinds without a natural key the fake keeps: (collection, kind, JSON key of a
@@ -344,6 +355,12 @@ impl FakeSite {
                 name("role", p),
                 name("role", i)
             ));
+        }
+        for (id, idp) in &st.idps {
+            let mut fields = idp.clone();
+            let domain = fields["domain_id"].as_str().map(|d| name("domain", d));
+            fields["domain_id"] = json!(domain);
+            out.insert(format!("identity_provider {id} {fields}"));
         }
         out
     }
@@ -643,6 +660,14 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 json!({ *coll: items, "truncated": truncated }),
             )
         }
+        (Method::GET, ["v3", "projects", id])
+            if !exists(&st, "project", id) && exists(&st, "domain", id) =>
+        {
+            reply(
+                StatusCode::OK,
+                json!({"project": as_project(&st.entities["domain"][*id])}),
+            )
+        }
         (Method::GET, ["v3", coll, id]) if kind_of(coll).is_some() => {
             let kind = kind_of(coll).unwrap();
             match st.entities[kind].get(*id) {
@@ -661,6 +686,35 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             let Some(name) = entity["name"].as_str().map(str::to_string) else {
                 return error(StatusCode::BAD_REQUEST, "name is required");
             };
+            // A project acting as a domain is a domain, as in Keystone: it
+            // gets an ID of this site's, and the domain API shows it.
+            if kind == "project" && entity["is_domain"] == json!(true) {
+                if st.entities["domain"]
+                    .values()
+                    .any(|d| d["name"] == name.as_str())
+                {
+                    st.conflicts += 1;
+                    return error(
+                        StatusCode::CONFLICT,
+                        "Conflict occurred attempting to store project - Duplicate entry.",
+                    );
+                }
+                let id = new_id();
+                let mut domain = entity.clone();
+                for field in ["is_domain", "domain_id", "parent_id"] {
+                    domain.as_object_mut().unwrap().remove(field);
+                }
+                domain["id"] = json!(id);
+                if domain.get("enabled").is_none() {
+                    domain["enabled"] = json!(true);
+                }
+                *st.creates.entry("domain".to_string()).or_default() += 1;
+                st.entities
+                    .get_mut("domain")
+                    .unwrap()
+                    .insert(id, domain.clone());
+                return reply(StatusCode::CREATED, json!({"project": as_project(&domain)}));
+            }
             let domain = match kind {
                 "domain" => None,
                 "role" => entity["domain_id"].as_str().map(str::to_string),
@@ -702,6 +756,10 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             obj.remove("explicit_domain_id");
             let password = obj.remove("password");
             obj.insert("id".into(), json!(id));
+            // Keystone's default.
+            if matches!(kind, "domain" | "project" | "user") {
+                obj.entry("enabled").or_insert(json!(true));
+            }
             if kind != "domain" {
                 obj.insert("domain_id".into(), json!(domain));
             }
@@ -727,10 +785,14 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             reply(StatusCode::CREATED, json!({ kind: entity }))
         }
         (Method::PATCH, ["v3", coll, id]) if kind_of(coll).is_some() => {
-            let kind = kind_of(coll).unwrap();
+            let mut kind = kind_of(coll).unwrap();
             let Some(changes) = body.get(kind).and_then(Value::as_object).cloned() else {
                 return error(StatusCode::BAD_REQUEST, "Invalid input");
             };
+            // A project acting as a domain, updated through the projects API.
+            if kind == "project" && !exists(&st, "project", id) && exists(&st, "domain", id) {
+                kind = "domain";
+            }
             if changes.get("id").is_some_and(|v| v != id) {
                 return error(StatusCode::BAD_REQUEST, "Cannot change ID");
             }
@@ -775,10 +837,16 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             if let Some(pw) = password {
                 st.passwords.insert(id.to_string(), pw);
             }
+            if kind_of(coll) != Some(kind) {
+                return reply(StatusCode::OK, json!({"project": as_project(&out)}));
+            }
             reply(StatusCode::OK, json!({ kind: out }))
         }
         (Method::DELETE, ["v3", coll, id]) if kind_of(coll).is_some() => {
-            let kind = kind_of(coll).unwrap();
+            let mut kind = kind_of(coll).unwrap();
+            if kind == "project" && !exists(&st, "project", id) && exists(&st, "domain", id) {
+                kind = "domain";
+            }
             if st.entities.get_mut(kind).unwrap().remove(*id).is_none() {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -894,12 +962,14 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             }
             let (access, secret) = (new_id(), new_id());
             let tenant = body["tenant_id"].clone();
-            let blob = json!({"access": access, "secret": secret, "trust_id": null});
+            // As Keystone writes it (Python's json.dumps).
+            let blob =
+                format!(r#"{{"access": "{access}", "secret": "{secret}", "trust_id": null}}"#);
             let id = sha256_hex(&access);
             st.unnamed.entry("credential").or_default().insert(
                 id.clone(),
                 json!({"id": id, "type": "ec2", "user_id": u, "project_id": tenant,
-                       "blob": blob.to_string()}),
+                       "blob": blob}),
             );
             *st.creates.entry("credential".to_string()).or_default() += 1;
             reply(
@@ -951,6 +1021,87 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             table.insert(id, item.clone());
             *st.creates.entry("credential".to_string()).or_default() += 1;
             reply(StatusCode::CREATED, json!({"credential": item}))
+        }
+        // Identity providers, as Keystone keeps them: one created without
+        // a domain gets one Keystone makes for it (ID and name a new UUID).
+        (Method::GET, ["v3", "OS-FEDERATION", "identity_providers"]) => {
+            let items: Vec<Value> = st.idps.values().cloned().collect();
+            reply(StatusCode::OK, json!({"identity_providers": items}))
+        }
+        (m, ["v3", "OS-FEDERATION", "identity_providers", id]) => {
+            let id = id.to_string();
+            match m {
+                Method::GET => match st.idps.get(&id) {
+                    Some(i) => reply(StatusCode::OK, json!({"identity_provider": i})),
+                    None => error(StatusCode::NOT_FOUND, "Could not find identity provider."),
+                },
+                Method::PUT => {
+                    if st.idps.contains_key(&id) {
+                        st.conflicts += 1;
+                        return error(StatusCode::CONFLICT, "Duplicate entry.");
+                    }
+                    let mut idp = body["identity_provider"].clone();
+                    if !idp.is_object() {
+                        idp = json!({});
+                    }
+                    // A remote ID belongs to one provider.
+                    let taken = idp["remote_ids"].as_array().into_iter().flatten().any(|r| {
+                        st.idps
+                            .values()
+                            .any(|i| i["remote_ids"].as_array().is_some_and(|x| x.contains(r)))
+                    });
+                    if taken {
+                        st.conflicts += 1;
+                        return error(StatusCode::CONFLICT, "Duplicate remote ID.");
+                    }
+                    match idp["domain_id"].as_str() {
+                        Some(d) if !exists(&st, "domain", d) => {
+                            return error(
+                                StatusCode::NOT_FOUND,
+                                &format!("Could not find domain: {d}."),
+                            );
+                        }
+                        Some(_) => {}
+                        None => {
+                            let d = new_id();
+                            st.entities.get_mut("domain").unwrap().insert(
+                                d.clone(),
+                                json!({"id": d, "name": d, "enabled": true,
+                                       "description": format!(
+                                           "Auto generated federated domain for Identity Provider: {id}")}),
+                            );
+                            idp["domain_id"] = json!(d);
+                        }
+                    }
+                    idp["id"] = json!(id);
+                    if idp.get("remote_ids").is_none() {
+                        idp["remote_ids"] = json!([]);
+                    }
+                    *st.creates
+                        .entry("identity_provider".to_string())
+                        .or_default() += 1;
+                    st.idps.insert(id, idp.clone());
+                    reply(StatusCode::CREATED, json!({"identity_provider": idp}))
+                }
+                Method::PATCH => {
+                    let Some(changes) = body["identity_provider"].as_object().cloned() else {
+                        return error(StatusCode::BAD_REQUEST, "Invalid input");
+                    };
+                    let Some(idp) = st.idps.get_mut(&id) else {
+                        return error(StatusCode::NOT_FOUND, "Could not find identity provider.");
+                    };
+                    for (k, v) in changes {
+                        idp[k] = v;
+                    }
+                    let out = idp.clone();
+                    reply(StatusCode::OK, json!({"identity_provider": out}))
+                }
+                Method::DELETE => match st.idps.remove(&id) {
+                    Some(_) => reply(StatusCode::NO_CONTENT, Value::Null),
+                    None => error(StatusCode::NOT_FOUND, "Could not find identity provider."),
+                },
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed."),
+            }
         }
         (m, ["v3", coll, rest @ ..]) if UNNAMED.iter().any(|(c, _, _)| c == coll) => {
             let (_, kind, key) = *UNNAMED.iter().find(|(c, _, _)| c == coll).unwrap();

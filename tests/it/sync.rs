@@ -475,6 +475,19 @@ impl SyncEnv {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// A write through the gateway sent in the background, its answer
+    /// ignored (one that may never come).
+    pub fn in_flight(&self, method: &str, path: &str, body: Value) -> tokio::task::JoinHandle<()> {
+        let req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.proxy))
+            .header("x-auth-token", &self.token)
+            .json(&body);
+        tokio::spawn(async move {
+            let _ = req.send().await;
+        })
+    }
+
     pub async fn create(&self, path: &str, kind: &str, body: Value) -> String {
         let (status, resp) = self.write("POST", path, Some(body)).await;
         assert_eq!(status, 201, "{path}: {resp}");
