@@ -691,3 +691,43 @@ async fn lost_answers_of_creates_keystone_added_to_are_resolved_with_what_it_mad
     }
     env.shutdown().await;
 }
+
+/// A user created at central whose name the edge holds already is adopted
+/// and takes the create's values: disabled as at central, with central's
+/// password (not the edge's own, which would still log in).
+#[tokio::test]
+async fn a_user_the_edge_holds_already_takes_the_creates_values_when_adopted() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let site = &env.edges[0].site;
+    crate::resync::direct(
+        &env,
+        site,
+        "POST",
+        "/v3/users",
+        json!({"user": {"name": "alice", "password": "edge-own-pw-1", "email": "old@edge"}}),
+    )
+    .await;
+    env.create(
+        "/v3/users",
+        "user",
+        json!({"user": {"name": "alice", "enabled": false, "password": "central-pw-1",
+                        "email": "alice@central"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    let alice = site.id_of("user", "alice").unwrap();
+    {
+        let st = site.state.lock().unwrap();
+        let user = &st.entities["user"][&alice];
+        assert_eq!(
+            (&user["enabled"], &user["email"]),
+            (&json!(false), &json!("alice@central"))
+        );
+        assert_eq!(
+            st.passwords.get(&alice).map(String::as_str),
+            Some("central-pw-1")
+        );
+        assert_eq!(st.creates.get("user"), Some(&1), "no second alice");
+    }
+    env.shutdown().await;
+}
