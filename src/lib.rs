@@ -7,10 +7,12 @@
 //! self-contained) → `edge` (replay against a site's Keystone). Beside it:
 //! `settings` (flags, environment, configuration file), `keystone` (what
 //! Keystone's API means), `metrics`, `telemetry`, `serve` (HTTP listeners),
-//! `redact`, `retry`.
+//! `redact`, `retry`, and `core`, the ground floor (secrets, what both admin
+//! listeners share), which imports nothing else of the crate.
 
 pub mod broker;
 pub mod central;
+pub mod core;
 pub mod edge;
 pub mod keystone;
 pub mod metrics;

@@ -8,7 +8,7 @@
 //! metrics task from index look-ups, never by the scrape.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -344,16 +344,16 @@ impl Metrics {
         m
     }
 
-    /// An edge's metrics, reading its status.
-    pub fn edge(status: Arc<crate::edge::Status>) -> Metrics {
+    /// An edge's metrics, with the collector that reads its status at
+    /// scrape (the edge's own).
+    pub fn edge(status: impl Collector + 'static) -> Metrics {
         let mut m = Metrics::unregistered();
         m.registry.register(
             "syncgate_edge_apply_duration_seconds",
             "Time to apply one op against this site's Keystone, by outcome",
             m.apply_duration.clone(),
         );
-        m.registry
-            .register_collector(Box::new(EdgeCollector(status)));
+        m.registry.register_collector(Box::new(status));
         m
     }
 
@@ -407,17 +407,20 @@ pub fn inc(counter: &Counter) {
     counter.inc();
 }
 
-fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+/// Writes one counter read at scrape (a collector's).
+pub fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
     let c = ConstCounter::new(v);
     c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
-fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
+/// Writes one gauge read at scrape (a collector's).
+pub fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> fmt::Result {
     let g = ConstGauge::new(v);
     g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-fn load(a: &AtomicU64) -> u64 {
+/// A counter's value, read at scrape.
+pub fn load(a: &AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
 
@@ -470,79 +473,6 @@ impl Collector for BrokerCollector {
             &format!("{p}_slow_consumers"),
             "Clients closed as slow consumers",
             load(&s.slow_consumers),
-        )
-    }
-}
-
-/// An edge's status, read at scrape.
-#[derive(Debug)]
-struct EdgeCollector(Arc<crate::edge::Status>);
-
-impl Collector for EdgeCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let s = &self.0;
-        let i = |a: &AtomicI64| a.load(Ordering::Relaxed);
-        let b = |a: &AtomicBool| i64::from(a.load(Ordering::Relaxed));
-        let p = "syncgate_edge";
-        gauge(
-            &mut enc,
-            &format!("{p}_cursor"),
-            "Highest seq applied in order",
-            i(&s.cursor),
-        )?;
-        gauge(
-            &mut enc,
-            &format!("{p}_id_map_size"),
-            "Central IDs mapped to this site's",
-            i(&s.id_map_size),
-        )?;
-        counter(
-            &mut enc,
-            &format!("{p}_ops_applied"),
-            "Ops applied, adopted or skipped",
-            load(&s.applied),
-        )?;
-        counter(
-            &mut enc,
-            &format!("{p}_ops_failed"),
-            "Ops that failed permanently",
-            load(&s.failed),
-        )?;
-        counter(
-            &mut enc,
-            &format!("{p}_retries"),
-            "Transient failures retried",
-            load(&s.retries),
-        )?;
-        counter(
-            &mut enc,
-            &format!("{p}_redriven"),
-            "Re-drives from central handled",
-            load(&s.redriven),
-        )?;
-        counter(
-            &mut enc,
-            &format!("{p}_control_rejected"),
-            "Control messages from the broker dropped (forged, replayed, malformed)",
-            load(&s.rejected),
-        )?;
-        gauge(
-            &mut enc,
-            &format!("{p}_broker_connected"),
-            "1 when connected to the broker",
-            b(&s.connected),
-        )?;
-        gauge(
-            &mut enc,
-            &format!("{p}_halted"),
-            "1 when stopped after a failed op (--on-failure halt)",
-            b(&s.halted),
-        )?;
-        gauge(
-            &mut enc,
-            &format!("{p}_resync_hold"),
-            "1 while a resync from central holds the op stream",
-            b(&s.resync_hold),
         )
     }
 }

@@ -27,8 +27,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::settings::cli::LogFormat;
-
 /// What `main` keeps until exit: flushes the spans not yet exported.
 #[must_use]
 pub struct Telemetry {
@@ -97,6 +95,13 @@ pub fn otlp_from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Otlp
             "{name}: '{other}' is not supported (http/protobuf or grpc)"
         )),
     }
+}
+
+/// How log lines are written: text for a terminal, JSON for collectors.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Installs logging, and trace export when the OTLP variables ask for it.

@@ -7,6 +7,7 @@ mod conn;
 pub mod parser;
 pub mod sublist;
 
+pub use crate::core::Secret;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -36,40 +37,6 @@ pub enum BrokerAuth {
     Token(Secret),
     /// `user` and `pass` in CONNECT.
     UserPassword { user: String, password: Secret },
-}
-
-/// A token, password or key: never printed (`Debug` and `Display` show `***`),
-/// compared in constant time. The broker's own, and the one the rest of the
-/// gateway uses (`settings::config::Secret`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// Compares in time independent of where the inputs differ.
-    pub fn matches(&self, candidate: &[u8]) -> bool {
-        use subtle::ConstantTimeEq;
-        self.0.as_bytes().ct_eq(candidate).into()
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-impl std::fmt::Display for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
 }
 
 /// Certificate chain and private key, PEM files.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -17,11 +17,12 @@ use std::time::Duration;
 use tracing::warn;
 
 use crate::central::sync::{RedriveError, SyncCentral};
+use crate::core::admin::{bearer_ok, unauthorized, ApiError};
+use crate::core::Secret;
 use crate::keystone::routes::known_kinds;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::redact;
-use crate::settings::config::Secret;
 use crate::store::{OpFilter, OpRow, OpState, Store};
 
 const DEFAULT_LIMIT: i64 = 100;
@@ -55,17 +56,6 @@ impl Admin {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-}
-
-/// An audit API error: a status and a message, as JSON.
-#[derive(Debug)]
-pub struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.0.as_u16(), "message": self.1}});
-        (self.0, Json(body)).into_response()
     }
 }
 
@@ -108,28 +98,6 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
         return unauthorized();
     }
     next.run(req).await
-}
-
-/// Whether `Authorization: Bearer <token>` matches (constant time); true when no
-/// token is configured.
-pub fn bearer_ok(token: Option<&Secret>, headers: &axum::http::HeaderMap) -> bool {
-    let Some(token) = token else { return true };
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .is_some_and(|p| token.matches(p))
-}
-
-/// 401 with `WWW-Authenticate: Bearer`.
-pub fn unauthorized() -> Response {
-    let mut resp = ApiError(
-        StatusCode::UNAUTHORIZED,
-        "a valid admin bearer token is required".into(),
-    )
-    .into_response();
-    resp.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    resp
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
 
-use crate::settings::config::Secret;
+use crate::core::Secret;
 
 /// What to ask.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! The edge's admin listener: `/healthz`, `/readyz` (database, broker, no
 //! blocking error), `/metrics`, and `/v1/status` (behind the admin token).
 
-use std::sync::atomic::Ordering;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -13,9 +14,11 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use super::Status;
-use crate::metrics::Metrics;
-use crate::settings::config::Secret;
+use crate::core::Secret;
+use crate::metrics::{counter, gauge, load, Metrics};
 use crate::store::edge::EdgeStore;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 
 pub(super) struct AdminState {
     pub(super) status: Arc<Status>,
@@ -38,8 +41,8 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
 }
 
 async fn require_token(State(s): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
-    if !crate::central::admin::bearer_ok(s.token.as_ref(), req.headers()) {
-        return crate::central::admin::unauthorized();
+    if !crate::core::admin::bearer_ok(s.token.as_ref(), req.headers()) {
+        return crate::core::admin::unauthorized();
     }
     next.run(req).await
 }
@@ -87,4 +90,77 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> Response {
         s.metrics.render(),
     )
         .into_response()
+}
+
+/// An edge's status, read at scrape.
+#[derive(Debug)]
+pub struct EdgeCollector(pub Arc<Status>);
+
+impl Collector for EdgeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let s = &self.0;
+        let i = |a: &AtomicI64| a.load(Ordering::Relaxed);
+        let b = |a: &AtomicBool| i64::from(a.load(Ordering::Relaxed));
+        let p = "syncgate_edge";
+        gauge(
+            &mut enc,
+            &format!("{p}_cursor"),
+            "Highest seq applied in order",
+            i(&s.cursor),
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}_id_map_size"),
+            "Central IDs mapped to this site's",
+            i(&s.id_map_size),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_ops_applied"),
+            "Ops applied, adopted or skipped",
+            load(&s.applied),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_ops_failed"),
+            "Ops that failed permanently",
+            load(&s.failed),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_retries"),
+            "Transient failures retried",
+            load(&s.retries),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_redriven"),
+            "Re-drives from central handled",
+            load(&s.redriven),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_control_rejected"),
+            "Control messages from the broker dropped (forged, replayed, malformed)",
+            load(&s.rejected),
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}_broker_connected"),
+            "1 when connected to the broker",
+            b(&s.connected),
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}_halted"),
+            "1 when stopped after a failed op (--on-failure halt)",
+            b(&s.halted),
+        )?;
+        gauge(
+            &mut enc,
+            &format!("{p}_resync_hold"),
+            "1 while a resync from central holds the op stream",
+            b(&s.resync_hold),
+        )
+    }
 }

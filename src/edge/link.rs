@@ -23,6 +23,10 @@ use crate::protocol::crypto::Sealer;
 use crate::protocol::messages::{Grant, Hello, HelloReply, Subjects, HELLO, HELLO_REPLY};
 use crate::store::edge::EdgeStore;
 
+/// The flag an edge keeps once a resync completed here (its hellos ask for
+/// an initial sync until then, when told to).
+pub const INITIAL_SYNC_DONE: &str = "initial_sync_done";
+
 /// Hellos unanswered in a row before the edge says central does not answer.
 const UNANSWERED: u32 = 3;
 /// A skew of the edge's clock from central's worth a warning.
@@ -307,12 +311,8 @@ impl Hellos {
     }
 
     async fn hello(&self, leaving: bool) -> Hello {
-        let initial_sync = self.initial_sync
-            && !self
-                .store
-                .flag(super::resync::INITIAL_SYNC_DONE)
-                .await
-                .unwrap_or(false);
+        let initial_sync =
+            self.initial_sync && !self.store.flag(INITIAL_SYNC_DONE).await.unwrap_or(false);
         Hello {
             edge: self.link.id.clone(),
             cursor: self.status.cursor.load(Ordering::Relaxed),

@@ -188,7 +188,7 @@ impl Edge {
             keystone,
             link,
             admin_listener,
-            metrics: Arc::new(Metrics::edge(status.clone())),
+            metrics: Arc::new(Metrics::edge(admin::EdgeCollector(status.clone()))),
             status,
         })
     }

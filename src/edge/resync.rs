@@ -24,8 +24,6 @@ use crate::store::edge::{Batch, EdgeStore};
 
 /// Ops of one resync step applied at once against the site's Keystone.
 const CONCURRENCY: usize = 8;
-/// The flag an edge keeps once a resync completed here.
-pub const INITIAL_SYNC_DONE: &str = "initial_sync_done";
 
 /// What answers central's state requests (a task of its own: reading a large
 /// site takes a while and must not hold up the op stream).
@@ -296,7 +294,9 @@ impl Runner {
                                 .fetch_max(uncertain_through, Ordering::Relaxed);
                             self.resynced_through
                                 .fetch_max(uncertain_through, Ordering::Relaxed);
-                            if let Err(e) = self.store.set_flag(INITIAL_SYNC_DONE).await {
+                            if let Err(e) =
+                                self.store.set_flag(super::link::INITIAL_SYNC_DONE).await
+                            {
                                 error!(error = %e, "cannot record that the initial sync is done");
                             }
                             match self.store.supersede_failures(fence).await {

@@ -12,7 +12,7 @@ use reqwest::{Method, Url};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
-use crate::settings::config::Secret;
+use crate::core::Secret;
 
 /// A domain named by name or by ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl Credentials {
         for key in ["OS_PASSWORD", "OS_APPLICATION_CREDENTIAL_SECRET"] {
             let file = var(&format!("{key}_FILE")).map(std::path::PathBuf::from);
             if let Some(v) =
-                crate::settings::cli::read_secret(None, file.as_deref(), &format!("{key}_FILE"))?
+                crate::core::read_secret(None, file.as_deref(), &format!("{key}_FILE"))?
             {
                 from_files.insert(key, v);
             }

@@ -14,6 +14,17 @@ use serde_json::Value;
 
 pub use routes::{classify, Classification, Creates, Reason, RouteClass, RouteMatch};
 
+/// An entity named by its natural key: name within a domain (a global role has
+/// no domain). `domain_id` is central's domain ID; the domain has its own ref.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct EntityRef {
+    pub id: String,
+    pub kind: String,
+    pub name: String,
+    #[serde(default)]
+    pub domain_id: Option<String>,
+}
+
 /// The central IDs of what a successful write created, read from Keystone's
 /// response (or the URL for resources created by `PUT`).
 pub fn created_ids(route: &RouteMatch, path: &str, response: Option<&Value>) -> Vec<String> {

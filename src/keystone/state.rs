@@ -1081,10 +1081,7 @@ pub fn in_flight(e: &Entity, changed: &HashSet<String>) -> bool {
 /// from the natural keys the op carries (read before it was forwarded), when
 /// the state holds such things: an entity with a natural key, a membership,
 /// an assignment, an implied role.
-pub fn deleted_key(
-    path: &str,
-    refs: &[crate::protocol::messages::EntityRef],
-) -> Option<(String, String)> {
+pub fn deleted_key(path: &str, refs: &[super::EntityRef]) -> Option<(String, String)> {
     let mut names = Names::default();
     let domain_key = |id: &str| -> Option<String> {
         if id == "default" {

@@ -1,6 +1,7 @@
 //! The sync protocol's messages and subjects (DESIGN section 2). Everything on
 //! the wire is JSON; an op's content travels sealed inside an `Envelope`.
 
+pub use crate::keystone::EntityRef;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -104,17 +105,6 @@ pub struct OpContent {
     /// The natural keys central knows for the IDs the op references.
     #[serde(default)]
     pub refs: Vec<EntityRef>,
-}
-
-/// An entity named by its natural key: name within a domain (a global role has
-/// no domain). `domain_id` is central's domain ID; the domain has its own ref.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EntityRef {
-    pub id: String,
-    pub kind: String,
-    pub name: String,
-    #[serde(default)]
-    pub domain_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -2,6 +2,8 @@
 //! defaults, turned into the typed configs in `config`. Bad values exit with code
 //! 2 and one line naming the option.
 
+pub use crate::core::read_secret;
+pub use crate::telemetry::LogFormat;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,12 +41,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -342,25 +338,6 @@ impl SyncArgs {
         )?;
         SyncKey::from_options(key, self.insecure_plaintext_sync)
     }
-}
-
-/// A secret given as a value or as a file (`--x-file`: its content, trailing
-/// whitespace trimmed). Errors name the option and the path, never the content.
-pub fn read_secret(
-    value: Option<String>,
-    file: Option<&Path>,
-    flag: &str,
-) -> Result<Option<String>, String> {
-    let Some(path) = file else {
-        return Ok(value);
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{flag}: cannot read {}: {e}", path.display()))?;
-    let text = text.trim_end();
-    if text.is_empty() {
-        return Err(format!("{flag}: {} is empty", path.display()));
-    }
-    Ok(Some(text.to_string()))
 }
 
 /// Limits of the HTTP listeners.

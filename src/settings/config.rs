@@ -11,7 +11,7 @@ use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
 use crate::protocol::crypto::{self, KeyError, Sealer};
 
-pub use crate::broker::Secret;
+pub use crate::core::Secret;
 
 /// Everything `syncgate central` needs.
 #[derive(Debug, Clone)]
