@@ -4,14 +4,16 @@
 //! capture of writes) → `store` (the op log) → `central` (assembly, publishing,
 //! acks, the audit API) → `protocol` (the wire contract both sides share:
 //! messages, subjects, sealing) → `broker` (the embedded NATS-protocol server,
-//! self-contained) → `edge` (replay against a site's Keystone). Beside it:
-//! `settings` (flags, environment, configuration file), `keystone` (what
+//! self-contained) → `edge` (replay against a site's Keystone). Above it all,
+//! `cli` (flags, environment, configuration file, the audit client); beside
+//! it: `settings` (the typed configuration), `keystone` (what
 //! Keystone's API means), `metrics`, `telemetry`, `serve` (HTTP listeners),
 //! `redact`, `retry`, and `core`, the ground floor (secrets, what both admin
 //! listeners share), which imports nothing else of the crate.
 
 pub mod broker;
 pub mod central;
+pub mod cli;
 pub mod core;
 pub mod edge;
 pub mod keystone;

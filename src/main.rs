@@ -3,8 +3,8 @@
 
 use std::process::ExitCode;
 
-use syncgate::settings::cli::{Command, ConfigVerb};
-use syncgate::settings::{self, Outcome};
+use syncgate::cli::args::{Command, ConfigVerb};
+use syncgate::cli::{self, Outcome};
 
 fn main() -> ExitCode {
     let cli = match parse(std::env::args_os()) {
@@ -90,12 +90,12 @@ fn main() -> ExitCode {
 
 /// The command line over the configuration file, or the exit code after
 /// printing help, the version or a one-line error.
-fn parse<I, T>(args: I) -> Result<settings::Layered, ExitCode>
+fn parse<I, T>(args: I) -> Result<cli::Layered, ExitCode>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    match settings::parse(args) {
+    match cli::parse(args) {
         Outcome::Run(layered) => Ok(*layered),
         Outcome::Exit { text, code: 0 } => {
             print!("{text}");
@@ -112,7 +112,7 @@ where
 /// `syncgate ROLE` would, validated, and printed with their sources.
 fn config_check(
     config: Option<std::path::PathBuf>,
-    role: syncgate::settings::cli::Role,
+    role: syncgate::cli::args::Role,
     args: Vec<std::ffi::OsString>,
 ) -> ExitCode {
     let mut argv: Vec<std::ffi::OsString> = vec!["syncgate".into()];
@@ -157,7 +157,7 @@ fn client_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 /// `syncgate healthcheck`: 0 when one of the targets answers 200, else 1.
-fn healthcheck(args: &syncgate::settings::cli::HealthcheckArgs) -> ExitCode {
+fn healthcheck(args: &syncgate::cli::args::HealthcheckArgs) -> ExitCode {
     let runtime = match client_runtime() {
         Ok(rt) => rt,
         Err(code) => return code,
@@ -186,7 +186,7 @@ fn healthcheck(args: &syncgate::settings::cli::HealthcheckArgs) -> ExitCode {
 
 /// `syncgate audit ...`: prints what the admin API says; the exit code says
 /// whether anything is out of sync.
-fn audit(args: syncgate::settings::cli::AuditArgs) -> ExitCode {
+fn audit(args: syncgate::cli::args::AuditArgs) -> ExitCode {
     let request = match args.into_request() {
         Ok(r) => r,
         Err(msg) => {
@@ -198,8 +198,8 @@ fn audit(args: syncgate::settings::cli::AuditArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let (text, code) = runtime.block_on(syncgate::central::client::run(&request));
-    if code == syncgate::central::client::UNAVAILABLE {
+    let (text, code) = runtime.block_on(syncgate::cli::audit::run(&request));
+    if code == syncgate::cli::audit::UNAVAILABLE {
         eprint!("{text}");
     } else {
         print!("{text}");

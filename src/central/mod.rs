@@ -5,7 +5,6 @@
 //! audit API; `client` is `syncgate audit`, its terminal client.
 
 pub mod admin;
-pub mod client;
 pub mod resolve;
 pub mod resync;
 pub mod sync;

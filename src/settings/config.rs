@@ -1,5 +1,6 @@
 //! Typed configuration for each command, validated once at start-up, and the
-//! `Secret` type that keeps tokens out of `Debug` output and logs.
+//! `Secret` type (the ground floor's, `core::Secret`) that keeps tokens out of
+//! `Debug` output and logs.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use serde_json::json;
-use syncgate::settings::cli::LogFormat;
+use syncgate::telemetry::LogFormat;
 
 use crate::sync::sync_env;
 

@@ -83,8 +83,8 @@ impl HealthcheckArgs {
             return vec![format!("{}/healthz", url.as_str().trim_end_matches('/'))];
         }
         let from_file = || {
-            let path = std::env::var_os(crate::settings::CONFIG_ENV)?;
-            let file = crate::settings::ConfigFile::load(Path::new(&path)).ok()?;
+            let path = std::env::var_os(crate::cli::CONFIG_ENV)?;
+            let file = crate::cli::ConfigFile::load(Path::new(&path)).ok()?;
             ["central", "edge"]
                 .iter()
                 .find_map(|role| file.get(role, "admin_listen"))
@@ -241,8 +241,8 @@ pub enum AuditVerb {
 }
 
 impl AuditArgs {
-    pub fn into_request(self) -> Result<crate::central::client::AuditRequest, String> {
-        use crate::central::client::Verb;
+    pub fn into_request(self) -> Result<crate::cli::audit::AuditRequest, String> {
+        use crate::cli::audit::Verb;
         let token = self.admin_token.read()?.map(Secret::new);
         let verb = match self.verb {
             AuditVerb::Edges => Verb::Edges,
@@ -274,7 +274,7 @@ impl AuditArgs {
             AuditVerb::DriftRun { edge } => Verb::DriftRun { edge },
             AuditVerb::Repair { edge, prune } => Verb::Repair { edge, prune },
         };
-        Ok(crate::central::client::AuditRequest {
+        Ok(crate::cli::audit::AuditRequest {
             admin_url: self.admin_url,
             token,
             json: matches!(self.format, OutputFormat::Json),
@@ -838,9 +838,9 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        match crate::settings::parse(args) {
-            crate::settings::Outcome::Run(layered) => Parsed::Run(Box::new(layered.cli)),
-            crate::settings::Outcome::Exit { text, code } => Parsed::Exit { text, code },
+        match crate::cli::parse(args) {
+            crate::cli::Outcome::Run(layered) => Parsed::Run(Box::new(layered.cli)),
+            crate::cli::Outcome::Exit { text, code } => Parsed::Exit { text, code },
         }
     }
 }
