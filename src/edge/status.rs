@@ -1,0 +1,77 @@
+//! What the edge shows of itself: on its admin listener, in its metrics, and
+//! in the hellos it sends central.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+use std::sync::Mutex;
+
+/// What the edge shows on its admin listener.
+#[derive(Debug, Default)]
+pub struct Status {
+    pub cursor: AtomicI64,
+    pub id_map_size: AtomicI64,
+    pub connected: AtomicBool,
+    pub halted: AtomicBool,
+    /// A resync from central holds the op stream.
+    pub resync_hold: AtomicBool,
+    pub applied: AtomicU64,
+    pub failed: AtomicU64,
+    pub retries: AtomicU64,
+    /// Re-drives from central handled (re-acknowledged, re-applied or refused).
+    pub redriven: AtomicU64,
+    /// Control messages dropped (forged, replayed, malformed).
+    pub rejected: AtomicU64,
+    /// Why the edge cannot make progress applying ops, if it cannot.
+    pub error: Mutex<Option<String>>,
+    /// Why central does not let this process apply ops now, if it does not.
+    grant_error: Mutex<Option<String>>,
+    /// What central warns of (another process tried to take this edge's ID).
+    warning: Mutex<Option<String>>,
+    /// What the edge waits for on purpose (writes that may still land): not
+    /// an error, and no reason to be unready.
+    waiting: Mutex<Option<String>>,
+}
+
+impl Status {
+    pub(super) fn set_error(&self, e: Option<String>) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    pub(super) fn set_grant_error(&self, e: Option<String>) {
+        *self.grant_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    pub(super) fn grant_error(&self) -> Option<String> {
+        self.grant_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(super) fn set_warning(&self, w: Option<String>) {
+        *self.warning.lock().unwrap_or_else(|p| p.into_inner()) = w;
+    }
+
+    pub(super) fn set_waiting(&self, w: Option<String>) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = w;
+    }
+
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn warning(&self) -> Option<String> {
+        self.warning
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Why the edge cannot make progress: central's word first, else the op's.
+    pub fn error(&self) -> Option<String> {
+        self.grant_error()
+            .or_else(|| self.error.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
