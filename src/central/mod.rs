@@ -5,6 +5,7 @@
 //! audit API; `client` is `syncgate audit`, its terminal client.
 
 pub mod admin;
+mod plan;
 pub mod resolve;
 pub mod resync;
 pub mod sync;
