@@ -2,7 +2,8 @@
 //! intents a crash left open), binds the proxy, admin and embedded broker
 //! listeners, and serves them until shutdown, draining in-flight requests
 //! first; `sync` publishes ops, serves replays and records acks; `admin` is the
-//! audit API; `client` is `syncgate audit`, its terminal client.
+//! audit API; `resync` runs resyncs and drift audits, `plan` says what a
+//! resync sends. Its terminal client, `syncgate audit`, is `cli::audit`.
 
 pub mod admin;
 mod plan;

@@ -1,6 +1,6 @@
 //! The command line: flags with their `SYNCGATE_*` environment variables and
-//! defaults, turned into the typed configs in `config`. Bad values exit with code
-//! 2 and one line naming the option.
+//! defaults, turned into the typed configs in `settings::config`. Bad values
+//! exit with code 2 and one line naming the option.
 
 pub use crate::core::read_secret;
 pub use crate::telemetry::LogFormat;
