@@ -95,6 +95,11 @@ pub enum AskError {
     Dropped { edge: String, why: Rejected },
 }
 
+/// What an edge's row says while two processes run with its ID.
+fn two_processes(edge: &str) -> String {
+    format!("two processes run with --id {edge}: the second one waits; stop one of them")
+}
+
 /// Seals one op for the wire.
 pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
     let content = OpContent {
@@ -625,10 +630,7 @@ impl SyncCentral {
             Seen::Rival { first, heard } => {
                 if first {
                     warn!(edge = %edge, "a second process with this edge's ID said hello; it waits");
-                    let why = format!(
-                        "two processes run with --id {edge}: the second one waits; stop one of them"
-                    );
-                    let _ = self.store.edge_error(edge, &why).await;
+                    let _ = self.store.edge_error(edge, &two_processes(edge)).await;
                 }
                 return Grant::Wait {
                     reason: format!(
@@ -707,9 +709,15 @@ impl SyncCentral {
             warn!(edge = %edge, skew_ms = skew, "an edge's clock is off central's: check NTP at that site");
         }
         let _ = self.store.edge_skew(edge, skew).await;
+        // While a second process with this ID lives, the row says so (the
+        // holder's hellos do not clear it).
+        let error = h
+            .error
+            .clone()
+            .or_else(|| self.rival_alive(edge, from).then(|| two_processes(edge)));
         match self
             .store
-            .edge_hello(edge, h.cursor, &h.version, h.error.as_deref())
+            .edge_hello(edge, h.cursor, &h.version, error.as_deref())
             .await
         {
             Ok(acked) => {
@@ -750,6 +758,17 @@ impl SyncCentral {
     }
 
     /// What the holder of an edge's ID should hear of a rival process.
+    /// Whether a second process with this edge's ID, refused while `from`
+    /// holds it, was heard within the holder's lease (it still runs).
+    fn rival_alive(&self, edge: &str, from: u64) -> bool {
+        let holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        holders.get(edge).is_some_and(|h| {
+            h.session == from
+                && h.rival
+                    .is_some_and(|(s, at)| s != from && at.elapsed() < h.lease)
+        })
+    }
+
     fn rival_warning(&self, edge: &str, from: u64) -> Option<String> {
         let holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
         let h = holders.get(edge)?;

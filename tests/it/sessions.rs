@@ -239,6 +239,13 @@ async fn two_processes_with_one_edge_id_never_both_apply() {
         6,
         "each applied once"
     );
+    // The row says so, and the holder's hellos do not clear it while the
+    // second process lives: looked at after one more of them.
+    let seen = edge_row(&env, "e1").await["last_seen"].clone();
+    env.until("the holder said hello again", || async {
+        edge_row(&env, "e1").await["last_seen"] != seen
+    })
+    .await;
     let row = edge_row(&env, "e1").await;
     assert!(
         row["error"]
