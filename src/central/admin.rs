@@ -591,15 +591,22 @@ async fn list_drift(
             )));
         }
     }
-    let kind = params.get("kind").map(String::as_str);
-    if let Some(k) = kind {
-        if !crate::keystone::state::KINDS.contains(&k) {
-            return Err(bad_request(format!(
-                "unknown kind '{k}' (expected one of {})",
-                crate::keystone::state::KINDS.join(", ")
-            )));
-        }
-    }
+    // A kind as this release names it, or as an older one did.
+    let kind = match params.get("kind") {
+        Some(k) => match crate::keystone::kinds::canonical(k, "")
+            .filter(|c| crate::keystone::state::kinds().any(|s| s == *c))
+        {
+            Some(c) => Some(c),
+            None => {
+                let known: Vec<_> = crate::keystone::state::kinds().collect();
+                return Err(bad_request(format!(
+                    "unknown kind '{k}' (expected one of {})",
+                    known.join(", ")
+                )));
+            }
+        },
+        None => None,
+    };
     let limit = row_limit(&params)?;
     if let Some(e) = edge {
         if admin

@@ -191,7 +191,7 @@ impl Tally {
             Outcome::Applied | Outcome::Skipped => match p.what {
                 "create" => {
                     self.created += 1;
-                    if p.kind == "user" {
+                    if p.kind == crate::keystone::kinds::USER.name {
                         if let Some(id) = p.op.created_ids.first() {
                             self.created_users.push((id.clone(), p.key.clone()));
                         }

@@ -18,6 +18,7 @@
 //! reading its state, waits for the edge to have applied up to the second, and
 //! leaves out every entity an op after the first touched.
 
+use crate::keystone::kinds::USER;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -398,7 +399,15 @@ impl Resyncer {
             if answer.run != run || answer.page != page {
                 return Err(Failure::Lost("the edge answered another request".into()));
             }
-            entities.extend(answer.entities);
+            // An older edge names some kinds as its release did.
+            entities.extend(answer.entities.into_iter().map(|mut e| {
+                if let Some(k) = crate::keystone::kinds::canonical(&e.kind, &e.key) {
+                    if k != e.kind {
+                        e.kind = k.to_string();
+                    }
+                }
+                e
+            }));
             page += 1;
             if page >= answer.pages {
                 return Ok((
@@ -572,7 +581,7 @@ impl Resyncer {
             .groups
             .iter()
             .flatten()
-            .filter(|p| p.kind == "user" && p.what == "create")
+            .filter(|p| p.kind == USER.name && p.what == "create")
             .filter_map(|p| {
                 p.op.created_ids
                     .first()
@@ -586,7 +595,7 @@ impl Resyncer {
         let pending = self.store.resync_users(edge).await.map_err(op_log)?;
         let central_users: HashSet<&str> = central
             .iter()
-            .filter(|e| e.kind == "user")
+            .filter(|e| e.kind == USER.name)
             .map(|e| e.id.as_str())
             .collect();
         let created: HashSet<&str> = pending
@@ -603,7 +612,7 @@ impl Resyncer {
         if !passwords.is_empty() {
             let keys: HashMap<&str, &str> = central
                 .iter()
-                .filter(|e| e.kind == "user")
+                .filter(|e| e.kind == USER.name)
                 .map(|e| (e.id.as_str(), e.key.as_str()))
                 .collect();
             let group = passwords
@@ -612,10 +621,10 @@ impl Resyncer {
                     let call = (
                         reqwest::Method::PATCH,
                         format!("/v3/users/{id}"),
-                        Some(json!({"user": {"password": password}})),
+                        Some(json!({ USER.member: {"password": password} })),
                     );
                     let key = keys.get(id.as_str()).copied().unwrap_or_default();
-                    let mut p = planned("user", key, "password", call, Vec::new());
+                    let mut p = planned(USER.name, key, "password", call, Vec::new());
                     p.user = Some(id);
                     p
                 })
@@ -766,7 +775,7 @@ impl Resyncer {
     ) -> Result<HashMap<String, String>, Failure> {
         let op_log = |e: crate::store::StoreError| Failure::Fatal(format!("op log: {e}"));
         let ops = self
-            .ops_between(0, fence, Some("user"))
+            .ops_between(0, fence, Some(USER.name))
             .await
             .map_err(op_log)?;
         // Each user's latest password op.
@@ -1031,7 +1040,7 @@ impl Resyncer {
         for d in found {
             *counts.entry((d.kind.to_string(), d.category)).or_default() += 1;
         }
-        for kind in state::KINDS {
+        for kind in state::kinds() {
             for category in [
                 Category::MissingAtEdge,
                 Category::OnlyAtEdge,
@@ -1086,7 +1095,7 @@ impl Resyncer {
         let Some((acked, _)) = self.store.edge_position(edge).await? else {
             return Ok(());
         };
-        let ops = self.ops_between(since, acked, Some("user")).await?;
+        let ops = self.ops_between(since, acked, Some(USER.name)).await?;
         for op in ops.iter().filter(|o| o.state == "committed") {
             let Some(user) = password_set_for(op) else {
                 continue;
@@ -1149,7 +1158,7 @@ fn password_of(op: &crate::store::OpRow) -> Option<(String, String)> {
         .body
         .as_deref()
         .and_then(|b| serde_json::from_str(b).ok())?;
-    let password = body["user"]["password"].as_str()?.to_string();
+    let password = body[USER.member]["password"].as_str()?.to_string();
     let user = match (op.method.as_str(), segs.as_slice()) {
         ("POST", ["v3", "users"]) => serde_json::from_str::<Vec<String>>(&op.created_ids)
             .ok()?

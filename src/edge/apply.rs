@@ -140,7 +140,9 @@ impl Applier<'_> {
         refused: &crate::keystone::client::Reply,
         adds: &mut Vec<(String, String, String)>,
     ) -> Result<Applied, Transient> {
-        let Some((_, user_path, patch)) = ids::password_change_as_patch(path, body) else {
+        let Some((_, user_path, patch)) =
+            keystone::kinds::identity::password_change_as_patch(path, body)
+        else {
             return Ok(failed(
                 Some(refused.status),
                 format!(
@@ -169,7 +171,7 @@ impl Applier<'_> {
         let expired = reply
             .json()
             .and_then(|v| {
-                v["user"]["password_expires_at"]
+                v[keystone::kinds::USER.member]["password_expires_at"]
                     .as_str()
                     .map(str::to_string)
             })
@@ -213,9 +215,7 @@ impl Applier<'_> {
             let Some(edge) = self.mapping(central).await? else {
                 return Ok(None);
             };
-            let present = self
-                .keystone
-                .get_entity(&op.kind, &edge)
+            let present = keystone::kinds::get_entity(self.keystone, &op.kind, &edge)
                 .await
                 .map_err(|e| Transient::from(e).read())?;
             if present.is_none() {
@@ -370,7 +370,8 @@ impl Applier<'_> {
             .keystone
             .send(send_method, &send_path, send_body.as_ref())
             .await?;
-        if op.kind == "user_password" && matches!(reply.status, 400 | 401 | 403) {
+        if op.kind == keystone::kinds::USER_PASSWORD.name && matches!(reply.status, 400 | 401 | 403)
+        {
             return self
                 .password_as_admin(&send_path, send_body.as_ref(), &reply, &mut adds)
                 .await;
@@ -700,8 +701,7 @@ impl Applier<'_> {
                 .and_then(|e| natural_key(kind, e))
             {
                 Some((name, domain)) => {
-                    self.keystone
-                        .find_by_name(kind, &name, domain.as_deref())
+                    keystone::kinds::find_by_name(self.keystone, kind, &name, domain.as_deref())
                         .await?
                 }
                 None => None,
@@ -760,9 +760,13 @@ impl Applier<'_> {
     ) -> Result<Option<String>, Transient> {
         let kind = replay.kind.as_str();
         // Created by PUT: updated at the same URL.
-        let path = match (creates, keystone::client::collection(kind)) {
+        // Only a kind with a natural key is adopted by one: its member URL.
+        let member = keystone::kinds::named(kind)
+            .filter(|k| k.key.by_name())
+            .and_then(|k| k.member_path(edge_id));
+        let path = match (creates, member) {
             (Creates::FromUrl, _) => replay.path.clone(),
-            (_, Some(coll)) => format!("/v3/{coll}/{}", keystone::client::encode(edge_id)),
+            (_, Some(at)) => at,
             (_, None) => return Ok(None),
         };
         let Some(Value::Object(fields)) = replay.body.as_ref().and_then(|b| b.get(kind)) else {
@@ -840,28 +844,26 @@ impl Applier<'_> {
                 None => match self.mapping(d).await? {
                     Some(x) => Some(x),
                     None => {
-                        let Some(dref) = refs.iter().find(|x| x.id == d && x.kind == "domain")
+                        let domain = &keystone::kinds::DOMAIN;
+                        let Some(dref) = refs.iter().find(|x| x.id == d && x.kind == domain.name)
                         else {
                             return Ok(None);
                         };
-                        let Some(found) = self
-                            .keystone
-                            .find_by_name("domain", &dref.name, None)
-                            .await?
+                        let Some(found) =
+                            domain.find_by_key(self.keystone, &dref.name, None).await?
                         else {
                             return Ok(None);
                         };
                         resolved.insert(d.to_string(), found.clone());
-                        adds.push((d.to_string(), found.clone(), "domain".into()));
+                        adds.push((d.to_string(), found.clone(), domain.name.into()));
                         Some(found)
                     }
                 },
             },
         };
-        let found = self
-            .keystone
-            .find_by_name(&r.kind, &r.name, domain.as_deref())
-            .await?;
+        let found =
+            keystone::kinds::find_by_name(self.keystone, &r.kind, &r.name, domain.as_deref())
+                .await?;
         if let Some(edge_id) = &found {
             adds.push((r.id.clone(), edge_id.clone(), r.kind.clone()));
         }

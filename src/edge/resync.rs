@@ -506,7 +506,7 @@ async fn apply_one(
     // A create an earlier try of this step may have sent is looked for first
     // when nothing else finds it (a named entity's 409 is adopted).
     let attempt = super::apply::Attempt {
-        maybe_sent: maybe_sent || !crate::keystone::ids::NAMED_KINDS.contains(&op.kind.as_str()),
+        maybe_sent: maybe_sent || !crate::keystone::ids::named(&op.kind),
         ..Default::default()
     };
     let mut in_doubt = false;

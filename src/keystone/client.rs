@@ -12,6 +12,7 @@ use reqwest::{Method, Url};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
+use super::model::NaturalKey;
 use crate::core::Secret;
 
 /// A domain named by name or by ID.
@@ -243,18 +244,6 @@ pub struct KeystoneClient {
     auths: Mutex<u64>,
 }
 
-/// The collection and JSON key of a named entity kind.
-pub fn collection(kind: &str) -> Option<&'static str> {
-    Some(match kind {
-        "domain" => "domains",
-        "project" => "projects",
-        "user" => "users",
-        "group" => "groups",
-        "role" => "roles",
-        _ => return None,
-    })
-}
-
 impl KeystoneClient {
     pub fn new(
         base: &Url,
@@ -397,103 +386,102 @@ impl KeystoneClient {
         }
     }
 
-    /// The ID of the entity of `kind` named `name` (in `domain_id`; for a role,
-    /// `None` means a global role).
-    pub async fn find_by_name(
+    /// The ID of the entity of a collection whose natural key (by `rule`)
+    /// is `name` (in `domain_id`; for a rule that allows a global entity,
+    /// `None` means a global one). `what` names it in errors.
+    pub async fn find_by_key(
         &self,
-        kind: &str,
+        collection: &str,
+        rule: NaturalKey,
+        what: &str,
         name: &str,
         domain_id: Option<&str>,
     ) -> Result<Option<String>, ClientError> {
-        if kind == "service" {
-            return self.find_service(name).await;
+        match rule {
+            NaturalKey::None => return Ok(None),
+            NaturalKey::TypeAndName => return self.find_service(collection, what, name).await,
+            _ => {}
         }
-        let Some(coll) = collection(kind) else {
-            return Ok(None);
-        };
-        let mut path = format!("/v3/{coll}?name={}", encode(name));
-        if let Some(d) = domain_id.filter(|_| kind != "domain") {
+        let mut path = format!("/v3/{collection}?name={}", encode(name));
+        if let Some(d) = domain_id.filter(|_| rule != NaturalKey::Name) {
             path.push_str(&format!("&domain_id={}", encode(d)));
         }
         let reply = self.send(Method::GET, &path, None).await?;
         if !reply.is_success() {
             if reply.status >= 500 || reply.status == 429 {
                 return Err(ClientError::Unreachable(format!(
-                    "HTTP {} looking up a {kind}",
+                    "HTTP {} looking up a {what}",
                     reply.status
                 )));
             }
             return Ok(None);
         }
         let json = reply.json().unwrap_or(Value::Null);
-        let found = json[coll].as_array().into_iter().flatten().find(|e| {
+        let found = json[collection].as_array().into_iter().flatten().find(|e| {
             e["name"].as_str() == Some(name)
-                && (kind == "domain"
+                && (rule == NaturalKey::Name
                     || match domain_id {
                         Some(d) => e["domain_id"].as_str() == Some(d),
-                        None => kind != "role" || e["domain_id"].is_null(),
+                        None => {
+                            rule != NaturalKey::NameGlobalOrInDomain || e["domain_id"].is_null()
+                        }
                     })
         });
         Ok(found.and_then(|e| e["id"].as_str()).map(str::to_string))
     }
 
-    /// One entity by kind and ID, `None` when it does not exist.
-    pub async fn get_entity(&self, kind: &str, id: &str) -> Result<Option<Value>, ClientError> {
-        let Some(coll) = collection(kind).or(match kind {
-            // Kinds with IDs of their own but no natural key.
-            "credential" => Some("credentials"),
-            "policy" => Some("policies"),
-            "service" => Some("services"),
-            "endpoint" => Some("endpoints"),
-            "region" => Some("regions"),
-            "endpoint_group" => Some("OS-EP-FILTER/endpoint_groups"),
-            "registered_limit" => Some("registered_limits"),
-            "limit" => Some("limits"),
-            _ => None,
-        }) else {
-            return Ok(None);
-        };
-        let reply = self
-            .send(Method::GET, &format!("/v3/{coll}/{}", encode(id)), None)
-            .await?;
+    /// The entity at a member URL (under `member` in the answer), `None`
+    /// when it does not exist. `what` names it in errors.
+    pub async fn get_member(
+        &self,
+        path: &str,
+        member: &str,
+        what: &str,
+    ) -> Result<Option<Value>, ClientError> {
+        let reply = self.send(Method::GET, path, None).await?;
         if reply.status >= 500 || reply.status == 429 {
             return Err(ClientError::Unreachable(format!(
-                "HTTP {} reading a {kind}",
+                "HTTP {} reading a {what}",
                 reply.status
             )));
         }
         Ok(reply
             .is_success()
-            .then(|| reply.json().map(|v| v[kind].clone()))
+            .then(|| reply.json().map(|v| v[member].clone()))
             .flatten())
     }
 }
 
 impl KeystoneClient {
-    /// The service of this natural key (`<type>/<name>`, as
-    /// `ids::service_key` makes it) when exactly one has it.
-    async fn find_service(&self, key: &str) -> Result<Option<String>, ClientError> {
+    /// The entity of this `<type>/<name>` natural key (a service, as
+    /// `kind::service_key` makes it) when exactly one has it.
+    async fn find_service(
+        &self,
+        collection: &str,
+        what: &str,
+        key: &str,
+    ) -> Result<Option<String>, ClientError> {
         let Some((kind, name)) = key.split_once('/') else {
             return Ok(None);
         };
         let reply = self
             .send(
                 Method::GET,
-                &format!("/v3/services?type={}", encode(kind)),
+                &format!("/v3/{collection}?type={}", encode(kind)),
                 None,
             )
             .await?;
         if !reply.is_success() {
             if reply.status >= 500 || reply.status == 429 {
                 return Err(ClientError::Unreachable(format!(
-                    "HTTP {} looking up a service",
+                    "HTTP {} looking up a {what}",
                     reply.status
                 )));
             }
             return Ok(None);
         }
         let json = reply.json().unwrap_or(Value::Null);
-        let mut found = json["services"]
+        let mut found = json[collection]
             .as_array()
             .into_iter()
             .flatten()

@@ -5,54 +5,26 @@
 
 use serde_json::Value;
 
-/// An ID named by a request, with the kind of entity it names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdRef {
-    pub id: String,
-    pub kind: &'static str,
+use super::kinds::{self, ALL};
+pub use super::model::{is_mappable_id, Call, IdRef, Replay, Transform};
+
+/// Whether a kind has a natural key by name (within a domain).
+pub fn named(kind: &str) -> bool {
+    kinds::named(kind).is_some_and(|k| k.key.by_name())
 }
 
-/// Entity kinds with a natural key (name, within a domain).
-pub const NAMED_KINDS: [&str; 5] = ["domain", "project", "user", "group", "role"];
-
-/// Whether a string is a Keystone-generated ID (32 hex digits).
-pub fn is_mappable_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// The entity kind of the member segment after a collection segment.
+/// The entity kind of the member segment after a path segment.
 fn kind_of_collection(segment: &str) -> Option<&'static str> {
-    Some(match segment {
-        "users" => "user",
-        "groups" => "group",
-        "projects" => "project",
-        "domains" => "domain",
-        "roles" | "implies" => "role",
-        "credentials" => "credential",
-        "policies" => "policy",
-        "services" => "service",
-        "endpoints" => "endpoint",
-        "regions" => "region",
-        "limits" => "limit",
-        "registered_limits" => "registered_limit",
-        "endpoint_groups" => "endpoint_group",
-        _ => return None,
-    })
+    ALL.iter()
+        .find(|k| k.id_segments.contains(&segment))
+        .map(|k| k.name)
 }
 
 /// The entity kind a body field names by ID.
 fn kind_of_field(key: &str) -> Option<&'static str> {
-    Some(match key {
-        "domain_id" => "domain",
-        "project_id" | "default_project_id" | "parent_id" | "tenant_id" => "project",
-        "user_id" => "user",
-        "group_id" => "group",
-        "role_id" | "prior_role_id" | "implied_role_id" => "role",
-        "service_id" => "service",
-        "endpoint_id" => "endpoint",
-        "policy_id" => "policy",
-        _ => return None,
-    })
+    ALL.iter()
+        .find(|k| k.ref_fields.contains(&key))
+        .map(|k| k.name)
 }
 
 /// IDs named in a path (query ignored).
@@ -111,42 +83,13 @@ pub fn all_refs(path: &str, body: Option<&Value>) -> Vec<IdRef> {
 /// key: the named kinds, and services (by type and name: the catalog is each
 /// site's own, so a limit or an endpoint policy names the edge's service).
 pub fn referable(kind: &str) -> bool {
-    NAMED_KINDS.contains(&kind) || kind == "service"
+    kinds::named(kind).is_some_and(|k| k.key != super::model::NaturalKey::None)
 }
 
-/// A service's natural key as an op carries it (in `EntityRef::name`):
-/// `<type>/<name>` (a type has no `/`).
-pub fn service_key(entity: &Value) -> Option<String> {
-    let kind = entity.get("type")?.as_str()?;
-    let name = entity.get("name").and_then(Value::as_str).unwrap_or("");
-    (!kind.contains('/')).then(|| format!("{kind}/{name}"))
-}
-
-/// The natural key an entity's JSON carries: (name, domain ID). A domain has no
-/// domain; a role without `domain_id` is global; other kinds default to `default`.
+/// The natural key an entity's JSON carries: (name, domain ID); see
+/// `Kind::natural_key`.
 pub fn natural_key(kind: &str, entity: &Value) -> Option<(String, Option<String>)> {
-    if kind == "service" {
-        return service_key(entity).map(|k| (k, None));
-    }
-    if !NAMED_KINDS.contains(&kind) {
-        return None;
-    }
-    let name = entity.get("name")?.as_str()?.to_string();
-    let domain = match kind {
-        "domain" => None,
-        "role" => entity
-            .get("domain_id")
-            .and_then(Value::as_str)
-            .map(str::to_string),
-        _ => Some(
-            entity
-                .get("domain_id")
-                .and_then(Value::as_str)
-                .unwrap_or("default")
-                .to_string(),
-        ),
-    };
-    Some((name, domain))
+    kinds::named(kind)?.natural_key(entity)
 }
 
 /// For a DELETE of an entity (`/v3/<collection>/<id>`), the deleted ID.
@@ -156,11 +99,11 @@ pub fn deleted_id(method: &str, path: &str) -> Option<String> {
     }
     let path = path.split('?').next().unwrap_or(path);
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    match segments.as_slice() {
-        ["v3", coll, id] if kind_of_collection(coll).is_some() => Some(id.to_string()),
-        ["v3", "OS-EP-FILTER", "endpoint_groups", id] => Some(id.to_string()),
-        _ => None,
-    }
+    let (id, collection) = segments.split_last()?;
+    let collection = collection.strip_prefix(&["v3"])?.join("/");
+    ALL.iter()
+        .any(|k| k.collection == Some(collection.as_str()))
+        .then(|| id.to_string())
 }
 
 /// Replaces every mapped ID in a path.
@@ -203,10 +146,7 @@ pub fn rewrite_body(body: &mut Value, map: &dyn Fn(&str) -> Option<String>) {
 
 /// Whether an object under this key stands for an entity referenced by `id`.
 fn names_an_entity(key: &str) -> bool {
-    matches!(
-        key,
-        "domain" | "project" | "projects" | "user" | "group" | "groups" | "role" | "roles"
-    )
+    ALL.iter().any(|k| k.ref_objects.contains(&key))
 }
 
 fn rewrite_under(value: &mut Value, key: Option<&str>, map: &dyn Fn(&str) -> Option<String>) {
@@ -241,180 +181,6 @@ fn rewrite_under(value: &mut Value, key: Option<&str>, map: &dyn Fn(&str) -> Opt
     }
 }
 
-/// A request to send: method, path, body.
-pub type Call = (String, String, Option<Value>);
-
-/// A call replayed in another form because an admin cannot make it as sent,
-/// or because only another form keeps what central made.
-pub struct Transform {
-    pub kind: &'static str,
-    pub method: &'static str,
-    pub why: &'static str,
-    /// The form to send, from the op's path and body (IDs rewritten) and the
-    /// IDs central made; `None`: sent as it is.
-    apply: fn(&str, Option<&Value>, &[String]) -> Option<Replay>,
-}
-
-/// What an edge sends for an op.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Replay {
-    pub method: String,
-    pub path: String,
-    pub body: Option<Value>,
-    /// The kind the call makes, as a look for it or an adoption names it
-    /// (a project acting as a domain is made, found and adopted as a domain).
-    pub kind: String,
-    /// A write made first, when it is missing here: what Keystone made at
-    /// central on its own for this write (the domain of an identity provider
-    /// created without one). Answered 409, it exists already.
-    pub first: Option<Call>,
-}
-
-impl Replay {
-    fn as_sent(kind: &str, method: &str, path: &str, body: Option<Value>) -> Replay {
-        Replay {
-            method: method.to_string(),
-            path: path.to_string(),
-            body,
-            kind: kind.to_string(),
-            first: None,
-        }
-    }
-}
-
-/// Every replay transform, in one place. A self-service password change
-/// (`POST /v3/users/{id}/password`) is replayed as sent: an admin's PATCH
-/// would leave the password expired where Keystone runs with
-/// `change_password_upon_first_use`; the edge falls back to the PATCH
-/// (`password_change_as_patch`) only when the site refuses the change.
-pub static TRANSFORMS: &[Transform] = &[
-    Transform {
-        kind: "ec2_credential",
-        method: "POST",
-        why: "Keystone makes an EC2 key's access and secret: replayed through /v3/credentials \
-              with central's, the key, and its credential ID (the access key's SHA-256), are the \
-              same at every site, so revoking it anywhere revokes it everywhere",
-        apply: ec2_key_as_credential,
-    },
-    Transform {
-        kind: "project",
-        method: "POST",
-        why: "a project acting as a domain (is_domain) is a domain, which logins name by ID: \
-              replayed through the domain API with explicit_domain_id it keeps central's ID (the \
-              projects API would give it another)",
-        apply: domain_project_as_domain,
-    },
-    Transform {
-        kind: "identity_provider",
-        method: "PUT",
-        why: "an identity provider created without a domain gets one Keystone makes (ID and name \
-              a new UUID): the op carries central's, made first at the edge with that ID, so the \
-              provider and what is made in its domain name the same domain at every site",
-        apply: idp_with_its_domain,
-    },
-];
-
-/// The top-level field of an identity provider's replay body naming the
-/// domain Keystone made for it at central (see `inject_derived`); never sent.
-pub const IDP_MADE_DOMAIN: &str = "domain_made_by_keystone";
-
-/// An identity provider whose domain central's Keystone made: that domain
-/// (as Keystone makes it: ID and name the same UUID, enabled, described as
-/// made for this provider) is created first, with central's ID.
-fn idp_with_its_domain(path: &str, body: Option<&Value>, _created: &[String]) -> Option<Replay> {
-    let domain = body?.get(IDP_MADE_DOMAIN)?.as_str()?.to_string();
-    let idp = path.rsplit('/').next()?;
-    let mut sent = body?.clone();
-    sent.as_object_mut()?.remove(IDP_MADE_DOMAIN);
-    let made = serde_json::json!({"domain": {
-        "explicit_domain_id": domain,
-        "name": domain,
-        "description": format!("Auto generated federated domain for Identity Provider: {idp}"),
-        "enabled": true,
-    }});
-    Some(Replay {
-        first: Some(("POST".into(), "/v3/domains".into(), Some(made))),
-        ..Replay::as_sent("identity_provider", "PUT", path, Some(sent))
-    })
-}
-
-/// A project created with `is_domain: true` as the domain it is, with
-/// central's ID. The domain API takes what the project carries (its extra
-/// attributes too) but where it sits.
-fn domain_project_as_domain(
-    path: &str,
-    body: Option<&Value>,
-    created: &[String],
-) -> Option<Replay> {
-    let project = body?.get("project")?.as_object()?;
-    if path != "/v3/projects" || project.get("is_domain") != Some(&Value::Bool(true)) {
-        return None;
-    }
-    let [id] = created else { return None };
-    let mut domain: serde_json::Map<String, Value> = project
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "is_domain" | "domain_id" | "parent_id" | "id"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    domain.insert("explicit_domain_id".into(), Value::String(id.clone()));
-    Some(Replay {
-        method: "POST".into(),
-        path: "/v3/domains".into(),
-        body: Some(serde_json::json!({ "domain": domain })),
-        kind: "domain".into(),
-        first: None,
-    })
-}
-
-/// An EC2 key created at central (`POST /v3/users/{id}/credentials/OS-EC2`,
-/// its replay body carrying central's access and secret) as the same key
-/// created through `/v3/credentials`. An op without them (logged by an older
-/// central) is replayed as sent.
-fn ec2_key_as_credential(path: &str, body: Option<&Value>, _created: &[String]) -> Option<Replay> {
-    let body = body?;
-    let user = path
-        .strip_prefix("/v3/users/")?
-        .strip_suffix("/credentials/OS-EC2")?;
-    let (access, secret) = (body.get("access")?.as_str()?, body.get("secret")?.as_str()?);
-    // Written as Keystone writes it (Python's `json.dumps` of access, secret,
-    // trust_id): the same blob, byte for byte, at every site (a drift audit
-    // names a credential by a digest of its blob).
-    let blob = format!(
-        r#"{{"access": {}, "secret": {}, "trust_id": null}}"#,
-        Value::String(access.to_string()),
-        Value::String(secret.to_string())
-    );
-    let mut credential = serde_json::json!({
-        "type": "ec2",
-        "user_id": user,
-        "blob": blob,
-    });
-    if let Some(project) = body.get("tenant_id").filter(|p| p.is_string()) {
-        credential["project_id"] = project.clone();
-    }
-    Some(Replay::as_sent(
-        "ec2_credential",
-        "POST",
-        "/v3/credentials",
-        Some(serde_json::json!({ "credential": credential })),
-    ))
-}
-
-/// An admin's form of a self-service password change: PATCH the user with
-/// the new password.
-pub fn password_change_as_patch(
-    path: &str,
-    body: Option<&Value>,
-) -> Option<(String, String, Option<Value>)> {
-    let user_path = path.strip_suffix("/password")?;
-    let password = body?.get("user")?.get("password")?.clone();
-    Some((
-        "PATCH".into(),
-        user_path.to_string(),
-        Some(serde_json::json!({"user": {"password": password}})),
-    ))
-}
-
 /// What to send at an edge for an op (after ID rewriting), given the IDs
 /// central made.
 pub fn replay_form(
@@ -424,9 +190,8 @@ pub fn replay_form(
     body: Option<Value>,
     created: &[String],
 ) -> Replay {
-    TRANSFORMS
-        .iter()
-        .find(|t| t.kind == kind && t.method == method)
+    kinds::named(kind)
+        .and_then(|k| k.transforms.iter().find(|t| t.method == method))
         .and_then(|t| (t.apply)(path, body.as_ref(), created))
         .unwrap_or_else(|| Replay::as_sent(kind, method, path, body))
 }
@@ -567,7 +332,8 @@ mod tests {
             sent,
             Replay::as_sent("user_password", "POST", &path, Some(body.clone()))
         );
-        let (method, path, body) = password_change_as_patch(&path, Some(&body)).unwrap();
+        let (method, path, body) =
+            kinds::identity::password_change_as_patch(&path, Some(&body)).unwrap();
         assert_eq!(
             (method.as_str(), path.as_str()),
             ("PATCH", format!("/v3/users/{B}").as_str())
@@ -576,7 +342,11 @@ mod tests {
         // Everything else is replayed as sent.
         let sent = replay_form("user", "PATCH", "/v3/users/x", None, &[]);
         assert_eq!(sent, Replay::as_sent("user", "PATCH", "/v3/users/x", None));
-        assert_eq!(TRANSFORMS.len(), 3, "each transform has a test here");
+        assert_eq!(
+            ALL.iter().map(|k| k.transforms.len()).sum::<usize>(),
+            3,
+            "each transform has a test here"
+        );
     }
 
     #[test]
@@ -654,7 +424,7 @@ mod tests {
     fn an_identity_providers_domain_made_by_keystone_is_made_first() {
         let path = "/v3/OS-FEDERATION/identity_providers/idp1";
         let body = json!({"identity_provider": {"enabled": true, "domain_id": A},
-                          IDP_MADE_DOMAIN: A});
+                          kinds::federation::IDP_MADE_DOMAIN: A});
         let sent = replay_form(
             "identity_provider",
             "PUT",

@@ -1,10 +1,18 @@
-//! What syncgate knows about Keystone v3: the route table, where a created
-//! resource's ID is found, and which generated values a replayed create must carry
-//! so that every site ends up with the same ID where Keystone allows it.
+//! What syncgate knows about Keystone v3. A small model (`model`: route
+//! classes, IDs, entities, replays), the catalogue of resource kinds
+//! (`kinds/`, each entry shaped as `kind::Kind`), and the engines that
+//! iterate it: route classification (`routes`), IDs in requests and their
+//! rewriting (`ids`), what a write touches (`touches`), finding a create
+//! again (`probe`), an unknown outcome (`resolve`), and a site's state read,
+//! compared and written (`state`, with the kit in `reader`).
 
 pub mod client;
 pub mod ids;
+pub mod kind;
+pub mod kinds;
+pub mod model;
 pub mod probe;
+pub mod reader;
 pub mod resolve;
 pub mod routes;
 pub mod state;
@@ -12,18 +20,8 @@ pub mod touches;
 
 use serde_json::Value;
 
+pub use model::EntityRef;
 pub use routes::{classify, Classification, Creates, Reason, RouteClass, RouteMatch};
-
-/// An entity named by its natural key: name within a domain (a global role has
-/// no domain). `domain_id` is central's domain ID; the domain has its own ref.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct EntityRef {
-    pub id: String,
-    pub kind: String,
-    pub name: String,
-    #[serde(default)]
-    pub domain_id: Option<String>,
-}
 
 /// The central IDs of what a successful write created, read from Keystone's
 /// response (or the URL for resources created by `PUT`).
@@ -44,12 +42,7 @@ pub fn created_ids(route: &RouteMatch, path: &str, response: Option<&Value>) -> 
 /// Keystone answers a create with `{"<singular>": {...}}`, or for limits
 /// `{"<plural>": [{...}, ...]}`; `links` may sit beside it.
 fn ids_in_body(kind: &str, body: &Value) -> Vec<String> {
-    // An EC2 credential is named by its access key.
-    let id_field = if kind == "ec2_credential" {
-        "access"
-    } else {
-        "id"
-    };
+    let id_field = kinds::named(kind).map_or("id", |k| k.id_field);
     let Some(obj) = body.as_object() else {
         return Vec::new();
     };
@@ -63,22 +56,22 @@ fn ids_in_body(kind: &str, body: &Value) -> Vec<String> {
     }
 }
 
-/// Injects the values Keystone generated at central into a create's request body,
-/// where Keystone honours a client-supplied value (checked on keystone 30.0.0):
-/// a domain takes `explicit_domain_id`, a region its `id`. Keystone ignores `id`
-/// on most other creates and rejects it on limits and endpoint groups, so nothing
-/// else is touched. Returns whether the body changed.
+/// Injects the values Keystone generated at central into a create's request
+/// body, where Keystone honours a client-supplied value (a kind's
+/// `keeps_id`: a domain's `explicit_domain_id`, a region's `id`). Keystone
+/// ignores `id` on most other creates and rejects it on limits and endpoint
+/// groups, so nothing else is touched. Returns whether the body changed.
 pub fn inject_generated(route: &RouteMatch, request: &mut Value, created: &[String]) -> bool {
     if route.creates != Creates::InBody {
         return false;
     }
     let [id] = created else { return false };
-    let (wrapper, field) = match route.kind {
-        "domain" => ("domain", "explicit_domain_id"),
-        "region" => ("region", "id"),
-        _ => return false,
+    let Some((member, field)) =
+        kinds::named(route.kind).and_then(|k| Some((k.member, k.keeps_id?)))
+    else {
+        return false;
     };
-    match request.get_mut(wrapper).and_then(Value::as_object_mut) {
+    match request.get_mut(member).and_then(Value::as_object_mut) {
         Some(entity) => {
             entity.insert(field.to_string(), Value::String(id.clone()));
             true
@@ -87,77 +80,17 @@ pub fn inject_generated(route: &RouteMatch, request: &mut Value, created: &[Stri
     }
 }
 
-/// Puts into a create's replay body what Keystone derived from the caller's
-/// token, read from central's answer: the domain of a user, group or project
-/// created without `domain_id` (the token's scope domain at central; the
-/// edge's own service token would put it elsewhere). True when it changed.
+/// Puts into a create's replay body what Keystone derived at central and
+/// the edge's own call would not (a kind's `derive`): the domain of a user,
+/// group or project created without one (the token's scope domain at
+/// central), an EC2 key's access and secret, an identity provider's domain.
+/// True when it changed.
 pub fn inject_derived(route: &RouteMatch, request: &mut Value, response: Option<&Value>) -> bool {
-    // An identity provider created without a domain is given one Keystone
-    // makes: the replay names it, and says it was made so (the edge makes
-    // it first, with this ID; see `ids::TRANSFORMS`).
-    if route.kind == "identity_provider" && route.creates == Creates::FromUrl {
-        let Some(domain) = response
-            .and_then(|r| r.get("identity_provider"))
-            .and_then(|i| i.get("domain_id"))
-            .and_then(Value::as_str)
-        else {
-            return false;
-        };
-        let Some(body) = request.as_object_mut() else {
-            return false;
-        };
-        let Some(idp) = body
-            .get_mut("identity_provider")
-            .and_then(Value::as_object_mut)
-        else {
-            return false;
-        };
-        if !idp.get("domain_id").is_none_or(Value::is_null) {
-            return false;
-        }
-        idp.insert("domain_id".into(), Value::String(domain.to_string()));
-        body.insert(
-            ids::IDP_MADE_DOMAIN.into(),
-            Value::String(domain.to_string()),
-        );
-        return true;
-    }
-    if route.creates != Creates::InBody {
-        return false;
-    }
-    // An EC2 key's access and secret are made by Keystone: the replay
-    // carries central's (the edge creates the same key, see `ids::TRANSFORMS`).
-    if route.kind == "ec2_credential" {
-        let made = response.and_then(|r| r.get("credential"));
-        let (Some(access), Some(secret)) = (
-            made.and_then(|c| c.get("access")).and_then(Value::as_str),
-            made.and_then(|c| c.get("secret")).and_then(Value::as_str),
-        ) else {
-            return false;
-        };
-        let Some(body) = request.as_object_mut() else {
-            return false;
-        };
-        body.insert("access".into(), Value::String(access.to_string()));
-        body.insert("secret".into(), Value::String(secret.to_string()));
-        return true;
-    }
-    if !matches!(route.kind, "user" | "group" | "project") {
-        return false;
-    }
-    let Some(domain) = response
-        .and_then(|r| r.get(route.kind))
-        .and_then(|e| e.get("domain_id"))
-        .and_then(Value::as_str)
-    else {
-        return false;
-    };
-    match request.get_mut(route.kind).and_then(Value::as_object_mut) {
-        Some(entity) if entity.get("domain_id").is_none_or(Value::is_null) => {
-            entity.insert("domain_id".into(), Value::String(domain.to_string()));
-            true
-        }
-        _ => false,
+    match kinds::named(route.kind) {
+        Some(k) => k
+            .derive
+            .is_some_and(|derive| derive(k, route.creates, request, response)),
+        None => false,
     }
 }
 
@@ -194,7 +127,7 @@ mod tests {
         assert_eq!(
             body,
             json!({"identity_provider": {"enabled": true, "domain_id": "d9"},
-                   ids::IDP_MADE_DOMAIN: "d9"})
+                   kinds::federation::IDP_MADE_DOMAIN: "d9"})
         );
         // Given one: kept as sent, nothing made.
         let mut given = json!({"identity_provider": {"domain_id": "d9"}});

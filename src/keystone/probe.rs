@@ -14,7 +14,8 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::client::{encode, ClientError, KeystoneClient, Reply};
-use super::ids::natural_key;
+use super::kind::{Kind, Probe};
+use super::kinds::{self, credentials::ec2_credential_id, CREDENTIAL, DOMAIN};
 use super::Creates;
 
 /// What a look for a create found.
@@ -46,91 +47,59 @@ pub async fn find_created(
         let id = path.rsplit('/').next().unwrap_or_default().to_string();
         return Ok(unique(reply.is_success().then(|| vec![id])));
     }
-    let Some(body) = body else {
+    let (Some(body), Some(k)) = (body, kinds::named(kind)) else {
         return Ok(Found::Nothing);
     };
-    let entity = body.get(kind).unwrap_or(&Value::Null);
+    let entity = body.get(k.member).unwrap_or(&Value::Null);
     let one = |id: Option<String>| Ok(unique(id.map(|i| vec![i])));
-    // An EC2 key sent with central's access key (through /v3/credentials)
-    // has the ID Keystone derives from it: looked for by that ID.
-    if let Some(id) = ec2_credential_id(kind, body) {
-        let found = keystone.get_entity("credential", &id).await?;
-        return one(found.map(|_| id));
-    }
-    match kind {
-        "domain" => {
-            if let Some(id) = entity.get("explicit_domain_id").and_then(Value::as_str) {
-                let found = keystone.get_entity("domain", id).await?;
-                return one(found.map(|_| id.to_string()));
-            }
-            by_name(keystone, kind, entity).await
+    let kept = k
+        .keeps_id
+        .and_then(|f| entity.get(f))
+        .and_then(Value::as_str);
+    match k.probe {
+        Probe::None => Ok(Found::Nothing),
+        Probe::KeptId | Probe::KeptIdOrKey if kept.is_some() => {
+            let id = kept.unwrap_or_default();
+            let found = k.get(keystone, id).await?;
+            one(found.map(|_| id.to_string()))
         }
-        // A project acting as a domain is a domain (the projects API lists
+        Probe::KeptId => Ok(Found::Nothing),
+        // An entity acting as a domain is a domain (the projects API lists
         // none): looked for as one.
-        "project" if entity.get("is_domain") == Some(&Value::Bool(true)) => {
-            by_name(keystone, "domain", entity).await
+        Probe::Key if entity.get("is_domain") == Some(&Value::Bool(true)) => {
+            by_key(keystone, &DOMAIN, entity).await
         }
-        "project" | "user" | "group" | "role" => by_name(keystone, kind, entity).await,
-        "region" => match entity.get("id").and_then(Value::as_str) {
-            Some(id) => {
-                let reply = keystone
-                    .send(Method::GET, &format!("/v3/regions/{}", encode(id)), None)
-                    .await?;
-                check(&reply)?;
-                one(reply.is_success().then(|| id.to_string()))
-            }
-            None => Ok(Found::Nothing),
-        },
-        "limit" | "registered_limit" => {
-            let coll = if kind == "limit" {
-                "limits"
-            } else {
-                "registered_limits"
-            };
-            let keys: &[&str] = if kind == "limit" {
-                &[
-                    "project_id",
-                    "domain_id",
-                    "service_id",
-                    "region_id",
-                    "resource_name",
-                ]
-            } else {
-                &["service_id", "region_id", "resource_name"]
-            };
-            let Some(items) = body.get(coll).and_then(Value::as_array) else {
+        Probe::Key | Probe::KeptIdOrKey => by_key(keystone, k, entity).await,
+        Probe::Unique(keys) => {
+            let Some(items) = k
+                .plural()
+                .and_then(|p| body.get(p))
+                .and_then(Value::as_array)
+            else {
                 return Ok(Found::Nothing);
             };
+            let collection = k.collection.unwrap_or_default();
             let mut ids = Vec::with_capacity(items.len());
             for item in items {
                 let q = query(item, keys);
-                match find(keystone, coll, &q, item, keys).await?.first() {
+                match find(keystone, collection, &q, item, keys).await?.first() {
                     Some(id) => ids.push(id.clone()),
                     None => return Ok(Found::Nothing),
                 }
             }
             Ok(unique((!ids.is_empty()).then_some(ids)))
         }
-        _ => Ok(candidates(
+        // An EC2 key sent with central's access key (through /v3/credentials)
+        // has the ID Keystone derives from it: looked for by that ID.
+        Probe::Ec2Key if ec2_credential_id(body).is_some() => {
+            let id = ec2_credential_id(body).unwrap_or_default();
+            let found = CREDENTIAL.get(keystone, &id).await?;
+            one(found.map(|_| id))
+        }
+        Probe::LookAlike { .. } | Probe::Ec2Key => Ok(candidates(
             look_alikes(keystone, kind, path, Some(body)).await?,
         )),
     }
-}
-
-/// The credential ID Keystone gives an EC2 key created through
-/// `/v3/credentials` with this blob: the SHA-256 of its access key, in hex.
-pub fn ec2_credential_id(kind: &str, body: &Value) -> Option<String> {
-    if kind != "ec2_credential" {
-        return None;
-    }
-    let credential = body.get("credential")?;
-    if credential.get("type")?.as_str()? != "ec2" {
-        return None;
-    }
-    let blob: Value = serde_json::from_str(credential.get("blob")?.as_str()?).ok()?;
-    let access = blob.get("access")?.as_str()?;
-    let digest = ring::digest::digest(&ring::digest::SHA256, access.as_bytes());
-    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The entities of a kind Keystone lets exist twice that look like the one a
@@ -142,41 +111,26 @@ pub async fn look_alikes(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Vec<String>, ClientError> {
-    let Some(body) = body else {
+    let (Some(body), Some(k)) = (body, kinds::named(kind)) else {
         return Ok(Vec::new());
     };
-    let entity = body.get(kind).unwrap_or(&Value::Null);
-    match kind {
-        "credential" => {
-            let q = query(entity, &["user_id", "type"]);
-            find(keystone, "credentials", &q, entity, &["blob", "project_id"]).await
-        }
-        "policy" => {
-            let q = query(entity, &["type"]);
-            find(keystone, "policies", &q, entity, &["blob", "type"]).await
-        }
-        "service" => {
-            let q = query(entity, &["type"]);
-            find(keystone, "services", &q, entity, &["name", "type"]).await
-        }
-        "endpoint" => {
-            let q = query(entity, &["service_id", "interface"]);
-            find(keystone, "endpoints", &q, entity, &["url", "region_id"]).await
-        }
-        "endpoint_group" => {
+    let entity = body.get(k.member).unwrap_or(&Value::Null);
+    match k.probe {
+        Probe::LookAlike { query: q, fields } => {
+            let q = query(entity, q);
             find(
                 keystone,
-                "OS-EP-FILTER/endpoint_groups",
-                "",
+                k.collection.unwrap_or_default(),
+                &q,
                 entity,
-                &["name", "filters"],
+                fields,
             )
             .await
         }
         // Sent with central's access key: its ID is its own, nothing
         // looks alike.
-        "ec2_credential" if ec2_credential_id(kind, body).is_some() => Ok(Vec::new()),
-        "ec2_credential" => {
+        Probe::Ec2Key if ec2_credential_id(body).is_some() => Ok(Vec::new()),
+        Probe::Ec2Key => {
             // The access key is made per site: any key of the user for the
             // same project looks alike.
             let user_path = path.trim_end_matches('/');
@@ -201,10 +155,7 @@ pub async fn look_alikes(
 
 /// Whether Keystone lets two entities of a kind look alike (no unique key).
 pub fn lets_look_alikes(kind: &str) -> bool {
-    matches!(
-        kind,
-        "credential" | "policy" | "service" | "endpoint" | "endpoint_group" | "ec2_credential"
-    )
+    kinds::named(kind).is_some_and(Kind::lets_look_alikes)
 }
 
 fn unique(ids: Option<Vec<String>>) -> Found {
@@ -219,17 +170,16 @@ fn candidates(ids: Vec<String>) -> Found {
     }
 }
 
-async fn by_name(
+async fn by_key(
     keystone: &KeystoneClient,
-    kind: &str,
+    kind: &Kind,
     entity: &Value,
 ) -> Result<Found, ClientError> {
-    let Some((name, domain)) = natural_key(kind, entity) else {
+    let Some((name, domain)) = kind.natural_key(entity) else {
         return Ok(Found::Nothing);
     };
     Ok(unique(
-        keystone
-            .find_by_name(kind, &name, domain.as_deref())
+        kind.find_by_key(keystone, &name, domain.as_deref())
             .await?
             .map(|id| vec![id]),
     ))

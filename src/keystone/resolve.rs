@@ -8,6 +8,8 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::client::{ClientError, KeystoneClient, Reply};
+use super::kind::{Answer, Held};
+use super::kinds;
 use super::probe::{find_created, Found};
 use super::{Creates, RouteMatch};
 
@@ -118,8 +120,8 @@ pub async fn resolve(
 }
 
 /// What central's answer to a create would have said of what it made, read
-/// again (for `inject_derived`): a user, group or project as Keystone shows
-/// it, an EC2 key with its access and secret. `None` for other kinds.
+/// again (for `inject_derived`), as the kind's `answer` says: a user, group
+/// or project as Keystone shows it, an EC2 key with its access and secret.
 async fn answer_of(
     ks: &KeystoneClient,
     route: &RouteMatch,
@@ -127,12 +129,15 @@ async fn answer_of(
     ids: &[String],
 ) -> Result<Option<Value>, ClientError> {
     let [id] = ids else { return Ok(None) };
-    match route.kind {
-        "user" | "group" | "project" => Ok(ks
-            .get_entity(route.kind, id)
+    let Some(k) = kinds::named(route.kind) else {
+        return Ok(None);
+    };
+    match k.answer {
+        Answer::Entity => Ok(k
+            .get(ks, id)
             .await?
-            .map(|e| serde_json::json!({ route.kind: e }))),
-        "ec2_credential" => {
+            .map(|e| serde_json::json!({ k.member: e }))),
+        Answer::AtPath => {
             let path = format!(
                 "{}/{}",
                 target.trim_end_matches('/'),
@@ -142,7 +147,7 @@ async fn answer_of(
             check(&reply)?;
             Ok(reply.is_success().then(|| reply.json()).flatten())
         }
-        _ => Ok(None),
+        Answer::None => Ok(None),
     }
 }
 
@@ -216,7 +221,8 @@ async fn look(
             })
         }
         ("PUT", _) => {
-            if route.kind == "domain_config" && sets_password(body) {
+            let held = kinds::named(route.kind).map_or(Held::Member, |k| k.held);
+            if held == Held::Config && sets_password(body) {
                 return Ok(unresolvable(
                     "a domain configuration with a password cannot be checked (Keystone never \
                      returns it): set it again through the gateway",
@@ -228,18 +234,17 @@ async fn look(
                 return Ok(not_applied("what it sets is not there"));
             }
             // A write that replaces a whole set is there only with its content.
-            let same = match body {
-                Some(b) if route.kind == "project_tag" => {
-                    let mut want: Vec<&Value> =
-                        b["tags"].as_array().into_iter().flatten().collect();
+            let same = match (body, held) {
+                (Some(b), Held::Set(set)) => {
+                    let mut want: Vec<&Value> = b[set].as_array().into_iter().flatten().collect();
                     let json = reply.json().unwrap_or(Value::Null);
                     let mut have: Vec<&Value> =
-                        json["tags"].as_array().into_iter().flatten().collect();
+                        json[set].as_array().into_iter().flatten().collect();
                     want.sort_by_key(|v| v.to_string());
                     have.sort_by_key(|v| v.to_string());
                     want == have
                 }
-                Some(b) if route.kind == "domain_config" => {
+                (Some(b), Held::Config) => {
                     let json = reply.json().unwrap_or(Value::Null);
                     contains(&json["config"], &b["config"])
                 }
@@ -277,7 +282,8 @@ async fn look(
             if reply.status == 404 {
                 return Ok(not_applied("what it updates is gone"));
             }
-            let current = if route.kind == "domain_config" {
+            let config = kinds::named(route.kind).is_some_and(|k| k.held == Held::Config);
+            let current = if config {
                 reply.json().map(|v| v["config"].clone())
             } else {
                 member(&reply)
@@ -289,7 +295,7 @@ async fn look(
             // (edges end as central is, whether it happened or a later write
             // changed them since); a field central does not hold was not set.
             let mut now = body.clone();
-            let fields = if route.kind == "domain_config" {
+            let fields = if config {
                 now.get_mut("config")
             } else {
                 now.as_object_mut()

@@ -22,18 +22,6 @@ pub struct Touch {
     pub exclusive: bool,
 }
 
-/// Kinds whose path names an association of other entities: the association is
-/// what changes; the entities it joins are only referenced.
-const ASSOCIATIONS: [&str; 7] = [
-    "grant",
-    "inherited_grant",
-    "group_membership",
-    "implied_role",
-    "endpoint_policy",
-    "project_endpoint",
-    "endpoint_group_project",
-];
-
 /// The keys a write touches, each once (exclusive wins), sorted.
 pub fn touches(route: &RouteMatch, method: &str, path: &str, body: Option<&Value>) -> Vec<Touch> {
     let path = path.split('?').next().unwrap_or(path);
@@ -44,7 +32,8 @@ pub fn touches(route: &RouteMatch, method: &str, path: &str, body: Option<&Value
         // A POST to a collection changes only what it creates (added at commit)
         // and the name it claims.
         Creates::InBody => params.iter().for_each(|p| add(p.to_string(), false)),
-        _ if ASSOCIATIONS.contains(&route.kind) => {
+        // An association: what changes is the association, not what it joins.
+        _ if super::kinds::named(route.kind).is_some_and(|k| k.association) => {
             add(format!("{}:{path}", route.kind), true);
             params.iter().for_each(|p| add(p.to_string(), false));
         }

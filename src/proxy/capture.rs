@@ -503,7 +503,7 @@ async fn entity_refs(proxy: &Proxy, path: &str, body: Option<&Value>) -> Vec<Ent
             if let Some(d) = e.domain_id.as_deref().filter(|d| is_mappable_id(d)) {
                 queue.push(IdRef {
                     id: d.to_string(),
-                    kind: "domain",
+                    kind: crate::keystone::kinds::DOMAIN.name,
                 });
             }
             out.push(e);
@@ -546,7 +546,7 @@ async fn look_up(proxy: &Proxy, r: &IdRef) -> Option<EntityRef> {
     }
     let found = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        client.get_entity(r.kind, &r.id),
+        crate::keystone::kinds::get_entity(client, r.kind, &r.id),
     )
     .await;
     match found {

@@ -1240,4 +1240,69 @@ mod tests {
             ("running", None, Some("1970-01-01T00:00:02.000Z"))
         );
     }
+
+    #[tokio::test]
+    async fn drift_found_by_a_release_with_other_kind_names_is_read_in_todays() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ops.db").display());
+        let files: Vec<String> = std::fs::read_dir(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/central"),
+        )
+        .unwrap()
+        .map(|f| f.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.as_str() < "0012")
+        .collect();
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        let pool = database_at_version(&dir, &url, "central", &files).await;
+        sqlx::query(
+            "INSERT INTO edges (id, declared, cursor, first_seen_ms) VALUES ('e1', 1, 0, 0);
+             INSERT INTO drift_runs (edge, state, fence, started_ms, finished_ms) VALUES
+                 ('e1', 'done', 7, 1000, 2000);
+             INSERT INTO drift (edge, kind, key, category) VALUES
+                 ('e1', 'membership', 'Default/a in Default/g', 'missing_at_edge'),
+                 ('e1', 'assignment', 'r to user Default/a on project Default/p', 'missing_at_edge'),
+                 ('e1', 'assignment', 'r to user Default/a on domain Default (inherited)', 'only_at_edge'),
+                 ('e1', 'protocol', 'idp/saml2', 'differs'),
+                 ('e1', 'user', 'Default/x', 'only_at_edge');",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = Store::open(&url).await.unwrap();
+        let report = store
+            .drift_report(&["e1".into()], None, None, 10)
+            .await
+            .unwrap();
+        let kinds: Vec<(&str, &str)> = report
+            .rows
+            .iter()
+            .map(|r| (r.kind.as_str(), r.key.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("federation_protocol", "idp/saml2"),
+                ("grant", "r to user Default/a on project Default/p"),
+                ("group_membership", "Default/a in Default/g"),
+                (
+                    "inherited_grant",
+                    "r to user Default/a on domain Default (inherited)"
+                ),
+                ("user", "Default/x"),
+            ]
+        );
+        for (kind, _) in kinds {
+            assert!(
+                crate::keystone::kinds::named(kind).is_some(),
+                "{kind} is a kind of the catalogue"
+            );
+        }
+        let grants = store
+            .drift_report(&["e1".into()], Some("grant"), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(grants.rows.len(), 1);
+    }
 }

@@ -63,26 +63,20 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// The JSON key Keystone wraps a created entity in, by collection.
+/// The JSON key Keystone wraps a created entity in, by the path segment
+/// its create or member route ends with: from syncgate's catalogue.
 fn singular(collection: &str) -> &str {
-    match collection {
-        "users" => "user",
-        "groups" => "group",
-        "projects" => "project",
-        "domains" => "domain",
-        "roles" => "role",
-        "credentials" | "OS-EC2" => "credential",
-        "policies" => "policy",
-        "regions" => "region",
-        "services" => "service",
-        "endpoints" => "endpoint",
-        "endpoint_groups" => "endpoint_group",
-        "identity_providers" => "identity_provider",
-        "protocols" => "protocol",
-        "mappings" => "mapping",
-        "service_providers" => "service_provider",
-        other => other,
-    }
+    syncgate::keystone::kinds::ALL
+        .iter()
+        .filter(|k| !k.member.is_empty())
+        .find(|k| {
+            k.routes.iter().any(|r| match r.pattern {
+                [.., last] if *last == collection => true,
+                [.., coll, "*"] => *coll == collection,
+                _ => false,
+            })
+        })
+        .map_or(collection, |k| k.member)
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {

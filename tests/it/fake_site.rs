@@ -17,13 +17,15 @@ use serde_json::{json, Value};
 
 use crate::fake_keystone::new_id;
 
-pub const KINDS: [(&str, &str); 5] = [
-    ("domains", "domain"),
-    ("projects", "project"),
-    ("users", "user"),
-    ("groups", "group"),
-    ("roles", "role"),
-];
+/// The kinds this fake holds, (collection, kind), from syncgate's
+/// catalogue: those named by name (within a domain).
+pub fn kinds() -> Vec<(&'static str, &'static str)> {
+    syncgate::keystone::kinds::ALL
+        .iter()
+        .filter(|k| k.key.by_name())
+        .filter_map(|k| Some((k.collection?, k.name)))
+        .collect()
+}
 
 #[derive(Default)]
 pub struct SiteState {
@@ -134,13 +136,16 @@ pub struct FakeSite {
 }
 
 fn kind_of(coll: &str) -> Option<&'static str> {
-    KINDS.iter().find(|(c, _)| *c == coll).map(|(_, k)| *k)
+    kinds()
+        .into_iter()
+        .find(|(c, _)| *c == coll)
+        .map(|(_, k)| k)
 }
 
 impl FakeSite {
     pub async fn start(admin_password: &str) -> FakeSite {
         let mut st = SiteState::default();
-        for (_, kind) in KINDS {
+        for (_, kind) in kinds() {
             st.entities.insert(kind, BTreeMap::new());
         }
         st.entities.get_mut("domain").unwrap().insert(
@@ -293,7 +298,7 @@ impl FakeSite {
             }
         };
         let mut out = BTreeSet::new();
-        for (_, kind) in KINDS {
+        for (_, kind) in kinds() {
             for (id, e) in &st.entities[kind] {
                 let mut line = format!("{kind} {}", name(kind, id));
                 for field in ["description", "email", "enabled", "tags"] {

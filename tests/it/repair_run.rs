@@ -318,7 +318,7 @@ fn model(site: &FakeSite) -> BTreeMap<(String, String), String> {
             name("user", u),
             name("group", g)
         );
-        out.insert(("membership".to_string(), key), String::new());
+        out.insert(("group_membership".to_string(), key), String::new());
     }
     for g in &st.grants {
         let parts: Vec<&str> = g.split('/').collect();
@@ -329,7 +329,7 @@ fn model(site: &FakeSite) -> BTreeMap<(String, String), String> {
                 name("user", u),
                 name("project", p)
             );
-            out.insert(("assignment".to_string(), key), String::new());
+            out.insert(("grant".to_string(), key), String::new());
         }
     }
     out
@@ -378,14 +378,14 @@ async fn check_drift(env: &SyncEnv, run: &mut Run) {
     let reported: BTreeSet<(String, String, String)> = found(&d)
         .into_iter()
         .filter(|(_, kind, _, _)| {
-            ["user", "group", "project", "membership", "assignment"].contains(&kind.as_str())
+            ["user", "group", "project", "group_membership", "grant"].contains(&kind.as_str())
         })
         .map(|(c, k, key, _)| (c, k, key))
         .collect();
     let others: Vec<_> = found(&d)
         .into_iter()
         .filter(|(_, kind, _, _)| {
-            !["user", "group", "project", "membership", "assignment"].contains(&kind.as_str())
+            !["user", "group", "project", "group_membership", "grant"].contains(&kind.as_str())
         })
         .collect();
     let real = differences(env);

@@ -611,7 +611,7 @@ async fn the_drift_audit_finds_each_kind_of_difference_and_repair_applies_centra
         ),
         (
             "missing_at_edge".into(),
-            "assignment".into(),
+            "grant".into(),
             "member to user Default/dan on project Default/web".into(),
             String::new(),
         ),
@@ -1442,7 +1442,7 @@ async fn prune_never_deletes_what_the_edges_own_service_identity_needs() {
         .iter()
         .map(|k| k["kind"].as_str().unwrap())
         .collect();
-    for kind in ["assignment", "membership", "group", "role"] {
+    for kind in ["grant", "group_membership", "group", "role"] {
         assert!(kept.contains(&kind), "{kind} listed as kept: {row:#}");
     }
     assert!(
