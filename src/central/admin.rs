@@ -591,21 +591,25 @@ async fn list_drift(
             )));
         }
     }
-    // A kind as this release names it, or as an older one did.
-    let kind = match params.get("kind") {
-        Some(k) => match crate::keystone::kinds::canonical(k, "")
-            .filter(|c| crate::keystone::state::kinds().any(|s| s == *c))
-        {
-            Some(c) => Some(c),
-            None => {
+    // A kind as this release names it, or as an older one did (which may
+    // stand for several).
+    let kinds: Vec<&str> = match params.get("kind") {
+        Some(k) => {
+            let kinds = crate::keystone::kinds::filter(k);
+            if kinds.is_empty()
+                || !kinds
+                    .iter()
+                    .all(|c| crate::keystone::state::kinds().any(|s| s == *c))
+            {
                 let known: Vec<_> = crate::keystone::state::kinds().collect();
                 return Err(bad_request(format!(
                     "unknown kind '{k}' (expected one of {})",
                     known.join(", ")
                 )));
             }
-        },
-        None => None,
+            kinds
+        }
+        None => Vec::new(),
     };
     let limit = row_limit(&params)?;
     if let Some(e) = edge {
@@ -622,7 +626,7 @@ async fn list_drift(
     let edges = edge_or_all(&admin, edge).await?;
     let report = admin
         .store
-        .drift_report(&edges, kind, category, limit + 1)
+        .drift_report(&edges, &kinds, category, limit + 1)
         .await
         .map_err(internal)?;
     let runs: Vec<Value> = report

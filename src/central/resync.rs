@@ -383,6 +383,7 @@ impl Resyncer {
                         run: run.clone(),
                         page,
                         digest_key: Some(self.digest_key.clone()),
+                        catalogue_kinds: true,
                     },
                     if page == 0 {
                         READ_TIMEOUT
@@ -401,7 +402,7 @@ impl Resyncer {
             }
             // An older edge names some kinds as its release did.
             entities.extend(answer.entities.into_iter().map(|mut e| {
-                if let Some(k) = crate::keystone::kinds::canonical(&e.kind, &e.key) {
+                if let Some(k) = crate::keystone::kinds::canonical_of(&e) {
                     if k != e.kind {
                         e.kind = k.to_string();
                     }

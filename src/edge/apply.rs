@@ -697,7 +697,7 @@ impl Applier<'_> {
             _ => match replay
                 .body
                 .as_ref()
-                .and_then(|b| b.get(kind))
+                .and_then(|b| b.get(member_key(kind)))
                 .and_then(|e| natural_key(kind, e))
             {
                 Some((name, domain)) => {
@@ -759,17 +759,20 @@ impl Applier<'_> {
         edge_id: &str,
     ) -> Result<Option<String>, Transient> {
         let kind = replay.kind.as_str();
-        // Created by PUT: updated at the same URL.
-        // Only a kind with a natural key is adopted by one: its member URL.
-        let member = keystone::kinds::named(kind)
+        // Created by PUT: updated at the same URL; only a kind with a natural
+        // key is adopted by one: at its member URL.
+        let at = keystone::kinds::named(kind)
             .filter(|k| k.key.by_name())
             .and_then(|k| k.member_path(edge_id));
-        let path = match (creates, member) {
+        let path = match (creates, at) {
             (Creates::FromUrl, _) => replay.path.clone(),
             (_, Some(at)) => at,
             (_, None) => return Ok(None),
         };
-        let Some(Value::Object(fields)) = replay.body.as_ref().and_then(|b| b.get(kind)) else {
+        // What a body holds the entity under (a federation protocol's body
+        // says `protocol`).
+        let member = member_key(kind);
+        let Some(Value::Object(fields)) = replay.body.as_ref().and_then(|b| b.get(member)) else {
             return Ok(None);
         };
         if creates == Creates::FromUrl {
@@ -782,7 +785,7 @@ impl Applier<'_> {
             if !held.is_success() {
                 return Ok(Some(format!("nothing is at {path} (HTTP {})", held.status)));
             }
-            let held = held.json().and_then(|j| j.get(kind).cloned());
+            let held = held.json().and_then(|j| j.get(member).cloned());
             let differs: Vec<&str> = ["domain_id"]
                 .into_iter()
                 .filter(|f| {
@@ -806,7 +809,7 @@ impl Applier<'_> {
         if update.is_empty() {
             return Ok(None);
         }
-        let patch = serde_json::json!({ kind: update });
+        let patch = serde_json::json!({ member: update });
         let reply = self
             .keystone
             .send(Method::PATCH, &path, Some(&patch))
@@ -893,4 +896,12 @@ fn collect_id_strings(v: &Value, out: &mut Vec<String>) {
         Value::Array(a) => a.iter().for_each(|x| collect_id_strings(x, out)),
         _ => {}
     }
+}
+
+/// The JSON key a request or an answer holds one entity of `kind` under.
+fn member_key(kind: &str) -> &str {
+    keystone::kinds::named(kind)
+        .map(|k| k.member)
+        .filter(|m| !m.is_empty())
+        .unwrap_or(kind)
 }

@@ -83,7 +83,10 @@ impl StateServer {
                     run: req.run.clone(),
                     page: req.page,
                     pages: r.pages.len(),
-                    entities: r.pages.get(req.page).cloned().unwrap_or_default(),
+                    entities: in_centrals_words(
+                        r.pages.get(req.page).cloned().unwrap_or_default(),
+                        req.catalogue_kinds,
+                    ),
                     cursor_before: r.cursor_before,
                     cursor_after: r.cursor_after,
                     error: None,
@@ -525,4 +528,62 @@ async fn apply_one(
             ..a
         });
     (i, r, in_doubt)
+}
+/// A page of this site's state in the names central reads: the catalogue's,
+/// or those of an older central's release when it does not ask for them.
+fn in_centrals_words(mut page: Vec<state::Entity>, catalogue_kinds: bool) -> Vec<state::Entity> {
+    if !catalogue_kinds {
+        for e in &mut page {
+            e.kind = crate::keystone::kinds::as_formerly(&e.kind).to_string();
+        }
+    }
+    page
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_central_reads_kinds_in_its_own_names_and_a_newer_one_in_the_catalogues() {
+        let entity = |kind: &str| state::Entity {
+            kind: kind.into(),
+            key: "k".into(),
+            id: String::new(),
+            fields: Default::default(),
+            ids: Vec::new(),
+            level: 0,
+            raw: None,
+            parts: Vec::new(),
+            field_refs: Default::default(),
+            mapped: false,
+            own: false,
+        };
+        let page = || {
+            [
+                "user",
+                "group_membership",
+                "grant",
+                "inherited_grant",
+                "federation_protocol",
+            ]
+            .map(entity)
+            .to_vec()
+        };
+        let kinds = |p: Vec<state::Entity>| p.into_iter().map(|e| e.kind).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(in_centrals_words(page(), false)),
+            ["user", "membership", "assignment", "assignment", "protocol"]
+        );
+        assert_eq!(
+            kinds(in_centrals_words(page(), true)),
+            [
+                "user",
+                "group_membership",
+                "grant",
+                "inherited_grant",
+                "federation_protocol"
+            ]
+        );
+    }
 }

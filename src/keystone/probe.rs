@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use super::client::{encode, ClientError, KeystoneClient, Reply};
 use super::kind::{Kind, Probe};
-use super::kinds::{self, credentials::ec2_credential_id, CREDENTIAL, DOMAIN};
+use super::kinds::{self, credentials::ec2_credential_id, CREDENTIAL, DOMAIN, PROJECT};
 use super::Creates;
 
 /// What a look for a create found.
@@ -66,7 +66,9 @@ pub async fn find_created(
         Probe::KeptId => Ok(Found::Nothing),
         // An entity acting as a domain is a domain (the projects API lists
         // none): looked for as one.
-        Probe::Key if entity.get("is_domain") == Some(&Value::Bool(true)) => {
+        Probe::Key
+            if std::ptr::eq(k, &PROJECT) && entity.get("is_domain") == Some(&Value::Bool(true)) =>
+        {
             by_key(keystone, &DOMAIN, entity).await
         }
         Probe::Key | Probe::KeptIdOrKey => by_key(keystone, k, entity).await,

@@ -275,6 +275,11 @@ pub struct StateRequest {
     /// names them by plain SHA-256 (its pages then say `keyed: false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest_key: Option<String>,
+    /// Central reads kinds by the catalogue's names (and the older ones).
+    /// Without it (an older central), an edge names them as older releases
+    /// did, which that central compares with its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub catalogue_kinds: bool,
 }
 
 /// One page of an edge's state; references are named by natural key, IDs the

@@ -1220,7 +1220,7 @@ mod tests {
 
         let store = Store::open(&url).await.unwrap();
         let report = store
-            .drift_report(&["e1".into(), "e2".into()], None, None, 10)
+            .drift_report(&["e1".into(), "e2".into()], &[], None, 10)
             .await
             .unwrap();
         let e1 = report.runs[0].1.as_ref().unwrap();
@@ -1272,7 +1272,7 @@ mod tests {
 
         let store = Store::open(&url).await.unwrap();
         let report = store
-            .drift_report(&["e1".into()], None, None, 10)
+            .drift_report(&["e1".into()], &[], None, 10)
             .await
             .unwrap();
         let kinds: Vec<(&str, &str)> = report
@@ -1300,9 +1300,20 @@ mod tests {
             );
         }
         let grants = store
-            .drift_report(&["e1".into()], Some("grant"), None, 10)
+            .drift_report(&["e1".into()], &["grant"], None, 10)
             .await
             .unwrap();
         assert_eq!(grants.rows.len(), 1);
+        // Grants of both kinds, as one older name stood for.
+        let both = store
+            .drift_report(
+                &["e1".into()],
+                &crate::keystone::kinds::filter("assignment"),
+                None,
+                10,
+            )
+            .await
+            .unwrap();
+        assert_eq!(both.rows.len(), 2);
     }
 }

@@ -232,12 +232,12 @@ impl Store {
         Ok(audit)
     }
 
-    /// The drift audits of `edges` and their differences (filtered, at most
-    /// `limit`), as of one moment.
+    /// The drift audits of `edges` and their differences (filtered by
+    /// `kinds` unless empty, and category; at most `limit`), as of one moment.
     pub async fn drift_report(
         &self,
         edges: &[String],
-        kind: Option<&str>,
+        kinds: &[&str],
         category: Option<&str>,
         limit: i64,
     ) -> Result<DriftReport, StoreError> {
@@ -250,7 +250,7 @@ impl Store {
             [e] => Some(e.as_str()),
             _ => None,
         };
-        let rows = drift_rows(&mut tx, one, kind, category, limit).await?;
+        let rows = drift_rows(&mut tx, one, kinds, category, limit).await?;
         tx.rollback().await?;
         Ok(DriftReport { runs, rows })
     }
@@ -517,7 +517,7 @@ async fn needs_password_of(
 async fn drift_rows(
     c: &mut SqliteConnection,
     edge: Option<&str>,
-    kind: Option<&str>,
+    kinds: &[&str],
     category: Option<&str>,
     limit: i64,
 ) -> Result<Vec<DriftRow>, StoreError> {
@@ -527,8 +527,13 @@ async fn drift_rows(
     if let Some(e) = edge {
         q.push(" AND edge = ").push_bind(e);
     }
-    if let Some(k) = kind {
-        q.push(" AND kind = ").push_bind(k);
+    if !kinds.is_empty() {
+        q.push(" AND kind IN (");
+        let mut list = q.separated(", ");
+        for k in kinds {
+            list.push_bind(*k);
+        }
+        q.push(")");
     }
     if let Some(c) = category {
         q.push(" AND category = ").push_bind(c);

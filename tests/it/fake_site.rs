@@ -91,6 +91,8 @@ pub struct SiteState {
     pub reads_wait: Option<tokio::sync::watch::Receiver<bool>>,
     /// Identity providers (`OS-FEDERATION`), by ID.
     pub idps: BTreeMap<String, Value>,
+    /// Federation protocols, by `<provider>/<protocol>`.
+    pub protocols: BTreeMap<String, Value>,
 }
 
 /// A project acting as a domain as the projects API shows it.
@@ -1104,6 +1106,64 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
                 Method::DELETE => match st.idps.remove(&id) {
                     Some(_) => reply(StatusCode::NO_CONTENT, Value::Null),
                     None => error(StatusCode::NOT_FOUND, "Could not find identity provider."),
+                },
+                _ => error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed."),
+            }
+        }
+        // A provider's protocols, as Keystone keeps them: made by PUT at
+        // their URL (409 when there), changed by PATCH.
+        (Method::GET, ["v3", "OS-FEDERATION", "identity_providers", idp, "protocols"]) => {
+            let prefix = format!("{idp}/");
+            let items: Vec<Value> = st
+                .protocols
+                .iter()
+                .filter(|(k, _)| k.starts_with(&prefix))
+                .map(|(_, v)| v.clone())
+                .collect();
+            reply(StatusCode::OK, json!({"protocols": items}))
+        }
+        (m, ["v3", "OS-FEDERATION", "identity_providers", idp, "protocols", id]) => {
+            let key = format!("{idp}/{id}");
+            match m {
+                Method::GET => match st.protocols.get(&key) {
+                    Some(p) => reply(StatusCode::OK, json!({"protocol": p})),
+                    None => error(StatusCode::NOT_FOUND, "Could not find federation protocol."),
+                },
+                Method::PUT => {
+                    if !st.idps.contains_key(*idp) {
+                        return error(StatusCode::NOT_FOUND, "Could not find identity provider.");
+                    }
+                    if st.protocols.contains_key(&key) {
+                        st.conflicts += 1;
+                        return error(StatusCode::CONFLICT, "Duplicate entry.");
+                    }
+                    let Some(mut protocol) = body["protocol"].as_object().cloned() else {
+                        return error(StatusCode::BAD_REQUEST, "Invalid input");
+                    };
+                    protocol.insert("id".into(), json!(id));
+                    let protocol = Value::Object(protocol);
+                    *st.creates
+                        .entry("federation_protocol".to_string())
+                        .or_default() += 1;
+                    st.protocols.insert(key, protocol.clone());
+                    reply(StatusCode::CREATED, json!({"protocol": protocol}))
+                }
+                Method::PATCH => {
+                    let Some(changes) = body["protocol"].as_object().cloned() else {
+                        return error(StatusCode::BAD_REQUEST, "Invalid input");
+                    };
+                    let Some(protocol) = st.protocols.get_mut(&key) else {
+                        return error(StatusCode::NOT_FOUND, "Could not find federation protocol.");
+                    };
+                    for (k, v) in changes {
+                        protocol[k] = v;
+                    }
+                    let out = protocol.clone();
+                    reply(StatusCode::OK, json!({"protocol": out}))
+                }
+                Method::DELETE => match st.protocols.remove(&key) {
+                    Some(_) => reply(StatusCode::NO_CONTENT, Value::Null),
+                    None => error(StatusCode::NOT_FOUND, "Could not find federation protocol."),
                 },
                 _ => error(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed."),
             }

@@ -634,6 +634,51 @@ async fn an_entity_created_by_put_is_adopted_with_the_creates_values_only_if_it_
     env.shutdown().await;
 }
 
+/// A federation protocol the edge holds already is adopted with the create's
+/// values (its body's key is not its kind's name).
+#[tokio::test]
+async fn a_federation_protocol_the_edge_holds_already_takes_the_creates_values() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let site = &env.edges[0].site;
+    let idp = "/v3/OS-FEDERATION/identity_providers/idp1";
+    let protocol = format!("{idp}/protocols/saml2");
+    let provider = json!({"identity_provider": {"enabled": true, "remote_ids": ["https://a/"],
+                                                "domain_id": "default"}});
+    crate::resync::direct(&env, site, "PUT", idp, provider.clone()).await;
+    crate::resync::direct(
+        &env,
+        site,
+        "PUT",
+        &protocol,
+        json!({"protocol": {"mapping_id": "edges_mapping"}}),
+    )
+    .await;
+    let (status, body) = env.write("PUT", idp, Some(provider)).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = env
+        .write(
+            "PUT",
+            &protocol,
+            Some(json!({"protocol": {"mapping_id": "centrals_mapping"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    env.until_delivered(&["e1"], &["applied", "adopted", "failed"])
+        .await;
+    // Adopted (or found by the look before a create it may have sent, and
+    // claimed): given the create's values either way.
+    assert!(matches!(
+        env.delivery(2, "e1").await.as_str(),
+        "applied" | "adopted"
+    ));
+    let held = site.state.lock().unwrap().protocols["idp1/saml2"].clone();
+    assert_eq!(
+        held["mapping_id"], "centrals_mapping",
+        "adopted with the create's values: {held}"
+    );
+    env.shutdown().await;
+}
+
 /// Creates applied at central whose answers were lost (central killed
 /// meanwhile) are found when central resolves them, with what Keystone made
 /// on its own: a project acting as a domain is found as the domain it is,

@@ -91,6 +91,7 @@ pub static GRANT: Kind = Kind {
 /// ` (inherited)`).
 pub static INHERITED_GRANT: Kind = Kind {
     name: "inherited_grant",
+    was: &["assignment"],
     class: RouteClass::Assignment,
     routes: &[
         route!(

@@ -14,6 +14,7 @@ pub mod resource;
 
 use super::client::{ClientError, KeystoneClient};
 use super::kind::{Coverage, Kind};
+use super::model::Entity;
 
 pub use assignment::{GRANT, IMPLIED_ROLE, INHERITED_GRANT, ROLE};
 pub use catalog::{
@@ -65,17 +66,50 @@ pub fn named(name: &str) -> Option<&'static Kind> {
 }
 
 /// The name of a kind as this release spells it, from its name or a name an
-/// older release wrote (`key`: the entity's key, which tells a grant from an
-/// inherited one where one old name held both). `None`: no kind of ours.
-pub fn canonical(name: &str, key: &str) -> Option<&'static str> {
+/// older release wrote (`inherited`: whether the entity is an inherited grant,
+/// where one old name held grants of both kinds). `None`: no kind of ours.
+pub fn canonical(name: &str, inherited: bool) -> Option<&'static str> {
     if let Some(k) = named(name) {
         return Some(k.name);
     }
-    let k = ALL.iter().find(|k| k.was.contains(&name))?;
-    if k.name == GRANT.name && key.ends_with(assignment::INHERITED) {
-        return Some(INHERITED_GRANT.name);
+    let mut was = ALL.iter().filter(|k| k.was.contains(&name));
+    let first = was.next()?;
+    match was.next() {
+        None => Some(first.name),
+        Some(_) if inherited => Some(INHERITED_GRANT.name),
+        Some(_) => Some(GRANT.name),
     }
-    Some(k.name)
+}
+
+/// The name of an entity's kind as this release spells it, as an older
+/// edge may send it: an old grant is inherited when its path says so.
+pub fn canonical_of(e: &Entity) -> Option<&'static str> {
+    let inherited = match e.raw.as_ref().and_then(|r| r["path"].as_str()) {
+        Some(path) => path.starts_with("/v3/OS-INHERIT/"),
+        None => e.key.ends_with(assignment::INHERITED),
+    };
+    canonical(&e.kind, inherited)
+}
+
+/// The kinds an audit filter names: a kind, or every kind an older name
+/// stood for (`assignment`: grants of both kinds).
+pub fn filter(name: &str) -> Vec<&'static str> {
+    match named(name) {
+        Some(k) => vec![k.name],
+        None => ALL
+            .iter()
+            .filter(|k| k.was.contains(&name))
+            .map(|k| k.name)
+            .collect(),
+    }
+}
+
+/// The name older releases wrote for a kind (its own when it had no other),
+/// for a central of such a release.
+pub fn as_formerly(name: &str) -> &str {
+    named(name)
+        .and_then(|k| k.was.first().copied())
+        .unwrap_or(name)
 }
 
 /// The kinds a state holds and compares (the audit's drift filter), in order.
@@ -173,19 +207,19 @@ mod tests {
         for k in ALL {
             assert!(names.insert(k.name), "{} twice", k.name);
         }
-        let mut old = HashSet::new();
         for k in ALL {
             for w in k.was {
                 assert!(!names.contains(w), "{w} is a name and an old name");
-                assert!(old.insert(*w), "{w} is an old name of two kinds");
-                assert_eq!(canonical(w, ""), Some(k.name));
+                let inherited = k.name == INHERITED_GRANT.name;
+                assert_eq!(canonical(w, inherited), Some(k.name));
+                assert!(filter(w).contains(&k.name));
+                assert_eq!(as_formerly(k.name), *w);
             }
         }
-        assert_eq!(
-            canonical("assignment", "r to user u on system (inherited)"),
-            Some(INHERITED_GRANT.name)
-        );
-        assert_eq!(canonical("nonsense", ""), None);
+        // One old name held grants of both kinds, and only those.
+        assert_eq!(filter("assignment"), [GRANT.name, INHERITED_GRANT.name]);
+        assert_eq!(canonical("nonsense", false), None);
+        assert_eq!(as_formerly(USER.name), USER.name);
         for pick in [
             |k: &Kind| k.id_segments,
             |k: &Kind| k.ref_fields,
