@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs syncgate's test suite:
 #   1. the Rust tests (cargo nextest when installed, cargo test otherwise), one
-#      of which runs central and edges through a real nats-server;
+#      of which runs central and edges through a real nats-server, some the op
+#      log on a real PostgreSQL (Debian's postgresql, installed when missing);
 #   2. the nats-py client against the embedded broker;
 #   3. the end-to-end suite (tests/e2e): real Keystones from PyPI, the openstack
 #      CLI through the gateway, faults, a real nats-server, and traces received
@@ -23,8 +24,13 @@ source scripts/venv.sh
 ensure_venv
 export NATS_SERVER="$PWD/.venv/bin/nats-server"
 export SYNCGATE_REQUIRE_NATS_SERVER=1
-# The disk-full tests mount a small tmpfs (CI runs as root).
-if [ "$(id -u)" -eq 0 ]; then export SYNCGATE_REQUIRE_TMPFS=1; fi
+# The disk-full tests mount a small tmpfs (CI runs as root); the op log's
+# PostgreSQL tests start a server of their own.
+if [ "$(id -u)" -eq 0 ]; then
+    export SYNCGATE_REQUIRE_TMPFS=1
+    ensure_postgresql
+    export SYNCGATE_REQUIRE_POSTGRES=1
+fi
 
 status=0
 if cargo nextest --version >/dev/null 2>&1; then

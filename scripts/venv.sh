@@ -29,3 +29,17 @@ ensure_debian_packages() {
     echo "error: the tests need ${missing[*]}: install them (Debian: apt-get install ${missing[*]})" >&2
     return 1
 }
+
+# Installs PostgreSQL's server programs (Debian's postgresql) when none are
+# there; the tests start a server of their own with them.
+ensure_postgresql() {
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+    [ -n "${SYNCGATE_POSTGRES_BIN:-}" ] && return 0
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "== installing postgresql (apt-get)"
+        apt-get update -qq >/dev/null && \
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null && return 0
+    fi
+    echo "error: the tests need PostgreSQL's server (Debian: apt-get install postgresql)" >&2
+    return 1
+}

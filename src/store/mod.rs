@@ -1,4 +1,6 @@
-//! The central op log in SQLite: every statement syncgate runs lives here.
+//! The central op log in SQLite: every statement syncgate runs lives here
+//! (`postgres` holds the op log's core on PostgreSQL, for several central
+//! processes on one database).
 //!
 //! Writes go through a pool of exactly one connection, so `seq` is assigned by one
 //! writer at a time (gap-free, no duplicates) and SQLite never answers "busy";
@@ -19,6 +21,7 @@ use crate::protocol::crypto::Sealer;
 
 mod batch;
 pub mod edge;
+pub mod postgres;
 mod resync;
 mod sync;
 pub use resync::{
@@ -45,6 +48,10 @@ pub enum StoreError {
     Batch(String),
     #[error("the op log is closed")]
     Closed,
+    #[error(
+        "no longer the leader: elected at epoch {epoch}, another process leads at epoch {current}"
+    )]
+    Deposed { epoch: i64, current: i64 },
 }
 
 /// The state of an op in the log.

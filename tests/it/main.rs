@@ -16,6 +16,7 @@ mod faults;
 mod fidelity;
 mod helpers;
 mod hostile;
+mod postgres;
 mod proxy;
 mod repair_run;
 mod resync;

@@ -1,0 +1,289 @@
+//! The op log on PostgreSQL, the engine several central processes share.
+//!
+//! What SQLite gets from its one writer, PostgreSQL gets from one counter row
+//! (`oplog_head`): a commit takes its seqs by updating that row inside the
+//! transaction that inserts its ops, so the row's lock is held from taking a
+//! seq to the commit. Seqs are then gap-free (a transaction that fails gives
+//! its seqs back with its update) and become visible in seq order: a reader
+//! that has seen seq N never later finds a new op below N (a plain sequence
+//! hands out values before commit and breaks this). Every connection commits
+//! with `synchronous_commit = on`: an op is durable before its client is
+//! answered.
+//!
+//! One process at a time leads (`campaign`): it holds a session advisory
+//! lock on a connection of its own, and each election moves an epoch on that
+//! fences the leader's writes (`set_published`): a deposed leader's late
+//! write is refused by the database, not by its good manners.
+//!
+//! This is the core the highly available central is being built on: the op
+//! log's ordering and the election are here and tested on a real server;
+//! central does not run on it yet (`--db` takes `sqlite://` URLs only).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, QueryBuilder};
+
+use super::StoreError;
+use crate::core::Secret;
+
+/// An op to log, as capture commits it.
+#[derive(Debug, Clone)]
+pub struct NewOp<'a> {
+    pub op_id: &'a str,
+    pub state: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub class: &'a str,
+    pub kind: &'a str,
+    pub created_ids: &'a str,
+    pub body: Option<&'a str>,
+}
+
+/// One logged op, as a reader of the log sees it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LoggedOp {
+    pub seq: i64,
+    pub op_id: String,
+    pub kind: String,
+}
+
+/// The op log in a PostgreSQL database.
+#[derive(Clone)]
+pub struct PgOpLog {
+    pool: PgPool,
+    options: PgConnectOptions,
+}
+
+/// The advisory lock the leader holds (any constant: it names the duty).
+const LEADER_LOCK: i64 = 0x5359_4e43_4741_5445;
+
+/// Leadership won: the epoch its duties write at, held while its own
+/// connection (which holds the lock) lives. Dropped, or its connection
+/// lost, another process may be elected.
+pub struct Lease {
+    pub epoch: i64,
+    conn: PgConnection,
+}
+
+impl Lease {
+    /// Whether the lock is still held (the connection answers).
+    pub async fn alive(&mut self) -> bool {
+        self.conn.ping().await.is_ok()
+    }
+
+    /// Gives leadership up now.
+    pub async fn resign(self) {
+        let _ = self.conn.close().await;
+    }
+}
+
+/// Who leads, as the database says.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Leader {
+    pub epoch: i64,
+    pub holder: Option<String>,
+    pub since: Option<String>,
+}
+
+/// A `postgres://` URL with what it names, for messages: never its password.
+fn shown(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "(a URL that does not parse)".into(),
+    }
+}
+
+impl PgOpLog {
+    /// Connects to the database at a `postgres://` URL (the password, when
+    /// one is needed, from `password` or the environment's `PGPASSFILE`,
+    /// never in the URL) and brings its schema up to date.
+    pub async fn open(url: &str, password: Option<&Secret>) -> Result<PgOpLog, StoreError> {
+        let err = |source| StoreError::Url {
+            url: shown(url),
+            source,
+        };
+        if reqwest::Url::parse(url).is_ok_and(|u| u.password().is_some()) {
+            return Err(err(sqlx::Error::Configuration(
+                "a password in the database URL would show wherever the URL does (process \
+                 lists, logs): give it in a file (--db-password-file) or PGPASSFILE"
+                    .into(),
+            )));
+        }
+        let mut options = PgConnectOptions::from_str(url)
+            .map_err(err)?
+            .options([("synchronous_commit", "on")])
+            .application_name("syncgate");
+        if let Some(p) = password {
+            options = options.password(p.expose());
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            // A write waits this long for a connection, then fails (the
+            // database down or every connection busy).
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.clone())
+            .await
+            .map_err(|source| StoreError::Open {
+                url: shown(url),
+                source,
+            })?;
+        sqlx::migrate!("./migrations/central-postgres")
+            .run(&pool)
+            .await?;
+        Ok(PgOpLog { pool, options })
+    }
+
+    /// Tries once to become the leader, as `me` (shown in the status): the
+    /// lease when elected, `None` while another process holds it.
+    pub async fn campaign(&self, me: &str) -> Result<Option<Lease>, StoreError> {
+        let mut conn = PgConnection::connect_with(&self.options).await?;
+        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if !won {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let epoch: i64 = sqlx::query_scalar(
+            "UPDATE leader SET epoch = epoch + 1, holder = $1, since = $2 WHERE id = 1 \
+             RETURNING epoch",
+        )
+        .bind(me)
+        .bind(now)
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(Some(Lease { epoch, conn }))
+    }
+
+    /// Who leads now (epoch 0: nobody has yet).
+    pub async fn leader(&self) -> Result<Leader, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT epoch, holder, since FROM leader WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Records the last seq published, as the leader of `epoch`: refused by
+    /// the database when another process has been elected since. The
+    /// epoch's row is read `FOR SHARE`, so an election waits for this write
+    /// and a write at an old epoch never commits after a new one is current.
+    pub async fn set_published(&self, epoch: i64, seq: i64) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current: i64 = sqlx::query_scalar("SELECT epoch FROM leader WHERE id = 1 FOR SHARE")
+            .fetch_one(&mut *tx)
+            .await?;
+        if current != epoch {
+            return Err(StoreError::Deposed { epoch, current });
+        }
+        sqlx::query(
+            "INSERT INTO oplog_meta (key, value) VALUES ('published_seq', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The last seq a leader published.
+    pub async fn published(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM oplog_meta WHERE key = 'published_seq'")
+                .fetch_optional(&self.pool)
+                .await?
+                .unwrap_or(0),
+        )
+    }
+
+    /// Logs `ops` in one transaction, in order, and answers their seqs once
+    /// they are durable. Seqs are taken under the head row's lock, held to
+    /// the commit: concurrent appends, from this process or another, commit
+    /// one after the other in seq order.
+    pub async fn append(&self, ops: &[NewOp<'_>]) -> Result<Vec<i64>, StoreError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = i64::try_from(ops.len()).map_err(|_| StoreError::Batch("too many ops".into()))?;
+        let mut tx = self.pool.begin().await?;
+        let last: i64 = sqlx::query_scalar("UPDATE oplog_head SET seq = seq + $1 RETURNING seq")
+            .bind(n)
+            .fetch_one(&mut *tx)
+            .await?;
+        let first = last - n + 1;
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body, \
+             created_at, logged_at) ",
+        );
+        // As SQLite writes it (`strftime('%Y-%m-%dT%H:%M:%fZ')`).
+        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        q.push_values(ops.iter().zip(first..), |mut b, (op, seq)| {
+            b.push_bind(seq)
+                .push_bind(op.op_id)
+                .push_bind(op.state)
+                .push_bind(op.method)
+                .push_bind(op.path)
+                .push_bind(op.class)
+                .push_bind(op.kind)
+                .push_bind(op.created_ids)
+                .push_bind(op.body)
+                .push_bind(now.clone())
+                .push_bind(now.clone());
+        });
+        q.build().execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok((first..=last).collect())
+    }
+
+    /// The ops after `seq`, oldest first, at most `limit`.
+    pub async fn after(&self, seq: i64, limit: i64) -> Result<Vec<LoggedOp>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT seq, op_id, kind FROM ops WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(seq)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The last seq handed out (committed: the head moves only with its ops).
+    pub async fn head(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT seq FROM oplog_head WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            shown("postgres://sync:hunter2@db:5432/oplog"),
+            "postgres://sync:***@db:5432/oplog"
+        );
+        assert_eq!(
+            shown("postgres://sync@db/oplog"),
+            "postgres://sync@db/oplog"
+        );
+        assert!(!shown("postgres://a:b c@").contains("b c"));
+    }
+}
