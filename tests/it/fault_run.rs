@@ -618,16 +618,7 @@ async fn one_fault(world: &mut World, rng: &mut Rng) {
 }
 
 async fn run(nats_server: Option<std::path::PathBuf>) {
-    let seed: u64 = std::env::var("SYNCGATE_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = crate::helpers::seed_from("SYNCGATE_FAULT_SEED");
     eprintln!("fault run seed: {seed} (replay with SYNCGATE_FAULT_SEED={seed})");
     if std::env::var_os("SYNCGATE_FAULT_LOG").is_some() {
         let _ = tracing_subscriber::fmt()

@@ -146,3 +146,17 @@ impl TestApp {
         }
     }
 }
+
+/// A chaos run's seed: from the variable `name` (to replay one), else new.
+pub fn seed_from(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}

@@ -83,13 +83,20 @@ impl Postgres {
                 "UTF8",
             ],
         );
+        pg.launch();
+        Some(pg)
+    }
+
+    /// Starts the server on its data, port and socket directory.
+    fn launch(&self) {
+        let data = self.data();
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
-            pg.port,
-            pg.dir.path().display()
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
         );
-        let log = pg.dir.path().join("server.log");
-        pg.run(
+        let log = self.dir.path().join("server.log");
+        self.run(
             "pg_ctl",
             &[
                 "-D",
@@ -102,7 +109,6 @@ impl Postgres {
                 "start",
             ],
         );
-        Some(pg)
     }
 
     fn data(&self) -> PathBuf {
@@ -349,15 +355,7 @@ async fn leadership_chaos() {
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let seed: u64 = std::env::var("SYNCGATE_LEADER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
+    let seed = crate::helpers::seed_from("SYNCGATE_LEADER_SEED");
     println!("leadership_chaos seed {seed} (SYNCGATE_LEADER_SEED={seed} replays it)");
     let mut rng = seed | 1;
     let mut next = move |n: u64| {
@@ -454,26 +452,7 @@ impl Postgres {
 
     /// Starts it again on the same port.
     pub fn restart(&self) {
-        let data = self.data();
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("server.log");
-        self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "start",
-            ],
-        );
+        self.launch();
     }
 }
 
