@@ -26,13 +26,12 @@ export NATS_SERVER="$PWD/.venv/bin/nats-server"
 export SYNCGATE_REQUIRE_NATS_SERVER=1
 # The disk-full tests mount a small tmpfs (CI runs as root); the op log's
 # PostgreSQL tests start a server of their own.
+status=0
 if [ "$(id -u)" -eq 0 ]; then
     export SYNCGATE_REQUIRE_TMPFS=1
-    ensure_postgresql
-    export SYNCGATE_REQUIRE_POSTGRES=1
+    if ensure_postgresql; then export SYNCGATE_REQUIRE_POSTGRES=1; else status=1; fi
 fi
 
-status=0
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@" || status=$?
 else

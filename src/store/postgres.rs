@@ -12,8 +12,15 @@
 //!
 //! One process at a time leads (`campaign`): it holds a session advisory
 //! lock on a connection of its own, and each election moves an epoch on that
-//! fences the leader's writes (`set_published`): a deposed leader's late
-//! write is refused by the database, not by its good manners.
+//! fences the leader's writes (`set_published`): the epoch is compared under
+//! the row lock an election must take, so a deposed leader's late write is
+//! refused once another is elected (a leader that lost its lock may still
+//! write until then: nobody else leads meanwhile).
+//!
+//! Every connection is set so that a stalled or vanished peer cannot hold a
+//! lock for long: TCP keepalives and a user timeout (a lease whose process
+//! is cut off without a reset is released within about 30 s; a killed
+//! process's at once), and a transaction left idle is ended by the server.
 //!
 //! This is the core the highly available central is being built on: the op
 //! log's ordering and the election are here and tested on a real server;
@@ -68,9 +75,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Whether the lock is still held (the connection answers).
+    /// Whether the lock is still held (the connection answers in time).
     pub async fn alive(&mut self) -> bool {
-        self.conn.ping().await.is_ok()
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.conn.ping()).await,
+            Ok(Ok(()))
+        )
     }
 
     /// Gives leadership up now.
@@ -87,38 +97,57 @@ pub struct Leader {
     pub since: Option<String>,
 }
 
-/// A `postgres://` URL with what it names, for messages: never its password.
+/// A `postgres://` URL with what it names, for messages: never a password
+/// (the userinfo's is masked, the query, which may carry one, left out).
 fn shown(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
+            u.set_query(None);
             u.to_string()
         }
         Err(_) => "(a URL that does not parse)".into(),
     }
 }
 
+/// Whether a URL carries a password (in its userinfo or its query).
+fn has_password(url: &str) -> bool {
+    reqwest::Url::parse(url)
+        .is_ok_and(|u| u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password"))
+}
+
+/// Session settings of every connection (see the module's comment).
+const SESSION: [(&str, &str); 6] = [
+    ("synchronous_commit", "on"),
+    ("idle_in_transaction_session_timeout", "15s"),
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+];
+
 impl PgOpLog {
     /// Connects to the database at a `postgres://` URL (the password, when
     /// one is needed, from `password` or the environment's `PGPASSFILE`,
-    /// never in the URL) and brings its schema up to date.
+    /// never in the URL, whose messages would show it) and brings its schema
+    /// up to date.
     pub async fn open(url: &str, password: Option<&Secret>) -> Result<PgOpLog, StoreError> {
         let err = |source| StoreError::Url {
             url: shown(url),
             source,
         };
-        if reqwest::Url::parse(url).is_ok_and(|u| u.password().is_some()) {
+        if has_password(url) {
             return Err(err(sqlx::Error::Configuration(
                 "a password in the database URL would show wherever the URL does (process \
-                 lists, logs): give it in a file (--db-password-file) or PGPASSFILE"
+                 lists, logs): give it in a password file (PGPASSFILE)"
                     .into(),
             )));
         }
         let mut options = PgConnectOptions::from_str(url)
             .map_err(err)?
-            .options([("synchronous_commit", "on")])
+            .options(SESSION)
             .application_name("syncgate");
         if let Some(p) = password {
             options = options.password(p.expose());
@@ -185,9 +214,10 @@ impl PgOpLog {
         if current != epoch {
             return Err(StoreError::Deposed { epoch, current });
         }
+        // Never backwards (two writes of one leader may race).
         sqlx::query(
             "INSERT INTO oplog_meta (key, value) VALUES ('published_seq', $1) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+             ON CONFLICT (key) DO UPDATE SET value = GREATEST(oplog_meta.value, excluded.value)",
         )
         .bind(seq)
         .execute(&mut *tx)
@@ -206,29 +236,33 @@ impl PgOpLog {
         )
     }
 
-    /// Logs `ops` in one transaction, in order, and answers their seqs once
-    /// they are durable. Seqs are taken under the head row's lock, held to
-    /// the commit: concurrent appends, from this process or another, commit
-    /// one after the other in seq order.
+    /// Logs `ops`, in order, and answers their seqs once they are durable.
+    /// One statement takes the seqs from the head row and inserts the ops,
+    /// so the row's lock is held only while the server commits: concurrent
+    /// appends, from this process or another, commit one after the other in
+    /// seq order. Appending ops already logged (a retry after an answer was
+    /// lost) answers the seqs they have, and logs nothing twice.
     pub async fn append(&self, ops: &[NewOp<'_>]) -> Result<Vec<i64>, StoreError> {
         if ops.is_empty() {
             return Ok(Vec::new());
         }
         let n = i64::try_from(ops.len()).map_err(|_| StoreError::Batch("too many ops".into()))?;
-        let mut tx = self.pool.begin().await?;
-        let last: i64 = sqlx::query_scalar("UPDATE oplog_head SET seq = seq + $1 RETURNING seq")
-            .bind(n)
-            .fetch_one(&mut *tx)
-            .await?;
-        let first = last - n + 1;
-        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(
-            "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body, \
-             created_at, logged_at) ",
+        let mut q: QueryBuilder<Postgres> =
+            QueryBuilder::new("WITH head AS (UPDATE oplog_head SET seq = seq + ");
+        q.push_bind(n);
+        q.push(
+            " WHERE id = 1 RETURNING seq) INSERT INTO ops (seq, op_id, state, method, path, \
+             class, kind, created_ids, body, created_at, logged_at) SELECT head.seq - ",
+        );
+        q.push_bind(n);
+        q.push(
+            " + v.ord, v.op_id, v.state, v.method, v.path, v.class, v.kind, v.created_ids, \
+             v.body, v.at, v.at FROM head, (",
         );
         // As SQLite writes it (`strftime('%Y-%m-%dT%H:%M:%fZ')`).
         let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        q.push_values(ops.iter().zip(first..), |mut b, (op, seq)| {
-            b.push_bind(seq)
+        q.push_values(ops.iter().zip(1i64..), |mut b, (op, ord)| {
+            b.push_bind(ord)
                 .push_bind(op.op_id)
                 .push_bind(op.state)
                 .push_bind(op.method)
@@ -237,12 +271,48 @@ impl PgOpLog {
                 .push_bind(op.kind)
                 .push_bind(op.created_ids)
                 .push_bind(op.body)
-                .push_bind(now.clone())
                 .push_bind(now.clone());
         });
-        q.build().execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok((first..=last).collect())
+        q.push(
+            ") AS v (ord, op_id, state, method, path, class, kind, created_ids, body, at) \
+             ORDER BY v.ord RETURNING seq",
+        );
+        match q.build_query_scalar::<i64>().fetch_all(&self.pool).await {
+            Ok(mut seqs) => {
+                seqs.sort_unstable();
+                Ok(seqs)
+            }
+            // Logged already (a retry), or the answer lost with the
+            // connection after the server committed: what is there says.
+            Err(e) => match self.seqs_of(ops).await {
+                Ok(Some(seqs)) => Ok(seqs),
+                Ok(None) => Err(e.into()),
+                Err(_) => Err(StoreError::Batch(format!(
+                    "the op log's answer was lost and what it holds cannot be read: {e}"
+                ))),
+            },
+        }
+    }
+
+    /// The seqs of `ops` when every one is logged, in their order; `None`
+    /// when none is; an error when only some are (an append is all or none).
+    async fn seqs_of(&self, ops: &[NewOp<'_>]) -> Result<Option<Vec<i64>>, StoreError> {
+        let ids: Vec<&str> = ops.iter().map(|o| o.op_id).collect();
+        let found: Vec<(String, i64)> =
+            sqlx::query_as("SELECT op_id, seq FROM ops WHERE op_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+        if found.is_empty() {
+            return Ok(None);
+        }
+        let seqs: Option<Vec<i64>> = ids
+            .iter()
+            .map(|id| found.iter().find(|(f, _)| f == id).map(|(_, s)| *s))
+            .collect();
+        seqs.map(Some).ok_or_else(|| {
+            StoreError::Batch("some of the ops of one append are logged and some are not".into())
+        })
     }
 
     /// The ops after `seq`, oldest first, at most `limit`.

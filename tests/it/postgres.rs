@@ -79,6 +79,7 @@ impl Postgres {
                 "syncgate",
                 "--auth=trust",
                 "--no-sync",
+                "--locale=C",
                 "-E",
                 "UTF8",
             ],
@@ -173,6 +174,26 @@ fn is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
+}
+
+/// Tries `f` until it gives a value, for at most a minute (a lock or a
+/// server coming back is awaited, never for ever).
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within a minute"
+        );
+        tokio::task::yield_now().await;
+    }
 }
 
 fn free_port() -> u16 {
@@ -284,8 +305,18 @@ async fn a_database_url_with_a_password_is_refused_without_showing_it() {
         panic!("opened");
     };
     let text = e.to_string();
-    assert!(text.contains("--db-password-file"), "{text}");
+    assert!(text.contains("PGPASSFILE"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+    // In the query, the same.
+    let Err(e) = PgOpLog::open("postgres://sync@127.0.0.1:1/oplog?password=hunter2", None).await
+    else {
+        panic!("opened");
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("PGPASSFILE") && !text.contains("hunter2"),
+        "{text}"
+    );
     // Unreachable: the error names the database, not a password.
     let Err(e) = PgOpLog::open("postgres://sync@127.0.0.1:1/oplog", None).await else {
         panic!("opened");
@@ -319,14 +350,13 @@ async fn one_leader_at_a_time_and_a_deposed_leaders_writes_are_refused() {
     );
     assert!(leader.since.is_some());
 
-    lease.resign().await;
-    let lease_b = loop {
-        // The lock is free once the server has seen the connection close.
-        if let Some(l) = b.campaign("central-b").await.unwrap() {
-            break l;
-        }
-        tokio::task::yield_now().await;
-    };
+    // Gone as a killed process goes: its connection dropped, not closed.
+    drop(lease);
+    // The lock is free once the server has seen the connection go.
+    let lease_b = until("b elected", || async {
+        b.campaign("central-b").await.unwrap()
+    })
+    .await;
     assert_eq!(lease_b.epoch, first + 1);
     let err = a.set_published(first, 9).await.unwrap_err();
     assert!(
@@ -411,10 +441,16 @@ async fn leadership_chaos() {
                 }
             }
             1 => {
-                // The process loses its lease (resigns, or dies): it keeps
-                // believing in its epoch.
+                // The process loses its lease (resigns, or dies: its
+                // connection dropped): it keeps believing in its epoch, and
+                // its writes land until another is elected (nobody else
+                // leads meanwhile), then are refused.
                 if let Some(l) = leases[p].take() {
-                    l.resign().await;
+                    if next(2) == 0 {
+                        l.resign().await;
+                    } else {
+                        drop(l);
+                    }
                     live = None;
                 }
             }
@@ -473,13 +509,11 @@ async fn appends_fail_while_the_database_is_down_and_resume_by_themselves() {
         "nothing logged while down"
     );
     pg.restart();
-    let seqs = loop {
-        // The pool's connections died with the server: new ones are made.
-        match log.append(&[op("after")]).await {
-            Ok(s) => break s,
-            Err(_) => tokio::task::yield_now().await,
-        }
-    };
+    // The pool's connections died with the server: new ones are made.
+    let seqs = until("appends after the restart", || async {
+        log.append(&[op("after")]).await.ok()
+    })
+    .await;
     assert_eq!(seqs, [2], "no seq lost or reused");
     let logged: Vec<String> = log
         .after(0, 10)
@@ -489,4 +523,92 @@ async fn appends_fail_while_the_database_is_down_and_resume_by_themselves() {
         .map(|o| o.op_id)
         .collect();
     assert_eq!(logged, ["before", "after"]);
+}
+
+/// An append whose answer was lost is tried again: it answers the seqs the
+/// ops have and logs nothing twice; the next append takes the next seq.
+#[tokio::test]
+async fn an_append_tried_again_logs_nothing_twice() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("oplog_retry").await;
+    let log = PgOpLog::open(&url, None).await.unwrap();
+    assert_eq!(log.append(&[op("a"), op("b")]).await.unwrap(), [1, 2]);
+    assert_eq!(log.append(&[op("a"), op("b")]).await.unwrap(), [1, 2]);
+    assert_eq!(log.head().await.unwrap(), 2, "the retry took no seq");
+    // Half logged is no append of ours: refused, nothing taken.
+    assert!(log.append(&[op("b"), op("c")]).await.is_err());
+    assert_eq!(log.append(&[op("c")]).await.unwrap(), [3]);
+    assert_eq!(log.after(0, 10).await.unwrap().len(), 3);
+}
+
+/// An election waits for a fenced write in flight at the old epoch: that
+/// write commits first, and once the new epoch is current no write at the
+/// old one commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_election_waits_for_a_fenced_write_in_flight() {
+    use sqlx::Connection;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("oplog_fence").await;
+    let a = PgOpLog::open(&url, None).await.unwrap();
+    let b = PgOpLog::open(&url, None).await.unwrap();
+    let lease = a.campaign("central-a").await.unwrap().unwrap();
+    // A write of a's in flight: its fence taken, not committed yet.
+    let mut inflight = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut tx = inflight.begin().await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT epoch FROM leader WHERE id = 1 FOR SHARE")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    assert_eq!(seen, lease.epoch);
+    drop(lease);
+    let election = tokio::spawn(async move {
+        until("b elected", || async {
+            b.campaign("central-b").await.unwrap()
+        })
+        .await
+        .epoch
+    });
+    // The election's epoch update waits on the write's fence.
+    let watch = sqlx::PgPool::connect(&url).await.unwrap();
+    until("the election waiting on the fence", || {
+        let watch = watch.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE leader%'",
+            )
+            .fetch_one(&watch)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        !election.is_finished(),
+        "elected past a fenced write in flight"
+    );
+    sqlx::query(
+        "INSERT INTO oplog_meta (key, value) VALUES ('published_seq', 4) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let epoch = election.await.unwrap();
+    assert_eq!(epoch, seen + 1);
+    assert_eq!(
+        a.published().await.unwrap(),
+        4,
+        "the write in flight landed"
+    );
+    assert!(matches!(
+        a.set_published(seen, 9).await,
+        Err(syncgate::store::StoreError::Deposed { .. })
+    ));
 }
