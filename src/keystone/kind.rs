@@ -161,6 +161,13 @@ impl Writes {
         update: Some(posted_update),
         delete: posted_delete,
     };
+    /// Named by its content (a changed blob is another entity): created and
+    /// deleted as `POSTED`, never updated.
+    pub const CONTENT: Writes = Writes {
+        create: posted_create,
+        update: None,
+        delete: posted_delete,
+    };
     /// An association: put and deleted at the path its reader keeps.
     pub const RELATION: Writes = Writes {
         create: relation_create,

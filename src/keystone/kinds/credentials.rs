@@ -7,9 +7,7 @@ use serde_json::{json, Value};
 use super::identity::USER;
 use super::resource::PROJECT;
 use crate::keystone::client::KeystoneClient;
-use crate::keystone::kind::{
-    posted_create, posted_delete, Answer, Coverage, Kind, Probe, ReadFn, Reading, Writes, BASE,
-};
+use crate::keystone::kind::{Answer, Coverage, Kind, Probe, ReadFn, Reading, Writes, BASE};
 use crate::keystone::model::{
     route, Creates, Entity, Part, Replay, RouteClass, Transform, DELETE, MEMBER, POST,
 };
@@ -31,12 +29,7 @@ pub static CREDENTIAL: Kind = Kind {
     },
     state: Coverage::Read {
         read: Some(read_credentials as ReadFn),
-        // Named by its blob: a changed blob is another credential.
-        writes: Writes {
-            create: posted_create,
-            update: None,
-            delete: posted_delete,
-        },
+        writes: Writes::CONTENT,
         caveat: None,
     },
     ..BASE

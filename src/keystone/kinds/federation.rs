@@ -12,7 +12,7 @@ use crate::keystone::kind::{pick, Coverage, Kind, ReadFn, Reading, Writes, BASE}
 use crate::keystone::model::{
     route, Creates, Entity, Replay, RouteClass, Transform, Write, MEMBER, PUT,
 };
-use crate::keystone::reader::{body_fields, entity, list_all, str_of, Digester, Sheet};
+use crate::keystone::reader::{body_fields, entity, list_all, str_of, Digester, Sheet, StateError};
 
 /// Created by PUT to their URL, updated by PATCH to it, deleted there.
 const WRITES: Writes = Writes {
@@ -230,21 +230,7 @@ fn read_identity_providers<'a>(
 }
 
 fn read_mappings<'a>(ks: &'a KeystoneClient, _: &'a Digester, sheet: &'a mut Sheet) -> Reading<'a> {
-    async move {
-        for m in list_all(ks, "/v3/OS-FEDERATION/mappings", "mappings", &[]).await? {
-            let e = entity(
-                MAPPING.name,
-                sheet.names.k().t(str_of(&m, "id")),
-                &m,
-                &[],
-                &sheet.names,
-                &[],
-            );
-            sheet.out.push(e);
-        }
-        Ok(())
-    }
-    .boxed()
+    by_id(ks, sheet, &MAPPING, "mappings").boxed()
 }
 
 /// Each identity provider's protocols, named `<provider>/<protocol>`.
@@ -284,20 +270,27 @@ fn read_service_providers<'a>(
     _: &'a Digester,
     sheet: &'a mut Sheet,
 ) -> Reading<'a> {
-    async move {
-        let path = "/v3/OS-FEDERATION/service_providers";
-        for s in list_all(ks, path, "service_providers", &[]).await? {
-            let e = entity(
-                SERVICE_PROVIDER.name,
-                sheet.names.k().t(str_of(&s, "id")),
-                &s,
-                &[],
-                &sheet.names,
-                &[],
-            );
-            sheet.out.push(e);
-        }
-        Ok(())
+    by_id(ks, sheet, &SERVICE_PROVIDER, "service_providers").boxed()
+}
+
+/// The entities of `/v3/OS-FEDERATION/<plural>`, named by ID.
+async fn by_id(
+    ks: &KeystoneClient,
+    sheet: &mut Sheet,
+    kind: &Kind,
+    plural: &str,
+) -> Result<(), StateError> {
+    let path = format!("/v3/OS-FEDERATION/{plural}");
+    for v in list_all(ks, &path, plural, &[]).await? {
+        let e = entity(
+            kind.name,
+            sheet.names.k().t(str_of(&v, "id")),
+            &v,
+            &[],
+            &sheet.names,
+            &[],
+        );
+        sheet.out.push(e);
     }
-    .boxed()
+    Ok(())
 }

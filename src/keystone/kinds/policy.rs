@@ -4,9 +4,7 @@
 use futures_util::FutureExt;
 
 use crate::keystone::client::KeystoneClient;
-use crate::keystone::kind::{
-    posted_create, posted_delete, Coverage, Kind, Probe, ReadFn, Reading, Writes, BASE,
-};
+use crate::keystone::kind::{Coverage, Kind, Probe, ReadFn, Reading, Writes, BASE};
 use crate::keystone::model::{route, RouteClass, MEMBER, POST, PUT_DELETE};
 use crate::keystone::reader::{digest, entity, list_all, str_of, Digester, Sheet};
 
@@ -27,12 +25,7 @@ pub static POLICY: Kind = Kind {
     },
     state: Coverage::Read {
         read: Some(read_policies as ReadFn),
-        // Named by its content: a changed blob is another policy.
-        writes: Writes {
-            create: posted_create,
-            update: None,
-            delete: posted_delete,
-        },
+        writes: Writes::CONTENT,
         caveat: None,
     },
     ..BASE
