@@ -43,3 +43,37 @@ ensure_postgresql() {
     echo "error: the tests need PostgreSQL's server (Debian: apt-get install postgresql)" >&2
     return 1
 }
+
+# Starts a private PostgreSQL server for the tests that run central's op log on
+# PostgreSQL (each makes a database of its own on it): in a temporary
+# directory, on a free loopback port, as nobody when run as root (PostgreSQL
+# refuses root), without fsync (what is tested is syncgate's SQL, not the
+# server's durability). Exports SYNCGATE_TEST_POSTGRES; stop_test_postgres
+# stops it and removes its files.
+start_test_postgres() {
+    local bin port
+    bin="${SYNCGATE_POSTGRES_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
+    [ -x "$bin/initdb" ] || { echo "error: PostgreSQL's initdb not found" >&2; return 1; }
+    TEST_PG_DIR="$(mktemp -d)"
+    TEST_PG_AS=()
+    if [ "$(id -u)" -eq 0 ]; then
+        chown nobody:nogroup "$TEST_PG_DIR"
+        TEST_PG_AS=(runuser -u nobody --)
+    fi
+    TEST_PG_BIN="$bin"
+    "${TEST_PG_AS[@]}" "$bin/initdb" -D "$TEST_PG_DIR/data" -U syncgate --auth=trust --no-sync \
+        --locale=C -E UTF8 >"$TEST_PG_DIR/initdb.log" 2>&1 \
+        || { cat "$TEST_PG_DIR/initdb.log" >&2; return 1; }
+    port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    "${TEST_PG_AS[@]}" "$bin/pg_ctl" -D "$TEST_PG_DIR/data" -l "$TEST_PG_DIR/server.log" -w \
+        -o "-p $port -k $TEST_PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400" \
+        start >/dev/null || { cat "$TEST_PG_DIR/server.log" >&2; return 1; }
+    export SYNCGATE_TEST_POSTGRES="postgres://syncgate@127.0.0.1:$port"
+}
+
+stop_test_postgres() {
+    [ -n "${TEST_PG_DIR:-}" ] || return 0
+    "${TEST_PG_AS[@]}" "$TEST_PG_BIN/pg_ctl" -D "$TEST_PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$TEST_PG_DIR"
+    TEST_PG_DIR=""
+}

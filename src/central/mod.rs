@@ -56,7 +56,14 @@ impl Central {
         if !vault.encrypts() {
             warn!("request bodies (passwords) are kept in the op log in clear: set --oplog-key, or a sync key");
         }
-        let store = Store::open_sealed(&config.db, Some(vault)).await?;
+        let store = Store::connect(&config.db, config.db_password.as_ref(), Some(vault)).await?;
+        // Declared edges are known before the admin API answers (the sync's
+        // start-up registers them again, should this fail now).
+        for edge in &config.sync.edges {
+            if let Err(e) = store.register_edge(edge, true).await {
+                warn!(edge = %edge, error = %e, "cannot register a declared edge yet");
+            }
+        }
         // An op log that refuses writes now (a full disk) keeps them open:
         // the intent sweeper logs them once it takes writes again.
         let recovered = store.recover_open_intents().await.unwrap_or_else(|e| {

@@ -530,13 +530,19 @@ pub struct CentralArgs {
     #[command(flatten)]
     pub admin_token: AdminTokenArgs,
 
-    /// The op log database URL (created if missing).
+    /// The op log: `sqlite://FILE` (created if missing) or
+    /// `postgres://USER@HOST:PORT/DB` (TLS as the URL's `sslmode` says; the
+    /// password from --db-password-file or PGPASSFILE, never in the URL).
     #[arg(
         long,
         env = "SYNCGATE_DB",
         default_value = "sqlite://syncgate-central.db"
     )]
     pub db: String,
+
+    /// A file holding the PostgreSQL op log's password.
+    #[arg(long, env = "SYNCGATE_DB_PASSWORD_FILE")]
+    pub db_password_file: Option<PathBuf>,
 
     /// The gateway's external URL; replaces the upstream's URL in JSON responses.
     #[arg(long, env = "SYNCGATE_PUBLIC_URL", value_parser = config::parse_base_url)]
@@ -778,6 +784,8 @@ impl CentralArgs {
             upstream: self.upstream,
             admin_listen: self.admin_listen,
             admin_token: self.admin_token.read()?.map(Secret::new),
+            db_password: read_secret(None, self.db_password_file.as_deref(), "--db-password-file")?
+                .map(Secret::new),
             db: self.db,
             public_url: self.public_url,
             upstream_timeout: self.upstream_timeout,

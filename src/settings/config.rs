@@ -25,8 +25,10 @@ pub struct CentralConfig {
     pub admin_listen: SocketAddr,
     /// Bearer token for the audit API; required off loopback.
     pub admin_token: Option<Secret>,
-    /// The op log's `sqlite://` URL.
+    /// The op log's `sqlite://` or `postgres://` URL.
     pub db: String,
+    /// The PostgreSQL op log's password (else PGPASSFILE's, or none).
+    pub db_password: Option<Secret>,
     /// The gateway's external URL, substituted for the upstream's in JSON bodies.
     pub public_url: Option<Url>,
     /// How long to wait for the upstream's response headers.
@@ -222,6 +224,7 @@ impl CentralConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_token: None,
             db: db.into(),
+            db_password: None,
             public_url: None,
             upstream_timeout: Duration::from_secs(30),
             upstream_settle: Duration::from_secs(120),
@@ -278,6 +281,25 @@ impl CentralConfig {
         }
         if self.replicate.is_empty() {
             return Err("--replicate must name at least one route class".into());
+        }
+        match crate::store::dialect_of(&self.db) {
+            None => {
+                return Err(format!(
+                    "--db {}: the op log is a sqlite://FILE or a postgres://USER@HOST:PORT/DB URL",
+                    crate::store::shown(&self.db)
+                ))
+            }
+            Some(crate::store::Dialect::Postgres) if crate::store::has_password(&self.db) => {
+                return Err(format!(
+                    "--db {}: a password in the URL would show wherever the URL does (process \
+                     lists, logs); give it in --db-password-file or PGPASSFILE",
+                    crate::store::shown(&self.db)
+                ))
+            }
+            Some(crate::store::Dialect::Sqlite) if self.db_password.is_some() => {
+                return Err("--db-password-file is for a postgres:// op log".into())
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -6,11 +6,12 @@
 //! and fails every write in it (the op log is failing then). Seqs are assigned
 //! in the order the requests arrive, inside the transaction.
 
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
-use super::{OpState, Outcome, StoreError, NOW};
+use super::dialect::{Dialect, Sql};
+use super::{OpState, Outcome, StoreError};
 use crate::protocol::messages::EntityRef;
 
 /// Most requests in one transaction.
@@ -51,9 +52,9 @@ struct Job {
 pub(super) struct Batcher(mpsc::Sender<Job>);
 
 impl Batcher {
-    pub(super) fn spawn(writer: SqlitePool) -> Batcher {
+    pub(super) fn spawn(writer: AnyPool, d: Dialect) -> Batcher {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(writer, rx));
+        tokio::spawn(run(writer, d, rx));
         Batcher(tx)
     }
 
@@ -68,10 +69,10 @@ impl Batcher {
     }
 }
 
-async fn run(writer: SqlitePool, mut rx: mpsc::Receiver<Job>) {
+async fn run(writer: AnyPool, d: Dialect, mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        let results = execute(&writer, &jobs).await;
+        let results = execute(&writer, d, &jobs).await;
         for (job, result) in jobs.drain(..).zip(results) {
             // A requester that went away loses only its answer.
             let _ = job.reply.send(result);
@@ -81,7 +82,11 @@ async fn run(writer: SqlitePool, mut rx: mpsc::Receiver<Job>) {
 
 /// Runs the jobs in one transaction; the results of all, or the error of the
 /// transaction for all.
-async fn execute(writer: &SqlitePool, jobs: &[Job]) -> Vec<Result<Option<i64>, StoreError>> {
+async fn execute(
+    writer: &AnyPool,
+    d: Dialect,
+    jobs: &[Job],
+) -> Vec<Result<Option<i64>, StoreError>> {
     let failed = |e: &dyn std::fmt::Display| {
         jobs.iter()
             .map(|_| Err(StoreError::Batch(e.to_string())))
@@ -91,7 +96,7 @@ async fn execute(writer: &SqlitePool, jobs: &[Job]) -> Vec<Result<Option<i64>, S
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
-    match write_all(&mut tx, jobs).await {
+    match write_all(&mut tx, d, jobs).await {
         Ok(seqs) => match tx.commit().await {
             Ok(()) => jobs
                 .iter()
@@ -114,13 +119,15 @@ async fn execute(writer: &SqlitePool, jobs: &[Job]) -> Vec<Result<Option<i64>, S
     }
 }
 
-/// Rows per multi-row statement (SQLite allows 32766 bound values).
+/// Rows per multi-row statement (SQLite allows 32766 bound values,
+/// PostgreSQL 65535).
 const ROWS: usize = 1000;
 
 /// Writes every job with a handful of multi-row statements; the seq of each
 /// commit whose intent was found, in job order.
 async fn write_all(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
+    d: Dialect,
     jobs: &[Job],
 ) -> Result<Vec<Option<i64>>, sqlx::Error> {
     let mut seqs: Vec<Option<i64>> = vec![None; jobs.len()];
@@ -132,10 +139,10 @@ async fn write_all(
         .filter(|w| matches!(w, Work::Begin { .. }))
         .collect();
     for chunk in begins.chunks(ROWS) {
-        let mut q = QueryBuilder::<Sqlite>::new(
+        let mut q = Sql::new(
             "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at) ",
         );
-        q.push_values(chunk, |mut b, w| {
+        q.values(chunk, |row, w| {
             if let Work::Begin {
                 op_id,
                 method,
@@ -147,18 +154,19 @@ async fn write_all(
                 traceparent,
             } = w
             {
-                b.push_bind(op_id.to_string())
-                    .push_bind(method.as_str())
-                    .push_bind(path.as_str())
-                    .push_bind(class.as_str())
-                    .push_bind(kind.as_str())
-                    .push_bind(body.as_deref())
-                    .push_bind(refs.as_str())
-                    .push_bind(traceparent.as_deref())
-                    .push(NOW);
+                row.bind(op_id.to_string())
+                    .bind(method.as_str())
+                    .bind(path.as_str())
+                    .bind(class.as_str())
+                    .bind(kind.as_str())
+                    .bind(body.as_deref())
+                    .bind(refs.as_str())
+                    .bind(traceparent.as_deref())
+                    .push("SG_NOW()");
             }
         });
-        q.build().execute(&mut *conn).await?;
+        let (text, args) = q.finish(d)?;
+        sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
 
     // 2. Intents become ops, seqs in job order, gap-free over the found ones.
@@ -177,24 +185,30 @@ async fn write_all(
         .collect();
     let mut by_op: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     for chunk in commits.chunks(ROWS) {
-        let base: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM ops")
-            .fetch_one(&mut *conn)
-            .await?;
-        let mut q = QueryBuilder::<Sqlite>::new(
+        // SQLite has one writer; on PostgreSQL the head row, locked from here
+        // to the commit, orders the commits of every central process as
+        // their seqs (see `store::postgres`).
+        let base: i64 = sqlx::query_scalar(match d {
+            Dialect::Sqlite => "SELECT COALESCE(MAX(seq), 0) FROM ops",
+            Dialect::Postgres => "SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE",
+        })
+        .fetch_one(&mut *conn)
+        .await?;
+        let mut q = Sql::new(
             "WITH v (ord, op_id, state, created_ids, body, status, request_id, detail) AS (",
         );
-        q.push_values(chunk, |mut b, (i, op_id, state, outcome, body)| {
-            b.push_bind(*i as i64)
-                .push_bind(op_id.to_string())
-                .push_bind(state.as_str())
-                .push_bind(
+        q.values(chunk, |row, (i, op_id, state, outcome, body)| {
+            row.bind(*i as i64)
+                .bind(op_id.to_string())
+                .bind(state.as_str())
+                .bind(
                     serde_json::to_string(&outcome.created_ids)
                         .expect("a list of strings serializes"),
                 )
-                .push_bind(body.as_deref())
-                .push_bind(outcome.upstream_status.map(i64::from))
-                .push_bind(outcome.request_id.as_deref())
-                .push_bind(outcome.detail.as_deref());
+                .bind(body.as_deref())
+                .bind(outcome.upstream_status.map(i64::from))
+                .bind(outcome.request_id.as_deref())
+                .bind(outcome.detail.as_deref());
         });
         q.push(
             ") INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
@@ -202,17 +216,26 @@ async fn write_all(
                                 created_at, logged_at, resolution)
                SELECT ",
         );
-        q.push_bind(base);
-        q.push(format!(
+        q.bind(base);
+        q.push(
             " + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method, i.path, i.class,
                  i.kind, v.created_ids, COALESCE(v.body, i.body), v.status, v.request_id, v.detail,
-                 i.refs, i.traceparent, i.created_at, {NOW},
+                 i.refs, i.traceparent, i.created_at, SG_NOW(),
                  CASE WHEN v.state = 'unknown_outcome' THEN 'pending' END
                FROM v JOIN intents i ON i.op_id = v.op_id
                ORDER BY v.ord
-               RETURNING op_id, seq"
-        ));
-        let rows: Vec<(String, i64)> = q.build_query_as().fetch_all(&mut *conn).await?;
+               RETURNING op_id, seq",
+        );
+        let (text, args) = q.finish(d)?;
+        let rows: Vec<(String, i64)> = sqlx::query_as_with(&text, args)
+            .fetch_all(&mut *conn)
+            .await?;
+        if d == Dialect::Postgres && !rows.is_empty() {
+            sqlx::query("UPDATE oplog_head SET seq = $1 WHERE id = 1")
+                .bind(base + rows.len() as i64)
+                .execute(&mut *conn)
+                .await?;
+        }
         by_op.extend(rows);
     }
     for (i, op_id, ..) in &commits {
@@ -231,12 +254,13 @@ async fn write_all(
         })
         .collect();
     for chunk in keys.chunks(ROWS) {
-        let mut q =
-            QueryBuilder::<Sqlite>::new("INSERT OR IGNORE INTO op_keys (key, seq, exclusive) ");
-        q.push_values(chunk, |mut b, (key, seq, exclusive)| {
-            b.push_bind(*key).push_bind(*seq).push_bind(*exclusive);
+        let mut q = Sql::new("INSERT INTO op_keys (key, seq, exclusive) ");
+        q.values(chunk, |row, (key, seq, exclusive)| {
+            row.bind(*key).bind(*seq).bind(*exclusive);
         });
-        q.build().execute(&mut *conn).await?;
+        q.push(" ON CONFLICT DO NOTHING");
+        let (text, args) = q.finish(d)?;
+        sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
 
     // 4. Intents done with: committed or dropped.
@@ -248,13 +272,10 @@ async fn write_all(
         })
         .collect();
     for chunk in done.chunks(ROWS) {
-        let mut q = QueryBuilder::<Sqlite>::new("DELETE FROM intents WHERE op_id IN (");
-        let mut list = q.separated(", ");
-        for id in chunk {
-            list.push_bind(id.as_str());
-        }
-        q.push(")");
-        q.build().execute(&mut *conn).await?;
+        let mut q = Sql::new("DELETE FROM intents WHERE op_id IN ");
+        q.list(chunk.iter().map(String::as_str));
+        let (text, args) = q.finish(d)?;
+        sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
 
     // 5. Natural keys learned, in job order (a later one wins).
@@ -267,22 +288,30 @@ async fn write_all(
             _ => None,
         })
         .collect();
+    // One row per ID: a statement may not update a row twice (PostgreSQL).
+    let mut last: std::collections::HashMap<&str, &EntityRef> = std::collections::HashMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for e in learned {
+        if last.insert(e.id.as_str(), e).is_none() {
+            order.push(e.id.as_str());
+        }
+    }
+    let learned: Vec<&EntityRef> = order.iter().map(|id| last[id]).collect();
     for chunk in learned.chunks(ROWS) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO entities (id, kind, name, domain_id, updated_at) ",
-        );
-        q.push_values(chunk, |mut b, e| {
-            b.push_bind(e.id.as_str())
-                .push_bind(e.kind.as_str())
-                .push_bind(e.name.as_str())
-                .push_bind(e.domain_id.as_deref())
-                .push(NOW);
+        let mut q = Sql::new("INSERT INTO entities (id, kind, name, domain_id, updated_at) ");
+        q.values(chunk, |row, e| {
+            row.bind(e.id.as_str())
+                .bind(e.kind.as_str())
+                .bind(e.name.as_str())
+                .bind(e.domain_id.as_deref())
+                .push("SG_NOW()");
         });
         q.push(
             " ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
                  domain_id = excluded.domain_id, updated_at = excluded.updated_at",
         );
-        q.build().execute(&mut *conn).await?;
+        let (text, args) = q.finish(d)?;
+        sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
 
     // 6. The publisher's position.
@@ -294,10 +323,10 @@ async fn write_all(
         })
         .max();
     if let Some(seq) = published {
-        sqlx::query(
+        sqlx::query(&d.sql(
             "INSERT INTO meta (key, value) VALUES ('published_seq', ?)
-             ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
-        )
+             ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)",
+        ))
         .bind(seq)
         .execute(&mut *conn)
         .await?;

@@ -12,18 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{AnyPool, FromRow};
 use uuid::Uuid;
 
 use crate::keystone::touches::Touch;
 use crate::protocol::crypto::Sealer;
 
 mod batch;
+mod dialect;
 pub mod edge;
+mod engine;
 pub mod postgres;
 mod resync;
 mod sync;
+pub use dialect::Dialect;
+pub use engine::{dialect_of, has_password, shown};
 pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,
@@ -150,8 +154,6 @@ pub struct OpFilter {
     pub through: Option<i64>,
 }
 
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
-
 /// How a sealed body starts in the op log (no JSON body starts so).
 const SEALED: &str = "sealed:";
 
@@ -230,8 +232,8 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
 /// then fails) would otherwise leave the connection believing one is open, and
 /// every later "commit" would only release a savepoint inside a transaction
 /// that never commits. Such a connection is closed; the pool opens a clean one.
-pub(crate) fn pool_options() -> SqlitePoolOptions {
-    SqlitePoolOptions::new().after_release(|conn, _| {
+pub(crate) fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new().after_release(|conn: &mut DB::Connection, _| {
         Box::pin(async move {
             use sqlx::Connection;
             // Lets a rollback queued by a dropped transaction run first.
@@ -249,8 +251,9 @@ pub(crate) fn pool_options() -> SqlitePoolOptions {
 
 #[derive(Clone)]
 pub struct Store {
-    writer: SqlitePool,
-    reader: SqlitePool,
+    d: Dialect,
+    writer: AnyPool,
+    reader: AnyPool,
     /// The capture path's writes, group-committed.
     batcher: batch::Batcher,
     /// Seals request bodies at rest (they carry passwords); `None` keeps them
@@ -259,8 +262,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if missing) and migrates the op log at a `sqlite://` URL;
-    /// bodies are read and written as they are.
+    /// Opens (creating if missing) and migrates the op log at a `sqlite://`
+    /// or `postgres://` URL; bodies are read and written as they are.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
         Store::open_sealed(url, None).await
     }
@@ -269,33 +272,34 @@ impl Store {
     /// written in clear by an earlier version, or under a key that is no longer
     /// the first, are sealed anew with the current key.
     pub async fn open_sealed(url: &str, vault: Option<Arc<Sealer>>) -> Result<Store, StoreError> {
-        let options = sqlite_options(url)?;
-        let open_err = |source| StoreError::Open {
-            url: url.to_string(),
-            source,
-        };
-        let writer = pool_options()
-            .max_connections(1)
-            .min_connections(1)
-            .connect_with(options.clone())
-            .await
-            .map_err(open_err)?;
-        sqlx::migrate!("./migrations/central").run(&writer).await?;
-        let reader = pool_options()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await
-            .map_err(open_err)?;
+        Store::connect(url, None, vault).await
+    }
+
+    /// Opens the op log at `url`: a `sqlite://` file (created if missing), or
+    /// a `postgres://` database, whose password comes from `password` (or
+    /// the environment's `PGPASSFILE`), never from the URL.
+    pub async fn connect(
+        url: &str,
+        password: Option<&crate::core::Secret>,
+        vault: Option<Arc<Sealer>>,
+    ) -> Result<Store, StoreError> {
+        let pools = engine::open(url, password).await?;
         let vault = vault.filter(|v| v.encrypts());
         let store = Store {
-            batcher: batch::Batcher::spawn(writer.clone()),
-            writer,
-            reader,
+            d: pools.dialect,
+            batcher: batch::Batcher::spawn(pools.writer.clone(), pools.dialect),
+            writer: pools.writer,
+            reader: pools.reader,
             vault,
         };
         store.backfill_op_keys().await?;
         store.reseal_bodies().await?;
         Ok(store)
+    }
+
+    /// The engine the op log is on.
+    pub fn dialect(&self) -> Dialect {
+        self.d
     }
 
     /// A body as stored: sealed to its op when there is a vault.
@@ -338,9 +342,9 @@ impl Store {
         let mut total = 0usize;
         for table in ["ops", "intents"] {
             loop {
-                let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+                let rows: Vec<(String, String)> = sqlx::query_as(&self.d.sql(&format!(
                     "SELECT op_id, body FROM {table} WHERE body IS NOT NULL AND body NOT LIKE ? LIMIT 500"
-                ))
+                )))
                 .bind(&current)
                 .fetch_all(&self.writer)
                 .await?;
@@ -350,11 +354,15 @@ impl Store {
                 let mut tx = self.writer.begin().await?;
                 for (op_id, body) in rows {
                     let plain = self.open_body(&op_id, body)?;
-                    sqlx::query(&format!("UPDATE {table} SET body = ? WHERE op_id = ?"))
-                        .bind(self.seal_body(&op_id, &plain))
-                        .bind(&op_id)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        &self
+                            .d
+                            .sql(&format!("UPDATE {table} SET body = ? WHERE op_id = ?")),
+                    )
+                    .bind(self.seal_body(&op_id, &plain))
+                    .bind(&op_id)
+                    .execute(&mut *tx)
+                    .await?;
                     total += 1;
                 }
                 tx.commit().await?;
@@ -362,9 +370,11 @@ impl Store {
         }
         if total > 0 {
             // Old page images in the write-ahead log go too.
-            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-                .execute(&self.writer)
-                .await?;
+            if self.d == Dialect::Sqlite {
+                sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .execute(&self.writer)
+                    .await?;
+            }
             tracing::info!(
                 bodies = total,
                 key = kid,
@@ -378,23 +388,25 @@ impl Store {
     /// an old op can still tell whether it would undo a later one.
     async fn backfill_op_keys(&self) -> Result<(), StoreError> {
         const DONE: &str = "op_keys_backfilled";
-        let done: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = ?")
-            .bind(DONE)
-            .fetch_optional(&self.writer)
-            .await?;
+        let done: Option<i64> =
+            sqlx::query_scalar(&self.d.sql("SELECT value FROM meta WHERE key = ?"))
+                .bind(DONE)
+                .fetch_optional(&self.writer)
+                .await?;
         if done.is_some() {
             return Ok(());
         }
         let mut after = 0;
         loop {
-            let ops: Vec<(i64, String, String, String, Option<String>, String)> = sqlx::query_as(
-                "SELECT seq, method, path, created_ids, body, op_id FROM ops
+            let ops: Vec<(i64, String, String, String, Option<String>, String)> =
+                sqlx::query_as(&self.d.sql(
+                    "SELECT seq, method, path, created_ids, body, op_id FROM ops
                  WHERE seq > ? AND NOT EXISTS (SELECT 1 FROM op_keys k WHERE k.seq = ops.seq)
                  ORDER BY seq LIMIT 1000",
-            )
-            .bind(after)
-            .fetch_all(&self.writer)
-            .await?;
+                ))
+                .bind(after)
+                .fetch_all(&self.writer)
+                .await?;
             let Some(last) = ops.last().map(|o| o.0) else {
                 break;
             };
@@ -415,9 +427,9 @@ impl Store {
                 let created: Vec<String> = serde_json::from_str(created).unwrap_or_default();
                 touched.extend(crate::keystone::touches::created(&created));
                 for t in crate::keystone::touches::normalise(touched) {
-                    sqlx::query(
-                        "INSERT OR IGNORE INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?)",
-                    )
+                    sqlx::query(&self.d.sql(
+                        "INSERT INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    ))
                     .bind(&t.key)
                     .bind(seq)
                     .bind(t.exclusive)
@@ -428,10 +440,14 @@ impl Store {
             tx.commit().await?;
             after = last;
         }
-        sqlx::query("INSERT INTO meta (key, value) VALUES (?, 1) ON CONFLICT (key) DO NOTHING")
-            .bind(DONE)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            &self
+                .d
+                .sql("INSERT INTO meta (key, value) VALUES (?, 1) ON CONFLICT (key) DO NOTHING"),
+        )
+        .bind(DONE)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -530,11 +546,14 @@ impl Store {
 
     /// The keys an open intent's write touches (none when it is closed).
     pub async fn intent_touches(&self, op_id: Uuid) -> Result<Vec<Touch>, StoreError> {
-        let intent: Option<(String, String, Option<String>)> =
-            sqlx::query_as("SELECT method, path, body FROM intents WHERE op_id = ?")
-                .bind(op_id.to_string())
-                .fetch_optional(&self.writer)
-                .await?;
+        let intent: Option<(String, String, Option<String>)> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT method, path, body FROM intents WHERE op_id = ?"),
+        )
+        .bind(op_id.to_string())
+        .fetch_optional(&self.writer)
+        .await?;
         Ok(intent
             .map(|(method, path, body)| {
                 let route_path = path.split('?').next().unwrap_or(&path);
@@ -559,9 +578,12 @@ impl Store {
     /// Every open intent, oldest first (by when it was opened, whatever the
     /// clock said then: no clock decides whether one is listed).
     pub async fn open_intent_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar("SELECT op_id FROM intents ORDER BY rowid")
-            .fetch_all(&self.writer)
-            .await?;
+        let ids: Vec<String> = sqlx::query_scalar(match self.d {
+            Dialect::Sqlite => "SELECT op_id FROM intents ORDER BY rowid",
+            Dialect::Postgres => "SELECT op_id FROM intents ORDER BY opened",
+        })
+        .fetch_all(&self.writer)
+        .await?;
         ids.iter()
             .map(|id| {
                 Uuid::parse_str(id).map_err(|e| {
@@ -573,14 +595,20 @@ impl Store {
 
     /// The keys an op touched.
     pub async fn op_touches(&self, seq: i64) -> Result<Vec<Touch>, StoreError> {
-        let rows: Vec<(String, bool)> =
-            sqlx::query_as("SELECT key, exclusive FROM op_keys WHERE seq = ? ORDER BY key")
-                .bind(seq)
-                .fetch_all(&self.reader)
-                .await?;
+        let rows: Vec<(String, dialect::Flag)> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT key, exclusive FROM op_keys WHERE seq = ? ORDER BY key"),
+        )
+        .bind(seq)
+        .fetch_all(&self.reader)
+        .await?;
         Ok(rows
             .into_iter()
-            .map(|(key, exclusive)| Touch { key, exclusive })
+            .map(|(key, exclusive)| Touch {
+                key,
+                exclusive: exclusive.0,
+            })
             .collect())
     }
 
@@ -592,7 +620,9 @@ impl Store {
         through: i64,
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         let keys: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT key FROM op_keys WHERE seq > ? AND seq <= ? AND exclusive",
+            &self
+                .d
+                .sql("SELECT DISTINCT key FROM op_keys WHERE seq > ? AND seq <= ? AND exclusive"),
         )
         .bind(after)
         .bind(through)
@@ -607,21 +637,21 @@ impl Store {
         &self,
         seq: i64,
     ) -> Result<Option<(i64, String, String)>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as(&self.d.sql(
             "SELECT o.seq, o.method, o.path FROM op_keys mine
              JOIN op_keys later ON later.key = mine.key AND later.seq > mine.seq
                  AND (mine.exclusive OR later.exclusive)
              JOIN ops o ON o.seq = later.seq
              WHERE mine.seq = ?
              ORDER BY later.seq LIMIT 1",
-        )
+        ))
         .bind(seq)
         .fetch_optional(&self.reader)
         .await?)
     }
 
     pub async fn get_op(&self, seq: i64) -> Result<Option<OpRow>, StoreError> {
-        let row: Option<OpRow> = sqlx::query_as("SELECT * FROM ops WHERE seq = ?")
+        let row: Option<OpRow> = sqlx::query_as(&self.d.sql("SELECT * FROM ops WHERE seq = ?"))
             .bind(seq)
             .fetch_optional(&self.reader)
             .await?;
@@ -629,40 +659,46 @@ impl Store {
     }
 
     pub async fn list_ops(&self, filter: &OpFilter) -> Result<Vec<OpRow>, StoreError> {
-        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM ops WHERE seq > ");
-        q.push_bind(filter.after);
+        let mut q = dialect::Sql::new("SELECT * FROM ops WHERE seq > ");
+        q.bind(filter.after);
         if let Some(kind) = &filter.kind {
-            q.push(" AND kind = ").push_bind(kind);
+            q.push(" AND kind = ").bind(kind.as_str());
         }
         if let Some(state) = filter.state {
-            q.push(" AND state = ").push_bind(state.as_str());
+            q.push(" AND state = ").bind(state.as_str());
         }
         if let Some(through) = filter.through {
-            q.push(" AND seq <= ").push_bind(through);
+            q.push(" AND seq <= ").bind(through);
         }
-        q.push(" ORDER BY seq LIMIT ").push_bind(filter.limit);
-        let rows: Vec<OpRow> = q.build_query_as().fetch_all(&self.reader).await?;
+        q.push(" ORDER BY seq LIMIT ").bind(filter.limit);
+        let (text, args) = q.finish(self.d)?;
+        let rows: Vec<OpRow> = sqlx::query_as_with(&text, args)
+            .fetch_all(&self.reader)
+            .await?;
         rows.into_iter().map(|r| self.open_row(r)).collect()
     }
 
     /// The last op edges may have: every op before the first whose unknown
     /// outcome is still being resolved (it, and all after it, wait).
     pub async fn publishable_through(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar(&self.d.sql(
             "SELECT COALESCE((SELECT MIN(seq) - 1 FROM ops WHERE resolution = 'pending'),
                              (SELECT MAX(seq) FROM ops), 0)",
-        )
+        ))
         .fetch_one(&self.reader)
         .await?)
     }
 
     /// Ops whose unknown outcome is to be resolved, oldest first.
     pub async fn pending_resolutions(&self, limit: i64) -> Result<Vec<OpRow>, StoreError> {
-        let rows: Vec<OpRow> =
-            sqlx::query_as("SELECT * FROM ops WHERE resolution = 'pending' ORDER BY seq LIMIT ?")
-                .bind(limit)
-                .fetch_all(&self.reader)
-                .await?;
+        let rows: Vec<OpRow> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT * FROM ops WHERE resolution = 'pending' ORDER BY seq LIMIT ?"),
+        )
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
         rows.into_iter().map(|r| self.open_row(r)).collect()
     }
 
@@ -684,12 +720,12 @@ impl Store {
                 detail,
             } => {
                 let body = body.as_ref().map(|b| self.seal_body(op_id, &b.to_string()));
-                sqlx::query(
+                sqlx::query(&self.d.sql(
                     "UPDATE ops SET state = 'committed', resolution = 'applied',
                          detail = COALESCE(detail || '; ', '') || ?,
                          created_ids = ?, body = COALESCE(?, body)
                      WHERE seq = ? AND resolution = 'pending'",
-                )
+                ))
                 .bind(detail)
                 .bind(serde_json::to_string(created_ids).expect("strings serialize"))
                 .bind(body)
@@ -697,9 +733,9 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 for t in crate::keystone::touches::created(created_ids) {
-                    sqlx::query(
-                        "INSERT OR IGNORE INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?)",
-                    )
+                    sqlx::query(&self.d.sql(
+                        "INSERT INTO op_keys (key, seq, exclusive) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    ))
                     .bind(&t.key)
                     .bind(seq)
                     .bind(t.exclusive)
@@ -713,10 +749,10 @@ impl Store {
                 } else {
                     "unresolvable"
                 };
-                sqlx::query(
+                sqlx::query(&self.d.sql(
                     "UPDATE ops SET resolution = ?, detail = COALESCE(detail || '; ', '') || ?
                      WHERE seq = ? AND resolution = 'pending'",
-                )
+                ))
                 .bind(label)
                 .bind(detail)
                 .bind(seq)
@@ -731,9 +767,9 @@ impl Store {
     /// Whether an op of the log other than `seq` created or changed the entity
     /// with this ID (the op's keys, indexed).
     pub async fn touched_by_another_op(&self, id: &str, seq: i64) -> Result<bool, StoreError> {
-        Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT EXISTS (SELECT 1 FROM op_keys WHERE key = ? AND seq != ?)",
-        )
+        Ok(sqlx::query_scalar::<_, i64>(&self.d.sql(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM op_keys WHERE key = ? AND seq != ?) THEN 1 ELSE 0 END",
+        ))
         .bind(id)
         .bind(seq)
         .fetch_one(&self.reader)
@@ -749,11 +785,11 @@ impl Store {
         through: i64,
         limit: i64,
     ) -> Result<Vec<(i64, String, String)>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as(&self.d.sql(
             "SELECT seq, path, refs FROM ops
              WHERE method = 'DELETE' AND state = 'committed' AND seq > ? AND seq <= ?
              ORDER BY seq LIMIT ?",
-        )
+        ))
         .bind(after)
         .bind(through)
         .bind(limit)
@@ -763,28 +799,32 @@ impl Store {
 
     /// The oldest seq the op log still holds.
     pub async fn first_seq(&self) -> Result<Option<i64>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT MIN(seq) FROM ops")
+        Ok(sqlx::query_scalar(&self.d.sql("SELECT MIN(seq) FROM ops"))
             .fetch_one(&self.reader)
             .await?)
     }
 
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM ops")
-            .fetch_one(&self.reader)
-            .await?)
+        Ok(
+            sqlx::query_scalar(&self.d.sql("SELECT COALESCE(MAX(seq), 0) FROM ops"))
+                .fetch_one(&self.reader)
+                .await?,
+        )
     }
 
     pub async fn open_intents(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM intents")
-            .fetch_one(&self.reader)
-            .await?)
+        Ok(
+            sqlx::query_scalar(&self.d.sql("SELECT COUNT(*) FROM intents"))
+                .fetch_one(&self.reader)
+                .await?,
+        )
     }
 
     /// Proves the op log takes writes (readiness).
     pub async fn check_writable(&self) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "INSERT INTO health (id, checked_at) VALUES (1, {NOW})
-             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at"
+        sqlx::query(&self.d.sql(
+            "INSERT INTO health (id, checked_at) VALUES (1, SG_NOW())
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
         ))
         .execute(&self.writer)
         .await?;
@@ -805,7 +845,7 @@ pub(crate) async fn database_at_version(
     url: &str,
     side: &str,
     files: &[&str],
-) -> SqlitePool {
+) -> sqlx::SqlitePool {
     let old = dir.path().join(format!("{side}-migrations"));
     std::fs::create_dir(&old).unwrap();
     for f in files {
@@ -815,7 +855,7 @@ pub(crate) async fn database_at_version(
             .join(f);
         std::fs::copy(from, old.join(f)).unwrap();
     }
-    let pool = SqlitePool::connect_with(sqlite_options(url).unwrap())
+    let pool = sqlx::SqlitePool::connect_with(sqlite_options(url).unwrap())
         .await
         .unwrap();
     sqlx::migrate::Migrator::new(old.as_path())
@@ -827,11 +867,45 @@ pub(crate) async fn database_at_version(
     pool
 }
 
+/// A database for a test: a new one on the PostgreSQL server that
+/// `SYNCGATE_TEST_POSTGRES` names (`postgres://user@host:port`, as
+/// `scripts/test.sh` starts it), else a SQLite file in `dir`.
+#[cfg(test)]
+pub(crate) async fn test_url(dir: &tempfile::TempDir) -> String {
+    let Ok(server) = std::env::var("SYNCGATE_TEST_POSTGRES") else {
+        return format!("sqlite://{}", dir.path().join("ops.db").display());
+    };
+    use sqlx::Connection;
+    let server = server.trim_end_matches('/');
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap_or_else(|e| panic!("SYNCGATE_TEST_POSTGRES={server}: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    format!("{server}/{name}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sqlx::sqlite::SqlitePoolOptions;
 
-    async fn temp_store() -> (tempfile::TempDir, Store) {
+    /// An op log on the engine the run is for: PostgreSQL when
+    /// `SYNCGATE_TEST_POSTGRES` names a server (a new database on it),
+    /// else a SQLite file.
+    async fn temp_store() -> (tempfile::TempDir, Store, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = test_url(&dir).await;
+        let store = Store::open(&url).await.unwrap();
+        (dir, store, url)
+    }
+
+    /// An op log on SQLite, for what only SQLite has (files, pages).
+    async fn sqlite_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("ops.db").display());
         let store = Store::open(&url).await.unwrap();
@@ -852,14 +926,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_captures_are_gap_free_and_durable_when_answered() {
-        let (dir, store) = temp_store().await;
-        // A second, independent connection: what it sees is on disk.
-        let url = format!("sqlite://{}", dir.path().join("ops.db").display());
-        let other = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect(&url)
-            .await
-            .unwrap();
+        let (_dir, store, url) = temp_store().await;
+        // A second, independent op log on the same database: what it sees is
+        // committed.
+        let other = Store::open(&url).await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..300 {
             let store = store.clone();
@@ -872,12 +942,7 @@ mod tests {
                     .await
                     .unwrap();
                 // Answered only once durable: the op is there for anyone.
-                let found: Option<String> =
-                    sqlx::query_scalar("SELECT path FROM ops WHERE seq = ?")
-                        .bind(seq)
-                        .fetch_optional(&other)
-                        .await
-                        .unwrap();
+                let found = other.get_op(seq).await.unwrap().map(|op| op.path);
                 assert_eq!(found.as_deref(), Some(path.as_str()));
                 seq
             }));
@@ -895,9 +960,154 @@ mod tests {
         assert_eq!(store.open_intents().await.unwrap(), 0);
     }
 
+    /// Every read behind the audit API, over an op log holding each kind
+    /// of row (edges heard from and not, exceptions of each state, an op
+    /// timed out, one whose outcome was unknown, a resync and a drift
+    /// audit), on the engine of the run: each answers, with what was put in.
+    #[tokio::test]
+    async fn the_audit_reads_answer_over_every_kind_of_row() {
+        use crate::protocol::messages::{Ack, Outcome as AckOutcome};
+        let (_dir, store, _) = temp_store().await;
+        let mut ops = Vec::new();
+        for i in 0..4 {
+            let op = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+            let outcome = Outcome {
+                touches: vec![Touch {
+                    key: format!("project:p{i}"),
+                    exclusive: true,
+                }],
+                upstream_status: Some(201),
+                ..Outcome::default()
+            };
+            let seq = store
+                .commit_intent(op, OpState::Committed, &outcome)
+                .await
+                .unwrap();
+            ops.push((seq, op.to_string()));
+        }
+        let open = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+        let unknown = store.recover_open_intents().await.unwrap();
+        assert_eq!(unknown.len(), 1, "{open}");
+        store.register_edge("e1", true).await.unwrap();
+        store.register_edge("e2", false).await.unwrap();
+        store.edge_hello("e1", 0, "test", None).await.unwrap();
+        store.edge_skew("e1", -25).await.unwrap();
+        let ack = |(seq, op_id): &(i64, String), outcome, detail: Option<&str>| Ack {
+            seq: *seq,
+            op_id: op_id.clone(),
+            outcome,
+            status: Some(500),
+            detail: detail.map(str::to_string),
+            edge_id_created: Vec::new(),
+        };
+        assert_eq!(
+            store
+                .record_ack("e1", &ack(&ops[0], AckOutcome::Applied, None))
+                .await
+                .unwrap(),
+            Some(1)
+        );
+        store
+            .record_ack("e1", &ack(&ops[1], AckOutcome::Failed, Some("refused")))
+            .await
+            .unwrap();
+        store
+            .record_ack("e1", &ack(&ops[2], AckOutcome::Adopted, None))
+            .await
+            .unwrap();
+        store.mark_published(5).await.unwrap();
+        assert_eq!(store.published_seq().await.unwrap(), 5);
+
+        let edges = store.edges().await.unwrap();
+        assert_eq!(edges.len(), 2);
+        let e1 = &edges[0];
+        assert!(e1.declared && e1.last_seen.is_some() && e1.silent_ms.is_some());
+        assert_eq!((e1.acked_seq, e1.clock_skew_ms), (3, Some(-25)));
+        assert!(e1.lag_ops > 0 && e1.lag_seconds >= 0.0, "{e1:?}");
+        assert!(!edges[1].declared && edges[1].last_seen.is_none());
+
+        let by_edge: Vec<(String, String)> = store
+            .deliveries(2, Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.edge, d.state))
+            .collect();
+        assert_eq!(
+            by_edge,
+            [
+                ("e1".into(), "failed".into()),
+                ("e2".into(), "pending".into())
+            ]
+        );
+        // Everything not acked is timed out after no time at all.
+        let late = store.out_of_sync(None, Duration::ZERO, 100).await.unwrap();
+        let states: Vec<(i64, &str, &str)> = late
+            .iter()
+            .map(|r| (r.seq, r.edge.as_str(), r.state.as_str()))
+            .collect();
+        assert!(states.contains(&(2, "e1", "failed")), "{states:?}");
+        assert!(states.contains(&(1, "e2", "timed_out")), "{states:?}");
+        assert_eq!(
+            store
+                .out_of_sync(Some("e1"), Duration::ZERO, 100)
+                .await
+                .unwrap()
+                .len(),
+            states.iter().filter(|s| s.1 == "e1").count()
+        );
+        let counts = store.delivery_counts(Duration::ZERO).await.unwrap();
+        assert_eq!(counts.failed, 1);
+        let counts = store
+            .edge_delivery_counts(Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(counts.len(), 2);
+
+        store.begin_resync("e2", "resync", true).await.unwrap();
+        store
+            .resync_progress("e2", "creating", Some(5), 1, 2)
+            .await
+            .unwrap();
+        store
+            .end_resync("e2", Ok(&serde_json::json!({"created": 1})))
+            .await
+            .unwrap();
+        let resync = store.resync("e2").await.unwrap().unwrap();
+        assert!(resync.prune && resync.finished_at.is_some(), "{resync:?}");
+        store.begin_drift("e1").await.unwrap();
+        let found = [NewDrift {
+            kind: "project",
+            key: "Default/p9",
+            category: "missing_at_edge",
+            fields: &[],
+            central_id: Some("c9"),
+            edge_id: None,
+        }];
+        store.record_drift("e1", 5, 0, &found).await.unwrap();
+        let report = store
+            .drift_report(&["e1".to_string()], &["project"], None, 10)
+            .await
+            .unwrap();
+        assert_eq!(report.rows.len(), 1);
+        let summary = report.runs[0].1.as_ref().unwrap();
+        assert_eq!(summary.counts["missing_at_edge"]["project"], 1);
+        assert!(summary.run.found_at.is_some());
+        store
+            .add_needs_password("e2", &[("u1".into(), "Default/alice".into())], 3)
+            .await
+            .unwrap();
+        let audit = store.edge_audit("e2", 10).await.unwrap();
+        assert_eq!(audit.needs_password.0, 1);
+        assert!(store.get_op(unknown[0]).await.unwrap().is_some());
+        assert_eq!(store.publishable_through().await.unwrap(), unknown[0] - 1);
+        assert!(store.touched_by_another_op("project:p1", 1).await.unwrap());
+        store.check_writable().await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_write_that_fails_in_a_shared_transaction_fails_alone() {
-        let (_dir, store) = temp_store().await;
+        let (_dir, store, _) = temp_store().await;
         let a = store.begin_intent(&intent("/v3/projects")).await.unwrap();
         let b = store.begin_intent(&intent("/v3/projects")).await.unwrap();
         let gone = Uuid::new_v4();
@@ -922,7 +1132,7 @@ mod tests {
     /// was answered is on disk, and writes succeed again once there is room.
     #[tokio::test]
     async fn a_full_database_fails_its_writes_and_takes_writes_again_after() {
-        let (dir, store) = temp_store().await;
+        let (dir, store) = sqlite_store().await;
         let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
             .fetch_one(&store.writer)
             .await
@@ -972,7 +1182,7 @@ mod tests {
 
     #[tokio::test]
     async fn intents_become_ops_in_seq_order_and_dropped_ones_leave_no_gap() {
-        let (_dir, store) = temp_store().await;
+        let (_dir, store, _) = temp_store().await;
         let a = store.begin_intent(&intent("/v3/projects")).await.unwrap();
         let b = store.begin_intent(&intent("/v3/projects")).await.unwrap();
         let c = store.begin_intent(&intent("/v3/projects")).await.unwrap();
@@ -1119,7 +1329,7 @@ mod tests {
     #[tokio::test]
     async fn database_files_are_readable_by_their_owner_only() {
         use std::os::unix::fs::PermissionsExt;
-        let (dir, store) = temp_store().await;
+        let (dir, store) = sqlite_store().await;
         let id = store.begin_intent(&intent("/v3/projects")).await.unwrap();
         store
             .commit_intent(id, OpState::Committed, &Outcome::default())
@@ -1149,7 +1359,7 @@ mod tests {
 
     #[tokio::test]
     async fn list_filters_by_kind_and_state() {
-        let (_dir, store) = temp_store().await;
+        let (_dir, store, _) = temp_store().await;
         for state in [
             OpState::Committed,
             OpState::UnknownOutcome,

@@ -22,9 +22,9 @@
 //! is cut off without a reset is released within about 30 s; a killed
 //! process's at once), and a transaction left idle is ended by the server.
 //!
-//! This is the core the highly available central is being built on: the op
-//! log's ordering and the election are here and tested on a real server;
-//! central does not run on it yet (`--db` takes `sqlite://` URLs only).
+//! Central's op log runs on PostgreSQL through `Store` (`--db postgres://`),
+//! which takes its seqs from the same head row; the election and the fenced
+//! writes here are what several central processes will share duties by.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -32,6 +32,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, QueryBuilder};
 
+use super::engine::{has_password, shown, PG_SESSION};
 use super::StoreError;
 use crate::core::Secret;
 
@@ -97,37 +98,6 @@ pub struct Leader {
     pub since: Option<String>,
 }
 
-/// A `postgres://` URL with what it names, for messages: never a password
-/// (the userinfo's is masked, the query, which may carry one, left out).
-fn shown(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.set_query(None);
-            u.to_string()
-        }
-        Err(_) => "(a URL that does not parse)".into(),
-    }
-}
-
-/// Whether a URL carries a password (in its userinfo or its query).
-fn has_password(url: &str) -> bool {
-    reqwest::Url::parse(url)
-        .is_ok_and(|u| u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password"))
-}
-
-/// Session settings of every connection (see the module's comment).
-const SESSION: [(&str, &str); 6] = [
-    ("synchronous_commit", "on"),
-    ("idle_in_transaction_session_timeout", "15s"),
-    ("tcp_keepalives_idle", "10"),
-    ("tcp_keepalives_interval", "5"),
-    ("tcp_keepalives_count", "3"),
-    ("tcp_user_timeout", "30000"),
-];
-
 impl PgOpLog {
     /// Connects to the database at a `postgres://` URL (the password, when
     /// one is needed, from `password` or the environment's `PGPASSFILE`,
@@ -147,7 +117,7 @@ impl PgOpLog {
         }
         let mut options = PgConnectOptions::from_str(url)
             .map_err(err)?
-            .options(SESSION)
+            .options(PG_SESSION)
             .application_name("syncgate");
         if let Some(p) = password {
             options = options.password(p.expose());
@@ -337,23 +307,5 @@ impl PgOpLog {
 
     pub async fn close(&self) {
         self.pool.close().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_url_is_shown_without_its_password() {
-        assert_eq!(
-            shown("postgres://sync:hunter2@db:5432/oplog"),
-            "postgres://sync:***@db:5432/oplog"
-        );
-        assert_eq!(
-            shown("postgres://sync@db/oplog"),
-            "postgres://sync@db/oplog"
-        );
-        assert!(!shown("postgres://a:b c@").contains("b c"));
     }
 }

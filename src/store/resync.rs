@@ -4,13 +4,14 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use sqlx::{FromRow, QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{AnyConnection, FromRow};
 
+use super::dialect::{Dialect, Sql};
 use super::{Store, StoreError};
 
-const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+const NOW_MS: &str = "SG_NOW_MS()";
 fn iso(col: &str) -> String {
-    format!("strftime('%Y-%m-%dT%H:%M:%fZ', {col} / 1000.0, 'unixepoch')")
+    format!("SG_ISO_MS({col})")
 }
 /// Rows per multi-row statement (SQLite binds at most 32766 values).
 const ROWS: usize = 500;
@@ -20,6 +21,7 @@ pub struct ResyncRow {
     pub edge: String,
     pub kind: String,
     pub phase: String,
+    #[sqlx(try_from = "super::dialect::Flag")]
     pub prune: bool,
     pub fence: Option<i64>,
     pub done: i64,
@@ -113,14 +115,14 @@ impl Store {
         kind: &str,
         prune: bool,
     ) -> Result<(), StoreError> {
-        sqlx::query(&format!(
+        sqlx::query(&self.d.sql(&format!(
             "INSERT INTO resyncs (edge, kind, phase, prune, started_ms, updated_ms)
              VALUES (?, ?, 'starting', ?, {NOW_MS}, {NOW_MS})
              ON CONFLICT (edge) DO UPDATE SET kind = excluded.kind, phase = 'starting',
                prune = excluded.prune, fence = NULL, done = 0, total = 0, result = NULL,
                error = NULL, started_ms = excluded.started_ms, updated_ms = excluded.updated_ms,
                finished_ms = NULL"
-        ))
+        )))
         .bind(edge)
         .bind(kind)
         .bind(prune)
@@ -137,10 +139,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
         for (id, key) in users {
-            sqlx::query(
+            sqlx::query(&self.d.sql(
                 "INSERT INTO resync_users (edge, user_id, user_key) VALUES (?, ?, ?)
                  ON CONFLICT (edge, user_id) DO NOTHING",
-            )
+            ))
             .bind(edge)
             .bind(id)
             .bind(key)
@@ -153,17 +155,19 @@ impl Store {
 
     /// Users resyncs of an edge noted and no completed resync settled.
     pub async fn resync_users(&self, edge: &str) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT user_id, user_key FROM resync_users WHERE edge = ?")
-                .bind(edge)
-                .fetch_all(&self.writer)
-                .await?,
+        Ok(sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT user_id, user_key FROM resync_users WHERE edge = ?"),
         )
+        .bind(edge)
+        .fetch_all(&self.writer)
+        .await?)
     }
 
     /// Forgets an edge's noted users (its resync completed).
     pub async fn clear_resync_users(&self, edge: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM resync_users WHERE edge = ?")
+        sqlx::query(&self.d.sql("DELETE FROM resync_users WHERE edge = ?"))
             .bind(edge)
             .execute(&self.writer)
             .await?;
@@ -178,10 +182,10 @@ impl Store {
         done: i64,
         total: i64,
     ) -> Result<(), StoreError> {
-        sqlx::query(&format!(
+        sqlx::query(&self.d.sql(&format!(
             "UPDATE resyncs SET phase = ?, fence = COALESCE(?, fence), done = ?, total = ?,
                updated_ms = {NOW_MS} WHERE edge = ?"
-        ))
+        )))
         .bind(phase)
         .bind(fence)
         .bind(done)
@@ -202,10 +206,10 @@ impl Store {
             Ok(r) => ("done", Some(r.to_string()), None),
             Err(e) => ("failed", None, Some(e.to_string())),
         };
-        sqlx::query(&format!(
+        sqlx::query(&self.d.sql(&format!(
             "UPDATE resyncs SET phase = ?, result = COALESCE(?, result), error = ?,
                updated_ms = {NOW_MS}, finished_ms = {NOW_MS} WHERE edge = ?"
-        ))
+        )))
         .bind(phase)
         .bind(result)
         .bind(error)
@@ -216,7 +220,7 @@ impl Store {
     }
 
     pub async fn resync(&self, edge: &str) -> Result<Option<ResyncRow>, StoreError> {
-        resync_of(&mut *self.reader.acquire().await?, edge).await
+        resync_of(&mut *self.reader.acquire().await?, self.d, edge).await
     }
 
     /// An edge's resync, drift audit and users needing a password (at most
@@ -224,9 +228,9 @@ impl Store {
     pub async fn edge_audit(&self, edge: &str, limit: i64) -> Result<EdgeAudit, StoreError> {
         let mut tx = self.reader.begin().await?;
         let audit = EdgeAudit {
-            resync: resync_of(&mut tx, edge).await?,
-            drift: drift_summary_of(&mut tx, edge).await?,
-            needs_password: needs_password_of(&mut tx, edge, limit).await?,
+            resync: resync_of(&mut tx, self.d, edge).await?,
+            drift: drift_summary_of(&mut tx, self.d, edge).await?,
+            needs_password: needs_password_of(&mut tx, self.d, edge, limit).await?,
         };
         tx.rollback().await?;
         Ok(audit)
@@ -244,39 +248,41 @@ impl Store {
         let mut tx = self.reader.begin().await?;
         let mut runs = Vec::with_capacity(edges.len());
         for e in edges {
-            runs.push((e.clone(), drift_summary_of(&mut tx, e).await?));
+            runs.push((e.clone(), drift_summary_of(&mut tx, self.d, e).await?));
         }
         let one = match edges {
             [e] => Some(e.as_str()),
             _ => None,
         };
-        let rows = drift_rows(&mut tx, one, kinds, category, limit).await?;
+        let rows = drift_rows(&mut tx, self.d, one, kinds, category, limit).await?;
         tx.rollback().await?;
         Ok(DriftReport { runs, rows })
     }
 
     /// Resyncs a stop left unfinished: (edge, kind, prune).
     pub async fn unfinished_resyncs(&self) -> Result<Vec<(String, String, bool)>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT edge, kind, prune FROM resyncs WHERE phase NOT IN ('done', 'failed')",
-        )
-        .fetch_all(&self.reader)
-        .await?)
+        let rows: Vec<(String, String, super::dialect::Flag)> =
+            sqlx::query_as(&self.d.sql(
+                "SELECT edge, kind, prune FROM resyncs WHERE phase NOT IN ('done', 'failed')",
+            ))
+            .fetch_all(&self.reader)
+            .await?;
+        Ok(rows.into_iter().map(|(e, k, p)| (e, k, p.0)).collect())
     }
 
     /// After a resync to `fence`: the edge has central's state up to there, so
     /// every op up to the fence is settled there (failures it had are healed).
     pub async fn settle_to_fence(&self, edge: &str, fence: i64) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
-        sqlx::query(
-            "UPDATE edges SET acked_seq = MAX(acked_seq, ?), cursor = MAX(cursor, ?) WHERE id = ?",
-        )
+        sqlx::query(&self.d.sql(
+            "UPDATE edges SET acked_seq = GREATEST(acked_seq, ?), cursor = GREATEST(cursor, ?) WHERE id = ?",
+        ))
         .bind(fence)
         .bind(fence)
         .bind(edge)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM deliveries WHERE edge = ? AND seq <= ? AND state IN ('failed', 'timed_out', 'pending')")
+        sqlx::query(&self.d.sql("DELETE FROM deliveries WHERE edge = ? AND seq <= ? AND state IN ('failed', 'timed_out', 'pending')"))
             .bind(edge)
             .bind(fence)
             .execute(&mut *tx)
@@ -292,20 +298,20 @@ impl Store {
         since_seq: i64,
     ) -> Result<(), StoreError> {
         for chunk in users.chunks(ROWS) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO needs_password (edge, user_id, user_key, since_seq) ",
-            );
-            q.push_values(chunk, |mut row, (id, key)| {
-                row.push_bind(edge)
-                    .push_bind(id)
-                    .push_bind(key)
-                    .push_bind(since_seq);
+            let mut q =
+                Sql::new("INSERT INTO needs_password (edge, user_id, user_key, since_seq) ");
+            q.values(chunk, |row, (id, key)| {
+                row.bind(edge)
+                    .bind(id.as_str())
+                    .bind(key.as_str())
+                    .bind(since_seq);
             });
             q.push(
                 " ON CONFLICT (edge, user_id) DO UPDATE SET user_key = excluded.user_key,
                    since_seq = excluded.since_seq",
             );
-            q.build().execute(&self.writer).await?;
+            let (text, args) = q.finish(self.d)?;
+            sqlx::query_with(&text, args).execute(&self.writer).await?;
         }
         Ok(())
     }
@@ -316,19 +322,21 @@ impl Store {
         limit: i64,
     ) -> Result<(i64, Vec<NeedsPasswordRow>), StoreError> {
         let mut tx = self.reader.begin().await?;
-        let found = needs_password_of(&mut tx, edge, limit).await?;
+        let found = needs_password_of(&mut tx, self.d, edge, limit).await?;
         tx.rollback().await?;
         Ok(found)
     }
 
     /// The oldest `since_seq` of an edge's users needing a password.
     pub async fn needs_password_since(&self, edge: &str) -> Result<Option<i64>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT MIN(since_seq) FROM needs_password WHERE edge = ?")
-                .bind(edge)
-                .fetch_one(&self.reader)
-                .await?,
+        Ok(sqlx::query_scalar(
+            &self
+                .d
+                .sql("SELECT MIN(since_seq) FROM needs_password WHERE edge = ?"),
         )
+        .bind(edge)
+        .fetch_one(&self.reader)
+        .await?)
     }
 
     /// Clears a user's row at an edge once a password set after `since_seq`
@@ -340,7 +348,9 @@ impl Store {
         seq: i64,
     ) -> Result<bool, StoreError> {
         Ok(sqlx::query(
-            "DELETE FROM needs_password WHERE edge = ? AND user_id = ? AND since_seq < ?",
+            &self
+                .d
+                .sql("DELETE FROM needs_password WHERE edge = ? AND user_id = ? AND since_seq < ?"),
         )
         .bind(edge)
         .bind(user_id)
@@ -352,11 +362,11 @@ impl Store {
     }
 
     pub async fn begin_drift(&self, edge: &str) -> Result<(), StoreError> {
-        sqlx::query(&format!(
+        sqlx::query(&self.d.sql(&format!(
             "INSERT INTO drift_runs (edge, state, started_ms) VALUES (?, 'running', {NOW_MS})
              ON CONFLICT (edge) DO UPDATE SET state = 'running', error = NULL,
                started_ms = excluded.started_ms, finished_ms = NULL"
-        ))
+        )))
         .bind(edge)
         .execute(&self.writer)
         .await?;
@@ -366,20 +376,20 @@ impl Store {
     /// Ends the drift audits a stop of central left running (at start-up,
     /// before any is started); returns how many.
     pub async fn interrupt_drifts(&self) -> Result<u64, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query(&self.d.sql(&format!(
             "UPDATE drift_runs SET state = 'failed', finished_ms = {NOW_MS},
                error = 'interrupted by a stop of central; run it again'
              WHERE state = 'running'"
-        ))
+        )))
         .execute(&self.writer)
         .await?
         .rows_affected())
     }
 
     pub async fn fail_drift(&self, edge: &str, error: &str) -> Result<(), StoreError> {
-        sqlx::query(&format!(
+        sqlx::query(&self.d.sql(&format!(
             "UPDATE drift_runs SET state = 'failed', error = ?, finished_ms = {NOW_MS} WHERE edge = ?"
-        ))
+        )))
         .bind(error)
         .bind(edge)
         .execute(&self.writer)
@@ -396,29 +406,35 @@ impl Store {
         found: &[NewDrift<'_>],
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
-        sqlx::query("DELETE FROM drift WHERE edge = ?")
+        sqlx::query(&self.d.sql("DELETE FROM drift WHERE edge = ?"))
             .bind(edge)
             .execute(&mut *tx)
             .await?;
         for chunk in found.chunks(ROWS) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT OR REPLACE INTO drift (edge, kind, key, category, fields, central_id, edge_id) ",
+            let mut q = Sql::new(
+                "INSERT INTO drift (edge, kind, key, category, fields, central_id, edge_id) ",
             );
-            q.push_values(chunk, |mut row, d| {
-                row.push_bind(edge)
-                    .push_bind(d.kind)
-                    .push_bind(d.key)
-                    .push_bind(d.category)
-                    .push_bind(serde_json::to_string(d.fields).expect("strings serialize"))
-                    .push_bind(d.central_id)
-                    .push_bind(d.edge_id);
+            q.values(chunk, |row, d| {
+                row.bind(edge)
+                    .bind(d.kind)
+                    .bind(d.key)
+                    .bind(d.category)
+                    .bind(serde_json::to_string(d.fields).expect("strings serialize"))
+                    .bind(d.central_id)
+                    .bind(d.edge_id);
             });
-            q.build().execute(&mut *tx).await?;
+            q.push(
+                " ON CONFLICT (edge, kind, key) DO UPDATE SET category = excluded.category,
+                   fields = excluded.fields, central_id = excluded.central_id,
+                   edge_id = excluded.edge_id",
+            );
+            let (text, args) = q.finish(self.d)?;
+            sqlx::query_with(&text, args).execute(&mut *tx).await?;
         }
-        sqlx::query(&format!(
+        sqlx::query(&self.d.sql(&format!(
             "UPDATE drift_runs SET state = 'done', fence = ?, excluded = ?, error = NULL,
                finished_ms = {NOW_MS}, found_ms = {NOW_MS} WHERE edge = ?"
-        ))
+        )))
         .bind(fence)
         .bind(excluded)
         .bind(edge)
@@ -429,15 +445,19 @@ impl Store {
     }
 
     pub async fn drift_run(&self, edge: &str) -> Result<Option<DriftRunRow>, StoreError> {
-        drift_run_of(&mut *self.reader.acquire().await?, edge).await
+        drift_run_of(&mut *self.reader.acquire().await?, self.d, edge).await
     }
 }
 
 // Reads on one connection, so that a caller can make several of them in one
 // transaction.
 
-async fn resync_of(c: &mut SqliteConnection, edge: &str) -> Result<Option<ResyncRow>, StoreError> {
-    Ok(sqlx::query_as(&format!(
+async fn resync_of(
+    c: &mut AnyConnection,
+    d: Dialect,
+    edge: &str,
+) -> Result<Option<ResyncRow>, StoreError> {
+    Ok(sqlx::query_as(&d.sql(&format!(
         "SELECT edge, kind, phase, prune, fence, done, total, result, error,
                 {} AS started_at, {} AS updated_at,
                 CASE WHEN finished_ms IS NULL THEN NULL ELSE {} END AS finished_at
@@ -445,17 +465,18 @@ async fn resync_of(c: &mut SqliteConnection, edge: &str) -> Result<Option<Resync
         iso("started_ms"),
         iso("updated_ms"),
         iso("finished_ms")
-    ))
+    )))
     .bind(edge)
     .fetch_optional(c)
     .await?)
 }
 
 async fn drift_run_of(
-    c: &mut SqliteConnection,
+    c: &mut AnyConnection,
+    d: Dialect,
     edge: &str,
 ) -> Result<Option<DriftRunRow>, StoreError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(&d.sql(&format!(
         "SELECT edge, state, fence, excluded, error, {} AS started_at,
                 CASE WHEN finished_ms IS NULL THEN NULL ELSE {} END AS finished_at,
                 CASE WHEN found_ms IS NULL THEN NULL ELSE {} END AS found_at
@@ -463,21 +484,22 @@ async fn drift_run_of(
         iso("started_ms"),
         iso("finished_ms"),
         iso("found_ms")
-    ))
+    )))
     .bind(edge)
     .fetch_optional(c)
     .await?)
 }
 
 async fn drift_summary_of(
-    c: &mut SqliteConnection,
+    c: &mut AnyConnection,
+    d: Dialect,
     edge: &str,
 ) -> Result<Option<DriftSummary>, StoreError> {
-    let Some(run) = drift_run_of(c, edge).await? else {
+    let Some(run) = drift_run_of(c, d, edge).await? else {
         return Ok(None);
     };
     let rows: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT category, kind, COUNT(*) FROM drift WHERE edge = ? GROUP BY category, kind",
+        &d.sql("SELECT category, kind, COUNT(*) FROM drift WHERE edge = ? GROUP BY category, kind"),
     )
     .bind(edge)
     .fetch_all(&mut *c)
@@ -486,7 +508,7 @@ async fn drift_summary_of(
     for (category, kind, n) in rows {
         counts.entry(category).or_default().insert(kind, n);
     }
-    let needs_password = needs_password_of(c, edge, 0).await?.0;
+    let needs_password = needs_password_of(c, d, edge, 0).await?.0;
     Ok(Some(DriftSummary {
         run,
         counts,
@@ -495,18 +517,19 @@ async fn drift_summary_of(
 }
 
 async fn needs_password_of(
-    c: &mut SqliteConnection,
+    c: &mut AnyConnection,
+    d: Dialect,
     edge: &str,
     limit: i64,
 ) -> Result<(i64, Vec<NeedsPasswordRow>), StoreError> {
-    let count = sqlx::query_scalar("SELECT COUNT(*) FROM needs_password WHERE edge = ?")
+    let count = sqlx::query_scalar(&d.sql("SELECT COUNT(*) FROM needs_password WHERE edge = ?"))
         .bind(edge)
         .fetch_one(&mut *c)
         .await?;
-    let rows = sqlx::query_as(
+    let rows = sqlx::query_as(&d.sql(
         "SELECT user_id, user_key, since_seq FROM needs_password WHERE edge = ?
          ORDER BY user_key LIMIT ?",
-    )
+    ))
     .bind(edge)
     .bind(limit)
     .fetch_all(c)
@@ -515,29 +538,26 @@ async fn needs_password_of(
 }
 
 async fn drift_rows(
-    c: &mut SqliteConnection,
+    c: &mut AnyConnection,
+    d: Dialect,
     edge: Option<&str>,
     kinds: &[&str],
     category: Option<&str>,
     limit: i64,
 ) -> Result<Vec<DriftRow>, StoreError> {
-    let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+    let mut q = Sql::new(
         "SELECT edge, kind, key, category, fields, central_id, edge_id FROM drift WHERE 1 = 1",
     );
     if let Some(e) = edge {
-        q.push(" AND edge = ").push_bind(e);
+        q.push(" AND edge = ").bind(e);
     }
     if !kinds.is_empty() {
-        q.push(" AND kind IN (");
-        let mut list = q.separated(", ");
-        for k in kinds {
-            list.push_bind(*k);
-        }
-        q.push(")");
+        q.push(" AND kind IN ").list(kinds.iter().copied());
     }
     if let Some(c) = category {
-        q.push(" AND category = ").push_bind(c);
+        q.push(" AND category = ").bind(c);
     }
-    q.push(" ORDER BY edge, kind, key LIMIT ").push_bind(limit);
-    Ok(q.build_query_as().fetch_all(c).await?)
+    q.push(" ORDER BY edge, kind, key LIMIT ").bind(limit);
+    let (text, args) = q.finish(d)?;
+    Ok(sqlx::query_as_with(&text, args).fetch_all(c).await?)
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::FromRow;
 
+use super::dialect::Dialect;
 use super::{Store, StoreError};
 use crate::protocol::messages::{Ack, EntityRef, Outcome};
 
@@ -21,10 +22,10 @@ pub struct EdgeSession {
 }
 
 /// Milliseconds since the epoch, in SQL.
-const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+const NOW_MS: &str = "SG_NOW_MS()";
 /// Renders a millisecond column as ISO 8601.
 fn iso(col: &str) -> String {
-    format!("strftime('%Y-%m-%dT%H:%M:%fZ', {col} / 1000.0, 'unixepoch')")
+    format!("SG_ISO_MS({col})")
 }
 
 #[derive(Debug, Clone, FromRow, Serialize)]
@@ -40,6 +41,7 @@ pub struct DeliveryRow {
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct EdgeRow {
     pub id: String,
+    #[sqlx(try_from = "super::dialect::Flag")]
     pub declared: bool,
     pub cursor: i64,
     /// Every op at or below this has a known outcome at the edge.
@@ -86,11 +88,14 @@ impl Store {
     }
 
     pub async fn entity(&self, id: &str) -> Result<Option<EntityRef>, StoreError> {
-        let row: Option<(String, String, String, Option<String>)> =
-            sqlx::query_as("SELECT id, kind, name, domain_id FROM entities WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&self.reader)
-                .await?;
+        let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT id, kind, name, domain_id FROM entities WHERE id = ?"),
+        )
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?;
         Ok(row.map(|(id, kind, name, domain_id)| EntityRef {
             id,
             kind,
@@ -102,10 +107,10 @@ impl Store {
     /// Registers an edge (declared by configuration, or by its hello). Nothing
     /// is backfilled: an edge's deliveries follow from its watermark.
     pub async fn register_edge(&self, id: &str, declared: bool) -> Result<bool, StoreError> {
-        Ok(sqlx::query(&format!(
+        Ok(sqlx::query(&self.d.sql(&format!(
             "INSERT INTO edges (id, declared, first_seen_ms) VALUES (?, ?, {NOW_MS})
-             ON CONFLICT (id) DO UPDATE SET declared = MAX(declared, excluded.declared)"
-        ))
+             ON CONFLICT (id) DO UPDATE SET declared = GREATEST(edges.declared, excluded.declared)"
+        )))
         .bind(id)
         .bind(declared)
         .execute(&self.writer)
@@ -117,7 +122,9 @@ impl Store {
     /// The highest seq handed to the broker.
     pub async fn published_seq(&self) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT COALESCE((SELECT value FROM meta WHERE key = 'published_seq'), 0)",
+            &self
+                .d
+                .sql("SELECT COALESCE((SELECT value FROM meta WHERE key = 'published_seq'), 0)"),
         )
         .fetch_one(&self.writer)
         .await?)
@@ -135,14 +142,15 @@ impl Store {
     /// Draws central's session number for this start (see
     /// `protocol::control`): higher than any drawn before, kept before use.
     pub async fn next_session(&self) -> Result<u64, StoreError> {
-        let last: Option<i64> = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'session'")
-            .fetch_optional(&self.writer)
-            .await?;
+        let last: Option<i64> =
+            sqlx::query_scalar(&self.d.sql("SELECT value FROM meta WHERE key = 'session'"))
+                .fetch_optional(&self.writer)
+                .await?;
         let next = crate::protocol::control::next_session(last.unwrap_or(0).max(0) as u64);
-        let kept = sqlx::query(
+        let kept = sqlx::query(&self.d.sql(
             "INSERT INTO meta (key, value) VALUES ('session', ?)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
+        ))
         .bind(next as i64)
         .execute(&self.writer)
         .await;
@@ -157,10 +165,13 @@ impl Store {
     /// The process holding each edge's ID when central last knew (its
     /// session, lease) and whether the edge needs a resync.
     pub async fn edge_sessions(&self) -> Result<Vec<EdgeSession>, StoreError> {
-        let rows: Vec<(String, i64, Option<String>, Option<i64>)> =
-            sqlx::query_as("SELECT id, session, needs_resync, lease_ms FROM edges")
-                .fetch_all(&self.writer)
-                .await?;
+        let rows: Vec<(String, i64, Option<String>, Option<i64>)> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT id, session, needs_resync, lease_ms FROM edges"),
+        )
+        .fetch_all(&self.writer)
+        .await?;
         Ok(rows
             .into_iter()
             .map(|(edge, s, needs_resync, lease)| EdgeSession {
@@ -183,16 +194,19 @@ impl Store {
         lease: Duration,
     ) -> Result<(Option<String>, Option<u64>), StoreError> {
         let mut tx = self.writer.begin().await?;
-        let before: Option<(Option<String>, Option<i64>)> =
-            sqlx::query_as("SELECT database, session FROM edges WHERE id = ?")
-                .bind(edge)
-                .fetch_optional(&mut *tx)
-                .await?;
-        sqlx::query(
+        let before: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT database, session FROM edges WHERE id = ?"),
+        )
+        .bind(edge)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query(&self.d.sql(
             "UPDATE edges SET session = ?, protocol = ?, database = COALESCE(?, database),
                lease_ms = ?
              WHERE id = ?",
-        )
+        ))
         .bind(session as i64)
         .bind(i64::from(protocol))
         .bind(database)
@@ -208,7 +222,7 @@ impl Store {
     /// Marks an edge as needing a resync before it applies ops again (`None`
     /// clears it: a resync completed).
     pub async fn set_needs_resync(&self, edge: &str, why: Option<&str>) -> Result<(), StoreError> {
-        sqlx::query("UPDATE edges SET needs_resync = ? WHERE id = ?")
+        sqlx::query(&self.d.sql("UPDATE edges SET needs_resync = ? WHERE id = ?"))
             .bind(why)
             .bind(edge)
             .execute(&self.writer)
@@ -218,11 +232,15 @@ impl Store {
 
     /// Records an edge's clock skew (its clock less central's), as measured.
     pub async fn edge_skew(&self, edge: &str, skew_ms: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE edges SET clock_skew_ms = ? WHERE id = ?")
-            .bind(skew_ms)
-            .bind(edge)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            &self
+                .d
+                .sql("UPDATE edges SET clock_skew_ms = ? WHERE id = ?"),
+        )
+        .bind(skew_ms)
+        .bind(edge)
+        .execute(&self.writer)
+        .await?;
         Ok(())
     }
 
@@ -234,10 +252,10 @@ impl Store {
         version: &str,
         error: Option<&str>,
     ) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(&format!(
+        Ok(sqlx::query_scalar(&self.d.sql(&format!(
             "UPDATE edges SET cursor = ?, version = ?, error = ?, last_seen_ms = {NOW_MS}
              WHERE id = ? RETURNING acked_seq"
-        ))
+        )))
         .bind(cursor)
         .bind(version)
         .bind(error)
@@ -249,7 +267,7 @@ impl Store {
 
     /// Shows an error on an edge's row (central's own finding about it).
     pub async fn edge_error(&self, id: &str, error: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE edges SET error = ? WHERE id = ?")
+        sqlx::query(&self.d.sql("UPDATE edges SET error = ? WHERE id = ?"))
             .bind(error)
             .bind(id)
             .execute(&self.writer)
@@ -262,21 +280,24 @@ impl Store {
     /// before it were lost.
     pub async fn record_ack(&self, edge: &str, ack: &Ack) -> Result<Option<i64>, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let known: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM ops WHERE seq = ? AND op_id = ?")
-                .bind(ack.seq)
-                .bind(&ack.op_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let known: Option<i64> = sqlx::query_scalar(
+            &self
+                .d
+                .sql("SELECT seq FROM ops WHERE seq = ? AND op_id = ?"),
+        )
+        .bind(ack.seq)
+        .bind(&ack.op_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         if known.is_none() {
             return Ok(None);
         }
-        set_exception(&mut tx, edge, ack).await?;
-        let acked: i64 = sqlx::query_scalar(&format!(
-            "UPDATE edges SET cursor = MAX(cursor, ?), last_seen_ms = {NOW_MS},
+        set_exception(&mut tx, self.d, edge, ack).await?;
+        let acked: i64 = sqlx::query_scalar(&self.d.sql(&format!(
+            "UPDATE edges SET cursor = GREATEST(cursor, ?), last_seen_ms = {NOW_MS},
                  acked_seq = CASE WHEN acked_seq + 1 = ? THEN ? ELSE acked_seq END
              WHERE id = ? RETURNING acked_seq"
-        ))
+        )))
         .bind(ack.seq)
         .bind(ack.seq)
         .bind(ack.seq)
@@ -299,18 +320,19 @@ impl Store {
         asked_ms: i64,
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
-        let acked: Option<i64> = sqlx::query_scalar("SELECT acked_seq FROM edges WHERE id = ?")
-            .bind(edge)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let acked: Option<i64> =
+            sqlx::query_scalar(&self.d.sql("SELECT acked_seq FROM edges WHERE id = ?"))
+                .bind(edge)
+                .fetch_optional(&mut *tx)
+                .await?;
         // Only a range that starts at or below the watermark keeps it gap-free.
         if acked.is_none_or(|a| a < after) || through <= after {
             return Ok(());
         }
         // An ack heard after the question was asked is newer than the answer.
-        sqlx::query(
+        sqlx::query(&self.d.sql(
             "DELETE FROM deliveries WHERE edge = ? AND seq > ? AND seq <= ? AND updated_ms < ?",
-        )
+        ))
         .bind(edge)
         .bind(after)
         .bind(through)
@@ -321,11 +343,11 @@ impl Store {
             .iter()
             .filter(|a| a.seq > after && a.seq <= through)
         {
-            let matches: Option<i64> = sqlx::query_scalar(
+            let matches: Option<i64> = sqlx::query_scalar(&self.d.sql(
                 "SELECT seq FROM ops WHERE seq = ? AND op_id = ?
                  AND NOT EXISTS (SELECT 1 FROM deliveries
                                  WHERE seq = ops.seq AND edge = ? AND updated_ms >= ?)",
-            )
+            ))
             .bind(ack.seq)
             .bind(&ack.op_id)
             .bind(edge)
@@ -333,12 +355,12 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             if matches.is_some() {
-                set_exception(&mut tx, edge, ack).await?;
+                set_exception(&mut tx, self.d, edge, ack).await?;
             }
         }
-        sqlx::query(
-            "UPDATE edges SET acked_seq = MAX(acked_seq, ?), cursor = MAX(cursor, ?) WHERE id = ?",
-        )
+        sqlx::query(&self.d.sql(
+            "UPDATE edges SET acked_seq = GREATEST(acked_seq, ?), cursor = GREATEST(cursor, ?) WHERE id = ?",
+        ))
         .bind(through)
         .bind(through)
         .bind(edge)
@@ -350,12 +372,14 @@ impl Store {
 
     /// One edge's watermark and last reported cursor.
     pub async fn edge_position(&self, edge: &str) -> Result<Option<(i64, i64)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT acked_seq, cursor FROM edges WHERE id = ?")
-                .bind(edge)
-                .fetch_optional(&self.reader)
-                .await?,
+        Ok(sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT acked_seq, cursor FROM edges WHERE id = ?"),
         )
+        .bind(edge)
+        .fetch_optional(&self.reader)
+        .await?)
     }
 
     /// Each edge's delivery state for one op: its exception row, else applied at
@@ -365,7 +389,7 @@ impl Store {
         seq: i64,
         ack_timeout: Duration,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
-        Ok(sqlx::query_as(&format!(
+        Ok(sqlx::query_as(&self.d.sql(&format!(
             "SELECT e.id AS edge,
                     CASE WHEN {UNRESOLVED} THEN 'unresolved'
                          ELSE COALESCE(d.state, CASE WHEN o.seq <= e.acked_seq THEN 'applied'
@@ -379,11 +403,11 @@ impl Store {
                          THEN ? ELSE d.detail END AS detail,
                     COALESCE({}, o.logged_at) AS since,
                     COALESCE({}, o.logged_at) AS updated_at
-             FROM ops o JOIN edges e LEFT JOIN deliveries d ON d.seq = o.seq AND d.edge = e.id
+             FROM ops o CROSS JOIN edges e LEFT JOIN deliveries d ON d.seq = o.seq AND d.edge = e.id
              WHERE o.seq = ? ORDER BY e.id",
             iso("d.since_ms"),
             iso("d.updated_ms")
-        ))
+        )))
         .bind(older(ack_timeout))
         .bind(older(ack_timeout))
         .bind(no_ack(ack_timeout))
@@ -393,17 +417,17 @@ impl Store {
     }
 
     pub async fn edges(&self) -> Result<Vec<EdgeRow>, StoreError> {
-        Ok(sqlx::query_as(&format!(
+        Ok(sqlx::query_as(&self.d.sql(&format!(
             "SELECT e.id, e.declared, e.cursor, e.acked_seq, e.version, e.error,
                     e.protocol, e.needs_resync, e.clock_skew_ms,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {} END AS last_seen,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {NOW_MS} - e.last_seen_ms END AS silent_ms,
-                    MAX(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,
-                    COALESCE((SELECT (julianday('now') - julianday(o.created_at)) * 86400.0
+                    GREATEST(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,
+                    COALESCE((SELECT SG_SECONDS_SINCE(o.created_at)
                               FROM ops o WHERE o.seq = e.cursor + 1), 0.0) AS lag_seconds
              FROM edges e ORDER BY e.id",
             iso("e.last_seen_ms")
-        ))
+        )))
         .fetch_all(&self.reader)
         .await?)
     }
@@ -429,13 +453,13 @@ impl Store {
         ack_timeout: Duration,
     ) -> Result<Vec<(String, DeliveryCounts)>, StoreError> {
         let last = self.last_seq().await?;
-        let old: i64 = sqlx::query_scalar(&format!(
+        let old: i64 = sqlx::query_scalar(&self.d.sql(&format!(
             "SELECT COALESCE(MAX(seq), 0) FROM ops WHERE logged_at < {OLDER}"
-        ))
+        )))
         .bind(older(ack_timeout))
         .fetch_one(&self.reader)
         .await?;
-        let edges: Vec<(String, i64, i64, i64)> = sqlx::query_as(&format!(
+        let edges: Vec<(String, i64, i64, i64)> = sqlx::query_as(&self.d.sql(&format!(
             "SELECT e.id, e.acked_seq,
                     (SELECT COUNT(*) FROM deliveries d
                      WHERE d.edge = e.id AND d.seq > e.acked_seq AND d.seq <= ?1)
@@ -448,7 +472,7 @@ impl Store {
                     + (SELECT COUNT(*) FROM ops o
                        WHERE o.resolution = 'unresolvable' AND {UNRESOLVED})
              FROM edges e ORDER BY e.id",
-        ))
+        )))
         .bind(old)
         .fetch_all(&self.reader)
         .await?;
@@ -473,7 +497,7 @@ impl Store {
         ack_timeout: Duration,
         limit: i64,
     ) -> Result<Vec<OutOfSyncRow>, StoreError> {
-        let rows: Vec<OutOfSyncRow> = sqlx::query_as(&format!(
+        let rows: Vec<OutOfSyncRow> = sqlx::query_as(&self.d.sql(&format!(
             "SELECT * FROM (
                  SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
                         d.detail, {} AS updated_at, o.body
@@ -485,17 +509,17 @@ impl Store {
                         o.logged_at, NULL
                  FROM edges e JOIN ops o ON o.seq > e.acked_seq
                  WHERE o.logged_at < {OLDER_3} AND (?1 IS NULL OR e.id = ?1)
-                   AND o.resolution IS NOT 'unresolvable'
+                   AND o.resolution IS DISTINCT FROM 'unresolvable'
                    AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = o.seq AND d.edge = e.id)
                  UNION ALL
                  SELECT o.seq, o.op_id, e.id, 'unresolved', o.kind, o.method, o.path, NULL,
                         o.detail, o.logged_at, NULL
-                 FROM ops o JOIN edges e
+                 FROM ops o CROSS JOIN edges e
                  WHERE o.resolution = 'unresolvable' AND {UNRESOLVED}
                    AND (?1 IS NULL OR e.id = ?1)
-             ) ORDER BY edge, seq LIMIT ?4",
+             ) AS found ORDER BY edge, seq LIMIT ?4",
             iso("d.updated_ms")
-        ))
+        )))
         .bind(edge)
         .bind(no_ack(ack_timeout))
         .bind(older(ack_timeout))
@@ -530,8 +554,8 @@ const RESOLVING: &str = "its outcome at central is being resolved (the central i
      service is asked); it and the ops after it wait to be published";
 
 /// SQL for "before now less the bound parameter" on an ISO timestamp column.
-const OLDER: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?)";
-const OLDER_3: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?3)";
+const OLDER: &str = "SG_OLDER(?)";
+const OLDER_3: &str = "SG_OLDER(?3)";
 
 fn older(age: Duration) -> String {
     format!("-{:.3} seconds", age.as_secs_f64())
@@ -543,24 +567,25 @@ fn no_ack(ack_timeout: Duration) -> String {
 
 /// Records one ack as the delivery's state: `applied` needs no row.
 async fn set_exception(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut sqlx::AnyConnection,
+    d: Dialect,
     edge: &str,
     ack: &Ack,
 ) -> Result<(), StoreError> {
     if ack.outcome == Outcome::Applied {
-        sqlx::query("DELETE FROM deliveries WHERE seq = ? AND edge = ?")
+        sqlx::query(&d.sql("DELETE FROM deliveries WHERE seq = ? AND edge = ?"))
             .bind(ack.seq)
             .bind(edge)
             .execute(&mut *tx)
             .await?;
         return Ok(());
     }
-    sqlx::query(&format!(
+    sqlx::query(&d.sql(&format!(
         "INSERT INTO deliveries (seq, edge, state, status, detail, since_ms, updated_ms)
          VALUES (?, ?, ?, ?, ?, {NOW_MS}, {NOW_MS})
          ON CONFLICT (seq, edge) DO UPDATE SET state = excluded.state, status = excluded.status,
              detail = excluded.detail, updated_ms = excluded.updated_ms"
-    ))
+    )))
     .bind(ack.seq)
     .bind(edge)
     .bind(ack.outcome.as_str())

@@ -79,6 +79,50 @@ fn bad_values_exit_2_with_one_line_naming_the_option() {
     }
 }
 
+/// An op log URL central cannot take is refused before anything starts,
+/// with why, and a password in a PostgreSQL URL is never shown back.
+#[test]
+fn a_database_url_central_cannot_take_is_refused_and_its_password_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("db-password");
+    std::fs::write(&pw, "s3cret-db-pw\n").unwrap();
+    let pw = pw.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--db", "mysql://u@h/db"],
+            "sqlite://FILE or a postgres://",
+        ),
+        (
+            &["--db", "postgres://sync:hunter2@db.example:5432/oplog"],
+            "--db-password-file",
+        ),
+        (
+            &["--db", "sqlite:///x.db", "--db-password-file", pw],
+            "is for a postgres://",
+        ),
+    ];
+    for (extra, why) in cases {
+        let mut args = vec![
+            "central",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--insecure-plaintext-sync",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let (code, stderr) = run(&args);
+        assert_ne!(code, 0, "{extra:?}: {stderr}");
+        assert!(stderr.contains(why), "{extra:?}: {stderr}");
+        assert!(
+            !stderr.contains("hunter2") && !stderr.contains("s3cret"),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn an_unwritable_op_log_fails_clearly() {
     let (code, stderr) = run(&[

@@ -25,6 +25,28 @@ pub struct TestApp {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// Central's op log for a test: a new database on the PostgreSQL server that
+/// `SYNCGATE_TEST_POSTGRES` names (`postgres://user@host:port`, as
+/// `scripts/test.sh` starts one for its run on PostgreSQL), else a SQLite
+/// file in `dir`.
+pub async fn central_db(dir: &std::path::Path) -> String {
+    let Ok(server) = std::env::var("SYNCGATE_TEST_POSTGRES") else {
+        return format!("sqlite://{}", dir.join("central.db").display());
+    };
+    use sqlx::Connection;
+    let server = server.trim_end_matches('/');
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap_or_else(|e| panic!("SYNCGATE_TEST_POSTGRES={server}: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    format!("{server}/{name}")
+}
+
 pub fn config_for(fake: &FakeKeystone, db_url: &str) -> CentralConfig {
     let mut config = CentralConfig::for_upstream(parse_base_url(&fake.url()).unwrap(), db_url);
     // Writes the tests leave in doubt are concluded quickly.
@@ -39,7 +61,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut CentralConfig)) -> TestApp {
     let fake = FakeKeystone::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}", dir.path().join("central.db").display());
+    let db_url = central_db(dir.path()).await;
     let mut config = config_for(&fake, &db_url);
     tweak(&mut config);
     let mut app = start(fake, config).await;

@@ -524,14 +524,23 @@ async fn redrive(env: &SyncEnv, run: &mut Run) {
         return;
     }
     let seq = rows[run.rng.below(rows.len())]["seq"].as_i64().unwrap();
-    let resp = env
-        .http
-        .post(format!("{}/v1/ops/{seq}/retry?edge=e1", env.admin))
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    // After a restart of central the edge may not have said hello yet: the
+    // re-drive is refused 503 (it could not be delivered) until it has.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (status, body) = loop {
+        let resp = env
+            .http
+            .post(format!("{}/v1/ops/{seq}/retry?edge=e1", env.admin))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status != 503 || Instant::now() >= deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     run.note(format!(
         "re-drive of op {seq} -> {status} {}",
         body["action"]

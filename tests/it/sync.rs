@@ -149,6 +149,8 @@ pub struct SyncEnv {
     pub edge_timeouts: (Duration, Duration),
     token: String,
     central: Option<Running>,
+    /// Central's op log (kept across restarts).
+    pub central_db: String,
     dir: tempfile::TempDir,
 }
 
@@ -188,8 +190,9 @@ pub async fn sync_env(
 ) -> SyncEnv {
     let dir = tempfile::tempdir().unwrap();
     let central_site = FakeSite::start("central-admin-pw").await;
-    let db = format!("sqlite://{}", dir.path().join("central.db").display());
-    let mut config = CentralConfig::for_upstream(parse_base_url(&central_site.url()).unwrap(), db);
+    let db = crate::helpers::central_db(dir.path()).await;
+    let mut config =
+        CentralConfig::for_upstream(parse_base_url(&central_site.url()).unwrap(), db.clone());
     config.service_credentials = Some(admin_credentials(&central_site));
     // Writes the tests leave in doubt are concluded quickly.
     config.upstream_settle = Duration::from_secs(1);
@@ -202,6 +205,8 @@ pub async fn sync_env(
     // free (a port picked by the system could be taken meanwhile by another
     // listener or an outgoing connection).
     tweak(&mut config);
+    // The op log the test chose, if it chose one.
+    let db = config.db.clone();
     let key = config.sync.key.clone();
     // Picked free, but another test process may bind one first: others then.
     let mut tries = 0;
@@ -244,6 +249,7 @@ pub async fn sync_env(
         edge_timeouts: (Duration::from_secs(10), Duration::from_secs(2)),
         token,
         central: Some(running),
+        central_db: db,
         dir,
     };
     for id in edges {
@@ -403,7 +409,7 @@ impl SyncEnv {
     }
 
     async fn start_central_again(&mut self, tweak: impl FnOnce(&mut CentralConfig)) {
-        let db = format!("sqlite://{}", self.dir.path().join("central.db").display());
+        let db = self.central_db.clone();
         let mut config =
             CentralConfig::for_upstream(parse_base_url(&self.central_site.url()).unwrap(), db);
         config.service_credentials = Some(admin_credentials(&self.central_site));

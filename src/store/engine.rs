@@ -1,0 +1,264 @@
+//! Opening central's op log on either engine: the pools, each connection's
+//! settings, and the schema.
+//!
+//! SQLite: one writer connection (seqs are taken by one writer at a time)
+//! and a few read-only ones; WAL with `synchronous=FULL`.
+//!
+//! PostgreSQL: every connection commits with `synchronous_commit = on` (an op
+//! is durable before its client is answered), with TCP keepalives and a user
+//! timeout (a vanished peer's locks are released within about 30 s) and an
+//! idle-in-transaction timeout. The password comes from a file or
+//! `PGPASSFILE`, never from the URL, which is shown in messages with no
+//! password and no query. TLS is the URL's `sslmode` (and `sslrootcert`).
+
+use std::time::Duration;
+
+use sqlx::any::AnyConnectOptions;
+use sqlx::{AnyPool, Executor};
+
+use super::{pool_options, secure_file, Dialect, StoreError};
+use crate::core::Secret;
+
+pub(super) struct Pools {
+    pub dialect: Dialect,
+    pub writer: AnyPool,
+    pub reader: AnyPool,
+}
+
+/// Which engine a database URL names (a plain file path is SQLite's, as
+/// earlier versions took it).
+pub fn dialect_of(url: &str) -> Option<Dialect> {
+    let Some((scheme, _)) = url.split_once(':') else {
+        return (!url.is_empty()).then_some(Dialect::Sqlite);
+    };
+    match scheme {
+        "sqlite" => Some(Dialect::Sqlite),
+        "postgres" | "postgresql" => Some(Dialect::Postgres),
+        _ => None,
+    }
+}
+
+/// A SQLite URL as the driver takes it: a plain path gets the scheme.
+fn sqlite_url(url: &str) -> String {
+    if url.starts_with("sqlite:") {
+        url.to_string()
+    } else {
+        format!("sqlite://{url}")
+    }
+}
+
+/// A database URL as messages show it: never a password (the userinfo's is
+/// masked, the query, which may carry one, left out).
+pub fn shown(url: &str) -> String {
+    if dialect_of(url) == Some(Dialect::Sqlite) {
+        return url.split('?').next().unwrap_or(url).to_string();
+    }
+    match reqwest::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.set_query(None);
+            u.to_string()
+        }
+        Err(_) => "(a URL that does not parse)".into(),
+    }
+}
+
+/// Whether a URL carries a password (in its userinfo or its query).
+pub fn has_password(url: &str) -> bool {
+    reqwest::Url::parse(url)
+        .is_ok_and(|u| u.password().is_some() || u.query_pairs().any(|(k, _)| k == "password"))
+}
+
+/// Session settings of every PostgreSQL connection (see the module's comment).
+pub const PG_SESSION: [(&str, &str); 6] = [
+    ("synchronous_commit", "on"),
+    ("idle_in_transaction_session_timeout", "15s"),
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "30000"),
+];
+
+pub(super) async fn open(url: &str, password: Option<&Secret>) -> Result<Pools, StoreError> {
+    sqlx::any::install_default_drivers();
+    let bad = |why: String| StoreError::Url {
+        url: shown(url),
+        source: sqlx::Error::Configuration(why.into()),
+    };
+    match dialect_of(url) {
+        Some(Dialect::Sqlite) => {
+            if password.is_some() {
+                return Err(bad("a SQLite op log takes no password".into()));
+            }
+            open_sqlite(&sqlite_url(url)).await
+        }
+        Some(Dialect::Postgres) => open_postgres(url, password).await,
+        None => Err(bad(
+            "the op log's URL must start with sqlite:// (one central process) or postgres:// \
+             (one or more central processes on a PostgreSQL database)"
+                .into(),
+        )),
+    }
+}
+
+/// `url` with one query parameter set (SQLite's open mode).
+fn with_mode(url: &str, mode: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("mode="))
+        .collect();
+    let mut out = format!("{base}?mode={mode}");
+    for p in kept {
+        out.push('&');
+        out.push_str(p);
+    }
+    out
+}
+
+async fn open_sqlite(url: &str) -> Result<Pools, StoreError> {
+    secure_file(url)?;
+    let options = |mode: &str| {
+        with_mode(url, mode)
+            .parse::<AnyConnectOptions>()
+            .map_err(|source| StoreError::Url {
+                url: shown(url),
+                source,
+            })
+    };
+    let open_err = |source| StoreError::Open {
+        url: shown(url),
+        source,
+    };
+    let writer = pool_options()
+        .max_connections(1)
+        .min_connections(1)
+        .after_connect(|conn: &mut sqlx::AnyConnection, _| {
+            Box::pin(async move {
+                // What is deleted or rewritten (a body sealed anew) is
+                // overwritten, not left in free pages.
+                for pragma in [
+                    "PRAGMA journal_mode = WAL",
+                    "PRAGMA synchronous = FULL",
+                    "PRAGMA busy_timeout = 10000",
+                    "PRAGMA secure_delete = ON",
+                    "PRAGMA foreign_keys = ON",
+                ] {
+                    conn.execute(pragma).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options("rwc")?)
+        .await
+        .map_err(open_err)?;
+    sqlx::migrate!("./migrations/central").run(&writer).await?;
+    let reader = pool_options()
+        .max_connections(4)
+        .after_connect(|conn: &mut sqlx::AnyConnection, _| {
+            Box::pin(async move {
+                conn.execute("PRAGMA busy_timeout = 10000").await?;
+                Ok(())
+            })
+        })
+        .connect_with(options("ro")?)
+        .await
+        .map_err(open_err)?;
+    Ok(Pools {
+        dialect: Dialect::Sqlite,
+        writer,
+        reader,
+    })
+}
+
+async fn open_postgres(url: &str, password: Option<&Secret>) -> Result<Pools, StoreError> {
+    let bad = |why: &str| StoreError::Url {
+        url: shown(url),
+        source: sqlx::Error::Configuration(why.to_string().into()),
+    };
+    if has_password(url) {
+        return Err(bad(
+            "a password in the database URL would show wherever the URL does (process lists, \
+             logs): give it in a password file (--db-password-file, or PGPASSFILE)",
+        ));
+    }
+    let mut full = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if let Some(p) = password {
+        full.set_password(Some(p.expose()))
+            .map_err(|()| bad("this URL cannot carry a password (it names no host)"))?;
+    }
+    if !full.query_pairs().any(|(k, _)| k == "application_name") {
+        full.query_pairs_mut()
+            .append_pair("application_name", "syncgate");
+    }
+    let options: AnyConnectOptions = full.as_str().parse().map_err(|source| StoreError::Url {
+        url: shown(url),
+        source,
+    })?;
+    let open_err = |source| StoreError::Open {
+        url: shown(url),
+        source,
+    };
+    let pool = |max: u32| {
+        pool_options()
+            .max_connections(max)
+            // A write waits this long for a connection, then fails (the
+            // database down or every connection busy).
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(|conn: &mut sqlx::AnyConnection, _| {
+                Box::pin(async move {
+                    for (name, value) in PG_SESSION {
+                        conn.execute(format!("SET {name} = '{value}'").as_str())
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+    };
+    let writer = pool(4)
+        .connect_with(options.clone())
+        .await
+        .map_err(open_err)?;
+    sqlx::migrate!("./migrations/central-postgres")
+        .run(&writer)
+        .await?;
+    let reader = pool(4).connect_with(options).await.map_err(open_err)?;
+    Ok(Pools {
+        dialect: Dialect::Postgres,
+        writer,
+        reader,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            shown("postgres://sync:hunter2@db:5432/oplog?password=x"),
+            "postgres://sync:***@db:5432/oplog"
+        );
+        assert_eq!(
+            shown("postgres://sync@db/oplog"),
+            "postgres://sync@db/oplog"
+        );
+        assert!(!shown("postgres://a:b c@").contains("b c"));
+        assert_eq!(
+            shown("sqlite:///var/lib/x.db?mode=rwc"),
+            "sqlite:///var/lib/x.db"
+        );
+    }
+
+    #[test]
+    fn the_open_mode_replaces_any_other() {
+        assert_eq!(with_mode("sqlite:///x.db", "ro"), "sqlite:///x.db?mode=ro");
+        assert_eq!(
+            with_mode("sqlite:///x.db?mode=rwc&cache=private", "ro"),
+            "sqlite:///x.db?mode=ro&cache=private"
+        );
+    }
+}
