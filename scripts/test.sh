@@ -39,21 +39,20 @@ else
 fi
 
 # Central on PostgreSQL: the op log's tests and central's (capture, sync,
-# audit, resync, drift, repair, faults, sessions, fidelity, hostile peers)
-# again, each on a database of its own on one
-# private server.
-if [ "$#" -eq 0 ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+# audit, resync, drift, faults, sessions, fidelity, hostile peers, the op log
+# copy) again, each on a database of its own on one private server.
+if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     echo "== central's op log on PostgreSQL"
     if start_test_postgres; then
         trap stop_test_postgres EXIT
         central_tests='test(/^store::/) | test(/^central::/) | test(/^sync::/) | test(/^resync::/)
             | test(/^capture::/) | test(/^audit::/) | test(/^exactly_once::/)
             | test(/^fidelity::/) | test(/^control_plane::/) | test(/^sessions::/) | test(/^faults::/)
-            | test(/^proxy::/) | test(/^traces::/) | test(/^hostile::/)'
+            | test(/^proxy::/) | test(/^traces::/) | test(/^hostile::/) | test(/^cli::oplog_copy/)'
         if cargo nextest --version >/dev/null 2>&1; then
-            cargo nextest run --no-fail-fast -E "$central_tests" || status=$?
+            cargo nextest run --no-fail-fast -E "$central_tests" "$@" || status=$?
         else
-            cargo test --no-fail-fast store:: || status=$?
+            cargo test --no-fail-fast "$@" store:: || status=$?
         fi
         stop_test_postgres
         unset SYNCGATE_TEST_POSTGRES

@@ -54,20 +54,20 @@ start_test_postgres() {
     local bin port
     bin="${SYNCGATE_POSTGRES_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
     [ -x "$bin/initdb" ] || { echo "error: PostgreSQL's initdb not found" >&2; return 1; }
-    TEST_PG_DIR="$(mktemp -d)"
+    TEST_PG_DIR="$(mktemp -d)" || return 1
     TEST_PG_AS=()
     if [ "$(id -u)" -eq 0 ]; then
-        chown nobody:nogroup "$TEST_PG_DIR"
+        chown nobody "$TEST_PG_DIR" || { stop_test_postgres; return 1; }
         TEST_PG_AS=(runuser -u nobody --)
     fi
     TEST_PG_BIN="$bin"
     "${TEST_PG_AS[@]}" "$bin/initdb" -D "$TEST_PG_DIR/data" -U syncgate --auth=trust --no-sync \
         --locale=C -E UTF8 >"$TEST_PG_DIR/initdb.log" 2>&1 \
-        || { cat "$TEST_PG_DIR/initdb.log" >&2; return 1; }
+        || { cat "$TEST_PG_DIR/initdb.log" >&2; stop_test_postgres; return 1; }
     port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     "${TEST_PG_AS[@]}" "$bin/pg_ctl" -D "$TEST_PG_DIR/data" -l "$TEST_PG_DIR/server.log" -w \
         -o "-p $port -k $TEST_PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400" \
-        start >/dev/null || { cat "$TEST_PG_DIR/server.log" >&2; return 1; }
+        start >/dev/null || { cat "$TEST_PG_DIR/server.log" >&2; stop_test_postgres; return 1; }
     export SYNCGATE_TEST_POSTGRES="postgres://syncgate@127.0.0.1:$port"
 }
 

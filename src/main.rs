@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use syncgate::cli::args::{Command, ConfigVerb};
+use syncgate::cli::args::{Command, ConfigVerb, OplogVerb};
 use syncgate::cli::{self, Outcome};
 
 fn main() -> ExitCode {
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             let ConfigVerb::Check { role, args } = args.verb;
             return config_check(cli.config, role, args);
         }
+        Command::Oplog(args) => return oplog(args.verb),
     };
     let command = match command {
         Ok(command) => command,
@@ -186,6 +187,36 @@ fn healthcheck(args: &syncgate::cli::args::HealthcheckArgs) -> ExitCode {
 
 /// `syncgate audit ...`: prints what the admin API says; the exit code says
 /// whether anything is out of sync.
+/// `syncgate oplog copy`.
+fn oplog(verb: OplogVerb) -> ExitCode {
+    let OplogVerb::Copy {
+        from,
+        to,
+        from_password_file,
+        to_password_file,
+    } = verb;
+    let runtime = match client_runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let copied = runtime.block_on(syncgate::cli::oplog::copy(
+        &from,
+        &to,
+        from_password_file.as_deref(),
+        to_password_file.as_deref(),
+    ));
+    match copied {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn audit(args: syncgate::cli::args::AuditArgs) -> ExitCode {
     let request = match args.into_request() {
         Ok(r) => r,

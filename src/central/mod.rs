@@ -47,6 +47,18 @@ pub struct Central {
     /// Every task of this central ends when `run` ends, or is dropped (a kill).
     scope: Option<crate::scope::Scope>,
     spawner: crate::scope::Spawner,
+    /// On PostgreSQL: the lock that makes this the one central on the op log.
+    _sole: Option<crate::store::SoleCentral>,
+}
+
+/// This host's name (a pod's name in Kubernetes), to say which process leads.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "central".into())
 }
 
 impl Central {
@@ -57,6 +69,23 @@ impl Central {
             warn!("request bodies (passwords) are kept in the op log in clear: set --oplog-key, or a sync key");
         }
         let store = Store::connect(&config.db, config.db_password.as_ref(), Some(vault)).await?;
+        let me = format!("{}:{}", hostname(), std::process::id());
+        // A process just stopped or killed lets go of the lock as its
+        // connection closes: it is waited for a little.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let sole = loop {
+            match store.hold_sole_central(&me).await {
+                Err(crate::store::StoreError::Taken { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await
+                }
+                other => break other?,
+            }
+        };
+        if let Some(lease) = &sole {
+            info!(epoch = lease.epoch, holder = %me, "central holds the PostgreSQL op log");
+        }
         // Declared edges are known before the admin API answers (the sync's
         // start-up registers them again, should this fail now).
         for edge in &config.sync.edges {
@@ -148,6 +177,7 @@ impl Central {
             resyncer: std::sync::OnceLock::new(),
         });
         Ok(Central {
+            _sole: sole,
             keystone,
             scope: Some(scope),
             spawner,

@@ -72,9 +72,14 @@ impl Resolver {
             for op in ops {
                 let checked = self.resolve(&op).await?;
                 if !checked.settled {
-                    let sent = crate::keystone::client::parse_rfc3339(&op.created_at)
-                        .unwrap_or_else(std::time::SystemTime::now);
-                    let age = sent.elapsed().unwrap_or_default();
+                    // By the op log's clock, which dated the op.
+                    let age = match self.store.op_age(op.seq).await {
+                        Ok(Some(age)) => age,
+                        _ => crate::keystone::client::parse_rfc3339(&op.created_at)
+                            .unwrap_or_else(std::time::SystemTime::now)
+                            .elapsed()
+                            .unwrap_or_default(),
+                    };
                     if age < self.settle {
                         // Not seen yet, but it may still land: look again then.
                         return Err(format!(

@@ -968,7 +968,8 @@ impl SyncCentral {
         let this = self.clone();
         let edge = edge.to_string();
         self.spawner.spawn(async move {
-            let asked_ms = now_ms();
+            // By the op log's clock, which dates the exceptions it compares with.
+            let asked_ms = this.store.now_ms().await.unwrap_or_else(|_| now_ms());
             let req = OutcomesRequest { after, through };
             let answer = this
                 .ask::<_, OutcomesReply>(

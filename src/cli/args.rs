@@ -61,6 +61,37 @@ pub enum Command {
     /// Check a configuration: print a role's effective options (file,
     /// environment, flags; secrets as ***), exit 2 naming the first error.
     Config(ConfigArgs),
+    /// Work on central's op log while central is stopped: copy it into a new
+    /// database (from one process on SQLite to PostgreSQL).
+    Oplog(OplogArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OplogArgs {
+    #[command(subcommand)]
+    pub verb: OplogVerb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OplogVerb {
+    /// Copy an op log, with its edges, watermarks, exceptions, resyncs and
+    /// drift audits, into a new, empty database; count the rows on both
+    /// sides. Stop central first; start it again on the copy with the same
+    /// keys (sealed request bodies are copied as they are).
+    Copy {
+        /// The op log to copy: `sqlite://FILE` or `postgres://USER@HOST:PORT/DB`.
+        #[arg(long)]
+        from: String,
+        /// The database to copy it into (new, or holding no op log yet).
+        #[arg(long)]
+        to: String,
+        /// A file holding the password of `--from` (PostgreSQL).
+        #[arg(long)]
+        from_password_file: Option<PathBuf>,
+        /// A file holding the password of `--to` (PostgreSQL).
+        #[arg(long)]
+        to_password_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -536,6 +567,7 @@ pub struct CentralArgs {
     #[arg(
         long,
         env = "SYNCGATE_DB",
+        hide_env_values = true,
         default_value = "sqlite://syncgate-central.db"
     )]
     pub db: String,

@@ -22,6 +22,7 @@ use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches};
 
 pub mod args;
 pub mod audit;
+pub mod oplog;
 
 use args::Cli;
 

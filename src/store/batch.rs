@@ -98,17 +98,13 @@ async fn execute(
     };
     match write_all(&mut tx, d, jobs).await {
         Ok(seqs) => match tx.commit().await {
-            Ok(()) => jobs
-                .iter()
-                .zip(seqs)
-                .map(|(job, seq)| match (&job.work, seq) {
-                    (Work::Commit { .. }, Some(seq)) => Ok(Some(seq)),
-                    // A commit whose intent is gone wrote nothing: it fails alone.
-                    (Work::Commit { op_id, .. }, None) => Err(StoreError::NoIntent(*op_id)),
-                    _ => Ok(None),
-                })
-                .collect(),
-            Err(e) => failed(&e),
+            Ok(()) => answers(jobs, seqs),
+            // The answer to the commit was lost (a connection to PostgreSQL
+            // broken then): what the database holds says whether it was made.
+            Err(e) => match committed(writer, d, jobs, &seqs).await {
+                Some(true) => answers(jobs, seqs),
+                _ => failed(&e),
+            },
         },
         Err(e) => {
             // The transaction is in doubt: none of it is kept, and every
@@ -117,6 +113,59 @@ async fn execute(
             failed(&e)
         }
     }
+}
+
+/// Each job's answer once its transaction is committed.
+fn answers(jobs: &[Job], seqs: Vec<Option<i64>>) -> Vec<Result<Option<i64>, StoreError>> {
+    jobs.iter()
+        .zip(seqs)
+        .map(|(job, seq)| match (&job.work, seq) {
+            (Work::Commit { .. }, Some(seq)) => Ok(Some(seq)),
+            // A commit whose intent is gone wrote nothing: it fails alone.
+            (Work::Commit { op_id, .. }, None) => Err(StoreError::NoIntent(*op_id)),
+            _ => Ok(None),
+        })
+        .collect()
+}
+
+/// Whether a transaction whose commit went unanswered was made, told by one
+/// of its rows (a transaction is all or nothing): an op it logged with the
+/// seq it was given, else an intent it opened. `None` when it cannot be
+/// told. SQLite answers a commit on the spot: only PostgreSQL is asked.
+async fn committed(
+    writer: &AnyPool,
+    d: Dialect,
+    jobs: &[Job],
+    seqs: &[Option<i64>],
+) -> Option<bool> {
+    if d != Dialect::Postgres {
+        return None;
+    }
+    let logged = jobs
+        .iter()
+        .zip(seqs)
+        .find_map(|(job, seq)| match (&job.work, seq) {
+            (Work::Commit { op_id, .. }, Some(seq)) => Some((op_id.to_string(), *seq)),
+            _ => None,
+        });
+    if let Some((op_id, seq)) = logged {
+        let found: Option<i64> = sqlx::query_scalar("SELECT seq FROM ops WHERE op_id = $1")
+            .bind(op_id)
+            .fetch_optional(writer)
+            .await
+            .ok()?;
+        return Some(found == Some(seq));
+    }
+    let opened = jobs.iter().find_map(|job| match &job.work {
+        Work::Begin { op_id, .. } => Some(op_id.to_string()),
+        _ => None,
+    })?;
+    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM intents WHERE op_id = $1")
+        .bind(opened)
+        .fetch_optional(writer)
+        .await
+        .ok()?;
+    Some(found.is_some())
 }
 
 /// Rows per multi-row statement (SQLite allows 32766 bound values,

@@ -121,16 +121,13 @@ const FUNCTIONS: [&str; 7] = [
 /// Where the next of our functions is called (outside quotes), and which.
 fn next_function(text: &str) -> Option<(usize, &'static str)> {
     let bytes = text.as_bytes();
-    let mut quoted = false;
+    let mut quote = Quote::default();
     for (i, b) in bytes.iter().enumerate() {
-        if *b == b'\'' {
-            quoted = !quoted;
-        }
-        if quoted {
+        if quote.inside(*b) {
             continue;
         }
         for name in FUNCTIONS {
-            if text[i..].starts_with(name)
+            if bytes[i..].starts_with(name.as_bytes())
                 && bytes.get(i + name.len()) == Some(&b'(')
                 && (i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_'))
             {
@@ -144,12 +141,14 @@ fn next_function(text: &str) -> Option<(usize, &'static str)> {
 /// The offset of the `)` closing the `(` that `text` starts with.
 fn closing(text: &str) -> Option<usize> {
     let mut depth = 0usize;
-    let mut quoted = false;
+    let mut quote = Quote::default();
     for (i, b) in text.bytes().enumerate() {
+        if quote.inside(b) {
+            continue;
+        }
         match b {
-            b'\'' => quoted = !quoted,
-            b'(' if !quoted => depth += 1,
-            b')' if !quoted => {
+            b'(' => depth += 1,
+            b')' => {
                 depth = depth.checked_sub(1)?;
                 if depth == 0 {
                     return Some(i);
@@ -166,15 +165,13 @@ fn closing(text: &str) -> Option<usize> {
 fn numbered(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
     let mut highest = 0u32;
-    let mut quoted = false;
+    let mut quote = Quote::default();
     let mut chars = text.char_indices().peekable();
     while let Some((_, c)) = chars.next() {
+        // A character beyond ASCII is neither a quote nor a placeholder.
+        let inside = c.is_ascii() && quote.inside(c as u8);
         match c {
-            '\'' => {
-                quoted = !quoted;
-                out.push(c);
-            }
-            '?' if !quoted => {
+            '?' if !inside => {
                 let mut digits = String::new();
                 while let Some((_, d)) = chars.peek().filter(|(_, d)| d.is_ascii_digit()) {
                     digits.push(*d);
@@ -192,6 +189,31 @@ fn numbered(text: &str) -> String {
         }
     }
     out
+}
+
+/// Where a scan of a statement is: inside a string (`'..'`) or a quoted
+/// name (`".."`), or neither. (Our statements carry no comments.)
+#[derive(Default)]
+struct Quote(Option<u8>);
+
+impl Quote {
+    /// Takes the next byte; whether it is inside quotes (a quote
+    /// character itself counts as inside).
+    fn inside(&mut self, b: u8) -> bool {
+        match self.0 {
+            Some(q) => {
+                if b == q {
+                    self.0 = None;
+                }
+                true
+            }
+            None if b == b'\'' || b == b'"' => {
+                self.0 = Some(b);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A statement put together at run time (multi-row inserts, `IN` lists),
@@ -260,13 +282,16 @@ impl<'q> Sql<'q> {
         I: IntoIterator<Item = T>,
     {
         self.text.push('(');
+        let mut empty = true;
         for (i, item) in items.into_iter().enumerate() {
             if i > 0 {
                 self.text.push_str(", ");
             }
             self.bind(item);
+            empty = false;
         }
-        self.text.push(')');
+        // An empty list matches nothing (PostgreSQL refuses `IN ()`).
+        self.text.push_str(if empty { "NULL)" } else { ")" });
         self
     }
 
@@ -364,6 +389,24 @@ mod tests {
         assert_eq!(
             Dialect::Sqlite.sql("SELECT 'GREATEST(1)', MY_GREATEST(1)"),
             "SELECT 'GREATEST(1)', MY_GREATEST(1)"
+        );
+    }
+
+    #[test]
+    fn quotes_of_both_kinds_and_other_alphabets_are_passed_over() {
+        assert_eq!(
+            Dialect::Postgres.sql("SELECT \"a?\", 'é?', ? FROM t WHERE n = 'ü' AND m = ?"),
+            "SELECT \"a?\", 'é?', $1 FROM t WHERE n = 'ü' AND m = $2"
+        );
+        assert_eq!(
+            Dialect::Sqlite.sql("SELECT 'ü', GREATEST(a, 'ö') FROM \"GREATEST(\""),
+            "SELECT 'ü', MAX(a, 'ö') FROM \"GREATEST(\""
+        );
+        let mut q = Sql::new("SELECT 1 WHERE a IN ");
+        q.list(Vec::<i64>::new());
+        assert_eq!(
+            q.finish(Dialect::Postgres).unwrap().0,
+            "SELECT 1 WHERE a IN (NULL)"
         );
     }
 

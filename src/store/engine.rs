@@ -29,7 +29,11 @@ pub(super) struct Pools {
 /// earlier versions took it).
 pub fn dialect_of(url: &str) -> Option<Dialect> {
     let Some((scheme, _)) = url.split_once(':') else {
-        return (!url.is_empty()).then_some(Dialect::Sqlite);
+        // Not a path: a connection string of another kind (`host=.. password=..`).
+        let path = !url.is_empty()
+            && !url.contains(['=', '@', '?'])
+            && !url.chars().any(char::is_whitespace);
+        return path.then_some(Dialect::Sqlite);
     };
     match scheme {
         "sqlite" => Some(Dialect::Sqlite),
@@ -50,8 +54,11 @@ fn sqlite_url(url: &str) -> String {
 /// A database URL as messages show it: never a password (the userinfo's is
 /// masked, the query, which may carry one, left out).
 pub fn shown(url: &str) -> String {
-    if dialect_of(url) == Some(Dialect::Sqlite) {
-        return url.split('?').next().unwrap_or(url).to_string();
+    match dialect_of(url) {
+        Some(Dialect::Sqlite) => return url.split('?').next().unwrap_or(url).to_string(),
+        Some(Dialect::Postgres) => {}
+        // What it holds is not known: it is not shown.
+        None => return "(not a sqlite:// or postgres:// URL)".into(),
     }
     match reqwest::Url::parse(url) {
         Ok(mut u) => {
@@ -224,6 +231,14 @@ async fn open_postgres(url: &str, password: Option<&Secret>) -> Result<Pools, St
     sqlx::migrate!("./migrations/central-postgres")
         .run(&writer)
         .await?;
+    // The head never below the last op (ops restored from a dump, say):
+    // the next seq taken is always free.
+    sqlx::query(
+        "UPDATE oplog_head SET seq = GREATEST(seq, (SELECT COALESCE(MAX(seq), 0) FROM ops)) \
+         WHERE id = 1",
+    )
+    .execute(&writer)
+    .await?;
     let reader = pool(4).connect_with(options).await.map_err(open_err)?;
     Ok(Pools {
         dialect: Dialect::Postgres,
@@ -251,6 +266,15 @@ mod tests {
             shown("sqlite:///var/lib/x.db?mode=rwc"),
             "sqlite:///var/lib/x.db"
         );
+        for other in [
+            "host=db user=sync password=hunter2 dbname=oplog",
+            "sync:hunter2@db:5432/oplog",
+            "mysql://sync:hunter2@db/oplog",
+        ] {
+            assert!(!shown(other).contains("hunter2"), "{other}");
+            assert_eq!(dialect_of(other), None, "{other}");
+        }
+        assert_eq!(dialect_of("central.db"), Some(Dialect::Sqlite));
     }
 
     #[test]

@@ -20,12 +20,14 @@ use crate::keystone::touches::Touch;
 use crate::protocol::crypto::Sealer;
 
 mod batch;
+mod copy;
 mod dialect;
 pub mod edge;
 mod engine;
 pub mod postgres;
 mod resync;
 mod sync;
+pub use copy::CopyReport;
 pub use dialect::Dialect;
 pub use engine::{dialect_of, has_password, shown};
 pub use resync::{
@@ -56,6 +58,11 @@ pub enum StoreError {
         "no longer the leader: elected at epoch {epoch}, another process leads at epoch {current}"
     )]
     Deposed { epoch: i64, current: i64 },
+    #[error(
+        "another central process runs on this op log ({holder} since {since}); running several \
+         on one database is not supported yet"
+    )]
+    Taken { holder: String, since: String },
 }
 
 /// The state of an op in the log.
@@ -249,6 +256,13 @@ pub(crate) fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> 
     })
 }
 
+/// The lock that makes a process the one central on a PostgreSQL op log,
+/// held while this lives (see `Store::hold_sole_central`).
+pub struct SoleCentral {
+    pub epoch: i64,
+    _conn: sqlx::AnyConnection,
+}
+
 #[derive(Clone)]
 pub struct Store {
     d: Dialect,
@@ -300,6 +314,76 @@ impl Store {
     /// The engine the op log is on.
     pub fn dialect(&self) -> Dialect {
         self.d
+    }
+
+    /// A read-only transaction whose reads all see one moment (SQLite's read
+    /// transactions do; PostgreSQL's are made so).
+    pub(crate) async fn snapshot(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let mut tx = self.reader.begin().await?;
+        if self.d == Dialect::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+
+    /// Now by the op log's clock (the database's: every central process on
+    /// one database compares times by it), in milliseconds since the epoch.
+    pub async fn now_ms(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&self.d.sql("SELECT SG_NOW_MS()"))
+            .fetch_one(&self.reader)
+            .await?)
+    }
+
+    /// How long ago, by the op log's clock, an op was forwarded.
+    pub async fn op_age(&self, seq: i64) -> Result<Option<std::time::Duration>, StoreError> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            &self
+                .d
+                .sql("SELECT SG_SECONDS_SINCE(created_at) FROM ops WHERE seq = ?"),
+        )
+        .bind(seq)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(secs.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
+    }
+
+    /// On PostgreSQL, makes this process the one central on the op log:
+    /// the leader's lock, held on a connection of its own for as long as
+    /// the returned guard lives; `Err(Leader)` names the process that holds
+    /// it. Several central processes on one op log are not supported yet:
+    /// a second is refused rather than left to publish beside the first.
+    /// On SQLite (one process, one file) there is nothing to hold.
+    pub async fn hold_sole_central(&self, me: &str) -> Result<Option<SoleCentral>, StoreError> {
+        if self.d != Dialect::Postgres {
+            return Ok(None);
+        }
+        let mut conn = self.writer.acquire().await?.detach();
+        let won: bool = sqlx::query_scalar(postgres::TRY_LEAD)
+            .bind(postgres::LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if !won {
+            use sqlx::Connection;
+            let _ = conn.close().await;
+            let (holder, since): (Option<String>, Option<String>) =
+                sqlx::query_as("SELECT holder, since FROM leader WHERE id = 1")
+                    .fetch_one(&self.reader)
+                    .await?;
+            return Err(StoreError::Taken {
+                holder: holder.unwrap_or_else(|| "unknown".into()),
+                since: since.unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        let epoch: i64 = sqlx::query_scalar(postgres::ELECTED)
+            .bind(me)
+            .bind(postgres::now())
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(Some(SoleCentral { epoch, _conn: conn }))
     }
 
     /// A body as stored: sealed to its op when there is a vault.
@@ -960,14 +1044,13 @@ mod tests {
         assert_eq!(store.open_intents().await.unwrap(), 0);
     }
 
-    /// Every read behind the audit API, over an op log holding each kind
-    /// of row (edges heard from and not, exceptions of each state, an op
-    /// timed out, one whose outcome was unknown, a resync and a drift
-    /// audit), on the engine of the run: each answers, with what was put in.
-    #[tokio::test]
-    async fn the_audit_reads_answer_over_every_kind_of_row() {
+    /// Fills an op log with each kind of row: 4 ops committed and 1 whose
+    /// outcome was unknown (seq 5), edges heard from (e1, declared) and not
+    /// (e2), exceptions of each state at e1 (seq 1 applied, 2 failed, 3
+    /// adopted), a finished resync of e2, a drift audit of e1, a user needing
+    /// a password at e2. Returns the unknown op's seq.
+    async fn populate(store: &Store) -> i64 {
         use crate::protocol::messages::{Ack, Outcome as AckOutcome};
-        let (_dir, store, _) = temp_store().await;
         let mut ops = Vec::new();
         for i in 0..4 {
             let op = store.begin_intent(&intent("/v3/projects")).await.unwrap();
@@ -985,13 +1068,17 @@ mod tests {
                 .unwrap();
             ops.push((seq, op.to_string()));
         }
-        let open = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+        store.begin_intent(&intent("/v3/projects")).await.unwrap();
         let unknown = store.recover_open_intents().await.unwrap();
-        assert_eq!(unknown.len(), 1, "{open}");
+        assert_eq!(unknown.len(), 1);
         store.register_edge("e1", true).await.unwrap();
         store.register_edge("e2", false).await.unwrap();
         store.edge_hello("e1", 0, "test", None).await.unwrap();
         store.edge_skew("e1", -25).await.unwrap();
+        store
+            .hold_edge("e1", 7, 2, Some("db-1"), Duration::from_secs(30))
+            .await
+            .unwrap();
         let ack = |(seq, op_id): &(i64, String), outcome, detail: Option<&str>| Ack {
             seq: *seq,
             op_id: op_id.clone(),
@@ -1016,6 +1103,39 @@ mod tests {
             .await
             .unwrap();
         store.mark_published(5).await.unwrap();
+        store.begin_resync("e2", "resync", true).await.unwrap();
+        store
+            .resync_progress("e2", "creating", Some(5), 1, 2)
+            .await
+            .unwrap();
+        store
+            .end_resync("e2", Ok(&serde_json::json!({"created": 1})))
+            .await
+            .unwrap();
+        store.begin_drift("e1").await.unwrap();
+        let found = [NewDrift {
+            kind: "project",
+            key: "Default/p9",
+            category: "missing_at_edge",
+            fields: &[],
+            central_id: Some("c9"),
+            edge_id: None,
+        }];
+        store.record_drift("e1", 5, 0, &found).await.unwrap();
+        store
+            .add_needs_password("e2", &[("u1".into(), "Default/alice".into())], 3)
+            .await
+            .unwrap();
+        unknown[0]
+    }
+
+    /// Every read behind the audit API, over an op log holding each kind
+    /// of row (see `populate`), on the engine of the run: each answers,
+    /// with what was put in.
+    #[tokio::test]
+    async fn the_audit_reads_answer_over_every_kind_of_row() {
+        let (_dir, store, _) = temp_store().await;
+        let unknown = populate(&store).await;
         assert_eq!(store.published_seq().await.unwrap(), 5);
 
         let edges = store.edges().await.unwrap();
@@ -1063,28 +1183,8 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(counts.len(), 2);
-
-        store.begin_resync("e2", "resync", true).await.unwrap();
-        store
-            .resync_progress("e2", "creating", Some(5), 1, 2)
-            .await
-            .unwrap();
-        store
-            .end_resync("e2", Ok(&serde_json::json!({"created": 1})))
-            .await
-            .unwrap();
         let resync = store.resync("e2").await.unwrap().unwrap();
         assert!(resync.prune && resync.finished_at.is_some(), "{resync:?}");
-        store.begin_drift("e1").await.unwrap();
-        let found = [NewDrift {
-            kind: "project",
-            key: "Default/p9",
-            category: "missing_at_edge",
-            fields: &[],
-            central_id: Some("c9"),
-            edge_id: None,
-        }];
-        store.record_drift("e1", 5, 0, &found).await.unwrap();
         let report = store
             .drift_report(&["e1".to_string()], &["project"], None, 10)
             .await
@@ -1093,16 +1193,101 @@ mod tests {
         let summary = report.runs[0].1.as_ref().unwrap();
         assert_eq!(summary.counts["missing_at_edge"]["project"], 1);
         assert!(summary.run.found_at.is_some());
-        store
-            .add_needs_password("e2", &[("u1".into(), "Default/alice".into())], 3)
-            .await
-            .unwrap();
         let audit = store.edge_audit("e2", 10).await.unwrap();
         assert_eq!(audit.needs_password.0, 1);
-        assert!(store.get_op(unknown[0]).await.unwrap().is_some());
-        assert_eq!(store.publishable_through().await.unwrap(), unknown[0] - 1);
+        assert!(store.get_op(unknown).await.unwrap().is_some());
+        assert_eq!(store.publishable_through().await.unwrap(), unknown - 1);
         assert!(store.touched_by_another_op("project:p1", 1).await.unwrap());
         store.check_writable().await.unwrap();
+    }
+
+    /// What the audit API shows of an op log, without what moves with the
+    /// clock (silences, lags).
+    async fn shown(store: &Store) -> String {
+        let all = OpFilter {
+            limit: 100,
+            ..OpFilter::default()
+        };
+        let mut out = format!("{:?}\n", store.list_ops(&all).await.unwrap());
+        for e in store.edges().await.unwrap() {
+            out += &format!(
+                "{} {} {} {} {:?} {:?} {:?} {:?} {:?}\n",
+                e.id,
+                e.declared,
+                e.cursor,
+                e.acked_seq,
+                e.version,
+                e.error,
+                e.protocol,
+                e.needs_resync,
+                e.clock_skew_ms
+            );
+        }
+        for seq in 1..=5 {
+            out += &format!(
+                "{:?}\n",
+                store
+                    .deliveries(seq, Duration::from_secs(3600))
+                    .await
+                    .unwrap()
+            );
+            out += &format!("{:?}\n", store.op_touches(seq).await.unwrap());
+        }
+        out += &format!(
+            "{:?}\n",
+            store.out_of_sync(None, Duration::ZERO, 100).await.unwrap()
+        );
+        let report = store
+            .drift_report(&["e1".into(), "e2".into()], &[], None, 100)
+            .await
+            .unwrap();
+        out += &format!("{:?} {:?}\n", report.runs, report.rows);
+        for e in ["e1", "e2"] {
+            out += &format!("{:?}\n", store.edge_audit(e, 10).await.unwrap());
+        }
+        let sessions: Vec<_> = store
+            .edge_sessions()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.edge, s.session, s.needs_resync, s.lease_ms))
+            .collect();
+        out += &format!(
+            "{sessions:?} {} {}\n",
+            store.published_seq().await.unwrap(),
+            store.publishable_through().await.unwrap()
+        );
+        out
+    }
+
+    /// An op log copied from SQLite to another database (PostgreSQL in the
+    /// run on it) answers every audit read as its source does, takes writes
+    /// after with the next seq, and a second copy into it is refused.
+    #[tokio::test]
+    async fn an_op_log_copied_answers_as_its_source_and_goes_on_from_its_last_seq() {
+        let (_a, source) = sqlite_store().await;
+        populate(&source).await;
+        // An intent still open in the source goes along.
+        source
+            .begin_intent(&intent("/v3/projects/open"))
+            .await
+            .unwrap();
+        let (_b, target, _) = temp_store().await;
+        let report = source.copy_to(&target).await.unwrap();
+        assert_eq!(report.last_seq, 5);
+        assert_eq!(report.tables["ops"], 5);
+        assert_eq!(report.tables["intents"], 1);
+        assert_eq!(shown(&target).await, shown(&source).await);
+        assert_eq!(target.open_intents().await.unwrap(), 1);
+
+        let refused = source.copy_to(&target).await.unwrap_err().to_string();
+        assert!(refused.contains("already holds an op log"), "{refused}");
+        let op = target.begin_intent(&intent("/v3/projects")).await.unwrap();
+        let seq = target
+            .commit_intent(op, OpState::Committed, &Outcome::default())
+            .await
+            .unwrap();
+        assert_eq!(seq, 6, "the copy goes on from its last seq");
     }
 
     #[tokio::test]

@@ -65,7 +65,17 @@ pub struct PgOpLog {
 }
 
 /// The advisory lock the leader holds (any constant: it names the duty).
-const LEADER_LOCK: i64 = 0x5359_4e43_4741_5445;
+pub(super) const LEADER_LOCK: i64 = 0x5359_4e43_4741_5445;
+/// Takes the leader's lock, if free (`LEADER_LOCK` bound).
+pub(super) const TRY_LEAD: &str = "SELECT pg_try_advisory_lock($1)";
+/// Records an election (`me` and the time bound): the epoch moves on.
+pub(super) const ELECTED: &str =
+    "UPDATE leader SET epoch = epoch + 1, holder = $1, since = $2 WHERE id = 1 RETURNING epoch";
+
+/// Now, as the leader's row shows it.
+pub(super) fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
 
 /// Leadership won: the epoch its duties write at, held while its own
 /// connection (which holds the lock) lives. Dropped, or its connection
@@ -143,7 +153,7 @@ impl PgOpLog {
     /// lease when elected, `None` while another process holds it.
     pub async fn campaign(&self, me: &str) -> Result<Option<Lease>, StoreError> {
         let mut conn = PgConnection::connect_with(&self.options).await?;
-        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        let won: bool = sqlx::query_scalar(TRY_LEAD)
             .bind(LEADER_LOCK)
             .fetch_one(&mut conn)
             .await?;
@@ -151,15 +161,11 @@ impl PgOpLog {
             let _ = conn.close().await;
             return Ok(None);
         }
-        let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-        let epoch: i64 = sqlx::query_scalar(
-            "UPDATE leader SET epoch = epoch + 1, holder = $1, since = $2 WHERE id = 1 \
-             RETURNING epoch",
-        )
-        .bind(me)
-        .bind(now)
-        .fetch_one(&mut conn)
-        .await?;
+        let epoch: i64 = sqlx::query_scalar(ELECTED)
+            .bind(me)
+            .bind(now())
+            .fetch_one(&mut conn)
+            .await?;
         Ok(Some(Lease { epoch, conn }))
     }
 

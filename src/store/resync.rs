@@ -226,7 +226,7 @@ impl Store {
     /// An edge's resync, drift audit and users needing a password (at most
     /// `limit` listed), as of one moment.
     pub async fn edge_audit(&self, edge: &str, limit: i64) -> Result<EdgeAudit, StoreError> {
-        let mut tx = self.reader.begin().await?;
+        let mut tx = self.snapshot().await?;
         let audit = EdgeAudit {
             resync: resync_of(&mut tx, self.d, edge).await?,
             drift: drift_summary_of(&mut tx, self.d, edge).await?,
@@ -245,7 +245,7 @@ impl Store {
         category: Option<&str>,
         limit: i64,
     ) -> Result<DriftReport, StoreError> {
-        let mut tx = self.reader.begin().await?;
+        let mut tx = self.snapshot().await?;
         let mut runs = Vec::with_capacity(edges.len());
         for e in edges {
             runs.push((e.clone(), drift_summary_of(&mut tx, self.d, e).await?));
@@ -321,7 +321,7 @@ impl Store {
         edge: &str,
         limit: i64,
     ) -> Result<(i64, Vec<NeedsPasswordRow>), StoreError> {
-        let mut tx = self.reader.begin().await?;
+        let mut tx = self.snapshot().await?;
         let found = needs_password_of(&mut tx, self.d, edge, limit).await?;
         tx.rollback().await?;
         Ok(found)
@@ -410,6 +410,19 @@ impl Store {
             .bind(edge)
             .execute(&mut *tx)
             .await?;
+        // One row per (kind, key), the last found winning: a statement may
+        // not write one row twice (PostgreSQL).
+        let mut last: std::collections::HashMap<(&str, &str), usize> =
+            std::collections::HashMap::new();
+        for (i, d) in found.iter().enumerate() {
+            last.insert((d.kind, d.key), i);
+        }
+        let found: Vec<&NewDrift<'_>> = found
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| last.get(&(d.kind, d.key)) == Some(i))
+            .map(|(_, d)| d)
+            .collect();
         for chunk in found.chunks(ROWS) {
             let mut q = Sql::new(
                 "INSERT INTO drift (edge, kind, key, category, fields, central_id, edge_id) ",

@@ -280,6 +280,7 @@ impl Store {
     /// before it were lost.
     pub async fn record_ack(&self, edge: &str, ack: &Ack) -> Result<Option<i64>, StoreError> {
         let mut tx = self.writer.begin().await?;
+        lock_edge(&mut tx, self.d, edge).await?;
         let known: Option<i64> = sqlx::query_scalar(
             &self
                 .d
@@ -320,6 +321,7 @@ impl Store {
         asked_ms: i64,
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
+        lock_edge(&mut tx, self.d, edge).await?;
         let acked: Option<i64> =
             sqlx::query_scalar(&self.d.sql("SELECT acked_seq FROM edges WHERE id = ?"))
                 .bind(edge)
@@ -563,6 +565,19 @@ fn older(age: Duration) -> String {
 
 fn no_ack(ack_timeout: Duration) -> String {
     format!("no ack within {}s", ack_timeout.as_secs_f64())
+}
+
+/// Serialises the writes of one edge's outcomes (acks, an edge's own
+/// account): SQLite has one writer; on PostgreSQL the edge's row is locked
+/// until the transaction ends, so that one never undoes a later other.
+async fn lock_edge(tx: &mut sqlx::AnyConnection, d: Dialect, edge: &str) -> Result<(), StoreError> {
+    if d == Dialect::Postgres {
+        sqlx::query("SELECT 1 FROM edges WHERE id = $1 FOR UPDATE")
+            .bind(edge)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Records one ack as the delivery's state: `applied` needs no row.

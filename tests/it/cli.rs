@@ -449,3 +449,102 @@ fn config_check_prints_the_layers_and_start_up_refuses_a_bad_file() {
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     }
 }
+
+/// `syncgate oplog copy` copies a SQLite op log into a new database (a
+/// PostgreSQL one in the run on PostgreSQL), says what it copied, refuses a
+/// target that holds an op log already and a source that is not there, and
+/// never shows a password given in a URL.
+#[tokio::test]
+async fn oplog_copy_copies_into_a_new_database_and_refuses_a_filled_one() {
+    use syncgate::store::{NewIntent, OpState, Outcome, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let from = format!("sqlite://{}", dir.path().join("from.db").display());
+    let source = Store::open(&from).await.unwrap();
+    for i in 0..3 {
+        let path = format!("/v3/projects/p{i}");
+        let op = source
+            .begin_intent(&NewIntent {
+                method: "PATCH",
+                path: &path,
+                class: "resource",
+                kind: "project",
+                body: Some("{}"),
+                refs: "[]",
+                traceparent: None,
+            })
+            .await
+            .unwrap();
+        source
+            .commit_intent(op, OpState::Committed, &Outcome::default())
+            .await
+            .unwrap();
+    }
+    source.register_edge("site1", true).await.unwrap();
+    source.close().await;
+    let target_dir = tempfile::tempdir().unwrap();
+    let to = crate::helpers::central_db(target_dir.path()).await;
+
+    let copy = |to: String| {
+        let from = from.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+                .args(["oplog", "copy", "--from", &from, "--to", &to])
+                .output()
+                .unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let (code, stdout, stderr) = copy(to.clone()).await.unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("last seq 3"), "{stdout}");
+    assert!(
+        stdout.contains("ops: 3 rows") && stdout.contains("edges: 1 rows"),
+        "{stdout}"
+    );
+    let copied = Store::open(&to).await.unwrap();
+    assert_eq!(copied.last_seq().await.unwrap(), 3);
+    assert_eq!(copied.edges().await.unwrap()[0].id, "site1");
+    copied.close().await;
+
+    let (code, _, stderr) = copy(to.clone()).await.unwrap();
+    assert_eq!(code, 1);
+    assert!(stderr.contains("already holds an op log"), "{stderr}");
+
+    let (code, _, stderr) = copy("postgres://sync:hunter2@127.0.0.1:1/x".into())
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("--to") && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
+
+    let missing = format!("sqlite://{}", dir.path().join("none.db").display());
+    let (code, _, stderr) = tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+            .args([
+                "oplog",
+                "copy",
+                "--from",
+                &missing,
+                "--to",
+                "sqlite:///tmp/never",
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::new(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no op log there"), "{stderr}");
+    assert!(!std::path::Path::new("/tmp/never").exists());
+}

@@ -65,7 +65,8 @@ impl Postgres {
         }
         let pg = Postgres {
             bin,
-            port: free_port(),
+            // Names the socket file only: the server listens on no TCP port.
+            port: 5432,
             dir,
             as_nobody,
         };
@@ -92,7 +93,7 @@ impl Postgres {
     fn launch(&self) {
         let data = self.data();
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            "-p {} -k {} -c listen_addresses=''",
             self.port,
             self.dir.path().display()
         );
@@ -131,23 +132,34 @@ impl Postgres {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(
             out.status.success(),
-            "{program} failed: {}{}",
+            "{program} failed: {}{}\nserver log:\n{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
         );
+    }
+
+    /// The URL of a database on this server: through its Unix socket only
+    /// (no TCP port another process could take while it restarts).
+    fn url(&self, name: &str) -> String {
+        format!(
+            "postgres://syncgate@localhost:{}/{name}?host={}",
+            self.port,
+            self.dir.path().display()
+        )
     }
 
     /// A new, empty database on this server, by URL.
     pub async fn database(&self, name: &str) -> String {
         use sqlx::Connection;
-        let admin = format!("postgres://syncgate@127.0.0.1:{}/postgres", self.port);
+        let admin = self.url("postgres");
         let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut c)
             .await
             .unwrap();
         c.close().await.unwrap();
-        format!("postgres://syncgate@127.0.0.1:{}/{name}", self.port)
+        self.url(name)
     }
 }
 
@@ -194,14 +206,6 @@ where
         );
         tokio::task::yield_now().await;
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn op(id: &str) -> NewOp<'_> {
@@ -611,4 +615,30 @@ async fn an_election_waits_for_a_fenced_write_in_flight() {
         a.set_published(seen, 9).await,
         Err(syncgate::store::StoreError::Deposed { .. })
     ));
+}
+
+/// One central process per PostgreSQL op log until several are supported: a
+/// second is refused, naming the first; once the first is gone (its
+/// connection closed, as a kill closes it) another starts.
+#[tokio::test]
+async fn a_second_central_on_one_op_log_is_refused_until_the_first_is_gone() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("two_centrals").await;
+    let fake = crate::fake_keystone::FakeKeystone::start().await;
+    let config = crate::helpers::config_for(&fake, &url);
+    let first = syncgate::Central::build(config.clone()).await.unwrap();
+    let refused = match syncgate::Central::build(config.clone()).await {
+        Ok(_) => panic!("a second central started on the same op log"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("another central process runs on this op log")
+            && refused.contains(&format!(":{}", std::process::id())),
+        "{refused}"
+    );
+    drop(first);
+    let again = syncgate::Central::build(config).await;
+    assert!(again.is_ok(), "{:?}", again.err());
 }

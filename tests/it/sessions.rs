@@ -307,14 +307,27 @@ async fn an_edge_clock_far_off_is_taken_and_the_skew_is_named() {
         leaving: false,
         database: None,
     };
-    // Unaddressed: central says which session to address.
-    let first = nats
-        .request(
-            "syncgate.hello.probe",
-            me.seal(&sealer, "hello", "probe", 0, &hello(0)).into(),
-        )
-        .await
-        .unwrap();
+    // Unaddressed: central says which session to address (once its sync
+    // listens: a central just started may not yet).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        match nats
+            .request(
+                "syncgate.hello.probe",
+                me.seal(&sealer, "hello", "probe", 0, &hello(0)).into(),
+            )
+            .await
+        {
+            Ok(reply) => break reply,
+            Err(e)
+                if e.kind() == async_nats::RequestErrorKind::NoResponders
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("hello: {e}"),
+        }
+    };
     let opened = me
         .open::<HelloReply>(&sealer, "hello_reply", Some("probe"), &first.payload, false)
         .unwrap();
