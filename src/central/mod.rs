@@ -48,7 +48,51 @@ pub struct Central {
     scope: Option<crate::scope::Scope>,
     spawner: crate::scope::Spawner,
     /// On PostgreSQL: the lock that makes this the one central on the op log.
-    _sole: Option<crate::store::SoleCentral>,
+    sole: Option<crate::store::SoleCentral>,
+    /// How this process names itself as the lock's holder (`host:pid`).
+    me: String,
+}
+
+/// Keeps the lock that makes this the one central on a PostgreSQL op log:
+/// checked every few seconds; lost (the database restarted, the connection
+/// cut), it is taken again; taken meanwhile by another central, this one
+/// stops (ending this task ends the process with the reason).
+async fn keep_sole(
+    store: Store,
+    mut sole: crate::store::SoleCentral,
+    me: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+        }
+        if sole.alive().await {
+            continue;
+        }
+        warn!("the connection holding the op log's lock was lost; taking the lock again");
+        loop {
+            match store.hold_sole_central(&me).await {
+                Ok(Some(again)) => {
+                    info!(epoch = again.epoch, "the op log's lock is held again");
+                    sole = again;
+                    break;
+                }
+                Ok(None) => return Ok(()),
+                Err(e @ crate::store::StoreError::Taken { .. }) => {
+                    return Err(anyhow::anyhow!("lost the op log's lock: {e}"));
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot take the op log's lock yet; trying again");
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// This host's name (a pod's name in Kubernetes), to say which process leads.
@@ -72,7 +116,9 @@ impl Central {
         let me = format!("{}:{}", hostname(), std::process::id());
         // A process just stopped or killed lets go of the lock as its
         // connection closes: it is waited for a little.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        // (A host that vanished lets go once its connection times out, about
+        // 30 s: see `store::engine`.)
+        let deadline = tokio::time::Instant::now() + config.oplog_lock_wait;
         let sole = loop {
             match store.hold_sole_central(&me).await {
                 Err(crate::store::StoreError::Taken { .. })
@@ -177,7 +223,8 @@ impl Central {
             resyncer: std::sync::OnceLock::new(),
         });
         Ok(Central {
-            _sole: sole,
+            sole,
+            me,
             keystone,
             scope: Some(scope),
             spawner,
@@ -343,6 +390,19 @@ impl Central {
             admin::keep_gauges(self.admin.clone(), GAUGE_INTERVAL, stop_rx_sync.clone()),
         );
 
+        let mut lock_task = match self.sole.take() {
+            Some(sole) => Watched::spawn(
+                "op log lock",
+                keep_sole(
+                    self.store.clone(),
+                    sole,
+                    self.me.clone(),
+                    stop_rx_sync.clone(),
+                ),
+            ),
+            None => Watched::none("op log lock"),
+        };
+
         // Until shutdown, every task must keep running: one that ends makes the
         // process unready and stop with an error, instead of looking healthy.
         let died = tokio::select! {
@@ -355,6 +415,7 @@ impl Central {
             d = resolve_task.ended() => Some(d),
             d = gauges_task.ended() => Some(d),
             d = broker_task.ended() => Some(d),
+            d = lock_task.ended() => Some(d),
         };
         if let Some(why) = &died {
             error!(reason = %why, "a task of the gateway stopped; shutting down");
@@ -385,6 +446,7 @@ impl Central {
         sweep_task.join().await;
         resolve_task.join().await;
         gauges_task.join().await;
+        lock_task.join().await;
         let _ = broker_stop_tx.send(true);
         broker_task.join().await;
         self.store.close().await;

@@ -819,6 +819,7 @@ impl CentralArgs {
             db_password: read_secret(None, self.db_password_file.as_deref(), "--db-password-file")?
                 .map(Secret::new),
             db: self.db,
+            oplog_lock_wait: Duration::from_secs(40),
             public_url: self.public_url,
             upstream_timeout: self.upstream_timeout,
             upstream_settle: self.upstream_settle,

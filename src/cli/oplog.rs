@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::core::{read_secret, Secret};
-use crate::store::{dialect_of, has_password, shown, Dialect, Store};
+use crate::store::{dialect_of, has_password, holds_op_log, shown, Dialect, Store};
 
 /// One side of a copy, checked before anything is opened.
 fn side(flag: &str, url: &str, password_file: Option<&Path>) -> Result<Option<Secret>, String> {
@@ -37,17 +37,11 @@ pub async fn copy(
 ) -> Result<String, String> {
     let from_password = side("--from", from, from_password_file)?;
     let to_password = side("--to", to, to_password_file)?;
-    if dialect_of(from) == Some(Dialect::Sqlite) {
-        // Opening a SQLite file that is not there would make an empty one.
-        let path = from
-            .trim_start_matches("sqlite:")
-            .trim_start_matches("//")
-            .split('?')
-            .next()
-            .unwrap_or_default();
-        if !Path::new(path).is_file() {
-            return Err(format!("--from {}: no op log there", shown(from)));
-        }
+    // Nothing is opened for writing (made, migrated) that holds no op log.
+    match holds_op_log(from, from_password.as_ref()).await {
+        Ok(true) => {}
+        Ok(false) => return Err(format!("--from {}: no op log there", shown(from))),
+        Err(e) => return Err(format!("--from: {e}")),
     }
     let source = Store::connect(from, from_password.as_ref(), None)
         .await

@@ -29,6 +29,9 @@ pub struct CentralConfig {
     pub db: String,
     /// The PostgreSQL op log's password (else PGPASSFILE's, or none).
     pub db_password: Option<Secret>,
+    /// How long a central process starting on a PostgreSQL op log waits for
+    /// another that holds it to go, before it refuses to start.
+    pub oplog_lock_wait: Duration,
     /// The gateway's external URL, substituted for the upstream's in JSON bodies.
     pub public_url: Option<Url>,
     /// How long to wait for the upstream's response headers.
@@ -225,6 +228,7 @@ impl CentralConfig {
             admin_token: None,
             db: db.into(),
             db_password: None,
+            oplog_lock_wait: Duration::from_secs(40),
             public_url: None,
             upstream_timeout: Duration::from_secs(30),
             upstream_settle: Duration::from_secs(120),

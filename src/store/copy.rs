@@ -88,20 +88,41 @@ impl Store {
         }
         let mut source = self.snapshot().await?;
         let mut into = target.writer.begin().await?;
+        // Either side may wait long on the other (a big table): no idle
+        // limit ends its transaction meanwhile.
+        for (d, conn) in [(self.d, &mut *source), (target.d, &mut *into)] {
+            if d == Dialect::Postgres {
+                sqlx::query("SET LOCAL idle_in_transaction_session_timeout = 0")
+                    .execute(conn)
+                    .await?;
+            }
+        }
         for (table, order) in TABLES {
             let theirs = columns(&mut into, target.d, table).await?;
             let ours = columns(&mut source, self.d, table).await?;
-            // What both have (PostgreSQL's own order column of intents is
-            // given anew, in the order read).
+            // Every column copied, but the order of open intents, which the
+            // target gives anew in the order read.
+            let lost: Vec<&String> = ours
+                .keys()
+                .filter(|c| !(theirs.contains_key(*c) || table == "intents" && *c == "opened"))
+                .collect();
+            if !lost.is_empty() {
+                return Err(refuse(format!(
+                    "table {table}: the target has no column {lost:?}: is it of an older version?"
+                )));
+            }
             let shared: Vec<(&String, Kind)> = ours
                 .keys()
                 .filter_map(|c| theirs.get(c).map(|k| (c, *k)))
+                .filter(|(c, _)| !(table == "intents" && *c == "opened"))
                 .collect();
-            if shared.is_empty() {
-                return Err(refuse(format!("table {table}: no column in common")));
-            }
             let names: Vec<&str> = shared.iter().map(|(c, _)| c.as_str()).collect();
             let list = names.join(", ");
+            let order = match (table, self.d) {
+                ("intents", Dialect::Sqlite) => "rowid",
+                ("intents", Dialect::Postgres) => "opened",
+                _ => order,
+            };
             let select = format!("SELECT {list} FROM {table} ORDER BY {order}");
             let mut rows = sqlx::query(&select).fetch(&mut *source);
             let mut batch: Vec<Vec<Value>> = Vec::with_capacity(ROWS);
@@ -127,43 +148,53 @@ impl Store {
                 .execute(&mut *into)
                 .await?;
         }
-        into.commit().await?;
-        source.rollback().await?;
 
+        // Counted on both sides before the copy is kept: one that differs
+        // leaves nothing behind.
         let mut report = CopyReport {
             tables: BTreeMap::new(),
-            last_seq: target.last_seq().await?,
+            last_seq: 0,
         };
         let mut differ = Vec::new();
         for (table, _) in TABLES {
-            let (ours, theirs) = (
-                count(&self.reader, table).await?,
-                count(&target.reader, table).await?,
-            );
+            let ours = count(&mut *source, table).await?;
+            let theirs = count(&mut *into, table).await?;
             // The target's own bookkeeping rows in meta are kept beside the copied ones.
             if ours != theirs && !(table == "meta" && theirs >= ours) {
                 differ.push(format!("{table}: {ours} here, {theirs} there"));
             }
             report.tables.insert(table.to_string(), theirs);
         }
+        let last = |d: Dialect| d.sql("SELECT COALESCE(MAX(seq), 0) FROM ops").into_owned();
+        let ours: i64 = sqlx::query_scalar(&last(self.d))
+            .fetch_one(&mut *source)
+            .await?;
+        report.last_seq = sqlx::query_scalar(&last(target.d))
+            .fetch_one(&mut *into)
+            .await?;
+        if ours != report.last_seq {
+            differ.push(format!("last seq: {ours} here, {} there", report.last_seq));
+        }
         if !differ.is_empty() {
+            into.rollback().await?;
             return Err(refuse(format!(
-                "the copy differs from its source ({}): was central still running on the source?",
+                "the copy would differ from its source ({}); nothing was copied",
                 differ.join("; ")
             )));
         }
-        if report.last_seq != self.last_seq().await? {
-            return Err(refuse(
-                "the copy's last seq differs from its source's".into(),
-            ));
-        }
+        into.commit().await?;
+        // A read-only snapshot: how it ends changes nothing.
+        let _ = source.rollback().await;
         Ok(report)
     }
 }
 
-async fn count(pool: &sqlx::AnyPool, table: &str) -> Result<i64, StoreError> {
+async fn count<'c, E>(conn: E, table: &str) -> Result<i64, StoreError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
     Ok(sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await?)
 }
 

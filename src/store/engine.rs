@@ -61,6 +61,9 @@ pub fn shown(url: &str) -> String {
         None => return "(not a sqlite:// or postgres:// URL)".into(),
     }
     match reqwest::Url::parse(url) {
+        // `postgres:user:pw@db/x` (no `//`) parses with no host, its
+        // password in the path: not shown.
+        Ok(u) if !u.has_host() => "(a postgres: URL with no host)".into(),
         Ok(mut u) => {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
@@ -107,6 +110,60 @@ pub(super) async fn open(url: &str, password: Option<&Secret>) -> Result<Pools, 
              (one or more central processes on a PostgreSQL database)"
                 .into(),
         )),
+    }
+}
+
+/// Whether the database at `url` holds an op log, looked at without
+/// changing it (no file made, no schema created): for a command that reads
+/// one (`syncgate oplog copy`).
+pub async fn holds_op_log(url: &str, password: Option<&Secret>) -> Result<bool, StoreError> {
+    use sqlx::Connection;
+    let err = |source| StoreError::Open {
+        url: shown(url),
+        source,
+    };
+    match dialect_of(url) {
+        Some(Dialect::Sqlite) => {
+            let url = sqlite_url(url);
+            let path = url
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//")
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            if !std::path::Path::new(&path).is_file() {
+                return Ok(false);
+            }
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .read_only(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                .await
+                .map_err(err)?;
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'ops'",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            let _ = conn.close().await;
+            Ok(n > 0)
+        }
+        Some(Dialect::Postgres) => {
+            let mut options: sqlx::postgres::PgConnectOptions = url.parse().map_err(err)?;
+            if let Some(p) = password {
+                options = options.password(p.expose());
+            }
+            let mut conn = sqlx::PgConnection::connect_with(&options)
+                .await
+                .map_err(err)?;
+            let found: bool = sqlx::query_scalar("SELECT to_regclass('ops') IS NOT NULL")
+                .fetch_one(&mut conn)
+                .await?;
+            let _ = conn.close().await;
+            Ok(found)
+        }
+        None => Ok(false),
     }
 }
 
@@ -273,6 +330,9 @@ mod tests {
         ] {
             assert!(!shown(other).contains("hunter2"), "{other}");
             assert_eq!(dialect_of(other), None, "{other}");
+        }
+        for hostless in ["postgres:sync:hunter2@db/x", "postgres:/sync:hunter2@db/x"] {
+            assert!(!shown(hostless).contains("hunter2"), "{hostless}");
         }
         assert_eq!(dialect_of("central.db"), Some(Dialect::Sqlite));
     }

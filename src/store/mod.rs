@@ -29,7 +29,7 @@ mod resync;
 mod sync;
 pub use copy::CopyReport;
 pub use dialect::Dialect;
-pub use engine::{dialect_of, has_password, shown};
+pub use engine::{dialect_of, has_password, holds_op_log, shown};
 pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,
@@ -260,7 +260,18 @@ pub(crate) fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> 
 /// held while this lives (see `Store::hold_sole_central`).
 pub struct SoleCentral {
     pub epoch: i64,
-    _conn: sqlx::AnyConnection,
+    conn: sqlx::AnyConnection,
+}
+
+impl SoleCentral {
+    /// Whether the lock's connection still answers (and so the lock is held).
+    pub async fn alive(&mut self) -> bool {
+        use sqlx::Connection;
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.conn.ping()).await,
+            Ok(Ok(()))
+        )
+    }
 }
 
 #[derive(Clone)]
@@ -362,8 +373,12 @@ impl Store {
             return Ok(None);
         }
         let mut conn = self.writer.acquire().await?.detach();
+        // Held for the process's life: no server-side idle limit ends it.
+        let _ = sqlx::query("SET idle_session_timeout = 0")
+            .execute(&mut conn)
+            .await;
         let won: bool = sqlx::query_scalar(postgres::TRY_LEAD)
-            .bind(postgres::LEADER_LOCK)
+            .bind(postgres::SOLE_LOCK)
             .fetch_one(&mut conn)
             .await?;
         if !won {
@@ -378,12 +393,16 @@ impl Store {
                 since: since.unwrap_or_else(|| "unknown".into()),
             });
         }
-        let epoch: i64 = sqlx::query_scalar(postgres::ELECTED)
-            .bind(me)
-            .bind(postgres::now())
-            .fetch_one(&mut conn)
-            .await?;
-        Ok(Some(SoleCentral { epoch, _conn: conn }))
+        // Who holds it, for the message a second process gets (the epoch of
+        // the elections of `postgres::PgOpLog` is left alone).
+        let epoch: i64 = sqlx::query_scalar(
+            "UPDATE leader SET holder = $1, since = $2 WHERE id = 1 RETURNING epoch",
+        )
+        .bind(me)
+        .bind(postgres::now())
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(Some(SoleCentral { epoch, conn }))
     }
 
     /// A body as stored: sealed to its op when there is a vault.

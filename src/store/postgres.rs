@@ -66,7 +66,11 @@ pub struct PgOpLog {
 
 /// The advisory lock the leader holds (any constant: it names the duty).
 pub(super) const LEADER_LOCK: i64 = 0x5359_4e43_4741_5445;
-/// Takes the leader's lock, if free (`LEADER_LOCK` bound).
+/// The lock a central process holds for life while several on one op log
+/// are not supported (`Store::hold_sole_central`): another than the
+/// leader's, so that elections stay apart from it.
+pub(super) const SOLE_LOCK: i64 = 0x5359_4e43_534f_4c45;
+/// Takes an advisory lock, if free (its ID bound).
 pub(super) const TRY_LEAD: &str = "SELECT pg_try_advisory_lock($1)";
 /// Records an election (`me` and the time bound): the epoch moves on.
 pub(super) const ELECTED: &str =

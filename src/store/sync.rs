@@ -572,7 +572,7 @@ fn no_ack(ack_timeout: Duration) -> String {
 /// until the transaction ends, so that one never undoes a later other.
 async fn lock_edge(tx: &mut sqlx::AnyConnection, d: Dialect, edge: &str) -> Result<(), StoreError> {
     if d == Dialect::Postgres {
-        sqlx::query("SELECT 1 FROM edges WHERE id = $1 FOR UPDATE")
+        sqlx::query("SELECT 1 FROM edges WHERE id = $1 FOR NO KEY UPDATE")
             .bind(edge)
             .execute(&mut *tx)
             .await?;

@@ -627,7 +627,8 @@ async fn a_second_central_on_one_op_log_is_refused_until_the_first_is_gone() {
     };
     let url = pg.database("two_centrals").await;
     let fake = crate::fake_keystone::FakeKeystone::start().await;
-    let config = crate::helpers::config_for(&fake, &url);
+    let mut config = crate::helpers::config_for(&fake, &url);
+    config.oplog_lock_wait = std::time::Duration::from_millis(500);
     let first = syncgate::Central::build(config.clone()).await.unwrap();
     let refused = match syncgate::Central::build(config.clone()).await {
         Ok(_) => panic!("a second central started on the same op log"),
