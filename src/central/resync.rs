@@ -512,6 +512,9 @@ impl Resyncer {
                 let _ = self.release(edge).await;
             }
         }
+        // Before the end is recorded: once the audit API says it ended, the
+        // edge's slot is free at once (a repair asked for then starts, not 409).
+        self.refresh_needs_password(edge).await;
         if let Err(e) = self
             .store
             .end_resync(edge, result.as_ref().map_err(String::as_str))
@@ -519,7 +522,6 @@ impl Resyncer {
         {
             error!(edge, error = %e, "cannot record a resync's end");
         }
-        self.refresh_needs_password(edge).await;
     }
 
     /// Runs `work` while renewing the edge's hold (a large site takes a while
