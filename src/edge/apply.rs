@@ -255,6 +255,15 @@ impl Applier<'_> {
         }
     }
 
+    /// Whether the edge's entity `edge_id` stands for a central ID other than
+    /// `central_id` (an entity stands for one of central's).
+    async fn claimed_by_another(&self, edge_id: &str, central_id: &str) -> Result<bool, Transient> {
+        Ok(self
+            .central_of(edge_id)
+            .await?
+            .is_some_and(|c| c != central_id))
+    }
+
     /// Applies one op; `attempt` says what earlier attempts may have done.
     pub async fn apply(&self, op: &OpContent, attempt: Attempt) -> Result<Applied, Transient> {
         if op.state != "committed" {
@@ -857,6 +866,9 @@ impl Applier<'_> {
                         else {
                             return Ok(None);
                         };
+                        if self.claimed_by_another(&found, d).await? {
+                            return Ok(None);
+                        }
                         resolved.insert(d.to_string(), found.clone());
                         adds.push((d.to_string(), found.clone(), domain.name.into()));
                         Some(found)
@@ -864,9 +876,16 @@ impl Applier<'_> {
                 },
             },
         };
-        let found =
+        let mut found =
             keystone::kinds::find_by_name(self.keystone, &r.kind, &r.name, domain.as_deref())
                 .await?;
+        if let Some(edge_id) = &found {
+            if self.claimed_by_another(edge_id, &r.id).await? {
+                // It stands for another of central's entities (a resync
+                // mapped the one now under this name): `r` is gone here.
+                found = None;
+            }
+        }
         if let Some(edge_id) = &found {
             adds.push((r.id.clone(), edge_id.clone(), r.kind.clone()));
         }

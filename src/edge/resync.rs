@@ -353,7 +353,7 @@ impl Runner {
     ) -> Result<Vec<Ack>, Stuck> {
         let mut batch = Batch::default();
         for (central, edge, kind) in maps {
-            batch.map.insert(central, Some((edge, kind)));
+            batch.map_to(central, edge, kind);
         }
         if let Err(e) = self.store.commit_batch(&batch).await {
             error!(error = %e, "cannot record ID map entries of a resync");
@@ -385,7 +385,7 @@ impl Runner {
             let ack = match r {
                 Ok(a) => {
                     for (c, e, k) in &a.changes.map_adds {
-                        changes.map.insert(c.clone(), Some((e.clone(), k.clone())));
+                        changes.map_to(c.clone(), e.clone(), k.clone());
                     }
                     for c in &a.changes.map_removes {
                         changes.map.insert(c.clone(), None);

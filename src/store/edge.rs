@@ -54,7 +54,7 @@ impl Batch {
     /// Adds one op's outcome and changes, after those already in the batch.
     pub fn push(&mut self, outcome: StoredOutcome, changes: Commit) {
         for (central, edge, kind) in changes.map_adds {
-            self.map.insert(central, Some((edge, kind)));
+            self.map_to(central, edge, kind);
         }
         for central in changes.map_removes {
             self.map.insert(central, None);
@@ -64,6 +64,18 @@ impl Batch {
         }
         self.outcomes.retain(|o| o.seq != outcome.seq);
         self.outcomes.push(outcome);
+    }
+
+    /// Maps `central` to the edge's entity `edge`. An entity stands for one
+    /// of central's: another central ID mapped to it (in the batch, or stored,
+    /// see `EdgeStore::commit_batch`) no longer is.
+    pub fn map_to(&mut self, central: String, edge: String, kind: String) {
+        for (other, m) in self.map.iter_mut() {
+            if *other != central && m.as_ref().is_some_and(|(e, _)| *e == edge) {
+                *m = None;
+            }
+        }
+        self.map.insert(central, Some((edge, kind)));
     }
 
     /// The batch's word on a central ID: `Some(None)` when its entity was
@@ -320,6 +332,21 @@ impl EdgeStore {
             .filter_map(|(c, m)| m.as_ref().map(|(e, k)| (c, e, k)))
             .collect();
         for chunk in adds.chunks(ROWS_PER_STATEMENT) {
+            // Another central ID mapped to an entity mapped here no longer is
+            // (see `Batch::map_to`).
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("DELETE FROM id_map WHERE edge_id IN (");
+            let mut ids = q.separated(", ");
+            for (_, edge, _) in chunk {
+                ids.push_bind(*edge);
+            }
+            q.push(") AND central_id NOT IN (");
+            let mut ids = q.separated(", ");
+            for (central, _, _) in chunk {
+                ids.push_bind(*central);
+            }
+            q.push(")");
+            q.build().execute(&mut *tx).await?;
             let mut q: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT INTO id_map (central_id, edge_id, kind, updated_at) ");
             q.push_values(chunk, |mut row, (central, edge, kind)| {
@@ -520,6 +547,56 @@ mod tests {
             (2, "failed")
         );
         assert_eq!(store.inflight(3).await.unwrap(), None);
+    }
+
+    /// An entity at the edge stands for one central ID: a database that maps
+    /// two to one entity keeps the newest; mapping another ID to a mapped
+    /// entity (stored, or in the same batch) ends the earlier one's claim.
+    #[tokio::test]
+    async fn an_edge_entity_stands_for_one_central_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("e.db").display());
+        let done = [
+            "0001_edge.sql",
+            "0002_exactly_once.sql",
+            "0003_counters.sql",
+            "0004_resync.sql",
+            "0005_inflight_before.sql",
+        ];
+        let pool = super::super::database_at_version(&dir, &url, "edge", &done).await;
+        sqlx::query(
+            "INSERT INTO id_map VALUES ('old', 'x', 'project', '2026-01-01T00:00:00.000Z'),
+                                       ('new', 'x', 'project', '2026-02-01T00:00:00.000Z'),
+                                       ('u1', 'y', 'user', '2026-01-01T00:00:00.000Z');",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        let store = EdgeStore::open(&url).await.unwrap();
+        assert_eq!(
+            store.mapping("old").await.unwrap(),
+            None,
+            "the older claim ends"
+        );
+        assert_eq!(store.central_of("x").await.unwrap().as_deref(), Some("new"));
+        assert_eq!(store.map_size().await.unwrap(), 2);
+
+        let mut batch = Batch::default();
+        batch.map_to("u2".into(), "y".into(), "user".into());
+        store.commit_batch(&batch).await.unwrap();
+        assert_eq!(store.mapping("u1").await.unwrap(), None);
+        assert_eq!(store.central_of("y").await.unwrap().as_deref(), Some("u2"));
+
+        let mut batch = Batch::default();
+        batch.map_to("a".into(), "z".into(), "group".into());
+        batch.map_to("b".into(), "z".into(), "group".into());
+        assert_eq!(batch.central_of("z"), Some(Some("b".to_string())));
+        assert_eq!(batch.mapping("a"), Some(None));
+        store.commit_batch(&batch).await.unwrap();
+        assert_eq!(store.mapping("a").await.unwrap(), None);
+        assert_eq!(store.central_of("z").await.unwrap().as_deref(), Some("b"));
+        assert_eq!(store.map_size().await.unwrap(), 3);
     }
 
     /// A batch records each op's outcome once, its ID map changes in op order

@@ -1720,6 +1720,110 @@ async fn a_create_renamed_while_a_resync_reads_central_is_found_by_the_id_map() 
     env.shutdown().await;
 }
 
+/// A project deleted and made again under its name at central while the edge
+/// still holds the old one (its delete failed there, below the fence): the
+/// resync maps the new project to the edge's entity of that name, which then
+/// stands for the new one only. Its create, applied from the stream after the
+/// fence, finds it by the ID map and claims it (it was refused as "claimed
+/// twice" while the old ID still mapped there); nothing is deleted or made.
+#[tokio::test]
+async fn an_entity_a_resync_maps_to_a_new_id_stands_for_that_id_only() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let old = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "p2"}}),
+        )
+        .await;
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    let at_edge = site.id_of("project", "p2").expect("p2 at the edge");
+    // The edge refuses the delete: it still holds p2, mapped to the old ID.
+    site.fail_next(&[400]);
+    let (status, _) = env
+        .write("DELETE", &format!("/v3/projects/{old}"), None)
+        .await;
+    assert_eq!(status, 204);
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    let open = resync_reading_central(&env).await;
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "p2"}}),
+    )
+    .await;
+    let (creates, writes) = (site.create_requests("projects"), site.writes());
+    open.send(true).unwrap();
+    env.central_site.state.lock().unwrap().reads_wait = None;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+    env.assert_in_sync().await;
+    assert_eq!(
+        site.id_of("project", "p2").as_deref(),
+        Some(at_edge.as_str()),
+        "the edge's p2 is kept"
+    );
+    assert_eq!(site.create_requests("projects"), creates, "nothing made");
+    assert_eq!(site.writes(), writes, "nothing sent: it is equal already");
+    env.shutdown().await;
+}
+
+/// The same, with the delete of the old project and the create of the new one
+/// both written while the resync reads central's state (after its fence): the
+/// delete of the old ID, applied after the resync, must not delete the entity
+/// that now stands for the new one.
+#[tokio::test]
+async fn a_delete_after_the_fence_of_an_id_the_resync_mapped_anew_deletes_nothing() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let old = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "p2"}}),
+        )
+        .await;
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    let at_edge = site.id_of("project", "p2").expect("p2 at the edge");
+    let open = resync_reading_central(&env).await;
+    let (status, _) = env
+        .write("DELETE", &format!("/v3/projects/{old}"), None)
+        .await;
+    assert_eq!(status, 204);
+    let new = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "p2"}}),
+        )
+        .await;
+    let creates = site.create_requests("projects");
+    open.send(true).unwrap();
+    env.central_site.state.lock().unwrap().reads_wait = None;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+    env.assert_in_sync().await;
+    assert_eq!(
+        site.id_of("project", "p2").as_deref(),
+        Some(at_edge.as_str()),
+        "the edge's p2 is kept: the delete of the old ID did not reach it"
+    );
+    assert_eq!(site.create_requests("projects"), creates, "nothing made");
+    // A write to the new ID reaches the same entity.
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/projects/{new}"),
+            Some(json!({"project": {"description": "after"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    env.assert_in_sync().await;
+    assert_eq!(site.field_of("project", "p2", "description"), "after");
+    env.shutdown().await;
+}
+
 /// A credential created while a resync reads central's state: the resync
 /// copies it, and its create, applied from the stream after the fence, finds
 /// the copy by the ID map (a credential has no name to look for): one
