@@ -643,3 +643,109 @@ async fn a_second_central_on_one_op_log_is_refused_until_the_first_is_gone() {
     let again = syncgate::Central::build(config).await;
     assert!(again.is_ok(), "{:?}", again.err());
 }
+
+/// PostgreSQL restarted under a running central (as Patroni or a managed
+/// service does it): while the op log is down a write is answered 503 and
+/// never forwarded, a read keeps flowing; a write forwarded just before is
+/// answered 503 (it could not be recorded) and logged, as the committed op
+/// it is, once the database is back; captures resume by themselves, and
+/// every write answered 2xx is an op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resumes() {
+    use serde_json::json;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("pg_restart").await;
+    let fake = crate::fake_keystone::FakeKeystone::start().await;
+    let mut config = crate::helpers::config_for(&fake, &url);
+    config.upstream_timeout = std::time::Duration::from_secs(30);
+    let app = crate::helpers::start(fake, config).await;
+    let project = |name: &str| json!({"project": {"name": name}});
+    let resp = app
+        .write("POST", "/v3/projects", Some(project("before")))
+        .await;
+    assert_eq!(resp.status(), 201);
+
+    // A write whose answer is late: its intent is durable, the database
+    // goes down before its op can be.
+    let held = app
+        .client
+        .post(app.url("/v3/projects"))
+        .header("x-auth-token", "client-token-abc")
+        .header("x-fake-delay-ms", "1500")
+        .json(&project("in-flight"));
+    let before = app.fake.count();
+    let answer = tokio::spawn(held.send());
+    until("the write reaching upstream", || async {
+        (app.fake.count() > before).then_some(())
+    })
+    .await;
+    pg.stop();
+
+    let forwarded = app.fake.count();
+    let resp = app
+        .write("POST", "/v3/projects", Some(project("while-down")))
+        .await;
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("nothing was forwarded"), "{text}");
+    assert_eq!(
+        app.fake.count(),
+        forwarded,
+        "a refused write is never forwarded"
+    );
+    let read = app
+        .client
+        .get(app.url("/v3/projects"))
+        .header("x-auth-token", "client-token-abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200, "reads keep flowing");
+    let resp = answer.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("could not record it"), "{text}");
+
+    pg.restart();
+    let after = until("a write captured after the restart", || async {
+        let resp = app
+            .write("POST", "/v3/projects", Some(project("after")))
+            .await;
+        match resp.status().as_u16() {
+            201 => Some(()),
+            503 => None,
+            other => panic!("{other}: {}", resp.text().await.unwrap()),
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), after)
+        .await
+        .expect("captures resume within a minute");
+    let ops = until("the in-flight write logged", || async {
+        let ops = app.all_ops().await;
+        (ops.len() >= 3).then_some(ops)
+    })
+    .await;
+    let names: Vec<(String, String)> = ops
+        .iter()
+        .map(|o| {
+            (
+                o["state"].as_str().unwrap_or_default().to_string(),
+                o["body"]["project"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    let expected: Vec<(String, String)> = ["after", "before", "in-flight"]
+        .iter()
+        .map(|n| ("committed".to_string(), n.to_string()))
+        .collect();
+    assert_eq!(sorted, expected, "one op per forwarded write: {ops:#?}");
+    app.stop().await;
+}
