@@ -255,9 +255,18 @@ impl Applier<'_> {
         }
     }
 
-    /// Whether the edge's entity `edge_id` stands for a central ID other than
-    /// `central_id` (an entity stands for one of central's).
-    async fn claimed_by_another(&self, edge_id: &str, central_id: &str) -> Result<bool, Transient> {
+    /// Whether the edge's entity `edge_id`, of `kind`, stands for a central ID
+    /// other than `central_id` (an entity stands for one of central's, but of
+    /// a kind that lets look-alikes be: see `store::edge::stands_for_one`).
+    async fn claimed_by_another(
+        &self,
+        kind: &str,
+        edge_id: &str,
+        central_id: &str,
+    ) -> Result<bool, Transient> {
+        if !crate::store::edge::stands_for_one(kind) {
+            return Ok(false);
+        }
         Ok(self
             .central_of(edge_id)
             .await?
@@ -866,7 +875,7 @@ impl Applier<'_> {
                         else {
                             return Ok(None);
                         };
-                        if self.claimed_by_another(&found, d).await? {
+                        if self.claimed_by_another(domain.name, &found, d).await? {
                             return Ok(None);
                         }
                         resolved.insert(d.to_string(), found.clone());
@@ -880,7 +889,7 @@ impl Applier<'_> {
             keystone::kinds::find_by_name(self.keystone, &r.kind, &r.name, domain.as_deref())
                 .await?;
         if let Some(edge_id) = &found {
-            if self.claimed_by_another(edge_id, &r.id).await? {
+            if self.claimed_by_another(&r.kind, edge_id, &r.id).await? {
                 // It stands for another of central's entities (a resync
                 // mapped the one now under this name): `r` is gone here.
                 found = None;

@@ -67,12 +67,15 @@ impl Batch {
     }
 
     /// Maps `central` to the edge's entity `edge`. An entity stands for one
-    /// of central's: another central ID mapped to it (in the batch, or stored,
-    /// see `EdgeStore::commit_batch`) no longer is.
+    /// of central's (but of a kind that lets look-alikes be, see
+    /// `stands_for_one`): another central ID mapped to it (in the batch, or
+    /// stored, see `EdgeStore::commit_batch`) no longer is.
     pub fn map_to(&mut self, central: String, edge: String, kind: String) {
-        for (other, m) in self.map.iter_mut() {
-            if *other != central && m.as_ref().is_some_and(|(e, _)| *e == edge) {
-                *m = None;
+        if stands_for_one(&kind) {
+            for (other, m) in self.map.iter_mut() {
+                if *other != central && m.as_ref().is_some_and(|(e, _)| *e == edge) {
+                    *m = None;
+                }
             }
         }
         self.map.insert(central, Some((edge, kind)));
@@ -102,6 +105,14 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.outcomes.is_empty() && self.map.is_empty()
     }
+}
+
+/// Whether an entity of `kind` at the edge stands for one central ID only.
+/// Kinds Keystone lets look alike (no unique key) may stand for several: two
+/// services of one type and name at central both name the site's one. The
+/// index of migration 0006 holds the same list.
+pub fn stands_for_one(kind: &str) -> bool {
+    !crate::keystone::probe::lets_look_alikes(kind)
 }
 
 /// Rows per multi-row statement (well under SQLite's bound-parameter limit).
@@ -333,20 +344,28 @@ impl EdgeStore {
             .collect();
         for chunk in adds.chunks(ROWS_PER_STATEMENT) {
             // Another central ID mapped to an entity mapped here no longer is
-            // (see `Batch::map_to`).
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("DELETE FROM id_map WHERE edge_id IN (");
-            let mut ids = q.separated(", ");
-            for (_, edge, _) in chunk {
-                ids.push_bind(*edge);
+            // (see `Batch::map_to`): every other row naming it goes first.
+            let one: Vec<_> = chunk.iter().filter(|(_, _, k)| stands_for_one(k)).collect();
+            if !one.is_empty() {
+                let mut q: QueryBuilder<Sqlite> =
+                    QueryBuilder::new("DELETE FROM id_map WHERE edge_id IN (");
+                let mut ids = q.separated(", ");
+                for (_, edge, _) in &one {
+                    ids.push_bind(*edge);
+                }
+                q.push(") AND (central_id, edge_id) NOT IN (VALUES ");
+                let mut pairs = q.separated(", ");
+                for (central, edge, _) in &one {
+                    pairs
+                        .push("(")
+                        .push_bind_unseparated(*central)
+                        .push_unseparated(", ")
+                        .push_bind_unseparated(*edge)
+                        .push_unseparated(")");
+                }
+                q.push(")");
+                q.build().execute(&mut *tx).await?;
             }
-            q.push(") AND central_id NOT IN (");
-            let mut ids = q.separated(", ");
-            for (central, _, _) in chunk {
-                ids.push_bind(*central);
-            }
-            q.push(")");
-            q.build().execute(&mut *tx).await?;
             let mut q: QueryBuilder<Sqlite> =
                 QueryBuilder::new("INSERT INTO id_map (central_id, edge_id, kind, updated_at) ");
             q.push_values(chunk, |mut row, (central, edge, kind)| {
@@ -597,6 +616,54 @@ mod tests {
         assert_eq!(store.mapping("a").await.unwrap(), None);
         assert_eq!(store.central_of("z").await.unwrap().as_deref(), Some("b"));
         assert_eq!(store.map_size().await.unwrap(), 3);
+
+        // Two entities trading central IDs in one batch, in either order.
+        for (first, second) in [(("b", "w"), ("u2", "z")), (("u2", "w"), ("b", "y"))] {
+            let mut batch = Batch::default();
+            batch.map_to(first.0.into(), first.1.into(), "group".into());
+            batch.map_to(second.0.into(), second.1.into(), "group".into());
+            store.commit_batch(&batch).await.unwrap();
+            assert_eq!(
+                store.central_of(first.1).await.unwrap().as_deref(),
+                Some(first.0)
+            );
+            assert_eq!(
+                store.central_of(second.1).await.unwrap().as_deref(),
+                Some(second.0)
+            );
+        }
+
+        // A kind that lets look-alikes be: two central services of one type
+        // and name both name the site's one.
+        let mut batch = Batch::default();
+        batch.map_to("s1".into(), "svc".into(), "service".into());
+        batch.map_to("s2".into(), "svc".into(), "service".into());
+        store.commit_batch(&batch).await.unwrap();
+        assert_eq!(store.mapping("s1").await.unwrap().as_deref(), Some("svc"));
+        assert_eq!(store.mapping("s2").await.unwrap().as_deref(), Some("svc"));
+    }
+
+    /// Migration 0006's index leaves out exactly the kinds that let
+    /// look-alikes be (`stands_for_one`).
+    #[test]
+    fn the_one_per_entity_index_leaves_out_the_kinds_that_let_look_alikes_be() {
+        let sql = include_str!("../../migrations/edge/0006_one_central_id_per_entity.sql");
+        let index = &sql[sql.find("CREATE UNIQUE INDEX").unwrap()..];
+        let listed: std::collections::BTreeSet<&str> = index[index.find('(').unwrap()..]
+            .split('\'')
+            .skip(1)
+            .step_by(2)
+            .collect();
+        let expected: std::collections::BTreeSet<&str> = crate::keystone::kinds::ALL
+            .iter()
+            .map(|k| k.name)
+            .filter(|k| !stands_for_one(k))
+            .collect();
+        assert_eq!(listed, expected);
+        let delete = &sql[sql.find("DELETE FROM").unwrap()..sql.find("CREATE UNIQUE").unwrap()];
+        for kind in &expected {
+            assert!(delete.contains(&format!("'{kind}'")), "{kind}");
+        }
     }
 
     /// A batch records each op's outcome once, its ID map changes in op order
