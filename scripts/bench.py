@@ -10,7 +10,12 @@ Then an edge joins with every captured op (at least 100,000) still to apply (aga
 edge Keystone: nginx again) and its catch-up rate is measured. Prints figures
 only; it never fails on a timing.
 
+With --postgres URL (a database of its own; scripts/bench.sh starts a server),
+captured writes and reads are measured again through a central whose op log is
+on PostgreSQL, beside the SQLite figures.
+
 Usage: bench.py [--seconds N] [--runs N] [--connections N] [--catch-up-ops N]
+                [--postgres postgres://USER@HOST:PORT/DB]
 """
 
 import argparse
@@ -249,6 +254,32 @@ def best(results):
     return max(results, key=lambda r: r["rps"])
 
 
+def postgres_figures(opts, work, up_port, script):
+    """Captured writes and reads through a central whose op log is on
+    PostgreSQL (`--postgres`): central and the upstream on core 0 as above;
+    the PostgreSQL server is not pinned."""
+    sg_port, sg_admin, sg_broker = (free_port() for _ in range(3))
+    env = dict(os.environ, SYNCGATE_LOG=os.environ.get("SYNCGATE_LOG", "info"))
+    central = Server([opts.binary, "central", "--upstream", f"http://127.0.0.1:{up_port}",
+                      "--listen", f"127.0.0.1:{sg_port}", "--admin-listen", f"127.0.0.1:{sg_admin}",
+                      "--broker-listen", f"127.0.0.1:{sg_broker}", "--insecure-plaintext-sync",
+                      "--edges", "edge1", "--log-format", "json", "--db", opts.postgres], 0, env=env,
+                     log=open(Path(work) / "central-postgres.log", "w"))
+    upstream = Server(["nginx", "-c", str(upstream_conf(work, up_port))], 0)
+    try:
+        wait_http(f"http://127.0.0.1:{up_port}/")
+        wait_http(f"http://127.0.0.1:{sg_admin}/readyz")
+        figures = {}
+        for method, lua in (("POST", str(script)), ("GET", None)):
+            figures[method] = best([wrk(f"http://127.0.0.1:{sg_port}/v3/projects", opts.seconds,
+                                        opts.connections, lua) for _ in range(opts.runs)])
+        figures["version"] = os.environ.get("BENCH_POSTGRES_VERSION", "")
+        return figures
+    finally:
+        central.stop()
+        upstream.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
@@ -260,6 +291,7 @@ def main():
                     help="ops the edge has to catch up with (more captured writes are made first)")
     ap.add_argument("--catch-up-limit", type=int, default=120,
                     help="seconds the edge may take to catch up with every captured op")
+    ap.add_argument("--postgres", help="also measure with the op log in this PostgreSQL database")
     opts = ap.parse_args()
     if os.cpu_count() < 2:
         print("note: fewer than 2 cores; figures are not comparable", flush=True)
@@ -333,6 +365,10 @@ def main():
             ms = [(applied_at[q] - logged[q]) * 1000 for q in range(first, target + 1)
                   if q in logged and q in applied_at]
             lags[rate] = (len(ms), percentile(ms, 50), percentile(ms, 99))
+        for s in servers:
+            s.stop()
+        servers = []
+        on_pg = postgres_figures(opts, work, up_port, script) if opts.postgres else None
     finally:
         for s in servers:
             s.stop()
@@ -356,6 +392,16 @@ def main():
     print("| --- | ---: | ---: | ---: |")
     for rate, (n, p50, p99) in lags.items():
         print(f"| {rate} writes/s for {opts.lag_seconds} s | {n:,} | {p50:.1f} ms | {p99:.1f} ms |")
+    if on_pg:
+        print()
+        print("| op log | captured POST /v3/projects | GET /v3/projects |")
+        print("| --- | ---: | ---: |")
+        cell = lambda x: f"{x['rps']:,.0f} req/s, p50 {x['p50']:.2f} ms, p99 {x['p99']:.2f} ms" + (
+            f" ({x['errors']} errors)" if x["errors"] else "")
+        sqlite = (table["POST /v3/projects (captured)"]["syncgate"], table["GET /v3/projects"]["syncgate"])
+        print(f"| SQLite (the rows above) | {cell(sqlite[0])} | {cell(sqlite[1])} |")
+        print(f"| PostgreSQL {on_pg['version']}, same machine, fsync and synchronous_commit on | "
+              f"{cell(on_pg['POST'])} | {cell(on_pg['GET'])} |")
     print()
     print(f"edge peak RSS during catch-up: {edge_rss:.1f} MB")
     print(f"syncgate central peak RSS: idle {idle_rss:.1f} MB, after reads "

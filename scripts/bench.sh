@@ -2,8 +2,11 @@
 # Benchmarks, all of them: reads and captured writes through the gateway side by
 # side with nginx, an edge's catch-up and the replication lag (scripts/bench.py),
 # then the embedded broker against nats-server (scripts/bench-broker.sh;
-# BENCH_BROKER=0 skips it). Installs wrk and nginx with apt-get when missing (as
-# root). Prints figures; never fails on a timing. See BENCHMARKS.md.
+# BENCH_BROKER=0 skips it). Captured writes are measured again with the op log
+# on a private PostgreSQL server (fsync and synchronous_commit on;
+# BENCH_POSTGRES=0 skips it). Installs wrk, nginx and postgresql with apt-get
+# when missing (as root). Prints figures; never fails on a timing. See
+# BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +15,16 @@ source scripts/venv.sh
 ensure_debian_packages wrk nginx
 
 cargo build --release --locked --quiet --bin syncgate
-python3 scripts/bench.py "$@"
+pg=()
+if [ "${BENCH_POSTGRES:-1}" != 0 ] && ensure_postgresql && start_test_postgres durable; then
+    trap stop_test_postgres EXIT
+    port="${SYNCGATE_TEST_POSTGRES##*:}"
+    "${TEST_PG_AS[@]}" "$TEST_PG_BIN/createdb" -h 127.0.0.1 -p "$port" -U syncgate bench
+    pg=(--postgres "$SYNCGATE_TEST_POSTGRES/bench")
+    BENCH_POSTGRES_VERSION="$("$TEST_PG_BIN/postgres" --version | awk '{print $3}')"
+    export BENCH_POSTGRES_VERSION
+fi
+python3 scripts/bench.py "${pg[@]}" "$@"
 if [ "${BENCH_BROKER:-1}" != 0 ]; then
     scripts/bench-broker.sh
 fi

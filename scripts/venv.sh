@@ -48,10 +48,12 @@ ensure_postgresql() {
 # PostgreSQL (each makes a database of its own on it): in a temporary
 # directory, on a free loopback port, as nobody when run as root (PostgreSQL
 # refuses root), without fsync (what is tested is syncgate's SQL, not the
-# server's durability). Exports SYNCGATE_TEST_POSTGRES; stop_test_postgres
+# server's durability; `start_test_postgres durable` keeps fsync on, as the
+# benchmarks measure it). Exports SYNCGATE_TEST_POSTGRES; stop_test_postgres
 # stops it and removes its files.
 start_test_postgres() {
-    local bin port
+    local bin port fsync="-c fsync=off"
+    [ "${1:-}" = durable ] && fsync=""
     bin="${SYNCGATE_POSTGRES_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
     [ -x "$bin/initdb" ] || { echo "error: PostgreSQL's initdb not found" >&2; return 1; }
     TEST_PG_DIR="$(mktemp -d)" || return 1
@@ -66,7 +68,7 @@ start_test_postgres() {
         || { cat "$TEST_PG_DIR/initdb.log" >&2; stop_test_postgres; return 1; }
     port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
     "${TEST_PG_AS[@]}" "$bin/pg_ctl" -D "$TEST_PG_DIR/data" -l "$TEST_PG_DIR/server.log" -w \
-        -o "-p $port -k $TEST_PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=400" \
+        -o "-p $port -k $TEST_PG_DIR -c listen_addresses=127.0.0.1 $fsync -c max_connections=400" \
         start >/dev/null || { cat "$TEST_PG_DIR/server.log" >&2; stop_test_postgres; return 1; }
     export SYNCGATE_TEST_POSTGRES="postgres://syncgate@127.0.0.1:$port"
 }

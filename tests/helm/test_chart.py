@@ -40,6 +40,7 @@ SECRETS = {
     "sg-sync": {"key": "c2VjcmV0LXN5bmMta2V5LTMyLWJ5dGVzLWxvbmctISE="},
     "sg-broker": {"token": "broker-token-value-2"},
     "sg-oplog": {"key": "b3Bsb2ctc2VhbGluZy1rZXktMzItYnl0ZXMtbG9uZyE="},
+    "sg-db": {"password": "db-password-value-4"},
     "edge-creds": {"password": "edge-password-3"},
 }
 
@@ -72,7 +73,11 @@ EDGE = {
     "networkPolicy": {"enabled": True},
 }
 EDGE_EPHEMERAL = dict(deepcopy(EDGE), persistence={"enabled": False})
-RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL}
+CENTRAL_POSTGRES = deepcopy(CENTRAL)
+CENTRAL_POSTGRES["central"]["database"] = {"url": "postgres://syncgate@db.identity:5432/syncgate?sslmode=verify-full"}
+CENTRAL_POSTGRES["secrets"]["databasePassword"] = {"name": "sg-db", "key": "password"}
+RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "central, op log on PostgreSQL": CENTRAL_POSTGRES,
+            "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL}
 
 
 def check(name):
@@ -170,6 +175,13 @@ def variants():
     assert ports == ["admin"], ports
     [np] = kind(render(EDGE), "NetworkPolicy")
     assert [r["ports"][0]["port"] for r in np["spec"]["ingress"]] == ["admin"]
+    pg = Workload(render(CENTRAL_POSTGRES), SECRETS)
+    toml = pg.config["config.toml"]
+    for line in ['db = "postgres://syncgate@db.identity:5432/syncgate?sslmode=verify-full"',
+                 'db_password_file = "/run/secrets/syncgate/db-password"']:
+        assert line in toml, (line, toml)
+    assert dict(pg.files())["/run/secrets/syncgate"]["db-password"] == "db-password-value-4"
+    assert "db-password" not in dict(Workload(render(CENTRAL), SECRETS).files())["/run/secrets/syncgate"]
     eph = Workload(render(EDGE_EPHEMERAL), SECRETS)
     assert "emptyDir" in eph.volumes["state"]
     assert "volumeClaimTemplates" not in eph.statefulset["spec"]
@@ -197,6 +209,11 @@ def bad_values():
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "ackTimeout": "soon"}}, "ackTimeout"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "edges": ["a.b"]}}, "edges"),
         ({**CENTRAL, "replicas": 3}, "replicas"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "database": {"url": "mysql://db/x"}}}, "url"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000",
+                                 "database": {"url": "postgres://sg:hunter2@db:5432/x"}}}, "url"),
+        ({**CENTRAL, "secrets": {**CENTRAL["secrets"], "databasePassword": {"name": "sg-db"}}},
+         "central.database.url"),
         ({**CENTRAL, "otel": {"protocol": "http/json"}}, "protocol"),
         ({**CENTRAL, "config": {"Upstream-Timeout": "1s"}}, "Upstream-Timeout"),
         ({**EDGE, "edge": {"broker": "nats://c:4222", "upstream": "http://k:5000"}}, "id"),

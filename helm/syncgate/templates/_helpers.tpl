@@ -65,7 +65,10 @@ then `config` over it.
 {{- $_ := set $s "broker_token_file" (printf "%s/broker-token" $dir) }}
 {{- end }}
 {{- if eq $v.role "central" }}
-{{- $_ := set $s "db" "sqlite:///var/lib/syncgate/central.db" }}
+{{- $_ := set $s "db" (default "sqlite:///var/lib/syncgate/central.db" $v.central.database.url) }}
+{{- if $v.secrets.databasePassword.name }}
+{{- $_ := set $s "db_password_file" (printf "%s/db-password" $dir) }}
+{{- end }}
 {{- $_ := set $s "listen" (printf "0.0.0.0:%d" (int $v.ports.proxy)) }}
 {{- $_ := set $s "upstream" $v.central.upstream }}
 {{- with $v.central.publicUrl }}{{ $_ := set $s "public_url" . }}{{ end }}
@@ -116,6 +119,9 @@ log_format = {{ .Values.logFormat | toJson }}
 {{- if eq .Values.role "central" }}
 {{- if not .Values.central.upstream }}
 {{- fail "central.upstream is required for role central: the central Keystone's URL" }}
+{{- end }}
+{{- if and .Values.secrets.databasePassword.name (not .Values.central.database.url) }}
+{{- fail "secrets.databasePassword.name is set but central.database.url is not: the password is for a PostgreSQL op log (postgres://USER@HOST:PORT/DB)" }}
 {{- end }}
 {{- else }}
 {{- if not .Values.edge.id }}{{ fail "edge.id is required for role edge" }}{{ end }}
