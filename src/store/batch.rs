@@ -234,15 +234,6 @@ async fn write_all(
         .collect();
     let mut by_op: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     for chunk in commits.chunks(ROWS) {
-        // SQLite has one writer; on PostgreSQL the head row, locked from here
-        // to the commit, orders the commits of every central process as
-        // their seqs (see `store::postgres`).
-        let base: i64 = sqlx::query_scalar(match d {
-            Dialect::Sqlite => "SELECT COALESCE(MAX(seq), 0) FROM ops",
-            Dialect::Postgres => "SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE",
-        })
-        .fetch_one(&mut *conn)
-        .await?;
         let mut q = Sql::new(
             "WITH v (ord, op_id, state, created_ids, body, status, request_id, detail) AS (",
         );
@@ -259,19 +250,35 @@ async fn write_all(
                 .bind(outcome.request_id.as_deref())
                 .bind(outcome.detail.as_deref());
         });
+        q.push(")");
+        // SQLite has one writer: the next seq follows the last op. On
+        // PostgreSQL the head row, updated by this statement (and so locked
+        // from here to the commit), orders the commits of every central
+        // process as their seqs (see `store::postgres`); the intents made ops
+        // are deleted by the same statement (each of its parts reads the
+        // rows as they were before it).
+        match d {
+            Dialect::Sqlite => {
+                q.push(", h (base) AS (SELECT COALESCE(MAX(seq), 0) FROM ops)");
+            }
+            Dialect::Postgres => {
+                q.push(
+                    ", n (n) AS (SELECT COUNT(*) FROM v JOIN intents i ON i.op_id = v.op_id),
+                     h (base) AS (UPDATE oplog_head SET seq = seq + (SELECT n FROM n)
+                                  WHERE id = 1 RETURNING seq - (SELECT n FROM n)),
+                     gone AS (DELETE FROM intents WHERE op_id IN (SELECT op_id FROM v))",
+                );
+            }
+        }
         q.push(
-            ") INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
+            " INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
                                 upstream_status, request_id, detail, refs, traceparent,
                                 created_at, logged_at, resolution)
-               SELECT ",
-        );
-        q.bind(base);
-        q.push(
-            " + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method, i.path, i.class,
-                 i.kind, v.created_ids, COALESCE(v.body, i.body), v.status, v.request_id, v.detail,
-                 i.refs, i.traceparent, i.created_at, SG_NOW(),
+               SELECT h.base + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method,
+                 i.path, i.class, i.kind, v.created_ids, COALESCE(v.body, i.body), v.status,
+                 v.request_id, v.detail, i.refs, i.traceparent, i.created_at, SG_NOW(),
                  CASE WHEN v.state = 'unknown_outcome' THEN 'pending' END
-               FROM v JOIN intents i ON i.op_id = v.op_id
+               FROM v JOIN intents i ON i.op_id = v.op_id CROSS JOIN h
                ORDER BY v.ord
                RETURNING op_id, seq",
         );
@@ -279,12 +286,6 @@ async fn write_all(
         let rows: Vec<(String, i64)> = sqlx::query_as_with(&text, args)
             .fetch_all(&mut *conn)
             .await?;
-        if d == Dialect::Postgres && !rows.is_empty() {
-            sqlx::query("UPDATE oplog_head SET seq = $1 WHERE id = 1")
-                .bind(base + rows.len() as i64)
-                .execute(&mut *conn)
-                .await?;
-        }
         by_op.extend(rows);
     }
     for (i, op_id, ..) in &commits {
@@ -312,11 +313,13 @@ async fn write_all(
         sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
 
-    // 4. Intents done with: committed or dropped.
+    // 4. Intents done with: committed (on PostgreSQL, deleted with their ops
+    // already) or dropped.
     let done: Vec<String> = jobs
         .iter()
         .filter_map(|j| match &j.work {
-            Work::Commit { op_id, .. } | Work::Drop(op_id) => Some(op_id.to_string()),
+            Work::Commit { op_id, .. } if d == Dialect::Sqlite => Some(op_id.to_string()),
+            Work::Drop(op_id) => Some(op_id.to_string()),
             _ => None,
         })
         .collect();
