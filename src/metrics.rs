@@ -114,6 +114,8 @@ pub struct Metrics {
     pub control_rejected: Family<ReasonLabel, Counter>,
     pub last_seq: Gauge,
     pub open_intents: Gauge,
+    /// 1 while this process holds the op log (on PostgreSQL, its lock).
+    pub oplog_held: Gauge,
     pub edge_cursor: Family<EdgeLabel, Gauge>,
     pub edge_acked: Family<EdgeLabel, Gauge>,
     pub edge_lag_ops: Family<EdgeLabel, Gauge>,
@@ -166,6 +168,7 @@ impl Metrics {
             acks: Family::default(),
             control_rejected: Family::default(),
             last_seq: Gauge::default(),
+            oplog_held: Gauge::default(),
             open_intents: Gauge::default(),
             edge_cursor: Family::default(),
             edge_acked: Family::default(),
@@ -267,6 +270,11 @@ impl Metrics {
             format!("{p}_oplog_last_seq"),
             "Highest seq in the op log",
             m.last_seq.clone(),
+        );
+        r.register(
+            format!("{p}_oplog_held"),
+            "1 while this central holds its op log (on PostgreSQL, the op log's lock; 0 while it is lost and taken again)",
+            m.oplog_held.clone(),
         );
         r.register(
             format!("{p}_oplog_open_intents"),

@@ -44,9 +44,42 @@ pub struct Admin {
     pub failed: std::sync::Mutex<Option<String>>,
     /// Set once central's sync client is up: resyncs and drift audits.
     pub resyncer: OnceLock<Arc<crate::central::resync::Resyncer>>,
+    /// Who holds the op log, as `/v1/status` shows it.
+    pub holder: std::sync::Mutex<Holder>,
+}
+
+/// This process's hold on the op log.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Holder {
+    /// `sqlite` or `postgresql`.
+    pub engine: &'static str,
+    /// The database, as shown (never a password).
+    pub database: String,
+    /// This process, as other processes see it (`host:pid`).
+    pub process: String,
+    /// Whether it holds the op log now (on SQLite, while it runs).
+    pub held: bool,
+    /// Since when (RFC 3339), and the lock's epoch (PostgreSQL).
+    pub since: Option<String>,
+    pub epoch: Option<i64>,
 }
 
 impl Admin {
+    /// Records whether this process holds the op log, since now when it had
+    /// not (and the lock's epoch, on PostgreSQL).
+    pub fn set_held(&self, held: bool, epoch: Option<i64>) {
+        let mut h = self.holder.lock().unwrap_or_else(|p| p.into_inner());
+        if held && !h.held {
+            h.since =
+                Some(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
+        }
+        h.held = held;
+        if epoch.is_some() {
+            h.epoch = epoch;
+        }
+        self.metrics.oplog_held.set(i64::from(held));
+    }
+
     pub fn set_failed(&self, why: &str) {
         *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
     }
@@ -83,6 +116,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/v1/drift/run", axum::routing::post(run_drift))
         .route("/v1/drift/repair", axum::routing::post(repair_drift))
         .route("/v1/out-of-sync", get(out_of_sync))
+        .route("/v1/status", get(status))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -124,6 +158,20 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
         body["failed"] = json!(why);
     }
     (status, Json(body)).into_response()
+}
+
+/// What this central is: its version, and its hold on the op log.
+async fn status(State(admin): State<Arc<Admin>>) -> Json<Value> {
+    let holder = admin
+        .holder
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Json(json!({
+        "role": "central",
+        "version": env!("CARGO_PKG_VERSION"),
+        "op_log": holder,
+    }))
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {

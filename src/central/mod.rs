@@ -61,6 +61,7 @@ async fn keep_sole(
     store: Store,
     mut sole: crate::store::SoleCentral,
     me: String,
+    admin: Arc<Admin>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     loop {
@@ -72,10 +73,12 @@ async fn keep_sole(
             continue;
         }
         warn!("the connection holding the op log's lock was lost; taking the lock again");
+        admin.set_held(false, None);
         loop {
             match store.hold_sole_central(&me).await {
                 Ok(Some(again)) => {
                     info!(epoch = again.epoch, "the op log's lock is held again");
+                    admin.set_held(true, Some(again.epoch));
                     sole = again;
                     break;
                 }
@@ -221,7 +224,19 @@ impl Central {
             ack_timeout: config.sync.ack_timeout,
             failed: Default::default(),
             resyncer: std::sync::OnceLock::new(),
+            holder: std::sync::Mutex::new(admin::Holder {
+                engine: match store.dialect() {
+                    crate::store::Dialect::Sqlite => "sqlite",
+                    crate::store::Dialect::Postgres => "postgresql",
+                },
+                database: crate::store::shown(&config.db),
+                process: me.clone(),
+                held: false,
+                since: None,
+                epoch: None,
+            }),
         });
+        admin.set_held(true, sole.as_ref().map(|s| s.epoch));
         Ok(Central {
             sole,
             me,
@@ -397,6 +412,7 @@ impl Central {
                     self.store.clone(),
                     sole,
                     self.me.clone(),
+                    self.admin.clone(),
                     stop_rx_sync.clone(),
                 ),
             ),

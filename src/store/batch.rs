@@ -234,6 +234,14 @@ async fn write_all(
         .collect();
     let mut by_op: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     for chunk in commits.chunks(ROWS) {
+        if d == Dialect::Postgres {
+            // The head row is locked first (a missing one fails the batch),
+            // so that the statement below reads the intents as they are once
+            // every earlier commit of another process is done.
+            sqlx::query("SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *conn)
+                .await?;
+        }
         let mut q = Sql::new(
             "WITH v (ord, op_id, state, created_ids, body, status, request_id, detail) AS (",
         );
@@ -252,8 +260,8 @@ async fn write_all(
         });
         q.push(")");
         // SQLite has one writer: the next seq follows the last op. On
-        // PostgreSQL the head row, updated by this statement (and so locked
-        // from here to the commit), orders the commits of every central
+        // PostgreSQL the head row, locked from above to the commit and
+        // moved on by this statement, orders the commits of every central
         // process as their seqs (see `store::postgres`); the intents made ops
         // are deleted by the same statement (each of its parts reads the
         // rows as they were before it).

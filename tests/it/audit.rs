@@ -46,6 +46,40 @@ async fn audit_needs_the_admin_token_when_one_is_set() {
     );
 }
 
+/// `/v1/status` says what this central is and that it holds its op log
+/// (engine, database as shown, this process, since when; on PostgreSQL the
+/// lock's epoch too), as `syncgate_oplog_held` does.
+#[tokio::test]
+async fn the_status_says_which_process_holds_the_op_log_and_since_when() {
+    let app = spawn_app_with(|_| {}).await;
+    let status: Value = app.admin_get("/v1/status").await.json().await.unwrap();
+    assert_eq!(status["role"], "central");
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    let op_log = &status["op_log"];
+    let postgres = app.db_url.starts_with("postgres");
+    assert_eq!(
+        op_log["engine"],
+        if postgres { "postgresql" } else { "sqlite" },
+        "{status}"
+    );
+    assert_eq!(op_log["held"], true, "{status}");
+    assert!(
+        op_log["process"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{}", std::process::id())),
+        "{status}"
+    );
+    assert!(op_log["since"].as_str().unwrap().ends_with('Z'), "{status}");
+    assert_eq!(op_log["epoch"].is_i64(), postgres, "{status}");
+    assert!(
+        app.db_url.contains(op_log["database"].as_str().unwrap()),
+        "{status}"
+    );
+    app.until_metric("syncgate_oplog_held 1").await;
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn bad_parameters_are_400_with_a_message() {
     let app = spawn_app_with(|_| {}).await;
