@@ -116,6 +116,8 @@ pub struct Metrics {
     pub open_intents: Gauge,
     /// 1 while this process holds the op log (on PostgreSQL, its lock).
     pub oplog_held: Gauge,
+    /// 1 while this process does the leader's duties (always, on SQLite).
+    pub leader: Gauge,
     pub edge_cursor: Family<EdgeLabel, Gauge>,
     pub edge_acked: Family<EdgeLabel, Gauge>,
     pub edge_lag_ops: Family<EdgeLabel, Gauge>,
@@ -169,6 +171,7 @@ impl Metrics {
             control_rejected: Family::default(),
             last_seq: Gauge::default(),
             oplog_held: Gauge::default(),
+            leader: Gauge::default(),
             open_intents: Gauge::default(),
             edge_cursor: Family::default(),
             edge_acked: Family::default(),
@@ -275,6 +278,11 @@ impl Metrics {
             format!("{p}_oplog_held"),
             "1 while this central holds its op log (on PostgreSQL, the op log's lock; 0 while it is lost and taken again)",
             m.oplog_held.clone(),
+        );
+        r.register(
+            format!("{p}_leader"),
+            "1 while this central does the leader's duties (publishing, acks, resyncs, drift audits): one replica at a time on PostgreSQL, the one process on SQLite",
+            m.leader.clone(),
         );
         r.register(
             format!("{p}_oplog_open_intents"),

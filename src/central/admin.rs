@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use std::sync::OnceLock;
 use std::time::Duration;
 use tracing::warn;
 
@@ -35,15 +34,17 @@ pub struct Admin {
     pub proxy: Arc<Proxy>,
     pub metrics: Arc<Metrics>,
     pub token: Option<Secret>,
-    /// Set once central's sync client is up.
-    pub sync: OnceLock<Arc<SyncCentral>>,
+    /// Central's sync, while this process does the leader's duties.
+    pub sync: std::sync::RwLock<Option<Arc<SyncCentral>>>,
     pub edge_offline_after: Duration,
     /// A delivery unanswered for longer is `timed_out`.
     pub ack_timeout: Duration,
     /// Set when a task of the gateway stopped: readiness fails from then on.
     pub failed: std::sync::Mutex<Option<String>>,
-    /// Set once central's sync client is up: resyncs and drift audits.
-    pub resyncer: OnceLock<Arc<crate::central::resync::Resyncer>>,
+    /// Resyncs and drift audits, while this process does the leader's duties.
+    pub resyncer: std::sync::RwLock<Option<Arc<crate::central::resync::Resyncer>>>,
+    /// Sends what only the leader does to it, from a replica that does not lead.
+    pub forwarder: reqwest::Client,
     /// Who holds the op log, as `/v1/status` shows it.
     pub holder: std::sync::Mutex<Holder>,
 }
@@ -59,25 +60,78 @@ pub struct Holder {
     pub process: String,
     /// Whether it holds the op log now (on SQLite, while it runs).
     pub held: bool,
-    /// Since when (RFC 3339), and the lock's epoch (PostgreSQL).
+    /// Since when (RFC 3339).
     pub since: Option<String>,
+    /// On PostgreSQL: this replica's number, and whether it leads (the
+    /// leader's duties: publishing, acks, resyncs, drift audits), at which
+    /// epoch and since when.
+    pub replica: Option<i32>,
+    pub leads: bool,
     pub epoch: Option<i64>,
+    pub leads_since: Option<String>,
 }
 
 impl Admin {
     /// Records whether this process holds the op log, since now when it had
     /// not (and the lock's epoch, on PostgreSQL).
-    pub fn set_held(&self, held: bool, epoch: Option<i64>) {
+    pub fn set_held(&self, held: bool, replica: Option<i32>) {
         let mut h = self.holder.lock().unwrap_or_else(|p| p.into_inner());
         if held && !h.held {
-            h.since =
-                Some(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
+            h.since = Some(now_rfc3339());
         }
         h.held = held;
-        if epoch.is_some() {
-            h.epoch = epoch;
+        if replica.is_some() {
+            h.replica = replica;
         }
         self.metrics.oplog_held.set(i64::from(held));
+    }
+
+    /// Records that this process leads from now at `epoch` (`Some`), or no
+    /// longer does (`None`), with the duties' sync and resyncer.
+    pub fn set_leader(
+        &self,
+        duties: Option<(
+            Option<i64>,
+            Arc<SyncCentral>,
+            Arc<crate::central::resync::Resyncer>,
+        )>,
+    ) {
+        let leads = duties.is_some();
+        {
+            let mut h = self.holder.lock().unwrap_or_else(|p| p.into_inner());
+            if leads && !h.leads {
+                h.leads_since = Some(now_rfc3339());
+            }
+            if !leads {
+                h.leads_since = None;
+            }
+            h.leads = leads;
+            h.epoch = duties.as_ref().and_then(|d| d.0);
+        }
+        let (sync, resyncer) = match duties {
+            Some((_, s, r)) => (Some(s), Some(r)),
+            None => (None, None),
+        };
+        *self.sync.write().unwrap_or_else(|p| p.into_inner()) = sync;
+        *self.resyncer.write().unwrap_or_else(|p| p.into_inner()) = resyncer;
+        self.metrics.leader.set(i64::from(leads));
+    }
+
+    /// Central's sync, while this process leads.
+    pub fn sync(&self) -> Option<Arc<SyncCentral>> {
+        self.sync.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Resyncs and drift audits, while this process leads.
+    pub fn resyncer(&self) -> Option<Arc<crate::central::resync::Resyncer>> {
+        self.resyncer
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn leads(&self) -> bool {
+        self.holder.lock().unwrap_or_else(|p| p.into_inner()).leads
     }
 
     pub fn set_failed(&self, why: &str) {
@@ -90,6 +144,10 @@ impl Admin {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 fn bad_request(msg: impl Into<String>) -> ApiError {
@@ -105,18 +163,22 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 pub fn router(admin: Arc<Admin>) -> Router {
+    // What only the leader does: a replica that does not lead sends it there.
+    let actions = Router::new()
+        .route("/v1/ops/{seq}/retry", axum::routing::post(retry_op))
+        .route("/v1/edges/{edge}/resync", axum::routing::post(resync_edge))
+        .route("/v1/drift/run", axum::routing::post(run_drift))
+        .route("/v1/drift/repair", axum::routing::post(repair_drift))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), to_leader));
     let audit = Router::new()
         .route("/v1/ops", get(list_ops))
         .route("/v1/ops/{seq}", get(get_op))
-        .route("/v1/ops/{seq}/retry", axum::routing::post(retry_op))
         .route("/v1/edges", get(list_edges))
         .route("/v1/edges/{edge}", get(get_edge))
-        .route("/v1/edges/{edge}/resync", axum::routing::post(resync_edge))
         .route("/v1/drift", get(list_drift))
-        .route("/v1/drift/run", axum::routing::post(run_drift))
-        .route("/v1/drift/repair", axum::routing::post(repair_drift))
         .route("/v1/out-of-sync", get(out_of_sync))
         .route("/v1/status", get(status))
+        .merge(actions)
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -132,6 +194,112 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
         return unauthorized();
     }
     next.run(req).await
+}
+
+/// How long a request only the leader answers waits for one to be elected
+/// (a leader that is gone is replaced within a few seconds).
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// Sends a request only the leader answers to it, from a replica that does
+/// not lead (PostgreSQL): as it came, with its token, to the admin API the
+/// leader registered. On SQLite, or on the leader, it is answered here.
+/// While no replica leads (an election under way, or this replica's duties
+/// starting), it waits up to `LEADER_WAIT`.
+async fn to_leader(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    if admin.store.dialect() != crate::store::Dialect::Postgres || admin.leads() {
+        return next.run(req).await;
+    }
+    let unavailable = |why: String| {
+        let mut resp = ApiError(StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("2"));
+        resp
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let auth = req.headers().get(header::AUTHORIZATION).cloned();
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, 1 << 20).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ApiError(StatusCode::BAD_REQUEST, "the body could not be read".into())
+                .into_response()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    let mut last = "no replica leads yet".to_string();
+    loop {
+        if admin.leads() {
+            let req = Request::from_parts(parts, axum::body::Body::from(body));
+            return next.run(req).await;
+        }
+        match admin.store.leader().await {
+            Ok(crate::store::LeaderRow {
+                admin_url: Some(url),
+                holder: Some(holder),
+                replica,
+                ..
+            }) if replica != admin.store.replica() => {
+                let mut out = admin
+                    .forwarder
+                    .post(format!("{}{path}", url.trim_end_matches('/')));
+                if let Some(auth) = &auth {
+                    out = out.header(header::AUTHORIZATION, auth);
+                }
+                match out.body(body.clone()).send().await {
+                    Ok(answer) => return from_leader(answer, &holder).await,
+                    // Not taken by it (gone, and not replaced yet): again.
+                    Err(e) if e.is_connect() => {
+                        last = format!("the leader ({holder}) cannot be reached at its admin API");
+                    }
+                    Err(e) => {
+                        warn!(leader = %holder, error = %e, "the leader's answer was lost");
+                        return unavailable(format!(
+                            "the request was sent to the leader ({holder}) and its answer was lost: check its outcome in the audit API"
+                        ));
+                    }
+                }
+            }
+            // Nobody elected yet, or this replica and its duties starting.
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot read who leads");
+                last = "who leads cannot be read".into();
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return unavailable(format!(
+                "this replica does not lead and {last}; retry shortly"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader's answer, as this replica gives it.
+async fn from_leader(answer: reqwest::Response, holder: &str) -> Response {
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let kind = answer.headers().get(reqwest::header::CONTENT_TYPE).cloned();
+    match answer.bytes().await {
+        Ok(bytes) => {
+            let mut resp = (status, bytes).into_response();
+            if let Some(k) = kind.and_then(|k| header::HeaderValue::from_bytes(k.as_bytes()).ok()) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, k);
+            }
+            resp
+        }
+        Err(e) => {
+            warn!(leader = %holder, error = %e, "the leader's answer was cut");
+            ApiError(
+                StatusCode::BAD_GATEWAY,
+                format!("the leader ({holder}) took the request and its answer was cut: check its outcome in the audit API"),
+            )
+            .into_response()
+        }
+    }
 }
 
 async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
@@ -167,11 +335,23 @@ async fn status(State(admin): State<Arc<Admin>>) -> Json<Value> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    Json(json!({
+    let mut out = json!({
         "role": "central",
         "version": env!("CARGO_PKG_VERSION"),
         "op_log": holder,
-    }))
+    });
+    if admin.store.dialect() == crate::store::Dialect::Postgres {
+        // Who leads and which replicas run, as the database says.
+        out["leader"] = match admin.store.leader().await {
+            Ok(l) => json!(l),
+            Err(e) => json!({"error": format!("cannot be read: {e}")}),
+        };
+        out["replicas"] = match admin.store.replicas().await {
+            Ok(r) => json!(r),
+            Err(e) => json!({"error": format!("cannot be read: {e}")}),
+        };
+    }
+    Json(out)
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
@@ -374,7 +554,7 @@ async fn retry_op(
             format!("no op with seq {seq}"),
         ));
     };
-    let Some(sync) = admin.sync.get() else {
+    let Some(sync) = admin.sync() else {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "sync is not running yet".into(),
@@ -444,8 +624,8 @@ fn edge_json(e: crate::store::EdgeRow, offline_ms: i64) -> Value {
     })
 }
 
-fn resyncer(admin: &Admin) -> Result<&Arc<crate::central::resync::Resyncer>, ApiError> {
-    admin.resyncer.get().ok_or_else(|| {
+fn resyncer(admin: &Admin) -> Result<Arc<crate::central::resync::Resyncer>, ApiError> {
+    admin.resyncer().ok_or_else(|| {
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "central's sync client is not up yet".into(),
@@ -507,7 +687,7 @@ async fn get_edge(
     else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{edge}'")));
     };
-    if let Some(r) = admin.resyncer.get() {
+    if let Some(r) = admin.resyncer() {
         r.refresh_needs_password(&edge).await;
     }
     let mut out = edge_json(row, offline_ms);

@@ -47,53 +47,270 @@ pub struct Central {
     /// Every task of this central ends when `run` ends, or is dropped (a kill).
     scope: Option<crate::scope::Scope>,
     spawner: crate::scope::Spawner,
-    /// On PostgreSQL: the lock that makes this the one central on the op log.
-    sole: Option<crate::store::SoleCentral>,
-    /// How this process names itself as the lock's holder (`host:pid`).
+    /// On PostgreSQL: this replica's presence on the op log.
+    presence: Option<crate::store::Presence>,
+    /// How this process names itself (`host:pid`).
     me: String,
+    /// Where other replicas reach this one's admin API.
+    admin_url: String,
 }
 
-/// Keeps the lock that makes this the one central on a PostgreSQL op log:
-/// checked every few seconds; lost (the database restarted, the connection
-/// cut), it is taken again; taken meanwhile by another central, this one
-/// stops (ending this task ends the process with the reason).
-async fn keep_sole(
+/// Keeps this replica's presence on a PostgreSQL op log: checked every few
+/// seconds; lost (the database restarted, the connection cut), it is taken
+/// again under the same number. Writes this replica forwarded meanwhile may
+/// be settled by the leader as `unknown_outcome` (never lost: their commits
+/// then find no intent and their clients hear 503).
+async fn keep_presence(
     store: Store,
-    mut sole: crate::store::SoleCentral,
+    mut presence: crate::store::Presence,
     me: String,
+    admin_url: String,
     admin: Arc<Admin>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return Ok(()),
-            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
         }
-        if sole.alive().await {
+        if presence.alive().await {
             continue;
         }
-        warn!("the connection holding the op log's lock was lost; taking the lock again");
+        warn!(
+            replica = presence.no,
+            "the connection holding this replica's presence was lost; taking it again"
+        );
         admin.set_held(false, None);
         loop {
-            match store.hold_sole_central(&me).await {
+            match store.join(&me, Some(&admin_url), Some(presence.no)).await {
                 Ok(Some(again)) => {
-                    info!(epoch = again.epoch, "the op log's lock is held again");
-                    admin.set_held(true, Some(again.epoch));
-                    sole = again;
+                    info!(replica = again.no, "this replica's presence is held again");
+                    admin.set_held(true, Some(again.no));
+                    presence = again;
                     break;
                 }
                 Ok(None) => return Ok(()),
                 Err(e @ crate::store::StoreError::Taken { .. }) => {
-                    return Err(anyhow::anyhow!("lost the op log's lock: {e}"));
+                    return Err(anyhow::anyhow!("{e}"));
                 }
                 Err(e) => {
-                    warn!(error = %e, "cannot take the op log's lock yet; trying again");
+                    warn!(error = %e, "cannot take this replica's presence yet; trying again");
                     tokio::select! {
                         _ = stop.wait_for(|s| *s) => return Ok(()),
-                        _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
                     }
                 }
             }
+        }
+    }
+}
+
+/// What the leader's duties are built from.
+struct Kit {
+    config: CentralConfig,
+    client: async_nats::Client,
+    sealer: Arc<Sealer>,
+    proxy: Arc<Proxy>,
+    admin: Arc<Admin>,
+    keystone: Option<Arc<KeystoneClient>>,
+    spawner: crate::scope::Spawner,
+}
+
+impl Kit {
+    /// A sync on `store` (the leader's, or a replica's replay server).
+    async fn sync(
+        &self,
+        store: &Store,
+        wants_resync: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    ) -> anyhow::Result<Arc<SyncCentral>> {
+        let postgres = store.dialect() == crate::store::Dialect::Postgres;
+        Ok(Arc::new(SyncCentral {
+            store: store.clone(),
+            client: self.client.clone(),
+            subjects: Subjects::new(&self.config.sync.prefix),
+            sealer: self.sealer.clone(),
+            wake: self.proxy.wake.clone(),
+            ack_timeout: self.config.sync.ack_timeout,
+            declared_edges: self.config.sync.edges.clone(),
+            recovering: Default::default(),
+            allow_new_edges: self.config.sync.allow_new_edges,
+            known: Default::default(),
+            session: crate::protocol::control::Session::new(
+                store.next_session().await?,
+                self.config.sync.accept_protocol_1,
+            ),
+            send_lock: Default::default(),
+            metrics: self.admin.metrics.clone(),
+            wants_resync,
+            spawner: self.spawner.clone(),
+            holders: Default::default(),
+            started: std::time::Instant::now(),
+            // Ops captured by other replicas wake nobody here.
+            poll: if postgres {
+                std::time::Duration::from_millis(50)
+            } else {
+                std::time::Duration::from_secs(1)
+            },
+            // Where replicas run, each answers replays (`serve_replays`).
+            serves_replays: !postgres,
+        }))
+    }
+
+    /// The leader's duties on `store` (publishing, acks and hellos, ack
+    /// deadlines, resyncs and drift audits, resolving unknown outcomes),
+    /// until `stop`; an error when one of them ends before.
+    async fn duties(
+        &self,
+        store: &Store,
+        epoch: Option<i64>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let (wants_resync, resync_wanted) = tokio::sync::mpsc::unbounded_channel();
+        let sync = self.sync(store, Some(wants_resync)).await?;
+        let resyncer = Arc::new(resync::Resyncer::new(
+            sync.clone(),
+            self.keystone.clone(),
+            store.clone(),
+            self.admin.metrics.clone(),
+            self.spawner.clone(),
+        ));
+        self.admin
+            .set_leader(Some((epoch, sync.clone(), resyncer.clone())));
+        let mut sync_task = Watched::spawn("sync", sync.run(stop.clone()));
+        let mut resync_task = Watched::spawn("resync and drift audit", {
+            let stop = stop.clone();
+            let interval = self.config.sync.drift_interval;
+            async move {
+                resyncer.run(resync_wanted, interval, stop).await;
+                anyhow::Ok(())
+            }
+        });
+        let mut resolve_task = Watched::spawn(
+            "unknown outcome resolver",
+            resolve::Resolver {
+                store: store.clone(),
+                keystone: self.keystone.clone(),
+                published: self.proxy.wake.clone(),
+                kick: self.proxy.unknown.clone(),
+                settle: self.config.upstream_settle,
+            }
+            .run(stop.clone()),
+        );
+        let mut stopped = stop.clone();
+        let died = tokio::select! {
+            _ = crate::serve::stopped(&mut stopped) => None,
+            d = sync_task.ended() => Some(d),
+            d = resync_task.ended() => Some(d),
+            d = resolve_task.ended() => Some(d),
+        };
+        sync_task.join().await;
+        resync_task.join().await;
+        resolve_task.join().await;
+        self.admin.set_leader(None);
+        match died {
+            Some(why) => Err(anyhow::anyhow!("{why}")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// On a PostgreSQL op log: campaigns to lead, every second, and while this
+/// replica leads, does the leader's duties through a store fenced by its
+/// epoch, settles the intents of replicas that are gone, and watches its
+/// lease: lost (its connection) or another elected, the duties stop and it
+/// campaigns again. Ends with `stop`, or an error when a duty fails.
+async fn lead(
+    kit: Arc<Kit>,
+    store: Store,
+    me: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let every = std::time::Duration::from_secs(1);
+    loop {
+        let mut lease = loop {
+            match store.campaign(&me).await {
+                Ok(Some(lease)) => break lease,
+                Ok(None) => {}
+                Err(e) => warn!(error = %e, "cannot campaign to lead yet"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = crate::serve::stopped(&mut stop) => return Ok(()),
+            }
+        };
+        let epoch = lease.epoch;
+        let fenced = match store.fenced(epoch).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, "elected, and the op log cannot be opened for the leader's duties; giving up the lead");
+                lease.resign().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => continue,
+                    _ = crate::serve::stopped(&mut stop) => return Ok(()),
+                }
+            }
+        };
+        info!(epoch, replica = ?store.replica(), holder = %me, "this replica leads");
+        let (duty_stop, duty_stopped) = tokio::sync::watch::channel(false);
+        let mut duties = Box::pin(kit.duties(&fenced, Some(epoch), duty_stopped));
+        let lost = tokio::select! {
+            r = &mut duties => {
+                // A duty ended before it was asked to: as any task of the
+                // gateway that dies, it ends the process.
+                lease.resign().await;
+                fenced.close().await;
+                return r;
+            }
+            lost = watch_lease(&kit, &store, &fenced, &mut lease, epoch, stop.clone()) => lost,
+        };
+        let _ = duty_stop.send(true);
+        let ended = duties.await;
+        lease.resign().await;
+        fenced.close().await;
+        match lost {
+            None => return ended,
+            Some(why) => {
+                warn!(epoch, reason = %why, "this replica no longer leads; its duties stopped")
+            }
+        }
+    }
+}
+
+/// While leading at `epoch`: settles the intents of gone replicas and checks
+/// the lease every second. Answers why the lead was lost, or `None` at stop.
+async fn watch_lease(
+    kit: &Kit,
+    store: &Store,
+    fenced: &Store,
+    lease: &mut crate::store::Lease,
+    epoch: i64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<String> {
+    loop {
+        match fenced.settle_gone(lease).await {
+            Ok(seqs) if !seqs.is_empty() => {
+                if let Err(e) = kit.proxy.hold_in_doubt(&seqs).await {
+                    warn!(error = %e, "cannot hold the keys of settled writes in doubt");
+                }
+                kit.proxy.unknown.notify_one();
+                kit.proxy.wake.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot settle the writes of replicas that are gone yet"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = crate::serve::stopped(&mut stop) => return None,
+        }
+        if !lease.alive().await {
+            return Some("the connection holding the leader's lock was lost".into());
+        }
+        match store.leader().await {
+            Ok(l) if l.epoch != epoch => {
+                return Some(format!("another replica was elected at epoch {}", l.epoch))
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot read who leads"),
         }
     }
 }
@@ -117,13 +334,31 @@ impl Central {
         }
         let store = Store::connect(&config.db, config.db_password.as_ref(), Some(vault)).await?;
         let me = format!("{}:{}", hostname(), std::process::id());
-        // A process just stopped or killed lets go of the lock as its
-        // connection closes: it is waited for a little.
-        // (A host that vanished lets go once its connection times out, about
-        // 30 s: see `store::engine`.)
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
+            })?;
+        let admin_url = match &config.advertise_admin_url {
+            Some(url) => url.as_str().trim_end_matches('/').to_string(),
+            None => {
+                let addr = admin_listener.local_addr()?;
+                let host = match addr.ip() {
+                    ip if ip.is_unspecified() => hostname(),
+                    std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                };
+                format!("http://{host}:{}", addr.port())
+            }
+        };
+        // On PostgreSQL, this process joins the replicas on the op log. A
+        // central of an earlier version runs alone: one just stopped or
+        // killed lets go as its connection closes, and is waited for a
+        // little (a host that vanished, once its connection times out,
+        // about 30 s: see `store::engine`).
         let deadline = tokio::time::Instant::now() + config.oplog_lock_wait;
-        let sole = loop {
-            match store.hold_sole_central(&me).await {
+        let mut presence = loop {
+            match store.join(&me, Some(&admin_url), None).await {
                 Err(crate::store::StoreError::Taken { .. })
                     if tokio::time::Instant::now() < deadline =>
                 {
@@ -132,8 +367,8 @@ impl Central {
                 other => break other?,
             }
         };
-        if let Some(lease) = &sole {
-            info!(epoch = lease.epoch, holder = %me, "central holds the PostgreSQL op log");
+        if let Some(p) = &presence {
+            info!(replica = p.no, name = %me, admin = %admin_url, "central joined the replicas on the PostgreSQL op log");
         }
         // Declared edges are known before the admin API answers (the sync's
         // start-up registers them again, should this fail now).
@@ -143,8 +378,14 @@ impl Central {
             }
         }
         // An op log that refuses writes now (a full disk) keeps them open:
-        // the intent sweeper logs them once it takes writes again.
-        let recovered = store.recover_open_intents().await.unwrap_or_else(|e| {
+        // the intent sweeper logs them once it takes writes again. (On
+        // PostgreSQL, those of replicas that are gone, settled now as the
+        // leader settles them later.)
+        let recovered = match presence.as_mut() {
+            None => store.recover_open_intents().await,
+            Some(p) => store.settle_gone_at_start(p).await,
+        }
+        .unwrap_or_else(|e| {
             error!(error = %e, "cannot log the writes an earlier stop left open yet; they are logged once the op log takes writes");
             Vec::new()
         });
@@ -209,21 +450,19 @@ impl Central {
         let proxy_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
-        let admin_listener = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| {
-                format!("cannot listen on {} (--admin-listen)", config.admin_listen)
-            })?;
         let admin = Arc::new(Admin {
             store: store.clone(),
             proxy: proxy.clone(),
             metrics,
             token: config.admin_token.clone(),
-            sync: std::sync::OnceLock::new(),
+            sync: Default::default(),
             edge_offline_after: config.sync.edge_offline_after,
             ack_timeout: config.sync.ack_timeout,
             failed: Default::default(),
-            resyncer: std::sync::OnceLock::new(),
+            resyncer: Default::default(),
+            forwarder: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?,
             holder: std::sync::Mutex::new(admin::Holder {
                 engine: match store.dialect() {
                     crate::store::Dialect::Sqlite => "sqlite",
@@ -233,13 +472,17 @@ impl Central {
                 process: me.clone(),
                 held: false,
                 since: None,
+                replica: None,
+                leads: false,
                 epoch: None,
+                leads_since: None,
             }),
         });
-        admin.set_held(true, sole.as_ref().map(|s| s.epoch));
+        admin.set_held(true, presence.as_ref().map(|p| p.no));
         Ok(Central {
-            sole,
+            presence,
             me,
+            admin_url,
             keystone,
             scope: Some(scope),
             spawner,
@@ -336,48 +579,43 @@ impl Central {
             None => Watched::none("broker"),
         };
         let client = connect_broker(&broker_url, &broker_auth, "syncgate-central", None).await?;
-        let (wants_resync, resync_wanted) = tokio::sync::mpsc::unbounded_channel();
         info!(broker = %redact_url(&broker_url), "sync client connecting");
-        let sync = Arc::new(SyncCentral {
-            store: self.store.clone(),
+        let kit = Arc::new(Kit {
+            config: self.config.clone(),
             client,
-            subjects: Subjects::new(&self.config.sync.prefix),
             sealer: self.sealer.clone(),
-            wake: self.proxy.wake.clone(),
-            ack_timeout: self.config.sync.ack_timeout,
-            declared_edges: self.config.sync.edges.clone(),
-            recovering: Default::default(),
-            allow_new_edges: self.config.sync.allow_new_edges,
-            known: Default::default(),
-            session: crate::protocol::control::Session::new(
-                self.store.next_session().await?,
-                self.config.sync.accept_protocol_1,
-            ),
-            send_lock: Default::default(),
-            metrics: self.admin.metrics.clone(),
-            wants_resync: Some(wants_resync),
+            proxy: self.proxy.clone(),
+            admin: self.admin.clone(),
+            keystone: self.keystone.clone(),
             spawner: self.spawner.clone(),
-            holders: Default::default(),
-            started: std::time::Instant::now(),
         });
-        let _ = self.admin.sync.set(sync.clone());
-        let resyncer = Arc::new(resync::Resyncer::new(
-            sync.clone(),
-            self.keystone.clone(),
-            self.store.clone(),
-            self.admin.metrics.clone(),
-            self.spawner.clone(),
-        ));
-        let _ = self.admin.resyncer.set(resyncer.clone());
-        let mut sync_task = Watched::spawn("sync", sync.run(stop_rx_sync.clone()));
-        let mut resync_task = Watched::spawn("resync and drift audit", {
-            let stop = stop_rx_sync.clone();
-            let interval = self.config.sync.drift_interval;
-            async move {
-                resyncer.run(resync_wanted, interval, stop).await;
-                anyhow::Ok(())
+        // One process on SQLite does the leader's duties for its life; on
+        // PostgreSQL one replica at a time, elected, and every replica
+        // answers replays.
+        let (mut duty_task, mut replay_task) = match self.store.dialect() {
+            crate::store::Dialect::Sqlite => {
+                let (kit, store, stop) = (kit.clone(), self.store.clone(), stop_rx_sync.clone());
+                (
+                    Watched::spawn("sync", async move { kit.duties(&store, None, stop).await }),
+                    Watched::none("replay server"),
+                )
             }
-        });
+            crate::store::Dialect::Postgres => {
+                let replays = kit.sync(&self.store, None).await?;
+                (
+                    Watched::spawn(
+                        "leader election",
+                        lead(
+                            kit.clone(),
+                            self.store.clone(),
+                            self.me.clone(),
+                            stop_rx_sync.clone(),
+                        ),
+                    ),
+                    Watched::spawn("replay server", replays.serve_replays(stop_rx_sync.clone())),
+                )
+            }
+        };
         let mut sweep_task = Watched::spawn("intent sweeper", {
             let proxy = self.proxy.clone();
             let after = self.config.stale_intent_after;
@@ -388,35 +626,24 @@ impl Central {
             }
         });
 
-        let mut resolve_task = Watched::spawn(
-            "unknown outcome resolver",
-            resolve::Resolver {
-                store: self.store.clone(),
-                keystone: self.keystone.clone(),
-                published: self.proxy.wake.clone(),
-                kick: self.proxy.unknown.clone(),
-                settle: self.config.upstream_settle,
-            }
-            .run(stop_rx_sync.clone()),
-        );
-
         let mut gauges_task = Watched::spawn(
             "metrics refresher",
             admin::keep_gauges(self.admin.clone(), GAUGE_INTERVAL, stop_rx_sync.clone()),
         );
 
-        let mut lock_task = match self.sole.take() {
-            Some(sole) => Watched::spawn(
-                "op log lock",
-                keep_sole(
+        let mut lock_task = match self.presence.take() {
+            Some(presence) => Watched::spawn(
+                "replica presence",
+                keep_presence(
                     self.store.clone(),
-                    sole,
+                    presence,
                     self.me.clone(),
+                    self.admin_url.clone(),
                     self.admin.clone(),
                     stop_rx_sync.clone(),
                 ),
             ),
-            None => Watched::none("op log lock"),
+            None => Watched::none("replica presence"),
         };
 
         // Until shutdown, every task must keep running: one that ends makes the
@@ -425,10 +652,9 @@ impl Central {
             _ = shutdown => None,
             d = proxy_task.ended() => Some(d),
             d = admin_task.ended() => Some(d),
-            d = sync_task.ended() => Some(d),
-            d = resync_task.ended() => Some(d),
+            d = duty_task.ended() => Some(d),
+            d = replay_task.ended() => Some(d),
             d = sweep_task.ended() => Some(d),
-            d = resolve_task.ended() => Some(d),
             d = gauges_task.ended() => Some(d),
             d = broker_task.ended() => Some(d),
             d = lock_task.ended() => Some(d),
@@ -457,10 +683,9 @@ impl Central {
                 }
             }
         }
-        sync_task.join().await;
-        resync_task.join().await;
+        duty_task.join().await;
+        replay_task.join().await;
         sweep_task.join().await;
-        resolve_task.join().await;
         gauges_task.join().await;
         lock_task.join().await;
         let _ = broker_stop_tx.send(true);

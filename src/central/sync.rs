@@ -61,7 +61,16 @@ pub struct SyncCentral {
     pub holders: std::sync::Mutex<HashMap<String, Holder>>,
     /// When this process started (a holder from before has a lease's grace).
     pub started: Instant,
+    /// How often the op log is looked at for ops with no wake-up: ops
+    /// captured by other replicas (PostgreSQL) wake nobody here.
+    pub poll: Duration,
+    /// Whether `run` answers replays too; where several replicas run, each
+    /// answers them (`serve_replays`) and the leader's sync does not.
+    pub serves_replays: bool,
 }
+
+/// The queue group replay requests are answered in: one replica answers each.
+const REPLAY_QUEUE: &str = "syncgate-central-replay";
 
 /// The process that holds an edge's ID: only its acks and answers are taken.
 #[derive(Debug, Clone)]
@@ -162,17 +171,25 @@ impl SyncCentral {
                 );
             }
         }
-        let replay = self.client.subscribe(self.subjects.replay()).await?;
         let acks = self.client.subscribe(self.subjects.ack("*")).await?;
         let hellos = self.client.subscribe(self.subjects.hello("*")).await?;
-        let names = ["publisher", "replay server", "ack receiver"];
-        let tasks = vec![
+        let mut names = vec!["publisher", "ack receiver"];
+        let mut tasks = vec![
             self.spawner.spawn(self.clone().publish_loop(stop.clone())),
-            self.spawner
-                .spawn(self.clone().replay_loop(replay, stop.clone())),
             self.spawner
                 .spawn(self.clone().ack_loop(acks, hellos, stop.clone())),
         ];
+        if self.serves_replays {
+            let replay = self
+                .client
+                .queue_subscribe(self.subjects.replay(), REPLAY_QUEUE.into())
+                .await?;
+            names.push("replay server");
+            tasks.push(
+                self.spawner
+                    .spawn(self.clone().replay_loop(replay, stop.clone())),
+            );
+        }
         info!(prefix = %self.subjects.ops(), edges = ?self.declared_edges, "sync publishing");
         // Each loop runs until stop; one that ends before is a failure of sync.
         let (first, index, rest) = futures_util::future::select_all(tasks).await;
@@ -189,6 +206,23 @@ impl SyncCentral {
             let how = if first.is_err() { "panicked" } else { "ended" };
             anyhow::bail!("the sync {} {how}", names[index]);
         }
+        Ok(())
+    }
+
+    /// Answers replay requests only (a replica that does not lead, or the
+    /// leader beside its duties), until `stop`: they only read the op log.
+    pub async fn serve_replays(self: Arc<Self>, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let registered = self.store.edges().await?;
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(registered.into_iter().map(|e| e.id));
+        let replay = self
+            .client
+            .queue_subscribe(self.subjects.replay(), REPLAY_QUEUE.into())
+            .await?;
+        info!("answering replay requests");
+        self.replay_loop(replay, stop).await;
         Ok(())
     }
 
@@ -242,8 +276,9 @@ impl SyncCentral {
             if ops.is_empty() {
                 tokio::select! {
                     _ = self.wake.notified() => {}
-                    // A safety net should a wake-up ever be missed.
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    // Ops of other replicas, and a safety net should a
+                    // wake-up ever be missed.
+                    _ = tokio::time::sleep(self.poll) => {}
                     _ = crate::serve::stopped(&mut stop) => return,
                 }
                 continue;
@@ -908,7 +943,18 @@ impl SyncCentral {
             return Ok(());
         }
         if !self.allow_new_edges {
-            return Err(Rejected::UnknownEdge);
+            // Registered since this process learned the edges (by another
+            // replica, or a leader before it)?
+            return match self.store.edge_position(edge).await {
+                Ok(Some(_)) => {
+                    self.known
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(edge.to_string());
+                    Ok(())
+                }
+                _ => Err(Rejected::UnknownEdge),
+            };
         }
         match self.store.register_edge(edge, false).await {
             Ok(_) => {

@@ -558,6 +558,13 @@ pub struct CentralArgs {
     #[arg(long, env = "SYNCGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
 
+    /// Where the other central replicas on a PostgreSQL op log reach this
+    /// one's admin API (what only the leader does is sent there); by default
+    /// http:// and the admin listen address (this host's name for an
+    /// unspecified one).
+    #[arg(long, env = "SYNCGATE_ADVERTISE_ADMIN_URL", value_parser = config::parse_base_url)]
+    pub advertise_admin_url: Option<Url>,
+
     #[command(flatten)]
     pub admin_token: AdminTokenArgs,
 
@@ -815,6 +822,7 @@ impl CentralArgs {
             listen: self.listen,
             upstream: self.upstream,
             admin_listen: self.admin_listen,
+            advertise_admin_url: self.advertise_admin_url,
             admin_token: self.admin_token.read()?.map(Secret::new),
             db_password: read_secret(None, self.db_password_file.as_deref(), "--db-password-file")?
                 .map(Secret::new),

@@ -138,6 +138,8 @@ async fn captured_section(
         inc(&proxy.metrics.writes_not_applied);
         return Err(ProxyError::InDoubt(wait.as_secs().max(1)));
     }
+    // Then the same order across replicas (PostgreSQL).
+    let _across = Across::take(proxy, &touched).await?;
     // Natural keys are read before forwarding: a delete's target is gone after.
     let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
@@ -428,6 +430,60 @@ fn in_doubt_error(proxy: &Proxy, e: SendError, seq: Option<i64>) -> ProxyError {
         None => {
             let _ = proxy.send_error(e, None);
             ProxyError::UnknownUnrecorded { timed_out }
+        }
+    }
+}
+
+/// The keys a write holds across the replicas on one PostgreSQL op log,
+/// from before its intent to after its commit: given back when its section
+/// ends, or kept while a write of them is in doubt here (it may still land
+/// upstream), so that other replicas wait as this one does.
+struct Across<'a> {
+    proxy: &'a Proxy,
+    touches: Vec<Touch>,
+    held: Option<crate::store::KeysHeld>,
+}
+
+impl<'a> Across<'a> {
+    async fn take(proxy: &'a Proxy, touches: &[Touch]) -> Result<Across<'a>, ProxyError> {
+        let held = match &proxy.key_locks {
+            None => None,
+            Some(keys) => match keys.acquire(touches, proxy.timeout).await {
+                Ok(held) => Some(held),
+                Err(crate::store::KeyLockError::Busy) => {
+                    inc(&proxy.metrics.writes_not_applied);
+                    return Err(ProxyError::ReplicaBusy);
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot order a write across replicas; write not forwarded");
+                    inc(&proxy.metrics.oplog_failures);
+                    return Err(ProxyError::OpLogUnavailable);
+                }
+            },
+        };
+        Ok(Across {
+            proxy,
+            touches: touches.to_vec(),
+            held,
+        })
+    }
+}
+
+impl Drop for Across<'_> {
+    fn drop(&mut self) {
+        let Some(mut held) = self.held.take() else {
+            return;
+        };
+        let every: Vec<Touch> = self
+            .touches
+            .iter()
+            .map(|t| Touch {
+                key: t.key.clone(),
+                exclusive: true,
+            })
+            .collect();
+        if let Some(wait) = self.proxy.in_doubt.conflict(&every) {
+            held.keep_until(std::time::Instant::now() + wait);
         }
     }
 }

@@ -46,6 +46,10 @@ pub enum ProxyError {
     /// the upstream's order).
     #[error("an earlier write to the same entity got no answer from the upstream identity service and may still be applied; nothing was forwarded, retry in {0}s")]
     InDoubt(u64),
+    /// A write to the same entity is in flight on another replica, for
+    /// longer than the upstream timeout (or in doubt there).
+    #[error("a write to the same entity is in flight on another replica of the gateway; nothing was forwarded, retry shortly")]
+    ReplicaBusy,
     /// The op log cannot take the write, so it is not forwarded.
     #[error("the gateway cannot record this write for replication right now; nothing was forwarded, retry later")]
     OpLogUnavailable,
@@ -88,6 +92,7 @@ impl ProxyError {
             | ProxyError::RefusedHeader(_)
             | ProxyError::InexactBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::OpLogUnavailable
+            | ProxyError::ReplicaBusy
             | ProxyError::OpLogCommitFailed
             | ProxyError::InDoubt(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -115,9 +120,16 @@ pub fn keystone_error(status: StatusCode, message: &str) -> Response {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut resp = keystone_error(self.status(), &self.to_string());
-        if let ProxyError::InDoubt(secs) = self {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            ProxyError::InDoubt(secs) => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ProxyError::ReplicaBusy => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
+            _ => {}
         }
         resp
     }

@@ -23,6 +23,8 @@ pub struct CentralConfig {
     pub upstream: Url,
     /// Where the audit API, health and metrics listen.
     pub admin_listen: SocketAddr,
+    /// Where other replicas reach this one's admin API (PostgreSQL op log).
+    pub advertise_admin_url: Option<Url>,
     /// Bearer token for the audit API; required off loopback.
     pub admin_token: Option<Secret>,
     /// The op log's `sqlite://` or `postgres://` URL.
@@ -225,6 +227,7 @@ impl CentralConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             upstream,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_admin_url: None,
             admin_token: None,
             db: db.into(),
             db_password: None,

@@ -51,10 +51,14 @@ struct Job {
 #[derive(Clone)]
 pub(super) struct Batcher(mpsc::Sender<Job>);
 
+/// The replica whose intents these are (0 until it has joined, on
+/// PostgreSQL; always 0 on SQLite, where one process writes).
+pub(super) type Owner = std::sync::Arc<std::sync::atomic::AtomicI32>;
+
 impl Batcher {
-    pub(super) fn spawn(writer: AnyPool, d: Dialect) -> Batcher {
+    pub(super) fn spawn(writer: AnyPool, d: Dialect, owner: Owner) -> Batcher {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(writer, d, rx));
+        tokio::spawn(run(writer, d, owner, rx));
         Batcher(tx)
     }
 
@@ -69,10 +73,11 @@ impl Batcher {
     }
 }
 
-async fn run(writer: AnyPool, d: Dialect, mut rx: mpsc::Receiver<Job>) {
+async fn run(writer: AnyPool, d: Dialect, owner: Owner, mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        let results = execute(&writer, d, &jobs).await;
+        let me = owner.load(std::sync::atomic::Ordering::Relaxed);
+        let results = execute(&writer, d, me, &jobs).await;
         for (job, result) in jobs.drain(..).zip(results) {
             // A requester that went away loses only its answer.
             let _ = job.reply.send(result);
@@ -85,6 +90,7 @@ async fn run(writer: AnyPool, d: Dialect, mut rx: mpsc::Receiver<Job>) {
 async fn execute(
     writer: &AnyPool,
     d: Dialect,
+    owner: i32,
     jobs: &[Job],
 ) -> Vec<Result<Option<i64>, StoreError>> {
     let failed = |e: &dyn std::fmt::Display| {
@@ -96,7 +102,7 @@ async fn execute(
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
-    match write_all(&mut tx, d, jobs).await {
+    match write_all(&mut tx, d, owner, jobs).await {
         Ok(seqs) => match tx.commit().await {
             Ok(()) => answers(jobs, seqs),
             // The answer to the commit was lost (a connection to PostgreSQL
@@ -177,6 +183,7 @@ const ROWS: usize = 1000;
 async fn write_all(
     conn: &mut AnyConnection,
     d: Dialect,
+    owner: i32,
     jobs: &[Job],
 ) -> Result<Vec<Option<i64>>, sqlx::Error> {
     let mut seqs: Vec<Option<i64>> = vec![None; jobs.len()];
@@ -188,9 +195,12 @@ async fn write_all(
         .filter(|w| matches!(w, Work::Begin { .. }))
         .collect();
     for chunk in begins.chunks(ROWS) {
-        let mut q = Sql::new(
-            "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at) ",
-        );
+        // On PostgreSQL, the replica that opened it (its intents are settled
+        // by another should it die).
+        let mut q = Sql::new(match d {
+            Dialect::Sqlite => "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at) ",
+            Dialect::Postgres => "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at, owner) ",
+        });
         q.values(chunk, |row, w| {
             if let Work::Begin {
                 op_id,
@@ -212,6 +222,9 @@ async fn write_all(
                     .bind(refs.as_str())
                     .bind(traceparent.as_deref())
                     .push("SG_NOW()");
+                if d == Dialect::Postgres {
+                    row.bind((owner != 0).then_some(owner));
+                }
             }
         });
         let (text, args) = q.finish(d)?;
@@ -262,7 +275,7 @@ async fn write_all(
         // SQLite has one writer: the next seq follows the last op. On
         // PostgreSQL the head row, locked from above to the commit and
         // moved on by this statement, orders the commits of every central
-        // process as their seqs (see `store::postgres`); the intents made ops
+        // process as their seqs (visible in seq order); the intents made ops
         // are deleted by the same statement (each of its parts reads the
         // rows as they were before it).
         match d {

@@ -326,7 +326,7 @@ mod tests {
             "_sqlx_migrations",
             "oplog_head",
             "leader",
-            "oplog_meta",
+            "replicas",
             "sqlite_sequence",
         ];
         let dir = tempfile::tempdir().unwrap();

@@ -104,7 +104,7 @@ pub(super) async fn open(url: &str, password: Option<&Secret>) -> Result<Pools, 
             }
             open_sqlite(&sqlite_url(url)).await
         }
-        Some(Dialect::Postgres) => open_postgres(url, password).await,
+        Some(Dialect::Postgres) => open_postgres(url, password, None).await,
         None => Err(bad(
             "the op log's URL must start with sqlite:// (one central process) or postgres:// \
              (one or more central processes on a PostgreSQL database)"
@@ -237,7 +237,23 @@ async fn open_sqlite(url: &str) -> Result<Pools, StoreError> {
     })
 }
 
-async fn open_postgres(url: &str, password: Option<&Secret>) -> Result<Pools, StoreError> {
+/// Opens a PostgreSQL op log whose every connection says it does the
+/// duties of the leader elected at `epoch` (`SET syncgate.epoch`): the
+/// database refuses its writes to the leader's tables once another is
+/// elected (migration 0004's `sg_fence`).
+pub(super) async fn open_fenced(
+    url: &str,
+    password: Option<&Secret>,
+    epoch: i64,
+) -> Result<Pools, StoreError> {
+    open_postgres(url, password, Some(epoch)).await
+}
+
+async fn open_postgres(
+    url: &str,
+    password: Option<&Secret>,
+    epoch: Option<i64>,
+) -> Result<Pools, StoreError> {
     let bad = |why: &str| StoreError::Url {
         url: shown(url),
         source: sqlx::Error::Configuration(why.to_string().into()),
@@ -271,10 +287,14 @@ async fn open_postgres(url: &str, password: Option<&Secret>) -> Result<Pools, St
             // A write waits this long for a connection, then fails (the
             // database down or every connection busy).
             .acquire_timeout(Duration::from_secs(5))
-            .after_connect(|conn: &mut sqlx::AnyConnection, _| {
+            .after_connect(move |conn: &mut sqlx::AnyConnection, _| {
                 Box::pin(async move {
                     for (name, value) in PG_SESSION {
                         conn.execute(format!("SET {name} = '{value}'").as_str())
+                            .await?;
+                    }
+                    if let Some(epoch) = epoch {
+                        conn.execute(format!("SET syncgate.epoch = '{epoch}'").as_str())
                             .await?;
                     }
                     Ok(())

@@ -1,6 +1,6 @@
-//! The central op log in SQLite: every statement syncgate runs lives here
-//! (`postgres` holds the op log's core on PostgreSQL, for several central
-//! processes on one database).
+//! The central op log, in SQLite or PostgreSQL: every statement syncgate
+//! runs lives here (`replicas` holds what several central processes on one
+//! PostgreSQL database share: presence, election, fencing, entity keys).
 //!
 //! Writes go through a pool of exactly one connection, so `seq` is assigned by one
 //! writer at a time (gap-free, no duplicates) and SQLite never answers "busy";
@@ -24,12 +24,13 @@ mod copy;
 mod dialect;
 pub mod edge;
 mod engine;
-pub mod postgres;
+mod replicas;
 mod resync;
 mod sync;
 pub use copy::CopyReport;
 pub use dialect::Dialect;
 pub use engine::{dialect_of, has_password, holds_op_log, shown};
+pub use replicas::{KeyLockError, KeyLocks, KeysHeld, LeaderRow, Lease, Presence, ReplicaRow};
 pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,
@@ -59,8 +60,8 @@ pub enum StoreError {
     )]
     Deposed { epoch: i64, current: i64 },
     #[error(
-        "another central process runs on this op log ({holder} since {since}); running several \
-         on one database is not supported yet"
+        "a central of an earlier version, which runs alone, holds this op log ({holder} since \
+         {since}): stop it before starting replicas of this version"
     )]
     Taken { holder: String, since: String },
 }
@@ -256,24 +257,6 @@ pub(crate) fn pool_options<DB: sqlx::Database>() -> sqlx::pool::PoolOptions<DB> 
     })
 }
 
-/// The lock that makes a process the one central on a PostgreSQL op log,
-/// held while this lives (see `Store::hold_sole_central`).
-pub struct SoleCentral {
-    pub epoch: i64,
-    conn: sqlx::AnyConnection,
-}
-
-impl SoleCentral {
-    /// Whether the lock's connection still answers (and so the lock is held).
-    pub async fn alive(&mut self) -> bool {
-        use sqlx::Connection;
-        matches!(
-            tokio::time::timeout(std::time::Duration::from_secs(5), self.conn.ping()).await,
-            Ok(Ok(()))
-        )
-    }
-}
-
 #[derive(Clone)]
 pub struct Store {
     d: Dialect,
@@ -284,6 +267,12 @@ pub struct Store {
     /// Seals request bodies at rest (they carry passwords); `None` keeps them
     /// as they are (tests, `--insecure-plaintext-sync` without `--oplog-key`).
     vault: Option<Arc<Sealer>>,
+    /// On PostgreSQL: this replica's number once it has joined (`join`), so
+    /// that its intents name it; 0 before, and on SQLite.
+    owner: batch::Owner,
+    /// On PostgreSQL: where the op log is, to open the leader's fenced
+    /// pools (`fenced`).
+    origin: Option<Arc<replicas::Origin>>,
 }
 
 impl Store {
@@ -310,12 +299,20 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let pools = engine::open(url, password).await?;
         let vault = vault.filter(|v| v.encrypts());
+        let owner = batch::Owner::default();
         let store = Store {
             d: pools.dialect,
-            batcher: batch::Batcher::spawn(pools.writer.clone(), pools.dialect),
+            batcher: batch::Batcher::spawn(pools.writer.clone(), pools.dialect, owner.clone()),
             writer: pools.writer,
             reader: pools.reader,
             vault,
+            owner,
+            origin: (pools.dialect == Dialect::Postgres).then(|| {
+                Arc::new(replicas::Origin {
+                    url: url.to_string(),
+                    password: password.cloned(),
+                })
+            }),
         };
         store.backfill_op_keys().await?;
         store.reseal_bodies().await?;
@@ -360,49 +357,6 @@ impl Store {
         .fetch_optional(&self.reader)
         .await?;
         Ok(secs.map(|s| std::time::Duration::from_secs_f64(s.max(0.0))))
-    }
-
-    /// On PostgreSQL, makes this process the one central on the op log:
-    /// the leader's lock, held on a connection of its own for as long as
-    /// the returned guard lives; `Err(Leader)` names the process that holds
-    /// it. Several central processes on one op log are not supported yet:
-    /// a second is refused rather than left to publish beside the first.
-    /// On SQLite (one process, one file) there is nothing to hold.
-    pub async fn hold_sole_central(&self, me: &str) -> Result<Option<SoleCentral>, StoreError> {
-        if self.d != Dialect::Postgres {
-            return Ok(None);
-        }
-        let mut conn = self.writer.acquire().await?.detach();
-        // Held for the process's life: no server-side idle limit ends it.
-        let _ = sqlx::query("SET idle_session_timeout = 0")
-            .execute(&mut conn)
-            .await;
-        let won: bool = sqlx::query_scalar(postgres::TRY_LEAD)
-            .bind(postgres::SOLE_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
-        if !won {
-            use sqlx::Connection;
-            let _ = conn.close().await;
-            let (holder, since): (Option<String>, Option<String>) =
-                sqlx::query_as("SELECT holder, since FROM leader WHERE id = 1")
-                    .fetch_one(&self.reader)
-                    .await?;
-            return Err(StoreError::Taken {
-                holder: holder.unwrap_or_else(|| "unknown".into()),
-                since: since.unwrap_or_else(|| "unknown".into()),
-            });
-        }
-        // Who holds it, for the message a second process gets (the epoch of
-        // the elections of `postgres::PgOpLog` is left alone).
-        let epoch: i64 = sqlx::query_scalar(
-            "UPDATE leader SET holder = $1, since = $2 WHERE id = 1 RETURNING epoch",
-        )
-        .bind(me)
-        .bind(postgres::now())
-        .fetch_one(&mut conn)
-        .await?;
-        Ok(Some(SoleCentral { epoch, conn }))
     }
 
     /// A body as stored: sealed to its op when there is a vault.
@@ -678,22 +632,30 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Every open intent, oldest first (by when it was opened, whatever the
-    /// clock said then: no clock decides whether one is listed).
+    /// Every open intent of this process, oldest first (by when it was
+    /// opened, whatever the clock said then: no clock decides whether one is
+    /// listed). On PostgreSQL, once joined, only this replica's: another's
+    /// are settled by the leader when that replica is gone.
     pub async fn open_intent_ids(&self) -> Result<Vec<Uuid>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar(match self.d {
-            Dialect::Sqlite => "SELECT op_id FROM intents ORDER BY rowid",
-            Dialect::Postgres => "SELECT op_id FROM intents ORDER BY opened",
-        })
-        .fetch_all(&self.writer)
-        .await?;
-        ids.iter()
-            .map(|id| {
-                Uuid::parse_str(id).map_err(|e| {
-                    StoreError::Query(sqlx::Error::Decode(format!("intent op_id: {e}").into()))
-                })
-            })
-            .collect()
+        let ids: Vec<String> = match (self.d, self.replica()) {
+            (Dialect::Sqlite, _) => {
+                sqlx::query_scalar("SELECT op_id FROM intents ORDER BY rowid")
+                    .fetch_all(&self.writer)
+                    .await?
+            }
+            (Dialect::Postgres, None) => {
+                sqlx::query_scalar("SELECT op_id FROM intents ORDER BY opened")
+                    .fetch_all(&self.writer)
+                    .await?
+            }
+            (Dialect::Postgres, Some(me)) => {
+                sqlx::query_scalar("SELECT op_id FROM intents WHERE owner = $1 ORDER BY opened")
+                    .bind(me)
+                    .fetch_all(&self.writer)
+                    .await?
+            }
+        };
+        replicas::parse_ids(ids)
     }
 
     /// The keys an op touched.

@@ -47,11 +47,16 @@ async fn audit_needs_the_admin_token_when_one_is_set() {
 }
 
 /// `/v1/status` says what this central is and that it holds its op log
-/// (engine, database as shown, this process, since when; on PostgreSQL the
-/// lock's epoch too), as `syncgate_oplog_held` does.
+/// (engine, database as shown, this process, since when) and leads (on
+/// PostgreSQL: its replica number, its epoch, and the database's view of the
+/// leader and the replicas), as `syncgate_oplog_held` and `syncgate_leader`
+/// do.
 #[tokio::test]
 async fn the_status_says_which_process_holds_the_op_log_and_since_when() {
     let app = spawn_app_with(|_| {}).await;
+    // On PostgreSQL the one replica leads once elected, a moment after it
+    // serves.
+    app.until_metric("syncgate_leader 1").await;
     let status: Value = app.admin_get("/v1/status").await.json().await.unwrap();
     assert_eq!(status["role"], "central");
     assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
@@ -72,6 +77,17 @@ async fn the_status_says_which_process_holds_the_op_log_and_since_when() {
     );
     assert!(op_log["since"].as_str().unwrap().ends_with('Z'), "{status}");
     assert_eq!(op_log["epoch"].is_i64(), postgres, "{status}");
+    assert_eq!(op_log["leads"], true, "{status}");
+    assert_eq!(op_log["replica"].is_i64(), postgres, "{status}");
+    if postgres {
+        assert_eq!(status["leader"]["epoch"], op_log["epoch"], "{status}");
+        assert_eq!(status["leader"]["holder"], op_log["process"], "{status}");
+        assert_eq!(
+            status["replicas"].as_array().map(Vec::len),
+            Some(1),
+            "{status}"
+        );
+    }
     assert!(
         app.db_url.contains(op_log["database"].as_str().unwrap()),
         "{status}"

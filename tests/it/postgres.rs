@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use syncgate::store::postgres::{NewOp, PgOpLog};
+use syncgate::store::{OpFilter, OpState, Outcome, Store};
 
 /// A PostgreSQL server of its own, stopped when dropped.
 pub struct Postgres {
@@ -208,24 +208,11 @@ where
     }
 }
 
-fn op(id: &str) -> NewOp<'_> {
-    NewOp {
-        op_id: id,
-        state: "committed",
-        method: "POST",
-        path: "/v3/projects",
-        class: "resource",
-        kind: "project",
-        created_ids: "[]",
-        body: None,
-    }
-}
-
-/// Two central processes (two pools) append concurrently, in batches of one
-/// to three, while a reader follows the log: seqs are gap-free, each op is
-/// logged once with the seq its append answered, and the reader never sees
-/// a seq before the ones below it are visible (so it never later finds an
-/// op below what it has read).
+/// Two central replicas capture concurrently (eight writers, each intent
+/// made an op by a group commit of its replica) while a reader follows the
+/// log: seqs are gap-free, each op is logged once with the seq its commit
+/// answered, and the reader never sees a seq before the ones below it are
+/// visible (so it never later finds an op below what it has read).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seqs_are_gap_free_and_become_visible_in_order_across_processes() {
     let Some(pg) = Postgres::start() else {
@@ -233,8 +220,12 @@ async fn seqs_are_gap_free_and_become_visible_in_order_across_processes() {
     };
     let url = pg.database("oplog_order").await;
     let replicas = [
-        PgOpLog::open(&url, None).await.unwrap(),
-        PgOpLog::open(&url, None).await.unwrap(),
+        Store::open(&url).await.unwrap(),
+        Store::open(&url).await.unwrap(),
+    ];
+    let _joined = [
+        replicas[0].join("a", None, None).await.unwrap(),
+        replicas[1].join("b", None, None).await.unwrap(),
     ];
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -245,7 +236,14 @@ async fn seqs_are_gap_free_and_become_visible_in_order_across_processes() {
             let mut reads = 0u64;
             loop {
                 let finished = done.load(Ordering::SeqCst);
-                for o in log.after(cursor, 500).await.unwrap() {
+                let filter = OpFilter {
+                    after: cursor,
+                    limit: 500,
+                    kind: None,
+                    state: None,
+                    through: None,
+                };
+                for o in log.list_ops(&filter).await.unwrap() {
                     assert_eq!(
                         o.seq,
                         cursor + 1,
@@ -268,13 +266,12 @@ async fn seqs_are_gap_free_and_become_visible_in_order_across_processes() {
         writers.push(tokio::spawn(async move {
             let mut answered = Vec::new();
             for i in 0..40u64 {
-                let n = 1 + (w + i) % 3;
-                let ids: Vec<String> = (0..n).map(|k| format!("w{w}-{i}-{k}")).collect();
-                let ops: Vec<NewOp<'_>> = ids.iter().map(|id| op(id)).collect();
-                let seqs = log.append(&ops).await.unwrap();
-                assert_eq!(seqs.len(), ops.len());
-                assert!(seqs.windows(2).all(|s| s[1] == s[0] + 1), "{seqs:?}");
-                answered.extend(ids.into_iter().zip(seqs));
+                let id = begin(&log, &format!("w{w}-{i}")).await;
+                let seq = log
+                    .commit_intent(id, OpState::Committed, &Outcome::default())
+                    .await
+                    .unwrap();
+                answered.push((id.to_string(), seq));
             }
             answered
         }));
@@ -287,33 +284,37 @@ async fn seqs_are_gap_free_and_become_visible_in_order_across_processes() {
     let (cursor, reads) = reader.await.unwrap();
     let total = answered.len() as i64;
     assert_eq!(cursor, total, "the reader read every op ({reads} reads)");
-    assert_eq!(replicas[0].head().await.unwrap(), total);
-    // Each op once, with the seq its append answered; seqs 1..=total.
-    let logged = replicas[0].after(0, total + 10).await.unwrap();
+    // Each op once, with the seq its commit answered; seqs 1..=total.
+    let logged = replicas[0]
+        .list_ops(&OpFilter {
+            after: 0,
+            limit: total + 10,
+            kind: None,
+            state: None,
+            through: None,
+        })
+        .await
+        .unwrap();
     let seqs: BTreeSet<i64> = logged.iter().map(|o| o.seq).collect();
     assert_eq!(seqs, (1..=total).collect::<BTreeSet<_>>());
     for (id, seq) in &answered {
         assert_eq!(&logged[(*seq - 1) as usize].op_id, id);
     }
-    println!("{total} ops by 8 writers on 2 processes, followed by {reads} reads");
-    for r in replicas {
-        r.close().await;
-    }
+    println!("{total} ops by 8 writers on 2 replicas, followed by {reads} reads");
 }
 
 /// A password never sits in the URL, and what the log says of a URL it
 /// cannot open never shows one.
 #[tokio::test]
 async fn a_database_url_with_a_password_is_refused_without_showing_it() {
-    let Err(e) = PgOpLog::open("postgres://sync:hunter2@127.0.0.1:1/oplog", None).await else {
+    let Err(e) = Store::open("postgres://sync:hunter2@127.0.0.1:1/oplog").await else {
         panic!("opened");
     };
     let text = e.to_string();
     assert!(text.contains("PGPASSFILE"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
     // In the query, the same.
-    let Err(e) = PgOpLog::open("postgres://sync@127.0.0.1:1/oplog?password=hunter2", None).await
-    else {
+    let Err(e) = Store::open("postgres://sync@127.0.0.1:1/oplog?password=hunter2").await else {
         panic!("opened");
     };
     let text = e.to_string();
@@ -322,67 +323,18 @@ async fn a_database_url_with_a_password_is_refused_without_showing_it() {
         "{text}"
     );
     // Unreachable: the error names the database, not a password.
-    let Err(e) = PgOpLog::open("postgres://sync@127.0.0.1:1/oplog", None).await else {
+    let Err(e) = Store::open("postgres://sync@127.0.0.1:1/oplog").await else {
         panic!("opened");
     };
     assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
 }
 
-/// Two processes campaign: one leads, the other waits; the leader gone (its
-/// lock connection closed, as a kill closes it), the other is elected at the
-/// next epoch, and the old leader's fenced writes are refused by the database.
-#[tokio::test]
-async fn one_leader_at_a_time_and_a_deposed_leaders_writes_are_refused() {
-    let Some(pg) = Postgres::start() else {
-        return;
-    };
-    let url = pg.database("oplog_leader").await;
-    let a = PgOpLog::open(&url, None).await.unwrap();
-    let b = PgOpLog::open(&url, None).await.unwrap();
-    assert_eq!(a.leader().await.unwrap().epoch, 0);
-    let lease = a.campaign("central-a").await.unwrap().expect("a leads");
-    assert!(
-        b.campaign("central-b").await.unwrap().is_none(),
-        "one leader"
-    );
-    let first = lease.epoch;
-    a.set_published(first, 5).await.unwrap();
-    let leader = b.leader().await.unwrap();
-    assert_eq!(
-        (leader.epoch, leader.holder.as_deref()),
-        (first, Some("central-a"))
-    );
-    assert!(leader.since.is_some());
-
-    // Gone as a killed process goes: its connection dropped, not closed.
-    drop(lease);
-    // The lock is free once the server has seen the connection go.
-    let lease_b = until("b elected", || async {
-        b.campaign("central-b").await.unwrap()
-    })
-    .await;
-    assert_eq!(lease_b.epoch, first + 1);
-    let err = a.set_published(first, 9).await.unwrap_err();
-    assert!(
-        matches!(err, syncgate::store::StoreError::Deposed { epoch, current } if epoch == first && current == first + 1),
-        "{err}"
-    );
-    b.set_published(lease_b.epoch, 7).await.unwrap();
-    assert_eq!(
-        a.published().await.unwrap(),
-        7,
-        "the old leader's write left nothing"
-    );
-    assert_eq!(
-        a.leader().await.unwrap().holder.as_deref(),
-        Some("central-b")
-    );
-}
-
-/// Random campaigns, resignations and fenced writes by three processes,
-/// some holding leases they have lost: at most one lease is current, each
-/// election moves the epoch on by one, a fenced write lands exactly when its
-/// epoch is the current one, and what is published is the last such write.
+/// Random campaigns, resignations, deaths and fenced writes by three
+/// replicas, some writing through the fenced store of a lease they have
+/// lost: at most one lease is current, each election moves the epoch on by
+/// one, a fenced write lands exactly when its epoch is the current one (a
+/// deposed leader's writes are refused by the database), and what is
+/// written is exactly what the model says landed.
 /// The seed is printed; `SYNCGATE_LEADER_SEED=N` replays it.
 #[tokio::test]
 async fn leadership_chaos() {
@@ -400,55 +352,56 @@ async fn leadership_chaos() {
     };
     let url = pg.database("oplog_chaos").await;
     let mut procs = Vec::new();
-    for _ in 0..3 {
-        procs.push(PgOpLog::open(&url, None).await.unwrap());
+    for p in 0..3 {
+        let store = Store::open(&url).await.unwrap();
+        let presence = store.join(&format!("p{p}"), None, None).await.unwrap();
+        procs.push((store, presence));
     }
-    // The model: which process holds the live lease, and the epoch each
-    // process believes it leads at (kept after it lost the lease).
-    let mut leases: Vec<Option<syncgate::store::postgres::Lease>> = vec![None, None, None];
-    let mut believed: Vec<Option<i64>> = vec![None; 3];
+    // The model: which process holds the live lease, and the fenced store
+    // each process believes it leads through (kept after it lost the lease).
+    let mut leases: Vec<Option<syncgate::store::Lease>> = vec![None, None, None];
+    let mut believed: Vec<Option<(i64, Store)>> = vec![None, None, None];
     let mut live: Option<usize> = None;
     let mut epoch = 0i64;
-    let mut published = 0i64;
-    for step in 0..300 {
+    let mut landed = BTreeSet::new();
+    for step in 0..200 {
         let p = next(3) as usize;
         match next(4) {
             0 => {
-                let got = procs[p].campaign(&format!("p{p}")).await.unwrap();
-                match (got, live) {
-                    (Some(l), None) => {
-                        epoch += 1;
-                        assert_eq!(l.epoch, epoch, "step {step}: one more epoch per election");
-                        believed[p] = Some(l.epoch);
-                        leases[p] = Some(l);
-                        live = Some(p);
-                    }
+                let name = format!("p{p}");
+                let got = procs[p].0.campaign(&name).await.unwrap();
+                let lease = match (got, live) {
+                    (Some(l), None) => l,
                     (Some(_), Some(holder)) => {
                         panic!("step {step}: p{p} elected while p{holder} leads (seed {seed})")
                     }
-                    (None, Some(_)) => {}
-                    (None, None) => {
-                        // The last holder's close may not be seen yet: try
-                        // again until it is (a lock is never held for ever).
-                        let l = loop {
-                            if let Some(l) = procs[p].campaign(&format!("p{p}")).await.unwrap() {
-                                break l;
-                            }
-                            tokio::task::yield_now().await;
-                        };
-                        epoch += 1;
-                        assert_eq!(l.epoch, epoch, "step {step}");
-                        believed[p] = Some(l.epoch);
-                        leases[p] = Some(l);
-                        live = Some(p);
-                    }
+                    (None, Some(_)) => continue,
+                    // The last holder's close may not be seen yet: try
+                    // again until it is (a lock is never held for ever).
+                    (None, None) => loop {
+                        if let Some(l) = procs[p].0.campaign(&name).await.unwrap() {
+                            break l;
+                        }
+                        tokio::task::yield_now().await;
+                    },
+                };
+                epoch += 1;
+                assert_eq!(
+                    lease.epoch, epoch,
+                    "step {step}: one more epoch per election"
+                );
+                let fenced = procs[p].0.fenced(lease.epoch).await.unwrap();
+                if let Some((_, old)) = believed[p].replace((lease.epoch, fenced)) {
+                    old.close().await;
                 }
+                leases[p] = Some(lease);
+                live = Some(p);
             }
             1 => {
                 // The process loses its lease (resigns, or dies: its
-                // connection dropped): it keeps believing in its epoch, and
-                // its writes land until another is elected (nobody else
-                // leads meanwhile), then are refused.
+                // connection dropped): it keeps its fenced store, whose
+                // writes land until another is elected (nobody else leads
+                // meanwhile), then are refused.
                 if let Some(l) = leases[p].take() {
                     if next(2) == 0 {
                         l.resign().await;
@@ -459,25 +412,39 @@ async fn leadership_chaos() {
                 }
             }
             _ => {
-                let Some(e) = believed[p] else { continue };
-                let value = step as i64 + 1;
-                let r = procs[p].set_published(e, value).await;
-                if e == epoch {
+                let Some((e, fenced)) = &believed[p] else {
+                    continue;
+                };
+                let edge = format!("s{step}");
+                let r = fenced.register_edge(&edge, true).await;
+                if *e == epoch {
                     r.unwrap_or_else(|err| panic!("step {step}: p{p} at the current epoch: {err}"));
-                    published = value;
+                    landed.insert(edge);
                 } else {
+                    let err = r.expect_err("a write at an old epoch landed").to_string();
                     assert!(
-                        matches!(r, Err(syncgate::store::StoreError::Deposed { .. })),
-                        "step {step}: p{p} wrote at epoch {e}, current {epoch} (seed {seed})"
+                        err.contains("deposed"),
+                        "step {step}: p{p} wrote at epoch {e}, current {epoch} (seed {seed}): {err}"
                     );
                 }
             }
         }
-        let leader = procs[0].leader().await.unwrap();
+        let leader = procs[0].0.leader().await.unwrap();
         assert_eq!(leader.epoch, epoch, "step {step}");
     }
-    assert_eq!(procs[1].published().await.unwrap(), published);
-    println!("leadership_chaos: {epoch} elections in 300 steps");
+    let written: BTreeSet<String> = procs[1]
+        .0
+        .edges()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        written, landed,
+        "exactly the writes at the current epoch (seed {seed})"
+    );
+    println!("leadership_chaos: {epoch} elections in 200 steps");
 }
 
 impl Postgres {
@@ -496,55 +463,60 @@ impl Postgres {
     }
 }
 
-/// While PostgreSQL is down an append fails (nothing is answered as logged),
-/// and once it is back the same log takes writes again by itself, with no
-/// seq lost or reused and every append answered before still there.
+/// While PostgreSQL is down a capture fails (nothing is answered as
+/// logged), and once it is back the same store takes writes again by
+/// itself, with no seq lost or reused and every op answered before still
+/// there.
 #[tokio::test]
-async fn appends_fail_while_the_database_is_down_and_resume_by_themselves() {
+async fn captures_fail_while_the_database_is_down_and_resume_by_themselves() {
     let Some(pg) = Postgres::start() else {
         return;
     };
     let url = pg.database("oplog_restart").await;
-    let log = PgOpLog::open(&url, None).await.unwrap();
-    assert_eq!(log.append(&[op("before")]).await.unwrap(), [1]);
+    let log = Store::open(&url).await.unwrap();
+    let capture = |name: &'static str| {
+        let log = log.clone();
+        async move {
+            let (path, body) = intent(name);
+            let id = log
+                .begin_intent(&syncgate::store::NewIntent {
+                    method: "POST",
+                    path: &path,
+                    class: "resource",
+                    kind: "project",
+                    body: Some(&body),
+                    refs: "[]",
+                    traceparent: None,
+                })
+                .await
+                .ok()?;
+            log.commit_intent(id, OpState::Committed, &Outcome::default())
+                .await
+                .ok()
+        }
+    };
+    assert_eq!(capture("before").await, Some(1));
     pg.stop();
-    assert!(
-        log.append(&[op("while-down")]).await.is_err(),
+    assert_eq!(
+        capture("while-down").await,
+        None,
         "nothing logged while down"
     );
     pg.restart();
     // The pool's connections died with the server: new ones are made.
-    let seqs = until("appends after the restart", || async {
-        log.append(&[op("after")]).await.ok()
-    })
-    .await;
-    assert_eq!(seqs, [2], "no seq lost or reused");
-    let logged: Vec<String> = log
-        .after(0, 10)
+    let seq = until("captures after the restart", || capture("after")).await;
+    assert_eq!(seq, 2, "no seq lost or reused");
+    let logged = log
+        .list_ops(&OpFilter {
+            after: 0,
+            limit: 10,
+            kind: None,
+            state: None,
+            through: None,
+        })
         .await
-        .unwrap()
-        .into_iter()
-        .map(|o| o.op_id)
-        .collect();
-    assert_eq!(logged, ["before", "after"]);
-}
-
-/// An append whose answer was lost is tried again: it answers the seqs the
-/// ops have and logs nothing twice; the next append takes the next seq.
-#[tokio::test]
-async fn an_append_tried_again_logs_nothing_twice() {
-    let Some(pg) = Postgres::start() else {
-        return;
-    };
-    let url = pg.database("oplog_retry").await;
-    let log = PgOpLog::open(&url, None).await.unwrap();
-    assert_eq!(log.append(&[op("a"), op("b")]).await.unwrap(), [1, 2]);
-    assert_eq!(log.append(&[op("a"), op("b")]).await.unwrap(), [1, 2]);
-    assert_eq!(log.head().await.unwrap(), 2, "the retry took no seq");
-    // Half logged is no append of ours: refused, nothing taken.
-    assert!(log.append(&[op("b"), op("c")]).await.is_err());
-    assert_eq!(log.append(&[op("c")]).await.unwrap(), [3]);
-    assert_eq!(log.after(0, 10).await.unwrap().len(), 3);
+        .unwrap();
+    assert_eq!(logged.iter().map(|o| o.seq).collect::<Vec<_>>(), [1, 2]);
 }
 
 /// An election waits for a fenced write in flight at the old epoch: that
@@ -557,17 +529,21 @@ async fn an_election_waits_for_a_fenced_write_in_flight() {
         return;
     };
     let url = pg.database("oplog_fence").await;
-    let a = PgOpLog::open(&url, None).await.unwrap();
-    let b = PgOpLog::open(&url, None).await.unwrap();
+    let a = Store::open(&url).await.unwrap();
+    let b = Store::open(&url).await.unwrap();
     let lease = a.campaign("central-a").await.unwrap().unwrap();
-    // A write of a's in flight: its fence taken, not committed yet.
+    let first = lease.epoch;
+    // A write of a's duties in flight: past its fence, not committed yet.
     let mut inflight = sqlx::PgConnection::connect(&url).await.unwrap();
-    let mut tx = inflight.begin().await.unwrap();
-    let seen: i64 = sqlx::query_scalar("SELECT epoch FROM leader WHERE id = 1 FOR SHARE")
-        .fetch_one(&mut *tx)
+    sqlx::query(&format!("SET syncgate.epoch = '{first}'"))
+        .execute(&mut inflight)
         .await
         .unwrap();
-    assert_eq!(seen, lease.epoch);
+    let mut tx = inflight.begin().await.unwrap();
+    sqlx::query("INSERT INTO meta (key, value) VALUES ('published_seq', 4)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     drop(lease);
     let election = tokio::spawn(async move {
         until("b elected", || async {
@@ -596,52 +572,286 @@ async fn an_election_waits_for_a_fenced_write_in_flight() {
         !election.is_finished(),
         "elected past a fenced write in flight"
     );
-    sqlx::query(
-        "INSERT INTO oplog_meta (key, value) VALUES ('published_seq', 4) \
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )
-    .execute(&mut *tx)
-    .await
-    .unwrap();
     tx.commit().await.unwrap();
     let epoch = election.await.unwrap();
-    assert_eq!(epoch, seen + 1);
+    assert_eq!(epoch, first + 1);
     assert_eq!(
-        a.published().await.unwrap(),
+        a.published_seq().await.unwrap(),
         4,
         "the write in flight landed"
     );
-    assert!(matches!(
-        a.set_published(seen, 9).await,
-        Err(syncgate::store::StoreError::Deposed { .. })
-    ));
+    let late = a.fenced(first).await.unwrap().mark_published(9).await;
+    assert!(
+        late.as_ref()
+            .is_err_and(|e| e.to_string().contains("deposed")),
+        "{late:?}"
+    );
+    assert_eq!(a.published_seq().await.unwrap(), 4);
 }
 
-/// One central process per PostgreSQL op log until several are supported: a
-/// second is refused, naming the first; once the first is gone (its
-/// connection closed, as a kill closes it) another starts.
-#[tokio::test]
-async fn a_second_central_on_one_op_log_is_refused_until_the_first_is_gone() {
+/// A replica of central on a PostgreSQL op log, started beside others.
+struct Replica {
+    proxy: String,
+    admin: String,
+    running: Option<crate::sync::Running>,
+}
+
+impl Replica {
+    async fn start(config: &syncgate::CentralConfig) -> Replica {
+        let mut config = config.clone();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.admin_listen = "127.0.0.1:0".parse().unwrap();
+        let central = syncgate::Central::build(config).await.unwrap();
+        let proxy = format!("http://{}", central.proxy_addr());
+        let admin = format!("http://{}", central.admin_addr());
+        let running = crate::sync::Running::spawn(|rx| {
+            central.run(async {
+                let _ = rx.await;
+            })
+        });
+        Replica {
+            proxy,
+            admin,
+            running: Some(running),
+        }
+    }
+}
+
+async fn status(http: &reqwest::Client, admin: &str) -> Option<serde_json::Value> {
+    http.get(format!("{admin}/v1/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+/// The replica that leads, once exactly one of `admins` says it does and
+/// the database agrees: its index and epoch.
+async fn the_leader(http: &reqwest::Client, admins: &[Option<String>]) -> (usize, i64) {
+    until("exactly one replica leading", || async {
+        let mut leading = Vec::new();
+        let mut said = None;
+        for (i, admin) in admins.iter().enumerate() {
+            let Some(admin) = admin else { continue };
+            let s = status(http, admin).await?;
+            if s["op_log"]["leads"] == true {
+                leading.push((i, s["op_log"]["epoch"].as_i64()?));
+            }
+            said = Some(s["leader"]["epoch"].as_i64()?);
+        }
+        match leading[..] {
+            [(i, epoch)] if said == Some(epoch) => Some((i, epoch)),
+            _ => None,
+        }
+    })
+    .await
+}
+
+/// Three central replicas on one PostgreSQL op log and a real nats-server:
+/// every replica captures, one leads (publishing, acks); writes go through
+/// all three at once, among them concurrent updates of one project through
+/// two replicas; the leader is killed mid-stream. Another is elected (a
+/// later epoch), nothing acknowledged is lost, seqs stay gap-free, the edge
+/// applies each create once and ends equal to central, and the audit of any
+/// replica says so. Actions only the leader does, sent to another replica,
+/// are answered by the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn central_replicas_on_one_postgresql_capture_lead_once_and_fail_over() {
+    use serde_json::json;
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let url = pg.database("two_centrals").await;
-    let fake = crate::fake_keystone::FakeKeystone::start().await;
-    let mut config = crate::helpers::config_for(&fake, &url);
-    config.oplog_lock_wait = std::time::Duration::from_millis(500);
-    let first = syncgate::Central::build(config.clone()).await.unwrap();
-    let refused = match syncgate::Central::build(config.clone()).await {
-        Ok(_) => panic!("a second central started on the same op log"),
-        Err(e) => format!("{e:#}"),
+    let Some(nats) = crate::sync::nats_server_path() else {
+        return;
     };
+    if std::env::var_os("SYNCGATE_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("syncgate=info"))
+            .with_test_writer()
+            .try_init();
+    }
+    let (mut nats, addr) = crate::sync::spawn_nats_server(&nats).await;
+    let url = pg.database("replicas").await;
+    let mut base = None;
+    let mut env = crate::sync::sync_env(&["edge-a"], Some(format!("nats://{addr}")), |c| {
+        c.db = url.clone();
+        base = Some(c.clone());
+    })
+    .await;
+    let base = base.unwrap();
+    let mut replicas = vec![Replica {
+        proxy: env.proxy.clone(),
+        admin: env.admin.clone(),
+        running: None,
+    }];
+    for _ in 0..2 {
+        replicas.push(Replica::start(&base).await);
+    }
+    let http = env.http.clone();
+    let admins: Vec<Option<String>> = replicas.iter().map(|r| Some(r.admin.clone())).collect();
+    let (leader, epoch) = the_leader(&http, &admins).await;
+    let s = status(&http, &replicas[0].admin).await.unwrap();
+    assert_eq!(s["replicas"].as_array().map(Vec::len), Some(3), "{s}");
+
+    // An action only the leader does, sent to a replica that does not lead.
+    let other = (leader + 1) % 3;
+    let resp = http
+        .post(format!(
+            "{}/v1/drift/run?edge=edge-a",
+            replicas[other].admin
+        ))
+        .send()
+        .await
+        .unwrap();
+    let code = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
     assert!(
-        refused.contains("another central process runs on this op log")
-            && refused.contains(&format!(":{}", std::process::id())),
-        "{refused}"
+        code == 202 || text.contains("no service credentials"),
+        "{code}: {text}"
     );
-    drop(first);
-    let again = syncgate::Central::build(config).await;
-    assert!(again.is_ok(), "{:?}", again.err());
+
+    let token = env.token().to_string();
+    let (client, token) = (http.clone(), token);
+    let write =
+        move |proxy: String, method: &'static str, path: String, body: serde_json::Value| {
+            let http = client.clone();
+            let token = token.clone();
+            async move {
+                http.request(method.parse().unwrap(), format!("{proxy}{path}"))
+                    .header("x-auth-token", token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .ok()
+                    .map(|r| r.status().as_u16())
+            }
+        };
+    let shared = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "shared"}}),
+        )
+        .await;
+    // Writers through every replica at once: creates, and updates of one
+    // project through two of them.
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut writers = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        let (proxy, acked) = (r.proxy.clone(), acknowledged.clone());
+        let creates = write.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..25 {
+                let name = format!("p-{i}-{n}");
+                let body = json!({"project": {"name": name}});
+                match creates(proxy.clone(), "POST", "/v3/projects".into(), body).await {
+                    Some(201) => acked.lock().unwrap().push(name),
+                    // The replica was killed: its writers stop.
+                    None => return,
+                    Some(_) => {}
+                }
+            }
+        }));
+        if i < 2 {
+            let (proxy, shared) = (r.proxy.clone(), shared.clone());
+            let write = write.clone();
+            writers.push(tokio::spawn(async move {
+                for n in 0..10 {
+                    let body = json!({"project": {"description": format!("from {i}, {n}")}});
+                    if write(
+                        proxy.clone(),
+                        "PATCH",
+                        format!("/v3/projects/{shared}"),
+                        body,
+                    )
+                    .await
+                    .is_none()
+                    {
+                        return;
+                    }
+                }
+            }));
+        }
+    }
+    // The leader killed mid-stream.
+    let survivor = Replica {
+        proxy: replicas[(leader + 1) % 3].proxy.clone(),
+        admin: replicas[(leader + 1) % 3].admin.clone(),
+        running: None,
+    };
+    let last = |admin: String| {
+        let http = http.clone();
+        async move {
+            let ops: serde_json::Value = http
+                .get(format!("{admin}/v1/ops?after=0&limit=1000"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(ops["ops"].as_array()?.len())
+        }
+    };
+    until("writes under way", || async {
+        (last(survivor.admin.clone()).await? >= 20).then_some(())
+    })
+    .await;
+    match replicas[leader].running.take() {
+        Some(r) => r.kill().await,
+        None => env.kill_central().await,
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut admins = admins;
+    admins[leader] = None;
+    let (new_leader, new_epoch) = the_leader(&http, &admins).await;
+    assert_ne!(new_leader, leader);
+    assert!(new_epoch > epoch, "{new_epoch} after {epoch}");
+
+    // The survivors answer the audit; the edge ends equal to central.
+    env.proxy = survivor.proxy.clone();
+    env.admin = survivor.admin.clone();
+    env.assert_in_sync().await;
+    let ops = last(survivor.admin.clone()).await.unwrap() as i64;
+    assert_eq!(env.last_seq().await, ops, "seqs are gap-free: 1..={ops}");
+    let all: serde_json::Value = http
+        .get(format!("{}/v1/ops?after=0&limit=1000", survivor.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: BTreeSet<String> = all["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["body"]["project"]["name"].as_str().map(str::to_string))
+        .collect();
+    for name in acknowledged.lock().unwrap().iter() {
+        assert!(
+            names.contains(name),
+            "{name} was acknowledged and is not logged"
+        );
+    }
+    let central_creates = env.central_site.creates_of("project");
+    let edge = &env.edges[0].site;
+    assert_eq!(
+        edge.create_requests("projects"),
+        central_creates,
+        "each project central made was created once at the edge"
+    );
+    for r in &mut replicas {
+        if let Some(running) = r.running.take() {
+            running.stop().await;
+        }
+    }
+    env.shutdown().await;
+    let _ = nats.kill().await;
 }
 
 /// PostgreSQL restarted under a running central (as Patroni or a managed
@@ -748,4 +958,195 @@ async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resum
         .collect();
     assert_eq!(sorted, expected, "one op per forwarded write: {ops:#?}");
     app.stop().await;
+}
+
+fn intent(name: &str) -> (String, String) {
+    (
+        "/v3/projects".to_string(),
+        serde_json::json!({"project": {"name": name}}).to_string(),
+    )
+}
+
+async fn begin(store: &syncgate::store::Store, name: &str) -> uuid::Uuid {
+    let (path, body) = intent(name);
+    store
+        .begin_intent(&syncgate::store::NewIntent {
+            method: "POST",
+            path: &path,
+            class: "resource",
+            kind: "project",
+            body: Some(&body),
+            refs: "[]",
+            traceparent: None,
+        })
+        .await
+        .unwrap()
+}
+
+/// A replica killed with writes in flight: the leader finds it gone (its
+/// presence lock free) and logs its open intents as `unknown_outcome`,
+/// never those of a replica that lives; the dead replica's late commit finds
+/// no intent, and the live one's commit takes the next seq.
+#[tokio::test]
+async fn a_gone_replicas_open_intents_are_settled_by_the_leader_and_a_live_ones_are_not() {
+    use syncgate::store::{OpState, Outcome, Store, StoreError};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("settle").await;
+    let a = Store::open(&url).await.unwrap();
+    let b = Store::open(&url).await.unwrap();
+    let c = Store::open(&url).await.unwrap();
+    let pa = a.join("a", None, None).await.unwrap().unwrap();
+    let _pb = b.join("b", None, None).await.unwrap().unwrap();
+    let _pc = c.join("c", None, None).await.unwrap().unwrap();
+    let from_a = begin(&a, "from-a").await;
+    let from_b = begin(&b, "from-b").await;
+    assert_eq!(
+        a.open_intent_ids().await.unwrap(),
+        vec![from_a],
+        "a replica lists its own"
+    );
+    let mut lease = c.campaign("c").await.unwrap().unwrap();
+    let fenced = c.fenced(lease.epoch).await.unwrap();
+    assert_eq!(
+        fenced.settle_gone(&mut lease).await.unwrap(),
+        Vec::<i64>::new(),
+        "the intents of live replicas are left alone"
+    );
+    drop(pa);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let seqs = loop {
+        let seqs = fenced.settle_gone(&mut lease).await.unwrap();
+        if !seqs.is_empty() {
+            break seqs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a's intent not settled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(seqs.len(), 1);
+    let op = c.get_op(seqs[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (op.op_id.as_str(), op.state.as_str()),
+        (from_a.to_string().as_str(), "unknown_outcome")
+    );
+    assert_eq!(b.open_intent_ids().await.unwrap(), vec![from_b]);
+    let names: Vec<String> = c
+        .replicas()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["b", "c"],
+        "a gone replica is forgotten once settled"
+    );
+    let late = a
+        .commit_intent(from_a, OpState::Committed, &Outcome::default())
+        .await;
+    assert!(matches!(late, Err(StoreError::NoIntent(_))), "{late:?}");
+    let seq = b
+        .commit_intent(from_b, OpState::Committed, &Outcome::default())
+        .await
+        .unwrap();
+    assert_eq!(seq, seqs[0] + 1);
+}
+
+/// The leader's duties write through a store fenced by its epoch: once
+/// another replica is elected, the database refuses the deposed one's
+/// writes to the leader's tables, while the new leader's, and writes no
+/// leader makes (registering an edge from a hello, capture), go through.
+#[tokio::test]
+async fn a_deposed_leaders_writes_are_refused_by_the_database() {
+    use syncgate::store::Store;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("fencing").await;
+    let a = Store::open(&url).await.unwrap();
+    let b = Store::open(&url).await.unwrap();
+    let _pa = a.join("a", None, None).await.unwrap().unwrap();
+    let _pb = b.join("b", None, None).await.unwrap().unwrap();
+    let lease_a = a.campaign("a").await.unwrap().unwrap();
+    assert!(
+        b.campaign("b").await.unwrap().is_none(),
+        "one leader at a time"
+    );
+    let fa = a.fenced(lease_a.epoch).await.unwrap();
+    fa.register_edge("site-1", true).await.unwrap();
+    fa.mark_published(0).await.unwrap();
+    lease_a.resign().await;
+    let lease_b = until("b elected", || async { b.campaign("b").await.unwrap() }).await;
+    assert_eq!(lease_b.epoch, 2);
+    let fb = b.fenced(lease_b.epoch).await.unwrap();
+    let refused = fa
+        .register_edge("site-2", true)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("deposed"), "{refused}");
+    let refused = fa.mark_published(1).await.unwrap_err().to_string();
+    assert!(refused.contains("deposed"), "{refused}");
+    fb.register_edge("site-2", true).await.unwrap();
+    a.register_edge("site-3", false).await.unwrap();
+    let leader = b.leader().await.unwrap();
+    assert_eq!((leader.epoch, leader.holder.as_deref()), (2, Some("b")));
+}
+
+/// Writes that touch one entity are ordered across replicas: a key changed
+/// on one replica is not taken on another until it is given back (or until
+/// a time it is kept for, a write in doubt); keys only referred to are
+/// shared; keys are taken all or none.
+#[tokio::test]
+async fn entity_keys_are_taken_across_replicas_all_or_none() {
+    use std::time::Duration;
+    use syncgate::keystone::touches::Touch;
+    use syncgate::store::{KeyLockError, Store};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("keys").await;
+    let a = Store::open(&url).await.unwrap().key_locks().unwrap();
+    let b = Store::open(&url).await.unwrap().key_locks().unwrap();
+    let t = |key: &str, exclusive: bool| Touch {
+        key: key.into(),
+        exclusive,
+    };
+    let short = Duration::from_millis(50);
+    let held = a.acquire(&[t("project:p1", true)], short).await.unwrap();
+    assert!(matches!(
+        b.acquire(&[t("project:p1", false)], short).await,
+        Err(KeyLockError::Busy)
+    ));
+    let _s1 = a.acquire(&[t("domain:d", false)], short).await.unwrap();
+    let _s2 = b.acquire(&[t("domain:d", false)], short).await.unwrap();
+    assert!(matches!(
+        b.acquire(&[t("domain:x", true), t("project:p1", true)], short)
+            .await,
+        Err(KeyLockError::Busy)
+    ));
+    drop(
+        a.acquire(&[t("domain:x", true)], short)
+            .await
+            .expect("a key taken by an acquire that failed is given back"),
+    );
+    drop(held);
+    let mut kept = b
+        .acquire(&[t("project:p1", true)], Duration::from_secs(10))
+        .await
+        .expect("given back");
+    kept.keep_until(std::time::Instant::now() + Duration::from_secs(3));
+    drop(kept);
+    assert!(matches!(
+        a.acquire(&[t("project:p1", true)], short).await,
+        Err(KeyLockError::Busy)
+    ));
+    a.acquire(&[t("project:p1", true)], Duration::from_secs(10))
+        .await
+        .expect("given back once kept long enough");
 }

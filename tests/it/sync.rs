@@ -402,6 +402,12 @@ impl SyncEnv {
         self.start_central_again(|_| {}).await;
     }
 
+    /// Kills central as `kill -9` would, and leaves it dead (another replica
+    /// on a PostgreSQL op log goes on).
+    pub async fn kill_central(&mut self) {
+        self.central.take().unwrap().kill().await;
+    }
+
     /// Stops central and starts it again on the same op log.
     pub async fn restart_central(&mut self, tweak: impl FnOnce(&mut CentralConfig)) {
         self.central.take().unwrap().stop().await;
@@ -463,7 +469,9 @@ impl SyncEnv {
                 r.stop().await;
             }
         }
-        self.central.take().unwrap().stop().await;
+        if let Some(c) = self.central.take() {
+            c.stop().await;
+        }
     }
 
     /// A write through the gateway with the admin's token; returns status and body.

@@ -1,0 +1,555 @@
+//! Several central processes (replicas) on one PostgreSQL op log.
+//!
+//! - Every replica joins (`Store::join`): it gets a number, never reused,
+//!   and holds for as long as it runs a session advisory lock named by it,
+//!   on a connection of its own (`Presence`). Its intents carry its number.
+//!   It also holds the lock an earlier version takes alone, shared: an
+//!   earlier version (one process only) and replicas never run together.
+//! - One replica leads (`Store::campaign`): it holds the leader's advisory
+//!   lock on a connection of its own (`Lease`); each election moves the
+//!   epoch on. The leader's duties write through a `Store` whose every
+//!   connection says that epoch (`Store::fenced`): the database refuses its
+//!   writes to the leader's tables once another is elected (migration
+//!   0004's `sg_fence`).
+//! - A replica whose presence lock the leader can take is gone: the intents
+//!   it left open are logged as `unknown_outcome` (`Store::settle_gone`).
+//! - Writes that touch one entity are serialised across replicas from intent
+//!   to commit by advisory locks on the keys they touch (`KeyLocks`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::{AnyConnection, Connection};
+use uuid::Uuid;
+
+use super::{engine, Dialect, Store, StoreError};
+use crate::core::Secret;
+use crate::keystone::touches::Touch;
+
+/// Where a PostgreSQL op log is, to open more pools on it.
+pub(super) struct Origin {
+    pub url: String,
+    pub password: Option<Secret>,
+}
+
+/// The advisory lock the leader holds (any constant: it names the duty).
+const LEADER_LOCK: i64 = 0x5359_4e43_4741_5445;
+/// The lock a central of an earlier version held alone for its life, as
+/// the one process on the op log; replicas hold it shared (`Store::join`),
+/// so the two never run together.
+const SOLE_LOCK: i64 = 0x5359_4e43_534f_4c45;
+
+/// Now, as the leader's and the replicas' rows show it.
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// The advisory lock class of replicas' presence (two-key form).
+const REPLICA_CLASS: i32 = 0x5347_5250;
+
+/// A replica's presence on the op log: its number, and the connection
+/// holding its lock. Dropped (or the process killed), the lock goes.
+pub struct Presence {
+    pub no: i32,
+    conn: AnyConnection,
+}
+
+impl Presence {
+    /// Whether the lock's connection still answers (and so the lock is held).
+    pub async fn alive(&mut self) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.conn.ping()).await,
+            Ok(Ok(()))
+        )
+    }
+}
+
+/// Leadership won: the epoch its duties write at, held while its
+/// connection (which holds the lock) lives.
+pub struct Lease {
+    pub epoch: i64,
+    conn: AnyConnection,
+}
+
+impl Lease {
+    /// Whether the lock is still held (the connection answers in time).
+    pub async fn alive(&mut self) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.conn.ping()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Gives leadership up now.
+    pub async fn resign(self) {
+        let _ = self.conn.close().await;
+    }
+}
+
+/// Who leads, as the database says.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct LeaderRow {
+    pub epoch: i64,
+    pub holder: Option<String>,
+    pub since: Option<String>,
+    pub replica: Option<i32>,
+    pub admin_url: Option<String>,
+}
+
+/// A replica registered on the op log.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct ReplicaRow {
+    pub no: i32,
+    pub name: String,
+    pub admin_url: Option<String>,
+    pub started: String,
+}
+
+/// What a central of an earlier version, which runs alone, says when it
+/// holds the op log.
+fn earlier_alone(holder: Option<String>, since: Option<String>) -> StoreError {
+    StoreError::Taken {
+        holder: holder.unwrap_or_else(|| "unknown".into()),
+        since: since.unwrap_or_else(|| "unknown".into()),
+    }
+}
+
+impl Store {
+    /// This replica's number, once joined (PostgreSQL).
+    pub fn replica(&self) -> Option<i32> {
+        Some(self.owner.load(Ordering::Relaxed)).filter(|n| *n != 0)
+    }
+
+    /// A connection of its own, out of the writer pool, that no server-side
+    /// idle limit ends (it holds a lock for the process's life).
+    async fn own_connection(&self) -> Result<AnyConnection, StoreError> {
+        let mut conn = self.writer.acquire().await?.detach();
+        let _ = sqlx::query("SET idle_session_timeout = 0")
+            .execute(&mut conn)
+            .await;
+        Ok(conn)
+    }
+
+    /// Joins the replicas on this PostgreSQL op log, as `name` (shown in the
+    /// status) reachable at `admin_url` (where other replicas send what only
+    /// the leader does); `again` rejoins under the number held before (its
+    /// lock lost with its connection). `None` on SQLite (one process).
+    /// Refused while a central of an earlier version, which runs alone,
+    /// holds the op log.
+    pub async fn join(
+        &self,
+        name: &str,
+        admin_url: Option<&str>,
+        again: Option<i32>,
+    ) -> Result<Option<Presence>, StoreError> {
+        if self.d != Dialect::Postgres {
+            return Ok(None);
+        }
+        let mut conn = self.own_connection().await?;
+        let shared: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
+            .bind(SOLE_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if !shared {
+            let _ = conn.close().await;
+            let (holder, since): (Option<String>, Option<String>) =
+                sqlx::query_as("SELECT holder, since FROM leader WHERE id = 1")
+                    .fetch_one(&self.reader)
+                    .await?;
+            return Err(earlier_alone(holder, since));
+        }
+        let no: i32 = match again {
+            None => sqlx::query_scalar(
+                "INSERT INTO replicas (name, admin_url, started) VALUES ($1, $2, $3) RETURNING no",
+            )
+            .bind(name)
+            .bind(admin_url)
+            .bind(now())
+            .fetch_one(&mut conn)
+            .await?,
+            Some(no) => {
+                sqlx::query(
+                    "INSERT INTO replicas (no, name, admin_url, started) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (no) DO NOTHING",
+                )
+                .bind(no)
+                .bind(name)
+                .bind(admin_url)
+                .bind(now())
+                .execute(&mut conn)
+                .await?;
+                no
+            }
+        };
+        // Free unless the leader is settling this number as gone (a
+        // rejoin after the connection was cut): then it is waited for.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(REPLICA_CLASS)
+                .bind(no)
+                .fetch_one(&mut conn)
+                .await?;
+            if won {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = conn.close().await;
+                return Err(StoreError::Batch(format!(
+                    "replica {no}'s lock is held by another process"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.owner.store(no, Ordering::Relaxed);
+        Ok(Some(Presence { no, conn }))
+    }
+
+    /// Tries once to become the leader: the lease when elected, `None`
+    /// while another replica holds it.
+    pub async fn campaign(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        let mut conn = self.own_connection().await?;
+        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if !won {
+            let _ = conn.close().await;
+            return Ok(None);
+        }
+        let epoch: i64 = sqlx::query_scalar(
+            "UPDATE leader SET epoch = epoch + 1, holder = $1, since = $2, replica = $3 \
+             WHERE id = 1 RETURNING epoch",
+        )
+        .bind(name)
+        .bind(now())
+        .bind(self.replica())
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(Some(Lease { epoch, conn }))
+    }
+
+    /// Who leads now (epoch 0: nobody has yet), and where its admin API is.
+    pub async fn leader(&self) -> Result<LeaderRow, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT l.epoch, l.holder, l.since, l.replica, r.admin_url \
+             FROM leader l LEFT JOIN replicas r ON r.no = l.replica WHERE l.id = 1",
+        )
+        .fetch_one(&self.reader)
+        .await?)
+    }
+
+    /// The replicas registered (those gone are forgotten once settled).
+    pub async fn replicas(&self) -> Result<Vec<ReplicaRow>, StoreError> {
+        if self.d != Dialect::Postgres {
+            return Ok(Vec::new());
+        }
+        Ok(
+            sqlx::query_as("SELECT no, name, admin_url, started FROM replicas ORDER BY no")
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
+    /// The op log as the leader elected at `epoch` writes it: its every
+    /// connection says the epoch, and its writes to the leader's tables are
+    /// refused by the database once another is elected.
+    pub async fn fenced(&self, epoch: i64) -> Result<Store, StoreError> {
+        let origin = self
+            .origin
+            .as_ref()
+            .ok_or_else(|| StoreError::Batch("only an op log on PostgreSQL has a leader".into()))?;
+        let pools = engine::open_fenced(&origin.url, origin.password.as_ref(), epoch).await?;
+        Ok(Store {
+            d: pools.dialect,
+            batcher: super::batch::Batcher::spawn(
+                pools.writer.clone(),
+                pools.dialect,
+                self.owner.clone(),
+            ),
+            writer: pools.writer,
+            reader: pools.reader,
+            vault: self.vault.clone(),
+            owner: self.owner.clone(),
+            origin: self.origin.clone(),
+        })
+    }
+
+    /// As the leader (on its lease's connection): logs the intents of every
+    /// replica that is gone (its presence lock taken) as `unknown_outcome`
+    /// ops, oldest first, and forgets the replica. Intents of no replica
+    /// (opened by an earlier version, which ran alone and is not running:
+    /// `join` holds it off) are settled too. Answers the seqs logged.
+    pub async fn settle_gone(&self, lease: &mut Lease) -> Result<Vec<i64>, StoreError> {
+        self.settle_gone_on(&mut lease.conn).await
+    }
+
+    /// `settle_gone` by a replica as it starts, on its presence's connection
+    /// (the writes a stop left open are logged before it serves, as one
+    /// process does on SQLite). Two replicas never settle one that is gone
+    /// twice: its lock is taken by one; an intent already settled is passed
+    /// over.
+    pub async fn settle_gone_at_start(
+        &self,
+        presence: &mut Presence,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.settle_gone_on(&mut presence.conn).await
+    }
+
+    async fn settle_gone_on(&self, conn: &mut AnyConnection) -> Result<Vec<i64>, StoreError> {
+        let me = self.replica();
+        let owners: Vec<Option<i32>> =
+            sqlx::query_scalar("SELECT DISTINCT owner FROM intents UNION SELECT no FROM replicas")
+                .fetch_all(&self.writer)
+                .await?;
+        let mut seqs = Vec::new();
+        for owner in owners.into_iter().filter(|o| *o != me) {
+            if let Some(no) = owner {
+                let gone: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                    .bind(REPLICA_CLASS)
+                    .bind(no)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if !gone {
+                    continue;
+                }
+            }
+            let settled = self.settle_intents_of(owner).await;
+            if let Some(no) = owner {
+                if settled.is_ok() {
+                    sqlx::query("DELETE FROM replicas WHERE no = $1")
+                        .bind(no)
+                        .execute(&self.writer)
+                        .await?;
+                }
+                sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                    .bind(REPLICA_CLASS)
+                    .bind(no)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            seqs.extend(settled?);
+        }
+        Ok(seqs)
+    }
+
+    async fn settle_intents_of(&self, owner: Option<i32>) -> Result<Vec<i64>, StoreError> {
+        let ids: Vec<String> = match owner {
+            Some(no) => {
+                sqlx::query_scalar("SELECT op_id FROM intents WHERE owner = $1 ORDER BY opened")
+                    .bind(no)
+                    .fetch_all(&self.writer)
+                    .await?
+            }
+            None => {
+                sqlx::query_scalar("SELECT op_id FROM intents WHERE owner IS NULL ORDER BY opened")
+                    .fetch_all(&self.writer)
+                    .await?
+            }
+        };
+        let ids = parse_ids(ids)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let seqs = self
+            .log_unknown(
+                &ids,
+                "the central replica that forwarded it stopped before the upstream's answer was logged",
+            )
+            .await?;
+        tracing::warn!(
+            replica = ?owner,
+            seqs = ?seqs,
+            "writes a stopped central replica left open are logged as unknown_outcome; check them in the audit API"
+        );
+        Ok(seqs)
+    }
+
+    /// Entity-key locks across the replicas (`None` on SQLite, where one
+    /// process orders its own writes).
+    pub fn key_locks(&self) -> Option<Arc<KeyLocks>> {
+        (self.d == Dialect::Postgres).then(|| {
+            Arc::new(KeyLocks {
+                store: self.clone(),
+                sessions: (0..KEY_SESSIONS).map(|_| Default::default()).collect(),
+                next: AtomicUsize::new(0),
+            })
+        })
+    }
+}
+
+pub(super) fn parse_ids(ids: Vec<String>) -> Result<Vec<Uuid>, StoreError> {
+    ids.iter()
+        .map(|id| {
+            Uuid::parse_str(id).map_err(|e| {
+                StoreError::Query(sqlx::Error::Decode(format!("intent op_id: {e}").into()))
+            })
+        })
+        .collect()
+}
+
+/// Connections holding entity-key locks (a write's locks are taken and
+/// given back on one of them).
+const KEY_SESSIONS: usize = 4;
+
+/// Session advisory locks on the keys writes touch, shared by the replicas
+/// on one PostgreSQL op log. A replica orders its own conflicting writes in
+/// memory first (`proxy::order`), then takes the keys here: all or none,
+/// tried again until free, so no two replicas forward conflicting writes at
+/// once and none waits on another while holding a key (no deadlock).
+pub struct KeyLocks {
+    store: Store,
+    sessions: Vec<tokio::sync::Mutex<Option<AnyConnection>>>,
+    next: AtomicUsize,
+}
+
+/// Keys held for one write; given back when dropped (or later, `keep_until`).
+pub struct KeysHeld {
+    locks: Arc<KeyLocks>,
+    session: usize,
+    keys: Vec<(i32, bool)>,
+    until: Option<Instant>,
+}
+
+/// Why keys could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyLockError {
+    #[error("a write to the same entity is in flight on another central replica")]
+    Busy,
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// A key's lock number: a stable digest of it (the same in every replica,
+/// whatever its version).
+fn key_number(key: &str) -> i32 {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let b = d.as_ref();
+    i32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// `ARRAY[..]` literals of the keys and their modes (integers and flags
+/// only: nothing from a request is written into the statement).
+fn arrays(keys: &[(i32, bool)]) -> String {
+    let nums: Vec<String> = keys.iter().map(|(k, _)| k.to_string()).collect();
+    let modes: Vec<&str> = keys
+        .iter()
+        .map(|(_, x)| if *x { "true" } else { "false" })
+        .collect();
+    format!(
+        "ARRAY[{}]::INTEGER[], ARRAY[{}]::BOOLEAN[]",
+        nums.join(","),
+        modes.join(",")
+    )
+}
+
+impl KeyLocks {
+    /// Takes the keys `touches` names, waiting at most `wait` for a write
+    /// on another replica to give them back.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        touches: &[Touch],
+        wait: Duration,
+    ) -> Result<KeysHeld, KeyLockError> {
+        let mut keys: Vec<(i32, bool)> = touches
+            .iter()
+            .map(|t| (key_number(&t.key), t.exclusive))
+            .collect();
+        keys.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        keys.dedup_by_key(|k| k.0);
+        let session = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
+        let held = |keys| KeysHeld {
+            locks: self.clone(),
+            session,
+            keys,
+            until: None,
+        };
+        if keys.is_empty() {
+            return Ok(held(keys));
+        }
+        let sql = format!("SELECT sg_try_keys({})", arrays(&keys));
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let won = {
+                let mut slot = self.sessions[session].lock().await;
+                let conn = match slot.as_mut() {
+                    Some(c) => c,
+                    None => slot.insert(self.store.own_connection().await?),
+                };
+                match sqlx::query_scalar::<_, bool>(&sql).fetch_one(conn).await {
+                    Ok(won) => won,
+                    Err(e) => {
+                        // A broken session: its locks went with it.
+                        *slot = None;
+                        return Err(StoreError::from(e).into());
+                    }
+                }
+            };
+            if won {
+                return Ok(held(keys));
+            }
+            if Instant::now() + pause > deadline {
+                return Err(KeyLockError::Busy);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    async fn release(&self, session: usize, keys: &[(i32, bool)]) {
+        let sql = format!("SELECT sg_unlock_keys({})", arrays(keys));
+        let mut slot = self.sessions[session].lock().await;
+        if let Some(conn) = slot.as_mut() {
+            if let Err(e) = sqlx::query(&sql).execute(conn).await {
+                tracing::warn!(error = %e, "cannot give back entity-key locks; their session is closed (which gives them back)");
+                if let Some(c) = slot.take() {
+                    let _ = c.close().await;
+                }
+            }
+        }
+    }
+}
+
+impl KeysHeld {
+    /// Keeps the keys until `until` (a write whose outcome is unknown may
+    /// still land upstream until then: conflicting writes on other replicas
+    /// wait, as they do on this one).
+    pub fn keep_until(&mut self, until: Instant) {
+        self.until = Some(self.until.map_or(until, |u| u.max(until)));
+    }
+}
+
+impl Drop for KeysHeld {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let keys = std::mem::take(&mut self.keys);
+        let (locks, session, until) = (self.locks.clone(), self.session, self.until);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(until) = until {
+                    tokio::time::sleep_until(until.into()).await;
+                }
+                locks.release(session, &keys).await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_keys_number_is_stable_and_the_statement_holds_numbers_only() {
+        assert_eq!(key_number("project:abc"), key_number("project:abc"));
+        assert_ne!(key_number("project:abc"), key_number("project:abd"));
+        assert_eq!(
+            arrays(&[(-5, true), (7, false)]),
+            "ARRAY[-5,7]::INTEGER[], ARRAY[true,false]::BOOLEAN[]"
+        );
+    }
+}
