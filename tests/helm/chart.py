@@ -47,7 +47,17 @@ class Workload:
         pod = sts["spec"]["template"]["spec"]
         [self.container] = pod["containers"]
         self.args = self.container["args"]
-        self.env = {e["name"]: e["value"] for e in self.container.get("env", [])}
+        # Values as given; those the pod fills in (downward API) as Kubernetes
+        # would for its first pod.
+        pod_name = f"{sts['metadata']['name']}-0"
+        self.env = {}
+        for e in self.container.get("env", []):
+            if "value" in e:
+                self.env[e["name"]] = e["value"].replace("$(POD_NAME)", pod_name)
+            elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+                self.env[e["name"]] = pod_name
+            else:
+                raise AssertionError(f"an env var the test cannot fill in: {e}")
         self.mounts = {m["name"]: m for m in self.container["volumeMounts"]}
         self.volumes = {v["name"]: v for v in pod["volumes"]}
         self.pod_security = pod["securityContext"]

@@ -76,8 +76,11 @@ EDGE_EPHEMERAL = dict(deepcopy(EDGE), persistence={"enabled": False})
 CENTRAL_POSTGRES = deepcopy(CENTRAL)
 CENTRAL_POSTGRES["central"]["database"] = {"url": "postgres://syncgate@db.identity:5432/syncgate?sslmode=verify-full"}
 CENTRAL_POSTGRES["secrets"]["databasePassword"] = {"name": "sg-db", "key": "password"}
+CENTRAL_HA = deepcopy(CENTRAL_POSTGRES)
+CENTRAL_HA["central"].update(replicas=3, externalBroker="nats://nats.identity:4222")
+CENTRAL_HA["networkPolicy"] = {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "mon"}}}]}
 RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "central, op log on PostgreSQL": CENTRAL_POSTGRES,
-            "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL}
+            "central, three replicas on PostgreSQL": CENTRAL_HA, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL}
 
 
 def check(name):
@@ -188,6 +191,29 @@ def variants():
     assert "lost with the pod" in notes(EDGE_EPHEMERAL)
 
 
+@check("central replicas on PostgreSQL: no volume of their own, each advertises its admin API, one kept up")
+def replicas():
+    docs = render(CENTRAL_HA)
+    w = Workload(docs, SECRETS)
+    spec = w.statefulset["spec"]
+    assert spec["replicas"] == 3 and spec["podManagementPolicy"] == "Parallel"
+    assert "volumeClaimTemplates" not in spec and "emptyDir" in w.volumes["state"]
+    assert w.env["SYNCGATE_ADVERTISE_ADMIN_URL"] == "http://sg-syncgate-0.sg-syncgate-headless.identity.svc:9090"
+    headless = next(s for s in kind(docs, "Service") if s["metadata"]["name"] == "sg-syncgate-headless")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"]
+    assert "sg-syncgate-broker" not in {s["metadata"]["name"] for s in kind(docs, "Service")}
+    [pdb] = kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1, "of three, two stay up"
+    [np] = kind(docs, "NetworkPolicy")
+    admin = next(r for r in np["spec"]["ingress"] if r["ports"][0]["port"] == "admin")
+    assert {"podSelector": {"matchLabels": w.statefulset["spec"]["selector"]["matchLabels"]}} in admin["from"]
+    assert "3 central replicas" in notes(CENTRAL_HA) and "WARNING" not in notes(CENTRAL_HA)
+    # A PostgreSQL op log needs no volume with one replica either; SQLite keeps its own.
+    assert "volumeClaimTemplates" not in Workload(render(CENTRAL_POSTGRES), SECRETS).statefulset["spec"]
+    assert Workload(render(CENTRAL), SECRETS).statefulset["spec"]["replicas"] == 1
+    assert "volumeClaimTemplates" in Workload(render(CENTRAL), SECRETS).statefulset["spec"]
+
+
 @check("a change of configuration changes the pod's checksum (the pod rolls)")
 def checksum():
     def annotation(values):
@@ -209,6 +235,11 @@ def bad_values():
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "ackTimeout": "soon"}}, "ackTimeout"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "edges": ["a.b"]}}, "edges"),
         ({**CENTRAL, "replicas": 3}, "replicas"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "replicas": 0}}, "replicas"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "replicas": 2}},
+         "several central replicas share one op log, on PostgreSQL"),
+        ({**CENTRAL_POSTGRES, "central": {**CENTRAL_POSTGRES["central"], "replicas": 2}},
+         "cannot share the embedded broker"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "database": {"url": "mysql://db/x"}}}, "url"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000",
                                  "database": {"url": "postgres://sg:hunter2@db:5432/x"}}}, "url"),
@@ -259,7 +290,7 @@ def binary_agrees():
 
 
 def main():
-    for test in (lint, validate, central_shape, variants, checksum, bad_values, binary_agrees):
+    for test in (lint, validate, central_shape, variants, replicas, checksum, bad_values, binary_agrees):
         test()
     passed = sum(ok for _, ok in results)
     print(f"helm: {passed} passed, {len(results) - passed} failed", flush=True)

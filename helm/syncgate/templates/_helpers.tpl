@@ -43,6 +43,16 @@ app.kubernetes.io/part-of: syncgate
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* Whether central keeps its op log on a volume of its own (SQLite). */}}
+{{- define "syncgate.ownVolume" -}}
+{{- if and .Values.persistence.enabled (or (ne .Values.role "central") (not .Values.central.database.url)) }}true{{- end }}
+{{- end }}
+
+{{/* Central's replicas (the edge runs one). */}}
+{{- define "syncgate.replicas" -}}
+{{- if eq .Values.role "central" }}{{ int (default 1 .Values.central.replicas) }}{{ else }}1{{ end }}
+{{- end }}
+
 {{/* Whether central runs the embedded broker. */}}
 {{- define "syncgate.embeddedBroker" -}}
 {{- if and (eq .Values.role "central") (not .Values.central.externalBroker) }}true{{- end }}
@@ -119,6 +129,13 @@ log_format = {{ .Values.logFormat | toJson }}
 {{- if eq .Values.role "central" }}
 {{- if not .Values.central.upstream }}
 {{- fail "central.upstream is required for role central: the central Keystone's URL" }}
+{{- end }}
+{{- $replicas := int (default 1 .Values.central.replicas) }}
+{{- if and (gt $replicas 1) (not .Values.central.database.url) }}
+{{- fail (printf "central.replicas is %d but the op log is a SQLite file (central.database.url is empty): several central replicas share one op log, on PostgreSQL; set central.database.url to postgres://USER@HOST:PORT/DB, or central.replicas to 1" $replicas) }}
+{{- end }}
+{{- if and (gt $replicas 1) (not .Values.central.externalBroker) }}
+{{- fail (printf "central.replicas is %d but central.externalBroker is empty: several central replicas cannot share the embedded broker; run a NATS cluster (https://github.com/nats-io/k8s/tree/main/helm/charts/nats) and set central.externalBroker to nats://HOST:4222" $replicas) }}
 {{- end }}
 {{- if and .Values.secrets.databasePassword.name (not .Values.central.database.url) }}
 {{- fail "secrets.databasePassword.name is set but central.database.url is not: the password is for a PostgreSQL op log (postgres://USER@HOST:PORT/DB)" }}
