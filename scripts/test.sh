@@ -5,8 +5,10 @@
 #      log on a real PostgreSQL (Debian's postgresql, installed when missing);
 #   2. the nats-py client against the embedded broker;
 #   3. the end-to-end suite (tests/e2e): real Keystones from PyPI, the openstack
-#      CLI through the gateway, faults, a real nats-server, and traces received
-#      by an OTLP collector stand-in;
+#      CLI through the gateway, faults, a real nats-server, traces received
+#      by an OTLP collector stand-in, and two central replicas on PostgreSQL
+#      behind HAProxy (Debian's haproxy, installed when missing) with the
+#      leader killed;
 #   4. the Helm chart (tests/helm), rendered by Helm's own engine, validated
 #      against the Kubernetes schemas, and run with the binary;
 #   5. the container image (tests/image), built and run with podman (installed
@@ -70,7 +72,8 @@ fi
 echo "== nats-py against the embedded broker"
 .venv/bin/python tests/python/broker_nats_py.py target/debug/syncgate || status=$?
 
-echo "== end to end: real Keystones, the openstack CLI, central and edges"
+echo "== end to end: real Keystones, the openstack CLI, central and edges (and central replicas behind HAProxy)"
+ensure_debian_packages haproxy || status=1
 SYNCGATE_BIN="$PWD/target/debug/syncgate" .venv/bin/python tests/e2e/e2e.py || status=$?
 
 echo "== the Helm chart: Helm's engine, Kubernetes schemas, the binary with the rendered config"

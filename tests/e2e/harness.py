@@ -350,12 +350,13 @@ class Deployment:
         for k in all_ks:
             k.start()
 
-    def central_process(self):
+    def central_process(self, name="central", proxy_port=None, admin_port=None):
+        """Central, on its ports (a replica among several: on ports of its own)."""
         args = [
             self.bin, "central",
             "--upstream", self.central_ks.url,
-            "--listen", f"127.0.0.1:{self.proxy_port}",
-            "--admin-listen", f"127.0.0.1:{self.admin_port}",
+            "--listen", f"127.0.0.1:{proxy_port or self.proxy_port}",
+            "--admin-listen", f"127.0.0.1:{admin_port or self.admin_port}",
             "--db", self.central_db,
             "--sync-key-file", self.key_file,
             "--edges", ",".join(self.edge_ks),
@@ -366,7 +367,7 @@ class Deployment:
         else:
             args += ["--broker-listen", f"127.0.0.1:{self.broker_port}"]
         env = dict(os.environ, **self.central_ks.admin_env(), **self.otlp_env())
-        return Process("central", args, env, self.workdir)
+        return Process(name, args, env, self.workdir)
 
     def otlp_env(self, **extra):
         """The standard OpenTelemetry variables, when traces are exported."""
@@ -603,3 +604,81 @@ def diff(central, edge):
 
 def log(msg):
     print(msg, flush=True, file=sys.stderr)
+
+
+class Postgres:
+    """A private PostgreSQL server (Debian's postgresql): in a temporary
+    directory, on a free loopback port, as nobody when run as root (PostgreSQL
+    refuses root)."""
+
+    def __init__(self):
+        import tempfile
+
+        # Its own directory under the system's temporary one, which the
+        # server's user can reach (a test's working directory may be private).
+        self.dir = Path(tempfile.mkdtemp(prefix="syncgate-pg-"))
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+        if not versions:
+            raise RuntimeError("PostgreSQL's server programs not found (apt-get install postgresql)")
+        self.bin = versions[-1].parent
+        self.as_nobody = os.geteuid() == 0
+        if self.as_nobody:
+            subprocess.run(["chown", "-R", "nobody", str(self.dir)], check=True)
+        self.port = free_port()
+        self.url = f"postgres://syncgate@127.0.0.1:{self.port}"
+
+    def _run(self, program, *args):
+        cmd = [str(self.bin / program), *args]
+        if self.as_nobody:
+            cmd = ["runuser", "-u", "nobody", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def start(self):
+        data = str(self.dir / "data")
+        self._run("initdb", "-D", data, "-U", "syncgate", "--auth=trust", "--no-sync", "--locale=C", "-E", "UTF8")
+        self._run("pg_ctl", "-D", data, "-l", str(self.dir / "server.log"), "-w", "-o",
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
+        return self
+
+    def stop(self):
+        subprocess.run((["runuser", "-u", "nobody", "--"] if self.as_nobody else [])
+                       + [str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class HAProxy:
+    """Debian's HAProxy in front of central's replicas: round robin, each
+    replica health-checked on its admin port's /readyz."""
+
+    def __init__(self, workdir, port, replicas):
+        # replicas: [(proxy port, admin port)]
+        self.config = Path(workdir) / "haproxy.cfg"
+        servers = "\n".join(
+            f"    server r{i} 127.0.0.1:{proxy} check port {admin} inter 500ms fall 2 rise 1"
+            for i, (proxy, admin) in enumerate(replicas))
+        self.config.write_text(f"""global
+    maxconn 256
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+frontend keystone
+    bind 127.0.0.1:{port}
+    default_backend central
+backend central
+    balance roundrobin
+    option httpchk GET /readyz
+{servers}
+""")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
