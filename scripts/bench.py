@@ -254,30 +254,99 @@ def best(results):
     return max(results, key=lambda r: r["rps"])
 
 
+def _status(admin_port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/v1/status", timeout=2) as r:
+        return json.loads(r.read())
+
+
+def _leader(admins):
+    """The index of the replica that says it leads, and its epoch, or None."""
+    for i, port in enumerate(admins):
+        try:
+            s = _status(port)
+        except Exception:
+            continue
+        if s["op_log"].get("leads"):
+            return i, s["op_log"]["epoch"]
+    return None
+
+
 def postgres_figures(opts, work, up_port, script):
-    """Captured writes and reads through a central whose op log is on
-    PostgreSQL (`--postgres`): central and the upstream on core 0 as above;
-    the PostgreSQL server is not pinned."""
-    sg_port, sg_admin, sg_broker = (free_port() for _ in range(3))
+    """Captured writes and reads through central with its op log on
+    PostgreSQL (`--postgres`): one replica, then two (each driven by its own
+    wrk with half the connections, the sum reported) on one external
+    nats-server; then failover, the time from a kill -9 of the leader to
+    another replica leading. Central and the upstream on core 0 as above; the
+    PostgreSQL server and nats-server are not pinned."""
     env = dict(os.environ, SYNCGATE_LOG=os.environ.get("SYNCGATE_LOG", "info"))
-    central = Server([opts.binary, "central", "--upstream", f"http://127.0.0.1:{up_port}",
-                      "--listen", f"127.0.0.1:{sg_port}", "--admin-listen", f"127.0.0.1:{sg_admin}",
-                      "--broker-listen", f"127.0.0.1:{sg_broker}", "--insecure-plaintext-sync",
-                      "--edges", "edge1", "--log-format", "json", "--db", opts.postgres], 0, env=env,
-                     log=open(Path(work) / "central-postgres.log", "w"))
+    nats_bin = REPO / ".venv" / "bin" / "nats-server"
+    nats_port = free_port()
+    nats = Server([str(nats_bin), "-a", "127.0.0.1", "-p", str(nats_port)], 1) if nats_bin.exists() else None
     upstream = Server(["nginx", "-c", str(upstream_conf(work, up_port))], 0)
+    replicas = []
+
+    def replica(n):
+        port, admin = free_port(), free_port()
+        broker = (["--broker", f"nats://127.0.0.1:{nats_port}"] if nats else
+                  ["--broker-listen", f"127.0.0.1:{free_port()}"])
+        server = Server([opts.binary, "central", "--upstream", f"http://127.0.0.1:{up_port}",
+                         "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                         *broker, "--insecure-plaintext-sync",
+                         "--edges", "edge1", "--log-format", "json", "--db", opts.postgres], 0, env=env,
+                        log=open(Path(work) / f"central-postgres-{n}.log", "a"))
+        wait_http(f"http://127.0.0.1:{admin}/readyz")
+        return server, port, admin
+
     try:
         wait_http(f"http://127.0.0.1:{up_port}/")
-        wait_http(f"http://127.0.0.1:{sg_admin}/readyz")
-        figures = {}
+        replicas.append(replica(0))
+        figures = {"version": os.environ.get("BENCH_POSTGRES_VERSION", "")}
+        port = replicas[0][1]
         for method, lua in (("POST", str(script)), ("GET", None)):
-            figures[method] = best([wrk(f"http://127.0.0.1:{sg_port}/v3/projects", opts.seconds,
+            figures[method] = best([wrk(f"http://127.0.0.1:{port}/v3/projects", opts.seconds,
                                         opts.connections, lua) for _ in range(opts.runs)])
-        figures["version"] = os.environ.get("BENCH_POSTGRES_VERSION", "")
+        if not nats:
+            return figures
+        replicas.append(replica(1))
+        import concurrent.futures
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        for method, lua in (("POST", str(script)), ("GET", None)):
+            runs = []
+            for _ in range(opts.runs):
+                parts = list(pool.map(lambda r: wrk(f"http://127.0.0.1:{r[1]}/v3/projects", opts.seconds,
+                                                    max(1, opts.connections // 2), lua), replicas))
+                runs.append({"rps": sum(p["rps"] for p in parts), "p50": max(p["p50"] for p in parts),
+                             "p99": max(p["p99"] for p in parts), "errors": sum(p["errors"] for p in parts)})
+            figures[f"{method} x2"] = best(runs)
+        # Failover: the leader killed -9, the time until another leads.
+        took = []
+        for n in range(opts.runs):
+            admins = [r[2] for r in replicas]
+            leader = None
+            while leader is None:
+                leader = _leader(admins)
+                time.sleep(0.05)
+            i, epoch = leader
+            killed = time.monotonic()
+            replicas[i][0].proc.kill()
+            replicas[i][0].proc.wait()
+            others = [a for j, a in enumerate(admins) if j != i]
+            deadline = killed + 60
+            while time.monotonic() < deadline:
+                now = _leader(others)
+                if now and now[1] > epoch:
+                    took.append(time.monotonic() - killed)
+                    break
+                time.sleep(0.02)
+            replicas[i] = replica(2 + n)
+        figures["failover"] = took
         return figures
     finally:
-        central.stop()
+        for r in replicas:
+            r[0].stop()
         upstream.stop()
+        if nats:
+            nats.stop()
 
 
 def main():
@@ -402,6 +471,13 @@ def main():
         print(f"| SQLite (the rows above) | {cell(sqlite[0])} | {cell(sqlite[1])} |")
         print(f"| PostgreSQL {on_pg['version']}, same machine, fsync and synchronous_commit on | "
               f"{cell(on_pg['POST'])} | {cell(on_pg['GET'])} |")
+        if "POST x2" in on_pg:
+            print(f"| PostgreSQL, two central replicas (half the connections each, summed) | "
+                  f"{cell(on_pg['POST x2'])} | {cell(on_pg['GET x2'])} |")
+        if on_pg.get("failover"):
+            times = ", ".join(f"{t:.2f} s" for t in on_pg["failover"])
+            print()
+            print(f"failover (kill -9 of the leader -> another replica leads): {times}")
     print()
     print(f"edge peak RSS during catch-up: {edge_rss:.1f} MB")
     print(f"syncgate central peak RSS: idle {idle_rss:.1f} MB, after reads "

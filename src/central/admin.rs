@@ -196,6 +196,9 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
     next.run(req).await
 }
 
+/// Marks a request one replica sent another as the leader.
+const FORWARDED: &str = "x-syncgate-forwarded";
+
 /// How long a request only the leader answers waits for one to be elected
 /// (a leader that is gone is replaced within a few seconds).
 const LEADER_WAIT: Duration = Duration::from_secs(10);
@@ -209,6 +212,9 @@ async fn to_leader(State(admin): State<Arc<Admin>>, req: Request, next: Next) ->
     if admin.store.dialect() != crate::store::Dialect::Postgres || admin.leads() {
         return next.run(req).await;
     }
+    // Sent here by another replica that took this one for the leader: not
+    // sent on again (two replicas never pass a request back and forth).
+    let forwarded = req.headers().contains_key(FORWARDED);
     let unavailable = |why: String| {
         let mut resp = ApiError(StatusCode::SERVICE_UNAVAILABLE, why).into_response();
         resp.headers_mut()
@@ -236,6 +242,13 @@ async fn to_leader(State(admin): State<Arc<Admin>>, req: Request, next: Next) ->
             let req = Request::from_parts(parts, axum::body::Body::from(body));
             return next.run(req).await;
         }
+        if forwarded {
+            if tokio::time::Instant::now() >= deadline {
+                return unavailable("this replica was sent a request for the leader and does not lead; retry shortly".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         match admin.store.leader().await {
             Ok(crate::store::LeaderRow {
                 admin_url: Some(url),
@@ -245,7 +258,8 @@ async fn to_leader(State(admin): State<Arc<Admin>>, req: Request, next: Next) ->
             }) if replica != admin.store.replica() => {
                 let mut out = admin
                     .forwarder
-                    .post(format!("{}{path}", url.trim_end_matches('/')));
+                    .post(format!("{}{path}", url.trim_end_matches('/')))
+                    .header(FORWARDED, "1");
                 if let Some(auth) = &auth {
                     out = out.header(header::AUTHORIZATION, auth);
                 }
@@ -307,7 +321,8 @@ async fn readyz(State(admin): State<Arc<Admin>>) -> Response {
         admin.proxy.upstream_reachable(),
         admin.store.check_writable()
     );
-    let oplog_ok = oplog.is_ok();
+    // A replica without its presence on a shared op log takes no writes.
+    let oplog_ok = oplog.is_ok() && admin.store.present();
     if let Err(e) = &oplog {
         warn!(error = %e, "readiness: op log not writable");
     }

@@ -65,6 +65,7 @@ async fn keep_presence(
     mut presence: crate::store::Presence,
     me: String,
     admin_url: String,
+    alone: bool,
     admin: Arc<Admin>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -82,7 +83,10 @@ async fn keep_presence(
         );
         admin.set_held(false, None);
         loop {
-            match store.join(&me, Some(&admin_url), Some(presence.no)).await {
+            match store
+                .join(&me, Some(&admin_url), Some(presence.no), alone)
+                .await
+            {
                 Ok(Some(again)) => {
                     info!(replica = again.no, "this replica's presence is held again");
                     admin.set_held(true, Some(again.no));
@@ -90,7 +94,10 @@ async fn keep_presence(
                     break;
                 }
                 Ok(None) => return Ok(()),
-                Err(e @ crate::store::StoreError::Taken { .. }) => {
+                Err(
+                    e @ (crate::store::StoreError::Taken { .. }
+                    | crate::store::StoreError::Replicas),
+                ) => {
                     return Err(anyhow::anyhow!("{e}"));
                 }
                 Err(e) => {
@@ -163,8 +170,11 @@ impl Kit {
         &self,
         store: &Store,
         epoch: Option<i64>,
-        stop: tokio::sync::watch::Receiver<bool>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
+        // The duties' own stop: sent at `stop`, or when one of them dies (the
+        // others then end too, and the error is the caller's).
+        let (end, ended) = tokio::sync::watch::channel(false);
         let (wants_resync, resync_wanted) = tokio::sync::mpsc::unbounded_channel();
         let sync = self.sync(store, Some(wants_resync)).await?;
         let resyncer = Arc::new(resync::Resyncer::new(
@@ -176,16 +186,16 @@ impl Kit {
         ));
         self.admin
             .set_leader(Some((epoch, sync.clone(), resyncer.clone())));
-        let mut sync_task = Watched::spawn("sync", sync.run(stop.clone()));
-        let mut resync_task = Watched::spawn("resync and drift audit", {
-            let stop = stop.clone();
+        let sync_task = Watched::spawn("sync", sync.run(ended.clone()));
+        let resync_task = Watched::spawn("resync and drift audit", {
+            let stop = ended.clone();
             let interval = self.config.sync.drift_interval;
             async move {
                 resyncer.run(resync_wanted, interval, stop).await;
                 anyhow::Ok(())
             }
         });
-        let mut resolve_task = Watched::spawn(
+        let resolve_task = Watched::spawn(
             "unknown outcome resolver",
             resolve::Resolver {
                 store: store.clone(),
@@ -194,23 +204,36 @@ impl Kit {
                 kick: self.proxy.unknown.clone(),
                 settle: self.config.upstream_settle,
             }
-            .run(stop.clone()),
+            .run(ended.clone()),
         );
-        let mut stopped = stop.clone();
-        let died = tokio::select! {
-            _ = crate::serve::stopped(&mut stopped) => None,
-            d = sync_task.ended() => Some(d),
-            d = resync_task.ended() => Some(d),
-            d = resolve_task.ended() => Some(d),
-        };
-        sync_task.join().await;
-        resync_task.join().await;
-        resolve_task.join().await;
+        let ran = together(vec![sync_task, resync_task, resolve_task], end, &mut stop).await;
         self.admin.set_leader(None);
-        match died {
-            Some(why) => Err(anyhow::anyhow!("{why}")),
-            None => Ok(()),
+        ran
+    }
+}
+
+/// Runs `tasks` until `stop`, or until one of them ends: then every other is
+/// told to end (`end`, which each watches) and awaited. The one that ended
+/// early is the error: duties run all together or not at all.
+async fn together(
+    mut tasks: Vec<Watched>,
+    end: tokio::sync::watch::Sender<bool>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let died = {
+        let ends = tasks.iter_mut().map(|t| Box::pin(t.ended()));
+        tokio::select! {
+            _ = crate::serve::stopped(stop) => None,
+            (why, _, _) = futures_util::future::select_all(ends) => Some(why),
         }
+    };
+    let _ = end.send(true);
+    for t in &mut tasks {
+        t.join().await;
+    }
+    match died {
+        Some(why) => Err(anyhow::anyhow!("{why}")),
+        None => Ok(()),
     }
 }
 
@@ -357,11 +380,14 @@ impl Central {
         // little (a host that vanished, once its connection times out,
         // about 30 s: see `store::engine`).
         let deadline = tokio::time::Instant::now() + config.oplog_lock_wait;
+        // With the embedded broker (which replicas cannot share) central
+        // holds the op log alone.
+        let alone = matches!(config.broker, BrokerMode::Embedded(_));
         let mut presence = loop {
-            match store.join(&me, Some(&admin_url), None).await {
-                Err(crate::store::StoreError::Taken { .. })
-                    if tokio::time::Instant::now() < deadline =>
-                {
+            match store.join(&me, Some(&admin_url), None, alone).await {
+                Err(
+                    crate::store::StoreError::Taken { .. } | crate::store::StoreError::Replicas,
+                ) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await
                 }
                 other => break other?,
@@ -639,6 +665,7 @@ impl Central {
                     presence,
                     self.me.clone(),
                     self.admin_url.clone(),
+                    matches!(self.config.broker, BrokerMode::Embedded(_)),
                     self.admin.clone(),
                     stop_rx_sync.clone(),
                 ),
@@ -803,6 +830,50 @@ async fn sweep_stale_intents(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One duty that dies ends the others (they are told to, and awaited)
+    /// and is the error; at stop, all end and none is an error.
+    #[tokio::test]
+    async fn duties_run_all_together_or_not_at_all() {
+        let (end, ended) = tokio::sync::watch::channel(false);
+        let (_stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let finished = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waits = |name: &'static str| {
+            let (mut ended, finished) = (ended.clone(), finished.clone());
+            Watched::spawn(name, async move {
+                crate::serve::stopped(&mut ended).await;
+                finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                anyhow::Ok(())
+            })
+        };
+        let dies = Watched::spawn("publisher", async { Err::<(), _>(anyhow::anyhow!("gone")) });
+        let ran = together(
+            vec![waits("resolver"), dies, waits("resyncer")],
+            end,
+            &mut stop,
+        )
+        .await;
+        assert_eq!(
+            ran.unwrap_err().to_string(),
+            "the publisher task failed: gone"
+        );
+        assert_eq!(
+            finished.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "the others ended"
+        );
+
+        let (end, ended) = tokio::sync::watch::channel(false);
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let mut e = ended.clone();
+        let task = Watched::spawn("sync", async move {
+            crate::serve::stopped(&mut e).await;
+            anyhow::Ok(())
+        });
+        stop_tx.send(true).unwrap();
+        together(vec![task], end, &mut stop).await.unwrap();
+        drop(ended);
+    }
 
     #[tokio::test]
     async fn a_task_that_dies_is_reported_by_name_and_how() {

@@ -953,7 +953,12 @@ impl SyncCentral {
                         .insert(edge.to_string());
                     Ok(())
                 }
-                _ => Err(Rejected::UnknownEdge),
+                Ok(None) => Err(Rejected::UnknownEdge),
+                Err(e) => {
+                    // Not known to be unknown: the op log could not say.
+                    error!(edge, error = %e, "cannot read whether an edge is registered");
+                    Err(Rejected::UnknownEdge)
+                }
             };
         }
         match self.store.register_edge(edge, false).await {

@@ -144,6 +144,13 @@ async fn captured_section(
     let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
 
+    // A replica that lost its presence on a shared op log forwards nothing:
+    // its intents may be settled by another meanwhile.
+    if !proxy.store.present() {
+        inc(&proxy.metrics.oplog_failures);
+        return Err(ProxyError::OpLogUnavailable);
+    }
+
     // 1. The intent is durable before anything is forwarded. It is known to
     // be running before it is durable: an open intent not running is one whose
     // section ended without logging it, which the sweeper logs at once.

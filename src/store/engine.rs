@@ -237,6 +237,41 @@ async fn open_sqlite(url: &str) -> Result<Pools, StoreError> {
     })
 }
 
+/// An earlier version runs alone on its op log, holding `SOLE_LOCK` (see
+/// `replicas`) for its life, and knows no replicas: while it runs, this
+/// version's migrations are not applied under it (it could not start again
+/// on a schema it does not know).
+async fn refuse_beside_an_earlier_version(writer: &AnyPool) -> Result<(), StoreError> {
+    let mut conn = writer.acquire().await?;
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
+        .bind(super::replicas::SOLE_LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    if free {
+        sqlx::query("SELECT pg_advisory_unlock_shared($1)")
+            .bind(super::replicas::SOLE_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        return Ok(());
+    }
+    let replicas_known: bool = sqlx::query_scalar("SELECT to_regclass('replicas') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    if replicas_known {
+        // Held alone by a central of this version (the embedded broker's):
+        // `join` says so, or waits for it to go.
+        return Ok(());
+    }
+    let (holder, since): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT holder, since FROM leader WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+    Err(StoreError::Taken {
+        holder: holder.unwrap_or_else(|| "unknown".into()),
+        since: since.unwrap_or_else(|| "unknown".into()),
+    })
+}
+
 /// Opens a PostgreSQL op log whose every connection says it does the
 /// duties of the leader elected at `epoch` (`SET syncgate.epoch`): the
 /// database refuses its writes to the leader's tables once another is
@@ -305,6 +340,7 @@ async fn open_postgres(
         .connect_with(options.clone())
         .await
         .map_err(open_err)?;
+    refuse_beside_an_earlier_version(&writer).await?;
     sqlx::migrate!("./migrations/central-postgres")
         .run(&writer)
         .await?;

@@ -60,10 +60,16 @@ pub enum StoreError {
     )]
     Deposed { epoch: i64, current: i64 },
     #[error(
-        "a central of an earlier version, which runs alone, holds this op log ({holder} since \
-         {since}): stop it before starting replicas of this version"
+        "another central holds this op log alone ({holder} since {since}): one with the \
+         embedded broker, or of an earlier version; stop it first (several central replicas \
+         share one op log with an external NATS: --broker)"
     )]
     Taken { holder: String, since: String },
+    #[error(
+        "other central replicas run on this op log: with the embedded broker central runs \
+         alone; give every replica the same external NATS (--broker)"
+    )]
+    Replicas,
 }
 
 /// The state of an op in the log.
@@ -273,6 +279,10 @@ pub struct Store {
     /// On PostgreSQL: where the op log is, to open the leader's fenced
     /// pools (`fenced`).
     origin: Option<Arc<replicas::Origin>>,
+    /// Whether this process may capture: on PostgreSQL, while it holds its
+    /// presence (lost, the leader may settle its intents as another's that
+    /// is gone); always on SQLite.
+    present: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -307,6 +317,9 @@ impl Store {
             reader: pools.reader,
             vault,
             owner,
+            present: Arc::new(std::sync::atomic::AtomicBool::new(
+                pools.dialect == Dialect::Sqlite,
+            )),
             origin: (pools.dialect == Dialect::Postgres).then(|| {
                 Arc::new(replicas::Origin {
                     url: url.to_string(),

@@ -38,7 +38,7 @@ const LEADER_LOCK: i64 = 0x5359_4e43_4741_5445;
 /// The lock a central of an earlier version held alone for its life, as
 /// the one process on the op log; replicas hold it shared (`Store::join`),
 /// so the two never run together.
-const SOLE_LOCK: i64 = 0x5359_4e43_534f_4c45;
+pub(super) const SOLE_LOCK: i64 = 0x5359_4e43_534f_4c45;
 
 /// Now, as the leader's and the replicas' rows show it.
 fn now() -> String {
@@ -134,56 +134,45 @@ impl Store {
     /// Joins the replicas on this PostgreSQL op log, as `name` (shown in the
     /// status) reachable at `admin_url` (where other replicas send what only
     /// the leader does); `again` rejoins under the number held before (its
-    /// lock lost with its connection). `None` on SQLite (one process).
-    /// Refused while a central of an earlier version, which runs alone,
-    /// holds the op log.
+    /// lock lost with its connection). `alone` (a central with the embedded
+    /// broker, which replicas cannot share) holds the op log alone. `None` on
+    /// SQLite (one process). Refused while another central holds it alone (an
+    /// earlier version, or one with the embedded broker), or, `alone`, while
+    /// other replicas run.
     pub async fn join(
         &self,
         name: &str,
         admin_url: Option<&str>,
         again: Option<i32>,
+        alone: bool,
     ) -> Result<Option<Presence>, StoreError> {
         if self.d != Dialect::Postgres {
             return Ok(None);
         }
         let mut conn = self.own_connection().await?;
-        let shared: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
-            .bind(SOLE_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
-        if !shared {
+        let held: bool = sqlx::query_scalar(if alone {
+            "SELECT pg_try_advisory_lock($1)"
+        } else {
+            "SELECT pg_try_advisory_lock_shared($1)"
+        })
+        .bind(SOLE_LOCK)
+        .fetch_one(&mut conn)
+        .await?;
+        if !held {
             let _ = conn.close().await;
-            let (holder, since): (Option<String>, Option<String>) =
-                sqlx::query_as("SELECT holder, since FROM leader WHERE id = 1")
-                    .fetch_one(&self.reader)
-                    .await?;
-            return Err(earlier_alone(holder, since));
+            return Err(self.who_holds_it(alone).await);
         }
         let no: i32 = match again {
-            None => sqlx::query_scalar(
-                "INSERT INTO replicas (name, admin_url, started) VALUES ($1, $2, $3) RETURNING no",
-            )
-            .bind(name)
-            .bind(admin_url)
-            .bind(now())
-            .fetch_one(&mut conn)
-            .await?,
-            Some(no) => {
-                sqlx::query(
-                    "INSERT INTO replicas (no, name, admin_url, started) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (no) DO NOTHING",
-                )
-                .bind(no)
-                .bind(name)
-                .bind(admin_url)
-                .bind(now())
-                .execute(&mut conn)
-                .await?;
-                no
+            Some(no) => no,
+            None => {
+                sqlx::query_scalar("SELECT nextval('replicas_no_seq')::INTEGER")
+                    .fetch_one(&mut conn)
+                    .await?
             }
         };
-        // Free unless the leader is settling this number as gone (a
-        // rejoin after the connection was cut): then it is waited for.
+        // Its lock first, then its row: a number the leader is settling as
+        // gone (a rejoin after the connection was cut) is waited for, and
+        // its row, which the settling deletes, is written again after.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
@@ -202,8 +191,59 @@ impl Store {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        sqlx::query(
+            "INSERT INTO replicas (no, name, admin_url, started) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (no) DO UPDATE SET name = excluded.name, admin_url = excluded.admin_url",
+        )
+        .bind(no)
+        .bind(name)
+        .bind(admin_url)
+        .bind(now())
+        .execute(&mut conn)
+        .await?;
         self.owner.store(no, Ordering::Relaxed);
+        self.present.store(true, Ordering::SeqCst);
         Ok(Some(Presence { no, conn }))
+    }
+
+    /// Why the op log cannot be joined: who holds it alone, or (`alone`)
+    /// that replicas run.
+    async fn who_holds_it(&self, alone: bool) -> StoreError {
+        if alone {
+            // Free of an exclusive holder? Then replicas hold it shared.
+            let shared = async {
+                let mut c = self.own_connection().await?;
+                let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
+                    .bind(SOLE_LOCK)
+                    .fetch_one(&mut c)
+                    .await?;
+                let _ = c.close().await;
+                Ok::<bool, StoreError>(free)
+            };
+            if let Ok(true) = shared.await {
+                return StoreError::Replicas;
+            }
+        }
+        match sqlx::query_as::<_, (Option<String>, Option<String>)>(
+            "SELECT holder, since FROM leader WHERE id = 1",
+        )
+        .fetch_one(&self.reader)
+        .await
+        {
+            Ok((holder, since)) => earlier_alone(holder, since),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Whether this process may capture (see `present`).
+    pub fn present(&self) -> bool {
+        self.present.load(Ordering::SeqCst)
+    }
+
+    /// This replica's presence was lost: it captures nothing until it holds
+    /// it again (`join`).
+    pub fn lost_presence(&self) {
+        self.present.store(false, Ordering::SeqCst);
     }
 
     /// Tries once to become the leader: the lease when elected, `None`
@@ -273,6 +313,7 @@ impl Store {
             vault: self.vault.clone(),
             owner: self.owner.clone(),
             origin: self.origin.clone(),
+            present: self.present.clone(),
         })
     }
 
@@ -315,19 +356,27 @@ impl Store {
                     continue;
                 }
             }
-            let settled = self.settle_intents_of(owner).await;
+            let mut settled = self.settle_intents_of(owner).await;
             if let Some(no) = owner {
                 if settled.is_ok() {
-                    sqlx::query("DELETE FROM replicas WHERE no = $1")
+                    if let Err(e) = sqlx::query("DELETE FROM replicas WHERE no = $1")
                         .bind(no)
                         .execute(&self.writer)
-                        .await?;
+                        .await
+                    {
+                        settled = Err(e.into());
+                    }
                 }
-                sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                // Given back whatever happened: held, the replica could
+                // never rejoin, nor be settled by another.
+                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
                     .bind(REPLICA_CLASS)
                     .bind(no)
                     .execute(&mut *conn)
-                    .await?;
+                    .await;
+                if let Err(e) = unlocked {
+                    settled = settled.and(Err(e.into()));
+                }
             }
             seqs.extend(settled?);
         }

@@ -224,8 +224,8 @@ async fn seqs_are_gap_free_and_become_visible_in_order_across_processes() {
         Store::open(&url).await.unwrap(),
     ];
     let _joined = [
-        replicas[0].join("a", None, None).await.unwrap(),
-        replicas[1].join("b", None, None).await.unwrap(),
+        replicas[0].join("a", None, None, false).await.unwrap(),
+        replicas[1].join("b", None, None, false).await.unwrap(),
     ];
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
@@ -354,7 +354,10 @@ async fn leadership_chaos() {
     let mut procs = Vec::new();
     for p in 0..3 {
         let store = Store::open(&url).await.unwrap();
-        let presence = store.join(&format!("p{p}"), None, None).await.unwrap();
+        let presence = store
+            .join(&format!("p{p}"), None, None, false)
+            .await
+            .unwrap();
         procs.push((store, presence));
     }
     // The model: which process holds the live lease, and the fenced store
@@ -997,9 +1000,9 @@ async fn a_gone_replicas_open_intents_are_settled_by_the_leader_and_a_live_ones_
     let a = Store::open(&url).await.unwrap();
     let b = Store::open(&url).await.unwrap();
     let c = Store::open(&url).await.unwrap();
-    let pa = a.join("a", None, None).await.unwrap().unwrap();
-    let _pb = b.join("b", None, None).await.unwrap().unwrap();
-    let _pc = c.join("c", None, None).await.unwrap().unwrap();
+    let pa = a.join("a", None, None, false).await.unwrap().unwrap();
+    let _pb = b.join("b", None, None, false).await.unwrap().unwrap();
+    let _pc = c.join("c", None, None, false).await.unwrap().unwrap();
     let from_a = begin(&a, "from-a").await;
     let from_b = begin(&b, "from-b").await;
     assert_eq!(
@@ -1070,8 +1073,8 @@ async fn a_deposed_leaders_writes_are_refused_by_the_database() {
     let url = pg.database("fencing").await;
     let a = Store::open(&url).await.unwrap();
     let b = Store::open(&url).await.unwrap();
-    let _pa = a.join("a", None, None).await.unwrap().unwrap();
-    let _pb = b.join("b", None, None).await.unwrap().unwrap();
+    let _pa = a.join("a", None, None, false).await.unwrap().unwrap();
+    let _pb = b.join("b", None, None, false).await.unwrap().unwrap();
     let lease_a = a.campaign("a").await.unwrap().unwrap();
     assert!(
         b.campaign("b").await.unwrap().is_none(),
@@ -1149,4 +1152,50 @@ async fn entity_keys_are_taken_across_replicas_all_or_none() {
     a.acquire(&[t("project:p1", true)], Duration::from_secs(10))
         .await
         .expect("given back once kept long enough");
+}
+
+/// With the embedded broker (which replicas cannot share) central holds its
+/// PostgreSQL op log alone: another central is refused, saying why, whether
+/// it has the embedded broker too or an external one; once the first is gone
+/// (its connection closed, as a kill closes it) another starts. And replicas
+/// with an external broker keep a central with the embedded one out.
+#[tokio::test]
+async fn a_central_with_the_embedded_broker_holds_its_op_log_alone() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("alone").await;
+    let fake = crate::fake_keystone::FakeKeystone::start().await;
+    let mut embedded = crate::helpers::config_for(&fake, &url);
+    embedded.oplog_lock_wait = std::time::Duration::from_millis(300);
+    let mut external = embedded.clone();
+    external.broker = syncgate::settings::config::BrokerMode::External(
+        syncgate::settings::config::parse_nats_url("nats://127.0.0.1:4222").unwrap(),
+    );
+    let first = syncgate::Central::build(embedded.clone()).await.unwrap();
+    for other in [&embedded, &external] {
+        let refused = match syncgate::Central::build(other.clone()).await {
+            Ok(_) => panic!("a second central started beside one with the embedded broker"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            refused.contains("another central holds this op log alone")
+                && refused.contains("--broker"),
+            "{refused}"
+        );
+    }
+    drop(first);
+    let replica = until("the first gone", || async {
+        syncgate::Central::build(external.clone()).await.ok()
+    })
+    .await;
+    let refused = match syncgate::Central::build(embedded.clone()).await {
+        Ok(_) => panic!("a central with the embedded broker started beside a replica"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("other central replicas run on this op log"),
+        "{refused}"
+    );
+    drop(replica);
 }
