@@ -72,49 +72,15 @@ CREATE TRIGGER fenced BEFORE UPDATE OR DELETE ON intents
     FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
 
 -- Writes that touch one entity are serialised across replicas from intent
--- to commit: each replica, once its own writes are ordered, takes session
--- advisory locks (class 0x53474b59) on the keys a write touches, all or
--- none, exclusively where it changes one. `sg_try_keys` takes every one or,
--- when one is held elsewhere, gives back those it took and answers false.
-CREATE FUNCTION sg_try_keys(keys INTEGER[], exclusive BOOLEAN[]) RETURNS BOOLEAN
-LANGUAGE plpgsql AS $$
-DECLARE
-    i INTEGER;
-    j INTEGER;
-    ok BOOLEAN;
-BEGIN
-    FOR i IN 1 .. COALESCE(array_length(keys, 1), 0) LOOP
-        IF exclusive[i] THEN
-            ok := pg_try_advisory_lock(1397181273, keys[i]);
-        ELSE
-            ok := pg_try_advisory_lock_shared(1397181273, keys[i]);
-        END IF;
-        IF NOT ok THEN
-            FOR j IN 1 .. i - 1 LOOP
-                IF exclusive[j] THEN
-                    PERFORM pg_advisory_unlock(1397181273, keys[j]);
-                ELSE
-                    PERFORM pg_advisory_unlock_shared(1397181273, keys[j]);
-                END IF;
-            END LOOP;
-            RETURN FALSE;
-        END IF;
-    END LOOP;
-    RETURN TRUE;
-END
-$$;
-
-CREATE FUNCTION sg_unlock_keys(keys INTEGER[], exclusive BOOLEAN[]) RETURNS VOID
-LANGUAGE plpgsql AS $$
-DECLARE
-    i INTEGER;
-BEGIN
-    FOR i IN 1 .. COALESCE(array_length(keys, 1), 0) LOOP
-        IF exclusive[i] THEN
-            PERFORM pg_advisory_unlock(1397181273, keys[i]);
-        ELSE
-            PERFORM pg_advisory_unlock_shared(1397181273, keys[i]);
-        END IF;
-    END LOOP;
-END
-$$;
+-- to commit: an intent is opened with the keys its write touches, under a
+-- transaction lock that orders every replica's openings, and is refused
+-- while another replica's open intent, or an op whose outcome is unknown
+-- and not yet resolved, shares a key one of the two changes. The keys go
+-- with the intent.
+CREATE TABLE intent_keys (
+    key        TEXT COLLATE "C" NOT NULL,
+    op_id      TEXT NOT NULL REFERENCES intents (op_id) ON DELETE CASCADE,
+    exclusive  BOOLEAN NOT NULL,
+    PRIMARY KEY (key, op_id)
+);
+CREATE INDEX intent_keys_by_op ON intent_keys (op_id);

@@ -22,7 +22,7 @@ use crate::keystone::touches::{self, Touch};
 use crate::keystone::{self, RouteMatch};
 use crate::metrics::inc;
 use crate::protocol::messages::EntityRef;
-use crate::store::{NewIntent, OpState, Outcome};
+use crate::store::{NewIntent, OpState, Outcome, StoreError};
 
 pub(super) async fn forward_captured(
     proxy: &Arc<Proxy>,
@@ -138,8 +138,7 @@ async fn captured_section(
         inc(&proxy.metrics.writes_not_applied);
         return Err(ProxyError::InDoubt(wait.as_secs().max(1)));
     }
-    // Then the same order across replicas (PostgreSQL).
-    let _across = Across::take(proxy, &touched).await?;
+
     // Natural keys are read before forwarding: a delete's target is gone after.
     let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
@@ -161,26 +160,44 @@ async fn captured_section(
         .unwrap_or_else(|p| p.into_inner())
         .insert(op_id);
     let _in_flight = InFlight(proxy, op_id);
-    proxy
-        .store
-        .begin_intent_as(
-            op_id,
-            &NewIntent {
-                method: parts.method.as_str(),
-                path: &path,
-                class: route.class.as_str(),
-                kind: route.kind,
-                body: body_text.as_deref(),
-                refs: &refs,
-                traceparent: traceparent.as_deref(),
-            },
-        )
-        .await
-        .map_err(|e| {
-            error!(error = %e, "op log refused an intent; write not forwarded");
-            inc(&proxy.metrics.oplog_failures);
-            ProxyError::OpLogUnavailable
-        })?;
+    let intent = NewIntent {
+        method: parts.method.as_str(),
+        path: &path,
+        class: route.class.as_str(),
+        kind: route.kind,
+        body: body_text.as_deref(),
+        refs: &refs,
+        traceparent: traceparent.as_deref(),
+        touches: &touched,
+    };
+    // On PostgreSQL another replica's write of the same entity may be open:
+    // this one waits for it (up to the upstream timeout), as it would here.
+    let waiting_ends = std::time::Instant::now() + proxy.timeout;
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        match proxy.store.begin_intent_as(op_id, &intent).await {
+            Ok(_) => break,
+            Err(StoreError::Busy { in_doubt: true }) => {
+                inc(&proxy.metrics.writes_not_applied);
+                return Err(ProxyError::InDoubt(proxy.settle.as_secs().max(1)));
+            }
+            Err(StoreError::Busy { in_doubt: false })
+                if std::time::Instant::now() + pause < waiting_ends =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            Err(StoreError::Busy { .. }) => {
+                inc(&proxy.metrics.writes_not_applied);
+                return Err(ProxyError::ReplicaBusy);
+            }
+            Err(e) => {
+                error!(error = %e, "op log refused an intent; write not forwarded");
+                inc(&proxy.metrics.oplog_failures);
+                return Err(ProxyError::OpLogUnavailable);
+            }
+        }
+    }
     tracing::Span::current().record("op_id", tracing::field::display(op_id));
     request.record("op_id", tracing::field::display(op_id));
 
@@ -437,60 +454,6 @@ fn in_doubt_error(proxy: &Proxy, e: SendError, seq: Option<i64>) -> ProxyError {
         None => {
             let _ = proxy.send_error(e, None);
             ProxyError::UnknownUnrecorded { timed_out }
-        }
-    }
-}
-
-/// The keys a write holds across the replicas on one PostgreSQL op log,
-/// from before its intent to after its commit: given back when its section
-/// ends, or kept while a write of them is in doubt here (it may still land
-/// upstream), so that other replicas wait as this one does.
-struct Across<'a> {
-    proxy: &'a Proxy,
-    touches: Vec<Touch>,
-    held: Option<crate::store::KeysHeld>,
-}
-
-impl<'a> Across<'a> {
-    async fn take(proxy: &'a Proxy, touches: &[Touch]) -> Result<Across<'a>, ProxyError> {
-        let held = match &proxy.key_locks {
-            None => None,
-            Some(keys) => match keys.acquire(touches, proxy.timeout).await {
-                Ok(held) => Some(held),
-                Err(crate::store::KeyLockError::Busy) => {
-                    inc(&proxy.metrics.writes_not_applied);
-                    return Err(ProxyError::ReplicaBusy);
-                }
-                Err(e) => {
-                    error!(error = %e, "cannot order a write across replicas; write not forwarded");
-                    inc(&proxy.metrics.oplog_failures);
-                    return Err(ProxyError::OpLogUnavailable);
-                }
-            },
-        };
-        Ok(Across {
-            proxy,
-            touches: touches.to_vec(),
-            held,
-        })
-    }
-}
-
-impl Drop for Across<'_> {
-    fn drop(&mut self) {
-        let Some(mut held) = self.held.take() else {
-            return;
-        };
-        let every: Vec<Touch> = self
-            .touches
-            .iter()
-            .map(|t| Touch {
-                key: t.key.clone(),
-                exclusive: true,
-            })
-            .collect();
-        if let Some(wait) = self.proxy.in_doubt.conflict(&every) {
-            held.keep_until(std::time::Instant::now() + wait);
         }
     }
 }

@@ -84,8 +84,6 @@ pub struct Proxy {
     pub unknown: Arc<Notify>,
     /// Orders conflicting writes from intent to commit.
     locks: order::EntityLocks,
-    /// The same order across replicas on one PostgreSQL op log.
-    pub(crate) key_locks: Option<Arc<crate::store::KeyLocks>>,
     /// Keys of writes whose outcome is unknown, while they may still land.
     in_doubt: order::InDoubt,
     /// How long a write without an answer may still land upstream.
@@ -200,7 +198,6 @@ impl Proxy {
             body_timeout: config.http.body_timeout,
             max_capture_body: config.max_capture_body,
             replicate: config.replicate.clone(),
-            key_locks: store.key_locks(),
             store,
             metrics,
             keystone,
@@ -549,16 +546,6 @@ impl Proxy {
             let left = self.settle.saturating_sub(age);
             let touches = self.store.op_touches(*seq).await?;
             self.in_doubt.hold(&touches, Instant::now() + left);
-            // Other replicas wait for its keys too (PostgreSQL), as far as
-            // they can be taken now.
-            if let (Some(keys), false) = (&self.key_locks, left.is_zero()) {
-                match keys.acquire(&touches, Duration::from_secs(1)).await {
-                    Ok(mut held) => held.keep_until(Instant::now() + left),
-                    Err(e) => {
-                        warn!(seq, error = %e, "cannot hold the keys of a write in doubt for the other replicas")
-                    }
-                }
-            }
         }
         Ok(())
     }

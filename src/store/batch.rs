@@ -28,6 +28,7 @@ pub(super) enum Work {
         body: Option<String>,
         refs: String,
         traceparent: Option<String>,
+        touches: Vec<crate::keystone::touches::Touch>,
     },
     Commit {
         op_id: Uuid,
@@ -102,13 +103,14 @@ async fn execute(
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
-    match write_all(&mut tx, d, owner, jobs).await {
+    let mut busy = vec![None; jobs.len()];
+    match write_all(&mut tx, d, owner, jobs, &mut busy).await {
         Ok(seqs) => match tx.commit().await {
-            Ok(()) => answers(jobs, seqs),
+            Ok(()) => answers(jobs, seqs, &busy),
             // The answer to the commit was lost (a connection to PostgreSQL
             // broken then): what the database holds says whether it was made.
-            Err(e) => match committed(writer, d, jobs, &seqs).await {
-                Some(true) => answers(jobs, seqs),
+            Err(e) => match committed(writer, d, jobs, &seqs, &busy).await {
+                Some(true) => answers(jobs, seqs, &busy),
                 _ => failed(&e),
             },
         },
@@ -122,10 +124,18 @@ async fn execute(
 }
 
 /// Each job's answer once its transaction is committed.
-fn answers(jobs: &[Job], seqs: Vec<Option<i64>>) -> Vec<Result<Option<i64>, StoreError>> {
+fn answers(
+    jobs: &[Job],
+    seqs: Vec<Option<i64>>,
+    busy: &[Option<bool>],
+) -> Vec<Result<Option<i64>, StoreError>> {
     jobs.iter()
         .zip(seqs)
-        .map(|(job, seq)| match (&job.work, seq) {
+        .zip(busy)
+        .map(|((job, seq), busy)| match (&job.work, seq) {
+            (Work::Begin { .. }, _) if busy.is_some() => Err(StoreError::Busy {
+                in_doubt: busy.unwrap_or_default(),
+            }),
             (Work::Commit { .. }, Some(seq)) => Ok(Some(seq)),
             // A commit whose intent is gone wrote nothing: it fails alone.
             (Work::Commit { op_id, .. }, None) => Err(StoreError::NoIntent(*op_id)),
@@ -143,6 +153,7 @@ async fn committed(
     d: Dialect,
     jobs: &[Job],
     seqs: &[Option<i64>],
+    busy: &[Option<bool>],
 ) -> Option<bool> {
     if d != Dialect::Postgres {
         return None;
@@ -162,16 +173,84 @@ async fn committed(
             .ok()?;
         return Some(found == Some(seq));
     }
-    let opened = jobs.iter().find_map(|job| match &job.work {
-        Work::Begin { op_id, .. } => Some(op_id.to_string()),
-        _ => None,
-    })?;
+    let opened = jobs
+        .iter()
+        .zip(busy)
+        .find_map(|(job, busy)| match &job.work {
+            Work::Begin { op_id, .. } if busy.is_none() => Some(op_id.to_string()),
+            _ => None,
+        })?;
     let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM intents WHERE op_id = $1")
         .bind(opened)
         .fetch_optional(writer)
         .await
         .ok()?;
     Some(found.is_some())
+}
+
+/// Orders the openings of every replica's intents (a transaction lock).
+const OPENINGS: i64 = 0x5347_4f50_454e;
+
+/// Marks the intents of `jobs` that another replica's write holds a key of
+/// (an open intent of its own, or an op logged with an outcome not yet
+/// resolved: `Some(true)`), where one of the two changes the key. Under a
+/// transaction lock every replica takes to open intents: what was opened
+/// before is committed and seen, so two conflicting writes are never both
+/// opened.
+async fn refuse_conflicts(
+    conn: &mut AnyConnection,
+    owner: i32,
+    jobs: &[Job],
+    busy: &mut [Option<bool>],
+) -> Result<(), sqlx::Error> {
+    let wanted: Vec<(i64, &str, bool)> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| match &j.work {
+            Work::Begin { touches, .. } => Some((i as i64, touches)),
+            _ => None,
+        })
+        .flat_map(|(i, touches)| {
+            touches
+                .iter()
+                .map(move |t| (i, t.key.as_str(), t.exclusive))
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(OPENINGS)
+        .execute(&mut *conn)
+        .await?;
+    for chunk in wanted.chunks(ROWS) {
+        let mut q = Sql::new("WITH v (job, key, exclusive) AS (");
+        q.values(chunk, |row, (job, key, exclusive)| {
+            row.bind(*job).bind(*key).bind(*exclusive);
+        });
+        q.push(
+            ") SELECT v.job, FALSE FROM v \
+             JOIN intent_keys k ON k.key = v.key AND (k.exclusive OR v.exclusive) \
+             JOIN intents i ON i.op_id = k.op_id WHERE i.owner IS DISTINCT FROM ",
+        );
+        q.bind((owner != 0).then_some(owner));
+        q.push(
+            " UNION SELECT v.job, TRUE FROM v \
+             JOIN op_keys ok ON ok.key = v.key AND (ok.exclusive OR v.exclusive) \
+             JOIN ops o ON o.seq = ok.seq \
+             WHERE o.state = 'unknown_outcome' AND o.resolution = 'pending'",
+        );
+        let (text, args) = q.finish(Dialect::Postgres)?;
+        let found: Vec<(i64, bool)> = sqlx::query_as_with(&text, args)
+            .fetch_all(&mut *conn)
+            .await?;
+        for (job, in_doubt) in found {
+            if let Some(b) = usize::try_from(job).ok().and_then(|j| busy.get_mut(j)) {
+                *b = Some(b.unwrap_or_default() || in_doubt);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Rows per multi-row statement (SQLite allows 32766 bound values,
@@ -185,14 +264,20 @@ async fn write_all(
     d: Dialect,
     owner: i32,
     jobs: &[Job],
+    busy: &mut [Option<bool>],
 ) -> Result<Vec<Option<i64>>, sqlx::Error> {
     let mut seqs: Vec<Option<i64>> = vec![None; jobs.len()];
 
-    // 1. New intents.
+    // 1. New intents; on PostgreSQL, those whose keys another replica's
+    // open write or unresolved outcome holds are refused (`busy`).
+    if d == Dialect::Postgres {
+        refuse_conflicts(conn, owner, jobs, busy).await?;
+    }
     let begins: Vec<&Work> = jobs
         .iter()
-        .map(|j| &j.work)
-        .filter(|w| matches!(w, Work::Begin { .. }))
+        .zip(busy.iter())
+        .filter(|(j, b)| matches!(j.work, Work::Begin { .. }) && b.is_none())
+        .map(|(j, _)| &j.work)
         .collect();
     for chunk in begins.chunks(ROWS) {
         // On PostgreSQL, the replica that opened it (its intents are settled
@@ -211,6 +296,7 @@ async fn write_all(
                 body,
                 refs,
                 traceparent,
+                ..
             } = w
             {
                 row.bind(op_id.to_string())
@@ -229,6 +315,33 @@ async fn write_all(
         });
         let (text, args) = q.finish(d)?;
         sqlx::query_with(&text, args).execute(&mut *conn).await?;
+    }
+    if d == Dialect::Postgres {
+        let keys: Vec<(String, &str, bool)> = begins
+            .iter()
+            .filter_map(|w| match w {
+                Work::Begin { op_id, touches, .. } => Some((op_id.to_string(), touches)),
+                _ => None,
+            })
+            .flat_map(|(op_id, touches)| {
+                touches
+                    .iter()
+                    .map(move |t| (op_id.clone(), t.key.as_str(), t.exclusive))
+            })
+            .collect();
+        for chunk in keys.chunks(ROWS) {
+            let mut q = Sql::new("INSERT INTO intent_keys (op_id, key, exclusive) ");
+            q.values(chunk, |row, (op_id, key, exclusive)| {
+                row.bind(op_id.as_str()).bind(*key).bind(*exclusive);
+            });
+            // A key touched twice (shared and changed) is held changed.
+            q.push(
+                " ON CONFLICT (key, op_id) DO UPDATE \
+                 SET exclusive = intent_keys.exclusive OR excluded.exclusive",
+            );
+            let (text, args) = q.finish(d)?;
+            sqlx::query_with(&text, args).execute(&mut *conn).await?;
+        }
     }
 
     // 2. Intents become ops, seqs in job order, gap-free over the found ones.

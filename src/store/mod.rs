@@ -30,7 +30,7 @@ mod sync;
 pub use copy::CopyReport;
 pub use dialect::Dialect;
 pub use engine::{dialect_of, has_password, holds_op_log, shown};
-pub use replicas::{KeyLockError, KeyLocks, KeysHeld, LeaderRow, Lease, Presence, ReplicaRow};
+pub use replicas::{LeaderRow, Lease, Presence, ReplicaRow};
 pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,
@@ -70,6 +70,10 @@ pub enum StoreError {
          alone; give every replica the same external NATS (--broker)"
     )]
     Replicas,
+    /// An intent refused: another replica's write of one of its keys is
+    /// open, or (`in_doubt`) logged with an outcome not yet resolved.
+    #[error("a write to the same entity is in flight on another central replica")]
+    Busy { in_doubt: bool },
 }
 
 /// The state of an op in the log.
@@ -110,6 +114,9 @@ pub struct NewIntent<'a> {
     pub refs: &'a str,
     /// The write's W3C trace context, carried with the op to the edges.
     pub traceparent: Option<&'a str>,
+    /// The keys it touches: on PostgreSQL, an intent is refused while
+    /// another replica's write of one of them is open or in doubt.
+    pub touches: &'a [Touch],
 }
 
 /// What the upstream said about a forwarded write that succeeded.
@@ -543,6 +550,7 @@ impl Store {
                 body: intent.body.map(|b| self.seal_body(&op_id.to_string(), b)),
                 refs: intent.refs.to_string(),
                 traceparent: intent.traceparent.map(str::to_string),
+                touches: intent.touches.to_vec(),
             })
             .await?;
         Ok(op_id)
@@ -614,8 +622,23 @@ impl Store {
         Ok(seqs)
     }
 
-    /// The keys an open intent's write touches (none when it is closed).
+    /// The keys an open intent's write touches (none when it is closed): on
+    /// PostgreSQL those it was opened with, else as its request says.
     pub async fn intent_touches(&self, op_id: Uuid) -> Result<Vec<Touch>, StoreError> {
+        if self.d == Dialect::Postgres {
+            let held: Vec<(String, bool)> = sqlx::query_as(
+                "SELECT key, exclusive FROM intent_keys WHERE op_id = $1 ORDER BY key",
+            )
+            .bind(op_id.to_string())
+            .fetch_all(&self.writer)
+            .await?;
+            if !held.is_empty() {
+                return Ok(held
+                    .into_iter()
+                    .map(|(key, exclusive)| Touch { key, exclusive })
+                    .collect());
+            }
+        }
         let intent: Option<(String, String, Option<String>)> = sqlx::query_as(
             &self
                 .d
@@ -999,6 +1022,7 @@ mod tests {
             body: Some("{}"),
             refs: "[]",
             traceparent: None,
+            touches: &[],
         }
     }
 

@@ -14,10 +14,10 @@
 //! - A replica whose presence lock the leader can take is gone: the intents
 //!   it left open are logged as `unknown_outcome` (`Store::settle_gone`).
 //! - Writes that touch one entity are serialised across replicas from intent
-//!   to commit by advisory locks on the keys they touch (`KeyLocks`).
+//!   to commit: an intent is opened with its keys, and refused while another
+//!   replica's write of one is open or in doubt (`batch::refuse_conflicts`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sqlx::{AnyConnection, Connection};
@@ -25,7 +25,6 @@ use uuid::Uuid;
 
 use super::{engine, Dialect, Store, StoreError};
 use crate::core::Secret;
-use crate::keystone::touches::Touch;
 
 /// Where a PostgreSQL op log is, to open more pools on it.
 pub(super) struct Origin {
@@ -414,18 +413,6 @@ impl Store {
         );
         Ok(seqs)
     }
-
-    /// Entity-key locks across the replicas (`None` on SQLite, where one
-    /// process orders its own writes).
-    pub fn key_locks(&self) -> Option<Arc<KeyLocks>> {
-        (self.d == Dialect::Postgres).then(|| {
-            Arc::new(KeyLocks {
-                store: self.clone(),
-                sessions: (0..KEY_SESSIONS).map(|_| Default::default()).collect(),
-                next: AtomicUsize::new(0),
-            })
-        })
-    }
 }
 
 pub(super) fn parse_ids(ids: Vec<String>) -> Result<Vec<Uuid>, StoreError> {
@@ -436,169 +423,4 @@ pub(super) fn parse_ids(ids: Vec<String>) -> Result<Vec<Uuid>, StoreError> {
             })
         })
         .collect()
-}
-
-/// Connections holding entity-key locks (a write's locks are taken and
-/// given back on one of them).
-const KEY_SESSIONS: usize = 4;
-
-/// Session advisory locks on the keys writes touch, shared by the replicas
-/// on one PostgreSQL op log. A replica orders its own conflicting writes in
-/// memory first (`proxy::order`), then takes the keys here: all or none,
-/// tried again until free, so no two replicas forward conflicting writes at
-/// once and none waits on another while holding a key (no deadlock).
-pub struct KeyLocks {
-    store: Store,
-    sessions: Vec<tokio::sync::Mutex<Option<AnyConnection>>>,
-    next: AtomicUsize,
-}
-
-/// Keys held for one write; given back when dropped (or later, `keep_until`).
-pub struct KeysHeld {
-    locks: Arc<KeyLocks>,
-    session: usize,
-    keys: Vec<(i32, bool)>,
-    until: Option<Instant>,
-}
-
-/// Why keys could not be taken.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyLockError {
-    #[error("a write to the same entity is in flight on another central replica")]
-    Busy,
-    #[error("{0}")]
-    Store(#[from] StoreError),
-}
-
-/// A key's lock number: a stable digest of it (the same in every replica,
-/// whatever its version).
-fn key_number(key: &str) -> i32 {
-    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
-    let b = d.as_ref();
-    i32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-/// `ARRAY[..]` literals of the keys and their modes (integers and flags
-/// only: nothing from a request is written into the statement).
-fn arrays(keys: &[(i32, bool)]) -> String {
-    let nums: Vec<String> = keys.iter().map(|(k, _)| k.to_string()).collect();
-    let modes: Vec<&str> = keys
-        .iter()
-        .map(|(_, x)| if *x { "true" } else { "false" })
-        .collect();
-    format!(
-        "ARRAY[{}]::INTEGER[], ARRAY[{}]::BOOLEAN[]",
-        nums.join(","),
-        modes.join(",")
-    )
-}
-
-impl KeyLocks {
-    /// Takes the keys `touches` names, waiting at most `wait` for a write
-    /// on another replica to give them back.
-    pub async fn acquire(
-        self: &Arc<Self>,
-        touches: &[Touch],
-        wait: Duration,
-    ) -> Result<KeysHeld, KeyLockError> {
-        let mut keys: Vec<(i32, bool)> = touches
-            .iter()
-            .map(|t| (key_number(&t.key), t.exclusive))
-            .collect();
-        keys.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-        keys.dedup_by_key(|k| k.0);
-        let session = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len();
-        let held = |keys| KeysHeld {
-            locks: self.clone(),
-            session,
-            keys,
-            until: None,
-        };
-        if keys.is_empty() {
-            return Ok(held(keys));
-        }
-        let sql = format!("SELECT sg_try_keys({})", arrays(&keys));
-        let deadline = Instant::now() + wait;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let won = {
-                let mut slot = self.sessions[session].lock().await;
-                let conn = match slot.as_mut() {
-                    Some(c) => c,
-                    None => slot.insert(self.store.own_connection().await?),
-                };
-                match sqlx::query_scalar::<_, bool>(&sql).fetch_one(conn).await {
-                    Ok(won) => won,
-                    Err(e) => {
-                        // A broken session: its locks went with it.
-                        *slot = None;
-                        return Err(StoreError::from(e).into());
-                    }
-                }
-            };
-            if won {
-                return Ok(held(keys));
-            }
-            if Instant::now() + pause > deadline {
-                return Err(KeyLockError::Busy);
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-    }
-
-    async fn release(&self, session: usize, keys: &[(i32, bool)]) {
-        let sql = format!("SELECT sg_unlock_keys({})", arrays(keys));
-        let mut slot = self.sessions[session].lock().await;
-        if let Some(conn) = slot.as_mut() {
-            if let Err(e) = sqlx::query(&sql).execute(conn).await {
-                tracing::warn!(error = %e, "cannot give back entity-key locks; their session is closed (which gives them back)");
-                if let Some(c) = slot.take() {
-                    let _ = c.close().await;
-                }
-            }
-        }
-    }
-}
-
-impl KeysHeld {
-    /// Keeps the keys until `until` (a write whose outcome is unknown may
-    /// still land upstream until then: conflicting writes on other replicas
-    /// wait, as they do on this one).
-    pub fn keep_until(&mut self, until: Instant) {
-        self.until = Some(self.until.map_or(until, |u| u.max(until)));
-    }
-}
-
-impl Drop for KeysHeld {
-    fn drop(&mut self) {
-        if self.keys.is_empty() {
-            return;
-        }
-        let keys = std::mem::take(&mut self.keys);
-        let (locks, session, until) = (self.locks.clone(), self.session, self.until);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Some(until) = until {
-                    tokio::time::sleep_until(until.into()).await;
-                }
-                locks.release(session, &keys).await;
-            });
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_keys_number_is_stable_and_the_statement_holds_numbers_only() {
-        assert_eq!(key_number("project:abc"), key_number("project:abc"));
-        assert_ne!(key_number("project:abc"), key_number("project:abd"));
-        assert_eq!(
-            arrays(&[(-5, true), (7, false)]),
-            "ARRAY[-5,7]::INTEGER[], ARRAY[true,false]::BOOLEAN[]"
-        );
-    }
 }

@@ -521,6 +521,7 @@ async fn an_intent_left_open_by_a_crash_is_unknown_outcome_after_restart() {
             body: Some(r#"{"user": {"password": "crash-time-pw"}}"#),
             refs: "[]",
             traceparent: None,
+            touches: &[],
         })
         .await
         .unwrap();

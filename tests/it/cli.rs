@@ -471,6 +471,7 @@ async fn oplog_copy_copies_into_a_new_database_and_refuses_a_filled_one() {
                 body: Some("{}"),
                 refs: "[]",
                 traceparent: None,
+                touches: &[],
             })
             .await
             .unwrap();

@@ -96,6 +96,7 @@ fn intent(body: &str) -> NewIntent<'_> {
         body: Some(body),
         refs: "[]",
         traceparent: None,
+        touches: &[],
     }
 }
 

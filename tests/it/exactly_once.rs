@@ -491,6 +491,7 @@ async fn an_intent_left_open_while_running_becomes_unknown_outcome() {
             body: Some("{}"),
             refs: "[]",
             traceparent: None,
+            touches: &[],
         })
         .await
         .unwrap();

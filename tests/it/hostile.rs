@@ -421,6 +421,7 @@ mod at_rest {
                 )),
                 refs: "[]",
                 traceparent: None,
+                touches: &[],
             })
             .await
             .unwrap();

@@ -490,6 +490,7 @@ async fn captures_fail_while_the_database_is_down_and_resume_by_themselves() {
                     body: Some(&body),
                     refs: "[]",
                     traceparent: None,
+                    touches: &[],
                 })
                 .await
                 .ok()?;
@@ -981,6 +982,7 @@ async fn begin(store: &syncgate::store::Store, name: &str) -> uuid::Uuid {
             body: Some(&body),
             refs: "[]",
             traceparent: None,
+            touches: &[],
         })
         .await
         .unwrap()
@@ -1101,57 +1103,118 @@ async fn a_deposed_leaders_writes_are_refused_by_the_database() {
     assert_eq!((leader.epoch, leader.holder.as_deref()), (2, Some("b")));
 }
 
-/// Writes that touch one entity are ordered across replicas: a key changed
-/// on one replica is not taken on another until it is given back (or until
-/// a time it is kept for, a write in doubt); keys only referred to are
-/// shared; keys are taken all or none.
+/// Writes that touch one entity are ordered across replicas: an intent is
+/// refused while another replica's open intent shares a key one of the two
+/// changes (the write waits), or while an op of the key is logged with an
+/// outcome not yet resolved (`in_doubt`, the write is refused); keys only
+/// referred to are shared; a replica's own intents never refuse its own; a
+/// gone replica's intents hold their keys until settled, and then as writes
+/// in doubt.
 #[tokio::test]
-async fn entity_keys_are_taken_across_replicas_all_or_none() {
-    use std::time::Duration;
+async fn an_intent_is_refused_while_another_replica_writes_or_doubts_its_keys() {
     use syncgate::keystone::touches::Touch;
-    use syncgate::store::{KeyLockError, Store};
+    use syncgate::store::{NewIntent, StoreError};
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let url = pg.database("keys").await;
-    let a = Store::open(&url).await.unwrap().key_locks().unwrap();
-    let b = Store::open(&url).await.unwrap().key_locks().unwrap();
+    let url = pg.database("intent_keys").await;
+    let a = Store::open(&url).await.unwrap();
+    let b = Store::open(&url).await.unwrap();
+    let c = Store::open(&url).await.unwrap();
+    let pa = a.join("a", None, None, false).await.unwrap().unwrap();
+    let _pb = b.join("b", None, None, false).await.unwrap().unwrap();
+    let _pc = c.join("c", None, None, false).await.unwrap().unwrap();
     let t = |key: &str, exclusive: bool| Touch {
         key: key.into(),
         exclusive,
     };
-    let short = Duration::from_millis(50);
-    let held = a.acquire(&[t("project:p1", true)], short).await.unwrap();
-    assert!(matches!(
-        b.acquire(&[t("project:p1", false)], short).await,
-        Err(KeyLockError::Busy)
-    ));
-    let _s1 = a.acquire(&[t("domain:d", false)], short).await.unwrap();
-    let _s2 = b.acquire(&[t("domain:d", false)], short).await.unwrap();
-    assert!(matches!(
-        b.acquire(&[t("domain:x", true), t("project:p1", true)], short)
-            .await,
-        Err(KeyLockError::Busy)
-    ));
-    drop(
-        a.acquire(&[t("domain:x", true)], short)
-            .await
-            .expect("a key taken by an acquire that failed is given back"),
+    let open = |store: &Store, touches: Vec<Touch>| {
+        let store = store.clone();
+        async move {
+            store
+                .begin_intent(&NewIntent {
+                    method: "PATCH",
+                    path: "/v3/projects/p1",
+                    class: "resource",
+                    kind: "project",
+                    body: Some("{}"),
+                    refs: "[]",
+                    traceparent: None,
+                    touches: &touches,
+                })
+                .await
+        }
+    };
+    let busy = |r: Result<uuid::Uuid, StoreError>| match r {
+        Err(StoreError::Busy { in_doubt }) => Some(in_doubt),
+        Ok(_) => None,
+        Err(e) => panic!("{e}"),
+    };
+    let first = open(&a, vec![t("project:p1", true), t("domain:d", false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        busy(open(&b, vec![t("project:p1", false)]).await),
+        Some(false)
     );
-    drop(held);
-    let mut kept = b
-        .acquire(&[t("project:p1", true)], Duration::from_secs(10))
+    assert_eq!(
+        busy(open(&b, vec![t("domain:d", false)]).await),
+        None,
+        "shared"
+    );
+    assert_eq!(busy(open(&b, vec![t("domain:d", true)]).await), Some(false));
+    let own = open(&a, vec![t("project:p1", true)])
         .await
-        .expect("given back");
-    kept.keep_until(std::time::Instant::now() + Duration::from_secs(3));
-    drop(kept);
-    assert!(matches!(
-        a.acquire(&[t("project:p1", true)], short).await,
-        Err(KeyLockError::Busy)
-    ));
-    a.acquire(&[t("project:p1", true)], Duration::from_secs(10))
+        .expect("its own never refuse it");
+    a.drop_intent(own).await.unwrap();
+    a.commit_intent(first, OpState::Committed, &Outcome::default())
         .await
-        .expect("given back once kept long enough");
+        .unwrap();
+    let second = open(&b, vec![t("project:p1", true)]).await.unwrap();
+    // In doubt: its keys refuse writes until its outcome is resolved.
+    let outcome = Outcome {
+        touches: vec![t("project:p1", true)],
+        ..Outcome::default()
+    };
+    let seq = b
+        .commit_intent(second, OpState::UnknownOutcome, &outcome)
+        .await
+        .unwrap();
+    assert_eq!(
+        busy(open(&a, vec![t("project:p1", false)]).await),
+        Some(true)
+    );
+    assert_eq!(busy(open(&a, vec![t("project:p2", true)]).await), None);
+    // A replica gone with an intent open: its keys are held until it is
+    // settled, then as a write in doubt.
+    let held = open(&a, vec![t("user:u1", true)]).await.unwrap();
+    drop(pa);
+    assert_eq!(busy(open(&c, vec![t("user:u1", true)]).await), Some(false));
+    let mut lease = c.campaign("c").await.unwrap().unwrap();
+    let fenced = c.fenced(lease.epoch).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fenced.settle_gone(&mut lease).await.unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a's intent not settled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let settled = c
+        .list_ops(&OpFilter {
+            after: seq,
+            limit: 10,
+            kind: None,
+            state: Some(OpState::UnknownOutcome),
+            through: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        settled.iter().any(|o| o.op_id == held.to_string()),
+        "{settled:?}"
+    );
+    assert_eq!(busy(open(&c, vec![t("user:u1", true)]).await), Some(true));
 }
 
 /// With the embedded broker (which replicas cannot share) central holds its
