@@ -249,9 +249,10 @@ async fn lead(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let every = std::time::Duration::from_secs(1);
+    let mut candidate = store.candidate();
     loop {
         let mut lease = loop {
-            match store.campaign(&me).await {
+            match candidate.campaign(&me).await {
                 Ok(Some(lease)) => break lease,
                 Ok(None) => {}
                 Err(e) => warn!(error = %e, "cannot campaign to lead yet"),

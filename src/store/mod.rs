@@ -30,7 +30,7 @@ mod sync;
 pub use copy::CopyReport;
 pub use dialect::Dialect;
 pub use engine::{dialect_of, has_password, holds_op_log, shown};
-pub use replicas::{LeaderRow, Lease, Presence, ReplicaRow};
+pub use replicas::{Candidate, LeaderRow, Lease, Presence, ReplicaRow};
 pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,

@@ -86,6 +86,41 @@ impl Lease {
     }
 }
 
+/// Campaigns to lead, on a connection kept between tries.
+pub struct Candidate {
+    store: Store,
+    conn: Option<AnyConnection>,
+}
+
+impl Candidate {
+    /// Tries once to become the leader: the lease when elected (it takes
+    /// the connection), `None` while another replica holds it.
+    pub async fn campaign(&mut self, name: &str) -> Result<Option<Lease>, StoreError> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => self.store.own_connection().await?,
+        };
+        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if !won {
+            self.conn = Some(conn);
+            return Ok(None);
+        }
+        let epoch: i64 = sqlx::query_scalar(
+            "UPDATE leader SET epoch = epoch + 1, holder = $1, since = $2, replica = $3 \
+             WHERE id = 1 RETURNING epoch",
+        )
+        .bind(name)
+        .bind(now())
+        .bind(self.store.replica())
+        .fetch_one(&mut conn)
+        .await?;
+        Ok(Some(Lease { epoch, conn }))
+    }
+}
+
 /// Who leads, as the database says.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
 pub struct LeaderRow {
@@ -248,25 +283,16 @@ impl Store {
     /// Tries once to become the leader: the lease when elected, `None`
     /// while another replica holds it.
     pub async fn campaign(&self, name: &str) -> Result<Option<Lease>, StoreError> {
-        let mut conn = self.own_connection().await?;
-        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(LEADER_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
-        if !won {
-            let _ = conn.close().await;
-            return Ok(None);
+        self.candidate().campaign(name).await
+    }
+
+    /// A campaigner that keeps its connection between tries (a replica that
+    /// does not lead tries every second).
+    pub fn candidate(&self) -> Candidate {
+        Candidate {
+            store: self.clone(),
+            conn: None,
         }
-        let epoch: i64 = sqlx::query_scalar(
-            "UPDATE leader SET epoch = epoch + 1, holder = $1, since = $2, replica = $3 \
-             WHERE id = 1 RETURNING epoch",
-        )
-        .bind(name)
-        .bind(now())
-        .bind(self.replica())
-        .fetch_one(&mut conn)
-        .await?;
-        Ok(Some(Lease { epoch, conn }))
     }
 
     /// Who leads now (epoch 0: nobody has yet), and where its admin API is.
