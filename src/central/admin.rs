@@ -198,6 +198,9 @@ async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next
 
 /// Marks a request one replica sent another as the leader.
 const FORWARDED: &str = "x-syncgate-forwarded";
+/// Marks the answer of a replica sent a request as the leader that does not
+/// lead (the sender asks who does again).
+const NOT_LEADER: &str = "x-syncgate-not-leader";
 
 /// How long a request only the leader answers waits for one to be elected
 /// (a leader that is gone is replaced within a few seconds).
@@ -243,11 +246,14 @@ async fn to_leader(State(admin): State<Arc<Admin>>, req: Request, next: Next) ->
             return next.run(req).await;
         }
         if forwarded {
-            if tokio::time::Instant::now() >= deadline {
-                return unavailable("this replica was sent a request for the leader and does not lead; retry shortly".into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+            // The sender read who leads before this replica stopped leading:
+            // it asks again (`NOT_LEADER`).
+            let mut resp = unavailable(
+                "this replica was sent a request for the leader and does not lead".into(),
+            );
+            resp.headers_mut()
+                .insert(NOT_LEADER, header::HeaderValue::from_static("1"));
+            return resp;
         }
         match admin.store.leader().await {
             Ok(crate::store::LeaderRow {
@@ -264,6 +270,10 @@ async fn to_leader(State(admin): State<Arc<Admin>>, req: Request, next: Next) ->
                     out = out.header(header::AUTHORIZATION, auth);
                 }
                 match out.body(body.clone()).send().await {
+                    // It no longer leads: who does is read again.
+                    Ok(answer) if answer.headers().contains_key(NOT_LEADER) => {
+                        last = format!("the replica that led ({holder}) no longer does");
+                    }
                     Ok(answer) => return from_leader(answer, &holder).await,
                     // Not taken by it (gone, and not replaced yet): again.
                     Err(e) if e.is_connect() => {

@@ -77,16 +77,22 @@ async fn keep_presence(
         if presence.alive().await {
             continue;
         }
+        // Captures stop at once: the leader may now settle this replica's
+        // open intents as those of one that is gone.
+        store.lost_presence();
+        let no = presence.no;
         warn!(
-            replica = presence.no,
-            "the connection holding this replica's presence was lost; taking it again"
+            replica = no,
+            "the connection holding this replica's presence was lost; writes are refused until it is held again"
         );
         admin.set_held(false, None);
+        // Its session ended (a stalled one too: its locks go with it).
+        presence.close().await;
+        // Another central may hold the op log alone while the old session
+        // lingers on the server: waited for, up to a limit.
+        let give_up = tokio::time::Instant::now() + PRESENCE_WAIT;
         loop {
-            match store
-                .join(&me, Some(&admin_url), Some(presence.no), alone)
-                .await
-            {
+            match store.join(&me, Some(&admin_url), Some(no), alone).await {
                 Ok(Some(again)) => {
                     info!(replica = again.no, "this replica's presence is held again");
                     admin.set_held(true, Some(again.no));
@@ -97,7 +103,7 @@ async fn keep_presence(
                 Err(
                     e @ (crate::store::StoreError::Taken { .. }
                     | crate::store::StoreError::Replicas),
-                ) => {
+                ) if tokio::time::Instant::now() >= give_up => {
                     return Err(anyhow::anyhow!("{e}"));
                 }
                 Err(e) => {
@@ -111,6 +117,11 @@ async fn keep_presence(
         }
     }
 }
+
+/// How long a replica that lost its presence waits for the op log to let it
+/// back in (a session of its own lingering on the server is ended by its
+/// TCP user timeout, about 30 s).
+const PRESENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(90);
 
 /// What the leader's duties are built from.
 struct Kit {
@@ -356,7 +367,22 @@ impl Central {
         if !vault.encrypts() {
             warn!("request bodies (passwords) are kept in the op log in clear: set --oplog-key, or a sync key");
         }
-        let store = Store::connect(&config.db, config.db_password.as_ref(), Some(vault)).await?;
+        // A central of an earlier version still on the op log (a rolling
+        // upgrade: the old pod draining) is waited for, as one of this
+        // version holding it alone is below.
+        let deadline = tokio::time::Instant::now() + config.oplog_lock_wait;
+        let store = loop {
+            match Store::connect(&config.db, config.db_password.as_ref(), Some(vault.clone())).await
+            {
+                Err(crate::store::StoreError::Taken { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await
+                }
+                other => break other?,
+            }
+        };
+        store.set_settle(config.upstream_settle);
         let me = format!("{}:{}", hostname(), std::process::id());
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await

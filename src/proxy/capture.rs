@@ -185,7 +185,7 @@ async fn captured_section(
                 if std::time::Instant::now() + pause < waiting_ends =>
             {
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+                pause = (pause * 2).min(std::time::Duration::from_millis(10));
             }
             Err(StoreError::Busy { .. }) => {
                 inc(&proxy.metrics.writes_not_applied);

@@ -56,10 +56,15 @@ pub(super) struct Batcher(mpsc::Sender<Job>);
 /// PostgreSQL; always 0 on SQLite, where one process writes).
 pub(super) type Owner = std::sync::Arc<std::sync::atomic::AtomicI32>;
 
+/// How long a write whose outcome is unknown may still land upstream, in
+/// milliseconds (`--upstream-settle`): on PostgreSQL, another replica's
+/// intent of one of its keys is refused meanwhile.
+pub(super) type Settle = std::sync::Arc<std::sync::atomic::AtomicI64>;
+
 impl Batcher {
-    pub(super) fn spawn(writer: AnyPool, d: Dialect, owner: Owner) -> Batcher {
+    pub(super) fn spawn(writer: AnyPool, d: Dialect, owner: Owner, settle: Settle) -> Batcher {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(writer, d, owner, rx));
+        tokio::spawn(run(writer, d, owner, settle, rx));
         Batcher(tx)
     }
 
@@ -74,10 +79,19 @@ impl Batcher {
     }
 }
 
-async fn run(writer: AnyPool, d: Dialect, owner: Owner, mut rx: mpsc::Receiver<Job>) {
+async fn run(
+    writer: AnyPool,
+    d: Dialect,
+    owner: Owner,
+    settle: Settle,
+    mut rx: mpsc::Receiver<Job>,
+) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        let me = owner.load(std::sync::atomic::Ordering::Relaxed);
+        let me = Replica {
+            owner: owner.load(std::sync::atomic::Ordering::Relaxed),
+            settle_ms: settle.load(std::sync::atomic::Ordering::Relaxed),
+        };
         let results = execute(&writer, d, me, &jobs).await;
         for (job, result) in jobs.drain(..).zip(results) {
             // A requester that went away loses only its answer.
@@ -88,10 +102,17 @@ async fn run(writer: AnyPool, d: Dialect, owner: Owner, mut rx: mpsc::Receiver<J
 
 /// Runs the jobs in one transaction; the results of all, or the error of the
 /// transaction for all.
+/// Who writes a batch: its replica (0: none), and its settle period.
+#[derive(Clone, Copy)]
+struct Replica {
+    owner: i32,
+    settle_ms: i64,
+}
+
 async fn execute(
     writer: &AnyPool,
     d: Dialect,
-    owner: i32,
+    me: Replica,
     jobs: &[Job],
 ) -> Vec<Result<Option<i64>, StoreError>> {
     let failed = |e: &dyn std::fmt::Display| {
@@ -104,7 +125,7 @@ async fn execute(
         Err(e) => return failed(&e),
     };
     let mut busy = vec![None; jobs.len()];
-    match write_all(&mut tx, d, owner, jobs, &mut busy).await {
+    match write_all(&mut tx, d, me, jobs, &mut busy).await {
         Ok(seqs) => match tx.commit().await {
             Ok(()) => answers(jobs, seqs, &busy),
             // The answer to the commit was lost (a connection to PostgreSQL
@@ -192,17 +213,19 @@ async fn committed(
 const OPENINGS: i64 = 0x5347_4f50_454e;
 
 /// Marks the intents of `jobs` that another replica's write holds a key of
-/// (an open intent of its own, or an op logged with an outcome not yet
-/// resolved: `Some(true)`), where one of the two changes the key. Under a
+/// (an open intent of its own; or, `Some(true)`, an op logged with an
+/// unknown outcome, forwarded less than the settle period ago and not found
+/// applied or not), where one of the two changes the key. Under a
 /// transaction lock every replica takes to open intents: what was opened
 /// before is committed and seen, so two conflicting writes are never both
 /// opened.
 async fn refuse_conflicts(
     conn: &mut AnyConnection,
-    owner: i32,
+    me: Replica,
     jobs: &[Job],
     busy: &mut [Option<bool>],
 ) -> Result<(), sqlx::Error> {
+    let owner = me.owner;
     let wanted: Vec<(i64, &str, bool)> = jobs
         .iter()
         .enumerate()
@@ -238,8 +261,13 @@ async fn refuse_conflicts(
             " UNION SELECT v.job, TRUE FROM v \
              JOIN op_keys ok ON ok.key = v.key AND (ok.exclusive OR v.exclusive) \
              JOIN ops o ON o.seq = ok.seq \
-             WHERE o.state = 'unknown_outcome' AND o.resolution = 'pending'",
+             WHERE o.state = 'unknown_outcome' \
+             AND o.resolution IS DISTINCT FROM 'applied' \
+             AND o.resolution IS DISTINCT FROM 'not_applied' \
+             AND o.created_at > SG_ISO_MS(SG_NOW_MS() - ",
         );
+        q.bind(me.settle_ms);
+        q.push(")");
         let (text, args) = q.finish(Dialect::Postgres)?;
         let found: Vec<(i64, bool)> = sqlx::query_as_with(&text, args)
             .fetch_all(&mut *conn)
@@ -262,16 +290,17 @@ const ROWS: usize = 1000;
 async fn write_all(
     conn: &mut AnyConnection,
     d: Dialect,
-    owner: i32,
+    me: Replica,
     jobs: &[Job],
     busy: &mut [Option<bool>],
 ) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    let owner = me.owner;
     let mut seqs: Vec<Option<i64>> = vec![None; jobs.len()];
 
     // 1. New intents; on PostgreSQL, those whose keys another replica's
     // open write or unresolved outcome holds are refused (`busy`).
     if d == Dialect::Postgres {
-        refuse_conflicts(conn, owner, jobs, busy).await?;
+        refuse_conflicts(conn, me, jobs, busy).await?;
     }
     let begins: Vec<&Work> = jobs
         .iter()
@@ -482,6 +511,9 @@ async fn write_all(
             order.push(e.id.as_str());
         }
     }
+    // Rows locked in ID order: another replica's batch locks them in the
+    // same order (no deadlock between two upserts).
+    order.sort_unstable();
     let learned: Vec<&EntityRef> = order.iter().map(|id| last[id]).collect();
     for chunk in learned.chunks(ROWS) {
         let mut q = Sql::new("INSERT INTO entities (id, kind, name, domain_id, updated_at) ");

@@ -283,6 +283,8 @@ pub struct Store {
     /// On PostgreSQL: this replica's number once it has joined (`join`), so
     /// that its intents name it; 0 before, and on SQLite.
     owner: batch::Owner,
+    /// How long a write in doubt may still land (`set_settle`).
+    settle: batch::Settle,
     /// On PostgreSQL: where the op log is, to open the leader's fenced
     /// pools (`fenced`).
     origin: Option<Arc<replicas::Origin>>,
@@ -317,9 +319,16 @@ impl Store {
         let pools = engine::open(url, password).await?;
         let vault = vault.filter(|v| v.encrypts());
         let owner = batch::Owner::default();
+        let settle = batch::Settle::new(std::sync::atomic::AtomicI64::new(120_000));
         let store = Store {
             d: pools.dialect,
-            batcher: batch::Batcher::spawn(pools.writer.clone(), pools.dialect, owner.clone()),
+            batcher: batch::Batcher::spawn(
+                pools.writer.clone(),
+                pools.dialect,
+                owner.clone(),
+                settle.clone(),
+            ),
+            settle,
             writer: pools.writer,
             reader: pools.reader,
             vault,
@@ -337,6 +346,14 @@ impl Store {
         store.backfill_op_keys().await?;
         store.reseal_bodies().await?;
         Ok(store)
+    }
+
+    /// How long a write whose outcome is unknown may still land upstream
+    /// (`--upstream-settle`): on PostgreSQL, other replicas' writes of its
+    /// keys are refused meanwhile, as this process refuses its own.
+    pub fn set_settle(&self, settle: Duration) {
+        let ms = i64::try_from(settle.as_millis()).unwrap_or(i64::MAX);
+        self.settle.store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The engine the op log is on.

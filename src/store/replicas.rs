@@ -55,6 +55,11 @@ pub struct Presence {
 }
 
 impl Presence {
+    /// Lets the presence go (its session ends, and its locks with it).
+    pub async fn close(self) {
+        let _ = self.conn.close().await;
+    }
+
     /// Whether the lock's connection still answers (and so the lock is held).
     pub async fn alive(&mut self) -> bool {
         matches!(
@@ -332,7 +337,9 @@ impl Store {
                 pools.writer.clone(),
                 pools.dialect,
                 self.owner.clone(),
+                self.settle.clone(),
             ),
+            settle: self.settle.clone(),
             writer: pools.writer,
             reader: pools.reader,
             vault: self.vault.clone(),

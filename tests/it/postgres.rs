@@ -1185,6 +1185,31 @@ async fn an_intent_is_refused_while_another_replica_writes_or_doubts_its_keys() 
         Some(true)
     );
     assert_eq!(busy(open(&a, vec![t("project:p2", true)]).await), None);
+    // Concluded unresolvable (no way to look): in doubt still, until the
+    // settle period has passed; found applied, no longer.
+    let resolve = |to: &'static str| {
+        let url = url.clone();
+        async move {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query("UPDATE ops SET resolution = $1 WHERE seq = $2")
+                .bind(to)
+                .bind(seq)
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    };
+    resolve("unresolvable").await;
+    assert_eq!(
+        busy(open(&a, vec![t("project:p1", true)]).await),
+        Some(true)
+    );
+    resolve("applied").await;
+    let after = open(&a, vec![t("project:p1", true)])
+        .await
+        .expect("no longer in doubt");
+    a.drop_intent(after).await.unwrap();
     // A replica gone with an intent open: its keys are held until it is
     // settled, then as a write in doubt.
     let held = open(&a, vec![t("user:u1", true)]).await.unwrap();
@@ -1261,4 +1286,103 @@ async fn a_central_with_the_embedded_broker_holds_its_op_log_alone() {
         "{refused}"
     );
     drop(replica);
+}
+
+/// A replica whose presence is lost (its session ended on the server while
+/// its other connections live) stops capturing at once: a write is answered
+/// 503 and never forwarded, and it is not ready, until it holds its presence
+/// again (here, once the test lets go of its lock); then it captures again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_loses_its_presence_captures_nothing_until_it_holds_it_again() {
+    use serde_json::json;
+    use sqlx::Connection;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("presence").await;
+    let fake = crate::fake_keystone::FakeKeystone::start().await;
+    let config = crate::helpers::config_for(&fake, &url);
+    let app = crate::helpers::start(fake, config).await;
+    let project = |name: &str| json!({"project": {"name": name}});
+    assert_eq!(
+        app.write("POST", "/v3/projects", Some(project("before")))
+            .await
+            .status(),
+        201
+    );
+    let status: serde_json::Value = app.admin_get("/v1/status").await.json().await.unwrap();
+    let no = status["op_log"]["replica"].as_i64().unwrap();
+    let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND classid = 1397183056 AND objid = $1 AND granted",
+    )
+    .bind(no)
+    .fetch_all(&mut holder)
+    .await
+    .unwrap();
+    assert_eq!(ended, [true], "the presence's session");
+    // Its lock, taken as soon as the ended session lets go of it.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        sqlx::query("SELECT pg_advisory_lock(1397183056, $1)")
+            .bind(no as i32)
+            .execute(&mut holder),
+    )
+    .await
+    .expect("the ended session's lock")
+    .unwrap();
+    until("the replica not ready", || async {
+        let r = app
+            .client
+            .get(format!("{}/readyz", app.admin))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    let forwarded = app.fake.count();
+    let resp = app
+        .write("POST", "/v3/projects", Some(project("while-absent")))
+        .await;
+    let code = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("nothing was forwarded"), "{text}");
+    assert_eq!(
+        app.fake.count(),
+        forwarded,
+        "a refused write is never forwarded"
+    );
+    holder.close().await.unwrap();
+    until("the replica ready again", || async {
+        let r = app
+            .client
+            .get(format!("{}/readyz", app.admin))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.write("POST", "/v3/projects", Some(project("after")))
+            .await
+            .status(),
+        201
+    );
+    let names: Vec<String> = app
+        .all_ops()
+        .await
+        .iter()
+        .map(|o| {
+            o["body"]["project"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names, ["before", "after"]);
+    app.stop().await;
 }
