@@ -48,22 +48,17 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON deliveries
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON meta
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON edges
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON resyncs
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON drift_runs
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON drift
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON needs_password
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
-CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON resync_users
-    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
+DO $$
+DECLARE
+    t TEXT;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['deliveries', 'meta', 'edges', 'resyncs', 'drift_runs', 'drift',
+                             'needs_password', 'resync_users'] LOOP
+        EXECUTE format('CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON %I '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION sg_fence()', t);
+    END LOOP;
+END
+$$;
 -- Ops are inserted by every replica; the leader alone changes them (the
 -- resolution of an unknown outcome).
 CREATE TRIGGER fenced BEFORE UPDATE OR DELETE ON ops

@@ -237,19 +237,25 @@ async fn open_sqlite(url: &str) -> Result<Pools, StoreError> {
     })
 }
 
-/// An earlier version runs alone on its op log, holding `SOLE_LOCK` (see
-/// `replicas`) for its life, and knows no replicas: while it runs, this
+/// The lock a central of an earlier version held alone for its life, as
+/// the one process on the op log; replicas hold it shared (`Store::join`),
+/// so the two never run together, and a central with the embedded broker
+/// holds it alone.
+pub(super) const SOLE_LOCK: i64 = 0x5359_4e43_534f_4c45;
+
+/// An earlier version runs alone on its op log, holding `SOLE_LOCK` for its
+/// life, and knows no replicas: while it runs, this
 /// version's migrations are not applied under it (it could not start again
 /// on a schema it does not know).
 async fn refuse_beside_an_earlier_version(writer: &AnyPool) -> Result<(), StoreError> {
     let mut conn = writer.acquire().await?;
     let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
-        .bind(super::replicas::SOLE_LOCK)
+        .bind(SOLE_LOCK)
         .fetch_one(&mut *conn)
         .await?;
     if free {
         sqlx::query("SELECT pg_advisory_unlock_shared($1)")
-            .bind(super::replicas::SOLE_LOCK)
+            .bind(SOLE_LOCK)
             .execute(&mut *conn)
             .await?;
         return Ok(());

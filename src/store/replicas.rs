@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use sqlx::{AnyConnection, Connection};
 use uuid::Uuid;
 
-use super::{engine, Dialect, Store, StoreError};
+use super::engine::{self, SOLE_LOCK};
+use super::{Dialect, Store, StoreError};
 use crate::core::Secret;
 
 /// Where a PostgreSQL op log is, to open more pools on it.
@@ -34,10 +35,6 @@ pub(super) struct Origin {
 
 /// The advisory lock the leader holds (any constant: it names the duty).
 const LEADER_LOCK: i64 = 0x5359_4e43_4741_5445;
-/// The lock a central of an earlier version held alone for its life, as
-/// the one process on the op log; replicas hold it shared (`Store::join`),
-/// so the two never run together.
-pub(super) const SOLE_LOCK: i64 = 0x5359_4e43_534f_4c45;
 
 /// Now, as the leader's and the replicas' rows show it.
 fn now() -> String {

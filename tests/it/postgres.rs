@@ -897,19 +897,7 @@ async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resum
     .await;
     pg.stop();
 
-    let forwarded = app.fake.count();
-    let resp = app
-        .write("POST", "/v3/projects", Some(project("while-down")))
-        .await;
-    let status = resp.status();
-    let text = resp.text().await.unwrap();
-    assert_eq!(status, 503, "{text}");
-    assert!(text.contains("nothing was forwarded"), "{text}");
-    assert_eq!(
-        app.fake.count(),
-        forwarded,
-        "a refused write is never forwarded"
-    );
+    refused_unforwarded(&app, project("while-down")).await;
     let read = app
         .client
         .get(app.url("/v3/projects"))
@@ -964,11 +952,56 @@ async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resum
     app.stop().await;
 }
 
+/// A create through `app` is answered 503 and never forwarded.
+async fn refused_unforwarded(app: &crate::helpers::TestApp, body: serde_json::Value) {
+    let forwarded = app.fake.count();
+    let resp = app.write("POST", "/v3/projects", Some(body)).await;
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("nothing was forwarded"), "{text}");
+    assert_eq!(
+        app.fake.count(),
+        forwarded,
+        "a refused write is never forwarded"
+    );
+}
+
 fn intent(name: &str) -> (String, String) {
     (
         "/v3/projects".to_string(),
         serde_json::json!({"project": {"name": name}}).to_string(),
     )
+}
+
+/// Three replicas (a, b, c) joined on the database at `url`, and their
+/// presences.
+async fn replicas_on(url: &str) -> ([Store; 3], [syncgate::store::Presence; 3]) {
+    let mut stores = Vec::new();
+    let mut presences = Vec::new();
+    for name in ["a", "b", "c"] {
+        let store = Store::open(url).await.unwrap();
+        presences.push(store.join(name, None, None, false).await.unwrap().unwrap());
+        stores.push(store);
+    }
+    let (Ok(stores), Ok(presences)) = (stores.try_into(), presences.try_into()) else {
+        unreachable!("three of each")
+    };
+    (stores, presences)
+}
+
+/// The seqs the leader logs once it finds a replica gone (the server sees
+/// a dropped connection's session end a moment later).
+async fn settled(fenced: &Store, lease: &mut syncgate::store::Lease) -> Vec<i64> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let seqs = fenced.settle_gone(lease).await.unwrap();
+        if !seqs.is_empty() {
+            return seqs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no intent settled");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 async fn begin(store: &syncgate::store::Store, name: &str) -> uuid::Uuid {
@@ -994,17 +1027,11 @@ async fn begin(store: &syncgate::store::Store, name: &str) -> uuid::Uuid {
 /// no intent, and the live one's commit takes the next seq.
 #[tokio::test]
 async fn a_gone_replicas_open_intents_are_settled_by_the_leader_and_a_live_ones_are_not() {
-    use syncgate::store::{OpState, Outcome, Store, StoreError};
+    use syncgate::store::{OpState, Outcome, StoreError};
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let url = pg.database("settle").await;
-    let a = Store::open(&url).await.unwrap();
-    let b = Store::open(&url).await.unwrap();
-    let c = Store::open(&url).await.unwrap();
-    let pa = a.join("a", None, None, false).await.unwrap().unwrap();
-    let _pb = b.join("b", None, None, false).await.unwrap().unwrap();
-    let _pc = c.join("c", None, None, false).await.unwrap().unwrap();
+    let ([a, b, c], [pa, _pb, _pc]) = replicas_on(&pg.database("settle").await).await;
     let from_a = begin(&a, "from-a").await;
     let from_b = begin(&b, "from-b").await;
     assert_eq!(
@@ -1020,18 +1047,7 @@ async fn a_gone_replicas_open_intents_are_settled_by_the_leader_and_a_live_ones_
         "the intents of live replicas are left alone"
     );
     drop(pa);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    let seqs = loop {
-        let seqs = fenced.settle_gone(&mut lease).await.unwrap();
-        if !seqs.is_empty() {
-            break seqs;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a's intent not settled"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let seqs = settled(&fenced, &mut lease).await;
     assert_eq!(seqs.len(), 1);
     let op = c.get_op(seqs[0]).await.unwrap().unwrap();
     assert_eq!(
@@ -1118,12 +1134,7 @@ async fn an_intent_is_refused_while_another_replica_writes_or_doubts_its_keys() 
         return;
     };
     let url = pg.database("intent_keys").await;
-    let a = Store::open(&url).await.unwrap();
-    let b = Store::open(&url).await.unwrap();
-    let c = Store::open(&url).await.unwrap();
-    let pa = a.join("a", None, None, false).await.unwrap().unwrap();
-    let _pb = b.join("b", None, None, false).await.unwrap().unwrap();
-    let _pc = c.join("c", None, None, false).await.unwrap().unwrap();
+    let ([a, b, c], [pa, _pb, _pc]) = replicas_on(&url).await;
     let t = |key: &str, exclusive: bool| Touch {
         key: key.into(),
         exclusive,
@@ -1217,14 +1228,7 @@ async fn an_intent_is_refused_while_another_replica_writes_or_doubts_its_keys() 
     assert_eq!(busy(open(&c, vec![t("user:u1", true)]).await), Some(false));
     let mut lease = c.campaign("c").await.unwrap().unwrap();
     let fenced = c.fenced(lease.epoch).await.unwrap();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while fenced.settle_gone(&mut lease).await.unwrap().is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a's intent not settled"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    settled(&fenced, &mut lease).await;
     let settled = c
         .list_ops(&OpFilter {
             after: seq,
@@ -1342,19 +1346,7 @@ async fn a_replica_that_loses_its_presence_captures_nothing_until_it_holds_it_ag
         (r.status() == 503).then_some(())
     })
     .await;
-    let forwarded = app.fake.count();
-    let resp = app
-        .write("POST", "/v3/projects", Some(project("while-absent")))
-        .await;
-    let code = resp.status();
-    let text = resp.text().await.unwrap();
-    assert_eq!(code, 503, "{text}");
-    assert!(text.contains("nothing was forwarded"), "{text}");
-    assert_eq!(
-        app.fake.count(),
-        forwarded,
-        "a refused write is never forwarded"
-    );
+    refused_unforwarded(&app, project("while-absent")).await;
     holder.close().await.unwrap();
     until("the replica ready again", || async {
         let r = app
