@@ -819,7 +819,10 @@ async fn central_replicas_on_one_postgresql_capture_lead_once_and_fail_over() {
     // The survivors answer the audit; the edge ends equal to central.
     env.proxy = survivor.proxy.clone();
     env.admin = survivor.admin.clone();
-    env.assert_in_sync().await;
+    // A write the leader had forwarded when it was killed is settled as an
+    // unknown outcome: applied, or skipped at the edge when it never landed.
+    env.assert_in_sync_with(&["applied", "adopted", "skipped"])
+        .await;
     let ops = last(survivor.admin.clone()).await.unwrap() as i64;
     assert_eq!(env.last_seq().await, ops, "seqs are gap-free: 1..={ops}");
     let all: serde_json::Value = http
@@ -870,6 +873,12 @@ async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resum
     let Some(pg) = Postgres::start() else {
         return;
     };
+    if std::env::var_os("SYNCGATE_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("syncgate=info"))
+            .with_test_writer()
+            .try_init();
+    }
     let url = pg.database("pg_restart").await;
     let fake = crate::fake_keystone::FakeKeystone::start().await;
     let mut config = crate::helpers::config_for(&fake, &url);
