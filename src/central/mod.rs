@@ -251,8 +251,8 @@ async fn together(
 /// On a PostgreSQL op log: campaigns to lead, every second, and while this
 /// replica leads, does the leader's duties through a store fenced by its
 /// epoch, settles the intents of replicas that are gone, and watches its
-/// lease: lost (its connection) or another elected, the duties stop and it
-/// campaigns again. Ends with `stop`, or an error when a duty fails.
+/// lease: lost (its connection) or another elected, or a duty failing, the
+/// duties stop and it campaigns again. Ends with `stop`.
 async fn lead(
     kit: Arc<Kit>,
     store: Store,
@@ -290,11 +290,21 @@ async fn lead(
         let mut duties = Box::pin(kit.duties(&fenced, Some(epoch), duty_stopped));
         let lost = tokio::select! {
             r = &mut duties => {
-                // A duty ended before it was asked to: as any task of the
-                // gateway that dies, it ends the process.
+                // The duties ended before they were asked to (the op log
+                // failing as they start, a duty that died): the lead is given
+                // up, to this replica again or another, once it can be held
+                // with them.
+                let why = match r {
+                    Ok(()) => "the leader's duties ended".to_string(),
+                    Err(e) => format!("{e:#}"),
+                };
+                error!(epoch, reason = %why, "the leader's duties stopped; giving up the lead");
                 lease.resign().await;
                 fenced.close().await;
-                return r;
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => continue,
+                    _ = crate::serve::stopped(&mut stop) => return Ok(()),
+                }
             }
             lost = watch_lease(&kit, &store, &fenced, &mut lease, epoch, stop.clone()) => lost,
         };
