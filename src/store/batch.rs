@@ -52,19 +52,37 @@ struct Job {
 #[derive(Clone)]
 pub(super) struct Batcher(mpsc::Sender<Job>);
 
-/// The replica whose intents these are (0 until it has joined, on
-/// PostgreSQL; always 0 on SQLite, where one process writes).
-pub(super) type Owner = std::sync::Arc<std::sync::atomic::AtomicI32>;
+/// Who writes, as the capture path's writes need it (shared with the store).
+#[derive(Debug)]
+pub(super) struct Identity {
+    /// The replica whose intents these are (0 until it has joined, on
+    /// PostgreSQL; always 0 on SQLite, where one process writes).
+    pub owner: std::sync::atomic::AtomicI32,
+    /// How long a write whose outcome is unknown may still land upstream,
+    /// in milliseconds (`--upstream-settle`): on PostgreSQL, another
+    /// replica's intent of one of its keys is refused meanwhile.
+    pub settle_ms: std::sync::atomic::AtomicI64,
+    /// Whether this process holds the op log alone (SQLite; PostgreSQL with
+    /// the embedded broker): no other replica's writes to order against.
+    pub alone: std::sync::atomic::AtomicBool,
+}
 
-/// How long a write whose outcome is unknown may still land upstream, in
-/// milliseconds (`--upstream-settle`): on PostgreSQL, another replica's
-/// intent of one of its keys is refused meanwhile.
-pub(super) type Settle = std::sync::Arc<std::sync::atomic::AtomicI64>;
+impl Default for Identity {
+    fn default() -> Self {
+        Identity {
+            owner: 0.into(),
+            settle_ms: 120_000.into(),
+            alone: false.into(),
+        }
+    }
+}
+
+pub(super) type Shared = std::sync::Arc<Identity>;
 
 impl Batcher {
-    pub(super) fn spawn(writer: AnyPool, d: Dialect, owner: Owner, settle: Settle) -> Batcher {
+    pub(super) fn spawn(writer: AnyPool, d: Dialect, who: Shared) -> Batcher {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(writer, d, owner, settle, rx));
+        tokio::spawn(run(writer, d, who, rx));
         Batcher(tx)
     }
 
@@ -79,18 +97,14 @@ impl Batcher {
     }
 }
 
-async fn run(
-    writer: AnyPool,
-    d: Dialect,
-    owner: Owner,
-    settle: Settle,
-    mut rx: mpsc::Receiver<Job>,
-) {
+async fn run(writer: AnyPool, d: Dialect, who: Shared, mut rx: mpsc::Receiver<Job>) {
+    use std::sync::atomic::Ordering::Relaxed;
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let me = Replica {
-            owner: owner.load(std::sync::atomic::Ordering::Relaxed),
-            settle_ms: settle.load(std::sync::atomic::Ordering::Relaxed),
+            owner: who.owner.load(Relaxed),
+            settle_ms: who.settle_ms.load(Relaxed),
+            alone: who.alone.load(Relaxed),
         };
         let results = execute(&writer, d, me, &jobs).await;
         for (job, result) in jobs.drain(..).zip(results) {
@@ -102,11 +116,13 @@ async fn run(
 
 /// Runs the jobs in one transaction; the results of all, or the error of the
 /// transaction for all.
-/// Who writes a batch: its replica (0: none), and its settle period.
+/// Who writes a batch: its replica (0: none), its settle period, and
+/// whether it holds the op log alone.
 #[derive(Clone, Copy)]
 struct Replica {
     owner: i32,
     settle_ms: i64,
+    alone: bool,
 }
 
 async fn execute(
@@ -299,7 +315,9 @@ async fn write_all(
 
     // 1. New intents; on PostgreSQL, those whose keys another replica's
     // open write or unresolved outcome holds are refused (`busy`).
-    if d == Dialect::Postgres {
+    // Ordered against other replicas' writes (not needed alone).
+    let shared = d == Dialect::Postgres && !me.alone;
+    if shared {
         refuse_conflicts(conn, me, jobs, busy).await?;
     }
     let begins: Vec<&Work> = jobs
@@ -345,7 +363,7 @@ async fn write_all(
         let (text, args) = q.finish(d)?;
         sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
-    if d == Dialect::Postgres {
+    if shared {
         let keys: Vec<(String, &str, bool)> = begins
             .iter()
             .filter_map(|w| match w {

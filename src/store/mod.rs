@@ -280,11 +280,11 @@ pub struct Store {
     /// Seals request bodies at rest (they carry passwords); `None` keeps them
     /// as they are (tests, `--insecure-plaintext-sync` without `--oplog-key`).
     vault: Option<Arc<Sealer>>,
-    /// On PostgreSQL: this replica's number once it has joined (`join`), so
-    /// that its intents name it; 0 before, and on SQLite.
-    owner: batch::Owner,
-    /// How long a write in doubt may still land (`set_settle`).
-    settle: batch::Settle,
+    /// Who writes: on PostgreSQL this replica's number once it has joined
+    /// (`join`), so that its intents name it (0 before, and on SQLite);
+    /// how long a write in doubt may still land (`set_settle`); and whether
+    /// it holds the op log alone.
+    me: batch::Shared,
     /// On PostgreSQL: where the op log is, to open the leader's fenced
     /// pools (`fenced`).
     origin: Option<Arc<replicas::Origin>>,
@@ -318,21 +318,14 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let pools = engine::open(url, password).await?;
         let vault = vault.filter(|v| v.encrypts());
-        let owner = batch::Owner::default();
-        let settle = batch::Settle::new(std::sync::atomic::AtomicI64::new(120_000));
+        let me = batch::Shared::default();
         let store = Store {
             d: pools.dialect,
-            batcher: batch::Batcher::spawn(
-                pools.writer.clone(),
-                pools.dialect,
-                owner.clone(),
-                settle.clone(),
-            ),
-            settle,
+            batcher: batch::Batcher::spawn(pools.writer.clone(), pools.dialect, me.clone()),
+            me,
             writer: pools.writer,
             reader: pools.reader,
             vault,
-            owner,
             present: Arc::new(std::sync::atomic::AtomicBool::new(
                 pools.dialect == Dialect::Sqlite,
             )),
@@ -353,7 +346,9 @@ impl Store {
     /// keys are refused meanwhile, as this process refuses its own.
     pub fn set_settle(&self, settle: Duration) {
         let ms = i64::try_from(settle.as_millis()).unwrap_or(i64::MAX);
-        self.settle.store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.me
+            .settle_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The engine the op log is on.

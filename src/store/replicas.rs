@@ -154,7 +154,7 @@ fn earlier_alone(holder: Option<String>, since: Option<String>) -> StoreError {
 impl Store {
     /// This replica's number, once joined (PostgreSQL).
     pub fn replica(&self) -> Option<i32> {
-        Some(self.owner.load(Ordering::Relaxed)).filter(|n| *n != 0)
+        Some(self.me.owner.load(Ordering::Relaxed)).filter(|n| *n != 0)
     }
 
     /// A connection of its own, out of the writer pool, that no server-side
@@ -237,7 +237,8 @@ impl Store {
         .bind(now())
         .execute(&mut conn)
         .await?;
-        self.owner.store(no, Ordering::Relaxed);
+        self.me.owner.store(no, Ordering::Relaxed);
+        self.me.alone.store(alone, Ordering::Relaxed);
         self.present.store(true, Ordering::SeqCst);
         Ok(Some(Presence { no, conn }))
     }
@@ -333,14 +334,12 @@ impl Store {
             batcher: super::batch::Batcher::spawn(
                 pools.writer.clone(),
                 pools.dialect,
-                self.owner.clone(),
-                self.settle.clone(),
+                self.me.clone(),
             ),
-            settle: self.settle.clone(),
+            me: self.me.clone(),
             writer: pools.writer,
             reader: pools.reader,
             vault: self.vault.clone(),
-            owner: self.owner.clone(),
             origin: self.origin.clone(),
             present: self.present.clone(),
         })

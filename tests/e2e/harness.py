@@ -335,6 +335,8 @@ class Deployment:
         self.central = None
         # Where the op log lives (a test may move it to a small filesystem).
         self.central_db = f"sqlite://{self.workdir}/central.db"
+        # Extra arguments for central (a test may shorten a bound).
+        self.central_args = []
         # Extra arguments and upstream per edge (a test may put a proxy in front).
         self.edge_args = {}
         self.edge_upstream = {}
@@ -362,6 +364,7 @@ class Deployment:
             "--edges", ",".join(self.edge_ks),
             "--ack-timeout", self.ack_timeout,
         ]
+        args += self.central_args
         if self.external_broker:
             args += ["--broker", self.external_broker]
         else:
