@@ -125,6 +125,9 @@ pub struct Resyncer {
     pub metrics: Arc<Metrics>,
     /// Edges with a job running, and which.
     busy: Mutex<HashMap<String, &'static str>>,
+    /// Held while a resync's start or end is recorded together with its
+    /// slot: what the audit API says ran and what 409s are one state.
+    turns: tokio::sync::Mutex<()>,
     /// When each edge's last automatic resync started (see `AUTO_RESYNC_EVERY`).
     auto: Mutex<HashMap<String, Instant>>,
     /// Spawns resyncs and audits (they end with central).
@@ -171,6 +174,7 @@ impl Resyncer {
             metrics,
             spawner,
             busy: Mutex::default(),
+            turns: tokio::sync::Mutex::new(()),
             auto: Mutex::default(),
             digester,
             digest_key,
@@ -207,16 +211,17 @@ impl Resyncer {
     ) -> Result<(), StartError> {
         self.keystone()?;
         self.known(edge).await?;
+        let turn = self.turns.lock().await;
         let slot = self.take(edge, kind)?;
         self.store
             .begin_resync(edge, kind, prune)
             .await
             .map_err(|e| StartError::Internal(e.to_string()))?;
+        drop(turn);
         let this = self.clone();
         let edge = edge.to_string();
         self.spawner.spawn(async move {
-            this.run_resync(&edge, prune).await;
-            drop(slot);
+            this.run_resync(&edge, prune, slot).await;
         });
         Ok(())
     }
@@ -476,7 +481,7 @@ impl Resyncer {
         }
     }
 
-    async fn run_resync(&self, edge: &str, prune: bool) {
+    async fn run_resync(&self, edge: &str, prune: bool, slot: Slot) {
         let started = Instant::now();
         let mut attempt = 0;
         let mut delays = retry_delays();
@@ -512,9 +517,12 @@ impl Resyncer {
                 let _ = self.release(edge).await;
             }
         }
-        // Before the end is recorded: once the audit API says it ended, the
-        // edge's slot is free at once (a repair asked for then starts, not 409).
         self.refresh_needs_password(edge).await;
+        // The end is recorded and the slot freed as one turn: once the audit
+        // API says it ended, a repair asked for then starts (not 409), and
+        // none starts before the end is recorded (its start is not
+        // overwritten by this end).
+        let turn = self.turns.lock().await;
         if let Err(e) = self
             .store
             .end_resync(edge, result.as_ref().map_err(String::as_str))
@@ -522,6 +530,8 @@ impl Resyncer {
         {
             error!(edge, error = %e, "cannot record a resync's end");
         }
+        drop(slot);
+        drop(turn);
     }
 
     /// Runs `work` while renewing the edge's hold (a large site takes a while
