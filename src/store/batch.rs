@@ -136,12 +136,15 @@ async fn execute(
             .map(|_| Err(StoreError::Batch(e.to_string())))
             .collect::<Vec<_>>()
     };
+    if d == Dialect::Postgres {
+        return execute_pg(writer, me, jobs).await;
+    }
     let mut tx = match writer.begin().await {
         Ok(tx) => tx,
         Err(e) => return failed(&e),
     };
-    let mut busy = vec![None; jobs.len()];
-    match write_all(&mut tx, d, me, jobs, &mut busy).await {
+    let busy = vec![None; jobs.len()];
+    match write_all(&mut tx, d, jobs).await {
         Ok(seqs) => match tx.commit().await {
             Ok(()) => answers(jobs, seqs, &busy),
             // The answer to the commit was lost (a connection to PostgreSQL
@@ -225,114 +228,30 @@ async fn committed(
     Some(found.is_some())
 }
 
-/// Orders the openings of every replica's intents (a transaction lock).
-const OPENINGS: i64 = 0x5347_4f50_454e;
-
-/// Marks the intents of `jobs` that another replica's write holds a key of
-/// (an open intent of its own; or, `Some(true)`, an op logged with an
-/// unknown outcome, forwarded less than the settle period ago and not found
-/// applied or not), where one of the two changes the key. Under a
-/// transaction lock every replica takes to open intents: what was opened
-/// before is committed and seen, so two conflicting writes are never both
-/// opened.
-async fn refuse_conflicts(
-    conn: &mut AnyConnection,
-    me: Replica,
-    jobs: &[Job],
-    busy: &mut [Option<bool>],
-) -> Result<(), sqlx::Error> {
-    let owner = me.owner;
-    let wanted: Vec<(i64, &str, bool)> = jobs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, j)| match &j.work {
-            Work::Begin { touches, .. } => Some((i as i64, touches)),
-            _ => None,
-        })
-        .flat_map(|(i, touches)| {
-            touches
-                .iter()
-                .map(move |t| (i, t.key.as_str(), t.exclusive))
-        })
-        .collect();
-    if wanted.is_empty() {
-        return Ok(());
-    }
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(OPENINGS)
-        .execute(&mut *conn)
-        .await?;
-    for chunk in wanted.chunks(ROWS) {
-        let mut q = Sql::new("WITH v (job, key, exclusive) AS (");
-        q.values(chunk, |row, (job, key, exclusive)| {
-            row.bind(*job).bind(*key).bind(*exclusive);
-        });
-        q.push(
-            ") SELECT v.job, FALSE FROM v \
-             JOIN intent_keys k ON k.key = v.key AND (k.exclusive OR v.exclusive) \
-             JOIN intents i ON i.op_id = k.op_id WHERE i.owner IS DISTINCT FROM ",
-        );
-        q.bind((owner != 0).then_some(owner));
-        q.push(
-            " UNION SELECT v.job, TRUE FROM v \
-             JOIN op_keys ok ON ok.key = v.key AND (ok.exclusive OR v.exclusive) \
-             JOIN ops o ON o.seq = ok.seq \
-             WHERE o.state = 'unknown_outcome' \
-             AND o.resolution IS DISTINCT FROM 'applied' \
-             AND o.resolution IS DISTINCT FROM 'not_applied' \
-             AND o.created_at > SG_ISO_MS(SG_NOW_MS() - ",
-        );
-        q.bind(me.settle_ms);
-        q.push(")");
-        let (text, args) = q.finish(Dialect::Postgres)?;
-        let found: Vec<(i64, bool)> = sqlx::query_as_with(&text, args)
-            .fetch_all(&mut *conn)
-            .await?;
-        for (job, in_doubt) in found {
-            if let Some(b) = usize::try_from(job).ok().and_then(|j| busy.get_mut(j)) {
-                *b = Some(b.unwrap_or_default() || in_doubt);
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Rows per multi-row statement (SQLite allows 32766 bound values,
 /// PostgreSQL 65535).
 const ROWS: usize = 1000;
 
-/// Writes every job with a handful of multi-row statements; the seq of each
-/// commit whose intent was found, in job order.
+/// SQLite: writes every job with a handful of multi-row statements (calls in
+/// process, one writer); the seq of each commit whose intent was found, in
+/// job order.
 async fn write_all(
     conn: &mut AnyConnection,
     d: Dialect,
-    me: Replica,
     jobs: &[Job],
-    busy: &mut [Option<bool>],
 ) -> Result<Vec<Option<i64>>, sqlx::Error> {
-    let owner = me.owner;
     let mut seqs: Vec<Option<i64>> = vec![None; jobs.len()];
 
-    // 1. New intents; on PostgreSQL, those whose keys another replica's
-    // open write or unresolved outcome holds are refused (`busy`).
-    // Ordered against other replicas' writes (not needed alone).
-    let shared = d == Dialect::Postgres && !me.alone;
-    if shared {
-        refuse_conflicts(conn, me, jobs, busy).await?;
-    }
+    // 1. New intents.
     let begins: Vec<&Work> = jobs
         .iter()
-        .zip(busy.iter())
-        .filter(|(j, b)| matches!(j.work, Work::Begin { .. }) && b.is_none())
-        .map(|(j, _)| &j.work)
+        .filter(|j| matches!(j.work, Work::Begin { .. }))
+        .map(|j| &j.work)
         .collect();
     for chunk in begins.chunks(ROWS) {
-        // On PostgreSQL, the replica that opened it (its intents are settled
-        // by another should it die).
-        let mut q = Sql::new(match d {
-            Dialect::Sqlite => "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at) ",
-            Dialect::Postgres => "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at, owner) ",
-        });
+        let mut q = Sql::new(
+            "INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at) ",
+        );
         q.values(chunk, |row, w| {
             if let Work::Begin {
                 op_id,
@@ -355,42 +274,11 @@ async fn write_all(
                     .bind(refs.as_str())
                     .bind(traceparent.as_deref())
                     .push("SG_NOW()");
-                if d == Dialect::Postgres {
-                    row.bind((owner != 0).then_some(owner));
-                }
             }
         });
         let (text, args) = q.finish(d)?;
         sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
-    if shared {
-        let keys: Vec<(String, &str, bool)> = begins
-            .iter()
-            .filter_map(|w| match w {
-                Work::Begin { op_id, touches, .. } => Some((op_id.to_string(), touches)),
-                _ => None,
-            })
-            .flat_map(|(op_id, touches)| {
-                touches
-                    .iter()
-                    .map(move |t| (op_id.clone(), t.key.as_str(), t.exclusive))
-            })
-            .collect();
-        for chunk in keys.chunks(ROWS) {
-            let mut q = Sql::new("INSERT INTO intent_keys (op_id, key, exclusive) ");
-            q.values(chunk, |row, (op_id, key, exclusive)| {
-                row.bind(op_id.as_str()).bind(*key).bind(*exclusive);
-            });
-            // A key touched twice (shared and changed) is held changed.
-            q.push(
-                " ON CONFLICT (key, op_id) DO UPDATE \
-                 SET exclusive = intent_keys.exclusive OR excluded.exclusive",
-            );
-            let (text, args) = q.finish(d)?;
-            sqlx::query_with(&text, args).execute(&mut *conn).await?;
-        }
-    }
-
     // 2. Intents become ops, seqs in job order, gap-free over the found ones.
     let commits: Vec<(usize, &Uuid, &OpState, &Outcome, &Option<String>)> = jobs
         .iter()
@@ -407,14 +295,6 @@ async fn write_all(
         .collect();
     let mut by_op: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
     for chunk in commits.chunks(ROWS) {
-        if d == Dialect::Postgres {
-            // The head row is locked first (a missing one fails the batch),
-            // so that the statement below reads the intents as they are once
-            // every earlier commit of another process is done.
-            sqlx::query("SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE")
-                .fetch_one(&mut *conn)
-                .await?;
-        }
         let mut q = Sql::new(
             "WITH v (ord, op_id, state, created_ids, body, status, request_id, detail) AS (",
         );
@@ -431,26 +311,8 @@ async fn write_all(
                 .bind(outcome.request_id.as_deref())
                 .bind(outcome.detail.as_deref());
         });
-        q.push(")");
-        // SQLite has one writer: the next seq follows the last op. On
-        // PostgreSQL the head row, locked from above to the commit and
-        // moved on by this statement, orders the commits of every central
-        // process as their seqs (visible in seq order); the intents made ops
-        // are deleted by the same statement (each of its parts reads the
-        // rows as they were before it).
-        match d {
-            Dialect::Sqlite => {
-                q.push(", h (base) AS (SELECT COALESCE(MAX(seq), 0) FROM ops)");
-            }
-            Dialect::Postgres => {
-                q.push(
-                    ", n (n) AS (SELECT COUNT(*) FROM v JOIN intents i ON i.op_id = v.op_id),
-                     h (base) AS (UPDATE oplog_head SET seq = seq + (SELECT n FROM n)
-                                  WHERE id = 1 RETURNING seq - (SELECT n FROM n)),
-                     gone AS (DELETE FROM intents WHERE op_id IN (SELECT op_id FROM v))",
-                );
-            }
-        }
+        // One writer: the next seq follows the last op.
+        q.push("), h (base) AS (SELECT COALESCE(MAX(seq), 0) FROM ops)");
         q.push(
             " INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
                                 upstream_status, request_id, detail, refs, traceparent,
@@ -494,12 +356,11 @@ async fn write_all(
         sqlx::query_with(&text, args).execute(&mut *conn).await?;
     }
 
-    // 4. Intents done with: committed (on PostgreSQL, deleted with their ops
-    // already) or dropped.
+    // 4. Intents done with: committed or dropped.
     let done: Vec<String> = jobs
         .iter()
         .filter_map(|j| match &j.work {
-            Work::Commit { op_id, .. } if d == Dialect::Sqlite => Some(op_id.to_string()),
+            Work::Commit { op_id, .. } => Some(op_id.to_string()),
             Work::Drop(op_id) => Some(op_id.to_string()),
             _ => None,
         })
@@ -521,7 +382,7 @@ async fn write_all(
             _ => None,
         })
         .collect();
-    // One row per ID: a statement may not update a row twice (PostgreSQL).
+    // One row per ID, a later one winning.
     let mut last: std::collections::HashMap<&str, &EntityRef> = std::collections::HashMap::new();
     let mut order: Vec<&str> = Vec::new();
     for e in learned {
@@ -529,9 +390,6 @@ async fn write_all(
             order.push(e.id.as_str());
         }
     }
-    // Rows locked in ID order: another replica's batch locks them in the
-    // same order (no deadlock between two upserts).
-    order.sort_unstable();
     let learned: Vec<&EntityRef> = order.iter().map(|id| last[id]).collect();
     for chunk in learned.chunks(ROWS) {
         let mut q = Sql::new("INSERT INTO entities (id, kind, name, domain_id, updated_at) ");
@@ -551,6 +409,12 @@ async fn write_all(
     }
 
     // 6. The publisher's position.
+    publish(conn, d, jobs).await?;
+    Ok(seqs)
+}
+
+/// Records the publisher's position, the highest a batch carries.
+async fn publish(conn: &mut AnyConnection, d: Dialect, jobs: &[Job]) -> Result<(), sqlx::Error> {
     let published = jobs
         .iter()
         .filter_map(|j| match j.work {
@@ -567,5 +431,321 @@ async fn write_all(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(seqs)
+    Ok(())
 }
+
+/// Orders the openings of every replica's intents (a transaction lock).
+const OPENINGS: i64 = 0x5347_4f50_454e;
+
+/// PostgreSQL: a batch's transaction begins and takes its locks in one
+/// round trip (the simple protocol, several statements), then each part is
+/// one statement whose rows travel as one JSON parameter (its text never
+/// changes: prepared once per connection), each seeing what was committed
+/// once the locks were granted. An error before the commit undoes it all and
+/// fails every job; the answer to the commit lost is settled as on any
+/// dialect (`committed`).
+async fn execute_pg(
+    writer: &AnyPool,
+    me: Replica,
+    jobs: &[Job],
+) -> Vec<Result<Option<i64>, StoreError>> {
+    let failed = |e: &dyn std::fmt::Display| {
+        jobs.iter()
+            .map(|_| Err(StoreError::Batch(e.to_string())))
+            .collect::<Vec<_>>()
+    };
+    let batch = pg_batch(me, jobs);
+    let mut tx = match writer.begin_with(batch.begin).await {
+        Ok(tx) => tx,
+        Err(e) => return failed(&e),
+    };
+    let mut busy = vec![None; jobs.len()];
+    let mut rows = Vec::new();
+    let mut written = Ok(());
+    for (template, binds) in batch.steps {
+        let text = Dialect::Postgres.sql(template);
+        let mut q = sqlx::query(&text);
+        for b in binds {
+            q = q.bind(b);
+        }
+        match q.fetch_all(&mut *tx).await {
+            Ok(more) => rows.extend(more),
+            Err(e) => {
+                written = Err(e);
+                break;
+            }
+        }
+    }
+    let seqs = match written.and_then(|()| pg_results(&rows, jobs, &mut busy)) {
+        Ok(seqs) => seqs,
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return failed(&e);
+        }
+    };
+    match tx.commit().await {
+        Ok(()) => answers(jobs, seqs, &busy),
+        // The answer to the commit was lost (a connection to PostgreSQL
+        // broken then): what the database holds says whether it was made.
+        Err(e) => match committed(writer, Dialect::Postgres, jobs, &seqs, &busy).await {
+            Some(true) => answers(jobs, seqs, &busy),
+            _ => failed(&e),
+        },
+    }
+}
+
+/// A batch on PostgreSQL: the text that begins it and takes its locks, then
+/// each statement with its parameters.
+struct PgBatch {
+    begin: String,
+    steps: Vec<(&'static str, Vec<Option<String>>)>,
+}
+
+/// What a batch writes on PostgreSQL (see `execute_pg`). Intents are
+/// opened under a transaction lock every replica takes to open its own (not
+/// needed by a process that holds the op log alone): what another opened
+/// before is committed and seen, so two conflicting writes are never both
+/// opened. Commits lock the head row first, so that the statement that logs
+/// them reads the intents as they are once every earlier commit of another
+/// process is done, and the head orders every process's commits as their
+/// seqs (visible in seq order). Always in this order (no deadlock).
+fn pg_batch(me: Replica, jobs: &[Job]) -> PgBatch {
+    use serde_json::{json, Value};
+    let owner = (me.owner != 0).then(|| me.owner.to_string());
+    let mut opened = Vec::new();
+    let mut open_keys = Vec::new();
+    let mut commits = Vec::new();
+    let mut keys = Vec::new();
+    let mut learned = Vec::new();
+    let mut drops = Vec::new();
+    for (i, j) in jobs.iter().enumerate() {
+        match &j.work {
+            Work::Begin {
+                op_id,
+                method,
+                path,
+                class,
+                kind,
+                body,
+                refs,
+                traceparent,
+                touches,
+            } => {
+                let op_id = op_id.to_string();
+                for t in touches {
+                    open_keys.push(
+                        json!({"job": i, "op_id": op_id, "key": t.key, "exclusive": t.exclusive}),
+                    );
+                }
+                opened.push(json!({
+                    "job": i, "op_id": op_id, "method": method, "path": path, "class": class,
+                    "kind": kind, "body": body, "refs": refs, "traceparent": traceparent,
+                }));
+            }
+            Work::Commit {
+                op_id,
+                state,
+                outcome,
+                body,
+            } => {
+                let op_id = op_id.to_string();
+                for t in &outcome.touches {
+                    keys.push(json!({"op_id": op_id, "key": t.key, "exclusive": t.exclusive}));
+                }
+                if let Some(e) = &outcome.learned {
+                    learned.push(entity(i, Some(&op_id), e));
+                }
+                commits.push(json!({
+                    "ord": i, "op_id": op_id, "state": state.as_str(),
+                    "created_ids": serde_json::to_string(&outcome.created_ids)
+                        .expect("a list of strings serializes"),
+                    "body": body, "status": outcome.upstream_status,
+                    "request_id": outcome.request_id, "detail": outcome.detail,
+                }));
+            }
+            Work::Learn(e) => learned.push(entity(i, None, e)),
+            Work::Drop(op_id) => drops.push(Value::String(op_id.to_string())),
+            Work::Published(_) => {}
+        }
+    }
+    let rows = |v: Vec<Value>| Some(Value::Array(v).to_string());
+    let mut steps = Vec::new();
+    let mut text = String::from("BEGIN");
+    if !opened.is_empty() && !me.alone {
+        text.push_str(&format!(
+            "; SELECT 0 AS sg_lock FROM (SELECT pg_advisory_xact_lock({OPENINGS})) l"
+        ));
+    }
+    if !commits.is_empty() {
+        text.push_str("; SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE");
+    }
+    // 1. New intents with their keys. Shared with other replicas, those whose
+    // keys another replica's open write holds (or, `true`, an op of it
+    // logged with an unknown outcome, forwarded less than the settle period
+    // ago and not found applied or not), where one of the two changes the
+    // key, are refused; the others are opened.
+    if !opened.is_empty() {
+        if me.alone {
+            steps.push((OPEN_ALONE, vec![rows(opened), owner]));
+        } else {
+            let settle = Some(me.settle_ms.to_string());
+            steps.push((
+                OPEN_SHARED,
+                vec![rows(opened), rows(open_keys), owner, settle],
+            ));
+        }
+    }
+    // 2. Intents become ops, numbered from the head row (moved on by the
+    // same statement), gap-free over the found ones and in job order; their
+    // intents deleted, their keys and the entities they learned written.
+    if !commits.is_empty() || !learned.is_empty() || !drops.is_empty() {
+        steps.push((
+            COMMIT,
+            vec![rows(commits), rows(keys), rows(learned), rows(drops)],
+        ));
+    }
+    // 3. The publisher's position.
+    if let Some(seq) = jobs
+        .iter()
+        .filter_map(|j| match j.work {
+            Work::Published(seq) => Some(seq),
+            _ => None,
+        })
+        .max()
+    {
+        steps.push((PUBLISHED, vec![Some(seq.to_string())]));
+    }
+    PgBatch { begin: text, steps }
+}
+
+/// Records the publisher's position (PostgreSQL): `?` the seq.
+const PUBLISHED: &str = "INSERT INTO meta (key, value) VALUES ('published_seq', ?::BIGINT)
+    ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)";
+
+/// What the statements answered: the jobs refused (marked in `busy`) and the
+/// seq of each commit whose intent was found, in job order.
+fn pg_results(
+    rows: &[sqlx::any::AnyRow],
+    jobs: &[Job],
+    busy: &mut [Option<bool>],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    use sqlx::Row;
+    let mut by_op: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for row in rows {
+        let Ok(tag) = row.try_get::<String, _>("sg_tag") else {
+            continue;
+        };
+        let (a, b): (String, i64) = (row.try_get(1)?, row.try_get(2)?);
+        match tag.as_str() {
+            "busy" => {
+                let job = a.parse::<usize>().ok();
+                if let Some(slot) = job.and_then(|j| busy.get_mut(j)) {
+                    *slot = Some(b != 0);
+                }
+            }
+            _ => {
+                by_op.insert(a, b);
+            }
+        }
+    }
+    Ok(jobs
+        .iter()
+        .map(|j| match &j.work {
+            Work::Commit { op_id, .. } => by_op.get(&op_id.to_string()).copied(),
+            _ => None,
+        })
+        .collect())
+}
+
+/// An entity learned, as a row of `COMMIT`'s JSON: by a commit (written only
+/// if its op is logged) or alone.
+fn entity(job: usize, op_id: Option<&str>, e: &EntityRef) -> serde_json::Value {
+    serde_json::json!({
+        "ord": job, "op_id": op_id, "id": e.id, "kind": e.kind, "name": e.name,
+        "domain_id": e.domain_id,
+    })
+}
+
+/// Opens intents (PostgreSQL, the op log held alone): `?` their rows, the
+/// owner. Nothing is refused.
+const OPEN_ALONE: &str = "
+    WITH b AS (SELECT * FROM json_to_recordset(?::json) AS b(job BIGINT, op_id TEXT, method TEXT,
+                 path TEXT, class TEXT, kind TEXT, body TEXT, refs TEXT, traceparent TEXT))
+    INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at,
+                         owner)
+    SELECT op_id, method, path, class, kind, body, refs, traceparent, SG_NOW(), ?::INTEGER
+    FROM b ORDER BY job";
+
+/// Opens intents with their keys (PostgreSQL, replicas): `?` their rows,
+/// their keys, the owner, the settle period in ms. Answers the jobs refused,
+/// `true` where a write in doubt holds a key.
+const OPEN_SHARED: &str = "
+    WITH b AS (SELECT * FROM json_to_recordset(?::json) AS b(job BIGINT, op_id TEXT, method TEXT,
+                 path TEXT, class TEXT, kind TEXT, body TEXT, refs TEXT, traceparent TEXT)),
+    k AS (SELECT * FROM json_to_recordset(?::json) AS k(job BIGINT, op_id TEXT, key TEXT,
+                 exclusive BOOLEAN)),
+    me (owner, settle_ms) AS (SELECT ?::INTEGER, ?::BIGINT),
+    held (job, in_doubt) AS (
+        SELECT k.job, FALSE FROM k
+        JOIN intent_keys ik ON ik.key = k.key AND (ik.exclusive OR k.exclusive)
+        JOIN intents i ON i.op_id = ik.op_id CROSS JOIN me
+        WHERE i.owner IS DISTINCT FROM me.owner
+        UNION ALL
+        SELECT k.job, TRUE FROM k
+        JOIN op_keys ok ON ok.key = k.key AND (ok.exclusive OR k.exclusive)
+        JOIN ops o ON o.seq = ok.seq CROSS JOIN me
+        WHERE o.state = 'unknown_outcome'
+          AND o.resolution IS DISTINCT FROM 'applied'
+          AND o.resolution IS DISTINCT FROM 'not_applied'
+          AND o.created_at > SG_ISO_MS(SG_NOW_MS() - me.settle_ms)),
+    opened AS (INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent,
+                                    created_at, owner)
+               SELECT b.op_id, b.method, b.path, b.class, b.kind, b.body, b.refs, b.traceparent,
+                      SG_NOW(), me.owner
+               FROM b CROSS JOIN me WHERE b.job NOT IN (SELECT job FROM held) ORDER BY b.job
+               RETURNING op_id),
+    keyed AS (INSERT INTO intent_keys (op_id, key, exclusive)
+              SELECT k.op_id, k.key, k.exclusive FROM k JOIN opened ON opened.op_id = k.op_id)
+    SELECT 'busy' AS sg_tag, job::TEXT, MAX(in_doubt::INTEGER)::BIGINT FROM held GROUP BY job";
+
+/// Logs commits as ops (PostgreSQL): `?` the commits, their keys, the
+/// entities learned, the intents dropped. Each part of one statement reads
+/// the rows as they were before it: the intents made ops are read, then
+/// deleted with their keys. Entities are upserted once per ID (a later job
+/// wins), in ID order (another replica's batch locks them in the same
+/// order: no deadlock). Answers each op logged with its seq.
+const COMMIT: &str = "
+    WITH v AS (SELECT * FROM json_to_recordset(?::json) AS v(ord BIGINT, op_id TEXT, state TEXT,
+                 created_ids TEXT, body TEXT, status BIGINT, request_id TEXT, detail TEXT)),
+    ks AS (SELECT * FROM json_to_recordset(?::json) AS ks(op_id TEXT, key TEXT, exclusive BOOLEAN)),
+    es AS (SELECT * FROM json_to_recordset(?::json) AS es(ord BIGINT, op_id TEXT, id TEXT, kind TEXT,
+                 name TEXT, domain_id TEXT)),
+    drops AS (SELECT value AS op_id FROM json_array_elements_text(?::json)),
+    n (n) AS (SELECT COUNT(*) FROM v JOIN intents i ON i.op_id = v.op_id),
+    h (base) AS (UPDATE oplog_head SET seq = seq + (SELECT n FROM n)
+                 WHERE id = 1 AND EXISTS (SELECT 1 FROM v) RETURNING seq - (SELECT n FROM n)),
+    gone AS (DELETE FROM intents WHERE op_id IN (SELECT op_id FROM v UNION ALL SELECT op_id FROM drops)),
+    logged AS (
+        INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
+                         upstream_status, request_id, detail, refs, traceparent,
+                         created_at, logged_at, resolution)
+        SELECT h.base + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method,
+          i.path, i.class, i.kind, v.created_ids, COALESCE(v.body, i.body), v.status,
+          v.request_id, v.detail, i.refs, i.traceparent, i.created_at, SG_NOW(),
+          CASE WHEN v.state = 'unknown_outcome' THEN 'pending' END
+        FROM v JOIN intents i ON i.op_id = v.op_id CROSS JOIN h
+        ORDER BY v.ord
+        RETURNING op_id, seq),
+    keyed AS (INSERT INTO op_keys (key, seq, exclusive)
+              SELECT ks.key, logged.seq, ks.exclusive FROM ks JOIN logged ON logged.op_id = ks.op_id
+              ON CONFLICT DO NOTHING),
+    learned AS (
+        INSERT INTO entities (id, kind, name, domain_id, updated_at)
+        SELECT id, kind, name, domain_id, SG_NOW() FROM (
+            SELECT DISTINCT ON (es.id) es.id, es.kind, es.name, es.domain_id FROM es
+            WHERE es.op_id IS NULL OR es.op_id IN (SELECT op_id FROM logged)
+            ORDER BY es.id, es.ord DESC) AS last
+        ORDER BY id
+        ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
+            domain_id = excluded.domain_id, updated_at = excluded.updated_at)
+    SELECT 'seq' AS sg_tag, op_id, seq FROM logged";
