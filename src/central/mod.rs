@@ -506,10 +506,20 @@ impl Central {
             keystone.clone(),
             spawner.clone(),
         )?);
-        proxy
-            .hold_in_doubt(&recovered)
+        // Writes that may still land upstream hold what they touch again
+        // (those just logged from open intents, and those an earlier run
+        // logged in doubt): a conflicting write is not let through meanwhile.
+        let mut in_doubt = store
+            .in_doubt(config.upstream_settle)
             .await
-            .context("recovering open intents")?;
+            .context("reading the writes still in doubt")?;
+        in_doubt.extend(recovered);
+        in_doubt.sort_unstable();
+        in_doubt.dedup();
+        proxy
+            .hold_in_doubt(&in_doubt)
+            .await
+            .context("holding the writes still in doubt")?;
         let proxy_listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;

@@ -802,6 +802,22 @@ impl Store {
         .await?)
     }
 
+    /// The ops whose outcome is unknown, not yet found applied or not, and
+    /// forwarded less than `settle` ago: writes that may still land upstream.
+    /// A start holds their keys again (conflicting writes are refused until
+    /// then), as the process that logged them did.
+    pub async fn in_doubt(&self, settle: std::time::Duration) -> Result<Vec<i64>, StoreError> {
+        Ok(sqlx::query_scalar(&self.d.sql(
+            "SELECT seq FROM ops WHERE state = 'unknown_outcome'
+               AND COALESCE(resolution, '') NOT IN ('applied', 'not_applied')
+               AND created_at > SG_ISO_MS(SG_NOW_MS() - ?)
+             ORDER BY seq",
+        ))
+        .bind(i64::try_from(settle.as_millis()).unwrap_or(i64::MAX))
+        .fetch_all(&self.reader)
+        .await?)
+    }
+
     /// Ops whose unknown outcome is to be resolved, oldest first.
     pub async fn pending_resolutions(&self, limit: i64) -> Result<Vec<OpRow>, StoreError> {
         let rows: Vec<OpRow> = sqlx::query_as(

@@ -540,6 +540,55 @@ async fn a_write_whose_client_left_is_logged_before_shutdown_completes() {
     drop(dir);
 }
 
+/// A write whose answer never came may still land at central's Keystone
+/// until the settle period after it was forwarded: a write that conflicts
+/// with it (here, deleting the user a credential is being made for) is
+/// refused meanwhile, and still after central restarts (were it let through,
+/// the credential landing late would outlive its user at central alone:
+/// edges apply the two in the op log's order, which deletes it).
+#[tokio::test]
+async fn a_write_in_doubt_still_holds_what_it_touches_after_central_restarts() {
+    let mut env = sync_env(&["edge-a"], None, |c| {
+        c.upstream_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "holder"}}))
+        .await;
+    env.assert_in_sync().await;
+    let settle = Duration::from_secs(120);
+    env.restart_central(|c| {
+        c.upstream_timeout = Duration::from_millis(500);
+        c.upstream_settle = settle;
+    })
+    .await;
+    // Held far past the timeout: it has not landed when the test ends.
+    env.central_site.state.lock().unwrap().hold_next = Some(settle);
+    let (status, body) = env
+        .write(
+            "POST",
+            "/v3/credentials",
+            Some(json!({"credential": {"type": "totp", "user_id": u, "blob": "late"}})),
+        )
+        .await;
+    assert_eq!(status, 504, "{body}");
+    let delete = format!("/v3/users/{u}");
+    let (status, body) = env.write("DELETE", &delete, None).await;
+    assert_eq!(status, 503, "refused while in doubt: {body}");
+    env.restart_central(|c| {
+        c.upstream_timeout = Duration::from_millis(500);
+        c.upstream_settle = settle;
+    })
+    .await;
+    let (status, body) = env.write("DELETE", &delete, None).await;
+    assert_eq!(status, 503, "still refused after a restart: {body}");
+    assert!(
+        env.central_site.id_of("user", "holder").is_some(),
+        "the user is still there"
+    );
+    env.shutdown().await;
+}
+
 /// The edge's write of op 2 is held past its timeout while the site carries
 /// on with it (a database lock wait, a load balancer's 504): the edge waits it
 /// out before it tries again or applies op 3, so the held write never lands
