@@ -1387,3 +1387,99 @@ async fn a_replica_that_loses_its_presence_captures_nothing_until_it_holds_it_ag
     assert_eq!(names, ["before", "after"]);
     app.stop().await;
 }
+
+/// An op log an earlier version made on PostgreSQL (its migrations, 0001 to
+/// 0003, holding ops, an edge with its watermark, a learned entity and a
+/// write that version left open) is taken over whole by this one: nothing of
+/// it is lost, the open write is logged `unknown_outcome` after the others,
+/// and new writes continue the sequence.
+#[tokio::test]
+async fn an_op_log_an_earlier_version_made_is_taken_over_whole() {
+    use serde_json::json;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("earlier").await;
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let mut earlier = sqlx::migrate!("./migrations/central-postgres");
+    earlier.migrations = earlier
+        .migrations
+        .iter()
+        .filter(|m| m.version <= 3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    earlier.run(&pool).await.unwrap();
+    for statement in [
+        "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
+                          upstream_status, created_at, logged_at, refs)
+         VALUES (1, 'a0000000-0000-4000-8000-000000000001', 'committed', 'POST', '/v3/projects',
+                 'resource', 'project', '[\"p1\"]', '{\"project\": {\"name\": \"one\"}}', 201,
+                 '2026-11-01T00:00:00.000Z', '2026-11-01T00:00:00.000Z', '[]'),
+                (2, 'a0000000-0000-4000-8000-000000000002', 'committed', 'PATCH',
+                 '/v3/projects/p1', 'resource', 'project', '[]',
+                 '{\"project\": {\"description\": \"d\"}}', 200,
+                 '2026-11-01T00:00:01.000Z', '2026-11-01T00:00:01.000Z', '[]')",
+        "UPDATE oplog_head SET seq = 2",
+        "INSERT INTO op_keys (key, seq, exclusive) VALUES ('p1', 1, TRUE), ('p1', 2, TRUE)",
+        "INSERT INTO entities (id, kind, name, domain_id, updated_at)
+         VALUES ('p1', 'project', 'one', 'default', '2026-11-01T00:00:00.000Z')",
+        "INSERT INTO edges (id, declared, cursor, first_seen_ms, acked_seq)
+         VALUES ('e1', TRUE, 2, 1, 2)",
+        "INSERT INTO intents (op_id, method, path, class, kind, body, created_at)
+         VALUES ('a0000000-0000-4000-8000-000000000003', 'POST', '/v3/projects', 'resource',
+                 'project', '{\"project\": {\"name\": \"left-open\"}}',
+                 '2026-11-01T00:00:02.000Z')",
+    ] {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+
+    let fake = crate::fake_keystone::FakeKeystone::start().await;
+    let config = crate::helpers::config_for(&fake, &url);
+    let app = crate::helpers::start(fake, config).await;
+    let ops = app.all_ops().await;
+    let seen: Vec<(i64, &str, &str)> = ops
+        .iter()
+        .map(|o| {
+            (
+                o["seq"].as_i64().unwrap(),
+                o["method"].as_str().unwrap(),
+                o["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (1, "POST", "committed"),
+            (2, "PATCH", "committed"),
+            (3, "POST", "unknown_outcome")
+        ],
+        "{ops:#?}"
+    );
+    assert_eq!(ops[0]["created_ids"], json!(["p1"]));
+    assert_eq!(ops[2]["body"]["project"]["name"], "left-open");
+    let edges: serde_json::Value = app.admin_get("/v1/edges").await.json().await.unwrap();
+    let e1 = edges["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "e1")
+        .unwrap_or_else(|| panic!("the earlier edge is kept: {edges:#}"));
+    assert_eq!(
+        (&e1["acked_through"], &e1["lag_ops"]),
+        (&json!(2), &json!(1)),
+        "{e1:#}"
+    );
+    let resp = app
+        .write(
+            "POST",
+            "/v3/projects",
+            Some(json!({"project": {"name": "after"}})),
+        )
+        .await;
+    assert_eq!(resp.status(), 201);
+    assert_eq!(app.all_ops().await.last().unwrap()["seq"], 4);
+}
