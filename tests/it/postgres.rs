@@ -1483,3 +1483,69 @@ async fn an_op_log_an_earlier_version_made_is_taken_over_whole() {
     assert_eq!(resp.status(), 201);
     assert_eq!(app.all_ops().await.last().unwrap()["seq"], 4);
 }
+
+/// Replays are answered by any replica, not only the leader (each reads the
+/// op log itself): an edge that was offline catches up from whichever
+/// replica its request reaches, and one that does not lead answers with the
+/// ops, until the edge is in sync again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replays_are_answered_by_replicas_that_do_not_lead() {
+    use serde_json::json;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let Some(nats) = crate::sync::nats_server_path() else {
+        return;
+    };
+    let (_nats, addr) = crate::sync::spawn_nats_server(&nats).await;
+    let url = pg.database("replays").await;
+    let mut base = None;
+    let mut env = crate::sync::sync_env(&["edge-a"], Some(format!("nats://{addr}")), |c| {
+        c.db = url.clone();
+        base = Some(c.clone());
+    })
+    .await;
+    let other = Replica::start(&base.unwrap()).await;
+    let http = env.http.clone();
+    let admins = [Some(env.admin.clone()), Some(other.admin.clone())];
+    let (leader, _) = the_leader(&http, &admins).await;
+    let follower = admins[1 - leader].clone().unwrap();
+    let replayed = |admin: String| {
+        let http = http.clone();
+        async move {
+            let text = http
+                .get(format!("{admin}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("syncgate_ops_replayed_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    // The edge is offline while ops are made, then catches up by replay:
+    // each time, its request reaches either replica.
+    for round in 0..30 {
+        env.stop_edge(0).await;
+        for n in 0..3 {
+            env.create(
+                "/v3/projects",
+                "project",
+                json!({"project": {"name": format!("p-{round}-{n}")}}),
+            )
+            .await;
+        }
+        env.restart_edge(0).await;
+        env.assert_in_sync().await;
+        if replayed(follower.clone()).await > 0.0 {
+            drop(other);
+            env.shutdown().await;
+            return;
+        }
+    }
+    panic!("30 catch-ups, none answered by the replica that does not lead");
+}
