@@ -177,7 +177,7 @@ def variants():
     ports = [p["name"] for p in edge.container["ports"]]
     assert ports == ["admin"], ports
     [np] = kind(render(EDGE), "NetworkPolicy")
-    assert [r["ports"][0]["port"] for r in np["spec"]["ingress"]] == ["admin"]
+    assert np["spec"]["ingress"] == [], "nothing listed: nobody admitted"
     pg = Workload(render(CENTRAL_POSTGRES), SECRETS)
     toml = pg.config["config.toml"]
     for line in ['db = "postgres://syncgate@db.identity:5432/syncgate?sslmode=verify-full"',
@@ -212,6 +212,31 @@ def replicas():
     assert "volumeClaimTemplates" not in Workload(render(CENTRAL_POSTGRES), SECRETS).statefulset["spec"]
     assert Workload(render(CENTRAL), SECRETS).statefulset["spec"]["replicas"] == 1
     assert "volumeClaimTemplates" in Workload(render(CENTRAL), SECRETS).statefulset["spec"]
+
+
+@check("the NetworkPolicy admits on each port only the peers listed; an empty list admits nobody")
+def network_policy():
+    def rules(values):
+        [np] = kind(render(values), "NetworkPolicy")
+        return {r["ports"][0]["port"]: r.get("from") for r in np["spec"]["ingress"]}
+    clients = [{"namespaceSelector": {"matchLabels": {"name": "openstack"}}}]
+    sites = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
+    only_proxy = dict(deepcopy(CENTRAL), networkPolicy={"enabled": True, "proxyFrom": clients})
+    assert rules(only_proxy) == {"proxy": clients}, rules(only_proxy)
+    every = dict(deepcopy(CENTRAL), networkPolicy={"enabled": True, "proxyFrom": clients, "brokerFrom": sites,
+                                                   "adminFrom": clients})
+    assert rules(every) == {"proxy": clients, "broker": sites, "admin": clients}, rules(every)
+    assert rules(dict(deepcopy(CENTRAL), networkPolicy={"enabled": True})) == {}
+    # Replicas with no adminFrom: the admin port admits the other replicas alone.
+    ha = dict(deepcopy(CENTRAL_HA), networkPolicy={"enabled": True})
+    w = Workload(render(ha), SECRETS)
+    mine = {"podSelector": {"matchLabels": w.statefulset["spec"]["selector"]["matchLabels"]}}
+    assert rules(ha) == {"admin": [mine]}, rules(ha)
+    # No rendered rule, in any release, lacks its peers (such a rule admits all).
+    for name, values in RELEASES.items():
+        for np in kind(render(values), "NetworkPolicy"):
+            for rule in np["spec"]["ingress"]:
+                assert rule.get("from"), (name, rule)
 
 
 @check("a change of configuration changes the pod's checksum (the pod rolls)")
@@ -290,7 +315,8 @@ def binary_agrees():
 
 
 def main():
-    for test in (lint, validate, central_shape, variants, replicas, checksum, bad_values, binary_agrees):
+    for test in (lint, validate, central_shape, variants, replicas, network_policy, checksum, bad_values,
+                 binary_agrees):
         test()
     passed = sum(ok for _, ok in results)
     print(f"helm: {passed} passed, {len(results) - passed} failed", flush=True)
