@@ -23,9 +23,9 @@ use crate::broker::{Broker, BrokerAuth};
 use crate::central::sync::SyncCentral;
 use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
+use crate::protocol::connect_broker;
 use crate::protocol::crypto::Sealer;
 use crate::protocol::messages::Subjects;
-use crate::protocol::{connect_broker, redact_url};
 use crate::proxy::{self, Proxy};
 use crate::serve;
 use crate::settings::config::{BrokerMode, CentralConfig};
@@ -493,7 +493,7 @@ impl Central {
                 Some(Broker::bind(broker_config.clone()).await?)
             }
             BrokerMode::External(url) => {
-                info!(broker = %url, "using an external NATS server; no embedded broker");
+                info!(broker = %url.redacted(), "using an external NATS server; no embedded broker");
                 None
             }
         };
@@ -640,7 +640,10 @@ impl Central {
                 };
                 let scheme = if b.tls.is_some() { "tls" } else { "nats" };
                 let url = reqwest::Url::parse(&format!("{scheme}://{host}:{}", addr.port()))?;
-                (url, b.auth.clone())
+                (
+                    crate::settings::config::BrokerUrls::one(url),
+                    b.auth.clone(),
+                )
             }
             (BrokerMode::External(url), _) => (url.clone(), self.config.broker_client_auth.clone()),
             (BrokerMode::Embedded(_), None) => unreachable!("an embedded broker is bound in build"),
@@ -652,7 +655,7 @@ impl Central {
             None => Watched::none("broker"),
         };
         let client = connect_broker(&broker_url, &broker_auth, "syncgate-central", None).await?;
-        info!(broker = %redact_url(&broker_url), "sync client connecting");
+        info!(broker = %broker_url.redacted(), "sync client connecting");
         let kit = Arc::new(Kit {
             config: self.config.clone(),
             client,

@@ -417,9 +417,10 @@ pub struct EdgeArgs {
     #[arg(long = "id", env = "SYNCGATE_EDGE_ID")]
     pub id: String,
 
-    /// The broker to take ops from: nats://host:port.
-    #[arg(long, env = "SYNCGATE_BROKER", value_parser = config::parse_nats_url)]
-    pub broker: Url,
+    /// The broker to take ops from: nats://host:port, or several, comma-separated
+    /// (a NATS cluster's seeds; at a site, usually its own leaf node).
+    #[arg(long, env = "SYNCGATE_BROKER", value_parser = config::parse_nats_urls)]
+    pub broker: config::BrokerUrls,
 
     /// Token for the broker.
     #[arg(long, env = "SYNCGATE_BROKER_TOKEN", hide_env_values = true)]
@@ -612,9 +613,10 @@ pub struct CentralArgs {
           value_parser = parse_classes)]
     pub replicate: Classes,
 
-    /// Use this external NATS server (nats://host:port) instead of the embedded broker.
-    #[arg(long = "broker", env = "SYNCGATE_BROKER", value_parser = config::parse_nats_url)]
-    pub external_broker: Option<Url>,
+    /// Use this external NATS server (nats://host:port) instead of the embedded
+    /// broker; or a NATS cluster: its seeds, comma-separated.
+    #[arg(long = "broker", env = "SYNCGATE_BROKER", value_parser = config::parse_nats_urls)]
+    pub external_broker: Option<config::BrokerUrls>,
 
     #[command(flatten)]
     pub broker: BrokerArgs,

@@ -26,12 +26,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
+use crate::protocol::connect_broker;
 use crate::protocol::control::Session;
 use crate::protocol::messages::{
     Envelope, OutcomesReply, OutcomesRequest, Redo, Subjects, OUTCOMES_REPLY, OUTCOMES_REQUEST,
     REDO,
 };
-use crate::protocol::{connect_broker, redact_url};
 use crate::settings::config::EdgeConfig;
 use crate::store::edge::EdgeStore;
 use link::Link;
@@ -231,7 +231,7 @@ impl Edge {
         )));
         info!(
             edge = %self.config.id,
-            broker = %redact_url(&self.config.broker),
+            broker = %self.config.broker.redacted(),
             upstream = %self.config.upstream,
             cursor = self.status.cursor.load(Ordering::Relaxed),
             "syncgate edge running"

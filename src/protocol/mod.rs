@@ -13,10 +13,12 @@ use reqwest::Url;
 
 use crate::broker::BrokerAuth;
 
-/// Connects a NATS client to the broker (embedded or external). It does not wait
-/// for the broker: it keeps trying in the background and reconnects by itself.
+/// Connects a NATS client to the broker (embedded or external: one server, or
+/// a cluster's seeds, any of which it connects to, learning the others from
+/// it). It does not wait for the broker: it keeps trying in the background and
+/// reconnects by itself, to another server of a cluster when one is gone.
 pub async fn connect_broker(
-    url: &Url,
+    urls: &crate::settings::config::BrokerUrls,
     auth: &BrokerAuth,
     name: &str,
     on_event: Option<tokio::sync::mpsc::UnboundedSender<async_nats::Event>>,
@@ -43,11 +45,12 @@ pub async fn connect_broker(
             }
         });
     }
-    // The URL may carry user:password; async-nats reads them from it.
+    // A URL may carry user:password; async-nats reads them from it.
+    let addrs: Vec<&str> = urls.urls().iter().map(Url::as_str).collect();
     options
-        .connect(url.as_str())
+        .connect(addrs.as_slice())
         .await
-        .with_context(|| format!("cannot connect to the broker at {}", redact_url(url)))
+        .with_context(|| format!("cannot connect to the broker at {}", urls.redacted()))
 }
 
 /// A URL for logs: without credentials.

@@ -156,7 +156,7 @@ pub enum OnFailure {
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
     pub id: String,
-    pub broker: Url,
+    pub broker: BrokerUrls,
     pub broker_auth: BrokerAuth,
     /// The edge Keystone's base URL.
     pub upstream: Url,
@@ -217,7 +217,7 @@ pub enum BrokerMode {
     /// Served inside the central process.
     Embedded(BrokerConfig),
     /// An external NATS server or cluster; no embedded broker starts.
-    External(Url),
+    External(BrokerUrls),
 }
 
 impl CentralConfig {
@@ -348,6 +348,51 @@ pub fn parse_base_url(s: &str) -> Result<Url, String> {
 }
 
 /// Parses a NATS server URL: `nats://host:port` (or `tls://`), no path.
+/// A broker's address: one NATS server, or several (the seeds of a cluster:
+/// the client connects to any and learns the others from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<Url>);
+
+impl BrokerUrls {
+    pub fn one(url: Url) -> BrokerUrls {
+        BrokerUrls(vec![url])
+    }
+
+    pub fn urls(&self) -> &[Url] {
+        &self.0
+    }
+
+    /// For logs: comma-separated, without credentials.
+    pub fn redacted(&self) -> String {
+        self.0
+            .iter()
+            .map(crate::protocol::redact_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Parses one broker URL or several, comma-separated
+/// (`nats://a:4222,nats://b:4222`; a list in the configuration file).
+pub fn parse_nats_urls(s: &str) -> Result<BrokerUrls, String> {
+    let mut urls = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("'{s}' has an empty URL in its list"));
+        }
+        let url = parse_nats_url(part)?;
+        if urls.contains(&url) {
+            return Err(format!(
+                "'{}' is listed twice",
+                crate::protocol::redact_url(&url)
+            ));
+        }
+        urls.push(url);
+    }
+    Ok(BrokerUrls(urls))
+}
+
 pub fn parse_nats_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| format!("'{s}' is not a URL ({e})"))?;
     if !matches!(url.scheme(), "nats" | "tls") {
@@ -473,6 +518,23 @@ mod tests {
         assert!(parse_nats_url("http://x:4222").is_err());
         assert!(parse_nats_url("nats://x:4222/path").is_err());
         assert!(parse_nats_url("nats://").is_err());
+        let seeds = parse_nats_urls("nats://a:4222, nats://b:4222,tls://c:4222").unwrap();
+        assert_eq!(seeds.urls().len(), 3);
+        assert_eq!(seeds.redacted(), "nats://a:4222,nats://b:4222,tls://c:4222");
+        let secret = parse_nats_urls("nats://u:sekrit@a:4222,nats://b:4222").unwrap();
+        assert!(
+            !secret.redacted().contains("sekrit"),
+            "{}",
+            secret.redacted()
+        );
+        for bad in [
+            "nats://a:4222,",
+            "nats://a:4222,,nats://b:4222",
+            "nats://a:4222,nats://a:4222",
+            "nats://a:4222,http://b:80",
+        ] {
+            assert!(parse_nats_urls(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

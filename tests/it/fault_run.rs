@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use syncgate::broker::{Broker, BrokerConfig};
 use syncgate::edge::Edge;
 use syncgate::settings::config::{
-    parse_base_url, parse_nats_url, BrokerMode, EdgeConfig, OnFailure, SyncKey,
+    parse_base_url, parse_nats_urls, BrokerMode, EdgeConfig, OnFailure, SyncKey,
 };
 use syncgate::{Central, CentralConfig};
 
@@ -199,7 +199,7 @@ impl World {
         config.upstream_settle = Duration::from_secs(4);
         config.stale_intent_after = Duration::from_secs(3);
         config.broker =
-            BrokerMode::External(parse_nats_url(&self.central_broker.url("nats")).unwrap());
+            BrokerMode::External(parse_nats_urls(&self.central_broker.url("nats")).unwrap());
         config.sync.key = self.key.clone();
         config.sync.edges = self.edges.iter().map(|e| e.id.clone()).collect();
         config.sync.ack_timeout = Duration::from_secs(2);
@@ -225,7 +225,7 @@ impl World {
         let e = &self.edges[i];
         EdgeConfig {
             id: e.id.clone(),
-            broker: parse_nats_url(&e.broker.url("nats")).unwrap(),
+            broker: parse_nats_urls(&e.broker.url("nats")).unwrap(),
             broker_auth: Default::default(),
             upstream: parse_base_url(&e.keystone.url("http")).unwrap(),
             credentials: admin_credentials(&e.site),

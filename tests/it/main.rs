@@ -16,6 +16,7 @@ mod faults;
 mod fidelity;
 mod helpers;
 mod hostile;
+mod nats_cluster;
 mod postgres;
 mod proxy;
 mod repair_run;

@@ -1271,7 +1271,7 @@ async fn a_central_with_the_embedded_broker_holds_its_op_log_alone() {
     embedded.oplog_lock_wait = std::time::Duration::from_millis(300);
     let mut external = embedded.clone();
     external.broker = syncgate::settings::config::BrokerMode::External(
-        syncgate::settings::config::parse_nats_url("nats://127.0.0.1:4222").unwrap(),
+        syncgate::settings::config::parse_nats_urls("nats://127.0.0.1:4222").unwrap(),
     );
     let first = syncgate::Central::build(embedded.clone()).await.unwrap();
     for other in [&embedded, &external] {

@@ -199,7 +199,7 @@ pub async fn sync_env(
     config.sync.edges = edges.iter().map(|e| e.to_string()).collect();
     if let Some(url) = &external_broker {
         config.broker =
-            BrokerMode::External(syncgate::settings::config::parse_nats_url(url).unwrap());
+            BrokerMode::External(syncgate::settings::config::parse_nats_urls(url).unwrap());
     }
     // Central's ports lie below the ephemeral range: a restart finds them
     // free (a port picked by the system could be taken meanwhile by another
@@ -305,7 +305,7 @@ impl SyncEnv {
     pub fn edge_config(&self, edge: &EdgeSite, on_failure: OnFailure) -> EdgeConfig {
         EdgeConfig {
             id: edge.id.clone(),
-            broker: syncgate::settings::config::parse_nats_url(&edge.broker).unwrap(),
+            broker: syncgate::settings::config::parse_nats_urls(&edge.broker).unwrap(),
             broker_auth: BrokerAuth::None,
             upstream: parse_base_url(&edge.site.url()).unwrap(),
             credentials: admin_credentials(&edge.site),
