@@ -334,7 +334,7 @@ async fn watch_lease(
     loop {
         match fenced.settle_gone(lease).await {
             Ok(seqs) if !seqs.is_empty() => {
-                if let Err(e) = kit.proxy.hold_in_doubt(&seqs).await {
+                if let Err(e) = kit.proxy.hold_in_doubt(Some(&seqs)).await {
                     warn!(error = %e, "cannot hold the keys of settled writes in doubt");
                 }
                 kit.proxy.unknown.notify_one();
@@ -509,15 +509,9 @@ impl Central {
         // Writes that may still land upstream hold what they touch again
         // (those just logged from open intents, and those an earlier run
         // logged in doubt): a conflicting write is not let through meanwhile.
-        let mut in_doubt = store
-            .in_doubt(config.upstream_settle)
-            .await
-            .context("reading the writes still in doubt")?;
-        in_doubt.extend(recovered);
-        in_doubt.sort_unstable();
-        in_doubt.dedup();
+        // Unread, none could be let through safely: the start fails.
         proxy
-            .hold_in_doubt(&in_doubt)
+            .hold_in_doubt(None)
             .await
             .context("holding the writes still in doubt")?;
         let proxy_listener = TcpListener::bind(config.listen)

@@ -823,49 +823,59 @@ impl Resyncer {
 
     /// Runs a drift audit of `edge` now (nothing is changed).
     pub async fn drift(self: &Arc<Self>, edge: &str) -> Result<(), StartError> {
-        self.keystone()?;
-        self.known(edge).await?;
-        let _slot = self.take(edge, "drift audit")?;
-        self.store
-            .begin_drift(edge)
-            .await
-            .map_err(|e| StartError::Internal(e.to_string()))?;
-        match self.drift_once(edge).await {
-            Ok(()) => Ok(()),
-            Err(f) => {
-                let why = f.to_string();
-                warn!(edge, error = %why, "drift audit failed");
-                let _ = self.store.fail_drift(edge, &why).await;
-                Ok(())
-            }
-        }
+        let slot = self.begin_drift(edge).await?;
+        let ran = self.drift_once(edge).await;
+        self.end_drift(edge, slot, ran).await;
+        Ok(())
     }
 
     /// Starts a drift audit of `edge` on a task.
     pub async fn start_drift(self: &Arc<Self>, edge: &str) -> Result<(), StartError> {
+        let slot = self.begin_drift(edge).await?;
+        let this = self.clone();
+        let edge = edge.to_string();
+        self.spawner.spawn(async move {
+            let ran = this.drift_once(&edge).await;
+            this.end_drift(&edge, slot, ran).await;
+        });
+        Ok(())
+    }
+
+    /// Takes the edge's slot for a drift audit and records that it runs.
+    async fn begin_drift(self: &Arc<Self>, edge: &str) -> Result<Slot, StartError> {
         self.keystone()?;
         self.known(edge).await?;
-        if let Some(running) = self
-            .busy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(edge)
-        {
-            return Err(StartError::Busy(edge.to_string(), running));
-        }
+        let turn = self.turns.lock().await;
+        let slot = self.take(edge, "drift audit")?;
         self.store
             .begin_drift(edge)
             .await
             .map_err(|e| StartError::Internal(e.to_string()))?;
-        let this = self.clone();
-        let edge = edge.to_string();
-        self.spawner.spawn(async move {
-            if let Err(e) = this.drift(&edge).await {
-                warn!(edge = %edge, error = %e, "drift audit not run");
-                let _ = this.store.fail_drift(&edge, &e.to_string()).await;
+        drop(turn);
+        Ok(slot)
+    }
+
+    /// Frees the edge's slot as the audit's end is recorded (done, recorded
+    /// by the audit under the turn it hands back; or failed, recorded here):
+    /// once the audit API says it ended, a resync asked for then starts.
+    async fn end_drift(
+        &self,
+        edge: &str,
+        slot: Slot,
+        ran: Result<tokio::sync::MutexGuard<'_, ()>, Failure>,
+    ) {
+        let turn = match ran {
+            Ok(turn) => turn,
+            Err(f) => {
+                let why = f.to_string();
+                warn!(edge, error = %why, "drift audit failed");
+                let turn = self.turns.lock().await;
+                let _ = self.store.fail_drift(edge, &why).await;
+                turn
             }
-        });
-        Ok(())
+        };
+        drop(slot);
+        drop(turn);
     }
 
     /// Central's state for drift audits, read once for all the edges a
@@ -881,7 +891,7 @@ impl Resyncer {
         })
     }
 
-    async fn drift_once(&self, edge: &str) -> Result<(), Failure> {
+    async fn drift_once(&self, edge: &str) -> Result<tokio::sync::MutexGuard<'_, ()>, Failure> {
         let snapshot = self.snapshot().await?;
         self.drift_against(edge, &snapshot).await
     }
@@ -936,15 +946,13 @@ impl Resyncer {
                 }
             };
             futures_util::stream::iter(slots)
-                .for_each_concurrent(ROUND_PARALLEL, |(edge, _slot)| {
+                .for_each_concurrent(ROUND_PARALLEL, |(edge, slot)| {
                     let this = this.clone();
                     let snapshot = snapshot.clone();
+                    // The slot is held by the audit until its end is recorded.
                     async move {
-                        if let Err(f) = this.drift_against(&edge, &snapshot).await {
-                            let why = f.to_string();
-                            warn!(edge = %edge, error = %why, "drift audit failed");
-                            let _ = this.store.fail_drift(&edge, &why).await;
-                        }
+                        let ran = this.drift_against(&edge, &snapshot).await;
+                        this.end_drift(&edge, slot, ran).await;
                     }
                 })
                 .await;
@@ -954,7 +962,11 @@ impl Resyncer {
 
     /// Audits `edge` against `snapshot`; an edge or broker lost meanwhile (a
     /// restart of the edge) is asked again, as a resync is.
-    async fn drift_against(&self, edge: &str, snapshot: &Snapshot) -> Result<(), Failure> {
+    async fn drift_against(
+        &self,
+        edge: &str,
+        snapshot: &Snapshot,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, Failure> {
         let mut attempt = 0;
         let mut delays = retry_delays();
         loop {
@@ -969,7 +981,13 @@ impl Resyncer {
         }
     }
 
-    async fn drift_against_once(&self, edge: &str, snapshot: &Snapshot) -> Result<(), Failure> {
+    /// One audit; its result recorded under the turn it hands back (the
+    /// caller frees the edge's slot, then the turn).
+    async fn drift_against_once(
+        &self,
+        edge: &str,
+        snapshot: &Snapshot,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, Failure> {
         let started = Instant::now();
         let Snapshot {
             before,
@@ -1032,6 +1050,8 @@ impl Resyncer {
                 edge_id: e.map(|x| x.id.as_str()).filter(|s| !s.is_empty()),
             });
         }
+        self.refresh_needs_password(edge).await;
+        let turn = self.turns.lock().await;
         self.store
             .record_drift(edge, fence, excluded, &found)
             .await
@@ -1044,8 +1064,7 @@ impl Resyncer {
             secs = started.elapsed().as_secs_f64(),
             "drift audit done"
         );
-        self.refresh_needs_password(edge).await;
-        Ok(())
+        Ok(turn)
     }
 
     fn publish_drift(&self, edge: &str, found: &[NewDrift<'_>]) {

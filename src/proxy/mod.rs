@@ -526,24 +526,23 @@ impl Proxy {
             }
         };
         if !seqs.is_empty() {
-            self.hold_in_doubt(&seqs).await?;
+            self.hold_in_doubt(Some(&seqs)).await?;
             self.unknown.notify_one();
         }
         Ok(seqs)
     }
 
-    /// Writes a stop left in doubt (logged as unknown outcomes at start-up)
-    /// may still land until the settle period after they were sent: writes
-    /// that conflict with them are refused until then.
-    pub async fn hold_in_doubt(&self, seqs: &[i64]) -> anyhow::Result<()> {
-        for seq in seqs {
-            let Some(op) = self.store.get_op(*seq).await? else {
-                continue;
-            };
-            let age = crate::keystone::client::parse_rfc3339(&op.created_at)
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
-            let left = self.settle.saturating_sub(age);
+    /// Writes in doubt (logged as unknown outcomes, not found applied or not
+    /// yet: `only` these seqs, or all) may still land until the settle period
+    /// after they were sent: writes that conflict with them are refused until
+    /// then.
+    pub async fn hold_in_doubt(&self, only: Option<&[i64]>) -> anyhow::Result<()> {
+        let ops = self.store.in_doubt(self.settle).await?;
+        let held = ops
+            .iter()
+            .filter(|(seq, _)| only.is_none_or(|seqs| seqs.contains(seq)));
+        for (seq, left_ms) in held {
+            let left = std::time::Duration::from_millis(u64::try_from(*left_ms).unwrap_or(0));
             let touches = self.store.op_touches(*seq).await?;
             self.in_doubt.hold(&touches, Instant::now() + left);
         }

@@ -455,43 +455,58 @@ async fn execute_pg(
             .collect::<Vec<_>>()
     };
     let batch = pg_batch(me, jobs);
-    let mut tx = match writer.begin_with(batch.begin).await {
-        Ok(tx) => tx,
+    let mut conn = match writer.acquire().await {
+        Ok(conn) => conn,
         Err(e) => return failed(&e),
     };
+    // The transaction is begun and ended by statements on this connection
+    // (sqlx's own would not know of a session left in a failed transaction
+    // by a lock statement after BEGIN): any error is followed by ROLLBACK,
+    // and a connection that cannot take it is closed, never used again.
     let mut busy = vec![None; jobs.len()];
     let mut rows = Vec::new();
-    let mut written = Ok(());
+    let mut written = simple(&mut conn, &batch.begin).await.map(drop);
     for (template, binds) in batch.steps {
+        if written.is_err() {
+            break;
+        }
         let text = Dialect::Postgres.sql(template);
         let mut q = sqlx::query(&text);
         for b in binds {
             q = q.bind(b);
         }
-        match q.fetch_all(&mut *tx).await {
-            Ok(more) => rows.extend(more),
-            Err(e) => {
-                written = Err(e);
-                break;
-            }
-        }
+        written = q.fetch_all(&mut *conn).await.map(|more| rows.extend(more));
     }
     let seqs = match written.and_then(|()| pg_results(&rows, jobs, &mut busy)) {
         Ok(seqs) => seqs,
         Err(e) => {
-            let _ = tx.rollback().await;
+            if simple(&mut conn, "ROLLBACK").await.is_err() {
+                drop(conn.detach());
+            }
             return failed(&e);
         }
     };
-    match tx.commit().await {
-        Ok(()) => answers(jobs, seqs, &busy),
+    match simple(&mut conn, "COMMIT").await {
+        Ok(_) => answers(jobs, seqs, &busy),
         // The answer to the commit was lost (a connection to PostgreSQL
         // broken then): what the database holds says whether it was made.
-        Err(e) => match committed(writer, Dialect::Postgres, jobs, &seqs, &busy).await {
-            Some(true) => answers(jobs, seqs, &busy),
-            _ => failed(&e),
-        },
+        Err(e) => {
+            drop(conn.detach());
+            match committed(writer, Dialect::Postgres, jobs, &seqs, &busy).await {
+                Some(true) => answers(jobs, seqs, &busy),
+                _ => failed(&e),
+            }
+        }
     }
+}
+
+/// Runs `text` (statements separated by `;`) with the simple protocol; the
+/// rows of all of them.
+fn simple<'c>(
+    conn: &'c mut AnyConnection,
+    text: &'c str,
+) -> futures_util::future::BoxFuture<'c, Result<Vec<sqlx::any::AnyRow>, sqlx::Error>> {
+    sqlx::Executor::fetch_all(conn, sqlx::raw_sql(text))
 }
 
 /// A batch on PostgreSQL: the text that begins it and takes its locks, then
@@ -724,7 +739,6 @@ const COMMIT: &str = "
     n (n) AS (SELECT COUNT(*) FROM v JOIN intents i ON i.op_id = v.op_id),
     h (base) AS (UPDATE oplog_head SET seq = seq + (SELECT n FROM n)
                  WHERE id = 1 AND EXISTS (SELECT 1 FROM v) RETURNING seq - (SELECT n FROM n)),
-    gone AS (DELETE FROM intents WHERE op_id IN (SELECT op_id FROM v UNION ALL SELECT op_id FROM drops)),
     logged AS (
         INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
                          upstream_status, request_id, detail, refs, traceparent,
@@ -736,6 +750,8 @@ const COMMIT: &str = "
         FROM v JOIN intents i ON i.op_id = v.op_id CROSS JOIN h
         ORDER BY v.ord
         RETURNING op_id, seq),
+    gone AS (DELETE FROM intents
+             WHERE op_id IN (SELECT op_id FROM logged UNION ALL SELECT op_id FROM drops)),
     keyed AS (INSERT INTO op_keys (key, seq, exclusive)
               SELECT ks.key, logged.seq, ks.exclusive FROM ks JOIN logged ON logged.op_id = ks.op_id
               ON CONFLICT DO NOTHING),
@@ -745,7 +761,7 @@ const COMMIT: &str = "
             SELECT DISTINCT ON (es.id) es.id, es.kind, es.name, es.domain_id FROM es
             WHERE es.op_id IS NULL OR es.op_id IN (SELECT op_id FROM logged)
             ORDER BY es.id, es.ord DESC) AS last
-        ORDER BY id
+        ORDER BY id COLLATE \"C\"
         ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
             domain_id = excluded.domain_id, updated_at = excluded.updated_at)
     SELECT 'seq' AS sg_tag, op_id, seq FROM logged";

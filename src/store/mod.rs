@@ -803,17 +803,24 @@ impl Store {
     }
 
     /// The ops whose outcome is unknown, not yet found applied or not, and
-    /// forwarded less than `settle` ago: writes that may still land upstream.
-    /// A start holds their keys again (conflicting writes are refused until
-    /// then), as the process that logged them did.
-    pub async fn in_doubt(&self, settle: std::time::Duration) -> Result<Vec<i64>, StoreError> {
-        Ok(sqlx::query_scalar(&self.d.sql(
-            "SELECT seq FROM ops WHERE state = 'unknown_outcome'
+    /// forwarded less than `settle` ago: writes that may still land upstream,
+    /// each with how long it still may (in ms, by the database's clock, as it
+    /// wrote the time it was forwarded). A start holds their keys again
+    /// (conflicting writes are refused until then), as the process that
+    /// logged them did.
+    pub async fn in_doubt(
+        &self,
+        settle: std::time::Duration,
+    ) -> Result<Vec<(i64, i64)>, StoreError> {
+        let settle = i64::try_from(settle.as_millis()).unwrap_or(i64::MAX);
+        Ok(sqlx::query_as(&self.d.sql(
+            "SELECT seq, CAST(?1 - SG_SECONDS_SINCE(created_at) * 1000 AS BIGINT) FROM ops
+             WHERE state = 'unknown_outcome'
                AND COALESCE(resolution, '') NOT IN ('applied', 'not_applied')
-               AND created_at > SG_ISO_MS(SG_NOW_MS() - ?)
+               AND created_at > SG_ISO_MS(SG_NOW_MS() - ?1)
              ORDER BY seq",
         ))
-        .bind(i64::try_from(settle.as_millis()).unwrap_or(i64::MAX))
+        .bind(settle)
         .fetch_all(&self.reader)
         .await?)
     }

@@ -56,7 +56,8 @@ CENTRAL_FULL.update({
     "config": {"upstream_timeout": "10s", "max_connections": 2048},
     "credentials": {"username": "syncgate", "secret": {"name": "edge-creds", "key": "password"}},
     "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
-    "networkPolicy": {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+    "networkPolicy": {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+                      "proxyFrom": [{"namespaceSelector": {}}]},
     "otel": {"endpoint": "http://otel-collector.observability:4317", "protocol": "grpc",
              "resourceAttributes": "site=central"},
     "podAnnotations": {"example.com/team": "identity"},
@@ -78,7 +79,8 @@ CENTRAL_POSTGRES["central"]["database"] = {"url": "postgres://syncgate@db.identi
 CENTRAL_POSTGRES["secrets"]["databasePassword"] = {"name": "sg-db", "key": "password"}
 CENTRAL_HA = deepcopy(CENTRAL_POSTGRES)
 CENTRAL_HA["central"].update(replicas=3, externalBroker="nats://nats.identity:4222")
-CENTRAL_HA["networkPolicy"] = {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "mon"}}}]}
+CENTRAL_HA["networkPolicy"] = {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "mon"}}}],
+                              "proxyFrom": [{"namespaceSelector": {}}]}
 RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "central, op log on PostgreSQL": CENTRAL_POSTGRES,
             "central, three replicas on PostgreSQL": CENTRAL_HA, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL}
 
@@ -221,17 +223,30 @@ def network_policy():
         return {r["ports"][0]["port"]: r.get("from") for r in np["spec"]["ingress"]}
     clients = [{"namespaceSelector": {"matchLabels": {"name": "openstack"}}}]
     sites = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
-    only_proxy = dict(deepcopy(CENTRAL), networkPolicy={"enabled": True, "proxyFrom": clients})
-    assert rules(only_proxy) == {"proxy": clients}, rules(only_proxy)
     every = dict(deepcopy(CENTRAL), networkPolicy={"enabled": True, "proxyFrom": clients, "brokerFrom": sites,
                                                    "adminFrom": clients})
     assert rules(every) == {"proxy": clients, "broker": sites, "admin": clients}, rules(every)
-    assert rules(dict(deepcopy(CENTRAL), networkPolicy={"enabled": True})) == {}
+    # An empty adminFrom admits nobody to the admin port.
+    no_admin = dict(deepcopy(CENTRAL), networkPolicy={"enabled": True, "proxyFrom": clients, "brokerFrom": sites})
+    assert rules(no_admin) == {"proxy": clients, "broker": sites}, rules(no_admin)
+    # An external broker: no broker port, no rule for it whatever brokerFrom says.
+    external = deepcopy(CENTRAL_FULL)
+    external["networkPolicy"] = {"enabled": True, "proxyFrom": clients, "brokerFrom": sites}
+    assert rules(external) == {"proxy": clients}, rules(external)
+    assert rules(dict(deepcopy(EDGE), networkPolicy={"enabled": True, "adminFrom": clients})) == {"admin": clients}
+    # A central nobody could use is refused, with the reason.
+    for np, why in [({"enabled": True}, "proxyFrom"), ({"enabled": True, "proxyFrom": clients}, "brokerFrom")]:
+        try:
+            render(dict(deepcopy(CENTRAL), networkPolicy=np))
+        except helm.HelmError as e:
+            assert why in str(e) and "admit no" in str(e), str(e)
+            continue
+        raise AssertionError(f"accepted: {np}")
     # Replicas with no adminFrom: the admin port admits the other replicas alone.
-    ha = dict(deepcopy(CENTRAL_HA), networkPolicy={"enabled": True})
+    ha = dict(deepcopy(CENTRAL_HA), networkPolicy={"enabled": True, "proxyFrom": clients})
     w = Workload(render(ha), SECRETS)
     mine = {"podSelector": {"matchLabels": w.statefulset["spec"]["selector"]["matchLabels"]}}
-    assert rules(ha) == {"admin": [mine]}, rules(ha)
+    assert rules(ha) == {"proxy": clients, "admin": [mine]}, rules(ha)
     # No rendered rule, in any release, lacks its peers (such a rule admits all).
     for name, values in RELEASES.items():
         for np in kind(render(values), "NetworkPolicy"):

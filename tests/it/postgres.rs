@@ -1482,6 +1482,16 @@ async fn an_op_log_an_earlier_version_made_is_taken_over_whole() {
         .await;
     assert_eq!(resp.status(), 201);
     assert_eq!(app.all_ops().await.last().unwrap()["seq"], 4);
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let kept: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM entities WHERE id = 'p1' AND name = 'one'),
+                (SELECT COUNT(*) FROM op_keys WHERE key = 'p1' AND seq IN (1, 2))",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kept, (1, 2), "the entity learned and the ops' keys are kept");
+    pool.close().await;
 }
 
 /// Replays are answered by any replica, not only the leader (each reads the

@@ -137,6 +137,12 @@ log_format = {{ .Values.logFormat | toJson }}
 {{- if and (gt $replicas 1) (not .Values.central.externalBroker) }}
 {{- fail (printf "central.replicas is %d but central.externalBroker is empty: several central replicas cannot share the embedded broker; run a NATS cluster (https://github.com/nats-io/k8s/tree/main/helm/charts/nats) and set central.externalBroker to nats://HOST:4222" $replicas) }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.networkPolicy.proxyFrom) }}
+{{- fail "networkPolicy.enabled with an empty networkPolicy.proxyFrom would admit no client to the proxy port (every identity request refused): list Keystone's clients there, e.g. [{namespaceSelector: {}}] for every namespace of the cluster" }}
+{{- end }}
+{{- if and .Values.networkPolicy.enabled (not .Values.central.externalBroker) (not .Values.networkPolicy.brokerFrom) }}
+{{- fail "networkPolicy.enabled with an empty networkPolicy.brokerFrom would admit no edge to the embedded broker (nothing replicated): list the edges' networks there, e.g. [{ipBlock: {cidr: 10.20.0.0/16}}]" }}
+{{- end }}
 {{- if and .Values.secrets.databasePassword.name (not .Values.central.database.url) }}
 {{- fail "secrets.databasePassword.name is set but central.database.url is not: the password is for a PostgreSQL op log (postgres://USER@HOST:PORT/DB)" }}
 {{- end }}
