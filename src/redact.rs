@@ -1,5 +1,6 @@
 //! Removes secrets from request bodies before the audit API shows them:
-//! passwords, secrets, credential blobs and anything named like a token.
+//! passwords, secrets, credential blobs and anything named like a token; and
+//! from URLs before logs show them.
 
 use serde_json::Value;
 
@@ -81,6 +82,14 @@ pub fn redact_query(path: &str) -> String {
         })
         .collect();
     format!("{p}?{}", params.join("&"))
+}
+
+/// A URL for logs: without credentials.
+pub fn url(url: &reqwest::Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_password(None);
+    let _ = u.set_username("");
+    u.to_string()
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::broker::BrokerAuth;
 /// it). It does not wait for the broker: it keeps trying in the background and
 /// reconnects by itself, to another server of a cluster when one is gone.
 pub async fn connect_broker(
-    urls: &crate::settings::config::BrokerUrls,
+    urls: &BrokerUrls,
     auth: &BrokerAuth,
     name: &str,
     on_event: Option<tokio::sync::mpsc::UnboundedSender<async_nats::Event>>,
@@ -53,10 +53,31 @@ pub async fn connect_broker(
         .with_context(|| format!("cannot connect to the broker at {}", urls.redacted()))
 }
 
-/// A URL for logs: without credentials.
-pub fn redact_url(url: &Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_password(None);
-    let _ = u.set_username("");
-    u.to_string()
+/// A broker's address: one NATS server, or several (the seeds of a cluster:
+/// the client connects to any and learns the others from it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrls(Vec<Url>);
+
+impl BrokerUrls {
+    /// `urls`, at least one (checked where they are parsed).
+    pub fn new(urls: Vec<Url>) -> BrokerUrls {
+        BrokerUrls(urls)
+    }
+
+    pub fn one(url: Url) -> BrokerUrls {
+        BrokerUrls(vec![url])
+    }
+
+    pub fn urls(&self) -> &[Url] {
+        &self.0
+    }
+
+    /// For logs: comma-separated, without credentials.
+    pub fn redacted(&self) -> String {
+        self.0
+            .iter()
+            .map(crate::redact::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }

@@ -348,29 +348,7 @@ pub fn parse_base_url(s: &str) -> Result<Url, String> {
 }
 
 /// Parses a NATS server URL: `nats://host:port` (or `tls://`), no path.
-/// A broker's address: one NATS server, or several (the seeds of a cluster:
-/// the client connects to any and learns the others from it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrls(Vec<Url>);
-
-impl BrokerUrls {
-    pub fn one(url: Url) -> BrokerUrls {
-        BrokerUrls(vec![url])
-    }
-
-    pub fn urls(&self) -> &[Url] {
-        &self.0
-    }
-
-    /// For logs: comma-separated, without credentials.
-    pub fn redacted(&self) -> String {
-        self.0
-            .iter()
-            .map(crate::protocol::redact_url)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
+pub use crate::protocol::BrokerUrls;
 
 /// Parses one broker URL or several, comma-separated
 /// (`nats://a:4222,nats://b:4222`; a list in the configuration file).
@@ -383,14 +361,11 @@ pub fn parse_nats_urls(s: &str) -> Result<BrokerUrls, String> {
         }
         let url = parse_nats_url(part)?;
         if urls.contains(&url) {
-            return Err(format!(
-                "'{}' is listed twice",
-                crate::protocol::redact_url(&url)
-            ));
+            return Err(format!("'{}' is listed twice", crate::redact::url(&url)));
         }
         urls.push(url);
     }
-    Ok(BrokerUrls(urls))
+    Ok(BrokerUrls::new(urls))
 }
 
 pub fn parse_nats_url(s: &str) -> Result<Url, String> {

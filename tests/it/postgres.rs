@@ -1490,7 +1490,11 @@ async fn an_op_log_an_earlier_version_made_is_taken_over_whole() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(kept, (1, 2), "the entity learned and the ops' keys are kept");
+    assert_eq!(
+        kept,
+        (1, 2),
+        "the entity learned and the ops' keys are kept"
+    );
     pool.close().await;
 }
 
