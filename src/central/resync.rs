@@ -916,15 +916,24 @@ impl Resyncer {
                     .push((e.id, "not connected to central".into()));
                 continue;
             }
+            // Taken and recorded as one turn (as a resync's start is).
+            let turn = self.turns.lock().await;
             match self.take(&e.id, "drift audit") {
-                Ok(slot) => {
-                    self.store
-                        .begin_drift(&e.id)
-                        .await
-                        .map_err(|err| StartError::Internal(err.to_string()))?;
-                    round.audited.push(e.id.clone());
-                    slots.push((e.id, slot));
-                }
+                Ok(slot) => match self.store.begin_drift(&e.id).await {
+                    Ok(()) => {
+                        round.audited.push(e.id.clone());
+                        slots.push((e.id, slot));
+                    }
+                    Err(err) => {
+                        drop((slot, turn));
+                        // Those begun already are ended, then the round fails.
+                        for (edge, slot) in slots {
+                            let why = format!("the drift round could not start: {err}");
+                            self.end_drift(&edge, slot, Err(Failure::Fatal(why))).await;
+                        }
+                        return Err(StartError::Internal(err.to_string()));
+                    }
+                },
                 Err(err) => round.skipped.push((e.id, err.to_string())),
             }
         }
@@ -939,8 +948,9 @@ impl Resyncer {
                 Err(f) => {
                     let why = f.to_string();
                     warn!(error = %why, edges = slots.len(), "drift round failed");
-                    for (edge, _slot) in &slots {
-                        let _ = this.store.fail_drift(edge, &why).await;
+                    for (edge, slot) in slots {
+                        let failed = Err(Failure::Fatal(why.clone()));
+                        this.end_drift(&edge, slot, failed).await;
                     }
                     return;
                 }

@@ -419,8 +419,10 @@ pub struct EdgeArgs {
 
     /// The broker to take ops from: nats://host:port, or several, comma-separated
     /// (a NATS cluster's seeds; at a site, usually its own leaf node).
-    #[arg(long, env = "SYNCGATE_BROKER", value_parser = config::parse_nats_urls)]
-    pub broker: config::BrokerUrls,
+    // Parsed in `into_config`: an error never repeats what was given (a URL
+    // with credentials in it is refused, not shown).
+    #[arg(long, env = "SYNCGATE_BROKER")]
+    pub broker: String,
 
     /// Token for the broker.
     #[arg(long, env = "SYNCGATE_BROKER_TOKEN", hide_env_values = true)]
@@ -433,6 +435,23 @@ pub struct EdgeArgs {
         conflicts_with = "broker_token"
     )]
     pub broker_token_file: Option<PathBuf>,
+
+    /// User name for the broker (with --broker-password or
+    /// --broker-password-file): a NATS server's user for this site.
+    #[arg(long, env = "SYNCGATE_BROKER_USER", conflicts_with_all = ["broker_token", "broker_token_file"])]
+    pub broker_user: Option<String>,
+
+    /// Password for the broker (with --broker-user).
+    #[arg(long, env = "SYNCGATE_BROKER_PASSWORD", hide_env_values = true)]
+    pub broker_password: Option<String>,
+
+    /// A file holding the broker password.
+    #[arg(
+        long,
+        env = "SYNCGATE_BROKER_PASSWORD_FILE",
+        conflicts_with = "broker_password"
+    )]
+    pub broker_password_file: Option<PathBuf>,
 
     /// This site's Keystone base URL (also the auth URL of the service credentials).
     #[arg(long, env = "SYNCGATE_UPSTREAM", value_parser = config::parse_base_url)]
@@ -511,12 +530,16 @@ impl EdgeArgs {
                 self.admin_listen
             ));
         }
+        let broker_password = read_secret(
+            self.broker_password,
+            self.broker_password_file.as_deref(),
+            "--broker-password-file",
+        )?;
+        let broker = config::parse_nats_urls(&self.broker).map_err(|e| format!("--broker: {e}"))?;
         Ok(EdgeConfig {
             id: self.id,
-            broker: self.broker,
-            broker_auth: broker_token
-                .map(|t| BrokerAuth::Token(Secret::new(t)))
-                .unwrap_or_default(),
+            broker,
+            broker_auth: client_auth(broker_token, self.broker_user, broker_password)?,
             upstream: self.upstream,
             credentials,
             db: self.db,
@@ -615,8 +638,9 @@ pub struct CentralArgs {
 
     /// Use this external NATS server (nats://host:port) instead of the embedded
     /// broker; or a NATS cluster: its seeds, comma-separated.
-    #[arg(long = "broker", env = "SYNCGATE_BROKER", value_parser = config::parse_nats_urls)]
-    pub external_broker: Option<config::BrokerUrls>,
+    // Parsed in `into_config`, as the edge's.
+    #[arg(long = "broker", env = "SYNCGATE_BROKER")]
+    pub external_broker: Option<String>,
 
     #[command(flatten)]
     pub broker: BrokerArgs,
@@ -742,6 +766,33 @@ pub struct BrokerArgs {
     pub broker_max_subscriptions: usize,
 }
 
+/// A broker client's credentials: a token, or a user and its password.
+fn client_auth(
+    token: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+) -> Result<BrokerAuth, String> {
+    match (token, user, password) {
+        (Some(t), _, _) if t.is_empty() => Err("--broker-token must not be empty".into()),
+        (Some(t), None, None) => Ok(BrokerAuth::Token(Secret::new(t))),
+        (Some(_), _, _) => Err("--broker-token and --broker-user go apart: give one".into()),
+        (None, Some(user), Some(password)) if !user.is_empty() && !password.is_empty() => {
+            Ok(BrokerAuth::UserPassword {
+                user,
+                password: Secret::new(password),
+            })
+        }
+        (None, Some(_), Some(_)) => {
+            Err("--broker-user and --broker-password must not be empty".into())
+        }
+        (None, Some(_), None) => {
+            Err("--broker-user needs --broker-password or --broker-password-file".into())
+        }
+        (None, None, Some(_)) => Err("--broker-password needs --broker-user".into()),
+        (None, None, None) => Ok(BrokerAuth::None),
+    }
+}
+
 impl BrokerArgs {
     /// Validates as start-up would, without starting anything.
     pub fn check(&self) -> Result<(), String> {
@@ -835,11 +886,28 @@ impl CentralArgs {
             upstream_settle: self.upstream_settle,
             max_capture_body: self.max_capture_body,
             replicate: self.replicate.0,
-            broker_client_auth: client_token
-                .map(|t| BrokerAuth::Token(Secret::new(t)))
-                .unwrap_or_default(),
-            broker: match self.external_broker {
-                Some(url) => BrokerMode::External(url),
+            // With an external broker, the broker options are this client's
+            // credentials (a token, or a user and password); with the
+            // embedded one, what its clients must present (and central's
+            // own client presents the token).
+            broker_client_auth: match &self.external_broker {
+                Some(_) => client_auth(
+                    client_token,
+                    self.broker.broker_user.clone(),
+                    read_secret(
+                        self.broker.broker_password.clone(),
+                        self.broker.broker_password_file.as_deref(),
+                        "--broker-password-file",
+                    )?,
+                )?,
+                None => client_token
+                    .map(|t| BrokerAuth::Token(Secret::new(t)))
+                    .unwrap_or_default(),
+            },
+            broker: match &self.external_broker {
+                Some(urls) => BrokerMode::External(
+                    config::parse_nats_urls(urls).map_err(|e| format!("--broker: {e}"))?,
+                ),
                 None => BrokerMode::Embedded(self.broker.into_config()?),
             },
             sync: SyncConfig {
@@ -1061,5 +1129,59 @@ mod tests {
             BrokerMode::Embedded(b) => assert!(matches!(b.auth, BrokerAuth::Token(_))),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_external_brokers_credentials_are_options_never_in_its_url() {
+        let seeds = "nats://a:4222,nats://b:4222";
+        let c = central(&[
+            "--upstream",
+            "http://k",
+            "--broker",
+            seeds,
+            "--broker-user",
+            "central",
+            "--broker-password",
+            "pw-central",
+        ])
+        .unwrap();
+        assert!(
+            matches!(&c.broker_client_auth, BrokerAuth::UserPassword { user, .. } if user == "central")
+        );
+        assert!(!format!("{c:?}").contains("pw-central"));
+        let c = central(&[
+            "--upstream",
+            "http://k",
+            "--broker",
+            seeds,
+            "--broker-token",
+            "t",
+        ]);
+        assert!(matches!(
+            c.unwrap().broker_client_auth,
+            BrokerAuth::Token(_)
+        ));
+        let e = central(&[
+            "--upstream",
+            "http://k",
+            "--broker",
+            seeds,
+            "--broker-user",
+            "u",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--broker-password"), "{e}");
+        let e =
+            central(&["--upstream", "http://k", "--broker", "nats://u:pw-x@a:4222"]).unwrap_err();
+        assert!(
+            e.contains("carries credentials") && !e.contains("pw-x"),
+            "{e}"
+        );
+        assert!(client_auth(None, None, Some("p".into())).is_err());
+        assert!(client_auth(Some("t".into()), Some("u".into()), Some("p".into())).is_err());
+        assert!(matches!(
+            client_auth(None, None, None),
+            Ok(BrokerAuth::None)
+        ));
     }
 }

@@ -347,7 +347,6 @@ pub fn parse_base_url(s: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// Parses a NATS server URL: `nats://host:port` (or `tls://`), no path.
 pub use crate::protocol::BrokerUrls;
 
 /// Parses one broker URL or several, comma-separated
@@ -357,7 +356,7 @@ pub fn parse_nats_urls(s: &str) -> Result<BrokerUrls, String> {
     for part in s.split(',') {
         let part = part.trim();
         if part.is_empty() {
-            return Err(format!("'{s}' has an empty URL in its list"));
+            return Err(format!("'{}' has an empty URL in its list", masked(s)));
         }
         let url = parse_nats_url(part)?;
         if urls.contains(&url) {
@@ -368,18 +367,48 @@ pub fn parse_nats_urls(s: &str) -> Result<BrokerUrls, String> {
     Ok(BrokerUrls::new(urls))
 }
 
+/// Parses a NATS server URL: `nats://host:port` (or `tls://`), no path, no
+/// credentials (a URL is shown in logs and by `syncgate config check`; they
+/// go in their own options).
 pub fn parse_nats_url(s: &str) -> Result<Url, String> {
-    let url = Url::parse(s).map_err(|e| format!("'{s}' is not a URL ({e})"))?;
+    let shown = masked(s);
+    let url = Url::parse(s).map_err(|e| format!("'{shown}' is not a URL ({e})"))?;
     if !matches!(url.scheme(), "nats" | "tls") {
-        return Err(format!("'{s}' must start with nats:// or tls://"));
+        return Err(format!("'{shown}' must start with nats:// or tls://"));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("'{s}' has no host"));
+        return Err(format!("'{shown}' has no host"));
     }
     if !matches!(url.path(), "" | "/") || url.query().is_some() {
-        return Err(format!("'{s}' must be only nats://host:port"));
+        return Err(format!("'{shown}' must be only nats://host:port"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "'{shown}' carries credentials: give them with --broker-token(-file), or \
+             --broker-user and --broker-password-file"
+        ));
     }
     Ok(url)
+}
+
+/// `s` with whatever stands between `://` and `@` masked (what a URL's
+/// credentials would be), for error messages.
+fn masked(s: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in s.split(',').enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match (part.find("://"), part.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme + 3 => {
+                out.push_str(&part[..scheme + 3]);
+                out.push_str("***");
+                out.push_str(&part[at..]);
+            }
+            _ => out.push_str(part),
+        }
+    }
+    out
 }
 
 /// Parses a duration such as `30s`, `500ms` or `2m`.
@@ -496,12 +525,16 @@ mod tests {
         let seeds = parse_nats_urls("nats://a:4222, nats://b:4222,tls://c:4222").unwrap();
         assert_eq!(seeds.urls().len(), 3);
         assert_eq!(seeds.redacted(), "nats://a:4222,nats://b:4222,tls://c:4222");
-        let secret = parse_nats_urls("nats://u:sekrit@a:4222,nats://b:4222").unwrap();
-        assert!(
-            !secret.redacted().contains("sekrit"),
-            "{}",
-            secret.redacted()
-        );
+        for with_secret in [
+            "nats://u:sekrit@a:4222,nats://b:4222",
+            "nats://u:sekrit@a:4222/x",
+            "ftp://u:sekrit@a:4222",
+            "nats://u:sekrit@",
+            "nats://a:4222,,nats://u:sekrit@b:4222",
+        ] {
+            let e = parse_nats_urls(with_secret).unwrap_err();
+            assert!(!e.contains("sekrit"), "{e}");
+        }
         for bad in [
             "nats://a:4222,",
             "nats://a:4222,,nats://b:4222",

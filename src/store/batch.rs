@@ -456,16 +456,17 @@ async fn execute_pg(
     };
     let batch = pg_batch(me, jobs);
     let mut conn = match writer.acquire().await {
-        Ok(conn) => conn,
+        Ok(conn) => Unfinished(Some(conn)),
         Err(e) => return failed(&e),
     };
     // The transaction is begun and ended by statements on this connection
     // (sqlx's own would not know of a session left in a failed transaction
     // by a lock statement after BEGIN): any error is followed by ROLLBACK,
-    // and a connection that cannot take it is closed, never used again.
+    // and a connection that cannot take it is closed, never used again; so
+    // is one whose batch was abandoned half-way (`Unfinished`).
     let mut busy = vec![None; jobs.len()];
     let mut rows = Vec::new();
-    let mut written = simple(&mut conn, &batch.begin).await.map(drop);
+    let mut written = simple(conn.get(), &batch.begin).await.map(drop);
     for (template, binds) in batch.steps {
         if written.is_err() {
             break;
@@ -475,27 +476,55 @@ async fn execute_pg(
         for b in binds {
             q = q.bind(b);
         }
-        written = q.fetch_all(&mut *conn).await.map(|more| rows.extend(more));
+        written = q.fetch_all(conn.get()).await.map(|more| rows.extend(more));
     }
     let seqs = match written.and_then(|()| pg_results(&rows, jobs, &mut busy)) {
         Ok(seqs) => seqs,
         Err(e) => {
-            if simple(&mut conn, "ROLLBACK").await.is_err() {
-                drop(conn.detach());
+            if simple(conn.get(), "ROLLBACK").await.is_ok() {
+                conn.finish();
             }
             return failed(&e);
         }
     };
-    match simple(&mut conn, "COMMIT").await {
-        Ok(_) => answers(jobs, seqs, &busy),
+    match simple(conn.get(), "COMMIT").await {
+        Ok(_) => {
+            conn.finish();
+            answers(jobs, seqs, &busy)
+        }
         // The answer to the commit was lost (a connection to PostgreSQL
         // broken then): what the database holds says whether it was made.
         Err(e) => {
-            drop(conn.detach());
+            drop(conn);
             match committed(writer, Dialect::Postgres, jobs, &seqs, &busy).await {
                 Some(true) => answers(jobs, seqs, &busy),
                 _ => failed(&e),
             }
+        }
+    }
+}
+
+/// A pooled connection inside a transaction begun by a statement: closed,
+/// not given back to the pool, unless the transaction was seen to end
+/// (`finish`). A batch abandoned half-way (its task ended at a shutdown, a
+/// panic) would otherwise hand the next user a session holding its locks.
+struct Unfinished(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+
+impl Unfinished {
+    fn get(&mut self) -> &mut AnyConnection {
+        self.0.as_mut().expect("held until finished or dropped")
+    }
+
+    /// The transaction ended: the connection goes back to the pool.
+    fn finish(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.as_mut() {
+            conn.close_on_drop();
         }
     }
 }

@@ -251,8 +251,9 @@ async fn each_applied_once(env: &SyncEnv) {
 }
 
 /// The cluster node central is connected to is killed mid-stream: central
-/// reconnects to another seed, the ops it published meanwhile that the edge
-/// missed come back by replay, each applied once, and the audit ends clean.
+/// reconnects to another seed; what it published meanwhile reaches the edge
+/// (sent again by its client once reconnected, or, lost with the node, by
+/// replay), each op applied once, and the audit ends clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_node_central_uses_killed_mid_stream_loses_nothing() {
     let Some(bin) = nats_server_path() else {
