@@ -219,15 +219,7 @@ async fn creates(env: &SyncEnv, prefix: &str, n: usize) {
 
 /// The project creates the edge's Keystone received, whatever it answered.
 fn edge_creates(env: &SyncEnv) -> usize {
-    env.edges[0]
-        .site
-        .state
-        .lock()
-        .unwrap()
-        .journal
-        .iter()
-        .filter(|l| l.starts_with("POST /v3/projects "))
-        .count()
+    env.edges[0].site.create_requests("projects")
 }
 
 /// Every project central holds reached the edge, each created there once:
