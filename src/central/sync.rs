@@ -249,6 +249,16 @@ impl SyncCentral {
                 0
             }
         };
+        // The position is where a new leader (or this one, restarted)
+        // publishes from: one recorded late only publishes again what edges
+        // acknowledge again without applying it (at or below their cursor).
+        // So it is recorded at most every `RECORD_PUBLISHED` while ops flow,
+        // and whenever the loop has nothing to publish or stops, rather than
+        // costing a transaction per round.
+        let mut recorded = Recorded {
+            seq: published,
+            at: tokio::time::Instant::now(),
+        };
         loop {
             // An op whose unknown outcome is being resolved waits, and every
             // op after it (edges apply in seq order).
@@ -274,12 +284,21 @@ impl SyncCentral {
                 }
             };
             if ops.is_empty() {
+                // Waits for ops, recording the position once it is due.
+                let due = recorded.at + RECORD_PUBLISHED;
+                let pending = recorded.seq < published;
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     // Ops of other replicas, and a safety net should a
                     // wake-up ever be missed.
                     _ = tokio::time::sleep(self.poll) => {}
-                    _ = crate::serve::stopped(&mut stop) => return,
+                    _ = tokio::time::sleep_until(due), if pending => {
+                        self.record_published(&mut recorded, published).await;
+                    }
+                    _ = crate::serve::stopped(&mut stop) => {
+                        self.record_published(&mut recorded, published).await;
+                        return;
+                    }
                 }
                 continue;
             }
@@ -292,14 +311,39 @@ impl SyncCentral {
                 last = op.seq;
             }
             if last == published {
+                self.record_published(&mut recorded, published).await;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                     _ = crate::serve::stopped(&mut stop) => return,
                 }
             }
-            match self.store.mark_published(last).await {
-                Ok(()) => published = last,
-                Err(e) => error!(error = %e, "cannot record the published position"),
+            published = last;
+            if recorded.at.elapsed() >= RECORD_PUBLISHED {
+                self.record_published(&mut recorded, published).await;
+            }
+            if *stop.borrow() {
+                self.record_published(&mut recorded, published).await;
+                return;
+            }
+        }
+    }
+
+    /// Records the published position `seq` if it is past the one recorded.
+    async fn record_published(&self, recorded: &mut Recorded, seq: i64) {
+        if seq <= recorded.seq {
+            return;
+        }
+        match self.store.mark_published(seq).await {
+            Ok(()) => {
+                *recorded = Recorded {
+                    seq,
+                    at: tokio::time::Instant::now(),
+                }
+            }
+            Err(e) => {
+                // Tried again once due again, not at once.
+                recorded.at = tokio::time::Instant::now();
+                error!(error = %e, "cannot record the published position");
             }
         }
     }
@@ -1188,4 +1232,13 @@ pub fn msg_id(op_id: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// How often, at most, the publisher records its position while ops flow.
+const RECORD_PUBLISHED: Duration = Duration::from_millis(250);
+
+/// The published position last recorded, and when.
+struct Recorded {
+    seq: i64,
+    at: tokio::time::Instant,
 }

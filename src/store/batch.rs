@@ -50,7 +50,9 @@ struct Job {
 
 /// The writer task's address; the task ends when every copy is dropped.
 #[derive(Clone)]
-pub(super) struct Batcher(mpsc::Sender<Job>);
+pub(super) struct Batcher {
+    jobs: mpsc::Sender<Job>,
+}
 
 /// Who writes, as the capture path's writes need it (shared with the store).
 #[derive(Debug)]
@@ -83,13 +85,13 @@ impl Batcher {
     pub(super) fn spawn(writer: AnyPool, d: Dialect, who: Shared) -> Batcher {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(writer, d, who, rx));
-        Batcher(tx)
+        Batcher { jobs: tx }
     }
 
     /// Queues one write and waits until it is durable.
     pub(super) async fn submit(&self, work: Work) -> Result<Option<i64>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.0
+        self.jobs
             .send(Job { work, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
@@ -100,13 +102,32 @@ impl Batcher {
 async fn run(writer: AnyPool, d: Dialect, who: Shared, mut rx: mpsc::Receiver<Job>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut jobs = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+    // The connection kept between batches (PostgreSQL), let go of as soon
+    // as the pool begins to close (which waits for every connection).
+    let mut held = None;
+    let closing = writer.close_event();
+    tokio::pin!(closing);
+    let mut closed = false;
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut jobs, MAX_BATCH) => if n == 0 {
+                return;
+            },
+            () = &mut closing, if !closed => {
+                closed = true;
+                held = None;
+                continue;
+            }
+        }
         let me = Replica {
             owner: who.owner.load(Relaxed),
             settle_ms: who.settle_ms.load(Relaxed),
             alone: who.alone.load(Relaxed),
         };
-        let results = execute(&writer, d, me, &jobs).await;
+        let results = execute(&writer, &mut held, d, me, &jobs).await;
+        if writer.is_closed() {
+            held = None;
+        }
         for (job, result) in jobs.drain(..).zip(results) {
             // A requester that went away loses only its answer.
             let _ = job.reply.send(result);
@@ -114,8 +135,6 @@ async fn run(writer: AnyPool, d: Dialect, who: Shared, mut rx: mpsc::Receiver<Jo
     }
 }
 
-/// Runs the jobs in one transaction; the results of all, or the error of the
-/// transaction for all.
 /// Who writes a batch: its replica (0: none), its settle period, and
 /// whether it holds the op log alone.
 #[derive(Clone, Copy)]
@@ -125,8 +144,11 @@ struct Replica {
     alone: bool,
 }
 
+/// Runs the jobs in one transaction; the results of all, or the error of the
+/// transaction for all.
 async fn execute(
     writer: &AnyPool,
+    held: &mut Option<Held>,
     d: Dialect,
     me: Replica,
     jobs: &[Job],
@@ -137,7 +159,7 @@ async fn execute(
             .collect::<Vec<_>>()
     };
     if d == Dialect::Postgres {
-        return execute_pg(writer, me, jobs).await;
+        return execute_pg(writer, held, me, jobs).await;
     }
     let mut tx = match writer.begin().await {
         Ok(tx) => tx,
@@ -437,15 +459,21 @@ async fn publish(conn: &mut AnyConnection, d: Dialect, jobs: &[Job]) -> Result<(
 /// Orders the openings of every replica's intents (a transaction lock).
 const OPENINGS: i64 = 0x5347_4f50_454e;
 
-/// PostgreSQL: a batch's transaction begins and takes its locks in one
-/// round trip (the simple protocol, several statements), then each part is
-/// one statement whose rows travel as one JSON parameter (its text never
-/// changes: prepared once per connection), each seeing what was committed
-/// once the locks were granted. An error before the commit undoes it all and
-/// fails every job; the answer to the commit lost is settled as on any
-/// dialect (`committed`).
+/// PostgreSQL: a batch runs on the writer's own connection (`Held`): one
+/// text (the simple protocol, several statements) begins the transaction
+/// and takes its locks, then each part is one statement whose rows travel as
+/// one JSON parameter (its text never changes: prepared once per
+/// connection; the data never in a statement's text, which the server may
+/// log), each seeing what was committed once the locks were granted; then
+/// COMMIT, once the answers are read. An error before the commit undoes it
+/// all and fails every job; the answer to the commit lost is settled as on
+/// any dialect (`committed`). A kept connection found broken before the
+/// commit was sent (the server restarted, or ended the session) is replaced
+/// and the batch run again on the new one, once: the server undid the
+/// first run.
 async fn execute_pg(
     writer: &AnyPool,
+    held: &mut Option<Held>,
     me: Replica,
     jobs: &[Job],
 ) -> Vec<Result<Option<i64>, StoreError>> {
@@ -455,41 +483,42 @@ async fn execute_pg(
             .collect::<Vec<_>>()
     };
     let batch = pg_batch(me, jobs);
-    let mut conn = match writer.acquire().await {
-        Ok(conn) => Unfinished(Some(conn)),
-        Err(e) => return failed(&e),
-    };
-    // The transaction is begun and ended by statements on this connection
-    // (sqlx's own would not know of a session left in a failed transaction
-    // by a lock statement after BEGIN): any error is followed by ROLLBACK,
-    // and a connection that cannot take it is closed, never used again; so
-    // is one whose batch was abandoned half-way (`Unfinished`).
     let mut busy = vec![None; jobs.len()];
-    let mut rows = Vec::new();
-    let mut written = simple(conn.get(), &batch.begin).await.map(drop);
-    for (template, binds) in batch.steps {
-        if written.is_err() {
-            break;
-        }
-        let text = Dialect::Postgres.sql(template);
-        let mut q = sqlx::query(&text);
-        for b in binds {
-            q = q.bind(b);
-        }
-        written = q.fetch_all(conn.get()).await.map(|more| rows.extend(more));
-    }
-    let seqs = match written.and_then(|()| pg_results(&rows, jobs, &mut busy)) {
-        Ok(seqs) => seqs,
-        Err(e) => {
-            if simple(conn.get(), "ROLLBACK").await.is_ok() {
-                conn.finish();
+    let mut retried = false;
+    let (mut conn, seqs) = loop {
+        let (conn, kept) = match Held::take(held, writer).await {
+            Ok(taken) => taken,
+            Err(e) => return failed(&e),
+        };
+        let mut conn = Unfinished(Some(conn));
+        busy.fill(None);
+        // The transaction is begun and ended by statements on this
+        // connection (sqlx's own would not know of a session left in a
+        // failed transaction by a statement after BEGIN). On any error the
+        // connection is closed, never used again (a ROLLBACK first, so that
+        // its locks go at once); so is one whose batch was abandoned
+        // half-way (`Unfinished`).
+        match run_pg(conn.get(), &batch).await {
+            Ok(rows) => match pg_results(&rows, jobs, &mut busy) {
+                Ok(seqs) => break (conn, seqs),
+                Err(e) => {
+                    let _ = simple(conn.get(), "ROLLBACK").await;
+                    return failed(&e);
+                }
+            },
+            Err(e) if kept && !retried && broken(&e) => {
+                tracing::warn!(error = %e, "the op log's connection was broken; writing the batch on a new one");
+                retried = true;
             }
-            return failed(&e);
+            Err(e) => {
+                let _ = simple(conn.get(), "ROLLBACK").await;
+                return failed(&e);
+            }
         }
     };
     match simple(conn.get(), "COMMIT").await {
         Ok(_) => {
-            conn.finish();
+            *held = Some(conn.finish());
             answers(jobs, seqs, &busy)
         }
         // The answer to the commit was lost (a connection to PostgreSQL
@@ -504,10 +533,98 @@ async fn execute_pg(
     }
 }
 
+/// Runs a batch's statements up to its commit: the rows they answered.
+async fn run_pg(
+    conn: &mut AnyConnection,
+    batch: &PgBatch,
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    let mut rows = simple(conn, &batch.begin).await?;
+    for (template, binds) in &batch.steps {
+        let text = Dialect::Postgres.sql(template);
+        let mut q = sqlx::query(&text);
+        for b in binds {
+            q = q.bind(b.as_deref());
+        }
+        rows.extend(q.fetch_all(&mut *conn).await?);
+    }
+    Ok(rows)
+}
+
+/// Whether an error says the connection itself is gone (the session ended
+/// by the server, the socket closed), not that a statement failed.
+fn broken(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
+        // Class 08: connection exception; 57P01-57P03: the server shutting
+        // down or the session terminated by an administrator.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+        _ => false,
+    }
+}
+
+/// The writer's connection on PostgreSQL, kept from one batch to the next
+/// (no pool hand-over, and a plan per statement once per connection), with
+/// this task's session settings (`SESSION`). It is never given back to the
+/// pool, whose other users must not inherit them: dropped, it is closed.
+/// One left unused a while is tried first (a ping); one broken meanwhile is
+/// closed and another taken.
+pub(super) struct Held {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    used: std::time::Instant,
+}
+
+/// How long the writer's connection may stay unused and still be trusted.
+const HELD_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Held {
+    /// The writer's connection, and whether it is the one kept (else a new
+    /// one from the pool with `SESSION` set on it). None is kept once the
+    /// pool is closing.
+    async fn take(
+        held: &mut Option<Held>,
+        writer: &AnyPool,
+    ) -> Result<(sqlx::pool::PoolConnection<sqlx::Any>, bool), sqlx::Error> {
+        if let Some(mut h) = held.take() {
+            use sqlx::Connection;
+            let fresh = h.used.elapsed() < HELD_IDLE;
+            if let Some(mut conn) = h.conn.take() {
+                if !writer.is_closed() && (fresh || conn.ping().await.is_ok()) {
+                    return Ok((conn, true));
+                }
+                conn.close_on_drop();
+            }
+        }
+        let mut conn = writer.acquire().await?;
+        if let Err(e) = simple(&mut conn, SESSION).await {
+            conn.close_on_drop();
+            return Err(e);
+        }
+        Ok((conn, false))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// The writer's session on PostgreSQL. Each batch statement is planned once
+/// per connection, while the tables may still be nearly empty: a plan that
+/// scanned `intents` or `intent_keys` whole (rows inserted and deleted by
+/// every write, dead ones kept until a vacuum) would grow slower with every
+/// write. Every table a batch reads is read by a key, so this session never
+/// scans one whole.
+const SESSION: &str = "SET enable_seqscan = off";
+
 /// A pooled connection inside a transaction begun by a statement: closed,
-/// not given back to the pool, unless the transaction was seen to end
-/// (`finish`). A batch abandoned half-way (its task ended at a shutdown, a
-/// panic) would otherwise hand the next user a session holding its locks.
+/// not kept, unless the transaction was seen to end (`finish`). A batch
+/// abandoned half-way (its task ended at a shutdown, a panic) would
+/// otherwise hand the next batch a session holding its locks.
 struct Unfinished(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
 
 impl Unfinished {
@@ -515,9 +632,13 @@ impl Unfinished {
         self.0.as_mut().expect("held until finished or dropped")
     }
 
-    /// The transaction ended: the connection goes back to the pool.
-    fn finish(mut self) {
-        self.0.take();
+    /// The transaction was committed: the connection is kept for the next
+    /// batch.
+    fn finish(mut self) -> Held {
+        Held {
+            conn: self.0.take(),
+            used: std::time::Instant::now(),
+        }
     }
 }
 
@@ -613,7 +734,6 @@ fn pg_batch(me: Replica, jobs: &[Job]) -> PgBatch {
         }
     }
     let rows = |v: Vec<Value>| Some(Value::Array(v).to_string());
-    let mut steps = Vec::new();
     let mut text = String::from("BEGIN");
     if !opened.is_empty() && !me.alone {
         text.push_str(&format!(
@@ -623,30 +743,33 @@ fn pg_batch(me: Replica, jobs: &[Job]) -> PgBatch {
     if !commits.is_empty() {
         text.push_str("; SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE");
     }
+    let mut steps = Vec::new();
     // 1. New intents with their keys. Shared with other replicas, those whose
     // keys another replica's open write holds (or, `true`, an op of it
     // logged with an unknown outcome, forwarded less than the settle period
     // ago and not found applied or not), where one of the two changes the
     // key, are refused; the others are opened.
-    if !opened.is_empty() {
-        if me.alone {
-            steps.push((OPEN_ALONE, vec![rows(opened), owner]));
-        } else {
-            let settle = Some(me.settle_ms.to_string());
-            steps.push((
-                OPEN_SHARED,
-                vec![rows(opened), rows(open_keys), owner, settle],
-            ));
-        }
-    }
     // 2. Intents become ops, numbered from the head row (moved on by the
     // same statement), gap-free over the found ones and in job order; their
     // intents deleted, their keys and the entities they learned written.
-    if !commits.is_empty() || !learned.is_empty() || !drops.is_empty() {
-        steps.push((
-            COMMIT,
-            vec![rows(commits), rows(keys), rows(learned), rows(drops)],
-        ));
+    // Both in one statement (`statement`).
+    let mut binds = Vec::new();
+    let open = (!opened.is_empty()).then(|| {
+        if me.alone {
+            binds.extend([rows(opened), owner]);
+            OPEN_ALONE
+        } else {
+            let settle = Some(me.settle_ms.to_string());
+            binds.extend([rows(opened), rows(open_keys), owner, settle]);
+            OPEN_SHARED
+        }
+    });
+    let commit = !commits.is_empty() || !learned.is_empty() || !drops.is_empty();
+    if commit {
+        binds.extend([rows(commits), rows(keys), rows(learned), rows(drops)]);
+    }
+    if open.is_some() || commit {
+        steps.push((statement(open, commit), binds));
     }
     // 3. The publisher's position.
     if let Some(seq) = jobs
@@ -710,38 +833,90 @@ fn entity(job: usize, op_id: Option<&str>, e: &EntityRef) -> serde_json::Value {
     })
 }
 
+/// Part of a batch statement on PostgreSQL: its common table expressions,
+/// and the query that answers its rows (`sg_tag` first), if any.
+#[derive(Clone, Copy)]
+struct Part {
+    ctes: &'static str,
+    answers: Option<&'static str>,
+}
+
+/// The one statement that writes a batch's openings (`open`, if any) and its
+/// commits (`commit`): the parts joined, their parameters in that order. The
+/// two parts read the tables as the statement began (after the batch's
+/// locks), as when the openings ran first: a commit's intent was always
+/// opened by an earlier batch.
+fn statement(open: Option<Part>, commit: bool) -> &'static str {
+    use std::sync::LazyLock;
+    fn join(parts: &[Part]) -> String {
+        let ctes: Vec<&str> = parts.iter().map(|p| p.ctes).collect();
+        let answers: Vec<&str> = parts.iter().filter_map(|p| p.answers).collect();
+        let answers = if answers.is_empty() {
+            "SELECT 'none' AS sg_tag, NULL::TEXT, NULL::BIGINT WHERE FALSE".to_string()
+        } else {
+            answers.join(" UNION ALL ")
+        };
+        format!("WITH {}\n    {answers}", ctes.join(",\n"))
+    }
+    static ALL: LazyLock<[String; 5]> = LazyLock::new(|| {
+        [
+            join(&[OPEN_ALONE]),
+            join(&[OPEN_SHARED]),
+            join(&[COMMIT]),
+            join(&[OPEN_ALONE, COMMIT]),
+            join(&[OPEN_SHARED, COMMIT]),
+        ]
+    });
+    let shared = |p: Part| p.ctes == OPEN_SHARED.ctes;
+    let i = match (open, commit) {
+        (Some(p), false) => usize::from(shared(p)),
+        (None, _) => 2,
+        (Some(p), true) => 3 + usize::from(shared(p)),
+    };
+    &ALL[i]
+}
+
 /// Opens intents (PostgreSQL, the op log held alone): `?` their rows, the
 /// owner. Nothing is refused.
-const OPEN_ALONE: &str = "
-    WITH b AS (SELECT * FROM json_to_recordset(?::json) AS b(job BIGINT, op_id TEXT, method TEXT,
-                 path TEXT, class TEXT, kind TEXT, body TEXT, refs TEXT, traceparent TEXT))
-    INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent, created_at,
-                         owner)
-    SELECT op_id, method, path, class, kind, body, refs, traceparent, SG_NOW(), ?::INTEGER
-    FROM b ORDER BY job";
+const OPEN_ALONE: Part = Part {
+    ctes: "
+    b AS (SELECT * FROM json_to_recordset(?::json) AS b(job BIGINT, op_id TEXT, method TEXT,
+                 path TEXT, class TEXT, kind TEXT, body TEXT, refs TEXT, traceparent TEXT)),
+    opened AS (INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent,
+                                    created_at, owner)
+               SELECT op_id, method, path, class, kind, body, refs, traceparent, SG_NOW(),
+                      ?::INTEGER
+               FROM b ORDER BY job RETURNING op_id)",
+    answers: None,
+};
 
 /// Opens intents with their keys (PostgreSQL, replicas): `?` their rows,
 /// their keys, the owner, the settle period in ms. Answers the jobs refused,
-/// `true` where a write in doubt holds a key.
-const OPEN_SHARED: &str = "
-    WITH b AS (SELECT * FROM json_to_recordset(?::json) AS b(job BIGINT, op_id TEXT, method TEXT,
+/// `true` where a write in doubt holds a key. The ops in doubt are found
+/// first (few: exceptions), then their keys: never every op that ever
+/// touched a key (a domain's key is touched by each write in it).
+const OPEN_SHARED: Part = Part {
+    ctes: "
+    b AS (SELECT * FROM json_to_recordset(?::json) AS b(job BIGINT, op_id TEXT, method TEXT,
                  path TEXT, class TEXT, kind TEXT, body TEXT, refs TEXT, traceparent TEXT)),
     k AS (SELECT * FROM json_to_recordset(?::json) AS k(job BIGINT, op_id TEXT, key TEXT,
                  exclusive BOOLEAN)),
     me (owner, settle_ms) AS (SELECT ?::INTEGER, ?::BIGINT),
-    held (job, in_doubt) AS (
-        SELECT k.job, FALSE FROM k
-        JOIN intent_keys ik ON ik.key = k.key AND (ik.exclusive OR k.exclusive)
-        JOIN intents i ON i.op_id = ik.op_id CROSS JOIN me
-        WHERE i.owner IS DISTINCT FROM me.owner
-        UNION ALL
-        SELECT k.job, TRUE FROM k
-        JOIN op_keys ok ON ok.key = k.key AND (ok.exclusive OR k.exclusive)
-        JOIN ops o ON o.seq = ok.seq CROSS JOIN me
+    doubt AS MATERIALIZED (
+        SELECT o.seq FROM ops o
         WHERE o.state = 'unknown_outcome'
           AND o.resolution IS DISTINCT FROM 'applied'
           AND o.resolution IS DISTINCT FROM 'not_applied'
-          AND o.created_at > SG_ISO_MS(SG_NOW_MS() - me.settle_ms)),
+          AND o.created_at > (SELECT SG_ISO_MS(SG_NOW_MS() - me.settle_ms) FROM me)),
+    held (job, in_doubt) AS (
+        SELECT k.job, FALSE FROM k CROSS JOIN me
+        CROSS JOIN LATERAL (SELECT 1 FROM intent_keys ik JOIN intents i ON i.op_id = ik.op_id
+                            WHERE ik.key = k.key AND (ik.exclusive OR k.exclusive)
+                              AND i.owner IS DISTINCT FROM me.owner LIMIT 1) other
+        UNION ALL
+        SELECT k.job, TRUE FROM doubt
+        JOIN op_keys ok ON ok.seq = doubt.seq
+        JOIN k ON k.key = ok.key AND (ok.exclusive OR k.exclusive)),
     opened AS (INSERT INTO intents (op_id, method, path, class, kind, body, refs, traceparent,
                                     created_at, owner)
                SELECT b.op_id, b.method, b.path, b.class, b.kind, b.body, b.refs, b.traceparent,
@@ -749,39 +924,50 @@ const OPEN_SHARED: &str = "
                FROM b CROSS JOIN me WHERE b.job NOT IN (SELECT job FROM held) ORDER BY b.job
                RETURNING op_id),
     keyed AS (INSERT INTO intent_keys (op_id, key, exclusive)
-              SELECT k.op_id, k.key, k.exclusive FROM k JOIN opened ON opened.op_id = k.op_id)
-    SELECT 'busy' AS sg_tag, job::TEXT, MAX(in_doubt::INTEGER)::BIGINT FROM held GROUP BY job";
+              SELECT k.op_id, k.key, k.exclusive FROM k JOIN opened ON opened.op_id = k.op_id)",
+    answers: Some(
+        "SELECT 'busy' AS sg_tag, job::TEXT, MAX(in_doubt::INTEGER)::BIGINT FROM held GROUP BY job",
+    ),
+};
 
 /// Logs commits as ops (PostgreSQL): `?` the commits, their keys, the
 /// entities learned, the intents dropped. Each part of one statement reads
-/// the rows as they were before it: the intents made ops are read, then
-/// deleted with their keys. Entities are upserted once per ID (a later job
+/// the rows as they were before it: the intents made ops are read (once,
+/// each by its key: the table churns, and a scan of it would read every
+/// row deleted since the last vacuum), then deleted with their keys. Entities are upserted once per ID (a later job
 /// wins), in ID order (another replica's batch locks them in the same
 /// order: no deadlock). Answers each op logged with its seq.
-const COMMIT: &str = "
-    WITH v AS (SELECT * FROM json_to_recordset(?::json) AS v(ord BIGINT, op_id TEXT, state TEXT,
+const COMMIT: Part = Part {
+    ctes: "
+    v AS (SELECT * FROM json_to_recordset(?::json) AS v(ord BIGINT, op_id TEXT, state TEXT,
                  created_ids TEXT, body TEXT, status BIGINT, request_id TEXT, detail TEXT)),
     ks AS (SELECT * FROM json_to_recordset(?::json) AS ks(op_id TEXT, key TEXT, exclusive BOOLEAN)),
     es AS (SELECT * FROM json_to_recordset(?::json) AS es(ord BIGINT, op_id TEXT, id TEXT, kind TEXT,
                  name TEXT, domain_id TEXT)),
     drops AS (SELECT value AS op_id FROM json_array_elements_text(?::json)),
-    n (n) AS (SELECT COUNT(*) FROM v JOIN intents i ON i.op_id = v.op_id),
+    found AS MATERIALIZED (
+        SELECT v.ord, v.state, v.created_ids, v.body AS v_body, v.status, v.request_id, v.detail,
+               i.op_id, i.method, i.path, i.class, i.kind, i.body, i.refs, i.traceparent,
+               i.created_at
+        FROM v CROSS JOIN LATERAL (SELECT * FROM intents i WHERE i.op_id = v.op_id LIMIT 1) i),
+    n (n) AS (SELECT COUNT(*) FROM found),
     h (base) AS (UPDATE oplog_head SET seq = seq + (SELECT n FROM n)
                  WHERE id = 1 AND EXISTS (SELECT 1 FROM v) RETURNING seq - (SELECT n FROM n)),
     logged AS (
         INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
                          upstream_status, request_id, detail, refs, traceparent,
                          created_at, logged_at, resolution)
-        SELECT h.base + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method,
-          i.path, i.class, i.kind, v.created_ids, COALESCE(v.body, i.body), v.status,
-          v.request_id, v.detail, i.refs, i.traceparent, i.created_at, SG_NOW(),
-          CASE WHEN v.state = 'unknown_outcome' THEN 'pending' END
-        FROM v JOIN intents i ON i.op_id = v.op_id CROSS JOIN h
-        ORDER BY v.ord
+        SELECT h.base + ROW_NUMBER() OVER (ORDER BY f.ord), f.op_id, f.state, f.method,
+          f.path, f.class, f.kind, f.created_ids, COALESCE(f.v_body, f.body), f.status,
+          f.request_id, f.detail, f.refs, f.traceparent, f.created_at, SG_NOW(),
+          CASE WHEN f.state = 'unknown_outcome' THEN 'pending' END
+        FROM found f CROSS JOIN h
+        ORDER BY f.ord
         RETURNING op_id, seq),
     gone AS (DELETE FROM intents
-             WHERE op_id IN (SELECT op_id FROM logged UNION ALL SELECT op_id FROM drops)),
-    keyed AS (INSERT INTO op_keys (key, seq, exclusive)
+             WHERE op_id = ANY (ARRAY(SELECT op_id FROM logged
+                                      UNION ALL SELECT op_id FROM drops))),
+    op_keyed AS (INSERT INTO op_keys (key, seq, exclusive)
               SELECT ks.key, logged.seq, ks.exclusive FROM ks JOIN logged ON logged.op_id = ks.op_id
               ON CONFLICT DO NOTHING),
     learned AS (
@@ -792,5 +978,250 @@ const COMMIT: &str = "
             ORDER BY es.id, es.ord DESC) AS last
         ORDER BY id COLLATE \"C\"
         ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, name = excluded.name,
-            domain_id = excluded.domain_id, updated_at = excluded.updated_at)
-    SELECT 'seq' AS sg_tag, op_id, seq FROM logged";
+            domain_id = excluded.domain_id, updated_at = excluded.updated_at)",
+    answers: Some("SELECT 'seq' AS sg_tag, op_id, seq FROM logged"),
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// The batch statements, prepared by name on a test's session (as the
+    /// writer's session would plan them), to be explained.
+    fn statements() -> [(&'static str, &'static str); 5] {
+        [
+            ("sg_open_alone", statement(Some(OPEN_ALONE), false)),
+            ("sg_open_shared", statement(Some(OPEN_SHARED), false)),
+            ("sg_commit", statement(None, true)),
+            ("sg_both", statement(Some(OPEN_SHARED), true)),
+            ("sg_published", PUBLISHED),
+        ]
+    }
+
+    /// A plan (`EXPLAIN ANALYZE`, text) as its nodes: each scan of a table
+    /// with the lines that detail it.
+    struct Scan {
+        node: String,
+        table: String,
+        rows_read: f64,
+        keyed: bool,
+    }
+
+    fn scans(plan: &[String]) -> Vec<Scan> {
+        let number = |line: &str, after: &str| -> f64 {
+            line.split(after)
+                .nth(1)
+                .and_then(|r| r.split(|c: char| !(c.is_ascii_digit() || c == '.')).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let kinds = [
+            "Seq Scan",
+            "Index Scan",
+            "Index Only Scan",
+            "Bitmap Heap Scan",
+            "Bitmap Index Scan",
+            "Tid Scan",
+        ];
+        let mut out: Vec<Scan> = Vec::new();
+        let mut loops = 1.0;
+        let mut inside = false;
+        for line in plan {
+            let is_node = line.contains("(actual") || line.contains("(never executed)");
+            if is_node {
+                inside = false;
+                if kinds.iter().any(|k| line.contains(&format!("{k} "))) {
+                    let table = line
+                        .split(" on ")
+                        .nth(1)
+                        .and_then(|t| t.split_whitespace().next())
+                        .unwrap_or("")
+                        .to_string();
+                    let actual = line.split("(actual").nth(1).unwrap_or("");
+                    loops = number(actual, "loops=").max(1.0);
+                    out.push(Scan {
+                        node: line.trim().to_string(),
+                        table,
+                        rows_read: number(actual, "rows=") * loops,
+                        keyed: false,
+                    });
+                    inside = true;
+                }
+            } else if inside {
+                let scan = out.last_mut().expect("inside a scan");
+                if line.contains("Rows Removed by") {
+                    scan.rows_read += number(line, ": ") * loops;
+                }
+                if line.contains("Index Cond:") || line.contains("Recheck Cond:") {
+                    scan.keyed = true;
+                }
+            }
+        }
+        out
+    }
+
+    /// `EXECUTE name(args)` explained, each argument a literal (test data).
+    async fn explain(conn: &mut sqlx::PgConnection, name: &str, args: &[&str]) -> Vec<String> {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', "''")))
+            .collect();
+        let text = format!(
+            "EXPLAIN (ANALYZE, COSTS OFF) EXECUTE {name}({})",
+            args.join(", ")
+        );
+        sqlx::query_scalar(&text).fetch_all(conn).await.unwrap()
+    }
+
+    /// PostgreSQL: the batch statements, planned once while the tables are
+    /// empty (as on a new op log, and as the writer's session plans them)
+    /// and used after a long history, read every table by a key: no scan of
+    /// a table or an index whole (intents churn: a scan reads every row
+    /// deleted since the last vacuum), and a write's check of the writes in
+    /// doubt does not read the ops that ever touched its keys (a domain's
+    /// key is touched by every write in it).
+    #[tokio::test]
+    async fn a_batch_reads_by_key_whatever_the_op_log_has_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = super::super::test_url(&dir).await;
+        if !url.starts_with("postgres") {
+            eprintln!("skipped: PostgreSQL only (SYNCGATE_TEST_POSTGRES)");
+            return;
+        }
+        let store = super::super::Store::open(&url).await.unwrap();
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        // Plans stay the ones made on the empty tables (no analyze of the
+        // history while the test runs).
+        let mut setup = format!("SET plan_cache_mode = force_generic_plan; {SESSION}");
+        for table in ["ops", "op_keys", "intents", "intent_keys", "entities"] {
+            setup.push_str(&format!(
+                "; ALTER TABLE {table} SET (autovacuum_enabled = false)"
+            ));
+        }
+        for (name, sql) in statements() {
+            setup.push_str(&format!(
+                "; PREPARE {name} AS {}",
+                Dialect::Postgres.sql(sql)
+            ));
+        }
+        sqlx::raw_sql(&setup).execute(&mut conn).await.unwrap();
+        let open_rows = |id: &str| {
+            format!(
+                r#"[{{"job":0,"op_id":"{id}","method":"POST","path":"/v3/projects","class":"resource","kind":"project","body":"{{}}","refs":"[]","traceparent":null}}]"#
+            )
+        };
+        let open_keys = |id: &str| {
+            format!(
+                r#"[{{"job":0,"op_id":"{id}","key":"domain:d1","exclusive":false}},{{"job":0,"op_id":"{id}","key":"project:{id}","exclusive":true}}]"#
+            )
+        };
+        let commit_rows = |id: &str| {
+            format!(
+                r#"[{{"ord":0,"op_id":"{id}","state":"committed","created_ids":"[]","body":null,"status":201,"request_id":null,"detail":null}}]"#
+            )
+        };
+        let commit_keys =
+            |id: &str| format!(r#"[{{"op_id":"{id}","key":"domain:d1","exclusive":false}}]"#);
+        let learned = |id: &str| {
+            format!(
+                r#"[{{"ord":0,"op_id":"{id}","id":"id-{id}","kind":"project","name":"{id}","domain_id":"d1"}}]"#
+            )
+        };
+        // Each statement run (and planned) once on the empty tables.
+        let (rows, keys) = (open_rows("first"), open_keys("first"));
+        explain(&mut conn, "sg_open_shared", &[&rows, &keys, "1", "120000"]).await;
+        explain(
+            &mut conn,
+            "sg_open_alone",
+            &[&open_rows("first-alone"), "1"],
+        )
+        .await;
+        for id in ["first", "first-alone"] {
+            let (rows, keys, learned) = (commit_rows(id), commit_keys(id), learned(id));
+            explain(&mut conn, "sg_commit", &[&rows, &keys, &learned, "[]"]).await;
+        }
+        let (o_rows, o_keys) = (open_rows("first-both"), open_keys("first-both"));
+        let args = [&o_rows, &o_keys, "1", "120000", "[]", "[]", "[]", "[]"];
+        explain(&mut conn, "sg_both", &args).await;
+        explain(&mut conn, "sg_published", &["2"]).await;
+        // A history: 3,000 ops in the domain, as many intents opened and
+        // closed (rows deleted, not yet vacuumed).
+        sqlx::raw_sql(
+            "INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_at, logged_at)
+                 SELECT g + 2, 'op-' || g, 'committed', 'POST', '/v3/projects', 'resource',
+                        'project', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z'
+                 FROM generate_series(1, 3000) g;
+             INSERT INTO op_keys (key, seq, exclusive)
+                 SELECT 'domain:d1', g + 2, FALSE FROM generate_series(1, 3000) g;
+             UPDATE oplog_head SET seq = 3002 WHERE id = 1;
+             INSERT INTO intents (op_id, method, path, class, kind, created_at)
+                 SELECT 'gone-' || g, 'POST', '/v3/projects', 'resource', 'project',
+                        '2026-01-01T00:00:00.000Z' FROM generate_series(1, 3000) g;
+             INSERT INTO intent_keys (key, op_id, exclusive)
+                 SELECT 'domain:d1', 'gone-' || g, FALSE FROM generate_series(1, 3000) g;
+             DELETE FROM intents WHERE op_id LIKE 'gone-%';",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let mut plans = Vec::new();
+        let (rows, keys) = (open_rows("next"), open_keys("next"));
+        plans.push(explain(&mut conn, "sg_open_shared", &[&rows, &keys, "1", "120000"]).await);
+        plans.push(explain(&mut conn, "sg_open_alone", &[&open_rows("next-alone"), "1"]).await);
+        let id = "next";
+        let (rows, keys, learned_rows) = (commit_rows(id), commit_keys(id), learned(id));
+        plans.push(explain(&mut conn, "sg_commit", &[&rows, &keys, &learned_rows, "[]"]).await);
+        // Openings and commits in one statement.
+        let (o_rows, o_keys) = (open_rows("both"), open_keys("both"));
+        let id = "next-alone";
+        let (rows, keys, learned_rows) = (commit_rows(id), commit_keys(id), learned(id));
+        let args = [
+            &o_rows,
+            &o_keys,
+            "1",
+            "120000",
+            &rows,
+            &keys,
+            &learned_rows,
+            "[]",
+        ];
+        plans.push(explain(&mut conn, "sg_both", &args).await);
+        plans.push(explain(&mut conn, "sg_published", &["3004"]).await);
+        // The openings beside other replicas and the commits read tables
+        // (the plan is read right); those held alone and the position not.
+        for plan in [&plans[0], &plans[2], &plans[3]] {
+            assert!(
+                !scans(plan).is_empty(),
+                "no scan found in:\n{}",
+                plan.join("\n")
+            );
+        }
+        for plan in &plans {
+            for scan in scans(plan) {
+                assert!(
+                    scan.keyed && !scan.node.starts_with("Seq Scan"),
+                    "a batch statement reads {} whole ({}):\n{}",
+                    scan.table,
+                    scan.node,
+                    plan.join("\n")
+                );
+                assert!(
+                    scan.rows_read < 100.0,
+                    "a batch statement read {} rows of {} ({}):\n{}",
+                    scan.rows_read,
+                    scan.table,
+                    scan.node,
+                    plan.join("\n")
+                );
+            }
+        }
+        let logged: Vec<String> =
+            sqlx::query_scalar("SELECT op_id FROM ops WHERE seq > 3002 ORDER BY seq")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(logged, ["next", "next-alone"]);
+        store.close().await;
+    }
+}

@@ -455,8 +455,13 @@ impl Store {
         ack_timeout: Duration,
     ) -> Result<Vec<(String, DeliveryCounts)>, StoreError> {
         let last = self.last_seq().await?;
+        // Ops are logged in seq order (under the head row's lock on
+        // PostgreSQL, by the one writer on SQLite): the last one logged
+        // before the deadline is found at one end of the index on
+        // `logged_at`, not by reading every op older than it.
         let old: i64 = sqlx::query_scalar(&self.d.sql(&format!(
-            "SELECT COALESCE(MAX(seq), 0) FROM ops WHERE logged_at < {OLDER}"
+            "SELECT COALESCE((SELECT seq FROM ops WHERE logged_at < {OLDER}
+                              ORDER BY logged_at DESC, seq DESC LIMIT 1), 0)"
         )))
         .bind(older(ack_timeout))
         .fetch_one(&self.reader)
