@@ -961,6 +961,58 @@ async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resum
     app.stop().await;
 }
 
+/// The server ends the session central's writer keeps between batches (an
+/// administrator, a pooler's idle timeout, a failover of a proxy in front):
+/// the next writes are captured on a new session, none is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writers_session_ended_by_the_server_fails_no_write() {
+    use serde_json::json;
+    use sqlx::Connection;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.database("ended_session").await;
+    let fake = crate::fake_keystone::FakeKeystone::start().await;
+    let config = crate::helpers::config_for(&fake, &url);
+    let app = crate::helpers::start(fake, config).await;
+    let project = |name: &str| json!({"project": {"name": name}});
+    let resp = app
+        .write("POST", "/v3/projects", Some(project("first")))
+        .await;
+    assert_eq!(resp.status(), 201);
+    // The sessions whose last statement committed a transaction and that
+    // wait for the next: the writer's among them (not the ones holding
+    // central's locks).
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND state = 'idle' AND query = 'COMMIT'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended > 0, "no session of central's writer found");
+    for name in ["second", "third"] {
+        let resp = app.write("POST", "/v3/projects", Some(project(name))).await;
+        let status = resp.status();
+        assert_eq!(status, 201, "{}", resp.text().await.unwrap());
+    }
+    let names: Vec<String> = app
+        .all_ops()
+        .await
+        .iter()
+        .map(|o| {
+            o["body"]["project"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(names, ["first", "second", "third"]);
+    app.stop().await;
+}
+
 /// A create through `app` is answered 503 and never forwarded.
 async fn refused_unforwarded(app: &crate::helpers::TestApp, body: serde_json::Value) {
     let forwarded = app.fake.count();
