@@ -14,6 +14,9 @@ use super::dialect::{Dialect, Sql};
 use super::{OpState, Outcome, StoreError};
 use crate::protocol::messages::EntityRef;
 
+/// A job's answer: the seq of a commit, nothing for the others.
+type Answer = Result<Option<i64>, StoreError>;
+
 /// Most requests in one transaction.
 const MAX_BATCH: usize = 512;
 
@@ -45,7 +48,7 @@ pub(super) enum Work {
 struct Job {
     work: Work,
     /// The seq for a commit, nothing for the others.
-    reply: oneshot::Sender<Result<Option<i64>, StoreError>>,
+    reply: oneshot::Sender<Answer>,
 }
 
 /// The writer task's address; the task ends when every copy is dropped.
@@ -89,7 +92,7 @@ impl Batcher {
     }
 
     /// Queues one write and waits until it is durable.
-    pub(super) async fn submit(&self, work: Work) -> Result<Option<i64>, StoreError> {
+    pub(super) async fn submit(&self, work: Work) -> Answer {
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { work, reply })
@@ -104,7 +107,7 @@ async fn run(writer: AnyPool, d: Dialect, who: Shared, mut rx: mpsc::Receiver<Jo
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     // The connection kept between batches (PostgreSQL), let go of as soon
     // as the pool begins to close (which waits for every connection).
-    let mut held = None;
+    let mut held = Writer::new();
     let closing = writer.close_event();
     tokio::pin!(closing);
     let mut closed = false;
@@ -115,7 +118,7 @@ async fn run(writer: AnyPool, d: Dialect, who: Shared, mut rx: mpsc::Receiver<Jo
             },
             () = &mut closing, if !closed => {
                 closed = true;
-                held = None;
+                held.conn = None;
                 continue;
             }
         }
@@ -126,7 +129,7 @@ async fn run(writer: AnyPool, d: Dialect, who: Shared, mut rx: mpsc::Receiver<Jo
         };
         let results = execute(&writer, &mut held, d, me, &jobs).await;
         if writer.is_closed() {
-            held = None;
+            held.conn = None;
         }
         for (job, result) in jobs.drain(..).zip(results) {
             // A requester that went away loses only its answer.
@@ -148,11 +151,11 @@ struct Replica {
 /// transaction for all.
 async fn execute(
     writer: &AnyPool,
-    held: &mut Option<Held>,
+    held: &mut Writer,
     d: Dialect,
     me: Replica,
     jobs: &[Job],
-) -> Vec<Result<Option<i64>, StoreError>> {
+) -> Vec<Answer> {
     let failed = |e: &dyn std::fmt::Display| {
         jobs.iter()
             .map(|_| Err(StoreError::Batch(e.to_string())))
@@ -167,14 +170,10 @@ async fn execute(
     };
     let busy = vec![None; jobs.len()];
     match write_all(&mut tx, d, jobs).await {
+        // SQLite answers a commit on the spot, in process: never lost.
         Ok(seqs) => match tx.commit().await {
-            Ok(()) => answers(jobs, seqs, &busy),
-            // The answer to the commit was lost (a connection to PostgreSQL
-            // broken then): what the database holds says whether it was made.
-            Err(e) => match committed(writer, d, jobs, &seqs, &busy).await {
-                Some(true) => answers(jobs, seqs, &busy),
-                _ => failed(&e),
-            },
+            Ok(()) => answers(&jobs.iter().collect::<Vec<_>>(), seqs, &busy),
+            Err(e) => failed(&e),
         },
         Err(e) => {
             // The transaction is in doubt: none of it is kept, and every
@@ -186,11 +185,7 @@ async fn execute(
 }
 
 /// Each job's answer once its transaction is committed.
-fn answers(
-    jobs: &[Job],
-    seqs: Vec<Option<i64>>,
-    busy: &[Option<bool>],
-) -> Vec<Result<Option<i64>, StoreError>> {
+fn answers(jobs: &[&Job], seqs: Vec<Option<i64>>, busy: &[Option<bool>]) -> Vec<Answer> {
     jobs.iter()
         .zip(seqs)
         .zip(busy)
@@ -204,50 +199,6 @@ fn answers(
             _ => Ok(None),
         })
         .collect()
-}
-
-/// Whether a transaction whose commit went unanswered was made, told by one
-/// of its rows (a transaction is all or nothing): an op it logged with the
-/// seq it was given, else an intent it opened. `None` when it cannot be
-/// told. SQLite answers a commit on the spot: only PostgreSQL is asked.
-async fn committed(
-    writer: &AnyPool,
-    d: Dialect,
-    jobs: &[Job],
-    seqs: &[Option<i64>],
-    busy: &[Option<bool>],
-) -> Option<bool> {
-    if d != Dialect::Postgres {
-        return None;
-    }
-    let logged = jobs
-        .iter()
-        .zip(seqs)
-        .find_map(|(job, seq)| match (&job.work, seq) {
-            (Work::Commit { op_id, .. }, Some(seq)) => Some((op_id.to_string(), *seq)),
-            _ => None,
-        });
-    if let Some((op_id, seq)) = logged {
-        let found: Option<i64> = sqlx::query_scalar("SELECT seq FROM ops WHERE op_id = $1")
-            .bind(op_id)
-            .fetch_optional(writer)
-            .await
-            .ok()?;
-        return Some(found == Some(seq));
-    }
-    let opened = jobs
-        .iter()
-        .zip(busy)
-        .find_map(|(job, busy)| match &job.work {
-            Work::Begin { op_id, .. } if busy.is_none() => Some(op_id.to_string()),
-            _ => None,
-        })?;
-    let found: Option<i32> = sqlx::query_scalar("SELECT 1 FROM intents WHERE op_id = $1")
-        .bind(opened)
-        .fetch_optional(writer)
-        .await
-        .ok()?;
-    Some(found.is_some())
 }
 
 /// Rows per multi-row statement (SQLite allows 32766 bound values,
@@ -459,114 +410,272 @@ async fn publish(conn: &mut AnyConnection, d: Dialect, jobs: &[Job]) -> Result<(
 /// Orders the openings of every replica's intents (a transaction lock).
 const OPENINGS: i64 = 0x5347_4f50_454e;
 
-/// PostgreSQL: a batch runs on the writer's own connection (`Held`): one
-/// text (the simple protocol, several statements) begins the transaction
-/// and takes its locks, then each part is one statement whose rows travel as
-/// one JSON parameter (its text never changes: prepared once per
-/// connection; the data never in a statement's text, which the server may
-/// log), each seeing what was committed once the locks were granted; then
-/// COMMIT, once the answers are read. An error before the commit undoes it
-/// all and fails every job; the answer to the commit lost is settled as on
-/// any dialect (`committed`). A kept connection found broken before the
-/// commit was sent (the server restarted, or ended the session) is replaced
-/// and the batch run again on the new one, once: the server undid the
-/// first run.
-async fn execute_pg(
+/// PostgreSQL: a batch is one call, one round trip, of a function of the
+/// writer's session (`session`, one per kind of batch: `Kind`) that takes
+/// the batch's locks, then runs its statement, which sees what was
+/// committed once the locks were granted; committed as the call ends (no
+/// transaction spans round trips, none is left open between them). Rows
+/// travel as JSON parameters: the data is never in a statement's text,
+/// which the server may log. A call that fails is undone whole and fails
+/// every job. A call whose answer was lost (the connection broken) is
+/// settled from what the database holds (`settle`): answered as it was
+/// made, or, not made, run again, once, on a new connection when the broken
+/// one was kept from an earlier batch (the server may have ended that
+/// session while it was idle), and failed otherwise.
+async fn execute_pg(writer: &AnyPool, held: &mut Writer, me: Replica, jobs: &[Job]) -> Vec<Answer> {
+    let mut results: Vec<Option<Answer>> = jobs.iter().map(|_| None).collect();
+    let mut todo: Vec<usize> = (0..jobs.len()).collect();
+    let mut retried = false;
+    loop {
+        let part: Vec<&Job> = todo.iter().map(|&i| &jobs[i]).collect();
+        match call_pg(writer, held, me, &part).await {
+            Ok(done) => {
+                for (&i, r) in todo.iter().zip(done) {
+                    results[i] = Some(r);
+                }
+                break;
+            }
+            Err(lost) => {
+                let mut again = Vec::new();
+                let told = lost.settled.is_some();
+                let settled = lost
+                    .settled
+                    .unwrap_or_else(|| todo.iter().map(|_| None).collect());
+                for (&i, r) in todo.iter().zip(settled) {
+                    match r {
+                        Some(r) => results[i] = Some(r),
+                        None => again.push(i),
+                    }
+                }
+                if !again.is_empty() && told && lost.kept && !retried {
+                    tracing::warn!(error = %lost.error, "the op log's connection was broken; writing what the batch did not write on a new one");
+                    retried = true;
+                    todo = again;
+                    continue;
+                }
+                for i in again {
+                    // Refused, its intent perhaps opened: dropped later.
+                    if let (false, Work::Begin { op_id, .. }) = (told, &jobs[i].work) {
+                        if held.orphans.len() < MAX_ORPHANS {
+                            held.orphans.push(op_id.to_string());
+                        } else {
+                            tracing::warn!(%op_id, "an opening whose outcome is unknown is left to the sweeper");
+                        }
+                    }
+                    results[i] = Some(Err(StoreError::Batch(lost.error.clone())));
+                }
+                break;
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.expect("every job is answered"))
+        .collect()
+}
+
+/// A batch call whose answer was lost: the error, whether the connection
+/// was kept from an earlier batch, and each job's answer as the database
+/// tells it (`None`: not done), if it can be told.
+struct Lost {
+    error: String,
+    kept: bool,
+    settled: Option<Vec<Option<Answer>>>,
+}
+
+/// Runs a batch as one call on the writer's connection: each job's answer,
+/// or `Lost`.
+async fn call_pg(
     writer: &AnyPool,
-    held: &mut Option<Held>,
+    held: &mut Writer,
     me: Replica,
-    jobs: &[Job],
-) -> Vec<Result<Option<i64>, StoreError>> {
+    jobs: &[&Job],
+) -> Result<Vec<Answer>, Lost> {
     let failed = |e: &dyn std::fmt::Display| {
         jobs.iter()
             .map(|_| Err(StoreError::Batch(e.to_string())))
             .collect::<Vec<_>>()
     };
-    let batch = pg_batch(me, jobs);
-    let mut busy = vec![None; jobs.len()];
-    let mut retried = false;
-    let (mut conn, seqs) = loop {
-        let (conn, kept) = match Held::take(held, writer).await {
-            Ok(taken) => taken,
-            Err(e) => return failed(&e),
-        };
-        let mut conn = Unfinished(Some(conn));
-        busy.fill(None);
-        // The transaction is begun and ended by statements on this
-        // connection (sqlx's own would not know of a session left in a
-        // failed transaction by a statement after BEGIN). On any error the
-        // connection is closed, never used again (a ROLLBACK first, so that
-        // its locks go at once); so is one whose batch was abandoned
-        // half-way (`Unfinished`).
-        match run_pg(conn.get(), &batch).await {
-            Ok(rows) => match pg_results(&rows, jobs, &mut busy) {
-                Ok(seqs) => break (conn, seqs),
-                Err(e) => {
-                    let _ = simple(conn.get(), "ROLLBACK").await;
-                    return failed(&e);
-                }
-            },
-            Err(e) if kept && !retried && broken(&e) => {
-                tracing::warn!(error = %e, "the op log's connection was broken; writing the batch on a new one");
-                retried = true;
-            }
-            Err(e) => {
-                let _ = simple(conn.get(), "ROLLBACK").await;
-                return failed(&e);
-            }
-        }
+    held.nonce += 1;
+    let nonce = held.nonce;
+    let batch = pg_batch(me, jobs, &held.id, nonce, &held.orphans);
+    let mut conn = match Held::take(held, writer).await {
+        Ok(taken) => taken,
+        Err(e) => return Ok(failed(&e)),
     };
-    match simple(conn.get(), "COMMIT").await {
-        Ok(_) => {
-            *held = Some(conn.finish());
-            answers(jobs, seqs, &busy)
-        }
-        // The answer to the commit was lost (a connection to PostgreSQL
-        // broken then): what the database holds says whether it was made.
-        Err(e) => {
-            drop(conn);
-            match committed(writer, Dialect::Postgres, jobs, &seqs, &busy).await {
-                Some(true) => answers(jobs, seqs, &busy),
-                _ => failed(&e),
+    let kept = conn.kept;
+    let mut q = sqlx::query(batch.kind.call());
+    for b in &batch.binds {
+        q = q.bind(b.as_deref());
+    }
+    let id = held.id.clone();
+    let lost = |error: String, kept: bool| async move {
+        let settled = settle(writer, &id, nonce, jobs).await;
+        Err(Lost {
+            error,
+            kept,
+            settled,
+        })
+    };
+    match q.fetch_all(conn.get()).await {
+        Ok(rows) => {
+            let read: Result<Vec<(String, String, i64)>, sqlx::Error> = rows
+                .iter()
+                .map(|row| {
+                    use sqlx::Row;
+                    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+                })
+                .collect();
+            match read {
+                Ok(rows) => {
+                    held.conn = Some(conn.finish());
+                    held.orphans.clear();
+                    Ok(answers_of(rows, jobs))
+                }
+                // Committed, but its answer cannot be read.
+                Err(e) => {
+                    drop(conn);
+                    lost(e.to_string(), false).await
+                }
             }
         }
+        Err(e) => match undone(&e) {
+            // The call failed and was undone. The session is kept when the
+            // error was the statement's (its data, a conflict, a deadlock).
+            Some(keep) => {
+                if keep {
+                    held.conn = Some(conn.finish());
+                }
+                Ok(failed(&e))
+            }
+            None => {
+                drop(conn);
+                lost(e.to_string(), kept).await
+            }
+        },
     }
 }
 
-/// Runs a batch's statements up to its commit: the rows they answered.
-async fn run_pg(
-    conn: &mut AnyConnection,
-    batch: &PgBatch,
-) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
-    let mut rows = simple(conn, &batch.begin).await?;
-    for (template, binds) in &batch.steps {
-        let text = Dialect::Postgres.sql(template);
-        let mut q = sqlx::query(&text);
-        for b in binds {
-            q = q.bind(b.as_deref());
+/// Each job's answer from the rows a call answered (`sg_tag`, then two
+/// values): the jobs refused, and the seq of each commit whose intent was
+/// found.
+fn answers_of(rows: Vec<(String, String, i64)>, jobs: &[&Job]) -> Vec<Answer> {
+    let mut busy = vec![None; jobs.len()];
+    let mut by_op = std::collections::HashMap::new();
+    for (tag, a, b) in rows {
+        if tag == "busy" {
+            let job = a.parse::<usize>().ok();
+            if let Some(slot) = job.and_then(|j| busy.get_mut(j)) {
+                *slot = Some(b != 0);
+            }
+        } else {
+            by_op.insert(a, b);
         }
-        rows.extend(q.fetch_all(&mut *conn).await?);
     }
-    Ok(rows)
+    let seqs = jobs
+        .iter()
+        .map(|j| match &j.work {
+            Work::Commit { op_id, .. } => by_op.get(&op_id.to_string()).copied(),
+            _ => None,
+        })
+        .collect();
+    answers(jobs, seqs, &busy)
 }
 
-/// Whether an error says the connection itself is gone (the session ended
-/// by the server, the socket closed), not that a statement failed.
-fn broken(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) => true,
-        // Class 08: connection exception; 57P01-57P03: the server shutting
-        // down or the session terminated by an administrator.
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
-        _ => false,
+/// A batch whose call's answer was lost, as the database holds it, once
+/// the call's session is ended (it may still be running the call, not
+/// knowing its client gone: ended, the call is committed or undone for
+/// good). The writer's sessions are known by their `application_name`
+/// (one at a time). A call records its nonce and its answer with what it
+/// writes (`calls`, one row per writer): found with this call's nonce, the
+/// call was made and its jobs are answered as it answered them; else none
+/// of it was, and no job is done (`None`). Nothing is told when the session
+/// cannot be ended or the database read.
+async fn settle(
+    writer: &AnyPool,
+    id: &str,
+    nonce: i64,
+    jobs: &[&Job],
+) -> Option<Vec<Option<Answer>>> {
+    use sqlx::Row;
+    let mut conn = writer.acquire().await.ok()?;
+    let name = Writer::name(id);
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
+         WHERE application_name = $1",
+    )
+    .bind(&name)
+    .fetch_all(&mut *conn)
+    .await
+    .ok()?;
+    let left: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&name)
+            .fetch_optional(&mut *conn)
+            .await
+            .ok()?;
+    if left.is_some() {
+        return None;
     }
+    // Read by a statement that writes (the row itself, unchanged), read
+    // whole: its commit waits for synchronous standbys (if any) past the
+    // call's commit, which an ended session may have left made here but
+    // not yet confirmed there. No row: no call of this writer was made.
+    let rows =
+        sqlx::query("UPDATE calls SET at = at WHERE writer = $1 RETURNING nonce, answers::TEXT")
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await
+            .ok()?;
+    let (found, answered): (Option<i64>, Option<String>) = match rows.first() {
+        Some(row) => (row.try_get(0).ok()?, row.try_get(1).ok()?),
+        None => (None, None),
+    };
+    if found != Some(nonce) {
+        return Some(jobs.iter().map(|_| None).collect());
+    }
+    #[derive(serde::Deserialize)]
+    struct Answered {
+        sg_tag: String,
+        sg_a: String,
+        sg_b: i64,
+    }
+    let rows: Vec<Answered> = serde_json::from_str(answered.as_deref()?).ok()?;
+    let rows = rows
+        .into_iter()
+        .map(|r| (r.sg_tag, r.sg_a, r.sg_b))
+        .collect();
+    Some(answers_of(rows, jobs).into_iter().map(Some).collect())
+}
+
+/// Whether a call that failed was undone by the server (an error of its
+/// statement, the connection still up): then whether the session may be
+/// kept (the error was of the data, a conflict, a deadlock, a cancel),
+/// rather than closed (the writer's functions gone, say). `None` when the
+/// call may have been made: the connection broken (the session ended by
+/// the server, the socket closed) or the answer not read whole.
+fn undone(e: &sqlx::Error) -> Option<bool> {
+    let sqlx::Error::Database(db) = e else {
+        return None;
+    };
+    let code = db.code().unwrap_or_default();
+    // Class 08: connection exception; 57P01-57P05: the server shutting
+    // down, the session ended by an administrator or a timeout; 25P03: a
+    // transaction left idle too long.
+    if code.starts_with("08") || code.starts_with("57P") || code == "25P03" {
+        return None;
+    }
+    Some(
+        ["22", "23", "40"]
+            .iter()
+            .any(|class| code.starts_with(class))
+            || matches!(&*code, "57014" | "55P03"),
+    )
 }
 
 /// The writer's connection on PostgreSQL, kept from one batch to the next
 /// (no pool hand-over, and a plan per statement once per connection), with
-/// this task's session settings (`SESSION`). It is never given back to the
+/// this task's session settings (`session`). It is never given back to the
 /// pool, whose other users must not inherit them: dropped, it is closed.
 /// One left unused a while is tried first (a ping); one broken meanwhile is
 /// closed and another taken.
@@ -575,33 +684,70 @@ pub(super) struct Held {
     used: std::time::Instant,
 }
 
+/// The writer task's state on PostgreSQL: its connection kept between
+/// batches, its name (a random ID: its row in `calls`, its sessions'
+/// `application_name`), the nonce of its last call, and the intents of
+/// openings whose outcome could not be told (`settle`): dropped by the next
+/// call that is made (their writes were refused, never forwarded; a drop
+/// of one that is not there changes nothing).
+pub(super) struct Writer {
+    conn: Option<Held>,
+    id: String,
+    nonce: i64,
+    orphans: Vec<String>,
+}
+
+/// Most orphans kept (`Writer`); more are left to the sweeper, which logs
+/// an intent left open as an op whose outcome is unknown.
+const MAX_ORPHANS: usize = 8 * MAX_BATCH;
+
+impl Writer {
+    fn new() -> Writer {
+        Writer {
+            conn: None,
+            id: Uuid::new_v4().simple().to_string(),
+            nonce: 0,
+            orphans: Vec::new(),
+        }
+    }
+
+    /// The `application_name` of its sessions: a session a pooler handed
+    /// to another client is never taken for one of them.
+    fn name(id: &str) -> String {
+        format!("syncgate writer {id}")
+    }
+}
+
 /// How long the writer's connection may stay unused and still be trusted.
 const HELD_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Held {
     /// The writer's connection, and whether it is the one kept (else a new
-    /// one from the pool with `SESSION` set on it). None is kept once the
+    /// one from the pool with `session` set on it). None is kept once the
     /// pool is closing.
-    async fn take(
-        held: &mut Option<Held>,
-        writer: &AnyPool,
-    ) -> Result<(sqlx::pool::PoolConnection<sqlx::Any>, bool), sqlx::Error> {
-        if let Some(mut h) = held.take() {
+    async fn take(held: &mut Writer, writer: &AnyPool) -> Result<Unfinished, sqlx::Error> {
+        if let Some(mut h) = held.conn.take() {
             use sqlx::Connection;
             let fresh = h.used.elapsed() < HELD_IDLE;
             if let Some(mut conn) = h.conn.take() {
                 if !writer.is_closed() && (fresh || conn.ping().await.is_ok()) {
-                    return Ok((conn, true));
+                    return Ok(Unfinished {
+                        conn: Some(conn),
+                        kept: true,
+                    });
                 }
                 conn.close_on_drop();
             }
         }
         let mut conn = writer.acquire().await?;
-        if let Err(e) = simple(&mut conn, SESSION).await {
+        if let Err(e) = simple(&mut conn, &session(&held.id)).await {
             conn.close_on_drop();
             return Err(e);
         }
-        Ok((conn, false))
+        Ok(Unfinished {
+            conn: Some(conn),
+            kept: false,
+        })
     }
 }
 
@@ -613,30 +759,58 @@ impl Drop for Held {
     }
 }
 
-/// The writer's session on PostgreSQL. Each batch statement is planned once
-/// per connection, while the tables may still be nearly empty: a plan that
-/// scanned `intents` or `intent_keys` whole (rows inserted and deleted by
-/// every write, dead ones kept until a vacuum) would grow slower with every
-/// write. Every table a batch reads is read by a key, so this session never
-/// scans one whole.
-const SESSION: &str = "SET enable_seqscan = off";
+/// The writer's session on PostgreSQL: its settings, and the functions a
+/// batch calls (`Kind::function`), made for this session only (`pg_temp`:
+/// the version of them a replica runs is its own, whatever the version of
+/// the others). Each batch statement is planned once per session, while
+/// the tables may still be nearly empty: a plan that scanned `intents` or
+/// `intent_keys` whole (rows inserted and deleted by every write, dead ones
+/// kept until a vacuum) would grow slower with every write. Every table a
+/// batch reads is read by a key, so this session never scans one whole.
+/// Its transactions are read committed whatever the database's default
+/// (each statement of a batch sees what was committed once its locks were
+/// granted), and so is this one. Writers' rows in `calls` not written for
+/// an hour are forgotten (of writers that stopped).
+fn session(id: &str) -> String {
+    static FUNCTIONS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let mut text = String::new();
+        for kind in Kind::ALL {
+            text.push_str(";\n");
+            text.push_str(&kind.function());
+        }
+        text
+    });
+    format!(
+        "BEGIN ISOLATION LEVEL READ COMMITTED READ WRITE;
+         SET enable_seqscan = off; SET default_transaction_isolation = 'read committed';
+         SET default_transaction_read_only = off; SET application_name = '{}'{};
+         DELETE FROM calls WHERE at < {};
+         COMMIT",
+        Writer::name(id),
+        *FUNCTIONS,
+        Dialect::Postgres.sql("SG_OLDER('-1 hour')"),
+    )
+}
 
-/// A pooled connection inside a transaction begun by a statement: closed,
-/// not kept, unless the transaction was seen to end (`finish`). A batch
-/// abandoned half-way (its task ended at a shutdown, a panic) would
-/// otherwise hand the next batch a session holding its locks.
-struct Unfinished(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+/// The writer's connection while a batch is called: closed, not kept,
+/// unless the call was seen to end (`finish`). A batch abandoned half-way
+/// (its task ended at a shutdown, a panic) would otherwise hand the next
+/// batch a session in the middle of an exchange.
+/// Also whether it was kept from an earlier batch.
+struct Unfinished {
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    kept: bool,
+}
 
 impl Unfinished {
     fn get(&mut self) -> &mut AnyConnection {
-        self.0.as_mut().expect("held until finished or dropped")
+        self.conn.as_mut().expect("held until finished or dropped")
     }
 
-    /// The transaction was committed: the connection is kept for the next
-    /// batch.
+    /// The call ended: the connection is kept for the next batch.
     fn finish(mut self) -> Held {
         Held {
-            conn: self.0.take(),
+            conn: self.conn.take(),
             used: std::time::Instant::now(),
         }
     }
@@ -644,7 +818,7 @@ impl Unfinished {
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
-        if let Some(conn) = self.0.as_mut() {
+        if let Some(conn) = self.conn.as_mut() {
             conn.close_on_drop();
         }
     }
@@ -659,22 +833,22 @@ fn simple<'c>(
     sqlx::Executor::fetch_all(conn, sqlx::raw_sql(text))
 }
 
-/// A batch on PostgreSQL: the text that begins it and takes its locks, then
-/// each statement with its parameters.
+/// A batch on PostgreSQL: the function it calls and its parameters.
 struct PgBatch {
-    begin: String,
-    steps: Vec<(&'static str, Vec<Option<String>>)>,
+    kind: Kind,
+    binds: Vec<Option<String>>,
 }
 
-/// What a batch writes on PostgreSQL (see `execute_pg`). Intents are
-/// opened under a transaction lock every replica takes to open its own (not
-/// needed by a process that holds the op log alone): what another opened
-/// before is committed and seen, so two conflicting writes are never both
-/// opened. Commits lock the head row first, so that the statement that logs
-/// them reads the intents as they are once every earlier commit of another
-/// process is done, and the head orders every process's commits as their
-/// seqs (visible in seq order). Always in this order (no deadlock).
-fn pg_batch(me: Replica, jobs: &[Job]) -> PgBatch {
+/// What a batch writes on PostgreSQL (see `execute_pg`, `Kind::function`).
+/// Intents are opened under a transaction lock every replica takes to open
+/// its own (not needed by a process that holds the op log alone): what
+/// another opened before is committed and seen, so two conflicting writes
+/// are never both opened. Commits lock the head row first, so that the
+/// statement that logs them reads the intents as they are once every
+/// earlier commit of another process is done, and the head orders every
+/// process's commits as their seqs (visible in seq order). Always in this
+/// order (no deadlock).
+fn pg_batch(me: Replica, jobs: &[&Job], writer: &str, nonce: i64, orphans: &[String]) -> PgBatch {
     use serde_json::{json, Value};
     let owner = (me.owner != 0).then(|| me.owner.to_string());
     let mut opened = Vec::new();
@@ -682,7 +856,7 @@ fn pg_batch(me: Replica, jobs: &[Job]) -> PgBatch {
     let mut commits = Vec::new();
     let mut keys = Vec::new();
     let mut learned = Vec::new();
-    let mut drops = Vec::new();
+    let mut drops: Vec<Value> = orphans.iter().map(|o| Value::String(o.clone())).collect();
     for (i, j) in jobs.iter().enumerate() {
         match &j.work {
             Work::Begin {
@@ -734,16 +908,6 @@ fn pg_batch(me: Replica, jobs: &[Job]) -> PgBatch {
         }
     }
     let rows = |v: Vec<Value>| Some(Value::Array(v).to_string());
-    let mut text = String::from("BEGIN");
-    if !opened.is_empty() && !me.alone {
-        text.push_str(&format!(
-            "; SELECT 0 AS sg_lock FROM (SELECT pg_advisory_xact_lock({OPENINGS})) l"
-        ));
-    }
-    if !commits.is_empty() {
-        text.push_str("; SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE");
-    }
-    let mut steps = Vec::new();
     // 1. New intents with their keys. Shared with other replicas, those whose
     // keys another replica's open write holds (or, `true`, an op of it
     // logged with an unknown outcome, forwarded less than the settle period
@@ -753,76 +917,160 @@ fn pg_batch(me: Replica, jobs: &[Job]) -> PgBatch {
     // same statement), gap-free over the found ones and in job order; their
     // intents deleted, their keys and the entities they learned written.
     // Both in one statement (`statement`).
+    // 3. The publisher's position.
     let mut binds = Vec::new();
-    let open = (!opened.is_empty()).then(|| {
-        if me.alone {
-            binds.extend([rows(opened), owner]);
-            OPEN_ALONE
-        } else {
-            let settle = Some(me.settle_ms.to_string());
-            binds.extend([rows(opened), rows(open_keys), owner, settle]);
-            OPEN_SHARED
-        }
-    });
+    let open = if opened.is_empty() {
+        Open::None
+    } else if me.alone {
+        binds.extend([rows(opened), owner]);
+        Open::Alone
+    } else {
+        let settle = Some(me.settle_ms.to_string());
+        binds.extend([rows(opened), rows(open_keys), owner, settle]);
+        Open::Shared
+    };
     let commit = !commits.is_empty() || !learned.is_empty() || !drops.is_empty();
     if commit {
         binds.extend([rows(commits), rows(keys), rows(learned), rows(drops)]);
     }
-    if open.is_some() || commit {
-        steps.push((statement(open, commit), binds));
-    }
-    // 3. The publisher's position.
-    if let Some(seq) = jobs
+    let published = jobs
         .iter()
         .filter_map(|j| match j.work {
             Work::Published(seq) => Some(seq),
             _ => None,
         })
-        .max()
-    {
-        steps.push((PUBLISHED, vec![Some(seq.to_string())]));
+        .max();
+    binds.push(published.map(|seq| seq.to_string()));
+    // 4. The call, by its writer and nonce, with what it answers (`settle`).
+    binds.extend([Some(writer.to_string()), Some(nonce.to_string())]);
+    PgBatch {
+        kind: Kind { open, commit },
+        binds,
     }
-    PgBatch { begin: text, steps }
+}
+
+/// The openings of a batch on PostgreSQL: none, of the process that holds
+/// the op log alone (`OPEN_ALONE`), or beside other replicas
+/// (`OPEN_SHARED`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Open {
+    None,
+    Alone,
+    Shared,
+}
+
+/// A kind of batch on PostgreSQL: its openings and whether it commits (or
+/// learns entities, or drops intents). Each has its function in the
+/// writer's session.
+#[derive(Clone, Copy)]
+struct Kind {
+    open: Open,
+    commit: bool,
+}
+
+impl Kind {
+    const ALL: [Kind; 6] = [
+        Kind::of(Open::None, false),
+        Kind::of(Open::None, true),
+        Kind::of(Open::Alone, false),
+        Kind::of(Open::Alone, true),
+        Kind::of(Open::Shared, false),
+        Kind::of(Open::Shared, true),
+    ];
+
+    const fn of(open: Open, commit: bool) -> Kind {
+        Kind { open, commit }
+    }
+
+    fn index(self) -> usize {
+        self.open as usize * 2 + usize::from(self.commit)
+    }
+
+    /// The parameters of its statement (`statement`).
+    fn params(self) -> usize {
+        let open = match self.open {
+            Open::None => 0,
+            Open::Alone => 2,
+            Open::Shared => 4,
+        };
+        open + if self.commit { 4 } else { 0 }
+    }
+
+    /// Its function: `pg_temp.sg_batch_N(..)`, of the statement's
+    /// parameters and then the publisher's position (NULL: none), answering
+    /// the statement's rows. In PL/pgSQL each statement sees what was
+    /// committed when it began: the locks first, then the statement; the
+    /// call commits it all, or nothing.
+    fn function(self) -> String {
+        let n = self.params();
+        let args = vec!["TEXT"; n + 3].join(", ");
+        let mut body = String::new();
+        if self.open == Open::Shared {
+            body.push_str(&format!("    PERFORM pg_advisory_xact_lock({OPENINGS});\n"));
+        }
+        if self.commit {
+            // The commits are the first parameter after the openings'.
+            let commits = n - 3;
+            body.push_str(&format!(
+                "    IF json_array_length(${commits}::json) > 0 THEN
+        PERFORM seq FROM oplog_head WHERE id = 1 FOR UPDATE;
+    END IF;\n"
+            ));
+        }
+        if let Some((ctes, answers)) = parts(self) {
+            let recorded = format!(
+                "WITH {ctes},\n    sg_answers (sg_tag, sg_a, sg_b) AS ({answers})
+    SELECT COALESCE(json_agg(sg_answers), '[]'::json) INTO answered FROM sg_answers"
+            );
+            body.push_str(&format!("    {};\n", Dialect::Postgres.sql(&recorded)));
+        }
+        let (p, w, nonce) = (n + 1, n + 2, n + 3);
+        body.push_str(&format!(
+            "    IF ${p} IS NOT NULL THEN\n        {};\n    END IF;\n",
+            PUBLISHED.replace('?', &format!("${p}"))
+        ));
+        body.push_str(&format!(
+            "    INSERT INTO calls (writer, nonce, answers, at)
+        VALUES (${w}, ${nonce}::BIGINT, answered, {})
+        ON CONFLICT (writer) DO UPDATE
+        SET nonce = excluded.nonce, answers = excluded.answers, at = excluded.at;
+    RETURN QUERY SELECT a.sg_tag, a.sg_a, a.sg_b
+        FROM json_to_recordset(answered) AS a(sg_tag TEXT, sg_a TEXT, sg_b BIGINT);\n",
+            Dialect::Postgres.sql("SG_NOW()")
+        ));
+        format!(
+            "CREATE OR REPLACE FUNCTION pg_temp.sg_batch_{}({args})
+    RETURNS TABLE (sg_tag TEXT, sg_a TEXT, sg_b BIGINT) LANGUAGE plpgsql AS $sg$
+#variable_conflict use_column
+DECLARE
+    answered JSON := '[]';
+BEGIN
+{body}END
+$sg$",
+            self.index()
+        )
+    }
+
+    /// The statement that calls its function.
+    fn call(self) -> &'static str {
+        use std::sync::LazyLock;
+        static CALLS: LazyLock<[String; 6]> = LazyLock::new(|| {
+            Kind::ALL.map(|k| {
+                let args: Vec<String> = (1..=k.params() + 3).map(|i| format!("${i}")).collect();
+                format!(
+                    "SELECT sg_tag, sg_a, sg_b FROM pg_temp.sg_batch_{}({})",
+                    k.index(),
+                    args.join(", ")
+                )
+            })
+        });
+        &CALLS[self.index()]
+    }
 }
 
 /// Records the publisher's position (PostgreSQL): `?` the seq.
 const PUBLISHED: &str = "INSERT INTO meta (key, value) VALUES ('published_seq', ?::BIGINT)
-    ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)";
-
-/// What the statements answered: the jobs refused (marked in `busy`) and the
-/// seq of each commit whose intent was found, in job order.
-fn pg_results(
-    rows: &[sqlx::any::AnyRow],
-    jobs: &[Job],
-    busy: &mut [Option<bool>],
-) -> Result<Vec<Option<i64>>, sqlx::Error> {
-    use sqlx::Row;
-    let mut by_op: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
-    for row in rows {
-        let Ok(tag) = row.try_get::<String, _>("sg_tag") else {
-            continue;
-        };
-        let (a, b): (String, i64) = (row.try_get(1)?, row.try_get(2)?);
-        match tag.as_str() {
-            "busy" => {
-                let job = a.parse::<usize>().ok();
-                if let Some(slot) = job.and_then(|j| busy.get_mut(j)) {
-                    *slot = Some(b != 0);
-                }
-            }
-            _ => {
-                by_op.insert(a, b);
-            }
-        }
-    }
-    Ok(jobs
-        .iter()
-        .map(|j| match &j.work {
-            Work::Commit { op_id, .. } => by_op.get(&op_id.to_string()).copied(),
-            _ => None,
-        })
-        .collect())
-}
+        ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)";
 
 /// An entity learned, as a row of `COMMIT`'s JSON: by a commit (written only
 /// if its op is logged) or alone.
@@ -841,39 +1089,29 @@ struct Part {
     answers: Option<&'static str>,
 }
 
-/// The one statement that writes a batch's openings (`open`, if any) and its
-/// commits (`commit`): the parts joined, their parameters in that order. The
-/// two parts read the tables as the statement began (after the batch's
-/// locks), as when the openings ran first: a commit's intent was always
-/// opened by an earlier batch.
-fn statement(open: Option<Part>, commit: bool) -> &'static str {
-    use std::sync::LazyLock;
-    fn join(parts: &[Part]) -> String {
-        let ctes: Vec<&str> = parts.iter().map(|p| p.ctes).collect();
-        let answers: Vec<&str> = parts.iter().filter_map(|p| p.answers).collect();
-        let answers = if answers.is_empty() {
-            "SELECT 'none' AS sg_tag, NULL::TEXT, NULL::BIGINT WHERE FALSE".to_string()
-        } else {
-            answers.join(" UNION ALL ")
-        };
-        format!("WITH {}\n    {answers}", ctes.join(",\n"))
-    }
-    static ALL: LazyLock<[String; 5]> = LazyLock::new(|| {
-        [
-            join(&[OPEN_ALONE]),
-            join(&[OPEN_SHARED]),
-            join(&[COMMIT]),
-            join(&[OPEN_ALONE, COMMIT]),
-            join(&[OPEN_SHARED, COMMIT]),
-        ]
-    });
-    let shared = |p: Part| p.ctes == OPEN_SHARED.ctes;
-    let i = match (open, commit) {
-        (Some(p), false) => usize::from(shared(p)),
-        (None, _) => 2,
-        (Some(p), true) => 3 + usize::from(shared(p)),
+/// The common table expressions of a kind's statement and the query that
+/// answers its rows, if it has a statement.
+fn parts(kind: Kind) -> Option<(String, String)> {
+    let open = match kind.open {
+        Open::None => None,
+        Open::Alone => Some(OPEN_ALONE),
+        Open::Shared => Some(OPEN_SHARED),
     };
-    &ALL[i]
+    let parts: Vec<Part> = open
+        .into_iter()
+        .chain(kind.commit.then_some(COMMIT))
+        .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    let ctes: Vec<&str> = parts.iter().map(|p| p.ctes).collect();
+    let answers: Vec<&str> = parts.iter().filter_map(|p| p.answers).collect();
+    let answers = if answers.is_empty() {
+        "SELECT 'none' AS sg_tag, NULL::TEXT, NULL::BIGINT WHERE FALSE".to_string()
+    } else {
+        answers.join(" UNION ALL ")
+    };
+    Some((ctes.join(",\n"), answers))
 }
 
 /// Opens intents (PostgreSQL, the op log held alone): `?` their rows, the
@@ -987,16 +1225,91 @@ mod tests {
     use super::*;
     use sqlx::Connection;
 
+    /// The one statement that writes a batch's openings (`open`, if any) and its
+    /// commits (`commit`): the parts joined, their parameters in that order. The
+    /// two parts read the tables as the statement began (after the batch's
+    /// locks), as when the openings ran first: a commit's intent was always
+    /// opened by an earlier batch.
+    fn statement(kind: Kind) -> &'static str {
+        use std::sync::LazyLock;
+        static ALL: LazyLock<[String; 6]> = LazyLock::new(|| {
+            Kind::ALL.map(|k| match parts(k) {
+                Some((ctes, answers)) => format!("WITH {ctes}\n    {answers}"),
+                None => String::new(),
+            })
+        });
+        &ALL[kind.index()]
+    }
+
     /// The batch statements, prepared by name on a test's session (as the
     /// writer's session would plan them), to be explained.
     fn statements() -> [(&'static str, &'static str); 5] {
         [
-            ("sg_open_alone", statement(Some(OPEN_ALONE), false)),
-            ("sg_open_shared", statement(Some(OPEN_SHARED), false)),
-            ("sg_commit", statement(None, true)),
-            ("sg_both", statement(Some(OPEN_SHARED), true)),
+            ("sg_open_alone", statement(Kind::of(Open::Alone, false))),
+            ("sg_open_shared", statement(Kind::of(Open::Shared, false))),
+            ("sg_commit", statement(Kind::of(Open::None, true))),
+            ("sg_both", statement(Kind::of(Open::Shared, true))),
             ("sg_published", PUBLISHED),
         ]
+    }
+
+    /// A store on the test's PostgreSQL (`SYNCGATE_TEST_POSTGRES`), with
+    /// its URL; none (the test skips) on SQLite.
+    async fn postgres_store() -> Option<(tempfile::TempDir, String, super::super::Store)> {
+        let dir = tempfile::tempdir().unwrap();
+        let url = super::super::test_url(&dir).await;
+        if !url.starts_with("postgres") {
+            eprintln!("skipped: PostgreSQL only (SYNCGATE_TEST_POSTGRES)");
+            return None;
+        }
+        let store = super::super::Store::open(&url).await.unwrap();
+        Some((dir, url, store))
+    }
+
+    /// An opening whose call's outcome could not be told was refused, its
+    /// intent perhaps opened: the next call made drops it, whatever that
+    /// call's own jobs (here the publisher's position alone), and then
+    /// forgets it.
+    #[tokio::test]
+    async fn an_opening_whose_outcome_was_not_told_is_dropped_by_the_next_call() {
+        let Some((_dir, _, store)) = postgres_store().await else {
+            return;
+        };
+        let pool = store.writer.clone();
+        let open = "INSERT INTO intents (op_id, method, path, class, kind, created_at)
+            VALUES ($1, 'POST', '/v3/projects', 'resource', 'project', '2026-01-01T00:00:00.000Z')";
+        for id in ["orphan", "other"] {
+            sqlx::query(open).bind(id).execute(&pool).await.unwrap();
+        }
+        let mut writer = Writer::new();
+        writer.orphans.push("orphan".into());
+        let (reply, answer) = oneshot::channel();
+        let jobs = [Job {
+            work: Work::Published(7),
+            reply,
+        }];
+        let me = Replica {
+            owner: 0,
+            settle_ms: 1000,
+            alone: true,
+        };
+        let results = execute(&pool, &mut writer, Dialect::Postgres, me, &jobs).await;
+        assert!(matches!(results.as_slice(), [Ok(None)]), "{results:?}");
+        drop((jobs, answer));
+        let left: Vec<String> = sqlx::query_scalar("SELECT op_id FROM intents ORDER BY op_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, ["other"], "the orphan is dropped, no other intent");
+        assert!(writer.orphans.is_empty(), "forgotten once dropped");
+        let published: i64 =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'published_seq'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(published, 7);
+        drop(writer);
+        store.close().await;
     }
 
     /// A plan (`EXPLAIN ANALYZE`, text) as its nodes: each scan of a table
@@ -1083,25 +1396,26 @@ mod tests {
     /// key is touched by every write in it).
     #[tokio::test]
     async fn a_batch_reads_by_key_whatever_the_op_log_has_seen() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = super::super::test_url(&dir).await;
-        if !url.starts_with("postgres") {
-            eprintln!("skipped: PostgreSQL only (SYNCGATE_TEST_POSTGRES)");
+        let Some((_dir, url, store)) = postgres_store().await else {
             return;
-        }
-        let store = super::super::Store::open(&url).await.unwrap();
+        };
         let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
         // Plans stay the ones made on the empty tables (no analyze of the
         // history while the test runs).
-        let mut setup = format!("SET plan_cache_mode = force_generic_plan; {SESSION}");
+        let mut setup = format!(
+            "SET plan_cache_mode = force_generic_plan; {}",
+            session("test")
+        );
         for table in ["ops", "op_keys", "intents", "intent_keys", "entities"] {
             setup.push_str(&format!(
                 "; ALTER TABLE {table} SET (autovacuum_enabled = false)"
             ));
         }
+        // Their parameters TEXT, as the functions that run them take them.
         for (name, sql) in statements() {
+            let types = vec!["TEXT"; sql.matches('?').count()].join(", ");
             setup.push_str(&format!(
-                "; PREPARE {name} AS {}",
+                "; PREPARE {name} ({types}) AS {}",
                 Dialect::Postgres.sql(sql)
             ));
         }

@@ -243,6 +243,46 @@ async fn open_sqlite(url: &str) -> Result<Pools, StoreError> {
 /// holds it alone.
 pub(super) const SOLE_LOCK: i64 = 0x5359_4e43_534f_4c45;
 
+/// The oldest PostgreSQL the op log runs on: 14 (a batch whose answer was
+/// lost ends its session with `pg_terminate_backend(pid, timeout)` before
+/// the op log is read).
+const OLDEST_SERVER: i32 = 140_000;
+
+/// Refuses a server central cannot run on, with the reason: older than
+/// `OLDEST_SERVER`, or where this role cannot make the writer's session
+/// functions (`TEMPORARY` on the database).
+async fn refuse_an_unfit_server(writer: &AnyPool) -> Result<(), StoreError> {
+    let (version, temporary): (String, bool) = sqlx::query_as(
+        "SELECT current_setting('server_version_num'),
+                has_database_privilege(current_database(), 'TEMPORARY')",
+    )
+    .fetch_one(writer)
+    .await?;
+    fit(&version, temporary).map_err(StoreError::Unfit)
+}
+
+/// Whether a server of `version` (`server_version_num`) where this role
+/// has `TEMPORARY` or not can hold the op log; else why not.
+fn fit(version: &str, temporary: bool) -> Result<(), String> {
+    match version.trim().parse::<i32>() {
+        Ok(v) if v >= OLDEST_SERVER => {}
+        _ => {
+            return Err(format!(
+                "the op log needs PostgreSQL 14 or later; this server's version number is \
+                 {version} (server_version_num)"
+            ))
+        }
+    }
+    if !temporary {
+        return Err(
+            "this role lacks the TEMPORARY privilege on the database, which central's writer \
+             needs for the functions of its session (GRANT TEMPORARY ON DATABASE ... TO ...)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// An earlier version runs alone on its op log, holding `SOLE_LOCK` for its
 /// life, and knows no replicas: while it runs, this
 /// version's migrations are not applied under it (it could not start again
@@ -346,6 +386,7 @@ async fn open_postgres(
         .connect_with(options.clone())
         .await
         .map_err(open_err)?;
+    refuse_an_unfit_server(&writer).await?;
     refuse_beside_an_earlier_version(&writer).await?;
     sqlx::migrate!("./migrations/central-postgres")
         .run(&writer)
@@ -368,6 +409,21 @@ async fn open_postgres(
 
 #[cfg(test)]
 mod tests {
+    /// PostgreSQL 14 or later, with `TEMPORARY`, and nothing else.
+    #[test]
+    fn a_server_too_old_or_without_temporary_is_refused_with_the_reason() {
+        assert_eq!(super::fit("140000", true), Ok(()));
+        assert_eq!(super::fit("170002", true), Ok(()));
+        let old = super::fit("130016", true).unwrap_err();
+        assert!(
+            old.contains("PostgreSQL 14 or later") && old.contains("130016"),
+            "{old}"
+        );
+        assert!(super::fit("", true).is_err());
+        let temp = super::fit("150010", false).unwrap_err();
+        assert!(temp.contains("TEMPORARY"), "{temp}");
+    }
+
     use super::*;
 
     #[test]

@@ -55,6 +55,8 @@ pub enum StoreError {
     Batch(String),
     #[error("the op log is closed")]
     Closed,
+    #[error("cannot keep the op log on this PostgreSQL: {0}")]
+    Unfit(String),
     #[error(
         "no longer the leader: elected at epoch {epoch}, another process leads at epoch {current}"
     )]

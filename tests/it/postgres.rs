@@ -966,28 +966,19 @@ async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resum
 /// the next writes are captured on a new session, none is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writers_session_ended_by_the_server_fails_no_write() {
-    use serde_json::json;
     use sqlx::Connection;
     let Some(pg) = Postgres::start() else {
         return;
     };
     let url = pg.database("ended_session").await;
-    let fake = crate::fake_keystone::FakeKeystone::start().await;
-    let config = crate::helpers::config_for(&fake, &url);
-    let app = crate::helpers::start(fake, config).await;
-    let project = |name: &str| json!({"project": {"name": name}});
-    let resp = app
-        .write("POST", "/v3/projects", Some(project("first")))
-        .await;
-    assert_eq!(resp.status(), 201);
-    // The sessions whose last statement committed a transaction and that
-    // wait for the next: the writer's among them (not the ones holding
-    // central's locks).
+    let app = central_with_one_write(&url).await;
+    // The writers' sessions, named for their writer: central's (and its
+    // leader's).
     let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
     let ended: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
          WHERE datname = current_database() AND pid <> pg_backend_pid()
-           AND state = 'idle' AND query = 'COMMIT'",
+           AND application_name LIKE 'syncgate writer %'",
     )
     .fetch_one(&mut admin)
     .await
@@ -998,8 +989,281 @@ async fn a_writers_session_ended_by_the_server_fails_no_write() {
         let status = resp.status();
         assert_eq!(status, 201, "{}", resp.text().await.unwrap());
     }
-    let names: Vec<String> = app
-        .all_ops()
+    assert_eq!(logged_names(&app).await, ["first", "second", "third"]);
+    app.stop().await;
+}
+
+/// The answer to a batch's call lost after the server made it (the
+/// connection broken as it came): what the call did is read back from the
+/// op log and its writes answered as made, an opening and a commit alike;
+/// nothing is written twice, none is lost, no intent is left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_answer_is_lost_is_settled_from_the_op_log() {
+    use sqlx::Connection;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let direct = pg.database("lost_answer").await;
+    let cutter = AnswerCutter::start(&pg).await;
+    let app = central_with_one_write(&cutter.url(&pg, "lost_answer")).await;
+    // An opening's rows name its method; a commit's its state.
+    let cuts: [(&str, &[u8]); 2] = [
+        ("opened", br#""method":"POST""#),
+        ("committed", br#""state":"committed""#),
+    ];
+    for (n, (name, marker)) in cuts.into_iter().enumerate() {
+        cutter.arm(marker, true);
+        let resp = app.write("POST", "/v3/projects", Some(project(name))).await;
+        let status = resp.status();
+        assert_eq!(status, 201, "{}", resp.text().await.unwrap());
+        assert_eq!(
+            cutter.cuts(),
+            n + 1,
+            "the answer to the {name} call was cut"
+        );
+    }
+    assert_eq!(app.fake.count(), 3, "each write forwarded once");
+    assert_eq!(logged_names(&app).await, ["first", "opened", "committed"]);
+    let mut conn = sqlx::PgConnection::connect(&direct).await.unwrap();
+    let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM intents")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(open, 0, "no intent left open");
+    app.stop().await;
+}
+
+/// A batch's connection broken while the server still runs its call (it
+/// waits for a lock here, not knowing its client gone): the call's session
+/// is ended before the op log is read, so that the call cannot commit
+/// after it was found not done and written again. The write is logged
+/// once and answered as logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_still_running_when_its_connection_broke_is_ended_before_it_is_settled() {
+    use sqlx::Connection;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let direct = pg.database("running_call").await;
+    let cutter = AnswerCutter::start(&pg).await;
+    let app = Arc::new(central_with_one_write(&cutter.url(&pg, "running_call")).await);
+    // The head row held: the next commit's call waits for it.
+    let mut holder = sqlx::PgConnection::connect(&direct).await.unwrap();
+    sqlx::raw_sql("BEGIN; SELECT seq FROM oplog_head WHERE id = 1 FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    // The writers' sessions (central's, and its leader's), each kept
+    // between batches, named for their writer.
+    let mut watcher = sqlx::PgConnection::connect(&direct).await.unwrap();
+    let kept: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+           AND application_name LIKE 'syncgate writer %'",
+    )
+    .fetch_all(&mut watcher)
+    .await
+    .unwrap();
+    assert!(!kept.is_empty(), "no writer's session found");
+    cutter.arm(br#""state":"committed""#, false);
+    let writer = app.clone();
+    let second = tokio::spawn(async move {
+        let resp = writer
+            .write("POST", "/v3/projects", Some(project("second")))
+            .await;
+        (resp.status(), resp.text().await.unwrap())
+    });
+    // The commit's call, cut at once, waits for the head row on its kept
+    // session; written again on a new one, it waits there too: by then the
+    // first is ended, not waiting beside it (to commit once the row is let
+    // go, after the op log was read).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit was not written again"
+        );
+        let waiting: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+               AND wait_event_type = 'Lock' AND query LIKE '%FROM pg_temp.sg_batch_%'",
+        )
+        .fetch_all(&mut watcher)
+        .await
+        .unwrap();
+        if waiting.iter().any(|pid| !kept.contains(pid)) {
+            assert!(
+                waiting.iter().all(|pid| !kept.contains(pid)),
+                "the broken call still waits beside its rerun"
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
+    let (status, text) = second.await.unwrap();
+    assert_eq!(status, 201, "{text}");
+    assert_eq!(cutter.cuts(), 1);
+    assert_eq!(logged_names(&app).await, ["first", "second"]);
+    let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM intents")
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+    assert_eq!(open, 0, "no intent left open");
+    let Ok(app) = Arc::try_unwrap(app) else {
+        panic!("the app is still shared")
+    };
+    app.stop().await;
+}
+
+/// A relay to the test server's socket that, once armed with a marker,
+/// passes the next message that carries it and lets the server answer it
+/// whole (to its ReadyForQuery: the call made and committed), then closes
+/// the connection without passing the answer on.
+struct AnswerCutter {
+    dir: tempfile::TempDir,
+    armed: Arc<std::sync::Mutex<Option<Cut>>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+    accept: tokio::task::AbortHandle,
+}
+
+/// Where `AnswerCutter` cuts: after the message with this marker, once the
+/// server has answered it (`answered`) or at once.
+struct Cut {
+    marker: Vec<u8>,
+    answered: bool,
+}
+
+impl AnswerCutter {
+    async fn start(pg: &Postgres) -> AnswerCutter {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = format!(".s.PGSQL.{}", pg.port);
+        let listener = tokio::net::UnixListener::bind(dir.path().join(&socket)).unwrap();
+        let target = pg.dir.path().join(&socket);
+        let armed: Arc<std::sync::Mutex<Option<Cut>>> = Arc::default();
+        let cuts: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let (a, c) = (armed.clone(), cuts.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if let Ok(server) = tokio::net::UnixStream::connect(&target).await {
+                    tokio::spawn(Self::relay(client, server, a.clone(), c.clone()));
+                }
+            }
+        })
+        .abort_handle();
+        AnswerCutter {
+            dir,
+            armed,
+            cuts,
+            accept,
+        }
+    }
+
+    fn url(&self, pg: &Postgres, name: &str) -> String {
+        format!(
+            "postgres://syncgate@localhost:{}/{name}?host={}",
+            pg.port,
+            self.dir.path().display()
+        )
+    }
+
+    fn arm(&self, marker: &[u8], answered: bool) {
+        *self.armed.lock().unwrap() = Some(Cut {
+            marker: marker.to_vec(),
+            answered,
+        });
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(Ordering::SeqCst)
+    }
+
+    async fn relay(
+        client: tokio::net::UnixStream,
+        server: tokio::net::UnixStream,
+        armed: Arc<std::sync::Mutex<Option<Cut>>>,
+        cuts: Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let (mut up, mut down) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+        let mut cutting = false;
+        let mut at_once = false;
+        // What the client sent last, a marker split over two reads found.
+        let mut seen: Vec<u8> = Vec::new();
+        loop {
+            tokio::select! {
+                n = cr.read(&mut up) => {
+                    let Ok(n @ 1..) = n else { return };
+                    let chunk = &up[..n];
+                    {
+                        let mut cut = armed.lock().unwrap();
+                        let m = cut.as_ref().map(|c| c.marker.as_slice()).unwrap_or_default();
+                        // Only what was sent since it was armed counts.
+                        if m.is_empty() {
+                            seen.clear();
+                        } else {
+                            seen.drain(..seen.len().saturating_sub(m.len() - 1));
+                            seen.extend_from_slice(chunk);
+                        }
+                        if !m.is_empty() && seen.windows(m.len()).any(|w| w == m) {
+                            seen.clear();
+                            at_once = cut.take().is_some_and(|c| !c.answered);
+                            cutting = true;
+                        }
+                    }
+                    if sw.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    if at_once {
+                        cuts.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                }
+                n = sr.read(&mut down) => {
+                    let Ok(n @ 1..) = n else { return };
+                    let chunk = &down[..n];
+                    if cutting {
+                        // ReadyForQuery, idle: the call is over, committed.
+                        if chunk.ends_with(b"Z\0\0\0\x05I") {
+                            cuts.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    } else if cw.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for AnswerCutter {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Central on `url` in front of a fake Keystone, with one project
+/// ("first") created through it.
+async fn central_with_one_write(url: &str) -> crate::helpers::TestApp {
+    let fake = crate::fake_keystone::FakeKeystone::start().await;
+    let config = crate::helpers::config_for(&fake, url);
+    let app = crate::helpers::start(fake, config).await;
+    let resp = app
+        .write("POST", "/v3/projects", Some(project("first")))
+        .await;
+    assert_eq!(resp.status(), 201);
+    app
+}
+
+/// A project create's body.
+fn project(name: &str) -> serde_json::Value {
+    serde_json::json!({"project": {"name": name}})
+}
+
+/// The names of the projects in the op log's ops, in seq order.
+async fn logged_names(app: &crate::helpers::TestApp) -> Vec<String> {
+    app.all_ops()
         .await
         .iter()
         .map(|o| {
@@ -1008,9 +1272,7 @@ async fn a_writers_session_ended_by_the_server_fails_no_write() {
                 .unwrap_or_default()
                 .to_string()
         })
-        .collect();
-    assert_eq!(names, ["first", "second", "third"]);
-    app.stop().await;
+        .collect()
 }
 
 /// A create through `app` is answered 503 and never forwarded.
@@ -1425,18 +1687,7 @@ async fn a_replica_that_loses_its_presence_captures_nothing_until_it_holds_it_ag
             .status(),
         201
     );
-    let names: Vec<String> = app
-        .all_ops()
-        .await
-        .iter()
-        .map(|o| {
-            o["body"]["project"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(names, ["before", "after"]);
+    assert_eq!(logged_names(&app).await, ["before", "after"]);
     app.stop().await;
 }
 
