@@ -49,6 +49,11 @@ const STEP_OPS: usize = 64;
 const STEP_MAPS: usize = 2000;
 /// How long a step may take at the edge.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the edge may take to let its op stream go (it does nothing else).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tries of that: a release lost leaves the edge held, applying nothing,
+/// until its hold lapses (`HOLD`).
+const RELEASE_TRIES: u32 = 3;
 /// How long the edge may take to read its state.
 const READ_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a drift audit waits for the edge to apply ops up to its fence.
@@ -339,6 +344,15 @@ impl Resyncer {
     }
 
     async fn step(&self, edge: &str, step: &ResyncStep) -> Result<ResyncReply, Failure> {
+        self.step_within(edge, step, STEP_TIMEOUT).await
+    }
+
+    async fn step_within(
+        &self,
+        edge: &str,
+        step: &ResyncStep,
+        timeout: Duration,
+    ) -> Result<ResyncReply, Failure> {
         let reply: ResyncReply = self
             .ask(
                 edge,
@@ -346,7 +360,7 @@ impl Resyncer {
                 RESYNC,
                 RESYNC_REPLY,
                 step,
-                STEP_TIMEOUT,
+                timeout,
             )
             .await?;
         match reply.error {
@@ -554,8 +568,24 @@ impl Resyncer {
         }
     }
 
+    /// Lets the edge's op stream go, asked again while the request or its
+    /// answer is lost (the edge lets go once whatever it is told).
     async fn release(&self, edge: &str) -> Result<ResyncReply, Failure> {
-        self.step(edge, &ResyncStep::Release).await
+        let mut delays = retry_delays();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self
+                .step_within(edge, &ResyncStep::Release, RELEASE_TIMEOUT)
+                .await
+            {
+                Err(Failure::Lost(why)) if tries < RELEASE_TRIES => {
+                    debug!(edge, error = %why, "the edge's release not answered; asking again");
+                    tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX)).await;
+                }
+                done => return done,
+            }
+        }
     }
 
     async fn resync_once(&self, edge: &str, prune: bool) -> Result<Value, Failure> {

@@ -6,6 +6,7 @@
 //! (a lost or restored database) is resynced before it applies ops again.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,9 @@ pub struct Holder {
     pub lease: Duration,
     /// Another live process that asked for the ID, and when.
     pub rival: Option<(u64, Instant)>,
+    /// How many times it had connected to the broker when last heard (see
+    /// `Hello::connects`; none from an edge that does not say).
+    pub connects: Option<u64>,
 }
 
 /// The lease assumed for a holder from before central started, until it says hello.
@@ -100,6 +104,9 @@ pub enum AskError {
     NoAnswer { edge: String, why: String },
     #[error("edge '{0}' restarted while asked")]
     Restarted(String),
+    /// The request or its answer may be lost: asking again is safe.
+    #[error("the broker connection to edge '{edge}' broke while it was asked: {why}")]
+    Broken { edge: String, why: &'static str },
     #[error("the answer of edge '{edge}' was dropped: {why}")]
     Dropped { edge: String, why: Rejected },
 }
@@ -167,6 +174,7 @@ impl SyncCentral {
                         heard: self.started,
                         lease,
                         rival: None,
+                        connects: None,
                     },
                 );
             }
@@ -609,6 +617,7 @@ impl SyncCentral {
                     heard: Instant::now(),
                     lease: DEFAULT_LEASE,
                     rival: None,
+                    connects: None,
                 },
             );
         }
@@ -650,6 +659,8 @@ impl SyncCentral {
                     holder.heard = now;
                     holder.lease = lease;
                     holder.protocol = 2;
+                    // Hellos may be handled out of order: the count only grows.
+                    holder.connects = holder.connects.max(h.connects);
                     if h.leaving {
                         // Stopping: the ID is free at once.
                         holders.remove(edge);
@@ -683,6 +694,7 @@ impl SyncCentral {
                             heard: now,
                             lease,
                             rival: None,
+                            connects: h.connects,
                         },
                     );
                     Seen::Taken
@@ -873,12 +885,23 @@ impl SyncCentral {
 
     /// The session of the process holding an edge's ID, to address it.
     pub fn edge_session(&self, edge: &str) -> Result<u64, AskError> {
+        self.edge_link(edge).map(|(session, _)| session)
+    }
+
+    /// The session of the process holding an edge's ID and how many times it
+    /// had connected to the broker when last heard.
+    fn edge_link(&self, edge: &str) -> Result<(u64, Option<u64>), AskError> {
         self.holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(edge)
-            .map(|h| h.session)
+            .map(|h| (h.session, h.connects))
             .ok_or_else(|| AskError::NotConnected(edge.to_string()))
+    }
+
+    /// How many times this process has connected to the broker.
+    fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Relaxed)
     }
 
     /// Seals `msg` for the process holding `edge`'s ID and publishes it.
@@ -914,7 +937,8 @@ impl SyncCentral {
         msg: &T,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        let to = self.edge_session(edge)?;
+        let (to, edge_connects) = self.edge_link(edge)?;
+        let own_connects = self.connects();
         let payload = {
             let _order = self.send_lock.lock().await;
             self.session.seal(&self.sealer, kind, edge, to, msg)
@@ -923,12 +947,30 @@ impl SyncCentral {
             .payload(payload.into())
             .timeout(Some(timeout));
         let asked = self.client.send_request(subject, request);
-        let restarted = async {
+        // Core NATS keeps nothing across a broken connection: a request or
+        // answer in flight then is lost, and waiting out the timeout would
+        // hold up whatever asked (a resync holds the edge's op stream).
+        let broken = async {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                if self.edge_session(edge).ok() != Some(to) {
-                    return;
+                let (session, connects) = match self.edge_link(edge) {
+                    Ok(link) => link,
+                    Err(_) => return AskError::Restarted(edge.to_string()),
+                };
+                if session != to {
+                    return AskError::Restarted(edge.to_string());
                 }
+                let why = if self.connects() != own_connects {
+                    "central reconnected to the broker"
+                } else if matches!((edge_connects, connects), (Some(a), Some(b)) if a != b) {
+                    "the edge reconnected to the broker"
+                } else {
+                    continue;
+                };
+                return AskError::Broken {
+                    edge: edge.to_string(),
+                    why,
+                };
             }
         };
         let no_answer = |why: String| AskError::NoAnswer {
@@ -939,7 +981,7 @@ impl SyncCentral {
             a = tokio::time::timeout(timeout + Duration::from_secs(1), asked) => a
                 .map_err(|_| no_answer("not in time".into()))?
                 .map_err(|e| no_answer(e.to_string()))?,
-            () = restarted => return Err(AskError::Restarted(edge.to_string())),
+            e = broken => return Err(e),
         };
         let dropped = |why| AskError::Dropped {
             edge: edge.to_string(),

@@ -325,6 +325,7 @@ impl Hellos {
             lease_ms: Some(self.lease().as_millis() as u64),
             leaving,
             database: Some(self.database.clone()),
+            connects: Some(self.client.statistics().connects.load(Ordering::Relaxed)),
         }
     }
 

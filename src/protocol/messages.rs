@@ -189,6 +189,12 @@ pub struct Hello {
     /// last holder's is resynced before it applies ops.
     #[serde(default)]
     pub database: Option<String>,
+    /// How many times this process has connected to the broker (1 on its
+    /// first connection): a new count tells central that what it asked this
+    /// process meanwhile, or the answer, may be lost, so it asks again at
+    /// once instead of waiting out its timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connects: Option<u64>,
 }
 
 /// Central's answer to a hello (protocol 2): may this process apply ops under
@@ -342,7 +348,10 @@ mod tests {
     fn a_hello_of_the_previous_version_is_read_and_a_new_one_adds_only_optional_fields() {
         let old = r#"{"edge":"e1","cursor":7,"version":"0.1.0","error":null,"outcomes_through":7}"#;
         let h: Hello = serde_json::from_str(old).unwrap();
-        assert_eq!((h.cursor, h.initial_sync, h.boot), (7, false, None));
+        assert_eq!((h.cursor, h.initial_sync, h.connects), (7, false, None));
+        assert_eq!(h.boot, None);
+        // Unsaid, the broker connection count is not written either.
+        assert!(serde_json::to_value(&h).unwrap().get("connects").is_none());
         let new = serde_json::to_value(Hello {
             initial_sync: true,
             boot: Some("b".into()),

@@ -620,9 +620,14 @@ async fn one_fault(world: &mut World, rng: &mut Rng) {
 async fn run(nats_server: Option<std::path::PathBuf>) {
     let seed = crate::helpers::seed_from("SYNCGATE_FAULT_SEED");
     eprintln!("fault run seed: {seed} (replay with SYNCGATE_FAULT_SEED={seed})");
-    if std::env::var_os("SYNCGATE_FAULT_LOG").is_some() {
+    if let Ok(filter) = std::env::var("SYNCGATE_FAULT_LOG") {
+        // "1" (or empty) is every debug line; anything else is a filter.
+        let filter = match filter.as_str() {
+            "" | "1" => "syncgate=debug".to_string(),
+            f => f.to_string(),
+        };
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("syncgate=debug"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
             .with_test_writer()
             .try_init();
     }

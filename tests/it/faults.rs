@@ -4,6 +4,7 @@
 //! refuses new connections, or resets every open one.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ pub enum Fault {
     Slow(Duration),
     /// What the client sends is discarded; what the target sends flows.
     DropFromClient,
+    /// What the target sends is discarded (and counted, see
+    /// `FaultProxy::dropped`); what the client sends flows.
+    DropToClient,
     /// New connections are closed at once (open ones are not touched).
     Refuse,
 }
@@ -32,6 +36,8 @@ pub struct FaultProxy {
     fault: watch::Sender<Fault>,
     conns: Arc<Mutex<Vec<(AbortHandle, AbortHandle)>>>,
     accept: AbortHandle,
+    /// Bytes from the target discarded under `Fault::DropToClient`.
+    dropped: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
@@ -43,6 +49,8 @@ impl FaultProxy {
         let tracked = conns.clone();
         let target = Arc::new(Mutex::new(target));
         let current = target.clone();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counted = dropped.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
@@ -63,8 +71,8 @@ impl FaultProxy {
                 let _ = server.set_linger_zero();
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                let up = tokio::spawn(pump(cr, sw, rx.clone(), true));
-                let down = tokio::spawn(pump(sr, cw, rx.clone(), false));
+                let up = tokio::spawn(pump(cr, sw, rx.clone(), None));
+                let down = tokio::spawn(pump(sr, cw, rx.clone(), Some(counted.clone())));
                 let mut list = tracked.lock().unwrap();
                 list.retain(|(a, b)| !a.is_finished() || !b.is_finished());
                 list.push((up.abort_handle(), down.abort_handle()));
@@ -77,7 +85,13 @@ impl FaultProxy {
             fault,
             conns,
             accept,
+            dropped,
         }
+    }
+
+    /// How many bytes from the target were discarded so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     pub fn set(&self, fault: Fault) {
@@ -125,8 +139,10 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut fault: watch::Receiver<Fault>,
-    from_client: bool,
+    // Set on the target's side: where its discarded bytes are counted.
+    to_client: Option<Arc<AtomicU64>>,
 ) {
+    let from_client = to_client.is_none();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         // A stalled link reads nothing either.
@@ -142,6 +158,12 @@ async fn pump(
         let now = *fault.borrow();
         match now {
             Fault::DropFromClient if from_client => continue,
+            Fault::DropToClient => {
+                if let Some(count) = &to_client {
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                    continue;
+                }
+            }
             Fault::Slow(d) => tokio::time::sleep(d).await,
             Fault::Stall => {
                 while *fault.borrow() == Fault::Stall {

@@ -1875,3 +1875,72 @@ async fn resync_reading_central(env: &SyncEnv) -> tokio::sync::watch::Sender<boo
     .await;
     open
 }
+
+/// A step central asks an edge during a resync, or the edge's answer, lost to
+/// a broken broker connection (the edge's or central's own) is asked again
+/// once the connection is back, not waited out for the step's timeout (two
+/// minutes) while the edge, held, applies nothing.
+#[tokio::test]
+async fn a_resync_step_lost_to_a_broken_broker_connection_is_asked_again_at_once() {
+    use crate::faults::{Fault, FaultProxy};
+    use syncgate::broker::{Broker, BrokerConfig};
+    let broker = Broker::bind(BrokerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..BrokerConfig::default()
+    })
+    .await
+    .unwrap();
+    let at = broker.local_addr();
+    let broker = crate::sync::Running::spawn(|rx| {
+        broker.run(async {
+            let _ = rx.await;
+        })
+    });
+    let to_central = FaultProxy::start(at).await;
+    let to_edge = FaultProxy::start(at).await;
+    let mut env = sync_env(&[], Some(to_central.url("nats")), |c| {
+        c.sync.edges = vec!["e1".to_string()];
+    })
+    .await;
+    env.add_edge("e1", Some(to_edge.url("nats"))).await;
+    // The edge holds its ID and applies ops before anything is lost.
+    env.create("/v3/groups", "group", json!({"group": {"name": "g0"}}))
+        .await;
+    env.until_delivered(&["e1"], &["applied"]).await;
+    let central = &env.central_site;
+    made(&env, central, "/v3/groups", "group", json!({"name": "g1"})).await;
+
+    for (link, name) in [(&to_edge, "g2"), (&to_central, "g3")] {
+        // What reaches the process behind `link` is lost from now on.
+        link.set(Fault::DropToClient);
+        let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+        assert_eq!(status, 202, "{body}");
+        env.until("the resync asks the edge to hold its op stream", || async {
+            edge_row(&env, "e1").await["resync"]["phase"] == "holding the edge's op stream"
+        })
+        .await;
+        // Messages published after central's request (hellos and their
+        // answers, every 200 ms) are lost too: so was the request or its answer.
+        for _ in 0..2 {
+            let seen = link.dropped();
+            env.until("more of what the link carries is lost", || async {
+                link.dropped() > seen
+            })
+            .await;
+        }
+        made(&env, central, "/v3/groups", "group", json!({"name": name})).await;
+        link.set(Fault::Pass);
+        link.reset();
+        let row = resync_ended(&env, "e1").await;
+        assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+        assert!(
+            env.edges[0].site.id_of("group", name).is_some(),
+            "the resync asked again made what central holds: {row:#}"
+        );
+        let status = crate::sync::edge_status(&env.edges[0].admin).await;
+        assert_eq!(status["resync_hold"], false, "{status}");
+    }
+    env.assert_in_sync().await;
+    env.shutdown().await;
+    broker.kill().await;
+}

@@ -306,6 +306,7 @@ async fn an_edge_clock_far_off_is_taken_and_the_skew_is_named() {
         lease_ms: Some(1000),
         leaving: false,
         database: None,
+        connects: None,
     };
     // Unaddressed: central says which session to address (once its sync
     // listens: a central just started may not yet).
