@@ -113,6 +113,11 @@ pub struct Metrics {
     pub acks: Family<AckLabels, Counter>,
     pub control_rejected: Family<ReasonLabel, Counter>,
     pub last_seq: Gauge,
+    /// The oldest op kept (retention prunes below it).
+    pub first_seq: Gauge,
+    pub ops_pruned: Counter,
+    /// The op retention keeps the op log at: ops up to it may go now.
+    pub prunable_through: Gauge,
     pub open_intents: Gauge,
     /// 1 while this process holds the op log (on PostgreSQL, its lock).
     pub oplog_held: Gauge,
@@ -170,6 +175,9 @@ impl Metrics {
             acks: Family::default(),
             control_rejected: Family::default(),
             last_seq: Gauge::default(),
+            first_seq: Gauge::default(),
+            ops_pruned: Counter::default(),
+            prunable_through: Gauge::default(),
             oplog_held: Gauge::default(),
             leader: Gauge::default(),
             open_intents: Gauge::default(),
@@ -273,6 +281,21 @@ impl Metrics {
             format!("{p}_oplog_last_seq"),
             "Highest seq in the op log",
             m.last_seq.clone(),
+        );
+        r.register(
+            format!("{p}_oplog_first_seq"),
+            "Lowest seq kept in the op log (retention prunes older ops every edge has passed)",
+            m.first_seq.clone(),
+        );
+        r.register(
+            format!("{p}_oplog_pruned_ops"),
+            "Ops retention pruned from the op log",
+            m.ops_pruned.clone(),
+        );
+        r.register(
+            format!("{p}_oplog_prunable_through"),
+            "Highest seq retention may prune now (below the first seq kept: none; see syncgate audit edges for what holds older ops)",
+            m.prunable_through.clone(),
         );
         r.register(
             format!("{p}_oplog_held"),

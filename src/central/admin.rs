@@ -39,6 +39,9 @@ pub struct Admin {
     pub edge_offline_after: Duration,
     /// A delivery unanswered for longer is `timed_out`.
     pub ack_timeout: Duration,
+    /// Op-log retention's window and edge expiry (`--retention`, `--edge-expiry`).
+    pub retention: Option<Duration>,
+    pub edge_expiry: Option<Duration>,
     /// Set when a task of the gateway stopped: readiness fails from then on.
     pub failed: std::sync::Mutex<Option<String>>,
     /// Resyncs and drift audits, while this process does the leader's duties.
@@ -627,7 +630,38 @@ async fn list_edges(State(admin): State<Arc<Admin>>) -> Result<Json<Value>, ApiE
         .into_iter()
         .map(|e| edge_json(e, offline_ms))
         .collect();
-    Ok(Json(json!({"edges": edges})))
+    Ok(Json(json!({
+        "edges": edges,
+        "retention": retention_json(&admin).await?,
+    })))
+}
+
+/// What retention keeps and why (`null` for the window: every op is kept).
+async fn retention_json(admin: &Admin) -> Result<Value, ApiError> {
+    let Some(window) = admin.retention else {
+        let (first, last) =
+            tokio::try_join!(admin.store.first_seq(), admin.store.last_seq()).map_err(internal)?;
+        return Ok(json!({
+            "window_seconds": null,
+            "first_seq": first.unwrap_or(0),
+            "last_seq": last,
+        }));
+    };
+    let r = admin
+        .store
+        .retention(window, admin.edge_expiry)
+        .await
+        .map_err(internal)?;
+    Ok(json!({
+        "window_seconds": window.as_secs(),
+        "edge_expiry_seconds": admin.edge_expiry.map(|e| e.as_secs()),
+        "first_seq": r.first_seq,
+        "last_seq": r.last_seq,
+        "old_through": r.old_through,
+        "prunable_through": r.prunable_through,
+        "pinned_by": r.pinned_by,
+        "expired_edges": r.expired_edges,
+    }))
 }
 
 fn edge_json(e: crate::store::EdgeRow, offline_ms: i64) -> Value {

@@ -9,6 +9,7 @@ pub mod admin;
 mod plan;
 pub mod resolve;
 pub mod resync;
+pub mod retention;
 pub mod sync;
 
 use std::future::Future;
@@ -217,7 +218,20 @@ impl Kit {
             }
             .run(ended.clone()),
         );
-        let ran = together(vec![sync_task, resync_task, resolve_task], end, &mut stop).await;
+        let mut tasks = vec![sync_task, resync_task, resolve_task];
+        if let Some(window) = self.config.sync.retention {
+            let pruner = retention::Pruner {
+                store: store.clone(),
+                metrics: self.admin.metrics.clone(),
+                window,
+                edge_expiry: self.config.sync.edge_expiry,
+            };
+            tasks.push(Watched::spawn(
+                "op log retention",
+                pruner.run(ended.clone()),
+            ));
+        }
+        let ran = together(tasks, end, &mut stop).await;
         self.admin.set_leader(None);
         ran
     }
@@ -525,6 +539,8 @@ impl Central {
             sync: Default::default(),
             edge_offline_after: config.sync.edge_offline_after,
             ack_timeout: config.sync.ack_timeout,
+            retention: config.sync.retention,
+            edge_expiry: config.sync.edge_expiry,
             failed: Default::default(),
             resyncer: Default::default(),
             forwarder: reqwest::Client::builder()

@@ -88,7 +88,22 @@ pub struct Holder {
     /// How many times it had connected to the broker when last heard (see
     /// `Hello::connects`; none from an edge that does not say).
     pub connects: Option<u64>,
+    /// How many of central's requests it was handling when last heard.
+    pub asks_in_hand: Option<u32>,
 }
+
+/// What the last hello of an edge's holder said of its link.
+struct EdgeLink {
+    session: u64,
+    connects: Option<u64>,
+    in_hand: Option<u32>,
+    heard: Instant,
+}
+
+/// How long central waits for an answer after a broken broker connection,
+/// once the edge says it has no request in hand, before it takes the request
+/// or its answer as lost.
+const LOST_AFTER: Duration = Duration::from_secs(1);
 
 /// The lease assumed for a holder from before central started, until it says hello.
 const DEFAULT_LEASE: Duration = Duration::from_secs(30);
@@ -175,6 +190,7 @@ impl SyncCentral {
                         lease,
                         rival: None,
                         connects: None,
+                        asks_in_hand: None,
                     },
                 );
             }
@@ -618,6 +634,7 @@ impl SyncCentral {
                     lease: DEFAULT_LEASE,
                     rival: None,
                     connects: None,
+                    asks_in_hand: None,
                 },
             );
         }
@@ -661,6 +678,7 @@ impl SyncCentral {
                     holder.protocol = 2;
                     // Hellos may be handled out of order: the count only grows.
                     holder.connects = holder.connects.max(h.connects);
+                    holder.asks_in_hand = h.asks_in_hand;
                     if h.leaving {
                         // Stopping: the ID is free at once.
                         holders.remove(edge);
@@ -695,6 +713,7 @@ impl SyncCentral {
                             lease,
                             rival: None,
                             connects: h.connects,
+                            asks_in_hand: h.asks_in_hand,
                         },
                     );
                     Seen::Taken
@@ -885,17 +904,23 @@ impl SyncCentral {
 
     /// The session of the process holding an edge's ID, to address it.
     pub fn edge_session(&self, edge: &str) -> Result<u64, AskError> {
-        self.edge_link(edge).map(|(session, _)| session)
+        self.edge_link(edge).map(|l| l.session)
     }
 
-    /// The session of the process holding an edge's ID and how many times it
-    /// had connected to the broker when last heard.
-    fn edge_link(&self, edge: &str) -> Result<(u64, Option<u64>), AskError> {
+    /// What the last hello of the process holding an edge's ID said of its
+    /// link: its session, how many times it had connected to the broker, how
+    /// many requests it had in hand, and when it was heard.
+    fn edge_link(&self, edge: &str) -> Result<EdgeLink, AskError> {
         self.holders
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(edge)
-            .map(|h| (h.session, h.connects))
+            .map(|h| EdgeLink {
+                session: h.session,
+                connects: h.connects,
+                in_hand: h.asks_in_hand,
+                heard: h.heard,
+            })
             .ok_or_else(|| AskError::NotConnected(edge.to_string()))
     }
 
@@ -937,7 +962,8 @@ impl SyncCentral {
         msg: &T,
         timeout: Duration,
     ) -> Result<R, AskError> {
-        let (to, edge_connects) = self.edge_link(edge)?;
+        let first = self.edge_link(edge)?;
+        let to = first.session;
         let own_connects = self.connects();
         let payload = {
             let _order = self.send_lock.lock().await;
@@ -948,29 +974,54 @@ impl SyncCentral {
             .timeout(Some(timeout));
         let asked = self.client.send_request(subject, request);
         // Core NATS keeps nothing across a broken connection: a request or
-        // answer in flight then is lost, and waiting out the timeout would
-        // hold up whatever asked (a resync holds the edge's op stream).
+        // answer in flight then may be lost, and waiting out the timeout
+        // would hold up whatever asked (a resync holds the edge's op stream).
+        // Once either side reconnected, the edge's next hello says whether it
+        // still has a request in hand (its answer will come); with none in
+        // hand and no answer soon after, the request or the answer was lost.
         let broken = async {
+            // What broke, and which hellos speak of the edge after it.
+            let mut broke: Option<(&'static str, Option<Instant>)> = None;
+            let mut idle_since: Option<Instant> = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let (session, connects) = match self.edge_link(edge) {
-                    Ok(link) => link,
-                    Err(_) => return AskError::Restarted(edge.to_string()),
+                let Ok(now) = self.edge_link(edge) else {
+                    return AskError::Restarted(edge.to_string());
                 };
-                if session != to {
+                if now.session != to {
                     return AskError::Restarted(edge.to_string());
                 }
-                let why = if self.connects() != own_connects {
-                    "central reconnected to the broker"
-                } else if matches!((edge_connects, connects), (Some(a), Some(b)) if a != b) {
-                    "the edge reconnected to the broker"
-                } else {
+                if broke.is_none() {
+                    broke = if self.connects() != own_connects {
+                        // A hello heard before now may predate the reconnect.
+                        Some(("central reconnected to the broker", Some(Instant::now())))
+                    } else if matches!((first.connects, now.connects),
+                                       (Some(a), Some(b)) if a != b)
+                    {
+                        // The hello that says so was sent after it.
+                        Some(("the edge reconnected to the broker", None))
+                    } else {
+                        None
+                    };
+                }
+                let Some((why, after)) = broke else { continue };
+                let since_then = after.is_none_or(|at| now.heard >= at);
+                let idle = match now.in_hand {
+                    // An edge that does not say: taken as lost.
+                    None => true,
+                    Some(n) => since_then && n == 0,
+                };
+                if !idle {
+                    idle_since = None;
                     continue;
-                };
-                return AskError::Broken {
-                    edge: edge.to_string(),
-                    why,
-                };
+                }
+                // An answer sent just before that hello may still be on its way.
+                if idle_since.get_or_insert_with(Instant::now).elapsed() >= LOST_AFTER {
+                    return AskError::Broken {
+                        edge: edge.to_string(),
+                        why,
+                    };
+                }
             }
         };
         let no_answer = |why: String| AskError::NoAnswer {

@@ -666,6 +666,18 @@ pub struct CentralArgs {
     #[arg(long, env = "SYNCGATE_DRIFT_INTERVAL", default_value = "1h", value_parser = config::parse_interval)]
     pub drift_interval: Duration,
 
+    /// Ops older than this that every edge has acknowledged are pruned from
+    /// the op log in the background; an edge whose next op is gone is resynced
+    /// from central's state. 0 keeps every op for ever.
+    #[arg(long, env = "SYNCGATE_RETENTION", default_value = "30d", value_parser = config::parse_interval)]
+    pub retention: Duration,
+
+    /// An edge not heard from for this long no longer keeps ops in the op log
+    /// (one dead site cannot pin it for ever); it is resynced when it comes
+    /// back. 0 (the default): edges never expire.
+    #[arg(long, env = "SYNCGATE_EDGE_EXPIRY", default_value = "0", value_parser = config::parse_interval)]
+    pub edge_expiry: Duration,
+
     /// Take control messages of protocol 1 from edges of syncgate 0.1.0 (their
     /// replay protection rests on clocks) until each speaks protocol 2. Set it
     /// to false once every edge is upgraded.
@@ -917,6 +929,8 @@ impl CentralArgs {
                 allow_new_edges: self.allow_new_edges,
                 ack_timeout: self.ack_timeout,
                 drift_interval: (!self.drift_interval.is_zero()).then_some(self.drift_interval),
+                retention: (!self.retention.is_zero()).then_some(self.retention),
+                edge_expiry: (!self.edge_expiry.is_zero()).then_some(self.edge_expiry),
                 accept_protocol_1: self.accept_protocol_1,
                 ..SyncConfig::default()
             },

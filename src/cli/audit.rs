@@ -139,7 +139,7 @@ pub async fn run(req: &AuditRequest) -> (String, u8) {
         return (format!("{text}\n"), code);
     }
     let text = match &req.verb {
-        Verb::Edges => edges_table(&body),
+        Verb::Edges => edges_table(&body) + &retention_lines(&body["retention"]),
         Verb::Ops { .. } => ops_table(&body),
         Verb::OutOfSync { .. } => out_of_sync_table(&body),
         Verb::Op { .. } => op_view(&body),
@@ -415,6 +415,52 @@ fn edges_table(body: &Value) -> String {
     )
 }
 
+/// What the op log keeps, and what keeps ops older than the retention window.
+fn retention_lines(r: &Value) -> String {
+    if r.is_null() {
+        // A central of an earlier version says nothing of retention.
+        return String::new();
+    }
+    let (first, last) = (cell(&r["first_seq"]), cell(&r["last_seq"]));
+    let mut out = String::new();
+    let Some(window) = r["window_seconds"].as_u64() else {
+        let _ = writeln!(
+            out,
+            "\nop log: ops {first}..{last} kept; retention is off (--retention 0)"
+        );
+        return out;
+    };
+    let window = humantime::format_duration(std::time::Duration::from_secs(window));
+    let _ = writeln!(
+        out,
+        "\nop log: ops {first}..{last} kept; retention {window} prunes ops through {} now",
+        cell(&r["prunable_through"])
+    );
+    let pins = r["pinned_by"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    if !pins.is_empty() {
+        let _ = writeln!(out, "kept longer than {window} because:");
+        for p in pins {
+            let who = p["edge"].as_str().unwrap_or("every edge");
+            let _ = writeln!(out, "  {who}: {}", cell(&p["why"]));
+        }
+    }
+    let expired: Vec<String> = r["expired_edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(cell)
+        .collect();
+    if !expired.is_empty() {
+        let _ = writeln!(
+            out,
+            "expired (not heard from for --edge-expiry; they keep no op and are resynced when \
+             they return): {}",
+            expired.join(", ")
+        );
+    }
+    out
+}
+
 fn ops_table(body: &Value) -> String {
     let rows: Vec<Vec<String>> = body["ops"]
         .as_array()
@@ -514,6 +560,34 @@ fn op_view(op: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_edges_view_says_what_keeps_old_ops_and_which_edges_expired() {
+        let r = json!({
+            "window_seconds": 2_592_000, "first_seq": 40, "last_seq": 900,
+            "old_through": 700, "prunable_through": 56,
+            "pinned_by": [
+                {"edge": "site3", "through": 56, "why": "acknowledged ops through 56 only"},
+                {"edge": null, "through": 80, "why": "op 81's outcome at central is still being resolved"}
+            ],
+            "expired_edges": ["site9"]
+        });
+        let text = retention_lines(&r);
+        assert!(
+            text.contains("ops 40..900 kept; retention 30days prunes ops through 56 now"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  site3: acknowledged ops through 56 only"),
+            "{text}"
+        );
+        assert!(text.contains("  every edge: op 81's outcome"), "{text}");
+        assert!(text.contains("resynced when they return): site9"), "{text}");
+        let off = retention_lines(&json!({"window_seconds": null, "first_seq": 1, "last_seq": 9}));
+        assert!(off.contains("ops 1..9 kept; retention is off"), "{off}");
+        // A central of an earlier version says nothing of retention.
+        assert_eq!(retention_lines(&Value::Null), "");
+    }
 
     #[test]
     fn tables_align_and_out_of_sync_sets_the_exit_code() {

@@ -326,6 +326,7 @@ impl Hellos {
             leaving,
             database: Some(self.database.clone()),
             connects: Some(self.client.statistics().connects.load(Ordering::Relaxed)),
+            asks_in_hand: Some(self.status.asks_in_hand.load(Ordering::Relaxed)),
         }
     }
 

@@ -325,6 +325,7 @@ impl Edge {
                 }
                 msg = resyncs.next() => {
                     let Some(msg) = msg else { break };
+                    let _hand = runner.status.in_hand();
                     match runner.resync_step(msg).await {
                         Ok(resume) => need_replay |= resume,
                         Err(Stuck::Stopping) => break,
@@ -414,6 +415,7 @@ async fn answer_outcomes(
 ) {
     while let Some(msg) = requests.next().await {
         let Some(reply) = msg.reply else { continue };
+        let _hand = status.in_hand();
         let req = match link.open::<OutcomesRequest>(OUTCOMES_REQUEST, &msg.payload) {
             Ok(req) => req,
             Err(why) => {

@@ -50,6 +50,7 @@ impl StateServer {
             let Some(reply) = msg.reply.clone() else {
                 continue;
             };
+            let _hand = self.status.in_hand();
             let req = match self.link.open::<StateRequest>(STATE_REQUEST, &msg.payload) {
                 Ok(r) => r,
                 Err(why) => {
@@ -265,6 +266,12 @@ impl Runner {
             answer.error = Some("this process does not hold the edge's ID right now".into());
         }
         let mut resume = false;
+        if matches!(step, ResyncStep::Release) {
+            // Letting the op stream go is safe whatever else holds: a release
+            // refused would leave the edge held, applying nothing, until its
+            // hold lapses.
+            answer.error = None;
+        }
         if answer.error.is_none() {
             match step {
                 ResyncStep::Hold { hold_ms } => {

@@ -1,7 +1,7 @@
 //! What the edge shows of itself: on its admin listener, in its metrics, and
 //! in the hellos it sends central.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// What the edge shows on its admin listener.
@@ -13,6 +13,10 @@ pub struct Status {
     pub halted: AtomicBool,
     /// A resync from central holds the op stream.
     pub resync_hold: AtomicBool,
+    /// Requests of central (resync steps, state reads, outcome requests)
+    /// being handled now: said in hellos, so that central, after a broken
+    /// broker connection, can tell a lost request from one still in hand.
+    pub asks_in_hand: AtomicU32,
     pub applied: AtomicU64,
     pub failed: AtomicU64,
     pub retries: AtomicU64,
@@ -31,7 +35,22 @@ pub struct Status {
     waiting: Mutex<Option<String>>,
 }
 
+/// Counts a request of central as in hand while it lives.
+pub struct InHand<'a>(&'a Status);
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.0.asks_in_hand.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Status {
+    /// A request of central is in hand until the guard drops.
+    pub(super) fn in_hand(&self) -> InHand<'_> {
+        self.asks_in_hand.fetch_add(1, Ordering::Relaxed);
+        InHand(self)
+    }
+
     pub(super) fn set_error(&self, e: Option<String>) {
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     }

@@ -195,6 +195,12 @@ pub struct Hello {
     /// once instead of waiting out its timeout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connects: Option<u64>,
+    /// How many of central's requests (resync steps, state reads, outcome
+    /// requests) the edge is handling now: after a broken connection, one in
+    /// hand is still answered; none in hand means the request or its answer
+    /// was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asks_in_hand: Option<u32>,
 }
 
 /// Central's answer to a hello (protocol 2): may this process apply ops under

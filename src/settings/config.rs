@@ -123,6 +123,12 @@ pub struct SyncConfig {
     pub edge_offline_after: Duration,
     /// How often each edge's identity state is compared with central's (`None`: never).
     pub drift_interval: Option<Duration>,
+    /// Ops older than this that every edge has passed are pruned from the op
+    /// log (`None`: kept for ever).
+    pub retention: Option<Duration>,
+    /// An edge not heard from for this long keeps no op in the op log; it is
+    /// resynced when it comes back (`None`: edges never expire).
+    pub edge_expiry: Option<Duration>,
     /// Take control messages of protocol 1 (edges of syncgate 0.1.0, whose
     /// replay protection rests on clocks) from edges not yet upgraded.
     pub accept_protocol_1: bool,
@@ -138,6 +144,8 @@ impl Default for SyncConfig {
             ack_timeout: Duration::from_secs(30),
             edge_offline_after: Duration::from_secs(30),
             drift_interval: Some(Duration::from_secs(3600)),
+            retention: Some(Duration::from_secs(30 * 86_400)),
+            edge_expiry: None,
             accept_protocol_1: true,
         }
     }

@@ -24,7 +24,7 @@ use super::{Store, StoreError};
 
 /// The tables copied, parents before children, each with the order its rows
 /// are read in.
-const TABLES: [(&str, &str); 12] = [
+const TABLES: [(&str, &str); 13] = [
     ("ops", "seq"),
     ("op_keys", "seq, key"),
     ("intents", "created_at, op_id"),
@@ -37,6 +37,7 @@ const TABLES: [(&str, &str); 12] = [
     ("drift", "edge, kind, key"),
     ("needs_password", "edge, user_id"),
     ("resync_users", "edge, user_id"),
+    ("tombstones", "seq"),
 ];
 
 /// Tables whose rows mean the target holds an op log already.

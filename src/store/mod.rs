@@ -26,6 +26,7 @@ pub mod edge;
 mod engine;
 mod replicas;
 mod resync;
+mod retention;
 mod sync;
 pub use copy::CopyReport;
 pub use dialect::Dialect;
@@ -35,6 +36,7 @@ pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,
 };
+pub use retention::{Pin, Retention};
 pub use sync::{DeliveryCounts, DeliveryRow, EdgeRow, EdgeSession, OutOfSyncRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -923,10 +925,14 @@ impl Store {
         through: i64,
         limit: i64,
     ) -> Result<Vec<(i64, String, String)>, StoreError> {
+        // Deletes retention pruned left their tombstones.
         Ok(sqlx::query_as(&self.d.sql(
-            "SELECT seq, path, refs FROM ops
-             WHERE method = 'DELETE' AND state = 'committed' AND seq > ? AND seq <= ?
-             ORDER BY seq LIMIT ?",
+            "SELECT * FROM (
+                 SELECT seq, path, refs FROM tombstones WHERE seq > ?1 AND seq <= ?2
+                 UNION ALL
+                 SELECT seq, path, refs FROM ops
+                 WHERE method = 'DELETE' AND state = 'committed' AND seq > ?1 AND seq <= ?2
+             ) AS deletes ORDER BY seq LIMIT ?3",
         ))
         .bind(after)
         .bind(through)

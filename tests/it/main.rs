@@ -21,6 +21,7 @@ mod postgres;
 mod proxy;
 mod repair_run;
 mod resync;
+mod retention;
 mod sessions;
 mod sync;
 mod traces;

@@ -307,6 +307,7 @@ async fn an_edge_clock_far_off_is_taken_and_the_skew_is_named() {
         leaving: false,
         database: None,
         connects: None,
+        asks_in_hand: None,
     };
     // Unaddressed: central says which session to address (once its sync
     // listens: a central just started may not yet).

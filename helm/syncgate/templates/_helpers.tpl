@@ -86,6 +86,8 @@ then `config` over it.
 {{- $_ := set $s "allow_new_edges" $v.central.allowNewEdges }}
 {{- $_ := set $s "ack_timeout" $v.central.ackTimeout }}
 {{- $_ := set $s "drift_interval" (toString $v.central.driftInterval) }}
+{{- $_ := set $s "retention" (toString $v.central.retention) }}
+{{- $_ := set $s "edge_expiry" (toString $v.central.edgeExpiry) }}
 {{- if $v.central.externalBroker }}
 {{- $_ := set $s "broker" $v.central.externalBroker }}
 {{- else }}

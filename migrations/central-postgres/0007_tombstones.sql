@@ -1,0 +1,13 @@
+-- What deletes removed, kept when retention prunes the delete ops: a resync
+-- of an edge whose next op is gone (offline longer than retention, or on a
+-- lost volume) still deletes at the edge what central deleted meanwhile,
+-- instead of keeping it as if the edge had made it. One small row per delete
+-- (its path and the keys of what it removed), kept for good. Written by the
+-- leader alone (it prunes), fenced like its other tables.
+CREATE TABLE tombstones (
+    seq   BIGINT PRIMARY KEY,
+    path  TEXT NOT NULL,
+    refs  TEXT NOT NULL
+);
+CREATE TRIGGER fenced BEFORE INSERT OR UPDATE OR DELETE ON tombstones
+    FOR EACH STATEMENT EXECUTE FUNCTION sg_fence();
