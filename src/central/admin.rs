@@ -515,16 +515,25 @@ async fn list_ops(
     Ok(Json(json!({"ops": ops, "next": next})))
 }
 
+/// Why there is no op `seq`: pruned by retention (below the first op kept),
+/// or never logged.
+async fn no_op(admin: &Admin, seq: i64) -> ApiError {
+    let why = match admin.store.first_seq().await {
+        Ok(Some(first)) if seq < first && seq > 0 => format!(
+            "op {seq} was pruned by op-log retention (--retention): the op log starts at {first}"
+        ),
+        _ => format!("no op with seq {seq}"),
+    };
+    ApiError(StatusCode::NOT_FOUND, why)
+}
+
 async fn get_op(
     State(admin): State<Arc<Admin>>,
     Path(seq): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let seq = parse_seq(&seq)?;
     let Some(op) = admin.store.get_op(seq).await.map_err(internal)? else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no op with seq {seq}"),
-        ));
+        return Err(no_op(&admin, seq).await);
     };
     let mut body = op_json(&op);
     let deliveries = admin
@@ -577,10 +586,7 @@ async fn retry_op(
     let edge = only_params(&params, &["edge"])?
         .ok_or_else(|| bad_request("'edge' is required: which edge re-applies the op"))?;
     let Some(op) = admin.store.get_op(seq).await.map_err(internal)? else {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no op with seq {seq}"),
-        ));
+        return Err(no_op(&admin, seq).await);
     };
     let Some(sync) = admin.sync() else {
         return Err(ApiError(
@@ -661,6 +667,7 @@ async fn retention_json(admin: &Admin) -> Result<Value, ApiError> {
         "prunable_through": r.prunable_through,
         "pinned_by": r.pinned_by,
         "expired_edges": r.expired_edges,
+        "unseen_edges": r.unseen_edges,
     }))
 }
 

@@ -119,6 +119,26 @@ impl Resolver {
             ));
         };
         let path = op.path.split('?').next().unwrap_or(&op.path);
+        // What an earlier op deleted is gone whether or not this delete ran:
+        // the Keystone it reached answered 404, so it did nothing.
+        if op.method == "DELETE" {
+            if let Some(before) = self
+                .store
+                .deleted_before(&op.path, op.seq)
+                .await
+                .map_err(|e| format!("op {}: {e}", op.seq))?
+            {
+                return Ok(Checked {
+                    resolution: Resolution::NotApplied {
+                        detail: format!(
+                            "outcome resolved at central: what it deletes was deleted by op \
+                             {before} before it"
+                        ),
+                    },
+                    settled: true,
+                });
+            }
+        }
         let Classification::Replicable(route) = classify(&op.method, path) else {
             return Ok(unresolvable("not a route this version replicates"));
         };

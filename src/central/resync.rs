@@ -817,17 +817,33 @@ impl Resyncer {
         fence: i64,
     ) -> Result<HashMap<String, String>, Failure> {
         let op_log = |e: crate::store::StoreError| Failure::Fatal(format!("op log: {e}"));
-        let ops = self
-            .ops_between(0, fence, Some(USER.name))
-            .await
-            .map_err(op_log)?;
+        // Those retention pruned first (each user's latest), then the op log's.
+        let mut ops = self.store.kept_passwords().await.map_err(op_log)?;
+        ops.extend(
+            self.ops_between(0, fence, Some(USER.name))
+                .await
+                .map_err(op_log)?,
+        );
         // Each user's latest password op.
         let mut latest: HashMap<String, (i64, String)> = HashMap::new();
-        for op in ops.iter().filter(|o| o.state == "committed") {
+        for op in ops
+            .iter()
+            .filter(|o| o.state == "committed" && o.seq <= fence)
+        {
             if let Some((user, password)) = password_of(op) {
                 latest.insert(user, (op.seq, password));
             }
         }
+        // A pruned op landed where the edge acknowledged past it (what failed
+        // is never pruned, and an edge that lost what it had not acknowledged
+        // to pruning acknowledged no further).
+        let first = self.store.first_seq().await.map_err(op_log)?.unwrap_or(0);
+        let acked = self
+            .store
+            .edge_position(edge)
+            .await
+            .map_err(op_log)?
+            .map_or(0, |(acked, _)| acked);
         let mut found = HashMap::new();
         for (user, (seq, password)) in latest {
             if created.contains(user.as_str()) {
@@ -837,13 +853,16 @@ impl Resyncer {
             if !central.contains(user.as_str()) {
                 continue;
             }
-            let landed = self
-                .store
-                .deliveries(seq, Duration::from_secs(3600))
-                .await
-                .map_err(op_log)?
-                .iter()
-                .any(|d| d.edge == edge && matches!(d.state.as_str(), "applied" | "adopted"));
+            let landed = if seq < first {
+                seq <= acked
+            } else {
+                self.store
+                    .deliveries(seq, Duration::from_secs(3600))
+                    .await
+                    .map_err(op_log)?
+                    .iter()
+                    .any(|d| d.edge == edge && matches!(d.state.as_str(), "applied" | "adopted"))
+            };
             if !landed {
                 found.insert(user, password);
             }
@@ -1223,7 +1242,7 @@ fn password_set_for(op: &crate::store::OpRow) -> Option<String> {
 }
 
 /// The user an op gives a password, and the password.
-fn password_of(op: &crate::store::OpRow) -> Option<(String, String)> {
+pub(super) fn password_of(op: &crate::store::OpRow) -> Option<(String, String)> {
     let path = op.path.split('?').next().unwrap_or("");
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let body: Value = op

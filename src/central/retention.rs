@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::resync::password_of;
+use crate::keystone::kinds::USER;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -27,6 +29,40 @@ pub struct Pruner {
 }
 
 impl Pruner {
+    /// Prunes one batch of the oldest ops retention lets go, keeping aside
+    /// each user's latest password among them (a resync sets it at an edge
+    /// that missed it).
+    async fn batch(&self) -> Result<i64, crate::store::StoreError> {
+        let r = self.store.retention(self.window, self.edge_expiry).await?;
+        let upto = r.prunable_through.min(r.first_seq + BATCH - 1);
+        if upto < r.first_seq {
+            return Ok(0);
+        }
+        let users = self
+            .store
+            .list_ops(&crate::store::OpFilter {
+                after: r.first_seq - 1,
+                limit: BATCH,
+                kind: Some(USER.name.to_string()),
+                state: None,
+                through: Some(upto),
+            })
+            .await?;
+        let passwords: Vec<(String, i64)> = users
+            .iter()
+            .filter(|o| o.state == "committed")
+            .filter_map(|o| password_of(o).map(|(user, _)| (user, o.seq)))
+            .collect();
+        self.store
+            .prune(
+                self.window,
+                self.edge_expiry,
+                upto - r.first_seq + 1,
+                &passwords,
+            )
+            .await
+    }
+
     /// How often a round runs: a tenth of the window, at most a minute.
     fn every(&self) -> Duration {
         (self.window / 10).clamp(Duration::from_millis(100), EVERY)
@@ -43,7 +79,7 @@ impl Pruner {
             }
             let mut round = 0;
             loop {
-                match self.store.prune(self.window, self.edge_expiry, BATCH).await {
+                match self.batch().await {
                     Ok(0) => break,
                     Ok(n) => {
                         round += n;

@@ -669,13 +669,13 @@ pub struct CentralArgs {
     /// Ops older than this that every edge has acknowledged are pruned from
     /// the op log in the background; an edge whose next op is gone is resynced
     /// from central's state. 0 keeps every op for ever.
-    #[arg(long, env = "SYNCGATE_RETENTION", default_value = "30d", value_parser = config::parse_interval)]
+    #[arg(long, env = "SYNCGATE_RETENTION", default_value = "30d", value_parser = config::parse_retention)]
     pub retention: Duration,
 
     /// An edge not heard from for this long no longer keeps ops in the op log
     /// (one dead site cannot pin it for ever); it is resynced when it comes
     /// back. 0 (the default): edges never expire.
-    #[arg(long, env = "SYNCGATE_EDGE_EXPIRY", default_value = "0", value_parser = config::parse_interval)]
+    #[arg(long, env = "SYNCGATE_EDGE_EXPIRY", default_value = "0", value_parser = config::parse_retention)]
     pub edge_expiry: Duration,
 
     /// Take control messages of protocol 1 from edges of syncgate 0.1.0 (their

@@ -458,6 +458,20 @@ fn retention_lines(r: &Value) -> String {
             expired.join(", ")
         );
     }
+    let unseen: Vec<String> = r["unseen_edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(cell)
+        .collect();
+    if !unseen.is_empty() {
+        let _ = writeln!(
+            out,
+            "never heard from (they keep no op; one that joins after its first op is gone is \
+             resynced): {}",
+            unseen.join(", ")
+        );
+    }
     out
 }
 
@@ -570,7 +584,8 @@ mod tests {
                 {"edge": "site3", "through": 56, "why": "acknowledged ops through 56 only"},
                 {"edge": null, "through": 80, "why": "op 81's outcome at central is still being resolved"}
             ],
-            "expired_edges": ["site9"]
+            "expired_edges": ["site9"],
+            "unseen_edges": ["site10"]
         });
         let text = retention_lines(&r);
         assert!(
@@ -583,6 +598,7 @@ mod tests {
         );
         assert!(text.contains("  every edge: op 81's outcome"), "{text}");
         assert!(text.contains("resynced when they return): site9"), "{text}");
+        assert!(text.contains("is resynced): site10"), "{text}");
         let off = retention_lines(&json!({"window_seconds": null, "first_seq": 1, "last_seq": 9}));
         assert!(off.contains("ops 1..9 kept; retention is off"), "{off}");
         // A central of an earlier version says nothing of retention.

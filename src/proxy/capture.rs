@@ -213,7 +213,9 @@ async fn captured_section(
     let resp = match proxy.send(upstream_req, true).await {
         Ok(resp) => resp,
         Err(SendError::Unreachable) => {
-            drop_intent(proxy, op_id).await;
+            if !drop_intent(&owner, op_id).await {
+                std::mem::forget(_in_flight);
+            }
             return Err(proxy.send_error(SendError::Unreachable, None));
         }
         Err(e) => {
@@ -247,7 +249,9 @@ async fn captured_section(
             return Err(in_doubt_error(proxy, SendError::Broken, seq));
         }
         _ => {
-            drop_intent(proxy, op_id).await;
+            if !drop_intent(&owner, op_id).await {
+                std::mem::forget(_in_flight);
+            }
             return Err(proxy.send_error(SendError::Broken, None));
         }
     };
@@ -315,7 +319,9 @@ async fn captured_section(
         }
     } else {
         inc(&proxy.metrics.writes_not_applied);
-        drop_intent(proxy, op_id).await;
+        if !drop_intent(&owner, op_id).await {
+            std::mem::forget(_in_flight);
+        }
     }
 
     let body = match proxy.rewriter_for(&upstream_headers) {
@@ -437,12 +443,45 @@ fn timed_out(mut e: &(dyn std::error::Error + 'static)) -> bool {
     }
 }
 
-/// Drops an intent whose write did not happen. A failure here leaves the intent
-/// open, to be reported as unknown outcome at the next start: noisy, never lossy.
-async fn drop_intent(proxy: &Proxy, op_id: Uuid) {
-    if let Err(e) = proxy.store.drop_intent(op_id).await {
-        warn!(error = %e, %op_id, "could not drop an intent; it will show as unknown outcome");
+/// Drops an intent whose write did not happen; false when the op log could
+/// not yet. Then a task drops it once the op log takes writes, keeping it
+/// running meanwhile: the sweeper never logs it with an unknown outcome (the
+/// resolver could find such a write "applied" where what it would have done
+/// is there anyway, an op for a write Keystone refused).
+async fn drop_intent(owner: &Arc<Proxy>, op_id: Uuid) -> bool {
+    let Err(e) = owner.store.drop_intent(op_id).await else {
+        return true;
+    };
+    warn!(error = %e, %op_id, "could not drop the intent of a write that did not happen; dropped once the op log takes writes");
+    owner
+        .undone
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(op_id);
+    owner
+        .spawner
+        .spawn(drop_when_possible(owner.clone(), op_id).in_current_span());
+    false
+}
+
+async fn drop_when_possible(proxy: Arc<Proxy>, op_id: Uuid) {
+    let _running = InFlight(&proxy, op_id);
+    let mut delays = crate::retry::delays(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(2),
+    );
+    loop {
+        tokio::time::sleep(delays.next().unwrap_or(std::time::Duration::from_secs(2))).await;
+        match proxy.store.drop_intent(op_id).await {
+            Ok(()) => break,
+            Err(e) => debug!(error = %e, %op_id, "the op log still cannot drop an intent"),
+        }
     }
+    proxy
+        .undone
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&op_id);
 }
 
 /// The client's error for a write that may have been applied: naming its op

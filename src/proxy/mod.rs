@@ -95,6 +95,10 @@ pub struct Proxy {
     /// Writes Keystone applied whose op the op log has not taken yet (their
     /// client was answered): being logged again, in the background.
     unlogged: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
+    /// Intents of writes known not to have happened (Keystone refused them,
+    /// or was not reached) that the op log could not drop yet: dropped in the
+    /// background, never logged with an unknown outcome.
+    pub(super) undone: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
     /// Signalled when the last running capture ends.
     captures_done: Notify,
     /// IDs the central Keystone did not know when asked: not asked again for
@@ -209,6 +213,7 @@ impl Proxy {
             stale_after: config.stale_intent_after,
             in_flight: Default::default(),
             unlogged: Default::default(),
+            undone: Default::default(),
             captures_done: Notify::new(),
             unknown_ids: Default::default(),
             spawner,
@@ -457,7 +462,25 @@ impl Proxy {
     /// At the end of the shutdown grace period: the intents of captures still
     /// running are logged as `unknown_outcome` ops, so none is left open.
     pub async fn abandon_running_captures(&self) -> anyhow::Result<Vec<i64>> {
-        let running: Vec<uuid::Uuid> = self.running().into_iter().collect();
+        // Writes known not to have happened are dropped, not logged (if the
+        // op log still cannot, they stay open, as a crash would leave them).
+        let undone: Vec<uuid::Uuid> = self
+            .undone
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for op_id in &undone {
+            if let Err(e) = self.store.drop_intent(*op_id).await {
+                tracing::warn!(error = %e, %op_id, "an intent of a write that did not happen stays open");
+            }
+        }
+        let running: Vec<uuid::Uuid> = self
+            .running()
+            .into_iter()
+            .filter(|id| !undone.contains(id))
+            .collect();
         Ok(self
             .store
             .log_unknown(&running, "the gateway stopped before the upstream answered")

@@ -428,6 +428,19 @@ pub fn parse_interval(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
+/// `--retention` and `--edge-expiry`: 0 (off) or an hour or more. Shorter
+/// would prune what central may still need (a write in doubt settles, an ack
+/// times out, an edge restarts) or forget an edge over a network blip.
+pub fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = parse_interval(s)?;
+    if !d.is_zero() && d < Duration::from_secs(3600) {
+        return Err(format!(
+            "'{s}' is too short: give 0 (off) or at least 1h (such as 30d)"
+        ));
+    }
+    Ok(d)
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s)
         .map_err(|e| format!("'{s}' is not a duration such as 30s or 500ms ({e})"))?;
@@ -494,6 +507,15 @@ mod tests {
         assert!(s.matches(b"hunter2"));
         assert!(!s.matches(b"hunter3"));
         assert!(!s.matches(b"hunter"));
+    }
+
+    #[test]
+    fn retention_is_off_or_an_hour_or_more() {
+        assert_eq!(parse_retention("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_retention("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_retention("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_retention("5m").unwrap_err().contains("at least 1h"));
+        assert!(parse_retention("soon").is_err());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use super::{Store, StoreError};
 
 /// The tables copied, parents before children, each with the order its rows
 /// are read in.
-const TABLES: [(&str, &str); 13] = [
+const TABLES: [(&str, &str); 15] = [
     ("ops", "seq"),
     ("op_keys", "seq, key"),
     ("intents", "created_at, op_id"),
@@ -38,6 +38,8 @@ const TABLES: [(&str, &str); 13] = [
     ("needs_password", "edge, user_id"),
     ("resync_users", "edge, user_id"),
     ("tombstones", "seq"),
+    ("kept_passwords", "user_id"),
+    ("pruned_keys", "key"),
 ];
 
 /// Tables whose rows mean the target holds an op log already.

@@ -433,7 +433,7 @@ impl Store {
         };
         let current = format!("{SEALED}{}/{kid}:%", crate::protocol::crypto::ENC_AES);
         let mut total = 0usize;
-        for table in ["ops", "intents"] {
+        for table in ["ops", "intents", "kept_passwords"] {
             loop {
                 let rows: Vec<(String, String)> = sqlx::query_as(&self.d.sql(&format!(
                     "SELECT op_id, body FROM {table} WHERE body IS NOT NULL AND body NOT LIKE ? LIMIT 500"
@@ -905,16 +905,35 @@ impl Store {
     }
 
     /// Whether an op of the log other than `seq` created or changed the entity
-    /// with this ID (the op's keys, indexed).
+    /// with this ID (the op's keys, indexed), or one retention pruned did.
     pub async fn touched_by_another_op(&self, id: &str, seq: i64) -> Result<bool, StoreError> {
         Ok(sqlx::query_scalar::<_, i64>(&self.d.sql(
-            "SELECT CASE WHEN EXISTS (SELECT 1 FROM op_keys WHERE key = ? AND seq != ?) THEN 1 ELSE 0 END",
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM op_keys WHERE key = ?1 AND seq != ?2)
+                           OR EXISTS (SELECT 1 FROM pruned_keys WHERE key = ?1)
+                         THEN 1 ELSE 0 END",
         ))
         .bind(id)
         .bind(seq)
         .fetch_one(&self.reader)
         .await?
             != 0)
+    }
+
+    /// The op before `seq` that deleted what `path` names, when the last
+    /// committed op on that path before `seq` is a delete (nothing made it
+    /// again since). Ops retention pruned are not looked at: what they did
+    /// may have been undone by another pruned op.
+    pub async fn deleted_before(&self, path: &str, seq: i64) -> Result<Option<i64>, StoreError> {
+        let last: Option<(i64, String)> = sqlx::query_as(&self.d.sql(
+            "SELECT seq, method FROM ops
+             WHERE path = ? AND seq < ? AND state = 'committed'
+             ORDER BY seq DESC LIMIT 1",
+        ))
+        .bind(path)
+        .bind(seq)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(last.and_then(|(before, method)| (method == "DELETE").then_some(before)))
     }
 
     /// The deletes central logged up to `through` (committed), with the

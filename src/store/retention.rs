@@ -34,6 +34,13 @@ pub struct Retention {
     /// Edges not heard from for longer than the edge expiry: they pin
     /// nothing, and are resynced when they come back.
     pub expired_edges: Vec<String>,
+    /// Declared edges never heard from: they pin nothing either (one that
+    /// joins after its first op is gone is resynced).
+    pub unseen_edges: Vec<String>,
+    /// How far each expired edge would have pinned: pruning past it marks
+    /// the edge for a resync (what it missed, or failed, is gone).
+    #[serde(skip)]
+    expired_through: Vec<(String, i64)>,
 }
 
 /// One thing that keeps old ops in the op log.
@@ -57,6 +64,19 @@ impl Retention {
 }
 
 impl Store {
+    /// The ops retention pruned that were each user's latest password
+    /// (bodies opened), oldest first.
+    pub async fn kept_passwords(&self) -> Result<Vec<super::OpRow>, StoreError> {
+        let rows: Vec<super::OpRow> = sqlx::query_as(
+            "SELECT seq, op_id, state, method, path, class, kind, created_ids, body,
+                    upstream_status, request_id, detail, refs, created_at, logged_at
+             FROM kept_passwords ORDER BY seq",
+        )
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(|r| self.open_row(r)).collect()
+    }
+
     /// What retention with `window` (and `edge_expiry`) may prune now.
     pub async fn retention(
         &self,
@@ -69,13 +89,16 @@ impl Store {
 
     /// Prunes at most `batch` of the oldest ops that retention with `window`
     /// lets go, with their entity keys and delivery records, in one
-    /// transaction (a capture waits for one batch at most). Answers how many
+    /// transaction (a capture waits for one batch at most). `passwords` are
+    /// the ops among them that gave a user a password, by user: each is kept
+    /// aside as that user's latest (see `kept_passwords`). Answers how many
     /// ops went.
     pub async fn prune(
         &self,
         window: Duration,
         edge_expiry: Option<Duration>,
         batch: i64,
+        passwords: &[(String, i64)],
     ) -> Result<i64, StoreError> {
         let mut tx = self.writer.begin().await?;
         let r = retention_on(&mut tx, self.d, window, edge_expiry).await?;
@@ -83,11 +106,69 @@ impl Store {
         if upto < r.first_seq {
             return Ok(0);
         }
+        // An expired edge loses what it has not acknowledged, or what failed
+        // there, with these ops: it is resynced when it comes back.
+        for (edge, through) in r.expired_through.iter().filter(|(_, t)| *t < upto) {
+            let why = format!(
+                "ops up to {upto} were pruned while this edge was expired (not heard from for \
+                 --edge-expiry); it had acknowledged or applied only through {through}: it is \
+                 resynced from central's state"
+            );
+            // Its watermark comes down to what is known to have landed there:
+            // a resync then sets what it missed (a password among it).
+            sqlx::query(&self.d.sql(
+                "UPDATE edges SET needs_resync = COALESCE(needs_resync, ?),
+                                  acked_seq = LEAST(acked_seq, ?)
+                 WHERE id = ?",
+            ))
+            .bind(why)
+            .bind(*through)
+            .bind(edge)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for (user, seq) in passwords
+            .iter()
+            .filter(|(_, s)| (r.first_seq..=upto).contains(s))
+        {
+            sqlx::query(&self.d.sql(
+                "INSERT INTO kept_passwords (user_id, seq, op_id, state, method, path, class, kind,
+                                             created_ids, body, upstream_status, request_id,
+                                             detail, refs, created_at, logged_at)
+                 SELECT ?, seq, op_id, state, method, path, class, kind, created_ids, body,
+                        upstream_status, request_id, detail, refs, created_at, logged_at
+                 FROM ops WHERE seq = ?
+                 ON CONFLICT (user_id) DO UPDATE SET
+                     seq = excluded.seq, op_id = excluded.op_id, state = excluded.state,
+                     method = excluded.method, path = excluded.path, class = excluded.class,
+                     kind = excluded.kind, created_ids = excluded.created_ids,
+                     body = excluded.body, upstream_status = excluded.upstream_status,
+                     request_id = excluded.request_id, detail = excluded.detail,
+                     refs = excluded.refs, created_at = excluded.created_at,
+                     logged_at = excluded.logged_at
+                 WHERE excluded.seq > kept_passwords.seq",
+            ))
+            .bind(user)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        }
         // What the deletes removed outlives them (see `Store::deletes`).
         sqlx::query(&self.d.sql(
             "INSERT INTO tombstones (seq, path, refs)
              SELECT seq, path, refs FROM ops
              WHERE method = 'DELETE' AND state = 'committed' AND seq >= ? AND seq <= ?",
+        ))
+        .bind(r.first_seq)
+        .bind(upto)
+        .execute(&mut *tx)
+        .await?;
+        // Which entities other ops touched outlives them (see
+        // `Store::touched_by_another_op`).
+        sqlx::query(&self.d.sql(
+            "INSERT INTO pruned_keys (key)
+             SELECT DISTINCT key FROM op_keys WHERE seq >= ? AND seq <= ?
+             ON CONFLICT (key) DO NOTHING",
         ))
         .bind(r.first_seq)
         .bind(upto)
@@ -137,11 +218,10 @@ async fn retention_on(
     let now_ms: i64 = sqlx::query_scalar(&d.sql("SELECT SG_NOW_MS()"))
         .fetch_one(&mut *conn)
         .await?;
-    let edges: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT id, acked_seq, COALESCE(last_seen_ms, first_seen_ms) FROM edges ORDER BY id",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let edges: Vec<(String, i64, Option<i64>)> =
+        sqlx::query_as("SELECT id, acked_seq, last_seen_ms FROM edges ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await?;
     let mut r = Retention {
         first_seq,
         last_seq,
@@ -149,10 +229,16 @@ async fn retention_on(
         ..Retention::default()
     };
     let mut pinning = Vec::new();
+    let mut expired = Vec::new();
     for (edge, acked, seen_ms) in edges {
-        let expired = edge_expiry.is_some_and(|e| now_ms - seen_ms > e.as_millis() as i64);
-        if expired {
-            r.expired_edges.push(edge);
+        let Some(seen_ms) = seen_ms else {
+            r.unseen_edges.push(edge);
+            continue;
+        };
+        if edge_expiry.is_some_and(|e| now_ms - seen_ms > e.as_millis() as i64) {
+            r.expired_through.push((edge.clone(), acked));
+            r.expired_edges.push(edge.clone());
+            expired.push(edge);
             continue;
         }
         r.pinned_by.push(Pin {
@@ -177,6 +263,18 @@ async fn retention_on(
     )
     .fetch_all(&mut *conn)
     .await?;
+    // An expired edge's records bound how far it can be pruned without a
+    // resync (see `Store::prune`).
+    let mut expired_at = |edge: &str, through: i64| {
+        if let Some(e) = r.expired_through.iter_mut().find(|(e, _)| e == edge) {
+            e.1 = e.1.min(through);
+        }
+    };
+    for (edge, seq) in failed.iter().chain(&unresolved) {
+        if expired.contains(edge) {
+            expired_at(edge, seq - 1);
+        }
+    }
     for (edge, seq) in failed {
         if pinning.contains(&edge) {
             r.pinned_by.push(Pin {
@@ -311,11 +409,14 @@ mod tests {
         assert!(r.pinned_by[0].why.contains("op 4 failed"), "{r:#?}");
 
         // In batches, oldest first, never past what is out of sync.
-        assert_eq!(store.prune(HOUR, None, 2).await.unwrap(), 2);
-        assert_eq!(store.prune(HOUR, None, 2).await.unwrap(), 1);
-        assert_eq!(store.prune(HOUR, None, 2).await.unwrap(), 0);
+        assert_eq!(store.prune(HOUR, None, 2, &[]).await.unwrap(), 2);
+        assert_eq!(store.prune(HOUR, None, 2, &[]).await.unwrap(), 1);
+        assert_eq!(store.prune(HOUR, None, 2, &[]).await.unwrap(), 0);
         assert_eq!(store.first_seq().await.unwrap(), Some(4));
         assert_eq!(count(&store, "op_keys").await, 7, "keys go with their ops");
+        // What they touched is still known to be another op's.
+        assert!(store.touched_by_another_op("group:g1", 10).await.unwrap());
+        assert!(!store.touched_by_another_op("group:g9", 9).await.unwrap());
         assert_eq!(
             count(&store, "deliveries").await,
             1,
@@ -330,7 +431,7 @@ mod tests {
 
         // Repaired: ops up to e1's watermark go; e2's are within the window.
         run(&store, "DELETE FROM deliveries WHERE seq = 4").await;
-        assert_eq!(store.prune(HOUR, None, 100).await.unwrap(), 3);
+        assert_eq!(store.prune(HOUR, None, 100, &[]).await.unwrap(), 3);
         assert_eq!(store.first_seq().await.unwrap(), Some(7));
 
         // An op whose outcome is being resolved holds every op from it.
@@ -346,7 +447,7 @@ mod tests {
             "UPDATE ops SET logged_at = '2020-01-01T00:00:00.000Z' WHERE seq = 10",
         )
         .await;
-        assert_eq!(store.prune(HOUR, None, 100).await.unwrap(), 2);
+        assert_eq!(store.prune(HOUR, None, 100, &[]).await.unwrap(), 2);
         let r = store.retention(HOUR, None).await.unwrap();
         assert_eq!((r.first_seq, r.prunable_through), (9, 8), "{r:#?}");
         assert_eq!(r.pinned_by.len(), 1, "{r:#?}");
@@ -358,11 +459,120 @@ mod tests {
             "UPDATE ops SET resolution = 'not_applied' WHERE seq = 9",
         )
         .await;
-        assert_eq!(store.prune(HOUR, None, 100).await.unwrap(), 1);
-        assert_eq!(store.prune(HOUR, None, 100).await.unwrap(), 0);
+        assert_eq!(store.prune(HOUR, None, 100, &[]).await.unwrap(), 1);
+        assert_eq!(store.prune(HOUR, None, 100, &[]).await.unwrap(), 0);
         assert_eq!(store.first_seq().await.unwrap(), Some(10));
         assert_eq!(store.last_seq().await.unwrap(), 10);
         assert_eq!(count(&store, "op_keys").await, 1);
+    }
+
+    async fn needs_resync(store: &Store, edge: &str) -> Option<String> {
+        sqlx::query_scalar(&store.d.sql("SELECT needs_resync FROM edges WHERE id = ?"))
+            .bind(edge)
+            .fetch_one(&store.reader)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_users_latest_password_outlives_its_op() {
+        let (_dir, store) = op_log().await;
+        // Ops 2 and 5 gave ann a password, op 4 gave bob one; op 9 (kept in
+        // the op log) is not pruned, so not kept aside.
+        let given =
+            [("ann", 2), ("bob", 4), ("ann", 5), ("ann", 9)].map(|(u, s)| (u.to_string(), s));
+        assert_eq!(store.prune(HOUR, None, 3, &given).await.unwrap(), 3);
+        let kept =
+            |rows: Vec<crate::store::OpRow>| -> Vec<i64> { rows.iter().map(|r| r.seq).collect() };
+        assert_eq!(kept(store.kept_passwords().await.unwrap()), vec![2]);
+        assert_eq!(store.prune(HOUR, None, 100, &given).await.unwrap(), 3);
+        // ann's latest (5) replaced her earlier one; bob's is his.
+        assert_eq!(kept(store.kept_passwords().await.unwrap()), vec![4, 5]);
+        // Given again (an older one), it does not replace the latest.
+        run(&store, "UPDATE edges SET acked_seq = 10").await;
+        run(
+            &store,
+            "UPDATE ops SET logged_at = '2020-01-01T00:00:00.000Z'",
+        )
+        .await;
+        assert_eq!(
+            store
+                .prune(HOUR, None, 100, &[("bob".into(), 7)])
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(kept(store.kept_passwords().await.unwrap()), vec![5, 7]);
+    }
+
+    #[tokio::test]
+    async fn a_delete_before_an_op_on_its_path_is_found_while_kept() {
+        let (_dir, store) = op_log().await;
+        assert_eq!(
+            store.deleted_before("/v3/groups/g2", 5).await.unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            store.deleted_before("/v3/groups/g2", 3).await.unwrap(),
+            None
+        );
+        // The last op on a path being a create, nothing was deleted.
+        assert_eq!(store.deleted_before("/v3/groups", 9).await.unwrap(), None);
+        // Pruned, it is not looked at.
+        assert_eq!(store.prune(HOUR, None, 3, &[]).await.unwrap(), 3);
+        assert_eq!(
+            store.deleted_before("/v3/groups/g2", 5).await.unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn an_edge_never_heard_from_keeps_no_op() {
+        let (_dir, store) = op_log().await;
+        run(
+            &store,
+            "UPDATE edges SET last_seen_ms = NULL WHERE id = 'e1'",
+        )
+        .await;
+        let r = store.retention(HOUR, None).await.unwrap();
+        assert_eq!(r.unseen_edges, vec!["e1".to_string()]);
+        assert_eq!(r.prunable_through, 8, "{r:#?}");
+        assert_eq!(store.prune(HOUR, None, 100, &[]).await.unwrap(), 8);
+        // It joins with nothing: its next op is gone, which resyncs it.
+        assert_eq!(needs_resync(&store, "e1").await, None);
+    }
+
+    #[tokio::test]
+    async fn an_expired_edge_whose_failure_or_unacknowledged_ops_are_pruned_is_resynced() {
+        // Acknowledged through 10, but op 4 failed there.
+        let (_dir, store) = op_log().await;
+        run(
+            &store,
+            "UPDATE edges SET last_seen_ms = 0, acked_seq = 10 WHERE id = 'e1'",
+        )
+        .await;
+        run(
+            &store,
+            "INSERT INTO deliveries (seq, edge, state, since_ms, updated_ms)
+             VALUES (4, 'e1', 'failed', 0, 0)",
+        )
+        .await;
+        assert_eq!(store.prune(HOUR, Some(HOUR), 100, &[]).await.unwrap(), 8);
+        let why = needs_resync(&store, "e1")
+            .await
+            .expect("marked for a resync");
+        assert!(why.contains("pruned while this edge was expired"), "{why}");
+        assert_eq!(needs_resync(&store, "e2").await, None, "e2 passed them all");
+
+        // Acknowledged through 10, nothing failed: nothing of it is lost.
+        let (_dir, store) = op_log().await;
+        run(
+            &store,
+            "UPDATE edges SET last_seen_ms = 0, acked_seq = 10 WHERE id = 'e1'",
+        )
+        .await;
+        assert_eq!(store.prune(HOUR, Some(HOUR), 100, &[]).await.unwrap(), 8);
+        assert_eq!(needs_resync(&store, "e1").await, None);
     }
 
     #[tokio::test]
@@ -378,8 +588,10 @@ mod tests {
         assert_eq!(r.expired_edges, vec!["e1".to_string()]);
         assert_eq!(r.prunable_through, 8, "{r:#?}");
         assert!(r.pinned_by.is_empty(), "{r:#?}");
-        assert_eq!(store.prune(HOUR, Some(HOUR), 100).await.unwrap(), 8);
+        assert_eq!(store.prune(HOUR, Some(HOUR), 100, &[]).await.unwrap(), 8);
         assert_eq!(store.first_seq().await.unwrap(), Some(9));
+        // Ops 7 and 8 it had not acknowledged are gone: it is resynced.
+        assert!(needs_resync(&store, "e1").await.is_some());
         // Nothing is older than a window of 30 days but the ops gone.
         let r = store.retention(30 * 24 * HOUR, Some(HOUR)).await.unwrap();
         assert_eq!((r.old_through, r.prunable_through), (0, 0));

@@ -358,3 +358,70 @@ async fn a_write_the_op_log_could_not_record_is_reported_and_logged_once_there_i
     assert_eq!(oos["unlogged_writes"], 0, "{oos}");
     app.stop().await;
 }
+
+/// A write Keystone refused while the op log had no room to drop its intent
+/// never becomes an op: the intent is dropped once there is room (its outcome
+/// is known), never logged with an unknown outcome that the resolver could
+/// then find "applied".
+#[tokio::test]
+async fn a_write_refused_upstream_while_the_disk_is_full_never_becomes_an_op() {
+    let Some(fs) = SmallFs::mount(8192) else {
+        return;
+    };
+    let url = fs.url("central.db");
+    let db = url.clone();
+    let app = spawn_app_with(move |c| {
+        c.db = db;
+        c.upstream_timeout = Duration::from_secs(30);
+        // An intent left open is logged within a second.
+        c.stale_intent_after = Duration::from_secs(4);
+    })
+    .await;
+    // Its intent is durable, its answer late: the disk fills meanwhile, so the
+    // intent (a large body, overwritten when deleted) cannot be dropped.
+    let big = "x".repeat(400_000);
+    let refused = app
+        .client
+        .post(app.url("/v3/projects"))
+        .header("x-auth-token", "client-token-abc")
+        .header("x-fake-delay-ms", "1500")
+        .header("x-fake-status", "409")
+        .json(&json!({"project": {"name": "refused", "description": big}}));
+    let before = app.fake.count();
+    let answer = tokio::spawn(refused.send());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while app.fake.count() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never reached upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let filler = fs.fill();
+    let resp = answer.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 409, "Keystone's answer");
+    assert_eq!(
+        count_on_disk(&url, "SELECT COUNT(*) FROM intents").await,
+        1,
+        "the intent could not be dropped while the disk is full"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while count_on_disk(&url, "SELECT COUNT(*) FROM intents").await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the intent was not dropped once there was room"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ops = app.all_ops().await;
+    let shown: Vec<_> = ops
+        .iter()
+        .map(|o| (&o["seq"], &o["state"], &o["detail"]))
+        .collect();
+    assert!(ops.is_empty(), "no op: {shown:?}");
+    let oos: serde_json::Value = app.admin_get("/v1/out-of-sync").await.json().await.unwrap();
+    assert_eq!(oos["unlogged_writes"], 0, "{oos}");
+    app.stop().await;
+}

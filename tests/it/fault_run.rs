@@ -736,6 +736,20 @@ async fn run(nats_server: Option<std::path::PathBuf>, retention: Option<(Duratio
     let ids: HashSet<&str> = ops.iter().map(|o| o["op_id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), ops.len(), "seed {seed}: duplicated op");
     let committed = ops.iter().filter(|o| o["state"] == "committed").count();
+    if committed > model.successes + model.unanswered + model.in_doubt {
+        for o in &ops {
+            eprintln!(
+                "op {} {} {} {} {} {} {}",
+                o["seq"],
+                o["state"],
+                o["method"],
+                o["path"],
+                o["upstream_status"],
+                o["resolution"],
+                o["detail"]
+            );
+        }
+    }
     assert!(
         committed + pruned >= model.successes
             && committed <= model.successes + model.unanswered + model.in_doubt,

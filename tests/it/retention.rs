@@ -15,7 +15,11 @@ async fn old_ops_every_live_edge_passed_are_pruned_and_an_expired_edge_is_resync
         c.sync.edge_expiry = Some(Duration::from_secs(2));
     })
     .await;
-    // e2 goes away before any op: it acknowledged nothing.
+    // e2 goes away before any op (heard from once): it acknowledged nothing.
+    env.until("e2 heard from", || async {
+        !env.audit("/v1/edges/e2").await["last_seen"].is_null()
+    })
+    .await;
     env.stop_edge(1).await;
     for i in 0..5 {
         env.create(
@@ -75,6 +79,10 @@ async fn an_edge_that_acknowledged_nothing_keeps_every_op_and_says_so() {
         c.sync.retention = Some(Duration::from_millis(300));
     })
     .await;
+    env.until("e2 heard from", || async {
+        !env.audit("/v1/edges/e2").await["last_seen"].is_null()
+    })
+    .await;
     env.stop_edge(1).await;
     for i in 0..3 {
         env.create(
@@ -94,7 +102,11 @@ async fn an_edge_that_acknowledged_nothing_keeps_every_op_and_says_so() {
     assert_eq!(r["first_seq"], 1, "nothing pruned: {r:#}");
     assert_eq!(r["prunable_through"], 0, "{r:#}");
     env.restart_edge(1).await;
-    env.until_delivered(&["e1", "e2"], &["applied"]).await;
+    // (Read from the edge's row: once acknowledged, the ops may go at once.)
+    env.until("e2 acknowledged every op", || async {
+        env.audit("/v1/edges/e2").await["acked_through"] == 3
+    })
+    .await;
     env.until("pruned once e2 passed them", || async {
         env.audit("/v1/edges").await["retention"]["first_seq"] == 3
     })
@@ -142,5 +154,70 @@ async fn what_central_deleted_is_deleted_at_a_returning_edge_after_its_op_is_pru
     );
     assert!(env.edges[0].site.id_of("group", "kept").is_some());
     assert_eq!(env.central_site.snapshot(), env.edges[0].site.snapshot());
+    env.shutdown().await;
+}
+
+/// A password changed at central while an edge was away for longer than the
+/// edge expiry: the op is pruned, kept aside as the user's latest password,
+/// and the resync that follows sets it at the edge (the old one stops
+/// working there).
+#[tokio::test]
+async fn a_password_changed_while_an_expired_edge_was_away_is_set_there_after_pruning() {
+    use crate::resync::can_log_in;
+    let mut env = sync_env(&["e1"], None, |c| {
+        c.sync.retention = Some(Duration::from_millis(300));
+        c.sync.edge_expiry = Some(Duration::from_secs(1));
+    })
+    .await;
+    let u = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "ann", "domain_id": "default", "password": "first-pw"}}),
+        )
+        .await;
+    env.until_delivered(&["e1"], &["applied"]).await;
+    assert!(can_log_in(&env.edges[0].site, "ann", "first-pw").await);
+    env.stop_edge(0).await;
+    let (status, body) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{u}"),
+            Some(json!({"user": {"password": "second-pw"}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    env.create("/v3/groups", "group", json!({"group": {"name": "later"}}))
+        .await;
+    env.until("the password's op pruned", || async {
+        env.audit("/v1/edges").await["retention"]["first_seq"] == 3
+    })
+    .await;
+    let row = env.audit("/v1/edges/e1").await;
+    assert!(
+        row["needs_resync"]
+            .as_str()
+            .is_some_and(|w| w.contains("pruned while this edge was expired")),
+        "{row:#}"
+    );
+    env.restart_edge(0).await;
+    env.until("e1 resynced", || async {
+        env.audit("/v1/edges/e1").await["resync"]["phase"] == "done"
+    })
+    .await;
+    assert!(
+        can_log_in(&env.edges[0].site, "ann", "second-pw").await,
+        "the password central holds"
+    );
+    assert!(!can_log_in(&env.edges[0].site, "ann", "first-pw").await);
+    let resp = env
+        .http
+        .get(format!("{}/v1/ops/2", env.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("pruned by op-log retention"), "{text}");
     env.shutdown().await;
 }
