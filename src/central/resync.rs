@@ -18,7 +18,7 @@
 //! reading its state, waits for the edge to have applied up to the second, and
 //! leaves out every entity an op after the first touched.
 
-use crate::keystone::kinds::USER;
+use crate::keystone::kinds::{USER, USER_PASSWORD};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -819,11 +819,14 @@ impl Resyncer {
         let op_log = |e: crate::store::StoreError| Failure::Fatal(format!("op log: {e}"));
         // Those retention pruned first (each user's latest), then the op log's.
         let mut ops = self.store.kept_passwords().await.map_err(op_log)?;
-        ops.extend(
-            self.ops_between(0, fence, Some(USER.name))
-                .await
-                .map_err(op_log)?,
-        );
+        for kind in password_kinds() {
+            ops.extend(
+                self.ops_between(0, fence, Some(kind))
+                    .await
+                    .map_err(op_log)?,
+            );
+        }
+        ops.sort_by_key(|o| o.seq);
         // Each user's latest password op.
         let mut latest: HashMap<String, (i64, String)> = HashMap::new();
         for op in ops
@@ -844,6 +847,17 @@ impl Resyncer {
             .await
             .map_err(op_log)?
             .map_or(0, |(acked, _)| acked);
+        // An edge marked because what it had not acknowledged, or what failed
+        // there, was pruned: its watermark says nothing of the pruned ops.
+        let pruned_unknown = self
+            .store
+            .edge_sessions()
+            .await
+            .map_err(op_log)?
+            .into_iter()
+            .find(|s| s.edge == edge)
+            .and_then(|s| s.needs_resync)
+            .is_some_and(|why| why.contains(crate::store::PRUNED_WHILE_EXPIRED));
         let mut found = HashMap::new();
         for (user, (seq, password)) in latest {
             if created.contains(user.as_str()) {
@@ -854,7 +868,7 @@ impl Resyncer {
                 continue;
             }
             let landed = if seq < first {
-                seq <= acked
+                seq <= acked && !pruned_unknown
             } else {
                 self.store
                     .deliveries(seq, Duration::from_secs(3600))
@@ -1242,6 +1256,12 @@ fn password_set_for(op: &crate::store::OpRow) -> Option<String> {
 }
 
 /// The user an op gives a password, and the password.
+/// The kinds of ops that give a user a password: a create or an admin
+/// update (`user`), a self-service change (`user_password`).
+pub(super) fn password_kinds() -> [&'static str; 2] {
+    [USER.name, USER_PASSWORD.name]
+}
+
 pub(super) fn password_of(op: &crate::store::OpRow) -> Option<(String, String)> {
     let path = op.path.split('?').next().unwrap_or("");
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();

@@ -7,8 +7,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::resync::password_of;
-use crate::keystone::kinds::USER;
+use super::resync::{password_kinds, password_of};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -38,19 +37,20 @@ impl Pruner {
         if upto < r.first_seq {
             return Ok(0);
         }
-        let users = self
+        // Every op of the batch (users' and self-service password changes).
+        let ops = self
             .store
             .list_ops(&crate::store::OpFilter {
                 after: r.first_seq - 1,
                 limit: BATCH,
-                kind: Some(USER.name.to_string()),
+                kind: None,
                 state: None,
                 through: Some(upto),
             })
             .await?;
-        let passwords: Vec<(String, i64)> = users
+        let passwords: Vec<(String, i64)> = ops
             .iter()
-            .filter(|o| o.state == "committed")
+            .filter(|o| o.state == "committed" && password_kinds().contains(&o.kind.as_str()))
             .filter_map(|o| password_of(o).map(|(user, _)| (user, o.seq)))
             .collect();
         self.store

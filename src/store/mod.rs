@@ -36,7 +36,7 @@ pub use resync::{
     DriftReport, DriftRow, DriftRunRow, DriftSummary, EdgeAudit, NeedsPasswordRow, NewDrift,
     ResyncRow,
 };
-pub use retention::{Pin, Retention};
+pub use retention::{Pin, Retention, PRUNED_WHILE_EXPIRED};
 pub use sync::{DeliveryCounts, DeliveryRow, EdgeRow, EdgeSession, OutOfSyncRow};
 
 #[derive(Debug, thiserror::Error)]
@@ -919,11 +919,18 @@ impl Store {
             != 0)
     }
 
-    /// The op before `seq` that deleted what `path` names, when the last
-    /// committed op on that path before `seq` is a delete (nothing made it
-    /// again since). Ops retention pruned are not looked at: what they did
-    /// may have been undone by another pruned op.
+    /// The op before `seq` that deleted the entity `path` names
+    /// (`/v3/<collection>/<id>`), when the last committed op on that path
+    /// before `seq` is a delete and nothing may have made it again since: no
+    /// op between names its ID among what it made, and none between has an
+    /// outcome that may have made something unseen. Ops retention pruned are
+    /// not looked at: what they did may have been undone by another.
     pub async fn deleted_before(&self, path: &str, seq: i64) -> Result<Option<i64>, StoreError> {
+        let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let id = match segs.as_slice() {
+            ["v3", _, id] if !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()) => *id,
+            _ => return Ok(None),
+        };
         let last: Option<(i64, String)> = sqlx::query_as(&self.d.sql(
             "SELECT seq, method FROM ops
              WHERE path = ? AND seq < ? AND state = 'committed'
@@ -933,7 +940,25 @@ impl Store {
         .bind(seq)
         .fetch_optional(&self.reader)
         .await?;
-        Ok(last.and_then(|(before, method)| (method == "DELETE").then_some(before)))
+        let Some((before, method)) = last else {
+            return Ok(None);
+        };
+        if method != "DELETE" {
+            return Ok(None);
+        }
+        let since: i64 = sqlx::query_scalar(&self.d.sql(
+            "SELECT COUNT(*) FROM ops
+             WHERE seq > ? AND seq < ?
+               AND (created_ids LIKE ?
+                    OR (state = 'unknown_outcome'
+                        AND (resolution IS NULL OR resolution <> 'not_applied')))",
+        ))
+        .bind(before)
+        .bind(seq)
+        .bind(format!("%\"{id}\"%"))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok((since == 0).then_some(before))
     }
 
     /// The deletes central logged up to `through` (committed), with the

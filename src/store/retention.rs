@@ -14,6 +14,10 @@ use serde::Serialize;
 use super::dialect::Dialect;
 use super::{Store, StoreError};
 
+/// In the reason an edge is marked for a resync when ops it had not
+/// acknowledged, or that failed there, were pruned while it was expired.
+pub const PRUNED_WHILE_EXPIRED: &str = "pruned while this edge was expired";
+
 /// Renders a window as `SG_OLDER`'s argument.
 fn older(age: Duration) -> String {
     format!("-{:.3} seconds", age.as_secs_f64())
@@ -110,7 +114,7 @@ impl Store {
         // there, with these ops: it is resynced when it comes back.
         for (edge, through) in r.expired_through.iter().filter(|(_, t)| *t < upto) {
             let why = format!(
-                "ops up to {upto} were pruned while this edge was expired (not heard from for \
+                "ops up to {upto} were {PRUNED_WHILE_EXPIRED} (not heard from for \
                  --edge-expiry); it had acknowledged or applied only through {through}: it is \
                  resynced from central's state"
             );
@@ -511,6 +515,37 @@ mod tests {
         assert_eq!(
             store.deleted_before("/v3/groups/g2", 5).await.unwrap(),
             Some(3)
+        );
+        // Made again since (a create naming its ID), it may have been deleted.
+        run(
+            &store,
+            "UPDATE ops SET created_ids = '[\"g2\"]' WHERE seq = 4",
+        )
+        .await;
+        assert_eq!(
+            store.deleted_before("/v3/groups/g2", 5).await.unwrap(),
+            None
+        );
+        run(&store, "UPDATE ops SET created_ids = '[]' WHERE seq = 4").await;
+        // A write of unknown outcome since: it may have made it again.
+        run(
+            &store,
+            "UPDATE ops SET state = 'unknown_outcome', resolution = 'unresolvable' WHERE seq = 4",
+        )
+        .await;
+        assert_eq!(
+            store.deleted_before("/v3/groups/g2", 5).await.unwrap(),
+            None
+        );
+        run(
+            &store,
+            "UPDATE ops SET state = 'committed', resolution = NULL WHERE seq = 4",
+        )
+        .await;
+        // Not an entity's own path (a tag, a configuration): never taken.
+        assert_eq!(
+            store.deleted_before("/v3/groups/g2/x", 5).await.unwrap(),
+            None
         );
         assert_eq!(
             store.deleted_before("/v3/groups/g2", 3).await.unwrap(),
