@@ -237,13 +237,16 @@ async fn lost_acks_heal_by_themselves_within_a_hello_interval() {
         .parse()
         .unwrap();
     let faults = FaultProxy::start(broker).await;
+    // Its grant (three hellos) outlasts the writes below on a loaded machine.
+    env.hello_interval = Duration::from_secs(3);
     env.add_edge("edge-a", Some(format!("nats://{}", faults.addr)))
         .await;
     env.create("/v3/groups", "group", json!({"group": {"name": "before"}}))
         .await;
     env.assert_in_sync().await;
 
-    // Everything the edge says is lost; it still receives and applies ops.
+    // Everything the edge says is lost; it still receives and applies ops
+    // while its grant lasts.
     faults.set(Fault::DropFromClient);
     env.edges[0].site.fail_next(&[400]);
     env.create("/v3/groups", "group", json!({"group": {"name": "fails"}}))

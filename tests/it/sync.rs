@@ -147,6 +147,9 @@ pub struct SyncEnv {
     /// Edges started from now on wait this long for their site's Keystone,
     /// and this long for a write that got no answer to land.
     pub edge_timeouts: (Duration, Duration),
+    /// Edges started from now on say hello this often (their grant lasts
+    /// three of these, at least a second).
+    pub hello_interval: Duration,
     token: String,
     central: Option<Running>,
     /// Central's op log (kept across restarts).
@@ -247,6 +250,7 @@ pub async fn sync_env(
         http,
         initial_sync: false,
         edge_timeouts: (Duration::from_secs(10), Duration::from_secs(2)),
+        hello_interval: Duration::from_millis(200),
         token,
         central: Some(running),
         central_db: db,
@@ -315,7 +319,7 @@ impl SyncEnv {
             sync_prefix: "syncgate".into(),
             key: edge.key.clone(),
             on_failure,
-            hello_interval: Duration::from_millis(200),
+            hello_interval: self.hello_interval,
             initial_sync: self.initial_sync,
             upstream_timeout: self.edge_timeouts.0,
             upstream_settle: self.edge_timeouts.1,
