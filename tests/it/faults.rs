@@ -69,11 +69,17 @@ impl FaultProxy {
                 let _ = server.set_nodelay(true);
                 let _ = client.set_linger_zero();
                 let _ = server.set_linger_zero();
+                // Checked again under the list's lock: a connection accepted
+                // before `Refuse` whose target answered after a `reset` is
+                // refused, never left open past the cut.
+                let mut list = tracked.lock().unwrap();
+                if *rx.borrow() == Fault::Refuse {
+                    continue;
+                }
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let up = tokio::spawn(pump(cr, sw, rx.clone(), None));
                 let down = tokio::spawn(pump(sr, cw, rx.clone(), Some(counted.clone())));
-                let mut list = tracked.lock().unwrap();
                 list.retain(|(a, b)| !a.is_finished() || !b.is_finished());
                 list.push((up.abort_handle(), down.abort_handle()));
             }

@@ -14,48 +14,91 @@ use serde_json::{json, Value};
 use crate::faults::{Fault, FaultProxy};
 use crate::sync::{nats_server_path, sync_env, SyncEnv};
 
-/// A free port on the loopback interface (nats-server's configuration needs
-/// them before it starts: routes name each other's).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One nats-server process with its configuration file and monitoring port.
+/// Every port is chosen by the server itself (`-1`) and read back, so no
+/// other process can take one between its choice and the server's bind.
 struct Node {
     child: tokio::process::Child,
     client: SocketAddr,
     monitor: u16,
+    /// The ports `cluster {}` and `leafnodes {}` listen on, when configured.
+    cluster_port: Option<u16>,
+    leaf_port: Option<u16>,
+    log: std::path::PathBuf,
 }
 
 impl Node {
     async fn start(bin: &Path, dir: &Path, name: &str, config: String) -> Node {
-        let client: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let monitor = free_port();
-        let file = dir.join(format!("{name}.conf"));
+        let home = dir.join(name);
+        std::fs::create_dir_all(&home).unwrap();
+        let file = home.join("server.conf");
         std::fs::write(
             &file,
-            format!("server_name: {name}\nlisten: {client}\nhttp: 127.0.0.1:{monitor}\n{config}\n"),
+            format!(
+                "server_name: {name}\nlisten: 127.0.0.1:-1\nhttp: 127.0.0.1:-1\n\
+                 ports_file_dir: {:?}\n{config}\n",
+                home.display().to_string()
+            ),
         )
         .unwrap();
-        let child = tokio::process::Command::new(bin)
+        let log = home.join("server.log");
+        let mut child = tokio::process::Command::new(bin)
             .arg("-c")
             .arg(&file)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let node = Node {
-            child,
-            client,
-            monitor,
+        // The server writes its ports file once it listens on every port.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let monitor = loop {
+            let ports = std::fs::read_dir(&home)
+                .unwrap()
+                .flatten()
+                .find(|e| e.path().extension().is_some_and(|x| x == "ports"))
+                .and_then(|e| std::fs::read_to_string(e.path()).ok())
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+            if let Some(url) = ports.as_ref().and_then(|p| p["monitoring"][0].as_str()) {
+                let port = url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                break port.expect("a monitoring port in nats-server's ports file");
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{name} exited ({status}): {}", tail(&log));
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never wrote its ports file: {}",
+                tail(&log)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        node.until(&format!("{name} serving"), "/varz", |_| true)
-            .await;
+        let mut node = Node {
+            child,
+            client: "127.0.0.1:0".parse().unwrap(),
+            monitor,
+            cluster_port: None,
+            leaf_port: None,
+            log,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let varz = loop {
+            if let Some(v) = node.page("/varz").await {
+                break v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} serving: timed out: {}",
+                tail(&node.log)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let port = |v: &Value| v.as_u64().and_then(|p| u16::try_from(p).ok());
+        node.client = format!("127.0.0.1:{}", port(&varz["port"]).expect("a client port"))
+            .parse()
+            .unwrap();
+        node.cluster_port = port(&varz["cluster"]["cluster_port"]).filter(|p| *p != 0);
+        node.leaf_port = port(&varz["leaf"]["port"]).filter(|p| *p != 0);
         node
     }
 
@@ -81,7 +124,11 @@ impl Node {
                     return;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "{what}: timed out");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: timed out: {}",
+                tail(&self.log)
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -102,6 +149,13 @@ impl Node {
     }
 }
 
+/// The last lines a node wrote to its log, for a failure's message.
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
 /// Three nodes routed to each other, each accepting leaf nodes.
 struct Cluster {
     nodes: Vec<Node>,
@@ -112,20 +166,23 @@ struct Cluster {
 impl Cluster {
     async fn start(bin: &Path) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let leaf_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut nodes = Vec::new();
+        let mut nodes: Vec<Node> = Vec::new();
         for i in 0..3 {
-            let others: Vec<String> = (0..3)
-                .filter(|j| *j != i)
-                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
-                .collect();
+            // The first node is every other's seed; the cluster gossips the
+            // rest of its routes itself.
+            let routes = match nodes.first() {
+                Some(seed) => format!(
+                    ", routes: [\"nats://127.0.0.1:{}\"]",
+                    seed.cluster_port.expect("the seed's cluster port")
+                ),
+                None => String::new(),
+            };
+            // `no_advertise`: a leaf node learns the other nodes' leaf
+            // ports from the node it reaches and would go round a cut uplink
+            // through them; each test chooses its leaf's way in itself.
             let config = format!(
-                "cluster {{ name: sg, listen: 127.0.0.1:{}, routes: [{}] }}\n\
-                 leafnodes {{ listen: 127.0.0.1:{} }}",
-                routes[i],
-                others.join(", "),
-                leaf_ports[i]
+                "cluster {{ name: sg, listen: \"127.0.0.1:-1\"{routes} }}\n\
+                 leafnodes {{ listen: \"127.0.0.1:-1\", no_advertise: true }}"
             );
             nodes.push(Node::start(bin, dir.path(), &format!("n{i}"), config).await);
         }
@@ -135,6 +192,10 @@ impl Cluster {
             })
             .await;
         }
+        let leaf_ports = nodes
+            .iter()
+            .map(|n| n.leaf_port.expect("a node's leaf node port"))
+            .collect();
         Cluster {
             nodes,
             leaf_ports,
@@ -330,6 +391,16 @@ async fn a_leaf_nodes_lost_uplink_is_made_good_by_replay() {
         })
         .await;
     creates(&env, "cut-off", 20).await;
+    let leafz = leaf
+        .node
+        .page("/leafz")
+        .await
+        .expect("the leaf node's /leafz");
+    assert_eq!(
+        leafz["leafnodes"].as_u64(),
+        Some(0),
+        "the leaf node found no way round its cut uplink: {leafz}"
+    );
     assert_eq!(edge_creates(&env), before, "nothing crosses a cut uplink");
     uplink.set(Fault::Pass);
     leaf.node
