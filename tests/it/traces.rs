@@ -42,9 +42,14 @@ async fn a_write_is_one_trace_from_the_client_to_the_edges_ack() {
     let telemetry =
         syncgate::telemetry::init_with_exporter(LogFormat::Text, exporter.clone(), "syncgate-test")
             .expect("the only subscriber of this process");
-    let env = sync_env(&["edge-a"], None, |_| {}).await;
+    let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["edge-a".into()]).await;
+    // The edge asks for what follows its cursor at each hello: seldom here,
+    // so that none reads the traced op before its publish reaches the edge
+    // (a replayed op's apply follows the write itself, not the publish).
+    env.hello_interval = std::time::Duration::from_secs(5);
+    env.add_edge("edge-a", None).await;
     // A first write brings the edge up to date: the traced one then arrives
-    // live, as ops do (a replayed op's apply follows the write itself).
+    // live, as ops do.
     env.create(
         "/v3/projects",
         "project",
