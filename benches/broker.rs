@@ -66,6 +66,17 @@ impl Server {
         }
     }
 
+    /// Resident memory of the server process now (VmRSS), in KiB.
+    fn rss_kib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    }
+
     /// Peak resident memory of the server process, in MiB.
     fn peak_rss_mib(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -172,6 +183,57 @@ async fn request_latency(url: &str, count: usize) -> (f64, f64) {
     (pct(0.50), pct(0.99))
 }
 
+/// `n` connections shaped like edges': five subscriptions and a request
+/// inbox each, one request answered, then a burst of 64 ops of 1 KiB
+/// delivered to every one (a replay's worth). Returns the server's resident
+/// memory per connection, in KiB, once the connections have been quiet for
+/// two seconds after the burst (both servers give back buffers when idle).
+async fn memory_per_connection(server: &Server, n: usize) -> f64 {
+    let url = &server.url;
+    let responder = async_nats::connect(url).await.unwrap();
+    let mut service = responder.subscribe("bench.hello.*").await.unwrap();
+    responder.flush().await.unwrap();
+    let task = tokio::spawn(async move {
+        while let Some(msg) = service.next().await {
+            if let Some(reply) = msg.reply {
+                responder.publish(reply, msg.payload).await.unwrap();
+            }
+        }
+    });
+    let publisher = async_nats::connect(url).await.unwrap();
+    publisher.flush().await.unwrap();
+    let before = server.rss_kib();
+    let hello = Bytes::from(vec![b'h'; 200]);
+    let mut edges = Vec::with_capacity(n);
+    for i in 0..n {
+        let client = async_nats::connect(url).await.unwrap();
+        let ops = client.subscribe("bench.ops").await.unwrap();
+        let mut others = Vec::new();
+        for kind in ["redo", "outcomes", "resync", "state"] {
+            others.push(client.subscribe(format!("bench.{kind}.{i}")).await.unwrap());
+        }
+        client
+            .request(format!("bench.hello.{i}"), hello.clone())
+            .await
+            .unwrap();
+        edges.push((client, ops, others));
+    }
+    let op = Bytes::from(vec![b'o'; 1024]);
+    for _ in 0..64 {
+        publisher.publish("bench.ops", op.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for (_, ops, _) in &mut edges {
+        for _ in 0..64 {
+            ops.next().await.expect("subscription open");
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let after = server.rss_kib();
+    task.abort();
+    (after - before) / n as f64
+}
+
 struct Figures {
     tp16: f64,
     tp1k: f64,
@@ -179,7 +241,11 @@ struct Figures {
     p50: f64,
     p99: f64,
     rss: f64,
+    per_connection: f64,
 }
+
+/// Edge-shaped connections for the memory figure (a fleet's worth).
+const CONNECTIONS: usize = 1000;
 
 async fn measure(server: &Server, scale: f64) -> Figures {
     let n = |base: f64| ((base * scale) as usize).max(1000);
@@ -188,6 +254,7 @@ async fn measure(server: &Server, scale: f64) -> Figures {
     let tp1k = throughput(&server.url, 1024, n(200_000.0), 1).await;
     let fanout = throughput(&server.url, 16, n(250_000.0), 4).await;
     let (p50, p99) = request_latency(&server.url, n(20_000.0)).await;
+    let per_connection = memory_per_connection(server, CONNECTIONS).await;
     Figures {
         tp16,
         tp1k,
@@ -195,6 +262,7 @@ async fn measure(server: &Server, scale: f64) -> Figures {
         p50,
         p99,
         rss: server.peak_rss_mib(),
+        per_connection,
     }
 }
 
@@ -249,5 +317,11 @@ fn main() {
         ours.rss,
         theirs.rss,
         ours.rss / theirs.rss
+    );
+    println!(
+        "| memory per edge-shaped connection ({CONNECTIONS}, VmRSS) | {:.0} KiB | {:.0} KiB | {:.2} |",
+        ours.per_connection,
+        theirs.per_connection,
+        ours.per_connection / theirs.per_connection
     );
 }

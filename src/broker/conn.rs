@@ -20,8 +20,16 @@ use super::parser::{self, Op, Parsed, ProtoError};
 use super::sublist::{is_valid_literal_subject, subject_matches};
 use super::{Shared, SubRef};
 
-/// Read buffer growth step.
+/// The largest read a connection asks for at once.
 const READ_CHUNK: usize = 64 * 1024;
+/// A quiet connection's read buffer: a fleet's connections are mostly idle,
+/// and each holds a read buffer and two outbound ones.
+const IDLE_BUFFER: usize = 4 * 1024;
+/// The most an idle connection's outbound buffers keep of what a burst made
+/// them grow to: more is given back once nothing was queued for `IDLE_AFTER`
+/// (not at every pause, which would reallocate them between bursts).
+const KEEP_IDLE: usize = 16 * 1024;
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// A subscription: who receives, under which sid, and its auto-unsubscribe count.
 pub(super) struct Subscription {
@@ -95,7 +103,7 @@ impl Client {
         Client {
             cid,
             out: Mutex::new(Outbound {
-                buf: BytesMut::with_capacity(READ_CHUNK),
+                buf: BytesMut::new(),
                 max_pending,
             }),
             wake: Notify::new(),
@@ -255,14 +263,31 @@ impl Drop for WriteTask {
 async fn write_loop<W: AsyncWrite + Unpin>(client: Arc<Client>, mut writer: W) {
     // Two buffers take turns: publishers fill one while this loop writes the
     // other, so each write carries everything queued since the last one.
-    let mut chunk = BytesMut::with_capacity(READ_CHUNK);
+    let mut chunk = BytesMut::new();
     loop {
         std::mem::swap(&mut client.lock_out().buf, &mut chunk);
         if chunk.is_empty() {
             if client.is_closing() {
                 break;
             }
-            client.wake.notified().await;
+            let grown =
+                chunk.capacity() > KEEP_IDLE || client.lock_out().buf.capacity() > KEEP_IDLE;
+            if !grown {
+                client.wake.notified().await;
+                continue;
+            }
+            // Quiet for a moment: neither buffer keeps what a burst made it
+            // grow to (a fleet's connections are mostly quiet).
+            if tokio::time::timeout(IDLE_AFTER, client.wake.notified())
+                .await
+                .is_err()
+            {
+                chunk = BytesMut::new();
+                let mut out = client.lock_out();
+                if out.buf.is_empty() {
+                    out.buf = BytesMut::new();
+                }
+            }
             continue;
         }
         if let Err(e) = writer.write_all(&chunk).await {
@@ -271,9 +296,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(client: Arc<Client>, mut writer: W) {
             break;
         }
         chunk.clear();
-        // A burst must not pin a large buffer for the connection's lifetime.
+        // A burst must not pin a large buffer while the writes go on.
         if chunk.capacity() > 4 * 1024 * 1024 {
-            chunk = BytesMut::with_capacity(READ_CHUNK);
+            chunk = BytesMut::new();
         }
     }
     let _ = writer.shutdown().await;
@@ -286,7 +311,10 @@ impl Session {
             max_control_line: config.max_control_line,
             max_payload: config.max_payload,
         };
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = BytesMut::with_capacity(IDLE_BUFFER);
+        // How much the next read asks for: doubled while reads fill it (a
+        // busy publisher), back to small once the connection goes quiet.
+        let mut want = IDLE_BUFFER;
         let mut ping = tokio::time::interval_at(
             tokio::time::Instant::now() + config.ping_interval,
             config.ping_interval,
@@ -296,15 +324,23 @@ impl Session {
         let auth_required = self.shared.auth_required();
 
         loop {
-            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-                buf.reserve(READ_CHUNK);
+            if buf.capacity() - buf.len() < want / 4 {
+                buf.reserve(want);
             }
+            let room = buf.capacity() - buf.len();
             tokio::select! {
                 read = reader.read_buf(&mut buf) => {
-                    match read {
+                    let n = match read {
                         Ok(0) | Err(_) => return Stop::Eof,
-                        Ok(_) => {}
-                    }
+                        Ok(n) => n,
+                    };
+                    want = if n == room {
+                        (want * 2).min(READ_CHUNK)
+                    } else if n < want / 4 {
+                        (want / 2).max(IDLE_BUFFER)
+                    } else {
+                        want
+                    };
                     self.last_in = Instant::now();
                     let consumed = match self.process(&buf, &limits) {
                         Ok(n) => n,
@@ -314,6 +350,9 @@ impl Session {
                         }
                     };
                     let _ = buf.split_to(consumed);
+                    if buf.is_empty() && buf.capacity() > 2 * want {
+                        buf = BytesMut::with_capacity(want);
+                    }
                     self.flush_touched();
                 }
                 _ = ping.tick() => {

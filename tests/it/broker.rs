@@ -376,3 +376,39 @@ async fn tls_from_cert_and_key_files() {
         "{text}"
     );
 }
+
+/// A connection's buffers start small, grow for what comes and are given
+/// back when it goes quiet: messages far larger than a quiet connection's
+/// buffers, between small ones and after quiet spells, arrive whole and in
+/// order, both ways through the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_larger_than_a_quiet_connections_buffers_arrive_whole_and_in_order() {
+    let b = start_broker(|_| {}).await;
+    let publisher = client(&b).await;
+    let subscriber = client(&b).await;
+    let mut sub = subscriber.subscribe("sizes").await.unwrap();
+    subscriber.flush().await.unwrap();
+    let sizes = [1usize, 900 * 1024, 3, 70 * 1024, 5 * 1024, 1, 1000 * 1024];
+    for round in 0..3u8 {
+        for (i, size) in sizes.iter().enumerate() {
+            let fill = b'a' + (i as u8 + round) % 26;
+            publisher
+                .publish("sizes", Bytes::from(vec![fill; *size]))
+                .await
+                .unwrap();
+        }
+        publisher.flush().await.unwrap();
+        for (i, size) in sizes.iter().enumerate() {
+            let fill = b'a' + (i as u8 + round) % 26;
+            let msg = next(&mut sub).await;
+            assert_eq!(msg.payload.len(), *size, "round {round}, message {i}");
+            assert!(
+                msg.payload.iter().all(|b| *b == fill),
+                "round {round}, message {i}: its bytes"
+            );
+        }
+        // Quiet past the broker's idle mark: the next round starts on
+        // buffers given back.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+}
