@@ -8,7 +8,8 @@
 #      CLI through the gateway, faults, a real nats-server, traces received
 #      by an OTLP collector stand-in, and two central replicas on PostgreSQL
 #      behind HAProxy (Debian's haproxy, installed when missing) with the
-#      leader killed;
+#      leader killed; central and an edge of release 0.1.0 (built by
+#      scripts/old-release.sh from this clone's history) upgraded in place;
 #   4. the Helm chart (tests/helm), rendered by Helm's own engine, validated
 #      against the Kubernetes schemas, and run with the binary;
 #   5. the container image (tests/image), built and run with podman (installed
@@ -72,6 +73,13 @@ fi
 
 echo "== nats-py against the embedded broker"
 .venv/bin/python tests/python/broker_nats_py.py target/debug/syncgate || status=$?
+
+echo "== release 0.1.0, built from this clone's history (the end-to-end suite mixes releases)"
+if old_release=$(scripts/old-release.sh 0.1.0); then
+    export SYNCGATE_BIN_0_1_0="$old_release"
+else
+    status=1
+fi
 
 echo "== end to end: real Keystones, the openstack CLI, central and edges (and central replicas behind HAProxy)"
 ensure_debian_packages haproxy || status=1

@@ -664,7 +664,9 @@ impl Central {
             Some(broker) => Watched::spawn("broker", broker.run(wait(broker_stop_rx))),
             None => Watched::none("broker"),
         };
-        let client = connect_broker(&broker_url, &broker_auth, "syncgate-central", None).await?;
+        let inbox = Subjects::new(&self.config.sync.prefix).central_inbox();
+        let client =
+            connect_broker(&broker_url, &broker_auth, "syncgate-central", inbox, None).await?;
         info!(broker = %broker_url.redacted(), "sync client connecting");
         let kit = Arc::new(Kit {
             config: self.config.clone(),

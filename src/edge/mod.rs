@@ -167,6 +167,7 @@ impl Edge {
             &self.config.broker,
             &self.config.broker_auth,
             &format!("syncgate-edge-{}", self.config.id),
+            subjects.edge_inbox(&self.config.id),
             Some(events_tx),
         )
         .await?;

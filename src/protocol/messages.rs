@@ -54,6 +54,17 @@ impl Subjects {
     pub fn resync(&self, edge: &str) -> String {
         format!("{}.resync.{edge}", self.prefix)
     }
+    /// Central's inbox prefix: the replies edges send to central's requests
+    /// go below it (an edge's broker user may publish there and nowhere
+    /// else outside its own subjects).
+    pub fn central_inbox(&self) -> String {
+        format!("{}.inbox.central", self.prefix)
+    }
+    /// An edge's inbox prefix: central's replies to that edge's requests
+    /// go below it (only that edge's broker user may subscribe there).
+    pub fn edge_inbox(&self, edge: &str) -> String {
+        format!("{}.inbox.edge.{edge}", self.prefix)
+    }
     /// The edge named by the last token of an ack or hello subject.
     pub fn edge_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
         subject.rsplit('.').next().filter(|e| !e.is_empty())

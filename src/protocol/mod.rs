@@ -17,10 +17,14 @@ use crate::broker::BrokerAuth;
 /// a cluster's seeds, any of which it connects to, learning the others from
 /// it). It does not wait for the broker: it keeps trying in the background and
 /// reconnects by itself, to another server of a cluster when one is gone.
+/// Replies to its requests come below `inbox` (see `Subjects::central_inbox`
+/// and `Subjects::edge_inbox`), so a broker's permissions can keep each
+/// site's replies to that site.
 pub async fn connect_broker(
     urls: &BrokerUrls,
     auth: &BrokerAuth,
     name: &str,
+    inbox: String,
     on_event: Option<tokio::sync::mpsc::UnboundedSender<async_nats::Event>>,
 ) -> anyhow::Result<async_nats::Client> {
     let mut options = match auth {
@@ -34,6 +38,7 @@ pub async fn connect_broker(
         }
     }
     .name(name)
+    .custom_inbox_prefix(inbox)
     .retry_on_initial_connect()
     .connection_timeout(Duration::from_secs(5))
     .ping_interval(Duration::from_secs(20));

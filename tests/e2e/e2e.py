@@ -3,7 +3,9 @@
 and edges, driven by the openstack CLI through the gateway; then faults; then the
 same through a real nats-server. Prints `e2e: N passed, M failed`.
 
-Usage: e2e.py [workdir]   (syncgate binary: $SYNCGATE_BIN or target/debug/syncgate)
+Usage: e2e.py [workdir]   (syncgate binary: $SYNCGATE_BIN or target/debug/syncgate;
+release 0.1.0's for the mixed-release case: $SYNCGATE_BIN_0_1_0, built by
+scripts/old-release.sh 0.1.0)
 """
 
 import http.client as httpclient
@@ -20,7 +22,7 @@ from otlp_receiver import Receiver
 import os
 
 from harness import (VENV_BIN, Deployment, HAProxy, HoldingProxy, Postgres, diff, free_port, get_json, http, log,
-                     snapshot, wait_until)
+                     release_binary, snapshot, wait_until)
 
 results = []
 
@@ -720,6 +722,43 @@ def late_join(workdir):
         dep.stop()
 
 
+@check("releases mixed: an edge newer than its central applies nothing and says why; central, then an edge of "
+       "0.1.0 upgraded in place one at a time, nothing lost, the audit clean")
+def mixed_releases(workdir):
+    old = release_binary("0.1.0")
+    dep = Deployment(f"{workdir}/mixed", edges=("edge1", "edge2"))
+    dep.central_bin = old
+    dep.edge_bin["edge1"] = old
+    try:
+        dep.prepare_keystones()
+        dep.start_central()
+        dep.start_edge("edge1")
+        dep.start_edge("edge2", ready=False)
+        dep.cli("project", "create", "made-under-0.1.0")
+        dep.wait_delivered(edges=["edge1"])
+        status = dep.edges["edge2"].admin + "/v1/status"
+        wait_until("the newer edge says central is older",
+                   lambda: "upgrade central first" in json.dumps(get_json(status)))
+        assert http("GET", dep.edges["edge2"].admin + "/readyz")[0] == 503, "an edge applying nothing is not ready"
+        ks = dep.edge_ks["edge2"]
+        names = [p["name"] for p in get_json(f"{ks.url}/v3/projects", token=ks.token())["projects"]]
+        assert "made-under-0.1.0" not in names, "an edge newer than its central applied an op"
+        # Central upgraded in place: same op log, same ports.
+        dep.central.stop()
+        dep.central_bin = None
+        dep.start_central()
+        dep.cli("project", "create", "made-under-new-central")
+        assert_in_sync(dep, "central upgraded, edge1 still 0.1.0")
+        # Then the old edge, with its own database.
+        dep.edges["edge1"].stop()
+        del dep.edge_bin["edge1"]
+        dep.start_edge("edge1")
+        dep.cli("project", "create", "made-after-every-upgrade")
+        assert_in_sync(dep, "every process upgraded")
+    finally:
+        dep.stop()
+
+
 def main():
     workdir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="syncgate-e2e-")
     log(f"e2e workdir: {workdir}")
@@ -745,6 +784,7 @@ def main():
         dep.stop()
         receiver.stop()
     external_broker(workdir)
+    mixed_releases(workdir)
     late_join(workdir)
     replicas_behind_haproxy(workdir)
     passed = sum(ok for _, ok in results)

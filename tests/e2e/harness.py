@@ -296,6 +296,16 @@ class HoldingProxy:
         self.sock.close()
 
 
+def release_binary(release):
+    """syncgate as an earlier release built it (scripts/old-release.sh)."""
+    var = "SYNCGATE_BIN_" + release.replace(".", "_")
+    path = os.environ.get(var)
+    if not path or not Path(path).exists():
+        raise RuntimeError(f"release {release}'s binary not found (${var}): "
+                           f"scripts/old-release.sh {release} builds it and prints its path")
+    return path
+
+
 def syncgate_binary():
     path = os.environ.get("SYNCGATE_BIN") or str(REPO / "target" / "debug" / "syncgate")
     if not Path(path).exists():
@@ -340,6 +350,10 @@ class Deployment:
         # Extra arguments and upstream per edge (a test may put a proxy in front).
         self.edge_args = {}
         self.edge_upstream = {}
+        # Another build of syncgate for central or an edge (an earlier
+        # release, for the mixed-release case).
+        self.central_bin = None
+        self.edge_bin = {}
         self.cleanups = []
 
     def prepare_keystones(self):
@@ -355,7 +369,7 @@ class Deployment:
     def central_process(self, name="central", proxy_port=None, admin_port=None):
         """Central, on its ports (a replica among several: on ports of its own)."""
         args = [
-            self.bin, "central",
+            self.central_bin or self.bin, "central",
             "--upstream", self.central_ks.url,
             "--listen", f"127.0.0.1:{proxy_port or self.proxy_port}",
             "--admin-listen", f"127.0.0.1:{admin_port or self.admin_port}",
@@ -385,7 +399,7 @@ class Deployment:
         ks = self.edge_ks[name]
         admin_port = free_port()
         args = [
-            self.bin, "edge",
+            self.edge_bin.get(name, self.bin), "edge",
             "--id", name,
             "--broker", self.broker_url,
             "--upstream", self.edge_upstream.get(name, ks.url),
@@ -409,10 +423,13 @@ class Deployment:
         self.central.start()
         wait_until("central gateway", lambda: http("GET", f"{self.admin}/readyz")[0] == 200)
 
-    def start_edge(self, name):
+    def start_edge(self, name, ready=True):
+        """Starts an edge; waits until it is ready, or (`ready` false: one
+        that is not to be, such as an edge newer than its central) alive."""
         p = self.edge_process(name)
         p.start()
-        wait_until(f"edge {name}", lambda: http("GET", f"{p.admin}/readyz")[0] == 200)
+        probe = "readyz" if ready else "healthz"
+        wait_until(f"edge {name}", lambda: http("GET", f"{p.admin}/{probe}")[0] == 200)
         self.edges[name] = p
 
     def start(self):

@@ -41,6 +41,7 @@ SECRETS = {
     "sg-broker": {"token": "broker-token-value-2"},
     "sg-oplog": {"key": "b3Bsb2ctc2VhbGluZy1rZXktMzItYnl0ZXMtbG9uZyE="},
     "sg-db": {"password": "db-password-value-4"},
+    "sg-nats": {"password": "nats-password-value-5"},
     "edge-creds": {"password": "edge-password-3"},
 }
 
@@ -81,8 +82,15 @@ CENTRAL_HA = deepcopy(CENTRAL_POSTGRES)
 CENTRAL_HA["central"].update(replicas=3, externalBroker="nats://nats.identity:4222")
 CENTRAL_HA["networkPolicy"] = {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "mon"}}}],
                               "proxyFrom": [{"namespaceSelector": {}}]}
+CENTRAL_HA["brokerUser"] = "central"
+CENTRAL_HA["secrets"]["brokerPassword"] = {"name": "sg-nats", "key": "password"}
+EDGE_USER = deepcopy(EDGE)
+EDGE_USER["brokerUser"] = "site2"
+EDGE_USER["secrets"] = dict(EDGE["secrets"], brokerPassword={"name": "sg-nats", "key": "password"})
+del EDGE_USER["secrets"]["brokerToken"]
 RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "central, op log on PostgreSQL": CENTRAL_POSTGRES,
-            "central, three replicas on PostgreSQL": CENTRAL_HA, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL}
+            "central, three replicas on PostgreSQL": CENTRAL_HA, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL,
+            "edge, its own broker user": EDGE_USER}
 
 
 def check(name):
@@ -159,7 +167,8 @@ def central_shape():
             assert value not in rendered
 
 
-@check("an external broker drops the embedded one; options land in the config file; edge mounts its credentials")
+@check("an external broker drops the embedded one; options land in the config file; edge mounts its credentials; "
+       "a broker user with its password file")
 def variants():
     docs = render(CENTRAL_FULL)
     names = {s["metadata"]["name"] for s in kind(docs, "Service")}
@@ -187,6 +196,14 @@ def variants():
         assert line in toml, (line, toml)
     assert dict(pg.files())["/run/secrets/syncgate"]["db-password"] == "db-password-value-4"
     assert "db-password" not in dict(Workload(render(CENTRAL), SECRETS).files())["/run/secrets/syncgate"]
+    for values, user in ((EDGE_USER, "site2"), (CENTRAL_HA, "central")):
+        w = Workload(render(values), SECRETS)
+        toml = w.config["config.toml"]
+        for line in [f'broker_user = "{user}"', 'broker_password_file = "/run/secrets/syncgate/broker-password"']:
+            assert line in toml, (line, toml)
+        assert "broker_token_file" not in toml, toml
+        assert dict(w.files())["/run/secrets/syncgate"]["broker-password"] == "nats-password-value-5"
+    assert "broker-password" not in dict(Workload(render(EDGE), SECRETS).files())["/run/secrets/syncgate"]
     eph = Workload(render(EDGE_EPHEMERAL), SECRETS)
     assert "emptyDir" in eph.volumes["state"]
     assert "volumeClaimTemplates" not in eph.statefulset["spec"]
@@ -286,6 +303,12 @@ def bad_values():
         ({**CENTRAL, "secrets": {**CENTRAL["secrets"], "databasePassword": {"name": "sg-db"}}},
          "central.database.url"),
         ({**CENTRAL, "otel": {"protocol": "http/json"}}, "protocol"),
+        ({**CENTRAL, "brokerUser": "central"}, "secrets.brokerPassword.name"),
+        ({**CENTRAL, "secrets": {**CENTRAL["secrets"], "brokerPassword": {"name": "sg-nats", "key": "password"}}},
+         "brokerUser"),
+        ({**EDGE, "brokerUser": "site2", "secrets": {**EDGE["secrets"], "brokerPassword": {"name": "sg-nats", "key": "password"}}},
+         "not both"),
+        ({**EDGE, "brokerUser": "site2:pw"}, "brokerUser"),
         ({**CENTRAL, "config": {"Upstream-Timeout": "1s"}}, "Upstream-Timeout"),
         ({**EDGE, "edge": {"broker": "nats://c:4222", "upstream": "http://k:5000"}}, "id"),
         ({**EDGE, "edge": {**EDGE["edge"], "onFailure": "retry"}}, "onFailure"),

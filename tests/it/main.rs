@@ -14,6 +14,7 @@ mod fake_site;
 mod fault_run;
 mod faults;
 mod fidelity;
+mod fleet;
 mod helpers;
 mod hostile;
 mod nats_cluster;

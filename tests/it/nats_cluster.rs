@@ -165,6 +165,12 @@ struct Cluster {
 
 impl Cluster {
     async fn start(bin: &Path) -> Cluster {
+        Cluster::start_with(bin, "").await
+    }
+
+    /// A cluster whose nodes' configurations end with `extra` (users and
+    /// their permissions).
+    async fn start_with(bin: &Path, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes: Vec<Node> = Vec::new();
         for i in 0..3 {
@@ -182,7 +188,7 @@ impl Cluster {
             // through them; each test chooses its leaf's way in itself.
             let config = format!(
                 "cluster {{ name: sg, listen: \"127.0.0.1:-1\"{routes} }}\n\
-                 leafnodes {{ listen: \"127.0.0.1:-1\", no_advertise: true }}"
+                 leafnodes {{ listen: \"127.0.0.1:-1\", no_advertise: true }}\n{extra}"
             );
             nodes.push(Node::start(bin, dir.path(), &format!("n{i}"), config).await);
         }
@@ -222,20 +228,36 @@ struct Leaf {
 
 impl Leaf {
     async fn start(bin: &Path, dir: &Path, cluster: &Cluster, cuttable: bool) -> Leaf {
+        Leaf::start_as(bin, dir, cluster, cuttable, None).await
+    }
+
+    /// A leaf node whose uplink logs in to the cluster as `login`
+    /// (`user:password`), when given.
+    async fn start_as(
+        bin: &Path,
+        dir: &Path,
+        cluster: &Cluster,
+        cuttable: bool,
+        login: Option<&str>,
+    ) -> Leaf {
+        let scheme = match login {
+            Some(login) => format!("nats-leaf://{login}@"),
+            None => "nats://".to_string(),
+        };
         let mut uplink = None;
         let urls: Vec<String> = if cuttable {
             let to: SocketAddr = format!("127.0.0.1:{}", cluster.leaf_ports[0])
                 .parse()
                 .unwrap();
             let proxy = FaultProxy::start(to).await;
-            let url = proxy.url("nats");
+            let url = format!("{scheme}{}", proxy.addr);
             uplink = Some(proxy);
             vec![url]
         } else {
             cluster
                 .leaf_ports
                 .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .map(|p| format!("{scheme}127.0.0.1:{p}"))
                 .collect()
         };
         let quoted: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
@@ -410,5 +432,165 @@ async fn a_leaf_nodes_lost_uplink_is_made_good_by_replay() {
         .await;
     creates(&env, "after", 10).await;
     each_applied_once(&env).await;
+    env.shutdown().await;
+}
+
+/// The users of the tested per-site configuration (README, *NATS cluster and
+/// leaf nodes*): central may do anything; a site's user, which its leaf
+/// node's uplink logs in as, may publish only its own acks and hellos,
+/// replay requests and replies to central, and receive only the op stream,
+/// its own requests and the replies to its own requests.
+const SITE_USERS: &str = r#"authorization { users: [
+  { user: central, password: central-pw }
+  { user: edge-a, password: edge-a-pw, permissions: {
+      publish: ["syncgate.ack.edge-a", "syncgate.hello.edge-a", "syncgate.replay",
+                "syncgate.inbox.central.>"]
+      subscribe: ["syncgate.ops", "syncgate.redo.edge-a", "syncgate.outcomes.edge-a",
+                  "syncgate.state.edge-a", "syncgate.resync.edge-a",
+                  "syncgate.inbox.edge.edge-a.>"] } }
+] }"#;
+
+/// The subjects and payloads a client receives until one named `marker`
+/// arrives (in order: one connection's messages keep their order through a
+/// leaf node).
+async fn seen_until(sub: &mut async_nats::Subscriber, marker: &str) -> Vec<(String, String)> {
+    use futures_util::StreamExt;
+    let mut seen = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("{marker} never arrived; seen {seen:?}"))
+            .expect("a subscription that stays open");
+        let subject = msg.subject.to_string();
+        if subject == marker {
+            return seen;
+        }
+        seen.push((subject, String::from_utf8_lossy(&msg.payload).into_owned()));
+    }
+}
+
+/// Whether `subject` arrives within a moment (messages before it dropped).
+async fn heard_within(sub: &mut async_nats::Subscriber, subject: &str) -> bool {
+    use futures_util::StreamExt;
+    tokio::time::timeout(Duration::from_millis(200), async {
+        while let Some(m) = sub.next().await {
+            if m.subject.as_str() == subject {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// A site whose leaf node logs in as the site's own user, narrowed by the
+/// permissions the README gives: the edge syncs through it as usual (ops,
+/// acks, hellos, replays, a resync's requests and replies), while whatever
+/// the site sends on another site's subjects, or as an op, never reaches
+/// the cluster, and another site's requests and replies never reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sites_broker_user_speaks_for_its_own_site_only() {
+    let Some(bin) = nats_server_path() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start_with(&bin, SITE_USERS).await;
+    let leaf = Leaf::start_as(&bin, dir.path(), &cluster, false, Some("edge-a:edge-a-pw")).await;
+    let mut env = sync_env(&[], Some(cluster.seeds()), |c| {
+        c.sync.edges = vec!["edge-a".into()];
+        c.broker_client_auth = syncgate::broker::BrokerAuth::UserPassword {
+            user: "central".into(),
+            password: syncgate::broker::Secret::new("central-pw"),
+        };
+    })
+    .await;
+    // Ops made before the edge starts reach it by replay; later ones live.
+    creates(&env, "before", 5).await;
+    env.add_edge("edge-a", Some(leaf.node.url())).await;
+    creates(&env, "live", 5).await;
+    each_applied_once(&env).await;
+    // A resync: central's requests to the site and the site's replies.
+    let (status, body) = crate::resync::post(&env, "/v1/edges/edge-a/resync").await;
+    assert_eq!(status, 202, "{body}");
+    crate::resync::resync_ended(&env, "edge-a").await;
+    creates(&env, "after", 3).await;
+    each_applied_once(&env).await;
+
+    // What the site sends: only its own subjects reach the cluster.
+    let cluster_side =
+        async_nats::ConnectOptions::with_user_and_password("central".into(), "central-pw".into())
+            .connect(cluster.nodes[0].url())
+            .await
+            .unwrap();
+    let mut heard = cluster_side.subscribe(">").await.unwrap();
+    let site_side = async_nats::connect(leaf.node.url()).await.unwrap();
+    let mut site_heard = site_side.subscribe("syncgate.>").await.unwrap();
+    cluster_side.flush().await.unwrap();
+    site_side.flush().await.unwrap();
+    // Both subscriptions' interest crosses the leaf link before the probes.
+    let probe = "syncgate.inbox.central.probe-interest";
+    let echo = "syncgate.inbox.edge.edge-a.probe-interest";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut up, mut down) = (false, false);
+    while !(up && down) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "interest never crossed the leaf link (up {up}, down {down})"
+        );
+        site_side.publish(probe, "".into()).await.unwrap();
+        cluster_side.publish(echo, "".into()).await.unwrap();
+        site_side.flush().await.unwrap();
+        cluster_side.flush().await.unwrap();
+        up |= heard_within(&mut heard, probe).await;
+        down |= heard_within(&mut site_heard, echo).await;
+    }
+    let forged = [
+        "syncgate.ack.edge-b",
+        "syncgate.hello.edge-b",
+        "syncgate.ops",
+        "syncgate.resync.edge-b",
+        "syncgate.inbox.edge.edge-b.x",
+        "_INBOX.x.y",
+    ];
+    for subject in forged {
+        site_side.publish(subject, "forged".into()).await.unwrap();
+    }
+    let marker = "syncgate.inbox.central.marker";
+    site_side.publish(marker, "".into()).await.unwrap();
+    site_side.flush().await.unwrap();
+    let seen = seen_until(&mut heard, marker).await;
+    let crossed: Vec<_> = seen
+        .iter()
+        .filter(|(s, _)| forged.contains(&s.as_str()) || s.starts_with("_INBOX"))
+        .collect();
+    assert!(crossed.is_empty(), "the site spoke for others: {crossed:?}");
+
+    // What the site receives: another site's requests and replies stay out.
+    let others = [
+        "syncgate.resync.edge-b",
+        "syncgate.state.edge-b",
+        "syncgate.redo.edge-b",
+        "syncgate.outcomes.edge-b",
+        "syncgate.inbox.edge.edge-b.x",
+        "syncgate.inbox.central.x",
+    ];
+    for subject in others {
+        cluster_side
+            .publish(subject, "for-another".into())
+            .await
+            .unwrap();
+    }
+    let marker = "syncgate.inbox.edge.edge-a.marker";
+    cluster_side.publish(marker, "".into()).await.unwrap();
+    cluster_side.flush().await.unwrap();
+    let seen = seen_until(&mut site_heard, marker).await;
+    // The site's own client heard itself too (a leaf node delivers locally):
+    // only what the cluster published matters here.
+    let leaked: Vec<_> = seen
+        .iter()
+        .filter(|(s, payload)| others.contains(&s.as_str()) && payload == "for-another")
+        .collect();
+    assert!(leaked.is_empty(), "the site heard another's: {leaked:?}");
+    env.assert_in_sync().await;
     env.shutdown().await;
 }

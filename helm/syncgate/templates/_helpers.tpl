@@ -74,6 +74,10 @@ then `config` over it.
 {{- if $v.secrets.brokerToken.name }}
 {{- $_ := set $s "broker_token_file" (printf "%s/broker-token" $dir) }}
 {{- end }}
+{{- if $v.brokerUser }}
+{{- $_ := set $s "broker_user" $v.brokerUser }}
+{{- $_ := set $s "broker_password_file" (printf "%s/broker-password" $dir) }}
+{{- end }}
 {{- if eq $v.role "central" }}
 {{- $_ := set $s "db" (default "sqlite:///var/lib/syncgate/central.db" $v.central.database.url) }}
 {{- if $v.secrets.databasePassword.name }}
@@ -127,6 +131,15 @@ log_format = {{ .Values.logFormat | toJson }}
 {{- end }}
 {{- if not .Values.secrets.adminToken.name }}
 {{- fail "secrets.adminToken.name is required: the admin API listens on the pod network and needs a bearer token" }}
+{{- end }}
+{{- if and .Values.brokerUser (not .Values.secrets.brokerPassword.name) }}
+{{- fail "brokerUser is set but secrets.brokerPassword.name is not: name the Secret holding that user's broker password" }}
+{{- end }}
+{{- if and .Values.secrets.brokerPassword.name (not .Values.brokerUser) }}
+{{- fail "secrets.brokerPassword.name is set but brokerUser is not: name the broker user the password is for" }}
+{{- end }}
+{{- if and .Values.brokerUser .Values.secrets.brokerToken.name }}
+{{- fail "brokerUser and secrets.brokerToken.name are both set: the broker takes a user and password or a token, not both" }}
 {{- end }}
 {{- if eq .Values.role "central" }}
 {{- if not .Values.central.upstream }}
