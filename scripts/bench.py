@@ -12,13 +12,10 @@ only; it never fails on a timing.
 
 With --postgres URL (a database of its own; scripts/bench.sh starts a server),
 captured writes and reads are measured again through a central whose op log is
-on PostgreSQL, beside the SQLite figures. Last, op-log retention: captured
-writes round after round through a central that keeps every op and one that
-prunes ops older than a few seconds, the op log's size and each round's p99.
+on PostgreSQL, beside the SQLite figures.
 
 Usage: bench.py [--seconds N] [--runs N] [--connections N] [--catch-up-ops N]
                 [--postgres postgres://USER@HOST:PORT/DB]
-                [--retention-rounds N] [--retention-window SECONDS]
 """
 
 import argparse
@@ -352,46 +349,6 @@ def postgres_figures(opts, work, up_port, script):
             nats.stop()
 
 
-def retention_figures(opts, work, up_port, script):
-    """Captured writes, round after round, through a central that keeps every
-    op and through one that prunes ops older than --retention-window (no edge
-    pins them): after each round, the ops kept, the op log's size on disk and
-    the round's p99 (the prune runs under the writes)."""
-    out = {}
-    env = dict(os.environ, SYNCGATE_LOG="warn")
-    upstream = Server(["nginx", "-c", str(upstream_conf(work, up_port))], 0)
-    wait_http(f"http://127.0.0.1:{up_port}/")
-    try:
-        _retention_runs(opts, work, up_port, script, env, out)
-    finally:
-        upstream.stop()
-    return out
-
-
-def _retention_runs(opts, work, up_port, script, env, out):
-    for label, retention in (("keeps every op", "0"), (f"--retention {opts.retention_window}s",
-                                                       f"{opts.retention_window}s")):
-        port, admin, broker = free_port(), free_port(), free_port()
-        db = Path(work) / f"retention-{retention}.db"
-        central = Server([opts.binary, "central", "--upstream", f"http://127.0.0.1:{up_port}",
-                          "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                          "--broker-listen", f"127.0.0.1:{broker}", "--insecure-plaintext-sync",
-                          "--retention", retention, "--db", f"sqlite://{db}"], 0, env=env)
-        try:
-            wait_http(f"http://127.0.0.1:{admin}/readyz")
-            rounds = []
-            for _ in range(opts.retention_rounds):
-                r = wrk(f"http://127.0.0.1:{port}/v3/projects", opts.seconds, opts.connections,
-                        str(script))
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/v1/edges", timeout=10) as f:
-                    kept = json.loads(f.read())["retention"]
-                size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()) / 1e6
-                rounds.append((r, kept["last_seq"] - kept["first_seq"] + 1, kept["last_seq"], size))
-        finally:
-            central.stop()
-        out[label] = rounds
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=5)
@@ -404,10 +361,6 @@ def main():
     ap.add_argument("--catch-up-limit", type=int, default=120,
                     help="seconds the edge may take to catch up with every captured op")
     ap.add_argument("--postgres", help="also measure with the op log in this PostgreSQL database")
-    ap.add_argument("--retention-rounds", type=int, default=8,
-                    help="rounds of captured writes for the retention figures (0 skips them)")
-    ap.add_argument("--retention-window", type=int, default=5,
-                    help="seconds: the retention window of the pruning central")
     opts = ap.parse_args()
     if os.cpu_count() < 2:
         print("note: fewer than 2 cores; figures are not comparable", flush=True)
@@ -485,7 +438,6 @@ def main():
             s.stop()
         servers = []
         on_pg = postgres_figures(opts, work, up_port, script) if opts.postgres else None
-        kept = retention_figures(opts, work, up_port, script) if opts.retention_rounds else None
     finally:
         for s in servers:
             s.stop()
@@ -526,21 +478,6 @@ def main():
             times = ", ".join(f"{t:.2f} s" for t in on_pg["failover"])
             print()
             print(f"failover (kill -9 of the leader -> another replica leads): {times}")
-    if kept:
-        labels = list(kept)
-        print()
-        print(f"op-log retention: captured writes in {opts.seconds}-second rounds; after each, ops kept, "
-              f"the op log on disk (file and WAL) and the round's p99")
-        print()
-        print("| round | " + " | ".join(labels) + " |")
-        print("| ---: | " + " | ".join("---:" for _ in labels) + " |")
-        for i in range(opts.retention_rounds):
-            cells = []
-            for label in labels:
-                r, n, last, size = kept[label][i]
-                cells.append(f"{n:,} of {last:,} ops, {size:.1f} MB, {r['rps']:,.0f} req/s, "
-                             f"p99 {r['p99']:.2f} ms")
-            print(f"| {i + 1} | " + " | ".join(cells) + " |")
     print()
     print(f"edge peak RSS during catch-up: {edge_rss:.1f} MB")
     print(f"syncgate central peak RSS: idle {idle_rss:.1f} MB, after reads "

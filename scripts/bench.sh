@@ -2,9 +2,11 @@
 # Benchmarks, all of them: reads and captured writes through the gateway side by
 # side with nginx, an edge's catch-up and the replication lag (scripts/bench.py),
 # then the embedded broker against nats-server (scripts/bench-broker.sh;
-# BENCH_BROKER=0 skips it). Captured writes are measured again with the op log
-# on a private PostgreSQL server (fsync and synchronous_commit on;
-# BENCH_POSTGRES=0 skips it). Installs wrk, nginx and postgresql with apt-get
+# BENCH_BROKER=0 skips it), then a fleet of real edge processes on one central
+# (scripts/bench-fleet.py; BENCH_FLEET=0 skips it, BENCH_FLEET_EDGES=N sets
+# its size, 1,000 by default, about 20 MiB of memory each). Captured writes
+# are measured again with the op log on a private PostgreSQL server (fsync and
+# synchronous_commit on; BENCH_POSTGRES=0 skips it). Installs wrk, nginx and postgresql with apt-get
 # when missing (as root). Prints figures; never fails on a timing. See
 # BENCHMARKS.md.
 set -euo pipefail
@@ -27,4 +29,7 @@ fi
 python3 scripts/bench.py "${pg[@]}" "$@"
 if [ "${BENCH_BROKER:-1}" != 0 ]; then
     scripts/bench-broker.sh
+fi
+if [ "${BENCH_FLEET:-1}" != 0 ]; then
+    python3 scripts/bench-fleet.py --edges "${BENCH_FLEET_EDGES:-1000}"
 fi

@@ -3,9 +3,9 @@
 # history, for the mixed-release end-to-end case (tests/e2e): prints the
 # binary's path. Releases are listed in CHANGELOG.md.
 #   scripts/old-release.sh 0.1.0
-# The source is checked out in a git worktree under target/releases/ (removed
-# once built); the build keeps its own target directory there, so a second
-# run reuses it.
+# The release's source is exported (git archive) under target/releases/ and
+# built with a target directory of its own there, so a second run reuses
+# both; runs at the same time wait for each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,8 +15,11 @@ case "$release" in
     *) echo "error: unknown release '$release' (known: 0.1.0)" >&2; exit 2 ;;
 esac
 
-home="$PWD/target/releases/$release"
+home="$PWD/target/releases/$release-${commit:0:12}"
 bin="$home/syncgate"
+mkdir -p "$home"
+exec 9>"$home.lock"
+flock 9
 if [ -x "$bin" ]; then
     echo "$bin"
     exit 0
@@ -34,11 +37,9 @@ if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
 fi
 
 src="$home/src"
-mkdir -p "$home"
-git worktree remove --force "$src" >/dev/null 2>&1 || rm -rf "$src"
-git worktree prune
-git worktree add --quiet --detach "$src" "$commit" >&2
-trap 'git worktree remove --force "$src" >/dev/null 2>&1 || true' EXIT
+rm -rf "$src"
+mkdir -p "$src"
+git archive "$commit" | tar -x -C "$src"
 echo "== building release $release (commit ${commit:0:7})" >&2
 (cd "$src" && CARGO_TARGET_DIR="$home/target" cargo build --quiet --locked --bin syncgate >&2)
 cp "$home/target/debug/syncgate" "$bin.tmp"

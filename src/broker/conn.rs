@@ -787,4 +787,30 @@ mod tests {
         assert_eq!(n.format(1048576), b"1048576");
         assert_eq!(n.format(usize::MAX), usize::MAX.to_string().as_bytes());
     }
+
+    /// A burst grows a connection's outbound buffers; once nothing was
+    /// queued for a second they are given back, and what was queued was
+    /// written whole.
+    #[tokio::test(start_paused = true)]
+    async fn outbound_buffers_grown_by_a_burst_are_given_back_when_quiet() {
+        use super::{write_loop, Client, IDLE_AFTER, KEEP_IDLE};
+        use std::sync::Arc;
+        use tokio::io::AsyncReadExt;
+        let client = Arc::new(Client::new(1, 64 * 1024 * 1024));
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(write_loop(client.clone(), ours));
+        let burst: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+        for part in burst.chunks(1000) {
+            client.send(part);
+        }
+        let mut got = vec![0u8; burst.len()];
+        theirs.read_exact(&mut got).await.unwrap();
+        assert!(got == burst, "the burst arrives whole and in order");
+        // Quiet: the paused clock runs on while every task waits.
+        tokio::time::sleep(IDLE_AFTER * 2).await;
+        let kept = client.lock_out().buf.capacity();
+        assert!(kept <= KEEP_IDLE, "an idle connection keeps {kept} bytes");
+        client.begin_close();
+        writer.await.unwrap();
+    }
 }

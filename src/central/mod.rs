@@ -143,10 +143,12 @@ impl Kit {
         wants_resync: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     ) -> anyhow::Result<Arc<SyncCentral>> {
         let postgres = store.dialect() == crate::store::Dialect::Postgres;
+        let subjects = Subjects::new(&self.config.sync.prefix);
+        let replies = sync::Replies::subscribe(&self.client, &subjects).await?;
         Ok(Arc::new(SyncCentral {
             store: store.clone(),
             client: self.client.clone(),
-            subjects: Subjects::new(&self.config.sync.prefix),
+            subjects,
             sealer: self.sealer.clone(),
             wake: self.proxy.wake.clone(),
             ack_timeout: self.config.sync.ack_timeout,
@@ -172,6 +174,7 @@ impl Kit {
             },
             // Where replicas run, each answers replays (`serve_replays`).
             serves_replays: !postgres,
+            replies,
         }))
     }
 

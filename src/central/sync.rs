@@ -68,6 +68,92 @@ pub struct SyncCentral {
     /// Whether `run` answers replays too; where several replicas run, each
     /// answers them (`serve_replays`) and the leader's sync does not.
     pub serves_replays: bool,
+    /// The edges' answers to central's requests (`ask`).
+    pub replies: Replies,
+}
+
+/// What an edge answered one of central's requests, or why it did not.
+type Answer = Result<async_nats::Message, String>;
+
+/// The edges' answers to central's requests, each awaited by the token its
+/// inbox ends with. One subscription below central's inbox, made when this
+/// central's sync is built (its interest reaches every broker of a cluster
+/// and its leaf nodes before the first request) and read by `run`.
+pub struct Replies {
+    /// Each awaited answer's token: the edge asked, and who waits.
+    waiting: std::sync::Mutex<HashMap<String, (String, tokio::sync::oneshot::Sender<Answer>)>>,
+    /// The subscription, until `run` reads it.
+    inbox: std::sync::Mutex<Option<async_nats::Subscriber>>,
+    /// Central's inbox and a dot: what every answer's subject starts with.
+    prefix: String,
+}
+
+impl Replies {
+    pub async fn subscribe(
+        client: &async_nats::Client,
+        subjects: &Subjects,
+    ) -> Result<Replies, async_nats::SubscribeError> {
+        let prefix = format!("{}.", subjects.central_inbox());
+        let inbox = client.subscribe(format!("{prefix}*.*")).await?;
+        Ok(Replies {
+            waiting: Default::default(),
+            inbox: std::sync::Mutex::new(Some(inbox)),
+            prefix,
+        })
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, tokio::sync::oneshot::Sender<Answer>)>>
+    {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Awaits the answer `edge` sends under `token`.
+    fn expect(&self, edge: &str, token: &str) -> tokio::sync::oneshot::Receiver<Answer> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock()
+            .insert(token.to_string(), (edge.to_string(), tx));
+        rx
+    }
+
+    /// Hands an answer to whoever awaits it. One under another edge's part
+    /// of the inbox than the one asked, or that nobody awaits (late, or never
+    /// asked), is dropped.
+    fn deliver(&self, msg: async_nats::Message) {
+        let Some((edge, token)) = msg
+            .subject
+            .as_str()
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|rest| rest.split_once('.'))
+        else {
+            return;
+        };
+        let mut waiting = self.lock();
+        if waiting.get(token).is_none_or(|(asked, _)| asked != edge) {
+            debug!(edge, "an answer nobody awaits; dropped");
+            return;
+        }
+        let Some((_, tx)) = waiting.remove(token) else {
+            return;
+        };
+        drop(waiting);
+        let answer = if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            Err("no edge process listens".to_string())
+        } else {
+            Ok(msg)
+        };
+        let _ = tx.send(answer);
+    }
+}
+
+/// Stops awaiting an answer however `ask` ends.
+struct Forget<'a>(&'a Replies, &'a str);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.lock().remove(self.1);
+    }
 }
 
 /// The queue group replay requests are answered in: one replica answers each.
@@ -197,11 +283,20 @@ impl SyncCentral {
         }
         let acks = self.client.subscribe(self.subjects.ack("*")).await?;
         let hellos = self.client.subscribe(self.subjects.hello("*")).await?;
-        let mut names = vec!["publisher", "ack receiver"];
+        let answers = self
+            .replies
+            .inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("this central's sync runs once"))?;
+        let mut names = vec!["publisher", "ack receiver", "answer receiver"];
         let mut tasks = vec![
             self.spawner.spawn(self.clone().publish_loop(stop.clone())),
             self.spawner
                 .spawn(self.clone().ack_loop(acks, hellos, stop.clone())),
+            self.spawner
+                .spawn(self.clone().answer_loop(answers, stop.clone())),
         ];
         if self.serves_replays {
             let replay = self
@@ -231,6 +326,24 @@ impl SyncCentral {
             anyhow::bail!("the sync {} {how}", names[index]);
         }
         Ok(())
+    }
+
+    /// Hands the edges' answers to central's requests to those who asked,
+    /// until `stop`.
+    async fn answer_loop(
+        self: Arc<Self>,
+        mut answers: async_nats::Subscriber,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                msg = answers.next() => match msg {
+                    Some(msg) => self.replies.deliver(msg),
+                    None => return,
+                },
+                _ = crate::serve::stopped(&mut stop) => return,
+            }
+        }
     }
 
     /// Answers replay requests only (a replica that does not lead, or the
@@ -969,10 +1082,27 @@ impl SyncCentral {
             let _order = self.send_lock.lock().await;
             self.session.seal(&self.sealer, kind, edge, to, msg)
         };
-        let request = async_nats::Request::new()
-            .payload(payload.into())
-            .timeout(Some(timeout));
-        let asked = self.client.send_request(subject, request);
+        // Answered below this edge's own part of central's inbox, under a
+        // token no one can guess (see `Replies`).
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let answered = self.replies.expect(edge, &token);
+        let _forget = Forget(&self.replies, &token);
+        let inbox = self.subjects.central_inbox_for(edge, &token);
+        let no_answer = |why: String| AskError::NoAnswer {
+            edge: edge.to_string(),
+            why,
+        };
+        self.client
+            .publish_with_reply(subject, inbox, payload.into())
+            .await
+            .map_err(|e| no_answer(e.to_string()))?;
+        let asked = async {
+            match tokio::time::timeout(timeout, answered).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err("central's reply receiver stopped".to_string()),
+                Err(_) => Err("not in time".to_string()),
+            }
+        };
         // Core NATS keeps nothing across a broken connection: a request or
         // answer in flight then may be lost, and waiting out the timeout
         // would hold up whatever asked (a resync holds the edge's op stream).
@@ -1024,14 +1154,8 @@ impl SyncCentral {
                 }
             }
         };
-        let no_answer = |why: String| AskError::NoAnswer {
-            edge: edge.to_string(),
-            why,
-        };
         let answer = tokio::select! {
-            a = tokio::time::timeout(timeout + Duration::from_secs(1), asked) => a
-                .map_err(|_| no_answer("not in time".into()))?
-                .map_err(|e| no_answer(e.to_string()))?,
+            a = asked => a.map_err(no_answer)?,
             e = broken => return Err(e),
         };
         let dropped = |why| AskError::Dropped {

@@ -54,11 +54,16 @@ impl Subjects {
     pub fn resync(&self, edge: &str) -> String {
         format!("{}.resync.{edge}", self.prefix)
     }
-    /// Central's inbox prefix: the replies edges send to central's requests
-    /// go below it (an edge's broker user may publish there and nowhere
-    /// else outside its own subjects).
+    /// Central's inbox prefix.
     pub fn central_inbox(&self) -> String {
         format!("{}.inbox.central", self.prefix)
+    }
+    /// Where `edge` answers the request of central's that `token` names:
+    /// below `central_inbox().<edge>`. An edge's broker user may publish
+    /// below its own such prefix only, so no site can answer central's
+    /// requests to another.
+    pub fn central_inbox_for(&self, edge: &str, token: &str) -> String {
+        format!("{}.{edge}.{token}", self.central_inbox())
     }
     /// An edge's inbox prefix: central's replies to that edge's requests
     /// go below it (only that edge's broker user may subscribe there).

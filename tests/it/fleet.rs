@@ -39,24 +39,7 @@ async fn two_hundred_edges_each_end_equal_to_central() {
             );
         }
     }
-    let last = env.last_seq().await;
-    env.until("every edge says its cursor is the last op", || async {
-        let edges = env.audit("/v1/edges").await;
-        edges["edges"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["cursor"] == last)
-    })
-    .await;
-    let edges = env.audit("/v1/edges").await;
-    let rows = edges["edges"].as_array().unwrap();
-    assert_eq!(rows.len(), EDGES, "every edge listed");
-    for e in rows {
-        assert_eq!(e["acked_through"], last, "{e}");
-        assert_eq!(e["lag_ops"], 0, "{e}");
-        assert_eq!(e["online"], true, "{e}");
-    }
+    env.assert_every_edge_at_the_last_op().await;
     let oos = env.audit("/v1/out-of-sync").await;
     assert_eq!(
         oos["out_of_sync"],

@@ -192,9 +192,19 @@ impl Cluster {
             );
             nodes.push(Node::start(bin, dir.path(), &format!("n{i}"), config).await);
         }
-        for n in &nodes {
+        // Routed to both others (a route count alone counts a pool's
+        // connections to one node).
+        for (i, n) in nodes.iter().enumerate() {
             n.until("the cluster routed", "/routez", |r| {
-                r["num_routes"].as_u64() >= Some(2)
+                let peers: std::collections::HashSet<&str> = r["routes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|route| route["remote_name"].as_str())
+                    .collect();
+                (0..3)
+                    .filter(|j| *j != i)
+                    .all(|j| peers.contains(format!("n{j}").as_str()))
             })
             .await;
         }
@@ -444,7 +454,7 @@ const SITE_USERS: &str = r#"authorization { users: [
   { user: central, password: central-pw }
   { user: edge-a, password: edge-a-pw, permissions: {
       publish: ["syncgate.ack.edge-a", "syncgate.hello.edge-a", "syncgate.replay",
-                "syncgate.inbox.central.>"]
+                "syncgate.inbox.central.edge-a.>"]
       subscribe: ["syncgate.ops", "syncgate.redo.edge-a", "syncgate.outcomes.edge-a",
                   "syncgate.state.edge-a", "syncgate.resync.edge-a",
                   "syncgate.inbox.edge.edge-a.>"] } }
@@ -528,7 +538,7 @@ async fn a_sites_broker_user_speaks_for_its_own_site_only() {
     cluster_side.flush().await.unwrap();
     site_side.flush().await.unwrap();
     // Both subscriptions' interest crosses the leaf link before the probes.
-    let probe = "syncgate.inbox.central.probe-interest";
+    let probe = "syncgate.inbox.central.edge-a.probe-interest";
     let echo = "syncgate.inbox.edge.edge-a.probe-interest";
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let (mut up, mut down) = (false, false);
@@ -544,26 +554,44 @@ async fn a_sites_broker_user_speaks_for_its_own_site_only() {
         up |= heard_within(&mut heard, probe).await;
         down |= heard_within(&mut site_heard, echo).await;
     }
+    // Another site's acks and hellos, central's own subjects, answers to
+    // central's requests to another site, another site's inbox.
     let forged = [
         "syncgate.ack.edge-b",
         "syncgate.hello.edge-b",
         "syncgate.ops",
         "syncgate.resync.edge-b",
+        "syncgate.redo.edge-b",
+        "syncgate.outcomes.edge-b",
+        "syncgate.state.edge-b",
+        "syncgate.inbox.central.edge-b.x",
         "syncgate.inbox.edge.edge-b.x",
         "_INBOX.x.y",
     ];
-    for subject in forged {
-        site_side.publish(subject, "forged".into()).await.unwrap();
+    // Through the site's leaf node, then logged in to the cluster directly
+    // with the site's own credentials (what a hostile site holds).
+    let direct =
+        async_nats::ConnectOptions::with_user_and_password("edge-a".into(), "edge-a-pw".into())
+            .connect(cluster.nodes[0].url())
+            .await
+            .unwrap();
+    for (how, client) in [("through its leaf node", &site_side), ("directly", &direct)] {
+        for subject in forged {
+            client.publish(subject, "forged".into()).await.unwrap();
+        }
+        let marker = "syncgate.inbox.central.edge-a.marker";
+        client.publish(marker, "".into()).await.unwrap();
+        client.flush().await.unwrap();
+        let seen = seen_until(&mut heard, marker).await;
+        let crossed: Vec<_> = seen
+            .iter()
+            .filter(|(s, _)| forged.contains(&s.as_str()) || s.starts_with("_INBOX"))
+            .collect();
+        assert!(
+            crossed.is_empty(),
+            "the site spoke for others {how}: {crossed:?}"
+        );
     }
-    let marker = "syncgate.inbox.central.marker";
-    site_side.publish(marker, "".into()).await.unwrap();
-    site_side.flush().await.unwrap();
-    let seen = seen_until(&mut heard, marker).await;
-    let crossed: Vec<_> = seen
-        .iter()
-        .filter(|(s, _)| forged.contains(&s.as_str()) || s.starts_with("_INBOX"))
-        .collect();
-    assert!(crossed.is_empty(), "the site spoke for others: {crossed:?}");
 
     // What the site receives: another site's requests and replies stay out.
     let others = [
@@ -572,7 +600,7 @@ async fn a_sites_broker_user_speaks_for_its_own_site_only() {
         "syncgate.redo.edge-b",
         "syncgate.outcomes.edge-b",
         "syncgate.inbox.edge.edge-b.x",
-        "syncgate.inbox.central.x",
+        "syncgate.inbox.central.edge-a.x",
     ];
     for subject in others {
         cluster_side

@@ -598,6 +598,31 @@ impl SyncEnv {
         .await;
     }
 
+    /// Waits until every edge's hellos say its cursor is the last op (acks
+    /// say what was applied at once; the cursor is what the edge's next
+    /// hello says), then asserts each row of `/v1/edges` says so: every edge
+    /// listed, acknowledged through the last op, no lag, online.
+    pub async fn assert_every_edge_at_the_last_op(&self) {
+        let last = self.last_seq().await;
+        self.until("each edge says its cursor is the last op", || async {
+            let edges = self.audit("/v1/edges").await;
+            edges["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["cursor"] == last)
+        })
+        .await;
+        let edges = self.audit("/v1/edges").await;
+        let rows = edges["edges"].as_array().unwrap();
+        assert_eq!(rows.len(), self.edges.len(), "every edge listed");
+        for e in rows {
+            assert_eq!(e["acked_through"], last, "{e}");
+            assert_eq!(e["lag_ops"], 0, "{e}");
+            assert_eq!(e["online"], true, "{e}");
+        }
+    }
+
     pub async fn assert_in_sync(&self) {
         self.assert_in_sync_with(&["applied", "adopted"]).await;
     }
@@ -763,24 +788,7 @@ pub async fn full_scenario(env: &SyncEnv) {
 async fn two_edges_end_equivalent_to_central() {
     let env = sync_env(&["edge-a", "edge-b"], None, |_| {}).await;
     full_scenario(&env).await;
-    let last = env.last_seq().await;
-    // Acks say what was applied at once; the cursor is what the edge's
-    // hellos say, at its next one.
-    env.until("each edge says its cursor is the last op", || async {
-        let edges = env.audit("/v1/edges").await;
-        edges["edges"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["cursor"] == last)
-    })
-    .await;
-    let edges = env.audit("/v1/edges").await;
-    for e in edges["edges"].as_array().unwrap() {
-        assert_eq!(e["acked_through"], last, "{e}");
-        assert_eq!(e["lag_ops"], 0);
-        assert_eq!(e["online"], true);
-    }
+    env.assert_every_edge_at_the_last_op().await;
     env.shutdown().await;
 }
 
