@@ -144,7 +144,12 @@ impl Kit {
     ) -> anyhow::Result<Arc<SyncCentral>> {
         let postgres = store.dialect() == crate::store::Dialect::Postgres;
         let subjects = Subjects::new(&self.config.sync.prefix);
-        let replies = sync::Replies::subscribe(&self.client, &subjects).await?;
+        // The leader's duties ask edges (and are the ones told of resyncs);
+        // a sync that only answers replays reads no answers.
+        let replies = match wants_resync {
+            Some(_) => Some(sync::Replies::subscribe(&self.client, &subjects).await?),
+            None => None,
+        };
         Ok(Arc::new(SyncCentral {
             store: store.clone(),
             client: self.client.clone(),

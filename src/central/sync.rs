@@ -68,8 +68,9 @@ pub struct SyncCentral {
     /// Whether `run` answers replays too; where several replicas run, each
     /// answers them (`serve_replays`) and the leader's sync does not.
     pub serves_replays: bool,
-    /// The edges' answers to central's requests (`ask`).
-    pub replies: Replies,
+    /// The edges' answers to central's requests (`ask`): the leader's sync
+    /// only (one that only answers replays asks nothing, and reads none).
+    pub replies: Option<Replies>,
 }
 
 /// What an edge answered one of central's requests, or why it did not.
@@ -80,6 +81,10 @@ type Answer = Result<async_nats::Message, String>;
 /// central's sync is built (its interest reaches every broker of a cluster
 /// and its leaf nodes before the first request) and read by `run`.
 pub struct Replies {
+    /// Set once `run` ended: nothing reads answers any more, so nothing is
+    /// asked (a task of an ended leader's term fails at once, never holding
+    /// an edge up until its timeout).
+    closed: std::sync::atomic::AtomicBool,
     /// Each awaited answer's token: the edge asked, and who waits.
     waiting: std::sync::Mutex<HashMap<String, (String, tokio::sync::oneshot::Sender<Answer>)>>,
     /// The subscription, until `run` reads it.
@@ -96,6 +101,7 @@ impl Replies {
         let prefix = format!("{}.", subjects.central_inbox());
         let inbox = client.subscribe(format!("{prefix}*.*")).await?;
         Ok(Replies {
+            closed: Default::default(),
             waiting: Default::default(),
             inbox: std::sync::Mutex::new(Some(inbox)),
             prefix,
@@ -109,12 +115,25 @@ impl Replies {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Awaits the answer `edge` sends under `token`.
-    fn expect(&self, edge: &str, token: &str) -> tokio::sync::oneshot::Receiver<Answer> {
+    /// Awaits the answer `edge` sends under `token`; None once closed.
+    fn expect(&self, edge: &str, token: &str) -> Option<tokio::sync::oneshot::Receiver<Answer>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.lock()
-            .insert(token.to_string(), (edge.to_string(), tx));
-        rx
+        let mut waiting = self.lock();
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        waiting.insert(token.to_string(), (edge.to_string(), tx));
+        Some(rx)
+    }
+
+    /// No answer is read any more: the subscription goes, and whoever waits
+    /// hears so at once.
+    fn close(&self) {
+        let mut waiting = self.lock();
+        self.closed.store(true, Ordering::Release);
+        waiting.clear();
+        drop(waiting);
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Hands an answer to whoever awaits it. One under another edge's part
@@ -144,6 +163,17 @@ impl Replies {
             Ok(msg)
         };
         let _ = tx.send(answer);
+    }
+}
+
+/// Closes a sync's `Replies` however its `run` ends.
+struct CloseReplies(Arc<SyncCentral>);
+
+impl Drop for CloseReplies {
+    fn drop(&mut self) {
+        if let Some(replies) = &self.0.replies {
+            replies.close();
+        }
     }
 }
 
@@ -246,6 +276,8 @@ pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
 impl SyncCentral {
     /// Runs every sync task until `stop` turns true.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        // However this ends, no answer is read after it (see `Replies`).
+        let _close = CloseReplies(self.clone());
         // The op log may refuse writes for now (a full disk): the proxy goes
         // on serving reads meanwhile, and this is tried again.
         let mut delays = crate::retry::delays(Duration::from_millis(200), Duration::from_secs(10));
@@ -285,11 +317,11 @@ impl SyncCentral {
         let hellos = self.client.subscribe(self.subjects.hello("*")).await?;
         let answers = self
             .replies
-            .inbox
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("this central's sync runs once"))?;
+            .as_ref()
+            .and_then(|r| r.inbox.lock().unwrap_or_else(|p| p.into_inner()).take())
+            .ok_or_else(|| {
+                anyhow::anyhow!("this central's sync runs once, and only where it leads")
+            })?;
         let mut names = vec!["publisher", "ack receiver", "answer receiver"];
         let mut tasks = vec![
             self.spawner.spawn(self.clone().publish_loop(stop.clone())),
@@ -338,7 +370,11 @@ impl SyncCentral {
         loop {
             tokio::select! {
                 msg = answers.next() => match msg {
-                    Some(msg) => self.replies.deliver(msg),
+                    Some(msg) => {
+                        if let Some(replies) = &self.replies {
+                            replies.deliver(msg);
+                        }
+                    }
                     None => return,
                 },
                 _ = crate::serve::stopped(&mut stop) => return,
@@ -1078,24 +1114,32 @@ impl SyncCentral {
         let first = self.edge_link(edge)?;
         let to = first.session;
         let own_connects = self.connects();
-        let payload = {
-            let _order = self.send_lock.lock().await;
-            self.session.seal(&self.sealer, kind, edge, to, msg)
-        };
         // Answered below this edge's own part of central's inbox, under a
         // token no one can guess (see `Replies`).
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let answered = self.replies.expect(edge, &token);
-        let _forget = Forget(&self.replies, &token);
-        let inbox = self.subjects.central_inbox_for(edge, &token);
         let no_answer = |why: String| AskError::NoAnswer {
             edge: edge.to_string(),
             why,
         };
-        self.client
-            .publish_with_reply(subject, inbox, payload.into())
-            .await
-            .map_err(|e| no_answer(e.to_string()))?;
+        let Some(replies) = &self.replies else {
+            return Err(no_answer(
+                "this central does not lead: it asks edges nothing".into(),
+            ));
+        };
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let answered = replies.expect(edge, &token).ok_or_else(|| {
+            no_answer("this central's sync has stopped (its leader's term ended)".into())
+        })?;
+        let _forget = Forget(replies, &token);
+        let inbox = self.subjects.central_inbox_for(edge, &token);
+        {
+            // Sealed and sent in one step, so the edge sees them in counter order.
+            let _order = self.send_lock.lock().await;
+            let payload = self.session.seal(&self.sealer, kind, edge, to, msg);
+            self.client
+                .publish_with_reply(subject, inbox, payload.into())
+                .await
+                .map_err(|e| no_answer(e.to_string()))?;
+        }
         let asked = async {
             match tokio::time::timeout(timeout, answered).await {
                 Ok(Ok(answer)) => answer,
