@@ -17,6 +17,8 @@ pub struct Postgres {
     dir: tempfile::TempDir,
     port: u16,
     as_nobody: bool,
+    /// Listens on 127.0.0.1 too (TCP), requiring TLS there.
+    tcp: bool,
 }
 
 /// Where the server's programs are: `SYNCGATE_POSTGRES_BIN`, else the newest
@@ -42,6 +44,16 @@ impl Postgres {
     /// Starts one, or `None` (the test skips) when none is installed and
     /// none is required.
     pub fn start() -> Option<Postgres> {
+        Postgres::start_with(None)
+    }
+
+    /// One that also listens on 127.0.0.1 (a free port) and takes TCP
+    /// connections over TLS only, with this certificate.
+    pub fn start_tls(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> Option<Postgres> {
+        Postgres::start_with(Some(cert))
+    }
+
+    fn start_with(tls: Option<&rcgen::CertifiedKey<rcgen::KeyPair>>) -> Option<Postgres> {
         let Some(bin) = postgres_bin() else {
             assert!(
                 std::env::var_os("SYNCGATE_REQUIRE_POSTGRES").is_none(),
@@ -63,12 +75,21 @@ impl Postgres {
                 .success();
             assert!(ok, "chown of the server's directory");
         }
+        let port = match tls {
+            // Names the socket file only: the server listens on no TCP port.
+            None => 5432,
+            Some(_) => std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        };
         let pg = Postgres {
             bin,
-            // Names the socket file only: the server listens on no TCP port.
-            port: 5432,
+            port,
             dir,
             as_nobody,
+            tcp: tls.is_some(),
         };
         let data = pg.data();
         pg.run(
@@ -85,15 +106,57 @@ impl Postgres {
                 "UTF8",
             ],
         );
+        if let Some(cert) = tls {
+            pg.require_tls(cert);
+        }
         pg.launch();
         Some(pg)
+    }
+
+    /// Serves TLS with `cert`, and refuses TCP connections without it.
+    fn require_tls(&self, cert: &rcgen::CertifiedKey<rcgen::KeyPair>) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data();
+        std::fs::write(data.join("server.crt"), cert.cert.pem()).unwrap();
+        let key = data.join("server.key");
+        std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut conf,
+            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        if self.as_nobody {
+            let ok = Command::new("chown")
+                .args(["-R", "nobody:nogroup"])
+                .arg(&data)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown of the server's files");
+        }
+    }
+
+    /// The URL of a database on this server over TCP (see `start_tls`).
+    fn tcp_url(&self, name: &str, query: &str) -> String {
+        format!("postgres://syncgate@localhost:{}/{name}?{query}", self.port)
     }
 
     /// Starts the server on its data, port and socket directory.
     fn launch(&self) {
         let data = self.data();
+        let listen = if self.tcp { "127.0.0.1" } else { "" };
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=''",
+            "-p {} -k {} -c listen_addresses='{listen}'",
             self.port,
             self.dir.path().display()
         );
@@ -327,6 +390,73 @@ async fn a_database_url_with_a_password_is_refused_without_showing_it() {
         panic!("opened");
     };
     assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+}
+
+/// TLS to PostgreSQL is the URL's `sslmode`: `verify-full` with the
+/// server's CA in `sslrootcert` opens the op log over TLS (the server says
+/// so of the connection); a server whose certificate the given CA did not
+/// sign is refused with the reason, as is a connection without TLS where
+/// the server requires it. No message shows the URL's query.
+#[tokio::test]
+async fn tls_to_postgresql_is_the_urls_sslmode() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let Some(pg) = Postgres::start_tls(&cert) else {
+        return;
+    };
+    let name = "tls";
+    pg.database(name).await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = certs.path().join("ca.pem");
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let other = certs.path().join("other.pem");
+    let stranger = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&other, stranger.cert.pem()).unwrap();
+
+    let verified = pg.tcp_url(
+        name,
+        &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
+    );
+    let store = Store::open(&verified).await.expect("opened over TLS");
+    store.last_seq().await.unwrap();
+    // Seen from the server, through its socket: every connection the op log
+    // holds is encrypted.
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&pg.url("postgres"))
+        .await
+        .unwrap();
+    let (connections, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl)
+         FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+         WHERE a.datname = 'tls' AND a.application_name = 'syncgate'",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        connections > 0 && encrypted == connections,
+        "{encrypted} of {connections} encrypted"
+    );
+    drop(store);
+
+    let refused = pg.tcp_url(
+        name,
+        &format!("sslmode=verify-full&sslrootcert={}", other.display()),
+    );
+    let Err(e) = Store::open(&refused).await else {
+        panic!("a server the CA did not sign was taken");
+    };
+    let text = format!("{e:#}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    assert!(
+        !text.contains("sslrootcert"),
+        "the query is not shown: {text}"
+    );
+
+    let Err(e) = Store::open(&pg.tcp_url(name, "sslmode=disable")).await else {
+        panic!("opened without TLS where the server requires it");
+    };
+    let text = format!("{e:#}");
+    assert!(text.contains("no encryption"), "{text}");
 }
 
 /// Random campaigns, resignations, deaths and fenced writes by three
