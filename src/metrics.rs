@@ -123,6 +123,10 @@ pub struct Metrics {
     pub oplog_held: Gauge,
     /// 1 while this process does the leader's duties (always, on SQLite).
     pub leader: Gauge,
+    /// While this process leads: the election's epoch (PostgreSQL) and when
+    /// it took the lead (Unix seconds); 0 otherwise.
+    pub leader_epoch: Gauge,
+    pub leader_since: Gauge,
     pub edge_cursor: Family<EdgeLabel, Gauge>,
     pub edge_acked: Family<EdgeLabel, Gauge>,
     pub edge_lag_ops: Family<EdgeLabel, Gauge>,
@@ -180,6 +184,8 @@ impl Metrics {
             prunable_through: Gauge::default(),
             oplog_held: Gauge::default(),
             leader: Gauge::default(),
+            leader_epoch: Gauge::default(),
+            leader_since: Gauge::default(),
             open_intents: Gauge::default(),
             edge_cursor: Family::default(),
             edge_acked: Family::default(),
@@ -306,6 +312,16 @@ impl Metrics {
             format!("{p}_leader"),
             "1 while this central does the leader's duties (publishing, acks, resyncs, drift audits): one replica at a time on PostgreSQL, the one process on SQLite",
             m.leader.clone(),
+        );
+        r.register(
+            format!("{p}_leader_epoch"),
+            "The epoch of the election this central leads at (PostgreSQL; 0 while it does not lead, or on SQLite)",
+            m.leader_epoch.clone(),
+        );
+        r.register(
+            format!("{p}_leader_start_time_seconds"),
+            "When this central took the lead, in Unix seconds (0 while it does not lead)",
+            m.leader_since.clone(),
         );
         r.register(
             format!("{p}_oplog_open_intents"),

@@ -72,6 +72,8 @@ pub struct Holder {
     pub leads: bool,
     pub epoch: Option<i64>,
     pub leads_since: Option<String>,
+    #[serde(skip)]
+    pub leads_since_unix: i64,
 }
 
 impl Admin {
@@ -103,10 +105,15 @@ impl Admin {
         {
             let mut h = self.holder.lock().unwrap_or_else(|p| p.into_inner());
             if leads && !h.leads {
-                h.leads_since = Some(now_rfc3339());
+                let now = std::time::SystemTime::now();
+                h.leads_since = Some(humantime::format_rfc3339_millis(now).to_string());
+                h.leads_since_unix = now
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
             }
             if !leads {
                 h.leads_since = None;
+                h.leads_since_unix = 0;
             }
             h.leads = leads;
             h.epoch = duties.as_ref().and_then(|d| d.0);
@@ -118,6 +125,12 @@ impl Admin {
         *self.sync.write().unwrap_or_else(|p| p.into_inner()) = sync;
         *self.resyncer.write().unwrap_or_else(|p| p.into_inner()) = resyncer;
         self.metrics.leader.set(i64::from(leads));
+        let (epoch, since) = {
+            let h = self.holder.lock().unwrap_or_else(|p| p.into_inner());
+            (h.epoch.unwrap_or(0), h.leads_since_unix)
+        };
+        self.metrics.leader_epoch.set(epoch);
+        self.metrics.leader_since.set(since);
     }
 
     /// Central's sync, while this process leads.

@@ -567,6 +567,7 @@ impl Central {
                 leads: false,
                 epoch: None,
                 leads_since: None,
+                leads_since_unix: 0,
             }),
         });
         admin.set_held(true, presence.as_ref().map(|p| p.no));

@@ -53,6 +53,10 @@ async fn audit_needs_the_admin_token_when_one_is_set() {
 /// do.
 #[tokio::test]
 async fn the_status_says_which_process_holds_the_op_log_and_since_when() {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let app = spawn_app_with(|_| {}).await;
     // On PostgreSQL the one replica leads once elected, a moment after it
     // serves.
@@ -93,6 +97,33 @@ async fn the_status_says_which_process_holds_the_op_log_and_since_when() {
         "{status}"
     );
     app.until_metric("syncgate_oplog_held 1").await;
+    // Since when it leads, and at which epoch: in the status and the metrics.
+    let leads_since = humantime::parse_rfc3339(op_log["leads_since"].as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert!(
+        leads_since >= humantime::parse_rfc3339(op_log["since"].as_str().unwrap()).unwrap(),
+        "it leads once it holds the op log: {status}"
+    );
+    let metrics = app.admin_get("/metrics").await.text().await.unwrap();
+    let gauge = |name: &str| -> i64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        gauge("syncgate_leader_epoch"),
+        op_log["epoch"].as_i64().unwrap_or(0),
+        "{status}"
+    );
+    let since = gauge("syncgate_leader_start_time_seconds");
+    let unix = leads_since
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(since >= started && since == unix, "{since} {status}");
     app.stop().await;
 }
 

@@ -121,6 +121,26 @@ fn a_database_url_central_cannot_take_is_refused_and_its_password_never_shown() 
             "{stderr}"
         );
     }
+    // The same URL from the environment (SYNCGATE_DB) is taken as --db.
+    let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+        .args([
+            "central",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--insecure-plaintext-sync",
+        ])
+        .env(
+            "SYNCGATE_DB",
+            "postgres://sync:hunter2@db.example:5432/oplog",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--db-password-file") && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -460,6 +480,7 @@ async fn oplog_copy_copies_into_a_new_database_and_refuses_a_filled_one() {
     let dir = tempfile::tempdir().unwrap();
     let from = format!("sqlite://{}", dir.path().join("from.db").display());
     let source = Store::open(&from).await.unwrap();
+    let mut op_ids = Vec::new();
     for i in 0..3 {
         let path = format!("/v3/projects/p{i}");
         let op = source
@@ -479,8 +500,38 @@ async fn oplog_copy_copies_into_a_new_database_and_refuses_a_filled_one() {
             .commit_intent(op, OpState::Committed, &Outcome::default())
             .await
             .unwrap();
+        op_ids.push(op.to_string());
     }
     source.register_edge("site1", true).await.unwrap();
+    // Its watermark and an exception travel with it: op 1 applied there,
+    // op 2 failed.
+    use syncgate::protocol::messages::{Ack, Outcome as Acked};
+    for (seq, outcome) in [(1, Acked::Applied), (2, Acked::Failed)] {
+        let ack = Ack {
+            seq,
+            op_id: op_ids[seq as usize - 1].clone(),
+            outcome,
+            status: Some(409),
+            detail: Some(format!("op {seq} at site1")),
+            edge_id_created: vec![],
+        };
+        source.record_ack("site1", &ack).await.unwrap();
+    }
+    let timeout = std::time::Duration::from_secs(3600);
+    let deliveries = |store: &Store| {
+        let store = store.clone();
+        async move {
+            let mut all = Vec::new();
+            for seq in 1..=3 {
+                for d in store.deliveries(seq, timeout).await.unwrap() {
+                    all.push((seq, d.edge, d.state, d.status, d.detail));
+                }
+            }
+            (store.edge_position("site1").await.unwrap(), all)
+        }
+    };
+    let before = deliveries(&source).await;
+    assert_eq!(before.0, Some((2, 2)), "{before:?}");
     source.close().await;
     let target_dir = tempfile::tempdir().unwrap();
     let to = crate::helpers::central_db(target_dir.path()).await;
@@ -509,6 +560,7 @@ async fn oplog_copy_copies_into_a_new_database_and_refuses_a_filled_one() {
     let copied = Store::open(&to).await.unwrap();
     assert_eq!(copied.last_seq().await.unwrap(), 3);
     assert_eq!(copied.edges().await.unwrap()[0].id, "site1");
+    assert_eq!(deliveries(&copied).await, before);
     copied.close().await;
 
     let (code, _, stderr) = copy(to.clone()).await.unwrap();

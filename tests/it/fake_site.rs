@@ -51,6 +51,8 @@ pub struct SiteState {
     /// Create requests received, by collection, whatever the answer (a
     /// second create of a named entity is answered 409 and makes nothing).
     pub create_requests: HashMap<String, usize>,
+    /// Create requests in the order received: `collection name`.
+    pub create_order: Vec<String>,
     /// Keystone's `[security_compliance] change_password_upon_first_use`: a
     /// password an admin sets is expired at once (its user must change it
     /// with the self-service call before logging in).
@@ -214,6 +216,18 @@ impl FakeSite {
             .get(collection)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The names of a collection's create requests, in the order received.
+    pub fn create_order(&self, collection: &str) -> Vec<String> {
+        let prefix = format!("{collection} ");
+        self.state
+            .lock()
+            .unwrap()
+            .create_order
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            .collect()
     }
 
     pub fn creates_of(&self, kind: &str) -> usize {
@@ -522,6 +536,13 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
         st.writes += 1;
         if parts.method == Method::POST && segs.len() == 2 && segs[0] == "v3" {
             *st.create_requests.entry(segs[1].to_string()).or_default() += 1;
+            let name = body
+                .as_object()
+                .and_then(|o| o.values().next())
+                .and_then(|e| e["name"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            st.create_order.push(format!("{} {name}", segs[1]));
         }
     }
     let exists = |st: &SiteState, kind: &str, id: &str| {
