@@ -873,6 +873,16 @@ async fn status(http: &reqwest::Client, admin: &str) -> Option<serde_json::Value
 /// The replica that leads, once exactly one of `admins` says it does and
 /// the database agrees: its index and epoch.
 async fn the_leader(http: &reqwest::Client, admins: &[Option<String>]) -> (usize, i64) {
+    leader_after(http, admins, 0).await
+}
+
+/// The same, once it leads at an epoch after `epoch`.
+async fn leader_after(
+    http: &reqwest::Client,
+    admins: &[Option<String>],
+    epoch: i64,
+) -> (usize, i64) {
+    let after = epoch;
     until("exactly one replica leading", || async {
         let mut leading = Vec::new();
         let mut said = None;
@@ -885,7 +895,7 @@ async fn the_leader(http: &reqwest::Client, admins: &[Option<String>]) -> (usize
             said = Some(s["leader"]["epoch"].as_i64()?);
         }
         match leading[..] {
-            [(i, epoch)] if said == Some(epoch) => Some((i, epoch)),
+            [(i, epoch)] if said == Some(epoch) && epoch > after => Some((i, epoch)),
             _ => None,
         }
     })
@@ -1212,6 +1222,119 @@ async fn a_postgresql_restart_under_central_refuses_writes_keeps_reads_and_resum
         .collect();
     assert_eq!(sorted, expected, "one op per forwarded write: {ops:#?}");
     app.stop().await;
+}
+
+/// PostgreSQL restarts under two central replicas and an edge (as Patroni
+/// or a managed service restarts it): while it is down every replica answers
+/// writes 503 with nothing forwarded and keeps answering reads; once it is
+/// back both capture again by themselves, a leader is elected anew (a new
+/// epoch: the old one's lock went with its session), publishing resumes, and
+/// the edge ends equal to central with every op applied once, in seq order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgresql_restart_under_replicas_and_an_edge_resumes_capture_lead_and_sync() {
+    use serde_json::json;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let Some(nats) = crate::sync::nats_server_path() else {
+        return;
+    };
+    let (mut nats, addr) = crate::sync::spawn_nats_server(&nats).await;
+    let url = pg.database("replicas_restart").await;
+    let mut base = None;
+    let env = crate::sync::sync_env(&["edge-a"], Some(format!("nats://{addr}")), |c| {
+        c.db = url.clone();
+        base = Some(c.clone());
+    })
+    .await;
+    let mut other = Replica::start(&base.unwrap()).await;
+    let http = env.http.clone();
+    let admins = [Some(env.admin.clone()), Some(other.admin.clone())];
+    let (_, epoch) = the_leader(&http, &admins).await;
+    let proxies = [env.proxy.clone(), other.proxy.clone()];
+    let token = env.token().to_string();
+    let create = |proxy: &str, name: String| {
+        http.post(format!("{proxy}/v3/projects"))
+            .header("x-auth-token", &token)
+            .json(&json!({"project": {"name": name}}))
+            .send()
+    };
+    for (i, proxy) in proxies.iter().enumerate() {
+        let resp = create(proxy, format!("before-{i}")).await.unwrap();
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    }
+    env.assert_in_sync().await;
+
+    pg.stop();
+    let writes = env.central_site.writes();
+    for (i, proxy) in proxies.iter().enumerate() {
+        let resp = create(proxy, format!("down-{i}")).await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 503, "{text}");
+        assert!(text.contains("nothing was forwarded"), "{text}");
+        let read = http
+            .get(format!("{proxy}/v3/projects"))
+            .header("x-auth-token", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200, "reads keep flowing through replica {i}");
+    }
+    assert_eq!(
+        env.central_site.writes(),
+        writes,
+        "a refused write is never forwarded"
+    );
+
+    pg.restart();
+    for (i, proxy) in proxies.iter().enumerate() {
+        until("a write captured after the restart", || async {
+            let resp = create(proxy, format!("after-{i}")).await.ok()?;
+            match resp.status().as_u16() {
+                201 => Some(()),
+                503 => None,
+                other => panic!("{other}: {}", resp.text().await.unwrap()),
+            }
+        })
+        .await;
+    }
+    // The leader finds its lock gone with its session within a second or
+    // two, and one is elected anew.
+    leader_after(&http, &admins, epoch).await;
+    env.create(
+        "/v3/projects",
+        "project",
+        json!({"project": {"name": "last"}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+
+    let edge = &env.edges[0].site;
+    assert_eq!(
+        edge.create_requests("projects"),
+        env.central_site.creates_of("project"),
+        "each project created once at the edge"
+    );
+    let ops = env.audit("/v1/ops?after=0&limit=1000").await;
+    let in_seq_order: Vec<String> = ops["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["method"] == "POST")
+        .filter_map(|o| o["body"]["project"]["name"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        in_seq_order,
+        ["before-0", "before-1", "after-0", "after-1", "last"],
+        "one op per write forwarded, none for a refused one"
+    );
+    assert_eq!(edge.create_order("projects"), in_seq_order, "in seq order");
+    if let Some(r) = other.running.take() {
+        r.stop().await;
+    }
+    env.shutdown().await;
+    let _ = nats.kill().await;
 }
 
 /// The server ends the session central's writer keeps between batches (an
