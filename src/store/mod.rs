@@ -1306,6 +1306,100 @@ mod tests {
         store.check_writable().await.unwrap();
     }
 
+    /// `out_of_sync` over several edges, with failed, timed-out and
+    /// unresolved rows (and one edge with none): exactly the rows a plain
+    /// model of the watermarks and exceptions says, in edge then seq order,
+    /// and with any limit a prefix of them; one edge's alone when asked.
+    #[tokio::test]
+    async fn out_of_sync_is_every_row_in_edge_then_seq_order_and_a_limit_takes_a_prefix() {
+        use crate::keystone::resolve::Resolution;
+        use crate::protocol::messages::{Ack, Outcome as AckOutcome};
+        let (_dir, store, _) = temp_store().await;
+        let mut ids = Vec::new();
+        for i in 1..=12 {
+            let op = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+            let state = if i == 11 {
+                OpState::UnknownOutcome
+            } else {
+                OpState::Committed
+            };
+            let seq = store
+                .commit_intent(op, state, &Outcome::default())
+                .await
+                .unwrap();
+            assert_eq!(seq, i);
+            ids.push(op.to_string());
+        }
+        let unresolvable = Resolution::Unresolvable {
+            detail: "not found either way".into(),
+        };
+        store.resolve_op(11, &ids[10], &unresolvable).await.unwrap();
+        let failed = |seq: i64| Ack {
+            seq,
+            op_id: ids[seq as usize - 1].clone(),
+            outcome: AckOutcome::Failed,
+            status: Some(500),
+            detail: Some(format!("op {seq} refused")),
+            edge_id_created: vec![],
+        };
+        // Each edge: its watermark and the ops that failed there (at or
+        // below it; e's op 10 failed above it).
+        let edges: [(&str, i64, &[i64]); 5] = [
+            ("a", 12, &[3, 7]),
+            ("b", 5, &[2]),
+            ("c", 12, &[]),
+            ("d", 0, &[]),
+            ("e", 8, &[4, 10]),
+        ];
+        for (edge, through, fails) in edges {
+            store.register_edge(edge, true).await.unwrap();
+            let (below, above): (Vec<i64>, Vec<i64>) = fails.iter().partition(|&&s| s <= through);
+            let exceptions: Vec<Ack> = below.iter().map(|&s| failed(s)).collect();
+            store
+                .record_outcomes(edge, 0, through, &exceptions, 0)
+                .await
+                .unwrap();
+            for seq in above {
+                store.record_ack(edge, &failed(seq)).await.unwrap();
+            }
+        }
+        let mut model = Vec::new();
+        for (edge, through, fails) in edges {
+            for seq in 1..=12i64 {
+                let state = if fails.contains(&seq) {
+                    "failed"
+                } else if seq == 11 {
+                    "unresolved"
+                } else if seq > through {
+                    "timed_out"
+                } else {
+                    continue;
+                };
+                model.push((edge.to_string(), seq, state.to_string()));
+            }
+        }
+        let rows = |limit: i64, edge: Option<&'static str>| {
+            let store = store.clone();
+            async move {
+                store
+                    .out_of_sync(edge, Duration::ZERO, limit)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.edge, r.seq, r.state))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(rows(1000, None).await, model);
+        for limit in 1..=model.len() as i64 + 1 {
+            let want = &model[..(limit as usize).min(model.len())];
+            assert_eq!(rows(limit, None).await, want, "limit {limit}");
+        }
+        let only_b: Vec<_> = model.iter().filter(|r| r.0 == "b").cloned().collect();
+        assert_eq!(rows(1000, Some("b")).await, only_b);
+        assert_eq!(rows(2, Some("b")).await, only_b[..2]);
+    }
+
     /// What the audit API shows of an op log, without what moves with the
     /// clock (silences, lags).
     async fn shown(store: &Store) -> String {

@@ -1,5 +1,6 @@
 //! Sync state SQL at central: entities' natural keys, edges, deliveries.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -455,17 +456,7 @@ impl Store {
         ack_timeout: Duration,
     ) -> Result<Vec<(String, DeliveryCounts)>, StoreError> {
         let last = self.last_seq().await?;
-        // Ops are logged in seq order (under the head row's lock on
-        // PostgreSQL, by the one writer on SQLite): the last one logged
-        // before the deadline is found at one end of the index on
-        // `logged_at`, not by reading every op older than it.
-        let old: i64 = sqlx::query_scalar(&self.d.sql(&format!(
-            "SELECT COALESCE((SELECT seq FROM ops WHERE logged_at < {OLDER}
-                              ORDER BY logged_at DESC, seq DESC LIMIT 1), 0)"
-        )))
-        .bind(older(ack_timeout))
-        .fetch_one(&self.reader)
-        .await?;
+        let old = self.logged_before(ack_timeout).await?;
         let edges: Vec<(String, i64, i64, i64)> = sqlx::query_as(&self.d.sql(&format!(
             "SELECT e.id, e.acked_seq,
                     (SELECT COUNT(*) FROM deliveries d
@@ -504,35 +495,83 @@ impl Store {
         ack_timeout: Duration,
         limit: i64,
     ) -> Result<Vec<OutOfSyncRow>, StoreError> {
-        let rows: Vec<OutOfSyncRow> = sqlx::query_as(&self.d.sql(&format!(
-            "SELECT * FROM (
-                 SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
-                        d.detail, {} AS updated_at, o.body
-                 FROM deliveries d JOIN ops o ON o.seq = d.seq
-                 WHERE d.state = 'failed' AND (?1 IS NULL OR d.edge = ?1)
-                 UNION ALL
-                 SELECT o.seq, o.op_id, e.id, 'timed_out', o.kind, o.method, o.path, NULL,
-                        CASE WHEN o.resolution = 'pending' THEN '{RESOLVING}' ELSE ?2 END,
-                        o.logged_at, NULL
-                 FROM edges e JOIN ops o ON o.seq > e.acked_seq
-                 WHERE o.logged_at < {OLDER_3} AND (?1 IS NULL OR e.id = ?1)
-                   AND o.resolution IS DISTINCT FROM 'unresolvable'
-                   AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = o.seq AND d.edge = e.id)
-                 UNION ALL
-                 SELECT o.seq, o.op_id, e.id, 'unresolved', o.kind, o.method, o.path, NULL,
-                        o.detail, o.logged_at, NULL
-                 FROM ops o CROSS JOIN edges e
-                 WHERE o.resolution = 'unresolvable' AND {UNRESOLVED}
-                   AND (?1 IS NULL OR e.id = ?1)
-             ) AS found ORDER BY edge, seq LIMIT ?4",
-            iso("d.updated_ms")
-        )))
+        // The work is bounded by `limit`, not by edges times ops behind: the
+        // edges that can have anything out of sync are found from their
+        // watermarks and the exception index, then read in order, each for
+        // at most what is still wanted.
+        let old = self.logged_before(ack_timeout).await?;
+        let unresolvable = sqlx::query_scalar::<_, i64>(
+            "SELECT seq FROM ops WHERE resolution = 'unresolvable' LIMIT 1",
+        )
+        .fetch_optional(&self.reader)
+        .await?
+        .is_some();
+        let failed: HashSet<String> =
+            sqlx::query_scalar("SELECT DISTINCT edge FROM deliveries WHERE state = 'failed'")
+                .fetch_all(&self.reader)
+                .await?
+                .into_iter()
+                .collect();
+        let edges: Vec<(String, i64)> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT id, acked_seq FROM edges WHERE (?1 IS NULL OR id = ?1) ORDER BY id"),
+        )
         .bind(edge)
-        .bind(no_ack(ack_timeout))
-        .bind(older(ack_timeout))
-        .bind(limit)
         .fetch_all(&self.reader)
         .await?;
+        let text = format!(
+            "SELECT * FROM (
+                 SELECT * FROM (
+                     SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
+                            d.detail, {} AS updated_at, o.body
+                     FROM deliveries d JOIN ops o ON o.seq = d.seq
+                     WHERE d.state = 'failed' AND d.edge = ?1
+                     ORDER BY d.seq LIMIT ?4) AS failed
+                 UNION ALL
+                 SELECT * FROM (
+                     SELECT o.seq, o.op_id, e.id AS edge, 'timed_out' AS state, o.kind, o.method,
+                            o.path, CAST(NULL AS BIGINT) AS status,
+                            CASE WHEN o.resolution = 'pending' THEN '{RESOLVING}' ELSE ?2 END
+                                AS detail,
+                            o.logged_at AS updated_at, CAST(NULL AS TEXT) AS body
+                     FROM edges e JOIN ops o ON o.seq > e.acked_seq AND o.seq <= ?5
+                     WHERE e.id = ?1 AND o.logged_at < {OLDER_3}
+                       AND o.resolution IS DISTINCT FROM 'unresolvable'
+                       AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                       WHERE d.seq = o.seq AND d.edge = e.id)
+                     ORDER BY o.seq LIMIT ?4) AS timed_out
+                 UNION ALL
+                 SELECT * FROM (
+                     SELECT o.seq, o.op_id, e.id AS edge, 'unresolved' AS state, o.kind, o.method,
+                            o.path, CAST(NULL AS BIGINT) AS status, o.detail,
+                            o.logged_at AS updated_at, CAST(NULL AS TEXT) AS body
+                     FROM ops o CROSS JOIN edges e
+                     WHERE o.resolution = 'unresolvable' AND {UNRESOLVED} AND e.id = ?1
+                     ORDER BY o.seq LIMIT ?4) AS unresolved
+             ) AS found ORDER BY seq LIMIT ?4",
+            iso("d.updated_ms")
+        );
+        let sql = self.d.sql(&text);
+        let mut rows: Vec<OutOfSyncRow> = Vec::new();
+        for (id, acked) in edges {
+            let wanted = limit - rows.len() as i64;
+            if wanted <= 0 {
+                break;
+            }
+            if acked >= old && !failed.contains(&id) && !unresolvable {
+                continue;
+            }
+            let found: Vec<OutOfSyncRow> = sqlx::query_as(&sql)
+                .bind(&id)
+                .bind(no_ack(ack_timeout))
+                .bind(older(ack_timeout))
+                .bind(wanted)
+                .bind(old)
+                .fetch_all(&self.reader)
+                .await?;
+            rows.extend(found);
+        }
         Ok(rows
             .into_iter()
             .map(|mut r| {
@@ -540,6 +579,20 @@ impl Store {
                 r
             })
             .collect())
+    }
+
+    /// The last op logged longer than `age` ago (0: none). Ops are logged in
+    /// seq order (under the head row's lock on PostgreSQL, by the one writer
+    /// on SQLite): it is found at one end of the index on `logged_at`, not
+    /// by reading every op older than it.
+    async fn logged_before(&self, age: Duration) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar(&self.d.sql(&format!(
+            "SELECT COALESCE((SELECT seq FROM ops WHERE logged_at < {OLDER}
+                              ORDER BY logged_at DESC, seq DESC LIMIT 1), 0)"
+        )))
+        .bind(older(age))
+        .fetch_one(&self.reader)
+        .await?)
     }
 }
 
