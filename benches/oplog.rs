@@ -106,7 +106,7 @@ async fn audit_at_scale(edges: usize, ops: usize) {
             .await
             .unwrap();
         store
-            .edge_hello(name, through, "bench", None)
+            .edge_hello(name, through, "bench", None, None)
             .await
             .unwrap();
     }
@@ -207,7 +207,10 @@ async fn retention_run(seconds: u64, prune: bool) -> RetentionRun {
                         .record_outcomes("e1", acked, last, &[], now_ms())
                         .await
                         .unwrap();
-                    store.edge_hello("e1", last, "bench", None).await.unwrap();
+                    store
+                        .edge_hello("e1", last, "bench", None, None)
+                        .await
+                        .unwrap();
                     acked = last;
                 }
             }

@@ -851,12 +851,9 @@ impl Resyncer {
         // there, was pruned: its watermark says nothing of the pruned ops.
         let pruned_unknown = self
             .store
-            .edge_sessions()
+            .edge_needs_resync(&edge)
             .await
             .map_err(op_log)?
-            .into_iter()
-            .find(|s| s.edge == edge)
-            .and_then(|s| s.needs_resync)
             .is_some_and(|why| why.contains(crate::store::PRUNED_WHILE_EXPIRED));
         let mut found = HashMap::new();
         for (user, (seq, password)) in latest {

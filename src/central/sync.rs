@@ -790,7 +790,7 @@ impl SyncCentral {
         self.initial_sync_wanted(&edge, &h).await;
         match self
             .store
-            .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref())
+            .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref(), None)
             .await
         {
             Ok(acked) => {
@@ -967,7 +967,6 @@ impl SyncCentral {
         if skew.abs() > SKEW_WARNING_MS && takeover {
             warn!(edge = %edge, skew_ms = skew, "an edge's clock is off central's: check NTP at that site");
         }
-        let _ = self.store.edge_skew(edge, skew).await;
         // While a second process with this ID lives, the row says so (the
         // holder's hellos do not clear it).
         let error = h
@@ -976,7 +975,7 @@ impl SyncCentral {
             .or_else(|| self.rival_alive(edge, from).then(|| two_processes(edge)));
         match self
             .store
-            .edge_hello(edge, h.cursor, &h.version, error.as_deref())
+            .edge_hello(edge, h.cursor, &h.version, error.as_deref(), Some(skew))
             .await
         {
             Ok(acked) => {
@@ -988,13 +987,7 @@ impl SyncCentral {
             Err(e) => error!(edge = %edge, error = %e, "cannot record edge state"),
         }
         let lease_ms = lease.as_millis() as u64;
-        let needs = self
-            .store
-            .edge_sessions()
-            .await
-            .ok()
-            .and_then(|rows| rows.into_iter().find(|s| s.edge == *edge))
-            .and_then(|s| s.needs_resync);
+        let needs = self.store.edge_needs_resync(edge).await.ok().flatten();
         if let Some(reason) = needs {
             self.want_resync(edge);
             return Grant::Resync {

@@ -1178,8 +1178,10 @@ mod tests {
         assert_eq!(unknown.len(), 1);
         store.register_edge("e1", true).await.unwrap();
         store.register_edge("e2", false).await.unwrap();
-        store.edge_hello("e1", 0, "test", None).await.unwrap();
-        store.edge_skew("e1", -25).await.unwrap();
+        store
+            .edge_hello("e1", 0, "test", None, Some(-25))
+            .await
+            .unwrap();
         store
             .hold_edge("e1", 7, 2, Some("db-1"), Duration::from_secs(30))
             .await

@@ -184,6 +184,18 @@ impl Store {
             .collect())
     }
 
+    /// Why one edge must be resynced before it applies more, if it must
+    /// (read as `edge_sessions` reads it, by the writer: what it wrote last).
+    pub async fn edge_needs_resync(&self, edge: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar::<_, Option<String>>(
+            &self.d.sql("SELECT needs_resync FROM edges WHERE id = ?"),
+        )
+        .bind(edge)
+        .fetch_optional(&self.writer)
+        .await?
+        .flatten())
+    }
+
     /// Records the session that holds an edge's ID, its protocol and its
     /// database; returns the database of the previous holder.
     pub async fn hold_edge(
@@ -231,35 +243,25 @@ impl Store {
         Ok(())
     }
 
-    /// Records an edge's clock skew (its clock less central's), as measured.
-    pub async fn edge_skew(&self, edge: &str, skew_ms: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            &self
-                .d
-                .sql("UPDATE edges SET clock_skew_ms = ? WHERE id = ?"),
-        )
-        .bind(skew_ms)
-        .bind(edge)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    /// Updates an edge from its hello; returns its watermark.
+    /// Updates an edge from its hello (and its clock's skew from central's,
+    /// when known); returns its watermark.
     pub async fn edge_hello(
         &self,
         id: &str,
         cursor: i64,
         version: &str,
         error: Option<&str>,
+        skew_ms: Option<i64>,
     ) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar(&self.d.sql(&format!(
-            "UPDATE edges SET cursor = ?, version = ?, error = ?, last_seen_ms = {NOW_MS}
+            "UPDATE edges SET cursor = ?, version = ?, error = ?, last_seen_ms = {NOW_MS},
+                              clock_skew_ms = COALESCE(?, clock_skew_ms)
              WHERE id = ? RETURNING acked_seq"
         )))
         .bind(cursor)
         .bind(version)
         .bind(error)
+        .bind(skew_ms)
         .bind(id)
         .fetch_optional(&self.writer)
         .await?
