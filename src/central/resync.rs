@@ -851,7 +851,7 @@ impl Resyncer {
         // there, was pruned: its watermark says nothing of the pruned ops.
         let pruned_unknown = self
             .store
-            .edge_needs_resync(&edge)
+            .edge_needs_resync(edge)
             .await
             .map_err(op_log)?
             .is_some_and(|why| why.contains(crate::store::PRUNED_WHILE_EXPIRED));
