@@ -192,7 +192,11 @@ def main():
         registered = time.monotonic() - started
         # Connected and idle: hellos only.
         m0, c0, t0 = metrics(admin), cpu_seconds(central.pid), time.monotonic()
+        idle_sampler = AuditSampler(admin, lambda: bench._last_seq(admin))
+        idle_sampler.start()
         time.sleep(opts.idle_seconds)
+        idle_sampler.stop.set()
+        idle_sampler.join()
         m1, c1, t1 = metrics(admin), cpu_seconds(central.pid), time.monotonic()
         idle = {"cpu": (c1 - c0) / (t1 - t0) * 100, "rss": proc_status(central.pid, "VmRSS"),
                 "msgs_in": (m1["syncgate_broker_msgs_in_total"] - m0["syncgate_broker_msgs_in_total"]) / (t1 - t0),
@@ -277,11 +281,13 @@ def main():
           f"(the writes take {opts.writes / opts.rate:.0f} s) |")
     print(f"| lag, central's commit to an edge's apply ({len(lags):,} applies) | "
           f"p50 {pct(lags, 50):.0f} ms, p99 {pct(lags, 99):.0f} ms |")
-    for key, values in sampler.samples.items():
-        print(f"| audit API GET {key} during the writes ({len(values)} requests) | "
-              f"p50 {pct(values, 50):.1f} ms, p95 {pct(values, 95):.1f} ms |")
-    if sampler.errors:
-        print(f"| audit API errors | {sampler.errors} |")
+    for when, s in (("the fleet connected and idle", idle_sampler), ("during the writes", sampler)):
+        for key, values in s.samples.items():
+            if values:
+                print(f"| audit API GET {key}, {when} ({len(values)} requests) | "
+                      f"p50 {pct(values, 50):.1f} ms, p95 {pct(values, 95):.1f} ms |")
+        if s.errors:
+            print(f"| audit API errors, {when} | {s.errors} |")
     if edge_rss:
         print(f"| an edge's RSS (mean, max; mostly the binary's pages, shared) | "
               f"{sum(edge_rss) / len(edge_rss):.1f} MiB, {max(edge_rss):.1f} MiB |")

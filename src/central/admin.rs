@@ -756,14 +756,7 @@ async fn get_edge(
     Path(edge): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let offline_ms = admin.edge_offline_after.as_millis() as i64;
-    let Some(row) = admin
-        .store
-        .edges()
-        .await
-        .map_err(internal)?
-        .into_iter()
-        .find(|e| e.id == edge)
-    else {
+    let Some(row) = admin.store.edge(&edge).await.map_err(internal)? else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{edge}'")));
     };
     if let Some(r) = admin.resyncer() {

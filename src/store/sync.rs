@@ -422,6 +422,15 @@ impl Store {
     }
 
     pub async fn edges(&self) -> Result<Vec<EdgeRow>, StoreError> {
+        self.edge_rows(None).await
+    }
+
+    /// One edge's row, as `edges` shows it.
+    pub async fn edge(&self, id: &str) -> Result<Option<EdgeRow>, StoreError> {
+        Ok(self.edge_rows(Some(id)).await?.pop())
+    }
+
+    async fn edge_rows(&self, id: Option<&str>) -> Result<Vec<EdgeRow>, StoreError> {
         Ok(sqlx::query_as(&self.d.sql(&format!(
             "SELECT e.id, e.declared, e.cursor, e.acked_seq, e.version, e.error,
                     e.protocol, e.needs_resync, e.clock_skew_ms,
@@ -430,9 +439,10 @@ impl Store {
                     GREATEST(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,
                     COALESCE((SELECT SG_SECONDS_SINCE(o.created_at)
                               FROM ops o WHERE o.seq = e.cursor + 1), 0.0) AS lag_seconds
-             FROM edges e ORDER BY e.id",
+             FROM edges e WHERE (?1 IS NULL OR e.id = ?1) ORDER BY e.id",
             iso("e.last_seen_ms")
         )))
+        .bind(id)
         .fetch_all(&self.reader)
         .await?)
     }
