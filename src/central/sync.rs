@@ -1496,3 +1496,66 @@ struct Recorded {
     seq: i64,
     at: tokio::time::Instant,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replies() -> Replies {
+        Replies {
+            closed: Default::default(),
+            waiting: Default::default(),
+            inbox: std::sync::Mutex::new(None),
+            prefix: "syncgate.inbox.central.".into(),
+        }
+    }
+
+    fn answer(subject: &str) -> async_nats::Message {
+        async_nats::Message {
+            subject: subject.into(),
+            reply: None,
+            payload: bytes::Bytes::from_static(b"answer"),
+            headers: None,
+            status: None,
+            description: None,
+            length: 6,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_reaches_only_who_asked_that_edge_under_that_token() {
+        let replies = replies();
+        let mut asked = replies.expect("e1", "t1").expect("open");
+        // Another edge's part of the inbox, an unknown token, a foreign subject.
+        replies.deliver(answer("syncgate.inbox.central.e2.t1"));
+        replies.deliver(answer("syncgate.inbox.central.e1.t2"));
+        replies.deliver(answer("other.inbox.central.e1.t1"));
+        assert!(
+            asked.try_recv().is_err(),
+            "nothing for the one who asked yet"
+        );
+        replies.deliver(answer("syncgate.inbox.central.e1.t1"));
+        let got = asked.await.expect("answered").expect("an answer");
+        assert_eq!(&got.payload[..], b"answer");
+        assert!(replies.lock().is_empty(), "an answered token is forgotten");
+    }
+
+    #[tokio::test]
+    async fn once_closed_whoever_waits_hears_at_once_and_nothing_more_is_asked() {
+        let replies = replies();
+        let waiting = replies.expect("e1", "t1").expect("open");
+        replies.close();
+        // The one waiting is told now, not at its timeout.
+        assert!(
+            waiting.await.is_err(),
+            "a closed sync's waiters are dropped"
+        );
+        assert!(
+            replies.expect("e1", "t2").is_none(),
+            "nothing is asked once closed"
+        );
+        // A late answer finds nobody and is dropped.
+        replies.deliver(answer("syncgate.inbox.central.e1.t1"));
+        assert!(replies.lock().is_empty());
+    }
+}

@@ -284,15 +284,18 @@ async fn write_all(
                 .bind(outcome.request_id.as_deref())
                 .bind(outcome.detail.as_deref());
         });
-        // One writer: the next seq follows the last op.
-        q.push("), h (base) AS (SELECT COALESCE(MAX(seq), 0) FROM ops)");
+        // One writer: the next seq follows the last op, and its time is
+        // never before the last op's (see `LOGGED_AT`).
+        q.push(&format!(
+            "), h (base, at) AS (SELECT COALESCE(MAX(seq), 0), MAX(SG_NOW(), COALESCE(({LAST_LOGGED_AT}), '')) FROM ops)"
+        ));
         q.push(
             " INSERT INTO ops (seq, op_id, state, method, path, class, kind, created_ids, body,
                                 upstream_status, request_id, detail, refs, traceparent,
                                 created_at, logged_at, resolution)
                SELECT h.base + ROW_NUMBER() OVER (ORDER BY v.ord), i.op_id, v.state, i.method,
                  i.path, i.class, i.kind, v.created_ids, COALESCE(v.body, i.body), v.status,
-                 v.request_id, v.detail, i.refs, i.traceparent, i.created_at, SG_NOW(),
+                 v.request_id, v.detail, i.refs, i.traceparent, i.created_at, h.at,
                  CASE WHEN v.state = 'unknown_outcome' THEN 'pending' END
                FROM v JOIN intents i ON i.op_id = v.op_id CROSS JOIN h
                ORDER BY v.ord
@@ -1168,6 +1171,15 @@ const OPEN_SHARED: Part = Part {
     ),
 };
 
+/// The last op's `logged_at`. An op is logged at the later of now and the
+/// last op's time, so `logged_at` never goes down as `seq` goes up, even when
+/// the clock is stepped back: "the last op logged before T" is found at one
+/// end of the index on `logged_at` (the audit's timeouts, the delivery
+/// counts, retention), and an op logged after a step back is never taken for
+/// one older than those before it. (On PostgreSQL the op at the head's seq,
+/// read once the head row is locked: the last op, which is never pruned.)
+const LAST_LOGGED_AT: &str = "SELECT logged_at FROM ops ORDER BY seq DESC LIMIT 1";
+
 /// Logs commits as ops (PostgreSQL): `?` the commits, their keys, the
 /// entities learned, the intents dropped. Each part of one statement reads
 /// the rows as they were before it: the intents made ops are read (once,
@@ -1197,7 +1209,8 @@ const COMMIT: Part = Part {
                          created_at, logged_at, resolution)
         SELECT h.base + ROW_NUMBER() OVER (ORDER BY f.ord), f.op_id, f.state, f.method,
           f.path, f.class, f.kind, f.created_ids, COALESCE(f.v_body, f.body), f.status,
-          f.request_id, f.detail, f.refs, f.traceparent, f.created_at, SG_NOW(),
+          f.request_id, f.detail, f.refs, f.traceparent, f.created_at,
+          GREATEST(SG_NOW(), COALESCE((SELECT o.logged_at FROM ops o WHERE o.seq = h.base), '')),
           CASE WHEN f.state = 'unknown_outcome' THEN 'pending' END
         FROM found f CROSS JOIN h
         ORDER BY f.ord

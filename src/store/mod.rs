@@ -1314,13 +1314,51 @@ mod tests {
     /// and with any limit a prefix of them; one edge's alone when asked.
     #[tokio::test]
     async fn out_of_sync_is_every_row_in_edge_then_seq_order_and_a_limit_takes_a_prefix() {
+        out_of_sync_as_modelled(
+            Some(11),
+            &[
+                ("a", 12, &[3, 7]),
+                ("b", 5, &[2]),
+                ("c", 12, &[]),
+                ("d", 0, &[]),
+                ("e", 8, &[4, 10]),
+            ],
+        )
+        .await;
+    }
+
+    /// Without an unresolvable op (which makes every edge worth reading),
+    /// an edge whose watermark is current is still read when it has a
+    /// failed op: one below its watermark, and one its last ack recorded
+    /// as it moved the watermark to the end. An edge registered after the
+    /// ops has them all timed out.
+    #[tokio::test]
+    async fn out_of_sync_reads_an_edge_with_a_current_watermark_that_has_a_failed_op() {
+        out_of_sync_as_modelled(
+            None,
+            &[
+                ("a", 12, &[3]),
+                ("b", 11, &[12]),
+                ("c", 12, &[]),
+                ("d", 0, &[]),
+                ("e", 12, &[]),
+            ],
+        )
+        .await;
+    }
+
+    /// Twelve ops (`unresolvable` the seq of one whose outcome could not be
+    /// told), the edges' watermarks and failed ops (an ack for each failed
+    /// op above the watermark, the rest with the watermark's outcomes), then
+    /// `out_of_sync` against the model, with every limit and for one edge.
+    async fn out_of_sync_as_modelled(unresolvable: Option<i64>, edges: &[(&str, i64, &[i64])]) {
         use crate::keystone::resolve::Resolution;
         use crate::protocol::messages::{Ack, Outcome as AckOutcome};
         let (_dir, store, _) = temp_store().await;
         let mut ids = Vec::new();
         for i in 1..=12 {
             let op = store.begin_intent(&intent("/v3/projects")).await.unwrap();
-            let state = if i == 11 {
+            let state = if Some(i) == unresolvable {
                 OpState::UnknownOutcome
             } else {
                 OpState::Committed
@@ -1332,10 +1370,15 @@ mod tests {
             assert_eq!(seq, i);
             ids.push(op.to_string());
         }
-        let unresolvable = Resolution::Unresolvable {
-            detail: "not found either way".into(),
-        };
-        store.resolve_op(11, &ids[10], &unresolvable).await.unwrap();
+        if let Some(seq) = unresolvable {
+            let unresolvable = Resolution::Unresolvable {
+                detail: "not found either way".into(),
+            };
+            store
+                .resolve_op(seq, &ids[seq as usize - 1], &unresolvable)
+                .await
+                .unwrap();
+        }
         let failed = |seq: i64| Ack {
             seq,
             op_id: ids[seq as usize - 1].clone(),
@@ -1344,16 +1387,7 @@ mod tests {
             detail: Some(format!("op {seq} refused")),
             edge_id_created: vec![],
         };
-        // Each edge: its watermark and the ops that failed there (at or
-        // below it; e's op 10 failed above it).
-        let edges: [(&str, i64, &[i64]); 5] = [
-            ("a", 12, &[3, 7]),
-            ("b", 5, &[2]),
-            ("c", 12, &[]),
-            ("d", 0, &[]),
-            ("e", 8, &[4, 10]),
-        ];
-        for (edge, through, fails) in edges {
+        for &(edge, through, fails) in edges {
             store.register_edge(edge, true).await.unwrap();
             let (below, above): (Vec<i64>, Vec<i64>) = fails.iter().partition(|&&s| s <= through);
             let exceptions: Vec<Ack> = below.iter().map(|&s| failed(s)).collect();
@@ -1366,11 +1400,11 @@ mod tests {
             }
         }
         let mut model = Vec::new();
-        for (edge, through, fails) in edges {
+        for &(edge, through, fails) in edges {
             for seq in 1..=12i64 {
                 let state = if fails.contains(&seq) {
                     "failed"
-                } else if seq == 11 {
+                } else if Some(seq) == unresolvable {
                     "unresolved"
                 } else if seq > through {
                     "timed_out"
@@ -1380,11 +1414,11 @@ mod tests {
                 model.push((edge.to_string(), seq, state.to_string()));
             }
         }
-        let rows = |limit: i64, edge: Option<&'static str>| {
+        let rows = |limit: i64, edge: Option<String>| {
             let store = store.clone();
             async move {
                 store
-                    .out_of_sync(edge, Duration::ZERO, limit)
+                    .out_of_sync(edge.as_deref(), Duration::ZERO, limit)
                     .await
                     .unwrap()
                     .into_iter()
@@ -1397,9 +1431,48 @@ mod tests {
             let want = &model[..(limit as usize).min(model.len())];
             assert_eq!(rows(limit, None).await, want, "limit {limit}");
         }
-        let only_b: Vec<_> = model.iter().filter(|r| r.0 == "b").cloned().collect();
-        assert_eq!(rows(1000, Some("b")).await, only_b);
-        assert_eq!(rows(2, Some("b")).await, only_b[..2]);
+        for &(edge, ..) in edges {
+            let only: Vec<_> = model.iter().filter(|r| r.0 == edge).cloned().collect();
+            assert_eq!(rows(1000, Some(edge.into())).await, only, "edge {edge}");
+            let two = &only[..only.len().min(2)];
+            assert_eq!(
+                rows(2, Some(edge.into())).await,
+                two,
+                "edge {edge}, limit 2"
+            );
+        }
+    }
+
+    /// An op is logged at the later of now and the last op's time: stepped
+    /// back, the clock never makes a new op look older than those before it
+    /// (the audit finds "the last op logged before T" at one end of the
+    /// index on `logged_at`; an op that looked older would hide the ops
+    /// after it from the timeouts).
+    #[tokio::test]
+    async fn an_op_is_never_logged_before_the_op_it_follows() {
+        let (_dir, store, _) = temp_store().await;
+        let commit = |store: Store| async move {
+            let op = store.begin_intent(&intent("/v3/projects")).await.unwrap();
+            store
+                .commit_intent(op, OpState::Committed, &Outcome::default())
+                .await
+                .unwrap()
+        };
+        assert_eq!(commit(store.clone()).await, 1);
+        // As if the clock had been ahead when op 1 was logged.
+        let ahead = "2999-01-01T00:00:00.000Z";
+        sqlx::query(&store.d.sql("UPDATE ops SET logged_at = ? WHERE seq = 1"))
+            .bind(ahead)
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(commit(store.clone()).await, 2);
+        assert_eq!(commit(store.clone()).await, 3);
+        let logged: Vec<String> = sqlx::query_scalar("SELECT logged_at FROM ops ORDER BY seq")
+            .fetch_all(&store.writer)
+            .await
+            .unwrap();
+        assert_eq!(logged, [ahead, ahead, ahead]);
     }
 
     /// What the audit API shows of an op log, without what moves with the

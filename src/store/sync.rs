@@ -1,6 +1,5 @@
 //! Sync state SQL at central: entities' natural keys, edges, deliveries.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -431,7 +430,9 @@ impl Store {
     }
 
     async fn edge_rows(&self, id: Option<&str>) -> Result<Vec<EdgeRow>, StoreError> {
-        Ok(sqlx::query_as(&self.d.sql(&format!(
+        // One edge by its key, not a filter a generic plan scans with.
+        let only = if id.is_some() { "WHERE e.id = ?" } else { "" };
+        let text = self.d.sql(&format!(
             "SELECT e.id, e.declared, e.cursor, e.acked_seq, e.version, e.error,
                     e.protocol, e.needs_resync, e.clock_skew_ms,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {} END AS last_seen,
@@ -439,12 +440,15 @@ impl Store {
                     GREATEST(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,
                     COALESCE((SELECT SG_SECONDS_SINCE(o.created_at)
                               FROM ops o WHERE o.seq = e.cursor + 1), 0.0) AS lag_seconds
-             FROM edges e WHERE (?1 IS NULL OR e.id = ?1) ORDER BY e.id",
+             FROM edges e {only} ORDER BY e.id",
             iso("e.last_seen_ms")
-        )))
-        .bind(id)
-        .fetch_all(&self.reader)
-        .await?)
+        ))
+        .into_owned();
+        let mut query = sqlx::query_as(&text);
+        if let Some(id) = id {
+            query = query.bind(id);
+        }
+        Ok(query.fetch_all(&self.reader).await?)
     }
 
     /// Deliveries pending, failed and timed out over all edges.
@@ -509,29 +513,31 @@ impl Store {
     ) -> Result<Vec<OutOfSyncRow>, StoreError> {
         // The work is bounded by `limit`, not by edges times ops behind: the
         // edges that can have anything out of sync are found from their
-        // watermarks and the exception index, then read in order, each for
-        // at most what is still wanted.
+        // watermarks and the exception indexes, then read in order, each for
+        // at most what is still wanted. Each edge's watermark, failed
+        // deliveries and unresolvable ops are read in one statement (one
+        // snapshot): an ack that records a failure moves the watermark in the
+        // same transaction, and reads apart could see the watermark moved
+        // and not the failure.
         let old = self.logged_before(ack_timeout).await?;
-        let unresolvable = sqlx::query_scalar::<_, i64>(
-            "SELECT seq FROM ops WHERE resolution = 'unresolvable' LIMIT 1",
-        )
-        .fetch_optional(&self.reader)
-        .await?
-        .is_some();
-        let failed: HashSet<String> =
-            sqlx::query_scalar("SELECT DISTINCT edge FROM deliveries WHERE state = 'failed'")
-                .fetch_all(&self.reader)
-                .await?
-                .into_iter()
-                .collect();
-        let edges: Vec<(String, i64)> = sqlx::query_as(
-            &self
-                .d
-                .sql("SELECT id, acked_seq FROM edges WHERE (?1 IS NULL OR id = ?1) ORDER BY id"),
-        )
-        .bind(edge)
-        .fetch_all(&self.reader)
-        .await?;
+        let only = if edge.is_some() { "WHERE e.id = ?" } else { "" };
+        let text = self
+            .d
+            .sql(&format!(
+                "SELECT e.id, e.acked_seq,
+                    CASE WHEN EXISTS (SELECT 1 FROM deliveries d
+                                      WHERE d.state = 'failed' AND d.edge = e.id)
+                         THEN 1 ELSE 0 END,
+                    CASE WHEN EXISTS (SELECT 1 FROM ops o WHERE {UNRESOLVED})
+                         THEN 1 ELSE 0 END
+             FROM edges e {only} ORDER BY e.id"
+            ))
+            .into_owned();
+        let mut query = sqlx::query_as::<_, (String, i64, i64, i64)>(&text);
+        if let Some(edge) = edge {
+            query = query.bind(edge);
+        }
+        let candidates = query.fetch_all(&self.reader).await?;
         let text = format!(
             "SELECT * FROM (
                  SELECT * FROM (
@@ -566,12 +572,12 @@ impl Store {
         );
         let sql = self.d.sql(&text);
         let mut rows: Vec<OutOfSyncRow> = Vec::new();
-        for (id, acked) in edges {
+        for (id, acked, failed, unresolvable) in candidates {
             let wanted = limit - rows.len() as i64;
             if wanted <= 0 {
                 break;
             }
-            if acked >= old && !failed.contains(&id) && !unresolvable {
+            if acked >= old && failed == 0 && unresolvable == 0 {
                 continue;
             }
             let found: Vec<OutOfSyncRow> = sqlx::query_as(&sql)
