@@ -2,9 +2,11 @@
 # Benchmarks, all of them: reads and captured writes through the gateway side by
 # side with nginx, an edge's catch-up and the replication lag (scripts/bench.py),
 # then the embedded broker against nats-server (scripts/bench-broker.sh;
-# BENCH_BROKER=0 skips it), then a fleet of real edge processes on one central
+# BENCH_BROKER=0 skips it), the audit API's queries with a thousand edges and
+# retention under captured writes (cargo bench --bench oplog; BENCH_OPLOG=0
+# skips it), then a fleet of real edge processes on one central
 # (scripts/bench-fleet.py; BENCH_FLEET=0 skips it, BENCH_FLEET_EDGES=N sets
-# its size, 1,000 by default, about 20 MiB of memory each). Captured writes
+# its size, 1,000 by default, about 6 MiB of memory each). Captured writes
 # are measured again with the op log on a private PostgreSQL server (fsync and
 # synchronous_commit on; BENCH_POSTGRES=0 skips it). Installs wrk, nginx and postgresql with apt-get
 # when missing (as root). Prints figures; never fails on a timing. See
@@ -29,6 +31,9 @@ fi
 python3 scripts/bench.py "${pg[@]}" "$@"
 if [ "${BENCH_BROKER:-1}" != 0 ]; then
     scripts/bench-broker.sh
+fi
+if [ "${BENCH_OPLOG:-1}" != 0 ]; then
+    cargo bench --locked --quiet --bench oplog
 fi
 if [ "${BENCH_FLEET:-1}" != 0 ]; then
     python3 scripts/bench-fleet.py --edges "${BENCH_FLEET_EDGES:-1000}"

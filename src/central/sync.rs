@@ -166,6 +166,14 @@ impl Replies {
     }
 }
 
+/// A hello's answer while the op log cannot be read or written: the edge
+/// applies nothing and says hello again (never granted on a guess).
+fn unreadable() -> Grant {
+    Grant::Wait {
+        reason: "central cannot read its op log right now".into(),
+    }
+}
+
 /// Closes a sync's `Replies` however its `run` ends.
 struct CloseReplies(Arc<SyncCentral>);
 
@@ -904,9 +912,7 @@ impl SyncCentral {
             Ok(p) => p.map_or(0, |(acked, _)| acked),
             Err(e) => {
                 error!(edge = %edge, error = %e, "cannot read an edge's position");
-                return Grant::Wait {
-                    reason: "central cannot read its op log right now".into(),
-                };
+                return unreadable();
             }
         };
         // Another process, on another database, held the ID before this
@@ -938,6 +944,7 @@ impl SyncCentral {
                 warn!(edge = %edge, "edge process on another database; resyncing it");
                 if let Err(e) = self.store.set_needs_resync(edge, Some(why)).await {
                     error!(edge = %edge, error = %e, "cannot record that an edge needs a resync");
+                    return unreadable();
                 }
             } else if h.cursor < acked {
                 let why = format!(
@@ -949,10 +956,19 @@ impl SyncCentral {
                 warn!(edge = %edge, acked, cursor = h.cursor, "edge state lost; resyncing it");
                 if let Err(e) = self.store.set_needs_resync(edge, Some(&why)).await {
                     error!(edge = %edge, error = %e, "cannot record that an edge needs a resync");
+                    return unreadable();
                 }
             }
         }
-        let last = self.store.last_seq().await.unwrap_or(0);
+        // What the op log cannot say is never taken for "nothing": an edge
+        // granted on a guess could replay what it applied, or skip a resync.
+        let last = match self.store.last_seq().await {
+            Ok(last) => last,
+            Err(e) => {
+                error!(edge = %edge, error = %e, "cannot read the op log's last seq");
+                return unreadable();
+            }
+        };
         if h.cursor > last {
             let reason = format!(
                 "this edge's cursor ({}) is past central's op log (last op {last}): central's op \
@@ -987,7 +1003,13 @@ impl SyncCentral {
             Err(e) => error!(edge = %edge, error = %e, "cannot record edge state"),
         }
         let lease_ms = lease.as_millis() as u64;
-        let needs = self.store.edge_needs_resync(edge).await.ok().flatten();
+        let needs = match self.store.edge_needs_resync(edge).await {
+            Ok(needs) => needs,
+            Err(e) => {
+                error!(edge = %edge, error = %e, "cannot read whether an edge needs a resync");
+                return unreadable();
+            }
+        };
         if let Some(reason) = needs {
             self.want_resync(edge);
             return Grant::Resync {
