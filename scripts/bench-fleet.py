@@ -226,7 +226,12 @@ def main():
         sampler.join()
         busy = {"cpu": (c3 - c2) / (t3 - t2) * 100, "converged": t3 - t2,
                 "msgs_in": (m3["syncgate_broker_msgs_in_total"] - m2["syncgate_broker_msgs_in_total"]) / (t3 - t2),
-                "msgs_out": (m3["syncgate_broker_msgs_out_total"] - m2["syncgate_broker_msgs_out_total"]) / (t3 - t2)}
+                "msgs_out": (m3["syncgate_broker_msgs_out_total"] - m2["syncgate_broker_msgs_out_total"]) / (t3 - t2),
+                # Ops an edge missed on the stream (its client's buffer full,
+                # or closed as a slow consumer) come again by replay.
+                "replayed": m3.get("syncgate_ops_replayed_total", 0) - m2.get("syncgate_ops_replayed_total", 0),
+                "slow": m3.get("syncgate_broker_slow_consumers_total", 0)
+                - m2.get("syncgate_broker_slow_consumers_total", 0)}
         edge_rss = [proc_status(p.pid, "VmRSS") for p in edges]
         edge_rss = [r for r in edge_rss if r == r]
         edge_own = [own_memory(p.pid) for p in edges]
@@ -285,6 +290,8 @@ def main():
           f"{idle['msgs_out']:,.0f} msgs/s out, {idle['bytes_in'] / 1024:,.0f} KiB/s in |")
     print(f"| broker traffic, writes until every edge acknowledged | {busy['msgs_in']:,.0f} msgs/s in, "
           f"{busy['msgs_out']:,.0f} msgs/s out |")
+    print(f"| ops replayed, edges closed as slow consumers, during the writes | "
+          f"{busy['replayed']:,.0f}, {busy['slow']:,.0f} |")
     print(f"| every edge acknowledged every op | {busy['converged']:.1f} s after the first write "
           f"(the writes take {opts.writes / opts.rate:.0f} s) |")
     print(f"| lag, central's commit to an edge's apply ({len(lags):,} applies) | "

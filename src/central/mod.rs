@@ -415,6 +415,16 @@ impl Central {
             }
         };
         store.set_settle(config.upstream_settle);
+        match store.clock_behind_op_log().await {
+            Ok(Some((last, now))) => warn!(
+                last_logged_at = %last, now = %now,
+                "the op log's last op was logged after the op log's clock says it is now (the \
+                 clock was ahead and was stepped back): ops logged until the clock passes it \
+                 carry its time, so their ack timeouts and retention wait until then; check NTP"
+            ),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot compare the op log's last op with the clock"),
+        }
         let me = format!("{}:{}", hostname(), std::process::id());
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await

@@ -166,14 +166,6 @@ impl Replies {
     }
 }
 
-/// A hello's answer while the op log cannot be read or written: the edge
-/// applies nothing and says hello again (never granted on a guess).
-fn unreadable() -> Grant {
-    Grant::Wait {
-        reason: "central cannot read its op log right now".into(),
-    }
-}
-
 /// Closes a sync's `Replies` however its `run` ends.
 struct CloseReplies(Arc<SyncCentral>);
 
@@ -795,7 +787,9 @@ impl SyncCentral {
                 },
             );
         }
-        self.initial_sync_wanted(&edge, &h).await;
+        if let Err(e) = self.initial_sync_wanted(&edge, &h).await {
+            error!(edge = %edge, error = %e, "cannot read where the op log starts");
+        }
         match self
             .store
             .edge_hello(&edge, h.cursor, &h.version, h.error.as_deref(), None)
@@ -908,6 +902,15 @@ impl SyncCentral {
                 };
             }
         };
+        // Until it is granted, a store error makes this process a stranger
+        // again: its next hello is a takeover, checked afresh (a holder's
+        // hello skips the checks below).
+        let unreadable = || {
+            self.forget_holder(edge, from);
+            Grant::Wait {
+                reason: "central cannot read or write its op log right now".into(),
+            }
+        };
         let acked = match self.store.edge_position(edge).await {
             Ok(p) => p.map_or(0, |(acked, _)| acked),
             Err(e) => {
@@ -920,17 +923,18 @@ impl SyncCentral {
         let mut earlier_holder = false;
         if takeover {
             info!(edge = %edge, session = from, cursor = h.cursor, "edge process holds its ID");
+            let why = "a process on another database than the last holder's took this edge's \
+                       ID (a second process, or a lost or replaced volume): it is resynced \
+                       from central's state instead of replaying ops its site may hold";
             let (before, before_session) = match self
                 .store
-                .hold_edge(edge, from, 2, h.database.as_deref(), lease)
+                .hold_edge(edge, from, 2, h.database.as_deref(), lease, why)
                 .await
             {
                 Ok(before) => before,
                 Err(e) => {
                     error!(edge = %edge, error = %e, "cannot record an edge's session");
-                    return Grant::Wait {
-                        reason: "central cannot record this edge's session right now".into(),
-                    };
+                    return unreadable();
                 }
             };
             let other_database = matches!((&before, &h.database), (Some(b), Some(d)) if b != d);
@@ -938,14 +942,8 @@ impl SyncCentral {
             // process stopped says whether to wait; on another, it cannot.
             earlier_holder = other_database && before_session.is_some_and(|s| s != 0 && s != from);
             if other_database {
-                let why = "a process on another database than the last holder's took this edge's \
-                           ID (a second process, or a lost or replaced volume): it is resynced \
-                           from central's state instead of replaying ops its site may hold";
+                // Marked for a resync by `hold_edge`, with the database.
                 warn!(edge = %edge, "edge process on another database; resyncing it");
-                if let Err(e) = self.store.set_needs_resync(edge, Some(why)).await {
-                    error!(edge = %edge, error = %e, "cannot record that an edge needs a resync");
-                    return unreadable();
-                }
             } else if h.cursor < acked {
                 let why = format!(
                     "its cursor went back from {acked} to {}: its database was lost or restored \
@@ -1018,7 +1016,14 @@ impl SyncCentral {
                 earlier_holder: true,
             };
         }
-        if self.initial_sync_wanted(edge, h).await {
+        let initial = match self.initial_sync_wanted(edge, h).await {
+            Ok(wanted) => wanted,
+            Err(e) => {
+                error!(edge = %edge, error = %e, "cannot read where the op log starts");
+                return unreadable();
+            }
+        };
+        if initial {
             return Grant::Resync {
                 lease_ms,
                 reason: "an initial sync from central's state comes first".into(),
@@ -1234,14 +1239,26 @@ impl SyncCentral {
     /// An edge that asks for an initial sync, or whose next op is no longer in
     /// the op log (it joins with nothing after ops were pruned, or fell behind
     /// retention), gets one.
-    async fn initial_sync_wanted(&self, edge: &str, hello: &Hello) -> bool {
+    async fn initial_sync_wanted(
+        &self,
+        edge: &str,
+        hello: &Hello,
+    ) -> Result<bool, crate::store::StoreError> {
         let wanted = hello.initial_sync
-            || matches!(self.store.first_seq().await,
-                        Ok(Some(first)) if first > hello.cursor.saturating_add(1));
+            || matches!(self.store.first_seq().await?,
+                        Some(first) if first > hello.cursor.saturating_add(1));
         if wanted {
             self.want_resync(edge);
         }
-        wanted
+        Ok(wanted)
+    }
+
+    /// Forgets that `session` holds `edge` (a hello not granted after all).
+    fn forget_holder(&self, edge: &str, session: u64) {
+        let mut holders = self.holders.lock().unwrap_or_else(|p| p.into_inner());
+        if holders.get(edge).is_some_and(|h| h.session == session) {
+            holders.remove(edge);
+        }
     }
 
     /// Asks for an automatic resync of an edge (at most one a minute).

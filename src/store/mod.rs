@@ -1000,6 +1000,21 @@ impl Store {
         )
     }
 
+    /// The last op's logged time and now, when the last op was logged after
+    /// now by this op log's clock (it was ahead, and was stepped back): the
+    /// ops logged until the clock passes it carry its time (see
+    /// `batch::LAST_LOGGED_AT`), and their ack timeouts and retention wait.
+    pub async fn clock_behind_op_log(&self) -> Result<Option<(String, String)>, StoreError> {
+        let last: Option<(String, String)> = sqlx::query_as(
+            &self
+                .d
+                .sql("SELECT logged_at, SG_NOW() FROM ops WHERE seq = (SELECT MAX(seq) FROM ops)"),
+        )
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(last.filter(|(logged, now)| logged > now))
+    }
+
     pub async fn open_intents(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar(&self.d.sql("SELECT COUNT(*) FROM intents"))
@@ -1183,7 +1198,14 @@ mod tests {
             .await
             .unwrap();
         store
-            .hold_edge("e1", 7, 2, Some("db-1"), Duration::from_secs(30))
+            .hold_edge(
+                "e1",
+                7,
+                2,
+                Some("db-1"),
+                Duration::from_secs(30),
+                "another database",
+            )
             .await
             .unwrap();
         let ack = |(seq, op_id): &(i64, String), outcome, detail: Option<&str>| Ack {
@@ -1322,7 +1344,12 @@ mod tests {
                 ("c", 12, &[]),
                 ("d", 0, &[]),
                 ("e", 8, &[4, 10]),
+                ("f", 12, &[]),
+                ("g", 12, &[]),
             ],
+            // f was resynced past the unresolvable op (it has nothing out
+            // of sync); g's resync stopped before it.
+            &[("f", 12), ("g", 10)],
         )
         .await;
     }
@@ -1343,15 +1370,21 @@ mod tests {
                 ("d", 0, &[]),
                 ("e", 12, &[]),
             ],
+            &[],
         )
         .await;
     }
 
     /// Twelve ops (`unresolvable` the seq of one whose outcome could not be
     /// told), the edges' watermarks and failed ops (an ack for each failed
-    /// op above the watermark, the rest with the watermark's outcomes), then
-    /// `out_of_sync` against the model, with every limit and for one edge.
-    async fn out_of_sync_as_modelled(unresolvable: Option<i64>, edges: &[(&str, i64, &[i64])]) {
+    /// op above the watermark, the rest with the watermark's outcomes) and
+    /// finished resyncs (edge, fence), then `out_of_sync` against the model,
+    /// with every limit and for one edge.
+    async fn out_of_sync_as_modelled(
+        unresolvable: Option<i64>,
+        edges: &[(&str, i64, &[i64])],
+        resynced: &[(&str, i64)],
+    ) {
         use crate::keystone::resolve::Resolution;
         use crate::protocol::messages::{Ack, Outcome as AckOutcome};
         let (_dir, store, _) = temp_store().await;
@@ -1399,12 +1432,24 @@ mod tests {
                 store.record_ack(edge, &failed(seq)).await.unwrap();
             }
         }
+        for &(edge, fence) in resynced {
+            store.begin_resync(edge, "resync", false).await.unwrap();
+            store
+                .resync_progress(edge, "creating", Some(fence), 1, 1)
+                .await
+                .unwrap();
+            store
+                .end_resync(edge, Ok(&serde_json::json!({})))
+                .await
+                .unwrap();
+        }
         let mut model = Vec::new();
         for &(edge, through, fails) in edges {
+            let fence = resynced.iter().find(|r| r.0 == edge).map_or(0, |r| r.1);
             for seq in 1..=12i64 {
                 let state = if fails.contains(&seq) {
                     "failed"
-                } else if Some(seq) == unresolvable {
+                } else if Some(seq) == unresolvable && seq > fence {
                     "unresolved"
                 } else if seq > through {
                     "timed_out"
@@ -1443,6 +1488,40 @@ mod tests {
         }
     }
 
+    /// A process on another database than the last holder's is marked for
+    /// a resync by the same write that records its database (apart, a
+    /// failure between them would leave the new database and no mark, and
+    /// no later hello could tell); the same database, or a first one, is not.
+    #[tokio::test]
+    async fn holding_an_edge_from_another_database_marks_it_for_a_resync_in_the_same_write() {
+        let (_dir, store, _) = temp_store().await;
+        store.register_edge("e1", true).await.unwrap();
+        let lease = Duration::from_secs(30);
+        let hold = |session: u64, db: Option<&'static str>| {
+            let store = store.clone();
+            async move {
+                store
+                    .hold_edge("e1", session, 2, db, lease, "another database")
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(hold(1, Some("db-1")).await, (None, Some(0)));
+        assert_eq!(hold(2, Some("db-1")).await, (Some("db-1".into()), Some(1)));
+        assert_eq!(hold(3, None).await, (Some("db-1".into()), Some(2)));
+        assert_eq!(store.edge_needs_resync("e1").await.unwrap(), None);
+        assert_eq!(hold(4, Some("db-2")).await, (Some("db-1".into()), Some(3)));
+        assert_eq!(
+            store.edge_needs_resync("e1").await.unwrap().as_deref(),
+            Some("another database")
+        );
+        // The mark stays until a resync clears it, whoever holds the ID.
+        assert_eq!(hold(5, Some("db-2")).await, (Some("db-2".into()), Some(4)));
+        assert!(store.edge_needs_resync("e1").await.unwrap().is_some());
+        store.set_needs_resync("e1", None).await.unwrap();
+        assert_eq!(store.edge_needs_resync("e1").await.unwrap(), None);
+    }
+
     /// An op is logged at the later of now and the last op's time: stepped
     /// back, the clock never makes a new op look older than those before it
     /// (the audit finds "the last op logged before T" at one end of the
@@ -1459,20 +1538,49 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(commit(store.clone()).await, 1);
-        // As if the clock had been ahead when op 1 was logged.
-        let ahead = "2999-01-01T00:00:00.000Z";
-        sqlx::query(&store.d.sql("UPDATE ops SET logged_at = ? WHERE seq = 1"))
-            .bind(ahead)
-            .execute(&store.writer)
-            .await
-            .unwrap();
+        let set_logged = |seq: i64, at: &'static str| {
+            let store = store.clone();
+            async move {
+                sqlx::query(&store.d.sql("UPDATE ops SET logged_at = ? WHERE seq = ?"))
+                    .bind(at)
+                    .bind(seq)
+                    .execute(&store.writer)
+                    .await
+                    .unwrap();
+            }
+        };
+        // After an op logged long ago, an op is logged now.
+        let long_ago = "2020-01-01T00:00:00.000Z";
+        set_logged(1, long_ago).await;
         assert_eq!(commit(store.clone()).await, 2);
+        let (second, now): (String, String) = sqlx::query_as(
+            &store
+                .d
+                .sql("SELECT logged_at, SG_NOW() FROM ops WHERE seq = 2"),
+        )
+        .fetch_one(&store.writer)
+        .await
+        .unwrap();
+        assert!(
+            second.as_str() > long_ago && second <= now,
+            "{second} (now {now})"
+        );
+        assert_eq!(store.clock_behind_op_log().await.unwrap(), None);
+        // As if the clock had been ahead when op 2 was logged: the ops after
+        // it carry its time, and central says so when it starts.
+        let ahead = "2999-01-01T00:00:00.000Z";
+        set_logged(2, ahead).await;
         assert_eq!(commit(store.clone()).await, 3);
-        let logged: Vec<String> = sqlx::query_scalar("SELECT logged_at FROM ops ORDER BY seq")
-            .fetch_all(&store.writer)
-            .await
-            .unwrap();
+        assert_eq!(commit(store.clone()).await, 4);
+        let logged: Vec<String> =
+            sqlx::query_scalar("SELECT logged_at FROM ops WHERE seq > 1 ORDER BY seq")
+                .fetch_all(&store.writer)
+                .await
+                .unwrap();
         assert_eq!(logged, [ahead, ahead, ahead]);
+        let (last, now) = store.clock_behind_op_log().await.unwrap().expect("behind");
+        assert_eq!(last, ahead);
+        assert!(now.as_str() < ahead, "{now}");
     }
 
     /// What the audit API shows of an op log, without what moves with the

@@ -196,7 +196,9 @@ impl Store {
     }
 
     /// Records the session that holds an edge's ID, its protocol and its
-    /// database; returns the database of the previous holder.
+    /// database, and `other_database` as why it needs a resync when that
+    /// database is not the previous holder's; returns the previous holder's
+    /// database and session.
     pub async fn hold_edge(
         &self,
         edge: &str,
@@ -204,6 +206,7 @@ impl Store {
         protocol: u8,
         database: Option<&str>,
         lease: Duration,
+        other_database: &str,
     ) -> Result<(Option<String>, Option<u64>), StoreError> {
         let mut tx = self.writer.begin().await?;
         let before: Option<(Option<String>, Option<i64>)> = sqlx::query_as(
@@ -214,15 +217,22 @@ impl Store {
         .bind(edge)
         .fetch_optional(&mut *tx)
         .await?;
+        // A process on another database than the last holder's is resynced:
+        // marked so with the database it replaces, in one transaction, or a
+        // failure between the two would leave the new database recorded and
+        // the mark lost, and the next hello could not tell any more.
+        let before_db = before.as_ref().and_then(|(d, _)| d.as_deref());
+        let replaced = matches!((before_db, database), (Some(b), Some(d)) if b != d);
         sqlx::query(&self.d.sql(
             "UPDATE edges SET session = ?, protocol = ?, database = COALESCE(?, database),
-               lease_ms = ?
+               lease_ms = ?, needs_resync = COALESCE(?, needs_resync)
              WHERE id = ?",
         ))
         .bind(session as i64)
         .bind(i64::from(protocol))
         .bind(database)
         .bind(lease.as_millis() as i64)
+        .bind(replaced.then_some(other_database))
         .bind(edge)
         .execute(&mut *tx)
         .await?;
