@@ -91,6 +91,8 @@ pub struct SiteState {
     /// While set, reads wait until it holds `true` (a slow state read, opened
     /// by the test when it has done what it does meanwhile).
     pub reads_wait: Option<tokio::sync::watch::Receiver<bool>>,
+    /// When set, only reads of this path wait on `reads_wait`.
+    pub reads_wait_path: Option<String>,
     /// Identity providers (`OS-FEDERATION`), by ID.
     pub idps: BTreeMap<String, Value>,
     /// Federation protocols, by `<provider>/<protocol>`.
@@ -412,7 +414,11 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
         let wait = {
             let mut st = state.lock().unwrap();
             st.reads.push(req.uri().path().to_string());
-            st.reads_wait.clone()
+            let this_path = st
+                .reads_wait_path
+                .as_deref()
+                .is_none_or(|p| p == req.uri().path());
+            st.reads_wait.clone().filter(|_| this_path)
         };
         if let Some(mut open) = wait {
             let _ = open.wait_for(|open| *open).await;
