@@ -98,6 +98,7 @@ async fn audit_at_scale(edges: usize, ops: usize) {
                 status: Some(500),
                 detail: Some("refused".into()),
                 edge_id_created: vec![],
+                operator_skipped: false,
             })
             .into_iter()
             .collect();

@@ -182,6 +182,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
     // What only the leader does: a replica that does not lead sends it there.
     let actions = Router::new()
         .route("/v1/ops/{seq}/retry", axum::routing::post(retry_op))
+        .route("/v1/ops/{seq}/skip", axum::routing::post(skip_op))
         .route("/v1/edges/{edge}/resync", axum::routing::post(resync_edge))
         .route("/v1/drift/run", axum::routing::post(run_drift))
         .route("/v1/drift/repair", axum::routing::post(repair_drift))
@@ -598,8 +599,38 @@ async fn retry_op(
     let seq = parse_seq(&seq)?;
     let edge = only_params(&params, &["edge"])?
         .ok_or_else(|| bad_request("'edge' is required: which edge re-applies the op"))?;
+    let (op, sync) = op_and_sync(&admin, seq).await?;
+    redriven(seq, edge, sync.redrive(&op, edge).await)
+}
+
+/// `POST /v1/ops/{seq}/skip?edge=E&by=NAME`: the edge passes over the op.
+async fn skip_op(
+    State(admin): State<Arc<Admin>>,
+    Path(seq): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let seq = parse_seq(&seq)?;
+    only_params(&params, &["edge", "by"])?;
+    let edge = params
+        .get("edge")
+        .ok_or_else(|| bad_request("'edge' is required: which edge passes over the op"))?;
+    let by = params.get("by").map_or("the admin API", String::as_str);
+    if by.is_empty() || by.chars().count() > 64 || by.chars().any(char::is_control) {
+        return Err(bad_request(
+            "'by' names who asks for the skip: 1 to 64 characters, no control characters",
+        ));
+    }
+    let (op, sync) = op_and_sync(&admin, seq).await?;
+    redriven(seq, edge, sync.skip(&op, edge, by).await)
+}
+
+/// The op a re-drive or a skip is for, and the sync that sends it.
+async fn op_and_sync(
+    admin: &Admin,
+    seq: i64,
+) -> Result<(crate::store::OpRow, Arc<crate::central::sync::SyncCentral>), ApiError> {
     let Some(op) = admin.store.get_op(seq).await.map_err(internal)? else {
-        return Err(no_op(&admin, seq).await);
+        return Err(no_op(admin, seq).await);
     };
     let Some(sync) = admin.sync() else {
         return Err(ApiError(
@@ -607,7 +638,16 @@ async fn retry_op(
             "sync is not running yet".into(),
         ));
     };
-    match sync.redrive(&op, edge).await {
+    Ok((op, sync))
+}
+
+/// The answer to a re-drive or a skip.
+fn redriven(
+    seq: i64,
+    edge: &str,
+    done: Result<crate::central::sync::Redriven, RedriveError>,
+) -> Result<Response, ApiError> {
+    match done {
         Ok(done) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({
@@ -622,9 +662,11 @@ async fn retry_op(
         Err(RedriveError::NoEdge(e)) => {
             Err(ApiError(StatusCode::NOT_FOUND, format!("no edge '{e}'")))
         }
-        Err(e @ (RedriveError::WouldUndo(_) | RedriveError::NotReached(_))) => {
-            Err(ApiError(StatusCode::CONFLICT, e.to_string()))
-        }
+        Err(
+            e @ (RedriveError::WouldUndo(_)
+            | RedriveError::NotReached(_)
+            | RedriveError::Refused(_)),
+        ) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
         Err(e @ RedriveError::NotConnected(_)) => {
             Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
         }
@@ -632,7 +674,7 @@ async fn retry_op(
             warn!(error = %e, "re-drive failed");
             Err(ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the re-drive could not be sent to the broker".into(),
+                "the message could not be sent to the broker".into(),
             ))
         }
         Err(RedriveError::Internal(e)) => Err(internal(e)),

@@ -175,7 +175,7 @@ pub(super) struct Tally {
 impl Tally {
     pub(super) fn count(&mut self, p: &Planned, ack: &Ack) {
         match ack.outcome {
-            Outcome::Failed => {
+            Outcome::Failed | Outcome::OperatorSkipped => {
                 self.failed += 1;
                 if self.failures.len() < SAMPLE {
                     self.failures.push(json!({

@@ -21,10 +21,10 @@ use crate::protocol::control::{now_ms, Opened, Rejected, Session};
 use crate::protocol::crypto::Sealer;
 use crate::protocol::messages::{
     Ack, EntityRef, Envelope, Grant, Hello, HelloReply, OpContent, OutcomesReply, OutcomesRequest,
-    Redo, ReplayBatch, ReplayRequest, Subjects,
+    Redo, ReplayBatch, ReplayRequest, Skip, Subjects,
 };
 use crate::protocol::messages::{
-    ACK, HELLO, HELLO_REPLY, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY,
+    ACK, HELLO, HELLO_REPLY, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY, SKIP,
 };
 use crate::store::{OpFilter, OpRow, Store, StoreError};
 use serde::de::DeserializeOwned;
@@ -676,19 +676,19 @@ impl SyncCentral {
             return self.reject(ACK, subject_edge, r);
         }
         let (edge, ack) = (opened.edge, opened.msg);
-        debug!(edge = %edge, seq = ack.seq, outcome = ack.outcome.as_str(), "ack");
+        debug!(edge = %edge, seq = ack.seq, outcome = ack.state(), "ack");
         self.metrics
             .acks
             .get_or_create(&crate::metrics::AckLabels {
                 edge: edge.clone(),
-                outcome: ack.outcome.as_str(),
+                outcome: ack.state(),
             })
             .inc();
         let span = tracing::info_span!(
             "ack received",
             edge = %edge,
             seq = ack.seq,
-            outcome = ack.outcome.as_str(),
+            outcome = ack.state(),
         );
         let header = msg.headers.as_ref().and_then(|h| h.get("traceparent"));
         crate::telemetry::follow(&span, header.map(|v| v.as_str()));
@@ -928,7 +928,14 @@ impl SyncCentral {
                        from central's state instead of replaying ops its site may hold";
             let (before, before_session) = match self
                 .store
-                .hold_edge(edge, from, 2, h.database.as_deref(), lease, why)
+                .hold_edge(
+                    edge,
+                    from,
+                    h.protocol.unwrap_or(2).max(2),
+                    h.database.as_deref(),
+                    lease,
+                    why,
+                )
                 .await
             {
                 Ok(before) => before,
@@ -1432,7 +1439,7 @@ impl SyncCentral {
                     op.seq
                 ),
             ),
-            "failed" => {
+            "failed" | "operator_skipped" => {
                 let later = self
                     .store
                     .next_conflicting(op.seq)
@@ -1451,7 +1458,10 @@ impl SyncCentral {
                 unless_applied = later.map(|(l, _, _)| l);
                 (
                     "reapply",
-                    format!("op {} failed at {edge}; the edge applies it again", op.seq),
+                    format!(
+                        "op {} is {state} at {edge}; the edge applies it again",
+                        op.seq
+                    ),
                 )
             }
             _ if op.seq > cursor.saturating_add(1) => {
@@ -1493,6 +1503,84 @@ impl SyncCentral {
     }
 }
 
+impl SyncCentral {
+    /// Has `edge` pass over one op at an operator's request (`POST
+    /// /v1/ops/{seq}/skip`): the op it is stuck on (the one after its cursor:
+    /// retried, or halted on its failure), or one that failed there. Only an
+    /// edge of protocol 3 takes it; the edge records the op
+    /// `operator_skipped` with `by` and the time, and acknowledges it so.
+    pub async fn skip(&self, op: &OpRow, edge: &str, by: &str) -> Result<Redriven, RedriveError> {
+        let row = self
+            .store
+            .edge(edge)
+            .await
+            .map_err(|e| RedriveError::Internal(e.into()))?
+            .ok_or_else(|| RedriveError::NoEdge(edge.to_string()))?;
+        let protocol = row.protocol.unwrap_or(1);
+        if protocol < 3 {
+            return Err(RedriveError::Refused(format!(
+                "{edge} speaks protocol {protocol} (syncgate {}), which cannot skip an op: \
+                 upgrade it, or fix what fails and re-drive the op (POST /v1/ops/{}/retry)",
+                row.version.as_deref().unwrap_or("of an older release"),
+                op.seq
+            )));
+        }
+        let state = self
+            .store
+            .deliveries(op.seq, self.ack_timeout)
+            .await
+            .map_err(|e| RedriveError::Internal(e.into()))?
+            .into_iter()
+            .find(|d| d.edge == edge)
+            .map(|d| d.state)
+            .unwrap_or_else(|| "pending".into());
+        let cursor = row.cursor;
+        match state.as_str() {
+            "applied" | "adopted" | "skipped" | "operator_skipped" => {
+                return Err(RedriveError::Refused(format!(
+                    "op {} is already {state} at {edge}: nothing to skip",
+                    op.seq
+                )))
+            }
+            "failed" => {}
+            _ if op.seq > cursor.saturating_add(1) => {
+                return Err(RedriveError::NotReached(format!(
+                    "{edge} has not reached op {} yet (its cursor is {cursor}): only the op it \
+                     is on (op {}) or one that failed there can be skipped",
+                    op.seq,
+                    cursor.saturating_add(1)
+                )))
+            }
+            _ => {}
+        }
+        let skip = Skip {
+            op: envelope(&self.sealer, op),
+            by: by.to_string(),
+            at_ms: now_ms(),
+        };
+        self.tell(edge, self.subjects.skip(edge), SKIP, &skip)
+            .await
+            .map_err(|e| match e {
+                AskError::NotConnected(_) => RedriveError::NotConnected(e.to_string()),
+                e => RedriveError::Broker(e.to_string()),
+            })?;
+        tokio::time::timeout(Duration::from_secs(5), self.client.flush())
+            .await
+            .map_err(|_| RedriveError::Broker("flush timed out".into()))?
+            .map_err(|e| RedriveError::Broker(e.to_string()))?;
+        info!(seq = op.seq, edge, by, "skip sent");
+        Ok(Redriven {
+            action: "skip",
+            state,
+            message: format!(
+                "{edge} passes over op {} and records it operator_skipped (by {by}); the \
+                 site may now differ from central: run a drift audit, then a repair",
+                op.seq
+            ),
+        })
+    }
+}
+
 /// What a re-drive did.
 #[derive(Debug)]
 pub struct Redriven {
@@ -1513,6 +1601,9 @@ pub enum RedriveError {
     WouldUndo(String),
     #[error("{0}")]
     NotReached(String),
+    /// A skip the edge cannot take, or one with nothing to skip.
+    #[error("{0}")]
+    Refused(String),
     #[error("the re-drive could not be sent to the broker: {0}")]
     Broker(String),
     #[error("{0}")]

@@ -235,6 +235,18 @@ pub enum AuditVerb {
         #[arg(long)]
         edge: String,
     },
+    /// Have one edge pass over one op it is stuck on (retried for ever, or
+    /// halted on its failure) or that failed there: recorded
+    /// operator_skipped with who and when; the site may then differ (run a
+    /// drift audit, then a repair).
+    Skip {
+        seq: i64,
+        #[arg(long)]
+        edge: String,
+        /// Who asks (recorded with the skip; default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
     /// One edge: its position, resync, last drift audit, users needing a password.
     Edge { edge: String },
     /// Bring an edge to central's current identity state (initial sync).
@@ -291,6 +303,14 @@ impl AuditArgs {
             AuditVerb::OutOfSync { edge } => Verb::OutOfSync { edge },
             AuditVerb::Op { seq } => Verb::Op { seq },
             AuditVerb::Retry { seq, edge } => Verb::Retry { seq, edge },
+            AuditVerb::Skip { seq, edge, by } => Verb::Skip {
+                seq,
+                edge,
+                by: by
+                    .or_else(|| std::env::var("USER").ok())
+                    .filter(|b| !b.is_empty())
+                    .unwrap_or_else(|| "syncgate audit".into()),
+            },
             AuditVerb::Edge { edge } => Verb::Edge { edge },
             AuditVerb::Resync { edge, prune } => Verb::Resync { edge, prune },
             AuditVerb::Drift {
@@ -472,6 +492,16 @@ pub struct EdgeArgs {
     #[arg(long, env = "SYNCGATE_ON_FAILURE", default_value = "continue")]
     pub on_failure: FailureMode,
 
+    /// How many times to try an op this site's Keystone answers with a
+    /// server error (500, or a 5xx other than 502, 503 and 504) while it
+    /// answers other requests (a poison op), before recording it failed and
+    /// going on as --on-failure says. An outage (no answer, 502, 503, 504,
+    /// 429, or a server error to every request) is retried for as long as it
+    /// lasts.
+    #[arg(long, env = "SYNCGATE_MAX_ATTEMPTS", default_value = "10",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
     /// How often to say hello to central (and look for missed ops).
     #[arg(long, env = "SYNCGATE_HELLO_INTERVAL", default_value = "10s", value_parser = config::parse_duration)]
     pub hello_interval: Duration,
@@ -551,6 +581,7 @@ impl EdgeArgs {
                 FailureMode::Continue => OnFailure::Continue,
                 FailureMode::Halt => OnFailure::Halt,
             },
+            max_attempts: self.max_attempts,
             hello_interval: self.hello_interval,
             upstream_timeout: self.upstream_timeout,
             upstream_settle: self.upstream_settle,

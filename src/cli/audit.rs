@@ -30,6 +30,11 @@ pub enum Verb {
         seq: i64,
         edge: String,
     },
+    Skip {
+        seq: i64,
+        edge: String,
+        by: String,
+    },
     Edge {
         edge: String,
     },
@@ -99,6 +104,11 @@ pub async fn run(req: &AuditRequest) -> (String, u8) {
             format!("/v1/ops/{seq}/retry"),
             vec![("edge", edge.clone())],
         ),
+        Verb::Skip { seq, edge, by } => (
+            Method::POST,
+            format!("/v1/ops/{seq}/skip"),
+            vec![("edge", edge.clone()), ("by", by.clone())],
+        ),
         Verb::Edge { edge } => (Method::GET, format!("/v1/edges/{edge}"), Vec::new()),
         Verb::Resync { edge, prune } => (
             Method::POST,
@@ -143,7 +153,7 @@ pub async fn run(req: &AuditRequest) -> (String, u8) {
         Verb::Ops { .. } => ops_table(&body),
         Verb::OutOfSync { .. } => out_of_sync_table(&body),
         Verb::Op { .. } => op_view(&body),
-        Verb::Retry { .. } => format!(
+        Verb::Retry { .. } | Verb::Skip { .. } => format!(
             "{}: {}\n",
             body["action"].as_str().unwrap_or("sent"),
             body["message"].as_str().unwrap_or_default()

@@ -61,6 +61,9 @@ async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
         "waiting": st.waiting(),
         "applied_total": st.applied.load(Ordering::Relaxed),
         "failed_total": st.failed.load(Ordering::Relaxed),
+        "retries_total": st.retries.load(Ordering::Relaxed),
+        "given_up_total": st.given_up.load(Ordering::Relaxed),
+        "operator_skipped_total": st.skipped.load(Ordering::Relaxed),
         "redriven_total": st.redriven.load(Ordering::Relaxed),
     }))
 }
@@ -131,6 +134,18 @@ impl Collector for EdgeCollector {
             &format!("{p}_retries"),
             "Transient failures retried",
             load(&s.retries),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_ops_given_up"),
+            "Ops recorded failed after --max-attempts server errors while the site answered other requests",
+            load(&s.given_up),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_ops_operator_skipped"),
+            "Ops passed over at an operator's request (POST /v1/ops/{seq}/skip at central)",
+            load(&s.skipped),
         )?;
         counter(
             &mut enc,

@@ -31,6 +31,10 @@ pub struct Transient {
     /// The write was sent and may still reach Keystone (no answer in time, a
     /// broken connection, a gateway's 502 or 504 while Keystone carries on).
     pub in_doubt: bool,
+    /// The identity service's own server error (a 500, or a 5xx other than a
+    /// gateway's 502, 503 or 504): an outage while the site answers nothing
+    /// else either, an op it cannot take (a poison op) while it does.
+    pub server_error: Option<u16>,
 }
 
 impl Transient {
@@ -38,6 +42,7 @@ impl Transient {
         Transient {
             reason: reason.into(),
             in_doubt: false,
+            server_error: None,
         }
     }
 
@@ -51,6 +56,8 @@ impl Transient {
                 reply.message()
             ),
             in_doubt: matches!(reply.status, 502 | 504),
+            server_error: (reply.status >= 500 && !matches!(reply.status, 502..=504))
+                .then_some(reply.status),
         })
     }
 
@@ -68,6 +75,7 @@ impl From<ClientError> for Transient {
         Transient {
             in_doubt: matches!(e, ClientError::InDoubt(_)),
             reason: e.to_string(),
+            server_error: None,
         }
     }
 }
@@ -92,7 +100,32 @@ const ADOPTION_KEEPS: [&str; 7] = [
     "explicit_domain_id",
 ];
 
-fn failed(status: Option<u16>, detail: String) -> Applied {
+/// A domain create's body without `explicit_domain_id` (None for any other
+/// write): for a site that refuses it, or fails on it every try.
+fn domain_without_kept_id(replay: &Replay) -> Option<Value> {
+    if replay.kind != keystone::kinds::DOMAIN.name || replay.method != "POST" {
+        return None;
+    }
+    let mut body = replay.body.clone()?;
+    body.get_mut(keystone::kinds::DOMAIN.member)?
+        .as_object_mut()?
+        .remove("explicit_domain_id")?;
+    Some(body)
+}
+
+/// Whether `op` creates a domain under central's ID (`explicit_domain_id`).
+pub(super) fn keeps_a_domain_id(op: &OpContent) -> bool {
+    let replay = ids::replay_form(
+        &op.kind,
+        op.method.as_str(),
+        &op.path,
+        op.body.clone(),
+        &op.created_ids,
+    );
+    domain_without_kept_id(&replay).is_some()
+}
+
+pub(super) fn failed(status: Option<u16>, detail: String) -> Applied {
     Applied {
         outcome: Outcome::Failed,
         status,
@@ -117,6 +150,9 @@ pub struct Attempt {
     /// The op comes after a resync's fence, and the state the resync applied
     /// was read after it: what the op changes may be gone already.
     pub after_resync: bool,
+    /// A domain create the site failed on `--max-attempts` times with its
+    /// central ID: made without `explicit_domain_id`, under the site's own.
+    pub without_kept_id: bool,
 }
 
 pub struct Applier<'a> {
@@ -354,7 +390,17 @@ impl Applier<'_> {
             &op.created_ids,
         );
         let send_method = Method::from_bytes(replay.method.as_bytes()).unwrap_or(method.clone());
-        let (send_path, send_body) = (replay.path.clone(), replay.body.clone());
+        let (send_path, mut send_body) = (replay.path.clone(), replay.body.clone());
+        // Why a domain is made under an ID of the site's own, if it is.
+        let mut kept_id_dropped: Option<String> = None;
+        if attempt.without_kept_id {
+            if let Some(plain) = domain_without_kept_id(&replay) {
+                send_body = Some(plain);
+                kept_id_dropped = Some(
+                    "this site failed on its explicit_domain_id each try (--max-attempts)".into(),
+                );
+            }
+        }
 
         let route =
             match keystone::classify(op.method.as_str(), op.path.split('?').next().unwrap_or("")) {
@@ -388,6 +434,25 @@ impl Applier<'_> {
             .keystone
             .send(send_method, &send_path, send_body.as_ref())
             .await?;
+        // A domain create whose central ID this site refuses (a release
+        // without `explicit_domain_id`) is made under an ID of its own, mapped
+        // like any other; one an earlier try made is found by name and
+        // adopted (its 409). One the site fails on is retried first.
+        let refuses_kept_id = reply.status == 400 && reply.message().contains("explicit_domain_id");
+        let reply = match domain_without_kept_id(&replay).filter(|_| refuses_kept_id) {
+            Some(plain) => {
+                tracing::warn!(
+                    seq = op.seq,
+                    "this site refuses explicit_domain_id: the domain is made under an ID of its \
+                     own, mapped to central's"
+                );
+                kept_id_dropped = Some("this site refuses explicit_domain_id (HTTP 400)".into());
+                self.keystone
+                    .send(Method::POST, &send_path, Some(&plain))
+                    .await?
+            }
+            None => reply,
+        };
         if op.kind == keystone::kinds::USER_PASSWORD.name && matches!(reply.status, 400 | 401 | 403)
         {
             return self
@@ -418,7 +483,12 @@ impl Applier<'_> {
             return Ok(Applied {
                 outcome: Outcome::Applied,
                 status: Some(reply.status),
-                detail: None,
+                detail: kept_id_dropped.map(|why| {
+                    format!(
+                        "made without explicit_domain_id ({why}): the domain has an ID of its own \
+                         here, mapped to central's"
+                    )
+                }),
                 edge_ids,
                 changes: Commit {
                     map_adds: adds,
@@ -844,6 +914,8 @@ impl Applier<'_> {
                     reply.message()
                 ),
                 in_doubt: matches!(reply.status, 502 | 504),
+                server_error: (reply.status >= 500 && !matches!(reply.status, 502..=504))
+                    .then_some(reply.status),
             });
         }
         Ok(Some(format!("HTTP {}: {}", reply.status, reply.message())))
@@ -932,4 +1004,76 @@ fn member_key(kind: &str) -> &str {
         .map(|k| k.member)
         .filter(|m| !m.is_empty())
         .unwrap_or(kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(status: u16, message: &str) -> Reply {
+        Reply {
+            status,
+            body: serde_json::to_vec(&serde_json::json!({"error": {"message": message}}))
+                .unwrap()
+                .into(),
+        }
+    }
+
+    /// A gateway's 502, 503, 504 and a 429 are outages; a 500 (or another
+    /// 5xx) is the site's own server error, which may be the op's.
+    #[test]
+    fn server_errors_are_told_from_outages() {
+        for (status, server_error, in_doubt) in [
+            (500, Some(500), false),
+            (501, Some(501), false),
+            (507, Some(507), false),
+            (502, None, true),
+            (503, None, false),
+            (504, None, true),
+            (429, None, false),
+        ] {
+            let t = Transient::of_reply(&reply(status, "x")).unwrap();
+            assert_eq!(
+                (t.server_error, t.in_doubt),
+                (server_error, in_doubt),
+                "{status}"
+            );
+        }
+        assert!(Transient::of_reply(&reply(400, "x")).is_none());
+        assert!(Transient::of_reply(&reply(409, "x")).is_none());
+    }
+
+    /// Only a domain create carrying `explicit_domain_id` is sent without it.
+    #[test]
+    fn only_a_domain_create_carrying_its_central_id_is_sent_without_it() {
+        let create = Replay {
+            method: "POST".into(),
+            path: "/v3/domains".into(),
+            body: Some(serde_json::json!({"domain": {"name": "d", "explicit_domain_id": "c1"}})),
+            kind: "domain".into(),
+            first: None,
+        };
+        assert_eq!(
+            domain_without_kept_id(&create),
+            Some(serde_json::json!({"domain": {"name": "d"}}))
+        );
+        let without = Replay {
+            body: Some(serde_json::json!({"domain": {"name": "d"}})),
+            ..create.clone()
+        };
+        assert!(domain_without_kept_id(&without).is_none());
+        let update = Replay {
+            method: "PATCH".into(),
+            path: "/v3/domains/c1".into(),
+            ..create.clone()
+        };
+        assert!(domain_without_kept_id(&update).is_none());
+        let project = Replay {
+            kind: "project".into(),
+            path: "/v3/projects".into(),
+            body: Some(serde_json::json!({"project": {"name": "p"}})),
+            ..create
+        };
+        assert!(domain_without_kept_id(&project).is_none());
+    }
 }

@@ -29,8 +29,8 @@ use crate::metrics::Metrics;
 use crate::protocol::connect_broker;
 use crate::protocol::control::Session;
 use crate::protocol::messages::{
-    Envelope, OutcomesReply, OutcomesRequest, Redo, Subjects, OUTCOMES_REPLY, OUTCOMES_REQUEST,
-    REDO,
+    Envelope, OutcomesReply, OutcomesRequest, Redo, Skip, Subjects, OUTCOMES_REPLY,
+    OUTCOMES_REQUEST, REDO, SKIP,
 };
 use crate::settings::config::EdgeConfig;
 use crate::store::edge::EdgeStore;
@@ -173,6 +173,7 @@ impl Edge {
         .await?;
         let mut ops = client.subscribe(subjects.ops()).await?;
         let mut redos = client.subscribe(subjects.redo(&self.config.id)).await?;
+        let skip_msgs = client.subscribe(subjects.skip(&self.config.id)).await?;
         let outcome_requests = client.subscribe(subjects.outcomes(&self.config.id)).await?;
         let mut resyncs = client.subscribe(subjects.resync(&self.config.id)).await?;
         let state_requests = client.subscribe(subjects.state(&self.config.id)).await?;
@@ -195,6 +196,14 @@ impl Edge {
             self.store.clone(),
             client.clone(),
             self.status.clone(),
+        )));
+        // Operator skips are queued at once, even while an op is retried.
+        let skips = Arc::new(runner::Skips::default());
+        let _skips_task = AbortOnDrop(tokio::spawn(take_skips(
+            skip_msgs,
+            self.link.clone(),
+            self.status.clone(),
+            skips.clone(),
         )));
         let poke_hello = Arc::new(tokio::sync::Notify::new());
         let hellos = link::Hellos {
@@ -257,6 +266,8 @@ impl Edge {
             status: self.status.clone(),
             metrics: self.metrics.clone(),
             on_failure: self.config.on_failure,
+            max_attempts: self.config.max_attempts,
+            skips,
             stop: stop.clone(),
             pending: Default::default(),
             applied_to: AtomicI64::new(self.status.cursor.load(Ordering::Relaxed)),
@@ -273,8 +284,13 @@ impl Edge {
         };
         let mut stop_rx = stop.clone();
         let mut need_replay = true;
-        // Polling for ops missed while disconnected costs one request.
+        // Polling for ops missed while disconnected costs one request. It is
+        // for a quiet stream: while ops arrive, one lost among them shows as
+        // a gap at the next, and a poll would ask central again for the ops
+        // a slow edge holds in its subscription. A late tick is one tick.
         let mut poll = tokio::time::interval(self.config.hello_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = false;
         let mut hello_ended = false;
         'run: loop {
             if need_replay
@@ -287,9 +303,71 @@ impl Edge {
                     Err(Stuck::Blocked) => need_replay = false,
                 }
             }
+            // In this order when several are ready: the op stream before
+            // the poll, so that a poll finds it quiet only when it is.
             tokio::select! {
+                biased;
+                _ = crate::serve::stopped(&mut stop_rx) => break,
+                r = &mut hello_task.0, if !hello_ended => {
+                    hello_ended = true;
+                    if !*stop_rx.borrow() {
+                        anyhow::bail!("the hello task ended: {r:?}");
+                    }
+                    break;
+                }
+                event = events.recv() => match event {
+                    Some(async_nats::Event::Connected) => {
+                        info!("connected to the broker; catching up");
+                        runner.status.connected.store(true, Ordering::Relaxed);
+                        need_replay = true;
+                        poke_hello.notify_one();
+                    }
+                    Some(async_nats::Event::Disconnected) => {
+                        warn!("disconnected from the broker");
+                        runner.status.connected.store(false, Ordering::Relaxed);
+                    }
+                    Some(other) => debug!(event = %other, "broker event"),
+                    None => {}
+                },
+                msg = resyncs.next() => {
+                    let Some(msg) = msg else { break };
+                    let _hand = runner.status.in_hand();
+                    match runner.resync_step(msg).await {
+                        Ok(resume) => need_replay |= resume,
+                        Err(Stuck::Stopping) => break,
+                        Err(Stuck::Blocked) => {}
+                    }
+                }
+                msg = redos.next() => {
+                    let Some(msg) = msg else { break };
+                    match runner.link.open::<Redo>(REDO, &msg.payload) {
+                        Ok(redo) => {
+                            if let Err(Stuck::Stopping) = runner.redo(redo).await {
+                                break;
+                            }
+                            // A re-applied op may unblock the ones after it.
+                            need_replay = true;
+                        }
+                        Err(r) => runner.rejected(REDO, r),
+                    }
+                }
+                () = runner.skips.arrived.notified() => {
+                    match runner.skips_queued().await {
+                        Err(Stuck::Stopping) => break,
+                        // An op passed over may unblock the ones after it.
+                        _ => need_replay = true,
+                    }
+                }
+                () = runner.link.changed.notified() => {
+                    need_replay = true;
+                    // A skip held up (no grant, a resync's hold) is tried again.
+                    if !runner.skips.is_empty() {
+                        runner.skips.arrived.notify_one();
+                    }
+                }
                 msg = ops.next() => {
                     let Some(msg) = msg else { break };
+                    heard = true;
                     if let Some(env) = op_envelope(&msg) {
                         match runner.live(env).await {
                             Ok(gap) => need_replay |= gap,
@@ -311,52 +389,7 @@ impl Edge {
                         }
                     }
                 }
-                msg = redos.next() => {
-                    let Some(msg) = msg else { break };
-                    match runner.link.open::<Redo>(REDO, &msg.payload) {
-                        Ok(redo) => {
-                            if let Err(Stuck::Stopping) = runner.redo(redo).await {
-                                break;
-                            }
-                            // A re-applied op may unblock the ones after it.
-                            need_replay = true;
-                        }
-                        Err(r) => runner.rejected(REDO, r),
-                    }
-                }
-                msg = resyncs.next() => {
-                    let Some(msg) = msg else { break };
-                    let _hand = runner.status.in_hand();
-                    match runner.resync_step(msg).await {
-                        Ok(resume) => need_replay |= resume,
-                        Err(Stuck::Stopping) => break,
-                        Err(Stuck::Blocked) => {}
-                    }
-                }
-                event = events.recv() => match event {
-                    Some(async_nats::Event::Connected) => {
-                        info!("connected to the broker; catching up");
-                        runner.status.connected.store(true, Ordering::Relaxed);
-                        need_replay = true;
-                        poke_hello.notify_one();
-                    }
-                    Some(async_nats::Event::Disconnected) => {
-                        warn!("disconnected from the broker");
-                        runner.status.connected.store(false, Ordering::Relaxed);
-                    }
-                    Some(other) => debug!(event = %other, "broker event"),
-                    None => {}
-                },
-                _ = poll.tick() => need_replay = true,
-                () = runner.link.changed.notified() => need_replay = true,
-                r = &mut hello_task.0, if !hello_ended => {
-                    hello_ended = true;
-                    if !*stop_rx.borrow() {
-                        anyhow::bail!("the hello task ended: {r:?}");
-                    }
-                    break;
-                }
-                _ = crate::serve::stopped(&mut stop_rx) => break,
+                _ = poll.tick() => need_replay |= !std::mem::take(&mut heard),
             }
             // What was applied is recorded and acknowledged before anything else.
             let _ = runner.flush().await;
@@ -403,6 +436,30 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Queues central's operator skips (`POST /v1/ops/{seq}/skip`) for the
+/// runner: taken here, they reach an op being retried.
+async fn take_skips(
+    mut msgs: async_nats::Subscriber,
+    link: Arc<Link>,
+    status: Arc<Status>,
+    skips: Arc<runner::Skips>,
+) {
+    while let Some(msg) = msgs.next().await {
+        match link.open::<Skip>(SKIP, &msg.payload) {
+            Ok(skip) => {
+                info!(seq = skip.op.seq, by = %skip.by, "central asks this edge to pass over an op");
+                skips.queue(skip);
+            }
+            Err(why) => {
+                let n = status.rejected.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(kind = SKIP, reason = %why, count = n, "control message dropped");
+                }
+            }
+        }
     }
 }
 

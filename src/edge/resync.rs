@@ -404,6 +404,7 @@ impl Runner {
                         status: a.status,
                         detail: a.detail,
                         edge_id_created: a.edge_ids,
+                        operator_skipped: false,
                     }
                 }
                 Err(e) => Ack {
@@ -413,6 +414,7 @@ impl Runner {
                     status: None,
                     detail: Some(format!("not applied now: {e}")),
                     edge_id_created: Vec::new(),
+                    operator_skipped: false,
                 },
             };
             acks.push(ack);

@@ -14,7 +14,8 @@ use crate::keystone::client::KeystoneClient;
 use crate::metrics::Metrics;
 use crate::protocol::control::Rejected;
 use crate::protocol::messages::{
-    Ack, Envelope, OpContent, Outcome, Redo, ReplayBatch, ReplayRequest, Subjects, ACK, REPLAY,
+    Ack, Envelope, OpContent, Outcome, Redo, ReplayBatch, ReplayRequest, Skip, Subjects, ACK,
+    REPLAY,
 };
 use crate::settings::config::OnFailure;
 use crate::store::edge::{Batch, EdgeStore, StoredOutcome};
@@ -52,6 +53,10 @@ pub(super) struct Runner {
     pub(super) status: Arc<Status>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) on_failure: OnFailure,
+    /// Tries of an op the site answers with a server error of its own while
+    /// it answers other requests, before it is recorded failed.
+    pub(super) max_attempts: u32,
+    pub(super) skips: Arc<Skips>,
     pub(super) stop: watch::Receiver<bool>,
     /// Ops applied at the site and not yet committed here, with what the
     /// commit will record.
@@ -73,6 +78,55 @@ pub(super) struct Runner {
     /// Ops up to here come after the last resync's fence, whose state was read
     /// after them (see `super::apply::Attempt::after_resync`).
     pub(super) resynced_through: AtomicI64,
+}
+
+/// Operator skips from central (`messages::Skip`), by seq: queued by a task
+/// of their own, so that one reaches the op being retried, and taken by the
+/// op's apply (or by the run loop, for an op halted on or failed before).
+#[derive(Default)]
+pub(super) struct Skips {
+    queued: Mutex<std::collections::BTreeMap<i64, Skip>>,
+    /// A skip was queued.
+    pub(super) arrived: tokio::sync::Notify,
+}
+
+impl Skips {
+    /// Skips kept at most (only central sends them, sealed; one per op).
+    const MAX: usize = 1024;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<i64, Skip>> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn queue(&self, skip: Skip) {
+        self.put_back(skip);
+        self.arrived.notify_one();
+    }
+
+    /// Keeps a skip for the op's apply, waking no one.
+    fn put_back(&self, skip: Skip) {
+        let mut q = self.lock();
+        if q.len() >= Self::MAX {
+            q.pop_first();
+        }
+        q.insert(skip.op.seq, skip);
+    }
+
+    fn has(&self, seq: i64) -> bool {
+        self.lock().contains_key(&seq)
+    }
+
+    fn take(&self, seq: i64) -> Option<Skip> {
+        self.lock().remove(&seq)
+    }
+
+    fn seqs(&self) -> Vec<i64> {
+        self.lock().keys().copied().collect()
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
 }
 
 /// The ops of the batch being built, and what their acks need.
@@ -141,6 +195,8 @@ impl Runner {
             if stored.outcome == Outcome::Failed.as_str() {
                 self.status.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(parent: &span, seq = stored.seq, %kind, status = ?stored.status, detail = ?stored.detail, "op failed at this edge");
+            } else if stored.outcome == Outcome::OperatorSkipped.as_str() {
+                // Counted, and logged, when it was passed over.
             } else {
                 self.status.applied.fetch_add(1, Ordering::Relaxed);
                 info!(parent: &span, seq = stored.seq, op_id = %stored.op_id, %kind, outcome = %stored.outcome, "op applied");
@@ -243,6 +299,13 @@ impl Runner {
         let env = redo.op;
         let seq = env.seq;
         let _counted = Counted(&self.status.redriven);
+        // The operator's later word: a skip of this op not taken yet goes.
+        if self.skips.take(seq).is_some() {
+            info!(
+                seq,
+                "a re-drive replaces a skip of the same op not taken yet"
+            );
+        }
         let op_id = self.open_op(&env)?.op_id;
         let cursor = self.cursor().await;
         let stored = match self.store.outcome(seq).await {
@@ -253,7 +316,10 @@ impl Runner {
             }
         };
         match stored {
-            Some(done) if done.outcome != Outcome::Failed.as_str() => {
+            Some(done)
+                if done.outcome != Outcome::Failed.as_str()
+                    && done.outcome != Outcome::OperatorSkipped.as_str() =>
+            {
                 info!(seq, outcome = %done.outcome, "re-drive of an op already done here: re-acknowledged, not applied again");
                 self.ack_stored(&done).await;
                 return Ok(());
@@ -291,6 +357,85 @@ impl Runner {
             Err(Stuck::Stopping) => Err(Stuck::Stopping),
             _ => Ok(()),
         }
+    }
+
+    /// The operator's skip of `op`, if one is queued (one for another op
+    /// under this seq, from before a resync, is dropped).
+    fn skip_for(&self, op: &OpContent) -> Option<Skip> {
+        let skip = self.skips.take(op.seq)?;
+        match self.open_op(&skip.op) {
+            Ok(named) if named.op_id == op.op_id => Some(skip),
+            _ => {
+                warn!(
+                    seq = op.seq,
+                    "a skip names another op under this seq; dropped"
+                );
+                None
+            }
+        }
+    }
+
+    /// Takes the queued skips the run loop can act on: of the op after the
+    /// cursor (halted on, or not received yet: passed over when it is), or
+    /// of one that failed here. An op done here is re-acknowledged as it is.
+    pub(super) async fn skips_queued(&self) -> Result<(), Stuck> {
+        for seq in self.skips.seqs() {
+            let cursor = self.cursor().await;
+            if seq > cursor + 1 {
+                // Not reached (central asks only for the op an edge is on, as
+                // far as it knows): dropped, never applied to an op untried.
+                self.skips.take(seq);
+                warn!(
+                    seq,
+                    cursor,
+                    "a skip of an op this edge has not reached: dropped (skip the op it is on)"
+                );
+                continue;
+            }
+            let Some(skip) = self.skips.take(seq) else {
+                continue;
+            };
+            let op_id = self.open_op(&skip.op)?.op_id;
+            let stored = match self.store.outcome(seq).await {
+                Ok(o) => o.filter(|o| o.op_id == op_id),
+                Err(e) => {
+                    error!(seq, error = %e, "cannot read a stored outcome; skip ignored");
+                    continue;
+                }
+            };
+            match stored {
+                Some(done) if done.outcome != Outcome::Failed.as_str() => {
+                    info!(seq, outcome = %done.outcome, "skip of an op done here: re-acknowledged as it is");
+                    self.ack_stored(&done).await;
+                    continue;
+                }
+                // Failed here: halted on it, or passed it (--on-failure continue).
+                Some(_) => {}
+                None if seq == cursor + 1 => {
+                    if !self.status.halted.load(Ordering::Relaxed) {
+                        // Not received yet, or between tries: taken when applied.
+                        self.skips.put_back(skip);
+                        continue;
+                    }
+                }
+                None => {
+                    warn!(
+                        seq,
+                        cursor,
+                        "skip of an op below the cursor with no stored outcome; nothing to do"
+                    );
+                    continue;
+                }
+            }
+            let env = skip.op.clone();
+            self.skips.put_back(skip);
+            info!(seq, "operator skip: recording the op passed over");
+            self.status.halted.store(false, Ordering::Relaxed);
+            if let Err(Stuck::Stopping) = self.process(env, true).await {
+                return Err(Stuck::Stopping);
+            }
+        }
+        Ok(())
     }
 
     /// Opens an op envelope; an op that cannot be read blocks the edge (wrong
@@ -395,6 +540,7 @@ impl Runner {
             marks: true,
             unmarked: op.seq <= self.unmarked_through,
             after_resync: op.seq <= self.resynced_through.load(Ordering::Relaxed),
+            without_kept_id: false,
         };
         if directed && op.state == "committed" {
             if let Err(e) = self.store.mark_inflight(op.seq, &op.op_id, None).await {
@@ -459,12 +605,20 @@ impl Runner {
         // Until then, an attempt whose answer never came may still reach the
         // site: nothing is sent again (and nothing after it) before.
         let mut settled_at: Option<std::time::Instant> = None;
+        // Server errors to this op while the site answered other requests.
+        let mut refused: u32 = 0;
+        // The last error of this op, for a skip's record.
+        let mut last_error: Option<String> = None;
+        let mut others_skipped = false;
         let applied = loop {
             // The ID may have passed to another process meanwhile: nothing
             // is sent after this process's lease ended.
             if !self.link.holds() {
                 self.uncertain_through.fetch_max(op.seq, Ordering::Relaxed);
                 return Err(Stuck::Blocked);
+            }
+            if let Some(skip) = self.skip_for(&op) {
+                break passed_over(&skip, last_error.as_deref());
             }
             let sent = std::time::Instant::now();
             match applier.apply(&op, attempt).await {
@@ -474,6 +628,33 @@ impl Runner {
                 }
                 Err(e) => {
                     attempt.maybe_sent = true;
+                    if let Some(status) = e.server_error {
+                        if self.keystone.answers().await {
+                            refused += 1;
+                            if refused >= self.max_attempts
+                                && !attempt.without_kept_id
+                                && super::apply::keeps_a_domain_id(&op)
+                            {
+                                // A domain create the site fails on with its
+                                // central ID: once more, under an ID of its own.
+                                warn!(seq = op.seq, status, attempts = refused, "this site fails on the domain's central ID: it is made under an ID of its own, mapped to central's");
+                                attempt.without_kept_id = true;
+                            } else if refused >= self.max_attempts {
+                                self.status.given_up.fetch_add(1, Ordering::Relaxed);
+                                let e = scrub(&e.reason);
+                                warn!(seq = op.seq, status, attempts = refused, error = %e, "this site answers other requests but not this op: recorded failed");
+                                break super::apply::failed(
+                                    Some(status),
+                                    format!(
+                                        "the identity service answered HTTP {status} to this op \
+                                         {refused} times while it answered other requests \
+                                         (--max-attempts {}): {e}",
+                                        self.max_attempts
+                                    ),
+                                );
+                            }
+                        }
+                    }
                     if e.in_doubt {
                         settled_at = Some(sent + self.settle);
                         self.in_doubt.store(true, Ordering::Relaxed);
@@ -486,6 +667,7 @@ impl Runner {
                     let wait = settling.unwrap_or(backoff);
                     self.status.retries.fetch_add(1, Ordering::Relaxed);
                     let e = scrub(&e.to_string());
+                    last_error = Some(e.clone());
                     let shown = match settling {
                         Some(d) => format!(
                             "op {}: {e}; it may still reach the identity service: waiting {}s \
@@ -498,13 +680,27 @@ impl Runner {
                     self.status.set_error(Some(shown));
                     warn!(seq = op.seq, error = %e, retry_in_ms = wait.as_millis() as u64, settling = settling.is_some(), "op not applied yet; will retry");
                     let mut stop = self.stop.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = crate::serve::stopped(&mut stop) => return Err(Stuck::Stopping),
+                    let until = tokio::time::Instant::now() + wait;
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => break,
+                            // A skip of this op is taken at once; one of
+                            // another is the run loop's, after this op.
+                            () = self.skips.arrived.notified() => {
+                                if self.skips.has(op.seq) {
+                                    break;
+                                }
+                                others_skipped = true;
+                            }
+                            _ = crate::serve::stopped(&mut stop) => return Err(Stuck::Stopping),
+                        }
                     }
                 }
             }
         };
+        if others_skipped {
+            self.skips.arrived.notify_one();
+        }
         self.status.set_error(None);
         self.metrics
             .apply_duration
@@ -520,6 +716,10 @@ impl Runner {
             ..applied
         };
         let mut changes = applied.changes;
+        if applied.outcome == Outcome::OperatorSkipped {
+            self.status.skipped.fetch_add(1, Ordering::Relaxed);
+            warn!(seq = op.seq, detail = ?applied.detail, "op passed over at an operator's request: this site may differ from central");
+        }
         let halt = applied.outcome == Outcome::Failed && self.on_failure == OnFailure::Halt;
         changes.advance = !halt && (env.seq == cursor + 1 || env.seq <= cursor);
         let stored = StoredOutcome {
@@ -596,6 +796,27 @@ impl Drop for Counted<'_> {
     }
 }
 
+/// An op passed over at an operator's request: recorded with who asked,
+/// when, and the op's last error here.
+fn passed_over(skip: &Skip, last_error: Option<&str>) -> super::apply::Applied {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(skip.at_ms.max(0) as u64);
+    let mut detail = format!(
+        "passed over at an operator's request (by {}, at {})",
+        skip.by,
+        humantime::format_rfc3339_millis(at)
+    );
+    if let Some(e) = last_error {
+        detail.push_str(&format!("; its last error here: {e}"));
+    }
+    super::apply::Applied {
+        outcome: Outcome::OperatorSkipped,
+        status: None,
+        detail: Some(detail),
+        edge_ids: Vec::new(),
+        changes: Default::default(),
+    }
+}
+
 /// The ack that reports a stored outcome.
 pub(super) fn ack_of(done: &StoredOutcome) -> Ack {
     let outcome = match done.outcome.as_str() {
@@ -611,5 +832,6 @@ pub(super) fn ack_of(done: &StoredOutcome) -> Ack {
         status: done.status.and_then(|s| u16::try_from(s).ok()),
         detail: done.detail.clone(),
         edge_id_created: done.edge_ids.clone(),
+        operator_skipped: done.outcome == Outcome::OperatorSkipped.as_str(),
     }
 }

@@ -20,6 +20,10 @@ pub struct Status {
     pub applied: AtomicU64,
     pub failed: AtomicU64,
     pub retries: AtomicU64,
+    /// Ops recorded failed after `--max-attempts` server errors of their own.
+    pub given_up: AtomicU64,
+    /// Ops passed over at an operator's request.
+    pub skipped: AtomicU64,
     /// Re-drives from central handled (re-acknowledged, re-applied or refused).
     pub redriven: AtomicU64,
     /// Control messages dropped (forged, replayed, malformed).

@@ -333,6 +333,22 @@ impl KeystoneClient {
             .unwrap_or_default())
     }
 
+    /// Whether this site answers besides a write it fails on: a new token
+    /// (the service's credentials checked now, not a cached token) and a
+    /// read of the service's own user. A server error to a write while both
+    /// succeed is that write's.
+    pub async fn answers(&self) -> bool {
+        if self.token(true).await.is_err() {
+            return false;
+        }
+        let me = match self.identity().await {
+            Ok(me) if !me.user_id.is_empty() => me,
+            _ => return false,
+        };
+        let path = format!("/v3/users/{}", me.user_id);
+        matches!(self.send(Method::GET, &path, None).await, Ok(r) if r.is_success())
+    }
+
     /// Sends a request with the service token; a 401 re-authenticates once.
     pub async fn send(
         &self,

@@ -28,8 +28,10 @@ use serde::{Deserialize, Serialize};
 
 use super::crypto::{OpenError, Sealer};
 
-/// The control protocol this version speaks.
-pub const PROTOCOL: u8 = 2;
+/// The control protocol this version speaks. 3: protocol 2's stamps and
+/// rules, and the edge takes operator skips (`messages::Skip`); central asks
+/// no edge that said less for one.
+pub const PROTOCOL: u8 = 3;
 
 /// What travels: the edge in clear (to pick the binding), the rest sealed.
 #[derive(Debug, Serialize, Deserialize)]
@@ -373,7 +375,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             (got.edge.as_str(), got.msg.as_str(), got.from, got.protocol),
-            ("e1", "two", 10, 2)
+            ("e1", "two", 10, PROTOCOL)
         );
         // Older than the last one taken, or the same again: replayed.
         for again in [&first, &second] {

@@ -11,6 +11,7 @@ pub const HELLO: &str = "hello";
 pub const HELLO_REPLY: &str = "hello_reply";
 pub const REPLAY: &str = "replay";
 pub const REDO: &str = "redo";
+pub const SKIP: &str = "skip";
 pub const OUTCOMES_REQUEST: &str = "outcomes_request";
 pub const OUTCOMES_REPLY: &str = "outcomes_reply";
 pub const STATE_REQUEST: &str = "state_request";
@@ -44,6 +45,10 @@ impl Subjects {
     }
     pub fn redo(&self, edge: &str) -> String {
         format!("{}.redo.{edge}", self.prefix)
+    }
+    /// Operator skips to one edge (protocol 3).
+    pub fn skip(&self, edge: &str) -> String {
+        format!("{}.skip.{edge}", self.prefix)
     }
     pub fn outcomes(&self, edge: &str) -> String {
         format!("{}.outcomes.{edge}", self.prefix)
@@ -145,6 +150,13 @@ pub enum Outcome {
     Failed,
     /// Not applied on purpose: the op's outcome at central is unknown.
     Skipped,
+    /// Not applied: an operator had the edge pass over it (`POST
+    /// /v1/ops/{seq}/skip`, protocol 3). The site may differ from central
+    /// (a drift audit shows how; a repair, a resync or a re-drive fixes it).
+    /// Never on the wire: its ack says `failed` with `operator_skipped` set,
+    /// which a central of an earlier release takes as a failure.
+    #[serde(skip)]
+    OperatorSkipped,
 }
 
 impl Outcome {
@@ -154,6 +166,7 @@ impl Outcome {
             Outcome::Adopted => "adopted",
             Outcome::Failed => "failed",
             Outcome::Skipped => "skipped",
+            Outcome::OperatorSkipped => "operator_skipped",
         }
     }
 }
@@ -167,6 +180,21 @@ pub struct Ack {
     pub detail: Option<String>,
     #[serde(default)]
     pub edge_id_created: Vec<String>,
+    /// A `failed` outcome that is an operator's skip (protocol 3): recorded
+    /// `operator_skipped`. Absent from other acks; earlier releases ignore it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub operator_skipped: bool,
+}
+
+impl Ack {
+    /// The delivery state this ack records at central.
+    pub fn state(&self) -> &'static str {
+        if self.operator_skipped {
+            Outcome::OperatorSkipped.as_str()
+        } else {
+            self.outcome.as_str()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -290,6 +318,20 @@ pub struct Redo {
     /// cursor has reached it, re-applying this op could undo it.
     #[serde(default)]
     pub unless_applied: Option<i64>,
+}
+
+/// Central has an edge pass over one op at an operator's request (protocol 3,
+/// on `<prefix>.skip.<edge>`): the op the edge is stuck on (retried, or halted
+/// on its failure), or one that failed there. The edge records it
+/// `operator_skipped`, with who asked and when, applies nothing of it, and
+/// goes on; an op it applied is re-acknowledged as it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Skip {
+    pub op: Envelope,
+    /// Who asked (as given to the audit API).
+    pub by: String,
+    /// When central was asked, in milliseconds since the epoch.
+    pub at_ms: i64,
 }
 
 /// Central asks an edge (request/reply on `<prefix>.state.<edge>`) for one page

@@ -175,6 +175,10 @@ pub struct EdgeConfig {
     pub sync_prefix: String,
     pub key: SyncKey,
     pub on_failure: OnFailure,
+    /// How many times an op the site answers with a server error of its own
+    /// (while it answers other requests) is tried before it is recorded
+    /// failed and `on_failure` applies.
+    pub max_attempts: u32,
     /// How often the edge says hello (and polls for missed ops).
     pub hello_interval: Duration,
     pub upstream_timeout: Duration,

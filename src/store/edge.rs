@@ -413,7 +413,7 @@ impl EdgeStore {
         Ok(sqlx::query(
             "UPDATE outcomes SET outcome = 'applied', status = NULL,
                  detail = 'superseded by a resync to central''s state at op ' || ?
-             WHERE outcome = 'failed' AND seq <= ?",
+             WHERE outcome IN ('failed', 'operator_skipped') AND seq <= ?",
         )
         .bind(fence)
         .bind(fence)

@@ -1215,6 +1215,7 @@ mod tests {
             status: Some(500),
             detail: detail.map(str::to_string),
             edge_id_created: Vec::new(),
+            operator_skipped: false,
         };
         assert_eq!(
             store
@@ -1419,6 +1420,7 @@ mod tests {
             status: Some(500),
             detail: Some(format!("op {seq} refused")),
             edge_id_created: vec![],
+            operator_skipped: false,
         };
         for &(edge, through, fails) in edges {
             store.register_edge(edge, true).await.unwrap();

@@ -282,7 +282,7 @@ impl Store {
         .bind(edge)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(&self.d.sql("DELETE FROM deliveries WHERE edge = ? AND seq <= ? AND state IN ('failed', 'timed_out', 'pending')"))
+        sqlx::query(&self.d.sql("DELETE FROM deliveries WHERE edge = ? AND seq <= ? AND state IN ('failed', 'operator_skipped', 'timed_out', 'pending')"))
             .bind(edge)
             .bind(fence)
             .execute(&mut *tx)

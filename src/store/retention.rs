@@ -254,7 +254,7 @@ async fn retention_on(
     }
     // What an edge shows out of sync stays until it is repaired or re-driven.
     let failed: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT edge, MIN(seq) FROM deliveries WHERE state = 'failed' GROUP BY edge ORDER BY edge",
+        "SELECT edge, MIN(seq) FROM deliveries WHERE state IN ('failed', 'operator_skipped') GROUP BY edge ORDER BY edge",
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -575,6 +575,34 @@ mod tests {
         assert_eq!(store.prune(HOUR, None, 100, &[]).await.unwrap(), 8);
         // It joins with nothing: its next op is gone, which resyncs it.
         assert_eq!(needs_resync(&store, "e1").await, None);
+    }
+
+    /// An op an operator had an edge pass over is out of sync (the site may
+    /// differ): kept, as a failed one is, until a repair or a re-drive.
+    #[tokio::test]
+    async fn an_op_an_operator_skipped_at_an_edge_is_kept() {
+        let (_dir, store) = op_log().await;
+        run(
+            &store,
+            "INSERT INTO deliveries (seq, edge, state, since_ms, updated_ms)
+             VALUES (3, 'e2', 'operator_skipped', 0, 0)",
+        )
+        .await;
+        let r = store.retention(HOUR, None).await.unwrap();
+        assert_eq!(r.prunable_through, 2, "{r:#?}");
+        assert_eq!(r.pinned_by[0].edge.as_deref(), Some("e2"), "{r:#?}");
+        assert_eq!(store.prune(HOUR, None, 100, &[]).await.unwrap(), 2);
+        assert_eq!(store.first_seq().await.unwrap(), Some(3));
+        let rows = store
+            .out_of_sync(Some("e2"), Duration::from_secs(3600 * 24 * 365), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.seq, r.state.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(3, "operator_skipped")]
+        );
     }
 
     #[tokio::test]

@@ -492,7 +492,7 @@ impl Store {
                          AND NOT EXISTS (SELECT 1 FROM deliveries d
                                          WHERE d.seq = o.seq AND d.edge = e.id)),
                     (SELECT COUNT(*) FROM deliveries d
-                     WHERE d.state = 'failed' AND d.edge = e.id)
+                     WHERE d.state IN ('failed', 'operator_skipped') AND d.edge = e.id)
                     + (SELECT COUNT(*) FROM ops o
                        WHERE o.resolution = 'unresolvable' AND {UNRESOLVED})
              FROM edges e ORDER BY e.id",
@@ -536,7 +536,7 @@ impl Store {
             .sql(&format!(
                 "SELECT e.id, e.acked_seq,
                     CASE WHEN EXISTS (SELECT 1 FROM deliveries d
-                                      WHERE d.state = 'failed' AND d.edge = e.id)
+                                      WHERE d.state IN ('failed', 'operator_skipped') AND d.edge = e.id)
                          THEN 1 ELSE 0 END,
                     CASE WHEN EXISTS (SELECT 1 FROM ops o WHERE {UNRESOLVED})
                          THEN 1 ELSE 0 END
@@ -554,7 +554,7 @@ impl Store {
                      SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
                             d.detail, {} AS updated_at, o.body
                      FROM deliveries d JOIN ops o ON o.seq = d.seq
-                     WHERE d.state = 'failed' AND d.edge = ?1
+                     WHERE d.state IN ('failed', 'operator_skipped') AND d.edge = ?1
                      ORDER BY d.seq LIMIT ?4) AS failed
                  UNION ALL
                  SELECT * FROM (
@@ -689,7 +689,7 @@ async fn set_exception(
     )))
     .bind(ack.seq)
     .bind(edge)
-    .bind(ack.outcome.as_str())
+    .bind(ack.state())
     .bind(ack.status.map(i64::from))
     .bind(&ack.detail)
     .execute(&mut *tx)

@@ -338,6 +338,46 @@ async fn the_audit_verbs_answer_from_a_terminal() {
     };
     assert_eq!((code, out.as_str()), (0, "every edge is in sync\n"));
 
+    // An op that failed there, passed over at an operator's request: shown
+    // out of sync with who asked.
+    env.edges[0].site.fail_next(&[400]);
+    env.create(
+        "/v3/groups",
+        "group",
+        serde_json::json!({"group": {"name": "g2"}}),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, op, _) = audit(args(&["op", "2", "--format", "json"]), token).await;
+        let failed = serde_json::from_str::<serde_json::Value>(&op)
+            .is_ok_and(|v| v["deliveries"][0]["state"] == "failed");
+        if failed || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
+    let (code, out, _) = audit(
+        args(&["skip", "2", "--edge", "edge-a", "--by", "carol"]),
+        token,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("skip:"), "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (code, out, _) = loop {
+        let r = audit(args(&["out-of-sync"]), token).await;
+        if r.1.contains("operator_skipped") || std::time::Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("operator_skipped") && out.contains("by carol"),
+        "{out}"
+    );
+    let (code, out, _) = audit(args(&["skip", "2", "--edge", "edge-a"]), token).await;
+    assert_eq!(code, 3, "nothing to skip: {out}");
+
     // A user made at the edge directly: the drift audit reports it (exit 1),
     // a resync with prune removes it.
     let site = &env.edges[0].site;
@@ -514,6 +554,7 @@ async fn oplog_copy_copies_into_a_new_database_and_refuses_a_filled_one() {
             status: Some(409),
             detail: Some(format!("op {seq} at site1")),
             edge_id_created: vec![],
+            operator_skipped: false,
         };
         source.record_ack("site1", &ack).await.unwrap();
     }

@@ -49,6 +49,7 @@ async fn a_broker_client_without_the_key_cannot_mark_a_delivery_applied() {
         status: Some(201),
         detail: None,
         edge_id_created: vec![],
+        operator_skipped: false,
     };
     // In clear, as acks used to travel.
     nats.publish(

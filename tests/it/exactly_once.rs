@@ -846,3 +846,59 @@ async fn writes_a_killed_central_left_in_doubt_are_resolved_and_published() {
     .await;
     env.shutdown().await;
 }
+
+/// An edge working through a backlog of live ops asks central for none of
+/// them again: its poll for missed ops (each hello interval) is for a quiet
+/// stream. 300 ops wait in its subscription while its identity service holds
+/// the first write, more than one batch takes; each reaches the site once, and
+/// central sends none by replay.
+#[tokio::test]
+async fn an_edge_working_through_a_backlog_asks_central_for_none_of_it_again() {
+    let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["e1".into()]).await;
+    // The held write is waited for however long the 299 captures take.
+    env.edge_timeouts.0 = Duration::from_secs(60);
+    env.add_edge("e1", None).await;
+    let site = &env.edges[0].site;
+    let (open, wait) = tokio::sync::watch::channel(false);
+    site.state.lock().unwrap().writes_wait = Some(wait);
+    env.create("/v3/users", "user", json!({"user": {"name": "u0"}}))
+        .await;
+    env.until(
+        "the edge's identity service holds its first write",
+        || async { site.state.lock().unwrap().writes_waiting == 1 },
+    )
+    .await;
+    // The edge applies nothing, and asks nothing, while its write waits.
+    let replayed = replayed_total(&env).await;
+    for i in 1..300 {
+        env.create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": format!("u{i}")}}),
+        )
+        .await;
+    }
+    site.state.lock().unwrap().answer_jitter = Some(Duration::from_millis(2));
+    open.send(true).unwrap();
+    env.assert_in_sync().await;
+    assert_eq!(
+        site.create_requests("users"),
+        300,
+        "each op reached the site once"
+    );
+    assert_eq!(
+        replayed_total(&env).await - replayed,
+        0,
+        "ops waiting at the edge were asked for again"
+    );
+    env.shutdown().await;
+}
+
+async fn replayed_total(env: &SyncEnv) -> u64 {
+    env.metrics()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("syncgate_ops_replayed_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}

@@ -41,6 +41,16 @@ pub struct SiteState {
     tokens: HashMap<String, Option<String>>,
     /// Statuses to answer, in order, to the next writes.
     pub fail_next: Vec<u16>,
+    /// Writes answered this status every time, by `METHOD /path` (a Keystone
+    /// that cannot take one kind of write: "database is locked").
+    pub fail_writes_to: HashMap<String, u16>,
+    /// Every request (a token too) answered this status (an outage).
+    pub fail_all: Option<u16>,
+    /// A domain create naming `explicit_domain_id` is answered this status
+    /// (400: a release without it; 500: one that fails on it).
+    pub refuse_explicit_domain_id: Option<u16>,
+    /// Writes refused by `fail_writes_to`, by `METHOD /path`.
+    pub refused_writes: HashMap<String, usize>,
     /// Creates made, by kind (to prove nothing is applied twice).
     pub creates: HashMap<String, usize>,
     /// Creates answered 409 because what they create exists already.
@@ -93,6 +103,10 @@ pub struct SiteState {
     pub reads_wait: Option<tokio::sync::watch::Receiver<bool>>,
     /// When set, only reads of this path wait on `reads_wait`.
     pub reads_wait_path: Option<String>,
+    /// While set, writes wait until it holds `true` (a site that stopped
+    /// answering, opened by the test); `writes_waiting` counts them.
+    pub writes_wait: Option<tokio::sync::watch::Receiver<bool>>,
+    pub writes_waiting: usize,
     /// Identity providers (`OS-FEDERATION`), by ID.
     pub idps: BTreeMap<String, Value>,
     /// Federation protocols, by `<provider>/<protocol>`.
@@ -424,6 +438,17 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
             let _ = open.wait_for(|open| *open).await;
         }
     }
+    if write {
+        let wait = {
+            let mut st = state.lock().unwrap();
+            let wait = st.writes_wait.clone();
+            st.writes_waiting += usize::from(wait.is_some());
+            wait
+        };
+        if let Some(mut open) = wait {
+            let _ = open.wait_for(|open| *open).await;
+        }
+    }
     let held = if write {
         state.lock().unwrap().hold_next.take()
     } else {
@@ -511,6 +536,9 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
 
+    if let Some(code) = st.fail_all {
+        return error(StatusCode::from_u16(code).unwrap(), "injected outage");
+    }
     if parts.method == Method::POST && path == "/v3/auth/tokens" {
         return issue_token(&mut st, &body);
     }
@@ -533,6 +561,30 @@ async fn handle_now(state: Arc<Mutex<SiteState>>, req: Request) -> Response {
             return error(
                 StatusCode::BAD_REQUEST,
                 &format!("Invalid input for field 'password': '{pw}' is too short."),
+            );
+        }
+        if let Some(code) = st.refuse_explicit_domain_id {
+            if parts.method == Method::POST
+                && path == "/v3/domains"
+                && !body["domain"]["explicit_domain_id"].is_null()
+            {
+                *st.create_requests.entry("domains".into()).or_default() += 1;
+                let message = if code == 400 {
+                    "Invalid input for field 'domain': Additional properties are not allowed \
+                     ('explicit_domain_id' was unexpected)"
+                } else {
+                    "An unexpected error prevented the server from fulfilling your request."
+                };
+                return error(StatusCode::from_u16(code).unwrap(), message);
+            }
+        }
+        let write = format!("{} {path}", parts.method);
+        if let Some(code) = st.fail_writes_to.get(&write).copied() {
+            *st.refused_writes.entry(write).or_default() += 1;
+            return error(
+                StatusCode::from_u16(code).unwrap(),
+                "An unexpected error prevented the server from fulfilling your request. \
+                 (sqlite3.OperationalError) database is locked",
             );
         }
         if !st.fail_next.is_empty() {

@@ -246,6 +246,7 @@ impl World {
             sync_prefix: "syncgate".into(),
             key: self.key.clone(),
             on_failure: OnFailure::Continue,
+            max_attempts: 10,
             hello_interval: Duration::from_millis(200),
             initial_sync: false,
             upstream_timeout: Duration::from_secs(1),

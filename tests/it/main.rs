@@ -18,6 +18,7 @@ mod fleet;
 mod helpers;
 mod hostile;
 mod nats_cluster;
+mod poison;
 mod postgres;
 mod proxy;
 mod repair_run;

@@ -455,9 +455,9 @@ const SITE_USERS: &str = r#"authorization { users: [
   { user: edge-a, password: edge-a-pw, permissions: {
       publish: ["syncgate.ack.edge-a", "syncgate.hello.edge-a", "syncgate.replay",
                 "syncgate.inbox.central.edge-a.>"]
-      subscribe: ["syncgate.ops", "syncgate.redo.edge-a", "syncgate.outcomes.edge-a",
-                  "syncgate.state.edge-a", "syncgate.resync.edge-a",
-                  "syncgate.inbox.edge.edge-a.>"] } }
+      subscribe: ["syncgate.ops", "syncgate.redo.edge-a", "syncgate.skip.edge-a",
+                  "syncgate.outcomes.edge-a", "syncgate.state.edge-a",
+                  "syncgate.resync.edge-a", "syncgate.inbox.edge.edge-a.>"] } }
 ] }"#;
 
 /// The subjects and payloads a client receives until one named `marker`
@@ -562,6 +562,7 @@ async fn a_sites_broker_user_speaks_for_its_own_site_only() {
         "syncgate.ops",
         "syncgate.resync.edge-b",
         "syncgate.redo.edge-b",
+        "syncgate.skip.edge-b",
         "syncgate.outcomes.edge-b",
         "syncgate.state.edge-b",
         "syncgate.inbox.central.edge-b.x",
@@ -598,6 +599,7 @@ async fn a_sites_broker_user_speaks_for_its_own_site_only() {
         "syncgate.resync.edge-b",
         "syncgate.state.edge-b",
         "syncgate.redo.edge-b",
+        "syncgate.skip.edge-b",
         "syncgate.outcomes.edge-b",
         "syncgate.inbox.edge.edge-b.x",
         "syncgate.inbox.central.edge-a.x",

@@ -150,6 +150,9 @@ pub struct SyncEnv {
     /// Edges started from now on say hello this often (their grant lasts
     /// three of these, at least a second).
     pub hello_interval: Duration,
+    /// Edges started from now on try an op their site answers 500 this many
+    /// times (`--max-attempts`).
+    pub max_attempts: u32,
     token: String,
     central: Option<Running>,
     /// Central's op log (kept across restarts).
@@ -251,6 +254,7 @@ pub async fn sync_env(
         initial_sync: false,
         edge_timeouts: (Duration::from_secs(10), Duration::from_secs(2)),
         hello_interval: Duration::from_millis(200),
+        max_attempts: 10,
         token,
         central: Some(running),
         central_db: db,
@@ -319,6 +323,7 @@ impl SyncEnv {
             sync_prefix: "syncgate".into(),
             key: edge.key.clone(),
             on_failure,
+            max_attempts: self.max_attempts,
             hello_interval: self.hello_interval,
             initial_sync: self.initial_sync,
             upstream_timeout: self.edge_timeouts.0,

@@ -106,6 +106,7 @@ then `config` over it.
 {{- $_ := set $s "broker" $v.edge.broker }}
 {{- $_ := set $s "upstream" $v.edge.upstream }}
 {{- $_ := set $s "on_failure" $v.edge.onFailure }}
+{{- $_ := set $s "max_attempts" (int $v.edge.maxAttempts) }}
 {{- $_ := set $s "hello_interval" $v.edge.helloInterval }}
 {{- $_ := set $s "initial_sync" $v.edge.initialSync }}
 {{- end }}
