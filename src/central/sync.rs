@@ -1484,16 +1484,8 @@ impl SyncCentral {
             op: envelope(&self.sealer, op),
             unless_applied,
         };
-        self.tell(edge, self.subjects.redo(edge), REDO, &redo)
-            .await
-            .map_err(|e| match e {
-                AskError::NotConnected(_) => RedriveError::NotConnected(e.to_string()),
-                e => RedriveError::Broker(e.to_string()),
-            })?;
-        tokio::time::timeout(Duration::from_secs(5), self.client.flush())
-            .await
-            .map_err(|_| RedriveError::Broker("flush timed out".into()))?
-            .map_err(|e| RedriveError::Broker(e.to_string()))?;
+        self.direct(edge, self.subjects.redo(edge), REDO, &redo)
+            .await?;
         info!(seq = op.seq, edge, action, "re-drive sent");
         Ok(Redriven {
             action,
@@ -1504,6 +1496,27 @@ impl SyncCentral {
 }
 
 impl SyncCentral {
+    /// Sends one directed message (a re-drive, a skip) to `edge` and sees it
+    /// leave for the broker.
+    async fn direct<T: Serialize>(
+        &self,
+        edge: &str,
+        subject: String,
+        kind: &'static str,
+        msg: &T,
+    ) -> Result<(), RedriveError> {
+        self.tell(edge, subject, kind, msg)
+            .await
+            .map_err(|e| match e {
+                AskError::NotConnected(_) => RedriveError::NotConnected(e.to_string()),
+                e => RedriveError::Broker(e.to_string()),
+            })?;
+        tokio::time::timeout(Duration::from_secs(5), self.client.flush())
+            .await
+            .map_err(|_| RedriveError::Broker("flush timed out".into()))?
+            .map_err(|e| RedriveError::Broker(e.to_string()))
+    }
+
     /// Has `edge` pass over one op at an operator's request (`POST
     /// /v1/ops/{seq}/skip`): the op it is stuck on (the one after its cursor:
     /// retried, or halted on its failure), or one that failed there. Only an
@@ -1558,16 +1571,8 @@ impl SyncCentral {
             by: by.to_string(),
             at_ms: now_ms(),
         };
-        self.tell(edge, self.subjects.skip(edge), SKIP, &skip)
-            .await
-            .map_err(|e| match e {
-                AskError::NotConnected(_) => RedriveError::NotConnected(e.to_string()),
-                e => RedriveError::Broker(e.to_string()),
-            })?;
-        tokio::time::timeout(Duration::from_secs(5), self.client.flush())
-            .await
-            .map_err(|_| RedriveError::Broker("flush timed out".into()))?
-            .map_err(|e| RedriveError::Broker(e.to_string()))?;
+        self.direct(edge, self.subjects.skip(edge), SKIP, &skip)
+            .await?;
         info!(seq = op.seq, edge, by, "skip sent");
         Ok(Redriven {
             action: "skip",

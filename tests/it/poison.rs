@@ -5,7 +5,27 @@
 
 use serde_json::json;
 
-use crate::sync::{edge_status, sync_env};
+use crate::sync::{edge_status, sync_env, SyncEnv};
+
+/// Central and edge `e1`, which tries an op its site answers 500 this many
+/// times (`--max-attempts`).
+async fn env_trying(max_attempts: u32) -> SyncEnv {
+    let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["e1".into()]).await;
+    env.max_attempts = max_attempts;
+    env.add_edge("e1", None).await;
+    env
+}
+
+/// The edge's site answers `status` to every `METHOD /path` write.
+fn fail_writes(env: &SyncEnv, write: &str, status: u16) {
+    env.edges[0]
+        .site
+        .state
+        .lock()
+        .unwrap()
+        .fail_writes_to
+        .insert(write.into(), status);
+}
 
 /// A group create the edge's Keystone answers 500 ("database is locked")
 /// every time while it answers everything else: tried three times
@@ -14,15 +34,9 @@ use crate::sync::{edge_status, sync_env};
 /// (`--on-failure continue`).
 #[tokio::test]
 async fn a_write_the_site_answers_500_every_time_is_failed_after_max_attempts() {
-    let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["e1".into()]).await;
-    env.max_attempts = 3;
-    env.add_edge("e1", None).await;
+    let env = env_trying(3).await;
     let site = &env.edges[0].site;
-    site.state
-        .lock()
-        .unwrap()
-        .fail_writes_to
-        .insert("POST /v3/groups".into(), 500);
+    fail_writes(&env, "POST /v3/groups", 500);
     env.create("/v3/groups", "group", json!({"group": {"name": "admins"}}))
         .await;
     env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
@@ -75,9 +89,7 @@ async fn a_write_the_site_answers_500_every_time_is_failed_after_max_attempts() 
 #[tokio::test]
 async fn a_domain_whose_central_id_the_site_refuses_is_made_under_its_own_and_mapped() {
     for (status, requests) in [(400u16, 2), (500, 3)] {
-        let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["e1".into()]).await;
-        env.max_attempts = 2;
-        env.add_edge("e1", None).await;
+        let env = env_trying(2).await;
         let site = &env.edges[0].site;
         site.state.lock().unwrap().refuse_explicit_domain_id = Some(status);
         let central_id = env
@@ -122,9 +134,7 @@ async fn a_domain_whose_central_id_the_site_refuses_is_made_under_its_own_and_ma
 /// outage lasts, then applied once; nothing is recorded failed.
 #[tokio::test]
 async fn an_outage_is_retried_past_max_attempts_and_applied_once_it_ends() {
-    let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["e1".into()]).await;
-    env.max_attempts = 2;
-    env.add_edge("e1", None).await;
+    let env = env_trying(2).await;
     let site = &env.edges[0].site;
     // A token from before the outage is refused too (a 500, not a 401).
     site.state.lock().unwrap().fail_all = Some(500);
@@ -151,15 +161,9 @@ async fn an_outage_is_retried_past_max_attempts_and_applied_once_it_ends() {
 /// twice, and a re-drive once the site is back applies it.
 #[tokio::test]
 async fn an_op_failed_after_max_attempts_is_applied_by_a_re_drive() {
-    let mut env = sync_env(&[], None, |c| c.sync.edges = vec!["e1".into()]).await;
-    env.max_attempts = 2;
-    env.add_edge("e1", None).await;
+    let env = env_trying(2).await;
     let site = &env.edges[0].site;
-    site.state
-        .lock()
-        .unwrap()
-        .fail_writes_to
-        .insert("POST /v3/groups".into(), 500);
+    fail_writes(&env, "POST /v3/groups", 500);
     env.create("/v3/groups", "group", json!({"group": {"name": "g"}}))
         .await;
     env.until_delivered(&["e1"], &["failed"]).await;
@@ -187,11 +191,7 @@ async fn an_op_failed_after_max_attempts_is_applied_by_a_re_drive() {
 async fn an_operator_skip_moves_a_stuck_site_on_and_a_repair_fixes_what_it_left() {
     let env = sync_env(&["e1"], None, |_| {}).await;
     let site = &env.edges[0].site;
-    site.state
-        .lock()
-        .unwrap()
-        .fail_writes_to
-        .insert("POST /v3/domains".into(), 503);
+    fail_writes(&env, "POST /v3/domains", 503);
     env.create("/v3/domains", "domain", json!({"domain": {"name": "acme"}}))
         .await;
     env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
@@ -281,11 +281,10 @@ async fn an_operator_skip_moves_on_an_edge_halted_on_a_failed_op() {
     env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
         .await;
     let admin = env.edges[0].admin.clone();
-    env.until("the edge halts on op 1", || async {
-        edge_status(&admin).await["halted"] == true
+    env.until("the edge halts on op 1, and central hears so", || async {
+        edge_status(&admin).await["halted"] == true && env.delivery(1, "e1").await == "failed"
     })
     .await;
-    assert_eq!(env.delivery(1, "e1").await, "failed");
     let (status, body) = crate::resync::post(&env, "/v1/ops/1/skip?edge=e1&by=bob").await;
     assert_eq!(status, 202, "{body}");
     env.until_delivered(&["e1"], &["applied", "operator_skipped"])
