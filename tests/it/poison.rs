@@ -272,6 +272,7 @@ async fn an_operator_skip_moves_a_stuck_site_on_and_a_repair_fixes_what_it_left(
 #[tokio::test]
 async fn an_operator_skip_moves_on_an_edge_halted_on_a_failed_op() {
     let mut env = sync_env(&["e1"], None, |_| {}).await;
+    env.stop_edge(0).await;
     env.restart_edge_with(0, syncgate::settings::config::OnFailure::Halt)
         .await;
     let site = &env.edges[0].site;
