@@ -1420,15 +1420,7 @@ impl SyncCentral {
             .await
             .map_err(|e| RedriveError::Internal(e.into()))?
             .ok_or_else(|| RedriveError::NoEdge(edge.to_string()))?;
-        let state = self
-            .store
-            .deliveries(op.seq, self.ack_timeout)
-            .await
-            .map_err(|e| RedriveError::Internal(e.into()))?
-            .into_iter()
-            .find(|d| d.edge == edge)
-            .map(|d| d.state)
-            .unwrap_or_else(|| "pending".into());
+        let state = self.delivery_state(op.seq, edge).await?;
         let mut unless_applied = None;
         let (action, message) = match state.as_str() {
             "applied" | "adopted" | "skipped" => (
@@ -1496,6 +1488,18 @@ impl SyncCentral {
 }
 
 impl SyncCentral {
+    /// The state of op `seq`'s delivery to `edge` (`pending` with no record).
+    async fn delivery_state(&self, seq: i64, edge: &str) -> Result<String, RedriveError> {
+        Ok(self
+            .store
+            .deliveries(seq, self.ack_timeout)
+            .await
+            .map_err(|e| RedriveError::Internal(e.into()))?
+            .into_iter()
+            .find(|d| d.edge == edge)
+            .map_or_else(|| "pending".into(), |d| d.state))
+    }
+
     /// Sends one directed message (a re-drive, a skip) to `edge` and sees it
     /// leave for the broker.
     async fn direct<T: Serialize>(
@@ -1538,15 +1542,7 @@ impl SyncCentral {
                 op.seq
             )));
         }
-        let state = self
-            .store
-            .deliveries(op.seq, self.ack_timeout)
-            .await
-            .map_err(|e| RedriveError::Internal(e.into()))?
-            .into_iter()
-            .find(|d| d.edge == edge)
-            .map(|d| d.state)
-            .unwrap_or_else(|| "pending".into());
+        let state = self.delivery_state(op.seq, edge).await?;
         let cursor = row.cursor;
         match state.as_str() {
             "applied" | "adopted" | "skipped" | "operator_skipped" => {
