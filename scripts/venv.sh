@@ -13,6 +13,27 @@ ensure_venv() {
     cp "$req" "$stamp"
 }
 
+# ensure_keystone_venv RELEASE makes .venv-keystone-RELEASE hold an older
+# Keystone release (for the mixed-release end-to-end checks: an edge site on
+# it) with exactly the packages pinned in tests/python/keystone-RELEASE.txt,
+# which were resolved for that release (its own era's libraries; today's
+# may no longer work with it).
+ensure_keystone_venv() {
+    local release=$1
+    local req=tests/python/keystone-$release.txt
+    local dir=.venv-keystone-$release
+    local stamp=$dir/.requirements
+    [ -f "$req" ] || { echo "error: $req not found: no pinned set for Keystone $release" >&2; return 1; }
+    if [ -x "$dir/bin/keystone-manage" ] && [ -f "$stamp" ] && cmp -s "$req" "$stamp"; then
+        return 0
+    fi
+    echo "== preparing $dir from $req"
+    rm -rf "$dir"
+    python3 -m venv "$dir"
+    "$dir/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$req"
+    cp "$req" "$stamp"
+}
+
 # Installs the Debian packages named when any of their commands is missing
 # (as root, with apt-get); says what to install otherwise.
 ensure_debian_packages() {

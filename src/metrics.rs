@@ -132,12 +132,16 @@ pub struct Metrics {
     pub edge_lag_ops: Family<EdgeLabel, Gauge>,
     pub edge_lag_seconds: Family<EdgeLabel, Gauge<f64, AtomicU64>>,
     pub edge_out_of_sync: Family<EdgeLabel, Gauge>,
+    /// 1 while an edge is heard from (a hello within `--edge-offline-after`).
+    pub edge_online: Family<EdgeLabel, Gauge>,
     /// Differences the last drift audit found, per edge, kind and category.
     pub drift: Family<DriftLabels, Gauge>,
     /// The running (or last) resync of each edge: steps done and planned.
     pub resync_done: Family<EdgeLabel, Gauge>,
     pub resync_total: Family<EdgeLabel, Gauge>,
     pub resync_running: Family<EdgeLabel, Gauge>,
+    /// 1 when an edge's last resync or repair failed, 0 once one succeeds.
+    pub resync_failed: Family<EdgeLabel, Gauge>,
     /// Users a resync created at each edge that have no password there yet.
     pub needs_password: Family<EdgeLabel, Gauge>,
     pub deliveries_pending: Gauge,
@@ -192,10 +196,12 @@ impl Metrics {
             edge_lag_ops: Family::default(),
             edge_lag_seconds: Family::default(),
             edge_out_of_sync: Family::default(),
+            edge_online: Family::default(),
             drift: Family::default(),
             resync_done: Family::default(),
             resync_total: Family::default(),
             resync_running: Family::default(),
+            resync_failed: Family::default(),
             needs_password: Family::default(),
             deliveries_pending: Gauge::default(),
             deliveries_failed: Gauge::default(),
@@ -354,6 +360,11 @@ impl Metrics {
             m.edge_out_of_sync.clone(),
         );
         r.register(
+            format!("{p}_edge_online"),
+            "1 while each edge is heard from (a hello within --edge-offline-after), 0 otherwise",
+            m.edge_online.clone(),
+        );
+        r.register(
             format!("{p}_drift_differences"),
             "Differences the last drift audit found between central's and each edge's identity state",
             m.drift.clone(),
@@ -372,6 +383,11 @@ impl Metrics {
             format!("{p}_resync_running"),
             "1 while a resync or repair of the edge runs",
             m.resync_running.clone(),
+        );
+        r.register(
+            format!("{p}_resync_failed"),
+            "1 when each edge's last resync or repair failed (its error: syncgate audit edges), 0 once one succeeded",
+            m.resync_failed.clone(),
         );
         r.register(
             format!("{p}_users_needing_password"),

@@ -422,6 +422,7 @@ pub async fn keep_gauges(
         }
         let m = &admin.metrics;
         let store = &admin.store;
+        let offline_ms = admin.edge_offline_after.as_millis() as i64;
         let (last, open, edges, counts) = match tokio::try_join!(
             store.last_seq(),
             store.open_intents(),
@@ -442,6 +443,8 @@ pub async fn keep_gauges(
             m.edge_acked.get_or_create(&label).set(e.acked_seq);
             m.edge_lag_ops.get_or_create(&label).set(e.lag_ops);
             m.edge_lag_seconds.get_or_create(&label).set(e.lag_seconds);
+            let online = e.silent_ms.is_some_and(|ms| ms <= offline_ms);
+            m.edge_online.get_or_create(&label).set(i64::from(online));
         }
         let mut total = crate::store::DeliveryCounts::default();
         for (edge, c) in counts {

@@ -21,6 +21,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
 pub(super) struct AdminState {
+    pub(super) link: Arc<super::link::Link>,
     pub(super) status: Arc<Status>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) store: EdgeStore,
@@ -55,6 +56,8 @@ async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
         "id_map_size": st.id_map_size.load(Ordering::Relaxed),
         "broker_connected": st.connected.load(Ordering::Relaxed),
         "halted": st.halted.load(Ordering::Relaxed),
+        // Granted the ID once, and its lease ran out since: ops wait.
+        "lease_lapsed": s.link.lapsed(),
         "resync_hold": st.resync_hold.load(Ordering::Relaxed),
         "error": st.error(),
         "warning": st.warning(),
@@ -63,6 +66,9 @@ async fn status_json(State(s): State<Arc<AdminState>>) -> Json<serde_json::Value
         "failed_total": st.failed.load(Ordering::Relaxed),
         "retries_total": st.retries.load(Ordering::Relaxed),
         "given_up_total": st.given_up.load(Ordering::Relaxed),
+        "lease_lapses_total": st.lease_lapses.load(Ordering::Relaxed),
+        "stream_gaps_total": st.stream_gaps.load(Ordering::Relaxed),
+        "broker_reconnects_total": st.broker_reconnects.load(Ordering::Relaxed),
         "operator_skipped_total": st.skipped.load(Ordering::Relaxed),
         "redriven_total": st.redriven.load(Ordering::Relaxed),
     }))
@@ -146,6 +152,24 @@ impl Collector for EdgeCollector {
             &format!("{p}_ops_operator_skipped"),
             "Ops passed over at an operator's request (POST /v1/ops/{seq}/skip at central)",
             load(&s.skipped),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_lease_lapses"),
+            "Grants regained after this edge's lease lapsed (hellos answered late); ops meanwhile came by replay",
+            load(&s.lease_lapses),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_stream_gaps"),
+            "Live ops that showed ops missed before them, each followed by a replay from central",
+            load(&s.stream_gaps),
+        )?;
+        counter(
+            &mut enc,
+            &format!("{p}_broker_reconnects"),
+            "Connections to the broker after the first",
+            load(&s.broker_reconnects),
         )?;
         counter(
             &mut enc,

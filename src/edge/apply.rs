@@ -49,7 +49,10 @@ impl Transient {
     /// A reply that says to try again later (5xx, 429). A 502 or 504 comes
     /// from a gateway in front of Keystone, which may carry on.
     fn of_reply(reply: &crate::keystone::client::Reply) -> Option<Transient> {
-        (reply.status >= 500 || reply.status == 429).then(|| Transient {
+        // 501: the site's Keystone (its release, or its driver) does not do
+        // this at all; trying again cannot change that.
+        let retried = (reply.status >= 500 && reply.status != 501) || reply.status == 429;
+        retried.then(|| Transient {
             reason: format!(
                 "edge identity service answered HTTP {}: {}",
                 reply.status,
@@ -541,6 +544,13 @@ impl Applier<'_> {
             });
         }
         let mut detail = reply.message();
+        if matches!(reply.status, 405 | 501) {
+            detail.push_str(&format!(
+                " (HTTP {}: not done by this site's Keystone, a release or a driver without it; \
+                 compare the site's release with central's)",
+                reply.status
+            ));
+        }
         let unresolved: Vec<&EntityRef> = op
             .refs
             .iter()
@@ -1025,7 +1035,6 @@ mod tests {
     fn server_errors_are_told_from_outages() {
         for (status, server_error, in_doubt) in [
             (500, Some(500), false),
-            (501, Some(501), false),
             (507, Some(507), false),
             (502, None, true),
             (503, None, false),
@@ -1039,6 +1048,8 @@ mod tests {
                 "{status}"
             );
         }
+        // Not implemented by the site (an older release): failed at once.
+        assert!(Transient::of_reply(&reply(501, "x")).is_none());
         assert!(Transient::of_reply(&reply(400, "x")).is_none());
         assert!(Transient::of_reply(&reply(409, "x")).is_none());
     }

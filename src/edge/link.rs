@@ -50,6 +50,9 @@ pub struct Link {
     grant: Mutex<GrantState>,
     /// Woken when the grant changes (the runner catches up).
     pub changed: Notify,
+    /// Woken when a lapsed lease is granted again (the runner takes the ops
+    /// its subscription held meanwhile).
+    pub resumed: Notify,
     /// Measured skew of this edge's clock from central's, in ms.
     pub skew_ms: std::sync::atomic::AtomicI64,
     pub skew_known: AtomicBool,
@@ -78,6 +81,7 @@ impl Link {
             sealer,
             central: AtomicU64::new(0),
             grant: Mutex::default(),
+            resumed: Notify::new(),
             changed: Notify::new(),
             skew_ms: Default::default(),
             skew_known: AtomicBool::new(false),
@@ -170,6 +174,15 @@ impl Link {
         !g.resync && g.until.is_some_and(|u| Instant::now() < u)
     }
 
+    /// Whether this process's lease ran out without central saying anything
+    /// else (its hellos answered late, or not at all): central has not given
+    /// the ID to another process, so the op stream is held, not dropped, and
+    /// taken again once granted (each op would otherwise come again by replay).
+    pub fn lapsed(&self) -> bool {
+        let g = self.grant();
+        g.until.is_some_and(|u| Instant::now() >= u)
+    }
+
     /// Whether this process holds the edge's ID now (a resync may apply).
     pub fn holds(&self) -> bool {
         let g = self.grant();
@@ -202,6 +215,7 @@ impl Link {
             warn!(warning = %w, "central");
         }
         status.set_warning(reply.warning.clone());
+        let mut lapsed = false;
         let (why_not, again) = {
             let mut g = self.grant();
             let before = (g.until.is_some(), g.resync);
@@ -211,6 +225,9 @@ impl Link {
                     earlier_holder,
                 } => {
                     let held = g.until.is_some_and(|u| Instant::now() < u);
+                    if !held && g.until.is_some() {
+                        lapsed = true;
+                    }
                     g.until = Some(sent + Duration::from_millis(*lease_ms));
                     g.resync = false;
                     // Got the ID from another process: what that one sent
@@ -230,6 +247,9 @@ impl Link {
                     earlier_holder,
                 } => {
                     let held = g.until.is_some_and(|u| Instant::now() < u);
+                    if !held && g.until.is_some() {
+                        lapsed = true;
+                    }
                     g.until = Some(sent + Duration::from_millis(*lease_ms));
                     g.resync = true;
                     // The ID's last holder ran on another database: what it
@@ -268,6 +288,17 @@ impl Link {
             }
             out
         };
+        if lapsed {
+            // Ops that came while it had lapsed waited in the subscription.
+            // Hellos answered later than the lease (a host short of CPU, a
+            // slow broker path, central restarting) cause it.
+            self.resumed.notify_one();
+            let n = status.lease_lapses.fetch_add(1, Ordering::Relaxed) + 1;
+            info!(
+                lapses = n,
+                "central granted this edge its ID again after its lease lapsed (a hello answered late)"
+            );
+        }
         if !again {
             if let Some(w) = &why_not {
                 if status.grant_error().as_deref() != Some(w.as_str()) {

@@ -223,6 +223,7 @@ impl Edge {
         ));
 
         let admin = Arc::new(admin::AdminState {
+            link: self.link.clone(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
             store: self.store.clone(),
@@ -318,6 +319,9 @@ impl Edge {
                 event = events.recv() => match event {
                     Some(async_nats::Event::Connected) => {
                         info!("connected to the broker; catching up");
+                        if runner.status.connected_once.swap(true, Ordering::Relaxed) {
+                            runner.status.broker_reconnects.fetch_add(1, Ordering::Relaxed);
+                        }
                         runner.status.connected.store(true, Ordering::Relaxed);
                         need_replay = true;
                         poke_hello.notify_one();
@@ -365,31 +369,36 @@ impl Edge {
                         runner.skips.arrived.notify_one();
                     }
                 }
-                msg = ops.next() => {
+                () = runner.link.resumed.notified() => {}
+                // Held while the lease has lapsed: taken once granted again.
+                msg = ops.next(), if !runner.link.lapsed() => {
                     let Some(msg) = msg else { break };
                     heard = true;
                     if let Some(env) = op_envelope(&msg) {
                         match runner.live(env).await {
-                            Ok(gap) => need_replay |= gap,
+                            Ok(gap) => gap_seen(&runner.status, &mut need_replay, gap),
                             Err(Stuck::Stopping) => break,
                             Err(Stuck::Blocked) => {}
                         }
                     }
                     // Ops already waiting join this one's commit.
                     let mut more = 0;
-                    while more < MAX_BATCH {
+                    while more < MAX_BATCH && !runner.link.lapsed() {
                         let Some(Some(msg)) = ops.next().now_or_never() else { break };
                         more += 1;
                         if let Some(env) = op_envelope(&msg) {
                             match runner.live(env).await {
-                                Ok(gap) => need_replay |= gap,
+                                Ok(gap) => gap_seen(&runner.status, &mut need_replay, gap),
                                 Err(Stuck::Stopping) => break 'run,
                                 Err(Stuck::Blocked) => {}
                             }
                         }
                     }
                 }
-                _ = poll.tick() => need_replay |= !std::mem::take(&mut heard),
+                // Quiet because held is not quiet: no poll then.
+                _ = poll.tick() => {
+                    need_replay |= !std::mem::take(&mut heard) && !runner.link.lapsed();
+                }
             }
             // What was applied is recorded and acknowledged before anything else.
             let _ = runner.flush().await;
@@ -411,6 +420,16 @@ impl Edge {
         self.store.close().await;
         Ok(())
     }
+}
+
+/// A live op beyond the next one: the ops between were missed (a reconnect,
+/// a lapsed lease) and come by replay. Counted once per replay it causes.
+fn gap_seen(status: &Status, need_replay: &mut bool, gap: bool) {
+    if gap && !*need_replay {
+        let n = status.stream_gaps.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(gaps = n, "ops missed on the stream: catching up by replay");
+    }
+    *need_replay |= gap;
 }
 
 /// An op message from the broker, with the trace context its NATS headers

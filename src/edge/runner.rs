@@ -257,7 +257,7 @@ impl Runner {
                 // date (central starts one when it hears this cursor).
                 let first = batch.ops.iter().map(|e| e.seq).min().unwrap_or(from);
                 let msg = format!(
-                    "ops {from} to {} are no longer in central's op log; waiting for a resync                      from central's state",
+                    "ops {from} to {} are no longer in central's op log; waiting for a resync from central's state",
                     first - 1
                 );
                 if self.status.error().as_deref() != Some(msg.as_str()) {

@@ -10,6 +10,8 @@ pub struct Status {
     pub cursor: AtomicI64,
     pub id_map_size: AtomicI64,
     pub connected: AtomicBool,
+    /// Connected to the broker at least once.
+    pub connected_once: AtomicBool,
     pub halted: AtomicBool,
     /// A resync from central holds the op stream.
     pub resync_hold: AtomicBool,
@@ -24,6 +26,12 @@ pub struct Status {
     pub given_up: AtomicU64,
     /// Ops passed over at an operator's request.
     pub skipped: AtomicU64,
+    /// Grants regained after the lease had lapsed (hellos answered late).
+    pub lease_lapses: AtomicU64,
+    /// Live ops that showed ops missed before them (each asks for a replay).
+    pub stream_gaps: AtomicU64,
+    /// Connections to the broker after the first (each is followed by a replay).
+    pub broker_reconnects: AtomicU64,
     /// Re-drives from central handled (re-acknowledged, re-applied or refused).
     pub redriven: AtomicU64,
     /// Control messages dropped (forged, replayed, malformed).

@@ -21,8 +21,8 @@ import traceback
 from otlp_receiver import Receiver
 import os
 
-from harness import (VENV_BIN, Deployment, HAProxy, HoldingProxy, Postgres, diff, free_port, get_json, http, log,
-                     release_binary, snapshot, wait_until)
+from harness import (OLDER_KEYSTONE, VENV_BIN, Deployment, HAProxy, HoldingProxy, Postgres, Prometheus, diff,
+                     free_port, get_json, http, log, release_binary, snapshot, wait_until)
 
 results = []
 
@@ -162,8 +162,15 @@ def scenario(dep):
     assert all(e["cursor"] == last and e["online"] for e in edges), edges
 
 
-@check("edge Keystone down: pending, timed out, then healed in order")
+@check("edge Keystone down: pending, timed out (alerted by a real Prometheus), then healed in order and the alert gone")
 def edge_keystone_down(dep):
+    # A real Prometheus scrapes central with syncgate's alert rules (the
+    # out-of-sync alert's `for:` shortened from 10 minutes to 3 seconds).
+    prom = Prometheus(dep.workdir, [f"127.0.0.1:{dep.admin_port}"], hold={"SyncgateEdgeOutOfSync": "3s"}).start()
+    dep.cleanups.append(prom.stop)
+    wait_until("prometheus has central's gauges",
+               lambda: len(prom.query('syncgate_edge_out_of_sync')) == len(dep.edge_ks))
+    assert prom.alerts("SyncgateEdgeOutOfSync") == [], "an edge in sync is alerted on"
     ks = dep.edge_ks["edge1"]
     ks.stop()
     before = dep.ops()[-1]["seq"]
@@ -173,8 +180,16 @@ def edge_keystone_down(dep):
     dep.wait_delivered(states=("timed_out",), edges=["edge1"], timeout=60, after=before)
     oos = dep.audit("/v1/out-of-sync?edge=edge1")["out_of_sync"]
     assert len(oos) == 3 and all(r["state"] == "timed_out" for r in oos), oos
+    wait_until("the out-of-sync alert firing for edge1",
+               lambda: [(s, lab.get("edge")) for s, lab in prom.alerts("SyncgateEdgeOutOfSync")] == [("firing", "edge1")],
+               timeout=60)
+    [(_, labels)] = prom.alerts("SyncgateEdgeOutOfSync")
+    assert labels["severity"] == "warning", labels
     ks.start()
     assert_in_sync(dep, "edge Keystone back")
+    wait_until("the out-of-sync alert gone once edge1 is back in sync",
+               lambda: prom.alerts("SyncgateEdgeOutOfSync") == [], timeout=60)
+    prom.stop()
     token = ks.token()
     names = [p["name"] for p in get_json(f"{ks.url}/v3/projects", token)["projects"]]
     assert sorted(n for n in names if n.startswith("while-down")) == [f"while-down-{i}" for i in range(3)], names
@@ -763,7 +778,10 @@ def main():
     workdir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="syncgate-e2e-")
     log(f"e2e workdir: {workdir}")
     receiver = Receiver()
-    dep = Deployment(f"{workdir}/embedded", edges=("edge1", "edge2"), otlp=(receiver.http_endpoint, "http/protobuf"))
+    # Mixed Keystone releases: edge2's site runs an older one than central's
+    # and edge1's, through every check of this deployment.
+    dep = Deployment(f"{workdir}/embedded", edges=("edge1", "edge2"), otlp=(receiver.http_endpoint, "http/protobuf"),
+                     keystone_releases={"edge2": OLDER_KEYSTONE})
     try:
         t = time.monotonic()
         dep.start()

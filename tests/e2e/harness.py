@@ -20,6 +20,21 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
+# The older Keystone release an edge site runs in the mixed-release checks
+# (scripts/venv.sh's ensure_keystone_venv prepares it).
+OLDER_KEYSTONE = "28.1.0"
+
+
+def keystone_bin(release=None):
+    """Where Keystone's commands (keystone-manage, gunicorn) are: the suite's
+    own release (.venv), or an older one (.venv-keystone-<release>)."""
+    if release is None:
+        return VENV_BIN
+    path = REPO / f".venv-keystone-{release}" / "bin"
+    if not (path / "keystone-manage").exists():
+        raise RuntimeError(f"Keystone {release} not found in {path.parent}: "
+                           f"run `source scripts/venv.sh && ensure_keystone_venv {release}`")
+    return path
 
 
 def free_port():
@@ -77,8 +92,13 @@ def get_json(url, token=None):
 class Keystone:
     """A real Keystone on SQLite, bootstrapped with its own admin."""
 
-    def __init__(self, name, workdir, admin_password, public_url=None):
+    def __init__(self, name, workdir, admin_password, public_url=None, release=None, database=None):
         self.name = name
+        # None: the suite's own release; else an older one (its own venv).
+        self.release = release
+        self.bin = keystone_bin(release)
+        # An SQLAlchemy URL; None: SQLite in its directory.
+        self.database = database
         self.dir = Path(workdir) / name
         self.admin_password = admin_password
         self.port = free_port()
@@ -96,7 +116,7 @@ class Keystone:
             f"""[DEFAULT]
 debug = false
 [database]
-connection = sqlite:///{d}/keystone.db
+connection = {self.database or f"sqlite:///{d}/keystone.db"}
 [fernet_tokens]
 key_repository = {d}/fernet-keys
 [fernet_receipts]
@@ -113,7 +133,7 @@ threads = 1
 raw_env = ["OS_KEYSTONE_CONFIG_FILES={d}/keystone.conf"]
 """
         )
-        manage = [str(VENV_BIN / "keystone-manage"), "--config-file", str(d / "keystone.conf")]
+        manage = [str(self.bin / "keystone-manage"), "--config-file", str(d / "keystone.conf")]
         env = dict(os.environ, OS_KEYSTONE_CONFIG_FILES=str(d / "keystone.conf"))
         user = ["--keystone-user", _user(), "--keystone-group", _group()]
         steps = [
@@ -134,7 +154,7 @@ raw_env = ["OS_KEYSTONE_CONFIG_FILES={d}/keystone.conf"]
     def start(self):
         log = open(self.dir / "gunicorn.log", "a")
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "gunicorn")], cwd=self.dir, stdout=log, stderr=log, start_new_session=True
+            [str(self.bin / "gunicorn")], cwd=self.dir, stdout=log, stderr=log, start_new_session=True
         )
         wait_until(f"{self.name} keystone", lambda: http("GET", f"{self.url}/v3")[0] == 200)
 
@@ -317,7 +337,9 @@ class Deployment:
     """Central Keystone + gateway, and N edge Keystones + edge gateways."""
 
     def __init__(self, workdir, edges=("edge1",), ack_timeout="5s", external_broker=None, otlp=None,
-                 initial_sync=False):
+                 initial_sync=False, keystone_releases=None):
+        # keystone_releases: {edge: release} for edges whose Keystone is an
+        # older release than central's.
         # otlp: (endpoint, protocol) to export traces to, or None.
         self.otlp = otlp
         self.workdir = Path(workdir)
@@ -340,7 +362,16 @@ class Deployment:
         self.initial_sync = initial_sync
         # The catalog's public endpoint is the gateway, so the CLI stays on it.
         self.central_ks = Keystone("central", self.workdir, "central-admin-pw", public_url=self.gateway)
-        self.edge_ks = {e: Keystone(e, self.workdir, f"{e}-admin-pw") for e in edges}
+        releases = keystone_releases or {}
+        # An older release runs on PostgreSQL: on SQLite, 28.1.0 answers 500
+        # "database is locked" to role and group creates, whoever sends them.
+        self.keystone_pg = Postgres().start() if releases else None
+        self.edge_ks = {}
+        for e in edges:
+            database = None
+            if releases.get(e):
+                database = self.keystone_pg.database(f"keystone_{e}", driver="postgresql+psycopg2")
+            self.edge_ks[e] = Keystone(e, self.workdir, f"{e}-admin-pw", release=releases.get(e), database=database)
         self.edges = {}
         self.central = None
         # Where the op log lives (a test may move it to a small filesystem).
@@ -445,6 +476,8 @@ class Deployment:
             self.central.stop()
         for k in [self.central_ks, *self.edge_ks.values()]:
             k.stop()
+        if self.keystone_pg:
+            self.keystone_pg.stop()
         for cleanup in reversed(self.cleanups):
             cleanup()
 
@@ -660,11 +693,73 @@ class Postgres:
                   f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start")
         return self
 
+    def database(self, name, driver="postgresql"):
+        """Makes database `name`; its URL with `driver` as the scheme."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "syncgate", name)
+        return f"{driver}://syncgate@127.0.0.1:{self.port}/{name}"
+
     def stop(self):
         subprocess.run((["runuser", "-u", "nobody", "--"] if self.as_nobody else [])
                        + [str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Prometheus:
+    """Debian's Prometheus scraping central's admin listener every second and
+    evaluating syncgate's alert rules (monitoring/syncgate-rules.yaml) every
+    second, the `for:` of the alerts named in `hold` set as given (the
+    defaults are minutes)."""
+
+    def __init__(self, workdir, targets, hold=None):
+        import yaml
+
+        self.dir = Path(workdir) / "prometheus"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rules = yaml.safe_load((REPO / "monitoring" / "syncgate-rules.yaml").read_text())
+        for rule in rules["groups"][0]["rules"]:
+            if rule["alert"] in (hold or {}):
+                rule["for"] = hold[rule["alert"]]
+        (self.dir / "rules.yaml").write_text(yaml.safe_dump(rules))
+        (self.dir / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(self.dir / "rules.yaml")],
+            "scrape_configs": [{"job_name": "syncgate", "static_configs": [{"targets": targets}]}],
+        }))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        binary = shutil.which("prometheus")
+        if not binary:
+            raise RuntimeError("prometheus not found (apt-get install prometheus)")
+        log = open(self.dir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=log, stderr=log, start_new_session=True)
+        # /-/ready answers plain text: its status is what tells.
+        wait_until("prometheus ready", lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=5).status == 200)
+        return self
+
+    def alerts(self, name):
+        """The alerts called `name` Prometheus has now: [(state, labels)]."""
+        body = get_json(f"{self.url}/api/v1/alerts")
+        return [(a["state"], a["labels"]) for a in body["data"]["alerts"] if a["labels"]["alertname"] == name]
+
+    def query(self, q):
+        import urllib.parse
+
+        body = get_json(f"{self.url}/api/v1/query?query={urllib.parse.quote(q)}")
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
 
 
 class HAProxy:

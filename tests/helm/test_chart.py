@@ -27,6 +27,7 @@ from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chart import CHART, REPO, Workload, kind, notes, render  # noqa: E402
@@ -56,7 +57,8 @@ CENTRAL_FULL.update({
                 "externalBroker": "nats://nats.identity:4222", "ackTimeout": "45s", "allowNewEdges": True},
     "config": {"upstream_timeout": "10s", "max_connections": 2048},
     "credentials": {"username": "syncgate", "secret": {"name": "edge-creds", "key": "password"}},
-    "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}},
     "networkPolicy": {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
                       "proxyFrom": [{"namespaceSelector": {}}]},
     "otel": {"endpoint": "http://otel-collector.observability:4317", "protocol": "grpc",
@@ -123,6 +125,10 @@ def validate():
     for label, values in RELEASES.items():
         for path, doc in render(values):
             seen.add(doc["kind"])
+            if doc["kind"] == "PrometheusRule":
+                # A CRD of the Prometheus operator: checked by promtool below.
+                assert doc["spec"]["groups"][0]["rules"], (label, path)
+                continue
             if doc["apiVersion"].startswith("monitoring.coreos.com/"):
                 # CRDs of the Prometheus operator: not in Kubernetes' schemas.
                 assert doc["spec"]["selector"]["matchLabels"], (label, path)
@@ -271,6 +277,64 @@ def network_policy():
                 assert rule.get("from"), (name, rule)
 
 
+def promtool(*args, rules=None):
+    """Runs promtool (Debian's prometheus package) on `rules` (a rule
+    file's content) or on files named in `args`; its output."""
+    with tempfile.TemporaryDirectory() as d:
+        if rules is not None:
+            path = Path(d) / "rules.yaml"
+            path.write_text(yaml.safe_dump(rules))
+            args = (*args, str(path))
+        r = subprocess.run(["promtool", *args], capture_output=True, text=True)
+    assert r.returncode == 0, f"promtool {' '.join(args)}: {r.stdout}{r.stderr}"
+    return r.stdout
+
+
+@check("the alerts: the PrometheusRule and monitoring/syncgate-rules.yaml are the same rules, "
+       "promtool checks them and their unit tests pass, values set thresholds and leave rules out")
+def alerts():
+    on = dict(deepcopy(CENTRAL), metrics={"prometheusRule": {"enabled": True}})
+    [rule] = kind(render(on), "PrometheusRule")
+    names = [r["alert"] for r in rule["spec"]["groups"][0]["rules"]]
+    assert len(names) == 15 and len(set(names)) == 15, names
+    for r in rule["spec"]["groups"][0]["rules"]:
+        a = r["annotations"]
+        assert r["labels"]["severity"] in ("warning", "critical"), r
+        assert a["runbook_url"] == f"docs/runbooks.md#{r['alert'].lower()}", r
+        assert f"## {r['alert']}\n" in (REPO / "docs" / "runbooks.md").read_text(), f"no runbook for {r['alert']}"
+        assert "edge" not in r["expr"] or "{{ $labels.edge }}" in a["summary"], r
+    # The plain rules file is the template's rendering with the defaults.
+    plain = yaml.safe_load((REPO / "monitoring" / "syncgate-rules.yaml").read_text())
+    assert plain == rule["spec"], "monitoring/syncgate-rules.yaml differs: run scripts/render-rules.py"
+    assert "SUCCESS: 15 rules found" in promtool("check", "rules", rules=rule["spec"])
+    assert "SUCCESS" in promtool("test", "rules", str(REPO / "monitoring" / "tests" / "syncgate-rules.test.yaml"))
+    # Thresholds and excluded rules come from the values; what they make is valid.
+    tuned = deepcopy(on)
+    tuned["metrics"]["prometheusRule"].update(
+        excludeRules=["SyncgateEdgeBehind", "SyncgateNoLeader"],
+        thresholds=dict(yaml.safe_load((CHART / "values.yaml").read_text())["metrics"]["prometheusRule"]["thresholds"],
+                        lagSecondsWarning=42.5, offlineFor="90s", retentionSeconds=604800))
+    [rule] = kind(render(tuned), "PrometheusRule")
+    by_name = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert "SyncgateEdgeBehind" not in by_name and "SyncgateNoLeader" not in by_name, list(by_name)
+    assert "SyncgateEdgeBehindCritical" in by_name
+    assert by_name["SyncgateEdgeLagging"]["expr"] == "syncgate_edge_lag_seconds > 42.5", by_name["SyncgateEdgeLagging"]
+    assert by_name["SyncgateEdgeOffline"]["for"] == "90s"
+    assert by_name["SyncgateEdgePinsRetention"]["expr"] == "syncgate_edge_lag_seconds > 604800"
+    assert "SUCCESS: 13 rules found" in promtool("check", "rules", rules=rule["spec"])
+    # An unknown rule name is refused; an edge release ships no rules (its
+    # metrics are its own; central's carry every edge's).
+    bad = deepcopy(on)
+    bad["metrics"]["prometheusRule"]["excludeRules"] = ["SyncgateNoSuchAlert"]
+    try:
+        render(bad)
+    except helm.HelmError as e:
+        assert "excludeRules" in str(e), str(e)
+    else:
+        raise AssertionError("an unknown rule name in excludeRules was accepted")
+    assert not kind(render(dict(deepcopy(EDGE), metrics={"prometheusRule": {"enabled": True}})), "PrometheusRule")
+
+
 @check("a change of configuration changes the pod's checksum (the pod rolls)")
 def checksum():
     def annotation(values):
@@ -353,7 +417,7 @@ def binary_agrees():
 
 
 def main():
-    for test in (lint, validate, central_shape, variants, replicas, network_policy, checksum, bad_values,
+    for test in (lint, validate, central_shape, variants, replicas, network_policy, alerts, checksum, bad_values,
                  binary_agrees):
         test()
     passed = sum(ok for _, ok in results)

@@ -17,7 +17,7 @@ use crate::sync::{nats_server_path, sync_env, SyncEnv};
 /// One nats-server process with its configuration file and monitoring port.
 /// Every port is chosen by the server itself (`-1`) and read back, so no
 /// other process can take one between its choice and the server's bind.
-struct Node {
+pub(crate) struct Node {
     child: tokio::process::Child,
     client: SocketAddr,
     monitor: u16,
@@ -28,7 +28,7 @@ struct Node {
 }
 
 impl Node {
-    async fn start(bin: &Path, dir: &Path, name: &str, config: String) -> Node {
+    pub(crate) async fn start(bin: &Path, dir: &Path, name: &str, config: String) -> Node {
         let home = dir.join(name);
         std::fs::create_dir_all(&home).unwrap();
         let file = home.join("server.conf");
@@ -102,12 +102,12 @@ impl Node {
         node
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://{}", self.client)
     }
 
     /// One of the server's monitoring pages, when it answers.
-    async fn page(&self, path: &str) -> Option<Value> {
+    pub(crate) async fn page(&self, path: &str) -> Option<Value> {
         reqwest::get(format!("http://127.0.0.1:{}{path}", self.monitor))
             .await
             .ok()?
@@ -116,7 +116,7 @@ impl Node {
             .ok()
     }
 
-    async fn until(&self, what: &str, path: &str, ok: impl Fn(&Value) -> bool) {
+    pub(crate) async fn until(&self, what: &str, path: &str, ok: impl Fn(&Value) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(page) = self.page(path).await {
@@ -144,7 +144,7 @@ impl Node {
         })
     }
 
-    async fn kill(&mut self) {
+    pub(crate) async fn kill(&mut self) {
         self.child.kill().await.unwrap();
     }
 }

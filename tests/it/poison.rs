@@ -80,6 +80,42 @@ async fn a_write_the_site_answers_500_every_time_is_failed_after_max_attempts() 
     env.shutdown().await;
 }
 
+/// A write the edge's Keystone does not do at all (HTTP 501, Not
+/// Implemented: a release or a driver without the feature) is failed at
+/// once with that reason, not retried: exactly one write reaches the site,
+/// the op after it is applied, and the audit shows why.
+#[tokio::test]
+async fn a_write_the_site_does_not_implement_is_failed_at_once_with_the_reason() {
+    let env = env_trying(10).await;
+    let site = &env.edges[0].site;
+    fail_writes(&env, "POST /v3/groups", 501);
+    env.create("/v3/groups", "group", json!({"group": {"name": "admins"}}))
+        .await;
+    env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
+        .await;
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    assert_eq!(env.delivery(1, "e1").await, "failed");
+    assert_eq!(env.delivery(2, "e1").await, "applied");
+    assert_eq!(
+        site.state.lock().unwrap().refused_writes["POST /v3/groups"],
+        1,
+        "sent once, not retried"
+    );
+    let oos = env.audit("/v1/out-of-sync?edge=e1").await;
+    let detail = oos["out_of_sync"][0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("501") && detail.contains("not done by this site's Keystone"),
+        "{oos}"
+    );
+    let status = edge_status(&env.edges[0].admin).await;
+    assert_eq!(
+        (&status["retries_total"], &status["given_up_total"]),
+        (&json!(0), &json!(0)),
+        "{status}"
+    );
+    env.shutdown().await;
+}
+
 /// A site that cannot keep a domain's central ID (a release that refuses
 /// `explicit_domain_id` with 400: at once; one that fails on it with 500
 /// every try, while it answers the rest: after `--max-attempts`, here 2) gets

@@ -902,6 +902,87 @@ async fn leader_after(
     .await
 }
 
+/// The subscriptions on central's answer inbox of the connections named
+/// `syncgate-central` on a nats-server's `/connz?subs=detail` page: one entry
+/// per such connection, whether it holds one.
+fn inbox_holders(connz: &serde_json::Value) -> Vec<bool> {
+    connz["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "syncgate-central")
+        .map(|c| {
+            c["subscriptions_list_detail"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["subject"] == "syncgate.inbox.central.*.*")
+        })
+        .collect()
+}
+
+/// Answers to central's requests (resync steps, state reads, outcome
+/// requests) are read by the replica that leads only: one that does not
+/// holds no subscription on central's answer inbox (an answer meant for the
+/// leader is never delivered to, or dropped by, another), and once the
+/// leader is gone the replica elected in its place holds it. Read from a
+/// real nats-server's monitoring page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_leading_replica_subscribes_to_central_s_answer_inbox() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let Some(bin) = crate::sync::nats_server_path() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = crate::nats_cluster::Node::start(&bin, dir.path(), "n1", String::new()).await;
+    let url = pg.database("inbox").await;
+    let mut base = None;
+    let mut env = crate::sync::sync_env(&["edge-a"], Some(node.url()), |c| {
+        c.db = url.clone();
+        base = Some(c.clone());
+    })
+    .await;
+    let mut other = Replica::start(&base.unwrap()).await;
+    let http = env.http.clone();
+    let mut admins = [Some(env.admin.clone()), Some(other.admin.clone())];
+    let (leader, epoch) = the_leader(&http, &admins).await;
+    node.until(
+        "two central connections, one holding the answer inbox",
+        "/connz?subs=detail",
+        |c| {
+            let mut held = inbox_holders(c);
+            held.sort();
+            held == [false, true]
+        },
+    )
+    .await;
+    // The leader goes; the other replica leads and reads the answers.
+    match other.running.take() {
+        Some(r) if leader == 1 => r.kill().await,
+        r => {
+            other.running = r;
+            env.kill_central().await;
+        }
+    }
+    admins[leader] = None;
+    let (now, _) = leader_after(&http, &admins, epoch).await;
+    assert_eq!(now, 1 - leader);
+    node.until(
+        "the elected replica holding the answer inbox",
+        "/connz?subs=detail",
+        |c| inbox_holders(c) == [true],
+    )
+    .await;
+    if let Some(r) = other.running.take() {
+        r.stop().await;
+    }
+    drop(env);
+    node.kill().await;
+    pg.stop();
+}
+
 /// Three central replicas on one PostgreSQL op log and a real nats-server:
 /// every replica captures, one leads (publishing, acks); writes go through
 /// all three at once, among them concurrent updates of one project through

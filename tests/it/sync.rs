@@ -425,7 +425,8 @@ impl SyncEnv {
         self.start_central_again(tweak).await;
     }
 
-    async fn start_central_again(&mut self, tweak: impl FnOnce(&mut CentralConfig)) {
+    /// Starts central again on the same op log after `kill_central`.
+    pub async fn start_central_again(&mut self, tweak: impl FnOnce(&mut CentralConfig)) {
         let db = self.central_db.clone();
         let mut config =
             CentralConfig::for_upstream(parse_base_url(&self.central_site.url()).unwrap(), db);
