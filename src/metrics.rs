@@ -140,7 +140,8 @@ pub struct Metrics {
     pub resync_done: Family<EdgeLabel, Gauge>,
     pub resync_total: Family<EdgeLabel, Gauge>,
     pub resync_running: Family<EdgeLabel, Gauge>,
-    /// 1 when an edge's last resync or repair failed, 0 once one succeeds.
+    /// 1 when an edge's last resync or repair failed, 0 once one succeeds
+    /// (read from the op log with the other sync gauges).
     pub resync_failed: Family<EdgeLabel, Gauge>,
     /// Users a resync created at each edge that have no password there yet.
     pub needs_password: Family<EdgeLabel, Gauge>,

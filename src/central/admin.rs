@@ -423,11 +423,12 @@ pub async fn keep_gauges(
         let m = &admin.metrics;
         let store = &admin.store;
         let offline_ms = admin.edge_offline_after.as_millis() as i64;
-        let (last, open, edges, counts) = match tokio::try_join!(
+        let (last, open, edges, counts, failed) = match tokio::try_join!(
             store.last_seq(),
             store.open_intents(),
             store.edges(),
             store.edge_delivery_counts(admin.ack_timeout),
+            store.failed_resyncs(),
         ) {
             Ok(v) => v,
             Err(e) => {
@@ -445,6 +446,9 @@ pub async fn keep_gauges(
             m.edge_lag_seconds.get_or_create(&label).set(e.lag_seconds);
             let online = e.silent_ms.is_some_and(|ms| ms <= offline_ms);
             m.edge_online.get_or_create(&label).set(i64::from(online));
+            // From the op log: every replica says the same, a restart too.
+            let failed = failed.contains(&label.edge);
+            m.resync_failed.get_or_create(&label).set(i64::from(failed));
         }
         let mut total = crate::store::DeliveryCounts::default();
         for (edge, c) in counts {

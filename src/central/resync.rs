@@ -531,12 +531,6 @@ impl Resyncer {
                 let _ = self.release(edge).await;
             }
         }
-        self.metrics
-            .resync_failed
-            .get_or_create(&EdgeLabel {
-                edge: edge.to_string(),
-            })
-            .set(i64::from(result.is_err()));
         self.refresh_needs_password(edge).await;
         // The end is recorded and the slot freed as one turn: once the audit
         // API says it ended, a repair asked for then starts (not 409), and

@@ -156,7 +156,7 @@ impl Collector for EdgeCollector {
         counter(
             &mut enc,
             &format!("{p}_lease_lapses"),
-            "Grants regained after this edge's lease lapsed (hellos answered late); ops meanwhile came by replay",
+            "Grants regained after this edge's lease lapsed (hellos answered late); the op stream waited meanwhile",
             load(&s.lease_lapses),
         )?;
         counter(

@@ -49,9 +49,15 @@ impl Transient {
     /// A reply that says to try again later (5xx, 429). A 502 or 504 comes
     /// from a gateway in front of Keystone, which may carry on.
     fn of_reply(reply: &crate::keystone::client::Reply) -> Option<Transient> {
-        // 501: the site's Keystone (its release, or its driver) does not do
-        // this at all; trying again cannot change that.
-        let retried = (reply.status >= 500 && reply.status != 501) || reply.status == 429;
+        // Keystone's own 501 (its JSON error): the site's Keystone (its
+        // release, or its driver) does not do this at all; trying again
+        // cannot change that. A 501 of something else in front of it (a
+        // proxy, a pod being replaced) is a server error like any other.
+        let not_implemented = reply.status == 501
+            && reply
+                .json()
+                .is_some_and(|v| v["error"]["code"].as_u64() == Some(501));
+        let retried = (reply.status >= 500 && !not_implemented) || reply.status == 429;
         retried.then(|| Transient {
             reason: format!(
                 "edge identity service answered HTTP {}: {}",
@@ -1048,8 +1054,17 @@ mod tests {
                 "{status}"
             );
         }
-        // Not implemented by the site (an older release): failed at once.
-        assert!(Transient::of_reply(&reply(501, "x")).is_none());
+        // Not implemented by the site's Keystone (an older release): failed
+        // at once; a 501 that is not Keystone's is a server error.
+        let keystone_501 = crate::keystone::client::Reply {
+            status: 501,
+            body: bytes::Bytes::from_static(
+                br#"{"error": {"code": 501, "title": "Not Implemented", "message": "no"}}"#,
+            ),
+        };
+        assert!(Transient::of_reply(&keystone_501).is_none());
+        let t = Transient::of_reply(&reply(501, "x")).unwrap();
+        assert_eq!(t.server_error, Some(501));
         assert!(Transient::of_reply(&reply(400, "x")).is_none());
         assert!(Transient::of_reply(&reply(409, "x")).is_none());
     }

@@ -183,6 +183,11 @@ impl Link {
         g.until.is_some_and(|u| Instant::now() >= u)
     }
 
+    /// When the lease held now runs out (None: none held now).
+    pub fn lease_end(&self) -> Option<Instant> {
+        self.grant().until.filter(|u| Instant::now() < *u)
+    }
+
     /// Whether this process holds the edge's ID now (a resync may apply).
     pub fn holds(&self) -> bool {
         let g = self.grant();
@@ -283,6 +288,8 @@ impl Link {
                     (Some(reason.clone()), false)
                 }
             };
+            // An answer that came after its own lease ran out grants nothing.
+            lapsed &= g.until.is_some_and(|u| Instant::now() < u);
             if (g.until.is_some(), g.resync) != before {
                 self.changed.notify_one();
             }

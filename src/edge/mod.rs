@@ -47,6 +47,9 @@ const INFLIGHT_MARKS: &str = "inflight_marks";
 /// nothing in doubt: found set at start, the process before may have left
 /// writes on their way to the site.
 const RUNNING: &str = "running";
+/// Live ops kept in memory, at most, when one arrives just as the lease
+/// lapses (more come again by replay).
+const MAX_HELD: usize = 4096;
 
 /// A built edge: database open, admin listener bound, not yet running.
 pub struct Edge {
@@ -293,7 +296,20 @@ impl Edge {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = false;
         let mut hello_ended = false;
+        // Ops taken off the stream as the lease lapsed, applied once granted.
+        let mut held: Vec<Envelope> = Vec::new();
         'run: loop {
+            if !held.is_empty() && runner.link.may_apply() {
+                for env in std::mem::take(&mut held) {
+                    if let Err(Stuck::Stopping) =
+                        take_op(&runner, env, &mut held, &mut need_replay).await
+                    {
+                        break 'run;
+                    }
+                }
+            }
+            // When the lease runs out: the stream is held from then on.
+            let lease_end = runner.link.lease_end();
             if need_replay
                 && !runner.status.halted.load(Ordering::Relaxed)
                 && runner.link.may_apply()
@@ -329,6 +345,12 @@ impl Edge {
                     Some(async_nats::Event::Disconnected) => {
                         warn!("disconnected from the broker");
                         runner.status.connected.store(false, Ordering::Relaxed);
+                    }
+                    Some(async_nats::Event::SlowConsumer(sid)) => {
+                        // The client's buffer for a subscription was full:
+                        // what it dropped comes again by replay.
+                        warn!(subscription = sid, "messages dropped by the broker client (its buffer was full); catching up by replay");
+                        need_replay = true;
                     }
                     Some(other) => debug!(event = %other, "broker event"),
                     None => {}
@@ -369,16 +391,22 @@ impl Edge {
                         runner.skips.arrived.notify_one();
                     }
                 }
-                () = runner.link.resumed.notified() => {}
+                () = runner.link.resumed.notified() => {
+                    // A skip held up while the lease had lapsed is tried again.
+                    if !runner.skips.is_empty() {
+                        runner.skips.arrived.notify_one();
+                    }
+                }
+                // Wakes the loop as the lease runs out, so the stream is held.
+                () = tokio::time::sleep_until(lease_end.unwrap_or_else(std::time::Instant::now).into()),
+                    if lease_end.is_some() => {}
                 // Held while the lease has lapsed: taken once granted again.
                 msg = ops.next(), if !runner.link.lapsed() => {
                     let Some(msg) = msg else { break };
                     heard = true;
                     if let Some(env) = op_envelope(&msg) {
-                        match runner.live(env).await {
-                            Ok(gap) => gap_seen(&runner.status, &mut need_replay, gap),
-                            Err(Stuck::Stopping) => break,
-                            Err(Stuck::Blocked) => {}
+                        if let Err(Stuck::Stopping) = take_op(&runner, env, &mut held, &mut need_replay).await {
+                            break;
                         }
                     }
                     // Ops already waiting join this one's commit.
@@ -387,10 +415,8 @@ impl Edge {
                         let Some(Some(msg)) = ops.next().now_or_never() else { break };
                         more += 1;
                         if let Some(env) = op_envelope(&msg) {
-                            match runner.live(env).await {
-                                Ok(gap) => gap_seen(&runner.status, &mut need_replay, gap),
-                                Err(Stuck::Stopping) => break 'run,
-                                Err(Stuck::Blocked) => {}
+                            if let Err(Stuck::Stopping) = take_op(&runner, env, &mut held, &mut need_replay).await {
+                                break 'run;
                             }
                         }
                     }
@@ -420,6 +446,26 @@ impl Edge {
         self.store.close().await;
         Ok(())
     }
+}
+
+/// A live op: applied in order (a gap asks for a replay), or, when the
+/// lease has just lapsed, kept to apply once granted again.
+async fn take_op(
+    runner: &Runner,
+    env: Envelope,
+    held: &mut Vec<Envelope>,
+    need_replay: &mut bool,
+) -> Result<(), Stuck> {
+    if runner.link.lapsed() && held.len() < MAX_HELD {
+        held.push(env);
+        return Ok(());
+    }
+    match runner.live(env).await {
+        Ok(gap) => gap_seen(&runner.status, need_replay, gap),
+        Err(Stuck::Stopping) => return Err(Stuck::Stopping),
+        Err(Stuck::Blocked) => {}
+    }
+    Ok(())
 }
 
 /// A live op beyond the next one: the ops between were missed (a reconnect,

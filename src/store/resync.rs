@@ -219,6 +219,15 @@ impl Store {
         Ok(())
     }
 
+    /// The edges whose last resync or repair failed.
+    pub async fn failed_resyncs(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT edge FROM resyncs WHERE phase = 'failed'")
+                .fetch_all(&self.reader)
+                .await?,
+        )
+    }
+
     pub async fn resync(&self, edge: &str) -> Result<Option<ResyncRow>, StoreError> {
         resync_of(&mut *self.reader.acquire().await?, self.d, edge).await
     }

@@ -170,6 +170,8 @@ def edge_keystone_down(dep):
     dep.cleanups.append(prom.stop)
     wait_until("prometheus has central's gauges",
                lambda: len(prom.query('syncgate_edge_out_of_sync')) == len(dep.edge_ks))
+    seen = time.time()
+    wait_until("the rules evaluated on them", lambda: prom.evaluated_after(seen + 1))
     assert prom.alerts("SyncgateEdgeOutOfSync") == [], "an edge in sync is alerted on"
     ks = dep.edge_ks["edge1"]
     ks.stop()

@@ -748,6 +748,17 @@ class Prometheus:
         body = get_json(f"{self.url}/api/v1/alerts")
         return [(a["state"], a["labels"]) for a in body["data"]["alerts"] if a["labels"]["alertname"] == name]
 
+    def evaluated_after(self, t):
+        """Whether the rules were evaluated after `t` (Unix seconds)."""
+        from datetime import datetime
+
+        groups = get_json(f"{self.url}/api/v1/rules")["data"]["groups"]
+        last = groups[0]["lastEvaluation"] if groups else ""
+        if not last or last.startswith("0001"):
+            return False
+        # RFC 3339 with nanoseconds: seconds are enough here.
+        return datetime.fromisoformat(last[:19] + "+00:00").timestamp() > t
+
     def query(self, q):
         import urllib.parse
 

@@ -318,9 +318,11 @@ def alerts():
     by_name = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
     assert "SyncgateEdgeBehind" not in by_name and "SyncgateNoLeader" not in by_name, list(by_name)
     assert "SyncgateEdgeBehindCritical" in by_name
-    assert by_name["SyncgateEdgeLagging"]["expr"] == "syncgate_edge_lag_seconds > 42.5", by_name["SyncgateEdgeLagging"]
+    lagging = by_name["SyncgateEdgeLagging"]["expr"]
+    assert lagging == "max by (namespace, job, edge) (syncgate_edge_lag_seconds) > 42.5", lagging
     assert by_name["SyncgateEdgeOffline"]["for"] == "90s"
-    assert by_name["SyncgateEdgePinsRetention"]["expr"] == "syncgate_edge_lag_seconds > 604800"
+    pins = by_name["SyncgateEdgePinsRetention"]["expr"]
+    assert pins == "max by (namespace, job, edge) (syncgate_edge_lag_seconds) > 604800", pins
     assert "SUCCESS: 13 rules found" in promtool("check", "rules", rules=rule["spec"])
     # An unknown rule name is refused; an edge release ships no rules (its
     # metrics are its own; central's carry every edge's).

@@ -27,6 +27,23 @@ fn fail_writes(env: &SyncEnv, write: &str, status: u16) {
         .insert(write.into(), status);
 }
 
+/// The edge's site answers `status` to every group create; a group and then
+/// a user are made at central. Once both are delivered: the group failed
+/// there, the user applied. Returns how many group creates reached the site.
+async fn a_refused_group_then_a_user(env: &SyncEnv, status: u16) -> usize {
+    fail_writes(env, "POST /v3/groups", status);
+    env.create("/v3/groups", "group", json!({"group": {"name": "admins"}}))
+        .await;
+    env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
+        .await;
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    assert_eq!(env.delivery(1, "e1").await, "failed");
+    assert_eq!(env.delivery(2, "e1").await, "applied");
+    assert!(env.edges[0].site.id_of("user", "after").is_some());
+    let state = env.edges[0].site.state.lock().unwrap();
+    state.refused_writes["POST /v3/groups"]
+}
+
 /// A group create the edge's Keystone answers 500 ("database is locked")
 /// every time while it answers everything else: tried three times
 /// (`--max-attempts 3`), recorded failed with the site's answer, shown out of
@@ -35,18 +52,8 @@ fn fail_writes(env: &SyncEnv, write: &str, status: u16) {
 #[tokio::test]
 async fn a_write_the_site_answers_500_every_time_is_failed_after_max_attempts() {
     let env = env_trying(3).await;
-    let site = &env.edges[0].site;
-    fail_writes(&env, "POST /v3/groups", 500);
-    env.create("/v3/groups", "group", json!({"group": {"name": "admins"}}))
-        .await;
-    env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
-        .await;
-    env.until_delivered(&["e1"], &["applied", "failed"]).await;
-    assert_eq!(env.delivery(1, "e1").await, "failed");
-    assert_eq!(env.delivery(2, "e1").await, "applied");
-    assert!(site.id_of("user", "after").is_some());
     assert_eq!(
-        site.state.lock().unwrap().refused_writes["POST /v3/groups"],
+        a_refused_group_then_a_user(&env, 500).await,
         3,
         "tried --max-attempts times"
     );
@@ -87,17 +94,8 @@ async fn a_write_the_site_answers_500_every_time_is_failed_after_max_attempts() 
 #[tokio::test]
 async fn a_write_the_site_does_not_implement_is_failed_at_once_with_the_reason() {
     let env = env_trying(10).await;
-    let site = &env.edges[0].site;
-    fail_writes(&env, "POST /v3/groups", 501);
-    env.create("/v3/groups", "group", json!({"group": {"name": "admins"}}))
-        .await;
-    env.create("/v3/users", "user", json!({"user": {"name": "after"}}))
-        .await;
-    env.until_delivered(&["e1"], &["applied", "failed"]).await;
-    assert_eq!(env.delivery(1, "e1").await, "failed");
-    assert_eq!(env.delivery(2, "e1").await, "applied");
     assert_eq!(
-        site.state.lock().unwrap().refused_writes["POST /v3/groups"],
+        a_refused_group_then_a_user(&env, 501).await,
         1,
         "sent once, not retried"
     );

@@ -402,6 +402,7 @@ async fn an_edge_that_joins_late_gets_centrals_state_then_follows_the_stream() {
         "gauges of the resync",
         &[
             "syncgate_resync_running{edge=\"late\"} 0",
+            "syncgate_resync_failed{edge=\"late\"} 0",
             "syncgate_users_needing_password{edge=\"late\"} 1",
         ],
     )
@@ -944,6 +945,15 @@ async fn lists_the_identity_service_truncates_are_read_again_per_domain() {
     let row = edge_row(&env, "e1").await;
     let error = row["resync"]["error"].as_str().unwrap();
     assert!(error.contains("list_limit"), "{error}");
+    // The alerts' gauges: the last resync of e1 failed; e1 is heard from.
+    env.until_metrics(
+        "the failed resync's gauge",
+        &[
+            "syncgate_resync_failed{edge=\"e1\"} 1",
+            "syncgate_edge_online{edge=\"e1\"} 1",
+        ],
+    )
+    .await;
     env.shutdown().await;
 }
 
