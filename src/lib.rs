@@ -27,6 +27,7 @@ pub mod serve;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 pub use central::Central;
 pub use settings::config::CentralConfig;

@@ -3,9 +3,10 @@
 //! and bounded labels (method, route class, status, edge, outcome): never
 //! paths, IDs, bodies or tokens.
 //!
-//! A scrape reads memory only. Counters move where things happen; the sync
-//! gauges (per-edge cursor, lag, out-of-sync counts) are refreshed by central's
-//! metrics task from index look-ups, never by the scrape.
+//! Counters move where things happen; central's sync gauges (per-edge
+//! cursor, lag, out-of-sync counts) are read from the op log's indexes when
+//! `/metrics` is scraped, at most once a second, so nothing reads every
+//! edge's row between scrapes.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -22,6 +22,8 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
+use crate::tls::ServerTls;
+
 /// Limits of one HTTP listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
@@ -48,13 +50,15 @@ impl Default for HttpLimits {
 
 /// Serves `router` until `shutdown` resolves, then drains within the grace
 /// period. Handlers see the peer address as `ConnectInfo<SocketAddr>`.
+/// With `tls`, it serves HTTPS only.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    serve_with(listener, limits, shutdown, move |peer| {
+    serve_with(listener, limits, tls, shutdown, move |peer| {
         TowerToHyperService::new(router.clone().map_request(
             move |mut req: axum::extract::Request<_>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
@@ -66,10 +70,11 @@ pub async fn serve(
 }
 
 /// Serves the service `make` builds for each connection (given the peer's
-/// address), with the same limits and shutdown as `serve`.
+/// address), with the same limits, TLS and shutdown as `serve`.
 pub async fn serve_with<S, B>(
     listener: TcpListener,
     limits: HttpLimits,
+    tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
     make: impl Fn(SocketAddr) -> S,
 ) -> std::io::Result<()>
@@ -84,6 +89,11 @@ where
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    // The certificate is read again when its files change, while this serves.
+    let mut fresh = JoinSet::new();
+    if let Some(tls) = &tls {
+        fresh.spawn(tls.clone().keep_fresh(crate::tls::RELOAD_EVERY));
+    }
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -104,21 +114,27 @@ where
         };
         let _ = stream.set_nodelay(true);
         let service = make(peer);
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = crate::serve::stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let result = match tls {
+                None => serve_connection(stream, service, limits, stop).await,
+                // The handshake has the time the request's headers have.
+                Some(tls) => {
+                    match tokio::time::timeout(limits.header_timeout, tls.acceptor().accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => serve_connection(stream, service, limits, stop).await,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
                 }
             };
             if let Err(e) = result {
@@ -143,6 +159,39 @@ where
         while conns.join_next().await.is_some() {}
     }
     Ok(())
+}
+
+/// Serves HTTP/1.1 on one connection until it ends, or `stop` (then
+/// gracefully: the request in flight finishes).
+async fn serve_connection<I, S, B>(
+    io: I,
+    service: S,
+    limits: HttpLimits,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = crate::serve::stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
 }
 
 /// A request body that fails when the client pauses longer than `idle`.

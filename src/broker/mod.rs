@@ -16,13 +16,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::tls::{CertFiles, ServerTls};
 use anyhow::Context;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio_rustls::rustls;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use conn::{Client, Subscription};
@@ -39,18 +38,14 @@ pub enum BrokerAuth {
     UserPassword { user: String, password: Secret },
 }
 
-/// Certificate chain and private key, PEM files.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     pub listen: SocketAddr,
     pub auth: BrokerAuth,
-    pub tls: Option<TlsFiles>,
+    /// The listener's certificate (read again when its files change).
+    pub tls: Option<CertFiles>,
+    /// With `tls`: clients must present a certificate this CA signed.
+    pub tls_client_ca: Option<PathBuf>,
     /// Largest message (headers and payload) a client may publish.
     pub max_payload: usize,
     pub max_control_line: usize,
@@ -80,6 +75,7 @@ impl Default for BrokerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 4222)),
             auth: BrokerAuth::None,
             tls: None,
+            tls_client_ca: None,
             max_payload: 1024 * 1024,
             max_control_line: 4096,
             max_pending: 64 * 1024 * 1024,
@@ -187,6 +183,9 @@ impl Shared {
         if self.config.tls.is_some() {
             info["tls_required"] = json!(true);
         }
+        if self.config.tls_client_ca.is_some() {
+            info["tls_verify"] = json!(true);
+        }
         format!("INFO {info}\r\n").into_bytes()
     }
 }
@@ -195,12 +194,27 @@ impl Shared {
 pub struct Broker {
     listener: TcpListener,
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<ServerTls>,
 }
 
 impl Broker {
     pub async fn bind(config: BrokerConfig) -> anyhow::Result<Broker> {
-        let tls = config.tls.as_ref().map(load_tls).transpose()?;
+        let tls = match &config.tls {
+            Some(files) => Some(
+                ServerTls::new(
+                    files,
+                    config
+                        .tls_client_ca
+                        .as_deref()
+                        .map(|ca| (ca, "--broker-tls-client-ca")),
+                )?
+                .without_alpn(),
+            ),
+            None if config.tls_client_ca.is_some() => {
+                anyhow::bail!("--broker-tls-client-ca needs --broker-tls-cert and --broker-tls-key")
+            }
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--broker-listen)", config.listen))?;
@@ -227,6 +241,11 @@ impl Broker {
             .expect("a bound listener has an address")
     }
 
+    /// The listener's TLS, when it serves TLS.
+    pub fn tls(&self) -> Option<&ServerTls> {
+        self.tls.as_ref()
+    }
+
     pub fn stats(&self) -> Arc<Stats> {
         self.shared.stats.clone()
     }
@@ -236,6 +255,11 @@ impl Broker {
         let local = self.local_addr();
         info!(addr = %local, tls = self.tls.is_some(), auth = self.shared.auth_required(), "broker listening");
         let mut conns = JoinSet::new();
+        // The certificate is read again when its files change, while this serves.
+        let mut fresh = JoinSet::new();
+        if let Some(tls) = &self.tls {
+            fresh.spawn(tls.clone().keep_fresh(crate::tls::RELOAD_EVERY));
+        }
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -274,7 +298,7 @@ async fn handle(
     mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    tls: Option<TlsAcceptor>,
+    tls: Option<ServerTls>,
 ) {
     let _ = stream.set_nodelay(true);
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -298,7 +322,7 @@ async fn handle(
             let (reader, writer) = stream.into_split();
             conn::serve(shared, cid, peer, reader, writer).await;
         }
-        Some(acceptor) => {
+        Some(tls) => {
             let timeout = shared.config.auth_timeout.max(Duration::from_secs(2));
             // A TLS client's first byte is a handshake record (0x16).
             let mut first = [0u8; 1];
@@ -310,7 +334,7 @@ async fn handle(
                 }
                 _ => return,
             }
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
                 Ok(Ok(tls_stream)) => {
                     let (reader, writer) = tokio::io::split(tls_stream);
                     conn::serve(shared, cid, peer, reader, writer).await;
@@ -362,38 +386,4 @@ async fn refuse(mut stream: TcpStream, err: &[u8]) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
-}
-
-fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let certs = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .with_context(|| {
-            format!(
-                "cannot read certificates from {} (--broker-tls-cert)",
-                files.cert.display()
-            )
-        })?;
-    if certs.is_empty() {
-        anyhow::bail!(
-            "no certificate in {} (--broker-tls-cert)",
-            files.cert.display()
-        );
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key).with_context(|| {
-        format!(
-            "cannot read a private key from {} (--broker-tls-key)",
-            files.key.display()
-        )
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the TLS certificate and key do not form a usable pair")?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }

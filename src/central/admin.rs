@@ -50,6 +50,8 @@ pub struct Admin {
     pub forwarder: reqwest::Client,
     /// Who holds the op log, as `/v1/status` shows it.
     pub holder: std::sync::Mutex<Holder>,
+    /// When `/metrics` last read its gauges from the op log.
+    pub gauges_read_at: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// This process's hold on the op log.
@@ -397,6 +399,7 @@ async fn status(State(admin): State<Arc<Admin>>) -> Json<Value> {
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
+    refresh_gauges(&admin).await;
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         admin.metrics.render(),
@@ -404,36 +407,49 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> Response {
         .into_response()
 }
 
-/// Keeps the sync gauges of `/metrics` current (a scrape reads memory only):
+/// Gauges read from the op log are at most this old when scraped.
+const GAUGES_FRESH_FOR: Duration = Duration::from_secs(1);
+/// A scrape waits this long for the op log at most (a scrape that times out
+/// would hide every metric, the op log's failures first).
+const GAUGES_READ_WITHIN: Duration = Duration::from_secs(2);
+
+/// Brings the sync gauges of `/metrics` up to date as a scrape asks for them
+/// (unless read within `GAUGES_FRESH_FOR`; scrapes at once share one read):
 /// the last seq, open intents, and each edge's cursor, watermark, lag and
-/// deliveries, from index look-ups every `interval` until `stop`.
-pub async fn keep_gauges(
-    admin: Arc<Admin>,
-    interval: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+/// deliveries, from index look-ups. Read only when scraped, the op log's
+/// per-edge reads cost nothing between scrapes, however many edges there are.
+/// Unreadable, the gauges keep their last values (the next scrape tries again).
+async fn refresh_gauges(admin: &Admin) {
     use crate::metrics::EdgeLabel;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = crate::serve::stopped(&mut stop) => return Ok(()),
-        }
+    let mut read_at = admin.gauges_read_at.lock().await;
+    if read_at.is_some_and(|t| t.elapsed() < GAUGES_FRESH_FOR) {
+        return;
+    }
+    {
         let m = &admin.metrics;
         let store = &admin.store;
         let offline_ms = admin.edge_offline_after.as_millis() as i64;
-        let (last, open, edges, counts, failed) = match tokio::try_join!(
-            store.last_seq(),
-            store.open_intents(),
-            store.edges(),
-            store.edge_delivery_counts(admin.ack_timeout),
-            store.failed_resyncs(),
-        ) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::debug!(error = %e, "metrics: cannot read the op log; gauges kept");
-                continue;
+        let read = tokio::time::timeout(GAUGES_READ_WITHIN, async {
+            tokio::try_join!(
+                store.last_seq(),
+                store.open_intents(),
+                store.edges(),
+                store.edge_delivery_counts(admin.ack_timeout),
+                store.failed_resyncs(),
+            )
+        });
+        let (last, open, edges, counts, failed) = match read.await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "metrics: cannot read the op log; its gauges keep their last values");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    within = ?GAUGES_READ_WITHIN,
+                    "metrics: the op log did not answer in time; its gauges keep their last values"
+                );
+                return;
             }
         };
         m.last_seq.set(last);
@@ -463,6 +479,7 @@ pub async fn keep_gauges(
         m.deliveries_failed.set(total.failed);
         m.deliveries_timed_out.set(total.timed_out);
     }
+    *read_at = Some(std::time::Instant::now());
 }
 
 fn parse_filter(params: &HashMap<String, String>) -> Result<OpFilter, ApiError> {

@@ -37,6 +37,11 @@ use admin::Admin;
 pub struct Central {
     proxy_listener: TcpListener,
     admin_listener: TcpListener,
+    /// HTTPS on both listeners (`--tls-cert`).
+    tls: Option<crate::tls::ServerTls>,
+    /// TLS of central's own broker client: to its embedded broker, trusting
+    /// exactly that broker's certificate; to an external one, `--broker-ca`.
+    broker_tls: Option<tokio_rustls::rustls::ClientConfig>,
     proxy: Arc<Proxy>,
     admin: Arc<Admin>,
     store: Store,
@@ -204,6 +209,8 @@ impl Kit {
             self.admin.metrics.clone(),
             self.spawner.clone(),
         ));
+        // Before the admin API can start an audit on it.
+        resyncer.end_interrupted_drifts().await;
         self.admin
             .set_leader(Some((epoch, sync.clone(), resyncer.clone())));
         let sync_task = Watched::spawn("sync", sync.run(ended.clone()));
@@ -426,6 +433,11 @@ impl Central {
             Err(e) => warn!(error = %e, "cannot compare the op log's last op with the clock"),
         }
         let me = format!("{}:{}", hostname(), std::process::id());
+        // Read at start: a bad file stops it with the reason.
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::ServerTls::new(files, None)?),
+            None => None,
+        };
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| {
@@ -440,7 +452,12 @@ impl Central {
                     std::net::IpAddr::V6(ip) => format!("[{ip}]"),
                     ip => ip.to_string(),
                 };
-                format!("http://{host}:{}", addr.port())
+                let scheme = if config.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{host}:{}", addr.port())
             }
         };
         // On PostgreSQL, this process joins the replicas on the op log. A
@@ -506,6 +523,7 @@ impl Central {
                 &config.upstream,
                 creds.clone(),
                 config.upstream_timeout,
+                config.upstream_ca.as_deref(),
             )?)),
             None => {
                 info!("no OS_* service credentials: natural keys are learned only from writes passing through");
@@ -522,12 +540,25 @@ impl Central {
                         "the embedded broker accepts clients without credentials; set --broker-token"
                     );
                 }
-                Some(Broker::bind(broker_config.clone()).await?)
+                Some(Broker::bind((**broker_config).clone()).await?)
             }
             BrokerMode::External(url) => {
                 info!(broker = %url.redacted(), "using an external NATS server; no embedded broker");
                 None
             }
+        };
+        // Central's own client: of its embedded broker, it trusts exactly the
+        // certificate that broker presents (whatever names it carries).
+        let broker_tls = match broker.as_ref().and_then(Broker::tls) {
+            Some(server) => Some(crate::tls::client_of(
+                server,
+                config.broker_tls.identity.as_ref(),
+            )?),
+            None => crate::tls::broker_client(
+                config.broker_tls.ca.as_deref(),
+                config.broker_tls.identity.as_ref(),
+                "--broker-ca",
+            )?,
         };
         let metrics = Arc::new(Metrics::central(broker.as_ref().map(Broker::stats)));
         let (scope, spawner) = crate::scope::Scope::new();
@@ -561,9 +592,16 @@ impl Central {
             edge_expiry: config.sync.edge_expiry,
             failed: Default::default(),
             resyncer: Default::default(),
-            forwarder: reqwest::Client::builder()
-                .timeout(std::time::Duration::from_secs(30))
-                .build()?,
+            forwarder: {
+                let forwarder =
+                    reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+                match &config.admin_ca {
+                    Some(ca) => forwarder
+                        .use_preconfigured_tls(crate::tls::client_trusting(ca, "--admin-ca")?),
+                    None => forwarder,
+                }
+                .build()?
+            },
             holder: std::sync::Mutex::new(admin::Holder {
                 engine: match store.dialect() {
                     crate::store::Dialect::Sqlite => "sqlite",
@@ -579,6 +617,7 @@ impl Central {
                 leads_since: None,
                 leads_since_unix: 0,
             }),
+            gauges_read_at: Default::default(),
         });
         admin.set_held(true, presence.as_ref().map(|p| p.no));
         Ok(Central {
@@ -590,6 +629,8 @@ impl Central {
             spawner,
             proxy_listener,
             admin_listener,
+            tls,
+            broker_tls,
             proxy,
             admin,
             store,
@@ -641,6 +682,7 @@ impl Central {
             serve::serve_with(
                 self.proxy_listener,
                 limits,
+                self.tls.clone(),
                 wait(stop_rx.clone()),
                 move |peer| proxy::service(proxy.clone(), peer),
             )
@@ -651,6 +693,7 @@ impl Central {
                 self.admin_listener,
                 admin::router(self.admin.clone()),
                 limits,
+                self.tls.clone(),
                 wait(stop_rx),
             ),
         );
@@ -684,8 +727,15 @@ impl Central {
             None => Watched::none("broker"),
         };
         let inbox = Subjects::new(&self.config.sync.prefix).central_inbox();
-        let client =
-            connect_broker(&broker_url, &broker_auth, "syncgate-central", inbox, None).await?;
+        let client = connect_broker(
+            &broker_url,
+            &broker_auth,
+            self.broker_tls.clone(),
+            "syncgate-central",
+            inbox,
+            None,
+        )
+        .await?;
         info!(broker = %broker_url.redacted(), "sync client connecting");
         let kit = Arc::new(Kit {
             config: self.config.clone(),
@@ -733,11 +783,6 @@ impl Central {
             }
         });
 
-        let mut gauges_task = Watched::spawn(
-            "metrics refresher",
-            admin::keep_gauges(self.admin.clone(), GAUGE_INTERVAL, stop_rx_sync.clone()),
-        );
-
         let mut lock_task = match self.presence.take() {
             Some(presence) => Watched::spawn(
                 "replica presence",
@@ -763,7 +808,6 @@ impl Central {
             d = duty_task.ended() => Some(d),
             d = replay_task.ended() => Some(d),
             d = sweep_task.ended() => Some(d),
-            d = gauges_task.ended() => Some(d),
             d = broker_task.ended() => Some(d),
             d = lock_task.ended() => Some(d),
         };
@@ -794,7 +838,6 @@ impl Central {
         duty_task.join().await;
         replay_task.join().await;
         sweep_task.join().await;
-        gauges_task.join().await;
         lock_task.join().await;
         let _ = broker_stop_tx.send(true);
         broker_task.join().await;
@@ -808,9 +851,6 @@ impl Central {
         }
     }
 }
-
-/// How often the sync gauges of `/metrics` are refreshed from the op log.
-const GAUGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A task that must run until shutdown, by name.
 pub(crate) struct Watched {

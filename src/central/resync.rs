@@ -164,6 +164,20 @@ impl Drop for Slot {
 }
 
 impl Resyncer {
+    /// Marks the drift audits a stop of central left running as failed. Run
+    /// before this resyncer is offered to the admin API (`duties`): an audit
+    /// asked for once it is must never be taken for one a stop interrupted.
+    pub async fn end_interrupted_drifts(&self) {
+        match self.store.interrupt_drifts().await {
+            Ok(0) => {}
+            Ok(n) => warn!(
+                audits = n,
+                "drift audits a stop left running are marked failed"
+            ),
+            Err(e) => error!(error = %e, "cannot end the drift audits a stop left running"),
+        }
+    }
+
     pub fn new(
         sync: Arc<SyncCentral>,
         keystone: Option<Arc<KeystoneClient>>,
@@ -251,14 +265,6 @@ impl Resyncer {
                 }
             }
             Err(e) => error!(error = %e, "cannot read unfinished resyncs"),
-        }
-        match self.store.interrupt_drifts().await {
-            Ok(0) => {}
-            Ok(n) => warn!(
-                audits = n,
-                "drift audits a stop left running are marked failed"
-            ),
-            Err(e) => error!(error = %e, "cannot end the drift audits a stop left running"),
         }
         let mut tick = interval.map(|i| {
             // The first round comes after a random part of the interval on

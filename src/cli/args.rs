@@ -11,12 +11,14 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::Url;
 
-use crate::broker::{BrokerAuth, BrokerConfig, TlsFiles};
+use crate::broker::{BrokerAuth, BrokerConfig};
 use crate::keystone::client::Credentials;
 use crate::keystone::RouteClass;
+use crate::protocol::BrokerClientTls;
 use crate::settings::config::{
     self, BrokerMode, CentralConfig, EdgeConfig, OnFailure, Secret, SyncConfig, SyncKey,
 };
+use crate::tls::CertFiles;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,18 +115,25 @@ impl HealthcheckArgs {
         if let Some(url) = &self.url {
             return vec![format!("{}/healthz", url.as_str().trim_end_matches('/'))];
         }
-        let from_file = || {
+        let from_file = |key: &str| {
             let path = std::env::var_os(crate::cli::CONFIG_ENV)?;
             let file = crate::cli::ConfigFile::load(Path::new(&path)).ok()?;
             ["central", "edge"]
                 .iter()
-                .find_map(|role| file.get(role, "admin_listen"))
+                .find_map(|role| file.get(role, key))
                 .map(str::to_string)
         };
         let listen = std::env::var("SYNCGATE_ADMIN_LISTEN")
             .ok()
-            .or_else(from_file)
+            .or_else(|| from_file("admin_listen"))
             .and_then(|v| v.parse::<SocketAddr>().ok());
+        // The admin listener serves HTTPS when a certificate is configured.
+        let scheme =
+            if std::env::var_os("SYNCGATE_TLS_CERT").is_some() || from_file("tls_cert").is_some() {
+                "https"
+            } else {
+                "http"
+            };
         match listen {
             Some(addr) => {
                 let ip = match addr.ip() {
@@ -133,11 +142,11 @@ impl HealthcheckArgs {
                     std::net::IpAddr::V6(ip) => format!("[{ip}]"),
                     ip => ip.to_string(),
                 };
-                vec![format!("http://{ip}:{}/healthz", addr.port())]
+                vec![format!("{scheme}://{ip}:{}/healthz", addr.port())]
             }
             None => vec![
-                "http://127.0.0.1:9090/healthz".into(),
-                "http://127.0.0.1:9091/healthz".into(),
+                format!("{scheme}://127.0.0.1:9090/healthz"),
+                format!("{scheme}://127.0.0.1:9091/healthz"),
             ],
         }
     }
@@ -190,6 +199,11 @@ pub struct AuditArgs {
     #[arg(long, env = "SYNCGATE_ADMIN_URL", default_value = "http://127.0.0.1:9090",
           value_parser = config::parse_base_url)]
     pub admin_url: Url,
+
+    /// Trust only the CA certificates in this PEM file for an https
+    /// --admin-url (central's --tls-cert signed by a private CA).
+    #[arg(long, env = "SYNCGATE_ADMIN_CA")]
+    pub admin_ca: Option<PathBuf>,
 
     #[command(flatten)]
     pub admin_token: AdminTokenArgs,
@@ -327,6 +341,7 @@ impl AuditArgs {
         };
         Ok(crate::cli::audit::AuditRequest {
             admin_url: self.admin_url,
+            admin_ca: self.admin_ca,
             token,
             json: matches!(self.format, OutputFormat::Json),
             verb,
@@ -409,9 +424,27 @@ pub struct HttpArgs {
     /// After SIGTERM: how long requests in flight may take before the process exits.
     #[arg(long, env = "SYNCGATE_SHUTDOWN_GRACE", default_value = "20s", value_parser = config::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Serve HTTPS on every HTTP listener with this certificate chain (PEM),
+    /// read again when the file changes (with --tls-key).
+    #[arg(long, env = "SYNCGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert, read again when it changes.
+    #[arg(long, env = "SYNCGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl HttpArgs {
+    fn tls(&self) -> Result<Option<CertFiles>, String> {
+        CertFiles::pair(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            "--tls-cert",
+            "--tls-key",
+        )
+    }
+
     fn limits(&self) -> Result<crate::serve::HttpLimits, String> {
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
@@ -476,6 +509,25 @@ pub struct EdgeArgs {
     /// This site's Keystone base URL (also the auth URL of the service credentials).
     #[arg(long, env = "SYNCGATE_UPSTREAM", value_parser = config::parse_base_url)]
     pub upstream: Url,
+
+    /// Trust only the CA certificates in this PEM file (not the system's)
+    /// for an https --upstream.
+    #[arg(long, env = "SYNCGATE_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Trust only the CA certificates in this PEM file for the broker
+    /// (tls:// URLs, or a broker that requires TLS).
+    #[arg(long, env = "SYNCGATE_BROKER_CA")]
+    pub broker_ca: Option<PathBuf>,
+
+    /// This edge's client certificate (PEM) for a broker that requires one
+    /// (with --broker-tls-key).
+    #[arg(long, env = "SYNCGATE_BROKER_TLS_CERT")]
+    pub broker_tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --broker-tls-cert.
+    #[arg(long, env = "SYNCGATE_BROKER_TLS_KEY")]
+    pub broker_tls_key: Option<PathBuf>,
 
     /// The edge's state database URL (created if missing).
     #[arg(long, env = "SYNCGATE_DB", default_value = "sqlite://syncgate-edge.db")]
@@ -566,11 +618,23 @@ impl EdgeArgs {
             "--broker-password-file",
         )?;
         let broker = config::parse_nats_urls(&self.broker).map_err(|e| format!("--broker: {e}"))?;
+        let upstream_ca = upstream_ca(&self.upstream, self.upstream_ca)?;
         Ok(EdgeConfig {
             id: self.id,
             broker,
             broker_auth: client_auth(broker_token, self.broker_user, broker_password)?,
+            broker_tls: BrokerClientTls {
+                ca: self.broker_ca,
+                identity: CertFiles::pair(
+                    self.broker_tls_cert,
+                    self.broker_tls_key,
+                    "--broker-tls-cert",
+                    "--broker-tls-key",
+                )?,
+            },
             upstream: self.upstream,
+            upstream_ca,
+            tls: self.http.tls()?,
             credentials,
             db: self.db,
             admin_listen: self.admin_listen,
@@ -591,6 +655,16 @@ impl EdgeArgs {
     }
 }
 
+/// `--upstream-ca`, which only an https upstream uses.
+fn upstream_ca(upstream: &Url, ca: Option<PathBuf>) -> Result<Option<PathBuf>, String> {
+    if ca.is_some() && upstream.scheme() != "https" {
+        return Err(format!(
+            "--upstream-ca is for an https --upstream; {upstream} is plain HTTP"
+        ));
+    }
+    Ok(ca)
+}
+
 /// Route classes as one comma-separated value.
 #[derive(Debug, Clone)]
 pub struct Classes(pub Vec<RouteClass>);
@@ -608,6 +682,32 @@ pub struct CentralArgs {
     /// The central Keystone's base URL, e.g. http://keystone:5000.
     #[arg(long, env = "SYNCGATE_UPSTREAM", value_parser = config::parse_base_url)]
     pub upstream: Url,
+
+    /// Trust only the CA certificates in this PEM file (not the system's)
+    /// for an https --upstream.
+    #[arg(long, env = "SYNCGATE_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// Trust only the CA certificates in this PEM file for the broker:
+    /// central's own client, to the embedded broker (with --broker-tls-cert)
+    /// or an external one.
+    #[arg(long, env = "SYNCGATE_BROKER_CA")]
+    pub broker_ca: Option<PathBuf>,
+
+    /// Trust only the CA certificates in this PEM file for the other central
+    /// replicas' HTTPS admin URLs (what only the leader does is sent there).
+    #[arg(long, env = "SYNCGATE_ADMIN_CA")]
+    pub admin_ca: Option<PathBuf>,
+
+    /// Central's own client certificate (PEM) for a broker that requires
+    /// one: the embedded broker with --broker-tls-client-ca, or an external
+    /// one (with --broker-client-key).
+    #[arg(long, env = "SYNCGATE_BROKER_CLIENT_CERT")]
+    pub broker_client_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --broker-client-cert.
+    #[arg(long, env = "SYNCGATE_BROKER_CLIENT_KEY")]
+    pub broker_client_key: Option<PathBuf>,
 
     /// Address of the audit API, health and metrics.
     #[arg(long, env = "SYNCGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
@@ -781,6 +881,11 @@ pub struct BrokerArgs {
     #[arg(long, env = "SYNCGATE_BROKER_TLS_KEY")]
     pub broker_tls_key: Option<std::path::PathBuf>,
 
+    /// Require every broker client to present a certificate signed by a CA
+    /// in this PEM file (with --broker-tls-cert).
+    #[arg(long, env = "SYNCGATE_BROKER_TLS_CLIENT_CA")]
+    pub broker_tls_client_ca: Option<std::path::PathBuf>,
+
     /// Largest message a client may publish.
     #[arg(long, env = "SYNCGATE_BROKER_MAX_PAYLOAD", default_value = "1MiB",
           value_parser = config::parse_size)]
@@ -877,11 +982,17 @@ impl BrokerArgs {
             }
             _ => BrokerAuth::None,
         };
-        let tls = match (self.broker_tls_cert, self.broker_tls_key) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
-            (None, None) => None,
-            _ => return Err("--broker-tls-cert and --broker-tls-key go together".into()),
-        };
+        let tls = CertFiles::pair(
+            self.broker_tls_cert,
+            self.broker_tls_key,
+            "--broker-tls-cert",
+            "--broker-tls-key",
+        )?;
+        if tls.is_none() && self.broker_tls_client_ca.is_some() {
+            return Err(
+                "--broker-tls-client-ca needs --broker-tls-cert and --broker-tls-key".into(),
+            );
+        }
         if self.broker_max_payload > i32::MAX as usize {
             return Err("--broker-max-payload must be below 2GiB".into());
         }
@@ -892,6 +1003,7 @@ impl BrokerArgs {
             listen: self.broker_listen,
             auth,
             tls,
+            tls_client_ca: self.broker_tls_client_ca,
             max_payload: self.broker_max_payload,
             max_pending: self.broker_max_pending,
             ping_interval: self.broker_ping_interval,
@@ -914,9 +1026,23 @@ impl CentralArgs {
             self.broker.broker_token_file.as_deref(),
             "--broker-token-file",
         )?;
+        let upstream_ca = upstream_ca(&self.upstream, self.upstream_ca.clone())?;
+        let broker_tls = BrokerClientTls {
+            ca: self.broker_ca.clone(),
+            identity: CertFiles::pair(
+                self.broker_client_cert.clone(),
+                self.broker_client_key.clone(),
+                "--broker-client-cert",
+                "--broker-client-key",
+            )?,
+        };
         let config = CentralConfig {
             listen: self.listen,
             upstream: self.upstream,
+            upstream_ca,
+            tls: self.http.tls()?,
+            admin_ca: self.admin_ca.clone(),
+            broker_tls,
             admin_listen: self.admin_listen,
             advertise_admin_url: self.advertise_admin_url,
             admin_token: self.admin_token.read()?.map(Secret::new),
@@ -948,10 +1074,22 @@ impl CentralArgs {
                     .unwrap_or_default(),
             },
             broker: match &self.external_broker {
+                Some(_)
+                    if self.broker.broker_tls_cert.is_some()
+                        || self.broker.broker_tls_key.is_some()
+                        || self.broker.broker_tls_client_ca.is_some() =>
+                {
+                    return Err(
+                        "--broker-tls-cert, --broker-tls-key and --broker-tls-client-ca are the \
+                                embedded broker's; with an external --broker, central's own client \
+                                certificate is --broker-client-cert and --broker-client-key"
+                            .into(),
+                    );
+                }
                 Some(urls) => BrokerMode::External(
                     config::parse_nats_urls(urls).map_err(|e| format!("--broker: {e}"))?,
                 ),
-                None => BrokerMode::Embedded(self.broker.into_config()?),
+                None => BrokerMode::Embedded(Box::new(self.broker.into_config()?)),
             },
             sync: SyncConfig {
                 key: self.sync.key()?,
@@ -1155,6 +1293,84 @@ mod tests {
             key_file.to_str().unwrap()
         ])
         .is_err());
+    }
+
+    #[test]
+    fn tls_options_that_would_do_nothing_or_cannot_connect_are_refused_with_the_reason() {
+        let refused = |args: &[&str], says: &str| {
+            let mut all = vec!["--upstream", "http://k"];
+            all.extend_from_slice(args);
+            let e = central(&all).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        };
+        refused(&["--tls-cert", "c.pem"], "--tls-key");
+        refused(&["--upstream-ca", "ca.pem"], "plain HTTP");
+        refused(
+            &["--broker-ca", "ca.pem"],
+            "embedded broker's own certificate",
+        );
+        refused(
+            &["--broker-client-cert", "c", "--broker-client-key", "k"],
+            "needs TLS at the broker",
+        );
+        refused(
+            &[
+                "--broker-tls-cert",
+                "c",
+                "--broker-tls-key",
+                "k",
+                "--broker-tls-client-ca",
+                "ca",
+            ],
+            "give it --broker-client-cert",
+        );
+        refused(&["--broker-tls-client-ca", "ca"], "needs --broker-tls-cert");
+        refused(
+            &[
+                "--broker",
+                "tls://n:4222",
+                "--broker-tls-cert",
+                "c",
+                "--broker-tls-key",
+                "k",
+            ],
+            "--broker-client-cert",
+        );
+        refused(
+            &[
+                "--tls-cert",
+                "c",
+                "--tls-key",
+                "k",
+                "--advertise-admin-url",
+                "http://central-0:9090",
+            ],
+            "must be https://",
+        );
+        // What is accepted.
+        let c = central(&[
+            "--upstream",
+            "https://k",
+            "--upstream-ca",
+            "ca.pem",
+            "--tls-cert",
+            "c",
+            "--tls-key",
+            "k",
+            "--broker-tls-cert",
+            "bc",
+            "--broker-tls-key",
+            "bk",
+            "--broker-tls-client-ca",
+            "ca",
+            "--broker-client-cert",
+            "cc",
+            "--broker-client-key",
+            "ck",
+        ])
+        .unwrap();
+        assert!(c.tls.is_some() && c.upstream_ca.is_some());
+        assert!(c.broker_tls.identity.is_some() && c.broker_tls.ca.is_none());
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub enum Verb {
 #[derive(Debug, Clone)]
 pub struct AuditRequest {
     pub admin_url: Url,
+    /// CA certificates trusted for an https admin URL instead of the system's.
+    pub admin_ca: Option<std::path::PathBuf>,
     pub token: Option<Secret>,
     pub json: bool,
     pub verb: Verb,
@@ -321,11 +323,21 @@ async fn ask(
     if !query.is_empty() {
         url.query_pairs_mut().extend_pairs(query);
     }
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder()
         .no_proxy()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .map_err(|e| e.to_string())?;
+        .timeout(std::time::Duration::from_secs(30));
+    if let Some(ca) = &req.admin_ca {
+        if req.admin_url.scheme() != "https" {
+            return Err(format!(
+                "--admin-ca is for an https --admin-url; {} is plain HTTP",
+                req.admin_url
+            ));
+        }
+        client = client.use_preconfigured_tls(
+            crate::tls::client_trusting(ca, "--admin-ca").map_err(|e| format!("{e:#}"))?,
+        );
+    }
+    let client = client.build().map_err(|e| e.to_string())?;
     let mut r = client.request(method, url);
     if let Some(t) = &req.token {
         r = r.bearer_auth(t.expose());

@@ -34,6 +34,7 @@ use crate::protocol::messages::{
 };
 use crate::settings::config::EdgeConfig;
 use crate::store::edge::EdgeStore;
+use crate::tls::ServerTls;
 use link::Link;
 use runner::{ack_of, Pending, Runner};
 
@@ -58,6 +59,10 @@ pub struct Edge {
     keystone: Arc<KeystoneClient>,
     link: Arc<Link>,
     admin_listener: TcpListener,
+    /// HTTPS on the admin listener (`--tls-cert`).
+    tls: Option<ServerTls>,
+    /// TLS to the broker, as `--broker-ca` and `--broker-tls-cert` say.
+    broker_tls: Option<tokio_rustls::rustls::ClientConfig>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
 }
@@ -97,7 +102,18 @@ impl Edge {
             &config.upstream,
             config.credentials.clone(),
             config.upstream_timeout,
+            config.upstream_ca.as_deref(),
         )?);
+        // Read at start: a bad file stops it with the reason.
+        let tls = match &config.tls {
+            Some(files) => Some(ServerTls::new(files, None)?),
+            None => None,
+        };
+        let broker_tls = crate::tls::broker_client(
+            config.broker_tls.ca.as_deref(),
+            config.broker_tls.identity.as_ref(),
+            "--broker-ca",
+        )?;
         let admin_listener = TcpListener::bind(config.admin_listen)
             .await
             .with_context(|| {
@@ -116,6 +132,8 @@ impl Edge {
             keystone,
             link,
             admin_listener,
+            tls,
+            broker_tls,
             metrics: Arc::new(Metrics::edge(admin::EdgeCollector(status.clone()))),
             status,
         })
@@ -169,6 +187,7 @@ impl Edge {
         let client = connect_broker(
             &self.config.broker,
             &self.config.broker_auth,
+            self.broker_tls.clone(),
             &format!("syncgate-edge-{}", self.config.id),
             subjects.edge_inbox(&self.config.id),
             Some(events_tx),
@@ -239,6 +258,7 @@ impl Edge {
             self.admin_listener,
             admin_app,
             self.config.http,
+            self.tls.clone(),
             async move {
                 let _ = admin_stop.wait_for(|s| *s).await;
             },

@@ -245,17 +245,23 @@ pub struct KeystoneClient {
 }
 
 impl KeystoneClient {
+    /// A client of the Keystone at `base`; `ca` (`--upstream-ca`): trust
+    /// only the CA certificates in that file for https.
     pub fn new(
         base: &Url,
         creds: Credentials,
         timeout: Duration,
+        ca: Option<&std::path::Path>,
     ) -> anyhow::Result<KeystoneClient> {
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .no_proxy()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = ca {
+            http = http.use_preconfigured_tls(crate::tls::client_trusting(ca, "--upstream-ca")?);
+        }
+        let http = http.build()?;
         Ok(KeystoneClient {
             http,
             base: base.as_str().trim_end_matches('/').to_string(),

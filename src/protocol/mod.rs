@@ -23,6 +23,7 @@ use crate::broker::BrokerAuth;
 pub async fn connect_broker(
     urls: &BrokerUrls,
     auth: &BrokerAuth,
+    tls: Option<tokio_rustls::rustls::ClientConfig>,
     name: &str,
     inbox: String,
     on_event: Option<tokio::sync::mpsc::UnboundedSender<async_nats::Event>>,
@@ -42,6 +43,11 @@ pub async fn connect_broker(
     .retry_on_initial_connect()
     .connection_timeout(Duration::from_secs(5))
     .ping_interval(Duration::from_secs(20));
+    // TLS as configured (the files were read when the configuration was):
+    // then required, whatever the URL's scheme.
+    if let Some(config) = tls {
+        options = options.tls_client_config(config).require_tls(true);
+    }
     if let Some(tx) = on_event {
         options = options.event_callback(move |event| {
             let tx = tx.clone();
@@ -56,6 +62,15 @@ pub async fn connect_broker(
         .connect(addrs.as_slice())
         .await
         .with_context(|| format!("cannot connect to the broker at {}", urls.redacted()))
+}
+
+/// How a client trusts the broker's certificate (the CA certificates in
+/// `ca` instead of the system's) and proves who it is (`identity`, for a
+/// broker that requires client certificates).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerClientTls {
+    pub ca: Option<std::path::PathBuf>,
+    pub identity: Option<crate::tls::CertFiles>,
 }
 
 /// A broker's address: one NATS server, or several (the seeds of a cluster:

@@ -69,6 +69,9 @@ pub struct Proxy {
     /// The path prefix of the upstream base URL (empty or `/identity`).
     upstream_prefix: String,
     public_url: Option<String>,
+    /// What `X-Forwarded-Proto` says when the client did not: `https` when
+    /// the proxy's listener serves TLS.
+    scheme: HeaderValue,
     timeout: Duration,
     /// Longest pause while a client sends a request body.
     body_timeout: Duration,
@@ -148,7 +151,9 @@ fn upstream_client(config: &CentralConfig) -> anyhow::Result<UpstreamClient> {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.upstream_timeout.min(Duration::from_secs(10))));
     let tls = hyper_rustls::HttpsConnectorBuilder::new();
-    let tls = if config.upstream.scheme() == "https" {
+    let tls = if let Some(ca) = &config.upstream_ca {
+        tls.with_tls_config(crate::tls::client_trusting(ca, "--upstream-ca")?)
+    } else if config.upstream.scheme() == "https" {
         tls.with_provider_and_native_roots(ring::default_provider())
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -194,6 +199,11 @@ impl Proxy {
             upstream_authority,
             upstream_base,
             upstream_prefix,
+            scheme: HeaderValue::from_static(if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            }),
             public_url: config
                 .public_url
                 .as_ref()
@@ -290,7 +300,7 @@ impl Proxy {
             headers.insert(X_FORWARDED_FOR, v);
         }
         if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            headers.insert(X_FORWARDED_PROTO, self.scheme.clone());
         }
         if let Some(host) = host {
             if !headers.contains_key(&X_FORWARDED_HOST) {

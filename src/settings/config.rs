@@ -21,6 +21,14 @@ pub struct CentralConfig {
     pub listen: SocketAddr,
     /// The central Keystone's base URL.
     pub upstream: Url,
+    /// CA certificates trusted for an https upstream instead of the system's.
+    pub upstream_ca: Option<std::path::PathBuf>,
+    /// HTTPS on the proxy and admin listeners.
+    pub tls: Option<crate::tls::CertFiles>,
+    /// CA certificates trusted for the other replicas' admin URLs.
+    pub admin_ca: Option<std::path::PathBuf>,
+    /// How central's own client trusts the broker, and proves who it is.
+    pub broker_tls: crate::protocol::BrokerClientTls,
     /// Where the audit API, health and metrics listen.
     pub admin_listen: SocketAddr,
     /// Where other replicas reach this one's admin API (PostgreSQL op log).
@@ -168,6 +176,12 @@ pub struct EdgeConfig {
     pub broker_auth: BrokerAuth,
     /// The edge Keystone's base URL.
     pub upstream: Url,
+    /// CA certificates trusted for an https upstream instead of the system's.
+    pub upstream_ca: Option<std::path::PathBuf>,
+    /// HTTPS on the admin listener.
+    pub tls: Option<crate::tls::CertFiles>,
+    /// How the edge trusts the broker, and proves who it is.
+    pub broker_tls: crate::protocol::BrokerClientTls,
     pub credentials: Credentials,
     pub db: String,
     pub admin_listen: SocketAddr,
@@ -227,7 +241,7 @@ pub fn parse_edges(s: &str) -> Result<Vec<String>, String> {
 #[derive(Debug, Clone)]
 pub enum BrokerMode {
     /// Served inside the central process.
-    Embedded(BrokerConfig),
+    Embedded(Box<BrokerConfig>),
     /// An external NATS server or cluster; no embedded broker starts.
     External(BrokerUrls),
 }
@@ -238,6 +252,10 @@ impl CentralConfig {
         CentralConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             upstream,
+            upstream_ca: None,
+            tls: None,
+            admin_ca: None,
+            broker_tls: Default::default(),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise_admin_url: None,
             admin_token: None,
@@ -249,10 +267,10 @@ impl CentralConfig {
             upstream_settle: Duration::from_secs(120),
             max_capture_body: 1024 * 1024,
             replicate: RouteClass::default_set(),
-            broker: BrokerMode::Embedded(BrokerConfig {
+            broker: BrokerMode::Embedded(Box::new(BrokerConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 ..BrokerConfig::default()
-            }),
+            })),
             broker_client_auth: BrokerAuth::None,
             sync: SyncConfig::default(),
             service_credentials: None,
@@ -281,6 +299,50 @@ impl CentralConfig {
         }
     }
 
+    /// TLS options that would do nothing, or leave central's own broker
+    /// client unable to connect, are refused with the reason.
+    fn validate_tls(&self) -> Result<(), String> {
+        if self.tls.is_some()
+            && self
+                .advertise_admin_url
+                .as_ref()
+                .is_some_and(|u| u.scheme() != "https")
+        {
+            return Err(
+                "--advertise-admin-url must be https:// when --tls-cert makes the admin listener serve HTTPS \
+                 (the other replicas send the admin token there)"
+                    .into(),
+            );
+        }
+        let client = &self.broker_tls;
+        match &self.broker {
+            BrokerMode::Embedded(b) => {
+                if client.ca.is_some() {
+                    return Err(
+                        "--broker-ca is for an external broker (--broker): central trusts its \
+                                embedded broker's own certificate"
+                            .into(),
+                    );
+                }
+                if b.tls.is_none() && client.identity.is_some() {
+                    return Err(
+                        "--broker-client-cert needs TLS at the broker: the embedded broker's \
+                                --broker-tls-cert and --broker-tls-key, or an external --broker"
+                            .into(),
+                    );
+                }
+                if b.tls_client_ca.is_some() && client.identity.is_none() {
+                    return Err("--broker-tls-client-ca makes the embedded broker require client \
+                                certificates, central's own client too: give it --broker-client-cert \
+                                and --broker-client-key"
+                        .into());
+                }
+            }
+            BrokerMode::External(_) => {}
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if !self.admin_listen.ip().is_loopback() && self.admin_token.is_none() {
             return Err(format!(
@@ -301,6 +363,7 @@ impl CentralConfig {
         if self.replicate.is_empty() {
             return Err("--replicate must name at least one route class".into());
         }
+        self.validate_tls()?;
         match crate::store::dialect_of(&self.db) {
             None => {
                 return Err(format!(

@@ -17,11 +17,14 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 from otlp_receiver import Receiver
 import os
 
-from harness import (OLDER_KEYSTONE, VENV_BIN, Deployment, HAProxy, HoldingProxy, Postgres, Prometheus, diff,
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "helm"))
+from dashboard import panel_queries  # noqa: E402
+from harness import (OLDER_KEYSTONE, VENV_BIN, Deployment, HAProxy, HoldingProxy, Pki, Postgres, Prometheus, diff,
                      free_port, get_json, http, log, release_binary, snapshot, wait_until)
 
 results = []
@@ -409,16 +412,35 @@ def late_answer(dep):
     dep.start_edge("edge1")
 
 
-@check("the same through a real nats-server as external broker, traces over OTLP/gRPC")
+@check("the same through a real nats-server as external broker, traces over OTLP/gRPC; TLS everywhere: the CLI "
+       "through an HTTPS gateway with --os-cacert, nats-server verifying central's and the edge's client certificates")
 def external_broker(workdir):
+    # TLS everywhere: central's proxy and admin listeners and the edge's admin
+    # listener serve HTTPS; nats-server requires TLS and verifies every
+    # client's certificate (central's and the edge's), all from one private CA.
+    pki = Pki(f"{workdir}/external")
+    pki.trust()
     port = free_port()
-    nats = subprocess.Popen([str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(port)],
+    crt, key = pki.issue("nats")
+    nats = subprocess.Popen([str(VENV_BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(port), "--tls",
+                             "--tlscert", crt, "--tlskey", key, "--tlsverify", "--tlscacert", str(pki.ca)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     receiver = Receiver()
-    dep = Deployment(f"{workdir}/external", edges=("edge1",), external_broker=f"nats://127.0.0.1:{port}",
-                     otlp=(receiver.grpc_endpoint, "grpc"))
+    dep = Deployment(f"{workdir}/external", edges=("edge1",), external_broker=f"tls://localhost:{port}",
+                     otlp=(receiver.grpc_endpoint, "grpc"), pki=pki)
     try:
         dep.start()
+        # The CLI through the HTTPS gateway, trusting the CA with --os-cacert
+        # (dep.cli); without it, refused.
+        dep.cli("project", "list")
+        env = dict(os.environ, **dep.central_ks.admin_env(dep.gateway))
+        r = subprocess.run([str(VENV_BIN / "openstack"), "project", "list"], env=env, capture_output=True,
+                           text=True)
+        assert r.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in r.stderr, (r.returncode, r.stderr[-400:])
+        # The audit CLI over HTTPS with --admin-ca.
+        r = subprocess.run([str(dep.bin), "audit", "--admin-url", dep.admin, "--admin-ca", str(pki.ca), "edges"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "edge1" in r.stdout, (r.returncode, r.stdout, r.stderr)
         # Traces over OTLP/gRPC, the op's traceparent through a real nats-server's headers.
         assert_one_trace(dep, receiver, ["edge1"])
         dep.cli("domain", "create", "ext")
@@ -595,6 +617,22 @@ def drift_found(dep, edge):
     return sorted((x["category"], x["kind"], x["key"], tuple(x.get("fields", []))) for x in d["differences"])
 
 
+@check("the Grafana dashboard: every panel's queries evaluate on a real Prometheus scraping central and an "
+       "edge, and every panel shows data")
+def dashboard_on_prometheus(prom):
+    queries = panel_queries()
+    # Two scrapes after the writes so far: rates have two samples.
+    seen = time.time()
+    wait_until("two scrapes of central and the edge", lambda: prom.scraped_since(seen + 1, ("syncgate", "syncgate-edge")))
+    empty = []
+    for title, exprs in queries:
+        # Each query evaluates without error (`query` asserts it); the panel
+        # shows something.
+        if not any(prom.query(e) for e in exprs):
+            empty.append(title)
+    assert not empty, f"panels with no data: {empty}"
+
+
 @check("an edge that joins an existing cloud is resynced; the drift audit finds and repairs direct writes")
 def late_join(workdir):
     dep = Deployment(f"{workdir}/late", edges=("late1",), initial_sync=True)
@@ -647,6 +685,11 @@ def late_join(workdir):
             status, _, answer = http("PUT", f"{ks.url}{path}", {kind: body}, token)
             assert status == 201, (path, status, answer)
         dep.start_edge("late1")
+        # A real Prometheus scrapes central and the edge from here on (the
+        # dashboard's queries are run on it below).
+        prom = Prometheus(dep.workdir, [f"127.0.0.1:{dep.admin_port}"],
+                          edges=[dep.edges["late1"].admin.removeprefix("http://")]).start()
+        dep.cleanups.append(prom.stop)
         row = wait_resync(dep, "late1")
         result = row["resync"]["result"]
         assert result["failed"] == 0, result
@@ -688,6 +731,8 @@ def late_join(workdir):
         wait_resync(dep, "late1")
         assert drift_found(dep, "late1") == []
         assert_in_sync(dep, "the repair")
+        dashboard_on_prometheus(prom)
+        prom.stop()
 
         # Ops the edge has not applied (its Keystone down): a delete, a rename
         # and a membership removal; a resync asked for as it comes back races

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +59,68 @@ def wait_until(what, check, timeout=60.0, every=0.1):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(every)
+
+
+class Pki:
+    """A private CA and the certificates it issues (for localhost and
+    127.0.0.1, server and client use), as PEM files in `workdir`: what
+    cert-manager would put in a Secret."""
+
+    def __init__(self, workdir):
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self._x509, self._hashes, self._ser, self._ec, self._oid = x509, hashes, serialization, ec, NameOID
+        self.dir = Path(workdir) / "pki"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "syncgate e2e CA")])
+        self.cert = self._build(name, name, self.key.public_key(), self.key, ca=True)
+        self.ca = self.dir / "ca.pem"
+        self.ca.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def _build(self, subject, issuer, public, signer, ca=False):
+        import datetime
+        import ipaddress
+
+        x509 = self._x509
+        now = datetime.datetime.now(datetime.timezone.utc)
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public)
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                              content_commitment=False, key_encipherment=False,
+                                              data_encipherment=False, key_agreement=False, encipher_only=False,
+                                              decipher_only=False), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                                                       x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        return b.sign(signer, self._hashes.SHA256())
+
+    def issue(self, name):
+        """(certificate path, key path) for `name`."""
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        subject = self._x509.Name([self._x509.NameAttribute(self._oid.COMMON_NAME, name)])
+        cert = self._build(subject, self.cert.subject, key.public_key(), self.key)
+        crt, pem = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        crt.write_bytes(cert.public_bytes(self._ser.Encoding.PEM))
+        pem.write_bytes(key.private_bytes(self._ser.Encoding.PEM, self._ser.PrivateFormat.PKCS8,
+                                          self._ser.NoEncryption()))
+        pem.chmod(0o600)
+        return str(crt), str(pem)
+
+    def trust(self):
+        """This process's HTTPS requests (urllib) trust the CA."""
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        urllib.request.install_opener(urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx)))
 
 
 def http(method, url, body=None, token=None, headers=None):
@@ -337,7 +400,11 @@ class Deployment:
     """Central Keystone + gateway, and N edge Keystones + edge gateways."""
 
     def __init__(self, workdir, edges=("edge1",), ack_timeout="5s", external_broker=None, otlp=None,
-                 initial_sync=False, keystone_releases=None):
+                 initial_sync=False, keystone_releases=None, pki=None):
+        # pki: a Pki: central's and the edges' listeners serve HTTPS with its
+        # certificates, and they connect to the (external) broker over TLS
+        # with client certificates it issued.
+        self.pki = pki
         # keystone_releases: {edge: release} for edges whose Keystone is an
         # older release than central's.
         # otlp: (endpoint, protocol) to export traces to, or None.
@@ -351,10 +418,11 @@ class Deployment:
         fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.key + "\n")
+        self.scheme = "https" if pki else "http"
         self.proxy_port = free_port()
-        self.gateway = f"http://127.0.0.1:{self.proxy_port}"
+        self.gateway = f"{self.scheme}://127.0.0.1:{self.proxy_port}"
         self.admin_port = free_port()
-        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.admin = f"{self.scheme}://127.0.0.1:{self.admin_port}"
         self.broker_port = free_port()
         self.external_broker = external_broker
         self.broker_url = external_broker or f"nats://127.0.0.1:{self.broker_port}"
@@ -409,6 +477,11 @@ class Deployment:
             "--edges", ",".join(self.edge_ks),
             "--ack-timeout", self.ack_timeout,
         ]
+        if self.pki:
+            crt, key = self.pki.issue("central")
+            client_crt, client_key = self.pki.issue("central-client")
+            args += ["--tls-cert", crt, "--tls-key", key, "--broker-ca", str(self.pki.ca),
+                     "--broker-client-cert", client_crt, "--broker-client-key", client_key]
         args += self.central_args
         if self.external_broker:
             args += ["--broker", self.external_broker]
@@ -441,12 +514,17 @@ class Deployment:
         ]
         if self.initial_sync:
             args.append("--initial-sync")
+        if self.pki:
+            crt, key = self.pki.issue(name)
+            client_crt, client_key = self.pki.issue(f"{name}-client")
+            args += ["--tls-cert", crt, "--tls-key", key, "--broker-ca", str(self.pki.ca),
+                     "--broker-tls-cert", client_crt, "--broker-tls-key", client_key]
         args += self.edge_args.get(name, [])
         # The edges name their service themselves, and their site as a resource attribute.
         env = dict(os.environ, **ks.admin_env(),
                    **self.otlp_env(OTEL_SERVICE_NAME="syncgate-edge-site", OTEL_RESOURCE_ATTRIBUTES=f"site={name}"))
         p = Process(name, args, env, self.workdir)
-        p.admin = f"http://127.0.0.1:{admin_port}"
+        p.admin = f"{self.scheme}://127.0.0.1:{admin_port}"
         return p
 
     def start_central(self):
@@ -484,10 +562,12 @@ class Deployment:
     # --- driving and observing -------------------------------------------------
 
     def cli(self, *args, env_extra=None, check=True):
-        """Runs the openstack CLI against the gateway as the central admin."""
+        """Runs the openstack CLI against the gateway as the central admin
+        (with the CA as --os-cacert when the gateway serves HTTPS)."""
         env = dict(os.environ, **self.central_ks.admin_env(self.gateway))
         env.update(env_extra or {})
-        r = subprocess.run([str(VENV_BIN / "openstack"), *args], env=env, capture_output=True, text=True)
+        tls = ["--os-cacert", str(self.pki.ca)] if self.pki else []
+        r = subprocess.run([str(VENV_BIN / "openstack"), *tls, *args], env=env, capture_output=True, text=True)
         if check and r.returncode != 0:
             raise RuntimeError(f"openstack {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout.strip()
@@ -706,12 +786,13 @@ class Postgres:
 
 
 class Prometheus:
-    """Debian's Prometheus scraping central's admin listener every second and
-    evaluating syncgate's alert rules (monitoring/syncgate-rules.yaml) every
-    second, the `for:` of the alerts named in `hold` set as given (the
-    defaults are minutes)."""
+    """Debian's Prometheus scraping central's admin listener (job `syncgate`)
+    and any edges' (`edges`, job `syncgate-edge`) every second and evaluating
+    syncgate's alert rules (monitoring/syncgate-rules.yaml) every second, the
+    `for:` of the alerts named in `hold` set as given (the defaults are
+    minutes)."""
 
-    def __init__(self, workdir, targets, hold=None):
+    def __init__(self, workdir, targets, hold=None, edges=()):
         import yaml
 
         self.dir = Path(workdir) / "prometheus"
@@ -724,7 +805,8 @@ class Prometheus:
         (self.dir / "prometheus.yml").write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(self.dir / "rules.yaml")],
-            "scrape_configs": [{"job_name": "syncgate", "static_configs": [{"targets": targets}]}],
+            "scrape_configs": [{"job_name": "syncgate", "static_configs": [{"targets": targets}]}]
+            + ([{"job_name": "syncgate-edge", "static_configs": [{"targets": list(edges)}]}] if edges else []),
         }))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -750,8 +832,6 @@ class Prometheus:
 
     def evaluated_after(self, t):
         """Whether the rules were evaluated after `t` (Unix seconds)."""
-        from datetime import datetime
-
         groups = get_json(f"{self.url}/api/v1/rules")["data"]["groups"]
         last = groups[0]["lastEvaluation"] if groups else ""
         if not last or last.startswith("0001"):
@@ -764,7 +844,16 @@ class Prometheus:
 
         body = get_json(f"{self.url}/api/v1/query?query={urllib.parse.quote(q)}")
         assert body["status"] == "success", body
+        assert not body.get("warnings"), (q, body["warnings"])
         return body["data"]["result"]
+
+    def scraped_since(self, t, jobs):
+        """Whether every target of `jobs` was scraped (and up) after `t`."""
+        targets = get_json(f"{self.url}/api/v1/targets")["data"]["activeTargets"]
+        mine = [x for x in targets if x["labels"]["job"] in jobs]
+        return bool(mine) and all(
+            x["health"] == "up" and x["lastScrape"][:4] != "0001"
+            and datetime.fromisoformat(x["lastScrape"][:19] + "+00:00").timestamp() > t for x in mine)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

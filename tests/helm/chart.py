@@ -42,7 +42,8 @@ class Workload:
 
     def __init__(self, docs, secrets):
         [sts] = kind(docs, "StatefulSet")
-        [cm] = kind(docs, "ConfigMap")
+        # The configuration's (not the dashboard's, when enabled).
+        [cm] = [c for c in kind(docs, "ConfigMap") if not c["metadata"]["name"].endswith("-dashboard")]
         self.statefulset = sts
         pod = sts["spec"]["template"]["spec"]
         [self.container] = pod["containers"]
@@ -91,6 +92,7 @@ class Workload:
             host = Path(root) / mount_path.strip("/")
             host.mkdir(parents=True, exist_ok=True)
             for fname, content in files.items():
+                (host / fname).parent.mkdir(parents=True, exist_ok=True)
                 (host / fname).write_text(content)
                 (host / fname).chmod(0o644)
             dirs[mount_path] = host

@@ -16,11 +16,13 @@ Kubernetes schemas (kubernetes-validate, strict: unknown fields are errors):
 Prints `helm: N passed, M failed`.
 """
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 from copy import deepcopy
 from pathlib import Path
@@ -31,6 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chart import CHART, REPO, Workload, kind, notes, render  # noqa: E402
+from dashboard import DASHBOARD, panel_queries  # noqa: E402
 
 K8S = "1.37.0"
 BIN = os.environ.get("SYNCGATE_BIN") or str(REPO / "target" / "debug" / "syncgate")
@@ -44,6 +47,9 @@ SECRETS = {
     "sg-db": {"password": "db-password-value-4"},
     "sg-nats": {"password": "nats-password-value-5"},
     "edge-creds": {"password": "edge-password-3"},
+    "sg-tls": {"tls.crt": "-----BEGIN CERTIFICATE-----\n", "tls.key": "-----BEGIN PRIVATE KEY-----\nkey-6\n"},
+    "sg-broker-tls": {"tls.crt": "-----BEGIN CERTIFICATE-----\n", "tls.key": "-----BEGIN PRIVATE KEY-----\nkey-7\n"},
+    "sg-ca": {"ca.crt": "-----BEGIN CERTIFICATE-----\n"},
 }
 
 CENTRAL = {
@@ -58,7 +64,8 @@ CENTRAL_FULL.update({
     "config": {"upstream_timeout": "10s", "max_connections": 2048},
     "credentials": {"username": "syncgate", "secret": {"name": "edge-creds", "key": "password"}},
     "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-                "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+                "grafanaDashboard": {"enabled": True}},
     "networkPolicy": {"enabled": True, "adminFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
                       "proxyFrom": [{"namespaceSelector": {}}]},
     "otel": {"endpoint": "http://otel-collector.observability:4317", "protocol": "grpc",
@@ -86,13 +93,24 @@ CENTRAL_HA["networkPolicy"] = {"enabled": True, "adminFrom": [{"namespaceSelecto
                               "proxyFrom": [{"namespaceSelector": {}}]}
 CENTRAL_HA["brokerUser"] = "central"
 CENTRAL_HA["secrets"]["brokerPassword"] = {"name": "sg-nats", "key": "password"}
+TLS = {"secretName": "sg-tls", "upstreamCa": {"name": "sg-ca"},
+       "broker": {"secretName": "sg-broker-tls", "ca": {"name": "sg-ca"}, "clientCa": {"name": "sg-ca"},
+                  "centralClientSecretName": "sg-broker-tls"}}
+CENTRAL_TLS = deepcopy(CENTRAL)
+CENTRAL_TLS["central"]["upstream"] = "https://keystone.identity:5000"
+CENTRAL_TLS["tls"] = TLS
+EDGE_TLS = deepcopy(EDGE)
+EDGE_TLS["edge"] = dict(EDGE["edge"], upstream="https://keystone:5000", broker="tls://sg-syncgate-broker.identity:4222")
+EDGE_TLS["tls"] = {"secretName": "sg-tls", "upstreamCa": {"name": "sg-ca"},
+                   "broker": {"secretName": "sg-broker-tls", "ca": {"name": "sg-ca"}}}
 EDGE_USER = deepcopy(EDGE)
 EDGE_USER["brokerUser"] = "site2"
 EDGE_USER["secrets"] = dict(EDGE["secrets"], brokerPassword={"name": "sg-nats", "key": "password"})
 del EDGE_USER["secrets"]["brokerToken"]
 RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "central, op log on PostgreSQL": CENTRAL_POSTGRES,
             "central, three replicas on PostgreSQL": CENTRAL_HA, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL,
-            "edge, its own broker user": EDGE_USER}
+            "edge, its own broker user": EDGE_USER, "central, TLS on every listener": CENTRAL_TLS,
+            "edge, TLS on every listener": EDGE_TLS}
 
 
 def check(name):
@@ -376,6 +394,8 @@ def bad_values():
          "not both"),
         ({**EDGE, "brokerUser": "site2:pw"}, "brokerUser"),
         ({**CENTRAL, "config": {"Upstream-Timeout": "1s"}}, "Upstream-Timeout"),
+        ({**CENTRAL, "metrics": {"grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": 1}}}},
+         "grafana_dashboard"),
         ({**EDGE, "edge": {"broker": "nats://c:4222", "upstream": "http://k:5000"}}, "id"),
         ({**EDGE, "edge": {**EDGE["edge"], "onFailure": "retry"}}, "onFailure"),
         ({**EDGE, "credentials": {"username": "x"}}, "credentials"),
@@ -418,9 +438,101 @@ def binary_agrees():
                     assert value not in out.stdout, (label, "a secret was printed")
 
 
+@check("TLS: listeners, upstream CA, broker server and client certificates from Secrets, mounted so that "
+       "rotations reach the pod; the probes use HTTPS")
+def tls():
+    for values, want in [
+        (CENTRAL_TLS, {"tls_cert": "tls/tls.crt", "tls_key": "tls/tls.key", "upstream_ca": "upstream-ca.pem",
+                       "broker_tls_cert": "broker-tls/tls.crt",
+                       "broker_tls_key": "broker-tls/tls.key", "broker_tls_client_ca": "broker-client-ca.pem",
+                       "broker_client_cert": "broker-client/tls.crt", "broker_client_key": "broker-client/tls.key"}),
+        (EDGE_TLS, {"tls_cert": "tls/tls.crt", "tls_key": "tls/tls.key", "upstream_ca": "upstream-ca.pem",
+                    "broker_ca": "broker-ca.pem", "broker_tls_cert": "broker-tls/tls.crt",
+                    "broker_tls_key": "broker-tls/tls.key"}),
+    ]:
+        w = Workload(render(values), SECRETS)
+        config = tomllib.loads(w.config["config.toml"])[values["role"]]
+        for key, path in want.items():
+            assert config[key] == f"/run/secrets/syncgate/{path}", (key, config.get(key))
+        files = dict(w.files())["/run/secrets/syncgate"]
+        for path in want.values():
+            assert path in files, (path, sorted(files))
+        # Mounted whole (no subPath): a rotated Secret reaches the files.
+        assert "subPath" not in w.mounts["secrets"], w.mounts["secrets"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert w.container[probe]["httpGet"]["scheme"] == "HTTPS", (probe, w.container[probe])
+    # Central trusts its embedded broker's own certificate: no --broker-ca.
+    assert "broker_ca" not in tomllib.loads(Workload(render(CENTRAL_TLS), SECRETS).config["config.toml"])["central"]
+    # Prometheus scrapes the HTTPS admin port with the given tlsConfig.
+    scraped = deepcopy(CENTRAL_TLS)
+    scraped["metrics"] = {
+        "podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True},
+        "tlsConfig": {"ca": {"secret": {"name": "sg-ca", "key": "ca.crt"}}, "serverName": "sg-syncgate-admin"}}
+    docs = render(scraped)
+    [pm] = kind(docs, "PodMonitor")
+    [sm] = kind(docs, "ServiceMonitor")
+    for ep in (pm["spec"]["podMetricsEndpoints"][0], sm["spec"]["endpoints"][0]):
+        assert ep["scheme"] == "https" and ep["tlsConfig"]["serverName"] == "sg-syncgate-admin", ep
+    plain = dict(deepcopy(CENTRAL), metrics={"podMonitor": {"enabled": True}})
+    [pm] = kind(render(plain), "PodMonitor")
+    assert "scheme" not in pm["spec"]["podMetricsEndpoints"][0], pm
+    assert "https://127.0.0.1" in notes(CENTRAL_TLS) and "https://127.0.0.1" not in notes(CENTRAL)
+    # The embedded broker requiring client certificates needs central's own.
+    bad = deepcopy(CENTRAL_TLS)
+    del bad["tls"]["broker"]["centralClientSecretName"]
+    try:
+        render(bad)
+        raise AssertionError("rendered without central's client certificate")
+    except Exception as e:
+        assert "centralClientSecretName" in str(e), e
+    # Without TLS: none of it, and the probes stay HTTP.
+    w = Workload(render(CENTRAL), SECRETS)
+    assert not any(k.startswith(("tls_", "upstream_ca", "broker_ca", "broker_tls", "broker_client"))
+                   for k in tomllib.loads(w.config["config.toml"])["central"])
+    assert "scheme" not in w.container["readinessProbe"]["httpGet"]
+    # An external broker: central has no broker listener, only its client's.
+    ext = deepcopy(CENTRAL_TLS)
+    ext["central"]["externalBroker"] = "tls://nats.identity:4222"
+    config = tomllib.loads(Workload(render(ext), SECRETS).config["config.toml"])["central"]
+    assert "broker_tls_cert" not in config and "broker_tls_client_ca" not in config, config
+    assert config["broker_client_cert"].endswith("broker-client/tls.crt"), config
+
+
+@check("the dashboard: a ConfigMap Grafana's sidecar loads (central only, when enabled), its labels and "
+       "namespace from the values, every panel's query valid PromQL (promtool)")
+def dashboard():
+    board = json.loads(DASHBOARD.read_text())
+    assert not [d for d in kind(render(CENTRAL), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")], \
+        "no dashboard unless enabled"
+    on = dict(deepcopy(CENTRAL), metrics={"grafanaDashboard": {"enabled": True}})
+    [cm] = [d for d in kind(render(on), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", cm["metadata"]
+    assert "namespace" not in cm["metadata"], cm["metadata"]
+    assert json.loads(cm["data"]["syncgate.json"]) == board
+    tuned = dict(deepcopy(CENTRAL), metrics={"grafanaDashboard": {
+        "enabled": True, "labels": {"dashboards": "openstack"}, "annotations": {"grafana_folder": "OpenStack"},
+        "namespace": "monitoring"}})
+    [cm] = [d for d in kind(render(tuned), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["namespace"] == "monitoring" and cm["metadata"]["labels"]["dashboards"] == "openstack"
+    # Labels merge with the default (`grafana_dashboard: null` drops it).
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", cm["metadata"]
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "OpenStack"}
+    # An edge release carries none: one dashboard per cloud, on central's.
+    edge = dict(deepcopy(EDGE), metrics={"grafanaDashboard": {"enabled": True}})
+    assert not [d for d in kind(render(edge), "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    # Every query parses: promtool checks them as recording rules.
+    queries = panel_queries(board)
+    assert len(queries) >= 20, len(queries)
+    rules = [{"record": f"syncgate:dashboard:{i}", "expr": e}
+             for i, e in enumerate(e for _, exprs in queries for e in exprs)]
+    assert "SUCCESS" in promtool("check", "rules", rules={"groups": [{"name": "dashboard", "rules": rules}]})
+    uids = {t["datasource"]["uid"] for p in board["panels"] if p["type"] != "row" for t in p["targets"]}
+    assert uids == {"${datasource}"}, uids
+
+
 def main():
-    for test in (lint, validate, central_shape, variants, replicas, network_policy, alerts, checksum, bad_values,
-                 binary_agrees):
+    for test in (lint, validate, central_shape, variants, replicas, network_policy, alerts, dashboard, tls, checksum,
+                 bad_values, binary_agrees):
         test()
     passed = sum(ok for _, ok in results)
     print(f"helm: {passed} passed, {len(results) - passed} failed", flush=True)

@@ -338,9 +338,11 @@ async fn tls_from_cert_and_key_files() {
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
     let b = start_broker(|c| {
-        c.tls = Some(syncgate::broker::TlsFiles {
+        c.tls = Some(syncgate::tls::CertFiles {
             cert: cert_path.clone(),
             key: key_path.clone(),
+            cert_flag: "--broker-tls-cert",
+            key_flag: "--broker-tls-key",
         })
     })
     .await;

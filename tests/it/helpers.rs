@@ -132,8 +132,8 @@ impl TestApp {
         req.send().await.unwrap()
     }
 
-    /// Waits until `/metrics` has this line (central refreshes its sync
-    /// gauges every second; a scrape never reads the op log).
+    /// Waits until `/metrics` has this line (a scrape reads central's sync
+    /// gauges from the op log, at most once a second).
     pub async fn until_metric(&self, line: &str) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {

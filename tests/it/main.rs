@@ -26,4 +26,5 @@ mod resync;
 mod retention;
 mod sessions;
 mod sync;
+mod tls;
 mod traces;

@@ -260,7 +260,13 @@ async fn ready_when_upstream_answers_and_op_log_writable() {
 /// A TLS front for a plain HTTP server: what an operator's Keystone behind
 /// `https` looks like. Returns the port, on `localhost`.
 async fn tls_front(cert: &rcgen::CertifiedKey<rcgen::KeyPair>, plain: String) -> u16 {
-    use tokio_rustls::rustls::{self, pki_types::PrivateKeyDer};
+    tls_front_pem(&cert.cert.pem(), &cert.signing_key.serialize_pem(), plain).await
+}
+
+/// `tls_front` with a certificate and key as PEM.
+pub async fn tls_front_pem(cert: &str, key: &str, plain: String) -> u16 {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{self, pki_types::CertificateDer, pki_types::PrivateKeyDer};
     let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -268,8 +274,8 @@ async fn tls_front(cert: &rcgen::CertifiedKey<rcgen::KeyPair>, plain: String) ->
     .unwrap()
     .with_no_client_auth()
     .with_single_cert(
-        vec![cert.cert.der().clone()],
-        PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+        vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
     )
     .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));

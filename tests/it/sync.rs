@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use syncgate::broker::BrokerAuth;
 use syncgate::edge::Edge;
 use syncgate::keystone::client::{Credentials, DomainSel};
+use syncgate::protocol::BrokerClientTls;
 use syncgate::settings::config::{
     parse_base_url, BrokerMode, EdgeConfig, OnFailure, Secret, SyncKey,
 };
@@ -132,6 +133,8 @@ pub struct EdgeSite {
     key: SyncKey,
     pub admin: String,
     running: Option<Running>,
+    /// How the edge trusts the broker and proves who it is.
+    pub broker_tls: BrokerClientTls,
 }
 
 pub struct SyncEnv {
@@ -157,6 +160,8 @@ pub struct SyncEnv {
     central: Option<Running>,
     /// Central's op log (kept across restarts).
     pub central_db: String,
+    /// Edges added from now on trust the broker and prove who they are so.
+    pub edge_broker_tls: BrokerClientTls,
     dir: tempfile::TempDir,
 }
 
@@ -258,6 +263,7 @@ pub async fn sync_env(
         token,
         central: Some(running),
         central_db: db,
+        edge_broker_tls: Default::default(),
         dir,
     };
     for id in edges {
@@ -282,6 +288,7 @@ impl SyncEnv {
             key: self.key.clone(),
             admin: String::new(),
             running: None,
+            broker_tls: self.edge_broker_tls.clone(),
         };
         self.start_edge(&mut edge, OnFailure::Continue).await;
         self.edges.push(edge);
@@ -316,6 +323,9 @@ impl SyncEnv {
             broker: syncgate::settings::config::parse_nats_urls(&edge.broker).unwrap(),
             broker_auth: BrokerAuth::None,
             upstream: parse_base_url(&edge.site.url()).unwrap(),
+            upstream_ca: None,
+            tls: None,
+            broker_tls: edge.broker_tls.clone(),
             credentials: admin_credentials(&edge.site),
             db: edge.db.clone(),
             admin_listen: "127.0.0.1:0".parse().unwrap(),
@@ -364,6 +374,7 @@ impl SyncEnv {
                 key: SyncKey::Plaintext,
                 admin: String::new(),
                 running: None,
+                broker_tls: Default::default(),
             },
         );
         self.start_edge(&mut edge, on_failure).await;
@@ -553,8 +564,8 @@ impl SyncEnv {
             .unwrap()
     }
 
-    /// Waits until central's `/metrics` has every one of these texts (its
-    /// sync gauges are refreshed every second, not by the scrape).
+    /// Waits until central's `/metrics` has every one of these texts (a
+    /// scrape reads its sync gauges from the op log, at most once a second).
     pub async fn until_metrics(&self, what: &str, texts: &[&str]) {
         self.until(what, || async {
             let m = self.metrics().await;
@@ -946,7 +957,7 @@ async fn an_edge_that_never_acks_is_timed_out() {
     env.until_delivered(&["ghost"], &["timed_out"]).await;
     let oos = env.audit("/v1/out-of-sync?edge=ghost").await;
     assert_eq!(oos["out_of_sync"][0]["state"], "timed_out");
-    // The gauges are kept current by central, not computed by the scrape.
+    // The gauges are read from the op log by the scrape (at most once a second).
     env.until_metrics(
         "the metrics show the timed-out delivery",
         &[

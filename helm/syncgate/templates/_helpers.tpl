@@ -110,6 +110,33 @@ then `config` over it.
 {{- $_ := set $s "hello_interval" $v.edge.helloInterval }}
 {{- $_ := set $s "initial_sync" $v.edge.initialSync }}
 {{- end }}
+{{- $t := $v.tls }}
+{{- if $t.secretName }}
+{{- $_ := set $s "tls_cert" (printf "%s/tls/tls.crt" $dir) }}
+{{- $_ := set $s "tls_key" (printf "%s/tls/tls.key" $dir) }}
+{{- end }}
+{{- if $t.upstreamCa.name }}
+{{- $_ := set $s "upstream_ca" (printf "%s/upstream-ca.pem" $dir) }}
+{{- end }}
+{{- if and $t.broker.ca.name (or (ne $v.role "central") $v.central.externalBroker) }}
+{{- $_ := set $s "broker_ca" (printf "%s/broker-ca.pem" $dir) }}
+{{- end }}
+{{- if eq $v.role "central" }}
+{{- if and $t.broker.secretName (not $v.central.externalBroker) }}
+{{- $_ := set $s "broker_tls_cert" (printf "%s/broker-tls/tls.crt" $dir) }}
+{{- $_ := set $s "broker_tls_key" (printf "%s/broker-tls/tls.key" $dir) }}
+{{- if $t.broker.clientCa.name }}
+{{- $_ := set $s "broker_tls_client_ca" (printf "%s/broker-client-ca.pem" $dir) }}
+{{- end }}
+{{- end }}
+{{- if $t.broker.centralClientSecretName }}
+{{- $_ := set $s "broker_client_cert" (printf "%s/broker-client/tls.crt" $dir) }}
+{{- $_ := set $s "broker_client_key" (printf "%s/broker-client/tls.key" $dir) }}
+{{- end }}
+{{- else if $t.broker.secretName }}
+{{- $_ := set $s "broker_tls_cert" (printf "%s/broker-tls/tls.crt" $dir) }}
+{{- $_ := set $s "broker_tls_key" (printf "%s/broker-tls/tls.key" $dir) }}
+{{- end }}
 {{- toJson (mergeOverwrite $s (deepCopy $v.config)) }}
 {{- end }}
 
@@ -132,6 +159,9 @@ log_format = {{ .Values.logFormat | toJson }}
 {{- end }}
 {{- if not .Values.secrets.adminToken.name }}
 {{- fail "secrets.adminToken.name is required: the admin API listens on the pod network and needs a bearer token" }}
+{{- end }}
+{{- if and (eq .Values.role "central") (not .Values.central.externalBroker) .Values.tls.broker.clientCa.name .Values.tls.broker.secretName (not .Values.tls.broker.centralClientSecretName) }}
+{{- fail "tls.broker.clientCa makes the embedded broker require client certificates, central's own client too: set tls.broker.centralClientSecretName" }}
 {{- end }}
 {{- if and .Values.brokerUser (not .Values.secrets.brokerPassword.name) }}
 {{- fail "brokerUser is set but secrets.brokerPassword.name is not: name the Secret holding that user's broker password" }}
@@ -168,6 +198,29 @@ log_format = {{ .Values.logFormat | toJson }}
 {{- if not .Values.edge.upstream }}{{ fail "edge.upstream is required for role edge: this site's Keystone URL" }}{{ end }}
 {{- if not .Values.credentials.secret.name }}
 {{- fail "credentials.secret.name is required for role edge: the Secret with the edge's Keystone password or application credential secret" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A probe from the values; an HTTP one uses HTTPS when the admin listener
+     serves it (tls.secretName). Called with (list $ probe). */}}
+{{- define "syncgate.probe" -}}
+{{- $root := index . 0 }}
+{{- $probe := deepCopy (index . 1) }}
+{{- if and $root.Values.tls.secretName $probe.httpGet }}
+{{- $_ := set $probe.httpGet "scheme" "HTTPS" }}
+{{- end }}
+{{- toYaml $probe }}
+{{- end }}
+
+{{/* How Prometheus scrapes the admin port: HTTPS with metrics.tlsConfig
+     when the listener serves it (tls.secretName). */}}
+{{- define "syncgate.scrapeTls" -}}
+{{- if .Values.tls.secretName }}
+scheme: https
+{{- with .Values.metrics.tlsConfig }}
+tlsConfig:
+  {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
 {{- end }}
