@@ -619,6 +619,13 @@ impl EdgeArgs {
         )?;
         let broker = config::parse_nats_urls(&self.broker).map_err(|e| format!("--broker: {e}"))?;
         let upstream_ca = upstream_ca(&self.upstream, self.upstream_ca)?;
+        if self.broker_tls_cert.is_some() && self.broker_ca.is_none() {
+            return Err(
+                "--broker-tls-cert needs --broker-ca: the CA certificates the broker's \
+                        certificate is checked against"
+                    .into(),
+            );
+        }
         Ok(EdgeConfig {
             id: self.id,
             broker,
@@ -1325,6 +1332,17 @@ mod tests {
             "give it --broker-client-cert",
         );
         refused(&["--broker-tls-client-ca", "ca"], "needs --broker-tls-cert");
+        refused(
+            &[
+                "--broker",
+                "tls://n:4222",
+                "--broker-client-cert",
+                "c",
+                "--broker-client-key",
+                "k",
+            ],
+            "needs --broker-ca",
+        );
         refused(
             &[
                 "--broker",

@@ -338,7 +338,15 @@ impl CentralConfig {
                         .into());
                 }
             }
-            BrokerMode::External(_) => {}
+            BrokerMode::External(_) => {
+                if client.identity.is_some() && client.ca.is_none() {
+                    return Err(
+                        "--broker-client-cert needs --broker-ca: the CA certificates the \
+                                broker's certificate is checked against"
+                            .into(),
+                    );
+                }
+            }
         }
         Ok(())
     }

@@ -61,6 +61,17 @@ def wait_until(what, check, timeout=60.0, every=0.1):
         time.sleep(every)
 
 
+def rfc3339_seconds(ts):
+    """Unix seconds of an RFC 3339 time as Prometheus writes it (nanoseconds,
+    `Z` or an offset)."""
+    import re
+
+    m = re.fullmatch(r"(.{19})(?:\.\d+)?(Z|[+-]\d\d:\d\d)", ts)
+    assert m, f"not an RFC 3339 time: {ts!r}"
+    zone = "+00:00" if m.group(2) == "Z" else m.group(2)
+    return datetime.fromisoformat(m.group(1) + zone).timestamp()
+
+
 class Pki:
     """A private CA and the certificates it issues (for localhost and
     127.0.0.1, server and client use), as PEM files in `workdir`: what
@@ -837,7 +848,7 @@ class Prometheus:
         if not last or last.startswith("0001"):
             return False
         # RFC 3339 with nanoseconds: seconds are enough here.
-        return datetime.fromisoformat(last[:19] + "+00:00").timestamp() > t
+        return rfc3339_seconds(last) > t
 
     def query(self, q):
         import urllib.parse
@@ -848,12 +859,13 @@ class Prometheus:
         return body["data"]["result"]
 
     def scraped_since(self, t, jobs):
-        """Whether every target of `jobs` was scraped (and up) after `t`."""
+        """Whether every target of `jobs` was scraped (and up) after `t`
+        (Unix seconds, compared as Prometheus' own sample timestamps)."""
         targets = get_json(f"{self.url}/api/v1/targets")["data"]["activeTargets"]
-        mine = [x for x in targets if x["labels"]["job"] in jobs]
-        return bool(mine) and all(
-            x["health"] == "up" and x["lastScrape"][:4] != "0001"
-            and datetime.fromisoformat(x["lastScrape"][:19] + "+00:00").timestamp() > t for x in mine)
+        want = sum(1 for x in targets if x["labels"]["job"] in jobs)
+        selector = "|".join(jobs)
+        ups = self.query(f'timestamp(up{{job=~"{selector}"}} == 1)')
+        return want > 0 and len(ups) == want and all(float(r["value"][1]) > t for r in ups)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

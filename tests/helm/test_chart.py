@@ -103,6 +103,9 @@ EDGE_TLS = deepcopy(EDGE)
 EDGE_TLS["edge"] = dict(EDGE["edge"], upstream="https://keystone:5000", broker="tls://sg-syncgate-broker.identity:4222")
 EDGE_TLS["tls"] = {"secretName": "sg-tls", "upstreamCa": {"name": "sg-ca"},
                    "broker": {"secretName": "sg-broker-tls", "ca": {"name": "sg-ca"}}}
+CENTRAL_HA_TLS = deepcopy(CENTRAL_HA)
+CENTRAL_HA_TLS["tls"] = {"secretName": "sg-tls", "adminCa": {"name": "sg-ca"},
+                         "broker": {"ca": {"name": "sg-ca"}, "centralClientSecretName": "sg-broker-tls"}}
 EDGE_USER = deepcopy(EDGE)
 EDGE_USER["brokerUser"] = "site2"
 EDGE_USER["secrets"] = dict(EDGE["secrets"], brokerPassword={"name": "sg-nats", "key": "password"})
@@ -110,7 +113,7 @@ del EDGE_USER["secrets"]["brokerToken"]
 RELEASES = {"central": CENTRAL, "central, every option": CENTRAL_FULL, "central, op log on PostgreSQL": CENTRAL_POSTGRES,
             "central, three replicas on PostgreSQL": CENTRAL_HA, "edge": EDGE, "edge, no volume": EDGE_EPHEMERAL,
             "edge, its own broker user": EDGE_USER, "central, TLS on every listener": CENTRAL_TLS,
-            "edge, TLS on every listener": EDGE_TLS}
+            "edge, TLS on every listener": EDGE_TLS, "central, three replicas with TLS": CENTRAL_HA_TLS}
 
 
 def check(name):
@@ -461,6 +464,20 @@ def tls():
         assert "subPath" not in w.mounts["secrets"], w.mounts["secrets"]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert w.container[probe]["httpGet"]["scheme"] == "HTTPS", (probe, w.container[probe])
+    # Replicas advertise their HTTPS admin URL and trust the admin CA.
+    w = Workload(render(CENTRAL_HA_TLS), SECRETS)
+    assert w.env["SYNCGATE_ADVERTISE_ADMIN_URL"].startswith("https://"), w.env
+    config = tomllib.loads(w.config["config.toml"])["central"]
+    assert config["admin_ca"] == "/run/secrets/syncgate/admin-ca.pem", config
+    assert config["broker_ca"] == "/run/secrets/syncgate/broker-ca.pem", config
+    # Central's client certificate with the embedded broker needs its TLS.
+    bad = deepcopy(CENTRAL_TLS)
+    del bad["tls"]["broker"]["secretName"]
+    try:
+        render(bad)
+        raise AssertionError("rendered a client certificate for a broker without TLS")
+    except Exception as e:
+        assert "tls.broker.secretName" in str(e), e
     # Central trusts its embedded broker's own certificate: no --broker-ca.
     assert "broker_ca" not in tomllib.loads(Workload(render(CENTRAL_TLS), SECRETS).config["config.toml"])["central"]
     # Prometheus scrapes the HTTPS admin port with the given tlsConfig.

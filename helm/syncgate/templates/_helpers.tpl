@@ -118,6 +118,9 @@ then `config` over it.
 {{- if $t.upstreamCa.name }}
 {{- $_ := set $s "upstream_ca" (printf "%s/upstream-ca.pem" $dir) }}
 {{- end }}
+{{- if and (eq $v.role "central") $t.adminCa.name }}
+{{- $_ := set $s "admin_ca" (printf "%s/admin-ca.pem" $dir) }}
+{{- end }}
 {{- if and $t.broker.ca.name (or (ne $v.role "central") $v.central.externalBroker) }}
 {{- $_ := set $s "broker_ca" (printf "%s/broker-ca.pem" $dir) }}
 {{- end }}
@@ -159,6 +162,9 @@ log_format = {{ .Values.logFormat | toJson }}
 {{- end }}
 {{- if not .Values.secrets.adminToken.name }}
 {{- fail "secrets.adminToken.name is required: the admin API listens on the pod network and needs a bearer token" }}
+{{- end }}
+{{- if and (eq .Values.role "central") (not .Values.central.externalBroker) .Values.tls.broker.centralClientSecretName (not .Values.tls.broker.secretName) }}
+{{- fail "tls.broker.centralClientSecretName needs TLS at the embedded broker: set tls.broker.secretName (or central.externalBroker)" }}
 {{- end }}
 {{- if and (eq .Values.role "central") (not .Values.central.externalBroker) .Values.tls.broker.clientCa.name .Values.tls.broker.secretName (not .Values.tls.broker.centralClientSecretName) }}
 {{- fail "tls.broker.clientCa makes the embedded broker require client certificates, central's own client too: set tls.broker.centralClientSecretName" }}
