@@ -1259,6 +1259,60 @@ mod tests {
         unknown[0]
     }
 
+    /// The audit's pages come from the database as one JSON row each: every
+    /// field reads back as written, text of any kind (quotes, a newline,
+    /// other alphabets, a backslash) and NULLs included, on the engine of
+    /// the run; a page that cannot be read whole is an error, not fewer rows.
+    #[tokio::test]
+    async fn a_page_read_as_one_row_gives_back_every_field_as_written() {
+        let (_dir, store, _) = temp_store().await;
+        populate(&store).await;
+        // Registered last, read first: the page keeps the edges' order.
+        store.register_edge("e0", false).await.unwrap();
+        let awkward = "it said \"no\"\n\tü ñ 日本 \\ 'quoted' {\"json\": [1]}";
+        store.edge_error("e1", awkward).await.unwrap();
+        store.set_needs_resync("e2", Some(awkward)).await.unwrap();
+        let edges = store.edges().await.unwrap();
+        let ids: Vec<&str> = edges.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["e0", "e1", "e2"]);
+        let edges = &edges[1..];
+        assert_eq!(edges[0].error.as_deref(), Some(awkward));
+        assert_eq!(edges[1].needs_resync.as_deref(), Some(awkward));
+        assert_eq!((edges[1].error.as_deref(), edges[1].protocol), (None, None));
+        // Each statement names every field of its rows, and no other.
+        let keys = |v: serde_json::Value| -> std::collections::BTreeSet<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let named = |c: &[&str]| c.iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            keys(serde_json::to_value(&edges[0]).unwrap()),
+            named(sync::EDGE_COLUMNS)
+        );
+        let late = store.out_of_sync(None, Duration::ZERO, 100).await.unwrap();
+        assert_eq!(
+            keys(serde_json::to_value(&late[0]).unwrap()),
+            named(sync::OUT_OF_SYNC_COLUMNS)
+        );
+        let one = store.edge("e1").await.unwrap().unwrap();
+        let stable = |e: &EdgeRow| {
+            // Not the two figures the clock moves between the reads.
+            let mut v = serde_json::to_value(e).unwrap();
+            v["silent_ms"] = serde_json::Value::Null;
+            v["lag_seconds"] = serde_json::Value::Null;
+            v
+        };
+        assert_eq!(stable(&one), stable(&edges[0]));
+        assert!(store.edge("nobody").await.unwrap().is_none());
+        for broken in ["[{\"id\": \"e1\"", "{}", "[{\"id\": 1}]"] {
+            let e = sync::rows_of::<EdgeRow>(Some(broken.into())).unwrap_err();
+            assert!(e.to_string().contains("op log query failed"), "{e}");
+        }
+        assert!(sync::rows_of::<EdgeRow>(None).is_err());
+        assert!(sync::rows_of::<EdgeRow>(Some("[]".into()))
+            .unwrap()
+            .is_empty());
+    }
+
     /// Every read behind the audit API, over an op log holding each kind
     /// of row (see `populate`), on the engine of the run: each answers,
     /// with what was put in.

@@ -222,10 +222,20 @@ async fn retention_on(
     let now_ms: i64 = sqlx::query_scalar(&d.sql("SELECT SG_NOW_MS()"))
         .fetch_one(&mut *conn)
         .await?;
-    let edges: Vec<(String, i64, Option<i64>)> =
-        sqlx::query_as("SELECT id, acked_seq, last_seen_ms FROM edges ORDER BY id")
-            .fetch_all(&mut *conn)
-            .await?;
+    #[derive(serde::Deserialize)]
+    struct EdgeSeen {
+        id: String,
+        acked_seq: i64,
+        last_seen_ms: Option<i64>,
+    }
+    let page = sqlx::query_scalar(&d.sql(&d.json_rows(
+        "SELECT id, acked_seq, last_seen_ms FROM edges",
+        &["id", "acked_seq", "last_seen_ms"],
+        "t.id",
+    )))
+    .fetch_one(&mut *conn)
+    .await?;
+    let edges: Vec<EdgeSeen> = super::sync::rows_of(page)?;
     let mut r = Retention {
         first_seq,
         last_seq,
@@ -234,7 +244,12 @@ async fn retention_on(
     };
     let mut pinning = Vec::new();
     let mut expired = Vec::new();
-    for (edge, acked, seen_ms) in edges {
+    for EdgeSeen {
+        id: edge,
+        acked_seq: acked,
+        last_seen_ms: seen_ms,
+    } in edges
+    {
         let Some(seen_ms) = seen_ms else {
             r.unseen_edges.push(edge);
             continue;

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-use sqlx::FromRow;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use super::dialect::Dialect;
 use super::{Store, StoreError};
@@ -28,7 +28,7 @@ fn iso(col: &str) -> String {
     format!("SG_ISO_MS({col})")
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct DeliveryRow {
     pub edge: String,
     pub state: String,
@@ -38,10 +38,10 @@ pub struct DeliveryRow {
     pub updated_at: Option<String>,
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct EdgeRow {
     pub id: String,
-    #[sqlx(try_from = "super::dialect::Flag")]
+    #[serde(deserialize_with = "super::dialect::flag")]
     pub declared: bool,
     pub cursor: i64,
     /// Every op at or below this has a known outcome at the edge.
@@ -61,7 +61,7 @@ pub struct EdgeRow {
     pub clock_skew_ms: Option<i64>,
 }
 
-#[derive(Debug, Clone, FromRow, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct OutOfSyncRow {
     pub seq: i64,
     pub op_id: String,
@@ -73,7 +73,8 @@ pub struct OutOfSyncRow {
     pub status: Option<i64>,
     pub detail: Option<String>,
     pub updated_at: Option<String>,
-    /// The op's body, to scrub its secrets from `detail`; never shown.
+    /// The op's body, to scrub its secrets from `detail`; never shown (read
+    /// apart from the page, for failed deliveries).
     #[serde(skip)]
     pub body: Option<String>,
 }
@@ -403,7 +404,7 @@ impl Store {
         seq: i64,
         ack_timeout: Duration,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
-        Ok(sqlx::query_as(&self.d.sql(&format!(
+        let inner = format!(
             "SELECT e.id AS edge,
                     CASE WHEN {UNRESOLVED} THEN 'unresolved'
                          ELSE COALESCE(d.state, CASE WHEN o.seq <= e.acked_seq THEN 'applied'
@@ -418,16 +419,23 @@ impl Store {
                     COALESCE({}, o.logged_at) AS since,
                     COALESCE({}, o.logged_at) AS updated_at
              FROM ops o CROSS JOIN edges e LEFT JOIN deliveries d ON d.seq = o.seq AND d.edge = e.id
-             WHERE o.seq = ? ORDER BY e.id",
+             WHERE o.seq = ?",
             iso("d.since_ms"),
             iso("d.updated_ms")
-        )))
-        .bind(older(ack_timeout))
-        .bind(older(ack_timeout))
-        .bind(no_ack(ack_timeout))
-        .bind(seq)
-        .fetch_all(&self.reader)
-        .await?)
+        );
+        let text = self.d.json_rows(
+            &inner,
+            &["edge", "state", "status", "detail", "since", "updated_at"],
+            "t.edge",
+        );
+        let page = sqlx::query_scalar(&self.d.sql(&text))
+            .bind(older(ack_timeout))
+            .bind(older(ack_timeout))
+            .bind(no_ack(ack_timeout))
+            .bind(seq)
+            .fetch_one(&self.reader)
+            .await?;
+        rows_of(page)
     }
 
     pub async fn edges(&self) -> Result<Vec<EdgeRow>, StoreError> {
@@ -442,7 +450,7 @@ impl Store {
     async fn edge_rows(&self, id: Option<&str>) -> Result<Vec<EdgeRow>, StoreError> {
         // One edge by its key, not a filter a generic plan scans with.
         let only = if id.is_some() { "WHERE e.id = ?" } else { "" };
-        let text = self.d.sql(&format!(
+        let inner = format!(
             "SELECT e.id, e.declared, e.cursor, e.acked_seq, e.version, e.error,
                     e.protocol, e.needs_resync, e.clock_skew_ms,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {} END AS last_seen,
@@ -450,15 +458,16 @@ impl Store {
                     GREATEST(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,
                     COALESCE((SELECT SG_SECONDS_SINCE(o.created_at)
                               FROM ops o WHERE o.seq = e.cursor + 1), 0.0) AS lag_seconds
-             FROM edges e {only} ORDER BY e.id",
+             FROM edges e {only}",
             iso("e.last_seen_ms")
-        ))
-        .into_owned();
-        let mut query = sqlx::query_as(&text);
+        );
+        let text = self.d.json_rows(&inner, EDGE_COLUMNS, "t.id");
+        let text = self.d.sql(&text);
+        let mut query = sqlx::query_scalar(&text);
         if let Some(id) = id {
             query = query.bind(id);
         }
-        Ok(query.fetch_all(&self.reader).await?)
+        rows_of(query.fetch_one(&self.reader).await?)
     }
 
     /// Deliveries pending, failed and timed out over all edges.
@@ -483,26 +492,39 @@ impl Store {
     ) -> Result<Vec<(String, DeliveryCounts)>, StoreError> {
         let last = self.last_seq().await?;
         let old = self.logged_before(ack_timeout).await?;
-        let edges: Vec<(String, i64, i64, i64)> = sqlx::query_as(&self.d.sql(&format!(
+        let inner = format!(
             "SELECT e.id, e.acked_seq,
                     (SELECT COUNT(*) FROM deliveries d
                      WHERE d.edge = e.id AND d.seq > e.acked_seq AND d.seq <= ?1)
                     + (SELECT COUNT(*) FROM ops o
                        WHERE o.resolution = 'unresolvable' AND o.seq > e.acked_seq AND o.seq <= ?1
                          AND NOT EXISTS (SELECT 1 FROM deliveries d
-                                         WHERE d.seq = o.seq AND d.edge = e.id)),
+                                         WHERE d.seq = o.seq AND d.edge = e.id)) AS early,
                     (SELECT COUNT(*) FROM deliveries d
                      WHERE d.state IN ('failed', 'operator_skipped') AND d.edge = e.id)
                     + (SELECT COUNT(*) FROM ops o
-                       WHERE o.resolution = 'unresolvable' AND {UNRESOLVED})
-             FROM edges e ORDER BY e.id",
-        )))
-        .bind(old)
-        .fetch_all(&self.reader)
-        .await?;
+                       WHERE o.resolution = 'unresolvable' AND {UNRESOLVED}) AS failed
+             FROM edges e",
+        );
+        let text = self
+            .d
+            .json_rows(&inner, &["id", "acked_seq", "early", "failed"], "t.id");
+        let page = sqlx::query_scalar(&self.d.sql(&text))
+            .bind(old)
+            .fetch_one(&self.reader)
+            .await?;
+        #[derive(Deserialize)]
+        struct Row {
+            id: String,
+            acked_seq: i64,
+            early: i64,
+            failed: i64,
+        }
+        let edges: Vec<Row> = rows_of(page)?;
         Ok(edges
             .into_iter()
-            .map(|(edge, acked, answered_early, failed)| {
+            .map(|r| {
+                let (edge, acked, answered_early, failed) = (r.id, r.acked_seq, r.early, r.failed);
                 let counts = DeliveryCounts {
                     failed,
                     timed_out: (old - acked).max(0) - answered_early,
@@ -531,28 +553,38 @@ impl Store {
         // and not the failure.
         let old = self.logged_before(ack_timeout).await?;
         let only = if edge.is_some() { "WHERE e.id = ?" } else { "" };
-        let text = self
-            .d
-            .sql(&format!(
-                "SELECT e.id, e.acked_seq,
+        let inner = format!(
+            "SELECT e.id, e.acked_seq,
                     CASE WHEN EXISTS (SELECT 1 FROM deliveries d
                                       WHERE d.state IN ('failed', 'operator_skipped') AND d.edge = e.id)
-                         THEN 1 ELSE 0 END,
+                         THEN 1 ELSE 0 END AS failed,
                     CASE WHEN EXISTS (SELECT 1 FROM ops o WHERE {UNRESOLVED})
-                         THEN 1 ELSE 0 END
-             FROM edges e {only} ORDER BY e.id"
-            ))
-            .into_owned();
-        let mut query = sqlx::query_as::<_, (String, i64, i64, i64)>(&text);
+                         THEN 1 ELSE 0 END AS unresolvable
+             FROM edges e {only}"
+        );
+        let text = self.d.json_rows(
+            &inner,
+            &["id", "acked_seq", "failed", "unresolvable"],
+            "t.id",
+        );
+        let text = self.d.sql(&text);
+        let mut query = sqlx::query_scalar(&text);
         if let Some(edge) = edge {
             query = query.bind(edge);
         }
-        let candidates = query.fetch_all(&self.reader).await?;
+        #[derive(Deserialize)]
+        struct Candidate {
+            id: String,
+            acked_seq: i64,
+            failed: i64,
+            unresolvable: i64,
+        }
+        let candidates: Vec<Candidate> = rows_of(query.fetch_one(&self.reader).await?)?;
         let text = format!(
             "SELECT * FROM (
                  SELECT * FROM (
                      SELECT d.seq, o.op_id, d.edge, d.state, o.kind, o.method, o.path, d.status,
-                            d.detail, {} AS updated_at, o.body
+                            d.detail, {} AS updated_at
                      FROM deliveries d JOIN ops o ON o.seq = d.seq
                      WHERE d.state IN ('failed', 'operator_skipped') AND d.edge = ?1
                      ORDER BY d.seq LIMIT ?4) AS failed
@@ -562,7 +594,7 @@ impl Store {
                             o.path, CAST(NULL AS BIGINT) AS status,
                             CASE WHEN o.resolution = 'pending' THEN '{RESOLVING}' ELSE ?2 END
                                 AS detail,
-                            o.logged_at AS updated_at, CAST(NULL AS TEXT) AS body
+                            o.logged_at AS updated_at
                      FROM edges e JOIN ops o ON o.seq > e.acked_seq AND o.seq <= ?5
                      WHERE e.id = ?1 AND o.logged_at < {OLDER_3}
                        AND o.resolution IS DISTINCT FROM 'unresolvable'
@@ -573,16 +605,18 @@ impl Store {
                  SELECT * FROM (
                      SELECT o.seq, o.op_id, e.id AS edge, 'unresolved' AS state, o.kind, o.method,
                             o.path, CAST(NULL AS BIGINT) AS status, o.detail,
-                            o.logged_at AS updated_at, CAST(NULL AS TEXT) AS body
+                            o.logged_at AS updated_at
                      FROM ops o CROSS JOIN edges e
                      WHERE o.resolution = 'unresolvable' AND {UNRESOLVED} AND e.id = ?1
                      ORDER BY o.seq LIMIT ?4) AS unresolved
              ) AS found ORDER BY seq LIMIT ?4",
             iso("d.updated_ms")
         );
+        let text = self.d.json_rows(&text, OUT_OF_SYNC_COLUMNS, "t.seq");
         let sql = self.d.sql(&text);
         let mut rows: Vec<OutOfSyncRow> = Vec::new();
-        for (id, acked, failed, unresolvable) in candidates {
+        for c in candidates {
+            let (id, acked, failed, unresolvable) = (c.id, c.acked_seq, c.failed, c.unresolvable);
             let wanted = limit - rows.len() as i64;
             if wanted <= 0 {
                 break;
@@ -590,23 +624,47 @@ impl Store {
             if acked >= old && failed == 0 && unresolvable == 0 {
                 continue;
             }
-            let found: Vec<OutOfSyncRow> = sqlx::query_as(&sql)
-                .bind(&id)
-                .bind(no_ack(ack_timeout))
-                .bind(older(ack_timeout))
-                .bind(wanted)
-                .bind(old)
-                .fetch_all(&self.reader)
-                .await?;
+            let found: Vec<OutOfSyncRow> = rows_of(
+                sqlx::query_scalar(&sql)
+                    .bind(&id)
+                    .bind(no_ack(ack_timeout))
+                    .bind(older(ack_timeout))
+                    .bind(wanted)
+                    .bind(old)
+                    .fetch_one(&self.reader)
+                    .await?,
+            )?;
             rows.extend(found);
         }
-        Ok(rows
-            .into_iter()
-            .map(|mut r| {
-                r.body = r.body.and_then(|b| self.open_body(&r.op_id, b).ok());
-                r
-            })
-            .collect())
+        // The bodies of the failed ops, to scrub their secrets from what
+        // their edges answered, are read apart: a page of a thousand
+        // bodies of a megabyte each is no one value the database builds.
+        let failed: std::collections::BTreeSet<i64> = rows
+            .iter()
+            .filter(|r| matches!(r.state.as_str(), "failed" | "operator_skipped"))
+            .map(|r| r.seq)
+            .collect();
+        let mut bodies = std::collections::HashMap::new();
+        let failed: Vec<i64> = failed.into_iter().collect();
+        for chunk in failed.chunks(500) {
+            let mut q = super::dialect::Sql::new("SELECT seq, op_id, body FROM ops WHERE seq IN ");
+            q.list(chunk.iter().copied());
+            let (text, args) = q.finish(self.d)?;
+            let found: Vec<(i64, String, Option<String>)> = sqlx::query_as_with(&text, args)
+                .fetch_all(&self.reader)
+                .await?;
+            for (seq, op_id, body) in found {
+                if let Some(body) = body.and_then(|b| self.open_body(&op_id, b).ok()) {
+                    bodies.insert(seq, body);
+                }
+            }
+        }
+        for r in &mut rows {
+            if matches!(r.state.as_str(), "failed" | "operator_skipped") {
+                r.body = bodies.get(&r.seq).cloned();
+            }
+        }
+        Ok(rows)
     }
 
     /// The last op logged longer than `age` ago (0: none). Ops are logged in
@@ -622,6 +680,49 @@ impl Store {
         .fetch_one(&self.reader)
         .await?)
     }
+}
+
+/// The columns of `EdgeRow`, as its statement names them.
+pub(super) const EDGE_COLUMNS: &[&str] = &[
+    "id",
+    "declared",
+    "cursor",
+    "acked_seq",
+    "version",
+    "error",
+    "protocol",
+    "needs_resync",
+    "clock_skew_ms",
+    "last_seen",
+    "silent_ms",
+    "lag_ops",
+    "lag_seconds",
+];
+
+/// The columns of `OutOfSyncRow`, as its statement names them.
+pub(super) const OUT_OF_SYNC_COLUMNS: &[&str] = &[
+    "seq",
+    "op_id",
+    "edge",
+    "state",
+    "kind",
+    "method",
+    "path",
+    "status",
+    "detail",
+    "updated_at",
+];
+
+/// The rows of a `Dialect::json_rows` statement's one row. A page that
+/// cannot be read whole is an error, never fewer rows.
+/// (Neither engine answers NULL for one: an empty page is `[]`.)
+pub(super) fn rows_of<T: DeserializeOwned>(page: Option<String>) -> Result<Vec<T>, StoreError> {
+    let Some(text) = page else {
+        return Err(StoreError::Query(sqlx::Error::Decode(
+            "a page of rows read as NULL, not a JSON array".into(),
+        )));
+    };
+    serde_json::from_str(&text).map_err(|e| StoreError::Query(sqlx::Error::Decode(Box::new(e))))
 }
 
 /// Counts of deliveries by state, for metrics.
