@@ -2,7 +2,8 @@
 """The gateway's cost, measured side by side on this machine (see BENCHMARKS.md).
 
 A fast upstream (nginx, one worker, static Keystone-shaped JSON; a POST answers
-201 with a fresh ID) is reached three ways: directly, through nginx as a plain
+201 with a fresh ID; `GET /v3/auth/tokens` answers a token validation with a
+catalog, about 40 KiB, from a file) is reached three ways: directly, through nginx as a plain
 reverse proxy (one worker, keepalive), and through `syncgate central` (release
 build). The server under test and the upstream share core 0; wrk runs on core 1
 (`wrk -t1 -c32`). Each figure is the best of three alternating 5-second runs.
@@ -41,6 +42,28 @@ LIST = {"projects": [dict(PROJECT, id=f"{i:032x}", name=f"project-{i}") for i in
         "links": {"self": "http://127.0.0.1/v3/projects", "previous": None, "next": None}}
 
 
+def validated_token(size=40 * 1024):
+    """A token validation's answer with a catalog, about `size` bytes: what
+    every service asks Keystone for (`GET /v3/auth/tokens` with
+    `X-Subject-Token`), the hottest read of a real cloud."""
+    catalog, n = [], 0
+    token = {"methods": ["password"], "expires_at": "2099-01-01T00:00:00.000000Z",
+             "issued_at": "2026-01-01T00:00:00.000000Z", "audit_ids": ["bench"],
+             "user": {"id": "u" * 32, "name": "admin", "domain": {"id": "default", "name": "Default"},
+                      "password_expires_at": None},
+             "project": {"id": "p" * 32, "name": "admin", "domain": {"id": "default", "name": "Default"}},
+             "roles": [{"id": f"{i:032x}", "name": f"role-{i}"} for i in range(4)],
+             "is_domain": False, "catalog": catalog}
+    while len(json.dumps({"token": token})) < size:
+        region = f"Region{n // 8}"
+        catalog.append({"id": f"{n:032x}", "type": f"service-{n}", "name": f"service-{n}",
+                        "endpoints": [{"id": f"{n:016x}{i:016x}", "interface": iface, "region": region,
+                                       "region_id": region, "url": f"https://{region.lower()}.example.net:{9000 + n}/v1"}
+                                      for i, iface in enumerate(("public", "internal", "admin"))]})
+        n += 1
+    return json.dumps({"token": token})
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,10 +95,23 @@ http {{
 def upstream_conf(workdir, port):
     created = json.dumps({"project": PROJECT}).replace("'", "")
     listing = json.dumps(LIST).replace("'", "")
+    # Read by nginx's workers (another user): a directory of its own, open to
+    # them, in the private work directory they may only pass through.
+    static = Path(workdir) / "static"
+    static.mkdir(exist_ok=True)
+    os.chmod(workdir, 0o711)
+    os.chmod(static, 0o755)
+    token = static / "token.json"
+    token.write_text(validated_token())
+    os.chmod(token, 0o644)
     return nginx_conf(workdir, port, f"""
     server {{
         listen 127.0.0.1:{port};
         default_type application/json;
+        location = /v3/auth/tokens {{
+            add_header X-Subject-Token bench-subject always;
+            alias {token};
+        }}
         location = /v3/projects {{
             if ($request_method = POST) {{ return 201 '{created}'; }}
             return 200 '{listing}';
@@ -160,6 +196,12 @@ request = function()
     return wrk.format("POST", "/v3/projects", {["Content-Type"] = "application/json",
                                                 ["X-Auth-Token"] = "bench"}, body)
 end
+"""
+
+
+TOKEN_LUA = """
+wrk.headers["X-Auth-Token"] = "bench"
+wrk.headers["X-Subject-Token"] = "bench-subject"
 """
 
 
@@ -385,8 +427,13 @@ def main():
         targets = [("direct", up_port), ("nginx", ng_port), ("syncgate", sg_port)]
         script = Path(work) / "post.lua"
         script.write_text(POST_LUA)
+        validate = Path(work) / "validate.lua"
+        validate.write_text(TOKEN_LUA)
+        size = (Path(work) / "static" / "token.json").stat().st_size
         table = {}
         for label, lua, path in [("GET /v3/projects", None, "/v3/projects"),
+                                 (f"GET /v3/auth/tokens (a token validated, {size / 1024:.0f} KiB answer)",
+                                  str(validate), "/v3/auth/tokens"),
                                  ("POST /v3/projects (captured)", str(script), "/v3/projects")]:
             runs = {name: [] for name, _ in targets}
             for _ in range(opts.runs):

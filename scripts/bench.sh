@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks, all of them: reads and captured writes through the gateway side by
-# side with nginx, an edge's catch-up and the replication lag (scripts/bench.py),
+# Benchmarks, all of them: reads (a small list and a 40 KiB token validation) and
+# captured writes through the gateway side by side with nginx, an edge's catch-up and the replication lag (scripts/bench.py),
 # then the embedded broker against nats-server (scripts/bench-broker.sh;
 # BENCH_BROKER=0 skips it), the audit API's queries with a thousand edges and
 # retention under captured writes (cargo bench --bench oplog; BENCH_OPLOG=0

@@ -104,6 +104,10 @@ pub struct Metrics {
     pub writes_captured: Counter,
     pub capture_duration: Histogram,
     pub writes_not_applied: Counter,
+    /// Upstream connections kept for client connections, open now.
+    pub upstream_kept: Gauge,
+    /// Of those, the ones whose clients left, waiting for another client.
+    pub upstream_unclaimed: Gauge,
     pub unknown_outcomes: Counter,
     pub bodies_too_large: Counter,
     pub oplog_failures: Counter,
@@ -177,6 +181,8 @@ impl Metrics {
             writes_captured: Counter::default(),
             capture_duration: latency(),
             writes_not_applied: Counter::default(),
+            upstream_kept: Gauge::default(),
+            upstream_unclaimed: Gauge::default(),
             unknown_outcomes: Counter::default(),
             bodies_too_large: Counter::default(),
             oplog_failures: Counter::default(),
@@ -255,6 +261,16 @@ impl Metrics {
             format!("{p}_writes_not_applied"),
             "Replicable writes the upstream refused (not ops)",
             m.writes_not_applied.clone(),
+        );
+        r.register(
+            format!("{p}_upstream_kept_connections"),
+            "Upstream connections kept each for one client connection's reads, open now (at most 256; beyond, reads use the pool)",
+            m.upstream_kept.clone(),
+        );
+        r.register(
+            format!("{p}_upstream_unclaimed_connections"),
+            "Kept upstream connections whose clients left, waiting (at most 30 s) for the next client connection",
+            m.upstream_unclaimed.clone(),
         );
         r.register(
             format!("{p}_unknown_outcomes"),

@@ -13,11 +13,13 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, Response};
 use axum::Router;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 use tracing::{debug, warn};
@@ -48,6 +50,27 @@ impl Default for HttpLimits {
     }
 }
 
+/// Work a connection's service hands to that connection's own task, polled
+/// there beside the connection (the proxy's upstream connection kept for
+/// one client): no other task is woken for it. What is left of it when the
+/// connection ends goes on in a task of its own.
+pub type Companion = BoxFuture<'static, ()>;
+
+/// Where a connection's service sends its companions (none for most).
+pub struct Companions(Option<mpsc::UnboundedReceiver<Companion>>);
+
+impl Companions {
+    pub fn none() -> Companions {
+        Companions(None)
+    }
+
+    /// A sender for the service and what the connection's task polls.
+    pub fn channel() -> (mpsc::UnboundedSender<Companion>, Companions) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, Companions(Some(rx)))
+    }
+}
+
 /// Serves `router` until `shutdown` resolves, then drains within the grace
 /// period. Handlers see the peer address as `ConnectInfo<SocketAddr>`.
 /// With `tls`, it serves HTTPS only.
@@ -59,24 +82,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     serve_with(listener, limits, tls, shutdown, move |peer| {
-        TowerToHyperService::new(router.clone().map_request(
+        let service = TowerToHyperService::new(router.clone().map_request(
             move |mut req: axum::extract::Request<_>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
             },
-        ))
+        ));
+        (service, Companions::none())
     })
     .await
 }
 
 /// Serves the service `make` builds for each connection (given the peer's
-/// address), with the same limits, TLS and shutdown as `serve`.
+/// address; with the companions it may hand the connection's task), with
+/// the same limits, TLS and shutdown as `serve`.
 pub async fn serve_with<S, B>(
     listener: TcpListener,
     limits: HttpLimits,
     tls: Option<ServerTls>,
     shutdown: impl Future<Output = ()> + Send,
-    make: impl Fn(SocketAddr) -> S,
+    make: impl Fn(SocketAddr) -> (S, Companions),
 ) -> std::io::Result<()>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
@@ -113,19 +138,21 @@ where
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = make(peer);
+        let (service, companions) = make(peer);
         let stop = stop_rx.clone();
         let tls = tls.clone();
         conns.spawn(async move {
             let _permit = permit;
             let result = match tls {
-                None => serve_connection(stream, service, limits, stop).await,
+                None => serve_connection(stream, service, companions, limits, stop).await,
                 // The handshake has the time the request's headers have.
                 Some(tls) => {
                     match tokio::time::timeout(limits.header_timeout, tls.acceptor().accept(stream))
                         .await
                     {
-                        Ok(Ok(stream)) => serve_connection(stream, service, limits, stop).await,
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, service, companions, limits, stop).await
+                        }
                         Ok(Err(e)) => {
                             debug!(%peer, error = %e, "TLS handshake failed");
                             return;
@@ -162,10 +189,12 @@ where
 }
 
 /// Serves HTTP/1.1 on one connection until it ends, or `stop` (then
-/// gracefully: the request in flight finishes).
+/// gracefully: the request in flight finishes), polling its companions
+/// beside it.
 async fn serve_connection<I, S, B>(
     io: I,
     service: S,
+    companions: Companions,
     limits: HttpLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
@@ -185,11 +214,28 @@ where
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        _ = crate::serve::stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let Companions(mut handed) = companions;
+    let mut running = FuturesUnordered::new();
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if !running.is_empty() {
+                    tokio::spawn(async move { while running.next().await.is_some() {} });
+                }
+                return r;
+            }
+            Some(companion) = async {
+                match handed.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => running.push(companion),
+            Some(()) = running.next(), if !running.is_empty() => {}
+            _ = crate::serve::stopped(&mut stop), if !stopping => {
+                conn.as_mut().graceful_shutdown();
+                stopping = true;
+            }
         }
     }
 }

@@ -210,7 +210,7 @@ async fn captured_section(
         false,
         Body::from(body.clone()),
     );
-    let resp = match proxy.send(upstream_req, true).await {
+    let resp = match proxy.send(upstream_req, true, None).await {
         Ok(resp) => resp,
         Err(SendError::Unreachable) => {
             if !drop_intent(&owner, op_id).await {

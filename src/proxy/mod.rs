@@ -24,6 +24,7 @@ use axum::response::IntoResponse;
 use futures_util::{FutureExt, Stream, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -59,9 +60,56 @@ pub const REQUEST_ID: &str = "x-openstack-request-id";
 /// upstream is `https`.
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
 
+/// Upstream connections kept each for one client connection, at most (the
+/// rest go through the pool): as many as the pool keeps idle.
+const MAX_KEPT: usize = 256;
+/// How long a kept connection its client left may wait for another client.
+const KEPT_IDLE: Duration = Duration::from_secs(30);
+
+/// The upstream connections kept for client connections.
+struct Kept {
+    /// Open now (each counted by its driver's `KeptSlot`).
+    open: std::sync::atomic::AtomicUsize,
+    /// Those whose clients left, the latest last, with when each was left:
+    /// the next client connection takes one before opening one.
+    unclaimed: std::sync::Mutex<Vec<(SendRequest<Body>, Instant)>>,
+    open_gauge: prometheus_client::metrics::gauge::Gauge,
+    unclaimed_gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Kept {
+    /// Leaves `sender` for the next client.
+    fn leave(&self, sender: SendRequest<Body>) {
+        let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
+        unclaimed.retain(|(s, left)| left.elapsed() < KEPT_IDLE && !s.is_closed());
+        unclaimed.push((sender, Instant::now()));
+        self.unclaimed_gauge.set(unclaimed.len() as i64);
+    }
+
+    /// A connection a client left, ready and not idle too long.
+    fn claim(&self) -> Option<SendRequest<Body>> {
+        let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = None;
+        while let Some((sender, left)) = unclaimed.pop() {
+            if left.elapsed() < KEPT_IDLE && sender.is_ready() {
+                found = Some(sender);
+                break;
+            }
+        }
+        self.unclaimed_gauge.set(unclaimed.len() as i64);
+        found
+    }
+}
+
 /// What the proxy shares between requests: cheap handles, built once.
 pub struct Proxy {
     client: UpstreamClient,
+    /// Opens the upstream connections kept for one client connection each.
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority/` of the upstream, what `connector` is given.
+    upstream_root: Uri,
+    /// Upstream connections kept for client connections.
+    kept: Arc<Kept>,
     upstream_scheme: Scheme,
     upstream_authority: Authority,
     /// The upstream base URL without a trailing slash.
@@ -116,6 +164,34 @@ pub struct Peer {
     addr: SocketAddr,
     /// `X-Forwarded-For` when the client sent none: its address, formatted once.
     forwarded_for: Option<HeaderValue>,
+    /// The upstream connection kept for this client's reads, when idle. A
+    /// client's HTTP/1 requests come one at a time: each goes out on it
+    /// without a pool's checkout, and its connection is driven by the
+    /// client connection's own task (see `serve::Companions`).
+    upstream: std::sync::Mutex<Option<SendRequest<Body>>>,
+    /// Where a new upstream connection's driver goes (none: the pool only).
+    companions: Option<tokio::sync::mpsc::UnboundedSender<crate::serve::Companion>>,
+    /// Where its kept connection goes when the client leaves.
+    kept: Option<Arc<Kept>>,
+}
+
+impl Drop for Peer {
+    /// The connection kept for this client waits for the next one (its
+    /// driver goes on in a task of its own: see `serve::Companions`).
+    fn drop(&mut self) {
+        let (Some(kept), Some(sender)) = (
+            &self.kept,
+            self.upstream
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        ) else {
+            return;
+        };
+        if sender.is_ready() {
+            kept.leave(sender);
+        }
+    }
 }
 
 impl Peer {
@@ -123,7 +199,42 @@ impl Peer {
         Peer {
             addr,
             forwarded_for: HeaderValue::from_str(&addr.ip().to_string()).ok(),
+            upstream: std::sync::Mutex::new(None),
+            companions: None,
+            kept: None,
         }
+    }
+}
+
+impl Peer {
+    /// Keeps `sender` for this client's next request.
+    fn keep(&self, sender: SendRequest<Body>) {
+        *self.upstream.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+    }
+}
+
+/// Counts an upstream connection kept for a client until it closes.
+struct KeptSlot(Arc<Kept>);
+
+impl KeptSlot {
+    fn take(kept: &Arc<Kept>) -> Option<KeptSlot> {
+        use std::sync::atomic::Ordering;
+        kept.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_KEPT).then_some(n + 1)
+            })
+            .ok()?;
+        kept.open_gauge.inc();
+        Some(KeptSlot(kept.clone()))
+    }
+}
+
+impl Drop for KeptSlot {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.open_gauge.dec();
     }
 }
 
@@ -144,7 +255,9 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 
 /// The upstream client. Redirects are passed to the client, never followed,
 /// and no proxy from the environment is used.
-fn upstream_client(config: &CentralConfig) -> anyhow::Result<UpstreamClient> {
+fn upstream_client(
+    config: &CentralConfig,
+) -> anyhow::Result<(UpstreamClient, HttpsConnector<HttpConnector>)> {
     use tokio_rustls::rustls::{crypto::ring, ClientConfig, RootCertStore};
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -170,11 +283,12 @@ fn upstream_client(config: &CentralConfig) -> anyhow::Result<UpstreamClient> {
         )
     };
     let connector = tls.https_or_http().enable_http1().wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+    let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build(connector))
+        .pool_max_idle_per_host(MAX_KEPT)
+        .build(connector.clone());
+    Ok((client, connector))
 }
 
 impl Proxy {
@@ -193,8 +307,22 @@ impl Proxy {
         };
         let upstream_base = config.upstream.as_str().trim_end_matches('/').to_string();
         let upstream_prefix = config.upstream.path().trim_end_matches('/').to_string();
+        let (client, connector) = upstream_client(config)?;
+        let upstream_root = Uri::builder()
+            .scheme(upstream_scheme.clone())
+            .authority(upstream_authority.clone())
+            .path_and_query("/")
+            .build()?;
         Ok(Proxy {
-            client: upstream_client(config)?,
+            client,
+            connector,
+            upstream_root,
+            kept: Arc::new(Kept {
+                open: Default::default(),
+                unclaimed: Default::default(),
+                open_gauge: metrics.upstream_kept.clone(),
+                unclaimed_gauge: metrics.upstream_unclaimed.clone(),
+            }),
             upstream_scheme,
             upstream_authority,
             upstream_base,
@@ -352,11 +480,14 @@ impl Proxy {
         crate::telemetry::exporting() || tracing::enabled!(tracing::Level::DEBUG)
     }
 
-    /// Sends a request, waiting at most the timeout for the response headers.
+    /// Sends `req` upstream, waiting at most the timeout for the response
+    /// headers: on the connection kept for `peer`'s client connection when
+    /// there is one (or one may be opened), else through the pool.
     async fn send(
         &self,
         mut req: Request<Body>,
         traced: bool,
+        peer: Option<&Peer>,
     ) -> Result<Response<Incoming>, SendError> {
         let span = if traced {
             tracing::info_span!(
@@ -376,7 +507,7 @@ impl Proxy {
                 req.headers_mut().insert("traceparent", v);
             }
         }
-        let sent = tokio::time::timeout(self.timeout, self.client.request(req))
+        let sent = tokio::time::timeout(self.timeout, self.dispatch(req, peer))
             .instrument(span.clone())
             .await;
         match sent {
@@ -385,14 +516,117 @@ impl Proxy {
                 span.record("http.response.status_code", resp.status().as_u16());
                 Ok(resp)
             }
-            Ok(Err(e)) => {
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        req: Request<Body>,
+        peer: Option<&Peer>,
+    ) -> Result<Response<Incoming>, SendError> {
+        let req = match peer.filter(|p| p.companions.is_some()) {
+            Some(peer) => match self.send_kept(req, peer).await {
+                Ok(answered) => return answered,
+                Err(req) => req,
+            },
+            None => req,
+        };
+        self.client.request(req).await.map_err(|e| {
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            warn!(error = %e, cause, "upstream request failed");
+            if e.is_connect() {
+                SendError::Unreachable
+            } else {
+                SendError::Broken
+            }
+        })
+    }
+
+    /// Sends on the upstream connection kept for `peer`, opening one when
+    /// it has none ready; gives the request back (for the pool) when no
+    /// more may be kept. A kept connection that closed before the request
+    /// was written (Keystone's keep-alive ran out) is replaced, the request
+    /// sent on the new one.
+    async fn send_kept(
+        &self,
+        mut req: Request<Body>,
+        peer: &Peer,
+    ) -> Result<Result<Response<Incoming>, SendError>, Request<Body>> {
+        let absolute = req.uri().clone();
+        // Origin form, with the Host the pool's client would have set.
+        if let Some(pq) = absolute.path_and_query() {
+            *req.uri_mut() = Uri::from(pq.clone());
+        }
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(self.upstream_authority.as_str()) {
+                req.headers_mut().insert(header::HOST, host);
+            }
+        }
+        let kept = peer
+            .upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            // Busy or closed: dropped (it closes), another is found or opened.
+            .filter(SendRequest::is_ready)
+            .or_else(|| self.kept.claim());
+        if let Some(mut sender) = kept {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    peer.keep(sender);
+                    return Ok(Ok(resp));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(back) => req = back,
+                    None => {
+                        warn!(error = %e.error(), "upstream request failed");
+                        return Ok(Err(SendError::Broken));
+                    }
+                },
+            }
+        }
+        let (Some(companions), Some(slot)) = (&peer.companions, KeptSlot::take(&self.kept)) else {
+            *req.uri_mut() = absolute;
+            return Err(req);
+        };
+        let io =
+            match tower::ServiceExt::oneshot(self.connector.clone(), self.upstream_root.clone())
+                .await
+            {
+                Ok(io) => io,
+                Err(e) => {
+                    let cause = std::error::Error::source(&*e).map(ToString::to_string);
+                    warn!(error = %e, cause, "upstream request failed: cannot connect");
+                    return Ok(Err(SendError::Unreachable));
+                }
+            };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(error = %e, "upstream request failed: cannot connect");
+                return Ok(Err(SendError::Unreachable));
+            }
+        };
+        let driver = async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                debug!(error = %e, "a kept upstream connection ended with an error");
+            }
+        };
+        if let Err(refused) = companions.send(Box::pin(driver)) {
+            // The client's connection is ending: driven on its own.
+            tokio::spawn(refused.0);
+        }
+        match sender.send_request(req).await {
+            Ok(resp) => {
+                peer.keep(sender);
+                Ok(Ok(resp))
+            }
+            Err(e) => {
                 let cause = std::error::Error::source(&e).map(ToString::to_string);
                 warn!(error = %e, cause, "upstream request failed");
-                if e.is_connect() {
-                    Err(SendError::Unreachable)
-                } else {
-                    Err(SendError::Broken)
-                }
+                Ok(Err(SendError::Broken))
             }
         }
     }
@@ -413,7 +647,7 @@ impl Proxy {
         };
         let req = self.upstream_request(parts.method, uri, parts.headers, peer, true, body);
         let resp = self
-            .send(req, traced)
+            .send(req, traced, Some(peer))
             .await
             .map_err(|e| self.send_error(e, None))?;
         let (mut parts, body) = resp.into_parts();
@@ -597,7 +831,7 @@ impl Proxy {
         };
         let mut req = Request::new(Body::empty());
         *req.uri_mut() = uri;
-        self.send(req, false).await.is_ok()
+        self.send(req, false, None).await.is_ok()
     }
 }
 
@@ -649,19 +883,27 @@ where
     })
 }
 
-/// The proxy's service for one client connection: every method and path.
+/// The proxy's service for one client connection, and what that
+/// connection's task drives beside it (the upstream connection kept for it).
 pub fn service(
     proxy: Arc<Proxy>,
     addr: SocketAddr,
-) -> impl hyper::service::Service<
-    Request<Incoming>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = impl Send + 'static,
-> + Send
-       + 'static {
-    let peer = Arc::new(Peer::new(addr));
-    hyper::service::service_fn(move |req| {
+) -> (
+    impl hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<Body>,
+            Error = Infallible,
+            Future = impl Send + 'static,
+        > + Send
+        + 'static,
+    crate::serve::Companions,
+) {
+    let (companions, driven) = crate::serve::Companions::channel();
+    let mut peer = Peer::new(addr);
+    peer.companions = Some(companions);
+    peer.kept = Some(proxy.kept.clone());
+    let peer = Arc::new(peer);
+    let service = hyper::service::service_fn(move |req| {
         let proxy = proxy.clone();
         let peer = peer.clone();
         async move {
@@ -677,7 +919,8 @@ pub fn service(
                 });
             Ok::<_, Infallible>(resp)
         }
-    })
+    });
+    (service, driven)
 }
 
 async fn handle(proxy: Arc<Proxy>, peer: Arc<Peer>, req: Request<Incoming>) -> Response<Body> {

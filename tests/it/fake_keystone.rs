@@ -3,7 +3,8 @@
 //! regions their `id`), answers in Keystone's shapes, and issues tokens whose
 //! catalog names its own URL. A request header `x-fake-status: N` makes it answer
 //! N instead; a path under `/slow`, or a request with `x-fake-hang`, never answers;
-//! `x-fake-delay-ms: N` answers after N ms; `x-fake-big: N` answers 201 with N bytes.
+//! `x-fake-delay-ms: N` answers after N ms; `x-fake-big: N` answers 201 with N bytes;
+//! `x-fake-close` closes the connection after the answer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ use serde_json::{json, Value};
 pub struct Seen {
     /// Every request received: method, path and query, headers, body.
     pub requests: Mutex<Vec<(Method, String, HeaderMap, Bytes)>>,
+    /// The connection each request came on (its peer's address), in order.
+    pub peers: Mutex<Vec<SocketAddr>>,
     pub count: AtomicUsize,
 }
 
@@ -36,7 +39,14 @@ impl FakeKeystone {
         let seen = Arc::new(Seen::default());
         let state = (seen.clone(), format!("http://{addr}"));
         let app = Router::new().fallback(handle).with_state(state);
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            .unwrap()
+        });
         FakeKeystone { addr, seen }
     }
 
@@ -46,6 +56,11 @@ impl FakeKeystone {
 
     pub fn count(&self) -> usize {
         self.seen.count.load(Ordering::SeqCst)
+    }
+
+    /// The connection each request came on, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.seen.peers.lock().unwrap().clone()
     }
 
     pub fn last_request(&self) -> (Method, String, HeaderMap, Bytes) {
@@ -95,8 +110,24 @@ fn json_response(status: StatusCode, body: Value) -> Response {
     resp
 }
 
-async fn handle(State((seen, base)): State<(Arc<Seen>, String)>, req: Request) -> Response {
+async fn handle(State(state): State<(Arc<Seen>, String)>, req: Request) -> Response {
+    let close = req.headers().contains_key("x-fake-close");
+    let mut resp = answer(state, req).await;
+    if close {
+        resp.headers_mut()
+            .insert("connection", "close".parse().unwrap());
+    }
+    resp
+}
+
+async fn answer((seen, base): (Arc<Seen>, String), req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    if let Some(peer) = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        seen.peers.lock().unwrap().push(peer.0);
+    }
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
         .unwrap_or_default();

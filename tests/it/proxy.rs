@@ -30,6 +30,78 @@ async fn reads_pass_through_byte_identical_with_status_and_headers() {
     assert_eq!((method.as_str(), path.as_str()), ("GET", "/bytes?x=1"));
 }
 
+/// A client connection's reads go out on one upstream connection kept for
+/// it (no pool's checkout): two clients taking turns each keep their own,
+/// where a pool hands both the one idle connection. One the upstream closes
+/// is replaced, and the client never sees it; one whose client left is the
+/// next client's.
+#[tokio::test]
+async fn each_client_connection_keeps_its_own_upstream_connection_and_a_closed_one_is_replaced() {
+    let app = spawn_app().await;
+    let client = || reqwest::Client::builder().no_proxy().build().unwrap();
+    let (a, b) = (client(), client());
+    let get = |client: &reqwest::Client, close: bool| {
+        let mut req = client.get(app.url("/v3/projects"));
+        if close {
+            req = req.header("x-fake-close", "1");
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            resp.bytes().await.unwrap();
+            status
+        }
+    };
+    for _ in 0..5 {
+        for client in [&a, &b] {
+            assert_eq!(get(client, false).await, 200);
+        }
+    }
+    let peers = app.fake.peers();
+    assert_eq!(peers.len(), 10);
+    let (on_a, on_b): (Vec<_>, Vec<_>) = peers.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let one = |v: &[(usize, &std::net::SocketAddr)]| {
+        let mut p: Vec<_> = v.iter().map(|(_, p)| **p).collect();
+        p.dedup();
+        p
+    };
+    let (on_a, on_b) = (one(&on_a), one(&on_b));
+    assert_eq!((on_a.len(), on_b.len()), (1, 1), "{peers:?}");
+    assert_ne!(on_a, on_b, "{peers:?}");
+    // The upstream closes a's after answering: a's next reads go on a new one.
+    assert_eq!(get(&a, true).await, 200);
+    for _ in 0..3 {
+        assert_eq!(get(&a, false).await, 200);
+    }
+    let peers = app.fake.peers();
+    let after: Vec<_> = peers[11..].to_vec();
+    assert!(after.iter().all(|p| *p == after[0]), "{peers:?}");
+    assert!(after[0] != on_a[0] && after[0] != on_b[0], "{peers:?}");
+    // Two open, kept for a and b; none waiting for a client.
+    app.until_metric("syncgate_upstream_kept_connections 2")
+        .await;
+    app.until_metric("syncgate_upstream_unclaimed_connections 0")
+        .await;
+    // A client that leaves leaves its connection to the next one: b goes,
+    // and a new client's reads go out on b's.
+    drop(b);
+    app.until_metric("syncgate_upstream_unclaimed_connections 1")
+        .await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, false).await, 200);
+    }
+    let peers = app.fake.peers();
+    assert!(
+        peers[peers.len() - 3..].iter().all(|p| *p == on_b[0]),
+        "{peers:?}"
+    );
+    app.until_metric("syncgate_upstream_unclaimed_connections 0")
+        .await;
+    app.until_metric("syncgate_upstream_kept_connections 2")
+        .await;
+}
+
 #[tokio::test]
 async fn upstream_errors_on_reads_are_passed_through() {
     let app = spawn_app().await;
