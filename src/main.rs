@@ -15,9 +15,17 @@ fn main() -> ExitCode {
         Command::Central(args) => args.into_config().map(|c| Run::Central(Box::new(c))),
         Command::Broker(args) => args.into_config().map(|c| Run::Broker(Box::new(c))),
         Command::Edge(args) => args.into_config().map(|c| Run::Edge(Box::new(c))),
-        Command::Keygen => {
-            println!("{}", syncgate::protocol::crypto::generate_key());
-            return ExitCode::SUCCESS;
+        Command::Keygen(args) => {
+            return match args.key() {
+                Ok(key) => {
+                    println!("{key}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("syncgate keygen: {e}");
+                    ExitCode::from(2)
+                }
+            };
         }
         Command::Audit(args) => return audit(*args),
         Command::Healthcheck(args) => return healthcheck(&args),

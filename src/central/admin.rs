@@ -765,6 +765,7 @@ fn edge_json(e: crate::store::EdgeRow, offline_ms: i64) -> Value {
         "error": e.error,
         "needs_resync": e.needs_resync,
         "clock_skew_ms": e.clock_skew_ms,
+        "scope": e.scope.as_deref().unwrap_or("all"),
     })
 }
 

@@ -10,6 +10,7 @@ mod plan;
 pub mod resolve;
 pub mod resync;
 pub mod retention;
+pub mod scoped;
 pub mod sync;
 
 use std::future::Future;
@@ -159,6 +160,10 @@ impl Kit {
             store: store.clone(),
             client: self.client.clone(),
             subjects,
+            scoped: Arc::new(
+                scoped::Scoped::new(&self.sealer, &self.config.sync.scopes)
+                    .map_err(|e| anyhow::anyhow!("--edge-scope: {e}"))?,
+            ),
             sealer: self.sealer.clone(),
             wake: self.proxy.wake.clone(),
             ack_timeout: self.config.sync.ack_timeout,

@@ -175,7 +175,8 @@ pub(super) struct Tally {
 impl Tally {
     pub(super) fn count(&mut self, p: &Planned, ack: &Ack) {
         match ack.outcome {
-            Outcome::Failed | Outcome::OperatorSkipped => {
+            // A plan never sends a marker: an edge that says so did nothing.
+            Outcome::Failed | Outcome::OperatorSkipped | Outcome::OutOfScope => {
                 self.failed += 1;
                 if self.failures.len() < SAMPLE {
                     self.failures.push(json!({

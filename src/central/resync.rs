@@ -378,14 +378,34 @@ impl Resyncer {
     /// The edge's state, in terms `central` (central's state) is renamed to
     /// if need be (credentials named as an edge of 0.1.0 names them), and its
     /// cursor before and after it read it.
+    ///
+    /// For an edge with a scope, both states keep only what is in it (see
+    /// `keystone::scope`): what is outside is neither sent nor drift. With
+    /// `whole_edge` (a resync with prune) the edge's state is kept whole, so
+    /// what it holds outside its scope is deleted there.
     async fn edge_state_against(
         &self,
         edge: &str,
         central: &mut std::borrow::Cow<'_, [Entity]>,
+        whole_edge: bool,
     ) -> Result<(Vec<Entity>, i64, i64), Failure> {
         let (mut at_edge, keyed, before, after) = self.edge_state(edge).await?;
         if !keyed {
             state::rename_credentials(central.to_mut(), &state::Digester::Plain);
+        }
+        if let Some(scoped) = self.sync.scoped.get(edge) {
+            let left_out = crate::keystone::scope::retain_in_scope(central.to_mut(), &scoped.scope);
+            let at_edge_outside = match whole_edge {
+                true => 0,
+                false => crate::keystone::scope::retain_in_scope(&mut at_edge, &scoped.scope),
+            };
+            debug!(
+                edge,
+                scope = %scoped.scope,
+                left_out,
+                at_edge_outside,
+                "states kept to the edge's scope"
+            );
         }
         state::in_central_terms(&mut at_edge, central);
         Ok((at_edge, before, after))
@@ -607,7 +627,7 @@ impl Resyncer {
         self.progress(edge, "reading the edge's state", Some(fence), 0, 0)
             .await;
         let (at_edge, _, _) = self
-            .holding(edge, self.edge_state_against(edge, &mut central))
+            .holding(edge, self.edge_state_against(edge, &mut central, prune))
             .await?;
         // What central deleted and the edge still holds is deleted there,
         // prune or not: it is central's delete the edge has not applied.
@@ -1083,7 +1103,7 @@ impl Resyncer {
             let mut behind = acked;
             if acked >= fence {
                 let (at_edge, cursor_before, cursor_after) =
-                    self.edge_state_against(edge, &mut central).await?;
+                    self.edge_state_against(edge, &mut central, false).await?;
                 if cursor_before >= fence {
                     break (at_edge, cursor_after);
                 }

@@ -39,6 +39,8 @@ pub struct SyncCentral {
     pub client: async_nats::Client,
     pub subjects: Subjects,
     pub sealer: Arc<Sealer>,
+    /// The edges with a scope: their scopes and edge keys.
+    pub scoped: Arc<super::scoped::Scoped>,
     /// Woken by capture when an op is logged.
     pub wake: Arc<Notify>,
     pub ack_timeout: Duration,
@@ -407,6 +409,19 @@ impl SyncCentral {
         }
         // Edges registered before (declared then, or allowed in) stay known.
         let registered = self.store.edges().await?;
+        // A scope changed since central last served it: that edge is resynced.
+        let scopes = self.scoped.texts();
+        for e in &registered {
+            let scope = scopes.get(&e.id).map(String::as_str);
+            if self.store.set_edge_scope(&e.id, scope).await? {
+                warn!(
+                    edge = %e.id,
+                    from = e.scope.as_deref().unwrap_or("all"),
+                    to = scope.unwrap_or("all"),
+                    "an edge's scope changed: it is resynced"
+                );
+            }
+        }
         self.known
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -522,23 +537,55 @@ impl SyncCentral {
     }
 
     async fn publish(&self, op: &OpRow) -> anyhow::Result<()> {
+        // Read before anything is sent: an op log that cannot say what the
+        // op touches sends it to no one yet (it is tried again).
+        let domains = match self.scoped.is_empty() {
+            true => None,
+            false => Some(super::scoped::domains_of(&self.store, op).await?),
+        };
         let span = tracing::info_span!("publish", seq = op.seq, op_id = %op.op_id);
         crate::telemetry::follow(&span, op.traceparent.as_deref());
         let mut env = envelope(&self.sealer, op);
         // The edge's spans follow this one, or the write's when not traced here.
         env.traceparent = crate::telemetry::traceparent(&span).or(env.traceparent);
-        let mut headers = HeaderMap::new();
-        // A digest of the op ID: unique per op, without showing the ID.
-        headers.insert("Nats-Msg-Id", msg_id(&op.op_id).as_str());
-        headers.insert("Syncgate-Seq", op.seq.to_string().as_str());
-        if let Some(tp) = &env.traceparent {
-            headers.insert("traceparent", tp.as_str());
-        }
+        let headers = |traceparent: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            // A digest of the op ID: unique per op, without showing the ID.
+            headers.insert("Nats-Msg-Id", msg_id(&op.op_id).as_str());
+            headers.insert("Syncgate-Seq", op.seq.to_string().as_str());
+            if let Some(tp) = traceparent {
+                headers.insert("traceparent", tp);
+            }
+            headers
+        };
         let payload = Bytes::from(serde_json::to_vec(&env)?);
         self.client
-            .publish_with_headers(self.subjects.ops(), headers, payload)
-            .instrument(span)
+            .publish_with_headers(
+                self.subjects.ops(),
+                headers(env.traceparent.as_deref()),
+                payload,
+            )
+            .instrument(span.clone())
             .await?;
+        if let Some(domains) = &domains {
+            // Each edge with a scope: its own stream, sealed with its key (a
+            // marker carries no trace: it is nothing of the write).
+            for (edge, scoped) in self.scoped.sorted() {
+                let mut own = super::scoped::envelope_for(scoped, op, domains);
+                if own.traceparent.is_some() {
+                    own.traceparent.clone_from(&env.traceparent);
+                }
+                let payload = Bytes::from(serde_json::to_vec(&own)?);
+                self.client
+                    .publish_with_headers(
+                        self.subjects.ops_for(edge),
+                        headers(own.traceparent.as_deref()),
+                        payload,
+                    )
+                    .instrument(span.clone())
+                    .await?;
+            }
+        }
         self.metrics.ops_published.inc();
         debug!(seq = op.seq, op_id = %op.op_id, "op published");
         Ok(())
@@ -560,17 +607,17 @@ impl SyncCentral {
             // A replay only reads the op log: any session of a known edge
             // may ask (a process waiting for the ID reads nothing it can apply).
             let req = match self.session.open::<ReplayRequest>(
-                &self.sealer,
+                self.sealer_of(None, &msg.payload),
                 REPLAY,
                 None,
                 &msg.payload,
                 true,
             ) {
-                Ok(o) => self.admit(&o.edge).await.map(|()| o.msg),
+                Ok(o) => self.admit(&o.edge).await.map(|()| (o.edge, o.msg)),
                 Err(r) => Err(r),
             };
             let answer = match req {
-                Ok(req) => match self.replay_batch(&req).await {
+                Ok((edge, req)) => match self.replay_batch(&edge, &req).await {
                     Ok(batch) => serde_json::to_vec(&batch).expect("a batch serializes"),
                     Err(e) => {
                         error!(error = %e, "replay failed");
@@ -596,7 +643,7 @@ impl SyncCentral {
         }
     }
 
-    async fn replay_batch(&self, req: &ReplayRequest) -> anyhow::Result<ReplayBatch> {
+    async fn replay_batch(&self, edge: &str, req: &ReplayRequest) -> anyhow::Result<ReplayBatch> {
         let limit = req.limit.clamp(1, MAX_REPLAY_BATCH);
         let through = self.store.publishable_through().await?;
         let filter = OpFilter {
@@ -612,7 +659,7 @@ impl SyncCentral {
         let mut size = 0;
         let mut envelopes = Vec::with_capacity(ops.len());
         for op in &ops {
-            let env = envelope(&self.sealer, op);
+            let env = self.envelope_for(edge, op).await?;
             size += env.data.len() + 128;
             if size > budget && !envelopes.is_empty() {
                 break;
@@ -661,14 +708,16 @@ impl SyncCentral {
 
     async fn ack(self: &Arc<Self>, msg: async_nats::Message) {
         let subject_edge = self.subjects.edge_of(msg.subject.as_str());
-        let opened =
-            match self
-                .session
-                .open::<Ack>(&self.sealer, ACK, subject_edge, &msg.payload, false)
-            {
-                Ok(o) => o,
-                Err(r) => return self.reject(ACK, subject_edge, r),
-            };
+        let opened = match self.session.open::<Ack>(
+            self.sealer_of(subject_edge, &msg.payload),
+            ACK,
+            subject_edge,
+            &msg.payload,
+            false,
+        ) {
+            Ok(o) => o,
+            Err(r) => return self.reject(ACK, subject_edge, r),
+        };
         if let Err(r) = self.admit(&opened.edge).await {
             return self.reject(ACK, subject_edge, r);
         }
@@ -711,18 +760,20 @@ impl SyncCentral {
                 let _ = self.client.publish(reply, text.to_string().into()).await;
             }
         };
-        let opened =
-            match self
-                .session
-                .open::<Hello>(&self.sealer, HELLO, subject_edge, &msg.payload, true)
-            {
-                Ok(o) if o.msg.edge != o.edge => Err(Rejected::WrongEdge),
-                Ok(o) => match self.admit(&o.edge).await {
-                    Ok(()) => Ok(o),
-                    Err(r) => Err(r),
-                },
+        let opened = match self.session.open::<Hello>(
+            self.sealer_of(subject_edge, &msg.payload),
+            HELLO,
+            subject_edge,
+            &msg.payload,
+            true,
+        ) {
+            Ok(o) if o.msg.edge != o.edge => Err(Rejected::WrongEdge),
+            Ok(o) => match self.admit(&o.edge).await {
+                Ok(()) => Ok(o),
                 Err(r) => Err(r),
-            };
+            },
+            Err(r) => Err(r),
+        };
         let opened = match opened {
             Ok(o) => o,
             Err(r) => {
@@ -751,7 +802,7 @@ impl SyncCentral {
         let payload = {
             let _order = self.send_lock.lock().await;
             self.session.seal(
-                &self.sealer,
+                self.sealer_for(&opened.edge),
                 HELLO_REPLY,
                 &opened.edge,
                 opened.from,
@@ -1116,7 +1167,9 @@ impl SyncCentral {
         let to = self.edge_session(edge)?;
         // Sealed and sent in one step, so the edge sees them in counter order.
         let _order = self.send_lock.lock().await;
-        let payload = self.session.seal(&self.sealer, kind, edge, to, msg);
+        let payload = self
+            .session
+            .seal(self.sealer_for(edge), kind, edge, to, msg);
         self.client
             .publish(subject, payload.into())
             .await
@@ -1161,7 +1214,9 @@ impl SyncCentral {
         {
             // Sealed and sent in one step, so the edge sees them in counter order.
             let _order = self.send_lock.lock().await;
-            let payload = self.session.seal(&self.sealer, kind, edge, to, msg);
+            let payload = self
+                .session
+                .seal(self.sealer_for(edge), kind, edge, to, msg);
             self.client
                 .publish_with_reply(subject, inbox, payload.into())
                 .await
@@ -1235,7 +1290,13 @@ impl SyncCentral {
         };
         let opened = self
             .session
-            .open::<R>(&self.sealer, reply_kind, Some(edge), &answer.payload, false)
+            .open::<R>(
+                self.sealer_for(edge),
+                reply_kind,
+                Some(edge),
+                &answer.payload,
+                false,
+            )
             .map_err(dropped)?;
         if opened.protocol >= 2 && opened.from != to {
             return Err(dropped(Rejected::Fenced));
@@ -1323,6 +1384,41 @@ impl SyncCentral {
 
     /// A declared edge whose hellos cannot be opened most likely has another
     /// sync key: say so on its row (nothing else about it changes).
+    /// The keys `edge`'s messages are sealed with: its edge key when it has
+    /// a scope, else the sync key.
+    pub fn sealer_for(&self, edge: &str) -> &Sealer {
+        self.scoped.get(edge).map_or(&*self.sealer, |s| &s.sealer)
+    }
+
+    /// The keys to open a control message with: those of the edge its
+    /// subject names, else of the edge it says it is from (its binding to
+    /// that edge is checked when it is opened).
+    fn sealer_of(&self, subject_edge: Option<&str>, payload: &[u8]) -> &Sealer {
+        #[derive(serde::Deserialize)]
+        struct From {
+            edge: String,
+        }
+        match subject_edge {
+            Some(edge) => self.sealer_for(edge),
+            None => match serde_json::from_slice::<From>(payload) {
+                Ok(from) => self.sealer_for(&from.edge),
+                Err(_) => &self.sealer,
+            },
+        }
+    }
+
+    /// What `edge` receives for `op`: the op sealed with the sync key, or,
+    /// for an edge with a scope, with its edge key or as a marker.
+    async fn envelope_for(&self, edge: &str, op: &OpRow) -> Result<Envelope, StoreError> {
+        match self.scoped.get(edge) {
+            None => Ok(envelope(&self.sealer, op)),
+            Some(scoped) => {
+                let domains = super::scoped::domains_of(&self.store, op).await?;
+                Ok(super::scoped::envelope_for(scoped, op, &domains))
+            }
+        }
+    }
+
     async fn show_key_mismatch(&self, edge: Option<&str>, why: Rejected) {
         let Some(edge) = edge.filter(|_| why == Rejected::Forged) else {
             return;
@@ -1473,7 +1569,10 @@ impl SyncCentral {
             ),
         };
         let redo = Redo {
-            op: envelope(&self.sealer, op),
+            op: self
+                .envelope_for(edge, op)
+                .await
+                .map_err(|e| RedriveError::Internal(e.into()))?,
             unless_applied,
         };
         self.direct(edge, self.subjects.redo(edge), REDO, &redo)
@@ -1563,7 +1662,10 @@ impl SyncCentral {
             _ => {}
         }
         let skip = Skip {
-            op: envelope(&self.sealer, op),
+            op: self
+                .envelope_for(edge, op)
+                .await
+                .map_err(|e| RedriveError::Internal(e.into()))?,
             by: by.to_string(),
             at_ms: now_ms(),
         };

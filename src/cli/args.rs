@@ -53,8 +53,10 @@ pub enum Command {
     Edge(Box<EdgeArgs>),
     /// Run the embedded NATS-protocol broker alone.
     Broker(Box<BrokerArgs>),
-    /// Print a new sync key (32 random bytes, base64).
-    Keygen,
+    /// Print a new sync key (32 random bytes, base64); with --edge, that edge's
+    /// edge key, derived from the sync key (--sync-key, SYNCGATE_SYNC_KEY or
+    /// --sync-key-file), for an edge with a scope at central.
+    Keygen(KeygenArgs),
     /// Ask central's audit API: edges, ops, what is out of sync; re-drive an op.
     Audit(Box<AuditArgs>),
     /// Exit 0 when a gateway's admin listener says it is alive (/healthz):
@@ -346,6 +348,50 @@ impl AuditArgs {
             json: matches!(self.format, OutputFormat::Json),
             verb,
         })
+    }
+}
+
+/// `syncgate keygen`.
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// Print this edge's edge key instead of a new sync key.
+    #[arg(long, value_parser = parse_edge_id)]
+    pub edge: Option<String>,
+
+    /// The sync key (comma-separated for a rotation) the edge key is derived from.
+    #[arg(long, env = "SYNCGATE_SYNC_KEY", hide_env_values = true)]
+    pub sync_key: Option<String>,
+
+    /// A file holding the sync key.
+    #[arg(long, env = "SYNCGATE_SYNC_KEY_FILE", conflicts_with = "sync_key")]
+    pub sync_key_file: Option<PathBuf>,
+}
+
+impl KeygenArgs {
+    /// A new sync key, or the edge key of `--edge`.
+    pub fn key(&self) -> Result<String, String> {
+        let Some(edge) = &self.edge else {
+            return Ok(crate::protocol::crypto::generate_key());
+        };
+        let key = read_secret(
+            self.sync_key.clone(),
+            self.sync_key_file.as_deref(),
+            "--sync-key-file",
+        )?
+        .ok_or("--edge derives from the sync key: give --sync-key, SYNCGATE_SYNC_KEY or --sync-key-file")?;
+        crate::protocol::crypto::Sealer::with_keys(&key)
+            .and_then(|s| s.edge_key_text(edge))
+            .map_err(|e| format!("--sync-key: {e}"))
+    }
+}
+
+fn parse_edge_id(s: &str) -> Result<String, String> {
+    if crate::protocol::messages::valid_edge_id(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not an edge ID (letters, digits, '-', '_')"
+        ))
     }
 }
 
@@ -791,6 +837,14 @@ pub struct CentralArgs {
     #[arg(long, env = "SYNCGATE_EDGES", default_value = "", value_parser = config::parse_edges)]
     pub edges: EdgeList,
 
+    /// Per-site scope: EDGE=SCOPE entries (whitespace-separated, or the flag
+    /// repeated), SCOPE being domains:NAME,... and/or replicate:CLASS,...
+    /// joined by ';' (site2=domains:Default,acme;replicate:identity,resource).
+    /// Such an edge is declared, holds its edge key (`syncgate keygen --edge
+    /// EDGE`) instead of the sync key, and gets only what is in its scope.
+    #[arg(long, env = "SYNCGATE_EDGE_SCOPE", action = clap::ArgAction::Append, value_parser = config::parse_edge_scopes)]
+    pub edge_scope: Vec<config::EdgeScopes>,
+
     /// Register an edge that says hello (with the sync key) without being declared in --edges.
     #[arg(long, env = "SYNCGATE_ALLOW_NEW_EDGES")]
     pub allow_new_edges: bool,
@@ -1028,6 +1082,20 @@ impl CentralArgs {
     }
 
     pub fn into_config(self) -> Result<CentralConfig, String> {
+        // Every scoped edge is declared; `all` is the scope of the others.
+        let mut scopes = config::EdgeScopes::new();
+        for (edge, scope) in self.edge_scope.iter().flatten() {
+            if scopes.insert(edge.clone(), scope.clone()).is_some() {
+                return Err(format!("--edge-scope: edge {edge} is given two scopes"));
+            }
+        }
+        let mut declared = self.edges.clone();
+        for edge in scopes.keys() {
+            if !declared.contains(edge) {
+                declared.push(edge.clone());
+            }
+        }
+        scopes.retain(|_, scope| !scope.is_all());
         let client_token = read_secret(
             self.broker.broker_token.clone(),
             self.broker.broker_token_file.as_deref(),
@@ -1101,7 +1169,8 @@ impl CentralArgs {
             sync: SyncConfig {
                 key: self.sync.key()?,
                 prefix: self.sync.sync_prefix,
-                edges: self.edges,
+                edges: declared,
+                scopes,
                 allow_new_edges: self.allow_new_edges,
                 ack_timeout: self.ack_timeout,
                 drift_interval: (!self.drift_interval.is_zero()).then_some(self.drift_interval),

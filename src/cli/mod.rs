@@ -83,6 +83,15 @@ impl ConfigFile {
         })?;
         let mut values: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for (key, value) in table {
+            if key == EDGES_TABLE {
+                let scopes = edge_scopes(&value)
+                    .map_err(|why| format!("config file {shown}: [{EDGES_TABLE}]: {why}"))?;
+                values
+                    .entry("central".into())
+                    .or_default()
+                    .insert(EDGE_SCOPES_FROM_TABLE.into(), scopes);
+                continue;
+            }
             if let toml::Value::Table(section) = value {
                 if !ROLES.contains(&key.as_str()) {
                     return Err(format!(
@@ -109,11 +118,68 @@ impl ConfigFile {
                 ));
             }
         }
+        if let Some(central) = values.get_mut("central") {
+            if let Some(scopes) = central.remove(EDGE_SCOPES_FROM_TABLE) {
+                if central.contains_key("edge_scope") {
+                    return Err(format!(
+                        "config file {shown}: [{EDGES_TABLE}] tables and [central] edge_scope \
+                         exclude each other: give each edge's scope in one of them"
+                    ));
+                }
+                central.insert("edge_scope".into(), scopes);
+            }
+        }
         Ok(ConfigFile {
             path: path.to_path_buf(),
             values,
         })
     }
+}
+
+/// The file's per-edge tables: `[edges.site2]` with `domains` and
+/// `replicate` (lists, or "all"), central's `--edge-scope`.
+const EDGES_TABLE: &str = "edges";
+/// Where they wait while the file is read (no option has this name).
+const EDGE_SCOPES_FROM_TABLE: &str = " edges tables";
+
+/// `[edges.<id>]` tables as `--edge-scope`'s value.
+fn edge_scopes(value: &toml::Value) -> Result<String, String> {
+    let toml::Value::Table(edges) = value else {
+        return Err("expected one table per edge: [edges.site2]".into());
+    };
+    let mut entries = Vec::new();
+    for (edge, table) in edges {
+        let toml::Value::Table(table) = table else {
+            return Err(format!("{edge}: expected a table ([edges.{edge}])"));
+        };
+        let mut parts = Vec::new();
+        for (key, v) in table {
+            if key != "domains" && key != "replicate" {
+                return Err(format!(
+                    "{edge}: unknown key '{key}' (keys: domains, replicate)"
+                ));
+            }
+            let list = option_string(v).map_err(|why| format!("{edge}: {key}: {why}"))?;
+            if list
+                .split(',')
+                .any(|item| item.trim().is_empty() || item.contains([';', ' ']))
+            {
+                return Err(format!(
+                    "{edge}: {key}: names must be non-empty, without ';' or spaces"
+                ));
+            }
+            if list != "all" {
+                parts.push(format!("{key}:{list}"));
+            }
+        }
+        let spec = if parts.is_empty() {
+            "all".to_string()
+        } else {
+            parts.join(";")
+        };
+        entries.push(format!("{edge}={spec}"));
+    }
+    Ok(entries.join(" "))
 }
 
 /// A TOML value as the string the option would be given on the command line:
@@ -557,6 +623,117 @@ admin_token = "file-secret-1"
         );
         assert!(shown.contains("admin_token = \"***\"  # file"), "{shown}");
         assert!(!shown.contains("file-secret-1"), "{shown}");
+    }
+
+    /// Per-site scopes from `[edges.<id>]` tables or `--edge-scope`: each
+    /// scoped edge declared, `all` meaning no scope, bad ones refused with
+    /// the reason.
+    #[test]
+    fn edge_scopes_come_from_the_files_tables_or_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            &dir,
+            r#"
+[central]
+upstream = "http://keystone:5000"
+sync_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+edges = ["site1"]
+[edges.site2]
+domains = ["Default", "acme"]
+replicate = ["identity", "resource", "assignment"]
+[edges.site3]
+domains = "all"
+"#,
+        );
+        let p = path.to_str().unwrap();
+        let config = |l: Layered| {
+            let Command::Central(args) = l.cli.command else {
+                panic!("central")
+            };
+            args.into_config()
+        };
+        let c = config(run(&["syncgate", "--config", p, "central"]).unwrap()).unwrap();
+        assert_eq!(c.sync.edges, ["site1", "site2", "site3"]);
+        assert_eq!(
+            c.sync
+                .scopes
+                .iter()
+                .map(|(e, s)| format!("{e}={s}"))
+                .collect::<Vec<_>>(),
+            ["site2=domains:Default,acme;replicate:identity,resource,assignment"]
+        );
+        // The flag, repeated or with several entries.
+        let c = config(
+            run(&[
+                "syncgate",
+                "central",
+                "--upstream",
+                "http://k:5000",
+                "--sync-key",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                "--edge-scope",
+                "a=domains:x b=replicate:identity",
+                "--edge-scope",
+                "c=domains:y;replicate:resource",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.sync.scopes.len(), 3);
+        assert_eq!(c.sync.edges, ["a", "b", "c"]);
+        let refused = |args: &[&str]| {
+            let mut argv = vec!["syncgate", "central", "--upstream", "http://k:5000"];
+            if !args.contains(&"--insecure-plaintext-sync") {
+                argv.extend(["--sync-key", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]);
+            }
+            argv.extend(args);
+            match run(&argv) {
+                Ok(l) => config(l).unwrap_err(),
+                Err((_, text)) => text,
+            }
+        };
+        for (args, why) in [
+            (
+                vec!["--edge-scope", "a=domains:x", "--edge-scope", "a=all"],
+                "two scopes",
+            ),
+            (vec!["--edge-scope", "a"], "expected EDGE=SCOPE"),
+            (vec!["--edge-scope", "a.b=all"], "not an edge ID"),
+            (vec!["--edge-scope", "a=projects:x"], "unknown scope part"),
+            (
+                vec!["--edge-scope", "a=replicate:catalog"],
+                "replicate:catalog is not replicated by central",
+            ),
+            (
+                vec!["--edge-scope", "a=domains:x", "--insecure-plaintext-sync"],
+                "needs a sync key",
+            ),
+        ] {
+            let e = refused(&args);
+            assert!(e.contains(why), "{args:?}: {e}");
+        }
+        for (text, why) in [
+            ("[edges]\nsite2 = 1\n", "expected a table"),
+            (
+                "[edges.site2]\nprojects = [\"x\"]\n",
+                "unknown key 'projects'",
+            ),
+            (
+                "[edges.site2]\ndomains = [\"a b\"]\n",
+                "without ';' or spaces",
+            ),
+            (
+                "[central]\nedge_scope = \"a=all\"\n[edges.site2]\ndomains = [\"x\"]\n",
+                "exclude each other",
+            ),
+        ] {
+            let path = write(&dir, text);
+            let e = run(&["syncgate", "--config", path.to_str().unwrap(), "central"])
+                .err()
+                .unwrap()
+                .1;
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::keystone::client::{ClientError, KeystoneClient, Reply};
 use crate::keystone::ids::{self, is_mappable_id, natural_key, Replay};
 use crate::keystone::{self, Classification, Creates};
-use crate::protocol::messages::{EntityRef, OpContent, Outcome};
+use crate::protocol::messages::{EntityRef, OpContent, Outcome, OUT_OF_SCOPE};
 use crate::store::edge::{Commit, EdgeStore};
 
 /// A result to record and acknowledge.
@@ -320,6 +320,15 @@ impl Applier<'_> {
 
     /// Applies one op; `attempt` says what earlier attempts may have done.
     pub async fn apply(&self, op: &OpContent, attempt: Attempt) -> Result<Applied, Transient> {
+        if op.state == OUT_OF_SCOPE {
+            return Ok(Applied {
+                outcome: Outcome::OutOfScope,
+                status: None,
+                detail: None,
+                edge_ids: Vec::new(),
+                changes: Commit::default(),
+            });
+        }
         if op.state != "committed" {
             return Ok(Applied {
                 outcome: Outcome::Skipped,

@@ -95,6 +95,14 @@ impl Edge {
             .key
             .sealer()
             .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?;
+        if let Some(other) = sealer.edge().filter(|e| *e != config.id) {
+            anyhow::bail!(
+                "--sync-key is the edge key of edge '{other}', not of --id {}: make this edge's \
+                 with `syncgate keygen --edge {}`",
+                config.id,
+                config.id
+            );
+        }
         let store = EdgeStore::open(&config.db).await?;
         let session = Session::new(store.next_session().await?, false);
         let link = Arc::new(Link::new(&config.id, session, sealer));
@@ -193,7 +201,13 @@ impl Edge {
             Some(events_tx),
         )
         .await?;
-        let mut ops = client.subscribe(subjects.ops()).await?;
+        // An edge with a scope (it holds its edge key) has its own stream:
+        // central sends it only what is in its scope.
+        let ops_subject = match self.link.sealer.edge() {
+            Some(edge) => subjects.ops_for(edge),
+            None => subjects.ops(),
+        };
+        let mut ops = client.subscribe(ops_subject).await?;
         let mut redos = client.subscribe(subjects.redo(&self.config.id)).await?;
         let skip_msgs = client.subscribe(subjects.skip(&self.config.id)).await?;
         let outcome_requests = client.subscribe(subjects.outcomes(&self.config.id)).await?;

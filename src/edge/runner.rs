@@ -823,6 +823,7 @@ pub(super) fn ack_of(done: &StoredOutcome) -> Ack {
         "applied" => Outcome::Applied,
         "adopted" => Outcome::Adopted,
         "skipped" => Outcome::Skipped,
+        "out_of_scope" => Outcome::OutOfScope,
         _ => Outcome::Failed,
     };
     Ack {

@@ -15,6 +15,7 @@ pub mod probe;
 pub mod reader;
 pub mod resolve;
 pub mod routes;
+pub mod scope;
 pub mod state;
 pub mod touches;
 

@@ -7,6 +7,11 @@
 //! sealed names its key by ID (`aes-256-gcm/<kid>`, the first 8 hex digits of
 //! the key's SHA-256), so a key can be rotated: add the new key beside the old
 //! everywhere, then make it first, then drop the old.
+//!
+//! An edge with a scope (see `keystone::scope`) holds an **edge key** instead
+//! of the sync key: derived from it for that edge alone (HKDF-SHA256), written
+//! `edge:<id>:<base64>` (`syncgate keygen --edge <id>`). It opens only what
+//! central seals for that edge, never the ops every other edge receives.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -21,7 +26,16 @@ pub const ENC_NONE: &str = "none";
 pub enum KeyError {
     #[error("the sync key must be 32 bytes, base64-encoded (make one with `syncgate keygen`)")]
     Malformed,
+    #[error("an edge key is written edge:<edge id>:<32 bytes of base64> (made with `syncgate keygen --edge <id>`)")]
+    MalformedEdgeKey,
+    #[error("the keys of a list must all be sync keys, or all edge keys of one edge")]
+    MixedKeys,
+    #[error("an edge key is derived from the sync key, not from another edge key")]
+    DeriveFromEdgeKey,
 }
+
+/// How an edge key is written: `edge:<id>:<base64>`.
+const EDGE_KEY_TAG: &str = "edge:";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum OpenError {
@@ -45,7 +59,37 @@ pub enum OpenError {
 /// (`--insecure-plaintext-sync`).
 pub struct Sealer {
     keys: Vec<(String, LessSafeKey)>,
+    /// The raw keys, in the same order (an edge's keys are derived from them).
+    raws: Vec<Raw>,
+    /// The edge these are the edge keys of (None: the sync key).
+    edge: Option<String>,
     rng: SystemRandom,
+}
+
+/// A raw key (held as long as the sealer, as its AES keys are).
+struct Raw([u8; 32]);
+
+/// HKDF's output length for a 32-byte key.
+struct Len32;
+
+impl ring::hkdf::KeyType for Len32 {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+/// Edge `edge`'s key derived from one sync key.
+fn derive(raw: &[u8; 32], edge: &str) -> [u8; 32] {
+    let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"syncgate edge key v1");
+    let prk = salt.extract(raw);
+    let info = [edge.as_bytes()];
+    let okm = prk
+        .expand(&info, Len32)
+        .expect("32 bytes is within HKDF-SHA256's output limit");
+    let mut out = [0u8; 32];
+    okm.fill(&mut out)
+        .expect("the output buffer has the requested length");
+    out
 }
 
 impl std::fmt::Debug for Sealer {
@@ -53,8 +97,12 @@ impl std::fmt::Debug for Sealer {
         match self.keys.first() {
             Some((kid, _)) => write!(
                 f,
-                "Sealer(aes-256-gcm, seals with {kid}, {} keys)",
-                self.keys.len()
+                "Sealer(aes-256-gcm, seals with {kid}, {} keys{})",
+                self.keys.len(),
+                match &self.edge {
+                    Some(e) => format!(", edge keys of {e}"),
+                    None => String::new(),
+                }
             ),
             None => f.write_str("Sealer(plaintext)"),
         }
@@ -88,31 +136,99 @@ impl Sealer {
         Sealer::with_keys(b64)
     }
 
-    /// Comma-separated base64 keys: the first seals, every one opens.
+    /// Comma-separated base64 keys: the first seals, every one opens. Either
+    /// sync keys, or edge keys (`edge:<id>:<base64>`) of one edge.
     pub fn with_keys(list: &str) -> Result<Sealer, KeyError> {
-        let mut keys = Vec::new();
-        for b64 in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-            let raw = B64.decode(b64).map_err(|_| KeyError::Malformed)?;
-            if raw.len() != 32 {
-                return Err(KeyError::Malformed);
-            }
-            let key = UnboundKey::new(&AES_256_GCM, &raw).map_err(|_| KeyError::Malformed)?;
-            keys.push((key_id(&raw), LessSafeKey::new(key)));
+        let mut raws = Vec::new();
+        let mut edges = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+            let (edge, b64) = match item.strip_prefix(EDGE_KEY_TAG) {
+                Some(rest) => {
+                    let (edge, b64) = rest.split_once(':').ok_or(KeyError::MalformedEdgeKey)?;
+                    if !super::messages::valid_edge_id(edge) {
+                        return Err(KeyError::MalformedEdgeKey);
+                    }
+                    (Some(edge.to_string()), b64)
+                }
+                None => (None, item),
+            };
+            let malformed = if edge.is_some() {
+                KeyError::MalformedEdgeKey
+            } else {
+                KeyError::Malformed
+            };
+            let raw: [u8; 32] = B64
+                .decode(b64)
+                .ok()
+                .and_then(|r| r.try_into().ok())
+                .ok_or(malformed)?;
+            raws.push(Raw(raw));
+            edges.push(edge);
         }
-        if keys.is_empty() {
+        if raws.is_empty() {
             return Err(KeyError::Malformed);
         }
-        Ok(Sealer {
+        let edge = edges[0].clone();
+        if edges.iter().any(|e| *e != edge) {
+            return Err(KeyError::MixedKeys);
+        }
+        Ok(Sealer::of(raws, edge))
+    }
+
+    fn of(raws: Vec<Raw>, edge: Option<String>) -> Sealer {
+        let keys = raws
+            .iter()
+            .map(|raw| {
+                let key =
+                    UnboundKey::new(&AES_256_GCM, &raw.0).expect("a 32-byte key is an AES-256 key");
+                (key_id(&raw.0), LessSafeKey::new(key))
+            })
+            .collect();
+        Sealer {
             keys,
+            raws,
+            edge,
             rng: SystemRandom::new(),
-        })
+        }
     }
 
     pub fn plaintext() -> Sealer {
         Sealer {
             keys: Vec::new(),
+            raws: Vec::new(),
+            edge: None,
             rng: SystemRandom::new(),
         }
+    }
+
+    /// The edge these are the edge keys of (None: sync keys, or plaintext).
+    pub fn edge(&self) -> Option<&str> {
+        self.edge.as_deref()
+    }
+
+    /// Edge `edge`'s keys, derived from these sync keys (in the same order,
+    /// so a rotation of the sync key rotates every edge's key with it).
+    pub fn for_edge(&self, edge: &str) -> Result<Sealer, KeyError> {
+        if self.edge.is_some() {
+            return Err(KeyError::DeriveFromEdgeKey);
+        }
+        if self.raws.is_empty() {
+            return Err(KeyError::Malformed);
+        }
+        let raws = self.raws.iter().map(|r| Raw(derive(&r.0, edge))).collect();
+        Ok(Sealer::of(raws, Some(edge.to_string())))
+    }
+
+    /// Edge `edge`'s keys as `--sync-key` takes them (`syncgate keygen
+    /// --edge`): `edge:<id>:<base64>`, comma-separated. A secret.
+    pub fn edge_key_text(&self, edge: &str) -> Result<String, KeyError> {
+        let derived = self.for_edge(edge)?;
+        Ok(derived
+            .raws
+            .iter()
+            .map(|r| format!("{EDGE_KEY_TAG}{edge}:{}", B64.encode(r.0)))
+            .collect::<Vec<_>>()
+            .join(","))
     }
 
     /// The ID of the key that seals (none in plaintext mode).
@@ -274,5 +390,55 @@ mod tests {
             KeyError::Malformed
         );
         assert!(validate_key(&generate_key()).is_ok());
+    }
+
+    /// An edge key opens what central seals with it and nothing sealed with
+    /// the sync key or another edge's key; it is written with its edge, and a
+    /// rotation of the sync key rotates it.
+    #[test]
+    fn an_edge_key_opens_only_what_is_sealed_for_its_edge() {
+        let (old, new) = (generate_key(), generate_key());
+        let central = Sealer::with_keys(&format!("{new},{old}")).unwrap();
+        let text = central.edge_key_text("site2").unwrap();
+        assert!(!text.contains(&new) && !text.contains(&old));
+        assert_eq!(text.split(',').count(), 2, "one edge key per sync key");
+        let edge = Sealer::with_keys(&text).unwrap();
+        assert_eq!(edge.edge(), Some("site2"));
+        let at_central = central.for_edge("site2").unwrap();
+        assert_eq!(at_central.sealing_key_id(), edge.sealing_key_id());
+        let (enc, data) = at_central.seal("a", b"for site2");
+        assert_eq!(edge.open("a", &enc, &data).unwrap(), b"for site2");
+        // What every other edge receives, and what another edge's key seals.
+        let (enc, data) = central.seal("a", b"for all");
+        assert!(edge.open("a", &enc, &data).is_err());
+        let (enc, data) = central.for_edge("site3").unwrap().seal("a", b"for site3");
+        assert!(edge.open("a", &enc, &data).is_err());
+        // The same sync key derives the same edge key; the old sync key's
+        // edge key opens what it sealed (rotation).
+        let old_only = Sealer::with_keys(&old).unwrap().for_edge("site2").unwrap();
+        let (enc, data) = old_only.seal("a", b"old");
+        assert_eq!(edge.open("a", &enc, &data).unwrap(), b"old");
+        // Refused: a malformed edge key, keys of two edges or of both kinds,
+        // an edge key derived again.
+        for bad in ["edge:site2", "edge:site 2:abc", "edge:site2:short"] {
+            assert_eq!(
+                Sealer::with_keys(bad).unwrap_err(),
+                KeyError::MalformedEdgeKey,
+                "{bad}"
+            );
+        }
+        let other = Sealer::with_keys(&new)
+            .unwrap()
+            .edge_key_text("site3")
+            .unwrap();
+        let mixed = [format!("{text},{other}"), format!("{new},{text}")];
+        for list in mixed {
+            assert_eq!(Sealer::with_keys(&list).unwrap_err(), KeyError::MixedKeys);
+        }
+        assert_eq!(
+            edge.for_edge("site3").unwrap_err(),
+            KeyError::DeriveFromEdgeKey
+        );
+        assert!(!format!("{edge:?}").contains(&text));
     }
 }

@@ -34,6 +34,11 @@ impl Subjects {
     pub fn ops(&self) -> String {
         format!("{}.ops", self.prefix)
     }
+    /// The ops of one edge with a scope: those in its scope, and a marker
+    /// for each of the others, sealed with its edge key.
+    pub fn ops_for(&self, edge: &str) -> String {
+        format!("{}.ops.{edge}", self.prefix)
+    }
     pub fn replay(&self) -> String {
         format!("{}.replay", self.prefix)
     }
@@ -110,12 +115,17 @@ impl Envelope {
     }
 }
 
+/// The state of an op's marker sent to an edge whose scope it is outside.
+pub const OUT_OF_SCOPE: &str = "out_of_scope";
+
 /// What a sealed envelope holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OpContent {
     pub seq: i64,
     pub op_id: String,
-    /// `committed`, or `unknown_outcome` (not applied at edges: acked `skipped`).
+    /// `committed`, `unknown_outcome` (not applied at edges: acked
+    /// `skipped`), or `out_of_scope` (a marker of an op outside the edge's
+    /// scope: nothing of it but its seq and ID; acked `out_of_scope`).
     pub state: String,
     pub method: String,
     pub path: String,
@@ -157,6 +167,9 @@ pub enum Outcome {
     /// which a central of an earlier release takes as a failure.
     #[serde(skip)]
     OperatorSkipped,
+    /// Not applied: the op is outside the edge's scope (protocol 4; only an
+    /// edge with a scope, whose central is of protocol 4, gets such an op).
+    OutOfScope,
 }
 
 impl Outcome {
@@ -167,6 +180,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::Skipped => "skipped",
             Outcome::OperatorSkipped => "operator_skipped",
+            Outcome::OutOfScope => "out_of_scope",
         }
     }
 }

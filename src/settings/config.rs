@@ -9,6 +9,7 @@ use reqwest::Url;
 
 use crate::broker::{BrokerAuth, BrokerConfig};
 use crate::keystone::client::Credentials;
+use crate::keystone::scope::Scope;
 use crate::keystone::RouteClass;
 use crate::protocol::crypto::{self, KeyError, Sealer};
 
@@ -140,6 +141,9 @@ pub struct SyncConfig {
     /// Take control messages of protocol 1 (edges of syncgate 0.1.0, whose
     /// replay protection rests on clocks) from edges not yet upgraded.
     pub accept_protocol_1: bool,
+    /// Edges with a scope (`--edge-scope`): they hold an edge key and get
+    /// only what is in their scope. Every other edge gets everything.
+    pub scopes: std::collections::BTreeMap<String, Scope>,
 }
 
 impl Default for SyncConfig {
@@ -155,6 +159,7 @@ impl Default for SyncConfig {
             retention: Some(Duration::from_secs(30 * 86_400)),
             edge_expiry: None,
             accept_protocol_1: true,
+            scopes: Default::default(),
         }
     }
 }
@@ -236,6 +241,31 @@ pub fn parse_edges(s: &str) -> Result<Vec<String>, String> {
     }
     Ok(edges)
 }
+
+/// Parses `--edge-scope`: `EDGE=SCOPE` entries separated by whitespace, each
+/// SCOPE `domains:<name>,...`, `replicate:<class>,...`, both joined by `;`,
+/// or `all` (see `keystone::scope`).
+pub fn parse_edge_scopes(s: &str) -> Result<EdgeScopes, String> {
+    let mut out = EdgeScopes::new();
+    for entry in s.split_whitespace() {
+        let (edge, spec) = entry.split_once('=').ok_or_else(|| {
+            format!("'{entry}': expected EDGE=SCOPE (site2=domains:Default,acme)")
+        })?;
+        if !crate::protocol::messages::valid_edge_id(edge) {
+            return Err(format!(
+                "'{edge}' is not an edge ID (letters, digits, '-', '_')"
+            ));
+        }
+        let scope: Scope = spec.parse().map_err(|e| format!("edge {edge}: {e}"))?;
+        if out.insert(edge.to_string(), scope).is_some() {
+            return Err(format!("edge {edge} is given two scopes"));
+        }
+    }
+    Ok(out)
+}
+
+/// Each edge's scope, by edge ID.
+pub type EdgeScopes = std::collections::BTreeMap<String, Scope>;
 
 /// Where central's broker is.
 #[derive(Debug, Clone)]
@@ -371,6 +401,7 @@ impl CentralConfig {
         if self.replicate.is_empty() {
             return Err("--replicate must name at least one route class".into());
         }
+        self.validate_scopes()?;
         self.validate_tls()?;
         match crate::store::dialect_of(&self.db) {
             None => {
@@ -396,6 +427,37 @@ impl CentralConfig {
 }
 
 impl CentralConfig {
+    /// Scopes need sealing (an edge key is what keeps the rest from that
+    /// edge), and name only classes central replicates.
+    fn validate_scopes(&self) -> Result<(), String> {
+        if self.sync.scopes.is_empty() {
+            return Ok(());
+        }
+        if matches!(self.sync.key, SyncKey::Plaintext) {
+            return Err(
+                "--edge-scope needs a sync key: with --insecure-plaintext-sync any \
+                        edge could read every op"
+                    .into(),
+            );
+        }
+        for (edge, scope) in &self.sync.scopes {
+            for class in scope.classes.iter().flatten() {
+                if !self.replicate.contains(class) {
+                    return Err(format!(
+                        "--edge-scope {edge}: replicate:{class} is not replicated by central \
+                         (--replicate {})",
+                        self.replicate
+                            .iter()
+                            .map(|c| c.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the upstream is this gateway itself, which would forward forever.
     fn upstream_is_self(&self) -> bool {
         if self.upstream.port_or_known_default() != Some(self.listen.port()) {

@@ -59,6 +59,8 @@ pub struct EdgeRow {
     pub needs_resync: Option<String>,
     /// The edge's clock less central's, as last measured.
     pub clock_skew_ms: Option<i64>,
+    /// Its scope as central last served it (None: everything).
+    pub scope: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -251,6 +253,49 @@ impl Store {
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    /// Records the scope central serves `edge` (None: everything) and, when
+    /// it is not the one on record for an edge that took ops before, that
+    /// the edge needs a resync for it; says whether it changed.
+    pub async fn set_edge_scope(
+        &self,
+        edge: &str,
+        scope: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.writer.begin().await?;
+        lock_edge(&mut tx, self.d, edge).await?;
+        let row: Option<(Option<String>, i64)> =
+            sqlx::query_as(&self.d.sql("SELECT scope, cursor FROM edges WHERE id = ?"))
+                .bind(edge)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((before, cursor)) = row else {
+            return Ok(false);
+        };
+        if before.as_deref() == scope {
+            return Ok(false);
+        }
+        if cursor > 0 {
+            let why = format!(
+                "its scope changed from {} to {}: a resync brings what entered it (a resync \
+                 with prune also deletes what left it)",
+                before.as_deref().unwrap_or("all"),
+                scope.unwrap_or("all")
+            );
+            sqlx::query(&self.d.sql("UPDATE edges SET needs_resync = ? WHERE id = ?"))
+                .bind(why)
+                .bind(edge)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(&self.d.sql("UPDATE edges SET scope = ? WHERE id = ?"))
+            .bind(scope)
+            .bind(edge)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(cursor > 0)
     }
 
     /// Updates an edge from its hello (and its clock's skew from central's,
@@ -452,7 +497,7 @@ impl Store {
         let only = if id.is_some() { "WHERE e.id = ?" } else { "" };
         let inner = format!(
             "SELECT e.id, e.declared, e.cursor, e.acked_seq, e.version, e.error,
-                    e.protocol, e.needs_resync, e.clock_skew_ms,
+                    e.protocol, e.needs_resync, e.clock_skew_ms, e.scope,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {} END AS last_seen,
                     CASE WHEN e.last_seen_ms IS NULL THEN NULL ELSE {NOW_MS} - e.last_seen_ms END AS silent_ms,
                     GREATEST(0, COALESCE((SELECT MAX(seq) FROM ops), 0) - e.cursor) AS lag_ops,
@@ -697,6 +742,7 @@ pub(super) const EDGE_COLUMNS: &[&str] = &[
     "silent_ms",
     "lag_ops",
     "lag_seconds",
+    "scope",
 ];
 
 /// The columns of `OutOfSyncRow`, as its statement names them.

@@ -60,7 +60,9 @@ CENTRAL = {
 CENTRAL_FULL = deepcopy(CENTRAL)
 CENTRAL_FULL.update({
     "central": {"upstream": "https://keystone.identity:5000", "edges": ["site2"], "publicUrl": "https://id.example",
-                "externalBroker": "nats://nats.identity:4222", "ackTimeout": "45s", "allowNewEdges": True},
+                "externalBroker": "nats://nats.identity:4222", "ackTimeout": "45s", "allowNewEdges": True,
+                "edgeScopes": {"site3": {"domains": ["Default", "acme"], "replicate": ["identity", "resource"]},
+                               "site4": {"domains": ["acme"]}}},
     "config": {"upstream_timeout": "10s", "max_connections": 2048},
     "credentials": {"username": "syncgate", "secret": {"name": "edge-creds", "key": "password"}},
     "metrics": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
@@ -187,6 +189,11 @@ def central_shape():
     for line in ['upstream = "http://keystone.identity:5000"', 'edges = ["site2","site3"]',
                  'admin_token_file = "/run/secrets/syncgate/admin-token"', 'broker_listen = "0.0.0.0:4222"']:
         assert line in toml, (line, toml)
+    assert "edge_scope" not in toml, toml
+    # Per-site scopes: one --edge-scope value (the binary reads it back in binary_agrees).
+    scoped = dict(Workload(render(CENTRAL_FULL), SECRETS).files())["/etc/syncgate"]["config.toml"]
+    line = 'edge_scope = "site3=domains:Default,acme;replicate:identity,resource site4=domains:acme"'
+    assert line in scoped, scoped
     # No secret value is in the ConfigMap or the StatefulSet.
     rendered = repr(docs)
     for secret in SECRETS.values():
@@ -378,6 +385,12 @@ def bad_values():
         ({**CENTRAL, "central": {"upstream": "keystone:5000"}}, "upstream"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "ackTimeout": "soon"}}, "ackTimeout"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "edges": ["a.b"]}}, "edges"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "edgeScopes": {"a.b": {"domains": ["x"]}}}},
+         "invalid propertyName 'a.b'"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "edgeScopes": {"a": {"domains": ["x y"]}}}},
+         "edgeScopes"),
+        ({**CENTRAL, "central": {"upstream": "http://k:5000", "edgeScopes": {"a": {"projects": ["x"]}}}},
+         "edgeScopes"),
         ({**CENTRAL, "replicas": 3}, "replicas"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "replicas": 0}}, "replicas"),
         ({**CENTRAL, "central": {"upstream": "http://k:5000", "replicas": 2}},

@@ -24,6 +24,7 @@ mod proxy;
 mod repair_run;
 mod resync;
 mod retention;
+mod scope;
 mod sessions;
 mod sync;
 mod tls;

@@ -275,6 +275,12 @@ pub async fn sync_env(
 impl SyncEnv {
     /// Starts one more edge with a fresh site; `broker` overrides central's URL.
     pub async fn add_edge(&mut self, id: &str, broker: Option<String>) {
+        let key = self.key.clone();
+        self.add_edge_with_key(id, broker, key).await;
+    }
+
+    /// `add_edge`, the edge holding `key` (an edge key, for one with a scope).
+    pub async fn add_edge_with_key(&mut self, id: &str, broker: Option<String>, key: SyncKey) {
         let site = FakeSite::start(&format!("{id}-admin-pw")).await;
         let db = format!(
             "sqlite://{}",
@@ -285,7 +291,7 @@ impl SyncEnv {
             site,
             broker: broker.unwrap_or_else(|| self.broker_url.clone()),
             db,
-            key: self.key.clone(),
+            key,
             admin: String::new(),
             running: None,
             broker_tls: self.edge_broker_tls.clone(),

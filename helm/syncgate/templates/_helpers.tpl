@@ -88,6 +88,16 @@ then `config` over it.
 {{- with $v.central.publicUrl }}{{ $_ := set $s "public_url" . }}{{ end }}
 {{- $_ := set $s "edges" $v.central.edges }}
 {{- $_ := set $s "allow_new_edges" $v.central.allowNewEdges }}
+{{- with $v.central.edgeScopes }}
+{{- $entries := list }}
+{{- range $edge, $scope := . }}
+{{- $parts := list }}
+{{- with $scope.domains }}{{ $parts = append $parts (printf "domains:%s" (join "," .)) }}{{ end }}
+{{- with $scope.replicate }}{{ $parts = append $parts (printf "replicate:%s" (join "," .)) }}{{ end }}
+{{- $entries = append $entries (printf "%s=%s" $edge (default "all" (join ";" $parts))) }}
+{{- end }}
+{{- $_ := set $s "edge_scope" (join " " $entries) }}
+{{- end }}
 {{- $_ := set $s "ack_timeout" $v.central.ackTimeout }}
 {{- $_ := set $s "drift_interval" (toString $v.central.driftInterval) }}
 {{- $_ := set $s "retention" (toString $v.central.retention) }}

@@ -1,0 +1,126 @@
+//! Central's side of per-site scope (`keystone::scope`): each scoped edge's
+//! scope and edge key, and what an op becomes for it. An edge with a scope
+//! has its own stream (`<prefix>.ops.<edge>`), sealed with its edge key: an op
+//! in its scope whole, any other as a marker holding its seq and ID only. It
+//! holds no key to the stream every other edge reads.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use crate::keystone::ids::referable;
+use crate::keystone::scope::{named_ids, op_domains, Domains, Scope};
+use crate::keystone::EntityRef;
+use crate::protocol::crypto::{KeyError, Sealer};
+use crate::protocol::messages::{Envelope, OpContent, OUT_OF_SCOPE};
+use crate::store::{OpRow, Store, StoreError};
+
+/// One edge with a scope.
+pub struct ScopedEdge {
+    pub scope: Scope,
+    /// Its edge keys, derived from the sync keys.
+    pub sealer: Sealer,
+}
+
+/// The edges with a scope (every other edge gets everything).
+#[derive(Default)]
+pub struct Scoped(HashMap<String, ScopedEdge>);
+
+impl Scoped {
+    pub fn new(sync: &Sealer, scopes: &BTreeMap<String, Scope>) -> Result<Scoped, KeyError> {
+        let mut edges = HashMap::new();
+        for (edge, scope) in scopes.iter().filter(|(_, s)| !s.is_all()) {
+            let sealer = sync.for_edge(edge)?;
+            edges.insert(
+                edge.clone(),
+                ScopedEdge {
+                    scope: scope.clone(),
+                    sealer,
+                },
+            );
+        }
+        Ok(Scoped(edges))
+    }
+
+    pub fn get(&self, edge: &str) -> Option<&ScopedEdge> {
+        self.0.get(edge)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The scoped edges, in a stable order.
+    pub fn sorted(&self) -> Vec<(&str, &ScopedEdge)> {
+        let mut all: Vec<_> = self.0.iter().map(|(e, s)| (e.as_str(), s)).collect();
+        all.sort_unstable_by_key(|(e, _)| *e);
+        all
+    }
+
+    /// Each edge's scope as text (what the op log records).
+    pub fn texts(&self) -> BTreeMap<String, String> {
+        self.0
+            .iter()
+            .map(|(e, s)| (e.clone(), s.scope.to_string()))
+            .collect()
+    }
+}
+
+/// The domains `op` touches, from what the op log holds: the natural keys
+/// recorded with it and those of the entities it created.
+pub async fn domains_of(store: &Store, op: &OpRow) -> Result<Domains, StoreError> {
+    let Ok(refs) = serde_json::from_str::<Vec<EntityRef>>(&op.refs) else {
+        return Ok(Domains {
+            unknown: true,
+            ..Domains::default()
+        });
+    };
+    let body: Option<Value> = op
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_str(b).ok());
+    let mut named = named_ids(&op.path, body.as_ref());
+    let mut made = Vec::new();
+    if referable(&op.kind) {
+        let created: Vec<String> = serde_json::from_str(&op.created_ids).unwrap_or_default();
+        for id in created {
+            if let Some(e) = store.entity(&id).await? {
+                made.push(e);
+            }
+            named.push(id);
+        }
+    }
+    Ok(op_domains(&named, &refs, &made))
+}
+
+/// Whether `op`, touching `domains`, is in `edge`'s scope.
+pub fn carries(edge: &ScopedEdge, op: &OpRow, domains: &Domains) -> bool {
+    edge.scope.carries(&op.class, domains)
+}
+
+/// What `edge` receives for `op`: the op sealed with its edge key, or, out
+/// of its scope, a marker (seq and op ID, nothing of the write).
+pub fn envelope_for(edge: &ScopedEdge, op: &OpRow, domains: &Domains) -> Envelope {
+    if carries(edge, op, domains) {
+        return super::sync::envelope(&edge.sealer, op);
+    }
+    let marker = OpContent {
+        seq: op.seq,
+        op_id: op.op_id.clone(),
+        state: OUT_OF_SCOPE.into(),
+        method: String::new(),
+        path: String::new(),
+        kind: String::new(),
+        body: None,
+        created_ids: Vec::new(),
+        refs: Vec::new(),
+    };
+    let plain = serde_json::to_vec(&marker).expect("a marker serializes");
+    let (enc, data) = edge.sealer.seal(&Envelope::aad(op.seq), &plain);
+    Envelope {
+        seq: op.seq,
+        enc,
+        data,
+        traceparent: None,
+    }
+}
