@@ -56,14 +56,14 @@ if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
         central_tests='test(/^store::/) | test(/^central::/) | test(/^sync::/) | test(/^resync::/)
             | test(/^capture::/) | test(/^audit::/) | test(/^exactly_once::/)
             | test(/^fidelity::/) | test(/^control_plane::/) | test(/^sessions::/) | test(/^faults::/)
-            | test(/^proxy::/) | test(/^traces::/) | test(/^hostile::/) | test(/^cli::oplog_copy/)
+            | test(/^proxy::/) | test(/^traces::/) | test(/^hostile::/) | test(/^cli::oplog_copy/) | test(/^scope::/)
             | test(/^retention::/) | test(/^poison::/)'
         if cargo nextest --version >/dev/null 2>&1; then
             cargo nextest run --no-fail-fast -E "$central_tests" "$@" || status=$?
         else
             cargo test --no-fail-fast "$@" -- store:: central:: sync:: resync:: capture:: audit:: \
                 exactly_once:: fidelity:: control_plane:: sessions:: faults:: proxy:: traces:: poison:: \
-                hostile:: cli::oplog_copy retention:: || status=$?
+                hostile:: cli::oplog_copy scope:: retention:: || status=$?
         fi
         stop_test_postgres
         unset SYNCGATE_TEST_POSTGRES

@@ -915,11 +915,18 @@ async fn run_drift(
     State(admin): State<Arc<Admin>>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let edge = only_params(&params, &["edge"])?;
+    let edge = only_params(&params, &["edge", "outside_scope"])?;
+    let outside_scope = flag(&params, "outside_scope")?;
+    if outside_scope && edge.is_none() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "outside_scope audits one edge: give edge=<edge>".into(),
+        ));
+    }
     let r = resyncer(&admin)?;
     let (edges, skipped) = match edge {
         Some(e) => {
-            r.start_drift(e).await.map_err(start_error)?;
+            r.start_drift(e, outside_scope).await.map_err(start_error)?;
             (vec![e.to_string()], Vec::new())
         }
         // Every edge connected now, against one read of central's state.

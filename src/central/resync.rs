@@ -381,8 +381,10 @@ impl Resyncer {
     ///
     /// For an edge with a scope, both states keep only what is in it (see
     /// `keystone::scope`): what is outside is neither sent nor drift. With
-    /// `whole_edge` (a resync with prune) the edge's state is kept whole, so
-    /// what it holds outside its scope is deleted there.
+    /// `whole_edge` (a resync with prune, a drift audit asked to look
+    /// outside the scope) the edge's state keeps too what it holds outside
+    /// its scope that came from central (what left the scope): a prune
+    /// deletes it. What the site made itself outside its scope is its own.
     async fn edge_state_against(
         &self,
         edge: &str,
@@ -395,10 +397,10 @@ impl Resyncer {
         }
         if let Some(scoped) = self.sync.scoped.get(edge) {
             let left_out = crate::keystone::scope::retain_in_scope(central.to_mut(), &scoped.scope);
-            let at_edge_outside = match whole_edge {
-                true => 0,
-                false => crate::keystone::scope::retain_in_scope(&mut at_edge, &scoped.scope),
-            };
+            let at_edge_outside =
+                crate::keystone::scope::retain_in_scope_or(&mut at_edge, &scoped.scope, |e| {
+                    whole_edge && e.mapped
+                });
             debug!(
                 edge,
                 scope = %scoped.scope,
@@ -910,18 +912,24 @@ impl Resyncer {
     /// Runs a drift audit of `edge` now (nothing is changed).
     pub async fn drift(self: &Arc<Self>, edge: &str) -> Result<(), StartError> {
         let slot = self.begin_drift(edge).await?;
-        let ran = self.drift_once(edge).await;
+        let ran = self.drift_once(edge, false).await;
         self.end_drift(edge, slot, ran).await;
         Ok(())
     }
 
-    /// Starts a drift audit of `edge` on a task.
-    pub async fn start_drift(self: &Arc<Self>, edge: &str) -> Result<(), StartError> {
+    /// Starts a drift audit of `edge` on a task. `outside_scope`: an edge
+    /// with a scope is compared whole, what it holds outside its scope
+    /// found as only at the edge.
+    pub async fn start_drift(
+        self: &Arc<Self>,
+        edge: &str,
+        outside_scope: bool,
+    ) -> Result<(), StartError> {
         let slot = self.begin_drift(edge).await?;
         let this = self.clone();
         let edge = edge.to_string();
         self.spawner.spawn(async move {
-            let ran = this.drift_once(&edge).await;
+            let ran = this.drift_once(&edge, outside_scope).await;
             this.end_drift(&edge, slot, ran).await;
         });
         Ok(())
@@ -977,9 +985,13 @@ impl Resyncer {
         })
     }
 
-    async fn drift_once(&self, edge: &str) -> Result<tokio::sync::MutexGuard<'_, ()>, Failure> {
+    async fn drift_once(
+        &self,
+        edge: &str,
+        outside_scope: bool,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, Failure> {
         let snapshot = self.snapshot().await?;
-        self.drift_against(edge, &snapshot).await
+        self.drift_against(edge, &snapshot, outside_scope).await
     }
 
     /// Audits every edge connected now against one read of central's state,
@@ -1047,7 +1059,7 @@ impl Resyncer {
                     let snapshot = snapshot.clone();
                     // The slot is held by the audit until its end is recorded.
                     async move {
-                        let ran = this.drift_against(&edge, &snapshot).await;
+                        let ran = this.drift_against(&edge, &snapshot, false).await;
                         this.end_drift(&edge, slot, ran).await;
                     }
                 })
@@ -1062,12 +1074,13 @@ impl Resyncer {
         &self,
         edge: &str,
         snapshot: &Snapshot,
+        outside_scope: bool,
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, Failure> {
         let mut attempt = 0;
         let mut delays = retry_delays();
         loop {
             attempt += 1;
-            match self.drift_against_once(edge, snapshot).await {
+            match self.drift_against_once(edge, snapshot, outside_scope).await {
                 Err(Failure::Lost(why)) if attempt < ATTEMPTS => {
                     warn!(edge, attempt, error = %why, "drift audit interrupted; asking again");
                     tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX)).await;
@@ -1083,6 +1096,7 @@ impl Resyncer {
         &self,
         edge: &str,
         snapshot: &Snapshot,
+        outside_scope: bool,
     ) -> Result<tokio::sync::MutexGuard<'_, ()>, Failure> {
         let started = Instant::now();
         let Snapshot {
@@ -1102,8 +1116,9 @@ impl Resyncer {
             };
             let mut behind = acked;
             if acked >= fence {
-                let (at_edge, cursor_before, cursor_after) =
-                    self.edge_state_against(edge, &mut central, false).await?;
+                let (at_edge, cursor_before, cursor_after) = self
+                    .edge_state_against(edge, &mut central, outside_scope)
+                    .await?;
                 if cursor_before >= fence {
                     break (at_edge, cursor_after);
                 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 
 use crate::keystone::ids::referable;
-use crate::keystone::scope::{named_ids, op_domains, Domains, Scope};
+use crate::keystone::scope::{named_ids, names_default, op_domains, Domains, Scope};
 use crate::keystone::EntityRef;
 use crate::protocol::crypto::{KeyError, Sealer};
 use crate::protocol::messages::{Envelope, OpContent, OUT_OF_SCOPE};
@@ -67,9 +67,10 @@ impl Scoped {
 }
 
 /// The domains `op` touches, from what the op log holds: the natural keys
-/// recorded with it and those of the entities it created.
+/// recorded with it and those of the entities it created, domains named from
+/// the natural keys central learned.
 pub async fn domains_of(store: &Store, op: &OpRow) -> Result<Domains, StoreError> {
-    let Ok(refs) = serde_json::from_str::<Vec<EntityRef>>(&op.refs) else {
+    let Ok(mut entities) = serde_json::from_str::<Vec<EntityRef>>(&op.refs) else {
         return Ok(Domains {
             unknown: true,
             ..Domains::default()
@@ -80,17 +81,42 @@ pub async fn domains_of(store: &Store, op: &OpRow) -> Result<Domains, StoreError
         .as_deref()
         .and_then(|b| serde_json::from_str(b).ok());
     let mut named = named_ids(&op.path, body.as_ref());
-    let mut made = Vec::new();
-    if referable(&op.kind) {
-        let created: Vec<String> = serde_json::from_str(&op.created_ids).unwrap_or_default();
-        for id in created {
-            if let Some(e) = store.entity(&id).await? {
-                made.push(e);
-            }
-            named.push(id);
+    let created: Vec<String> = serde_json::from_str(&op.created_ids).unwrap_or_default();
+    // A project made to act as a domain is a domain, of its own name.
+    let as_domain = body
+        .as_ref()
+        .filter(|b| b["project"]["is_domain"] == Value::Bool(true))
+        .and_then(|b| b["project"]["name"].as_str());
+    for id in created.iter().filter(|_| referable(&op.kind)) {
+        let made = match as_domain {
+            Some(name) => Some(EntityRef {
+                id: id.clone(),
+                kind: crate::keystone::kinds::DOMAIN.name.into(),
+                name: name.into(),
+                domain_id: None,
+            }),
+            None => store.entity(id).await?,
+        };
+        entities.extend(made);
+        named.push(id.clone());
+    }
+    // Domains the op's entities live in that it does not name itself.
+    let mut names = HashMap::new();
+    for d in entities.iter().filter_map(|e| e.domain_id.as_deref()) {
+        let in_op = entities.iter().any(|e| e.id == d);
+        if !in_op && !names.contains_key(d) {
+            let name = store
+                .entity(d)
+                .await?
+                .filter(|e| e.kind == crate::keystone::kinds::DOMAIN.name)
+                .map(|e| e.name);
+            names.insert(d.to_string(), name);
         }
     }
-    Ok(op_domains(&named, &refs, &made))
+    let default = names_default(&op.path, body.as_ref());
+    Ok(op_domains(&op.kind, &named, &entities, default, &|d| {
+        names.get(d).cloned().flatten()
+    }))
 }
 
 /// Whether `op`, touching `domains`, is in `edge`'s scope.
@@ -102,7 +128,7 @@ pub fn carries(edge: &ScopedEdge, op: &OpRow, domains: &Domains) -> bool {
 /// of its scope, a marker (seq and op ID, nothing of the write).
 pub fn envelope_for(edge: &ScopedEdge, op: &OpRow, domains: &Domains) -> Envelope {
     if carries(edge, op, domains) {
-        return super::sync::envelope(&edge.sealer, op);
+        return envelope(&edge.sealer, op);
     }
     let marker = OpContent {
         seq: op.seq,
@@ -122,5 +148,31 @@ pub fn envelope_for(edge: &ScopedEdge, op: &OpRow, domains: &Domains) -> Envelop
         enc,
         data,
         traceparent: None,
+    }
+}
+
+/// Seals one op for the wire.
+pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
+    let content = OpContent {
+        seq: op.seq,
+        op_id: op.op_id.clone(),
+        state: op.state.clone(),
+        method: op.method.clone(),
+        path: op.path.clone(),
+        kind: op.kind.clone(),
+        body: op
+            .body
+            .as_deref()
+            .and_then(|b| serde_json::from_str(b).ok()),
+        created_ids: serde_json::from_str(&op.created_ids).unwrap_or_default(),
+        refs: serde_json::from_str::<Vec<EntityRef>>(&op.refs).unwrap_or_default(),
+    };
+    let plain = serde_json::to_vec(&content).expect("an op serializes");
+    let (enc, data) = sealer.seal(&Envelope::aad(op.seq), &plain);
+    Envelope {
+        seq: op.seq,
+        enc: enc.to_string(),
+        data,
+        traceparent: op.traceparent.clone(),
     }
 }

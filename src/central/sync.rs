@@ -20,8 +20,8 @@ use crate::metrics::Metrics;
 use crate::protocol::control::{now_ms, Opened, Rejected, Session};
 use crate::protocol::crypto::Sealer;
 use crate::protocol::messages::{
-    Ack, EntityRef, Envelope, Grant, Hello, HelloReply, OpContent, OutcomesReply, OutcomesRequest,
-    Redo, ReplayBatch, ReplayRequest, Skip, Subjects,
+    Ack, Envelope, Grant, Hello, HelloReply, OutcomesReply, OutcomesRequest, Redo, ReplayBatch,
+    ReplayRequest, Skip, Subjects,
 };
 use crate::protocol::messages::{
     ACK, HELLO, HELLO_REPLY, OUTCOMES_REPLY, OUTCOMES_REQUEST, REDO, REPLAY, SKIP,
@@ -249,31 +249,7 @@ fn two_processes(edge: &str) -> String {
     format!("two processes run with --id {edge}: the second one waits; stop one of them")
 }
 
-/// Seals one op for the wire.
-pub fn envelope(sealer: &Sealer, op: &OpRow) -> Envelope {
-    let content = OpContent {
-        seq: op.seq,
-        op_id: op.op_id.clone(),
-        state: op.state.clone(),
-        method: op.method.clone(),
-        path: op.path.clone(),
-        kind: op.kind.clone(),
-        body: op
-            .body
-            .as_deref()
-            .and_then(|b| serde_json::from_str(b).ok()),
-        created_ids: serde_json::from_str(&op.created_ids).unwrap_or_default(),
-        refs: serde_json::from_str::<Vec<EntityRef>>(&op.refs).unwrap_or_default(),
-    };
-    let plain = serde_json::to_vec(&content).expect("an op serializes");
-    let (enc, data) = sealer.seal(&Envelope::aad(op.seq), &plain);
-    Envelope {
-        seq: op.seq,
-        enc: enc.to_string(),
-        data,
-        traceparent: op.traceparent.clone(),
-    }
-}
+pub use super::scoped::envelope;
 
 impl SyncCentral {
     /// Runs every sync task until `stop` turns true.
@@ -620,11 +596,14 @@ impl SyncCentral {
                 Ok((edge, req)) => match self.replay_batch(&edge, &req).await {
                     Ok(batch) => serde_json::to_vec(&batch).expect("a batch serializes"),
                     Err(e) => {
-                        error!(error = %e, "replay failed");
-                        serde_json::to_vec(
-                            &serde_json::json!({"error": "the op log could not be read"}),
-                        )
-                        .unwrap()
+                        error!(edge = %edge, error = %e, "replay failed");
+                        // Refused for a reason the edge's operator should see;
+                        // anything else is the op log's, said generically.
+                        let said = match e.downcast_ref::<ScopeMismatch>() {
+                            Some(m) => m.to_string(),
+                            None => "the op log could not be read".into(),
+                        };
+                        serde_json::to_vec(&serde_json::json!({ "error": said })).unwrap()
                     }
                 },
                 Err(r) => {
@@ -644,6 +623,19 @@ impl SyncCentral {
     }
 
     async fn replay_batch(&self, edge: &str, req: &ReplayRequest) -> anyhow::Result<ReplayBatch> {
+        // Replicas that answer replays serve the scope the leader recorded
+        // or none: one configured otherwise (a rolling change of a scope)
+        // could send an edge what its scope no longer holds.
+        let recorded = self.store.edge_scope(edge).await?.flatten();
+        let mine = self.scoped.get(edge).map(|s| s.scope.to_string());
+        if recorded != mine {
+            return Err(ScopeMismatch {
+                edge: edge.to_string(),
+                here: mine.unwrap_or_else(|| "all".into()),
+                recorded: recorded.unwrap_or_else(|| "all".into()),
+            }
+            .into());
+        }
         let limit = req.limit.clamp(1, MAX_REPLAY_BATCH);
         let through = self.store.publishable_through().await?;
         let filter = OpFilter {
@@ -724,7 +716,14 @@ impl SyncCentral {
         if let Err(r) = self.check_holder(&opened) {
             return self.reject(ACK, subject_edge, r);
         }
-        let (edge, ack) = (opened.edge, opened.msg);
+        let (edge, mut ack) = (opened.edge, opened.msg);
+        if ack.outcome == crate::protocol::messages::Outcome::OutOfScope {
+            if let Some(why) = self.not_out_of_scope(&edge, ack.seq).await {
+                warn!(edge = %edge, seq = ack.seq, "{why}");
+                ack.outcome = crate::protocol::messages::Outcome::Failed;
+                ack.detail = Some(why);
+            }
+        }
         debug!(edge = %edge, seq = ack.seq, outcome = ack.state(), "ack");
         self.metrics
             .acks
@@ -778,7 +777,7 @@ impl SyncCentral {
             Ok(o) => o,
             Err(r) => {
                 self.reject(HELLO, subject_edge, r);
-                self.show_key_mismatch(subject_edge, r).await;
+                self.show_key_mismatch(subject_edge, r, &msg.payload).await;
                 return refuse(r).await;
             }
         };
@@ -1384,6 +1383,30 @@ impl SyncCentral {
 
     /// A declared edge whose hellos cannot be opened most likely has another
     /// sync key: say so on its row (nothing else about it changes).
+    /// Why an edge's `out_of_scope` ack for `seq` is not to be believed (it
+    /// would hide a failure): the edge has no scope, or the op is in it.
+    async fn not_out_of_scope(&self, edge: &str, seq: i64) -> Option<String> {
+        let Some(scoped) = self.scoped.get(edge) else {
+            return Some(format!(
+                "acknowledged op {seq} out_of_scope, but this edge has no scope here: \
+                 recorded failed"
+            ));
+        };
+        let op = match self.store.get_op(seq).await {
+            Ok(Some(op)) => op,
+            // An op the op log no longer has, or cannot read now: taken as said.
+            _ => return None,
+        };
+        match super::scoped::domains_of(&self.store, &op).await {
+            Ok(d) if super::scoped::carries(scoped, &op, &d) => Some(format!(
+                "acknowledged op {seq} out_of_scope, but it is in this edge's scope \
+                 ({}): recorded failed",
+                scoped.scope
+            )),
+            _ => None,
+        }
+    }
+
     /// The keys `edge`'s messages are sealed with: its edge key when it has
     /// a scope, else the sync key.
     pub fn sealer_for(&self, edge: &str) -> &Sealer {
@@ -1419,7 +1442,7 @@ impl SyncCentral {
         }
     }
 
-    async fn show_key_mismatch(&self, edge: Option<&str>, why: Rejected) {
+    async fn show_key_mismatch(&self, edge: Option<&str>, why: Rejected, hello: &[u8]) {
         let Some(edge) = edge.filter(|_| why == Rejected::Forged) else {
             return;
         };
@@ -1431,9 +1454,31 @@ impl SyncCentral {
         {
             return;
         }
-        let error = "its messages cannot be opened with the sync key: it has another key, \
-                     or they are forged";
-        if let Err(e) = self.store.edge_error(edge, error).await {
+        // The other kind of key than central expects from it: said so.
+        let scoped = self.scoped.get(edge).is_some();
+        let derived = match scoped {
+            true => None,
+            false => self.sealer.for_edge(edge).ok(),
+        };
+        let other: Option<&Sealer> = match scoped {
+            true => Some(&self.sealer),
+            false => derived.as_ref(),
+        };
+        let holds_other =
+            other.is_some_and(|k| crate::protocol::control::opens_with(k, HELLO, hello));
+        let error = match (holds_other, scoped) {
+            (true, true) => format!(
+                "it holds the sync key, but has a scope here (--edge-scope): give it its edge \
+                 key (`syncgate keygen --edge {edge}`)"
+            ),
+            (true, false) => "it holds an edge key, but has no scope here: give it the sync \
+                              key, or give it a scope with --edge-scope"
+                .to_string(),
+            (false, _) => "its messages cannot be opened with the sync key: it has another key, \
+                           or they are forged"
+                .to_string(),
+        };
+        if let Err(e) = self.store.edge_error(edge, &error).await {
             error!(edge, error = %e, "cannot record an edge's error");
         }
     }
@@ -1711,6 +1756,19 @@ pub enum RedriveError {
     Broker(String),
     #[error("{0}")]
     Internal(anyhow::Error),
+}
+
+/// A replica whose `--edge-scope` for an edge is not the one the leader
+/// recorded: it answers that edge's replays with this, not with ops.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "edge {edge}'s scope on this central replica ({here}) is not the one on record \
+     ({recorded}): every central replica needs the same --edge-scope"
+)]
+pub struct ScopeMismatch {
+    edge: String,
+    here: String,
+    recorded: String,
 }
 
 /// The `Nats-Msg-Id` of an op: the first 16 bytes of SHA-256 of its ID, in hex.

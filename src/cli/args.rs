@@ -288,6 +288,10 @@ pub enum AuditVerb {
     DriftRun {
         #[arg(long)]
         edge: Option<String>,
+        /// An edge with a scope: compare what it holds outside its scope too
+        /// (what came from central and left the scope shows as only at the edge).
+        #[arg(long, requires = "edge")]
+        outside_scope: bool,
     },
     /// Apply central's state for what the drift audit found at an edge.
     Repair {
@@ -338,7 +342,13 @@ impl AuditArgs {
                 kind,
                 category,
             },
-            AuditVerb::DriftRun { edge } => Verb::DriftRun { edge },
+            AuditVerb::DriftRun {
+                edge,
+                outside_scope,
+            } => Verb::DriftRun {
+                edge,
+                outside_scope,
+            },
             AuditVerb::Repair { edge, prune } => Verb::Repair { edge, prune },
         };
         Ok(crate::cli::audit::AuditRequest {

@@ -49,6 +49,7 @@ pub enum Verb {
     },
     DriftRun {
         edge: Option<String>,
+        outside_scope: bool,
     },
     Repair {
         edge: String,
@@ -130,11 +131,16 @@ pub async fn run(req: &AuditRequest) -> (String, u8) {
             }
             (Method::GET, "/v1/drift".to_string(), q)
         }
-        Verb::DriftRun { edge } => (
-            Method::POST,
-            "/v1/drift/run".to_string(),
-            edge.iter().map(|e| ("edge", e.clone())).collect(),
-        ),
+        Verb::DriftRun {
+            edge,
+            outside_scope,
+        } => {
+            let mut q: Vec<(&str, String)> = edge.iter().map(|e| ("edge", e.clone())).collect();
+            if *outside_scope {
+                q.push(("outside_scope", "true".into()));
+            }
+            (Method::POST, "/v1/drift/run".to_string(), q)
+        }
         Verb::Repair { edge, prune } => {
             let mut q = prune_query(*prune);
             q.push(("edge", edge.clone()));

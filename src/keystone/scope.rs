@@ -3,13 +3,16 @@
 //!
 //! The rule, one for every kind: an op or an entity is in an edge's scope when
 //! its route class is one the edge carries and **every** domain it touches is
-//! one the edge carries. What it touches: a domain itself, the domain of every
-//! entity it names or creates (a user's, a project's, a grant's actor's and
-//! target's, a project's parent's). What touches no domain (a global role, a
-//! region, a service) is in every scope of its class. So a grant of an
-//! in-scope project to a user of another domain is out of scope (the user is
-//! not at that site), as is anything whose domain central cannot tell: an edge
-//! never receives what it may not hold.
+//! one the edge carries. What it touches: a domain itself, and the domain of
+//! every entity it names or creates, one step: a user's own domain, a grant's
+//! actor's and target's, a project's parent's, a user's default project's
+//! (not that project's own references). What may touch no domain (a global
+//! role, a region, a service, a policy, a registered limit) is in every scope
+//! of its class; any other kind that names no domain central can tell is
+//! unknown, and so out of a limited scope, as is anything whose domain central
+//! cannot tell: an edge never receives what it may not hold. Federation
+//! (identity providers, their protocols, and mappings, whose rules name groups
+//! and domains by any means) reaches only edges whose scope limits no domain.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -50,6 +53,7 @@ impl Scope {
         }
         match &self.domains {
             None => true,
+            Some(_) if class == RouteClass::Federation.as_str() => false,
             Some(carried) => !domains.unknown && domains.names.is_subset(carried),
         }
     }
@@ -137,23 +141,54 @@ pub struct Domains {
     pub unknown: bool,
 }
 
-/// The domains an op touches: those of the entities it names (`refs`, the
-/// natural keys central recorded for the IDs in its path and body, domains
-/// included) and of those it created (`created`). `named` is every
-/// referable ID found in its path and body: one without a natural key makes
-/// the domains unknown.
-pub fn op_domains(named: &[String], refs: &[EntityRef], created: &[EntityRef]) -> Domains {
-    let all: Vec<&EntityRef> = refs.iter().chain(created).collect();
-    let domain_names: HashMap<&str, &str> = all
+/// Kinds that may touch no domain: global roles (or a domain's), implied
+/// roles between them, the catalog's regions, services, endpoints and
+/// endpoint groups, policies and their associations, registered limits,
+/// service providers. Any other kind lives in a domain.
+const MAY_BE_GLOBAL: [&str; 10] = [
+    "role",
+    "implied_role",
+    "region",
+    "service",
+    "endpoint",
+    "endpoint_group",
+    "policy",
+    "endpoint_policy",
+    "registered_limit",
+    "service_provider",
+];
+
+fn may_be_global(kind: &str) -> bool {
+    MAY_BE_GLOBAL.contains(&kind)
+}
+
+/// The domains an op of `kind` touches: those of the entities it names
+/// (`entities`: the natural keys central recorded for the IDs in its path and
+/// body, domains included, and those of the entities it created), each
+/// entity's domain named by `domain_name` when it is not among them. `named`
+/// is every referable ID found in its path and body and every ID it created:
+/// one without a natural key makes the domains unknown. `default`: the op
+/// names Keystone's default domain by its fixed ID.
+pub fn op_domains(
+    kind: &str,
+    named: &[String],
+    entities: &[EntityRef],
+    default: bool,
+    domain_name: &dyn Fn(&str) -> Option<String>,
+) -> Domains {
+    let mut out = Domains {
+        unknown: named.iter().any(|id| !entities.iter().any(|e| &e.id == id)),
+        ..Domains::default()
+    };
+    if default {
+        out.names.insert(DEFAULT_DOMAIN.1.to_string());
+    }
+    let in_op: HashMap<&str, &str> = entities
         .iter()
         .filter(|e| e.kind == super::kinds::DOMAIN.name)
         .map(|e| (e.id.as_str(), e.name.as_str()))
         .collect();
-    let mut out = Domains {
-        unknown: named.iter().any(|id| !all.iter().any(|e| &e.id == id)),
-        ..Domains::default()
-    };
-    for e in all {
+    for e in entities {
         if e.kind == super::kinds::DOMAIN.name {
             out.names.insert(e.name.clone());
             continue;
@@ -161,9 +196,13 @@ pub fn op_domains(named: &[String], refs: &[EntityRef], created: &[EntityRef]) -
         let Some(d) = e.domain_id.as_deref() else {
             continue;
         };
-        match domain_names.get(d) {
+        match in_op
+            .get(d)
+            .map(|n| n.to_string())
+            .or_else(|| domain_name(d))
+        {
             Some(name) => {
-                out.names.insert(name.to_string());
+                out.names.insert(name);
             }
             None if d == DEFAULT_DOMAIN.0 => {
                 out.names.insert(DEFAULT_DOMAIN.1.to_string());
@@ -171,7 +210,30 @@ pub fn op_domains(named: &[String], refs: &[EntityRef], created: &[EntityRef]) -
             None => out.unknown = true,
         }
     }
+    if out.names.is_empty() && !may_be_global(kind) {
+        out.unknown = true;
+    }
     out
+}
+
+/// Whether a path or body names Keystone's default domain by its fixed ID
+/// (`/v3/domains/default/...`, `"domain_id": "default"`), which is no ID
+/// central keeps a natural key for.
+pub fn names_default(path: &str, body: Option<&Value>) -> bool {
+    let segments: Vec<&str> = path.split(['/', '?']).collect();
+    let in_path = segments
+        .windows(2)
+        .any(|w| w[0] == "domains" && w[1] == DEFAULT_DOMAIN.0);
+    fn in_body(v: &Value) -> bool {
+        match v {
+            Value::Object(m) => m.iter().any(|(k, v)| {
+                (k == "domain_id" && v.as_str() == Some(DEFAULT_DOMAIN.0)) || in_body(v)
+            }),
+            Value::Array(items) => items.iter().any(in_body),
+            _ => false,
+        }
+    }
+    in_path || body.is_some_and(in_body)
 }
 
 /// The referable IDs in an op's path and body (see `op_domains`).
@@ -186,15 +248,28 @@ pub fn named_ids(path: &str, body: Option<&Value>) -> Vec<String> {
 /// Keeps the entities of one site's state that are in `scope` (their IDs
 /// and references are that site's); returns how many were left out.
 pub fn retain_in_scope(entities: &mut Vec<Entity>, scope: &Scope) -> usize {
+    retain_in_scope_or(entities, scope, |_| false)
+}
+
+/// `retain_in_scope`, keeping too what `also` keeps.
+pub fn retain_in_scope_or(
+    entities: &mut Vec<Entity>,
+    scope: &Scope,
+    also: impl Fn(&Entity) -> bool,
+) -> usize {
     if scope.is_all() {
         return 0;
     }
     let in_scope: Vec<bool> = {
-        let by_id: HashMap<(&str, &str), &Entity> = entities
-            .iter()
-            .filter(|e| !e.id.is_empty())
-            .map(|e| ((e.kind.as_str(), e.id.as_str()), e))
-            .collect();
+        // By the site's own ID, and by central's where an edge gives its
+        // references as central's IDs (`ids[0]` of an entity it maps).
+        let mut by_id: HashMap<(&str, &str), &Entity> = HashMap::new();
+        for e in entities.iter().filter(|e| !e.id.is_empty()) {
+            by_id.insert((e.kind.as_str(), e.id.as_str()), e);
+            if let Some(central) = e.ids.first().filter(|_| e.mapped) {
+                by_id.insert((e.kind.as_str(), central.as_str()), e);
+            }
+        }
         entities
             .iter()
             .map(|e| {
@@ -202,8 +277,8 @@ pub fn retain_in_scope(entities: &mut Vec<Entity>, scope: &Scope) -> usize {
                     .and_then(super::kinds::named)
                     .map(|k| k.class.as_str());
                 let mut domains = Domains::default();
-                entity_domains(e, &by_id, &mut domains, 0);
-                class.is_some_and(|c| scope.carries(c, &domains))
+                entity_domains(e, &by_id, &mut domains);
+                class.is_some_and(|c| scope.carries(c, &domains)) || also(e)
             })
             .collect()
     };
@@ -213,23 +288,43 @@ pub fn retain_in_scope(entities: &mut Vec<Entity>, scope: &Scope) -> usize {
     before - entities.len()
 }
 
-/// How deep references are followed (a project's parent's parent...).
-const MAX_DEPTH: usize = 16;
+/// The domains an entity of a state touches (see the module's rule): its
+/// own, and the own domain of each entity it references; a reference to
+/// what the state does not hold (a project deleted after it was a user's
+/// default) adds nothing.
+fn entity_domains(e: &Entity, by_id: &HashMap<(&str, &str), &Entity>, out: &mut Domains) {
+    own_domains(e, by_id, out);
+    for (kind, id) in refs_of(e).filter(|(k, _)| *k != super::kinds::DOMAIN.name) {
+        if let Some(r) = by_id.get(&(kind, id)) {
+            own_domains(r, by_id, out);
+        }
+    }
+    if out.names.is_empty() && !may_be_global(&e.kind) {
+        out.unknown = true;
+    }
+}
 
-fn entity_domains(
-    e: &Entity,
-    by_id: &HashMap<(&str, &str), &Entity>,
-    out: &mut Domains,
-    depth: usize,
-) {
+/// An entity's own domain: itself for a domain, else the domain it names.
+fn own_domains(e: &Entity, by_id: &HashMap<(&str, &str), &Entity>, out: &mut Domains) {
     if e.kind == super::kinds::DOMAIN.name {
         out.names.insert(e.key.clone());
         return;
     }
-    if depth >= MAX_DEPTH {
-        out.unknown = true;
-        return;
+    for (kind, id) in refs_of(e).filter(|(k, _)| *k == super::kinds::DOMAIN.name) {
+        match by_id.get(&(kind, id)) {
+            Some(d) => {
+                out.names.insert(d.key.clone());
+            }
+            None if id == DEFAULT_DOMAIN.0 => {
+                out.names.insert(DEFAULT_DOMAIN.1.to_string());
+            }
+            None => out.unknown = true,
+        }
     }
+}
+
+/// What an entity references: (kind, ID) in its key and its fields.
+fn refs_of(e: &Entity) -> impl Iterator<Item = (&str, &str)> {
     let parts = e.parts.iter().filter_map(|p| match p {
         Part::Ref { kind, id, .. } => Some((kind.as_str(), id.as_str())),
         Part::Text(_) => None,
@@ -238,15 +333,7 @@ fn entity_domains(
         .field_refs
         .values()
         .map(|(k, id)| (k.as_str(), id.as_str()));
-    for (kind, id) in parts.chain(fields) {
-        match by_id.get(&(kind, id)) {
-            Some(r) => entity_domains(r, by_id, out, depth + 1),
-            None if kind == super::kinds::DOMAIN.name && id == DEFAULT_DOMAIN.0 => {
-                out.names.insert(DEFAULT_DOMAIN.1.to_string());
-            }
-            None => out.unknown = true,
-        }
-    }
+    parts.chain(fields)
 }
 
 #[cfg(test)]
@@ -290,9 +377,11 @@ mod tests {
     }
 
     /// Every domain an op touches must be carried: a grant across two
-    /// domains is out of scope for an edge carrying one; what touches no
-    /// domain is in every scope of its class; an ID without a natural key,
-    /// or a domain not named, is unknown and so out of a limited scope.
+    /// domains is out of scope for an edge carrying one; what may touch no
+    /// domain is in every scope of its class, any other kind naming none is
+    /// unknown; an ID without a natural key, or a domain no one can name, is
+    /// unknown and so out of a limited scope; federation reaches no limited
+    /// scope.
     #[test]
     fn an_op_is_in_scope_when_every_domain_it_touches_is() {
         let acme = r("d1", "domain", "acme", None);
@@ -302,33 +391,175 @@ mod tests {
         let user_other = r("u2", "user", "bob", Some("d2"));
         let global_role = r("r1", "role", "member", None);
         let edge = scope("domains:acme");
-        let ids = |refs: &[&EntityRef]| refs.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
-        let case = |refs: Vec<&EntityRef>| {
+        let none = |_: &str| None;
+        let case = |kind: &str, refs: Vec<&EntityRef>| {
             let owned: Vec<EntityRef> = refs.iter().map(|e| (*e).clone()).collect();
-            op_domains(&ids(&refs), &owned, &[])
+            let ids: Vec<String> = owned.iter().map(|e| e.id.clone()).collect();
+            op_domains(kind, &ids, &owned, false, &none)
         };
-        let same = case(vec![&project, &user_acme, &global_role, &acme]);
+        let same = case("grant", vec![&project, &user_acme, &global_role, &acme]);
         assert!(edge.carries("assignment", &same), "{same:?}");
-        let across = case(vec![&project, &user_other, &global_role, &acme, &other]);
+        let across = case(
+            "grant",
+            vec![&project, &user_other, &global_role, &acme, &other],
+        );
         assert_eq!(across.names, ["acme", "other"].map(String::from).into());
         assert!(!edge.carries("assignment", &across));
         assert!(scope("domains:acme,other").carries("assignment", &across));
-        let global = case(vec![&global_role]);
+        let global = case("role", vec![&global_role]);
         assert!(global.names.is_empty() && !global.unknown);
         assert!(edge.carries("assignment", &global));
         assert!(!scope("domains:acme;replicate:identity").carries("assignment", &global));
-        // The default domain has no ref of its own.
-        let default_user = op_domains(&[], &[], &[r("u3", "user", "carol", Some("default"))]);
+        // A kind that lives in a domain but names none: unknown.
+        let credential = case("credential", vec![]);
+        assert!(credential.unknown && !edge.carries("credentials", &credential));
+        // The default domain: by its fixed ID, and named in a path or body.
+        let default_user = op_domains(
+            "user",
+            &[],
+            &[r("u3", "user", "carol", Some("default"))],
+            false,
+            &none,
+        );
         assert_eq!(default_user.names, ["Default".to_string()].into());
         assert!(!edge.carries("identity", &default_user));
-        // Unknown: an ID with no natural key, a domain not named.
-        let missing = op_domains(&["u9".into()], &[], &[]);
+        let config = op_domains(
+            "domain_config",
+            &[],
+            &[],
+            names_default("/v3/domains/default/config", None),
+            &none,
+        );
+        assert!(!config.unknown && !edge.carries("resource", &config));
+        assert!(names_default(
+            "/v3/users",
+            Some(&serde_json::json!({"user": {"domain_id": "default"}}))
+        ));
+        assert!(!names_default("/v3/domains/defaults", None));
+        // Unknown: an ID with no natural key, a domain no one names.
+        let missing = op_domains("user", &["u9".into()], &[], false, &none);
         assert!(missing.unknown && !edge.carries("identity", &missing));
         assert!(Scope::default().carries("identity", &missing));
-        let unnamed = op_domains(&[], &[r("u4", "user", "dan", Some("d7"))], &[]);
+        let unnamed = op_domains(
+            "user",
+            &[],
+            &[r("u4", "user", "dan", Some("d7"))],
+            false,
+            &none,
+        );
         assert!(unnamed.unknown);
+        // ... unless central learned its name.
+        let learned = op_domains(
+            "user",
+            &[],
+            &[r("u4", "user", "dan", Some("d7"))],
+            false,
+            &|d| (d == "d7").then(|| "acme".to_string()),
+        );
+        assert!(edge.carries("identity", &learned), "{learned:?}");
         // A create: the entity it made names its domain.
-        let made = op_domains(&[], &[], &[r("d3", "domain", "acme", None)]);
+        let made = op_domains(
+            "domain",
+            &[],
+            &[r("d3", "domain", "acme", None)],
+            false,
+            &none,
+        );
         assert!(edge.carries("resource", &made));
+        // Federation: only where no domain is limited.
+        assert!(!edge.carries("federation", &global));
+        assert!(scope("replicate:federation").carries("federation", &global));
+    }
+
+    fn entity(
+        kind: &str,
+        id: &str,
+        key: &str,
+        refs: &[(&str, &str)],
+        mapped_from: Option<&str>,
+    ) -> Entity {
+        Entity {
+            kind: kind.into(),
+            key: key.into(),
+            id: id.into(),
+            fields: Default::default(),
+            ids: mapped_from.map(|c| vec![c.to_string()]).unwrap_or_default(),
+            level: 0,
+            raw: None,
+            parts: refs
+                .iter()
+                .map(|(k, i)| Part::Ref {
+                    kind: k.to_string(),
+                    id: i.to_string(),
+                    shown: String::new(),
+                })
+                .collect(),
+            field_refs: Default::default(),
+            mapped: mapped_from.is_some(),
+            own: false,
+        }
+    }
+
+    /// A state kept to a scope: entities in a carried domain, global ones,
+    /// and relations all of whose ends are in scope; references given as
+    /// central's IDs (an edge's state) are followed to the entity it maps.
+    #[test]
+    fn a_state_keeps_what_is_in_scope_following_references_by_either_id() {
+        let mut state = vec![
+            entity("domain", "dA", "acme", &[], Some("cA")),
+            entity("domain", "dB", "other", &[], None),
+            entity("user", "uA", "alice", &[("domain", "cA")], Some("cuA")),
+            entity("user", "uB", "bob", &[("domain", "dB")], None),
+            entity("user", "uD", "dan", &[("domain", "default")], None),
+            entity("group", "gA", "g", &[("domain", "dA")], Some("cgA")),
+            entity("role", "r1", "member", &[], None),
+            entity(
+                "group_membership",
+                "",
+                "",
+                &[("user", "cuA"), ("group", "cgA")],
+                None,
+            ),
+            entity(
+                "group_membership",
+                "",
+                "",
+                &[("user", "uB"), ("group", "cgA")],
+                None,
+            ),
+            entity("user", "uX", "x", &[("domain", "nowhere")], None),
+            // A default project deleted since: adds nothing.
+            entity(
+                "user",
+                "uC",
+                "carl",
+                &[("domain", "dA"), ("project", "gone")],
+                None,
+            ),
+            // A credential naming no domain of its own: its user's.
+            entity("credential", "cr1", "c", &[("user", "uA")], None),
+        ];
+        let left_out = retain_in_scope(&mut state, &scope("domains:acme"));
+        let kept: Vec<String> = state
+            .iter()
+            .map(|e| format!("{} {}{}", e.kind, e.key, e.id))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "domain acmedA",
+                "user aliceuA",
+                "group ggA",
+                "role memberr1",
+                "group_membership ",
+                "user carluC",
+                "credential ccr1",
+            ]
+        );
+        assert_eq!(left_out, 5);
+        let mut all = state.clone();
+        assert_eq!(retain_in_scope(&mut all, &Scope::default()), 0);
+        assert_eq!(retain_in_scope(&mut state, &scope("replicate:resource")), 6);
+        assert_eq!(state.len(), 1, "{state:?}");
     }
 }

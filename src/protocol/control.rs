@@ -123,6 +123,16 @@ fn aad(kind: &str, edge: &str) -> String {
     format!("syncgate-ctl:{kind}:{edge}")
 }
 
+/// Whether `sealer` opens a control message of `kind` at all (its stamp
+/// unchecked): to tell an operator which key a sender holds.
+pub fn opens_with(sealer: &Sealer, kind: &str, payload: &[u8]) -> bool {
+    serde_json::from_slice::<Sealed>(payload).is_ok_and(|sealed| {
+        sealer
+            .open(&aad(kind, &sealed.edge), &sealed.enc, &sealed.data)
+            .is_ok()
+    })
+}
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -255,6 +255,17 @@ impl Store {
         Ok(())
     }
 
+    /// The scope on record for `edge` (None: everything); None when the
+    /// edge is not registered.
+    pub async fn edge_scope(&self, edge: &str) -> Result<Option<Option<String>>, StoreError> {
+        Ok(
+            sqlx::query_scalar(&self.d.sql("SELECT scope FROM edges WHERE id = ?"))
+                .bind(edge)
+                .fetch_optional(&self.reader)
+                .await?,
+        )
+    }
+
     /// Records the scope central serves `edge` (None: everything) and, when
     /// it is not the one on record for an edge that took ops before, that
     /// the edge needs a resync for it; says whether it changed.
@@ -283,11 +294,17 @@ impl Store {
                 before.as_deref().unwrap_or("all"),
                 scope.unwrap_or("all")
             );
-            sqlx::query(&self.d.sql("UPDATE edges SET needs_resync = ? WHERE id = ?"))
-                .bind(why)
-                .bind(edge)
-                .execute(&mut *tx)
-                .await?;
+            // A reason on record already (retention's, a lost database's)
+            // is kept: the resync it asks for brings the new scope too.
+            sqlx::query(
+                &self
+                    .d
+                    .sql("UPDATE edges SET needs_resync = COALESCE(needs_resync, ?) WHERE id = ?"),
+            )
+            .bind(why)
+            .bind(edge)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query(&self.d.sql("UPDATE edges SET scope = ? WHERE id = ?"))
             .bind(scope)

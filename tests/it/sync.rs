@@ -300,6 +300,27 @@ impl SyncEnv {
         self.edges.push(edge);
     }
 
+    /// The configuration edge `id` would start with, on a fresh site (kept
+    /// up while the returned site lives); the edge is not started.
+    pub async fn edge_config_for(&self, id: &str) -> (EdgeConfig, FakeSite) {
+        let site = FakeSite::start(&format!("{id}-admin-pw")).await;
+        let edge = EdgeSite {
+            id: id.to_string(),
+            broker: self.broker_url.clone(),
+            db: format!(
+                "sqlite://{}",
+                self.dir.path().join(format!("{id}.db")).display()
+            ),
+            key: self.key.clone(),
+            admin: String::new(),
+            running: None,
+            broker_tls: self.edge_broker_tls.clone(),
+            site,
+        };
+        let config = self.edge_config(&edge, OnFailure::Continue);
+        (config, edge.site)
+    }
+
     /// The client token writes through the gateway carry.
     pub fn token(&self) -> &str {
         &self.token
