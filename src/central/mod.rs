@@ -520,12 +520,7 @@ impl Central {
                 .sealer()
                 .map_err(|e| anyhow::anyhow!("--sync-key: {e}"))?,
         );
-        if let Some(edge) = sealer.edge() {
-            anyhow::bail!(
-                "--sync-key is the edge key of edge '{edge}': central holds the sync key the \
-                 edge keys are derived from"
-            );
-        }
+
         if matches!(config.sync.key, crate::settings::config::SyncKey::Plaintext) {
             warn!("--insecure-plaintext-sync: ops, with the passwords they carry, cross the broker unencrypted");
         }

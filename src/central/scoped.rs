@@ -100,6 +100,14 @@ pub async fn domains_of(store: &Store, op: &OpRow) -> Result<Domains, StoreError
         entities.extend(made);
         named.push(id.clone());
     }
+    // IDs it names whose natural keys were not recorded with it (an ID the
+    // answer gave, as a create's domain taken from the caller's token): as
+    // central learned them.
+    for id in named.clone() {
+        if !entities.iter().any(|e| e.id == id) {
+            entities.extend(store.entity(&id).await?);
+        }
+    }
     // Domains the op's entities live in that it does not name itself.
     let mut names = HashMap::new();
     for d in entities.iter().filter_map(|e| e.domain_id.as_deref()) {

@@ -430,6 +430,26 @@ impl CentralConfig {
     /// Scopes need sealing (an edge key is what keeps the rest from that
     /// edge), and name only classes central replicates.
     fn validate_scopes(&self) -> Result<(), String> {
+        // Central holds the keys edge keys are derived from, never one.
+        let edge_key = |key: &str| {
+            Sealer::with_keys(key)
+                .ok()
+                .and_then(|s| s.edge().map(str::to_string))
+        };
+        if let Some(edge) = match &self.sync.key {
+            SyncKey::Key(k) => edge_key(k.expose()),
+            SyncKey::Plaintext => None,
+        } {
+            return Err(format!(
+                "--sync-key is the edge key of edge '{edge}': central holds the sync key the \
+                 edge keys are derived from"
+            ));
+        }
+        if let Some(edge) = self.oplog_key.as_ref().and_then(|k| edge_key(k.expose())) {
+            return Err(format!(
+                "--oplog-key is the edge key of edge '{edge}': give central's op log a key of its own"
+            ));
+        }
         if self.sync.scopes.is_empty() {
             return Ok(());
         }

@@ -828,3 +828,76 @@ async fn scope_chaos_run(seed: u64) {
     check_delivered(&tap2, "site2", &sealer2, &sync_key, &outside);
     env.shutdown().await;
 }
+
+/// A create without `domain_id` lands in the domain of the caller's token:
+/// the edge carrying that domain gets it (its domain named from what
+/// central learned), not a marker.
+#[tokio::test]
+async fn a_create_in_the_callers_token_domain_reaches_the_edge_carrying_it() {
+    let mut env = sync_env(&[], None, |c| {
+        c.sync.edges = vec!["site2".into()];
+        c.sync
+            .scopes
+            .insert("site2".into(), "domains:acme".parse().unwrap());
+    })
+    .await;
+    let (key2, _) = edge_key(&env, "site2");
+    env.add_edge_with_key("site2", None, key2).await;
+    let acme = env
+        .create("/v3/domains", "domain", json!({"domain": {"name": "acme"}}))
+        .await;
+    let web = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "web", "domain_id": acme}}),
+        )
+        .await;
+    let alice = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "alice", "domain_id": acme, "password": "alice-pw-1"}}),
+        )
+        .await;
+    let admin_role = env.central_site.id_of("role", "admin").unwrap();
+    let (status, _) = env
+        .write(
+            "PUT",
+            &format!("/v3/projects/{web}/users/{alice}/roles/{admin_role}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let resp = env
+        .http
+        .post(format!("{}/v3/auth/tokens", env.central_site.url()))
+        .json(&json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "id": alice, "password": "alice-pw-1"}}},
+            "scope": {"project": {"id": web}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let token = resp.headers()["x-subject-token"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let resp = env
+        .http
+        .post(format!("{}/v3/users", env.proxy))
+        .header("x-auth-token", &token)
+        .json(&json!({"user": {"name": "by-token", "password": "by-token-pw-2"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let seq = env.last_seq().await;
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    assert_eq!(env.delivery(seq, "site2").await, "applied");
+    let at2 = format!("{:?}", env.edges[0].site.snapshot());
+    assert!(at2.contains("by-token@acme"), "{at2}");
+    env.shutdown().await;
+}
