@@ -532,6 +532,15 @@ impl Central {
                 config.upstream_ca.as_deref(),
             )?)),
             None => {
+                if let Some(edge) = config.sync.scopes.iter().find(|(_, s)| s.domains.is_some()) {
+                    anyhow::bail!(
+                        "--edge-scope {}: a scope limited to some domains needs central's service \
+                         credentials (OS_USERNAME, OS_PASSWORD, ... or an application credential): \
+                         central reads what a write to an entity by its ID references (a user's \
+                         default project) to tell which edges may receive it",
+                        edge.0
+                    );
+                }
                 info!("no OS_* service credentials: natural keys are learned only from writes passing through");
                 None
             }

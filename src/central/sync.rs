@@ -717,13 +717,7 @@ impl SyncCentral {
             return self.reject(ACK, subject_edge, r);
         }
         let (edge, mut ack) = (opened.edge, opened.msg);
-        if ack.outcome == crate::protocol::messages::Outcome::OutOfScope {
-            if let Some(why) = self.not_out_of_scope(&edge, ack.seq).await {
-                warn!(edge = %edge, seq = ack.seq, "{why}");
-                ack.outcome = crate::protocol::messages::Outcome::Failed;
-                ack.detail = Some(why);
-            }
-        }
+        self.check_out_of_scope(&edge, &mut ack).await;
         debug!(edge = %edge, seq = ack.seq, outcome = ack.state(), "ack");
         self.metrics
             .acks
@@ -1381,10 +1375,22 @@ impl SyncCentral {
         }
     }
 
-    /// A declared edge whose hellos cannot be opened most likely has another
-    /// sync key: say so on its row (nothing else about it changes).
+    /// An `out_of_scope` ack not to be believed (see `not_out_of_scope`),
+    /// live or recovered, is taken as failed, with the reason.
+    async fn check_out_of_scope(&self, edge: &str, ack: &mut Ack) {
+        if ack.outcome != crate::protocol::messages::Outcome::OutOfScope {
+            return;
+        }
+        if let Some(why) = self.not_out_of_scope(edge, ack.seq).await {
+            warn!(edge = %edge, seq = ack.seq, "{why}");
+            ack.outcome = crate::protocol::messages::Outcome::Failed;
+            ack.detail = Some(why);
+        }
+    }
+
     /// Why an edge's `out_of_scope` ack for `seq` is not to be believed (it
-    /// would hide a failure): the edge has no scope, or the op is in it.
+    /// would hide a failure): the edge has no scope, or the op is in it, or
+    /// that cannot be told now (a re-drive settles it).
     async fn not_out_of_scope(&self, edge: &str, seq: i64) -> Option<String> {
         let Some(scoped) = self.scoped.get(edge) else {
             return Some(format!(
@@ -1392,10 +1398,17 @@ impl SyncCentral {
                  recorded failed"
             ));
         };
+        let unchecked = |e: &dyn std::fmt::Display| {
+            Some(format!(
+                "acknowledged op {seq} out_of_scope, which could not be checked against the \
+                 op log ({e}): recorded failed, a re-drive settles it"
+            ))
+        };
         let op = match self.store.get_op(seq).await {
             Ok(Some(op)) => op,
-            // An op the op log no longer has, or cannot read now: taken as said.
-            _ => return None,
+            // Pruned by retention: nothing left to deliver.
+            Ok(None) => return None,
+            Err(e) => return unchecked(&e),
         };
         match super::scoped::domains_of(&self.store, &op).await {
             Ok(d) if super::scoped::carries(scoped, &op, &d) => Some(format!(
@@ -1403,7 +1416,8 @@ impl SyncCentral {
                  ({}): recorded failed",
                 scoped.scope
             )),
-            _ => None,
+            Ok(_) => None,
+            Err(e) => unchecked(&e),
         }
     }
 
@@ -1442,6 +1456,8 @@ impl SyncCentral {
         }
     }
 
+    /// A declared edge whose hellos cannot be opened most likely has another
+    /// sync key: say so on its row (nothing else about it changes).
     async fn show_key_mismatch(&self, edge: Option<&str>, why: Rejected, hello: &[u8]) {
         let Some(edge) = edge.filter(|_| why == Rejected::Forged) else {
             return;
@@ -1518,8 +1534,11 @@ impl SyncCentral {
                 )
                 .await;
             match answer {
-                Ok(reply) => {
+                Ok(mut reply) => {
                     let upto = reply.through.min(through);
+                    for ack in reply.exceptions.iter_mut() {
+                        this.check_out_of_scope(&edge, ack).await;
+                    }
                     match this
                         .store
                         .record_outcomes(&edge, after, upto, &reply.exceptions, asked_ms)

@@ -566,10 +566,11 @@ impl Applier<'_> {
                 reply.status
             ));
         }
+        let named = ids_named(op);
         let unresolved: Vec<&EntityRef> = op
             .refs
             .iter()
-            .filter(|r| !resolved.contains_key(&r.id))
+            .filter(|r| !resolved.contains_key(&r.id) && named.contains(&r.id))
             .collect();
         if !unresolved.is_empty() {
             let names: Vec<String> = unresolved

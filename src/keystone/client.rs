@@ -147,12 +147,18 @@ pub enum ClientError {
     AuthRefused { status: u16, message: String },
     #[error("bad request URL: {0}")]
     BadUrl(String),
+    /// An answer that is not what was asked for (a read answered with
+    /// another shape, or refused for another reason than absence).
+    #[error("the identity service's answer could not be read: {0}")]
+    Unreadable(String),
 }
 
 impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable(_) | ClientError::InDoubt(_) => true,
+            ClientError::Unreachable(_) | ClientError::InDoubt(_) | ClientError::Unreadable(_) => {
+                true
+            }
             ClientError::AuthRefused { status, .. } => *status >= 500 || *status == 429,
             ClientError::BadUrl(_) => false,
         }
@@ -471,6 +477,34 @@ impl KeystoneClient {
             .is_success()
             .then(|| reply.json().map(|v| v[member].clone()))
             .flatten())
+    }
+
+    /// `get_member`, where a wrong answer must not pass for an absent entity:
+    /// absent only when Keystone answers 404; any other refusal (a 403), or
+    /// an answer without the entity, is an error.
+    pub async fn get_member_strict(
+        &self,
+        path: &str,
+        member: &str,
+        what: &str,
+    ) -> Result<Option<Value>, ClientError> {
+        let reply = self.send(Method::GET, path, None).await?;
+        if reply.status == 404 {
+            return Ok(None);
+        }
+        if !reply.is_success() {
+            return Err(ClientError::Unreadable(format!(
+                "HTTP {} reading a {what}",
+                reply.status
+            )));
+        }
+        match reply.json().map(|v| v[member].clone()) {
+            Some(entity) if entity.is_object() => Ok(Some(entity)),
+            _ => Err(ClientError::Unreadable(format!(
+                "HTTP {} reading a {what}, but the answer holds no {what}",
+                reply.status
+            ))),
+        }
     }
 }
 

@@ -29,13 +29,23 @@ fn kind_of_field(key: &str) -> Option<&'static str> {
 
 /// IDs named in a path (query ignored).
 pub fn path_refs(path: &str) -> Vec<IdRef> {
+    path_refs_where(path, is_mappable_id)
+}
+
+/// Whatever stands in an ID's place: Keystone's own IDs, and those it does
+/// not make (an LDAP or federated user's, a domain made with a chosen ID).
+fn any_id(s: &str) -> bool {
+    !s.is_empty()
+}
+
+fn path_refs_where(path: &str, is_id: fn(&str) -> bool) -> Vec<IdRef> {
     let path = path.split('?').next().unwrap_or(path);
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     segments
         .windows(2)
         .filter_map(|w| {
             let kind = kind_of_collection(w[0])?;
-            is_mappable_id(w[1]).then(|| IdRef {
+            is_id(w[1]).then(|| IdRef {
                 id: w[1].to_string(),
                 kind,
             })
@@ -46,33 +56,43 @@ pub fn path_refs(path: &str) -> Vec<IdRef> {
 /// IDs named in a body, by field name, at any depth.
 pub fn body_refs(body: &Value) -> Vec<IdRef> {
     let mut out = Vec::new();
-    collect_body_refs(body, &mut out);
+    collect_body_refs(body, is_mappable_id, &mut out);
     out
 }
 
-fn collect_body_refs(value: &Value, out: &mut Vec<IdRef>) {
+fn collect_body_refs(value: &Value, is_id: fn(&str) -> bool, out: &mut Vec<IdRef>) {
     match value {
         Value::Object(map) => {
             for (key, v) in map {
                 match (kind_of_field(key), v.as_str()) {
-                    (Some(kind), Some(id)) if is_mappable_id(id) => out.push(IdRef {
+                    (Some(kind), Some(id)) if is_id(id) => out.push(IdRef {
                         id: id.to_string(),
                         kind,
                     }),
-                    _ => collect_body_refs(v, out),
+                    _ => collect_body_refs(v, is_id, out),
                 }
             }
         }
-        Value::Array(items) => items.iter().for_each(|v| collect_body_refs(v, out)),
+        Value::Array(items) => items.iter().for_each(|v| collect_body_refs(v, is_id, out)),
         _ => {}
     }
 }
 
 /// Every ID a request names, each once.
 pub fn all_refs(path: &str, body: Option<&Value>) -> Vec<IdRef> {
-    let mut refs = path_refs(path);
+    refs_where(path, body, is_mappable_id)
+}
+
+/// Every ID a request names in an ID's place, whatever its form, each once:
+/// what a rule that must not miss one (per-site scope) reads.
+pub fn every_ref(path: &str, body: Option<&Value>) -> Vec<IdRef> {
+    refs_where(path, body, any_id)
+}
+
+fn refs_where(path: &str, body: Option<&Value>, is_id: fn(&str) -> bool) -> Vec<IdRef> {
+    let mut refs = path_refs_where(path, is_id);
     if let Some(body) = body {
-        refs.extend(body_refs(body));
+        collect_body_refs(body, is_id, &mut refs);
     }
     let mut seen = std::collections::HashSet::new();
     refs.retain(|r| seen.insert(r.id.clone()));

@@ -236,6 +236,18 @@ impl Kind {
         }
     }
 
+    /// `get`, absent only when Keystone says so (see `get_member_strict`).
+    pub async fn get_strict(
+        &self,
+        ks: &KeystoneClient,
+        id: &str,
+    ) -> Result<Option<Value>, ClientError> {
+        match self.member_path(id) {
+            Some(path) => ks.get_member_strict(&path, self.member, self.name).await,
+            None => Ok(None),
+        }
+    }
+
     /// The natural key an entity's JSON carries: (name, domain ID). A domain
     /// has no domain; a role without `domain_id` is global; other named kinds
     /// default to `default`; a service is named `<type>/<name>`.

@@ -3,14 +3,19 @@
 //!
 //! The rule, one for every kind: an op or an entity is in an edge's scope when
 //! its route class is one the edge carries and **every** domain it touches is
-//! one the edge carries. What it touches: a domain itself, and the domain of
-//! every entity it names or creates, one step: a user's own domain, a grant's
-//! actor's and target's, a project's parent's, a user's default project's
-//! (not that project's own references). What may touch no domain (a global
+//! one the edge carries. What it touches: a domain itself, the domain of
+//! every entity it names or creates (a user's own domain, a grant's actor's
+//! and target's, a project's parent's, a user's default project's), and
+//! what those entities touch in turn: a grant to a user whose default project
+//! lies outside the scope is outside it, as that user is. (Central reads a
+//! named user's default project, and what a credential or limit written by
+//! its ID belongs to, before forwarding the write.) What may touch no domain (a global
 //! role, a region, a service, a policy, a registered limit) is in every scope
 //! of its class; any other kind that names no domain central can tell is
 //! unknown, and so out of a limited scope, as is anything whose domain central
-//! cannot tell: an edge never receives what it may not hold. Federation
+//! cannot tell (an ID Keystone did not make, an LDAP or federated user's, of
+//! which central records no natural key): an edge never receives what it may
+//! not hold. Federation
 //! (identity providers, their protocols, and mappings, whose rules name groups
 //! and domains by any means) reaches only edges whose scope limits no domain.
 
@@ -46,6 +51,14 @@ impl Scope {
         }
     }
 
+    /// Whether `domains` are all carried (whatever the class).
+    pub fn carries_domains(&self, domains: &Domains) -> bool {
+        match &self.domains {
+            None => true,
+            Some(carried) => !domains.unknown && domains.names.is_subset(carried),
+        }
+    }
+
     /// Whether an op (or entity) of `class` touching `domains` is in scope.
     pub fn carries(&self, class: &str, domains: &Domains) -> bool {
         if !self.carries_class(class) {
@@ -54,7 +67,7 @@ impl Scope {
         match &self.domains {
             None => true,
             Some(_) if class == RouteClass::Federation.as_str() => false,
-            Some(carried) => !domains.unknown && domains.names.is_subset(carried),
+            Some(_) => self.carries_domains(domains),
         }
     }
 }
@@ -236,11 +249,16 @@ pub fn names_default(path: &str, body: Option<&Value>) -> bool {
     in_path || body.is_some_and(in_body)
 }
 
-/// The referable IDs in an op's path and body (see `op_domains`).
+/// The IDs of referable kinds in an op's path and body, whatever their form
+/// (see `op_domains`): one Keystone did not make (an LDAP or federated
+/// user's, a domain made with a chosen ID) has no natural key central
+/// records, and so makes the op's domains unknown. The default domain's
+/// fixed ID is `names_default`'s.
 pub fn named_ids(path: &str, body: Option<&Value>) -> Vec<String> {
-    super::ids::all_refs(path, body)
+    super::ids::every_ref(path, body)
         .into_iter()
         .filter(|r| super::ids::referable(r.kind))
+        .filter(|r| !(r.kind == super::kinds::DOMAIN.name && r.id == DEFAULT_DOMAIN.0))
         .map(|r| r.id)
         .collect()
 }
@@ -264,21 +282,53 @@ pub fn retain_in_scope_or(
         // By the site's own ID, and by central's where an edge gives its
         // references as central's IDs (`ids[0]` of an entity it maps).
         let mut by_id: HashMap<(&str, &str), &Entity> = HashMap::new();
-        for e in entities.iter().filter(|e| !e.id.is_empty()) {
+        let mut at: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, e) in entities
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.id.is_empty())
+        {
             by_id.insert((e.kind.as_str(), e.id.as_str()), e);
+            at.insert((e.kind.as_str(), e.id.as_str()), i);
             if let Some(central) = e.ids.first().filter(|_| e.mapped) {
                 by_id.insert((e.kind.as_str(), central.as_str()), e);
+                at.insert((e.kind.as_str(), central.as_str()), i);
+            }
+        }
+        let domains: Vec<Domains> = entities
+            .iter()
+            .map(|e| {
+                let mut d = Domains::default();
+                entity_domains(e, &by_id, &mut d);
+                d
+            })
+            .collect();
+        // In the scope's domains: its own, and those of everything it
+        // references, to the end (a grant to a user whose default project
+        // is outside is outside too).
+        let mut carried: Vec<bool> = domains.iter().map(|d| scope.carries_domains(d)).collect();
+        loop {
+            let mut changed = false;
+            for (i, e) in entities.iter().enumerate() {
+                if carried[i]
+                    && refs_of(e).any(|(k, id, _)| at.get(&(k, id)).is_some_and(|&j| !carried[j]))
+                {
+                    carried[i] = false;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
             }
         }
         entities
             .iter()
-            .map(|e| {
+            .zip(domains.iter().zip(carried))
+            .map(|(e, (d, carried))| {
                 let class = super::kinds::canonical_of(e)
                     .and_then(super::kinds::named)
                     .map(|k| k.class.as_str());
-                let mut domains = Domains::default();
-                entity_domains(e, &by_id, &mut domains);
-                class.is_some_and(|c| scope.carries(c, &domains)) || also(e)
+                (carried && class.is_some_and(|c| scope.carries(c, d))) || also(e)
             })
             .collect()
     };
@@ -289,14 +339,20 @@ pub fn retain_in_scope_or(
 }
 
 /// The domains an entity of a state touches (see the module's rule): its
-/// own, and the own domain of each entity it references; a reference to
-/// what the state does not hold (a project deleted after it was a user's
-/// default) adds nothing.
+/// own, and the own domain of each entity it references. A field's
+/// reference to what the state does not hold (a project deleted after it
+/// was a user's default) adds nothing; a relation's end the state does not
+/// hold makes it unknown.
 fn entity_domains(e: &Entity, by_id: &HashMap<(&str, &str), &Entity>, out: &mut Domains) {
     own_domains(e, by_id, out);
-    for (kind, id) in refs_of(e).filter(|(k, _)| *k != super::kinds::DOMAIN.name) {
-        if let Some(r) = by_id.get(&(kind, id)) {
-            own_domains(r, by_id, out);
+    for (kind, id, in_key) in refs_of(e).filter(|(k, _, _)| *k != super::kinds::DOMAIN.name) {
+        match by_id.get(&(kind, id)) {
+            Some(r) => own_domains(r, by_id, out),
+            // What a relation is made of (a grant's user) that the state
+            // does not hold, and that lives in a domain (an LDAP user the
+            // state was not read with): its domain is not known.
+            None if in_key && !may_be_global(kind) => out.unknown = true,
+            None => {}
         }
     }
     if out.names.is_empty() && !may_be_global(&e.kind) {
@@ -310,7 +366,7 @@ fn own_domains(e: &Entity, by_id: &HashMap<(&str, &str), &Entity>, out: &mut Dom
         out.names.insert(e.key.clone());
         return;
     }
-    for (kind, id) in refs_of(e).filter(|(k, _)| *k == super::kinds::DOMAIN.name) {
+    for (kind, id, _) in refs_of(e).filter(|(k, _, _)| *k == super::kinds::DOMAIN.name) {
         match by_id.get(&(kind, id)) {
             Some(d) => {
                 out.names.insert(d.key.clone());
@@ -323,16 +379,17 @@ fn own_domains(e: &Entity, by_id: &HashMap<(&str, &str), &Entity>, out: &mut Dom
     }
 }
 
-/// What an entity references: (kind, ID) in its key and its fields.
-fn refs_of(e: &Entity) -> impl Iterator<Item = (&str, &str)> {
+/// What an entity references: (kind, ID, whether in its key) in its key and
+/// its fields.
+fn refs_of(e: &Entity) -> impl Iterator<Item = (&str, &str, bool)> {
     let parts = e.parts.iter().filter_map(|p| match p {
-        Part::Ref { kind, id, .. } => Some((kind.as_str(), id.as_str())),
+        Part::Ref { kind, id, .. } => Some((kind.as_str(), id.as_str(), true)),
         Part::Text(_) => None,
     });
     let fields = e
         .field_refs
         .values()
-        .map(|(k, id)| (k.as_str(), id.as_str()));
+        .map(|(k, id)| (k.as_str(), id.as_str(), false));
     parts.chain(fields)
 }
 
@@ -436,6 +493,33 @@ mod tests {
             Some(&serde_json::json!({"user": {"domain_id": "default"}}))
         ));
         assert!(!names_default("/v3/domains/defaults", None));
+        // IDs Keystone did not make are read too: a grant of an acme
+        // project to an LDAP user (64 hex digits) or to a user of a domain
+        // made with a dashed ID names them; the default domain's fixed ID
+        // is not among them.
+        let ldap = "e".repeat(64);
+        let path = format!("/v3/projects/p1/users/{ldap}/roles/r1");
+        assert_eq!(named_ids(&path, None), ["p1", ldap.as_str(), "r1"]);
+        let grant = op_domains(
+            "grant",
+            &named_ids(&path, None),
+            &[project.clone(), global_role.clone(), acme.clone()],
+            false,
+            &none,
+        );
+        assert!(grant.unknown && !edge.carries("assignment", &grant));
+        let body = serde_json::json!({"user": {"name": "x", "domain_id": "1-2-3",
+            "default_project_id": "p1"}});
+        let mut ids = named_ids("/v3/users", Some(&body));
+        ids.sort();
+        assert_eq!(ids, ["1-2-3", "p1"]);
+        let body =
+            serde_json::json!({"user": {"domain_id": "default", "default_project_id": null}});
+        assert!(named_ids("/v3/users", Some(&body)).is_empty());
+        assert_eq!(
+            named_ids("/v3/domains/default/config?x=1", None),
+            Vec::<String>::new()
+        );
         // Unknown: an ID with no natural key, a domain no one names.
         let missing = op_domains("user", &["u9".into()], &[], false, &none);
         assert!(missing.unknown && !edge.carries("identity", &missing));
@@ -529,15 +613,52 @@ mod tests {
             ),
             entity("user", "uX", "x", &[("domain", "nowhere")], None),
             // A default project deleted since: adds nothing.
+            {
+                let mut carl = entity("user", "uC", "carl", &[("domain", "dA")], None);
+                carl.field_refs.insert(
+                    "default_project_id".into(),
+                    ("project".into(), "gone".into()),
+                );
+                carl
+            },
+            // A grant to a user the state does not hold (an LDAP user's
+            // ID): unknown, though its project is acme's.
+            entity("project", "pA", "web", &[("domain", "dA")], None),
             entity(
-                "user",
-                "uC",
-                "carl",
-                &[("domain", "dA"), ("project", "gone")],
+                "grant",
+                "",
+                "",
+                &[("user", &"e".repeat(64)), ("project", "pA"), ("role", "r1")],
+                None,
+            ),
+            // ... and one to a role it does not hold adds nothing: a role
+            // may be global.
+            entity(
+                "grant",
+                "",
+                "",
+                &[("user", "uA"), ("project", "pA"), ("role", "r9")],
                 None,
             ),
             // A credential naming no domain of its own: its user's.
             entity("credential", "cr1", "c", &[("user", "uA")], None),
+            // A user of acme whose default project is other's: outside, and
+            // so is what references it, to the end.
+            entity("project", "pB", "far", &[("domain", "dB")], None),
+            {
+                let mut eve = entity("user", "uE", "eve", &[("domain", "dA")], None);
+                eve.field_refs
+                    .insert("default_project_id".into(), ("project".into(), "pB".into()));
+                eve
+            },
+            entity(
+                "grant",
+                "",
+                "eve-on-web",
+                &[("user", "uE"), ("project", "pA"), ("role", "r1")],
+                None,
+            ),
+            entity("credential", "cr2", "eve-cred", &[("user", "uE")], None),
         ];
         let left_out = retain_in_scope(&mut state, &scope("domains:acme"));
         let kept: Vec<String> = state
@@ -553,13 +674,31 @@ mod tests {
                 "role memberr1",
                 "group_membership ",
                 "user carluC",
+                "project webpA",
+                "grant ",
                 "credential ccr1",
             ]
         );
-        assert_eq!(left_out, 5);
+        assert_eq!(left_out, 10);
         let mut all = state.clone();
         assert_eq!(retain_in_scope(&mut all, &Scope::default()), 0);
-        assert_eq!(retain_in_scope(&mut state, &scope("replicate:resource")), 6);
-        assert_eq!(state.len(), 1, "{state:?}");
+        assert_eq!(retain_in_scope(&mut state, &scope("replicate:resource")), 7);
+        assert_eq!(state.len(), 2, "{state:?}");
+        // Classes alone do not follow references: an edge carrying grants
+        // but not users keeps grants (its users come from elsewhere).
+        let mut state = vec![
+            entity("user", "uA", "alice", &[("domain", "default")], None),
+            entity(
+                "grant",
+                "",
+                "alice-on-web",
+                &[("user", "uA"), ("project", "pA"), ("role", "r1")],
+                None,
+            ),
+            entity("project", "pA", "web", &[("domain", "default")], None),
+        ];
+        retain_in_scope(&mut state, &scope("replicate:assignment"));
+        let kept: Vec<&str> = state.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kept, ["grant"]);
     }
 }

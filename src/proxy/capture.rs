@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use super::error::ProxyError;
 use super::{build_response, Peer, Proxy, SendError, REQUEST_ID};
-use crate::keystone::ids::{all_refs, is_mappable_id, natural_key, referable, IdRef};
+use crate::keystone::ids::{all_refs, every_ref, is_mappable_id, natural_key, referable, IdRef};
 use crate::keystone::touches::{self, Touch};
-use crate::keystone::{self, RouteMatch};
+use crate::keystone::{self, kinds, RouteMatch};
 use crate::metrics::inc;
 use crate::protocol::messages::EntityRef;
 use crate::store::{NewIntent, OpState, Outcome, StoreError};
@@ -140,7 +140,14 @@ async fn captured_section(
     }
 
     // Natural keys are read before forwarding: a delete's target is gone after.
-    let refs = entity_refs(proxy, &path, request_json.as_ref()).await;
+    let owners = match owners_of(proxy, &route, &path, request_json.as_ref()).await {
+        Ok(owners) => owners,
+        Err(e) => {
+            inc(&proxy.metrics.writes_not_applied);
+            return Err(e);
+        }
+    };
+    let refs = entity_refs(proxy, &path, request_json.as_ref(), owners).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
 
     // A replica that lost its presence on a shared op log forwards nothing:
@@ -549,13 +556,28 @@ fn learned_entity(kind: &str, response: &Value) -> Option<EntityRef> {
 
 /// The natural keys of the named entities a write references: from what central
 /// has seen, else asked of the central Keystone with the service credentials.
-/// A domain an entity lives in is included too.
-async fn entity_refs(proxy: &Proxy, path: &str, body: Option<&Value>) -> Vec<EntityRef> {
+/// A domain an entity lives in is included too, and so are `owners`.
+async fn entity_refs(
+    proxy: &Proxy,
+    path: &str,
+    body: Option<&Value>,
+    owners: Vec<EntityRef>,
+) -> Vec<EntityRef> {
     let mut queue: Vec<IdRef> = all_refs(path, body)
         .into_iter()
         .filter(|r| referable(r.kind))
         .collect();
-    let mut out: Vec<EntityRef> = Vec::new();
+    // The owners' domains (the owners themselves are known).
+    queue.extend(owners.iter().filter_map(|e| {
+        e.domain_id
+            .as_deref()
+            .filter(|d| is_mappable_id(d))
+            .map(|d| IdRef {
+                id: d.to_string(),
+                kind: kinds::DOMAIN.name,
+            })
+    }));
+    let mut out: Vec<EntityRef> = owners;
     while let Some(r) = queue.pop() {
         if out.iter().any(|e| e.id == r.id) {
             continue;
@@ -575,6 +597,109 @@ async fn entity_refs(proxy: &Proxy, path: &str, body: Option<&Value>) -> Vec<Ent
         }
     }
     out
+}
+
+/// Writes to an entity by its own ID whose path does not name whom it
+/// belongs to: a credential's user and project, a limit's project or domain.
+const OWNED: [&str; 2] = [kinds::CREDENTIAL.name, kinds::LIMIT.name];
+
+/// What per-site scope (`keystone::scope`) counts for a write beyond the IDs
+/// it names, read from the central Keystone before the write is forwarded,
+/// when some edge's scope limits its domains and carries the write's class:
+/// what the entity it names by its own ID belongs to (see `OWNED`), and the
+/// default project of every user it names or that entity belongs to (a user
+/// whose default project is outside a scope is outside it, and so is every
+/// write naming that user), with their natural keys. IDs of any form are
+/// read (an LDAP user's, an EC2 credential's). What cannot be read (an
+/// error, a refusal other than 404, an answer without the entity) refuses
+/// the write: sent on, it could reach an edge whose scope it is not in.
+async fn owners_of(
+    proxy: &Proxy,
+    route: &RouteMatch,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<Vec<EntityRef>, ProxyError> {
+    if !proxy
+        .domain_scopes
+        .iter()
+        .any(|s| s.carries_class(route.class.as_str()))
+    {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<IdRef> = Vec::new();
+    if OWNED.contains(&route.kind) {
+        if let Some(target) = every_ref(path, None)
+            .into_iter()
+            .find(|r| r.kind == route.kind)
+        {
+            if let Some(entity) = read_strictly(proxy, &target).await? {
+                found.extend(every_ref("", Some(&entity)));
+            }
+        }
+    }
+    let users: Vec<IdRef> = every_ref(path, body)
+        .into_iter()
+        .chain(found.iter().cloned())
+        .filter(|r| r.kind == kinds::USER.name)
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for user in users.into_iter().filter(|u| seen.insert(u.id.clone())) {
+        if let Some(entity) = read_strictly(proxy, &user).await? {
+            found.extend(
+                every_ref("", Some(&entity))
+                    .into_iter()
+                    .filter(|r| r.kind == kinds::PROJECT.name),
+            );
+            found.push(user);
+        }
+    }
+    // With their natural keys: what central learned, else read.
+    let mut owners: Vec<EntityRef> = Vec::new();
+    for r in found.into_iter().filter(|r| referable(r.kind)) {
+        if owners.iter().any(|e| e.id == r.id) {
+            continue;
+        }
+        let known = match proxy.store.entity(&r.id).await {
+            Ok(Some(e)) => Some(e),
+            _ => read_strictly(proxy, &r)
+                .await?
+                .and_then(|entity| natural_key(r.kind, &entity))
+                .map(|(name, domain_id)| EntityRef {
+                    id: r.id.clone(),
+                    kind: r.kind.to_string(),
+                    name,
+                    domain_id,
+                }),
+        };
+        // Absent (a default project deleted since): it adds nothing, as in
+        // a state.
+        owners.extend(known);
+    }
+    Ok(owners)
+}
+
+/// One entity from the central Keystone, absent only when it says so.
+async fn read_strictly(proxy: &Proxy, target: &IdRef) -> Result<Option<Value>, ProxyError> {
+    let client = proxy.keystone.as_ref().ok_or(ProxyError::OwnersUnread)?;
+    let found = tokio::time::timeout(
+        proxy.timeout,
+        kinds::get_entity_strict(client, target.kind, &target.id),
+    )
+    .await;
+    match found {
+        Ok(Ok(entity)) => Ok(entity),
+        Ok(Err(e)) => {
+            warn!(kind = target.kind, error = %e, "could not read what a write references at the central identity service; write refused");
+            Err(ProxyError::OwnersUnread)
+        }
+        Err(_) => {
+            warn!(
+                kind = target.kind,
+                "reading what a write references at the central identity service timed out; write refused"
+            );
+            Err(ProxyError::OwnersUnread)
+        }
+    }
 }
 
 /// IDs recently looked up in vain, with when: bounded, forgotten after a while.

@@ -50,6 +50,10 @@ pub enum ProxyError {
     /// longer than the upstream timeout (or in doubt there).
     #[error("a write to the same entity is in flight on another replica of the gateway; nothing was forwarded, retry shortly")]
     ReplicaBusy,
+    /// What the write's entity references could not be read, and per-site
+    /// scope needs it (see `capture::owners_of`).
+    #[error("the gateway could not read what this write's entity references at the identity service, which it needs to tell which sites may receive the write; nothing was forwarded, retry shortly")]
+    OwnersUnread,
     /// The op log cannot take the write, so it is not forwarded.
     #[error("the gateway cannot record this write for replication right now; nothing was forwarded, retry later")]
     OpLogUnavailable,
@@ -92,6 +96,7 @@ impl ProxyError {
             | ProxyError::RefusedHeader(_)
             | ProxyError::InexactBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::OpLogUnavailable
+            | ProxyError::OwnersUnread
             | ProxyError::ReplicaBusy
             | ProxyError::OpLogCommitFailed
             | ProxyError::InDoubt(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -125,7 +130,7 @@ impl IntoResponse for ProxyError {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            ProxyError::ReplicaBusy => {
+            ProxyError::ReplicaBusy | ProxyError::OwnersUnread => {
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
             }

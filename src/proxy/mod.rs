@@ -129,6 +129,9 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// Central's service client, to learn natural keys of unseen entities.
     keystone: Option<Arc<KeystoneClient>>,
+    /// The edges' scopes that limit domains: a write of a class one of them
+    /// carries has its owners read (`capture::owners_of`).
+    domain_scopes: Vec<crate::keystone::scope::Scope>,
     /// Wakes the publisher when an op is logged.
     pub wake: Arc<Notify>,
     /// Wakes the resolver when a write is logged with an unknown outcome.
@@ -343,6 +346,13 @@ impl Proxy {
             store,
             metrics,
             keystone,
+            domain_scopes: config
+                .sync
+                .scopes
+                .values()
+                .filter(|s| s.domains.is_some())
+                .cloned()
+                .collect(),
             wake: Arc::new(Notify::new()),
             unknown: Arc::new(Notify::new()),
             locks: order::EntityLocks::default(),

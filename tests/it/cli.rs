@@ -162,6 +162,34 @@ fn an_unwritable_op_log_fails_clearly() {
 }
 
 #[test]
+fn a_scope_limited_to_domains_needs_central_service_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/central.db", dir.path().display());
+    let (code, stderr) = run(&[
+        "central",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--db",
+        &db,
+        "--sync-key",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        "--edge-scope",
+        "site2=domains:acme",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(
+            "--edge-scope site2: a scope limited to some domains needs central's service credentials"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn keygen_prints_a_usable_key() {
     let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
         .arg("keygen")

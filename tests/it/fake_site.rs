@@ -96,7 +96,11 @@ pub struct SiteState {
     pub list_limit: Option<usize>,
     /// The same for one collection (`users`), before `list_limit`.
     pub list_limits: HashMap<String, usize>,
-    /// Collections whose list is answered with JSON that is not the list.
+    /// Reads of paths starting with one of these are refused with 403 (a
+    /// service account without the role to read them).
+    pub refused_reads: Vec<String>,
+    /// Collections whose list (and, of kinds without a natural key, whose
+    /// members) are answered with JSON that is not what was asked for.
     pub garbled: HashSet<String>,
     /// While set, reads wait until it holds `true` (a slow state read, opened
     /// by the test when it has done what it does meanwhile).
@@ -425,6 +429,18 @@ fn error(status: StatusCode, message: &str) -> Response {
 async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Response {
     let write = req.method() != Method::GET && req.uri().path() != "/v3/auth/tokens";
     if req.method() == Method::GET {
+        let refused = {
+            let st = state.lock().unwrap();
+            st.refused_reads
+                .iter()
+                .any(|p| req.uri().path().starts_with(p.as_str()))
+        };
+        if refused {
+            return error(
+                StatusCode::FORBIDDEN,
+                "You are not authorized to perform the requested action.",
+            );
+        }
         let wait = {
             let mut st = state.lock().unwrap();
             st.reads.push(req.uri().path().to_string());
@@ -1264,6 +1280,10 @@ fn sha256_hex(s: &str) -> String {
         .collect()
 }
 
+fn coll_of(kind: &str) -> &'static str {
+    UNNAMED.iter().find(|(_, k, _)| *k == kind).unwrap().0
+}
+
 /// Kinds without a natural key: IDs of the site's own (regions keep a given
 /// `id`), lists filtered by any query field, limits unique by their scope.
 fn unnamed(
@@ -1276,6 +1296,7 @@ fn unnamed(
     body: &Value,
 ) -> Response {
     let single = key == kind;
+    let garbled = st.garbled.contains(coll_of(kind));
     let table = st.unnamed.entry(kind).or_default();
     match (method, id) {
         (Method::GET, None) => {
@@ -1288,8 +1309,8 @@ fn unnamed(
                 })
                 .cloned()
                 .collect();
-            let coll = UNNAMED.iter().find(|(_, k, _)| *k == kind).unwrap().0;
-            if st.garbled.contains(coll) {
+            let coll = coll_of(kind);
+            if garbled {
                 return reply(StatusCode::OK, json!({"unexpected": "shape"}));
             }
             match st.list_limits.get(coll).copied() {
@@ -1300,6 +1321,7 @@ fn unnamed(
                 _ => reply(StatusCode::OK, json!({ coll: items })),
             }
         }
+        (Method::GET, Some(_)) if garbled => reply(StatusCode::OK, json!({"unexpected": "shape"})),
         (Method::GET, Some(id)) => match table.get(id) {
             Some(e) => reply(StatusCode::OK, json!({ kind: e })),
             None => error(

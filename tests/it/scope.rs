@@ -6,10 +6,15 @@
 
 use std::sync::{Arc, Mutex};
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use syncgate::keystone::scope::Scope;
+use syncgate::protocol::control::Session;
 use syncgate::protocol::crypto::Sealer;
-use syncgate::protocol::messages::{Envelope, OpContent, ReplayBatch};
+use syncgate::protocol::messages::{
+    Ack, Envelope, Grant, Hello, HelloReply, OpContent, Outcome, OutcomesReply, OutcomesRequest,
+    ReplayBatch, OUTCOMES_REPLY, OUTCOMES_REQUEST,
+};
 use syncgate::settings::config::{Secret, SyncKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -183,19 +188,17 @@ fn edge_key(env: &SyncEnv, edge: &str) -> (SyncKey, Sealer) {
 }
 
 /// Central with `site1` (everything) and `site2` (domain `acme` only,
-/// behind a tap); domains, users and grants on both sides of the line.
-/// Every op reaches site1; site2 gets what is in `acme` (and global roles),
-/// a marker for the rest, acknowledged `out_of_scope` and never out of sync;
-/// a grant of an `acme` project to a user of another domain is out of scope.
-/// Then `site3`, scoped the same, joins with an initial sync: central's
-/// state reaches it kept to its scope, behind a tap too.
-#[tokio::test]
-async fn an_edge_receives_nothing_of_what_is_outside_its_scope() {
+/// behind a tap), and `more` declared edges of site2's scope that no process
+/// runs yet. Returns the env, site2's tap, its edge key and the sync key.
+async fn acme_env(more: &[&str]) -> (SyncEnv, Tap, Sealer, Sealer) {
     let acme_only: Scope = "domains:acme".parse().unwrap();
+    let more: Vec<String> = more.iter().map(|e| e.to_string()).collect();
     let mut env = sync_env(&[], None, |c| {
-        c.sync.edges = vec!["site1".into(), "site2".into(), "site3".into()];
-        c.sync.scopes.insert("site2".into(), acme_only.clone());
-        c.sync.scopes.insert("site3".into(), acme_only.clone());
+        c.sync.edges = vec!["site1".into(), "site2".into()];
+        for edge in std::iter::once(&"site2".to_string()).chain(&more) {
+            c.sync.scopes.insert(edge.clone(), acme_only.clone());
+        }
+        c.sync.edges.extend(more.iter().cloned());
     })
     .await;
     let sync_key = env.key.sealer().unwrap();
@@ -204,6 +207,19 @@ async fn an_edge_receives_nothing_of_what_is_outside_its_scope() {
     let (key2, sealer2) = edge_key(&env, "site2");
     env.add_edge_with_key("site2", Some(tap2.url.clone()), key2)
         .await;
+    (env, tap2, sealer2, sync_key)
+}
+
+/// Central with `site1` (everything) and `site2` (domain `acme` only,
+/// behind a tap); domains, users and grants on both sides of the line.
+/// Every op reaches site1; site2 gets what is in `acme` (and global roles),
+/// a marker for the rest, acknowledged `out_of_scope` and never out of sync;
+/// a grant of an `acme` project to a user of another domain is out of scope.
+/// Then `site3`, scoped the same, joins with an initial sync: central's
+/// state reaches it kept to its scope, behind a tap too.
+#[tokio::test]
+async fn an_edge_receives_nothing_of_what_is_outside_its_scope() {
+    let (mut env, tap2, sealer2, sync_key) = acme_env(&["site3"]).await;
 
     let acme = env
         .create("/v3/domains", "domain", json!({"domain": {"name": "acme"}}))
@@ -581,6 +597,12 @@ struct Made {
     roles: Vec<String>,
     /// Every name and password made in a domain outside site2's scope.
     outside: Vec<String>,
+    /// Users of acme whose default project is outside it (so are they).
+    far: Vec<String>,
+    /// Projects some user has for its default: never deleted.
+    pinned: Vec<(String, String, String)>,
+    /// Users of acme moved out of it by a new default project.
+    moved_out: usize,
     n: usize,
 }
 
@@ -623,13 +645,28 @@ async fn chaos_write(
             if d < 2 {
                 user["domain_id"] = json!(domain_ids[d]);
             }
+            // Now and then a default project, of any domain (kept: a user
+            // whose default project is deleted would enter a scope no op
+            // brings it into).
+            let default = (rng.chance(50) && !made.projects.is_empty())
+                .then(|| made.projects.swap_remove(rng.below(made.projects.len())));
+            if let Some(p) = &default {
+                user["default_project_id"] = json!(p.0);
+            }
             let id = env
                 .create("/v3/users", "user", json!({ "user": user }))
                 .await;
-            if d != 0 {
+            // Of acme, but outside it by its default project.
+            let far = d == 0 && default.as_ref().is_some_and(|p| p.2 != "acme");
+            if d != 0 || far {
                 made.outside.extend([name.clone(), password]);
             }
-            made.users.push((id, name, DOMAINS[d].into()));
+            if far {
+                made.far.push(name.clone());
+            }
+            made.pinned.extend(default);
+            let domain = if far { "far" } else { DOMAINS[d] };
+            made.users.push((id, name, domain.into()));
         }
         2 | 3 => {
             // A project or a group, in acme or not.
@@ -689,6 +726,30 @@ async fn chaos_write(
             env.write("PUT", &format!("/v3/groups/{}/users/{}", g.0, u.0), None)
                 .await;
         }
+        7 if made.projects.iter().any(|p| p.2 != "acme") && !made.users.is_empty() => {
+            // A user's default project set to one outside acme: a user of
+            // acme leaves site2's scope (deleted there).
+            let i = rng.below(made.users.len());
+            let outside: Vec<usize> = (0..made.projects.len())
+                .filter(|&j| made.projects[j].2 != "acme")
+                .collect();
+            let p = made.projects.swap_remove(outside[rng.below(outside.len())]);
+            let (status, _) = env
+                .write(
+                    "PATCH",
+                    &format!("/v3/users/{}", made.users[i].0),
+                    Some(json!({"user": {"default_project_id": p.0}})),
+                )
+                .await;
+            assert_eq!(status, 200);
+            let u = &mut made.users[i];
+            if u.2 == "acme" {
+                made.far.push(u.1.clone());
+                made.moved_out += 1;
+                u.2 = "far".into();
+            }
+            made.pinned.push(p);
+        }
         7 | 8 => {
             let Some(u) = pick(rng, &made.users) else {
                 return;
@@ -724,8 +785,9 @@ async fn chaos_write(
 }
 
 /// Seeded, model-based chaos of per-site scope: random writes across
-/// three domains (users with passwords, projects, groups, memberships,
-/// global roles, grants within and across domains, updates and deletes),
+/// three domains (users with passwords and now and then a default project
+/// of any domain, projects, groups, memberships, global roles, grants within
+/// and across domains, updates and deletes),
 /// with faults at the edge carrying only `acme` (restarts, kills, resyncs
 /// with and without prune while writes go on, drift audits). Then, against
 /// both sites: site1 holds all of central; site2 holds exactly central's
@@ -755,19 +817,7 @@ async fn scope_chaos_keeps_each_site_to_its_scope() {
 
 async fn scope_chaos_run(seed: u64) {
     let mut rng = crate::fault_run::Rng(seed | 1);
-    let mut env = sync_env(&[], None, |c| {
-        c.sync.edges = vec!["site1".into(), "site2".into()];
-        c.sync
-            .scopes
-            .insert("site2".into(), "domains:acme".parse().unwrap());
-    })
-    .await;
-    let sync_key = env.key.sealer().unwrap();
-    env.add_edge("site1", None).await;
-    let tap2 = tap(&env.broker_url).await;
-    let (key2, sealer2) = edge_key(&env, "site2");
-    env.add_edge_with_key("site2", Some(tap2.url.clone()), key2)
-        .await;
+    let (mut env, tap2, sealer2, sync_key) = acme_env(&[]).await;
     let mut domain_ids = Vec::new();
     for d in &DOMAINS[..2] {
         domain_ids.push(
@@ -804,6 +854,12 @@ async fn scope_chaos_run(seed: u64) {
             _ => {}
         }
     }
+    eprintln!(
+        "scope chaos: seed {seed}: {} users of acme outside it by their default project \
+         ({} moved out)",
+        made.far.len(),
+        made.moved_out
+    );
     if let Some(before) = resync_row {
         next_resync(&env, "site2", &before).await;
     }
@@ -818,6 +874,7 @@ async fn scope_chaos_run(seed: u64) {
     let want: std::collections::BTreeSet<&String> = central
         .iter()
         .filter(|l| made_by_run(l) && in_acme(l))
+        .filter(|l| !made.far.iter().any(|name| l.contains(&format!(" {name}@"))))
         .collect();
     let at2 = env.edges[1].site.snapshot();
     let got: std::collections::BTreeSet<&String> = at2.iter().filter(|l| made_by_run(l)).collect();
@@ -899,5 +956,613 @@ async fn a_create_in_the_callers_token_domain_reaches_the_edge_carrying_it() {
     assert_eq!(env.delivery(seq, "site2").await, "applied");
     let at2 = format!("{:?}", env.edges[0].site.snapshot());
     assert!(at2.contains("by-token@acme"), "{at2}");
+    env.shutdown().await;
+}
+
+/// A write to an entity by its own ID counts what that entity references
+/// though the write does not name it: a user whose default project lies in
+/// another domain is outside `acme`, and so is every later update naming only
+/// the user (its password never reaches the acme edge); a credential or a
+/// limit updated or deleted by its ID touches its owner's domain, and so
+/// reaches the edge carrying it (applied there) or not at all.
+#[tokio::test]
+async fn a_write_by_id_counts_what_its_entity_references() {
+    let (env, tap2, sealer2, sync_key) = acme_env(&[]).await;
+    let acme = env
+        .create("/v3/domains", "domain", json!({"domain": {"name": "acme"}}))
+        .await;
+    let other = env
+        .create(
+            "/v3/domains",
+            "domain",
+            json!({"domain": {"name": "far-dom"}}),
+        )
+        .await;
+    let far = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "far-proj", "domain_id": other}}),
+        )
+        .await;
+    let web = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "web", "domain_id": acme}}),
+        )
+        .await;
+    let dave = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "dave-far-default", "domain_id": acme,
+                "default_project_id": far, "password": "dave-pw-0001"}}),
+        )
+        .await;
+    let erin = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "erin", "domain_id": acme, "password": "erin-pw-0001"}}),
+        )
+        .await;
+    let gail = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "gail", "domain_id": acme, "password": "gail-pw-0001"}}),
+        )
+        .await;
+    let mut expected = vec![
+        ("acme", "applied"),
+        ("far-dom", "out_of_scope"),
+        ("far-proj", "out_of_scope"),
+        ("web", "applied"),
+        ("dave", "out_of_scope"),
+        ("erin", "applied"),
+        ("gail", "applied"),
+    ];
+    // gail leaves acme's scope: her default project is set to far-proj.
+    // site2 held her: there she is deleted (nothing of the write is sent),
+    // and what follows is not sent (her disabling, a new password).
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{gail}"),
+            Some(json!({"user": {"default_project_id": far, "description": "gail-desc-0002"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    expected.push(("gail moved out: deleted at site2", "applied"));
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    let at2 = format!("{:?}", env.edges[1].site.snapshot());
+    assert!(!at2.contains("gail"), "gail left site2: {at2}");
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{gail}"),
+            Some(json!({"user": {"enabled": false, "password": "gail-pw-0003"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    expected.push(("gail's update", "out_of_scope"));
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{dave}"),
+            Some(json!({"user": {"description": "dave-desc-0002", "password": "dave-pw-0002"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    expected.push(("dave's update", "out_of_scope"));
+    // What names dave is outside too: a grant on an acme project, a
+    // membership of an acme group, a credential.
+    let role = env
+        .create("/v3/roles", "role", json!({"role": {"name": "by-id-role"}}))
+        .await;
+    let group = env
+        .create(
+            "/v3/groups",
+            "group",
+            json!({"group": {"name": "acme-group", "domain_id": acme}}),
+        )
+        .await;
+    expected.extend([("role", "applied"), ("group", "applied")]);
+    for path in [
+        format!("/v3/projects/{web}/users/{dave}/roles/{role}"),
+        format!("/v3/groups/{group}/users/{dave}"),
+    ] {
+        let (status, _) = env.write("PUT", &path, None).await;
+        assert_eq!(status, 204, "{path}");
+        expected.push(("naming dave", "out_of_scope"));
+    }
+    let credential = |user: &str, project: Option<&str>, blob: &str| {
+        let mut c = json!({"credential": {"user_id": user, "type": "totp", "blob": blob}});
+        if let Some(p) = project {
+            c["credential"]["project_id"] = json!(p);
+        }
+        c
+    };
+    let mine = env
+        .create(
+            "/v3/credentials",
+            "credential",
+            credential(&erin, Some(&web), "erin-blob-0001"),
+        )
+        .await;
+    expected.push(("erin's credential", "applied"));
+    let elsewhere = env
+        .create(
+            "/v3/credentials",
+            "credential",
+            credential(&erin, Some(&far), "far-blob-0001"),
+        )
+        .await;
+    expected.push(("erin's credential on far-proj", "out_of_scope"));
+    env.create(
+        "/v3/credentials",
+        "credential",
+        credential(&dave, None, "dave-blob-0001"),
+    )
+    .await;
+    expected.push(("dave's credential", "out_of_scope"));
+    for (id, blob, state) in [
+        (&mine, "erin-blob-0002", "applied"),
+        (&elsewhere, "far-blob-0002", "out_of_scope"),
+    ] {
+        let (status, _) = env
+            .write(
+                "PATCH",
+                &format!("/v3/credentials/{id}"),
+                Some(json!({"credential": {"blob": blob}})),
+            )
+            .await;
+        assert_eq!(status, 200);
+        expected.push(("a credential's update", state));
+    }
+    // A limit on an acme project, and on far-proj.
+    let svc = env
+        .create(
+            "/v3/services",
+            "service",
+            json!({"service": {"type": "compute", "name": "nova"}}),
+        )
+        .await;
+    env.create(
+        "/v3/regions",
+        "region",
+        json!({"region": {"id": "RegionX"}}),
+    )
+    .await;
+    let (status, _) = env
+        .write(
+            "POST",
+            "/v3/registered_limits",
+            Some(
+                json!({"registered_limits": [{"service_id": svc, "region_id": "RegionX",
+                "resource_name": "cores", "default_limit": 10}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201);
+    // (The catalog is not replicated here: only the registered limit is an op.)
+    expected.push(("registered limit", "applied"));
+    let mut limits = Vec::new();
+    for (project, state) in [(&web, "applied"), (&far, "out_of_scope")] {
+        let (status, resp) = env
+            .write(
+                "POST",
+                "/v3/limits",
+                Some(json!({"limits": [{"project_id": project, "service_id": svc,
+                    "region_id": "RegionX", "resource_name": "cores", "resource_limit": 5}]})),
+            )
+            .await;
+        assert_eq!(status, 201, "{resp}");
+        limits.push(resp["limits"][0]["id"].as_str().unwrap().to_string());
+        expected.push(("a limit", state));
+    }
+    for (id, state, description) in [
+        (&limits[0], "applied", "web-limit-desc"),
+        (&limits[1], "out_of_scope", "far-limit-desc"),
+    ] {
+        let (status, resp) = env
+            .write(
+                "PATCH",
+                &format!("/v3/limits/{id}"),
+                Some(json!({"limit": {"resource_limit": 7, "description": description}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{resp}");
+        expected.push(("a limit's update", state));
+    }
+    // site2 holds erin's credential and the acme limit, as updated.
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    let site2 = &env.edges[1].site;
+    let blobs: Vec<Value> = site2
+        .unnamed("credential")
+        .into_iter()
+        .map(|c| c["blob"].clone())
+        .collect();
+    assert_eq!(blobs, [json!("erin-blob-0002")]);
+    let held: Vec<Value> = site2
+        .unnamed("limit")
+        .into_iter()
+        .map(|l| l["resource_limit"].clone())
+        .collect();
+    assert_eq!(held, [json!(7)]);
+    // A drift audit agrees: what is outside by what it references is not
+    // drift at site2.
+    let d = crate::resync::drift(&env, "site2").await;
+    assert_eq!(crate::resync::found(&d), vec![], "{d:#}");
+    for (path, state) in [
+        (format!("/v3/credentials/{mine}"), "applied"),
+        (format!("/v3/credentials/{elsewhere}"), "out_of_scope"),
+        (format!("/v3/limits/{}", limits[0]), "applied"),
+        (format!("/v3/limits/{}", limits[1]), "out_of_scope"),
+        (format!("/v3/users/{dave}"), "out_of_scope"),
+    ] {
+        let (status, _) = env.write("DELETE", &path, None).await;
+        assert_eq!(status, 204, "{path}");
+        expected.push(("a delete", state));
+    }
+
+    env.until_delivered(&["site1"], &["applied"]).await;
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    let last = env.last_seq().await;
+    let ops = env.audit("/v1/ops?limit=100").await;
+    assert_eq!(last as usize, expected.len(), "{ops:#}");
+    for (seq, (what, state)) in (1..=last).zip(&expected) {
+        assert_eq!(env.delivery(seq, "site2").await, *state, "op {seq}: {what}");
+    }
+    let oos = env.audit("/v1/out-of-sync").await;
+    assert_eq!(oos["out_of_sync"], json!([]), "{oos}");
+    assert_eq!(env.edges[0].site.snapshot(), env.central_site.snapshot());
+    let site2 = &env.edges[1].site;
+    assert!(site2.unnamed("credential").is_empty() && site2.unnamed("limit").is_empty());
+    check_delivered(
+        &tap2,
+        "site2",
+        &sealer2,
+        &sync_key,
+        &[
+            "far-dom",
+            "far-proj",
+            "dave-far-default",
+            "dave-pw-0001",
+            "dave-pw-0002",
+            "dave-desc-0002",
+            "far-blob-0001",
+            "far-blob-0002",
+            "dave-blob-0001",
+            "gail-desc-0002",
+            "gail-pw-0003",
+            "far-limit-desc",
+        ],
+    );
+
+    // What a credential references cannot be read: its update is refused,
+    // nothing forwarded, and goes through once it can.
+    let cred = env
+        .create(
+            "/v3/credentials",
+            "credential",
+            credential(&erin, None, "erin-blob-0003"),
+        )
+        .await;
+    let last = env.last_seq().await;
+    env.central_site
+        .state
+        .lock()
+        .unwrap()
+        .garbled
+        .insert("credentials".into());
+    let patch = json!({"credential": {"blob": "erin-blob-0004"}});
+    let path = format!("/v3/credentials/{cred}");
+    let (status, resp) = env.write("PATCH", &path, Some(patch.clone())).await;
+    assert_eq!(status, 503, "{resp}");
+    let message = resp["error"]["message"].as_str().unwrap();
+    assert!(message.contains("which sites may receive"), "{message}");
+    assert_eq!(env.last_seq().await, last);
+    let blobs: Vec<Value> = env
+        .central_site
+        .unnamed("credential")
+        .into_iter()
+        .map(|c| c["blob"].clone())
+        .collect();
+    assert_eq!(blobs, [json!("erin-blob-0003")], "nothing forwarded");
+    env.central_site.state.lock().unwrap().garbled.clear();
+    // ... and so is a write naming a user whose default project central may
+    // not read (a 403 is not an absent project): one made, and set as
+    // dora's default, at central's Keystone directly.
+    let dora = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "dora", "domain_id": acme}}),
+        )
+        .await;
+    let site = &env.central_site;
+    let hidden = crate::resync::direct(
+        &env,
+        site,
+        "POST",
+        "/v3/projects",
+        json!({"project": {"name": "hidden-proj", "domain_id": other}}),
+    )
+    .await["project"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    crate::resync::direct(
+        &env,
+        site,
+        "PATCH",
+        &format!("/v3/users/{dora}"),
+        json!({"user": {"default_project_id": hidden}}),
+    )
+    .await;
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    let last = env.last_seq().await;
+    site.state
+        .lock()
+        .unwrap()
+        .refused_reads
+        .push(format!("/v3/projects/{hidden}"));
+    let (status, resp) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{dora}"),
+            Some(json!({"user": {"description": "dora-desc-0001"}})),
+        )
+        .await;
+    assert_eq!(status, 503, "{resp}");
+    assert_eq!(env.last_seq().await, last, "nothing forwarded");
+    site.state.lock().unwrap().refused_reads.clear();
+    // Read, it is counted: dora is outside acme now.
+    let (status, _) = env
+        .write(
+            "PATCH",
+            &format!("/v3/users/{dora}"),
+            Some(json!({"user": {"description": "dora-desc-0002"}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    assert_eq!(env.delivery(last + 1, "site2").await, "out_of_scope");
+    let last = last + 1;
+    let (status, _) = env.write("PATCH", &path, Some(patch)).await;
+    assert_eq!(status, 200);
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    assert_eq!(env.delivery(last + 1, "site2").await, "applied");
+    check_delivered(
+        &tap2,
+        "site2",
+        &sealer2,
+        &sync_key,
+        &["hidden-proj", "dora-desc-0001", "dora-desc-0002"],
+    );
+    env.shutdown().await;
+}
+
+/// Speaks for `edge` (a declared edge no process runs) on the broker: the
+/// hellos that make this session its holder. Returns the client, the
+/// session and central's session.
+async fn speak_as(
+    env: &SyncEnv,
+    edge: &str,
+    sealer: &Sealer,
+) -> (async_nats::Client, Session, u64) {
+    let nats = async_nats::connect(&env.broker_url).await.unwrap();
+    let me = Session::new(syncgate::protocol::control::next_session(0), false);
+    let hello = Hello {
+        edge: edge.into(),
+        cursor: 0,
+        version: "test".into(),
+        error: None,
+        outcomes_through: None,
+        initial_sync: false,
+        boot: Some(me.id().to_string()),
+        protocol: Some(2),
+        lease_ms: Some(30_000),
+        leaving: false,
+        database: None,
+        connects: None,
+        asks_in_hand: None,
+    };
+    let subject = format!("syncgate.hello.{edge}");
+    let mut to = 0;
+    loop {
+        let reply = match nats
+            .request(
+                subject.clone(),
+                me.seal(sealer, "hello", edge, to, &hello).into(),
+            )
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(e) => panic!("hello: {e}"),
+        };
+        let opened = me
+            .open::<HelloReply>(sealer, "hello_reply", Some(edge), &reply.payload, false)
+            .unwrap();
+        to = opened.from;
+        if matches!(opened.msg.grant, Grant::Granted { .. }) {
+            return (nats, me, to);
+        }
+    }
+}
+
+async fn op_id_of(env: &SyncEnv, seq: i64) -> String {
+    env.audit(&format!("/v1/ops/{seq}")).await["op_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The detail of `edge`'s delivery of op `seq`.
+async fn delivery_detail(env: &SyncEnv, seq: i64, edge: &str) -> String {
+    let op = env.audit(&format!("/v1/ops/{seq}")).await;
+    op["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["edge"] == edge)
+        .map(|d| d["detail"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+fn ack(seq: i64, op_id: &str, outcome: Outcome) -> Ack {
+    Ack {
+        seq,
+        op_id: op_id.into(),
+        outcome,
+        status: None,
+        detail: None,
+        edge_id_created: vec![],
+        operator_skipped: false,
+    }
+}
+
+/// An `out_of_scope` ack is believed only where it can be: from an edge with
+/// a scope, for an op outside it. Otherwise it is recorded failed with the
+/// reason (it would hide an op never applied), whether it came live or in
+/// the account of outcomes central asks for after acks were lost.
+#[tokio::test]
+async fn an_out_of_scope_ack_that_cannot_be_is_recorded_failed_live_or_recovered() {
+    let env = sync_env(&[], None, |c| {
+        c.sync.edges = vec!["plain".into(), "scoped".into()];
+        c.sync
+            .scopes
+            .insert("scoped".into(), "domains:acme".parse().unwrap());
+    })
+    .await;
+    let acme = env
+        .create("/v3/domains", "domain", json!({"domain": {"name": "acme"}}))
+        .await;
+    let other = env
+        .create(
+            "/v3/domains",
+            "domain",
+            json!({"domain": {"name": "other"}}),
+        )
+        .await;
+    for (name, domain) in [("in-acme", &acme), ("in-other", &other)] {
+        env.create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": name, "domain_id": domain}}),
+        )
+        .await;
+    }
+    // An edge without a scope.
+    let sync = env.key.sealer().unwrap();
+    let (nats, me, central) = speak_as(&env, "plain", &sync).await;
+    let sealed = me.seal(
+        &sync,
+        "ack",
+        "plain",
+        central,
+        &ack(1, &op_id_of(&env, 1).await, Outcome::OutOfScope),
+    );
+    nats.publish("syncgate.ack.plain", sealed.into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    env.until("the ack is recorded", || async {
+        env.delivery(1, "plain").await == "failed"
+    })
+    .await;
+    assert!(delivery_detail(&env, 1, "plain")
+        .await
+        .contains("has no scope here"));
+
+    // The scoped edge, live: op 1 (acme) is in its scope, op 2 (other) not.
+    let (_, edge_sealer) = edge_key(&env, "scoped");
+    let (nats, me, central) = speak_as(&env, "scoped", &edge_sealer).await;
+    for seq in [1, 2] {
+        let sealed = me.seal(
+            &edge_sealer,
+            "ack",
+            "scoped",
+            central,
+            &ack(seq, &op_id_of(&env, seq).await, Outcome::OutOfScope),
+        );
+        nats.publish("syncgate.ack.scoped", sealed.into())
+            .await
+            .unwrap();
+    }
+    nats.flush().await.unwrap();
+    env.until("both acks are recorded", || async {
+        env.delivery(2, "scoped").await == "out_of_scope"
+    })
+    .await;
+    assert_eq!(env.delivery(1, "scoped").await, "failed");
+    assert!(delivery_detail(&env, 1, "scoped")
+        .await
+        .contains("in this edge's scope"));
+
+    // Recovered: op 4 acked first, central asks for (2, 4] and is told op 3
+    // (acme's project) was out of scope.
+    let mut asked = nats.subscribe("syncgate.outcomes.scoped").await.unwrap();
+    nats.flush().await.unwrap();
+    let sealed = me.seal(
+        &edge_sealer,
+        "ack",
+        "scoped",
+        central,
+        &ack(4, &op_id_of(&env, 4).await, Outcome::OutOfScope),
+    );
+    nats.publish("syncgate.ack.scoped", sealed.into())
+        .await
+        .unwrap();
+    let request = tokio::time::timeout(std::time::Duration::from_secs(30), asked.next())
+        .await
+        .expect("central asks for the outcomes it missed")
+        .unwrap();
+    let opened = me
+        .open::<OutcomesRequest>(
+            &edge_sealer,
+            OUTCOMES_REQUEST,
+            Some("scoped"),
+            &request.payload,
+            false,
+        )
+        .unwrap();
+    assert_eq!((opened.msg.after, opened.msg.through), (2, 4));
+    let reply = OutcomesReply {
+        through: 4,
+        exceptions: vec![
+            ack(3, &op_id_of(&env, 3).await, Outcome::OutOfScope),
+            ack(4, &op_id_of(&env, 4).await, Outcome::OutOfScope),
+        ],
+    };
+    let sealed = me.seal(&edge_sealer, OUTCOMES_REPLY, "scoped", opened.from, &reply);
+    nats.publish(request.reply.unwrap(), sealed.into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    env.until("the recovered outcomes are recorded", || async {
+        matches!(
+            env.delivery(3, "scoped").await.as_str(),
+            "failed" | "out_of_scope" | "applied"
+        )
+    })
+    .await;
+    assert_eq!(env.delivery(3, "scoped").await, "failed");
+    assert!(delivery_detail(&env, 3, "scoped")
+        .await
+        .contains("in this edge's scope"));
+    assert_eq!(env.delivery(4, "scoped").await, "out_of_scope");
     env.shutdown().await;
 }

@@ -157,6 +157,18 @@ pub async fn get_entity(
     }
 }
 
+/// `get_entity`, absent only when Keystone says so (`Kind::get_strict`).
+pub async fn get_entity_strict(
+    ks: &KeystoneClient,
+    kind: &str,
+    id: &str,
+) -> Result<Option<serde_json::Value>, ClientError> {
+    match named(kind) {
+        Some(k) => k.get_strict(ks, id).await,
+        None => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
