@@ -70,42 +70,19 @@ impl Scoped {
 pub struct OpDomains {
     /// The domains it touches (see `domains_touched`).
     pub all: Domains,
-    /// For an update that sets a user's default project: the domains it
-    /// touches without that project, those the user touched before. An edge
-    /// whose scope held them, but not `all`, held the user until this write
-    /// moved it out: there, it is deleted.
-    pub before: Option<Domains>,
 }
 
 /// What `op` touches (see `OpDomains`).
 pub async fn domains_of(store: &Store, op: &OpRow) -> Result<OpDomains, StoreError> {
-    let all = domains_touched(store, op, None).await?;
-    let before = match new_default_project(op) {
-        Some(project) => Some(domains_touched(store, op, Some(&project)).await?),
-        None => None,
-    };
-    Ok(OpDomains { all, before })
-}
-
-/// The default project an update of a user sets.
-fn new_default_project(op: &OpRow) -> Option<String> {
-    if op.kind != crate::keystone::kinds::USER.name || op.method != "PATCH" {
-        return None;
-    }
-    let body: Value = serde_json::from_str(op.body.as_deref()?).ok()?;
-    body["user"]["default_project_id"]
-        .as_str()
-        .map(str::to_string)
+    Ok(OpDomains {
+        all: domains_touched(store, op).await?,
+    })
 }
 
 /// The domains `op` touches, from what the op log holds: the natural keys
 /// recorded with it and those of the entities it created, domains named from
-/// the natural keys central learned; `without` an entity it names.
-async fn domains_touched(
-    store: &Store,
-    op: &OpRow,
-    without: Option<&str>,
-) -> Result<Domains, StoreError> {
+/// the natural keys central learned.
+async fn domains_touched(store: &Store, op: &OpRow) -> Result<Domains, StoreError> {
     let Ok(mut entities) = serde_json::from_str::<Vec<EntityRef>>(&op.refs) else {
         return Ok(Domains {
             unknown: true,
@@ -157,17 +134,6 @@ async fn domains_touched(
             names.insert(d.to_string(), name);
         }
     }
-    if let Some(left) = without {
-        named.retain(|id| id != left);
-        entities.retain(|e| e.id != left);
-        // And its domain, unless named, or another's.
-        let kept: Vec<String> = entities
-            .iter()
-            .filter_map(|e| e.domain_id.clone())
-            .chain(named.iter().cloned())
-            .collect();
-        entities.retain(|e| e.kind != crate::keystone::kinds::DOMAIN.name || kept.contains(&e.id));
-    }
     let default = names_default(&op.path, body.as_ref());
     Ok(op_domains(&op.kind, &named, &entities, default, &|d| {
         names.get(d).cloned().flatten()
@@ -179,42 +145,11 @@ pub fn carries(edge: &ScopedEdge, op: &OpRow, domains: &OpDomains) -> bool {
     edge.scope.carries(&op.class, &domains.all)
 }
 
-/// What `edge` receives for `op`: the op sealed with its edge key; for an
-/// update that moves a user out of its scope (see `OpDomains::before`), the
-/// delete of that user there; otherwise a marker (seq and op ID, nothing of
-/// the write).
+/// What `edge` receives for `op`: the op sealed with its edge key, or, out
+/// of its scope, a marker (seq and op ID, nothing of the write).
 pub fn envelope_for(edge: &ScopedEdge, op: &OpRow, domains: &OpDomains) -> Envelope {
     if carries(edge, op, domains) {
         return envelope(&edge.sealer, op);
-    }
-    let moved_out = domains
-        .before
-        .as_ref()
-        .is_some_and(|before| edge.scope.carries(&op.class, before));
-    if let Some(user) = crate::keystone::ids::path_refs(&op.path)
-        .into_iter()
-        .find(|r| r.kind == crate::keystone::kinds::USER.name)
-        .filter(|_| moved_out)
-    {
-        let refs: Vec<EntityRef> = serde_json::from_str(&op.refs).unwrap_or_default();
-        let own = refs.iter().find(|e| e.id == user.id);
-        let domain = own.and_then(|u| u.domain_id.as_deref());
-        let delete = OpContent {
-            seq: op.seq,
-            op_id: op.op_id.clone(),
-            state: op.state.clone(),
-            method: "DELETE".into(),
-            path: format!("/v3/users/{}", user.id),
-            kind: op.kind.clone(),
-            body: None,
-            created_ids: Vec::new(),
-            refs: refs
-                .iter()
-                .filter(|e| e.id == user.id || Some(e.id.as_str()) == domain)
-                .cloned()
-                .collect(),
-        };
-        return seal(&edge.sealer, op, &delete, op.traceparent.clone());
     }
     let marker = OpContent {
         seq: op.seq,

@@ -653,24 +653,23 @@ async fn owners_of(
             found.push(user);
         }
     }
-    // With their natural keys: what central learned, else read.
+    // With their natural keys, read now (what central learned keeps what
+    // was deleted since: a deleted default project adds nothing, as in a
+    // state).
     let mut owners: Vec<EntityRef> = Vec::new();
     for r in found.into_iter().filter(|r| referable(r.kind)) {
         if owners.iter().any(|e| e.id == r.id) {
             continue;
         }
-        let known = match proxy.store.entity(&r.id).await {
-            Ok(Some(e)) => Some(e),
-            _ => read_strictly(proxy, &r)
-                .await?
-                .and_then(|entity| natural_key(r.kind, &entity))
-                .map(|(name, domain_id)| EntityRef {
-                    id: r.id.clone(),
-                    kind: r.kind.to_string(),
-                    name,
-                    domain_id,
-                }),
-        };
+        let known = read_strictly(proxy, &r)
+            .await?
+            .and_then(|entity| natural_key(r.kind, &entity))
+            .map(|(name, domain_id)| EntityRef {
+                id: r.id.clone(),
+                kind: r.kind.to_string(),
+                name,
+                domain_id,
+            });
         // Absent (a default project deleted since): it adds nothing, as in
         // a state.
         owners.extend(known);
