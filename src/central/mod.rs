@@ -161,8 +161,12 @@ impl Kit {
             client: self.client.clone(),
             subjects,
             scoped: Arc::new(
-                scoped::Scoped::new(&self.sealer, &self.config.sync.scopes)
-                    .map_err(|e| anyhow::anyhow!("--edge-scope: {e}"))?,
+                scoped::Scoped::new(
+                    &self.sealer,
+                    &self.config.sync.scopes,
+                    store.owner_reads().await?,
+                )
+                .map_err(|e| anyhow::anyhow!("--edge-scope: {e}"))?,
             ),
             sealer: self.sealer.clone(),
             wake: self.proxy.wake.clone(),
@@ -512,6 +516,28 @@ impl Central {
                 seqs = ?recovered,
                 "writes left open by an earlier stop are logged as unknown_outcome; check them in the audit API"
             );
+        }
+        // From which op on each class's writes have what they belong to read
+        // (where a scope limits domains): what was logged before, the writes
+        // an earlier stop left open just now included, is not known to be in
+        // such a scope.
+        let read: Vec<&str> = crate::keystone::RouteClass::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .filter(|c| {
+                config
+                    .sync
+                    .scopes
+                    .values()
+                    .any(|s| s.domains.is_some() && s.carries_class(c))
+            })
+            .collect();
+        let all: Vec<&str> = crate::keystone::RouteClass::ALL
+            .iter()
+            .map(|c| c.as_str())
+            .collect();
+        if let Err(e) = store.record_owner_reads(&read, &all).await {
+            warn!(error = %e, "cannot record from which op on writes have their owners read; ops logged meanwhile reach no domain-limited edge whole");
         }
         let sealer = Arc::new(
             config

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 
 use crate::keystone::ids::referable;
-use crate::keystone::scope::{named_ids, names_default, op_domains, Domains, Scope};
+use crate::keystone::scope::{
+    named_ids, names_default, on_system, op_domains, reads_owners, Domains, Scope,
+};
 use crate::keystone::EntityRef;
 use crate::protocol::crypto::{KeyError, Sealer};
 use crate::protocol::messages::{Envelope, OpContent, OUT_OF_SCOPE};
@@ -22,12 +24,18 @@ pub struct ScopedEdge {
     pub sealer: Sealer,
 }
 
-/// The edges with a scope (every other edge gets everything).
+/// The edges with a scope (every other edge gets everything), and since when
+/// each route class's ops carry what central read of their owners
+/// (`Store::record_owner_reads`).
 #[derive(Default)]
-pub struct Scoped(HashMap<String, ScopedEdge>);
+pub struct Scoped(HashMap<String, ScopedEdge>, HashMap<String, String>);
 
 impl Scoped {
-    pub fn new(sync: &Sealer, scopes: &BTreeMap<String, Scope>) -> Result<Scoped, KeyError> {
+    pub fn new(
+        sync: &Sealer,
+        scopes: &BTreeMap<String, Scope>,
+        owner_reads: HashMap<String, String>,
+    ) -> Result<Scoped, KeyError> {
         let mut edges = HashMap::new();
         for (edge, scope) in scopes.iter().filter(|(_, s)| !s.is_all()) {
             let sealer = sync.for_edge(edge)?;
@@ -39,7 +47,18 @@ impl Scoped {
                 },
             );
         }
-        Ok(Scoped(edges))
+        Ok(Scoped(edges, owner_reads))
+    }
+
+    /// Whether central read what `op` belongs to before forwarding it (see
+    /// `reads_owners`): an op of a class no domain-limited scope carried
+    /// when it was opened (a write an earlier run left open, logged since,
+    /// included) had none read. Both times are the op log's, in the same
+    /// text form (ISO 8601, milliseconds, UTC), which sorts as time does.
+    fn owners_read(&self, op: &OpRow) -> bool {
+        self.1
+            .get(&op.class)
+            .is_some_and(|since| op.created_at.as_str() > since.as_str())
     }
 
     pub fn get(&self, edge: &str) -> Option<&ScopedEdge> {
@@ -73,16 +92,24 @@ pub struct OpDomains {
 }
 
 /// What `op` touches (see `OpDomains`).
-pub async fn domains_of(store: &Store, op: &OpRow) -> Result<OpDomains, StoreError> {
+pub async fn domains_of(
+    store: &Store,
+    scoped: &Scoped,
+    op: &OpRow,
+) -> Result<OpDomains, StoreError> {
     Ok(OpDomains {
-        all: domains_touched(store, op).await?,
+        all: domains_touched(store, scoped, op).await?,
     })
 }
 
 /// The domains `op` touches, from what the op log holds: the natural keys
 /// recorded with it and those of the entities it created, domains named from
 /// the natural keys central learned.
-async fn domains_touched(store: &Store, op: &OpRow) -> Result<Domains, StoreError> {
+async fn domains_touched(
+    store: &Store,
+    scoped: &Scoped,
+    op: &OpRow,
+) -> Result<Domains, StoreError> {
     let Ok(mut entities) = serde_json::from_str::<Vec<EntityRef>>(&op.refs) else {
         return Ok(Domains {
             unknown: true,
@@ -135,9 +162,14 @@ async fn domains_touched(store: &Store, op: &OpRow) -> Result<Domains, StoreErro
         }
     }
     let default = names_default(&op.path, body.as_ref());
-    Ok(op_domains(&op.kind, &named, &entities, default, &|d| {
+    let mut domains = op_domains(&op.kind, &named, &entities, default, &|d| {
         names.get(d).cloned().flatten()
-    }))
+    });
+    domains.unknown |= on_system(&op.path);
+    // What it belongs to, unread (an op logged while no scope limited
+    // domains): not known.
+    domains.unknown |= reads_owners(&op.kind, &op.path, body.as_ref()) && !scoped.owners_read(op);
+    Ok(domains)
 }
 
 /// Whether `op`, touching `domains`, is in `edge`'s scope.

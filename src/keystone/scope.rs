@@ -25,7 +25,7 @@ use std::str::FromStr;
 
 use serde_json::Value;
 
-use super::model::{Entity, EntityRef, Part, RouteClass};
+use super::model::{Entity, EntityRef, IdRef, Part, RouteClass};
 
 /// Keystone's default domain: its fixed ID and the name it is made with.
 const DEFAULT_DOMAIN: (&str, &str) = ("default", "Default");
@@ -229,6 +229,55 @@ pub fn op_domains(
     out
 }
 
+/// Kinds written by their own ID whose path does not name whom they belong
+/// to: a credential's user and project, a limit's project or domain, an EC2
+/// key's project (its user is in its path).
+const OWNED: [&str; 3] = ["credential", "limit", "ec2_credential"];
+
+/// The entity a write of `kind` to `path` names by its own ID and whose
+/// owners central reads (see `reads_owners`), as central's Keystone keeps it:
+/// an EC2 key is the credential made of it (its ID the SHA-256 of the
+/// access key).
+pub fn owned_target(kind: &str, path: &str) -> Option<IdRef> {
+    if !OWNED.contains(&kind) {
+        return None;
+    }
+    let path = path.split('?').next().unwrap_or(path);
+    if kind == super::kinds::EC2_CREDENTIAL.name {
+        let (_, access) = path.rsplit_once("/OS-EC2/")?;
+        // As Keystone reads it: decoded.
+        let access = percent_encoding::percent_decode_str(access).decode_utf8_lossy();
+        return Some(IdRef {
+            id: super::kinds::credentials::ec2_access_credential_id(&access),
+            kind: super::kinds::CREDENTIAL.name,
+        });
+    }
+    super::ids::every_ref(path, None)
+        .into_iter()
+        .find(|r| r.kind == kind)
+}
+
+/// Whether central reads, before forwarding a write of `kind` to `path`
+/// with `body`, what it belongs to (where some scope limits domains and
+/// carries its class): the owners of what it names by its own ID
+/// (`owned_target`), the default project of every user it names. Without
+/// what was read, the domains such an op touches are not known.
+pub fn reads_owners(kind: &str, path: &str, body: Option<&Value>) -> bool {
+    owned_target(kind, path).is_some()
+        || super::ids::every_ref(path, body)
+            .iter()
+            .any(|r| r.kind == super::kinds::USER.name)
+}
+
+/// Whether a path is a grant on the system (`/v3/system/...`): in no
+/// domain, and so out of every scope that limits domains.
+pub fn on_system(path: &str) -> bool {
+    path.trim_start_matches('/')
+        .split('/')
+        .nth(1)
+        .is_some_and(|s| s == "system")
+}
+
 /// Whether a path or body names Keystone's default domain by its fixed ID
 /// (`/v3/domains/default/...`, `"domain_id": "default"`), which is no ID
 /// central keeps a natural key for.
@@ -344,6 +393,12 @@ pub fn retain_in_scope_or(
 /// was a user's default) adds nothing; a relation's end the state does not
 /// hold makes it unknown.
 fn entity_domains(e: &Entity, by_id: &HashMap<(&str, &str), &Entity>, out: &mut Domains) {
+    // Its key's last part, as text (not a name that ends so).
+    let on_system =
+        matches!(e.parts.last(), Some(Part::Text(t)) if t == super::kinds::assignment::ON_SYSTEM);
+    if e.kind == super::kinds::GRANT.name && on_system {
+        out.unknown = true;
+    }
     own_domains(e, by_id, out);
     for (kind, id, in_key) in refs_of(e).filter(|(k, _, _)| *k != super::kinds::DOMAIN.name) {
         match by_id.get(&(kind, id)) {
@@ -456,6 +511,35 @@ mod tests {
         };
         let same = case("grant", vec![&project, &user_acme, &global_role, &acme]);
         assert!(edge.carries("assignment", &same), "{same:?}");
+        // What central reads the owners of: an EC2 key as Keystone reads
+        // its access key (decoded); a credential or a limit by its ID, not
+        // one being made.
+        let ec2 = |access: &str| {
+            owned_target(
+                "ec2_credential",
+                &format!("/v3/users/u1/credentials/OS-EC2/{access}"),
+            )
+        };
+        let plain = ec2("abc1").unwrap();
+        assert_eq!((plain.kind, plain.id.len()), ("credential", 64));
+        assert_eq!(ec2("%61bc%31").unwrap().id, plain.id);
+        assert!(owned_target("ec2_credential", "/v3/users/u1/credentials/OS-EC2").is_none());
+        let id = "0123456789abcdef0123456789abcdef";
+        let by_id = owned_target("credential", &format!("/v3/credentials/{id}")).unwrap();
+        assert_eq!((by_id.kind, by_id.id.as_str()), ("credential", id));
+        assert!(owned_target("credential", "/v3/credentials").is_none());
+        assert!(owned_target("user", &format!("/v3/users/{id}")).is_none());
+        assert!(reads_owners("user", &format!("/v3/users/{id}"), None));
+        assert!(!reads_owners(
+            "project",
+            &format!("/v3/projects/{id}"),
+            None
+        ));
+        // A grant on the system is in no domain (the caller marks it).
+        assert!(on_system("/v3/system/users/u1/roles/r1"));
+        assert!(on_system("/v3/system/groups/g1/roles/r1"));
+        assert!(!on_system("/v3/projects/system/users/u1/roles/r1"));
+        assert!(!on_system("/v3/users/system"));
         let across = case(
             "grant",
             vec![&project, &user_other, &global_role, &acme, &other],
@@ -659,6 +743,30 @@ mod tests {
                 None,
             ),
             entity("credential", "cr2", "eve-cred", &[("user", "uE")], None),
+            // A grant on the system to an acme user: authority over the
+            // whole site, in no domain.
+            {
+                let mut g = entity(
+                    "grant",
+                    "",
+                    "member to user alice on system",
+                    &[("role", "r1"), ("user", "uA")],
+                    None,
+                );
+                g.parts.push(Part::Text(
+                    super::super::kinds::assignment::ON_SYSTEM.into(),
+                ));
+                g
+            },
+            // ... not one on a project whose name ends so.
+            entity("project", "pS", "web on system", &[("domain", "dA")], None),
+            entity(
+                "grant",
+                "",
+                "member to user alice on project acme/web on system",
+                &[("role", "r1"), ("user", "uA"), ("project", "pS")],
+                None,
+            ),
         ];
         let left_out = retain_in_scope(&mut state, &scope("domains:acme"));
         let kept: Vec<String> = state
@@ -677,13 +785,15 @@ mod tests {
                 "project webpA",
                 "grant ",
                 "credential ccr1",
+                "project web on systempS",
+                "grant member to user alice on project acme/web on system",
             ]
         );
-        assert_eq!(left_out, 10);
+        assert_eq!(left_out, 11);
         let mut all = state.clone();
         assert_eq!(retain_in_scope(&mut all, &Scope::default()), 0);
-        assert_eq!(retain_in_scope(&mut state, &scope("replicate:resource")), 7);
-        assert_eq!(state.len(), 2, "{state:?}");
+        assert_eq!(retain_in_scope(&mut state, &scope("replicate:resource")), 8);
+        assert_eq!(state.len(), 3, "{state:?}");
         // Classes alone do not follow references: an edge carrying grants
         // but not users keeps grants (its users come from elsewhere).
         let mut state = vec![

@@ -330,7 +330,7 @@ pub fn deleted_key(path: &str, refs: &[super::EntityRef]) -> Option<(String, Str
                         .r(ROLE.name, rid)
                         .t(&format!(" to {a} "))
                         .r(a, aid)
-                        .t(" on system")
+                        .t(kinds::assignment::ON_SYSTEM)
                 }
                 _ => return None,
             };

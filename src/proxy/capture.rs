@@ -18,6 +18,7 @@ use uuid::Uuid;
 use super::error::ProxyError;
 use super::{build_response, Peer, Proxy, SendError, REQUEST_ID};
 use crate::keystone::ids::{all_refs, every_ref, is_mappable_id, natural_key, referable, IdRef};
+use crate::keystone::scope::owned_target;
 use crate::keystone::touches::{self, Touch};
 use crate::keystone::{self, kinds, RouteMatch};
 use crate::metrics::inc;
@@ -131,22 +132,54 @@ async fn captured_section(
         .map(str::to_string);
     let request_json: Option<Value> = serde_json::from_slice(&body).ok();
     let mut touched = touches::touches(&route, parts.method.as_str(), &path, request_json.as_ref());
-    // Conflicting writes wait here until the one ahead is logged (or dropped).
-    let _order = proxy.locks.acquire(&touched).await;
-    // One ahead whose outcome is unknown may still land: not before it.
-    if let Some(wait) = proxy.in_doubt.conflict(&touched) {
-        inc(&proxy.metrics.writes_not_applied);
-        return Err(ProxyError::InDoubt(wait.as_secs().max(1)));
-    }
-
-    // Natural keys are read before forwarding: a delete's target is gone after.
-    let owners = match owners_of(proxy, &route, &path, request_json.as_ref()).await {
-        Ok(owners) => owners,
-        Err(e) => {
+    let (_order, owners, logged_before) = loop {
+        // Conflicting writes wait here until the one ahead is logged (or dropped).
+        let order = proxy.locks.acquire(&touched).await;
+        // One ahead whose outcome is unknown may still land: not before it.
+        if let Some(wait) = proxy.in_doubt.conflict(&touched) {
             inc(&proxy.metrics.writes_not_applied);
-            return Err(e);
+            return Err(ProxyError::InDoubt(wait.as_secs().max(1)));
         }
+        // Where other replicas write too, what they log meanwhile is seen
+        // after this write's intent is open (see `moved_meanwhile`).
+        let logged_before = match proxy.store.dialect() {
+            crate::store::Dialect::Postgres if !proxy.domain_scopes.is_empty() => {
+                match proxy.store.last_seq().await {
+                    Ok(seq) => Some(seq),
+                    Err(e) => {
+                        error!(error = %e, "cannot read the op log; write not forwarded");
+                        inc(&proxy.metrics.oplog_failures);
+                        return Err(ProxyError::OpLogUnavailable);
+                    }
+                }
+            }
+            _ => None,
+        };
+        // Natural keys are read before forwarding: a delete's target is gone after.
+        let owners = match owners_of(proxy, &route, &path, request_json.as_ref()).await {
+            Ok(owners) => owners,
+            Err(e) => {
+                inc(&proxy.metrics.writes_not_applied);
+                return Err(e);
+            }
+        };
+        // The user a credential written by its ID belongs to is held too, as
+        // the credential is read again under it: a write moving that user
+        // out of a scope meanwhile waits (or goes first). Locks are taken
+        // all at once, in order, never added to.
+        let unheld = unheld_owners(&touched, &owners);
+        if unheld.is_empty() {
+            break (order, owners, logged_before);
+        }
+        drop(order);
+        touched.extend(unheld);
+        touched = touches::normalise(touched);
     };
+    let owner_users: Vec<String> = owners
+        .iter()
+        .filter(|o| o.kind == kinds::USER.name)
+        .map(|o| o.id.clone())
+        .collect();
     let refs = entity_refs(proxy, &path, request_json.as_ref(), owners).await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
 
@@ -203,6 +236,15 @@ async fn captured_section(
                 inc(&proxy.metrics.oplog_failures);
                 return Err(ProxyError::OpLogUnavailable);
             }
+        }
+    }
+    if let Some(before) = logged_before {
+        if moved_meanwhile(proxy, &owner_users, before).await {
+            if !drop_intent(&owner, op_id).await {
+                std::mem::forget(_in_flight);
+            }
+            inc(&proxy.metrics.writes_not_applied);
+            return Err(ProxyError::ReplicaBusy);
         }
     }
     tracing::Span::current().record("op_id", tracing::field::display(op_id));
@@ -599,20 +641,19 @@ async fn entity_refs(
     out
 }
 
-/// Writes to an entity by its own ID whose path does not name whom it
-/// belongs to: a credential's user and project, a limit's project or domain.
-const OWNED: [&str; 2] = [kinds::CREDENTIAL.name, kinds::LIMIT.name];
-
 /// What per-site scope (`keystone::scope`) counts for a write beyond the IDs
 /// it names, read from the central Keystone before the write is forwarded,
 /// when some edge's scope limits its domains and carries the write's class:
-/// what the entity it names by its own ID belongs to (see `OWNED`), and the
+/// what the entity it names by its own ID belongs to (`owned_target`), and the
 /// default project of every user it names or that entity belongs to (a user
 /// whose default project is outside a scope is outside it, and so is every
-/// write naming that user), with their natural keys. IDs of any form are
-/// read (an LDAP user's, an EC2 credential's). What cannot be read (an
-/// error, a refusal other than 404, an answer without the entity) refuses
-/// the write: sent on, it could reach an edge whose scope it is not in.
+/// write naming that user), with their natural keys, each read once. IDs of
+/// any form are read (an LDAP user's, an EC2 credential's). What cannot be
+/// read (an error, a refusal other than 404, an answer without the entity)
+/// refuses the write: sent on, it could reach an edge whose scope it is not
+/// in. Natural keys are read now, never from what central learned (which
+/// keeps what was deleted since: a deleted default project adds nothing, as
+/// in a state).
 async fn owners_of(
     proxy: &Proxy,
     route: &RouteMatch,
@@ -627,14 +668,9 @@ async fn owners_of(
         return Ok(Vec::new());
     }
     let mut found: Vec<IdRef> = Vec::new();
-    if OWNED.contains(&route.kind) {
-        if let Some(target) = every_ref(path, None)
-            .into_iter()
-            .find(|r| r.kind == route.kind)
-        {
-            if let Some(entity) = read_strictly(proxy, &target).await? {
-                found.extend(every_ref("", Some(&entity)));
-            }
+    if let Some(target) = owned_target(route.kind, path) {
+        if let Some(entity) = read_strictly(proxy, &target).await? {
+            found.extend(every_ref("", Some(&entity)));
         }
     }
     let users: Vec<IdRef> = every_ref(path, body)
@@ -642,39 +678,71 @@ async fn owners_of(
         .chain(found.iter().cloned())
         .filter(|r| r.kind == kinds::USER.name)
         .collect();
-    let mut seen = std::collections::HashSet::new();
-    for user in users.into_iter().filter(|u| seen.insert(u.id.clone())) {
+    let keyed = |r: &IdRef, entity: &Value| {
+        natural_key(r.kind, entity).map(|(name, domain_id)| EntityRef {
+            id: r.id.clone(),
+            kind: r.kind.to_string(),
+            name,
+            domain_id,
+        })
+    };
+    let mut owners: Vec<EntityRef> = Vec::new();
+    for user in users {
+        if owners.iter().any(|e| e.id == user.id) {
+            continue;
+        }
         if let Some(entity) = read_strictly(proxy, &user).await? {
             found.extend(
                 every_ref("", Some(&entity))
                     .into_iter()
                     .filter(|r| r.kind == kinds::PROJECT.name),
             );
-            found.push(user);
+            owners.extend(keyed(&user, &entity));
         }
     }
-    // With their natural keys, read now (what central learned keeps what
-    // was deleted since: a deleted default project adds nothing, as in a
-    // state).
-    let mut owners: Vec<EntityRef> = Vec::new();
-    for r in found.into_iter().filter(|r| referable(r.kind)) {
+    for r in found
+        .into_iter()
+        .filter(|r| referable(r.kind) && r.kind != kinds::USER.name)
+    {
         if owners.iter().any(|e| e.id == r.id) {
             continue;
         }
-        let known = read_strictly(proxy, &r)
-            .await?
-            .and_then(|entity| natural_key(r.kind, &entity))
-            .map(|(name, domain_id)| EntityRef {
-                id: r.id.clone(),
-                kind: r.kind.to_string(),
-                name,
-                domain_id,
-            });
-        // Absent (a default project deleted since): it adds nothing, as in
-        // a state.
-        owners.extend(known);
+        // Absent (a default project deleted since): it adds nothing.
+        if let Some(entity) = read_strictly(proxy, &r).await? {
+            owners.extend(keyed(&r, &entity));
+        }
     }
     Ok(owners)
+}
+
+/// Whether another replica logged a write changing one of `users` (whose
+/// default projects this write read) after `before` (read before them):
+/// what was read may be stale, so the write is not forwarded (its intent,
+/// open now, orders any later one after it). An op log that cannot say
+/// counts as yes.
+async fn moved_meanwhile(proxy: &Proxy, users: &[String], before: i64) -> bool {
+    if users.is_empty() {
+        return false;
+    }
+    match proxy.store.changed_since(users, before).await {
+        Ok(changed) => changed,
+        Err(e) => {
+            warn!(error = %e, "cannot read what other replicas logged meanwhile; write not forwarded");
+            true
+        }
+    }
+}
+
+/// The users among `owners` no key of `touched` holds, as keys it references.
+fn unheld_owners(touched: &[Touch], owners: &[EntityRef]) -> Vec<Touch> {
+    owners
+        .iter()
+        .filter(|o| o.kind == kinds::USER.name && !touched.iter().any(|t| t.key == o.id))
+        .map(|o| Touch {
+            key: o.id.clone(),
+            exclusive: false,
+        })
+        .collect()
 }
 
 /// One entity from the central Keystone, absent only when it says so.

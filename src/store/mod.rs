@@ -992,6 +992,25 @@ impl Store {
             .await?)
     }
 
+    /// Whether an op logged after `after` changed one of `keys` (see
+    /// `keystone::touches`).
+    pub async fn changed_since(&self, keys: &[String], after: i64) -> Result<bool, StoreError> {
+        for key in keys {
+            let found: Option<i64> =
+                sqlx::query_scalar(&self.d.sql(
+                    "SELECT seq FROM op_keys WHERE key = ? AND seq > ? AND exclusive LIMIT 1",
+                ))
+                .bind(key)
+                .bind(after)
+                .fetch_optional(&self.writer)
+                .await?;
+            if found.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub async fn last_seq(&self) -> Result<i64, StoreError> {
         Ok(
             sqlx::query_scalar(&self.d.sql("SELECT COALESCE(MAX(seq), 0) FROM ops"))

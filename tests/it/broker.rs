@@ -48,6 +48,18 @@ async fn client(b: &TestBroker) -> async_nats::Client {
 }
 
 /// Receives one message or fails after a generous bound (a hang, not a timing goal).
+/// Returns once the broker has handled everything `c` sent before: it reads a
+/// connection in order, and answers a request nobody subscribes to with "no
+/// responders" only once read. (`flush` only writes to the socket: another
+/// connection's message may reach the broker before a subscription does.)
+async fn handled(c: &async_nats::Client) {
+    let err = c
+        .request("syncgate.test.nobody", Bytes::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), RequestErrorKind::NoResponders, "{err}");
+}
+
 async fn next(sub: &mut async_nats::Subscriber) -> async_nats::Message {
     tokio::time::timeout(Duration::from_secs(10), sub.next())
         .await
@@ -147,7 +159,7 @@ async fn request_reply_and_no_responders() {
     let b = start_broker(|_| {}).await;
     let responder = client(&b).await;
     let mut service = responder.subscribe("svc.echo").await.unwrap();
-    responder.flush().await.unwrap();
+    handled(&responder).await;
     tokio::spawn(async move {
         while let Some(msg) = service.next().await {
             let reply = msg.reply.unwrap();
@@ -295,7 +307,7 @@ async fn a_slow_consumer_is_closed_while_a_fast_one_gets_everything() {
     let fast = client(&b).await;
     let mut fast_sub = fast.subscribe("feed").await.unwrap();
     let publisher = client(&b).await;
-    fast.flush().await.unwrap();
+    handled(&fast).await;
     let total = 20_000;
     let payload = Bytes::from(vec![b'x'; 1024]);
     let receiver = tokio::spawn(async move {
@@ -389,7 +401,7 @@ async fn messages_larger_than_a_quiet_connections_buffers_arrive_whole_and_in_or
     let publisher = client(&b).await;
     let subscriber = client(&b).await;
     let mut sub = subscriber.subscribe("sizes").await.unwrap();
-    subscriber.flush().await.unwrap();
+    handled(&subscriber).await;
     let sizes = [1usize, 900 * 1024, 3, 70 * 1024, 5 * 1024, 1, 1000 * 1024];
     for round in 0..3u8 {
         for (i, size) in sizes.iter().enumerate() {

@@ -2323,3 +2323,82 @@ async fn replays_are_answered_by_replicas_that_do_not_lead() {
     }
     panic!("30 catch-ups, none answered by the replica that does not lead");
 }
+
+/// Per-site scope across replicas: a credential written by its ID through
+/// one replica while another moves its user out of an edge's scope. The
+/// credential's write read where the user was before the move was logged;
+/// it waits for the move's intent (they share the user's key), then sees the
+/// move logged meanwhile and is refused (503), nothing forwarded, instead of
+/// being counted by where the user was. Tried again, it is counted by where
+/// the user is now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_written_on_one_replica_while_another_moves_its_user_is_refused() {
+    use serde_json::json;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let Some(nats) = crate::sync::nats_server_path() else {
+        return;
+    };
+    let (mut nats, addr) = crate::sync::spawn_nats_server(&nats).await;
+    let url = pg.database("scoped_replicas").await;
+    let mut base = None;
+    let mut env = crate::sync::sync_env(&[], Some(format!("nats://{addr}")), |c| {
+        c.db = url.clone();
+        c.sync.edges = vec!["site2".into()];
+        c.sync
+            .scopes
+            .insert("site2".into(), "domains:acme".parse().unwrap());
+        base = Some(c.clone());
+    })
+    .await;
+    let (key2, _) = crate::scope::edge_key(&env, "site2");
+    env.add_edge_with_key("site2", None, key2).await;
+    let other = Replica::start(&base.unwrap()).await;
+
+    let (_, far, erin, cred) = crate::scope::erin_and_far(&env).await;
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+
+    // erin's move, through the first replica, waits at central's Keystone;
+    // the credential's update goes through the other.
+    let cred_path = format!("/v3/credentials/{cred}");
+    let update = |blob: &'static str| {
+        env.http
+            .patch(format!("{}{cred_path}", other.proxy))
+            .header("x-auth-token", env.token())
+            .json(&json!({"credential": {"blob": blob}}))
+            .send()
+    };
+    let (moved, refused) =
+        crate::scope::move_racing(&env, &erin, &cred, &far, update("race-blob-0002")).await;
+    let refused = refused.unwrap();
+    assert_eq!(moved, 200);
+    let status = refused.status().as_u16();
+    let text = refused.text().await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("another replica"), "{text}");
+    let blob = |site: &crate::fake_site::FakeSite| -> Vec<serde_json::Value> {
+        site.unnamed("credential")
+            .into_iter()
+            .map(|c| c["blob"].clone())
+            .collect()
+    };
+    assert_eq!(
+        blob(&env.central_site),
+        [json!("erin-blob-0001")],
+        "nothing forwarded"
+    );
+
+    // Tried again: erin is outside acme now, and so is her credential.
+    let again = update("race-blob-0003").await.unwrap();
+    assert_eq!(again.status().as_u16(), 200);
+    let last = env.last_seq().await;
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    assert_eq!(env.delivery(last, "site2").await, "out_of_scope");
+    assert_eq!(blob(&env.edges[0].site), [json!("erin-blob-0001")]);
+    drop(other);
+    env.shutdown().await;
+    let _ = nats.kill().await;
+}

@@ -13,7 +13,7 @@ use syncgate::protocol::control::Session;
 use syncgate::protocol::crypto::Sealer;
 use syncgate::protocol::messages::{
     Ack, Envelope, Grant, Hello, HelloReply, OpContent, Outcome, OutcomesReply, OutcomesRequest,
-    ReplayBatch, OUTCOMES_REPLY, OUTCOMES_REQUEST,
+    ReplayBatch, ReplayRequest, OUTCOMES_REPLY, OUTCOMES_REQUEST, REPLAY,
 };
 use syncgate::settings::config::{Secret, SyncKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,7 +178,7 @@ fn check_delivered(
     (whole, markers)
 }
 
-fn edge_key(env: &SyncEnv, edge: &str) -> (SyncKey, Sealer) {
+pub fn edge_key(env: &SyncEnv, edge: &str) -> (SyncKey, Sealer) {
     let sync = env.key.sealer().unwrap();
     let text = sync.edge_key_text(edge).unwrap();
     (
@@ -940,30 +940,7 @@ async fn a_create_in_the_callers_token_domain_reaches_the_edge_carrying_it() {
 #[tokio::test]
 async fn a_write_by_id_counts_what_its_entity_references() {
     let (env, tap2, sealer2, sync_key) = acme_env(&[]).await;
-    let acme = env
-        .create("/v3/domains", "domain", json!({"domain": {"name": "acme"}}))
-        .await;
-    let other = env
-        .create(
-            "/v3/domains",
-            "domain",
-            json!({"domain": {"name": "far-dom"}}),
-        )
-        .await;
-    let far = env
-        .create(
-            "/v3/projects",
-            "project",
-            json!({"project": {"name": "far-proj", "domain_id": other}}),
-        )
-        .await;
-    let web = env
-        .create(
-            "/v3/projects",
-            "project",
-            json!({"project": {"name": "web", "domain_id": acme}}),
-        )
-        .await;
+    let (acme, other, far, web) = acme_and_far(&env).await;
     let dave = env
         .create(
             "/v3/users",
@@ -1147,6 +1124,39 @@ async fn a_write_by_id_counts_what_its_entity_references() {
         assert_eq!(status, 204, "{path}");
         expected.push(("a delete", state));
     }
+    // A grant on the system, to an acme user: authority over the whole
+    // site, in no domain.
+    let path = format!("/v3/system/users/{erin}/roles/{role}");
+    let (status, _) = env.write("PUT", &path, None).await;
+    assert_eq!(status, 204);
+    expected.push(("a grant on the system", "out_of_scope"));
+    // EC2 keys of erin's, on an acme project and on far-proj: made, then
+    // deleted by their access key (the path names erin, not the project).
+    let mut far_key = Vec::new();
+    let mut keys = Vec::new();
+    for (project, state) in [(&web, "applied"), (&far, "out_of_scope")] {
+        let (status, resp) = env
+            .write(
+                "POST",
+                &format!("/v3/users/{erin}/credentials/OS-EC2"),
+                Some(json!({"tenant_id": project})),
+            )
+            .await;
+        assert_eq!(status, 201, "{resp}");
+        let access = resp["credential"]["access"].as_str().unwrap().to_string();
+        if state == "out_of_scope" {
+            far_key.push(access.clone());
+            far_key.push(resp["credential"]["secret"].as_str().unwrap().to_string());
+        }
+        keys.push((access, state));
+        expected.push(("an EC2 key", state));
+    }
+    for (access, state) in &keys {
+        let path = format!("/v3/users/{erin}/credentials/OS-EC2/{access}");
+        let (status, _) = env.write("DELETE", &path, None).await;
+        assert_eq!(status, 204, "{path}");
+        expected.push(("an EC2 key's delete", state));
+    }
 
     env.until_delivered(&["site1"], &["applied"]).await;
     env.until_delivered(&["site2"], &["applied", "out_of_scope"])
@@ -1178,6 +1188,8 @@ async fn a_write_by_id_counts_what_its_entity_references() {
             "far-blob-0002",
             "dave-blob-0001",
             "far-limit-desc",
+            &far_key[0],
+            &far_key[1],
         ],
     );
 
@@ -1501,5 +1513,227 @@ async fn an_out_of_scope_ack_that_cannot_be_is_recorded_failed_live_or_recovered
         .await
         .contains("in this edge's scope"));
     assert_eq!(env.delivery(4, "scoped").await, "out_of_scope");
+    env.shutdown().await;
+}
+
+/// Ops logged while no scope limited domains carry nothing of what the users
+/// they name belong to (central read no default projects then): once a scope
+/// limits an edge's domains, they reach it as markers, whatever they name,
+/// replayed or re-driven. Ops logged since are counted as they are.
+#[tokio::test]
+async fn ops_logged_before_owners_were_read_reach_a_limited_edge_as_markers() {
+    let mut env = sync_env(&[], None, |c| {
+        c.sync.edges = vec!["site2".into()];
+    })
+    .await;
+    let (acme, _, far, web) = acme_and_far(&env).await;
+    let role = env
+        .create("/v3/roles", "role", json!({"role": {"name": "early-role"}}))
+        .await;
+    let mut users = Vec::new();
+    for (name, default) in [("dave-far", Some(&far)), ("erin-acme", None)] {
+        let mut user = json!({"user": {"name": name, "domain_id": acme}});
+        if let Some(p) = default {
+            user["user"]["default_project_id"] = json!(p);
+        }
+        users.push(env.create("/v3/users", "user", user).await);
+    }
+    let grant = |user: &str| format!("/v3/projects/{web}/users/{user}/roles/{role}");
+    // Logged before: dave's grant names an acme project and an acme user,
+    // and nothing else said where dave belongs.
+    let (status, _) = env.write("PUT", &grant(&users[0]), None).await;
+    assert_eq!(status, 204);
+    let early = env.last_seq().await;
+
+    // site2 limited to acme from now on.
+    env.restart_central(|c| {
+        c.sync
+            .scopes
+            .insert("site2".into(), "domains:acme".parse().unwrap());
+    })
+    .await;
+    for user in &users {
+        let (status, _) = env.write("DELETE", &grant(user), None).await;
+        assert!(status == 204 || status == 404, "{status}");
+    }
+    let (status, _) = env.write("PUT", &grant(&users[1]), None).await;
+    assert_eq!(status, 204);
+    let last = env.last_seq().await;
+
+    // What site2 receives, replayed from the start.
+    let (_, edge_sealer) = edge_key(&env, "site2");
+    let (nats, me, central) = speak_as(&env, "site2", &edge_sealer).await;
+    let request = ReplayRequest {
+        from_seq: 1,
+        limit: 100,
+    };
+    let sealed = me.seal(&edge_sealer, REPLAY, "site2", central, &request);
+    let reply = nats
+        .request("syncgate.replay", sealed.into())
+        .await
+        .unwrap();
+    let batch: ReplayBatch = serde_json::from_slice(&reply.payload)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)));
+    let states: Vec<(i64, String, String)> = batch
+        .ops
+        .iter()
+        .map(|env| {
+            let plain = edge_sealer
+                .open(&Envelope::aad(env.seq), &env.enc, &env.data)
+                .unwrap();
+            let op: OpContent = serde_json::from_slice(&plain).unwrap();
+            (op.seq, op.state, op.path)
+        })
+        .collect();
+    assert_eq!(states.len() as i64, last, "{states:#?}");
+    let state_of = |seq: i64| states[(seq - 1) as usize].1.clone();
+    // Logged before: acme's project whole, dave's and erin's users as they
+    // name their domain and default project in their bodies, dave's grant
+    // a marker.
+    assert_eq!(state_of(4), "committed", "web: {states:#?}");
+    assert_eq!(state_of(6), "out_of_scope", "dave: {states:#?}");
+    assert_eq!(state_of(7), "committed", "erin: {states:#?}");
+    assert_eq!(state_of(early), "out_of_scope", "{states:#?}");
+    // Logged since: dave's grant's delete out (his default project read),
+    // erin's grant whole.
+    assert_eq!(state_of(early + 1), "out_of_scope", "{states:#?}");
+    assert_eq!(state_of(last), "committed", "{states:#?}");
+    assert!(states[(last - 1) as usize].2.contains(&users[1]));
+    env.shutdown().await;
+}
+
+/// Domains `acme` and `far-dom`, and projects `far-proj` in the latter and
+/// `web` in acme: their IDs (acme, far-dom, far-proj, web).
+async fn acme_and_far(env: &SyncEnv) -> (String, String, String, String) {
+    let acme = env
+        .create("/v3/domains", "domain", json!({"domain": {"name": "acme"}}))
+        .await;
+    let other = env
+        .create(
+            "/v3/domains",
+            "domain",
+            json!({"domain": {"name": "far-dom"}}),
+        )
+        .await;
+    let far = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "far-proj", "domain_id": other}}),
+        )
+        .await;
+    let web = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "web", "domain_id": acme}}),
+        )
+        .await;
+    (acme, other, far, web)
+}
+
+/// `acme_and_far`, and `erin` of acme with a credential: their IDs (acme,
+/// far-proj, erin, the credential).
+pub async fn erin_and_far(env: &SyncEnv) -> (String, String, String, String) {
+    let (acme, _, far, _) = acme_and_far(env).await;
+    let erin = env
+        .create(
+            "/v3/users",
+            "user",
+            json!({"user": {"name": "erin", "domain_id": acme}}),
+        )
+        .await;
+    let cred = env
+        .create(
+            "/v3/credentials",
+            "credential",
+            json!({"credential": {"user_id": erin, "type": "totp", "blob": "erin-blob-0001"}}),
+        )
+        .await;
+    (acme, far, erin, cred)
+}
+
+/// erin's move to `far` (through `env`'s central) racing `update` of her
+/// credential: the move waits at central's Keystone until `update` has read
+/// the credential and erin there, then goes on. Returns the move's status
+/// and what `update` gave.
+pub async fn move_racing<T>(
+    env: &SyncEnv,
+    erin: &str,
+    cred: &str,
+    far: &str,
+    update: impl std::future::Future<Output = T>,
+) -> (u16, T) {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    env.central_site.state.lock().unwrap().writes_wait = Some(gate);
+    let site = &env.central_site;
+    let reads_of = |path: &str| {
+        site.state
+            .lock()
+            .unwrap()
+            .reads
+            .iter()
+            .filter(|r| *r == path)
+            .count()
+    };
+    let user_path = format!("/v3/users/{erin}");
+    let cred_path = format!("/v3/credentials/{cred}");
+    let moved = env.write(
+        "PATCH",
+        &user_path,
+        Some(json!({"user": {"default_project_id": far}})),
+    );
+    let racing = async {
+        env.until("erin's move waits at Keystone", || async {
+            site.state.lock().unwrap().writes_waiting == 1
+        })
+        .await;
+        let user_reads = reads_of(&user_path);
+        let opener = async {
+            env.until("the credential's owner is read", || async {
+                reads_of(&cred_path) > 0 && reads_of(&user_path) > user_reads
+            })
+            .await;
+            open.send(true).unwrap();
+        };
+        tokio::join!(update, opener).0
+    };
+    let ((moved, _), updated) = tokio::join!(moved, racing);
+    (moved, updated)
+}
+
+/// A credential written by its ID while its user is being moved out of a
+/// scope: the credential's write waits for the move (it holds the user too,
+/// and reads what the user belongs to under it), so it is counted by where
+/// the user is once moved, never by where it was.
+#[tokio::test]
+async fn a_credential_written_while_its_user_moves_is_counted_after_the_move() {
+    let (env, tap2, sealer2, sync_key) = acme_env(&[]).await;
+    let (_, far, erin, cred) = erin_and_far(&env).await;
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    let before = env.last_seq().await;
+    // erin's move waits at central's Keystone; the credential's update
+    // starts meanwhile.
+    let cred_path = format!("/v3/credentials/{cred}");
+    let update = env.write(
+        "PATCH",
+        &cred_path,
+        Some(json!({"credential": {"blob": "race-blob-0002"}})),
+    );
+    let (moved, (updated, resp)) = move_racing(&env, &erin, &cred, &far, update).await;
+    assert_eq!((moved, updated), (200, 200), "{resp}");
+    env.until_delivered(&["site2"], &["applied", "out_of_scope"])
+        .await;
+    assert_eq!(env.last_seq().await, before + 2);
+    let update = before + 2;
+    let op = env.audit(&format!("/v1/ops/{update}")).await;
+    assert_eq!(
+        op["path"],
+        json!(cred_path),
+        "the update waited for the move: {op:#}"
+    );
+    assert_eq!(env.delivery(update, "site2").await, "out_of_scope");
+    check_delivered(&tap2, "site2", &sealer2, &sync_key, &["race-blob-0002"]);
     env.shutdown().await;
 }

@@ -163,6 +163,10 @@ pub static INHERITED_GRANT: Kind = Kind {
 /// What ends the key of an inherited grant.
 pub const INHERITED: &str = " (inherited)";
 
+/// What ends the key of a grant on the system (no domain: see
+/// `keystone::scope`).
+pub const ON_SYSTEM: &str = " on system";
+
 /// Roles: global ones, then each domain's.
 fn read_roles<'a>(ks: &'a KeystoneClient, _: &'a Digester, sheet: &'a mut Sheet) -> Reading<'a> {
     async move {
@@ -311,7 +315,7 @@ fn grant(a: &Value, names: &Names) -> Option<Entity> {
             Some(d),
         )
     } else if scope["system"].is_object() {
-        (key.t(" on system"), "system".to_string(), None)
+        (key.t(ON_SYSTEM), "system".to_string(), None)
     } else {
         return None;
     };

@@ -125,9 +125,14 @@ pub fn ec2_credential_id(body: &Value) -> Option<String> {
         return None;
     }
     let blob: Value = serde_json::from_str(credential.get("blob")?.as_str()?).ok()?;
-    let access = blob.get("access")?.as_str()?;
+    Some(ec2_access_credential_id(blob.get("access")?.as_str()?))
+}
+
+/// The credential ID Keystone gives the EC2 key of `access`: its SHA-256,
+/// in hex.
+pub fn ec2_access_credential_id(access: &str) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, access.as_bytes());
-    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Credentials, named by owner, type and a digest of the blob (a secret).
