@@ -537,7 +537,14 @@ impl Central {
             .map(|c| c.as_str())
             .collect();
         if let Err(e) = store.record_owner_reads(&read, &all).await {
-            warn!(error = %e, "cannot record from which op on writes have their owners read; ops logged meanwhile reach no domain-limited edge whole");
+            // Not recorded, the ops logged from now on would reach a
+            // domain-limited edge as markers, in its scope or not.
+            if !read.is_empty() {
+                anyhow::bail!(
+                    "--edge-scope: cannot record in the op log since when writes have what they                      belong to read, which a scope limited to some domains needs: {e}"
+                );
+            }
+            warn!(error = %e, "cannot record in the op log that writes no longer have what they belong to read");
         }
         let sealer = Arc::new(
             config
