@@ -161,12 +161,8 @@ impl Kit {
             client: self.client.clone(),
             subjects,
             scoped: Arc::new(
-                scoped::Scoped::new(
-                    &self.sealer,
-                    &self.config.sync.scopes,
-                    store.owner_reads().await?,
-                )
-                .map_err(|e| anyhow::anyhow!("--edge-scope: {e}"))?,
+                scoped::Scoped::new(&self.sealer, &self.config.sync.scopes)
+                    .map_err(|e| anyhow::anyhow!("--edge-scope: {e}"))?,
             ),
             sealer: self.sealer.clone(),
             wake: self.proxy.wake.clone(),
@@ -516,35 +512,6 @@ impl Central {
                 seqs = ?recovered,
                 "writes left open by an earlier stop are logged as unknown_outcome; check them in the audit API"
             );
-        }
-        // From which op on each class's writes have what they belong to read
-        // (where a scope limits domains): what was logged before, the writes
-        // an earlier stop left open just now included, is not known to be in
-        // such a scope.
-        let read: Vec<&str> = crate::keystone::RouteClass::ALL
-            .iter()
-            .map(|c| c.as_str())
-            .filter(|c| {
-                config
-                    .sync
-                    .scopes
-                    .values()
-                    .any(|s| s.domains.is_some() && s.carries_class(c))
-            })
-            .collect();
-        let all: Vec<&str> = crate::keystone::RouteClass::ALL
-            .iter()
-            .map(|c| c.as_str())
-            .collect();
-        if let Err(e) = store.record_owner_reads(&read, &all).await {
-            // Not recorded, the ops logged from now on would reach a
-            // domain-limited edge as markers, in its scope or not.
-            if !read.is_empty() {
-                anyhow::bail!(
-                    "--edge-scope: cannot record in the op log since when writes have what they                      belong to read, which a scope limited to some domains needs: {e}"
-                );
-            }
-            warn!(error = %e, "cannot record in the op log that writes no longer have what they belong to read");
         }
         let sealer = Arc::new(
             config

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::keystone::ids::referable;
 use crate::keystone::scope::{
-    named_ids, names_default, on_system, op_domains, reads_owners, Domains, Scope,
+    named_ids, names_default, on_system, op_domains, reads_owners, Domains, Scope, OWNERS_READ,
 };
 use crate::keystone::EntityRef;
 use crate::protocol::crypto::{KeyError, Sealer};
@@ -24,18 +24,12 @@ pub struct ScopedEdge {
     pub sealer: Sealer,
 }
 
-/// The edges with a scope (every other edge gets everything), and since when
-/// each route class's ops carry what central read of their owners
-/// (`Store::record_owner_reads`).
+/// The edges with a scope (every other edge gets everything).
 #[derive(Default)]
-pub struct Scoped(HashMap<String, ScopedEdge>, HashMap<String, String>);
+pub struct Scoped(HashMap<String, ScopedEdge>);
 
 impl Scoped {
-    pub fn new(
-        sync: &Sealer,
-        scopes: &BTreeMap<String, Scope>,
-        owner_reads: HashMap<String, String>,
-    ) -> Result<Scoped, KeyError> {
+    pub fn new(sync: &Sealer, scopes: &BTreeMap<String, Scope>) -> Result<Scoped, KeyError> {
         let mut edges = HashMap::new();
         for (edge, scope) in scopes.iter().filter(|(_, s)| !s.is_all()) {
             let sealer = sync.for_edge(edge)?;
@@ -47,18 +41,7 @@ impl Scoped {
                 },
             );
         }
-        Ok(Scoped(edges, owner_reads))
-    }
-
-    /// Whether central read what `op` belongs to before forwarding it (see
-    /// `reads_owners`): an op of a class no domain-limited scope carried
-    /// when it was opened (a write an earlier run left open, logged since,
-    /// included) had none read. Both times are the op log's, in the same
-    /// text form (ISO 8601, milliseconds, UTC), which sorts as time does.
-    fn owners_read(&self, op: &OpRow) -> bool {
-        self.1
-            .get(&op.class)
-            .is_some_and(|since| op.created_at.as_str() > since.as_str())
+        Ok(Scoped(edges))
     }
 
     pub fn get(&self, edge: &str) -> Option<&ScopedEdge> {
@@ -92,24 +75,16 @@ pub struct OpDomains {
 }
 
 /// What `op` touches (see `OpDomains`).
-pub async fn domains_of(
-    store: &Store,
-    scoped: &Scoped,
-    op: &OpRow,
-) -> Result<OpDomains, StoreError> {
+pub async fn domains_of(store: &Store, op: &OpRow) -> Result<OpDomains, StoreError> {
     Ok(OpDomains {
-        all: domains_touched(store, scoped, op).await?,
+        all: domains_touched(store, op).await?,
     })
 }
 
 /// The domains `op` touches, from what the op log holds: the natural keys
 /// recorded with it and those of the entities it created, domains named from
 /// the natural keys central learned.
-async fn domains_touched(
-    store: &Store,
-    scoped: &Scoped,
-    op: &OpRow,
-) -> Result<Domains, StoreError> {
+async fn domains_touched(store: &Store, op: &OpRow) -> Result<Domains, StoreError> {
     let Ok(mut entities) = serde_json::from_str::<Vec<EntityRef>>(&op.refs) else {
         return Ok(Domains {
             unknown: true,
@@ -166,9 +141,16 @@ async fn domains_touched(
         names.get(d).cloned().flatten()
     });
     domains.unknown |= on_system(&op.path);
-    // What it belongs to, unread (an op logged while no scope limited
-    // domains): not known.
-    domains.unknown |= reads_owners(&op.kind, &op.path, body.as_ref()) && !scoped.owners_read(op);
+    // What it belongs to, unread (an op logged while no scope limiting
+    // domains carried its class, or by an earlier release): not known.
+    if !domains.unknown && reads_owners(&op.kind, &op.path, body.as_ref()) {
+        let read = store
+            .op_touches(op.seq)
+            .await?
+            .iter()
+            .any(|t| t.key == OWNERS_READ);
+        domains.unknown = !read;
+    }
     Ok(domains)
 }
 

@@ -517,7 +517,7 @@ impl SyncCentral {
         // op touches sends it to no one yet (it is tried again).
         let domains = match self.scoped.is_empty() {
             true => None,
-            false => Some(super::scoped::domains_of(&self.store, &self.scoped, op).await?),
+            false => Some(super::scoped::domains_of(&self.store, op).await?),
         };
         let span = tracing::info_span!("publish", seq = op.seq, op_id = %op.op_id);
         crate::telemetry::follow(&span, op.traceparent.as_deref());
@@ -1410,7 +1410,7 @@ impl SyncCentral {
             Ok(None) => return None,
             Err(e) => return unchecked(&e),
         };
-        match super::scoped::domains_of(&self.store, &self.scoped, &op).await {
+        match super::scoped::domains_of(&self.store, &op).await {
             Ok(d) if super::scoped::carries(scoped, &op, &d) => Some(format!(
                 "acknowledged op {seq} out_of_scope, but it is in this edge's scope \
                  ({}): recorded failed",
@@ -1450,7 +1450,7 @@ impl SyncCentral {
         match self.scoped.get(edge) {
             None => Ok(envelope(&self.sealer, op)),
             Some(scoped) => {
-                let domains = super::scoped::domains_of(&self.store, &self.scoped, op).await?;
+                let domains = super::scoped::domains_of(&self.store, op).await?;
                 Ok(super::scoped::envelope_for(scoped, op, &domains))
             }
         }

@@ -257,6 +257,14 @@ pub fn owned_target(kind: &str, path: &str) -> Option<IdRef> {
         .find(|r| r.kind == kind)
 }
 
+/// The key (see `keystone::touches`) an op is logged with when central read
+/// what it belongs to before forwarding it (`reads_owners`): referenced by
+/// every such op, changed by none, so it orders nothing. Without it, an op
+/// `reads_owners` says needs them (one logged while no scope limiting domains
+/// carried its class, or by an earlier release) touches domains that are not
+/// known.
+pub const OWNERS_READ: &str = "scope:owners-read";
+
 /// Whether central reads, before forwarding a write of `kind` to `path`
 /// with `body`, what it belongs to (where some scope limits domains and
 /// carries its class): the owners of what it names by its own ID

@@ -157,7 +157,8 @@ async fn captured_section(
         };
         // Natural keys are read before forwarding: a delete's target is gone after.
         let owners = match owners_of(proxy, &route, &path, request_json.as_ref()).await {
-            Ok(owners) => owners,
+            Ok(Some(owners)) => owners,
+            Ok(None) => break (order, None, logged_before),
             Err(e) => {
                 inc(&proxy.metrics.writes_not_applied);
                 return Err(e);
@@ -169,18 +170,38 @@ async fn captured_section(
         // all at once, in order, never added to.
         let unheld = unheld_owners(&touched, &owners);
         if unheld.is_empty() {
-            break (order, owners, logged_before);
+            break (order, Some(owners), logged_before);
         }
         drop(order);
         touched.extend(unheld);
         touched = touches::normalise(touched);
     };
-    let owner_users: Vec<String> = owners
+    // What decided where the write belongs: the users read, and the entity
+    // whose owners were read.
+    let mut deciding: Vec<String> = owners
         .iter()
+        .flatten()
         .filter(|o| o.kind == kinds::USER.name)
         .map(|o| o.id.clone())
         .collect();
-    let refs = entity_refs(proxy, &path, request_json.as_ref(), owners).await;
+    if owners.is_some() {
+        deciding.extend(owned_target(route.kind, &path).map(|t| t.id));
+        // Logged with the op: it was counted by what was read.
+        if keystone::scope::reads_owners(route.kind, &path, request_json.as_ref()) {
+            touched.push(Touch {
+                key: keystone::scope::OWNERS_READ.to_string(),
+                exclusive: false,
+            });
+            touched = touches::normalise(touched);
+        }
+    }
+    let refs = entity_refs(
+        proxy,
+        &path,
+        request_json.as_ref(),
+        owners.unwrap_or_default(),
+    )
+    .await;
     let refs = serde_json::to_string(&refs).expect("refs serialize");
 
     // A replica that lost its presence on a shared op log forwards nothing:
@@ -239,7 +260,7 @@ async fn captured_section(
         }
     }
     if let Some(before) = logged_before {
-        if moved_meanwhile(proxy, &owner_users, before).await {
+        if moved_meanwhile(proxy, &deciding, before).await {
             if !drop_intent(&owner, op_id).await {
                 std::mem::forget(_in_flight);
             }
@@ -651,7 +672,8 @@ async fn entity_refs(
 /// any form are read (an LDAP user's, an EC2 credential's). What cannot be
 /// read (an error, a refusal other than 404, an answer without the entity)
 /// refuses the write: sent on, it could reach an edge whose scope it is not
-/// in. Natural keys are read now, never from what central learned (which
+/// in. None: no scope limiting domains carries the write's class, and
+/// nothing was read. Natural keys are read now, never from what central learned (which
 /// keeps what was deleted since: a deleted default project adds nothing, as
 /// in a state).
 async fn owners_of(
@@ -659,13 +681,13 @@ async fn owners_of(
     route: &RouteMatch,
     path: &str,
     body: Option<&Value>,
-) -> Result<Vec<EntityRef>, ProxyError> {
+) -> Result<Option<Vec<EntityRef>>, ProxyError> {
     if !proxy
         .domain_scopes
         .iter()
         .any(|s| s.carries_class(route.class.as_str()))
     {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let mut found: Vec<IdRef> = Vec::new();
     if let Some(target) = owned_target(route.kind, path) {
@@ -712,19 +734,19 @@ async fn owners_of(
             owners.extend(keyed(&r, &entity));
         }
     }
-    Ok(owners)
+    Ok(Some(owners))
 }
 
-/// Whether another replica logged a write changing one of `users` (whose
-/// default projects this write read) after `before` (read before them):
-/// what was read may be stale, so the write is not forwarded (its intent,
-/// open now, orders any later one after it). An op log that cannot say
-/// counts as yes.
-async fn moved_meanwhile(proxy: &Proxy, users: &[String], before: i64) -> bool {
-    if users.is_empty() {
+/// Whether another replica logged a write changing one of `deciding` (the
+/// users whose default projects this write read, the entity whose owners it
+/// read) after `before` (read before them): what was read may be stale, so
+/// the write is not forwarded (its intent, open now, orders any later one
+/// after it). An op log that cannot say counts as yes.
+async fn moved_meanwhile(proxy: &Proxy, deciding: &[String], before: i64) -> bool {
+    if deciding.is_empty() {
         return false;
     }
-    match proxy.store.changed_since(users, before).await {
+    match proxy.store.changed_since(deciding, before).await {
         Ok(changed) => changed,
         Err(e) => {
             warn!(error = %e, "cannot read what other replicas logged meanwhile; write not forwarded");

@@ -81,9 +81,6 @@ pub struct OutOfSyncRow {
     pub body: Option<String>,
 }
 
-/// The meta key prefix of `record_owner_reads`.
-const OWNER_READS: &str = "owner_reads_from.";
-
 impl Store {
     /// Remembers an entity's natural key.
     pub async fn learn_entity(&self, e: &EntityRef) -> Result<(), StoreError> {
@@ -256,59 +253,6 @@ impl Store {
             .execute(&self.writer)
             .await?;
         Ok(())
-    }
-
-    /// Records which route classes' writes have what their entities
-    /// belong to read before forwarding (`read`: those some domain-limited
-    /// scope carries): from now on for a class newly read, for none no
-    /// longer read. Returns, per class, since when (`owner_reads`).
-    pub async fn record_owner_reads(
-        &self,
-        read: &[&str],
-        all: &[&str],
-    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        let mut tx = self.writer.begin().await?;
-        for class in all {
-            let key = format!("{OWNER_READS}{class}");
-            let done = if read.contains(class) {
-                // Counted from the millisecond before (a write opened later
-                // is later than it, whatever the clock's resolution).
-                sqlx::query(&self.d.sql(&format!(
-                    "INSERT INTO meta (key, value) VALUES (?, {NOW_MS} - 1) ON CONFLICT (key) DO NOTHING"
-                )))
-                .bind(&key)
-                .execute(&mut *tx)
-                .await
-            } else {
-                sqlx::query(&self.d.sql("DELETE FROM meta WHERE key = ?"))
-                    .bind(&key)
-                    .execute(&mut *tx)
-                    .await
-            };
-            done?;
-        }
-        tx.commit().await?;
-        self.owner_reads().await
-    }
-
-    /// Per route class, since when its writes have had what their entities
-    /// belong to read (`record_owner_reads`), as the op log writes times (an
-    /// op's `created_at`, when its intent was opened); a class not there has
-    /// none read.
-    pub async fn owner_reads(
-        &self,
-    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        let rows: Vec<(String, String)> = sqlx::query_as(&self.d.sql(&format!(
-            "SELECT key, {} FROM meta WHERE key LIKE ?",
-            iso("value")
-        )))
-        .bind(format!("{OWNER_READS}%"))
-        .fetch_all(&self.writer)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(OWNER_READS)?.to_string(), v)))
-            .collect())
     }
 
     /// The scope on record for `edge` (None: everything); None when the
