@@ -148,7 +148,7 @@ async fn domains_touched(store: &Store, op: &OpRow) -> Result<Domains, StoreErro
             .op_touches(op.seq)
             .await?
             .iter()
-            .any(|t| t.key == OWNERS_READ);
+            .any(|t| t.key == OWNERS_READ && !t.exclusive);
         domains.unknown = !read;
     }
     Ok(domains)

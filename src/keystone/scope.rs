@@ -262,8 +262,10 @@ pub fn owned_target(kind: &str, path: &str) -> Option<IdRef> {
 /// every such op, changed by none, so it orders nothing. Without it, an op
 /// `reads_owners` says needs them (one logged while no scope limiting domains
 /// carried its class, or by an earlier release) touches domains that are not
-/// known.
-pub const OWNERS_READ: &str = "scope:owners-read";
+/// known. No request can make it: a key taken from a path is one segment (no
+/// `/`), a referenced one from a body 32 hex digits, and an ID a write
+/// created is never it (`touches::created`); only a referenced one counts.
+pub const OWNERS_READ: &str = "/scope/owners-read";
 
 /// Whether central reads, before forwarding a write of `kind` to `path`
 /// with `body`, what it belongs to (where some scope limits domains and

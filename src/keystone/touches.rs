@@ -54,9 +54,12 @@ pub fn touches(route: &RouteMatch, method: &str, path: &str, body: Option<&Value
     normalise(out)
 }
 
-/// The keys of the IDs a write created: changed by it.
+/// The keys of the IDs a write created: changed by it (an ID a client chose,
+/// a region's, is never the key per-site scope marks ops with:
+/// `scope::OWNERS_READ`).
 pub fn created(ids: &[String]) -> Vec<Touch> {
     ids.iter()
+        .filter(|id| id.as_str() != super::scope::OWNERS_READ)
         .map(|id| Touch {
             key: id.clone(),
             exclusive: true,
@@ -95,6 +98,33 @@ mod tests {
             panic!("{method} {path} is not replicable");
         };
         touches(&route, method, path, body.as_ref())
+    }
+
+    #[test]
+    fn no_request_makes_the_key_per_site_scope_marks_ops_with() {
+        use crate::keystone::scope::OWNERS_READ;
+        let forged = [
+            t("PATCH", "/v3/projects/%2Fscope%2Fowners-read", None),
+            t(
+                "PUT",
+                &format!("/v3/projects/{P}/tags/%2Fscope%2Fowners-read"),
+                None,
+            ),
+            t(
+                "POST",
+                "/v3/regions",
+                Some(json!({"region": {"id": OWNERS_READ, "parent_region_id": OWNERS_READ}})),
+            ),
+            t(
+                "POST",
+                "/v3/projects",
+                Some(json!({"project": {"name": OWNERS_READ, "domain_id": OWNERS_READ}})),
+            ),
+            created(&[OWNERS_READ.to_string(), P.to_string()]),
+        ];
+        for keys in forged {
+            assert!(!keys.iter().any(|k| k.key == OWNERS_READ), "{keys:?}");
+        }
     }
 
     #[test]
