@@ -143,7 +143,7 @@ async fn captured_section(
         // Where other replicas write too, what they log meanwhile is seen
         // after this write's intent is open (see `moved_meanwhile`).
         let logged_before = match proxy.store.dialect() {
-            crate::store::Dialect::Postgres if !proxy.domain_scopes.is_empty() => {
+            crate::store::Dialect::Postgres if owners_wanted(proxy, &route) => {
                 match proxy.store.last_seq().await {
                     Ok(seq) => Some(seq),
                     Err(e) => {
@@ -682,11 +682,7 @@ async fn owners_of(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Option<Vec<EntityRef>>, ProxyError> {
-    if !proxy
-        .domain_scopes
-        .iter()
-        .any(|s| s.carries_class(route.class.as_str()))
-    {
+    if !owners_wanted(proxy, route) {
         return Ok(None);
     }
     let mut found: Vec<IdRef> = Vec::new();
@@ -765,6 +761,15 @@ fn unheld_owners(touched: &[Touch], owners: &[EntityRef]) -> Vec<Touch> {
             exclusive: false,
         })
         .collect()
+}
+
+/// Whether some scope limiting domains carries the write's class: then
+/// `owners_of` reads what it belongs to.
+fn owners_wanted(proxy: &Proxy, route: &RouteMatch) -> bool {
+    proxy
+        .domain_scopes
+        .iter()
+        .any(|s| s.carries_class(route.class.as_str()))
 }
 
 /// One entity from the central Keystone, absent only when it says so.
