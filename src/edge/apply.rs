@@ -426,6 +426,12 @@ impl Applier<'_> {
                 Classification::NotReplicated(_) => None,
             };
         let creates = route.map(|r| r.creates).unwrap_or(Creates::No);
+        if let Some(applied) = self
+            .owner_missing(op, &attempt, send_body.as_ref(), &adds)
+            .await?
+        {
+            return Ok(applied);
+        }
         if creates != Creates::No {
             if let Some(applied) = self
                 .before_create(op, attempt, creates, &replay, &mut adds)
@@ -750,6 +756,72 @@ impl Applier<'_> {
                 .await?;
         }
         Ok(None)
+    }
+
+    /// Keystone takes a credential for any user ID: one written for a user
+    /// this site does not have (a resync deleted it, central having deleted
+    /// it after the op; or it went missing here) would belong to no one, and
+    /// no later delete of the user would remove it. Such a write is not sent:
+    /// after a resync it is moot (central's later state removed the user),
+    /// otherwise it fails, for a repair to settle.
+    async fn owner_missing(
+        &self,
+        op: &OpContent,
+        attempt: &Attempt,
+        body: Option<&Value>,
+        adds: &[(String, String, String)],
+    ) -> Result<Option<Applied>, Transient> {
+        let credential = &keystone::kinds::CREDENTIAL;
+        if op.kind != credential.name || !matches!(op.method.as_str(), "POST" | "PATCH") {
+            return Ok(None);
+        }
+        let Some(user) = body
+            .and_then(|b| b[credential.name]["user_id"].as_str())
+            .filter(|u| is_mappable_id(u))
+        else {
+            return Ok(None);
+        };
+        let user_kind = keystone::kinds::USER.name;
+        if keystone::kinds::get_entity_strict(self.keystone, user_kind, user)
+            .await
+            .map_err(|e| Transient::from(e).read())?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let named = op
+            .refs
+            .iter()
+            .find(|r| r.kind == user_kind)
+            .map_or_else(|| "its user".to_string(), |r| format!("user '{}'", r.name));
+        let (outcome, detail) = if attempt.after_resync {
+            (
+                Outcome::Applied,
+                format!(
+                    "not sent: after a resync, what it references is not here ({named}): \
+                     central's later state, which the resync applied, removed it"
+                ),
+            )
+        } else {
+            (
+                Outcome::Failed,
+                format!(
+                    "not sent: Keystone would take a credential for a user this site does not \
+                     have (not found at this edge by natural key: {named})"
+                ),
+            )
+        };
+        Ok(Some(Applied {
+            outcome,
+            status: None,
+            detail: Some(detail),
+            edge_ids: Vec::new(),
+            changes: Commit {
+                map_adds: adds.to_vec(),
+                map_removes: Vec::new(),
+                advance: true,
+            },
+        }))
     }
 
     /// Makes the write a replay needs first (what Keystone made at central

@@ -394,8 +394,11 @@ impl Runner {
                     for (c, e, k) in &a.changes.map_adds {
                         changes.map_to(c.clone(), e.clone(), k.clone());
                     }
-                    for c in &a.changes.map_removes {
-                        changes.map.insert(c.clone(), None);
+                    // A resync deletes by the edge's own ID (what only the
+                    // edge has): central's IDs mapped to it go with it.
+                    for id in &a.changes.map_removes {
+                        changes.map.insert(id.clone(), None);
+                        changes.deleted_at_edge.push(id.clone());
                     }
                     Ack {
                         seq: i as i64,

@@ -48,6 +48,9 @@ pub struct Batch {
     pub map: HashMap<String, Option<(String, String)>>,
     /// Where the cursor moves (when some op in the batch moves it).
     pub cursor: Option<i64>,
+    /// Edge IDs whose entity a resync deleted (by the edge's own ID): every
+    /// central ID mapped to one goes, so that no later op is sent to it.
+    pub deleted_at_edge: Vec<String>,
 }
 
 impl Batch {
@@ -103,7 +106,7 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.outcomes.is_empty() && self.map.is_empty()
+        self.outcomes.is_empty() && self.map.is_empty() && self.deleted_at_edge.is_empty()
     }
 }
 
@@ -309,6 +312,18 @@ impl EdgeStore {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        // First: what the batch maps anew to an ID (none, for a deleted
+        // entity) comes after.
+        for chunk in batch.deleted_at_edge.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("DELETE FROM id_map WHERE edge_id IN (");
+            let mut ids = q.separated(", ");
+            for edge in chunk {
+                ids.push_bind(edge);
+            }
+            q.push(")");
+            q.build().execute(&mut *tx).await?;
+        }
         for chunk in batch.outcomes.chunks(ROWS_PER_STATEMENT) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO outcomes (seq, op_id, outcome, status, detail, edge_ids, applied_at) ",
@@ -769,5 +784,27 @@ mod tests {
         store.commit(&delete, &changes).await.unwrap();
         assert_eq!(store.cursor().await.unwrap(), 1, "not advanced");
         assert_eq!(store.map_size().await.unwrap(), 0);
+    }
+
+    /// A resync deletes what only the edge has by the edge's own ID: the
+    /// central IDs mapped to it go, the rest stays.
+    #[tokio::test]
+    async fn an_entity_deleted_by_its_edge_id_takes_its_mappings_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EdgeStore::open(&format!("sqlite://{}", dir.path().join("e.db").display()))
+            .await
+            .unwrap();
+        let mut batch = Batch::default();
+        batch.map_to("c1".into(), "e1".into(), "user".into());
+        batch.map_to("c2".into(), "e2".into(), "user".into());
+        store.commit_batch(&batch).await.unwrap();
+        let deleted = Batch {
+            deleted_at_edge: vec!["e1".into()],
+            ..Batch::default()
+        };
+        store.commit_batch(&deleted).await.unwrap();
+        assert_eq!(store.mapping("c1").await.unwrap(), None);
+        assert_eq!(store.mapping("c2").await.unwrap().as_deref(), Some("e2"));
+        assert_eq!(store.map_size().await.unwrap(), 1);
     }
 }

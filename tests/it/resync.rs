@@ -1891,6 +1891,89 @@ async fn a_credential_created_while_a_resync_reads_central_is_made_once() {
     env.shutdown().await;
 }
 
+/// A user the edge has is deleted at central, with a credential made for it
+/// just before, while a resync reads central's state. The resync deletes the
+/// user at the edge (central no longer has it); the credential's create,
+/// replayed from the stream after the fence, must not make a credential for
+/// a user the edge no longer has (Keystone takes a credential for any user
+/// ID), which the user's delete, already absent, would never remove.
+#[tokio::test]
+async fn a_credential_of_a_user_a_resync_deleted_is_not_made_after_the_fence() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "gone-owner"}}))
+        .await;
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    assert!(site.id_of("user", "gone-owner").is_some(), "at the edge");
+    let open = resync_reading_central(&env).await;
+    env.create(
+        "/v3/credentials",
+        "credential",
+        json!({"credential": {"type": "totp", "user_id": u, "blob": "orphan-1"}}),
+    )
+    .await;
+    let (status, _) = env.write("DELETE", &format!("/v3/users/{u}"), None).await;
+    assert_eq!(status, 204);
+    open.send(true).unwrap();
+    env.central_site.state.lock().unwrap().reads_wait = None;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["failed"], 0, "{row:#}");
+    env.assert_in_sync().await;
+    assert_eq!(
+        site.id_of("user", "gone-owner"),
+        None,
+        "deleted at the edge"
+    );
+    assert_eq!(
+        site.unnamed("credential"),
+        Vec::<Value>::new(),
+        "no credential left at the edge for a user it no longer has"
+    );
+    env.shutdown().await;
+}
+
+/// A credential for a user the edge does not have (gone there, its ID still
+/// mapped) is not made: Keystone would take it for any user ID, and it would
+/// belong to no one. The op fails with the reason and is listed out of sync.
+#[tokio::test]
+async fn a_credential_for_a_user_the_edge_lacks_is_not_made_and_fails() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "lost-owner"}}))
+        .await;
+    env.assert_in_sync().await;
+    let site = &env.edges[0].site;
+    let at_edge = site.id_of("user", "lost-owner").expect("at the edge");
+    site.state
+        .lock()
+        .unwrap()
+        .entities
+        .get_mut("user")
+        .unwrap()
+        .remove(&at_edge);
+    let requests = site.create_requests("credentials");
+    env.create(
+        "/v3/credentials",
+        "credential",
+        json!({"credential": {"type": "totp", "user_id": u, "blob": "lost-1"}}),
+    )
+    .await;
+    env.until_delivered(&["e1"], &["applied", "failed"]).await;
+    assert_eq!(site.create_requests("credentials"), requests, "not sent");
+    assert_eq!(site.unnamed("credential"), Vec::<Value>::new());
+    let oos = env.audit("/v1/out-of-sync").await;
+    let rows = oos["out_of_sync"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{oos:#}");
+    assert!(
+        rows[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not found at this edge by natural key: user 'lost-owner'")),
+        "{oos:#}"
+    );
+    env.shutdown().await;
+}
+
 /// Starts a resync of e1 and returns once it holds the edge while it reads
 /// central's state, kept waiting until the returned sender says `true`.
 async fn resync_reading_central(env: &SyncEnv) -> tokio::sync::watch::Sender<bool> {
