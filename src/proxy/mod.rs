@@ -112,6 +112,9 @@ pub struct Proxy {
     kept: Arc<Kept>,
     upstream_scheme: Scheme,
     upstream_authority: Authority,
+    /// The `Host` a request on a kept connection carries (the pool's client
+    /// sets it itself): the upstream's authority, read once.
+    upstream_host: Option<HeaderValue>,
     /// The upstream base URL without a trailing slash.
     upstream_base: String,
     /// The path prefix of the upstream base URL (empty or `/identity`).
@@ -327,6 +330,7 @@ impl Proxy {
                 unclaimed_gauge: metrics.upstream_unclaimed.clone(),
             }),
             upstream_scheme,
+            upstream_host: HeaderValue::from_str(upstream_authority.as_str()).ok(),
             upstream_authority,
             upstream_base,
             upstream_prefix,
@@ -568,9 +572,9 @@ impl Proxy {
         if let Some(pq) = absolute.path_and_query() {
             *req.uri_mut() = Uri::from(pq.clone());
         }
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(host) = HeaderValue::from_str(self.upstream_authority.as_str()) {
-                req.headers_mut().insert(header::HOST, host);
+        if let Some(host) = &self.upstream_host {
+            if !req.headers().contains_key(header::HOST) {
+                req.headers_mut().insert(header::HOST, host.clone());
             }
         }
         let kept = peer
@@ -856,14 +860,15 @@ fn remove_headers(headers: &mut HeaderMap, also: impl Fn(&str) -> bool) {
             .flat_map(|v| v.split(','))
             .any(|token| token.trim().eq_ignore_ascii_case(name))
     };
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            HOP_BY_HOP.contains(&n) || also(n) || listed(n)
-        })
-        .cloned()
-        .collect();
+    let doomed = |n: &HeaderName| {
+        let n = n.as_str();
+        HOP_BY_HOP.contains(&n) || also(n) || listed(n)
+    };
+    // Most requests and answers carry none: nothing is allocated for them.
+    if !headers.keys().any(doomed) {
+        return;
+    }
+    let doomed: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
     for name in doomed {
         headers.remove(name);
     }

@@ -51,9 +51,9 @@ const REROUTING_HEADERS: [&str; 17] = [
 /// `_` (a WSGI stack reads `X_Auth_Token` and `X-Auth-Token` as one variable).
 pub fn rerouting_header(headers: &axum::http::HeaderMap) -> Option<String> {
     headers.keys().find_map(|name| {
+        // A name with an `_` is refused as such; any other reads as it is.
         let name = name.as_str();
-        let read = name.replace('_', "-");
-        (name.contains('_') || REROUTING_HEADERS.contains(&read.as_str())).then(|| name.to_string())
+        (name.contains('_') || REROUTING_HEADERS.contains(&name)).then(|| name.to_string())
     })
 }
 
