@@ -758,12 +758,15 @@ impl Applier<'_> {
         Ok(None)
     }
 
-    /// Keystone takes a credential for any user ID: one written for a user
-    /// this site does not have (a resync deleted it, central having deleted
-    /// it after the op; or it went missing here) would belong to no one, and
-    /// no later delete of the user would remove it. Such a write is not sent:
-    /// after a resync it is moot (central's later state removed the user),
-    /// otherwise it fails, for a repair to settle.
+    /// Keystone takes a credential (an EC2 key too, replayed as one) for any
+    /// user ID: one written for a user this site does not have (a resync
+    /// deleted it, central having deleted it after the op; or it went
+    /// missing here) would belong to no one, and no later delete of the user
+    /// would remove it. Such a write is not sent: after a resync it is moot
+    /// (central's later state removed the user), otherwise it fails, for a
+    /// repair to settle. A user that cannot be read now (the site's backend
+    /// fails) does not hold the stream: the write is sent, as Keystone would
+    /// take it.
     async fn owner_missing(
         &self,
         op: &OpContent,
@@ -771,35 +774,42 @@ impl Applier<'_> {
         body: Option<&Value>,
         adds: &[(String, String, String)],
     ) -> Result<Option<Applied>, Transient> {
-        let credential = &keystone::kinds::CREDENTIAL;
-        if op.kind != credential.name || !matches!(op.method.as_str(), "POST" | "PATCH") {
+        use keystone::kinds::{CREDENTIAL, EC2_CREDENTIAL, USER};
+        if ![CREDENTIAL.name, EC2_CREDENTIAL.name].contains(&op.kind.as_str())
+            || !matches!(op.method.as_str(), "POST" | "PATCH")
+        {
             return Ok(None);
         }
         let Some(user) = body
-            .and_then(|b| b[credential.name]["user_id"].as_str())
+            .and_then(|b| b[CREDENTIAL.name]["user_id"].as_str())
             .filter(|u| is_mappable_id(u))
         else {
             return Ok(None);
         };
-        let user_kind = keystone::kinds::USER.name;
-        if keystone::kinds::get_entity_strict(self.keystone, user_kind, user)
-            .await
-            .map_err(|e| Transient::from(e).read())?
-            .is_some()
-        {
-            return Ok(None);
+        match keystone::kinds::get_entity_strict(self.keystone, USER.name, user).await {
+            Ok(None) => {}
+            Ok(Some(_)) => return Ok(None),
+            Err(e) => {
+                tracing::debug!(seq = op.seq, error = %e, "a credential's user could not be read here; the credential is sent");
+                return Ok(None);
+            }
         }
-        let named = op
-            .refs
-            .iter()
-            .find(|r| r.kind == user_kind)
-            .map_or_else(|| "its user".to_string(), |r| format!("user '{}'", r.name));
+        let owner = op.refs.iter().find(|r| r.kind == USER.name);
+        let named = owner.map_or_else(|| "its user".to_string(), |r| format!("user '{}'", r.name));
         let (outcome, detail) = if attempt.after_resync {
             (
                 Outcome::Applied,
                 format!(
                     "not sent: after a resync, what it references is not here ({named}): \
                      central's later state, which the resync applied, removed it"
+                ),
+            )
+        } else if owner.is_some_and(|r| r.id != user) {
+            (
+                Outcome::Failed,
+                format!(
+                    "not sent: {named} is mapped here to {user}, which this site no longer has, \
+                     and Keystone would take a credential for it"
                 ),
             )
         } else {

@@ -1933,44 +1933,65 @@ async fn a_credential_of_a_user_a_resync_deleted_is_not_made_after_the_fence() {
     env.shutdown().await;
 }
 
-/// A credential for a user the edge does not have (gone there, its ID still
-/// mapped) is not made: Keystone would take it for any user ID, and it would
-/// belong to no one. The op fails with the reason and is listed out of sync.
+/// A credential, or an EC2 key (replayed as a credential), for a user the
+/// edge does not have (gone there, its ID still mapped) is not made: Keystone
+/// would take it for any user ID, and it would belong to no one. The op
+/// fails with the reason and is listed out of sync.
 #[tokio::test]
 async fn a_credential_for_a_user_the_edge_lacks_is_not_made_and_fails() {
     let env = sync_env(&["e1"], None, |_| {}).await;
-    let u = env
-        .create("/v3/users", "user", json!({"user": {"name": "lost-owner"}}))
+    let p = env
+        .create(
+            "/v3/projects",
+            "project",
+            json!({"project": {"name": "keys"}}),
+        )
         .await;
-    env.assert_in_sync().await;
     let site = &env.edges[0].site;
-    let at_edge = site.id_of("user", "lost-owner").expect("at the edge");
-    site.state
-        .lock()
-        .unwrap()
-        .entities
-        .get_mut("user")
-        .unwrap()
-        .remove(&at_edge);
-    let requests = site.create_requests("credentials");
-    env.create(
-        "/v3/credentials",
-        "credential",
-        json!({"credential": {"type": "totp", "user_id": u, "blob": "lost-1"}}),
-    )
-    .await;
-    env.until_delivered(&["e1"], &["applied", "failed"]).await;
-    assert_eq!(site.create_requests("credentials"), requests, "not sent");
-    assert_eq!(site.unnamed("credential"), Vec::<Value>::new());
-    let oos = env.audit("/v1/out-of-sync").await;
-    let rows = oos["out_of_sync"].as_array().unwrap();
-    assert_eq!(rows.len(), 1, "{oos:#}");
-    assert!(
-        rows[0]["detail"]
-            .as_str()
-            .is_some_and(|d| d.contains("not found at this edge by natural key: user 'lost-owner'")),
-        "{oos:#}"
-    );
+    let writes = [
+        (
+            "/v3/credentials".to_string(),
+            json!({"credential": {"type": "totp", "blob": "lost-1"}}),
+        ),
+        (String::new(), json!({"tenant_id": p})),
+    ];
+    for (n, (path, mut body)) in writes.into_iter().enumerate() {
+        let name = format!("lost-owner-{n}");
+        let u = env
+            .create("/v3/users", "user", json!({"user": {"name": name}}))
+            .await;
+        env.until_delivered(&["e1"], &["applied", "failed"]).await;
+        let at_edge = site.id_of("user", &name).expect("at the edge");
+        site.state
+            .lock()
+            .unwrap()
+            .entities
+            .get_mut("user")
+            .unwrap()
+            .remove(&at_edge);
+        let path = if path.is_empty() {
+            format!("/v3/users/{u}/credentials/OS-EC2")
+        } else {
+            body["credential"]["user_id"] = json!(u);
+            path
+        };
+        let sent = site.writes();
+        let (status, _) = env.write("POST", &path, Some(body)).await;
+        assert_eq!(status, 201);
+        env.until_delivered(&["e1"], &["applied", "failed"]).await;
+        assert_eq!(site.writes(), sent, "{path}: nothing sent");
+        assert_eq!(site.unnamed("credential"), Vec::<Value>::new(), "{path}");
+        let oos = env.audit("/v1/out-of-sync").await;
+        let rows = oos["out_of_sync"].as_array().unwrap();
+        assert_eq!(rows.len(), n + 1, "{oos:#}");
+        let expected =
+            format!("user '{name}' is mapped here to {at_edge}, which this site no longer has");
+        assert!(
+            rows.iter()
+                .any(|r| r["detail"].as_str().is_some_and(|d| d.contains(&expected))),
+            "{path}: {oos:#}"
+        );
+    }
     env.shutdown().await;
 }
 
