@@ -440,9 +440,12 @@ impl Resyncer {
                 )
                 .await?;
             if let Some(e) = answer.error {
-                return Err(Failure::Fatal(format!(
-                    "edge '{edge}' cannot read its identity state: {e}"
-                )));
+                let why = format!("edge '{edge}' cannot read its identity state: {e}");
+                return Err(if answer.retry {
+                    Failure::Lost(why)
+                } else {
+                    Failure::Fatal(why)
+                });
             }
             if answer.run != run || answer.page != page {
                 return Err(Failure::Lost("the edge answered another request".into()));

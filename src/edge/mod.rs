@@ -214,7 +214,7 @@ impl Edge {
         let mut resyncs = client.subscribe(subjects.resync(&self.config.id)).await?;
         let state_requests = client.subscribe(subjects.state(&self.config.id)).await?;
         // Each ends with this future, however it ends (its broker client with it).
-        let _state_task = AbortOnDrop(tokio::spawn(
+        let mut state_task = AbortOnDrop(tokio::spawn(
             resync::StateServer {
                 client: client.clone(),
                 keystone: self.keystone.clone(),
@@ -226,7 +226,7 @@ impl Edge {
         ));
         // Central's questions about outcomes are answered from the database,
         // never behind an op being retried.
-        let _outcomes_task = AbortOnDrop(tokio::spawn(answer_outcomes(
+        let mut outcomes_task = AbortOnDrop(tokio::spawn(answer_outcomes(
             outcome_requests,
             self.link.clone(),
             self.store.clone(),
@@ -235,7 +235,7 @@ impl Edge {
         )));
         // Operator skips are queued at once, even while an op is retried.
         let skips = Arc::new(runner::Skips::default());
-        let _skips_task = AbortOnDrop(tokio::spawn(take_skips(
+        let mut skips_task = AbortOnDrop(tokio::spawn(take_skips(
             skip_msgs,
             self.link.clone(),
             self.status.clone(),
@@ -466,6 +466,12 @@ impl Edge {
         // Ops applied before the stop are recorded and acknowledged; the
         // hello task says goodbye (central frees this edge's ID at once).
         let _ = runner.flush().await;
+        // A stopping edge answers central nothing more: an answer read from
+        // a database closing under it would be taken for the site's (a
+        // question cut short is asked again: the goodbye tells central).
+        state_task.stop().await;
+        outcomes_task.stop().await;
+        skips_task.stop().await;
         if !hello_ended {
             let _ = tokio::time::timeout(Duration::from_secs(3), &mut hello_task.0).await;
         }
@@ -477,6 +483,8 @@ impl Edge {
                 warn!(error = %e, "cannot record a clean stop; the next start waits --upstream-settle");
             }
         }
+        // Nothing of this run uses the database once it is closed.
+        hello_task.stop().await;
         self.store.close().await;
         Ok(())
     }
@@ -531,6 +539,17 @@ fn op_envelope(msg: &async_nats::Message) -> Option<Envelope> {
 
 /// A task aborted when this is dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    /// Stops the task, if it runs, and waits until it has: what it used is
+    /// then free. (A task already ended is not waited for again.)
+    async fn stop(&mut self) {
+        if !self.0.is_finished() {
+            self.0.abort();
+            let _ = (&mut self.0).await;
+        }
+    }
+}
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {

@@ -35,6 +35,29 @@ pub struct StateServer {
     pub status: Arc<Status>,
 }
 
+/// Why this site's state was not read for central, and whether reading
+/// again may succeed (central then asks again).
+struct Unread {
+    why: String,
+    retry: bool,
+}
+
+impl Unread {
+    fn for_now(why: impl Into<String>) -> Unread {
+        Unread {
+            why: why.into(),
+            retry: true,
+        }
+    }
+
+    fn lasting(why: impl Into<String>) -> Unread {
+        Unread {
+            why: why.into(),
+            retry: false,
+        }
+    }
+}
+
 /// The pages of the last state read, for the run that asked.
 struct Read {
     run: String,
@@ -68,12 +91,13 @@ impl StateServer {
                 };
                 let read = match digester {
                     Ok(d) => self.read(&req.run, &d).await,
-                    Err(e) => Err(format!("central's state request: {e}")),
+                    Err(e) => Err(Unread::lasting(format!("central's state request: {e}"))),
                 };
                 match read {
                     Ok(r) => last = Some(r),
                     Err(e) => {
-                        warn!(error = %e, "cannot read this site's identity state for central");
+                        warn!(error = %e.why, retry = e.retry,
+                              "cannot read this site's identity state for central");
                         error = Some(e);
                         last = None;
                     }
@@ -91,18 +115,25 @@ impl StateServer {
                     cursor_before: r.cursor_before,
                     cursor_after: r.cursor_after,
                     error: None,
+                    retry: false,
                     keyed: req.digest_key.is_some(),
                 },
-                (_, e) => StatePage {
-                    run: req.run.clone(),
-                    page: req.page,
-                    pages: 0,
-                    entities: Vec::new(),
-                    cursor_before: 0,
-                    cursor_after: 0,
-                    error: Some(e.unwrap_or_else(|| "no state read for this run".into())),
-                    keyed: false,
-                },
+                (_, e) => {
+                    // A later page of a read this edge no longer holds (it
+                    // failed, or another run asked since): central reads again.
+                    let e = e.unwrap_or_else(|| Unread::for_now("no state read for this run"));
+                    StatePage {
+                        run: req.run.clone(),
+                        page: req.page,
+                        pages: 0,
+                        entities: Vec::new(),
+                        cursor_before: 0,
+                        cursor_after: 0,
+                        error: Some(e.why),
+                        retry: e.retry,
+                        keyed: false,
+                    }
+                }
             };
             let payload = self.link.seal(STATE_PAGE, &answer);
             if let Err(e) = self.client.publish(reply, payload.into()).await {
@@ -111,18 +142,18 @@ impl StateServer {
         }
     }
 
-    async fn read(&self, run: &str, digester: &state::Digester) -> Result<Read, String> {
+    async fn read(&self, run: &str, digester: &state::Digester) -> Result<Read, Unread> {
         // Writes an earlier process left on their way would land after the
         // read: it waits for them (a resync would otherwise miss them, and a
         // drift audit call them missing).
         if let Some(until) = self.link.late_writes_until() {
             let wait = until.saturating_duration_since(Instant::now());
             if wait > LATE_WRITES_WAIT_MAX {
-                return Err(format!(
+                return Err(Unread::for_now(format!(
                     "the last process of this edge may have left writes on their way to the \
                      identity service for {}s more (--upstream-settle): asked again later",
                     wait.as_secs()
-                ));
+                )));
             }
             info!(
                 wait_ms = wait.as_millis() as u64,
@@ -134,24 +165,29 @@ impl StateServer {
         let cursor_before = self.status.cursor.load(Ordering::Relaxed);
         let mut entities = state::read(&self.keystone, digester)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Unread {
+                retry: e.is_transient(),
+                why: e.to_string(),
+            })?;
         let cursor_after = self.status.cursor.load(Ordering::Relaxed);
         // What this edge's own service identity needs is marked (before IDs
         // are translated): a resync never deletes it.
-        let me = self.keystone.identity().await.map_err(|e| e.to_string())?;
+        let me = self.keystone.identity().await.map_err(|e| Unread {
+            retry: e.is_transient(),
+            why: e.to_string(),
+        })?;
         if me.user_id.is_empty() {
-            return Err(
+            return Err(Unread::lasting(
                 "the identity service's token names no user: cannot tell which \
-                        identity this edge authenticates as, so nothing is read for a resync"
-                    .into(),
-            );
+                        identity this edge authenticates as, so nothing is read for a resync",
+            ));
         }
         state::mark_own(&mut entities, &me);
         let central_of = self
             .store
             .reverse_map()
             .await
-            .map_err(|e| format!("edge database: {e}"))?;
+            .map_err(|e| Unread::for_now(format!("edge database: {e}")))?;
         let central = |id: &str| central_of.get(id).cloned();
         for e in &mut entities {
             // Central needs no edge's raw entity but to delete it (prune).

@@ -52,6 +52,19 @@ pub enum StateError {
     Unreadable { path: String, why: String },
 }
 
+impl StateError {
+    /// Whether reading again may succeed: the service could not be reached
+    /// or failed for now (5xx, 429). A list it answers truncated or in
+    /// another shape, or refuses, is read the same way again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StateError::Client(e) => e.is_transient(),
+            StateError::Http { status, .. } => *status >= 500 || *status == 429,
+            StateError::Truncated { .. } | StateError::Unreadable { .. } => false,
+        }
+    }
+}
+
 /// Reads one list; `None` when the site does not serve it (404: an API
 /// extension it lacks).
 pub async fn list(
@@ -362,4 +375,34 @@ pub fn body_fields(raw: &Value) -> Map<String, Value> {
     }
     m.retain(|_, v| !v.is_null());
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_read_is_tried_again_only_where_the_service_failed_for_now() {
+        let http = |status| StateError::Http {
+            path: "/v3/users".into(),
+            status,
+            message: String::new(),
+        };
+        for status in [500, 502, 503, 429] {
+            assert!(http(status).is_transient(), "{status}");
+        }
+        for status in [400, 401, 403] {
+            assert!(!http(status).is_transient(), "{status}");
+        }
+        assert!(StateError::Client(ClientError::Unreachable("refused".into())).is_transient());
+        let refused = ClientError::AuthRefused {
+            status: 401,
+            message: String::new(),
+        };
+        assert!(!StateError::Client(refused).is_transient());
+        let path = "/v3/users".to_string();
+        assert!(!StateError::Truncated { path: path.clone() }.is_transient());
+        let why = "not JSON".to_string();
+        assert!(!StateError::Unreadable { path, why }.is_transient());
+    }
 }

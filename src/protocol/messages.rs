@@ -380,6 +380,11 @@ pub struct StatePage {
     /// Why the state could not be read.
     #[serde(default)]
     pub error: Option<String>,
+    /// With `error`: reading again may succeed (the edge's identity service
+    /// or database failed for now, or the edge is stopping); central asks
+    /// again. An edge of 0.1.0 never says so, and its errors end the job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
     /// Credentials are named with the request's digest key.
     #[serde(default)]
     pub keyed: bool,

@@ -99,6 +99,9 @@ pub struct SiteState {
     /// Reads of paths starting with one of these are refused with 403 (a
     /// service account without the role to read them).
     pub refused_reads: Vec<String>,
+    /// The next reads are answered these statuses, one each (a site that
+    /// failed for a moment while read).
+    pub fail_next_reads: Vec<u16>,
     /// Collections whose list (and, of kinds without a natural key, whose
     /// members) are answered with JSON that is not what was asked for.
     pub garbled: HashSet<String>,
@@ -429,6 +432,13 @@ fn error(status: StatusCode, message: &str) -> Response {
 async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Response {
     let write = req.method() != Method::GET && req.uri().path() != "/v3/auth/tokens";
     if req.method() == Method::GET {
+        let failed = {
+            let mut st = state.lock().unwrap();
+            (!st.fail_next_reads.is_empty()).then(|| st.fail_next_reads.remove(0))
+        };
+        if let Some(code) = failed {
+            return error(StatusCode::from_u16(code).unwrap(), "injected failure");
+        }
         let refused = {
             let st = state.lock().unwrap();
             st.refused_reads

@@ -1270,6 +1270,77 @@ pub async fn can_log_in(site: &FakeSite, user: &str, password: &str) -> bool {
         == 201
 }
 
+/// A state read the edge could not make for now (its identity service failed
+/// for a moment, its database was closing as it stopped) is asked again: it
+/// fails neither a resync nor a drift audit. What cannot be read whole still
+/// fails them at once (below).
+#[tokio::test]
+async fn a_state_read_the_edge_could_not_make_for_now_is_asked_again() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let central = &env.central_site;
+    made(
+        &env,
+        central,
+        "/v3/groups",
+        "group",
+        json!({"name": "g-resync"}),
+    )
+    .await;
+    let site = &env.edges[0].site;
+    site.state.lock().unwrap().fail_next_reads = vec![503, 502];
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["created"], 1, "{row:#}");
+    assert!(site.state.lock().unwrap().fail_next_reads.is_empty());
+    assert!(site.id_of("group", "g-resync").is_some());
+    env.assert_in_sync().await;
+    // A drift audit the same way.
+    made(&env, site, "/v3/groups", "group", json!({"name": "g-edge"})).await;
+    site.state.lock().unwrap().fail_next_reads = vec![500];
+    let d = drift(&env, "e1").await;
+    assert!(site.state.lock().unwrap().fail_next_reads.is_empty());
+    let found = found(&d);
+    assert_eq!(found.len(), 1, "{d:#}");
+    assert!(format!("{found:?}").contains("g-edge"), "{d:#}");
+    env.shutdown().await;
+}
+
+/// An edge stopped while it reads its state for a resync answers nothing
+/// more (its database closes under the read): central asks again once the
+/// edge is back, and the resync ends done.
+#[tokio::test]
+async fn an_edge_stopped_while_it_reads_its_state_is_asked_again_once_back() {
+    let mut env = sync_env(&["e1"], None, |_| {}).await;
+    made(
+        &env,
+        &env.central_site,
+        "/v3/groups",
+        "group",
+        json!({"name": "g1"}),
+    )
+    .await;
+    let (open, wait) = tokio::sync::watch::channel(false);
+    {
+        let mut st = env.edges[0].site.state.lock().unwrap();
+        st.reads_wait = Some(wait);
+        st.reads_wait_path = Some("/v3/groups".into());
+    }
+    let (status, body) = post(&env, "/v1/edges/e1/resync").await;
+    assert_eq!(status, 202, "{body}");
+    env.until("the edge reads its groups for central", || async {
+        env.edges[0].site.reads_of("/v3/groups") > 0
+    })
+    .await;
+    env.stop_edge(0).await;
+    open.send(true).unwrap();
+    env.restart_edge(0).await;
+    let row = resync_ended(&env, "e1").await;
+    assert_eq!(row["resync"]["result"]["created"], 1, "{row:#}");
+    env.assert_in_sync().await;
+    env.shutdown().await;
+}
+
 /// A list that cannot be read whole (truncated with no finer way to read it,
 /// or an answer of another shape) fails a resync with the reason: nothing is
 /// taken for missing, and prune deletes nothing.
