@@ -419,6 +419,7 @@ impl Resyncer {
         let run = uuid::Uuid::new_v4().simple().to_string();
         let mut entities = Vec::new();
         let mut page = 0;
+        let mut first = None;
         loop {
             let answer: StatePage = self
                 .ask(
@@ -449,6 +450,20 @@ impl Resyncer {
             }
             if answer.run != run || answer.page != page {
                 return Err(Failure::Lost("the edge answered another request".into()));
+            }
+            // Every page is of one read (an edge of 0.1.0 restarted between
+            // pages reads again for the next one).
+            let read = (answer.pages, answer.cursor_before, answer.cursor_after);
+            match first {
+                None => first = Some(read),
+                Some(f) if f != read => {
+                    return Err(Failure::Lost(
+                        "the edge's state pages are not of one read (it restarted between \
+                         them)"
+                            .into(),
+                    ))
+                }
+                Some(_) => {}
             }
             // An older edge names some kinds as its release did.
             entities.extend(answer.entities.into_iter().map(|mut e| {
@@ -539,6 +554,7 @@ impl Resyncer {
                     let _ = self.release(edge).await;
                     tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX)).await;
                 }
+                Err(Failure::Lost(why)) => break Err(format!("{why} (after {ATTEMPTS} attempts)")),
                 Err(f) => break Err(f.to_string()),
             }
         };
@@ -1087,6 +1103,9 @@ impl Resyncer {
                 Err(Failure::Lost(why)) if attempt < ATTEMPTS => {
                     warn!(edge, attempt, error = %why, "drift audit interrupted; asking again");
                     tokio::time::sleep(delays.next().unwrap_or(RETRY_MAX)).await;
+                }
+                Err(Failure::Lost(why)) => {
+                    return Err(Failure::Lost(format!("{why} (after {ATTEMPTS} attempts)")))
                 }
                 r => return r,
             }

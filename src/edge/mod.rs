@@ -466,9 +466,11 @@ impl Edge {
         // Ops applied before the stop are recorded and acknowledged; the
         // hello task says goodbye (central frees this edge's ID at once).
         let _ = runner.flush().await;
-        // A stopping edge answers central nothing more: an answer read from
-        // a database closing under it would be taken for the site's (a
-        // question cut short is asked again: the goodbye tells central).
+        // A stopping edge answers central nothing more, and none of its
+        // tasks outlives the database: an answer read from a database closing
+        // under it would be taken for the site's. A question cut short is
+        // asked again (the goodbye, sent as the stop began, or the next
+        // session tells central).
         state_task.stop().await;
         outcomes_task.stop().await;
         skips_task.stop().await;

@@ -82,9 +82,10 @@ impl StateServer {
                     continue;
                 }
             };
-            let fresh = req.page == 0 || last.as_ref().is_none_or(|r| r.run != req.run);
+            // Only page 0 reads afresh: every page of one run is of one read
+            // (a later page read again would be of another state).
             let mut error = None;
-            if fresh {
+            if req.page == 0 {
                 let digester = match req.digest_key.as_deref() {
                     Some(key) => state::Digester::from_base64(key),
                     None => Ok(state::Digester::Plain),
@@ -104,7 +105,7 @@ impl StateServer {
                 }
             }
             let answer = match (&last, error) {
-                (Some(r), None) => StatePage {
+                (Some(r), None) if r.run == req.run => StatePage {
                     run: req.run.clone(),
                     page: req.page,
                     pages: r.pages.len(),
@@ -118,10 +119,16 @@ impl StateServer {
                     retry: false,
                     keyed: req.digest_key.is_some(),
                 },
-                (_, e) => {
-                    // A later page of a read this edge no longer holds (it
-                    // failed, or another run asked since): central reads again.
-                    let e = e.unwrap_or_else(|| Unread::for_now("no state read for this run"));
+                (held, e) => {
+                    // A later page of a read this process does not hold: it
+                    // started after page 0 was read, or another run asked
+                    // since. Central reads again either way.
+                    let e = e.unwrap_or_else(|| {
+                        Unread::for_now(match held {
+                            None => "this edge restarted during the state read",
+                            Some(_) => "another state read of this site was asked for since",
+                        })
+                    });
                     StatePage {
                         run: req.run.clone(),
                         page: req.page,
@@ -183,11 +190,10 @@ impl StateServer {
             ));
         }
         state::mark_own(&mut entities, &me);
-        let central_of = self
-            .store
-            .reverse_map()
-            .await
-            .map_err(|e| Unread::for_now(format!("edge database: {e}")))?;
+        let central_of = self.store.reverse_map().await.map_err(|e| Unread {
+            retry: e.is_transient(),
+            why: format!("edge database: {e}"),
+        })?;
         let central = |id: &str| central_of.get(id).cloned();
         for e in &mut entities {
             // Central needs no edge's raw entity but to delete it (prune).

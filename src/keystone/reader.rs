@@ -53,12 +53,17 @@ pub enum StateError {
 }
 
 impl StateError {
-    /// Whether reading again may succeed: the service could not be reached
-    /// or failed for now (5xx, 429). A list it answers truncated or in
-    /// another shape, or refuses, is read the same way again.
+    /// Whether reading again may succeed: the service could not be reached,
+    /// did not answer in time, or failed for now (5xx, 429). A list it
+    /// answers truncated or in another shape, or refuses, is read the same
+    /// way again.
     pub fn is_transient(&self) -> bool {
         match self {
-            StateError::Client(e) => e.is_transient(),
+            StateError::Client(e) => match e {
+                ClientError::Unreachable(_) | ClientError::InDoubt(_) => true,
+                ClientError::AuthRefused { status, .. } => *status >= 500 || *status == 429,
+                ClientError::Unreadable(_) | ClientError::BadUrl(_) => false,
+            },
             StateError::Http { status, .. } => *status >= 500 || *status == 429,
             StateError::Truncated { .. } | StateError::Unreadable { .. } => false,
         }
@@ -394,12 +399,16 @@ mod tests {
         for status in [400, 401, 403] {
             assert!(!http(status).is_transient(), "{status}");
         }
-        assert!(StateError::Client(ClientError::Unreachable("refused".into())).is_transient());
-        let refused = ClientError::AuthRefused {
-            status: 401,
+        let client = |e| StateError::Client(e).is_transient();
+        assert!(client(ClientError::Unreachable("refused".into())));
+        assert!(client(ClientError::InDoubt("timed out".into())));
+        let auth = |status| ClientError::AuthRefused {
+            status,
             message: String::new(),
         };
-        assert!(!StateError::Client(refused).is_transient());
+        assert!(client(auth(503)));
+        assert!(!client(auth(401)));
+        assert!(!client(ClientError::Unreadable("another shape".into())));
         let path = "/v3/users".to_string();
         assert!(!StateError::Truncated { path: path.clone() }.is_transient());
         let why = "not JSON".to_string();

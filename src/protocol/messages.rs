@@ -381,7 +381,7 @@ pub struct StatePage {
     #[serde(default)]
     pub error: Option<String>,
     /// With `error`: reading again may succeed (the edge's identity service
-    /// or database failed for now, or the edge is stopping); central asks
+    /// or database failed for now, or it restarted between pages); central asks
     /// again. An edge of 0.1.0 never says so, and its errors end the job.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retry: bool,
@@ -540,6 +540,9 @@ mod release_0_1_0 {
         let page: StatePage = read(fixture!("state_page"));
         assert_eq!(page.entities.len(), 1);
         assert!(!page.keyed, "0.1.0 names credentials by plain digest");
+        assert!(!page.retry, "0.1.0 never says a read may succeed again");
+        let json = serde_json::to_value(&page).unwrap();
+        assert!(json.get("retry").is_none(), "what 0.1.0 reads: {json}");
         for (fixture, step) in [
             (fixture!("resync_hold"), "hold"),
             (fixture!("resync_apply"), "apply"),

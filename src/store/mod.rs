@@ -80,6 +80,44 @@ pub enum StoreError {
     Busy { in_doubt: bool },
 }
 
+impl StoreError {
+    /// Whether the same query may succeed later: the database could not be
+    /// reached or was busy (SQLite's busy and locked codes, PostgreSQL's
+    /// connection, resource and serialization classes), or is closing. A
+    /// corrupt or refused database, or a row that cannot be read, is not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Query(e) | StoreError::Open { source: e, .. } => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| transient_code(&c)),
+                _ => false,
+            },
+            StoreError::Closed | StoreError::Busy { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A database error code that says "later": SQLite's primary codes 5
+/// (busy) and 6 (locked), whatever their extended code; PostgreSQL's class
+/// 08 (connection), out of resources (53000-53300, not 53400: a limit set),
+/// shutting down or not yet up (57P01-57P03), and 40001/40P01
+/// (serialization, deadlock).
+fn transient_code(code: &str) -> bool {
+    // SQLite's codes are numbers below 10000, PostgreSQL's five characters.
+    if code.len() < 5 {
+        return code.parse::<i64>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
+    }
+    code.starts_with("08")
+        || matches!(
+            code,
+            "53000" | "53100" | "53200" | "53300" | "57P01" | "57P02" | "57P03" | "40001" | "40P01"
+        )
+}
+
 /// The state of an op in the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -1115,6 +1153,24 @@ pub(crate) async fn test_url(dir: &tempfile::TempDir) -> String {
 mod tests {
     use super::*;
     use sqlx::sqlite::SqlitePoolOptions;
+
+    #[test]
+    fn a_query_is_tried_again_only_where_the_database_was_busy_or_away() {
+        for code in [
+            "5", "6", "261", "517", "773", "262", "08006", "53300", "57P01", "40001", "40P01",
+        ] {
+            assert!(transient_code(code), "{code}");
+        }
+        for code in [
+            "11", "26", "14", "19", "2067", "23505", "42P01", "XX001", "53400", "57P04",
+        ] {
+            assert!(!transient_code(code), "{code}");
+        }
+        assert!(StoreError::Query(sqlx::Error::PoolClosed).is_transient());
+        assert!(StoreError::Query(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!StoreError::Query(sqlx::Error::RowNotFound).is_transient());
+        assert!(!StoreError::Sealed("bad".into()).is_transient());
+    }
 
     /// An op log on the engine the run is for: PostgreSQL when
     /// `SYNCGATE_TEST_POSTGRES` names a server (a new database on it),

@@ -102,6 +102,8 @@ pub struct SiteState {
     /// The next reads are answered these statuses, one each (a site that
     /// failed for a moment while read).
     pub fail_next_reads: Vec<u16>,
+    /// The paths of reads answered by `fail_next_reads` or `refused_reads`.
+    pub failed_reads: Vec<String>,
     /// Collections whose list (and, of kinds without a natural key, whose
     /// members) are answered with JSON that is not what was asked for.
     pub garbled: HashSet<String>,
@@ -434,16 +436,25 @@ async fn handle(State(state): State<Arc<Mutex<SiteState>>>, req: Request) -> Res
     if req.method() == Method::GET {
         let failed = {
             let mut st = state.lock().unwrap();
-            (!st.fail_next_reads.is_empty()).then(|| st.fail_next_reads.remove(0))
+            let failed = (!st.fail_next_reads.is_empty()).then(|| st.fail_next_reads.remove(0));
+            if failed.is_some() {
+                st.failed_reads.push(req.uri().path().to_string());
+            }
+            failed
         };
         if let Some(code) = failed {
             return error(StatusCode::from_u16(code).unwrap(), "injected failure");
         }
         let refused = {
-            let st = state.lock().unwrap();
-            st.refused_reads
+            let mut st = state.lock().unwrap();
+            let refused = st
+                .refused_reads
                 .iter()
-                .any(|p| req.uri().path().starts_with(p.as_str()))
+                .any(|p| req.uri().path().starts_with(p.as_str()));
+            if refused {
+                st.failed_reads.push(req.uri().path().to_string());
+            }
+            refused
         };
         if refused {
             return error(

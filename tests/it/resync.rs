@@ -1271,7 +1271,7 @@ pub async fn can_log_in(site: &FakeSite, user: &str, password: &str) -> bool {
 }
 
 /// A state read the edge could not make for now (its identity service failed
-/// for a moment, its database was closing as it stopped) is asked again: it
+/// for a moment) is asked again: it
 /// fails neither a resync nor a drift audit. What cannot be read whole still
 /// fails them at once (below).
 #[tokio::test]
@@ -1292,7 +1292,15 @@ async fn a_state_read_the_edge_could_not_make_for_now_is_asked_again() {
     assert_eq!(status, 202, "{body}");
     let row = resync_ended(&env, "e1").await;
     assert_eq!(row["resync"]["result"]["created"], 1, "{row:#}");
-    assert!(site.state.lock().unwrap().fail_next_reads.is_empty());
+    {
+        // The failures met the state read's lists, not something else.
+        let st = site.state.lock().unwrap();
+        assert!(st.fail_next_reads.is_empty());
+        assert_eq!(st.failed_reads.len(), 2, "{:?}", st.failed_reads);
+        for p in &st.failed_reads {
+            assert!(st.reads.contains(p), "{p} not read again: {:?}", st.reads);
+        }
+    }
     assert!(site.id_of("group", "g-resync").is_some());
     env.assert_in_sync().await;
     // A drift audit the same way.
@@ -1300,15 +1308,15 @@ async fn a_state_read_the_edge_could_not_make_for_now_is_asked_again() {
     site.state.lock().unwrap().fail_next_reads = vec![500];
     let d = drift(&env, "e1").await;
     assert!(site.state.lock().unwrap().fail_next_reads.is_empty());
+    assert_eq!(site.state.lock().unwrap().failed_reads.len(), 3);
     let found = found(&d);
     assert_eq!(found.len(), 1, "{d:#}");
     assert!(format!("{found:?}").contains("g-edge"), "{d:#}");
     env.shutdown().await;
 }
 
-/// An edge stopped while it reads its state for a resync answers nothing
-/// more (its database closes under the read): central asks again once the
-/// edge is back, and the resync ends done.
+/// An edge stopped while it reads its state for a resync: central asks
+/// again once the edge is back, and the resync ends done.
 #[tokio::test]
 async fn an_edge_stopped_while_it_reads_its_state_is_asked_again_once_back() {
     let mut env = sync_env(&["e1"], None, |_| {}).await;
@@ -1367,18 +1375,27 @@ async fn a_list_not_read_whole_fails_the_resync_and_prunes_nothing() {
         json!({"type": "application/json", "blob": "{\"edge\": 1}"}),
     )
     .await;
+    // How many times the edge's policies were read: a failure that reading
+    // again would not change is not read again.
+    let tries = || {
+        let st = site.state.lock().unwrap();
+        let failed = st.failed_reads.iter().filter(|p| *p == "/v3/policies");
+        failed.count() + st.reads.iter().filter(|p| *p == "/v3/policies").count()
+    };
     for (at, what, expected) in [
         (central, "truncated", "list_limit"),
         (site, "garbled", "could not be read whole"),
+        (site, "refused", "HTTP 403"),
     ] {
         {
             let mut st = at.state.lock().unwrap();
-            if what == "truncated" {
-                st.list_limits.insert("policies".into(), 2);
-            } else {
-                st.garbled.insert("policies".into());
+            match what {
+                "truncated" => drop(st.list_limits.insert("policies".into(), 2)),
+                "garbled" => drop(st.garbled.insert("policies".into())),
+                _ => st.refused_reads.push("/v3/policies".into()),
             }
         }
+        let before = tries();
         let (status, _) = post(&env, "/v1/edges/e1/resync?prune=true").await;
         assert_eq!(status, 202);
         env.until("the resync to fail", || async {
@@ -1388,10 +1405,15 @@ async fn a_list_not_read_whole_fails_the_resync_and_prunes_nothing() {
         let row = edge_row(&env, "e1").await;
         let error = row["resync"]["error"].as_str().unwrap();
         assert!(error.contains(expected), "{what}: {error}");
+        assert!(!error.contains("attempts"), "{what}: {error}");
         assert_eq!(site.unnamed("policy").len(), 1, "{what}: nothing pruned");
+        if what != "truncated" {
+            assert_eq!(tries(), before + 1, "{what}: read once");
+        }
         let mut st = at.state.lock().unwrap();
         st.list_limits.clear();
         st.garbled.clear();
+        st.refused_reads.clear();
     }
     env.shutdown().await;
 }
