@@ -786,6 +786,19 @@ impl Applier<'_> {
         else {
             return Ok(None);
         };
+        // A user ID this edge does not map is sent as central's: central's
+        // Keystone took the credential for it whether or not central had the
+        // user, and this site's takes it the same (what central holds, this
+        // site holds). Only a user mapped here to an ID the site no longer
+        // has is looked at.
+        let central = op
+            .body
+            .as_ref()
+            .and_then(|b| b[CREDENTIAL.name]["user_id"].as_str())
+            .or_else(|| op.path.strip_prefix("/v3/users/")?.split('/').next());
+        if central == Some(user) {
+            return Ok(None);
+        }
         match keystone::kinds::get_entity_strict(self.keystone, USER.name, user).await {
             Ok(None) => {}
             Ok(Some(_)) => return Ok(None),

@@ -2026,6 +2026,29 @@ async fn a_credential_of_a_user_a_resync_deleted_is_not_made_after_the_fence() {
     env.shutdown().await;
 }
 
+/// Keystone takes a credential for any user ID: one central wrote for a
+/// user it had deleted already is central's, and the edge holds it too (the
+/// ID is not mapped here, so it is sent as central's, as central's Keystone
+/// took it). Found by the fault chaos test, seed 1796311388185532327.
+#[tokio::test]
+async fn a_credential_central_wrote_for_a_user_it_had_deleted_is_made_at_the_edge_too() {
+    let env = sync_env(&["e1"], None, |_| {}).await;
+    let u = env
+        .create("/v3/users", "user", json!({"user": {"name": "gone-owner"}}))
+        .await;
+    let (status, _) = env.write("DELETE", &format!("/v3/users/{u}"), None).await;
+    assert_eq!(status, 204);
+    env.create(
+        "/v3/credentials",
+        "credential",
+        json!({"credential": {"type": "totp", "blob": "orphan-1", "user_id": u}}),
+    )
+    .await;
+    env.assert_in_sync().await;
+    assert_eq!(env.edges[0].site.creates_of("credential"), 1);
+    env.shutdown().await;
+}
+
 /// A credential, or an EC2 key (replayed as a credential), for a user the
 /// edge does not have (gone there, its ID still mapped) is not made: Keystone
 /// would take it for any user ID, and it would belong to no one. The op
